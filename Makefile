@@ -1,0 +1,50 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv and install the project into it; `make test` also installs,
+# when run as root, the Debian tools that the interop tests use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit
+# programs whose presence tells that the Debian tools are installed
+TOOL_PROGRAMS := qemu-img qemu-io nbdinfo nbdcopy nbdkit
+
+.PHONY: demo test lint typecheck pytest debian-tools bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m agentless.demo
+
+debian-tools:
+	@missing=""; for p in $(TOOL_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = "0" ]; then \
+		echo "installing Debian tools ($(DEBIAN_TOOLS)) for:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null; \
+	else \
+		echo "NOTE: not root, cannot install$$missing; the tests that need them will be skipped with a reason"; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict src
+
+pytest: $(STAMP) debian-tools
+	$(VENV)/bin/pytest -n 2 -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) bench/vhd_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,295 @@
+"""A differencing chain: a leaf VHD and the parents it falls through to.
+
+Reads resolve every sector to the topmost layer whose bitmap holds it, in bulk: the range
+is cut at block boundaries, each layer answers "all / none / these sectors" for the piece,
+and runs of sectors from the same layer are read with one ``preadv`` each::
+
+    sectors      0 1 2 3 4 5 6 7
+    leaf         . # # . . . . .        bitmap bits of the leaf
+    parent       # # . . # # . .
+    base         # # # # # # # #
+    ─────────────────────────────
+    source       P L L B P P B B   → 5 reads: P[0] L[1-2] B[3] P[4-5] B[6-7]
+
+Writes go to the leaf only. A write that covers part of a sector first reads the whole
+sector through the chain, patches it and writes it back, so the leaf's bitmap only ever
+claims sectors whose every byte it holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+
+from .errors import (
+    ChainLoopError,
+    OutOfRangeError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    VhdError,
+)
+from .extents import Extent, IntArray, as_extents, merge, union
+from .footer import SECTOR_SIZE
+from .header import PLATFORM_W2RU
+from .image import VhdImage
+
+__all__ = ["MAX_CHAIN_DEPTH", "Chain", "parent_candidates"]
+
+MAX_CHAIN_DEPTH = 256
+# pieces of this many sectors when no layer has blocks (a chain of fixed disks)
+_DEFAULT_CHUNK_SECTORS = 16384
+
+
+def parent_candidates(image: VhdImage) -> list[str]:
+    """Paths where the parent of *image* may be, best first: the relative locator
+    (``W2ru``, survives moving the whole directory), the absolute ones, then the parent
+    name next to the child."""
+    base = os.path.dirname(os.path.abspath(image.path))
+    relative: list[str] = []
+    others: list[str] = []
+    for loc, text in image.locators():
+        if not text:
+            continue
+        path = text.replace("\\", "/")
+        if loc.platform == PLATFORM_W2RU or not os.path.isabs(path):
+            relative.append(os.path.normpath(os.path.join(base, path)))
+        else:
+            others.append(os.path.normpath(path))
+    header = image.header
+    if header is not None and header.parent_name:
+        name = os.path.basename(header.parent_name.replace("\\", "/"))
+        if name:
+            others.append(os.path.join(base, name))
+    return list(dict.fromkeys(relative + others))
+
+
+def _open_parent(child: VhdImage, seen: set[tuple[int, int]]) -> VhdImage:
+    header = child.header
+    assert header is not None
+    if header.parent_unique_id is None:
+        raise ParentNotFoundError(child.path, "differencing disk without a parent unique id")
+    mismatched: list[str] = []
+    for candidate in parent_candidates(child):
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            raise ChainLoopError(child.path, f"parent {candidate} is already in the chain")
+        parent = VhdImage.open(candidate)
+        if parent.unique_id == header.parent_unique_id:
+            return parent
+        mismatched.append(f"{candidate} has id {parent.unique_id}")
+        parent.close()
+    if mismatched:
+        raise ParentMismatchError(
+            child.path,
+            f"parent must have id {header.parent_unique_id}, but " + "; ".join(mismatched),
+        )
+    tried = ", ".join(parent_candidates(child)) or "no locator"
+    raise ParentNotFoundError(child.path, f"parent {header.parent_name!r} not found (tried {tried})")
+
+
+class Chain:
+    """An open chain, leaf first. Use :meth:`open`; a context manager.
+
+    ``size`` is the leaf's virtual size; parents smaller than the leaf read as zeros past
+    their end.
+    """
+
+    def __init__(self, layers: list[VhdImage]):
+        self.layers = layers
+        block_sectors = [layer.sectors_per_block for layer in layers if layer.header is not None]
+        self._chunk = min(block_sectors) if block_sectors else _DEFAULT_CHUNK_SECTORS
+        self._zeros = bytes(self._chunk * SECTOR_SIZE)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Chain:
+        """Open the leaf at *path* (writable if asked) and its parents (read-only).
+
+        Raises :class:`ChainError` subclasses when a parent is missing, is not the file
+        the child was made from, or the chain loops; :class:`CorruptVhdError` for any
+        unsound file on the way.
+        """
+        layers = [VhdImage.open(path, writable=writable)]
+        try:
+            st = os.fstat(layers[0].fd)
+            seen = {(st.st_dev, st.st_ino)}
+            while layers[-1].is_differencing:
+                if len(layers) >= MAX_CHAIN_DEPTH:
+                    raise ChainLoopError(layers[0].path, f"chain deeper than {MAX_CHAIN_DEPTH}")
+                parent = _open_parent(layers[-1], seen)
+                layers.append(parent)
+                st = os.fstat(parent.fd)
+                seen.add((st.st_dev, st.st_ino))
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(layers)
+
+    @property
+    def leaf(self) -> VhdImage:
+        return self.layers[0]
+
+    @property
+    def size(self) -> int:
+        return self.layers[0].size
+
+    @property
+    def paths(self) -> list[str]:
+        return [layer.path for layer in self.layers]
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(
+                f"{self.leaf.path}: range [{offset}, {offset + length}) outside the disk of {self.size} bytes"
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill *buf* with the chain's bytes from *offset*."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        self._check_range(offset, length)
+        head = offset % SECTOR_SIZE
+        if head == 0 and length % SECTOR_SIZE == 0:
+            self._read_sectors(offset // SECTOR_SIZE, view)
+            return
+        first = offset - head
+        last = -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
+        tmp = bytearray(last - first)
+        self._read_sectors(first // SECTOR_SIZE, memoryview(tmp))
+        view[:] = memoryview(tmp)[head : head + length]
+
+    def _read_sectors(self, sector: int, view: memoryview) -> None:
+        count = len(view) // SECTOR_SIZE
+        pos = 0
+        while pos < count:
+            s = sector + pos
+            n = min(self._chunk - s % self._chunk, count - pos)
+            self._read_piece(s, n, view[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE])
+            pos += n
+
+    def _read_piece(self, sector: int, count: int, view: memoryview) -> None:
+        """Read *count* sectors that lie within one block of every layer."""
+        source: np.ndarray | None = None
+        for index, layer in enumerate(self.layers):
+            present = layer.presence(sector, count)
+            if present is False:
+                continue
+            if source is None:
+                if present is True:
+                    layer.read_sectors(sector, view)
+                    return
+                source = np.full(count, -1, dtype=np.int32)
+                source[present] = index
+            else:
+                missing = source < 0
+                source[missing if present is True else missing & present] = index
+            if not (source < 0).any():
+                break
+        if source is None:
+            view[:] = self._zeros[: len(view)]
+            return
+        cuts = np.flatnonzero(np.diff(source)) + 1
+        starts = [0, *cuts.tolist()]
+        ends = [*cuts.tolist(), count]
+        for a, b in zip(starts, ends, strict=True):
+            part = view[a * SECTOR_SIZE : b * SECTOR_SIZE]
+            index = int(source[a])
+            if index < 0:
+                part[:] = self._zeros[: len(part)]
+            else:
+                self.layers[index].read_sectors(sector + a, part)
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write *data* at *offset* into the leaf."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        self._check_range(offset, length)
+        if not self.leaf.writable:
+            raise VhdError(f"{self.leaf.path}: opened read-only")
+        if length == 0:
+            return
+        end = offset + length
+        head = offset % SECTOR_SIZE
+        if head:
+            take = min(SECTOR_SIZE - head, length)
+            self._patch_sector(offset // SECTOR_SIZE, head, view[:take])
+            offset, view = offset + take, view[take:]
+        tail = end % SECTOR_SIZE
+        if tail and offset < end:
+            self._patch_sector(end // SECTOR_SIZE, 0, view[len(view) - tail :])
+            view = view[: len(view) - tail]
+        if len(view):
+            self.leaf.write_sectors(offset // SECTOR_SIZE, view)
+
+    def _patch_sector(self, sector: int, at: int, piece: memoryview) -> None:
+        """Read-modify-write one sector through the chain."""
+        buf = bytearray(SECTOR_SIZE)
+        self._read_sectors(sector, memoryview(buf))
+        buf[at : at + len(piece)] = piece
+        self.leaf.write_sectors(sector, memoryview(buf))
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeros."""
+        self._check_range(offset, length)
+        step = len(self._zeros)
+        pos = offset
+        while pos < offset + length:
+            n = min(step, offset + length - pos)
+            self.write(pos, self._zeros[:n])
+            pos += n
+
+    # ------------------------------------------------------------------ maps
+
+    def extent_arrays(self) -> tuple[IntArray, IntArray]:
+        """Merged byte ranges that some layer of the chain holds (clipped to ``size``)."""
+        starts, ends = union(*(layer.extent_arrays() for layer in self.layers))
+        return merge(np.minimum(starts, self.size), np.minimum(ends, self.size))
+
+    def extents(self) -> list[Extent]:
+        """The allocated extents of the whole chain."""
+        return as_extents(*self.extent_arrays())
+
+    def iter_data(self, chunk: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) of every allocated extent, in pieces of at most *chunk* bytes."""
+        for extent in self.extents():
+            pos = extent.offset
+            while pos < extent.end:
+                n = min(chunk, extent.end - pos)
+                yield pos, self.read(pos, n)
+                pos += n
+
+    # ------------------------------------------------------------------ lifetime
+
+    def flush(self) -> None:
+        self.leaf.flush()
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

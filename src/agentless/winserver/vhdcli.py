@@ -1,0 +1,252 @@
+"""``winserver vhd ...``: create, inspect, map, check, coalesce, import, export and write VHDs.
+
+Every command that reports takes ``--json`` and then prints one JSON document on stdout.
+Failures print one line on stderr and exit with 1 (see :mod:`agentless.winserver.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from typing import Any
+
+from agentless import vhd
+from agentless.units import format_size, parse_size
+from agentless.vhd.footer import VHD_EPOCH
+
+__all__ = ["add_commands"]
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+
+
+def _image_info(image: vhd.VhdImage) -> dict[str, Any]:
+    footer = image.footer
+    info: dict[str, Any] = {
+        "path": image.path,
+        "type": footer.type_name,
+        "size": footer.size,
+        "unique_id": str(footer.unique_id),
+        "timestamp": datetime.datetime.fromtimestamp(footer.timestamp + VHD_EPOCH, datetime.UTC).isoformat(),
+        "creator": footer.creator_application.decode("latin-1").rstrip("\0 "),
+        "geometry": {
+            "cylinders": footer.geometry[0],
+            "heads": footer.geometry[1],
+            "sectors": footer.geometry[2],
+        },
+        "file_size": os.fstat(image.fd).st_size,
+    }
+    header = image.header
+    if header is not None:
+        info["block_size"] = header.block_size
+        info["max_table_entries"] = header.max_table_entries
+        info["allocated_blocks"] = int(image.allocated_blocks().size)
+    if image.is_differencing and header is not None:
+        info["parent"] = {
+            "name": header.parent_name,
+            "unique_id": str(header.parent_unique_id) if header.parent_unique_id else None,
+            "locators": [
+                {"platform": loc.platform.decode("latin-1"), "path": text} for loc, text in image.locators()
+            ],
+        }
+    return info
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    if args.parent is not None:
+        if args.size is not None or args.type is not None:
+            raise SystemExit("winserver vhd create: --parent takes neither --size nor --type")
+        vhd.create_differencing(args.file, args.parent)
+    else:
+        if args.size is None:
+            raise SystemExit("winserver vhd create: give --size (or --parent for a differencing disk)")
+        if (args.type or "dynamic") == "fixed":
+            vhd.create_fixed(args.file, args.size)
+        else:
+            vhd.create_dynamic(args.file, args.size, args.block_size)
+    with vhd.VhdImage.open(args.file) as image:
+        info = _image_info(image)
+    _emit(args, info, f"created {info['type']} disk {args.file} of {format_size(info['size'])}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    with vhd.Chain.open(args.file) as chain:
+        info = _image_info(chain.leaf)
+        info["chain"] = chain.paths
+    lines = [f"{k}: {v}" for k, v in info.items() if k not in ("parent", "chain", "geometry")]
+    if "parent" in info:
+        lines.append(f"parent: {info['parent']['name']} ({info['parent']['unique_id']})")
+    lines.append("chain: " + " -> ".join(info["chain"]))
+    _emit(args, info, "\n".join(lines))
+    return 0
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    with vhd.Chain.open(args.file) as chain:
+        extents = chain.extents()
+        size = chain.size
+    allocated = sum(e.length for e in extents)
+    document = {
+        "size": size,
+        "allocated": allocated,
+        "extents": [{"offset": e.offset, "length": e.length} for e in extents],
+    }
+    text = "\n".join(f"{e.offset:>16} {e.length:>16}" for e in extents)
+    header = f"{'offset':>16} {'length':>16}"
+    summary = f"{len(extents)} extents, {format_size(allocated)} of {format_size(size)} allocated"
+    _emit(args, document, "\n".join(filter(None, [header, text, summary])))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    problems = vhd.check(args.file)
+    document = {
+        "path": args.file,
+        "ok": not problems,
+        "problems": [
+            {"path": p.path, "field": p.field, "offset": p.offset, "reason": p.reason} for p in problems
+        ],
+    }
+    if args.json:
+        _emit(args, document, "")
+    elif problems:
+        print(f"winserver vhd check: {problems[0]}", file=sys.stderr)
+    else:
+        print(f"{args.file}: ok")
+    return 1 if problems else 0
+
+
+def _cmd_coalesce(args: argparse.Namespace) -> int:
+    result = vhd.coalesce(args.child, remove_child=not args.keep_child)
+    document = {
+        "child": result.child,
+        "parent": result.parent,
+        "bytes_copied": result.bytes_copied,
+        "child_removed": result.child_removed,
+    }
+    gone = "; child removed" if result.child_removed else ""
+    _emit(args, document, f"coalesced {format_size(result.bytes_copied)} into {result.parent}{gone}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    stats = vhd.import_raw(args.raw, args.vhd, args.type, args.block_size)
+    document = {
+        "vhd": args.vhd,
+        "size": stats.size,
+        "bytes_written": stats.bytes_written,
+        "bytes_skipped": stats.bytes_skipped,
+    }
+    _emit(args, document, f"imported {format_size(stats.bytes_written)} of data into {args.vhd}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    stats = vhd.export_raw(args.vhd, args.raw)
+    document = {
+        "raw": args.raw,
+        "size": stats.size,
+        "bytes_written": stats.bytes_written,
+        "bytes_skipped": stats.bytes_skipped,
+    }
+    _emit(args, document, f"exported {format_size(stats.bytes_written)} of data to {args.raw}")
+    return 0
+
+
+def _cmd_write(args: argparse.Namespace) -> int:
+    source = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
+    written = 0
+    try:
+        with vhd.Chain.open(args.vhd, writable=True) as chain:
+            if args.input != "-":
+                length = os.fstat(source.fileno()).st_size
+                if args.offset + length > chain.size:
+                    raise vhd.OutOfRangeError(
+                        f"{args.vhd}: {length} bytes at offset {args.offset} do not fit "
+                        f"in the disk of {chain.size} bytes; nothing written"
+                    )
+            pos = args.offset
+            while True:
+                data = source.read(8 << 20)
+                if not data:
+                    break
+                chain.write(pos, data)
+                pos += len(data)
+                written += len(data)
+            chain.flush()
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    document = {"vhd": args.vhd, "offset": args.offset, "bytes_written": written}
+    _emit(args, document, f"wrote {written} bytes at offset {args.offset} of {args.vhd}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``vhd`` and its sub-commands."""
+    group = subparsers.add_parser("vhd", help="create, inspect and convert VHD disk images")
+    commands = group.add_subparsers(dest="vhd_command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help, description=help)
+        parser.add_argument("--json", action="store_true", help="print a JSON document")
+        return parser
+
+    p = command("create", "create a fixed, dynamic or differencing disk")
+    p.add_argument("file")
+    p.add_argument("--size", type=_size, help="virtual size, e.g. 10G")
+    p.add_argument("--type", choices=["fixed", "dynamic"], help="default dynamic")
+    p.add_argument("--block-size", type=_size, default=vhd.DEFAULT_BLOCK_SIZE, help="default 2M")
+    p.add_argument("--parent", help="make a differencing disk over PARENT")
+    p.set_defaults(handler=_cmd_create)
+
+    p = command("info", "show a disk's footer, header and chain")
+    p.add_argument("file")
+    p.set_defaults(handler=_cmd_info)
+
+    p = command("map", "list the allocated extents of the whole chain")
+    p.add_argument("file")
+    p.set_defaults(handler=_cmd_map)
+
+    p = command("check", "check the structure of a disk and its parents (exit 1 if unsound)")
+    p.add_argument("file")
+    p.set_defaults(handler=_cmd_check)
+
+    p = command("coalesce", "merge a differencing disk into its parent, then remove it")
+    p.add_argument("child")
+    p.add_argument("--keep-child", action="store_true", help="keep the merged child file")
+    p.set_defaults(handler=_cmd_coalesce)
+
+    p = command("import", "copy a raw image into a new VHD (zero blocks stay unallocated)")
+    p.add_argument("raw")
+    p.add_argument("vhd")
+    p.add_argument("--type", choices=["fixed", "dynamic"], default="dynamic")
+    p.add_argument("--block-size", type=_size, default=vhd.DEFAULT_BLOCK_SIZE)
+    p.set_defaults(handler=_cmd_import)
+
+    p = command("export", "write a disk's whole chain to a sparse raw image")
+    p.add_argument("vhd")
+    p.add_argument("raw")
+    p.set_defaults(handler=_cmd_export)
+
+    p = command("write", "write a file's bytes into a disk at an offset")
+    p.add_argument("vhd")
+    p.add_argument("--offset", type=_size, required=True, help="byte offset (suffixes K, M, G allowed)")
+    p.add_argument("--input", required=True, help="file to write, - for standard input")
+    p.set_defaults(handler=_cmd_write)

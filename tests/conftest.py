@@ -1,0 +1,26 @@
+"""Shared fixtures: the interop oracles (real programs) and scratch directories."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+import pytest
+
+
+def require_tool(name: str) -> str:
+    """Path of the program *name*; skips the test, saying which program is missing and how
+    to get it, when it is not installed (``make test`` installs them when run as root)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (Debian: qemu-utils / libnbd-bin / nbdkit; `make test` as root)")
+    return path
+
+
+def run(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a program, capturing its output; fail the test with its stderr when it fails."""
+    result = subprocess.run(list(args), capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+    return result
