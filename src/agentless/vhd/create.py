@@ -174,11 +174,16 @@ def create_dynamic(path: str | os.PathLike[str], size: int, block_size: int = DE
     return _write_dynamic(os.fspath(path), size, block_size, DISK_TYPE_DYNAMIC, None)
 
 
-def create_differencing(path: str | os.PathLike[str], parent_path: str | os.PathLike[str]) -> Footer:
+def create_differencing(
+    path: str | os.PathLike[str],
+    parent_path: str | os.PathLike[str],
+    block_size: int | None = None,
+) -> Footer:
     """Create a differencing disk over *parent_path*, of the parent's size.
 
     The parent's whole chain is opened first, so a child is never made over a broken chain.
-    The child takes the parent's block size (the default one over a fixed parent) and
+    The child takes *block_size*, or else the parent's block size (the default one over a
+    fixed parent), and
     records the parent's unique id, its file name and two locators: the path relative to
     the child's directory (``W2ru``) and the absolute path (``W2ku``).
     """
@@ -188,7 +193,9 @@ def create_differencing(path: str | os.PathLike[str], parent_path: str | os.Path
         raise VhdError(f"{path}: a disk cannot be its own parent")
     with Chain.open(parent_abs) as chain:
         top = chain.leaf
-        block_size = top.block_size if top.header is not None else DEFAULT_BLOCK_SIZE
+        if block_size is None:
+            block_size = top.block_size if top.header is not None else DEFAULT_BLOCK_SIZE
+        _check_block_size(block_size)
         relative = os.path.relpath(parent_abs, os.path.dirname(child))
         info = _Parent(
             unique_id=top.unique_id,
