@@ -269,10 +269,15 @@ class VhdImage:
         raw = bytearray(self.bitmap_size)
         _pread_exact(self.fd, memoryview(raw), entry * SECTOR_SIZE, self.path)
         bitmap = np.frombuffer(raw, dtype=np.uint8)
-        self._bitmaps[block] = bitmap
-        if len(self._bitmaps) > BITMAP_CACHE_BLOCKS:
-            self._bitmaps.popitem(last=False)
+        self._remember(block, bitmap)
         return bitmap
+
+    def _remember(self, block: int, bitmap: Bitmap) -> None:
+        """Cache *bitmap*, dropping the least recently used ones beyond the bound. The
+        cache never holds anything not on disk, so dropping is always safe."""
+        self._bitmaps[block] = bitmap
+        while len(self._bitmaps) > BITMAP_CACHE_BLOCKS:
+            self._bitmaps.popitem(last=False)
 
     def presence(self, sector: int, count: int) -> Presence:
         """Which of sectors ``[sector, sector + count)`` this file holds.
@@ -379,7 +384,7 @@ class VhdImage:
             header.table_offset + 4 * block,
         )
         self.bat[block] = position // SECTOR_SIZE
-        self._bitmaps[block] = bitmap
+        self._remember(block, bitmap)
         return bitmap
 
     # ------------------------------------------------------------------ maps
