@@ -15,7 +15,7 @@ MiB = 1 << 20
 
 def test_dynamic_layout(tmp_path: Path) -> None:
     """Footer copy at 0 equal to the footer at the end, header at 512, BAT at 1536 full of
-    0xFFFFFFFF, first block data 4 KiB aligned."""
+    0xFFFFFFFF, the data of every block 4 KiB aligned."""
     path = tmp_path / "d.vhd"
     vhd.create_dynamic(path, 10 * MiB)
     raw = path.read_bytes()
@@ -23,9 +23,11 @@ def test_dynamic_layout(tmp_path: Path) -> None:
     assert raw[512:520] == b"cxsparse"
     assert raw[1536 : 1536 + 20] == b"\xff" * 20
     with vhd.Chain.open(path, writable=True) as chain:
-        chain.write(0, b"x")
-        entry = int(chain.leaf.bat[0]) * 512
-        assert (entry + chain.leaf.bitmap_size) % 4096 == 0
+        for block in (4, 0, 2, 1):
+            chain.write(block * 2 * MiB + 3, b"x")
+        leaf = chain.leaf
+        for block in leaf.allocated_blocks().tolist():
+            assert (int(leaf.bat[block]) * 512 + leaf.bitmap_size) % 4096 == 0
     assert vhd.check(path) == []
 
 

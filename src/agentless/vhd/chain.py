@@ -19,6 +19,7 @@ claims sectors whose every byte it holds.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
@@ -52,8 +53,8 @@ def parent_candidates(image: VhdImage) -> list[str]:
     relative: list[str] = []
     others: list[str] = []
     for loc, text in image.locators():
-        if not text:
-            continue
+        if not text or "\0" in text:
+            continue  # no path a file system could hold
         path = text.replace("\\", "/")
         if loc.platform == PLATFORM_W2RU or not os.path.isabs(path):
             relative.append(os.path.normpath(os.path.join(base, path)))
@@ -62,7 +63,7 @@ def parent_candidates(image: VhdImage) -> list[str]:
     header = image.header
     if header is not None and header.parent_name:
         name = os.path.basename(header.parent_name.replace("\\", "/"))
-        if name:
+        if name and "\0" not in name:
             others.append(os.path.join(base, name))
     return list(dict.fromkeys(relative + others))
 
@@ -77,6 +78,8 @@ def _open_parent(child: VhdImage, seen: set[tuple[int, int]]) -> VhdImage:
         try:
             st = os.stat(candidate)
         except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
             continue
         if (st.st_dev, st.st_ino) in seen:
             raise ChainLoopError(child.path, f"parent {candidate} is already in the chain")

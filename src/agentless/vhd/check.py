@@ -94,6 +94,8 @@ def _check_image(image: VhdImage) -> list[Problem]:
             problems.append(Problem(path, field, at, f"data at {loc.offset} overlaps a data block"))
         if text is None:
             problems.append(Problem(path, field, at, f"unknown platform code {loc.platform!r}"))
+        elif "\0" in text:
+            problems.append(Problem(path, field, at, "path holds a NUL character"))
     if image.is_differencing and header.parent_unique_id is None:
         problems.append(
             Problem(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,8 +63,10 @@ def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
 def _staged(path: str) -> Iterator[str]:
     """A temporary path beside *path*, linked to *path* when the block succeeds."""
     if os.path.lexists(path):
-        raise FileExistsError(f"{path}: file exists")
+        raise FileExistsError(errno.EEXIST, "file exists", path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "its directory does not exist", path)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
@@ -102,8 +105,9 @@ def import_raw(
             raise ValueError(f"unknown disk type {disk_type!r} (fixed or dynamic)")
         buf = bytearray(step)
         with Chain.open(tmp, writable=True) as disk:
+            done = 0  # chunks below this are copied; a chunk holding several data regions goes once
             for start, end in _data_ranges(fd, length):
-                pos = start - start % step
+                pos = max(start - start % step, done)
                 while pos < end:
                     n = min(step, length - pos)
                     view = memoryview(buf)[:n]
@@ -115,6 +119,7 @@ def import_raw(
                         disk.write(pos, view)
                         stats.bytes_written += got
                     pos += step
+                    done = pos
                     if progress:
                         progress(min(pos, length), length)
             disk.flush()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import tempfile
 import uuid
@@ -78,7 +79,9 @@ def _new_file(path: str) -> Iterator[int]:
     link it as *path* (failing if *path* exists), on failure remove it."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.lexists(path):
-        raise FileExistsError(f"{path}: file exists")
+        raise FileExistsError(errno.EEXIST, "file exists", path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "its directory does not exist", path)
     fd, tmp = tempfile.mkstemp(prefix=".vhd-", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o644)
@@ -156,11 +159,9 @@ def _write_dynamic(
         raw = footer.pack()
         os.pwrite(fd, raw, 0)
         os.pwrite(fd, header.pack(), HEADER_OFFSET)
-        os.pwrite(
-            fd,
-            batmod.encode_bat(np.full(entries, batmod.BAT_UNUSED, dtype=np.uint32)),
-            TABLE_OFFSET,
-        )
+        # the sector padding after the last entry is 0xFF too, as Windows writes it
+        unused = np.full(bat_bytes // 4, batmod.BAT_UNUSED, dtype=np.uint32)
+        os.pwrite(fd, batmod.encode_bat(unused), TABLE_OFFSET)
         for loc, data in locators:
             os.pwrite(fd, data, loc.offset)
         os.pwrite(fd, raw, end)

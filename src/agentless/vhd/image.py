@@ -9,9 +9,12 @@ leaves a file that opens and reads as before the interrupted write (plus, at mos
 the new data). A new block is allocated in this order::
 
     before   ... │ last block │ footer │EOF
-    1.       ... │ last block │ footer │   (hole)   │ footer' │EOF   footer' written first
-    2.       ... │ last block │ bitmap │   (hole)   │ footer' │EOF   old footer overwritten
+    1.       ... │ last block │ footer │ ... │   (hole)   │ footer' │EOF   footer' first
+    2.       ... │ last block │ footer │ ... │ bitmap │   (hole)   │ footer' │EOF
     3.       BAT[b] = P / 512                                        block becomes visible
+
+P is the old footer's offset rounded so that the block's data starts on a 4 KiB boundary;
+the old footer is overwritten by the new bitmap or left in the unreferenced gap.
 
 Data sectors are written before the bitmap bits that make them visible, and the bitmap
 before the BAT entry; each of these writes lies within one sector, which storage writes
@@ -47,6 +50,8 @@ from .header import HEADER_SIZE, DynamicHeader, ParentLocator
 
 __all__ = ["Presence", "VhdImage"]
 
+# New blocks are placed so that their data starts on this boundary.
+DATA_ALIGNMENT = 4096
 # How many block bitmaps a file keeps in memory (512 bytes each for 2 MiB blocks).
 BITMAP_CACHE_BLOCKS = 16384
 
@@ -90,6 +95,10 @@ class VhdImage:
         self.sectors_per_block = 0
         self.bitmap_size = 0
         self._bitmaps: collections.OrderedDict[int, Bitmap] = collections.OrderedDict()
+        # Blocks whose bitmap is known to have every sector bit set. Bits are only ever set,
+        # never cleared, so the flag stays true; it saves decoding bitmaps on the hot path.
+        self._full = np.zeros(0, dtype=bool)
+        self._full_bytes = b""
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ opening
@@ -164,6 +173,8 @@ class VhdImage:
             )
         raw_bat = os.pread(self.fd, 4 * needed, header.table_offset)
         self.bat = batmod.decode_bat(raw_bat)
+        self._full = np.zeros(needed, dtype=bool)
+        self._full_bytes = b"\xff" * (self.sectors_per_block // 8)
         self._validate_bat()
 
     def metadata_regions(self) -> list[tuple[int, int, str]]:
@@ -270,7 +281,12 @@ class VhdImage:
         _pread_exact(self.fd, memoryview(raw), entry * SECTOR_SIZE, self.path)
         bitmap = np.frombuffer(raw, dtype=np.uint8)
         self._remember(block, bitmap)
+        self._note_full(block, bitmap)
         return bitmap
+
+    def _note_full(self, block: int, bitmap: Bitmap) -> None:
+        if bitmap[: len(self._full_bytes)].tobytes() == self._full_bytes:
+            self._full[block] = True
 
     def _remember(self, block: int, bitmap: Bitmap) -> None:
         """Cache *bitmap*, dropping the least recently used ones beyond the bound. The
@@ -294,6 +310,8 @@ class VhdImage:
             mask[: count - beyond] = True
             return mask
         block, first = divmod(sector, self.sectors_per_block)
+        if self._full[block] and beyond <= 0:
+            return True
         bitmap = self.bitmap(block)
         if bitmap is None:
             return False
@@ -340,14 +358,19 @@ class VhdImage:
             while pos < count:
                 block, first = divmod(sector + pos, spb)
                 n = min(spb - first, count - pos)
+                chunk = data[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE]
+                if self._full[block]:
+                    _pwrite_all(self.fd, chunk, self._data_offset(sector + pos))
+                    pos += n
+                    continue
                 bitmap = self.bitmap(block)
                 if bitmap is None:
                     bitmap = self._allocate(block)
-                chunk = data[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE]
                 _pwrite_all(self.fd, chunk, self._data_offset(sector + pos))
                 if not batmod.bitmap_span(bitmap, first, n).all():
                     batmod.set_bits(bitmap, first, n)
                     self._write_bitmap(block, bitmap, first, n)
+                    self._note_full(block, bitmap)
                 pos += n
 
     def _write_bitmap(self, block: int, bitmap: Bitmap, first: int, count: int) -> None:
@@ -366,14 +389,20 @@ class VhdImage:
         """
         header = self.header
         assert header is not None
-        position = self.footer_offset
+        if self.footer_offset % SECTOR_SIZE:
+            raise CorruptVhdError(self.path, "footer", self.footer_offset, "footer is not sector aligned")
+        # the block's data starts on a 4 KiB boundary (for O_DIRECT and file system blocks)
+        position = -(-(self.footer_offset + self.bitmap_size) // DATA_ALIGNMENT) * DATA_ALIGNMENT
+        position -= self.bitmap_size
         block_total = self.bitmap_size + self.block_size
-        if position % SECTOR_SIZE:
-            raise CorruptVhdError(self.path, "footer", position, "footer is not sector aligned")
         if (position + block_total) // SECTOR_SIZE > 0xFFFFFFFE:
             raise VhdError(f"{self.path}: file would grow beyond what a BAT entry can address")
         fill = 0x00 if self.is_differencing else 0xFF
         bitmap = np.full(self.bitmap_size, fill, dtype=np.uint8)
+        # Padding bits past the block's last sector are set: the specification leaves them
+        # undefined, and libvhdi reads clear padding bits of small blocks as sectors to take
+        # from the parent, misreading reads that cross into the next block.
+        bitmap[(self.sectors_per_block + 7) // 8 :] = 0xFF
         new_footer = position + block_total
         _pwrite_all(self.fd, self.footer.pack(), new_footer)
         _pwrite_all(self.fd, bitmap.tobytes(), position)
@@ -385,6 +414,7 @@ class VhdImage:
         )
         self.bat[block] = position // SECTOR_SIZE
         self._remember(block, bitmap)
+        self._note_full(block, bitmap)
         return bitmap
 
     # ------------------------------------------------------------------ maps

@@ -7,11 +7,14 @@ Failures print one line on stderr and exit with 1 (see :mod:`agentless.winserver
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import sys
-from typing import Any
+import tempfile
+from typing import IO, Any
 
 from agentless import vhd
 from agentless.units import format_size, parse_size
@@ -70,11 +73,11 @@ def _image_info(image: vhd.VhdImage) -> dict[str, Any]:
 def _cmd_create(args: argparse.Namespace) -> int:
     if args.parent is not None:
         if args.size is not None or args.type is not None:
-            raise SystemExit("winserver vhd create: --parent takes neither --size nor --type")
+            args.parser.error("--parent takes neither --size nor --type")
         vhd.create_differencing(args.file, args.parent)
     else:
         if args.size is None:
-            raise SystemExit("winserver vhd create: give --size (or --parent for a differencing disk)")
+            args.parser.error("give --size (or --parent for a differencing disk)")
         if (args.type or "dynamic") == "fixed":
             vhd.create_fixed(args.file, args.size)
         else:
@@ -170,29 +173,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
-    source = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-    written = 0
-    try:
-        with vhd.Chain.open(args.vhd, writable=True) as chain:
-            if args.input != "-":
-                length = os.fstat(source.fileno()).st_size
-                if args.offset + length > chain.size:
-                    raise vhd.OutOfRangeError(
-                        f"{args.vhd}: {length} bytes at offset {args.offset} do not fit "
-                        f"in the disk of {chain.size} bytes; nothing written"
-                    )
-            pos = args.offset
-            while True:
-                data = source.read(8 << 20)
-                if not data:
-                    break
-                chain.write(pos, data)
-                pos += len(data)
-                written += len(data)
-            chain.flush()
-    finally:
-        if source is not sys.stdin.buffer:
-            source.close()
+    """Write the input at the offset. The input's length is known before the first byte
+    is written (standard input is spooled to a temporary file first), so input that does
+    not fit is refused with the disk untouched."""
+    with contextlib.ExitStack() as stack:
+        if args.input == "-":
+            source: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
+            shutil.copyfileobj(sys.stdin.buffer, source, 8 << 20)
+            source.seek(0)
+        else:
+            source = stack.enter_context(open(args.input, "rb"))
+        length = os.fstat(source.fileno()).st_size
+        chain = stack.enter_context(vhd.Chain.open(args.vhd, writable=True))
+        if args.offset + length > chain.size:
+            raise vhd.OutOfRangeError(
+                f"{args.vhd}: {length} bytes at offset {args.offset} do not fit "
+                f"in the disk of {chain.size} bytes; nothing written"
+            )
+        written = 0
+        while data := source.read(8 << 20):
+            chain.write(args.offset + written, data)
+            written += len(data)
+        chain.flush()
     document = {"vhd": args.vhd, "offset": args.offset, "bytes_written": written}
     _emit(args, document, f"wrote {written} bytes at offset {args.offset} of {args.vhd}")
     return 0
@@ -214,7 +216,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--type", choices=["fixed", "dynamic"], help="default dynamic")
     p.add_argument("--block-size", type=_size, default=vhd.DEFAULT_BLOCK_SIZE, help="default 2M")
     p.add_argument("--parent", help="make a differencing disk over PARENT")
-    p.set_defaults(handler=_cmd_create)
+    p.set_defaults(handler=_cmd_create, parser=p)
 
     p = command("info", "show a disk's footer, header and chain")
     p.add_argument("file")
