@@ -25,6 +25,7 @@ __all__ = [
     "SECTOR_SIZE",
     "Footer",
     "chs_geometry",
+    "verify_envelope",
     "vhd_checksum",
     "vhd_timestamp",
 ]
@@ -93,6 +94,36 @@ def vhd_checksum(data: bytes | bytearray | memoryview, checksum_offset: int) -> 
     raw = bytes(data)
     total = sum(raw) - sum(raw[checksum_offset : checksum_offset + 4])
     return ~total & 0xFFFFFFFF
+
+
+def verify_envelope(
+    name: str,
+    raw: bytes,
+    path: str | os.PathLike[str],
+    offset: int,
+    cookie: tuple[bytes, bytes],
+    checksum_offset: int,
+    version: tuple[int, int],
+) -> None:
+    """Check what every VHD structure starts with: its cookie (found, expected), its
+    checksum (at *checksum_offset*), and a major version of 1 (value, field offset)."""
+    found, expected_cookie = cookie
+    if found != expected_cookie:
+        raise CorruptVhdError(
+            path, f"{name}.cookie", offset, f"expected {expected_cookie.decode()!r}, found {found!r}"
+        )
+    (stored,) = struct.unpack_from(">I", raw, checksum_offset)
+    computed = vhd_checksum(raw, checksum_offset)
+    if stored != computed:
+        raise CorruptVhdError(
+            path,
+            f"{name}.checksum",
+            offset + checksum_offset,
+            f"stored 0x{stored:08x}, computed 0x{computed:08x}",
+        )
+    value, at = version
+    if value >> 16 != 1:
+        raise CorruptVhdError(path, f"{name}.version", offset + at, f"unknown version 0x{value:08x}")
 
 
 def vhd_timestamp(when: float | None = None) -> int:
@@ -208,23 +239,12 @@ class Footer:
             heads,
             sectors,
             disk_type,
-            checksum,
+            _checksum,
             unique_id,
             saved_state,
             _reserved,
         ) = _FOOTER.unpack(raw)
-        if cookie != COOKIE:
-            raise CorruptVhdError(path, "footer.cookie", offset, f"expected 'conectix', found {cookie!r}")
-        expected = vhd_checksum(raw, _CHECKSUM_OFFSET)
-        if checksum != expected:
-            raise CorruptVhdError(
-                path,
-                "footer.checksum",
-                offset + _CHECKSUM_OFFSET,
-                f"stored 0x{checksum:08x}, computed 0x{expected:08x}",
-            )
-        if version >> 16 != 1:
-            raise CorruptVhdError(path, "footer.version", offset + 12, f"unknown version 0x{version:08x}")
+        verify_envelope("footer", raw, path, offset, (cookie, COOKIE), _CHECKSUM_OFFSET, (version, 12))
         if disk_type not in DISK_TYPE_NAMES:
             raise CorruptVhdError(path, "footer.disk_type", offset + 60, f"unsupported disk type {disk_type}")
         if size % SECTOR_SIZE or size == 0:

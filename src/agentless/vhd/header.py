@@ -15,7 +15,7 @@ import struct
 import uuid
 
 from .errors import CorruptVhdError
-from .footer import SECTOR_SIZE, vhd_checksum
+from .footer import SECTOR_SIZE, verify_envelope, vhd_checksum
 
 __all__ = [
     "HEADER_SIZE",
@@ -159,7 +159,7 @@ class DynamicHeader:
             version,
             max_table_entries,
             block_size,
-            checksum,
+            _checksum,
             parent_unique_id,
             parent_timestamp,
             _reserved,
@@ -167,18 +167,7 @@ class DynamicHeader:
             locators_raw,
             _reserved2,
         ) = _HEADER.unpack(raw)
-        if cookie != COOKIE:
-            raise CorruptVhdError(path, "header.cookie", offset, f"expected 'cxsparse', found {cookie!r}")
-        expected = vhd_checksum(raw, _CHECKSUM_OFFSET)
-        if checksum != expected:
-            raise CorruptVhdError(
-                path,
-                "header.checksum",
-                offset + _CHECKSUM_OFFSET,
-                f"stored 0x{checksum:08x}, computed 0x{expected:08x}",
-            )
-        if version >> 16 != 1:
-            raise CorruptVhdError(path, "header.version", offset + 24, f"unknown version 0x{version:08x}")
+        verify_envelope("header", raw, path, offset, (cookie, COOKIE), _CHECKSUM_OFFSET, (version, 24))
         if block_size < SECTOR_SIZE or block_size & (block_size - 1) or block_size > MAX_BLOCK_SIZE:
             raise CorruptVhdError(
                 path,

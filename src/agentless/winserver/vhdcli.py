@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from agentless import vhd
 from agentless.units import format_size, parse_size
+from agentless.vhd.convert import ConvertStats
 from agentless.vhd.footer import VHD_EPOCH
 
 __all__ = ["add_commands"]
@@ -148,27 +149,28 @@ def _cmd_coalesce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
-    stats = vhd.import_raw(args.raw, args.vhd, args.type, args.block_size)
+def _emit_conversion(args: argparse.Namespace, key: str, stats: ConvertStats, text: str) -> None:
+    """Report an import (``key`` "vhd") or an export (``key`` "raw")."""
     document = {
-        "vhd": args.vhd,
+        key: getattr(args, key),
         "size": stats.size,
         "bytes_written": stats.bytes_written,
         "bytes_skipped": stats.bytes_skipped,
     }
-    _emit(args, document, f"imported {format_size(stats.bytes_written)} of data into {args.vhd}")
+    _emit(args, document, text)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    stats = vhd.import_raw(args.raw, args.vhd, args.type, args.block_size)
+    _emit_conversion(
+        args, "vhd", stats, f"imported {format_size(stats.bytes_written)} of data into {args.vhd}"
+    )
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     stats = vhd.export_raw(args.vhd, args.raw)
-    document = {
-        "raw": args.raw,
-        "size": stats.size,
-        "bytes_written": stats.bytes_written,
-        "bytes_skipped": stats.bytes_skipped,
-    }
-    _emit(args, document, f"exported {format_size(stats.bytes_written)} of data to {args.raw}")
+    _emit_conversion(args, "raw", stats, f"exported {format_size(stats.bytes_written)} of data to {args.raw}")
     return 0
 
 
