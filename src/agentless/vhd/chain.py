@@ -259,14 +259,16 @@ class Chain:
 
     # ------------------------------------------------------------------ maps
 
-    def extent_arrays(self) -> tuple[IntArray, IntArray]:
-        """Merged byte ranges that some layer of the chain holds (clipped to ``size``)."""
-        starts, ends = union(*(layer.extent_arrays() for layer in self.layers))
-        return merge(np.minimum(starts, self.size), np.minimum(ends, self.size))
+    def extent_arrays(self, offset: int = 0, length: int | None = None) -> tuple[IntArray, IntArray]:
+        """Merged byte ranges that some layer of the chain holds, within
+        ``[offset, offset + length)`` (the whole disk by default)."""
+        end = self.size if length is None else min(offset + length, self.size)
+        starts, ends = union(*(layer.extent_arrays(offset, end) for layer in self.layers))
+        return merge(np.minimum(starts, end), np.minimum(ends, end))
 
-    def extents(self) -> list[Extent]:
-        """The allocated extents of the whole chain."""
-        return as_extents(*self.extent_arrays())
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """The allocated extents of the whole chain (or of a range of it)."""
+        return as_extents(*self.extent_arrays(offset, length))
 
     def iter_data(self, chunk: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
         """(offset, bytes) of every allocated extent, in pieces of at most *chunk* bytes."""

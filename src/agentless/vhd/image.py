@@ -99,7 +99,8 @@ class VhdImage:
         # never cleared, so the flag stays true; it saves decoding bitmaps on the hot path.
         self._full = np.zeros(0, dtype=bool)
         self._full_bytes = b""
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # writers: allocation and bitmap updates
+        self._cache_lock = threading.Lock()  # the bitmap cache, shared by readers
 
     # ------------------------------------------------------------------ opening
 
@@ -270,10 +271,11 @@ class VhdImage:
 
     def bitmap(self, block: int) -> Bitmap | None:
         """The sector bitmap of *block* (a mutable cached array), None if not allocated."""
-        cached = self._bitmaps.get(block)
-        if cached is not None:
-            self._bitmaps.move_to_end(block)
-            return cached
+        with self._cache_lock:
+            cached = self._bitmaps.get(block)
+            if cached is not None:
+                self._bitmaps.move_to_end(block)
+                return cached
         entry = int(self.bat[block])
         if entry == BAT_UNUSED:
             return None
@@ -291,9 +293,10 @@ class VhdImage:
     def _remember(self, block: int, bitmap: Bitmap) -> None:
         """Cache *bitmap*, dropping the least recently used ones beyond the bound. The
         cache never holds anything not on disk, so dropping is always safe."""
-        self._bitmaps[block] = bitmap
-        while len(self._bitmaps) > BITMAP_CACHE_BLOCKS:
-            self._bitmaps.popitem(last=False)
+        with self._cache_lock:
+            self._bitmaps[block] = bitmap
+            while len(self._bitmaps) > BITMAP_CACHE_BLOCKS:
+                self._bitmaps.popitem(last=False)
 
     def presence(self, sector: int, count: int) -> Presence:
         """Which of sectors ``[sector, sector + count)`` this file holds.
@@ -419,33 +422,48 @@ class VhdImage:
 
     # ------------------------------------------------------------------ maps
 
-    def extent_arrays(self) -> tuple[IntArray, IntArray]:
-        """Byte ranges of the virtual disk that this file holds, merged.
+    def extent_arrays(self, start: int = 0, end: int | None = None) -> tuple[IntArray, IntArray]:
+        """Byte ranges of the virtual disk that this file holds, merged, within
+        ``[start, end)`` (the whole disk by default).
 
         Dynamic and differencing disks: the sectors whose bitmap bits are set in allocated
-        blocks. Fixed disks: the data regions of the file as the file system reports them
+        blocks (blocks known to be full are taken whole without reading their bitmaps).
+        Fixed disks: the data regions of the file as the file system reports them
         (``SEEK_DATA``/``SEEK_HOLE``), so that a sparse fixed file maps as sparse.
         """
+        end = self.size if end is None else min(end, self.size)
+        if start >= end:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty.copy()
         if self.header is None:
-            return self._fixed_extents()
-        blocks = self.allocated_blocks()
-        blocks = blocks[blocks < batmod.blocks_for(self.size, self.block_size)]
+            return self._fixed_extents(start, end)
+        starts, ends = self._block_extents(start // self.block_size, -(-end // self.block_size))
+        return merge(np.clip(starts, start, end), np.clip(ends, start, end))
+
+    def _block_extents(self, first: int, last: int) -> tuple[IntArray, IntArray]:
+        """Merged byte extents of the present sectors of blocks ``[first, last)``."""
+        blocks = np.flatnonzero(self.bat[first:last] != BAT_UNUSED).astype(np.int64) + first
         spb = self.sectors_per_block
         if blocks.size == 0:
             empty = np.empty(0, dtype=np.int64)
             return empty, empty.copy()
         bitmap_bytes = -(-spb // 8)
-        table = np.empty((blocks.size, bitmap_bytes), dtype=np.uint8)
-        for row, block in enumerate(blocks.tolist()):
+        known_full = self._full[blocks]
+        unknown = blocks[~known_full]
+        table = np.empty((unknown.size, bitmap_bytes), dtype=np.uint8)
+        for row, block in enumerate(unknown.tolist()):
             bitmap = self.bitmap(block)
             assert bitmap is not None
             table[row] = bitmap[:bitmap_bytes]
-        full = (table == 0xFF).all(axis=1) if spb % 8 == 0 else np.zeros(blocks.size, dtype=bool)
+        full = known_full.copy()
+        if spb % 8 == 0:
+            full[~known_full] = (table == 0xFF).all(axis=1)
         starts = [blocks[full] * spb]
         ends = [(blocks[full] + 1) * spb]
         partial = np.flatnonzero(~full)
         if partial.size:
-            bits = np.unpackbits(table[partial], axis=1)[:, :spb]
+            rows = np.searchsorted(unknown, blocks[partial])
+            bits = np.unpackbits(table[rows], axis=1)[:, :spb]
             # one spare column of zeros keeps runs from crossing from one block to the next
             padded = np.zeros((partial.size, spb + 1), dtype=bool)
             padded[:, :spb] = bits
@@ -455,22 +473,22 @@ class VhdImage:
             starts.append(base + lo % (spb + 1))
             ends.append(base + (hi - owner * (spb + 1)))
         s, e = merge(np.concatenate(starts) * SECTOR_SIZE, np.concatenate(ends) * SECTOR_SIZE)
-        return merge(np.minimum(s, self.size), np.minimum(e, self.size))
+        return np.minimum(s, self.size), np.minimum(e, self.size)
 
-    def _fixed_extents(self) -> tuple[IntArray, IntArray]:
+    def _fixed_extents(self, start: int, end: int) -> tuple[IntArray, IntArray]:
         starts: list[int] = []
         ends: list[int] = []
-        pos = 0
-        while pos < self.size:
+        pos = start
+        while pos < end:
             try:
                 data = os.lseek(self.fd, pos, os.SEEK_DATA)
             except OSError:
                 break  # ENXIO: no data after pos
-            if data >= self.size:
+            if data >= end:
                 break
-            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), self.size)
-            starts.append(data - data % SECTOR_SIZE)
-            ends.append(-(-hole // SECTOR_SIZE) * SECTOR_SIZE)
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            starts.append(max(data - data % SECTOR_SIZE, start))
+            ends.append(min(-(-hole // SECTOR_SIZE) * SECTOR_SIZE, end))
             pos = hole
         return merge(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
 

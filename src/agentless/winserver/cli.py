@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from agentless import __version__
 from agentless.vhd import VhdError
 
-from . import vhdcli
+from . import servedisk, vhdcli
 
 __all__ = ["main"]
 
@@ -21,11 +21,12 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="winserver",
-        description="WinServer virtualization host: VHD storage tools.",
+        description="WinServer virtualization host: VHD storage tools and NBD disk serving.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vhdcli.add_commands(subparsers)
+    servedisk.add_command(subparsers)
     return parser
 
 

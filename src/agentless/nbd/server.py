@@ -1,0 +1,708 @@
+"""An asyncio NBD server: fixed newstyle negotiation, structured replies, block status.
+
+One :class:`NbdServer` serves named exports on unix sockets and TCP ports. Each connection
+is negotiated (options), then carries requests; many requests are in flight per connection
+and their disk work runs in worker threads, so a slow read does not hold up the others::
+
+    reader task ──header──▶ budget ──▶ task per request ──▶ worker thread (pread/pwrite)
+        ▲                   (bytes in flight                      │
+        │                    per connection)                      ▼
+        └───────── stops reading while ◀── reply written, drained ◀┘
+                   the budget is spent
+
+A client that never reads its replies fills the socket; writing a reply then waits, the
+budget stays spent, and the server stops reading that client's requests: memory per
+connection is bounded by the budget. A client that breaks the protocol loses its own
+connection only.
+
+Replies follow the specification: EPERM for writes to a read-only export, ENOSPC for
+writes past the end, EINVAL for reads past the end, unknown commands or flags, requests
+not aligned to the export's minimum block size and lengths over the maximum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import ssl
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import protocol as p
+from .exports import Export, ExportError
+
+__all__ = ["ExportResolver", "NbdServer"]
+
+log = logging.getLogger(__name__)
+
+# name -> export (or None if unknown); lets a host map grant tokens to exports
+ExportResolver = Callable[[str], Export | None]
+
+# bytes of request payloads and read replies in flight per connection
+CONNECTION_BUDGET = 64 * 1024 * 1024
+PREFERRED_BLOCK_SIZE = 4096
+NEGOTIATION_TIMEOUT = 30.0
+
+_ALLOWED_FLAGS = {
+    p.NBD_CMD_READ: p.NBD_CMD_FLAG_DF,
+    p.NBD_CMD_WRITE: p.NBD_CMD_FLAG_FUA,
+    p.NBD_CMD_DISC: 0,
+    p.NBD_CMD_FLUSH: 0,
+    p.NBD_CMD_TRIM: p.NBD_CMD_FLAG_FUA,
+    p.NBD_CMD_CACHE: 0,
+    p.NBD_CMD_WRITE_ZEROES: p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_NO_HOLE | p.NBD_CMD_FLAG_FAST_ZERO,
+    p.NBD_CMD_BLOCK_STATUS: p.NBD_CMD_FLAG_REQ_ONE,
+}
+
+
+class _Disconnect(Exception):
+    """End this connection quietly (abort, protocol violation, EOF)."""
+
+
+class _Budget:
+    """Bytes in flight on one connection; a request waits until its bytes fit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class NbdServer:
+    """Serves exports by name.
+
+    *exports* is a mapping of names to exports, or a resolver function (then ``NBD_OPT_LIST``
+    lists nothing unless *listing* says what to list). With a *tls* context, TCP clients
+    must negotiate TLS first (``NBD_OPT_STARTTLS``); unix socket clients only when
+    *tls_on_unix* is set. ``tls=None`` serves plain NBD everywhere – meant for unix sockets
+    and loopback tests.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, Export] | ExportResolver,
+        *,
+        tls: ssl.SSLContext | None = None,
+        tls_on_unix: bool = False,
+        listing: Callable[[], list[tuple[str, str]]] | None = None,
+        workers: int = 8,
+        budget: int = CONNECTION_BUDGET,
+    ):
+        if callable(exports):
+            self._resolve: ExportResolver = exports
+            self._listing = listing or list
+        else:
+            table = dict(exports)
+            self._resolve = table.get
+            self._listing = listing or (lambda: [(name, e.description) for name, e in table.items()])
+        self.tls = tls
+        self.tls_on_unix = tls_on_unix
+        self.budget = budget
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="nbd-io"
+        )
+        self._servers: list[asyncio.base_events.Server] = []
+        self._connections: set[_Connection] = set()
+
+    # ------------------------------------------------------------------ listening
+
+    async def serve_unix(self, path: str) -> None:
+        """Listen on the unix socket *path* (replaced if it exists)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await asyncio.start_unix_server(
+            lambda r, w: self._accept(r, w, self.tls if self.tls_on_unix else None), path
+        )
+        self._servers.append(server)
+
+    async def serve_tcp(self, host: str, port: int) -> int:
+        """Listen on *host*:*port* (0 picks a free port); returns the port."""
+        server = await asyncio.start_server(lambda r, w: self._accept(r, w, self.tls), host, port)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, wait for them to end."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        while self._connections:
+            await asyncio.sleep(0.01)
+        self._executor.shutdown(wait=True)
+
+    def disconnect(self, predicate: Callable[[str], bool]) -> int:
+        """Drop the connections whose export name matches *predicate* (revoked access);
+        returns how many were dropped."""
+        dropped = 0
+        for conn in list(self._connections):
+            if conn.export_name is not None and predicate(conn.export_name):
+                conn.abort()
+                dropped += 1
+        return dropped
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext | None
+    ) -> None:
+        conn = _Connection(self, reader, writer, tls)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+
+class _Connection:
+    def __init__(
+        self,
+        server: NbdServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ssl.SSLContext | None,
+    ):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.tls = tls
+        self.tls_active = False
+        self.structured = False
+        self.no_zeroes = False
+        self.export: Export | None = None
+        self.export_name: str | None = None
+        self.contexts: dict[int, str] = {}  # id -> name, for the negotiated export
+        self._context_export: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._budget = _Budget(server.budget)
+        peer = writer.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+
+    def abort(self) -> None:
+        transport = self.writer.transport
+        if transport is not None:
+            transport.abort()
+
+    async def run(self) -> None:
+        try:
+            await asyncio.wait_for(self._negotiate(), NEGOTIATION_TIMEOUT)
+            if self.export is not None:
+                await self._transmission()
+        except (
+            _Disconnect,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+            ssl.SSLError,
+        ) as error:
+            log.debug("nbd %s: connection ends: %r", self.peer, error)
+        except Exception:
+            log.exception("nbd %s: connection failed", self.peer)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.abort()
+
+    # ------------------------------------------------------------------ negotiation
+
+    async def _read(self, n: int) -> bytes:
+        return await self.reader.readexactly(n)
+
+    def _reply_option(self, option: int, reply: int, data: bytes = b"") -> None:
+        self.writer.write(p.OPTION_REPLY.pack(p.NBD_OPT_REPLY_MAGIC, option, reply, len(data)) + data)
+
+    def _reply_error(self, option: int, reply: int, message: str) -> None:
+        self._reply_option(option, reply, message.encode())
+
+    async def _negotiate(self) -> None:
+        self.writer.write(
+            p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.NBD_FLAG_FIXED_NEWSTYLE | p.NBD_FLAG_NO_ZEROES)
+        )
+        await self.writer.drain()
+        (flags,) = p.CLIENT_FLAGS.unpack(await self._read(4))
+        if flags & ~(p.NBD_FLAG_C_FIXED_NEWSTYLE | p.NBD_FLAG_C_NO_ZEROES):
+            raise _Disconnect(f"unknown client flags 0x{flags:x}")
+        self.no_zeroes = bool(flags & p.NBD_FLAG_C_NO_ZEROES)
+        while self.export is None:
+            magic, option, length = p.OPTION.unpack(await self._read(p.OPTION.size))
+            if magic != p.IHAVEOPT:
+                raise _Disconnect("bad option magic")
+            if length > p.MAX_OPTION_SIZE:
+                if option == p.NBD_OPT_EXPORT_NAME:
+                    raise _Disconnect("oversized export name")
+                await self._skip(length)
+                self._reply_error(option, p.NBD_REP_ERR_TOO_BIG, "option data too long")
+                await self.writer.drain()
+                continue
+            data = await self._read(length)
+            if (
+                self.tls is not None
+                and not self.tls_active
+                and option not in (p.NBD_OPT_STARTTLS, p.NBD_OPT_ABORT)
+            ):
+                if option == p.NBD_OPT_EXPORT_NAME:
+                    raise _Disconnect("NBD_OPT_EXPORT_NAME before TLS")
+                self._reply_error(option, p.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+                await self.writer.drain()
+                continue
+            await self._option(option, data)
+            await self.writer.drain()
+
+    async def _skip(self, n: int) -> None:
+        while n:
+            chunk = await self.reader.read(min(n, 65536))
+            if not chunk:
+                raise _Disconnect("EOF in option data")
+            n -= len(chunk)
+
+    async def _option(self, option: int, data: bytes) -> None:
+        if option == p.NBD_OPT_EXPORT_NAME:
+            name = data.decode("utf-8", errors="replace")
+            export = self.server._resolve(name)
+            if export is None:
+                raise _Disconnect(f"unknown export {name!r}")  # no way to reply an error
+            self._select(name, export)
+            reply = p.EXPORT_NAME_REPLY.pack(export.size, self._transmission_flags())
+            self.writer.write(reply if self.no_zeroes else reply + bytes(124))
+        elif option == p.NBD_OPT_ABORT:
+            self._reply_option(option, p.NBD_REP_ACK)
+            await self.writer.drain()
+            raise _Disconnect("client aborted")
+        elif option == p.NBD_OPT_LIST:
+            if data:
+                self._reply_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return
+            for name, description in self.server._listing():
+                raw = name.encode()
+                self._reply_option(
+                    option, p.NBD_REP_SERVER, p.UINT32.pack(len(raw)) + raw + description.encode()
+                )
+            self._reply_option(option, p.NBD_REP_ACK)
+        elif option == p.NBD_OPT_STARTTLS:
+            await self._starttls(data)
+        elif option in (p.NBD_OPT_INFO, p.NBD_OPT_GO):
+            self._info_or_go(option, data)
+        elif option == p.NBD_OPT_STRUCTURED_REPLY:
+            if data:
+                self._reply_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            elif self.structured:
+                self._reply_error(option, p.NBD_REP_ERR_INVALID, "structured replies already negotiated")
+            else:
+                self.structured = True
+                self._reply_option(option, p.NBD_REP_ACK)
+        elif option in (p.NBD_OPT_LIST_META_CONTEXT, p.NBD_OPT_SET_META_CONTEXT):
+            self._meta_context(option, data)
+        else:
+            self._reply_error(option, p.NBD_REP_ERR_UNSUP, f"option {option} not supported")
+
+    async def _starttls(self, data: bytes) -> None:
+        option = p.NBD_OPT_STARTTLS
+        if data:
+            self._reply_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        elif self.tls is None:
+            self._reply_error(option, p.NBD_REP_ERR_UNSUP, "TLS is not configured")
+        elif self.tls_active:
+            self._reply_error(option, p.NBD_REP_ERR_INVALID, "TLS already negotiated")
+        else:
+            self._reply_option(option, p.NBD_REP_ACK)
+            await self.writer.drain()
+            await self.writer.start_tls(self.tls)
+            self.tls_active = True
+            # options negotiated in the clear do not survive the upgrade
+            self.structured = False
+            self.contexts = {}
+            self._context_export = None
+
+    def _parse_name(self, data: bytes, what: str) -> tuple[str, int]:
+        if len(data) < 4:
+            raise ValueError(f"{what}: truncated")
+        (n,) = p.UINT32.unpack_from(data)
+        if n > p.MAX_NAME_SIZE or 4 + n > len(data):
+            raise ValueError(f"{what}: bad name length {n}")
+        return data[4 : 4 + n].decode("utf-8", errors="replace"), 4 + n
+
+    def _info_or_go(self, option: int, data: bytes) -> None:
+        try:
+            name, pos = self._parse_name(data, "export name")
+            if pos + 2 > len(data):
+                raise ValueError("truncated information request count")
+            (count,) = p.UINT16.unpack_from(data, pos)
+            pos += 2
+            if pos + 2 * count != len(data):
+                raise ValueError("information request list does not match its count")
+            requests = struct.unpack_from(f">{count}H", data, pos)
+        except ValueError as error:
+            self._reply_error(option, p.NBD_REP_ERR_INVALID, str(error))
+            return
+        export = self.server._resolve(name)
+        if export is None:
+            self._reply_error(option, p.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        self._reply_option(
+            option,
+            p.NBD_REP_INFO,
+            p.INFO_EXPORT.pack(p.NBD_INFO_EXPORT, export.size, self._flags_for(export)),
+        )
+        if p.NBD_INFO_NAME in requests:
+            self._reply_option(option, p.NBD_REP_INFO, p.INFO_TYPE.pack(p.NBD_INFO_NAME) + name.encode())
+        if p.NBD_INFO_DESCRIPTION in requests and export.description:
+            self._reply_option(
+                option, p.NBD_REP_INFO, p.INFO_TYPE.pack(p.NBD_INFO_DESCRIPTION) + export.description.encode()
+            )
+        self._reply_option(
+            option,
+            p.NBD_REP_INFO,
+            p.INFO_BLOCK_SIZE.pack(
+                p.NBD_INFO_BLOCK_SIZE,
+                export.min_block_size,
+                max(PREFERRED_BLOCK_SIZE, export.min_block_size),
+                p.MAX_REQUEST_SIZE,
+            ),
+        )
+        self._reply_option(option, p.NBD_REP_ACK)
+        if option == p.NBD_OPT_GO:
+            self._select(name, export)
+
+    def _select(self, name: str, export: Export) -> None:
+        self.export = export
+        self.export_name = name
+        if self._context_export != name:
+            self.contexts = {}  # contexts were negotiated for another export
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        setting = option == p.NBD_OPT_SET_META_CONTEXT
+        if setting and not self.structured:
+            self._reply_error(option, p.NBD_REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        try:
+            name, pos = self._parse_name(data, "export name")
+            if pos + 4 > len(data):
+                raise ValueError("truncated query count")
+            (count,) = p.UINT32.unpack_from(data, pos)
+            pos += 4
+            queries = []
+            for _ in range(count):
+                query, used = self._parse_name(data[pos:], "query")
+                queries.append(query)
+                pos += used
+            if pos != len(data):
+                raise ValueError("trailing bytes after the queries")
+        except ValueError as error:
+            self._reply_error(option, p.NBD_REP_ERR_INVALID, str(error))
+            return
+        export = self.server._resolve(name)
+        if export is None:
+            self._reply_error(option, p.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        available = [p.BASE_ALLOCATION, *export.contexts()]
+        if setting:
+            chosen = [c for c in dict.fromkeys(queries) if c in available]
+        elif not queries:
+            chosen = available
+        else:
+            chosen = []
+            for query in queries:
+                if query.endswith(":") or query in ("base:", "qemu:"):
+                    chosen.extend(c for c in available if c.startswith(query))
+                elif query in available:
+                    chosen.append(query)
+            chosen = list(dict.fromkeys(chosen))
+        if setting:
+            self.contexts = {}
+            self._context_export = name
+        for index, context in enumerate(chosen, start=1):
+            context_id = index if setting else 0
+            if setting:
+                self.contexts[context_id] = context
+            self._reply_option(
+                option, p.NBD_REP_META_CONTEXT, p.META_CONTEXT_ID.pack(context_id) + context.encode()
+            )
+        self._reply_option(option, p.NBD_REP_ACK)
+
+    def _flags_for(self, export: Export) -> int:
+        flags = (
+            p.NBD_FLAG_HAS_FLAGS
+            | p.NBD_FLAG_SEND_FLUSH
+            | p.NBD_FLAG_SEND_FUA
+            | p.NBD_FLAG_SEND_TRIM
+            | p.NBD_FLAG_SEND_WRITE_ZEROES
+            | p.NBD_FLAG_SEND_CACHE
+            | p.NBD_FLAG_SEND_FAST_ZERO
+        )
+        if self.structured:
+            flags |= p.NBD_FLAG_SEND_DF
+        if export.read_only:
+            flags |= p.NBD_FLAG_READ_ONLY
+        if export.multi_conn:
+            flags |= p.NBD_FLAG_CAN_MULTI_CONN
+        return flags
+
+    def _transmission_flags(self) -> int:
+        assert self.export is not None
+        return self._flags_for(self.export)
+
+    # ------------------------------------------------------------------ transmission
+
+    async def _transmission(self) -> None:
+        await self.writer.drain()
+        export = self.export
+        assert export is not None
+        while True:
+            header = await self._read(p.REQUEST.size)
+            magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
+            if magic != p.NBD_REQUEST_MAGIC:
+                raise _Disconnect("bad request magic")
+            if command == p.NBD_CMD_DISC:
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                await self.writer.drain()
+                raise _Disconnect("client disconnected")
+            payload: bytes | None = None
+            cost = length if command in (p.NBD_CMD_READ, p.NBD_CMD_WRITE) else 0
+            if command == p.NBD_CMD_WRITE:
+                if length > p.MAX_REQUEST_SIZE:
+                    # the payload cannot be skipped safely; the spec lets us drop the connection
+                    raise _Disconnect(f"write of {length} bytes exceeds the maximum")
+                await self._budget.acquire(cost)
+                payload = await self._read(length)
+            else:
+                await self._budget.acquire(cost)
+            task = asyncio.create_task(
+                self._handle(export, flags, command, cookie, offset, length, payload, cost)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(
+        self,
+        export: Export,
+        flags: int,
+        command: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: bytes | None,
+        cost: int,
+    ) -> None:
+        try:
+            error = self._validate(export, flags, command, offset, length)
+            if error:
+                await self._send_error(command, cookie, error, "invalid request")
+                return
+            try:
+                await self._execute(export, flags, command, cookie, offset, length, payload)
+            except ExportError as failure:
+                await self._send_error(command, cookie, failure.error, str(failure))
+            except OSError as failure:
+                log.warning("nbd %s: I/O error: %s", self.peer, failure)
+                await self._send_error(command, cookie, p.NBD_EIO, failure.strerror or "I/O error")
+        except (ConnectionError, RuntimeError):
+            self.abort()
+        finally:
+            await self._budget.release(cost)
+
+    def _validate(self, export: Export, flags: int, command: int, offset: int, length: int) -> int:
+        allowed = _ALLOWED_FLAGS.get(command)
+        if allowed is None:
+            return p.NBD_EINVAL
+        if command == p.NBD_CMD_READ and not self.structured:
+            allowed = 0
+        if flags & ~allowed:
+            return p.NBD_EINVAL
+        writes = command in (p.NBD_CMD_WRITE, p.NBD_CMD_TRIM, p.NBD_CMD_WRITE_ZEROES)
+        if writes and export.read_only:
+            return p.NBD_EPERM
+        if command == p.NBD_CMD_FLUSH:
+            return p.NBD_EINVAL if offset or length else 0
+        if command in (p.NBD_CMD_READ, p.NBD_CMD_WRITE) and length > p.MAX_REQUEST_SIZE:
+            return p.NBD_EINVAL if command == p.NBD_CMD_READ or not self.structured else p.NBD_EOVERFLOW
+        if offset + length > export.size:
+            return p.NBD_ENOSPC if writes else p.NBD_EINVAL
+        block = export.min_block_size
+        if block > 1 and (offset % block or length % block):
+            return p.NBD_EINVAL
+        if command == p.NBD_CMD_BLOCK_STATUS and (length == 0 or not self.contexts):
+            return p.NBD_EINVAL
+        return 0
+
+    async def _execute(
+        self,
+        export: Export,
+        flags: int,
+        command: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: bytes | None,
+    ) -> None:
+        run = self.server.run_io
+        if command == p.NBD_CMD_READ:
+            await self._read_reply(export, flags, cookie, offset, length)
+            return
+        if command == p.NBD_CMD_WRITE:
+            assert payload is not None
+            if length:
+                await run(export.pwrite, memoryview(payload), offset)
+            if flags & p.NBD_CMD_FLAG_FUA:
+                await run(export.flush)
+        elif command == p.NBD_CMD_FLUSH:
+            await run(export.flush)
+        elif command == p.NBD_CMD_TRIM:
+            if length:
+                await run(export.trim, offset, length)
+            if flags & p.NBD_CMD_FLAG_FUA:
+                await run(export.flush)
+        elif command == p.NBD_CMD_WRITE_ZEROES:
+            may_trim = not flags & p.NBD_CMD_FLAG_NO_HOLE
+            fast = bool(flags & p.NBD_CMD_FLAG_FAST_ZERO)
+            if length:
+                await run(export.zero, offset, length, may_trim, fast)
+            if flags & p.NBD_CMD_FLAG_FUA:
+                await run(export.flush)
+        elif command == p.NBD_CMD_CACHE:
+            pass  # advisory: data is read from the page cache anyway
+        elif command == p.NBD_CMD_BLOCK_STATUS:
+            await self._block_status(export, flags, cookie, offset, length)
+            return
+        self.writer.write(p.SIMPLE_REPLY.pack(p.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+        await self.writer.drain()
+
+    async def _read_reply(self, export: Export, flags: int, cookie: int, offset: int, length: int) -> None:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        if not self.structured:
+            if length:
+                await self.server.run_io(export.pread, view, offset)
+            self.writer.write(p.SIMPLE_REPLY.pack(p.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+            self.writer.write(view)
+            await self.writer.drain()
+            return
+
+        def job() -> list[tuple[int, int]]:
+            if length == 0:
+                return []
+            extents = [(length, 0)] if flags & p.NBD_CMD_FLAG_DF else self._allocation(export, offset, length)
+            if any(not f & p.NBD_STATE_ZERO for _, f in extents):
+                export.pread(view, offset)
+            return extents
+
+        extents = await self.server.run_io(job)
+        if not extents:
+            self._chunk(p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_NONE, cookie, b"")
+            await self.writer.drain()
+            return
+        pos = 0
+        for index, (n, state) in enumerate(extents):
+            done = p.NBD_REPLY_FLAG_DONE if index == len(extents) - 1 else 0
+            if state & p.NBD_STATE_ZERO:
+                self._chunk(done, p.NBD_REPLY_TYPE_OFFSET_HOLE, cookie, p.OFFSET_HOLE.pack(offset + pos, n))
+            else:
+                self.writer.write(
+                    p.STRUCTURED_REPLY.pack(
+                        p.NBD_STRUCTURED_REPLY_MAGIC, done, p.NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + n
+                    )
+                    + p.OFFSET_DATA.pack(offset + pos)
+                )
+                self.writer.write(view[pos : pos + n])
+            pos += n
+        await self.writer.drain()
+
+    @staticmethod
+    def _allocation(export: Export, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation over the whole range, merged, at most 64 pieces (beyond that
+        the rest goes as one data chunk: holes are an optimisation, not a duty)."""
+        result: list[tuple[int, int]] = []
+        pos = offset
+        end = offset + length
+        while pos < end and len(result) < 64:
+            extents = export.extents(p.BASE_ALLOCATION, pos, end - pos)
+            if not extents:
+                break
+            for n, flags in extents:
+                n = min(n, end - pos)
+                if n <= 0:
+                    break
+                state = p.NBD_STATE_ZERO if flags & p.NBD_STATE_ZERO else 0
+                if result and result[-1][1] == state:
+                    result[-1] = (result[-1][0] + n, state)
+                else:
+                    result.append((n, state))
+                pos += n
+        if pos < end:
+            if result and result[-1][1] == 0:
+                result[-1] = (result[-1][0] + end - pos, 0)
+            else:
+                result.append((end - pos, 0))
+        return result
+
+    async def _block_status(self, export: Export, flags: int, cookie: int, offset: int, length: int) -> None:
+        req_one = bool(flags & p.NBD_CMD_FLAG_REQ_ONE)
+        contexts = list(self.contexts.items())
+
+        def job() -> list[tuple[int, list[tuple[int, int]]]]:
+            replies = []
+            for context_id, name in contexts:
+                extents = export.extents(name, offset, length)
+                clipped: list[tuple[int, int]] = []
+                left = length
+                for n, state in extents:
+                    if left <= 0:
+                        break
+                    clipped.append((min(n, left), state))
+                    left -= n
+                    if req_one or len(clipped) >= 65536:
+                        break
+                if not clipped:
+                    raise ExportError(p.NBD_EIO, f"no extents for {name}")
+                replies.append((context_id, clipped))
+            return replies
+
+        replies = await self.server.run_io(job)
+        for index, (context_id, extents) in enumerate(replies):
+            done = p.NBD_REPLY_FLAG_DONE if index == len(replies) - 1 else 0
+            body = p.BLOCK_STATUS.pack(context_id) + b"".join(
+                p.BLOCK_DESCRIPTOR.pack(n, s) for n, s in extents
+            )
+            self._chunk(done, p.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, body)
+        await self.writer.drain()
+
+    def _chunk(self, flags: int, reply_type: int, cookie: int, body: bytes) -> None:
+        self.writer.write(
+            p.STRUCTURED_REPLY.pack(p.NBD_STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, len(body)) + body
+        )
+
+    async def _send_error(self, command: int, cookie: int, error: int, message: str) -> None:
+        if self.structured and command in (p.NBD_CMD_READ, p.NBD_CMD_BLOCK_STATUS):
+            text = message.encode()[:4096]
+            self._chunk(
+                p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_ERROR, cookie, p.ERROR.pack(error, len(text)) + text
+            )
+        else:
+            self.writer.write(p.SIMPLE_REPLY.pack(p.NBD_SIMPLE_REPLY_MAGIC, error, cookie))
+        await self.writer.drain()
