@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit
+DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server
 # programs whose presence tells that the Debian tools are installed
-TOOL_PROGRAMS := qemu-img qemu-io nbdinfo nbdcopy nbdkit
+TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server
 
 .PHONY: demo test lint typecheck pytest debian-tools bench clean
 

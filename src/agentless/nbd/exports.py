@@ -221,6 +221,8 @@ class MemoryExport(_ExportBase):
         min_block_size: int = 1,
         description: str = "",
     ):
+        if data is not None and len(data) > size:
+            raise ValueError(f"{len(data)} bytes of data do not fit a disk of {size} bytes")
         self._size = size
         self._read_only = read_only
         self._data = bytearray(size)

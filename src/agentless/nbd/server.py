@@ -12,8 +12,11 @@ and their disk work runs in worker threads, so a slow read does not hold up the 
 
 A client that never reads its replies fills the socket; writing a reply then waits, the
 budget stays spent, and the server stops reading that client's requests: memory per
-connection is bounded by the budget. A client that breaks the protocol loses its own
-connection only.
+connection is bounded by the budget. The budget counts requests too (at most
+``MAX_REQUESTS_IN_FLIGHT``), so a flood of requests without payload is bounded as well,
+and a block status request is charged the largest reply it can have. A client that breaks
+the protocol loses its own connection only; an export that fails a request unexpectedly
+fails that request only (EIO).
 
 Replies follow the specification: EPERM for writes to a read-only export, ENOSPC for
 writes past the end, EINVAL for reads past the end, unknown commands or flags, requests
@@ -44,17 +47,26 @@ ExportResolver = Callable[[str], Export | None]
 
 # bytes of request payloads and read replies in flight per connection
 CONNECTION_BUDGET = 64 * 1024 * 1024
+# requests in flight per connection (each holds a task and a reply until it is sent)
+MAX_REQUESTS_IN_FLIGHT = 256
+# most descriptors sent per context in one block status reply
+MAX_EXTENTS_PER_REPLY = 65536
 PREFERRED_BLOCK_SIZE = 4096
 NEGOTIATION_TIMEOUT = 30.0
+# after NBD_CMD_DISC, how long replies in flight may take before the connection is cut
+DISCONNECT_GRACE = 30.0
 
+# Flags each command takes besides NBD_CMD_FLAG_FUA, which the spec makes valid on every
+# command once NBD_FLAG_SEND_FUA is advertised ("the server MUST accept all commands with
+# this bit set (even by ignoring the bit)"; qemu sets it on reads and flushes).
 _ALLOWED_FLAGS = {
     p.NBD_CMD_READ: p.NBD_CMD_FLAG_DF,
-    p.NBD_CMD_WRITE: p.NBD_CMD_FLAG_FUA,
+    p.NBD_CMD_WRITE: 0,
     p.NBD_CMD_DISC: 0,
     p.NBD_CMD_FLUSH: 0,
-    p.NBD_CMD_TRIM: p.NBD_CMD_FLAG_FUA,
+    p.NBD_CMD_TRIM: 0,
     p.NBD_CMD_CACHE: 0,
-    p.NBD_CMD_WRITE_ZEROES: p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_NO_HOLE | p.NBD_CMD_FLAG_FAST_ZERO,
+    p.NBD_CMD_WRITE_ZEROES: p.NBD_CMD_FLAG_NO_HOLE | p.NBD_CMD_FLAG_FAST_ZERO,
     p.NBD_CMD_BLOCK_STATUS: p.NBD_CMD_FLAG_REQ_ONE,
 }
 
@@ -64,23 +76,28 @@ class _Disconnect(Exception):
 
 
 class _Budget:
-    """Bytes in flight on one connection; a request waits until its bytes fit."""
+    """Bytes and requests in flight on one connection; a request waits until its bytes
+    fit and a request slot is free."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, requests: int = MAX_REQUESTS_IN_FLIGHT):
         self.limit = limit
         self.used = 0
+        self.requests = requests
+        self.in_flight = 0
         self._cond = asyncio.Condition()
 
     async def acquire(self, n: int) -> None:
         n = min(n, self.limit)
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            await self._cond.wait_for(lambda: self.used + n <= self.limit and self.in_flight < self.requests)
             self.used += n
+            self.in_flight += 1
 
     async def release(self, n: int) -> None:
         n = min(n, self.limit)
         async with self._cond:
             self.used -= n
+            self.in_flight -= 1
             self._cond.notify_all()
 
 
@@ -147,7 +164,7 @@ class NbdServer:
             await server.wait_closed()
         while self._connections:
             await asyncio.sleep(0.01)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # never block the loop
 
     def disconnect(self, predicate: Callable[[str], bool]) -> int:
         """Drop the connections whose export name matches *predicate* (revoked access);
@@ -479,12 +496,13 @@ class _Connection:
             if magic != p.NBD_REQUEST_MAGIC:
                 raise _Disconnect("bad request magic")
             if command == p.NBD_CMD_DISC:
-                if self._tasks:
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
-                await self.writer.drain()
+                if self._tasks:  # finish what is in flight, but not forever
+                    await asyncio.wait(set(self._tasks), timeout=DISCONNECT_GRACE)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.writer.drain(), DISCONNECT_GRACE)
                 raise _Disconnect("client disconnected")
             payload: bytes | None = None
-            cost = length if command in (p.NBD_CMD_READ, p.NBD_CMD_WRITE) else 0
+            cost = self._cost(flags, command, length)
             if command == p.NBD_CMD_WRITE:
                 if length > p.MAX_REQUEST_SIZE:
                     # the payload cannot be skipped safely; the spec lets us drop the connection
@@ -498,6 +516,16 @@ class _Connection:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _cost(self, flags: int, command: int, length: int) -> int:
+        """Bytes a request holds while in flight: its payload or its read reply, or the
+        largest block status reply it can get."""
+        if command in (p.NBD_CMD_READ, p.NBD_CMD_WRITE):
+            return length
+        if command == p.NBD_CMD_BLOCK_STATUS:
+            extents = 1 if flags & p.NBD_CMD_FLAG_REQ_ONE else MAX_EXTENTS_PER_REPLY
+            return len(self.contexts) * p.BLOCK_DESCRIPTOR.size * extents
+        return 0
 
     async def _handle(
         self,
@@ -519,9 +547,16 @@ class _Connection:
                 await self._execute(export, flags, command, cookie, offset, length, payload)
             except ExportError as failure:
                 await self._send_error(command, cookie, failure.error, str(failure))
+            except ConnectionError:
+                raise  # sending the reply failed: the connection is gone, not the disk
             except OSError as failure:
                 log.warning("nbd %s: I/O error: %s", self.peer, failure)
                 await self._send_error(command, cookie, p.NBD_EIO, failure.strerror or "I/O error")
+            except Exception as failure:
+                # e.g. a VHD found corrupt (truncated under us) while reading: this request
+                # fails, the client is told, the connection goes on
+                log.exception("nbd %s: %s failed", self.peer, p.COMMAND_NAMES.get(command, command))
+                await self._send_error(command, cookie, p.NBD_EIO, str(failure) or "I/O error")
         except (ConnectionError, RuntimeError):
             self.abort()
         finally:
@@ -533,6 +568,7 @@ class _Connection:
             return p.NBD_EINVAL
         if command == p.NBD_CMD_READ and not self.structured:
             allowed = 0
+        allowed |= p.NBD_CMD_FLAG_FUA
         if flags & ~allowed:
             return p.NBD_EINVAL
         writes = command in (p.NBD_CMD_WRITE, p.NBD_CMD_TRIM, p.NBD_CMD_WRITE_ZEROES)
@@ -676,7 +712,7 @@ class _Connection:
                         break
                     clipped.append((min(n, left), state))
                     left -= n
-                    if req_one or len(clipped) >= 65536:
+                    if req_one or len(clipped) >= MAX_EXTENTS_PER_REPLY:
                         break
                 if not clipped:
                     raise ExportError(p.NBD_EIO, f"no extents for {name}")

@@ -16,25 +16,17 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
-import numpy as np
+from agentless.zeros import is_zero
 
 from .chain import Chain
 from .create import create_dynamic, create_fixed
 from .footer import SECTOR_SIZE
 from .header import DEFAULT_BLOCK_SIZE
 
-__all__ = ["ConvertStats", "export_raw", "import_raw", "is_zero"]
+__all__ = ["ConvertStats", "export_raw", "import_raw"]
 
 Progress = Callable[[int, int], None]
 _EXPORT_CHUNK = 8 << 20
-
-
-def is_zero(view: memoryview | bytes | bytearray) -> bool:
-    """True when every byte of *view* is zero (vectorised, no copy)."""
-    data = memoryview(view).cast("B")
-    if len(data) % 8 == 0:
-        return not np.frombuffer(data, dtype=np.uint64).any()
-    return not np.frombuffer(data, dtype=np.uint8).any()
 
 
 @dataclasses.dataclass

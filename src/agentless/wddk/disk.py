@@ -1,0 +1,171 @@
+"""An open disk: several NBD connections to one export, and whole-disk operations.
+
+``wddk.open(access, connections=4)`` returns a :class:`Disk`. Single calls (``read``,
+``write``...) use the first connection; :meth:`Disk.copy_to` and :meth:`Disk.copy_from`
+spread the work over all of them, one worker thread per connection.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from agentless.nbd.client import Client
+from agentless.nbd.protocol import BASE_ALLOCATION
+from agentless.nbd.uri import NbdUri
+
+from .access import Access, resolve_access
+from .extents import Extent, wanted
+from .transfer import Progress, Transfer
+
+__all__ = ["Disk", "Extent", "open"]
+
+
+class Disk:
+    """A disk reached over NBD. A context manager; close() drops every connection."""
+
+    def __init__(self, access: Access, clients: list[Client]):
+        self.access = access
+        self._clients = clients
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._clients[0].size
+
+    @property
+    def read_only(self) -> bool:
+        return self._clients[0].read_only
+
+    @property
+    def connections(self) -> int:
+        return len(self._clients)
+
+    @property
+    def contexts(self) -> list[str]:
+        """Meta contexts the server agreed to (``base:allocation``, dirty bitmaps...)."""
+        return list(self._clients[0].contexts)
+
+    @property
+    def clients(self) -> list[Client]:
+        return list(self._clients)
+
+    # ------------------------------------------------------------------ single calls
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self._clients[0].read(offset, length)
+
+    def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
+        with self._lock:
+            self._clients[0].readinto(offset, buf)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            self._clients[0].write(offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._clients[0].zero(offset, length, may_trim=True)
+
+    def flush(self) -> None:
+        """Make every write durable on the server (through every connection when the
+        server does not promise that one flush covers them all)."""
+        with self._lock:
+            targets = self._clients[:1] if self._clients[0].can_multi_conn else self._clients
+            for client in targets:
+                client.flush()
+
+    def extents(
+        self, context: str = BASE_ALLOCATION, offset: int = 0, length: int | None = None
+    ) -> list[Extent]:
+        """The whole map of *context* over the range (default: the whole disk)."""
+        with self._lock:
+            mapped = self._clients[0].map(context, offset, length)
+        return [Extent(o, n, f) for o, n, f in mapped]
+
+    def changed_extents(self, context: str = BASE_ALLOCATION) -> list[Extent]:
+        """Only the extents worth copying: allocated data, or changed blocks for a
+        ``qemu:dirty-bitmap:`` context."""
+        return [e for e in self.extents(context) if wanted(context, e.flags)]
+
+    # ------------------------------------------------------------------ bulk copies
+
+    def copy_to(
+        self,
+        path: str,
+        *,
+        context: str = BASE_ALLOCATION,
+        progress: Progress | None = None,
+    ) -> Transfer:
+        """Copy the extents worth copying (see :meth:`changed_extents`) into the local raw
+        file *path*: created sparse at the disk's size if missing, updated in place if it
+        exists (an incremental copy over a previous full one). Returns the transfer."""
+        transfer = Transfer.download(self, path, context=context, progress=progress)
+        transfer.run()
+        return transfer
+
+    def copy_from(self, path: str, *, progress: Progress | None = None) -> Transfer:
+        """Write the data of the local raw file *path* into the disk; zero regions of the
+        file are not sent (the target is expected blank, as a restore target is)."""
+        transfer = Transfer.upload(self, path, progress=progress)
+        transfer.run()
+        return transfer
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open(
+    access: str | NbdUri | Mapping[str, Any] | Access,
+    connections: int = 4,
+    *,
+    cert: str | None = None,
+    contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+    timeout: float | None = 60.0,
+) -> Disk:
+    """Open a disk from an NBD URI or an access-info mapping.
+
+    Makes up to *connections* connections (one when the server does not allow several);
+    *contexts* are the meta contexts to negotiate (add ``qemu:dirty-bitmap:NAME`` to read
+    changed blocks). Raises :class:`agentless.nbd.NbdError` subclasses on failure, after
+    closing whatever was opened.
+    """
+    resolved = resolve_access(access, cert)
+    if resolved.uri.tls and not resolved.cert:
+        raise ValueError("a TLS URI needs the server certificate to pin (cert=...)")
+    wanted_contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *contexts)))
+    clients: list[Client] = []
+    try:
+        first = Client.connect(
+            resolved.uri, tls_cert=resolved.cert, meta_contexts=wanted_contexts, timeout=timeout
+        )
+        clients.append(first)
+        if first.can_multi_conn:
+            for _ in range(max(1, connections) - 1):
+                clients.append(
+                    Client.connect(
+                        resolved.uri, tls_cert=resolved.cert, meta_contexts=wanted_contexts, timeout=timeout
+                    )
+                )
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return Disk(resolved, clients)
