@@ -773,6 +773,7 @@ def _pattern(offset: int, length: int) -> bytes:
 
 
 def test_out_of_order_fragmented_replies(scripted: Callable[..., ScriptedServer]) -> None:
+    """Read replies out of order and in fragments, block status over two contexts."""
     seen: list[int] = []
 
     def script(peer: Peer) -> None:
@@ -814,6 +815,7 @@ def test_out_of_order_fragmented_replies(scripted: Callable[..., ScriptedServer]
             )
         assert client.extents(0, 64 * KiB) == [(4096, 0), (4096, 0), (56 * KiB, 3)]
         assert client.extents(0, 64 * KiB, "qemu:dirty-bitmap:x", req_one=True) == [(4096, 0)]
+    server.thread.join(timeout=10)  # the script records the DISC after the client has gone
     assert seen == [NBD_CMD_DISC]
 
 

@@ -3,7 +3,10 @@
 - :mod:`.protocol` – constants named as in the specification, one ``struct`` per message;
 - :mod:`.server` – :class:`NbdServer`, serving :mod:`.exports` (memory, raw file, VHD
   chain, or anything implementing :class:`Export`) on unix sockets and TCP with TLS;
-- :mod:`.client` – :class:`Client`, pipelined, TLS with a pinned certificate;
+- :mod:`.client` – :class:`Client`, pipelined, TLS with a pinned certificate, over
+  :mod:`.handshake` (negotiation), :mod:`.pipeline` (requests and replies in flight) and
+  :mod:`.connection` (the socket);
+- :mod:`.channel` – the server side's zero-copy socket on the event loop;
 - :mod:`.uri` – ``nbd://``, ``nbds://``, ``nbd+unix://`` URIs;
 - :mod:`.errors` – ``ConnectionLost`` apart from ``RequestError``.
 

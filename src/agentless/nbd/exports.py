@@ -83,8 +83,10 @@ class Export(Protocol):
     @property
     def description(self) -> str: ...
 
-    def pread(self, buf: memoryview, offset: int) -> None:
-        """Fill *buf* from *offset*. Idempotent."""
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        """Fill *buf* from *offset*. Idempotent. With *nowait*, raise BlockingIOError
+        instead of waiting for the disk: the server then retries in a worker thread (the
+        event loop itself only ever does reads that the page cache can answer)."""
         ...
 
     def pwrite(self, data: memoryview, offset: int) -> None:
@@ -245,7 +247,7 @@ class MemoryExport(_ExportBase):
         else:  # only whole pages become holes
             self._pages[-(-offset // self.PAGE) : (offset + length) // self.PAGE] = False
 
-    def pread(self, buf: memoryview, offset: int) -> None:
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
         buf[:] = memoryview(self._data)[offset : offset + len(buf)]
 
     def pwrite(self, data: memoryview, offset: int) -> None:
@@ -320,10 +322,18 @@ class RawFileExport(_ExportBase):
         self._providers = _providers(bitmaps)
         self._description = description
 
-    def pread(self, buf: memoryview, offset: int) -> None:
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
         done = 0
         while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if nowait:
+                try:
+                    n = os.preadv(self._fd, [buf[done:]], offset + done, os.RWF_NOWAIT)
+                except OSError as error:
+                    if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise BlockingIOError(errno.EAGAIN, "RWF_NOWAIT not supported") from None
+                    raise
+            else:
+                n = os.preadv(self._fd, [buf[done:]], offset + done)
             if n == 0:  # the file shrank under us: what is gone reads as zeros
                 buf[done:] = bytes(len(buf) - done)
                 return
@@ -406,8 +416,8 @@ class VhdExport(_ExportBase):
         self._description = description
         self._write_lock = threading.Lock()  # partial-sector read-modify-writes must not interleave
 
-    def pread(self, buf: memoryview, offset: int) -> None:
-        self.chain.readinto(offset, buf)
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        self.chain.readinto(offset, buf, nowait)
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         with self._write_lock:

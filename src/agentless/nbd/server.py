@@ -30,12 +30,14 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import protocol as p
+from .channel import Channel
 from .exports import Export, ExportError
 
 __all__ = ["ExportResolver", "NbdServer"]
@@ -134,7 +136,8 @@ class NbdServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="nbd-io"
         )
-        self._servers: list[asyncio.base_events.Server] = []
+        self._listeners: list[socket.socket] = []
+        self._accepting: set[asyncio.Task[None]] = set()
         self._connections: set[_Connection] = set()
 
     # ------------------------------------------------------------------ listening
@@ -143,25 +146,61 @@ class NbdServer:
         """Listen on the unix socket *path* (replaced if it exists)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        server = await asyncio.start_unix_server(
-            lambda r, w: self._accept(r, w, self.tls if self.tls_on_unix else None), path
-        )
-        self._servers.append(server)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+        except BaseException:
+            listener.close()
+            raise
+        self._listen(listener, self.tls if self.tls_on_unix else None)
 
     async def serve_tcp(self, host: str, port: int) -> int:
         """Listen on *host*:*port* (0 picks a free port); returns the port."""
-        server = await asyncio.start_server(lambda r, w: self._accept(r, w, self.tls), host, port)
-        self._servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+        except BaseException:
+            listener.close()
+            raise
+        self._listen(listener, self.tls)
+        return int(listener.getsockname()[1])
+
+    def _listen(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listeners.append(listener)
+        task = asyncio.create_task(self._accept_loop(listener, tls))
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+
+    async def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as error:
+                log.warning("nbd: accept failed: %s", error)
+                await asyncio.sleep(0.1)
+                continue
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._accept(Channel(sock, loop), tls))
+            self._accepting.add(task)
+            task.add_done_callback(self._accepting.discard)
 
     async def close(self) -> None:
         """Stop listening, drop every connection, wait for them to end."""
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for conn in list(self._connections):
             conn.abort()
-        for server in self._servers:
-            await server.wait_closed()
+        for task in list(self._accepting):
+            task.cancel()
+        if self._accepting:
+            await asyncio.gather(*self._accepting, return_exceptions=True)
         while self._connections:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self._executor.shutdown, True)  # never block the loop
@@ -180,10 +219,8 @@ class NbdServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext | None
-    ) -> None:
-        conn = _Connection(self, reader, writer, tls)
+    async def _accept(self, channel: Channel, tls: ssl.SSLContext | None) -> None:
+        conn = _Connection(self, channel, tls)
         self._connections.add(conn)
         try:
             await conn.run()
@@ -199,13 +236,12 @@ class _Connection:
     def __init__(
         self,
         server: NbdServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        channel: Channel,
         tls: ssl.SSLContext | None,
     ):
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.reader = channel
+        self.writer = channel
         self.tls = tls
         self.tls_active = False
         self.structured = False
@@ -216,13 +252,12 @@ class _Connection:
         self._context_export: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget = _Budget(server.budget)
-        peer = writer.get_extra_info("peername")
+        self._buffers: dict[int, list[bytearray]] = {}
+        peer = channel.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
 
     def abort(self) -> None:
-        transport = self.writer.transport
-        if transport is not None:
-            transport.abort()
+        self.writer.abort()
 
     async def run(self) -> None:
         try:
@@ -248,7 +283,7 @@ class _Connection:
 
     # ------------------------------------------------------------------ negotiation
 
-    async def _read(self, n: int) -> bytes:
+    async def _read(self, n: int) -> bytes | bytearray:
         return await self.reader.readexactly(n)
 
     def _reply_option(self, option: int, reply: int, data: bytes = b"") -> None:
@@ -277,7 +312,7 @@ class _Connection:
                 self._reply_error(option, p.NBD_REP_ERR_TOO_BIG, "option data too long")
                 await self.writer.drain()
                 continue
-            data = await self._read(length)
+            data = bytes(await self._read(length))
             if (
                 self.tls is not None
                 and not self.tls_active
@@ -501,7 +536,9 @@ class _Connection:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.writer.drain(), DISCONNECT_GRACE)
                 raise _Disconnect("client disconnected")
-            payload: bytes | None = None
+            if self.writer.closed:
+                raise _Disconnect("connection closed")
+            payload: bytes | bytearray | None = None
             cost = self._cost(flags, command, length)
             if command == p.NBD_CMD_WRITE:
                 if length > p.MAX_REQUEST_SIZE:
@@ -535,10 +572,12 @@ class _Connection:
         cookie: int,
         offset: int,
         length: int,
-        payload: bytes | None,
+        payload: bytes | bytearray | None,
         cost: int,
     ) -> None:
         try:
+            if self.writer.closed:
+                return  # the connection is gone: no work for a reply nobody can get
             error = self._validate(export, flags, command, offset, length)
             if error:
                 await self._send_error(command, cookie, error, "invalid request")
@@ -595,7 +634,7 @@ class _Connection:
         cookie: int,
         offset: int,
         length: int,
-        payload: bytes | None,
+        payload: bytes | bytearray | None,
     ) -> None:
         run = self.server.run_io
         if command == p.NBD_CMD_READ:
@@ -629,26 +668,49 @@ class _Connection:
         self.writer.write(p.SIMPLE_REPLY.pack(p.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
         await self.writer.drain()
 
+    def _buffer(self, length: int) -> bytearray:
+        """A read buffer of *length* bytes, reused when one is free: fresh large buffers
+        cost an mmap, page faults and an munmap each."""
+        free = self._buffers.get(length)
+        return free.pop() if free else bytearray(length)
+
+    def _recycle(self, buf: bytearray) -> None:
+        free = self._buffers.setdefault(len(buf), [])
+        if len(free) < 8 and len(buf) <= p.MAX_REQUEST_SIZE:
+            free.append(buf)
+
     async def _read_reply(self, export: Export, flags: int, cookie: int, offset: int, length: int) -> None:
-        buf = bytearray(length)
+        buf = self._buffer(length)
+        await self._send_read(export, flags, cookie, offset, length, buf)
+        self._recycle(buf)  # sent; after a failure it may still be queued, so it is dropped
+
+    async def _send_read(
+        self, export: Export, flags: int, cookie: int, offset: int, length: int, buf: bytearray
+    ) -> None:
         view = memoryview(buf)
         if not self.structured:
             if length:
-                await self.server.run_io(export.pread, view, offset)
+                try:  # from the page cache right here, else in a worker thread
+                    export.pread(view, offset, True)
+                except BlockingIOError:
+                    await self.server.run_io(export.pread, view, offset)
             self.writer.write(p.SIMPLE_REPLY.pack(p.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
             self.writer.write(view)
             await self.writer.drain()
             return
 
-        def job() -> list[tuple[int, int]]:
+        def job(nowait: bool = False) -> list[tuple[int, int]]:
             if length == 0:
                 return []
             extents = [(length, 0)] if flags & p.NBD_CMD_FLAG_DF else self._allocation(export, offset, length)
             if any(not f & p.NBD_STATE_ZERO for _, f in extents):
-                export.pread(view, offset)
+                export.pread(view, offset, nowait)
             return extents
 
-        extents = await self.server.run_io(job)
+        try:
+            extents = job(nowait=True)
+        except BlockingIOError:
+            extents = await self.server.run_io(job)
         if not extents:
             self._chunk(p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_NONE, cookie, b"")
             await self.writer.drain()

@@ -160,31 +160,33 @@ class Chain:
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
 
-    def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
-        """Fill *buf* with the chain's bytes from *offset*."""
+    def readinto(self, offset: int, buf: memoryview | bytearray, nowait: bool = False) -> None:
+        """Fill *buf* with the chain's bytes from *offset*. With *nowait*, raise
+        BlockingIOError rather than wait for the disk (nothing useful is left in *buf*
+        then; retry without it)."""
         view = memoryview(buf).cast("B")
         length = len(view)
         self._check_range(offset, length)
         head = offset % SECTOR_SIZE
         if head == 0 and length % SECTOR_SIZE == 0:
-            self._read_sectors(offset // SECTOR_SIZE, view)
+            self._read_sectors(offset // SECTOR_SIZE, view, nowait)
             return
         first = offset - head
         last = -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
         tmp = bytearray(last - first)
-        self._read_sectors(first // SECTOR_SIZE, memoryview(tmp))
+        self._read_sectors(first // SECTOR_SIZE, memoryview(tmp), nowait)
         view[:] = memoryview(tmp)[head : head + length]
 
-    def _read_sectors(self, sector: int, view: memoryview) -> None:
+    def _read_sectors(self, sector: int, view: memoryview, nowait: bool = False) -> None:
         count = len(view) // SECTOR_SIZE
         pos = 0
         while pos < count:
             s = sector + pos
             n = min(self._chunk - s % self._chunk, count - pos)
-            self._read_piece(s, n, view[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE])
+            self._read_piece(s, n, view[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE], nowait)
             pos += n
 
-    def _read_piece(self, sector: int, count: int, view: memoryview) -> None:
+    def _read_piece(self, sector: int, count: int, view: memoryview, nowait: bool = False) -> None:
         """Read *count* sectors that lie within one block of every layer."""
         source: np.ndarray | None = None
         for index, layer in enumerate(self.layers):
@@ -193,7 +195,7 @@ class Chain:
                 continue
             if source is None:
                 if present is True:
-                    layer.read_sectors(sector, view)
+                    layer.read_sectors(sector, view, nowait)
                     return
                 source = np.full(count, -1, dtype=np.int32)
                 source[present] = index
@@ -214,7 +216,7 @@ class Chain:
             if index < 0:
                 part[:] = self._zeros[: len(part)]
             else:
-                self.layers[index].read_sectors(sector + a, part)
+                self.layers[index].read_sectors(sector + a, part, nowait)
 
     # ------------------------------------------------------------------ writing
 

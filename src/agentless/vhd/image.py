@@ -24,6 +24,7 @@ atomically.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import stat
 import struct
@@ -59,11 +60,24 @@ BITMAP_CACHE_BLOCKS = 16384
 Presence = bool | npt.NDArray[np.bool_]
 
 
-def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
-    """Fill *buf* from *offset*; a short read means the file is shorter than it claims."""
+def _pread_exact(fd: int, buf: memoryview, offset: int, path: str, nowait: bool = False) -> None:
+    """Fill *buf* from *offset*; a short read means the file is shorter than it claims.
+
+    With *nowait*, raise BlockingIOError instead of waiting for the disk (the data is not
+    in the page cache, or the file system cannot tell): callers on an event loop retry
+    in a worker thread.
+    """
     done = 0
     while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
+        if nowait:
+            try:
+                n = os.preadv(fd, [buf[done:]], offset + done, os.RWF_NOWAIT)
+            except OSError as error:
+                if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise BlockingIOError(errno.EAGAIN, "RWF_NOWAIT not supported") from None
+                raise
+        else:
+            n = os.preadv(fd, [buf[done:]], offset + done)
         if n == 0:
             raise CorruptVhdError(path, "data", offset + done, "unexpected end of file")
         done += n
@@ -336,9 +350,10 @@ class VhdImage:
         block, first = divmod(sector, self.sectors_per_block)
         return int(self.bat[block]) * SECTOR_SIZE + self.bitmap_size + first * SECTOR_SIZE
 
-    def read_sectors(self, sector: int, buf: memoryview) -> None:
-        """Read sectors present in this file (within one block) into *buf*."""
-        _pread_exact(self.fd, buf, self._data_offset(sector), self.path)
+    def read_sectors(self, sector: int, buf: memoryview, nowait: bool = False) -> None:
+        """Read sectors present in this file (within one block) into *buf* (see
+        ``_pread_exact`` for *nowait*)."""
+        _pread_exact(self.fd, buf, self._data_offset(sector), self.path, nowait)
 
     def write_sectors(self, sector: int, data: memoryview) -> None:
         """Write whole sectors into this file, allocating blocks as needed, and mark them

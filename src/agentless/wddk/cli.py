@@ -117,7 +117,7 @@ def _cmd_copy(args: argparse.Namespace) -> int:
             transfer.run()
     elif src_uri:
         with _open(args, args.src, contexts) as source:
-            transfer = source.copy_to(args.dst, context=args.context, progress=progress)
+            transfer = source.copy_to(args.dst, context=args.context, progress=progress, durable=args.flush)
     elif dst_uri:
         with _open(args, args.dst) as target:
             transfer = target.copy_from(args.src, progress=progress)
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--context",
         default=BASE_ALLOCATION,
         help=f"copy only this context's extents (e.g. {QEMU_DIRTY_BITMAP}NAME); default {BASE_ALLOCATION}",
+    )
+    sub.add_argument(
+        "--flush", action="store_true", help="make the copy durable (fsync / NBD flush) at the end"
     )
     sub.set_defaults(handler=_cmd_copy)
     return parser

@@ -99,11 +99,14 @@ class Disk:
         *,
         context: str = BASE_ALLOCATION,
         progress: Progress | None = None,
+        durable: bool = False,
     ) -> Transfer:
         """Copy the extents worth copying (see :meth:`changed_extents`) into the local raw
         file *path*: created sparse at the disk's size if missing, updated in place if it
-        exists (an incremental copy over a previous full one). Returns the transfer."""
+        exists (an incremental copy over a previous full one); *durable* fsyncs it at the
+        end. Returns the transfer."""
         transfer = Transfer.download(self, path, context=context, progress=progress)
+        transfer.durable = durable
         transfer.run()
         return transfer
 

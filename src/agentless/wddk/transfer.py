@@ -78,6 +78,7 @@ class Transfer:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._sparse_target = False
+        self.durable = False  # fsync the local file (download) when done
 
     # ------------------------------------------------------------------ building
 
@@ -133,7 +134,8 @@ class Transfer:
                 if os.fstat(fd).st_size < self.disk.size:
                     os.ftruncate(fd, self.disk.size)
                 self._run_workers(fd)
-                os.fsync(fd)
+                if self.durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         elif self.direction == "upload":
