@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Iterator, Sequence
-from types import TracebackType
+
+from agentless.lifetime import Closing
 
 from .connection import Bytes, Connection, open_socket
 from .errors import RequestError
@@ -85,7 +86,7 @@ _DEFAULT_PREFERRED_BLOCK = 4096
 _DEFAULT_MAX_BLOCK = MAX_REQUEST_SIZE
 
 
-class Client:
+class Client(Closing):
     """A connection to one NBD export. Make it with :meth:`connect`; close it with
     :meth:`close` or a ``with`` block.
 
@@ -226,17 +227,6 @@ class Client:
         else:
             message = OPTION.pack(IHAVEOPT, NBD_OPT_ABORT, 0)
         self._conn.close(message)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._conn.closed else f"size={self.size}"

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from types import TracebackType
-from typing import Self
 
 import numpy as np
+
+from agentless.lifetime import Closing
 
 from .errors import (
     ChainLoopError,
@@ -97,7 +97,7 @@ def _open_parent(child: VhdImage, seen: set[tuple[int, int]]) -> VhdImage:
     raise ParentNotFoundError(child.path, f"parent {header.parent_name!r} not found (tried {tried})")
 
 
-class Chain:
+class Chain(Closing):
     """An open chain, leaf first. Use :meth:`open`; a context manager.
 
     ``size`` is the leaf's virtual size; parents smaller than the leaf read as zeros past
@@ -289,14 +289,3 @@ class Chain:
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

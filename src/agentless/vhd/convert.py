@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
-from agentless.zeros import is_zero
+from agentless.sparse import data_ranges, is_zero
 
 from .chain import Chain
 from .create import create_dynamic, create_fixed
@@ -34,21 +34,6 @@ class ConvertStats:
     size: int = 0
     bytes_written: int = 0
     bytes_skipped: int = 0
-
-
-def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of the data regions of a file, as the file system reports them."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            return
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        pos = end
 
 
 @contextlib.contextmanager
@@ -98,7 +83,7 @@ def import_raw(
         buf = bytearray(step)
         with Chain.open(tmp, writable=True) as disk:
             done = 0  # chunks below this are copied; a chunk holding several data regions goes once
-            for start, end in _data_ranges(fd, length):
+            for start, end in data_ranges(fd, length):
                 pos = max(start - start % step, done)
                 while pos < end:
                     n = min(step, length - pos)

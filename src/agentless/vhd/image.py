@@ -30,11 +30,11 @@ import stat
 import struct
 import threading
 import uuid
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import numpy.typing as npt
+
+from agentless.lifetime import Closing
 
 from . import bat as batmod
 from .bat import BAT_UNUSED, Bitmap
@@ -90,7 +90,7 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         done += os.pwritev(fd, [view[done:]], offset + done)
 
 
-class VhdImage:
+class VhdImage(Closing):
     """One open VHD file (fixed, dynamic or differencing).
 
     Open with :meth:`open`; use as a context manager. ``writable`` images may be written;
@@ -518,17 +518,6 @@ class VhdImage:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<VhdImage {self.path} {self.footer.type_name} {self.size}>"

@@ -11,7 +11,6 @@ success, 1 failure (one line on stderr), 2 wrong command line.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentless import __version__
+from agentless.commands import emit, run_handler
 from agentless.nbd.errors import NbdError
 from agentless.nbd.protocol import BASE_ALLOCATION, QEMU_DIRTY_BITMAP
 from agentless.nbd.uri import parse_uri
@@ -43,14 +43,6 @@ def _open(args: argparse.Namespace, uri: str, contexts: tuple[str, ...] = (BASE_
     return wddk_open(uri, connections=args.connections, cert=cert, contexts=contexts)
 
 
-def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     with _open(args, args.uri) as disk:
         client = disk.clients[0]
@@ -68,7 +60,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             },
         }
     text = "\n".join(f"{k}: {v}" for k, v in document.items())
-    _emit(args, document, text)
+    emit(args, document, text)
     return 0
 
 
@@ -83,7 +75,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
         "extents": [{"offset": e.offset, "length": e.length, "flags": e.flags} for e in extents],
     }
     text = "\n".join(f"{e.offset:>16} {e.length:>16} {e.flags:>4}" for e in extents)
-    _emit(args, document, text)
+    emit(args, document, text)
     return 0
 
 
@@ -132,7 +124,7 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         "bytes_skipped": transfer.skipped,
         "seconds": round(transfer.seconds, 3),
     }
-    _emit(args, document, f"copied {format_size(transfer.size)} in {transfer.seconds:.2f}s")
+    emit(args, document, f"copied {format_size(transfer.size)} in {transfer.seconds:.2f}s")
     return 0
 
 
@@ -173,19 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        code: int = args.handler(args)
-    except (NbdError, ValueError, PermissionError) as error:
-        print(f"wddk: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"wddk: {where}{error.strerror or error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("wddk: interrupted", file=sys.stderr)
-        return 130
-    return code
+    return run_handler("wddk", args, (NbdError, ValueError, PermissionError))
 
 
 if __name__ == "__main__":

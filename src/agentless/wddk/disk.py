@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from agentless.lifetime import Closing
 from agentless.nbd.client import Client
 from agentless.nbd.protocol import BASE_ALLOCATION
 from agentless.nbd.uri import NbdUri
@@ -23,7 +23,7 @@ from .transfer import Progress, Transfer
 __all__ = ["Disk", "Extent", "open"]
 
 
-class Disk:
+class Disk(Closing):
     """A disk reached over NBD. A context manager; close() drops every connection."""
 
     def __init__(self, access: Access, clients: list[Client]):
@@ -122,17 +122,6 @@ class Disk:
     def close(self) -> None:
         for client in self._clients:
             client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open(

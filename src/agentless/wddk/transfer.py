@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from agentless.nbd.client import Client
 from agentless.nbd.errors import NbdError
 from agentless.nbd.protocol import BASE_ALLOCATION
-from agentless.zeros import is_zero
+from agentless.sparse import data_ranges, is_zero
 
 from .extents import wanted
 
@@ -99,7 +99,7 @@ class Transfer:
             length = os.fstat(f.fileno()).st_size
             if length > disk.size:
                 raise ValueError(f"{path}: {length} bytes do not fit in the disk of {disk.size} bytes")
-            ranges = list(_data_ranges(f.fileno(), length))
+            ranges = [(start, end - start) for start, end in data_ranges(f.fileno(), length)]
         return cls(disk, path, "upload", _cut(ranges), progress)
 
     @classmethod
@@ -236,22 +236,6 @@ def _cut(ranges: list[tuple[int, int]]) -> list[_Piece]:
             pieces.append(_Piece(pos, n))
             pos += n
     return pieces
-
-
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    ranges = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        ranges.append((start, end - start))
-        pos = end
-    return ranges
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

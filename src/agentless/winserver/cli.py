@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from agentless import __version__
+from agentless.commands import run_handler
+from agentless.nbd.errors import NbdError
 from agentless.vhd import VhdError
 
 from . import servedisk, vhdcli
@@ -33,19 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        code: int = args.handler(args)
-    except VhdError as error:
-        print(f"winserver: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"winserver: {where}{error.strerror or error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("winserver: interrupted", file=sys.stderr)
-        return 130
-    return code
+    return run_handler("winserver", args, (VhdError, NbdError))
 
 
 if __name__ == "__main__":

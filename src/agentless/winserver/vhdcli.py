@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -17,6 +16,7 @@ import tempfile
 from typing import IO, Any
 
 from agentless import vhd
+from agentless.commands import emit
 from agentless.units import format_size, parse_size
 from agentless.vhd.convert import ConvertStats
 from agentless.vhd.footer import VHD_EPOCH
@@ -29,14 +29,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(text)
 
 
 def _image_info(image: vhd.VhdImage) -> dict[str, Any]:
@@ -85,7 +77,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
             vhd.create_dynamic(args.file, args.size, args.block_size)
     with vhd.VhdImage.open(args.file) as image:
         info = _image_info(image)
-    _emit(args, info, f"created {info['type']} disk {args.file} of {format_size(info['size'])}")
+    emit(args, info, f"created {info['type']} disk {args.file} of {format_size(info['size'])}")
     return 0
 
 
@@ -97,7 +89,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if "parent" in info:
         lines.append(f"parent: {info['parent']['name']} ({info['parent']['unique_id']})")
     lines.append("chain: " + " -> ".join(info["chain"]))
-    _emit(args, info, "\n".join(lines))
+    emit(args, info, "\n".join(lines))
     return 0
 
 
@@ -114,7 +106,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
     text = "\n".join(f"{e.offset:>16} {e.length:>16}" for e in extents)
     header = f"{'offset':>16} {'length':>16}"
     summary = f"{len(extents)} extents, {format_size(allocated)} of {format_size(size)} allocated"
-    _emit(args, document, "\n".join(filter(None, [header, text, summary])))
+    emit(args, document, "\n".join(filter(None, [header, text, summary])))
     return 0
 
 
@@ -128,7 +120,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         ],
     }
     if args.json:
-        _emit(args, document, "")
+        emit(args, document, "")
     elif problems:
         print(f"winserver vhd check: {problems[0]}", file=sys.stderr)
     else:
@@ -145,7 +137,7 @@ def _cmd_coalesce(args: argparse.Namespace) -> int:
         "child_removed": result.child_removed,
     }
     gone = "; child removed" if result.child_removed else ""
-    _emit(args, document, f"coalesced {format_size(result.bytes_copied)} into {result.parent}{gone}")
+    emit(args, document, f"coalesced {format_size(result.bytes_copied)} into {result.parent}{gone}")
     return 0
 
 
@@ -157,7 +149,7 @@ def _emit_conversion(args: argparse.Namespace, key: str, stats: ConvertStats, te
         "bytes_written": stats.bytes_written,
         "bytes_skipped": stats.bytes_skipped,
     }
-    _emit(args, document, text)
+    emit(args, document, text)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -198,7 +190,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
             written += len(data)
         chain.flush()
     document = {"vhd": args.vhd, "offset": args.offset, "bytes_written": written}
-    _emit(args, document, f"wrote {written} bytes at offset {args.offset} of {args.vhd}")
+    emit(args, document, f"wrote {written} bytes at offset {args.offset} of {args.vhd}")
     return 0
 
 

@@ -1,0 +1,38 @@
+"""What every command-line tool of the project does around its sub-commands: expected
+failures become one line on stderr and exit code 1, never a traceback; Ctrl-C exits 130;
+a wrong command line exits 2 (argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["emit", "run_handler"]
+
+
+def run_handler(prog: str, args: argparse.Namespace, expected: tuple[type[BaseException], ...]) -> int:
+    """Call ``args.handler(args)``; report *expected* errors and OSError in one line."""
+    try:
+        code: int = args.handler(args)
+    except expected as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{prog}: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+def emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    """Print *document* as JSON when ``--json`` was given, else *text*."""
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(text)
