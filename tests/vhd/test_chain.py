@@ -190,3 +190,23 @@ def test_larger_block_child_over_smaller_block_parent(tmp_path: Path) -> None:
         chain.write(700 * KiB, b"\x22" * (900 * KiB))
         data = chain.read(0, 4 * MiB)
     assert data == b"\x11" * (700 * KiB) + b"\x22" * (900 * KiB) + b"\x11" * (4 * MiB - 1600 * KiB)
+
+
+def test_fully_allocated_fast_check(tmp_path: Path) -> None:
+    """The cheap check answers True only for ranges whose blocks are known full, and
+    agrees with the extent map where it answers."""
+    base, leaf = tmp_path / "b.vhd", tmp_path / "l.vhd"
+    vhd.create_dynamic(base, 8 * MiB)
+    with vhd.Chain.open(base, writable=True) as chain:
+        chain.write(0, b"\x01" * (2 * MiB))  # block 0 full in the base
+    vhd.create_differencing(leaf, base)
+    with vhd.Chain.open(leaf, writable=True) as chain:
+        chain.write(2 * MiB, b"\x02" * 4096)  # block 1 partly in the leaf
+        assert not chain.fully_allocated(0, 2 * MiB)  # the base's bitmap not read yet
+        chain.read(0, 4 * MiB)  # reading learns which blocks are full
+        assert chain.fully_allocated(0, 2 * MiB)
+        assert chain.fully_allocated(4096, 100)
+        assert not chain.fully_allocated(2 * MiB, 4096)  # partial block: not known
+        assert not chain.fully_allocated(MiB, 2 * MiB)
+        assert not chain.fully_allocated(6 * MiB, 10)  # unallocated
+        assert chain.extents(0, 2 * MiB) == [vhd.Extent(0, 2 * MiB)]

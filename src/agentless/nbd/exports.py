@@ -438,6 +438,8 @@ class VhdExport(_ExportBase):
     def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
         if context != BASE_ALLOCATION:
             return self._extra_extents(context, offset, length)
+        if self.chain.fully_allocated(offset, length):
+            return [(length, 0)]  # the common case of a read request: no bitmap to decode
         starts, ends = self.chain.extent_arrays(offset, length)
         return extents_from_ranges(starts, ends, offset, length, 0, NBD_STATE_HOLE | NBD_STATE_ZERO)
 

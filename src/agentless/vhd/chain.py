@@ -261,6 +261,24 @@ class Chain(Closing):
 
     # ------------------------------------------------------------------ maps
 
+    def fully_allocated(self, offset: int, length: int, max_blocks: int = 16) -> bool:
+        """Cheap check that every byte of a short range is held by some layer, from the
+        blocks known to be full (no bitmap decoding). False means "not known", not "not
+        allocated"; ranges over *max_blocks* blocks are not examined."""
+        if length <= 0:
+            return True
+        first = offset // SECTOR_SIZE // self._chunk
+        last = (offset + length - 1) // SECTOR_SIZE // self._chunk
+        if last - first >= max_blocks:
+            return False
+        for piece in range(first, last + 1):
+            sector = piece * self._chunk
+            if not any(
+                layer.is_full(sector // layer.sectors_per_block) for layer in self.layers if layer.header
+            ):
+                return False
+        return True
+
     def extent_arrays(self, offset: int = 0, length: int | None = None) -> tuple[IntArray, IntArray]:
         """Merged byte ranges that some layer of the chain holds, within
         ``[offset, offset + length)`` (the whole disk by default)."""

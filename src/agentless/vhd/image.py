@@ -312,6 +312,10 @@ class VhdImage(Closing):
             while len(self._bitmaps) > BITMAP_CACHE_BLOCKS:
                 self._bitmaps.popitem(last=False)
 
+    def is_full(self, block: int) -> bool:
+        """True if *block* is allocated with every sector bit set (as far as known)."""
+        return 0 <= block < self._full.size and bool(self._full[block])
+
     def presence(self, sector: int, count: int) -> Presence:
         """Which of sectors ``[sector, sector + count)`` this file holds.
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PIECE", "Cancelled", "Progress", "Transfer"]
 
-PIECE = 4 * 1024 * 1024
+PIECE = 1024 * 1024  # measured: 1 MiB pieces over 4 connections beat 4 MiB ones (see docs/performance.md)
 Progress = Callable[[int, int], None]
 
 
