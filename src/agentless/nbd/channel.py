@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import socket
 import ssl
 from collections import deque
@@ -146,15 +147,19 @@ class Channel:
                 await self._send_pending()
 
     async def _send_pending(self) -> None:
+        await self._send_queue(self._pending)
+
+    async def _send_queue(self, queue: deque[memoryview]) -> None:
+        """Send the buffers of *queue* in order, emptying it (the send lock is held)."""
         tls = isinstance(self.sock, ssl.SSLSocket)
-        while self._pending:
+        while queue:
             if self.closed:
                 raise ConnectionResetError("connection closed")
             try:
                 if tls:
-                    sent = self.sock.send(self._pending[0][: 1 << 20])
+                    sent = self.sock.send(queue[0][: 1 << 20])
                 else:
-                    sent = self.sock.sendmsg(list(itertools.islice(self._pending, _MAX_IOV)))
+                    sent = self.sock.sendmsg(list(itertools.islice(queue, _MAX_IOV)))
             except (BlockingIOError, ssl.SSLWantWriteError):
                 await self._wait(write=True)
                 continue
@@ -162,13 +167,41 @@ class Channel:
                 await asyncio.sleep(0.001)  # the reader owns readability; retry shortly
                 continue
             while sent:
-                head = self._pending[0]
+                head = queue[0]
                 if sent >= len(head):
                     sent -= len(head)
-                    self._pending.popleft()
+                    queue.popleft()
                 else:
-                    self._pending[0] = head[sent:]
+                    queue[0] = head[sent:]
                     sent = 0
+
+    @property
+    def plain(self) -> bool:
+        """True for a socket without TLS (sendfile works on it)."""
+        return not isinstance(self.sock, ssl.SSLSocket)
+
+    async def sendfile(self, header: bytes, fd: int, offset: int, count: int) -> None:
+        """Send *header*, then *count* bytes of file *fd* from *offset* with sendfile(2):
+        page cache to socket with no copy through Python. Plain sockets only; the file
+        data should be in the page cache, or the loop waits for the disk."""
+        async with self._send_lock:
+            while self._pending:
+                await self._send_pending()
+            # not through the shared queue: others may queue chunks while this waits, and
+            # none may land between the header and its data
+            await self._send_queue(deque([memoryview(header)]))
+            sent = 0
+            while sent < count:
+                if self.closed:
+                    raise ConnectionResetError("connection closed")
+                try:
+                    n = os.sendfile(self.sock.fileno(), fd, offset + sent, count - sent)
+                except BlockingIOError:
+                    await self._wait(write=True)
+                    continue
+                if n == 0:
+                    raise ConnectionResetError("file ended under sendfile")
+                sent += n
 
     # ------------------------------------------------------------------ TLS and closing
 

@@ -99,6 +99,11 @@ class Export(Protocol):
         without changing anything."""
         ...
 
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(file descriptor, file offset) if the range is stored contiguously in a file
+        (so the server may sendfile it), else None. Always allowed to answer None."""
+        ...
+
     def trim(self, offset: int, length: int) -> None:
         """A hint that the range is no longer needed; may do nothing."""
         ...
@@ -192,6 +197,9 @@ class _ExportBase:
     @property
     def description(self) -> str:
         return self._description
+
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return None
 
     def contexts(self) -> Sequence[str]:
         return list(self._providers)
@@ -339,6 +347,9 @@ class RawFileExport(_ExportBase):
                 return
             done += n
 
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return (self._fd, offset) if offset + length <= self._size else None
+
     def pwrite(self, data: memoryview, offset: int) -> None:
         done = 0
         while done < len(data):
@@ -418,6 +429,9 @@ class VhdExport(_ExportBase):
 
     def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
         self.chain.readinto(offset, buf, nowait)
+
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return self.chain.file_source(offset, length)
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         with self._write_lock:

@@ -26,6 +26,7 @@ import numpy as np
 
 from agentless.lifetime import Closing
 
+from .bat import BAT_UNUSED
 from .errors import (
     ChainLoopError,
     OutOfRangeError,
@@ -260,6 +261,28 @@ class Chain(Closing):
             pos += n
 
     # ------------------------------------------------------------------ maps
+
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(file descriptor, file offset) when the whole range is stored contiguously in
+        one layer's file with nothing above it – then it can be sent with sendfile(2).
+        None when it is not, or not known to be (a partly written block, a range across
+        blocks, no layer holding it)."""
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            return None
+        sector = offset // SECTOR_SIZE
+        last = (offset + length - 1) // SECTOR_SIZE
+        for layer in self.layers:
+            if layer.header is None:
+                return (layer.fd, offset) if offset + length <= layer.size else None
+            block = sector // layer.sectors_per_block
+            if last // layer.sectors_per_block != block or block >= layer.bat.size:
+                return None
+            if int(layer.bat[block]) == BAT_UNUSED:
+                continue  # nothing of this range here: look below
+            if not layer.is_full(block):
+                return None
+            return layer.fd, layer.data_offset(sector) + offset % SECTOR_SIZE
+        return None
 
     def fully_allocated(self, offset: int, length: int, max_blocks: int = 16) -> bool:
         """Cheap check that every byte of a short range is held by some layer, from the

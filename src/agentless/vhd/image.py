@@ -347,7 +347,7 @@ class VhdImage(Closing):
 
     # ------------------------------------------------------------------ data
 
-    def _data_offset(self, sector: int) -> int:
+    def data_offset(self, sector: int) -> int:
         """File offset of *sector*, which must be present."""
         if self.header is None:
             return sector * SECTOR_SIZE
@@ -357,7 +357,7 @@ class VhdImage(Closing):
     def read_sectors(self, sector: int, buf: memoryview, nowait: bool = False) -> None:
         """Read sectors present in this file (within one block) into *buf* (see
         ``_pread_exact`` for *nowait*)."""
-        _pread_exact(self.fd, buf, self._data_offset(sector), self.path, nowait)
+        _pread_exact(self.fd, buf, self.data_offset(sector), self.path, nowait)
 
     def write_sectors(self, sector: int, data: memoryview) -> None:
         """Write whole sectors into this file, allocating blocks as needed, and mark them
@@ -382,13 +382,13 @@ class VhdImage(Closing):
                 n = min(spb - first, count - pos)
                 chunk = data[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE]
                 if self._full[block]:
-                    _pwrite_all(self.fd, chunk, self._data_offset(sector + pos))
+                    _pwrite_all(self.fd, chunk, self.data_offset(sector + pos))
                     pos += n
                     continue
                 bitmap = self.bitmap(block)
                 if bitmap is None:
                     bitmap = self._allocate(block)
-                _pwrite_all(self.fd, chunk, self._data_offset(sector + pos))
+                _pwrite_all(self.fd, chunk, self.data_offset(sector + pos))
                 if not batmod.bitmap_span(bitmap, first, n).all():
                     batmod.set_bits(bitmap, first, n)
                     self._write_bitmap(block, bitmap, first, n)
