@@ -10,10 +10,11 @@ it reuses::
                                      ├─▶ worker 2 ── connection 2 ──▶
                                      └─▶ ...
 
-Downloads into a new file skip all-zero pieces, so the copy stays sparse; downloads into
-an existing file (an incremental update) write every piece. Uploads read only the data
-regions of the local file (``SEEK_DATA``) and skip all-zero pieces: the target of a
-restore is blank.
+Downloads move only the extents the server reports as data (or as changed), so the holes
+of a new file stay holes; the data itself is not scanned for zeros – that costs more CPU
+than it saves on a page-cache copy (measured, see docs/performance.md). Uploads read only
+the data regions of the local file (``SEEK_DATA``) and skip all-zero pieces: the target of
+a restore is blank, and a network write saved is worth the scan.
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ class Transfer:
         self._progress = progress
         self._cancel = threading.Event()
         self._lock = threading.Lock()
-        self._sparse_target = False
         self.durable = False  # fsync the local file (download) when done
 
     # ------------------------------------------------------------------ building
@@ -87,9 +87,7 @@ class Transfer:
         cls, disk: Disk, path: str, *, context: str = BASE_ALLOCATION, progress: Progress | None = None
     ) -> Transfer:
         extents = [(e.offset, e.length) for e in disk.extents(context) if wanted(context, e.flags)]
-        transfer = cls(disk, path, "download", _cut(extents), progress)
-        transfer._sparse_target = not os.path.exists(path)
-        return transfer
+        return cls(disk, path, "download", _cut(extents), progress)
 
     @classmethod
     def upload(cls, disk: Disk, path: str, *, progress: Progress | None = None) -> Transfer:
@@ -197,10 +195,7 @@ class Transfer:
                 skipped = 0
                 if self.direction == "download":
                     client.readinto(piece.offset, part)
-                    if self._sparse_target and is_zero(part):
-                        skipped = piece.length
-                    else:
-                        _pwrite_all(fd, part, piece.offset)
+                    _pwrite_all(fd, part, piece.offset)
                 elif self.direction == "upload":
                     _pread_all(fd, part, piece.offset)
                     if is_zero(part):
