@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agentless import vhd
 from agentless.nbd import protocol as p
@@ -748,3 +750,53 @@ def test_fuzz_never_crashes_the_server(caplog: pytest.LogCaptureFixture) -> None
     assert sessions >= 100
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not failures, failures[0].getMessage()
+
+
+@pytest.fixture(scope="module")
+def fuzz_served() -> Iterator[Served]:
+    """One server for every hypothesis example (starting one per example costs more than
+    the example)."""
+    with serve({"disk": MemoryExport(MiB, data=random.Random(3).randbytes(MiB // 2))}) as served:
+        yield served
+
+
+_requests = st.lists(
+    st.tuples(
+        st.one_of(st.integers(0, 8), st.integers(0, 0xFFFF)),  # command
+        st.one_of(st.sampled_from([0, 1, 2, 4, 8, 16]), st.integers(0, 0xFFFF)),  # flags
+        st.one_of(st.sampled_from([0, 511, MiB - 512, MiB]), st.integers(0, (1 << 64) - 1)),  # offset
+        st.one_of(st.sampled_from([0, 1, 512, 4096]), st.integers(0, (1 << 32) - 1)),  # length
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(requests=_requests, structured=st.booleans(), trailer=st.binary(max_size=48))
+def test_hypothesis_requests_never_crash(
+    fuzz_served: Served, requests: list[tuple[int, int, int, int]], structured: bool, trailer: bytes
+) -> None:
+    """Hypothesis-generated well-framed requests (any command, flags, offset, length) and
+    a junk trailer: every reply parses with an errno the spec defines, and a fresh client
+    is served afterwards."""
+    with RawClient.connect(fuzz_served) as client:
+        client.sock.settimeout(5.0)
+        client.greeting()
+        client.go("disk", structured=structured, contexts=(p.BASE_ALLOCATION,) if structured else ())
+        for command, flags, offset, length in requests:
+            if command == p.NBD_CMD_DISC:
+                continue
+            payload = b""
+            if command == p.NBD_CMD_WRITE:
+                length = min(length, 4096)
+                payload = bytes(length)
+            reply = client.call(command, offset, length, flags, payload)
+            assert reply.error == 0 or reply.error in p.ERROR_NAMES, reply.error
+        with contextlib.suppress(OSError):
+            client.send(trailer)
+    assert_serving(fuzz_served)

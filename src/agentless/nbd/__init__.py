@@ -11,15 +11,17 @@
 - :mod:`.errors` – ``ConnectionLost`` apart from ``RequestError``.
 
 It knows nothing of VHD beyond the VHD export adapter.
+
+This package's namespace holds the client side only (what wddk and backup vendors need,
+cheap to import); the server side lives in :mod:`agentless.nbd.server` and
+:mod:`agentless.nbd.exports`, imported by those who serve.
 """
 
 from __future__ import annotations
 
 from .client import Client, list_exports
 from .errors import ConnectionLost, NbdError, NegotiationError, ProtocolError, RequestError
-from .exports import Export, ExportError, MemoryExport, RawFileExport, VhdExport
 from .protocol import BASE_ALLOCATION, QEMU_DIRTY_BITMAP
-from .server import NbdServer
 from .uri import NbdUri, parse_uri
 
 __all__ = [
@@ -27,17 +29,11 @@ __all__ = [
     "QEMU_DIRTY_BITMAP",
     "Client",
     "ConnectionLost",
-    "Export",
-    "ExportError",
-    "MemoryExport",
     "NbdError",
-    "NbdServer",
     "NbdUri",
     "NegotiationError",
     "ProtocolError",
-    "RawFileExport",
     "RequestError",
-    "VhdExport",
     "list_exports",
     "parse_uri",
 ]
