@@ -106,7 +106,7 @@ def serve(
     try:
         with tempfile.TemporaryDirectory(prefix="nbd-test-") as tmp:
             if tcp:
-                served.port = served.call(lambda: server.serve_tcp("127.0.0.1", 0))
+                served.port = served.call(lambda: server.serve_tcp("127.0.0.1", 0, plain=tls is None))
             else:
                 served.socket = str(Path(tmp) / "nbd.sock")
                 path = served.socket

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from agentless import vhd
 from agentless.nbd import protocol as p
 from agentless.nbd.exports import MemoryExport, VhdExport
-from agentless.nbd.server import MAX_REQUESTS_IN_FLIGHT
+from agentless.nbd.server import MAX_REQUESTS_IN_FLIGHT, NbdServer
 from tests.nbd import serving
 from tests.nbd.serving import Served, serve
 
@@ -800,3 +800,21 @@ def test_hypothesis_requests_never_crash(
         with contextlib.suppress(OSError):
             client.send(trailer)
     assert_serving(fuzz_served)
+
+
+def test_plain_tcp_needs_an_explicit_loopback_choice() -> None:
+    """Without TLS a TCP listener is refused, unless asked for plainly on loopback."""
+
+    async def attempt(host: str, plain: bool) -> str:
+        server = NbdServer({"disk": MemoryExport(MiB)})
+        try:
+            await server.serve_tcp(host, 0, plain=plain)
+            return "listening"
+        except ValueError as error:
+            return str(error)
+        finally:
+            await server.close()
+
+    assert "needs TLS" in asyncio.run(attempt("127.0.0.1", False))
+    assert asyncio.run(attempt("127.0.0.1", True)) == "listening"
+    assert "only allowed on loopback" in asyncio.run(attempt("0.0.0.0", True))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -155,10 +156,19 @@ class NbdServer:
             raise
         self._listen(listener, self.tls if self.tls_on_unix else None)
 
-    async def serve_tcp(self, host: str, port: int) -> int:
-        """Listen on *host*:*port* (0 picks a free port); returns the port."""
+    async def serve_tcp(self, host: str, port: int, *, plain: bool = False) -> int:
+        """Listen on *host*:*port* (0 picks a free port); returns the port.
+
+        TCP clients must use TLS: without a TLS context this refuses, unless *plain* is
+        set explicitly and *host* is a loopback address (tests, local benchmarks).
+        """
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
+        if self.tls is None:
+            if not plain:
+                raise ValueError("NBD over TCP needs TLS (or plain=True on loopback)")
+            if not ipaddress.ip_address(address[0]).is_loopback:
+                raise ValueError(f"plain NBD over TCP is only allowed on loopback, not {host}")
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -38,7 +38,7 @@ async def _serve(args: argparse.Namespace, export: nbd_exports.Export) -> None:
         await server.serve_unix(args.socket)
         where = f"nbd+unix:///{args.name}?socket={args.socket}"
     else:
-        port = await server.serve_tcp(args.bind, args.port)
+        port = await server.serve_tcp(args.bind, args.port, plain=args.no_tls)
         scheme = "nbds" if tls else "nbd"
         where = f"{scheme}://{args.bind}:{port}/{args.name}"
     mode = "read-only" if export.read_only else "writable"
