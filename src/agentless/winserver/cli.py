@@ -15,7 +15,10 @@ from agentless.commands import run_handler
 from agentless.nbd.errors import NbdError
 from agentless.vhd import VhdError
 
-from . import servedisk, vhdcli
+from . import hostcli, servedisk, vhdcli
+from .host import HostError
+from .metadata import MetadataError
+from .vms import VmError
 
 __all__ = ["main"]
 
@@ -23,10 +26,11 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="winserver",
-        description="WinServer virtualization host: VHD storage tools and NBD disk serving.",
+        description="WinServer virtualization host: host state, VMs, VHD storage tools, NBD disk serving.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hostcli.add_commands(subparsers)
     vhdcli.add_commands(subparsers)
     servedisk.add_command(subparsers)
     return parser
@@ -35,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_handler("winserver", args, (VhdError, NbdError))
+    return run_handler("winserver", args, (VhdError, NbdError, HostError, MetadataError, VmError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""A WinServer host's state directory, made by ``winserver init --dir D``::
+
+    D/
+      host.json           identity: magic, version, host uuid, name, addresses, ports
+      pki/ca-cert.pem     the host's own CA (pinned by WinCenter and wddk clients)
+      pki/ca-key.pem      (0600)
+      pki/server-cert.pem the certificate of the host API and the NBD server, for the
+      pki/server-key.pem  host's names and addresses (key 0600)
+      token.sha256        SHA-256 of the host token; the token itself is shown once
+      metadata.db         SQLite: storage repositories, VDIs, VMs, NICs
+      sr/default/         the default storage repository: one VHD file per VDI
+
+The directory is built under a temporary name and renamed into place, so an interrupted
+``init`` leaves nothing half-made; an existing host is never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from agentless.lifetime import Closing
+from agentless.pki import CertificateAuthority
+
+from .metadata import Metadata, StorageRepository, new_uuid
+
+__all__ = ["HOST_MAGIC", "Host", "HostError"]
+
+HOST_MAGIC = "agentless-winserver-host"
+HOST_VERSION = 1
+DEFAULT_API_PORT = 8443
+DEFAULT_NBD_PORT = 10809
+
+
+class HostError(Exception):
+    """The host directory is missing, not a host, or of another version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostIdentity:
+    uuid: str
+    name: str
+    addresses: tuple[str, ...]
+    api_port: int
+    nbd_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "magic": HOST_MAGIC,
+            "version": HOST_VERSION,
+            "uuid": self.uuid,
+            "name": self.name,
+            "addresses": list(self.addresses),
+            "api_port": self.api_port,
+            "nbd_port": self.nbd_port,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str) -> HostIdentity:
+        if data.get("magic") != HOST_MAGIC:
+            raise HostError(f"{path}: not a WinServer host file")
+        if data.get("version") != HOST_VERSION:
+            raise HostError(f"{path}: host format version {data.get('version')}, expected {HOST_VERSION}")
+        try:
+            return cls(
+                uuid=str(data["uuid"]),
+                name=str(data["name"]),
+                addresses=tuple(str(a) for a in data["addresses"]),
+                api_port=int(data["api_port"]),
+                nbd_port=int(data["nbd_port"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise HostError(f"{path}: malformed host file ({error})") from None
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Host(Closing):
+    """An initialised host directory, open: identity, PKI paths, metadata database."""
+
+    def __init__(self, directory: str, identity: HostIdentity, metadata: Metadata):
+        self.directory = directory
+        self.identity = identity
+        self.metadata = metadata
+
+    # ------------------------------------------------------------------ making and opening
+
+    @classmethod
+    def init(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        addresses: Sequence[str] = ("127.0.0.1", "localhost"),
+        api_port: int = DEFAULT_API_PORT,
+        nbd_port: int = DEFAULT_NBD_PORT,
+    ) -> tuple[Host, str]:
+        """Make a new host in *directory* (which must not exist, or be empty); returns the
+        open host and its token – the only time the token is available."""
+        target = os.path.abspath(os.fspath(directory))
+        if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+            raise HostError(f"{target}: exists and is not an empty directory")
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            raise HostError(f"{parent}: no such directory")
+        identity = HostIdentity(
+            uuid=new_uuid(),
+            name=name or os.uname().nodename,
+            addresses=tuple(addresses),
+            api_port=api_port,
+            nbd_port=nbd_port,
+        )
+        token = secrets.token_urlsafe(32)
+        staging = tempfile.mkdtemp(prefix=".winserver-init-", dir=parent)
+        try:
+            os.chmod(staging, 0o700)
+            pki = os.path.join(staging, "pki")
+            os.mkdir(pki, 0o700)
+            ca = CertificateAuthority.create(f"WinServer host CA {identity.name}")
+            ca.pair.write(os.path.join(pki, "ca-cert.pem"), os.path.join(pki, "ca-key.pem"))
+            server = ca.issue_server(identity.name, [*identity.addresses, identity.name])
+            server.write(os.path.join(pki, "server-cert.pem"), os.path.join(pki, "server-key.pem"))
+            _write_private(os.path.join(staging, "token.sha256"), _token_digest(token) + "\n")
+            _write_private(
+                os.path.join(staging, "host.json"), json.dumps(identity.to_json(), indent=2) + "\n"
+            )
+            os.makedirs(os.path.join(staging, "sr", "default"))
+            with (
+                Metadata(os.path.join(staging, "metadata.db"), create=True) as metadata,
+                metadata.session() as s,
+            ):
+                s.add(StorageRepository(name="default", path="sr/default", is_default=True))
+            if os.path.isdir(target):
+                os.rmdir(target)  # empty, checked above
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls.open(target), token
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> Host:
+        """Open an initialised host directory; HostError if it is not one."""
+        target = os.path.abspath(os.fspath(directory))
+        path = os.path.join(target, "host.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise HostError(
+                f"{target}: not a WinServer host directory (run `winserver init --dir`)"
+            ) from None
+        except (OSError, ValueError) as error:
+            raise HostError(f"{path}: unreadable ({error})") from None
+        identity = HostIdentity.from_json(data, path)
+        return cls(target, identity, Metadata(os.path.join(target, "metadata.db")))
+
+    # ------------------------------------------------------------------ credentials
+
+    def pki_path(self, name: str) -> str:
+        """Path of ``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``..."""
+        return os.path.join(self.directory, "pki", name)
+
+    @property
+    def server_cert_pem(self) -> str:
+        with open(self.pki_path("server-cert.pem")) as f:
+            return f.read()
+
+    def check_token(self, token: str) -> bool:
+        """True if *token* is this host's token (constant-time comparison)."""
+        with open(os.path.join(self.directory, "token.sha256")) as f:
+            expected = f.read().strip()
+        return hmac.compare_digest(_token_digest(token), expected)
+
+    def sr_path(self, sr: StorageRepository) -> str:
+        """Absolute directory of a storage repository (stored relative to the host)."""
+        return os.path.join(self.directory, sr.path)
+
+    def close(self) -> None:
+        self.metadata.close()
+
+
+def _write_private(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,133 @@
+"""``winserver init`` and ``winserver vm ...``: the host's state directory and its VMs.
+
+Every command takes ``--dir D`` (or the ``WINSERVER_DIR`` environment variable). For now
+the VM commands work on the directory directly; once the daemon exists they go through
+its host API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from agentless.commands import emit
+from agentless.units import format_size, parse_size
+
+from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
+from .vms import create_vm, delete_vm, describe_vm, list_vms
+
+__all__ = ["add_commands"]
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _directory(args: argparse.Namespace) -> str:
+    directory = args.dir or os.environ.get("WINSERVER_DIR")
+    if not directory:
+        args.parser.error("give --dir D (or set WINSERVER_DIR)")
+    return str(directory)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    host, token = Host.init(
+        _directory(args),
+        name=args.name,
+        addresses=args.address or ["127.0.0.1", "localhost"],
+        api_port=args.api_port,
+        nbd_port=args.nbd_port,
+    )
+    with host:
+        document: dict[str, Any] = {
+            "dir": host.directory,
+            "uuid": host.identity.uuid,
+            "name": host.identity.name,
+            "token": token,
+            "ca_cert": host.pki_path("ca-cert.pem"),
+            "server_cert": host.pki_path("server-cert.pem"),
+        }
+    text = (
+        f"host {document['name']} ({document['uuid']}) initialised in {document['dir']}\n"
+        f"host token (shown once, keep it): {token}"
+    )
+    emit(args, document, text)
+    return 0
+
+
+def _vm_line(vm: dict[str, Any]) -> str:
+    disks = ", ".join(format_size(d["size"]) for d in vm["disks"])
+    memory = format_size(vm["memory"])
+    state = vm["power_state"]
+    return f"{vm['name']:<20} {vm['uuid']}  {state:<8} {vm['vcpus']} vCPU  {memory}  disks: {disks}"
+
+
+def _cmd_vm_create(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        vm = create_vm(host, args.name, args.disk, args.nic or [], args.vcpus, args.memory)
+    emit(args, vm, f"created VM {vm['name']} ({vm['uuid']})")
+    return 0
+
+
+def _cmd_vm_list(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        vms = list_vms(host)
+    emit(args, {"vms": vms}, "\n".join(_vm_line(vm) for vm in vms) or "no VMs")
+    return 0
+
+
+def _cmd_vm_show(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        vm = describe_vm(host, args.name)
+    lines = [_vm_line(vm)]
+    lines += [f"  disk {d['position']}: {d['vdi']} {format_size(d['size'])} {d['path']}" for d in vm["disks"]]
+    lines += [f"  nic {n['position']}: {n['mac']} on {n['network']}" for n in vm["nics"]]
+    emit(args, vm, "\n".join(lines))
+    return 0
+
+
+def _cmd_vm_delete(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        vm = delete_vm(host, args.name)
+    emit(args, {"deleted": vm}, f"deleted VM {vm['name']} and its {len(vm['disks'])} disk(s)")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+    ) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--dir", help="host state directory (default $WINSERVER_DIR)")
+        parser.add_argument("--json", action="store_true", help="print a JSON document")
+        parser.set_defaults(parser=parser)
+        return parser
+
+    p = command(subparsers, "init", "make a new host state directory (CA, certificate, token, database, SR)")
+    p.add_argument("--name", help="host name (default: this machine's)")
+    p.add_argument("--address", action="append", help="a name or IP the certificate covers (repeat)")
+    p.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
+    p.add_argument("--nbd-port", type=int, default=DEFAULT_NBD_PORT)
+    p.set_defaults(handler=_cmd_init)
+
+    group = subparsers.add_parser("vm", help="create, list, show and delete VMs")
+    vm_commands = group.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
+    p = command(vm_commands, "create", "create a halted VM with blank disks")
+    p.add_argument("name")
+    p.add_argument("--disk", type=_size, action="append", required=True, help="disk size, e.g. 10G (repeat)")
+    p.add_argument("--nic", action="append", help="network of a NIC (repeat)")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--memory", type=_size, default=1 << 30, help="default 1G")
+    p.set_defaults(handler=_cmd_vm_create)
+    p = command(vm_commands, "list", "list the VMs")
+    p.set_defaults(handler=_cmd_vm_list)
+    p = command(vm_commands, "show", "describe one VM (by name or uuid)")
+    p.add_argument("name")
+    p.set_defaults(handler=_cmd_vm_show)
+    p = command(vm_commands, "delete", "delete a halted VM and its disks")
+    p.add_argument("name")
+    p.set_defaults(handler=_cmd_vm_delete)

@@ -1,0 +1,154 @@
+"""VMs of a host: create with blank disks and NICs, list, describe, delete.
+
+A VM's disks are VDIs in a storage repository, each a dynamic VHD file named after the
+VDI's uuid. Creating a VM writes the VHD files first and the records after, in one
+transaction; a failure removes the files already made, so neither orphan files nor
+records that point at missing files are left behind. Deleting does it the other way
+round: records first (the VM disappears at once), files after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from agentless import vhd
+
+from .host import Host
+from .metadata import Nic, StorageRepository, Vdi, Vm, VmDisk, new_uuid
+
+__all__ = ["VmError", "create_vm", "delete_vm", "describe_vm", "find_vm", "list_vms"]
+
+MIN_MEMORY = 16 * 1024 * 1024
+
+
+class VmError(Exception):
+    """A VM operation that cannot be done as asked (unknown VM, name taken, VM running,
+    bad sizes); nothing was changed."""
+
+
+def _mac() -> str:
+    """A random locally administered, unicast MAC address."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def _default_sr(session: Session) -> StorageRepository:
+    sr = session.scalars(select(StorageRepository).where(StorageRepository.is_default)).first()
+    if sr is None:
+        raise VmError("the host has no default storage repository")
+    return sr
+
+
+def find_vm(session: Session, ref: str) -> Vm:
+    """A VM by uuid or by name."""
+    vm = session.get(Vm, ref) or session.scalars(select(Vm).where(Vm.name == ref)).first()
+    if vm is None:
+        raise VmError(f"no VM named or with uuid {ref!r}")
+    return vm
+
+
+def create_vm(
+    host: Host,
+    name: str,
+    disk_sizes: Sequence[int],
+    networks: Sequence[str] = (),
+    vcpus: int = 1,
+    memory: int = 1 << 30,
+) -> dict[str, Any]:
+    """Create a halted VM with blank dynamic disks of *disk_sizes* and one NIC per
+    network; returns its description."""
+    if not name or len(name) > 255:
+        raise VmError("a VM name is 1 to 255 characters")
+    if not disk_sizes:
+        raise VmError("a VM needs at least one disk")
+    if vcpus < 1 or vcpus > 256:
+        raise VmError(f"vcpus must be 1 to 256, not {vcpus}")
+    if memory < MIN_MEMORY or memory % (1 << 20):
+        raise VmError("memory must be a whole number of MiB, at least 16 MiB")
+    made: list[str] = []
+    try:
+        with host.metadata.session() as session:
+            if session.scalars(select(Vm).where(Vm.name == name)).first() is not None:
+                raise VmError(f"a VM named {name!r} exists")
+            sr = _default_sr(session)
+            vm = Vm(uuid=new_uuid(), name=name, vcpus=vcpus, memory=memory)
+            session.add(vm)
+            for position, size in enumerate(disk_sizes):
+                vdi_uuid = new_uuid()
+                path = os.path.join(host.sr_path(sr), f"{vdi_uuid}.vhd")
+                try:
+                    vhd.create_dynamic(path, size)
+                except vhd.UnsupportedVhdError as error:
+                    raise VmError(f"disk {position}: {error}") from None
+                made.append(path)
+                vdi = Vdi(uuid=vdi_uuid, sr=sr, name=f"{name} disk {position}", virtual_size=size, path=path)
+                session.add(vdi)
+                vm.disks.append(VmDisk(position=position, vdi=vdi))
+            for position, network in enumerate(networks):
+                vm.nics.append(Nic(position=position, mac=_mac(), network=network))
+            session.flush()
+            description = _describe(vm)
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    return description
+
+
+def _describe(vm: Vm) -> dict[str, Any]:
+    return {
+        "uuid": vm.uuid,
+        "name": vm.name,
+        "vcpus": vm.vcpus,
+        "memory": vm.memory,
+        "power_state": vm.power_state,
+        "created": vm.created,
+        "disks": [
+            {
+                "position": disk.position,
+                "vdi": disk.vdi.uuid,
+                "size": disk.vdi.virtual_size,
+                "path": disk.vdi.path,
+                "cbt_enabled": disk.vdi.cbt_enabled,
+            }
+            for disk in vm.disks
+        ],
+        "nics": [{"position": nic.position, "mac": nic.mac, "network": nic.network} for nic in vm.nics],
+    }
+
+
+def describe_vm(host: Host, ref: str) -> dict[str, Any]:
+    with host.metadata.session() as session:
+        return _describe(find_vm(session, ref))
+
+
+def list_vms(host: Host) -> list[dict[str, Any]]:
+    with host.metadata.session() as session:
+        return [_describe(vm) for vm in session.scalars(select(Vm).order_by(Vm.name))]
+
+
+def delete_vm(host: Host, ref: str) -> dict[str, Any]:
+    """Delete a halted VM and its disks (records first, then the VHD files)."""
+    with host.metadata.session() as session:
+        vm = find_vm(session, ref)
+        if vm.power_state != "halted":
+            raise VmError(f"VM {vm.name!r} is {vm.power_state}: stop it first")
+        description = _describe(vm)
+        vdis = [disk.vdi for disk in vm.disks]
+        session.delete(vm)
+        session.flush()
+        for vdi in vdis:
+            session.delete(vdi)
+    for disk in description["disks"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(disk["path"])
+    return description
