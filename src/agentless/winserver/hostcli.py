@@ -15,6 +15,8 @@ from agentless.commands import emit
 from agentless.units import format_size, parse_size
 
 from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
+from .sminfo import find_vdi, vdi_sm_info
+from .snapshots import snapshot_vm
 from .vms import create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["add_commands"]
@@ -97,6 +99,26 @@ def _cmd_vm_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        snapshot = snapshot_vm(host, args.name, args.snapshot_name)
+    emit(args, snapshot, f"snapshot {snapshot['uuid']} of {len(snapshot['disks'])} disk(s)")
+    return 0
+
+
+def _cmd_get_vdi_sm_info(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host, host.metadata.session() as session:
+        path = find_vdi(session, args.vdi).path
+    info = {"vdi": args.vdi, **vdi_sm_info(path)}
+    lines = [f"VDI {args.vdi}: {format_size(info['size'])}, chain depth {info['depth']}"]
+    for entry in info["chain"]:
+        blocks = entry.get("allocated_blocks", "-")
+        lines.append(f"  {entry['type']:<12} {entry['path']}  {blocks} blocks allocated")
+    lines.append(f"  {format_size(info['allocated'])} allocated in {len(info['extents'])} extents")
+    emit(args, info, "\n".join(lines))
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def command(
         parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
@@ -114,7 +136,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--nbd-port", type=int, default=DEFAULT_NBD_PORT)
     p.set_defaults(handler=_cmd_init)
 
-    group = subparsers.add_parser("vm", help="create, list, show and delete VMs")
+    p = command(subparsers, "get_vdi_sm_info", "a VDI's BAT and parent chain, read from the VHD files")
+    p.add_argument("--vdi", required=True, help="VDI uuid")
+    p.set_defaults(handler=_cmd_get_vdi_sm_info)
+
+    group = subparsers.add_parser("vm", help="create, list, show, snapshot and delete VMs")
     vm_commands = group.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
     p = command(vm_commands, "create", "create a halted VM with blank disks")
     p.add_argument("name")
@@ -128,6 +154,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = command(vm_commands, "show", "describe one VM (by name or uuid)")
     p.add_argument("name")
     p.set_defaults(handler=_cmd_vm_show)
+    p = command(vm_commands, "snapshot", "snapshot every disk of a halted VM")
+    p.add_argument("name")
+    p.add_argument("--snapshot-name", help="a name for the snapshot")
+    p.set_defaults(handler=_cmd_vm_snapshot)
     p = command(vm_commands, "delete", "delete a halted VM and its disks")
     p.add_argument("name")
     p.set_defaults(handler=_cmd_vm_delete)

@@ -9,6 +9,7 @@ records say which file is which disk of which VM. Every change runs in one trans
     StorageRepository 1──* Vdi *──1 (snapshot_of) Vdi
                             │
     Vm 1──* VmDisk *──1 ────┘        Vm 1──* Nic
+    Vm 1──* VmSnapshot 1──* Vdi (snapshot_group)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from agentless.lifetime import Closing
 
-__all__ = ["Metadata", "Nic", "StorageRepository", "Vdi", "Vm", "VmDisk", "new_uuid", "utcnow"]
+__all__ = ["Metadata", "Nic", "StorageRepository", "Vdi", "Vm", "VmDisk", "VmSnapshot", "new_uuid", "utcnow"]
 
 SCHEMA_VERSION = 1
 
@@ -70,6 +71,7 @@ class Vdi(Base):
     virtual_size: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(4096))
     snapshot_of: Mapped[str | None] = mapped_column(ForeignKey("vdis.uuid"), nullable=True)
+    snapshot_group: Mapped[str | None] = mapped_column(ForeignKey("vm_snapshots.uuid"), nullable=True)
     cbt_enabled: Mapped[bool] = mapped_column(default=False)
     created: Mapped[str] = mapped_column(String(32), default=utcnow)
     sr: Mapped[StorageRepository] = relationship(back_populates="vdis")
@@ -89,6 +91,16 @@ class Vm(Base):
     nics: Mapped[list[Nic]] = relationship(
         back_populates="vm", order_by="Nic.position", cascade="all, delete-orphan"
     )
+
+
+class VmSnapshot(Base):
+    """The disks of one VM taken at one instant: the snapshot VDIs point to it."""
+
+    __tablename__ = "vm_snapshots"
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    vm_uuid: Mapped[str] = mapped_column(ForeignKey("vms.uuid"))
+    name: Mapped[str] = mapped_column(String(255))
+    created: Mapped[str] = mapped_column(String(32), default=utcnow)
 
 
 class VmDisk(Base):

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from agentless import vhd
 
 from .host import Host
-from .metadata import Nic, StorageRepository, Vdi, Vm, VmDisk, new_uuid
+from .metadata import Nic, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
 
 __all__ = ["VmError", "create_vm", "delete_vm", "describe_vm", "find_vm", "list_vms"]
 
@@ -137,18 +137,30 @@ def list_vms(host: Host) -> list[dict[str, Any]]:
 
 
 def delete_vm(host: Host, ref: str) -> dict[str, Any]:
-    """Delete a halted VM and its disks (records first, then the VHD files)."""
+    """Delete a halted VM, its snapshots and every VHD file of its disks' chains (records
+    first, then the files)."""
     with host.metadata.session() as session:
         vm = find_vm(session, ref)
         if vm.power_state != "halted":
             raise VmError(f"VM {vm.name!r} is {vm.power_state}: stop it first")
         description = _describe(vm)
         vdis = [disk.vdi for disk in vm.disks]
-        session.delete(vm)
+        snapshots = list(session.scalars(select(VmSnapshot).where(VmSnapshot.vm_uuid == vm.uuid)))
+        snapshot_vdis = list(
+            session.scalars(select(Vdi).where(Vdi.snapshot_of.in_([vdi.uuid for vdi in vdis])))
+        )
+        paths = [vdi.path for vdi in vdis] + [vdi.path for vdi in snapshot_vdis]
+        for vdi in snapshot_vdis:  # they refer to the disks and to the snapshots
+            session.delete(vdi)
+        session.flush()
+        for snapshot in snapshots:  # they refer to the VM
+            session.delete(snapshot)
+        session.flush()
+        session.delete(vm)  # and its disk slots and NICs
         session.flush()
         for vdi in vdis:
             session.delete(vdi)
-    for disk in description["disks"]:
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(disk["path"])
+            os.unlink(path)
     return description
