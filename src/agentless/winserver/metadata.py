@@ -26,7 +26,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from agentless.lifetime import Closing
 
-__all__ = ["Metadata", "Nic", "StorageRepository", "Vdi", "Vm", "VmDisk", "VmSnapshot", "new_uuid", "utcnow"]
+__all__ = [
+    "Grant",
+    "Metadata",
+    "Nic",
+    "StorageRepository",
+    "Vdi",
+    "Vm",
+    "VmDisk",
+    "VmSnapshot",
+    "new_uuid",
+    "utcnow",
+]
 
 SCHEMA_VERSION = 1
 
@@ -121,6 +132,19 @@ class Nic(Base):
     mac: Mapped[str] = mapped_column(String(17))
     network: Mapped[str] = mapped_column(String(255))
     vm: Mapped[Vm] = relationship(back_populates="nics")
+
+
+class Grant(Base):
+    """Remote access to one VDI over NBD (see :mod:`.grants`)."""
+
+    __tablename__ = "grants"
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    export_name: Mapped[str] = mapped_column(String(64), unique=True)
+    vdi_uuid: Mapped[str] = mapped_column(ForeignKey("vdis.uuid"))
+    backup_id: Mapped[str] = mapped_column(String(255), index=True)
+    read_only: Mapped[bool] = mapped_column()
+    expires: Mapped[int] = mapped_column(Integer)  # seconds since the epoch, UTC
+    revoked: Mapped[bool] = mapped_column(default=False)
 
 
 @event.listens_for(Engine, "connect")
