@@ -37,6 +37,7 @@ from .extents import Extent
 from .footer import MAX_DISK_SIZE, SECTOR_SIZE, Footer
 from .header import DEFAULT_BLOCK_SIZE, DynamicHeader
 from .image import VhdImage
+from .parent import set_parent
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -63,4 +64,5 @@ __all__ = [
     "create_fixed",
     "export_raw",
     "import_raw",
+    "set_parent",
 ]

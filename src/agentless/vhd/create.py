@@ -50,7 +50,7 @@ from .header import (
     ParentLocator,
 )
 
-__all__ = ["create_differencing", "create_dynamic", "create_fixed"]
+__all__ = ["create_differencing", "create_dynamic", "create_fixed", "windows_relative"]
 
 HEADER_OFFSET = FOOTER_SIZE
 TABLE_OFFSET = HEADER_OFFSET + HEADER_SIZE
@@ -99,7 +99,7 @@ def _new_file(path: str) -> Iterator[int]:
         os.close(dirfd)
 
 
-def _windows_relative(relative: str) -> str:
+def windows_relative(relative: str) -> str:
     """``sub/p.vhd`` -> ``.\\sub\\p.vhd``, ``../p.vhd`` -> ``..\\p.vhd`` (as Windows writes W2ru)."""
     text = relative.replace("/", "\\")
     return text if text.startswith("..") else ".\\" + text
@@ -202,7 +202,7 @@ def create_differencing(
             unique_id=top.unique_id,
             timestamp=top.footer.timestamp,
             name=os.path.basename(parent_abs),
-            relative=_windows_relative(relative),
+            relative=windows_relative(relative),
             absolute=parent_abs,
         )
         size = top.size
