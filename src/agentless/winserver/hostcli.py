@@ -16,7 +16,7 @@ from agentless.units import format_size, parse_size
 
 from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
 from .sminfo import find_vdi, vdi_sm_info
-from .snapshots import snapshot_vm
+from .snapshots import delete_snapshot, snapshot_vm
 from .vms import create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["add_commands"]
@@ -106,6 +106,14 @@ def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        result = delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt)
+    what = "reduced to CBT metadata" if args.keep_cbt else "deleted"
+    emit(args, result, f"snapshot {args.snapshot} {what}")
+    return 0
+
+
 def _cmd_get_vdi_sm_info(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host, host.metadata.session() as session:
         path = find_vdi(session, args.vdi).path
@@ -158,6 +166,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("name")
     p.add_argument("--snapshot-name", help="a name for the snapshot")
     p.set_defaults(handler=_cmd_vm_snapshot)
+    p = command(vm_commands, "snapshot-delete", "delete a halted VM's snapshot (coalescing its file away)")
+    p.add_argument("snapshot", help="snapshot uuid")
+    p.add_argument("--keep-cbt", action="store_true", help="keep it as CBT metadata only (data_destroy)")
+    p.set_defaults(handler=_cmd_vm_snapshot_delete)
     p = command(vm_commands, "delete", "delete a halted VM and its disks")
     p.add_argument("name")
     p.set_defaults(handler=_cmd_vm_delete)

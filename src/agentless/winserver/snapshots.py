@@ -22,13 +22,15 @@ import contextlib
 import os
 from typing import Any
 
+from sqlalchemy import select
+
 from agentless import vhd
 
 from .host import Host
-from .metadata import Vdi, VmSnapshot, new_uuid
+from .metadata import Vdi, Vm, VmSnapshot, new_uuid
 from .vms import VmError, find_vm
 
-__all__ = ["snapshot_vm"]
+__all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm"]
 
 
 def snapshot_vm(host: Host, ref: str, name: str | None = None) -> dict[str, Any]:
@@ -79,3 +81,115 @@ def snapshot_vm(host: Host, ref: str, name: str | None = None) -> dict[str, Any]
                 os.unlink(path)
         raise
     return description
+
+
+def _chain_paths(path: str) -> list[str]:
+    with vhd.Chain.open(path) as chain:
+        return chain.paths
+
+
+def delete_snapshot(host: Host, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
+    """Delete the data of a halted VM's snapshot; with *keep_cbt* keep its records as CBT
+    metadata only (XenServer's ``VDI.data_destroy``), so that it can still be the base of
+    an incremental backup.
+
+    For each snapshot VDI, frozen file F, the file that sits on F in the disk's chain (C:
+    the next snapshot's file or the disk's leaf) is coalesced into F, C's child (if any) is
+    re-parented onto F, whoever used C now uses F, and C is removed::
+
+        disk ──▶ G ──▶ C ──▶ F ──▶ ...          (F: the snapshot being deleted)
+        disk ──▶ G ──────────▶ F' ──▶ ...       F' = F with C merged in = what C read
+
+    The plan is recorded (state "deleting", C and G per VDI) before any file changes, and
+    every step keeps all chains reading as before, so :func:`finish_deletions` can always
+    complete an interrupted deletion.
+    """
+    with host.metadata.session() as session:
+        snapshot = session.get(VmSnapshot, snapshot_uuid)
+        if snapshot is None or snapshot.state in ("deleting", "reducing"):
+            raise VmError(f"no snapshot {snapshot_uuid!r} (or it is being deleted)")
+        vm = session.get(Vm, snapshot.vm_uuid)
+        assert vm is not None
+        if vm.power_state != "halted":
+            raise VmError(
+                f"VM {vm.name!r} is {vm.power_state}: snapshots of running VMs are deleted by the daemon"
+            )
+        vdis = list(session.scalars(select(Vdi).where(Vdi.snapshot_group == snapshot.uuid)))
+        if snapshot.state == "cbt-only":
+            if keep_cbt:
+                raise VmError(f"snapshot {snapshot_uuid} already holds CBT metadata only")
+            for vdi in vdis:  # no data left: only the records go
+                session.delete(vdi)
+            session.flush()
+            session.delete(snapshot)
+            return {
+                "uuid": snapshot_uuid,
+                "name": snapshot.name,
+                "kept_cbt": False,
+                "vdis": [v.uuid for v in vdis],
+            }
+        disks = {disk.vdi.uuid: disk.vdi.path for disk in vm.disks}
+        for vdi in vdis:
+            assert vdi.snapshot_of is not None
+            paths = _chain_paths(disks[vdi.snapshot_of])
+            index = paths.index(vdi.path)
+            if index == 0:
+                raise VmError(f"VDI {vdi.uuid}: its file is the disk's leaf")
+            vdi.merge_child = paths[index - 1]
+            vdi.merge_grandchild = paths[index - 2] if index >= 2 else None
+        snapshot.state = "reducing" if keep_cbt else "deleting"
+        snapshot_name = snapshot.name
+    finish_deletions(host)
+    return {
+        "uuid": snapshot_uuid,
+        "name": snapshot_name,
+        "kept_cbt": keep_cbt,
+        "vdis": [v.uuid for v in vdis],
+    }
+
+
+def finish_deletions(host: Host) -> int:
+    """Carry out every recorded snapshot deletion or reduction (after a crash too);
+    returns how many snapshots were finished. Each step is idempotent."""
+    with host.metadata.session() as session:
+        pending = [
+            (s.uuid, s.state == "reducing")
+            for s in session.scalars(select(VmSnapshot).where(VmSnapshot.state.in_(("deleting", "reducing"))))
+        ]
+    for snapshot_uuid, keep in pending:
+        with host.metadata.session() as session:
+            plans = [
+                (v.uuid, v.path, v.merge_child, v.merge_grandchild)
+                for v in session.scalars(select(Vdi).where(Vdi.snapshot_group == snapshot_uuid))
+            ]
+        for vdi_uuid, frozen, child, grandchild in plans:
+            if child is None:
+                continue
+            if os.path.exists(child):
+                vhd.coalesce(child, remove_child=False)
+                if grandchild is not None:
+                    vhd.set_parent(grandchild, frozen)
+            with host.metadata.session() as session:
+                user = session.scalars(select(Vdi).where(Vdi.path == child)).first()
+                if user is not None:
+                    user.path = frozen
+                vdi = session.get(Vdi, vdi_uuid)
+                assert vdi is not None
+                vdi.merge_child = vdi.merge_grandchild = None
+                if keep:
+                    vdi.data_destroyed = True
+                    vdi.path = ""
+                else:
+                    session.delete(vdi)
+            # committed: nothing refers to the child any more (a crash right here leaves an
+            # unreferenced file, for the daemon's orphan sweep)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(child)
+        with host.metadata.session() as session:
+            snapshot = session.get(VmSnapshot, snapshot_uuid)
+            if snapshot is not None:
+                if keep:
+                    snapshot.state = "cbt-only"
+                else:
+                    session.delete(snapshot)
+    return len(pending)
