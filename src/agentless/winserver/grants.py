@@ -166,6 +166,14 @@ class GrantExports:
         self._drop(set(names))
         return names
 
+    def forget(self, names: set[str]) -> None:
+        """Close the exports of grants revoked elsewhere (their connections were dropped)."""
+        with self._lock:
+            for name in names:
+                export = self._exports.pop(name, None)
+                if export is not None:
+                    export.close()
+
     def _drop(self, names: set[str]) -> None:
         if self.disconnect is not None and names:
             self.disconnect(lambda name: name in names)

@@ -14,7 +14,9 @@ from typing import Any
 from agentless.commands import emit
 from agentless.units import format_size, parse_size
 
+from .daemon import serve
 from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
+from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .sminfo import find_vdi, vdi_sm_info
 from .snapshots import delete_snapshot, snapshot_vm
 from .vms import create_vm, delete_vm, describe_vm, list_vms
@@ -114,6 +116,47 @@ def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        serve(host, bind=args.bind, port=args.nbd_port)
+    return 0
+
+
+def _cmd_prepare_backup(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        result = prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id)
+    lines = [f"backup {result['backup_id']}: snapshot {result['snapshot']}"]
+    for disk in result["disks"]:
+        amount = format_size(sum(e["length"] for e in disk["extents"]))
+        why = f" ({disk['reason']})" if disk["reason"] else ""
+        access = disk["access"]
+        lines.append(
+            f"  disk {disk['position']}: {disk['type']}{why}, {amount} to read at "
+            f"nbds://{access['address']}:{access['port']}/{access['export_name']}"
+        )
+    emit(args, result, "\n".join(lines))
+    return 0
+
+
+def _cmd_update_backup_id(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        result = update_backup_id(host, args.vdi, args.backup_id)
+    access = result["access"]
+    emit(
+        args,
+        result,
+        f"write access to {args.vdi}: nbds://{access['address']}:{access['port']}/{access['export_name']}",
+    )
+    return 0
+
+
+def _cmd_stop_remote_access(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        result = stop_remote_access(host, args.backup_id, args.delete_snapshot)
+    emit(args, result, f"{result['revoked']} grant(s) of {args.backup_id} revoked")
+    return 0
+
+
 def _cmd_get_vdi_sm_info(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host, host.metadata.session() as session:
         path = find_vdi(session, args.vdi).path
@@ -143,6 +186,28 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     p.add_argument("--nbd-port", type=int, default=DEFAULT_NBD_PORT)
     p.set_defaults(handler=_cmd_init)
+
+    p = command(subparsers, "serve", "run the host daemon: NBD with TLS for the granted disks")
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--nbd-port", type=int, help="default: the port given at init")
+    p.set_defaults(handler=_cmd_serve)
+
+    p = command(subparsers, "prepare-backup", "snapshot a VM and open read access to its disks")
+    p.add_argument("--vm", required=True)
+    p.add_argument("--backup-id", required=True)
+    p.add_argument("--type", choices=["full", "incremental"], required=True)
+    p.add_argument("--base-backup-id", help="the previous backup, for an incremental one")
+    p.set_defaults(handler=_cmd_prepare_backup)
+
+    p = command(subparsers, "update-backup-id", "open write access to a VDI (a restore target)")
+    p.add_argument("--vdi", required=True)
+    p.add_argument("--backup-id", required=True)
+    p.set_defaults(handler=_cmd_update_backup_id)
+
+    p = command(subparsers, "stop-remote-access", "revoke a backup id's access (and reduce its snapshot)")
+    p.add_argument("--backup-id", required=True)
+    p.add_argument("--delete-snapshot", action="store_true", help="reduce the snapshot to CBT metadata")
+    p.set_defaults(handler=_cmd_stop_remote_access)
 
     p = command(subparsers, "get_vdi_sm_info", "a VDI's BAT and parent chain, read from the VHD files")
     p.add_argument("--vdi", required=True, help="VDI uuid")

@@ -119,6 +119,7 @@ class VmSnapshot(Base):
     name: Mapped[str] = mapped_column(String(255))
     created: Mapped[str] = mapped_column(String(32), default=utcnow)
     state: Mapped[str] = mapped_column(String(16), default="ready")  # ready, deleting, cbt-only
+    backup_id: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
 
 
 class VmDisk(Base):

@@ -33,8 +33,11 @@ from .vms import VmError, find_vm
 __all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm"]
 
 
-def snapshot_vm(host: Host, ref: str, name: str | None = None) -> dict[str, Any]:
-    """Snapshot every disk of the halted VM *ref*; returns the snapshot's description."""
+def snapshot_vm(
+    host: Host, ref: str, name: str | None = None, backup_id: str | None = None
+) -> dict[str, Any]:
+    """Snapshot every disk of the halted VM *ref* (for *backup_id*, if given); returns the
+    snapshot's description."""
     made: list[str] = []
     try:
         with host.metadata.session() as session:
@@ -43,7 +46,9 @@ def snapshot_vm(host: Host, ref: str, name: str | None = None) -> dict[str, Any]
                 raise VmError(
                     f"VM {vm.name!r} is {vm.power_state}: online snapshots need the running host daemon"
                 )
-            snapshot = VmSnapshot(uuid=new_uuid(), vm_uuid=vm.uuid, name=name or f"{vm.name} snapshot")
+            snapshot = VmSnapshot(
+                uuid=new_uuid(), vm_uuid=vm.uuid, name=name or f"{vm.name} snapshot", backup_id=backup_id
+            )
             session.add(snapshot)
             disks = []
             for disk in vm.disks:
@@ -65,7 +70,14 @@ def snapshot_vm(host: Host, ref: str, name: str | None = None) -> dict[str, Any]
                 session.add(snap)
                 vdi.path = leaf
                 disks.append(
-                    {"position": disk.position, "vdi": vdi.uuid, "snapshot_vdi": snap.uuid, "path": frozen}
+                    {
+                        "position": disk.position,
+                        "vdi": vdi.uuid,
+                        "snapshot_vdi": snap.uuid,
+                        "path": frozen,
+                        "size": vdi.virtual_size,
+                        "cbt_enabled": vdi.cbt_enabled,
+                    }
                 )
             session.flush()
             description = {

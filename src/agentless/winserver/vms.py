@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from agentless import vhd
 
+from .cbt import cbt_path
+from .cbt import enable as enable_cbt
 from .host import Host
 from .metadata import Nic, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
 
@@ -62,9 +64,11 @@ def create_vm(
     networks: Sequence[str] = (),
     vcpus: int = 1,
     memory: int = 1 << 30,
+    cbt: bool = True,
 ) -> dict[str, Any]:
     """Create a halted VM with blank dynamic disks of *disk_sizes* and one NIC per
-    network; returns its description."""
+    network; returns its description. With *cbt* (the default) changed block tracking is
+    enabled on every disk from the start, so the first incremental backup has a history."""
     if not name or len(name) > 255:
         raise VmError("a VM name is 1 to 255 characters")
     if not disk_sizes:
@@ -89,7 +93,18 @@ def create_vm(
                 except vhd.UnsupportedVhdError as error:
                     raise VmError(f"disk {position}: {error}") from None
                 made.append(path)
-                vdi = Vdi(uuid=vdi_uuid, sr=sr, name=f"{name} disk {position}", virtual_size=size, path=path)
+                if cbt:
+                    tracking = cbt_path(host.sr_path(sr), vdi_uuid)
+                    enable_cbt(tracking, vdi_uuid, size)
+                    made.append(tracking)
+                vdi = Vdi(
+                    uuid=vdi_uuid,
+                    sr=sr,
+                    name=f"{name} disk {position}",
+                    virtual_size=size,
+                    path=path,
+                    cbt_enabled=cbt,
+                )
                 session.add(vdi)
                 vm.disks.append(VmDisk(position=position, vdi=vdi))
             for position, network in enumerate(networks):
@@ -150,6 +165,7 @@ def delete_vm(host: Host, ref: str) -> dict[str, Any]:
             session.scalars(select(Vdi).where(Vdi.snapshot_of.in_([vdi.uuid for vdi in vdis])))
         )
         paths = [vdi.path for vdi in vdis] + [vdi.path for vdi in snapshot_vdis]
+        paths += [cbt_path(os.path.dirname(vdi.path), vdi.uuid) for vdi in vdis]
         for vdi in snapshot_vdis:  # they refer to the disks and to the snapshots
             session.delete(vdi)
         session.flush()

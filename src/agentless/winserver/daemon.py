@@ -1,0 +1,68 @@
+"""``winserver serve``: the host's NBD service for remote access.
+
+Serves every live grant over TCP with TLS (the host's certificate) on the host's NBD port.
+Grants are looked up in the metadata database at each handshake; once a second the daemon
+revokes expired grants and drops the connections of every revoked one – also those
+revoked by another process (``winserver stop-remote-access``). On start it revokes the
+grants that expired while it was down and finishes interrupted snapshot deletions.
+
+The HTTPS host API and the VM datapaths join this daemon later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from agentless.nbd.server import NbdServer
+from agentless.nbd.tls import server_context
+
+from .grants import GrantExports, Grants
+from .host import Host
+from .snapshots import finish_deletions
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 1.0
+
+
+async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) -> None:
+    dropped: set[str] = set()
+    while not stop.is_set():
+        exports.revoke_expired()
+        revoked = await asyncio.to_thread(exports.grants.revoked_names)
+        fresh = revoked - dropped
+        if fresh:
+            server.disconnect(fresh.__contains__)
+            exports.forget(fresh)
+            dropped |= fresh
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+
+async def _run(host: Host, bind: str, port: int | None) -> None:
+    grants = Grants(host.metadata)
+    finish_deletions(host)
+    exports = GrantExports(grants)
+    tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
+    server = NbdServer(exports, tls=tls)
+    exports.disconnect = server.disconnect
+    listening = await server.serve_tcp(bind, host.identity.nbd_port if port is None else port)
+    print(f"winserver {host.identity.name}: NBD with TLS on {bind}:{listening}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await _watch(exports, server, stop)
+    finally:
+        await server.close()
+        exports.close()
+
+
+def serve(host: Host, bind: str = "0.0.0.0", port: int | None = None) -> None:
+    """Run until SIGINT or SIGTERM."""
+    asyncio.run(_run(host, bind, port))

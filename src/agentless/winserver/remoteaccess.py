@@ -1,0 +1,173 @@
+"""The seed's sub-commands that open and close remote access to disks.
+
+- ``prepare-backup``: snapshot the VM, work out per disk what to read (the blocks changed
+  since the base backup's snapshot, from CBT; or, for a full backup, the allocated extents
+  of the snapshot's chain), and open read-only access to each snapshot disk.
+- ``update-backup-id``: open write access to a VDI (a restore target).
+- ``stop-remote-access``: revoke every grant of a backup id (the NBD server refuses them
+  from then on and drops their connections) and, if asked, reduce the backup's snapshot to
+  CBT metadata, so that it can be the base of the next incremental backup.
+
+An incremental request never answers with a silent gap: without a base snapshot, or with
+CBT invalid (after an unclean stop), the answer is a full backup and says why
+(``cbt_valid: false`` and a ``reason``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+from sqlalchemy import select
+
+from agentless import vhd
+from agentless.pki import subject_of
+
+from .cbt import ChangedBlockTracker, cbt_path
+from .cbtlog import CbtError, changed_extents
+from .grants import Grants
+from .host import Host
+from .metadata import Vdi, VmSnapshot
+from .snapshots import delete_snapshot, snapshot_vm
+from .vms import VmError, describe_vm
+
+__all__ = ["access_info", "prepare_backup", "stop_remote_access", "update_backup_id"]
+
+
+def access_info(host: Host, grant: dict[str, Any], size: int) -> dict[str, Any]:
+    """How a backup system reaches a granted disk (as XenServer's vdi_nbd_server_info)."""
+    cert = host.server_cert_pem
+    return {
+        "address": host.identity.addresses[0],
+        "port": host.identity.nbd_port,
+        "export_name": grant["export_name"],
+        "cert": cert,
+        "subject": subject_of(cert),
+        "size": size,
+        "read_only": grant["read_only"],
+        "expires": grant["expires"],
+    }
+
+
+def _allocated(path: str) -> list[dict[str, int]]:
+    with vhd.Chain.open(path) as chain:
+        return [{"offset": e.offset, "length": e.length} for e in chain.extents()]
+
+
+def _changes(
+    host: Host, vdi_uuid: str, path_dir: str, size: int, base: str | None, new: str
+) -> tuple[Any, str]:
+    """(extents or None, reason): the changed blocks between snapshots *base* and *new*
+    of one disk, recording *new* as a CBT generation."""
+    try:
+        tracker = ChangedBlockTracker.open(cbt_path(path_dir, vdi_uuid), vdi_uuid, size)
+    except CbtError as error:
+        return None, f"changed block tracking unavailable: {error}"
+    with tracker:
+        try:
+            tracker.snapshot(new)
+        except CbtError as error:
+            return None, f"changed block tracking failed: {error}"
+        if base is None:
+            return None, "no base backup"
+        if not tracker.valid:
+            return None, tracker.reason
+        try:
+            bitmap = tracker.changed_between(base, new)
+        except CbtError as error:
+            return None, str(error)
+    return [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, size)], ""
+
+
+def prepare_backup(
+    host: Host,
+    vm_ref: str,
+    backup_id: str,
+    backup_type: str,
+    base_backup_id: str | None = None,
+    grants: Grants | None = None,
+) -> dict[str, Any]:
+    """Snapshot the halted VM *vm_ref* for *backup_id* and open read access to it."""
+    if backup_type not in ("full", "incremental"):
+        raise VmError(f"backup type must be full or incremental, not {backup_type!r}")
+    grants = grants or Grants(host.metadata)
+    with host.metadata.session() as session:
+        if session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == backup_id)).first() is not None:
+            raise VmError(f"backup id {backup_id!r} was already prepared")
+        base_uuid = None
+        if backup_type == "incremental" and base_backup_id:
+            base = session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == base_backup_id)).first()
+            base_uuid = base.uuid if base is not None else None
+    vm = describe_vm(host, vm_ref)
+    snapshot = snapshot_vm(host, vm_ref, name=f"backup {backup_id}", backup_id=backup_id)
+    disks = []
+    for disk in snapshot["disks"]:
+        size = disk["size"]
+        extents, reason = None, "full backup requested"
+        if disk["cbt_enabled"]:
+            found, why = _changes(
+                host, disk["vdi"], os.path.dirname(disk["path"]), size, base_uuid, snapshot["uuid"]
+            )
+            if backup_type == "incremental":
+                extents, reason = found, why
+        elif backup_type == "incremental":
+            reason = "changed block tracking is not enabled on this disk"
+        incremental = extents is not None
+        grant = grants.grant(disk["snapshot_vdi"], backup_id, read_only=True)
+        disks.append(
+            {
+                "position": disk["position"],
+                "vdi": disk["vdi"],
+                "snapshot_vdi": disk["snapshot_vdi"],
+                "size": size,
+                "type": "incremental" if incremental else "full",
+                "cbt_valid": incremental,
+                "reason": "" if incremental else reason,
+                "extents": extents if incremental else _allocated(disk["path"]),
+                "access": access_info(host, grant, size),
+            }
+        )
+    return {
+        "backup_id": backup_id,
+        "snapshot": snapshot["uuid"],
+        "vm": {k: vm[k] for k in ("uuid", "name", "vcpus", "memory", "nics")}
+        | {"disks": [{"position": d["position"], "size": d["size"]} for d in vm["disks"]]},
+        "disks": disks,
+    }
+
+
+def update_backup_id(
+    host: Host, vdi_uuid: str, backup_id: str, grants: Grants | None = None, lifetime_hours: float = 12.0
+) -> dict[str, Any]:
+    """Open write access to *vdi_uuid* (a restore target) under *backup_id*."""
+    grants = grants or Grants(host.metadata)
+    with host.metadata.session() as session:
+        vdi = session.get(Vdi, vdi_uuid)
+        if vdi is None:
+            raise VmError(f"no VDI with uuid {vdi_uuid!r}")
+        if vdi.snapshot_of is not None:
+            raise VmError(f"VDI {vdi_uuid} is a snapshot: snapshots are never written")
+        size = vdi.virtual_size
+    grant = grants.grant(
+        vdi_uuid, backup_id, read_only=False, lifetime=datetime.timedelta(hours=lifetime_hours)
+    )
+    return {"vdi": vdi_uuid, "backup_id": backup_id, "access": access_info(host, grant, size)}
+
+
+def stop_remote_access(
+    host: Host, backup_id: str, delete_snapshots: bool = False, grants: Grants | None = None
+) -> dict[str, Any]:
+    """Revoke every grant of *backup_id*; with *delete_snapshots*, reduce the backup's
+    snapshot to CBT metadata. Idempotent."""
+    grants = grants or Grants(host.metadata)
+    revoked = grants.revoke(backup_id)
+    reduced = []
+    if delete_snapshots:
+        with host.metadata.session() as session:
+            snapshot = session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == backup_id)).first()
+            pending = snapshot.uuid if snapshot is not None and snapshot.state == "ready" else None
+        if pending is not None:
+            delete_snapshot(host, pending, keep_cbt=True)
+            reduced.append(pending)
+    return {"backup_id": backup_id, "revoked": len(revoked), "snapshots_reduced": reduced}

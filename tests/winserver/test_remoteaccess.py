@@ -1,0 +1,203 @@
+"""The sub-commands prepare-backup, update-backup-id and stop-remote-access against a real
+``winserver serve`` daemon (NBD with TLS on loopback), read and written with wddk."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import agentless.wddk as wddk
+from agentless import vhd
+from agentless.nbd.exports import VhdExport
+from agentless.nbd.protocol import NBD_EPERM
+from agentless.winserver.cbt import ChangedBlockTracker, cbt_path
+from agentless.winserver.datapath import TrackedExport
+from agentless.winserver.host import Host
+from agentless.winserver.remoteaccess import prepare_backup, stop_remote_access
+from agentless.winserver.vms import describe_vm
+from tests.nbd.serving import serve
+
+MiB = 1 << 20
+KiB = 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _winserver(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "WINSERVER_DIR"}
+    return subprocess.run(
+        [sys.executable, "-m", "agentless.winserver.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[str]:
+    """A host directory with its daemon running."""
+    d = str(tmp_path / "host")
+    port = _free_port()
+    init = _winserver("init", "--dir", d, "--address", "127.0.0.1", "--nbd-port", str(port))
+    assert init.returncode == 0, init.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", d, "--bind", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
+    try:
+        yield d
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def _guest_writes(host: Host, vm: str, writes: list[tuple[int, bytes]]) -> None:
+    """Play the guest: writes through the tracked datapath of disk 0 (VM halted, so the
+    test holds the CBT file itself, as the datapath would)."""
+    disk = describe_vm(host, vm)["disks"][0]
+    path = disk["path"]
+    tracker = ChangedBlockTracker.open(
+        cbt_path(os.path.dirname(path), disk["vdi"]), disk["vdi"], disk["size"]
+    )
+    guest = TrackedExport(VhdExport(path), tracker)
+    try:
+        with serve({"d": guest}) as served, wddk.open(served.uri("d"), connections=1) as nbd:
+            for offset, data in writes:
+                nbd.write(offset, data)
+            nbd.flush()
+    finally:
+        guest.close()
+        tracker.close()
+
+
+def test_full_then_incremental_backup_and_revocation(daemon: str) -> None:
+    """prepare-backup full: the extents are the allocated data, readable over TLS with the
+    pinned certificate, read-only (EPERM); stop-remote-access drops the connection and
+    refuses new ones; the incremental lists exactly the changed 64 KiB blocks."""
+    made = _winserver("vm", "create", "db", "--dir", daemon, "--disk", "16M", "--nic", "lan", "--json")
+    assert made.returncode == 0, made.stderr
+    rng = random.Random(3)
+    first = [(0, rng.randbytes(100 * KiB)), (5 * MiB + 7, rng.randbytes(3000))]
+    with Host.open(daemon) as host:
+        _guest_writes(host, "db", first)
+    full = json.loads(
+        _winserver(
+            "prepare-backup", "--vm", "db", "--backup-id", "b1", "--type", "full", "--dir", daemon, "--json"
+        ).stdout
+    )
+    disk = full["disks"][0]
+    assert disk["type"] == "full" and full["vm"]["nics"][0]["network"] == "lan"
+    access = disk["access"]
+    assert access["read_only"] and access["port"] > 0 and "BEGIN CERTIFICATE" in access["cert"]
+    with wddk.open(access) as backup:
+        for offset, data in first:
+            assert backup.read(offset, len(data)) == data
+        covered = [(e["offset"], e["offset"] + e["length"]) for e in disk["extents"]]
+        for offset, data in first:
+            assert any(a <= offset and offset + len(data) <= b for a, b in covered)
+        with pytest.raises(wddk.RequestError) as info:
+            backup.write(0, b"x")
+        assert info.value.error == NBD_EPERM
+        stopped = json.loads(
+            _winserver(
+                "stop-remote-access", "--backup-id", "b1", "--delete-snapshot", "--dir", daemon, "--json"
+            ).stdout
+        )
+        assert stopped["revoked"] == 1 and len(stopped["snapshots_reduced"]) == 1
+        deadline = time.monotonic() + 10
+        while True:  # the daemon notices within a second and drops the connection
+            try:
+                backup.read(0, 512)
+            except wddk.NbdError:
+                break
+            assert time.monotonic() < deadline, "the revoked connection stayed open"
+            time.sleep(0.2)
+    with pytest.raises(wddk.NegotiationError):
+        wddk.open(access)
+
+    second = [(3 * MiB, b"\x42" * 10), (9 * MiB + 65536 - 1, b"\x43" * 2)]
+    with Host.open(daemon) as host:
+        _guest_writes(host, "db", second)
+    incr = json.loads(
+        _winserver(
+            "prepare-backup",
+            "--vm",
+            "db",
+            "--backup-id",
+            "b2",
+            "--type",
+            "incremental",
+            "--base-backup-id",
+            "b1",
+            "--dir",
+            daemon,
+            "--json",
+        ).stdout
+    )
+    disk = incr["disks"][0]
+    assert disk["type"] == "incremental" and disk["cbt_valid"] and disk["reason"] == ""
+    assert disk["extents"] == [
+        {"offset": 3 * MiB, "length": 65536},
+        {"offset": 9 * MiB, "length": 2 * 65536},
+    ]
+    with wddk.open(disk["access"]) as backup:
+        assert backup.read(3 * MiB, 10) == b"\x42" * 10
+        assert backup.read(0, 100 * KiB) == first[0][1]  # the snapshot holds all the data
+
+
+def test_incremental_without_usable_base_falls_back_to_full(tmp_path: Path) -> None:
+    """No base backup, or CBT invalid after an unclean stop: a full backup and the reason."""
+    host, _ = Host.init(tmp_path / "h", addresses=["127.0.0.1"])
+    with host:
+        _winserver("vm", "create", "a", "--dir", str(tmp_path / "h"), "--disk", "4M")
+        result = prepare_backup(host, "a", "x1", "incremental", base_backup_id="never")
+        assert result["disks"][0]["type"] == "full" and not result["disks"][0]["cbt_valid"]
+        assert result["disks"][0]["reason"] == "no base backup"
+        stop_remote_access(host, "x1", delete_snapshots=True)
+        disk = describe_vm(host, "a")["disks"][0]
+        tracker = ChangedBlockTracker.open(
+            cbt_path(os.path.dirname(disk["path"]), disk["vdi"]), disk["vdi"], disk["size"]
+        )
+        del tracker  # never closed: as after kill -9
+        result = prepare_backup(host, "a", "x2", "incremental", base_backup_id="x1")
+        assert result["disks"][0]["type"] == "full" and not result["disks"][0]["cbt_valid"]
+        assert "not closed cleanly" in result["disks"][0]["reason"], result["disks"][0]["reason"]
+
+
+def test_update_backup_id_gives_write_access(daemon: str) -> None:
+    """A restore target: the writable grant writes the VDI over TLS; snapshots refuse."""
+    vm = json.loads(_winserver("vm", "create", "r", "--dir", daemon, "--disk", "8M", "--json").stdout)
+    vdi = vm["disks"][0]["vdi"]
+    granted = json.loads(
+        _winserver(
+            "update-backup-id", "--vdi", vdi, "--backup-id", "restore-1", "--dir", daemon, "--json"
+        ).stdout
+    )
+    assert not granted["access"]["read_only"]
+    with wddk.open(granted["access"]) as target:
+        target.write(MiB, b"restored bytes")
+        target.flush()
+    _winserver("stop-remote-access", "--backup-id", "restore-1", "--dir", daemon)
+    with vhd.Chain.open(vm["disks"][0]["path"]) as chain:
+        assert chain.read(MiB, 14) == b"restored bytes"
+    missing = _winserver("update-backup-id", "--vdi", "nope", "--backup-id", "z", "--dir", daemon)
+    assert missing.returncode == 1 and "no VDI" in missing.stderr
