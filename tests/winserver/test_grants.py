@@ -14,7 +14,7 @@ from agentless.nbd.protocol import NBD_EPERM
 from agentless.winserver.grants import GrantError, GrantExports, Grants
 from agentless.winserver.host import Host
 from agentless.winserver.snapshots import snapshot_vm
-from agentless.winserver.vms import create_vm, describe_vm
+from agentless.winserver.vms import VmError, create_vm, delete_vm, describe_vm
 from tests.nbd.serving import serve
 
 MiB = 1 << 20
@@ -105,3 +105,16 @@ def test_nbd_access_through_grants(host: Host, tmp_path: Path) -> None:
         assert chain.read(0, 13) == b"snapshot data"  # the snapshot never changed
     with vhd.Chain.open(describe_vm(host, "db")["disks"][0]["path"]) as chain:
         assert chain.read(0, 13) == b"restored data"
+
+
+def test_vm_with_open_access_is_not_deleted(host: Host) -> None:
+    """A VM whose disk has a live grant cannot be deleted; after revocation it can (and
+    the grant records go with it)."""
+    vm = create_vm(host, "busy", [MiB])
+    grants = Grants(host.metadata)
+    grants.grant(vm["disks"][0]["vdi"], "b9", read_only=True)
+    with pytest.raises(VmError, match="remote access for backup 'b9' is open"):
+        delete_vm(host, "busy")
+    grants.revoke("b9")
+    delete_vm(host, "busy")
+    assert grants.list() == []

@@ -6,11 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,49 +21,11 @@ from agentless.winserver.host import Host
 from agentless.winserver.remoteaccess import prepare_backup, stop_remote_access
 from agentless.winserver.vms import describe_vm
 from tests.nbd.serving import serve
+from tests.winserver.conftest import Daemon
+from tests.winserver.conftest import winserver as _winserver
 
 MiB = 1 << 20
 KiB = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _winserver(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "WINSERVER_DIR"}
-    return subprocess.run(
-        [sys.executable, "-m", "agentless.winserver.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[str]:
-    """A host directory with its daemon running."""
-    d = str(tmp_path / "host")
-    port = _free_port()
-    init = _winserver("init", "--dir", d, "--address", "127.0.0.1", "--nbd-port", str(port))
-    assert init.returncode == 0, init.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", d, "--bind", "127.0.0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
-    try:
-        yield d
-    finally:
-        proc.terminate()
-        assert proc.wait(30) == 0
 
 
 def _guest_writes(host: Host, vm: str, writes: list[tuple[int, bytes]]) -> None:
@@ -89,19 +47,28 @@ def _guest_writes(host: Host, vm: str, writes: list[tuple[int, bytes]]) -> None:
         tracker.close()
 
 
-def test_full_then_incremental_backup_and_revocation(daemon: str) -> None:
+def test_full_then_incremental_backup_and_revocation(daemon: Daemon) -> None:
     """prepare-backup full: the extents are the allocated data, readable over TLS with the
     pinned certificate, read-only (EPERM); stop-remote-access drops the connection and
     refuses new ones; the incremental lists exactly the changed 64 KiB blocks."""
-    made = _winserver("vm", "create", "db", "--dir", daemon, "--disk", "16M", "--nic", "lan", "--json")
+    made = _winserver("vm", "create", "db", "--dir", daemon.dir, "--disk", "16M", "--nic", "lan", "--json")
     assert made.returncode == 0, made.stderr
     rng = random.Random(3)
     first = [(0, rng.randbytes(100 * KiB)), (5 * MiB + 7, rng.randbytes(3000))]
-    with Host.open(daemon) as host:
+    with Host.open(daemon.dir) as host:
         _guest_writes(host, "db", first)
     full = json.loads(
         _winserver(
-            "prepare-backup", "--vm", "db", "--backup-id", "b1", "--type", "full", "--dir", daemon, "--json"
+            "prepare-backup",
+            "--vm",
+            "db",
+            "--backup-id",
+            "b1",
+            "--type",
+            "full",
+            "--dir",
+            daemon.dir,
+            "--json",
         ).stdout
     )
     disk = full["disks"][0]
@@ -119,7 +86,7 @@ def test_full_then_incremental_backup_and_revocation(daemon: str) -> None:
         assert info.value.error == NBD_EPERM
         stopped = json.loads(
             _winserver(
-                "stop-remote-access", "--backup-id", "b1", "--delete-snapshot", "--dir", daemon, "--json"
+                "stop-remote-access", "--backup-id", "b1", "--delete-snapshot", "--dir", daemon.dir, "--json"
             ).stdout
         )
         assert stopped["revoked"] == 1 and len(stopped["snapshots_reduced"]) == 1
@@ -135,7 +102,7 @@ def test_full_then_incremental_backup_and_revocation(daemon: str) -> None:
         wddk.open(access)
 
     second = [(3 * MiB, b"\x42" * 10), (9 * MiB + 65536 - 1, b"\x43" * 2)]
-    with Host.open(daemon) as host:
+    with Host.open(daemon.dir) as host:
         _guest_writes(host, "db", second)
     incr = json.loads(
         _winserver(
@@ -149,7 +116,7 @@ def test_full_then_incremental_backup_and_revocation(daemon: str) -> None:
             "--base-backup-id",
             "b1",
             "--dir",
-            daemon,
+            daemon.dir,
             "--json",
         ).stdout
     )
@@ -183,21 +150,21 @@ def test_incremental_without_usable_base_falls_back_to_full(tmp_path: Path) -> N
         assert "not closed cleanly" in result["disks"][0]["reason"], result["disks"][0]["reason"]
 
 
-def test_update_backup_id_gives_write_access(daemon: str) -> None:
+def test_update_backup_id_gives_write_access(daemon: Daemon) -> None:
     """A restore target: the writable grant writes the VDI over TLS; snapshots refuse."""
-    vm = json.loads(_winserver("vm", "create", "r", "--dir", daemon, "--disk", "8M", "--json").stdout)
+    vm = json.loads(_winserver("vm", "create", "r", "--dir", daemon.dir, "--disk", "8M", "--json").stdout)
     vdi = vm["disks"][0]["vdi"]
     granted = json.loads(
         _winserver(
-            "update-backup-id", "--vdi", vdi, "--backup-id", "restore-1", "--dir", daemon, "--json"
+            "update-backup-id", "--vdi", vdi, "--backup-id", "restore-1", "--dir", daemon.dir, "--json"
         ).stdout
     )
     assert not granted["access"]["read_only"]
     with wddk.open(granted["access"]) as target:
         target.write(MiB, b"restored bytes")
         target.flush()
-    _winserver("stop-remote-access", "--backup-id", "restore-1", "--dir", daemon)
+    _winserver("stop-remote-access", "--backup-id", "restore-1", "--dir", daemon.dir)
     with vhd.Chain.open(vm["disks"][0]["path"]) as chain:
         assert chain.read(MiB, 14) == b"restored bytes"
-    missing = _winserver("update-backup-id", "--vdi", "nope", "--backup-id", "z", "--dir", daemon)
+    missing = _winserver("update-backup-id", "--vdi", "nope", "--backup-id", "z", "--dir", daemon.dir)
     assert missing.returncode == 1 and "no VDI" in missing.stderr

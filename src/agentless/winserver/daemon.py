@@ -1,12 +1,13 @@
-"""``winserver serve``: the host's NBD service for remote access.
+"""``winserver serve``: the host daemon – the HTTPS host API and the NBD service.
 
-Serves every live grant over TCP with TLS (the host's certificate) on the host's NBD port.
+The API (:mod:`.api`, uvicorn over TLS with the host's certificate) listens on the host's
+API port; NBD serves every live grant over TCP with TLS on the host's NBD port.
 Grants are looked up in the metadata database at each handshake; once a second the daemon
 revokes expired grants and drops the connections of every revoked one – also those
 revoked by another process (``winserver stop-remote-access``). On start it revokes the
 grants that expired while it was down and finishes interrupted snapshot deletions.
 
-The HTTPS host API and the VM datapaths join this daemon later.
+The VM datapaths join this daemon later.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import contextlib
 import logging
 import signal
 
+import uvicorn
+
 from agentless.nbd.server import NbdServer
 from agentless.nbd.tls import server_context
 
+from .api import API_PREFIX, make_app
 from .grants import GrantExports, Grants
 from .host import Host
 from .snapshots import finish_deletions
@@ -43,7 +47,7 @@ async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) 
             await asyncio.wait_for(stop.wait(), POLL_SECONDS)
 
 
-async def _run(host: Host, bind: str, port: int | None) -> None:
+async def _run(host: Host, bind: str, port: int | None, api_port: int | None) -> None:
     grants = Grants(host.metadata)
     finish_deletions(host)
     exports = GrantExports(grants)
@@ -51,7 +55,27 @@ async def _run(host: Host, bind: str, port: int | None) -> None:
     server = NbdServer(exports, tls=tls)
     exports.disconnect = server.disconnect
     listening = await server.serve_tcp(bind, host.identity.nbd_port if port is None else port)
-    print(f"winserver {host.identity.name}: NBD with TLS on {bind}:{listening}", flush=True)
+    config = uvicorn.Config(
+        make_app(host, grants),
+        host=bind,
+        port=host.identity.api_port if api_port is None else api_port,
+        ssl_certfile=host.pki_path("server-cert.pem"),
+        ssl_keyfile=host.pki_path("server-key.pem"),
+        log_level="warning",
+        lifespan="off",
+    )
+    api = uvicorn.Server(config)
+    api_task = asyncio.create_task(api.serve())
+    while not api.started:
+        if api_task.done():
+            api_task.result()  # raises why it could not start (port in use...)
+            raise RuntimeError("the host API stopped at start")
+        await asyncio.sleep(0.05)
+    print(
+        f"winserver {host.identity.name}: API https://{bind}:{config.port}{API_PREFIX}, "
+        f"NBD with TLS on {bind}:{listening}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -59,10 +83,12 @@ async def _run(host: Host, bind: str, port: int | None) -> None:
     try:
         await _watch(exports, server, stop)
     finally:
+        api.should_exit = True
+        await api_task
         await server.close()
         exports.close()
 
 
-def serve(host: Host, bind: str = "0.0.0.0", port: int | None = None) -> None:
+def serve(host: Host, bind: str = "0.0.0.0", port: int | None = None, api_port: int | None = None) -> None:
     """Run until SIGINT or SIGTERM."""
-    asyncio.run(_run(host, bind, port))
+    asyncio.run(_run(host, bind, port, api_port))

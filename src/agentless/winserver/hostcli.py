@@ -118,7 +118,7 @@ def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        serve(host, bind=args.bind, port=args.nbd_port)
+        serve(host, bind=args.bind, port=args.nbd_port, api_port=args.api_port)
     return 0
 
 
@@ -187,9 +187,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--nbd-port", type=int, default=DEFAULT_NBD_PORT)
     p.set_defaults(handler=_cmd_init)
 
-    p = command(subparsers, "serve", "run the host daemon: NBD with TLS for the granted disks")
+    p = command(
+        subparsers, "serve", "run the host daemon: the HTTPS host API and NBD with TLS for granted disks"
+    )
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--nbd-port", type=int, help="default: the port given at init")
+    p.add_argument("--api-port", type=int, help="default: the port given at init")
     p.set_defaults(handler=_cmd_serve)
 
     p = command(subparsers, "prepare-backup", "snapshot a VM and open read access to its disks")

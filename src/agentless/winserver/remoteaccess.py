@@ -30,7 +30,7 @@ from .grants import Grants
 from .host import Host
 from .metadata import Vdi, VmSnapshot
 from .snapshots import delete_snapshot, snapshot_vm
-from .vms import VmError, describe_vm
+from .vms import ConflictError, NotFoundError, VmError, describe_vm
 
 __all__ = ["access_info", "prepare_backup", "stop_remote_access", "update_backup_id"]
 
@@ -94,7 +94,7 @@ def prepare_backup(
     grants = grants or Grants(host.metadata)
     with host.metadata.session() as session:
         if session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == backup_id)).first() is not None:
-            raise VmError(f"backup id {backup_id!r} was already prepared")
+            raise ConflictError(f"backup id {backup_id!r} was already prepared")
         base_uuid = None
         if backup_type == "incremental" and base_backup_id:
             base = session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == base_backup_id)).first()
@@ -145,7 +145,7 @@ def update_backup_id(
     with host.metadata.session() as session:
         vdi = session.get(Vdi, vdi_uuid)
         if vdi is None:
-            raise VmError(f"no VDI with uuid {vdi_uuid!r}")
+            raise NotFoundError(f"no VDI with uuid {vdi_uuid!r}")
         if vdi.snapshot_of is not None:
             raise VmError(f"VDI {vdi_uuid} is a snapshot: snapshots are never written")
         size = vdi.virtual_size

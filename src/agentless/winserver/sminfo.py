@@ -17,7 +17,7 @@ from agentless import vhd
 from agentless.vhd.extents import runs
 
 from .metadata import Vdi
-from .vms import VmError
+from .vms import NotFoundError
 
 __all__ = ["find_vdi", "vdi_sm_info"]
 
@@ -25,7 +25,7 @@ __all__ = ["find_vdi", "vdi_sm_info"]
 def find_vdi(session: Session, ref: str) -> Vdi:
     vdi = session.get(Vdi, ref)
     if vdi is None:
-        raise VmError(f"no VDI with uuid {ref!r}")
+        raise NotFoundError(f"no VDI with uuid {ref!r}")
     return vdi
 
 

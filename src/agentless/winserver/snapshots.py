@@ -27,8 +27,8 @@ from sqlalchemy import select
 from agentless import vhd
 
 from .host import Host
-from .metadata import Vdi, Vm, VmSnapshot, new_uuid
-from .vms import VmError, find_vm
+from .metadata import Grant, Vdi, Vm, VmSnapshot, new_uuid
+from .vms import ConflictError, NotFoundError, VmError, find_vm
 
 __all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm"]
 
@@ -43,7 +43,7 @@ def snapshot_vm(
         with host.metadata.session() as session:
             vm = find_vm(session, ref)
             if vm.power_state != "halted":
-                raise VmError(
+                raise ConflictError(
                     f"VM {vm.name!r} is {vm.power_state}: online snapshots need the running host daemon"
                 )
             snapshot = VmSnapshot(
@@ -119,18 +119,21 @@ def delete_snapshot(host: Host, snapshot_uuid: str, keep_cbt: bool = False) -> d
     with host.metadata.session() as session:
         snapshot = session.get(VmSnapshot, snapshot_uuid)
         if snapshot is None or snapshot.state in ("deleting", "reducing"):
-            raise VmError(f"no snapshot {snapshot_uuid!r} (or it is being deleted)")
+            raise NotFoundError(f"no snapshot {snapshot_uuid!r} (or it is being deleted)")
         vm = session.get(Vm, snapshot.vm_uuid)
         assert vm is not None
         if vm.power_state != "halted":
-            raise VmError(
+            raise ConflictError(
                 f"VM {vm.name!r} is {vm.power_state}: snapshots of running VMs are deleted by the daemon"
             )
         vdis = list(session.scalars(select(Vdi).where(Vdi.snapshot_group == snapshot.uuid)))
         if snapshot.state == "cbt-only":
             if keep_cbt:
-                raise VmError(f"snapshot {snapshot_uuid} already holds CBT metadata only")
+                raise ConflictError(f"snapshot {snapshot_uuid} already holds CBT metadata only")
             for vdi in vdis:  # no data left: only the records go
+                for grant in session.scalars(select(Grant).where(Grant.vdi_uuid == vdi.uuid)):
+                    session.delete(grant)
+                session.flush()
                 session.delete(vdi)
             session.flush()
             session.delete(snapshot)
@@ -192,6 +195,9 @@ def finish_deletions(host: Host) -> int:
                     vdi.data_destroyed = True
                     vdi.path = ""
                 else:
+                    for grant in session.scalars(select(Grant).where(Grant.vdi_uuid == vdi_uuid)):
+                        session.delete(grant)  # no data left to grant access to
+                    session.flush()
                     session.delete(vdi)
             # committed: nothing refers to the child any more (a crash right here leaves an
             # unreferenced file, for the daemon's orphan sweep)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +24,18 @@ from agentless import vhd
 from .cbt import cbt_path
 from .cbt import enable as enable_cbt
 from .host import Host
-from .metadata import Nic, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
+from .metadata import Grant, Nic, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
 
-__all__ = ["VmError", "create_vm", "delete_vm", "describe_vm", "find_vm", "list_vms"]
+__all__ = [
+    "ConflictError",
+    "NotFoundError",
+    "VmError",
+    "create_vm",
+    "delete_vm",
+    "describe_vm",
+    "find_vm",
+    "list_vms",
+]
 
 MIN_MEMORY = 16 * 1024 * 1024
 
@@ -33,6 +43,14 @@ MIN_MEMORY = 16 * 1024 * 1024
 class VmError(Exception):
     """A VM operation that cannot be done as asked (unknown VM, name taken, VM running,
     bad sizes); nothing was changed."""
+
+
+class NotFoundError(VmError):
+    """The VM, VDI or snapshot named does not exist."""
+
+
+class ConflictError(VmError):
+    """The request clashes with the current state (name taken, VM running, already done)."""
 
 
 def _mac() -> str:
@@ -53,7 +71,7 @@ def find_vm(session: Session, ref: str) -> Vm:
     """A VM by uuid or by name."""
     vm = session.get(Vm, ref) or session.scalars(select(Vm).where(Vm.name == ref)).first()
     if vm is None:
-        raise VmError(f"no VM named or with uuid {ref!r}")
+        raise NotFoundError(f"no VM named or with uuid {ref!r}")
     return vm
 
 
@@ -81,7 +99,7 @@ def create_vm(
     try:
         with host.metadata.session() as session:
             if session.scalars(select(Vm).where(Vm.name == name)).first() is not None:
-                raise VmError(f"a VM named {name!r} exists")
+                raise ConflictError(f"a VM named {name!r} exists")
             sr = _default_sr(session)
             vm = Vm(uuid=new_uuid(), name=name, vcpus=vcpus, memory=memory)
             session.add(vm)
@@ -157,13 +175,23 @@ def delete_vm(host: Host, ref: str) -> dict[str, Any]:
     with host.metadata.session() as session:
         vm = find_vm(session, ref)
         if vm.power_state != "halted":
-            raise VmError(f"VM {vm.name!r} is {vm.power_state}: stop it first")
+            raise ConflictError(f"VM {vm.name!r} is {vm.power_state}: stop it first")
         description = _describe(vm)
         vdis = [disk.vdi for disk in vm.disks]
         snapshots = list(session.scalars(select(VmSnapshot).where(VmSnapshot.vm_uuid == vm.uuid)))
         snapshot_vdis = list(
             session.scalars(select(Vdi).where(Vdi.snapshot_of.in_([vdi.uuid for vdi in vdis])))
         )
+        uuids = [vdi.uuid for vdi in vdis + snapshot_vdis]
+        live = session.scalars(
+            select(Grant).where(
+                Grant.vdi_uuid.in_(uuids), Grant.revoked.is_(False), Grant.expires > int(time.time())
+            )
+        ).first()
+        if live is not None:
+            raise ConflictError(f"remote access for backup {live.backup_id!r} is open: stop it first")
+        for grant in session.scalars(select(Grant).where(Grant.vdi_uuid.in_(uuids))):
+            session.delete(grant)  # revoked or expired: only history
         paths = [vdi.path for vdi in vdis] + [vdi.path for vdi in snapshot_vdis]
         paths += [cbt_path(os.path.dirname(vdi.path), vdi.uuid) for vdi in vdis]
         for vdi in snapshot_vdis:  # they refer to the disks and to the snapshots

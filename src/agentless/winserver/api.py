@@ -1,0 +1,177 @@
+"""The host API: HTTPS JSON, one bearer token per host, errors as RFC 9457 problem+json.
+
+WinCenter drives a host through these routes (``/api/v1``); :mod:`.client` is the typed
+client it uses. Routes are plain functions over the host's domain modules, run by FastAPI
+in worker threads; changes to VMs and their disks are serialised by one lock, so two
+requests never rework the same chain at once.
+
+==========================================  ===========================================
+``GET    /api/v1/host``                     identity, ports, certificate
+``GET    /api/v1/vms``                      every VM
+``POST   /api/v1/vms``                      create a halted VM {name, disks, nics, ...}
+``GET    /api/v1/vms/{ref}``                one VM (uuid or name)
+``DELETE /api/v1/vms/{ref}``                delete a halted VM and its disks
+``POST   /api/v1/vms/{ref}/snapshots``      snapshot every disk
+``DELETE /api/v1/snapshots/{uuid}``         delete (``?keep_cbt=true``: reduce) a snapshot
+``GET    /api/v1/vdis/{uuid}/sm-info``      get_vdi_sm_info
+``POST   /api/v1/prepare-backup``           {vm, backup_id, type, base_backup_id}
+``POST   /api/v1/update-backup-id``         {vdi, backup_id}
+``POST   /api/v1/stop-remote-access``       {backup_id, delete_snapshot}
+==========================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from agentless import __version__
+
+from .grants import GrantError, Grants
+from .host import Host
+from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
+from .sminfo import find_vdi, vdi_sm_info
+from .snapshots import delete_snapshot, snapshot_vm
+from .vms import ConflictError, NotFoundError, VmError, create_vm, delete_vm, describe_vm, list_vms
+
+__all__ = ["API_PREFIX", "make_app"]
+
+API_PREFIX = "/api/v1"
+
+
+class Problem(Exception):
+    """An error answered as application/problem+json (RFC 9457)."""
+
+    def __init__(self, status: int, title: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+def _status_of(error: Exception) -> int:
+    if isinstance(error, NotFoundError):
+        return 404
+    if isinstance(error, ConflictError):
+        return 409
+    return 400
+
+
+class VmCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    disks: list[int] = Field(min_length=1, description="disk sizes in bytes")
+    nics: list[str] = []
+    vcpus: int = 1
+    memory: int = 1 << 30
+    cbt: bool = True
+
+
+class PrepareBackup(BaseModel):
+    vm: str
+    backup_id: str = Field(min_length=1, max_length=255)
+    type: Literal["full", "incremental"]
+    base_backup_id: str | None = None
+
+
+class UpdateBackupId(BaseModel):
+    vdi: str
+    backup_id: str = Field(min_length=1, max_length=255)
+
+
+class StopRemoteAccess(BaseModel):
+    backup_id: str = Field(min_length=1, max_length=255)
+    delete_snapshot: bool = False
+
+
+def make_app(host: Host, grants: Grants) -> FastAPI:
+    """The API of *host*; *grants* is shared with the daemon's NBD server."""
+    app = FastAPI(title="WinServer host API", version=__version__, openapi_url=f"{API_PREFIX}/openapi.json")
+    lock = threading.Lock()
+
+    @app.exception_handler(Problem)
+    async def problem(_request: Request, error: Problem) -> JSONResponse:
+        return JSONResponse(
+            {"type": "about:blank", "title": error.title, "status": error.status, "detail": error.detail},
+            status_code=error.status,
+            media_type="application/problem+json",
+        )
+
+    def authorised(authorization: str = Header(default="")) -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token or not host.check_token(token):
+            raise Problem(401, "Unauthorized", "a valid host token is required (Authorization: Bearer ...)")
+
+    def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with lock:
+                return fn(*args, **kwargs)
+        except (VmError, GrantError) as error:
+            raise Problem(_status_of(error), "Request failed", str(error)) from None
+
+    guard = [Depends(authorised)]
+
+    @app.get(f"{API_PREFIX}/host", dependencies=guard)
+    def get_host() -> dict[str, Any]:
+        identity = host.identity
+        return {
+            "uuid": identity.uuid,
+            "name": identity.name,
+            "addresses": list(identity.addresses),
+            "api_port": identity.api_port,
+            "nbd_port": identity.nbd_port,
+            "cert": host.server_cert_pem,
+            "version": __version__,
+        }
+
+    @app.get(f"{API_PREFIX}/vms", dependencies=guard)
+    def get_vms() -> dict[str, Any]:
+        return {"vms": run(list_vms, host)}
+
+    @app.post(f"{API_PREFIX}/vms", dependencies=guard, status_code=201)
+    def post_vm(body: VmCreate) -> dict[str, Any]:
+        return dict(run(create_vm, host, body.name, body.disks, body.nics, body.vcpus, body.memory, body.cbt))
+
+    @app.get(f"{API_PREFIX}/vms/{{ref}}", dependencies=guard)
+    def get_vm(ref: str) -> dict[str, Any]:
+        return dict(run(describe_vm, host, ref))
+
+    @app.delete(f"{API_PREFIX}/vms/{{ref}}", dependencies=guard)
+    def del_vm(ref: str) -> dict[str, Any]:
+        return {"deleted": run(delete_vm, host, ref)}
+
+    @app.post(f"{API_PREFIX}/vms/{{ref}}/snapshots", dependencies=guard, status_code=201)
+    def post_snapshot(ref: str) -> dict[str, Any]:
+        return dict(run(snapshot_vm, host, ref))
+
+    @app.delete(f"{API_PREFIX}/snapshots/{{uuid}}", dependencies=guard)
+    def del_snapshot(uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
+        return dict(run(delete_snapshot, host, uuid, keep_cbt))
+
+    @app.get(f"{API_PREFIX}/vdis/{{uuid}}/sm-info", dependencies=guard)
+    def get_sm_info(uuid: str) -> dict[str, Any]:
+        def info() -> dict[str, Any]:
+            with host.metadata.session() as session:
+                path = find_vdi(session, uuid).path
+            return {"vdi": uuid, **vdi_sm_info(path)}
+
+        return dict(run(info))
+
+    @app.post(f"{API_PREFIX}/prepare-backup", dependencies=guard)
+    def post_prepare_backup(body: PrepareBackup) -> dict[str, Any]:
+        return dict(
+            run(prepare_backup, host, body.vm, body.backup_id, body.type, body.base_backup_id, grants)
+        )
+
+    @app.post(f"{API_PREFIX}/update-backup-id", dependencies=guard)
+    def post_update_backup_id(body: UpdateBackupId) -> dict[str, Any]:
+        return dict(run(update_backup_id, host, body.vdi, body.backup_id, grants))
+
+    @app.post(f"{API_PREFIX}/stop-remote-access", dependencies=guard)
+    def post_stop_remote_access(body: StopRemoteAccess) -> dict[str, Any]:
+        return dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, grants))
+
+    return app
