@@ -11,7 +11,8 @@ requests never rework the same chain at once.
 ``POST   /api/v1/vms``                      create a halted VM {name, disks, nics, ...}
 ``GET    /api/v1/vms/{ref}``                one VM (uuid or name)
 ``DELETE /api/v1/vms/{ref}``                delete a halted VM and its disks
-``POST   /api/v1/vms/{ref}/snapshots``      snapshot every disk
+``POST   /api/v1/vms/{ref}/start|stop``     power (driver none: disks on unix sockets)
+``POST   /api/v1/vms/{ref}/snapshots``      snapshot every disk (online if running)
 ``DELETE /api/v1/snapshots/{uuid}``         delete (``?keep_cbt=true``: reduce) a snapshot
 ``GET    /api/v1/vdis/{uuid}/sm-info``      get_vdi_sm_info
 ``POST   /api/v1/prepare-backup``           {vm, backup_id, type, base_backup_id}
@@ -22,7 +23,9 @@ requests never rework the same chain at once.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Coroutine
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -34,8 +37,8 @@ from agentless import __version__
 from .grants import GrantError, Grants
 from .host import Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
+from .runtime import Runtime
 from .sminfo import find_vdi, vdi_sm_info
-from .snapshots import delete_snapshot, snapshot_vm
 from .vms import ConflictError, NotFoundError, VmError, create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["API_PREFIX", "make_app"]
@@ -87,8 +90,9 @@ class StopRemoteAccess(BaseModel):
     delete_snapshot: bool = False
 
 
-def make_app(host: Host, grants: Grants) -> FastAPI:
-    """The API of *host*; *grants* is shared with the daemon's NBD server."""
+def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> FastAPI:
+    """The API of *host*; *grants* is shared with the daemon's NBD server, *runtime* (the
+    running VMs) lives on the daemon's event loop *loop*."""
     app = FastAPI(title="WinServer host API", version=__version__, openapi_url=f"{API_PREFIX}/openapi.json")
     lock = threading.Lock()
 
@@ -114,6 +118,12 @@ def make_app(host: Host, grants: Grants) -> FastAPI:
 
     guard = [Depends(authorised)]
 
+    def on_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    def online_snapshot(vm: str, name: str, backup_id: str) -> dict[str, Any]:
+        return dict(on_loop(runtime.snapshot(vm, name, backup_id)))
+
     @app.get(f"{API_PREFIX}/host", dependencies=guard)
     def get_host() -> dict[str, Any]:
         identity = host.identity
@@ -137,7 +147,15 @@ def make_app(host: Host, grants: Grants) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/vms/{{ref}}", dependencies=guard)
     def get_vm(ref: str) -> dict[str, Any]:
-        return dict(run(describe_vm, host, ref))
+        return dict(run(runtime.describe, ref))
+
+    @app.post(f"{API_PREFIX}/vms/{{ref}}/start", dependencies=guard)
+    def start_vm(ref: str) -> dict[str, Any]:
+        return dict(run(lambda: on_loop(runtime.start(ref))))
+
+    @app.post(f"{API_PREFIX}/vms/{{ref}}/stop", dependencies=guard)
+    def stop_vm(ref: str) -> dict[str, Any]:
+        return dict(run(lambda: on_loop(runtime.stop(ref))))
 
     @app.delete(f"{API_PREFIX}/vms/{{ref}}", dependencies=guard)
     def del_vm(ref: str) -> dict[str, Any]:
@@ -145,11 +163,11 @@ def make_app(host: Host, grants: Grants) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/vms/{{ref}}/snapshots", dependencies=guard, status_code=201)
     def post_snapshot(ref: str) -> dict[str, Any]:
-        return dict(run(snapshot_vm, host, ref))
+        return dict(run(lambda: on_loop(runtime.snapshot(ref))))
 
     @app.delete(f"{API_PREFIX}/snapshots/{{uuid}}", dependencies=guard)
     def del_snapshot(uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
-        return dict(run(delete_snapshot, host, uuid, keep_cbt))
+        return dict(run(lambda: on_loop(runtime.delete_snapshot(uuid, keep_cbt))))
 
     @app.get(f"{API_PREFIX}/vdis/{{uuid}}/sm-info", dependencies=guard)
     def get_sm_info(uuid: str) -> dict[str, Any]:
@@ -162,9 +180,20 @@ def make_app(host: Host, grants: Grants) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/prepare-backup", dependencies=guard)
     def post_prepare_backup(body: PrepareBackup) -> dict[str, Any]:
-        return dict(
-            run(prepare_backup, host, body.vm, body.backup_id, body.type, body.base_backup_id, grants)
-        )
+        def prepare() -> dict[str, Any]:
+            trackers = runtime.trackers(describe_vm(host, body.vm)["uuid"])
+            return prepare_backup(
+                host,
+                body.vm,
+                body.backup_id,
+                body.type,
+                body.base_backup_id,
+                grants,
+                online_snapshot,
+                trackers,
+            )
+
+        return dict(run(prepare))
 
     @app.post(f"{API_PREFIX}/update-backup-id", dependencies=guard)
     def post_update_backup_id(body: UpdateBackupId) -> dict[str, Any]:
@@ -172,6 +201,9 @@ def make_app(host: Host, grants: Grants) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/stop-remote-access", dependencies=guard)
     def post_stop_remote_access(body: StopRemoteAccess) -> dict[str, Any]:
-        return dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, grants))
+        def reduce(snapshot_uuid: str) -> Any:
+            return on_loop(runtime.delete_snapshot(snapshot_uuid, True))
+
+        return dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, grants, reduce))
 
     return app

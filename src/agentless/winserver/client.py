@@ -89,6 +89,12 @@ class HostClient(Closing):
     def vm(self, ref: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/vms/{ref}"))
 
+    def start_vm(self, ref: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{ref}/start"))
+
+    def stop_vm(self, ref: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{ref}/stop"))
+
     def delete_vm(self, ref: str) -> dict[str, Any]:
         return dict(self._call("DELETE", f"/vms/{ref}"))
 

@@ -25,7 +25,9 @@ from agentless.nbd.tls import server_context
 from .api import API_PREFIX, make_app
 from .grants import GrantExports, Grants
 from .host import Host
+from .runtime import Runtime
 from .snapshots import finish_deletions
+from .vms import list_vms
 
 __all__ = ["serve"]
 
@@ -55,8 +57,12 @@ async def _run(host: Host, bind: str, port: int | None, api_port: int | None) ->
     server = NbdServer(exports, tls=tls)
     exports.disconnect = server.disconnect
     listening = await server.serve_tcp(bind, host.identity.nbd_port if port is None else port)
+    runtime = Runtime(host)
+    for vm in list_vms(host):  # recovery: the datapaths of running VMs come back
+        if vm["power_state"] == "running":
+            await runtime.start(vm["uuid"])
     config = uvicorn.Config(
-        make_app(host, grants),
+        make_app(host, grants, runtime, asyncio.get_running_loop()),
         host=bind,
         port=host.identity.api_port if api_port is None else api_port,
         ssl_certfile=host.pki_path("server-cert.pem"),
@@ -85,6 +91,7 @@ async def _run(host: Host, bind: str, port: int | None, api_port: int | None) ->
     finally:
         api.should_exit = True
         await api_task
+        await runtime.shutdown()
         await server.close()
         exports.close()
 

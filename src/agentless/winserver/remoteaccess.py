@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -56,10 +57,13 @@ def _allocated(path: str) -> list[dict[str, int]]:
 
 
 def _changes(
-    host: Host, vdi_uuid: str, path_dir: str, size: int, base: str | None, new: str
+    vdi_uuid: str, path_dir: str, size: int, base: str | None, new: str, live: ChangedBlockTracker | None
 ) -> tuple[Any, str]:
     """(extents or None, reason): the changed blocks between snapshots *base* and *new*
-    of one disk, recording *new* as a CBT generation."""
+    of one disk. A halted VM's tracker is opened here and records *new*; a running VM's
+    live tracker (*live*) recorded it when the runtime took the snapshot."""
+    if live is not None:
+        return _query(live, base, new)
     try:
         tracker = ChangedBlockTracker.open(cbt_path(path_dir, vdi_uuid), vdi_uuid, size)
     except CbtError as error:
@@ -69,15 +73,22 @@ def _changes(
             tracker.snapshot(new)
         except CbtError as error:
             return None, f"changed block tracking failed: {error}"
-        if base is None:
-            return None, "no base backup"
-        if not tracker.valid:
-            return None, tracker.reason
-        try:
-            bitmap = tracker.changed_between(base, new)
-        except CbtError as error:
-            return None, str(error)
-    return [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, size)], ""
+        return _query(tracker, base, new)
+
+
+def _query(tracker: ChangedBlockTracker, base: str | None, new: str) -> tuple[Any, str]:
+    if base is None:
+        return None, "no base backup"
+    if not tracker.valid:
+        return None, tracker.reason
+    try:
+        bitmap = tracker.changed_between(base, new)
+    except CbtError as error:
+        return None, str(error)
+    return [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, tracker.size)], ""
+
+
+Snapshotter = Callable[[str, str, str], dict[str, Any]]  # (vm, name, backup_id) -> snapshot
 
 
 def prepare_backup(
@@ -87,8 +98,12 @@ def prepare_backup(
     backup_type: str,
     base_backup_id: str | None = None,
     grants: Grants | None = None,
+    snapshotter: Snapshotter | None = None,
+    trackers: dict[str, ChangedBlockTracker] | None = None,
 ) -> dict[str, Any]:
-    """Snapshot the halted VM *vm_ref* for *backup_id* and open read access to it."""
+    """Snapshot the VM *vm_ref* for *backup_id* and open read access to it. Halted VMs are
+    snapshotted here; the daemon passes its *snapshotter* (online snapshots of running
+    VMs) and the running VM's live CBT *trackers* by VDI uuid."""
     if backup_type not in ("full", "incremental"):
         raise VmError(f"backup type must be full or incremental, not {backup_type!r}")
     grants = grants or Grants(host.metadata)
@@ -100,14 +115,23 @@ def prepare_backup(
             base = session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == base_backup_id)).first()
             base_uuid = base.uuid if base is not None else None
     vm = describe_vm(host, vm_ref)
-    snapshot = snapshot_vm(host, vm_ref, name=f"backup {backup_id}", backup_id=backup_id)
+    if snapshotter is not None:
+        snapshot = snapshotter(vm_ref, f"backup {backup_id}", backup_id)
+    else:
+        snapshot = snapshot_vm(host, vm_ref, name=f"backup {backup_id}", backup_id=backup_id)
+    live = trackers or {}
     disks = []
     for disk in snapshot["disks"]:
         size = disk["size"]
         extents, reason = None, "full backup requested"
         if disk["cbt_enabled"]:
             found, why = _changes(
-                host, disk["vdi"], os.path.dirname(disk["path"]), size, base_uuid, snapshot["uuid"]
+                disk["vdi"],
+                os.path.dirname(disk["path"]),
+                size,
+                base_uuid,
+                snapshot["uuid"],
+                live.get(disk["vdi"]),
             )
             if backup_type == "incremental":
                 extents, reason = found, why
@@ -156,7 +180,11 @@ def update_backup_id(
 
 
 def stop_remote_access(
-    host: Host, backup_id: str, delete_snapshots: bool = False, grants: Grants | None = None
+    host: Host,
+    backup_id: str,
+    delete_snapshots: bool = False,
+    grants: Grants | None = None,
+    reducer: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Revoke every grant of *backup_id*; with *delete_snapshots*, reduce the backup's
     snapshot to CBT metadata. Idempotent."""
@@ -168,6 +196,9 @@ def stop_remote_access(
             snapshot = session.scalars(select(VmSnapshot).where(VmSnapshot.backup_id == backup_id)).first()
             pending = snapshot.uuid if snapshot is not None and snapshot.state == "ready" else None
         if pending is not None:
-            delete_snapshot(host, pending, keep_cbt=True)
+            if reducer is not None:  # the daemon: the VM may be running
+                reducer(pending)
+            else:
+                delete_snapshot(host, pending, keep_cbt=True)
             reduced.append(pending)
     return {"backup_id": backup_id, "revoked": len(revoked), "snapshots_reduced": reduced}

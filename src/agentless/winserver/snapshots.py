@@ -34,15 +34,20 @@ __all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm"]
 
 
 def snapshot_vm(
-    host: Host, ref: str, name: str | None = None, backup_id: str | None = None
+    host: Host,
+    ref: str,
+    name: str | None = None,
+    backup_id: str | None = None,
+    allow_running: bool = False,
 ) -> dict[str, Any]:
     """Snapshot every disk of the halted VM *ref* (for *backup_id*, if given); returns the
-    snapshot's description."""
+    snapshot's description. *allow_running* is for the daemon's runtime, which pauses the
+    running VM's disks around this call and switches them to the new leaves."""
     made: list[str] = []
     try:
         with host.metadata.session() as session:
             vm = find_vm(session, ref)
-            if vm.power_state != "halted":
+            if vm.power_state != "halted" and not allow_running:
                 raise ConflictError(
                     f"VM {vm.name!r} is {vm.power_state}: online snapshots need the running host daemon"
                 )
@@ -100,7 +105,9 @@ def _chain_paths(path: str) -> list[str]:
         return chain.paths
 
 
-def delete_snapshot(host: Host, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
+def delete_snapshot(
+    host: Host, snapshot_uuid: str, keep_cbt: bool = False, allow_running: bool = False
+) -> dict[str, Any]:
     """Delete the data of a halted VM's snapshot; with *keep_cbt* keep its records as CBT
     metadata only (XenServer's ``VDI.data_destroy``), so that it can still be the base of
     an incremental backup.
@@ -122,7 +129,7 @@ def delete_snapshot(host: Host, snapshot_uuid: str, keep_cbt: bool = False) -> d
             raise NotFoundError(f"no snapshot {snapshot_uuid!r} (or it is being deleted)")
         vm = session.get(Vm, snapshot.vm_uuid)
         assert vm is not None
-        if vm.power_state != "halted":
+        if vm.power_state != "halted" and not allow_running:
             raise ConflictError(
                 f"VM {vm.name!r} is {vm.power_state}: snapshots of running VMs are deleted by the daemon"
             )

@@ -1,0 +1,279 @@
+"""Running VMs: each disk served to its guest over NBD on a unix socket (driver ``none``:
+any NBD client plays the guest), every change marked in CBT, and online snapshots.
+
+A :class:`LiveDisk` is the guest's export. It can be *paused*: new requests wait, requests
+in flight finish. An online snapshot pauses every disk of the VM (so all disks are taken
+at one instant), flushes them, freezes the leaves under new differencing leaves, switches
+each disk to its new leaf, records the CBT generation, and resumes – the guest only sees
+a short wait::
+
+    guest ─▶ LiveDisk ─┬─ pause ─ flush ─ new leaf ─ switch ─ CBT snapshot ─ resume ─▶
+                       └─ requests arriving meanwhile wait, none fails
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from agentless.nbd.exports import VhdExport
+from agentless.nbd.server import NbdServer
+
+from .cbt import ChangedBlockTracker, cbt_path
+from .cbtlog import CbtError
+from .host import Host
+from .metadata import Vm, VmSnapshot
+from .snapshots import delete_snapshot, snapshot_vm
+from .vms import ConflictError, describe_vm, find_vm
+
+__all__ = ["LiveDisk", "Runtime"]
+
+
+class LiveDisk:
+    """A running VM's disk: the leaf of its VDI, switchable, with CBT marking."""
+
+    def __init__(self, path: str, tracker: ChangedBlockTracker | None):
+        self._export = VhdExport(path)
+        self.tracker = tracker
+        self._cond = threading.Condition()
+        self._paused = False
+        self._in_flight = 0
+
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[VhdExport]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._paused)
+            self._in_flight += 1
+            export = self._export
+        try:
+            yield export
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Hold new requests and wait for those in flight."""
+        with self._cond:
+            self._paused = True
+            self._cond.wait_for(lambda: self._in_flight == 0)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def switch(self, path: str) -> None:
+        """Serve *path* from now on (the disk must be paused)."""
+        old = self._export
+        self._export = VhdExport(path)
+        old.close()
+
+    # the Export protocol
+    @property
+    def size(self) -> int:
+        return self._export.size
+
+    read_only = False
+    multi_conn = True
+    min_block_size = 1
+    description = "WinServer VM disk"
+
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        with self._request() as export:
+            export.pread(buf, offset, nowait)
+
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return None  # the leaf can change under a sendfile; reads go through pread
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        with self._request() as export:
+            if self.tracker is not None:
+                self.tracker.mark(offset, len(data))
+            export.pwrite(data, offset)
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        with self._request() as export:
+            if self.tracker is not None:
+                self.tracker.mark(offset, length)
+            export.zero(offset, length, may_trim, fast)
+
+    def trim(self, offset: int, length: int) -> None:
+        with self._request() as export:
+            if self.tracker is not None:
+                self.tracker.mark(offset, length)
+            export.trim(offset, length)
+
+    def flush(self) -> None:
+        with self._request() as export:
+            export.flush()
+
+    def contexts(self) -> Sequence[str]:
+        return []
+
+    def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        with self._request() as export:
+            return export.extents(context, offset, length)
+
+    def close(self) -> None:
+        self._export.close()
+        if self.tracker is not None:
+            with contextlib.suppress(CbtError, OSError):
+                self.tracker.close()
+
+
+@dataclasses.dataclass
+class _Running:
+    disks: list[LiveDisk]
+    servers: list[NbdServer]
+    sockets: list[str]
+
+
+class Runtime:
+    """The running VMs of a host; lives in the daemon, on its event loop."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self._vms: dict[str, _Running] = {}
+        self.lock = asyncio.Lock()
+
+    def _socket(self, vm_uuid: str, position: int) -> str:
+        directory = os.path.join(self.host.directory, "run")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.path.join(directory, f"{vm_uuid[:8]}-{position}.sock")
+
+    def guest_sockets(self, vm_uuid: str) -> list[str]:
+        running = self._vms.get(vm_uuid)
+        return list(running.sockets) if running else []
+
+    def trackers(self, vm_uuid: str) -> dict[str, ChangedBlockTracker]:
+        """The open CBT trackers of a running VM's disks, by VDI uuid."""
+        running = self._vms.get(vm_uuid)
+        if running is None:
+            return {}
+        vm = describe_vm(self.host, vm_uuid)
+        return {
+            d["vdi"]: disk.tracker
+            for d, disk in zip(vm["disks"], running.disks, strict=True)
+            if disk.tracker is not None
+        }
+
+    async def start(self, ref: str) -> dict[str, Any]:
+        async with self.lock:
+            vm = describe_vm(self.host, ref)
+            if vm["uuid"] in self._vms:
+                raise ConflictError(f"VM {vm['name']!r} is running")
+            running = _Running([], [], [])
+            try:
+                for disk in vm["disks"]:
+                    tracker = None
+                    if disk["cbt_enabled"]:
+                        path = cbt_path(os.path.dirname(disk["path"]), disk["vdi"])
+                        tracker = ChangedBlockTracker.open(path, disk["vdi"], disk["size"])
+                    live = LiveDisk(disk["path"], tracker)
+                    running.disks.append(live)
+                    server = NbdServer({"": live})
+                    socket_path = self._socket(vm["uuid"], disk["position"])
+                    await server.serve_unix(socket_path)
+                    running.servers.append(server)
+                    running.sockets.append(socket_path)
+            except BaseException:
+                await self._teardown(running)
+                raise
+            self._vms[vm["uuid"]] = running
+            self._set_state(vm["uuid"], "running")
+            return self.describe(vm["uuid"])
+
+    async def stop(self, ref: str) -> dict[str, Any]:
+        async with self.lock:
+            vm = describe_vm(self.host, ref)
+            running = self._vms.pop(vm["uuid"], None)
+            if running is not None:
+                await self._teardown(running)
+            self._set_state(vm["uuid"], "halted")
+            return self.describe(vm["uuid"])
+
+    async def shutdown(self) -> None:
+        """Close every datapath cleanly (CBT stays valid) but leave the VMs marked running,
+        so that the daemon's next start brings them back."""
+        async with self.lock:
+            for vm_uuid in list(self._vms):
+                await self._teardown(self._vms.pop(vm_uuid))
+
+    async def _teardown(self, running: _Running) -> None:
+        for server in running.servers:
+            await server.close()
+        for disk in running.disks:
+            await asyncio.to_thread(disk.flush)
+            disk.close()
+        for socket_path in running.sockets:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
+
+    def _set_state(self, vm_uuid: str, state: str) -> None:
+        with self.host.metadata.session() as session:
+            vm = session.get(Vm, vm_uuid)
+            if vm is not None:
+                vm.power_state = state
+
+    def describe(self, ref: str) -> dict[str, Any]:
+        vm = describe_vm(self.host, ref)
+        sockets = self.guest_sockets(vm["uuid"])
+        for disk in vm["disks"]:
+            disk["guest_socket"] = sockets[disk["position"]] if sockets else None
+        return vm
+
+    async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
+        """Delete (or reduce to CBT metadata) a snapshot; for a running VM its disks are
+        paused while the chain is reworked and then switched to their current leaves.
+        (The pause lasts the coalesce: background coalescing without it is still to come.)"""
+        async with self.lock:
+            with self.host.metadata.session() as session:
+                snapshot = session.get(VmSnapshot, snapshot_uuid)
+                vm_uuid = snapshot.vm_uuid if snapshot is not None else None
+            running = self._vms.get(vm_uuid) if vm_uuid is not None else None
+            if running is None:
+                return await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt)
+            for disk in running.disks:
+                await asyncio.to_thread(disk.pause)
+            try:
+                result = await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt, True)
+                assert vm_uuid is not None
+                for disk, state in zip(running.disks, describe_vm(self.host, vm_uuid)["disks"], strict=True):
+                    disk.switch(state["path"])
+            finally:
+                for disk in running.disks:
+                    disk.resume()
+            return result
+
+    async def snapshot(
+        self, ref: str, name: str | None = None, backup_id: str | None = None
+    ) -> dict[str, Any]:
+        """Snapshot a VM, online if it runs: every disk at one instant."""
+        async with self.lock:
+            with self.host.metadata.session() as session:
+                vm_uuid = find_vm(session, ref).uuid
+            running = self._vms.get(vm_uuid)
+            if running is None:
+                return await asyncio.to_thread(snapshot_vm, self.host, vm_uuid, name, backup_id)
+            for disk in running.disks:
+                await asyncio.to_thread(disk.pause)
+            try:
+                for disk in running.disks:
+                    disk._export.flush()
+                snapshot = await asyncio.to_thread(snapshot_vm, self.host, vm_uuid, name, backup_id, True)
+                current = describe_vm(self.host, vm_uuid)
+                for disk, state in zip(running.disks, current["disks"], strict=True):
+                    disk.switch(state["path"])
+                    if disk.tracker is not None:
+                        disk.tracker.snapshot(snapshot["uuid"])
+            finally:
+                for disk in running.disks:
+                    disk.resume()
+            snapshot["online"] = True
+            return snapshot

@@ -1,0 +1,96 @@
+"""Running VMs (driver none): the guest writes over NBD on each disk's unix socket while an
+online backup runs; the snapshot is one instant across both disks; the incremental lists
+exactly the blocks written since; the daemon's restart brings the datapaths back."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import agentless.wddk as wddk
+from agentless.winserver.client import HostApiError, HostClient
+from tests.winserver.conftest import Daemon
+
+MiB = 1 << 20
+BLOCK = 64 * 1024
+BLOCKS = 64  # 4 MiB written per disk, block by block
+
+
+def _pattern(disk: int, block: int, round_: int) -> bytes:
+    return bytes([(disk * 64 + block + round_ * 7) % 251 + 1]) * BLOCK
+
+
+def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon) -> None:
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        host.create_vm("app", [8 * MiB, 8 * MiB])
+        vm = host.start_vm("app")
+        assert vm["power_state"] == "running"
+        sockets = [d["guest_socket"] for d in vm["disks"]]
+        assert all(sockets)
+        guests = [wddk.open(f"nbd+unix:///?socket={s}", connections=1) for s in sockets]
+        try:
+            # the guest writes block after block, alternating disks; a backup starts meanwhile
+            written: list[tuple[int, int]] = []
+            done = threading.Event()
+
+            def guest_writer() -> None:
+                for block in range(BLOCKS):
+                    for disk in (0, 1):
+                        guests[disk].write(block * BLOCK, _pattern(disk, block, 1))
+                        written.append((disk, block))
+                        time.sleep(0.002)  # a guest at work, so the backup lands mid-way
+                done.set()
+
+            writer = threading.Thread(target=guest_writer)
+            writer.start()
+            while len(written) < 20:
+                time.sleep(0.001)
+            full = host.prepare_backup("app", "b1", "full")
+            writer.join()
+            assert done.is_set()
+            # one instant: the snapshot holds a prefix of the write sequence, across disks
+            states = []
+            for disk in (0, 1):
+                with wddk.open(full["disks"][disk]["access"]) as snap:
+                    for block in range(BLOCKS):
+                        data = snap.read(block * BLOCK, BLOCK)
+                        assert data in (bytes(BLOCK), _pattern(disk, block, 1)), (disk, block)
+                        states.append(((block, disk), data != bytes(BLOCK)))
+            ordered = [present for _, present in sorted(states)]
+            assert ordered == sorted(ordered, reverse=True), "the snapshot is not one instant"
+            assert any(ordered)  # 20 writes came before the backup started
+            host.stop_remote_access("b1", delete_snapshot=True)
+
+            # nothing races now: write known blocks, then an incremental lists exactly them
+            touched = [3, 10, 11, 40]
+            for block in touched:
+                guests[0].write(block * BLOCK + 100, b"\xee" * 10)
+            guests[0].flush()
+            incr = host.prepare_backup("app", "b2", "incremental", base_backup_id="b1")
+            disk0, _disk1 = incr["disks"]
+            assert disk0["type"] == "incremental" and disk0["cbt_valid"]
+            # exactly the 64 KiB blocks written after b1's instant: the writer's late blocks
+            # and the four just written
+            late = {block for (block, disk), present in states if disk == 0 and not present}
+            changed = sorted(late | set(touched))
+            runs: list[dict[str, int]] = []
+            for block in changed:
+                if runs and runs[-1]["offset"] + runs[-1]["length"] == block * BLOCK:
+                    runs[-1]["length"] += BLOCK
+                else:
+                    runs.append({"offset": block * BLOCK, "length": BLOCK})
+            assert disk0["extents"] == runs
+            with wddk.open(disk0["access"]) as snap:
+                assert snap.read(3 * BLOCK + 100, 10) == b"\xee" * 10
+            host.stop_remote_access("b2", delete_snapshot=True)
+        finally:
+            for guest in guests:
+                guest.close()
+        with pytest.raises(HostApiError) as running:
+            host.delete_vm("app")
+        assert running.value.status == 409
+        stopped = host.stop_vm("app")
+        assert stopped["power_state"] == "halted" and all(d["guest_socket"] is None for d in stopped["disks"])
+        host.delete_vm("app")
