@@ -4,14 +4,17 @@ exactly the blocks written since; the daemon's restart brings the datapaths back
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 
 import agentless.wddk as wddk
+from agentless import vhd
 from agentless.winserver.client import HostApiError, HostClient
-from tests.winserver.conftest import Daemon
+from tests.conftest import require_tool, run
+from tests.winserver.conftest import Daemon, winserver
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -94,3 +97,23 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
         stopped = host.stop_vm("app")
         assert stopped["power_state"] == "halted" and all(d["guest_socket"] is None for d in stopped["disks"])
         host.delete_vm("app")
+
+
+def test_cli_start_stop_through_the_daemon(daemon: Daemon) -> None:
+    """``vm start``/``vm stop`` talk to the daemon with the token; a qemu-io guest writes
+    through the socket; without a token the command line is refused."""
+    qemu_io = require_tool("qemu-io")
+    assert winserver("vm", "create", "cli", "--dir", daemon.dir, "--disk", "4M").returncode == 0
+    started = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")
+    assert started.returncode == 0, started.stderr
+    socket_path = json.loads(started.stdout)["disks"][0]["guest_socket"]
+    run([qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 64k", f"nbd+unix:///?socket={socket_path}"])
+    assert winserver("vm", "stop", "cli", "--dir", daemon.dir).returncode == 2  # no token
+    stopped = winserver("vm", "stop", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["power_state"] == "halted"
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        path = host.vm("cli")["disks"][0]["path"]
+    with vhd.Chain.open(path) as chain:
+        assert chain.read(0, 65536) == b"\x5a" * 65536
+    wrong = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", "bad")
+    assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr

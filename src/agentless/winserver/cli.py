@@ -16,6 +16,7 @@ from agentless.nbd.errors import NbdError
 from agentless.vhd import VhdError
 
 from . import hostcli, servedisk, vhdcli
+from .client import HostApiError, HostUnreachable
 from .host import HostError
 from .metadata import MetadataError
 from .vms import VmError
@@ -39,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_handler("winserver", args, (VhdError, NbdError, HostError, MetadataError, VmError))
+    return run_handler(
+        "winserver",
+        args,
+        (VhdError, NbdError, HostError, MetadataError, VmError, HostApiError, HostUnreachable),
+    )
 
 
 if __name__ == "__main__":

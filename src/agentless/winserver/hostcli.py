@@ -14,6 +14,7 @@ from typing import Any
 from agentless.commands import emit
 from agentless.units import format_size, parse_size
 
+from .client import HostClient
 from .daemon import serve
 from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
@@ -105,6 +106,31 @@ def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
         snapshot = snapshot_vm(host, args.name, args.snapshot_name)
     emit(args, snapshot, f"snapshot {snapshot['uuid']} of {len(snapshot['disks'])} disk(s)")
+    return 0
+
+
+def _daemon(args: argparse.Namespace, host: Host) -> HostClient:
+    """The running daemon of this host, through its API (the token is needed: only its
+    hash is stored)."""
+    token = args.token or os.environ.get("WINSERVER_TOKEN")
+    if not token:
+        args.parser.error("this command talks to the daemon: give --token T (or set WINSERVER_TOKEN)")
+    url = f"https://127.0.0.1:{host.identity.api_port}"
+    return HostClient(url, str(token), host.server_cert_pem)
+
+
+def _cmd_vm_start(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host, _daemon(args, host) as api:
+        vm = api.start_vm(args.name)
+    sockets = ", ".join(str(d["guest_socket"]) for d in vm["disks"])
+    emit(args, vm, f"VM {vm['name']} running (driver none); guest disks at {sockets}")
+    return 0
+
+
+def _cmd_vm_stop(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host, _daemon(args, host) as api:
+        vm = api.stop_vm(args.name)
+    emit(args, vm, f"VM {vm['name']} halted")
     return 0
 
 
@@ -238,6 +264,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("snapshot", help="snapshot uuid")
     p.add_argument("--keep-cbt", action="store_true", help="keep it as CBT metadata only (data_destroy)")
     p.set_defaults(handler=_cmd_vm_snapshot_delete)
+    p = command(vm_commands, "start", "start a VM in the running daemon")
+    p.add_argument("name")
+    p.add_argument("--driver", choices=["none"], default="none", help="none: disks served on unix sockets")
+    p.add_argument("--token", help="host token (default $WINSERVER_TOKEN)")
+    p.set_defaults(handler=_cmd_vm_start)
+    p = command(vm_commands, "stop", "stop a VM in the running daemon")
+    p.add_argument("name")
+    p.add_argument("--token", help="host token (default $WINSERVER_TOKEN)")
+    p.set_defaults(handler=_cmd_vm_stop)
     p = command(vm_commands, "delete", "delete a halted VM and its disks")
     p.add_argument("name")
     p.set_defaults(handler=_cmd_vm_delete)
