@@ -5,7 +5,8 @@ API port; NBD serves every live grant over TCP with TLS on the host's NBD port.
 Grants are looked up in the metadata database at each handshake; once a second the daemon
 revokes expired grants and drops the connections of every revoked one – also those
 revoked by another process (``winserver stop-remote-access``). On start it revokes the
-grants that expired while it was down and finishes interrupted snapshot deletions.
+grants left from before (an NBD session does not survive a restart), finishes interrupted
+snapshot deletions, removes VHD files no VDI refers to, and restarts running VMs.
 
 The VM datapaths join this daemon later.
 """
@@ -26,7 +27,7 @@ from .api import API_PREFIX, make_app
 from .grants import GrantExports, Grants
 from .host import Host
 from .runtime import Runtime
-from .snapshots import finish_deletions
+from .snapshots import finish_deletions, sweep_orphans
 from .vms import list_vms
 
 __all__ = ["serve"]
@@ -52,6 +53,10 @@ async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) 
 async def _run(host: Host, bind: str, port: int | None, api_port: int | None) -> None:
     grants = Grants(host.metadata)
     finish_deletions(host)
+    orphans = sweep_orphans(host)
+    stale = grants.revoke_all()
+    if orphans or stale:
+        log.warning("recovery: removed %d orphan file(s), revoked %d grant(s)", len(orphans), len(stale))
     exports = GrantExports(grants)
     tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
     server = NbdServer(exports, tls=tls)

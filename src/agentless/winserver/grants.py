@@ -117,6 +117,15 @@ class Grants:
                 grant.revoked = True
             return [grant.export_name for grant in stale]
 
+    def revoke_all(self) -> list[str]:
+        """Revoke every live grant (the daemon does at start: an NBD session does not
+        survive a restart, and the backup system redoes or aborts its backup)."""
+        with self.metadata.session() as session:
+            live = list(session.scalars(select(Grant).where(Grant.revoked.is_(False))))
+            for grant in live:
+                grant.revoked = True
+            return [grant.export_name for grant in live]
+
     def revoked_names(self) -> set[str]:
         with self.metadata.session() as session:
             return set(session.scalars(select(Grant.export_name).where(Grant.revoked.is_(True))))

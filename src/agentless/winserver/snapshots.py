@@ -27,10 +27,10 @@ from sqlalchemy import select
 from agentless import vhd
 
 from .host import Host
-from .metadata import Grant, Vdi, Vm, VmSnapshot, new_uuid
+from .metadata import Grant, StorageRepository, Vdi, Vm, VmSnapshot, new_uuid
 from .vms import ConflictError, NotFoundError, VmError, find_vm
 
-__all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm"]
+__all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm", "sweep_orphans"]
 
 
 def snapshot_vm(
@@ -168,6 +168,23 @@ def delete_snapshot(
         "kept_cbt": keep_cbt,
         "vdis": [v.uuid for v in vdis],
     }
+
+
+def sweep_orphans(host: Host) -> list[str]:
+    """Remove the VHD files of the storage repositories that no VDI refers to: leaves made
+    by a snapshot whose transaction never committed, children merged away by a deletion
+    interrupted after its commit. Run after :func:`finish_deletions`, with no VM running."""
+    with host.metadata.session() as session:
+        referenced = {os.path.abspath(p) for p in session.scalars(select(Vdi.path)) if p}
+        directories = [host.sr_path(sr) for sr in session.scalars(select(StorageRepository))]
+    removed = []
+    for directory in directories:
+        for name in sorted(os.listdir(directory)):
+            path = os.path.abspath(os.path.join(directory, name))
+            if name.endswith(".vhd") and path not in referenced:
+                os.unlink(path)
+                removed.append(path)
+    return removed
 
 
 def finish_deletions(host: Host) -> int:
