@@ -5,6 +5,7 @@ exactly the blocks written since; the daemon's restart brings the datapaths back
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 
@@ -117,3 +118,52 @@ def test_cli_start_stop_through_the_daemon(daemon: Daemon) -> None:
         assert chain.read(0, 65536) == b"\x5a" * 65536
     wrong = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", "bad")
     assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.slow
+def test_fifty_online_backup_cycles(daemon: Daemon) -> None:
+    """Fifty cycles of guest writes then an incremental backup (with the previous snapshot
+    reduced to CBT metadata): each incremental lists exactly the written 64 KiB blocks, the
+    snapshot reads as the guest wrote, and the disk's chain never exceeds three files."""
+    rng = random.Random(50)
+    size = 8 * MiB
+    model = bytearray(size)
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        vm = host.create_vm("cycles", [size])
+        vm = host.start_vm("cycles")
+        guest = wddk.open(f"nbd+unix:///?socket={vm['disks'][0]['guest_socket']}", connections=1)
+        previous = None
+        try:
+            for cycle in range(50):
+                blocks: set[int] = set()
+                for _ in range(rng.randrange(1, 6)):
+                    offset = rng.randrange(size - 5000)
+                    data = rng.randbytes(rng.randrange(1, 5000))
+                    guest.write(offset, data)
+                    model[offset : offset + len(data)] = data
+                    blocks |= set(range(offset // BLOCK, (offset + len(data) - 1) // BLOCK + 1))
+                guest.flush()
+                backup_id = f"c{cycle}"
+                kind = "incremental" if previous else "full"
+                result = host.prepare_backup("cycles", backup_id, kind, base_backup_id=previous)
+                disk = result["disks"][0]
+                if previous:
+                    assert disk["type"] == "incremental", disk["reason"]
+                    listed = {
+                        e["offset"] // BLOCK + i for e in disk["extents"] for i in range(e["length"] // BLOCK)
+                    }
+                    assert listed == blocks, cycle
+                with wddk.open(disk["access"]) as snap:
+                    for extent in disk["extents"]:
+                        end = extent["offset"] + extent["length"]
+                        assert snap.read(extent["offset"], extent["length"]) == bytes(
+                            model[extent["offset"] : end]
+                        )
+                host.stop_remote_access(backup_id, delete_snapshot=True)
+                previous = backup_id
+                depth = host.get_vdi_sm_info(vm["disks"][0]["vdi"])["depth"]
+                assert depth <= 3, f"chain depth {depth} after cycle {cycle}"
+            assert guest.read(0, size) == bytes(model)
+        finally:
+            guest.close()
+        host.stop_vm("cycles")
