@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["format_size", "parse_size", "size_argument"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
@@ -30,3 +31,11 @@ def format_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def size_argument(text: str) -> int:
+    """``parse_size`` for argparse: a bad size is a command-line error (exit 2)."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -32,6 +32,20 @@ def winserver(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_daemon(directory: str) -> subprocess.Popen[str]:
+    """``winserver serve`` on loopback, returned once it listens (recovery done)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", directory, "--bind", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
 @dataclasses.dataclass(frozen=True)
 class Daemon:
     dir: str
@@ -59,15 +73,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     )
     assert init.returncode == 0, init.stderr
     token = json.loads(init.stdout)["token"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", d, "--bind", "127.0.0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
+    proc = start_daemon(d)
     try:
         yield Daemon(d, token, f"https://127.0.0.1:{api_port}", Path(d, "pki", "server-cert.pem").read_text())
     finally:

@@ -8,8 +8,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,22 +19,9 @@ from agentless import vhd
 from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
 from agentless.winserver.host import Host
 from agentless.winserver.metadata import Grant, Vdi, VmSnapshot
-from tests.winserver.conftest import free_port, winserver
+from tests.winserver.conftest import free_port, start_daemon, winserver
 
 MiB = 1 << 20
-
-
-def _start(directory: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", directory, "--bind", "127.0.0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
-    return proc
 
 
 @pytest.mark.slow
@@ -60,7 +45,7 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
     url = f"https://127.0.0.1:{api_port}"
     rng = random.Random(11)
     model = [bytearray(8 * MiB), bytearray(4 * MiB)]
-    proc = _start(d)
+    proc = start_daemon(d)
     try:
         with HostClient(url, token, cert) as host:
             host.create_vm("db", [8 * MiB, 4 * MiB])
@@ -97,7 +82,7 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
             proc.wait(30)
             stop.set()
             worker.join(30)
-            proc = _start(d)  # recovery runs before the API answers
+            proc = start_daemon(d)  # recovery runs before the API answers
             with Host.open(d) as host, host.metadata.session() as session:
                 assert (
                     session.query(VmSnapshot).filter(VmSnapshot.state.in_(("deleting", "reducing"))).count()

@@ -13,6 +13,7 @@ import pytest
 from agentless import vhd
 from agentless.winserver.host import Host
 from agentless.winserver.vms import VmError, create_vm, delete_vm, describe_vm, list_vms
+from tests.winserver.conftest import winserver as _winserver
 
 MiB = 1 << 20
 
@@ -71,17 +72,6 @@ def test_names_are_unique_and_lookups_clear(host: Host) -> None:
         describe_vm(host, "nope")
     with pytest.raises(VmError, match="no VM"):
         delete_vm(host, "nope")
-
-
-def _winserver(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "WINSERVER_DIR"}
-    return subprocess.run(
-        [sys.executable, "-m", "agentless.winserver.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
 
 
 def test_cli(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from agentless.commands import emit
-from agentless.units import format_size, parse_size
+from agentless.units import format_size, size_argument
 
 from .client import HostClient
 from .daemon import serve
@@ -23,13 +23,6 @@ from .snapshots import delete_snapshot, snapshot_vm
 from .vms import create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["add_commands"]
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _directory(args: argparse.Namespace) -> str:
@@ -246,10 +239,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     vm_commands = group.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
     p = command(vm_commands, "create", "create a halted VM with blank disks")
     p.add_argument("name")
-    p.add_argument("--disk", type=_size, action="append", required=True, help="disk size, e.g. 10G (repeat)")
+    p.add_argument(
+        "--disk", type=size_argument, action="append", required=True, help="disk size, e.g. 10G (repeat)"
+    )
     p.add_argument("--nic", action="append", help="network of a NIC (repeat)")
     p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--memory", type=_size, default=1 << 30, help="default 1G")
+    p.add_argument("--memory", type=size_argument, default=1 << 30, help="default 1G")
     p.set_defaults(handler=_cmd_vm_create)
     p = command(vm_commands, "list", "list the VMs")
     p.set_defaults(handler=_cmd_vm_list)

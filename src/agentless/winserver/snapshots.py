@@ -28,7 +28,7 @@ from agentless import vhd
 
 from .host import Host
 from .metadata import Grant, StorageRepository, Vdi, Vm, VmSnapshot, new_uuid
-from .vms import ConflictError, NotFoundError, VmError, find_vm
+from .vms import ConflictError, NotFoundError, VmError, find_vm, remove_files
 
 __all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm", "sweep_orphans"]
 
@@ -93,9 +93,7 @@ def snapshot_vm(
                 "disks": disks,
             }
     except BaseException:
-        for path in made:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        remove_files(made)
         raise
     return description
 

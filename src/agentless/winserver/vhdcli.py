@@ -17,18 +17,11 @@ from typing import IO, Any
 
 from agentless import vhd
 from agentless.commands import emit
-from agentless.units import format_size, parse_size
+from agentless.units import format_size, size_argument
 from agentless.vhd.convert import ConvertStats
 from agentless.vhd.footer import VHD_EPOCH
 
 __all__ = ["add_commands"]
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _image_info(image: vhd.VhdImage) -> dict[str, Any]:
@@ -206,9 +199,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = command("create", "create a fixed, dynamic or differencing disk")
     p.add_argument("file")
-    p.add_argument("--size", type=_size, help="virtual size, e.g. 10G")
+    p.add_argument("--size", type=size_argument, help="virtual size, e.g. 10G")
     p.add_argument("--type", choices=["fixed", "dynamic"], help="default dynamic")
-    p.add_argument("--block-size", type=_size, default=vhd.DEFAULT_BLOCK_SIZE, help="default 2M")
+    p.add_argument("--block-size", type=size_argument, default=vhd.DEFAULT_BLOCK_SIZE, help="default 2M")
     p.add_argument("--parent", help="make a differencing disk over PARENT")
     p.set_defaults(handler=_cmd_create, parser=p)
 
@@ -233,7 +226,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("raw")
     p.add_argument("vhd")
     p.add_argument("--type", choices=["fixed", "dynamic"], default="dynamic")
-    p.add_argument("--block-size", type=_size, default=vhd.DEFAULT_BLOCK_SIZE)
+    p.add_argument("--block-size", type=size_argument, default=vhd.DEFAULT_BLOCK_SIZE)
     p.set_defaults(handler=_cmd_import)
 
     p = command("export", "write a disk's whole chain to a sparse raw image")
@@ -243,6 +236,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = command("write", "write a file's bytes into a disk at an offset")
     p.add_argument("vhd")
-    p.add_argument("--offset", type=_size, required=True, help="byte offset (suffixes K, M, G allowed)")
+    p.add_argument(
+        "--offset", type=size_argument, required=True, help="byte offset (suffixes K, M, G allowed)"
+    )
     p.add_argument("--input", required=True, help="file to write, - for standard input")
     p.set_defaults(handler=_cmd_write)

@@ -35,6 +35,7 @@ __all__ = [
     "describe_vm",
     "find_vm",
     "list_vms",
+    "remove_files",
 ]
 
 MIN_MEMORY = 16 * 1024 * 1024
@@ -51,6 +52,14 @@ class NotFoundError(VmError):
 
 class ConflictError(VmError):
     """The request clashes with the current state (name taken, VM running, already done)."""
+
+
+def remove_files(paths: list[str]) -> None:
+    """Unlink *paths*, those already gone included (rollback and cleanup never fail on a
+    missing file)."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _mac() -> str:
@@ -130,9 +139,7 @@ def create_vm(
             session.flush()
             description = _describe(vm)
     except BaseException:
-        for path in made:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        remove_files(made)
         raise
     return description
 
@@ -204,7 +211,5 @@ def delete_vm(host: Host, ref: str) -> dict[str, Any]:
         session.flush()
         for vdi in vdis:
             session.delete(vdi)
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    remove_files(paths)
     return description
