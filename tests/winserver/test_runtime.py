@@ -108,6 +108,8 @@ def test_cli_start_stop_through_the_daemon(daemon: Daemon) -> None:
     started = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")
     assert started.returncode == 0, started.stderr
     socket_path = json.loads(started.stdout)["disks"][0]["guest_socket"]
+    shown = json.loads(winserver("vm", "show", "cli", "--dir", daemon.dir, "--json").stdout)
+    assert shown["power_state"] == "running" and shown["disks"][0]["guest_socket"] == socket_path
     run([qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 64k", f"nbd+unix:///?socket={socket_path}"])
     assert winserver("vm", "stop", "cli", "--dir", daemon.dir).returncode == 2  # no token
     stopped = winserver("vm", "stop", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")

@@ -182,6 +182,10 @@ class Host(Closing):
             expected = f.read().strip()
         return hmac.compare_digest(_token_digest(token), expected)
 
+    def guest_socket(self, vm_uuid: str, position: int) -> str:
+        """The unix socket on which a running VM's disk *position* is served to its guest."""
+        return os.path.join(self.directory, "run", f"{vm_uuid[:8]}-{position}.sock")
+
     def sr_path(self, sr: StorageRepository) -> str:
         """Absolute directory of a storage repository (stored relative to the host)."""
         return os.path.join(self.directory, sr.path)

@@ -143,9 +143,9 @@ class Runtime:
         self.lock = asyncio.Lock()
 
     def _socket(self, vm_uuid: str, position: int) -> str:
-        directory = os.path.join(self.host.directory, "run")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, f"{vm_uuid[:8]}-{position}.sock")
+        path = self.host.guest_socket(vm_uuid, position)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return path
 
     def guest_sockets(self, vm_uuid: str) -> list[str]:
         running = self._vms.get(vm_uuid)
@@ -222,11 +222,7 @@ class Runtime:
                 vm.power_state = state
 
     def describe(self, ref: str) -> dict[str, Any]:
-        vm = describe_vm(self.host, ref)
-        sockets = self.guest_sockets(vm["uuid"])
-        for disk in vm["disks"]:
-            disk["guest_socket"] = sockets[disk["position"]] if sockets else None
-        return vm
+        return describe_vm(self.host, ref)
 
     async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
         """Delete (or reduce to CBT metadata) a snapshot; for a running VM its disks are

@@ -137,14 +137,19 @@ def create_vm(
             for position, network in enumerate(networks):
                 vm.nics.append(Nic(position=position, mac=_mac(), network=network))
             session.flush()
-            description = _describe(vm)
+            description = _describe(vm, host)
     except BaseException:
         remove_files(made)
         raise
     return description
 
 
-def _describe(vm: Vm) -> dict[str, Any]:
+def _guest_socket(host: Host, vm: Vm, position: int) -> str | None:
+    path = host.guest_socket(vm.uuid, position)
+    return path if vm.power_state == "running" and os.path.exists(path) else None
+
+
+def _describe(vm: Vm, host: Host) -> dict[str, Any]:
     return {
         "uuid": vm.uuid,
         "name": vm.name,
@@ -159,6 +164,7 @@ def _describe(vm: Vm) -> dict[str, Any]:
                 "size": disk.vdi.virtual_size,
                 "path": disk.vdi.path,
                 "cbt_enabled": disk.vdi.cbt_enabled,
+                "guest_socket": _guest_socket(host, vm, disk.position),
             }
             for disk in vm.disks
         ],
@@ -168,12 +174,12 @@ def _describe(vm: Vm) -> dict[str, Any]:
 
 def describe_vm(host: Host, ref: str) -> dict[str, Any]:
     with host.metadata.session() as session:
-        return _describe(find_vm(session, ref))
+        return _describe(find_vm(session, ref), host)
 
 
 def list_vms(host: Host) -> list[dict[str, Any]]:
     with host.metadata.session() as session:
-        return [_describe(vm) for vm in session.scalars(select(Vm).order_by(Vm.name))]
+        return [_describe(vm, host) for vm in session.scalars(select(Vm).order_by(Vm.name))]
 
 
 def delete_vm(host: Host, ref: str) -> dict[str, Any]:
@@ -183,7 +189,7 @@ def delete_vm(host: Host, ref: str) -> dict[str, Any]:
         vm = find_vm(session, ref)
         if vm.power_state != "halted":
             raise ConflictError(f"VM {vm.name!r} is {vm.power_state}: stop it first")
-        description = _describe(vm)
+        description = _describe(vm, host)
         vdis = [disk.vdi for disk in vm.disks]
         snapshots = list(session.scalars(select(VmSnapshot).where(VmSnapshot.vm_uuid == vm.uuid)))
         snapshot_vdis = list(
