@@ -86,8 +86,11 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
                 else:
                     runs.append({"offset": block * BLOCK, "length": BLOCK})
             assert disk0["extents"] == runs
-            with wddk.open(disk0["access"]) as snap:
+            assert disk0["dirty_bitmap"] == "qemu:dirty-bitmap:cbt"
+            with wddk.open(disk0["access"], contexts=(disk0["dirty_bitmap"],)) as snap:
                 assert snap.read(3 * BLOCK + 100, 10) == b"\xee" * 10
+                dirty = snap.changed_extents(disk0["dirty_bitmap"])  # the export offers CBT too
+                assert [{"offset": e.offset, "length": e.length} for e in dirty] == disk0["extents"]
             host.stop_remote_access("b2", delete_snapshot=True)
         finally:
             for guest in guests:

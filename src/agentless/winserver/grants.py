@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import threading
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,10 @@ from sqlalchemy import select
 
 from agentless.nbd.exports import VhdExport
 
+from .datapath import snapshot_export
 from .metadata import Grant, Metadata, Vdi
+
+DIRTY_BITMAP_NAME = "cbt"  # the export offers qemu:dirty-bitmap:cbt
 
 __all__ = ["Grant", "GrantError", "GrantExports", "Grants"]
 
@@ -53,8 +57,10 @@ class Grants:
         *,
         read_only: bool,
         lifetime: datetime.timedelta = DEFAULT_LIFETIME,
+        dirty_bitmap: bytes | None = None,
     ) -> dict[str, Any]:
-        """A new grant on *vdi_uuid* for *backup_id*; returns its fields."""
+        """A new grant on *vdi_uuid* for *backup_id*; returns its fields. A *dirty_bitmap*
+        (CBT, 64 KiB blocks) is offered on the export as ``qemu:dirty-bitmap:cbt``."""
         seconds = int(lifetime.total_seconds())
         if seconds <= 0:
             raise GrantError("a grant's lifetime must be positive")
@@ -69,6 +75,7 @@ class Grants:
                 backup_id=backup_id,
                 read_only=read_only,
                 expires=self.clock() + seconds,
+                dirty_bitmap=zlib.compress(dirty_bitmap) if dirty_bitmap is not None else None,
             )
             session.add(grant)
             session.flush()
@@ -96,6 +103,12 @@ class Grants:
                 return None
             vdi = session.get(Vdi, grant.vdi_uuid)
             return (vdi.path, grant.read_only) if vdi is not None else None
+
+    def dirty_bitmap(self, export_name: str) -> bytes | None:
+        """The CBT bitmap recorded with a grant, if any."""
+        with self.metadata.session() as session:
+            blob = session.scalars(select(Grant.dirty_bitmap).where(Grant.export_name == export_name)).first()
+            return zlib.decompress(blob) if blob is not None else None
 
     def revoke(self, backup_id: str) -> list[str]:
         """Revoke every grant of *backup_id*; returns their export names (so the server can
@@ -161,7 +174,11 @@ class GrantExports:
         with self._lock:
             export = self._exports.get(export_name)
             if export is None:
-                export = VhdExport(path, read_only=read_only, description="WinServer VDI")
+                bitmap = self.grants.dirty_bitmap(export_name)
+                if bitmap is not None:
+                    export = snapshot_export(path, {DIRTY_BITMAP_NAME: bitmap})
+                else:
+                    export = VhdExport(path, read_only=read_only, description="WinServer VDI")
                 self._exports[export_name] = export
             return export
 

@@ -20,7 +20,7 @@ import os
 import uuid
 from collections.abc import Iterator
 
-from sqlalchemy import ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -153,6 +153,8 @@ class Grant(Base):
     read_only: Mapped[bool] = mapped_column()
     expires: Mapped[int] = mapped_column(Integer)  # seconds since the epoch, UTC
     revoked: Mapped[bool] = mapped_column(default=False)
+    # for a snapshot read incrementally: the CBT bitmap, offered as qemu:dirty-bitmap:cbt
+    dirty_bitmap: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 @event.listens_for(Engine, "connect")

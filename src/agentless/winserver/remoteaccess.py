@@ -27,7 +27,7 @@ from agentless.pki import subject_of
 
 from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError, changed_extents
-from .grants import Grants
+from .grants import DIRTY_BITMAP_NAME, Grants
 from .host import Host
 from .metadata import Vdi, VmSnapshot
 from .snapshots import delete_snapshot, snapshot_vm
@@ -58,7 +58,7 @@ def _allocated(path: str) -> list[dict[str, int]]:
 
 def _changes(
     vdi_uuid: str, path_dir: str, size: int, base: str | None, new: str, live: ChangedBlockTracker | None
-) -> tuple[Any, str]:
+) -> tuple[Any, str, bytes | None]:
     """(extents or None, reason): the changed blocks between snapshots *base* and *new*
     of one disk. A halted VM's tracker is opened here and records *new*; a running VM's
     live tracker (*live*) recorded it when the runtime took the snapshot."""
@@ -67,25 +67,27 @@ def _changes(
     try:
         tracker = ChangedBlockTracker.open(cbt_path(path_dir, vdi_uuid), vdi_uuid, size)
     except CbtError as error:
-        return None, f"changed block tracking unavailable: {error}"
+        return None, f"changed block tracking unavailable: {error}", None
     with tracker:
         try:
             tracker.snapshot(new)
         except CbtError as error:
-            return None, f"changed block tracking failed: {error}"
+            return None, f"changed block tracking failed: {error}", None
         return _query(tracker, base, new)
 
 
-def _query(tracker: ChangedBlockTracker, base: str | None, new: str) -> tuple[Any, str]:
+def _query(tracker: ChangedBlockTracker, base: str | None, new: str) -> tuple[Any, str, bytes | None]:
+    """(extents, "", bitmap) of the changes from *base* to *new*, or (None, reason, None)."""
     if base is None:
-        return None, "no base backup"
+        return None, "no base backup", None
     if not tracker.valid:
-        return None, tracker.reason
+        return None, tracker.reason, None
     try:
         bitmap = tracker.changed_between(base, new)
     except CbtError as error:
-        return None, str(error)
-    return [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, tracker.size)], ""
+        return None, str(error), None
+    extents = [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, tracker.size)]
+    return extents, "", bitmap
 
 
 Snapshotter = Callable[[str, str, str], dict[str, Any]]  # (vm, name, backup_id) -> snapshot
@@ -123,9 +125,9 @@ def prepare_backup(
     disks = []
     for disk in snapshot["disks"]:
         size = disk["size"]
-        extents, reason = None, "full backup requested"
+        extents, reason, bitmap = None, "full backup requested", None
         if disk["cbt_enabled"]:
-            found, why = _changes(
+            found, why, changed = _changes(
                 disk["vdi"],
                 os.path.dirname(disk["path"]),
                 size,
@@ -134,11 +136,11 @@ def prepare_backup(
                 live.get(disk["vdi"]),
             )
             if backup_type == "incremental":
-                extents, reason = found, why
+                extents, reason, bitmap = found, why, changed
         elif backup_type == "incremental":
             reason = "changed block tracking is not enabled on this disk"
         incremental = extents is not None
-        grant = grants.grant(disk["snapshot_vdi"], backup_id, read_only=True)
+        grant = grants.grant(disk["snapshot_vdi"], backup_id, read_only=True, dirty_bitmap=bitmap)
         disks.append(
             {
                 "position": disk["position"],
@@ -149,6 +151,7 @@ def prepare_backup(
                 "cbt_valid": incremental,
                 "reason": "" if incremental else reason,
                 "extents": extents if incremental else _allocated(disk["path"]),
+                "dirty_bitmap": f"qemu:dirty-bitmap:{DIRTY_BITMAP_NAME}" if incremental else None,
                 "access": access_info(host, grant, size),
             }
         )
