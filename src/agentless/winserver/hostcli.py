@@ -20,6 +20,7 @@ from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .sminfo import find_vdi, vdi_sm_info
 from .snapshots import delete_snapshot, snapshot_vm
+from .storage import create_sr, list_srs
 from .vms import create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["add_commands"]
@@ -64,9 +65,26 @@ def _vm_line(vm: dict[str, Any]) -> str:
     return f"{vm['name']:<20} {vm['uuid']}  {state:<8} {vm['vcpus']} vCPU  {memory}  disks: {disks}"
 
 
+def _cmd_sr_create(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        sr = create_sr(host, args.name, args.path)
+    emit(args, sr, f"SR {sr['name']} ({sr['uuid']}) at {sr['path']}")
+    return 0
+
+
+def _cmd_sr_list(args: argparse.Namespace) -> int:
+    with Host.open(_directory(args)) as host:
+        srs = list_srs(host)
+    lines = [f"{sr['name']:<16} {sr['uuid']}  {sr['vdis']:>4} VDIs  {sr['path']}" for sr in srs]
+    emit(args, {"srs": srs}, "\n".join(lines))
+    return 0
+
+
 def _cmd_vm_create(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        vm = create_vm(host, args.name, args.disk, args.nic or [], args.vcpus, args.memory)
+        vm = create_vm(
+            host, args.name, args.disk, args.nic or [], args.vcpus, args.memory, not args.no_cbt, args.sr
+        )
     emit(args, vm, f"created VM {vm['name']} ({vm['uuid']})")
     return 0
 
@@ -235,6 +253,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--vdi", required=True, help="VDI uuid")
     p.set_defaults(handler=_cmd_get_vdi_sm_info)
 
+    sr_group = subparsers.add_parser("sr", help="storage repositories")
+    sr_commands = sr_group.add_subparsers(dest="sr_command", required=True, metavar="COMMAND")
+    p = command(sr_commands, "create", "register a directory as a storage repository")
+    p.add_argument("name")
+    p.add_argument("--path", required=True)
+    p.set_defaults(handler=_cmd_sr_create)
+    p = command(sr_commands, "list", "list the storage repositories")
+    p.set_defaults(handler=_cmd_sr_list)
+
     group = subparsers.add_parser("vm", help="create, list, show, snapshot and delete VMs")
     vm_commands = group.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
     p = command(vm_commands, "create", "create a halted VM with blank disks")
@@ -245,6 +272,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--nic", action="append", help="network of a NIC (repeat)")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--memory", type=size_argument, default=1 << 30, help="default 1G")
+    p.add_argument("--sr", help="storage repository (name or uuid; default: the default SR)")
+    p.add_argument("--no-cbt", action="store_true", help="do not enable changed block tracking")
     p.set_defaults(handler=_cmd_vm_create)
     p = command(vm_commands, "list", "list the VMs")
     p.set_defaults(handler=_cmd_vm_list)

@@ -76,6 +76,16 @@ def _default_sr(session: Session) -> StorageRepository:
     return sr
 
 
+def _named_sr(session: Session, ref: str) -> StorageRepository:
+    sr = (
+        session.get(StorageRepository, ref)
+        or session.scalars(select(StorageRepository).where(StorageRepository.name == ref)).first()
+    )
+    if sr is None:
+        raise NotFoundError(f"no SR named or with uuid {ref!r}")
+    return sr
+
+
 def find_vm(session: Session, ref: str) -> Vm:
     """A VM by uuid or by name."""
     vm = session.get(Vm, ref) or session.scalars(select(Vm).where(Vm.name == ref)).first()
@@ -92,6 +102,7 @@ def create_vm(
     vcpus: int = 1,
     memory: int = 1 << 30,
     cbt: bool = True,
+    sr_ref: str | None = None,
 ) -> dict[str, Any]:
     """Create a halted VM with blank dynamic disks of *disk_sizes* and one NIC per
     network; returns its description. With *cbt* (the default) changed block tracking is
@@ -109,7 +120,7 @@ def create_vm(
         with host.metadata.session() as session:
             if session.scalars(select(Vm).where(Vm.name == name)).first() is not None:
                 raise ConflictError(f"a VM named {name!r} exists")
-            sr = _default_sr(session)
+            sr = _default_sr(session) if sr_ref is None else _named_sr(session, sr_ref)
             vm = Vm(uuid=new_uuid(), name=name, vcpus=vcpus, memory=memory)
             session.add(vm)
             for position, size in enumerate(disk_sizes):
