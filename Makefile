@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server
+DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server qemu-system-x86
 # programs whose presence tells that the Debian tools are installed
-TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server
+TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64
 
 .PHONY: demo test lint typecheck pytest debian-tools bench clean
 
@@ -26,7 +26,7 @@ debian-tools:
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = "0" ]; then \
 		echo "installing Debian tools ($(DEBIAN_TOOLS)) for:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_TOOLS) >/dev/null; \
 	else \
 		echo "NOTE: not root, cannot install$$missing; the tests that need them will be skipped with a reason"; \
 	fi

@@ -14,7 +14,8 @@ def require_tool(name: str) -> str:
     to get it, when it is not installed (``make test`` installs them when run as root)."""
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} not installed (Debian: qemu-utils / libnbd-bin / nbdkit; `make test` as root)")
+        packages = "qemu-utils, libnbd-bin, nbdkit, nbd-server, qemu-system-x86"
+        pytest.skip(f"{name} not installed (Debian: {packages}; `make test` as root)")
     return path
 
 

@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,34 @@ def test_fifty_online_backup_cycles(daemon: Daemon) -> None:
         finally:
             guest.close()
         host.stop_vm("cycles")
+
+
+def test_qemu_driver_runs_the_guest_on_the_disk_sockets(daemon: Daemon) -> None:
+    """Driver qemu: qemu-system-x86_64 (TCG here) connects to every disk's socket; stop
+    ends it; the driver is remembered."""
+    require_tool("qemu-system-x86_64")
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        host.create_vm("q", [8 * MiB, 4 * MiB], ["lan"], memory=64 * MiB)
+        vm = host.start_vm("q", "qemu")
+        assert vm["driver"] == "qemu" and vm["qemu_pid"]
+        pid = vm["qemu_pid"]
+        deadline = time.monotonic() + 30
+        while not all(d["guest_connections"] >= 1 for d in host.vm("q")["disks"]):
+            assert time.monotonic() < deadline, host.vm("q")
+            time.sleep(0.2)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+        assert b"virtio-net-pci,netdev=net0,mac=" + vm["nics"][0]["mac"].encode() in cmdline
+        stopped = host.stop_vm("q")
+        assert stopped["power_state"] == "halted" and stopped["driver"] == "qemu"
+        gone = time.monotonic() + 10
+        while _is_qemu(pid):
+            assert time.monotonic() < gone, "qemu still runs after stop"
+            time.sleep(0.1)
+
+
+def _is_qemu(pid: int) -> bool:
+    try:
+        return b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False

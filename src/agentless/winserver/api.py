@@ -150,8 +150,8 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
         return dict(run(runtime.describe, ref))
 
     @app.post(f"{API_PREFIX}/vms/{{ref}}/start", dependencies=guard)
-    def start_vm(ref: str) -> dict[str, Any]:
-        return dict(run(lambda: on_loop(runtime.start(ref))))
+    def start_vm(ref: str, driver: Literal["none", "qemu"] | None = None) -> dict[str, Any]:
+        return dict(run(lambda: on_loop(runtime.start(ref, driver))))
 
     @app.post(f"{API_PREFIX}/vms/{{ref}}/stop", dependencies=guard)
     def stop_vm(ref: str) -> dict[str, Any]:

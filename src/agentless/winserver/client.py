@@ -89,8 +89,9 @@ class HostClient(Closing):
     def vm(self, ref: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/vms/{ref}"))
 
-    def start_vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/vms/{ref}/start"))
+    def start_vm(self, ref: str, driver: str | None = None) -> dict[str, Any]:
+        params = {"driver": driver} if driver else {}
+        return dict(self._call("POST", f"/vms/{ref}/start", params=params))
 
     def stop_vm(self, ref: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/vms/{ref}/stop"))

@@ -132,9 +132,9 @@ def _daemon(args: argparse.Namespace, host: Host) -> HostClient:
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host, _daemon(args, host) as api:
-        vm = api.start_vm(args.name)
+        vm = api.start_vm(args.name, args.driver)
     sockets = ", ".join(str(d["guest_socket"]) for d in vm["disks"])
-    emit(args, vm, f"VM {vm['name']} running (driver none); guest disks at {sockets}")
+    emit(args, vm, f"VM {vm['name']} running (driver {vm['driver']}); guest disks at {sockets}")
     return 0
 
 
@@ -290,7 +290,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(handler=_cmd_vm_snapshot_delete)
     p = command(vm_commands, "start", "start a VM in the running daemon")
     p.add_argument("name")
-    p.add_argument("--driver", choices=["none"], default="none", help="none: disks served on unix sockets")
+    p.add_argument(
+        "--driver",
+        choices=["none", "qemu"],
+        help="none: disks served on unix sockets only; qemu: qemu-system-x86_64 on them (default: last used)",
+    )
     p.add_argument("--token", help="host token (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_start)
     p = command(vm_commands, "stop", "stop a VM in the running daemon")

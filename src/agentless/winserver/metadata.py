@@ -101,6 +101,7 @@ class Vm(Base):
     vcpus: Mapped[int] = mapped_column(Integer, default=1)
     memory: Mapped[int] = mapped_column(Integer)
     power_state: Mapped[str] = mapped_column(String(16), default="halted")
+    driver: Mapped[str] = mapped_column(String(16), default="none")  # how it last ran: none, qemu
     created: Mapped[str] = mapped_column(String(32), default=utcnow)
     disks: Mapped[list[VmDisk]] = relationship(
         back_populates="vm", order_by="VmDisk.position", cascade="all, delete-orphan"

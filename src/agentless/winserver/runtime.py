@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from .cbtlog import CbtError
 from .host import Host
 from .metadata import Vm, VmSnapshot
 from .snapshots import delete_snapshot, snapshot_vm
-from .vms import ConflictError, describe_vm, find_vm
+from .vms import ConflictError, VmError, describe_vm, find_vm
 
 __all__ = ["LiveDisk", "Runtime"]
 
@@ -132,6 +133,44 @@ class _Running:
     disks: list[LiveDisk]
     servers: list[NbdServer]
     sockets: list[str]
+    qemu: asyncio.subprocess.Process | None = None
+
+
+def qemu_command(vm: dict[str, Any], sockets: list[str]) -> list[str]:
+    """``qemu-system-x86_64`` on the VM's disk sockets: KVM when present, TCG otherwise,
+    no display; virtio disks and user-mode NICs with the VM's MAC addresses."""
+    binary = shutil.which("qemu-system-x86_64")
+    if binary is None:
+        raise VmError("driver qemu needs qemu-system-x86_64 (Debian: qemu-system-x86)")
+    args = [
+        binary,
+        "-name",
+        vm["name"],
+        "-machine",
+        "accel=kvm:tcg",
+        "-m",
+        str(vm["memory"] >> 20),
+        "-smp",
+        str(vm["vcpus"]),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-monitor",
+        "none",
+    ]
+    for position, socket_path in enumerate(sockets):
+        args += [
+            "-blockdev",
+            f"driver=nbd,server.type=unix,server.path={socket_path},node-name=disk{position}",
+            "-device",
+            f"virtio-blk-pci,drive=disk{position}",
+        ]
+    for nic in vm["nics"]:
+        args += ["-netdev", f"user,id=net{nic['position']}"]
+        args += ["-device", f"virtio-net-pci,netdev=net{nic['position']},mac={nic['mac']}"]
+    return args
 
 
 class Runtime:
@@ -163,11 +202,16 @@ class Runtime:
             if disk.tracker is not None
         }
 
-    async def start(self, ref: str) -> dict[str, Any]:
+    async def start(self, ref: str, driver: str | None = None) -> dict[str, Any]:
+        """Serve the VM's disks (and with driver ``qemu`` boot qemu on them); *driver*
+        defaults to how the VM last ran."""
         async with self.lock:
             vm = describe_vm(self.host, ref)
             if vm["uuid"] in self._vms:
                 raise ConflictError(f"VM {vm['name']!r} is running")
+            driver = driver or vm["driver"]
+            if driver not in ("none", "qemu"):
+                raise VmError(f"unknown driver {driver!r} (none or qemu)")
             running = _Running([], [], [])
             try:
                 for disk in vm["disks"]:
@@ -182,11 +226,18 @@ class Runtime:
                     await server.serve_unix(socket_path)
                     running.servers.append(server)
                     running.sockets.append(socket_path)
+                if driver == "qemu":
+                    running.qemu = await asyncio.create_subprocess_exec(
+                        *qemu_command(vm, running.sockets),
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
             except BaseException:
                 await self._teardown(running)
                 raise
             self._vms[vm["uuid"]] = running
-            self._set_state(vm["uuid"], "running")
+            self._set_state(vm["uuid"], "running", driver)
             return self.describe(vm["uuid"])
 
     async def stop(self, ref: str) -> dict[str, Any]:
@@ -206,6 +257,13 @@ class Runtime:
                 await self._teardown(self._vms.pop(vm_uuid))
 
     async def _teardown(self, running: _Running) -> None:
+        if running.qemu is not None and running.qemu.returncode is None:
+            running.qemu.terminate()
+            try:
+                await asyncio.wait_for(running.qemu.wait(), 10)
+            except TimeoutError:
+                running.qemu.kill()
+                await running.qemu.wait()
         for server in running.servers:
             await server.close()
         for disk in running.disks:
@@ -215,14 +273,25 @@ class Runtime:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)
 
-    def _set_state(self, vm_uuid: str, state: str) -> None:
+    def _set_state(self, vm_uuid: str, state: str, driver: str | None = None) -> None:
         with self.host.metadata.session() as session:
             vm = session.get(Vm, vm_uuid)
             if vm is not None:
                 vm.power_state = state
+                if driver is not None:
+                    vm.driver = driver
 
     def describe(self, ref: str) -> dict[str, Any]:
-        return describe_vm(self.host, ref)
+        """The VM as the host knows it, plus for a running one the guest's live state: its
+        qemu process and the NBD connections on each disk."""
+        vm = describe_vm(self.host, ref)
+        running = self._vms.get(vm["uuid"])
+        if running is not None:
+            alive = running.qemu is not None and running.qemu.returncode is None
+            vm["qemu_pid"] = running.qemu.pid if running.qemu is not None and alive else None
+            for disk, server in zip(vm["disks"], running.servers, strict=True):
+                disk["guest_connections"] = server.connection_count
+        return vm
 
     async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
         """Delete (or reduce to CBT metadata) a snapshot; for a running VM its disks are

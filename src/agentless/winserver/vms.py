@@ -167,6 +167,7 @@ def _describe(vm: Vm, host: Host) -> dict[str, Any]:
         "vcpus": vm.vcpus,
         "memory": vm.memory,
         "power_state": vm.power_state,
+        "driver": vm.driver,
         "created": vm.created,
         "disks": [
             {
