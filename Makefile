@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server qemu-system-x86
+DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server
+# qemu for the VM driver: without its recommends (a GUI stack the tests do not need)
+DEBIAN_TOOLS_LEAN := qemu-system-x86
 # programs whose presence tells that the Debian tools are installed
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64
 
@@ -25,8 +27,10 @@ debian-tools:
 	@missing=""; for p in $(TOOL_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = "0" ]; then \
-		echo "installing Debian tools ($(DEBIAN_TOOLS)) for:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_TOOLS) >/dev/null; \
+		echo "installing Debian tools ($(DEBIAN_TOOLS) $(DEBIAN_TOOLS_LEAN)) for:$$missing"; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_TOOLS_LEAN) >/dev/null; \
 	else \
 		echo "NOTE: not root, cannot install$$missing; the tests that need them will be skipped with a reason"; \
 	fi
