@@ -54,15 +54,13 @@ class Daemon:
     cert_pem: str
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """A fresh host directory with its daemon running on loopback (free ports)."""
-    d = str(tmp_path / "host")
+def init_host(directory: str) -> Daemon:
+    """``winserver init`` on loopback with free ports; the daemon is not started."""
     api_port = free_port()
     init = winserver(
         "init",
         "--dir",
-        d,
+        directory,
         "--address",
         "127.0.0.1",
         "--nbd-port",
@@ -73,9 +71,18 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     )
     assert init.returncode == 0, init.stderr
     token = json.loads(init.stdout)["token"]
+    cert = Path(directory, "pki", "server-cert.pem").read_text()
+    return Daemon(directory, token, f"https://127.0.0.1:{api_port}", cert)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A fresh host directory with its daemon running on loopback (free ports)."""
+    d = str(tmp_path / "host")
+    host = init_host(d)
     proc = start_daemon(d)
     try:
-        yield Daemon(d, token, f"https://127.0.0.1:{api_port}", Path(d, "pki", "server-cert.pem").read_text())
+        yield host
     finally:
         proc.terminate()
         code = proc.wait(30)

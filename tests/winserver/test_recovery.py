@@ -4,7 +4,6 @@ sound, nothing is left half-deleted, no grant stays open and no file is orphaned
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ from agentless import vhd
 from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
 from agentless.winserver.host import Host
 from agentless.winserver.metadata import Grant, Vdi, VmSnapshot
-from tests.winserver.conftest import free_port, start_daemon, winserver
+from tests.winserver.conftest import init_host, start_daemon
 
 MiB = 1 << 20
 
@@ -27,22 +26,8 @@ MiB = 1 << 20
 @pytest.mark.slow
 def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
     d = str(tmp_path / "host")
-    api_port = free_port()
-    init = winserver(
-        "init",
-        "--dir",
-        d,
-        "--address",
-        "127.0.0.1",
-        "--nbd-port",
-        str(free_port()),
-        "--api-port",
-        str(api_port),
-        "--json",
-    )
-    token = json.loads(init.stdout)["token"]
-    cert = Path(d, "pki", "server-cert.pem").read_text()
-    url = f"https://127.0.0.1:{api_port}"
+    made = init_host(d)
+    token, cert, url = made.token, made.cert_pem, made.api_url
     rng = random.Random(11)
     model = [bytearray(8 * MiB), bytearray(4 * MiB)]
     proc = start_daemon(d)
