@@ -17,7 +17,7 @@ import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
 from agentless.winserver.host import Host
-from agentless.winserver.metadata import Grant, Vdi, VmSnapshot
+from agentless.winserver.metadata import Grant, Vdi
 from tests.winserver.conftest import init_host, start_daemon
 
 MiB = 1 << 20
@@ -69,10 +69,6 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
             worker.join(30)
             proc = start_daemon(d)  # recovery runs before the API answers
             with Host.open(d) as host, host.metadata.session() as session:
-                assert (
-                    session.query(VmSnapshot).filter(VmSnapshot.state.in_(("deleting", "reducing"))).count()
-                    == 0
-                )
                 assert session.query(Grant).filter(Grant.revoked.is_(False)).count() == 0
                 paths = [p for p in session.query(Vdi.path).all() if p[0]]
                 on_disk = {f for f in os.listdir(Path(d, "sr", "default")) if f.endswith(".vhd")}

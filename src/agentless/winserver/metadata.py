@@ -86,10 +86,6 @@ class Vdi(Base):
     cbt_enabled: Mapped[bool] = mapped_column(default=False)
     # a snapshot whose data was destroyed keeps its record (and CBT) but no file
     data_destroyed: Mapped[bool] = mapped_column(default=False)
-    # while its snapshot is being deleted: the file merged into this VDI's file, and the
-    # file re-parented onto it (recorded first, so an interrupted deletion can be finished)
-    merge_child: Mapped[str | None] = mapped_column(String(4096), nullable=True)
-    merge_grandchild: Mapped[str | None] = mapped_column(String(4096), nullable=True)
     created: Mapped[str] = mapped_column(String(32), default=utcnow)
     sr: Mapped[StorageRepository] = relationship(back_populates="vdis")
 
@@ -119,7 +115,7 @@ class VmSnapshot(Base):
     vm_uuid: Mapped[str] = mapped_column(ForeignKey("vms.uuid"))
     name: Mapped[str] = mapped_column(String(255))
     created: Mapped[str] = mapped_column(String(32), default=utcnow)
-    state: Mapped[str] = mapped_column(String(16), default="ready")  # ready, deleting, cbt-only
+    state: Mapped[str] = mapped_column(String(16), default="ready")  # ready, cbt-only
     backup_id: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
 
 

@@ -294,9 +294,10 @@ class Runtime:
         return vm
 
     async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
-        """Delete (or reduce to CBT metadata) a snapshot; for a running VM its disks are
-        paused while the chain is reworked and then switched to their current leaves.
-        (The pause lasts the coalesce: background coalescing without it is still to come.)"""
+        """Delete (or reduce to CBT metadata) a snapshot. For a running VM the garbage
+        collection merges files under the guest's leaves while it keeps working (see
+        :func:`.snapshots.collect_garbage`); the guest then waits only for its disks to
+        reopen their shortened chains."""
         async with self.lock:
             with self.host.metadata.session() as session:
                 snapshot = session.get(VmSnapshot, snapshot_uuid)
@@ -304,11 +305,13 @@ class Runtime:
             running = self._vms.get(vm_uuid) if vm_uuid is not None else None
             if running is None:
                 return await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt)
+            # the chains are reworked while the guest runs (its leaves are never merged);
+            # then a short pause reopens them
+            result = await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt, True)
+            assert vm_uuid is not None
             for disk in running.disks:
                 await asyncio.to_thread(disk.pause)
             try:
-                result = await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt, True)
-                assert vm_uuid is not None
                 for disk, state in zip(running.disks, describe_vm(self.host, vm_uuid)["disks"], strict=True):
                     disk.switch(state["path"])
             finally:

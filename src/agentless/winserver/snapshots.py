@@ -12,13 +12,13 @@ records the snapshot VDIs; if anything fails before the commit the new files are
 and the records are as before. A crash between the two leaves at most unreferenced files,
 which the daemon's recovery removes.
 
-Only halted VMs for now (offline backup); online snapshots quiesce the running datapath
-and come with it.
+Here the VM is halted, or (*allow_running*) the daemon's runtime has paused its disks
+for an online snapshot. Deleting snapshots and reducing them to CBT metadata end in
+:func:`collect_garbage`, which keeps the chains short.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -27,10 +27,10 @@ from sqlalchemy import select
 from agentless import vhd
 
 from .host import Host
-from .metadata import Grant, StorageRepository, Vdi, Vm, VmSnapshot, new_uuid
-from .vms import ConflictError, NotFoundError, VmError, find_vm, remove_files
+from .metadata import Grant, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
+from .vms import ConflictError, NotFoundError, find_vm, remove_files
 
-__all__ = ["delete_snapshot", "finish_deletions", "snapshot_vm", "sweep_orphans"]
+__all__ = ["collect_garbage", "delete_snapshot", "finish_deletions", "snapshot_vm", "sweep_orphans"]
 
 
 def snapshot_vm(
@@ -106,75 +106,130 @@ def _chain_paths(path: str) -> list[str]:
 def delete_snapshot(
     host: Host, snapshot_uuid: str, keep_cbt: bool = False, allow_running: bool = False
 ) -> dict[str, Any]:
-    """Delete the data of a halted VM's snapshot; with *keep_cbt* keep its records as CBT
-    metadata only (XenServer's ``VDI.data_destroy``), so that it can still be the base of
-    an incremental backup.
-
-    For each snapshot VDI, frozen file F, the file that sits on F in the disk's chain (C:
-    the next snapshot's file or the disk's leaf) is coalesced into F, C's child (if any) is
-    re-parented onto F, whoever used C now uses F, and C is removed::
-
-        disk ──▶ G ──▶ C ──▶ F ──▶ ...          (F: the snapshot being deleted)
-        disk ──▶ G ──────────▶ F' ──▶ ...       F' = F with C merged in = what C read
-
-    The plan is recorded (state "deleting", C and G per VDI) before any file changes, and
-    every step keeps all chains reading as before, so :func:`finish_deletions` can always
-    complete an interrupted deletion.
-    """
+    """Delete a VM snapshot; with *keep_cbt* keep its records as CBT metadata only
+    (XenServer's ``VDI.data_destroy``), so that it can still be the base of an incremental
+    backup. One transaction says the snapshot's data are no longer needed; then
+    :func:`collect_garbage` removes the files nobody needs from the chains. A running VM's
+    live leaves are never merged (*allow_running*: the daemon reopens the disks after)."""
     with host.metadata.session() as session:
         snapshot = session.get(VmSnapshot, snapshot_uuid)
-        if snapshot is None or snapshot.state in ("deleting", "reducing"):
-            raise NotFoundError(f"no snapshot {snapshot_uuid!r} (or it is being deleted)")
+        if snapshot is None:
+            raise NotFoundError(f"no snapshot {snapshot_uuid!r}")
         vm = session.get(Vm, snapshot.vm_uuid)
         assert vm is not None
         if vm.power_state != "halted" and not allow_running:
             raise ConflictError(
                 f"VM {vm.name!r} is {vm.power_state}: snapshots of running VMs are deleted by the daemon"
             )
+        if snapshot.state == "cbt-only" and keep_cbt:
+            raise ConflictError(f"snapshot {snapshot_uuid} already holds CBT metadata only")
         vdis = list(session.scalars(select(Vdi).where(Vdi.snapshot_group == snapshot.uuid)))
-        if snapshot.state == "cbt-only":
+        result = {
+            "uuid": snapshot_uuid,
+            "name": snapshot.name,
+            "kept_cbt": keep_cbt,
+            "vdis": [v.uuid for v in vdis],
+        }
+        for vdi in vdis:
             if keep_cbt:
-                raise ConflictError(f"snapshot {snapshot_uuid} already holds CBT metadata only")
-            for vdi in vdis:  # no data left: only the records go
+                vdi.data_destroyed = True
+                vdi.path = ""
+            else:
                 for grant in session.scalars(select(Grant).where(Grant.vdi_uuid == vdi.uuid)):
-                    session.delete(grant)
+                    session.delete(grant)  # no data left to grant access to
                 session.flush()
                 session.delete(vdi)
-            session.flush()
+        session.flush()
+        if keep_cbt:
+            snapshot.state = "cbt-only"
+        else:
             session.delete(snapshot)
-            return {
-                "uuid": snapshot_uuid,
-                "name": snapshot.name,
-                "kept_cbt": False,
-                "vdis": [v.uuid for v in vdis],
-            }
-        disks = {disk.vdi.uuid: disk.vdi.path for disk in vm.disks}
-        for vdi in vdis:
-            assert vdi.snapshot_of is not None
-            paths = _chain_paths(disks[vdi.snapshot_of])
-            index = paths.index(vdi.path)
-            if index == 0:
-                raise VmError(f"VDI {vdi.uuid}: its file is the disk's leaf")
-            vdi.merge_child = paths[index - 1]
-            vdi.merge_grandchild = paths[index - 2] if index >= 2 else None
-        snapshot.state = "reducing" if keep_cbt else "deleting"
-        snapshot_name = snapshot.name
-    finish_deletions(host)
-    return {
-        "uuid": snapshot_uuid,
-        "name": snapshot_name,
-        "kept_cbt": keep_cbt,
-        "vdis": [v.uuid for v in vdis],
-    }
+        running = vm.power_state != "halted"
+    collect_garbage(host, keep_leaves=running)
+    return result
+
+
+def _chains(host: Host) -> list[tuple[str, list[str], bool]]:
+    """(disk VDI uuid, its chain leaf first, whether its VM runs) for every VM disk."""
+    with host.metadata.session() as session:
+        disks = [
+            (disk.vdi.uuid, disk.vdi.path, disk.vm.power_state != "halted")
+            for disk in session.scalars(select(VmDisk))
+        ]
+    chains = []
+    for vdi_uuid, path, running in disks:
+        with vhd.Chain.open(path) as chain:
+            chains.append((vdi_uuid, chain.paths, running))
+    return chains
+
+
+def _needed(host: Host) -> set[str]:
+    """Files whose content someone relies on: every VDI with data (disks and snapshots)."""
+    with host.metadata.session() as session:
+        return {os.path.abspath(p) for p in session.scalars(select(Vdi.path)) if p}
+
+
+def collect_garbage(host: Host, keep_leaves: bool = True) -> int:
+    """Remove from every disk's chain the files no VDI needs; returns how many went.
+
+    ::
+
+        rule A   ... ─▶ X ─▶ P          X and P not needed: merge X into P, re-parent
+                                        X's child onto P, remove X
+        rule B   C ─▶ X ─▶ ...          X not needed: merge C into X, point C's VDIs at X,
+                                        re-parent C's child onto X, remove C
+
+    Rule B never takes a running VM's leaf when *keep_leaves* (the guest writes it).
+    Every step keeps every chain reading as before, so a crash at any point leaves a state
+    from which this function simply goes on (the daemon runs it at start): at worst a file
+    is left in no chain, which :func:`sweep_orphans` removes.
+    """
+    removed = 0
+    progress = True
+    while progress:
+        progress = False
+        needed = _needed(host)
+        for _vdi_uuid, paths, running in _chains(host):
+            for index in range(1, len(paths)):
+                x = paths[index]
+                if x in needed:
+                    continue
+                parent = paths[index + 1] if index + 1 < len(paths) else None
+                child = paths[index - 1]
+                if parent is not None and parent not in needed:
+                    vhd.coalesce(x, remove_child=False)  # X into P
+                    vhd.set_parent(child, parent)
+                    gone = x
+                elif index - 1 > 0 or not (running and keep_leaves):
+                    vhd.coalesce(child, remove_child=False)  # C into X
+                    with host.metadata.session() as session:
+                        for vdi in session.scalars(select(Vdi).where(Vdi.path == child)):
+                            vdi.path = x
+                    if index - 1 > 0:
+                        vhd.set_parent(paths[index - 2], x)
+                    gone = child
+                else:
+                    continue
+                remove_files([gone])
+                removed += 1
+                progress = True
+                break
+            if progress:
+                break
+    return removed
 
 
 def sweep_orphans(host: Host) -> list[str]:
-    """Remove the VHD files of the storage repositories that no VDI refers to: leaves made
-    by a snapshot whose transaction never committed, children merged away by a deletion
-    interrupted after its commit. Run after :func:`finish_deletions`, with no VM running."""
+    """Remove the VHD files of the storage repositories that are in no chain: leaves made
+    by a snapshot whose transaction never committed, files merged away by a garbage
+    collection interrupted before their removal. Run with no VM running."""
     with host.metadata.session() as session:
-        referenced = {os.path.abspath(p) for p in session.scalars(select(Vdi.path)) if p}
+        paths = [p for p in session.scalars(select(Vdi.path)) if p]
         directories = [host.sr_path(sr) for sr in session.scalars(select(StorageRepository))]
+    referenced: set[str] = set()
+    for path in paths:
+        with vhd.Chain.open(path) as chain:
+            referenced.update(os.path.abspath(p) for p in chain.paths)
     removed = []
     for directory in directories:
         for name in sorted(os.listdir(directory)):
@@ -186,50 +241,6 @@ def sweep_orphans(host: Host) -> list[str]:
 
 
 def finish_deletions(host: Host) -> int:
-    """Carry out every recorded snapshot deletion or reduction (after a crash too);
-    returns how many snapshots were finished. Each step is idempotent."""
-    with host.metadata.session() as session:
-        pending = [
-            (s.uuid, s.state == "reducing")
-            for s in session.scalars(select(VmSnapshot).where(VmSnapshot.state.in_(("deleting", "reducing"))))
-        ]
-    for snapshot_uuid, keep in pending:
-        with host.metadata.session() as session:
-            plans = [
-                (v.uuid, v.path, v.merge_child, v.merge_grandchild)
-                for v in session.scalars(select(Vdi).where(Vdi.snapshot_group == snapshot_uuid))
-            ]
-        for vdi_uuid, frozen, child, grandchild in plans:
-            if child is None:
-                continue
-            if os.path.exists(child):
-                vhd.coalesce(child, remove_child=False)
-                if grandchild is not None:
-                    vhd.set_parent(grandchild, frozen)
-            with host.metadata.session() as session:
-                user = session.scalars(select(Vdi).where(Vdi.path == child)).first()
-                if user is not None:
-                    user.path = frozen
-                vdi = session.get(Vdi, vdi_uuid)
-                assert vdi is not None
-                vdi.merge_child = vdi.merge_grandchild = None
-                if keep:
-                    vdi.data_destroyed = True
-                    vdi.path = ""
-                else:
-                    for grant in session.scalars(select(Grant).where(Grant.vdi_uuid == vdi_uuid)):
-                        session.delete(grant)  # no data left to grant access to
-                    session.flush()
-                    session.delete(vdi)
-            # committed: nothing refers to the child any more (a crash right here leaves an
-            # unreferenced file, for the daemon's orphan sweep)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(child)
-        with host.metadata.session() as session:
-            snapshot = session.get(VmSnapshot, snapshot_uuid)
-            if snapshot is not None:
-                if keep:
-                    snapshot.state = "cbt-only"
-                else:
-                    session.delete(snapshot)
-    return len(pending)
+    """Finish what interrupted deletions left (the daemon runs it at start, before any VM
+    runs): the garbage collection, leaves included."""
+    return collect_garbage(host, keep_leaves=False)
