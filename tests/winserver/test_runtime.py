@@ -115,6 +115,40 @@ def test_cli_start_stop_through_the_daemon(daemon: Daemon) -> None:
     shown = json.loads(winserver("vm", "show", "cli", "--dir", daemon.dir, "--json").stdout)
     assert shown["power_state"] == "running" and shown["disks"][0]["guest_socket"] == socket_path
     run([qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 64k", f"nbd+unix:///?socket={socket_path}"])
+    # the sub-commands go through the daemon with a token: the VM runs
+    prepared = winserver(
+        "prepare-backup",
+        "--vm",
+        "cli",
+        "--backup-id",
+        "k1",
+        "--type",
+        "full",
+        "--dir",
+        daemon.dir,
+        "--token",
+        daemon.token,
+        "--json",
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    access = json.loads(prepared.stdout)["disks"][0]["access"]
+    with wddk.open(access) as snap:
+        assert snap.read(0, 65536) == b"\x5a" * 65536
+    direct = winserver(
+        "prepare-backup", "--vm", "cli", "--backup-id", "k2", "--type", "full", "--dir", daemon.dir
+    )
+    assert direct.returncode == 1 and "running" in direct.stderr  # without the daemon: refused
+    stopped_access = winserver(
+        "stop-remote-access",
+        "--backup-id",
+        "k1",
+        "--delete-snapshot",
+        "--dir",
+        daemon.dir,
+        "--token",
+        daemon.token,
+    )
+    assert stopped_access.returncode == 0, stopped_access.stderr
     assert winserver("vm", "stop", "cli", "--dir", daemon.dir).returncode == 2  # no token
     stopped = winserver("vm", "stop", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["power_state"] == "halted"

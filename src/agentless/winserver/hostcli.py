@@ -1,8 +1,10 @@
-"""``winserver init`` and ``winserver vm ...``: the host's state directory and its VMs.
+"""``winserver init``, ``vm ...``, ``sr ...``, ``serve`` and the four sub-commands.
 
-Every command takes ``--dir D`` (or the ``WINSERVER_DIR`` environment variable). For now
-the VM commands work on the directory directly; once the daemon exists they go through
-its host API.
+Every command takes ``--dir D`` (or the ``WINSERVER_DIR`` environment variable). With a
+host token (``--token`` or ``WINSERVER_TOKEN``) the snapshot and remote-access commands go
+through the running daemon's API – needed for running VMs, whose disks the daemon serves;
+without one they work on the directory (halted VMs). ``vm start``/``vm stop`` always go
+through the daemon.
 """
 
 from __future__ import annotations
@@ -113,9 +115,18 @@ def _cmd_vm_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    token = getattr(args, "token", None) or os.environ.get("WINSERVER_TOKEN")
+    return str(token) if token else None
+
+
 def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        snapshot = snapshot_vm(host, args.name, args.snapshot_name)
+        if _token(args):  # through the daemon: online snapshots of running VMs
+            with _daemon(args, host) as api:
+                snapshot = api.snapshot_vm(args.name)
+        else:
+            snapshot = snapshot_vm(host, args.name, args.snapshot_name)
     emit(args, snapshot, f"snapshot {snapshot['uuid']} of {len(snapshot['disks'])} disk(s)")
     return 0
 
@@ -123,7 +134,7 @@ def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace, host: Host) -> HostClient:
     """The running daemon of this host, through its API (the token is needed: only its
     hash is stored)."""
-    token = args.token or os.environ.get("WINSERVER_TOKEN")
+    token = _token(args)
     if not token:
         args.parser.error("this command talks to the daemon: give --token T (or set WINSERVER_TOKEN)")
     url = f"https://127.0.0.1:{host.identity.api_port}"
@@ -147,7 +158,11 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
 
 def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        result = delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt)
+        if _token(args):
+            with _daemon(args, host) as api:
+                result = api.delete_snapshot(args.snapshot, keep_cbt=args.keep_cbt)
+        else:
+            result = delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt)
     what = "reduced to CBT metadata" if args.keep_cbt else "deleted"
     emit(args, result, f"snapshot {args.snapshot} {what}")
     return 0
@@ -161,7 +176,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_prepare_backup(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        result = prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id)
+        if _token(args):
+            with _daemon(args, host) as api:
+                result = api.prepare_backup(args.vm, args.backup_id, args.type, args.base_backup_id)
+        else:
+            result = prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id)
     lines = [f"backup {result['backup_id']}: snapshot {result['snapshot']}"]
     for disk in result["disks"]:
         amount = format_size(sum(e["length"] for e in disk["extents"]))
@@ -177,7 +196,11 @@ def _cmd_prepare_backup(args: argparse.Namespace) -> int:
 
 def _cmd_update_backup_id(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        result = update_backup_id(host, args.vdi, args.backup_id)
+        if _token(args):
+            with _daemon(args, host) as api:
+                result = api.update_backup_id(args.vdi, args.backup_id)
+        else:
+            result = update_backup_id(host, args.vdi, args.backup_id)
     access = result["access"]
     emit(
         args,
@@ -189,7 +212,11 @@ def _cmd_update_backup_id(args: argparse.Namespace) -> int:
 
 def _cmd_stop_remote_access(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        result = stop_remote_access(host, args.backup_id, args.delete_snapshot)
+        if _token(args):
+            with _daemon(args, host) as api:
+                result = api.stop_remote_access(args.backup_id, args.delete_snapshot)
+        else:
+            result = stop_remote_access(host, args.backup_id, args.delete_snapshot)
     emit(args, result, f"{result['revoked']} grant(s) of {args.backup_id} revoked")
     return 0
 
@@ -237,16 +264,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--backup-id", required=True)
     p.add_argument("--type", choices=["full", "incremental"], required=True)
     p.add_argument("--base-backup-id", help="the previous backup, for an incremental one")
+    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_prepare_backup)
 
     p = command(subparsers, "update-backup-id", "open write access to a VDI (a restore target)")
     p.add_argument("--vdi", required=True)
     p.add_argument("--backup-id", required=True)
+    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_update_backup_id)
 
     p = command(subparsers, "stop-remote-access", "revoke a backup id's access (and reduce its snapshot)")
     p.add_argument("--backup-id", required=True)
     p.add_argument("--delete-snapshot", action="store_true", help="reduce the snapshot to CBT metadata")
+    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_stop_remote_access)
 
     p = command(subparsers, "get_vdi_sm_info", "a VDI's BAT and parent chain, read from the VHD files")
@@ -283,10 +313,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = command(vm_commands, "snapshot", "snapshot every disk of a halted VM")
     p.add_argument("name")
     p.add_argument("--snapshot-name", help="a name for the snapshot")
+    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_snapshot)
     p = command(vm_commands, "snapshot-delete", "delete a halted VM's snapshot (coalescing its file away)")
     p.add_argument("snapshot", help="snapshot uuid")
     p.add_argument("--keep-cbt", action="store_true", help="keep it as CBT metadata only (data_destroy)")
+    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_snapshot_delete)
     p = command(vm_commands, "start", "start a VM in the running daemon")
     p.add_argument("name")
