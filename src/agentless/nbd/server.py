@@ -351,7 +351,7 @@ class _Connection:
             if export is None:
                 raise _Disconnect(f"unknown export {name!r}")  # no way to reply an error
             self._select(name, export)
-            reply = p.EXPORT_NAME_REPLY.pack(export.size, self._transmission_flags())
+            reply = p.EXPORT_NAME_REPLY.pack(export.size, self._flags_for(export))
             self.writer.write(reply if self.no_zeroes else reply + bytes(124))
         elif option == p.NBD_OPT_ABORT:
             self._reply_option(option, p.NBD_REP_ACK)
@@ -525,10 +525,6 @@ class _Connection:
         if export.multi_conn:
             flags |= p.NBD_FLAG_CAN_MULTI_CONN
         return flags
-
-    def _transmission_flags(self) -> int:
-        assert self.export is not None
-        return self._flags_for(self.export)
 
     # ------------------------------------------------------------------ transmission
 

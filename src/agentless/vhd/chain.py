@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -312,15 +311,6 @@ class Chain(Closing):
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """The allocated extents of the whole chain (or of a range of it)."""
         return as_extents(*self.extent_arrays(offset, length))
-
-    def iter_data(self, chunk: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
-        """(offset, bytes) of every allocated extent, in pieces of at most *chunk* bytes."""
-        for extent in self.extents():
-            pos = extent.offset
-            while pos < extent.end:
-                n = min(chunk, extent.end - pos)
-                yield pos, self.read(pos, n)
-                pos += n
 
     # ------------------------------------------------------------------ lifetime
 

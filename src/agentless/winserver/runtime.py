@@ -186,10 +186,6 @@ class Runtime:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return path
 
-    def guest_sockets(self, vm_uuid: str) -> list[str]:
-        running = self._vms.get(vm_uuid)
-        return list(running.sockets) if running else []
-
     def trackers(self, vm_uuid: str) -> dict[str, ChangedBlockTracker]:
         """The open CBT trackers of a running VM's disks, by VDI uuid."""
         running = self._vms.get(vm_uuid)
