@@ -38,7 +38,7 @@ from .grants import GrantError, Grants
 from .host import Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .runtime import Runtime
-from .sminfo import find_vdi, vdi_sm_info
+from .sminfo import sm_info
 from .vms import ConflictError, NotFoundError, VmError, create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["API_PREFIX", "make_app"]
@@ -171,12 +171,7 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
 
     @app.get(f"{API_PREFIX}/vdis/{{uuid}}/sm-info", dependencies=guard)
     def get_sm_info(uuid: str) -> dict[str, Any]:
-        def info() -> dict[str, Any]:
-            with host.metadata.session() as session:
-                path = find_vdi(session, uuid).path
-            return {"vdi": uuid, **vdi_sm_info(path)}
-
-        return dict(run(info))
+        return dict(run(sm_info, host, uuid))
 
     @app.post(f"{API_PREFIX}/prepare-backup", dependencies=guard)
     def post_prepare_backup(body: PrepareBackup) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 from agentless.commands import emit
@@ -20,7 +21,7 @@ from .client import HostClient
 from .daemon import serve
 from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
-from .sminfo import find_vdi, vdi_sm_info
+from .sminfo import sm_info
 from .snapshots import delete_snapshot, snapshot_vm
 from .storage import create_sr, list_srs
 from .vms import create_vm, delete_vm, describe_vm, list_vms
@@ -120,13 +121,26 @@ def _token(args: argparse.Namespace) -> str | None:
     return str(token) if token else None
 
 
-def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
+def _daemon_or_here(
+    args: argparse.Namespace,
+    remote: Callable[[HostClient], dict[str, Any]],
+    local: Callable[[Host], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run *remote* through the daemon's API when a token is given (running VMs need it),
+    else *local* on the host directory."""
     with Host.open(_directory(args)) as host:
-        if _token(args):  # through the daemon: online snapshots of running VMs
+        if _token(args):
             with _daemon(args, host) as api:
-                snapshot = api.snapshot_vm(args.name)
-        else:
-            snapshot = snapshot_vm(host, args.name, args.snapshot_name)
+                return remote(api)
+        return local(host)
+
+
+def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
+    snapshot = _daemon_or_here(
+        args,
+        lambda api: api.snapshot_vm(args.name),
+        lambda host: snapshot_vm(host, args.name, args.snapshot_name),
+    )
     emit(args, snapshot, f"snapshot {snapshot['uuid']} of {len(snapshot['disks'])} disk(s)")
     return 0
 
@@ -157,12 +171,11 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        if _token(args):
-            with _daemon(args, host) as api:
-                result = api.delete_snapshot(args.snapshot, keep_cbt=args.keep_cbt)
-        else:
-            result = delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt)
+    result = _daemon_or_here(
+        args,
+        lambda api: api.delete_snapshot(args.snapshot, keep_cbt=args.keep_cbt),
+        lambda host: delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt),
+    )
     what = "reduced to CBT metadata" if args.keep_cbt else "deleted"
     emit(args, result, f"snapshot {args.snapshot} {what}")
     return 0
@@ -175,12 +188,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_backup(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        if _token(args):
-            with _daemon(args, host) as api:
-                result = api.prepare_backup(args.vm, args.backup_id, args.type, args.base_backup_id)
-        else:
-            result = prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id)
+    result = _daemon_or_here(
+        args,
+        lambda api: api.prepare_backup(args.vm, args.backup_id, args.type, args.base_backup_id),
+        lambda host: prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id),
+    )
     lines = [f"backup {result['backup_id']}: snapshot {result['snapshot']}"]
     for disk in result["disks"]:
         amount = format_size(sum(e["length"] for e in disk["extents"]))
@@ -195,12 +207,11 @@ def _cmd_prepare_backup(args: argparse.Namespace) -> int:
 
 
 def _cmd_update_backup_id(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        if _token(args):
-            with _daemon(args, host) as api:
-                result = api.update_backup_id(args.vdi, args.backup_id)
-        else:
-            result = update_backup_id(host, args.vdi, args.backup_id)
+    result = _daemon_or_here(
+        args,
+        lambda api: api.update_backup_id(args.vdi, args.backup_id),
+        lambda host: update_backup_id(host, args.vdi, args.backup_id),
+    )
     access = result["access"]
     emit(
         args,
@@ -211,20 +222,18 @@ def _cmd_update_backup_id(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop_remote_access(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        if _token(args):
-            with _daemon(args, host) as api:
-                result = api.stop_remote_access(args.backup_id, args.delete_snapshot)
-        else:
-            result = stop_remote_access(host, args.backup_id, args.delete_snapshot)
+    result = _daemon_or_here(
+        args,
+        lambda api: api.stop_remote_access(args.backup_id, args.delete_snapshot),
+        lambda host: stop_remote_access(host, args.backup_id, args.delete_snapshot),
+    )
     emit(args, result, f"{result['revoked']} grant(s) of {args.backup_id} revoked")
     return 0
 
 
 def _cmd_get_vdi_sm_info(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host, host.metadata.session() as session:
-        path = find_vdi(session, args.vdi).path
-    info = {"vdi": args.vdi, **vdi_sm_info(path)}
+    with Host.open(_directory(args)) as host:
+        info = sm_info(host, args.vdi)
     lines = [f"VDI {args.vdi}: {format_size(info['size'])}, chain depth {info['depth']}"]
     for entry in info["chain"]:
         blocks = entry.get("allocated_blocks", "-")

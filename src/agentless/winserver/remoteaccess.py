@@ -29,9 +29,10 @@ from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError, changed_extents
 from .grants import DIRTY_BITMAP_NAME, Grants
 from .host import Host
-from .metadata import Vdi, VmSnapshot
+from .metadata import VmSnapshot
+from .sminfo import find_vdi
 from .snapshots import delete_snapshot, snapshot_vm
-from .vms import ConflictError, NotFoundError, VmError, describe_vm
+from .vms import ConflictError, VmError, describe_vm
 
 __all__ = ["access_info", "prepare_backup", "stop_remote_access", "update_backup_id"]
 
@@ -170,9 +171,7 @@ def update_backup_id(
     """Open write access to *vdi_uuid* (a restore target) under *backup_id*."""
     grants = grants or Grants(host.metadata)
     with host.metadata.session() as session:
-        vdi = session.get(Vdi, vdi_uuid)
-        if vdi is None:
-            raise NotFoundError(f"no VDI with uuid {vdi_uuid!r}")
+        vdi = find_vdi(session, vdi_uuid)
         if vdi.snapshot_of is not None:
             raise VmError(f"VDI {vdi_uuid} is a snapshot: snapshots are never written")
         size = vdi.virtual_size

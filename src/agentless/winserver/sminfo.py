@@ -16,10 +16,11 @@ from sqlalchemy.orm import Session
 from agentless import vhd
 from agentless.vhd.extents import runs
 
+from .host import Host
 from .metadata import Vdi
 from .vms import NotFoundError
 
-__all__ = ["find_vdi", "vdi_sm_info"]
+__all__ = ["find_vdi", "sm_info", "vdi_sm_info"]
 
 
 def find_vdi(session: Session, ref: str) -> Vdi:
@@ -66,3 +67,10 @@ def vdi_sm_info(path: str) -> dict[str, Any]:
             "allocated": sum(e.length for e in extents),
             "extents": [{"offset": e.offset, "length": e.length} for e in extents],
         }
+
+
+def sm_info(host: Host, vdi_uuid: str) -> dict[str, Any]:
+    """``get_vdi_sm_info`` of a VDI of *host*: its chain, read from the files."""
+    with host.metadata.session() as session:
+        path = find_vdi(session, vdi_uuid).path
+    return {"vdi": vdi_uuid, **vdi_sm_info(path)}
