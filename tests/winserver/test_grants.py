@@ -13,7 +13,7 @@ from agentless import vhd
 from agentless.nbd.protocol import NBD_EPERM
 from agentless.winserver.grants import GrantError, GrantExports, Grants
 from agentless.winserver.host import Host
-from agentless.winserver.snapshots import snapshot_vm
+from agentless.winserver.snapshots import delete_snapshot, snapshot_vm
 from agentless.winserver.vms import VmError, create_vm, delete_vm, describe_vm
 from tests.nbd.serving import serve
 
@@ -118,3 +118,15 @@ def test_vm_with_open_access_is_not_deleted(host: Host) -> None:
     grants.revoke("b9")
     delete_vm(host, "busy")
     assert grants.list() == []
+
+
+def test_grant_on_a_snapshot_reduced_to_cbt_metadata_is_refused(host: Host) -> None:
+    """A snapshot whose data were destroyed has nothing to serve: its grant no longer
+    resolves, even before it is revoked or expires."""
+    create_vm(host, "r", [MiB])
+    snap = snapshot_vm(host, "r")
+    grants = Grants(host.metadata)
+    grant = grants.grant(snap["disks"][0]["snapshot_vdi"], "b", read_only=True)
+    assert grants.resolve(grant["export_name"]) is not None
+    delete_snapshot(host, snap["uuid"], keep_cbt=True)
+    assert grants.resolve(grant["export_name"]) is None

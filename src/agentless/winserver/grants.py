@@ -102,7 +102,9 @@ class Grants:
             if grant is None or grant.revoked or grant.expires <= self.clock():
                 return None
             vdi = session.get(Vdi, grant.vdi_uuid)
-            return (vdi.path, grant.read_only) if vdi is not None else None
+            if vdi is None or vdi.data_destroyed or not vdi.path:
+                return None  # the VDI is gone, or holds CBT metadata only: nothing to serve
+            return vdi.path, grant.read_only
 
     def dirty_bitmap(self, export_name: str) -> bytes | None:
         """The CBT bitmap recorded with a grant, if any."""
