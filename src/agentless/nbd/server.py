@@ -687,26 +687,30 @@ class _Connection:
             free.append(buf)
 
     async def _read_reply(self, export: Export, flags: int, cookie: int, offset: int, length: int) -> None:
-        if await self._sendfile_reply(export, flags, cookie, offset, length):
+        # the shape of a structured reply: data and hole pieces (computed once, used by
+        # either path); simple replies and DF are one piece of data
+        if self.structured and length and not flags & p.NBD_CMD_FLAG_DF:
+            extents = self._allocation(export, offset, length)
+        else:
+            extents = [(length, 0)] if length else []
+        if await self._sendfile_reply(export, extents, cookie, offset, length):
             return
         buf = self._buffer(length)
-        await self._send_read(export, flags, cookie, offset, length, buf)
+        await self._send_read(export, extents, cookie, offset, length, buf)
         self._recycle(buf)  # sent; after a failure it may still be queued, so it is dropped
 
     async def _sendfile_reply(
-        self, export: Export, flags: int, cookie: int, offset: int, length: int
+        self, export: Export, extents: list[tuple[int, int]], cookie: int, offset: int, length: int
     ) -> bool:
         """The fast path: data stored contiguously in one file, already in the page cache,
         over a plain socket, goes with sendfile(2) – one copy, no buffer, no worker thread.
         False when the request does not qualify (then nothing has been sent)."""
-        if not length or not self.writer.plain:
-            return False
+        if not length or not self.writer.plain or extents != [(length, 0)]:
+            return False  # holes to report go as holes, through the general path
         source = export.file_source(offset, length)
         if source is None or not pagecache.cached(source[0], source[1], length):
             return False
         if self.structured:
-            if not flags & p.NBD_CMD_FLAG_DF and self._allocation(export, offset, length) != [(length, 0)]:
-                return False  # holes to report: the general path sends them as holes
             header = p.STRUCTURED_REPLY.pack(
                 p.NBD_STRUCTURED_REPLY_MAGIC,
                 p.NBD_REPLY_FLAG_DONE,
@@ -720,32 +724,25 @@ class _Connection:
         return True
 
     async def _send_read(
-        self, export: Export, flags: int, cookie: int, offset: int, length: int, buf: bytearray
+        self,
+        export: Export,
+        extents: list[tuple[int, int]],
+        cookie: int,
+        offset: int,
+        length: int,
+        buf: bytearray,
     ) -> None:
         view = memoryview(buf)
+        if any(not f & p.NBD_STATE_ZERO for _, f in extents):
+            try:  # from the page cache right here, else in a worker thread
+                export.pread(view, offset, True)
+            except BlockingIOError:
+                await self.server.run_io(export.pread, view, offset)
         if not self.structured:
-            if length:
-                try:  # from the page cache right here, else in a worker thread
-                    export.pread(view, offset, True)
-                except BlockingIOError:
-                    await self.server.run_io(export.pread, view, offset)
             self.writer.write(p.SIMPLE_REPLY.pack(p.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
             self.writer.write(view)
             await self.writer.drain()
             return
-
-        def job(nowait: bool = False) -> list[tuple[int, int]]:
-            if length == 0:
-                return []
-            extents = [(length, 0)] if flags & p.NBD_CMD_FLAG_DF else self._allocation(export, offset, length)
-            if any(not f & p.NBD_STATE_ZERO for _, f in extents):
-                export.pread(view, offset, nowait)
-            return extents
-
-        try:
-            extents = job(nowait=True)
-        except BlockingIOError:
-            extents = await self.server.run_io(job)
         if not extents:
             self._chunk(p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_NONE, cookie, b"")
             await self.writer.drain()
