@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from agentless import vhd
+from agentless.fileio import pread_into, pwrite_all
 
 from .protocol import BASE_ALLOCATION, NBD_ENOTSUP, NBD_STATE_DIRTY, NBD_STATE_HOLE, NBD_STATE_ZERO
 
@@ -331,29 +332,14 @@ class RawFileExport(_ExportBase):
         self._description = description
 
     def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
-        done = 0
-        while done < len(buf):
-            if nowait:
-                try:
-                    n = os.preadv(self._fd, [buf[done:]], offset + done, os.RWF_NOWAIT)
-                except OSError as error:
-                    if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise BlockingIOError(errno.EAGAIN, "RWF_NOWAIT not supported") from None
-                    raise
-            else:
-                n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n == 0:  # the file shrank under us: what is gone reads as zeros
-                buf[done:] = bytes(len(buf) - done)
-                return
-            done += n
+        got = pread_into(self._fd, buf, offset, nowait)
+        buf[got:] = bytes(len(buf) - got)  # the file shrank under us: what is gone reads as zeros
 
     def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
         return (self._fd, offset) if offset + length <= self._size else None
 
     def pwrite(self, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwritev(self._fd, [data[done:]], offset + done)
+        pwrite_all(self._fd, data, offset)
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
         if may_trim and _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):

@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
+from agentless.fileio import pread_into, pwrite_all
 from agentless.sparse import data_ranges, is_zero
 
 from .chain import Chain
@@ -88,7 +89,7 @@ def import_raw(
                 while pos < end:
                     n = min(step, length - pos)
                     view = memoryview(buf)[:n]
-                    got = os.preadv(fd, [view], pos)
+                    got = pread_into(fd, view, pos)
                     view = view[:got]
                     if is_zero(view):
                         stats.bytes_skipped += got
@@ -125,9 +126,7 @@ def export_raw(
                     if is_zero(view):
                         stats.bytes_skipped += n
                     else:
-                        done = 0
-                        while done < n:
-                            done += os.pwritev(fd, [view[done:]], pos + done)
+                        pwrite_all(fd, view, pos)
                         stats.bytes_written += n
                     pos += n
                     if progress:

@@ -24,7 +24,6 @@ atomically.
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import stat
 import struct
@@ -34,6 +33,7 @@ import uuid
 import numpy as np
 import numpy.typing as npt
 
+from agentless.fileio import pread_into, pwrite_all
 from agentless.lifetime import Closing
 
 from . import bat as batmod
@@ -62,32 +62,10 @@ Presence = bool | npt.NDArray[np.bool_]
 
 def _pread_exact(fd: int, buf: memoryview, offset: int, path: str, nowait: bool = False) -> None:
     """Fill *buf* from *offset*; a short read means the file is shorter than it claims.
-
-    With *nowait*, raise BlockingIOError instead of waiting for the disk (the data is not
-    in the page cache, or the file system cannot tell): callers on an event loop retry
-    in a worker thread.
-    """
-    done = 0
-    while done < len(buf):
-        if nowait:
-            try:
-                n = os.preadv(fd, [buf[done:]], offset + done, os.RWF_NOWAIT)
-            except OSError as error:
-                if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise BlockingIOError(errno.EAGAIN, "RWF_NOWAIT not supported") from None
-                raise
-        else:
-            n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise CorruptVhdError(path, "data", offset + done, "unexpected end of file")
-        done += n
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwritev(fd, [view[done:]], offset + done)
+    *nowait* as in :func:`agentless.fileio.pread_into`."""
+    got = pread_into(fd, buf, offset, nowait)
+    if got < len(buf):
+        raise CorruptVhdError(path, "data", offset + got, "unexpected end of file")
 
 
 class VhdImage(Closing):
@@ -372,7 +350,7 @@ class VhdImage(Closing):
                 f"{self.path}: sectors [{sector}, {sector + count}) outside the disk of {self.sectors}"
             )
         if self.header is None:
-            _pwrite_all(self.fd, data, sector * SECTOR_SIZE)
+            pwrite_all(self.fd, data, sector * SECTOR_SIZE)
             return
         spb = self.sectors_per_block
         pos = 0
@@ -382,13 +360,13 @@ class VhdImage(Closing):
                 n = min(spb - first, count - pos)
                 chunk = data[pos * SECTOR_SIZE : (pos + n) * SECTOR_SIZE]
                 if self._full[block]:
-                    _pwrite_all(self.fd, chunk, self.data_offset(sector + pos))
+                    pwrite_all(self.fd, chunk, self.data_offset(sector + pos))
                     pos += n
                     continue
                 bitmap = self.bitmap(block)
                 if bitmap is None:
                     bitmap = self._allocate(block)
-                _pwrite_all(self.fd, chunk, self.data_offset(sector + pos))
+                pwrite_all(self.fd, chunk, self.data_offset(sector + pos))
                 if not batmod.bitmap_span(bitmap, first, n).all():
                     batmod.set_bits(bitmap, first, n)
                     self._write_bitmap(block, bitmap, first, n)
@@ -401,7 +379,7 @@ class VhdImage(Closing):
         lo = (first // bits_per_sector) * SECTOR_SIZE
         hi = -(-(first + count) // bits_per_sector) * SECTOR_SIZE
         base = int(self.bat[block]) * SECTOR_SIZE
-        _pwrite_all(self.fd, bitmap[lo:hi].tobytes(), base + lo)
+        pwrite_all(self.fd, bitmap[lo:hi].tobytes(), base + lo)
 
     def _allocate(self, block: int) -> Bitmap:
         """Append *block* at the end of the file (see the module docstring for the order).
@@ -426,10 +404,10 @@ class VhdImage(Closing):
         # from the parent, misreading reads that cross into the next block.
         bitmap[(self.sectors_per_block + 7) // 8 :] = 0xFF
         new_footer = position + block_total
-        _pwrite_all(self.fd, self.footer.pack(), new_footer)
-        _pwrite_all(self.fd, bitmap.tobytes(), position)
+        pwrite_all(self.fd, self.footer.pack(), new_footer)
+        pwrite_all(self.fd, bitmap.tobytes(), position)
         self.footer_offset = new_footer
-        _pwrite_all(
+        pwrite_all(
             self.fd,
             struct.pack(">I", position // SECTOR_SIZE),
             header.table_offset + 4 * block,

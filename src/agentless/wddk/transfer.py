@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from agentless.fileio import pread_into, pwrite_all
 from agentless.nbd.client import Client
 from agentless.nbd.errors import NbdError
 from agentless.nbd.protocol import BASE_ALLOCATION
@@ -195,9 +196,10 @@ class Transfer:
                 skipped = 0
                 if self.direction == "download":
                     client.readinto(piece.offset, part)
-                    _pwrite_all(fd, part, piece.offset)
+                    pwrite_all(fd, part, piece.offset)
                 elif self.direction == "upload":
-                    _pread_all(fd, part, piece.offset)
+                    got = pread_into(fd, part, piece.offset)
+                    part[got:] = bytes(len(part) - got)  # past the end of the file: zeros
                     if is_zero(part):
                         skipped = piece.length
                     else:
@@ -231,19 +233,3 @@ def _cut(ranges: list[tuple[int, int]]) -> list[_Piece]:
             pieces.append(_Piece(pos, n))
             pos += n
     return pieces
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwritev(fd, [view[done:]], offset + done)
-
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            view[done:] = bytes(len(view) - done)
-            return
-        done += n
