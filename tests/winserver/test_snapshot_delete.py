@@ -64,7 +64,7 @@ def _snapshot_path(host: Host, snap: dict[str, object]) -> str:
 def test_delete_any_snapshot_keeps_the_others(tmp_path: Path, which: int) -> None:
     """Deleting the oldest, a middle or the newest snapshot: the rest and the disk read as
     before, the chain is one file shorter, no file is left over."""
-    host, _ = Host.init(tmp_path / "h")
+    host, _ = Host.init(tmp_path / "h", max_chain_depth=4)
     snaps, images, model = _setup(host, 3)
     disk = describe_vm(host, "vm")["disks"][0]["path"]
     depth = len(vhd.Chain.open(disk).paths)
@@ -150,7 +150,7 @@ print(calls)
 
 def _fresh(directory: Path) -> tuple[list[dict[str, object]], list[bytes], bytearray]:
     """The same VM history in a new host directory (the data are seeded; paths differ)."""
-    host, _ = Host.init(directory)
+    host, _ = Host.init(directory, max_chain_depth=4)
     with host:
         return _setup(host, 3, seed=9)
 

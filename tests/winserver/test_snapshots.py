@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from agentless import vhd
-from agentless.winserver.host import Host
+from agentless.winserver.host import Host, HostError
 from agentless.winserver.sminfo import vdi_sm_info
-from agentless.winserver.snapshots import snapshot_vm
+from agentless.winserver.snapshots import delete_snapshot, snapshot_vm
 from agentless.winserver.vms import VmError, create_vm, delete_vm, describe_vm
 
 MiB = 1 << 20
@@ -54,6 +54,35 @@ def test_snapshot_freezes_every_disk(host: Host) -> None:
     info = vdi_sm_info(describe_vm(host, "db")["disks"][0]["path"])
     assert info["depth"] == 3
     assert second["disks"][0]["path"] == now["disks"][0]["path"]
+
+
+def test_chain_depth_limit(tmp_path: Path) -> None:
+    """A snapshot past max_chain_depth is refused with a clear error and leaves nothing;
+    reducing an older snapshot to CBT metadata makes room; the limit is the host's."""
+    host, _ = Host.init(tmp_path / "h")
+    assert host.max_chain_depth == 3
+    vm = create_vm(host, "db", [4 * MiB, 4 * MiB])
+    first = snapshot_vm(host, "db")
+    snapshot_vm(host, "db")
+    disk_dir = os.path.dirname(vm["disks"][0]["path"])
+    files = sorted(os.listdir(disk_dir))
+    with pytest.raises(VmError, match="4 files deep, over this host's max_chain_depth 3"):
+        snapshot_vm(host, "db")
+    assert sorted(os.listdir(disk_dir)) == files  # no new leaf left behind
+    assert vdi_sm_info(describe_vm(host, "db")["disks"][1]["path"])["depth"] == 3
+    delete_snapshot(host, str(first["uuid"]), keep_cbt=True)
+    snapshot_vm(host, "db")
+    host.close()
+    with Host.open(tmp_path / "h") as again:
+        assert again.max_chain_depth == 3
+    wide, _ = Host.init(tmp_path / "wide", max_chain_depth=5)
+    with wide:
+        create_vm(wide, "db", [MiB])
+        for _ in range(4):
+            snapshot_vm(wide, "db")
+        assert vdi_sm_info(describe_vm(wide, "db")["disks"][0]["path"])["depth"] == 5
+    with pytest.raises(HostError, match="max chain depth 1"):
+        Host.init(tmp_path / "narrow", max_chain_depth=1)
 
 
 def test_sm_info_reads_bat_and_parents(host: Host) -> None:

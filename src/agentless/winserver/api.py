@@ -131,8 +131,9 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
             "uuid": identity.uuid,
             "name": identity.name,
             "addresses": list(identity.addresses),
-            "api_port": identity.api_port,
-            "nbd_port": identity.nbd_port,
+            "api_port": host.api_port,
+            "nbd_port": host.nbd_port,
+            "max_chain_depth": host.max_chain_depth,
             "cert": host.server_cert_pem,
             "version": __version__,
         }

@@ -25,7 +25,7 @@ from agentless.nbd.tls import server_context
 
 from .api import API_PREFIX, make_app
 from .grants import GrantExports, Grants
-from .host import Host
+from .host import Host, check_max_chain_depth
 from .runtime import Runtime
 from .snapshots import finish_deletions, sweep_orphans
 from .vms import list_vms
@@ -50,7 +50,7 @@ async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) 
             await asyncio.wait_for(stop.wait(), POLL_SECONDS)
 
 
-async def _run(host: Host, bind: str, port: int | None, api_port: int | None) -> None:
+async def _run(host: Host, bind: str) -> None:
     grants = Grants(host.metadata)
     finish_deletions(host)
     orphans = sweep_orphans(host)
@@ -61,7 +61,7 @@ async def _run(host: Host, bind: str, port: int | None, api_port: int | None) ->
     tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
     server = NbdServer(exports, tls=tls)
     exports.disconnect = server.disconnect
-    listening = await server.serve_tcp(bind, host.identity.nbd_port if port is None else port)
+    listening = await server.serve_tcp(bind, host.nbd_port)
     runtime = Runtime(host)
     for vm in list_vms(host):  # recovery: the datapaths of running VMs come back
         if vm["power_state"] == "running":
@@ -69,7 +69,7 @@ async def _run(host: Host, bind: str, port: int | None, api_port: int | None) ->
     config = uvicorn.Config(
         make_app(host, grants, runtime, asyncio.get_running_loop()),
         host=bind,
-        port=host.identity.api_port if api_port is None else api_port,
+        port=host.api_port,
         ssl_certfile=host.pki_path("server-cert.pem"),
         ssl_keyfile=host.pki_path("server-key.pem"),
         log_level="warning",
@@ -101,6 +101,18 @@ async def _run(host: Host, bind: str, port: int | None, api_port: int | None) ->
         exports.close()
 
 
-def serve(host: Host, bind: str = "0.0.0.0", port: int | None = None, api_port: int | None = None) -> None:
-    """Run until SIGINT or SIGTERM."""
-    asyncio.run(_run(host, bind, port, api_port))
+def serve(
+    host: Host,
+    bind: str = "0.0.0.0",
+    port: int | None = None,
+    api_port: int | None = None,
+    max_chain_depth: int | None = None,
+) -> None:
+    """Run until SIGINT or SIGTERM; the ports and the chain limit default to the host's."""
+    if port is not None:
+        host.nbd_port = port
+    if api_port is not None:
+        host.api_port = api_port
+    if max_chain_depth is not None:
+        host.max_chain_depth = check_max_chain_depth(max_chain_depth)
+    asyncio.run(_run(host, bind))

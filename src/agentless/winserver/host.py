@@ -1,7 +1,8 @@
 """A WinServer host's state directory, made by ``winserver init --dir D``::
 
     D/
-      host.json           identity: magic, version, host uuid, name, addresses, ports
+      host.json           identity: magic, version, host uuid, name, addresses, ports,
+                          and the longest VHD chain a disk may have (max_chain_depth)
       pki/ca-cert.pem     the host's own CA (pinned by WinCenter and wddk clients)
       pki/ca-key.pem      (0600)
       pki/server-cert.pem the certificate of the host API and the NBD server, for the
@@ -32,12 +33,13 @@ from agentless.pki import CertificateAuthority
 
 from .metadata import Metadata, StorageRepository, new_uuid
 
-__all__ = ["HOST_MAGIC", "Host", "HostError"]
+__all__ = ["HOST_MAGIC", "Host", "HostError", "check_max_chain_depth"]
 
 HOST_MAGIC = "agentless-winserver-host"
 HOST_VERSION = 1
 DEFAULT_API_PORT = 8443
 DEFAULT_NBD_PORT = 10809
+DEFAULT_MAX_CHAIN_DEPTH = 3
 
 
 class HostError(Exception):
@@ -51,6 +53,7 @@ class HostIdentity:
     addresses: tuple[str, ...]
     api_port: int
     nbd_port: int
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,7 @@ class HostIdentity:
             "addresses": list(self.addresses),
             "api_port": self.api_port,
             "nbd_port": self.nbd_port,
+            "max_chain_depth": self.max_chain_depth,
         }
 
     @classmethod
@@ -76,6 +80,7 @@ class HostIdentity:
                 addresses=tuple(str(a) for a in data["addresses"]),
                 api_port=int(data["api_port"]),
                 nbd_port=int(data["nbd_port"]),
+                max_chain_depth=int(data.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise HostError(f"{path}: malformed host file ({error})") from None
@@ -85,13 +90,26 @@ def _token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def check_max_chain_depth(depth: int) -> int:
+    """*depth* if it is a usable chain limit: a disk and one snapshot need two files."""
+    if not 2 <= depth <= 64:
+        raise HostError(f"max chain depth {depth}: give 2 to 64 (a disk and a snapshot are 2 files)")
+    return depth
+
+
 class Host(Closing):
-    """An initialised host directory, open: identity, PKI paths, metadata database."""
+    """An initialised host directory, open: identity, PKI paths, metadata database.
+
+    ``api_port``, ``nbd_port`` and ``max_chain_depth`` start as recorded in ``host.json``;
+    the daemon overrides them with its command-line options for the time it runs."""
 
     def __init__(self, directory: str, identity: HostIdentity, metadata: Metadata):
         self.directory = directory
         self.identity = identity
         self.metadata = metadata
+        self.api_port = identity.api_port
+        self.nbd_port = identity.nbd_port
+        self.max_chain_depth = identity.max_chain_depth
 
     # ------------------------------------------------------------------ making and opening
 
@@ -104,6 +122,7 @@ class Host(Closing):
         addresses: Sequence[str] = ("127.0.0.1", "localhost"),
         api_port: int = DEFAULT_API_PORT,
         nbd_port: int = DEFAULT_NBD_PORT,
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
     ) -> tuple[Host, str]:
         """Make a new host in *directory* (which must not exist, or be empty); returns the
         open host and its token – the only time the token is available."""
@@ -119,6 +138,7 @@ class Host(Closing):
             addresses=tuple(addresses),
             api_port=api_port,
             nbd_port=nbd_port,
+            max_chain_depth=check_max_chain_depth(max_chain_depth),
         )
         token = secrets.token_urlsafe(32)
         staging = tempfile.mkdtemp(prefix=".winserver-init-", dir=parent)

@@ -19,7 +19,7 @@ from agentless.units import format_size, size_argument
 
 from .client import HostClient
 from .daemon import serve
-from .host import DEFAULT_API_PORT, DEFAULT_NBD_PORT, Host
+from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .sminfo import sm_info
 from .snapshots import delete_snapshot, snapshot_vm
@@ -43,6 +43,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         addresses=args.address or ["127.0.0.1", "localhost"],
         api_port=args.api_port,
         nbd_port=args.nbd_port,
+        max_chain_depth=args.max_chain_depth,
     )
     with host:
         document: dict[str, Any] = {
@@ -183,7 +184,13 @@ def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     with Host.open(_directory(args)) as host:
-        serve(host, bind=args.bind, port=args.nbd_port, api_port=args.api_port)
+        serve(
+            host,
+            bind=args.bind,
+            port=args.nbd_port,
+            api_port=args.api_port,
+            max_chain_depth=args.max_chain_depth,
+        )
     return 0
 
 
@@ -258,6 +265,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--address", action="append", help="a name or IP the certificate covers (repeat)")
     p.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     p.add_argument("--nbd-port", type=int, default=DEFAULT_NBD_PORT)
+    p.add_argument(
+        "--max-chain-depth",
+        type=int,
+        default=DEFAULT_MAX_CHAIN_DEPTH,
+        help="longest VHD chain a disk may have; snapshots past it are refused (default %(default)s)",
+    )
     p.set_defaults(handler=_cmd_init)
 
     p = command(
@@ -266,6 +279,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--nbd-port", type=int, help="default: the port given at init")
     p.add_argument("--api-port", type=int, help="default: the port given at init")
+    p.add_argument("--max-chain-depth", type=int, help="default: the limit given at init")
     p.set_defaults(handler=_cmd_serve)
 
     p = command(subparsers, "prepare-backup", "snapshot a VM and open read access to its disks")

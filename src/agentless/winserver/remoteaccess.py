@@ -42,7 +42,7 @@ def access_info(host: Host, grant: dict[str, Any], size: int) -> dict[str, Any]:
     cert = host.server_cert_pem
     return {
         "address": host.identity.addresses[0],
-        "port": host.identity.nbd_port,
+        "port": host.nbd_port,
         "export_name": grant["export_name"],
         "cert": cert,
         "subject": subject_of(cert),

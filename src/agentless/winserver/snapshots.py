@@ -14,7 +14,12 @@ which the daemon's recovery removes.
 
 Here the VM is halted, or (*allow_running*) the daemon's runtime has paused its disks
 for an online snapshot. Deleting snapshots and reducing them to CBT metadata end in
-:func:`collect_garbage`, which keeps the chains short.
+:func:`collect_garbage`, which keeps the chains short: a chain holds the disk's leaf, one
+file per snapshot that still has data, and at most one more (a running VM's base that
+waits for its leaf to be merged). A snapshot that would make a chain longer than the
+host's ``max_chain_depth`` (default 3: a backup snapshot in progress while the previous
+one waits to be reduced) is refused, as XenServer refuses one past its chain limit – the
+chain stays fast to read and the caller learns to delete or reduce older snapshots.
 """
 
 from __future__ import annotations
@@ -59,6 +64,13 @@ def snapshot_vm(
             for disk in vm.disks:
                 vdi = disk.vdi
                 frozen = vdi.path
+                depth = len(_chain_paths(frozen)) + 1
+                if depth > host.max_chain_depth:
+                    raise ConflictError(
+                        f"VM {vm.name!r} disk {disk.position}: a snapshot would make its VHD chain "
+                        f"{depth} files deep, over this host's max_chain_depth {host.max_chain_depth}; "
+                        "delete older snapshots or reduce them to CBT metadata first"
+                    )
                 leaf = os.path.join(os.path.dirname(frozen), f"{new_uuid()}.vhd")
                 vhd.create_differencing(leaf, frozen)
                 made.append(leaf)
