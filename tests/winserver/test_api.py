@@ -3,6 +3,9 @@ sub-commands; auth, problem+json errors and certificate pinning."""
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -68,3 +71,47 @@ def test_auth_and_pinning(daemon: Daemon, tmp_path: pytest.TempPathFactory) -> N
     other = CertificateAuthority.create("other").issue_server("other", ["127.0.0.1"]).cert_pem
     with HostClient(daemon.api_url, daemon.token, other) as host, pytest.raises(HostUnreachable):
         host.list_vms()
+
+
+def test_inventory_and_changed_blocks(daemon: Daemon, tmp_path: Path) -> None:
+    """SRs, VDIs, snapshots and grants as WinCenter syncs them; a VM in a second SR; the CBT
+    query between an offline and an online snapshot (the older reduced to CBT metadata)
+    as a base64 bitmap and extents that are exactly the 64 KiB blocks the guest wrote in
+    between; the chain limit."""
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        assert host.host()["max_chain_depth"] == 3
+        fast = host.create_sr("fast", str(tmp_path / "fast"))
+        assert [sr["name"] for sr in host.list_srs()] == ["default", "fast"]
+        vm = host.create_vm("db", [4 * MiB], sr="fast", nics=["lan", "san"])
+        disk = vm["disks"][0]
+        assert disk["path"].startswith(str(tmp_path / "fast"))
+        assert [v["uuid"] for v in host.list_vdis(sr=fast["uuid"])] == [disk["vdi"]]
+        older = host.snapshot_vm("db", name="before")  # offline
+        guest_socket = host.start_vm("db")["disks"][0]["guest_socket"]
+        with wddk.open(f"nbd+unix:///?socket={guest_socket}") as guest:
+            guest.write(65536 * 3 + 100, b"x" * 10)  # block 3
+            guest.write(65536 * 20, b"y" * 65537)  # blocks 20 and 21
+            guest.flush()
+        newer = host.snapshot_vm("db")  # online
+        assert [s["name"] for s in host.list_snapshots("db")] == ["before", "db snapshot"]
+        host.delete_snapshot(older["uuid"], keep_cbt=True)
+        reduced = host.vdi(older["disks"][0]["snapshot_vdi"])
+        assert reduced["data_destroyed"] and reduced["path"] is None
+        changed = host.list_changed_blocks(
+            older["disks"][0]["snapshot_vdi"], newer["disks"][0]["snapshot_vdi"]
+        )
+        assert changed["cbt_valid"] and changed["block_size"] == 65536, changed["reason"]
+        assert changed["extents"] == [
+            {"offset": 3 * 65536, "length": 65536},
+            {"offset": 20 * 65536, "length": 2 * 65536},
+        ]
+        bitmap = base64.b64decode(changed["bitmap"])
+        assert len(bitmap) == 8 and bitmap[0] == 0b00010000 and bitmap[2] == 0b00001100 and sum(bitmap) == 28
+        with pytest.raises(HostApiError) as mixed:
+            host.list_changed_blocks(disk["vdi"], newer["disks"][0]["snapshot_vdi"])
+        assert mixed.value.status == 409
+        host.prepare_backup("db", "b1", "full")
+        assert [g["backup_id"] for g in host.list_grants()] == ["b1"]
+        with pytest.raises(HostApiError) as deep:
+            host.snapshot_vm("db")  # the disk, "db snapshot", the backup's snapshot: 3 files
+        assert deep.value.status == 409 and "max_chain_depth 3" in deep.value.detail

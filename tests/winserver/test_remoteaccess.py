@@ -16,6 +16,7 @@ from agentless import vhd
 from agentless.nbd.exports import VhdExport
 from agentless.nbd.protocol import NBD_EPERM
 from agentless.winserver.cbt import ChangedBlockTracker, cbt_path
+from agentless.winserver.client import HostApiError, HostClient
 from agentless.winserver.datapath import TrackedExport
 from agentless.winserver.host import Host
 from agentless.winserver.remoteaccess import prepare_backup, stop_remote_access
@@ -168,3 +169,36 @@ def test_update_backup_id_gives_write_access(daemon: Daemon) -> None:
         assert chain.read(MiB, 14) == b"restored bytes"
     missing = _winserver("update-backup-id", "--vdi", "nope", "--backup-id", "z", "--dir", daemon.dir)
     assert missing.returncode == 1 and "no VDI" in missing.stderr
+
+
+def test_restore_in_place_is_tracked(daemon: Daemon) -> None:
+    """Writes through a restore grant are marked in CBT like a guest's: after a restore
+    into an existing disk, the next incremental backup reads exactly the restored blocks.
+    While the grant lives the VM cannot start; a running VM's disk is never granted."""
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        vm = host.create_vm("inplace", [8 * MiB])
+        vdi = vm["disks"][0]["vdi"]
+        host.prepare_backup("inplace", "b1", "full")
+        host.stop_remote_access("b1", delete_snapshot=True)
+        access = host.update_backup_id(vdi, "restore-1")["access"]
+        with wddk.open(access) as target:
+            target.write(7 * 65536 + 10, b"restored")
+            target.zero(3 * MiB, 2 * 65536)
+            target.flush()
+        with pytest.raises(HostApiError) as busy:
+            host.start_vm("inplace")
+        assert busy.value.status == 409 and "restore-1" in busy.value.detail
+        host.stop_remote_access("restore-1")
+        backup = host.prepare_backup("inplace", "b2", "incremental", "b1")
+        disk = backup["disks"][0]
+        assert disk["type"] == "incremental", disk["reason"]
+        assert disk["extents"] == [
+            {"offset": 7 * 65536, "length": 65536},
+            {"offset": 3 * MiB, "length": 2 * 65536},
+        ]
+        host.stop_remote_access("b2", delete_snapshot=True)
+        host.start_vm("inplace")
+        with pytest.raises(HostApiError) as running:
+            host.update_backup_id(vdi, "restore-2")
+        assert running.value.status == 409 and "running VM" in running.value.detail
+        host.stop_vm("inplace")

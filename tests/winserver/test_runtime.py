@@ -16,7 +16,7 @@ import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostApiError, HostClient
 from tests.conftest import require_tool, run
-from tests.winserver.conftest import Daemon, winserver
+from tests.winserver.conftest import Daemon, init_host, start_daemon, winserver
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -104,60 +104,70 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
         host.delete_vm("app")
 
 
-def test_cli_start_stop_through_the_daemon(daemon: Daemon) -> None:
-    """``vm start``/``vm stop`` talk to the daemon with the token; a qemu-io guest writes
-    through the socket; without a token the command line is refused."""
+def test_cli_goes_through_the_daemon(daemon: Daemon) -> None:
+    """With a daemon serving the directory every command talks to it, with the local token
+    it publishes (no token to type): ``vm start``, a qemu-io guest writing through the
+    socket, ``prepare-backup`` of the running VM, ``stop-remote-access``, ``vm stop``.
+    A wrong explicit token is refused by the API."""
     qemu_io = require_tool("qemu-io")
     assert winserver("vm", "create", "cli", "--dir", daemon.dir, "--disk", "4M").returncode == 0
-    started = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")
+    started = winserver("vm", "start", "cli", "--dir", daemon.dir, "--json")
     assert started.returncode == 0, started.stderr
     socket_path = json.loads(started.stdout)["disks"][0]["guest_socket"]
     shown = json.loads(winserver("vm", "show", "cli", "--dir", daemon.dir, "--json").stdout)
     assert shown["power_state"] == "running" and shown["disks"][0]["guest_socket"] == socket_path
     run([qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 64k", f"nbd+unix:///?socket={socket_path}"])
-    # the sub-commands go through the daemon with a token: the VM runs
     prepared = winserver(
-        "prepare-backup",
-        "--vm",
-        "cli",
-        "--backup-id",
-        "k1",
-        "--type",
-        "full",
-        "--dir",
-        daemon.dir,
-        "--token",
-        daemon.token,
-        "--json",
+        "prepare-backup", "--vm", "cli", "--backup-id", "k1", "--type", "full", "--dir", daemon.dir, "--json"
     )
     assert prepared.returncode == 0, prepared.stderr
     access = json.loads(prepared.stdout)["disks"][0]["access"]
     with wddk.open(access) as snap:
         assert snap.read(0, 65536) == b"\x5a" * 65536
-    direct = winserver(
-        "prepare-backup", "--vm", "cli", "--backup-id", "k2", "--type", "full", "--dir", daemon.dir
-    )
-    assert direct.returncode == 1 and "running" in direct.stderr  # without the daemon: refused
+    sm = winserver("get_vdi_sm_info", "--vdi", shown["disks"][0]["vdi"], "--dir", daemon.dir, "--json")
+    assert sm.returncode == 0 and json.loads(sm.stdout)["depth"] == 2
     stopped_access = winserver(
-        "stop-remote-access",
-        "--backup-id",
-        "k1",
-        "--delete-snapshot",
-        "--dir",
-        daemon.dir,
-        "--token",
-        daemon.token,
+        "stop-remote-access", "--backup-id", "k1", "--delete-snapshot", "--dir", daemon.dir
     )
     assert stopped_access.returncode == 0, stopped_access.stderr
-    assert winserver("vm", "stop", "cli", "--dir", daemon.dir).returncode == 2  # no token
-    stopped = winserver("vm", "stop", "cli", "--dir", daemon.dir, "--token", daemon.token, "--json")
+    stopped = winserver("vm", "stop", "cli", "--dir", daemon.dir, "--json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["power_state"] == "halted"
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
         path = host.vm("cli")["disks"][0]["path"]
+        assert host.list_grants("k1") and all(g["revoked"] for g in host.list_grants("k1"))
     with vhd.Chain.open(path) as chain:
         assert chain.read(0, 65536) == b"\x5a" * 65536
     wrong = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", "bad")
     assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
+    good = winserver("vm", "list", "--dir", daemon.dir, "--token", daemon.token, "--json")
+    assert [vm["name"] for vm in json.loads(good.stdout)["vms"]] == ["cli"]
+
+
+def test_one_daemon_per_directory(tmp_path: Path) -> None:
+    """A second daemon on the same directory is refused at once; after the first is
+    killed (-9) the commands work on the directory again (its lock went with it) and
+    ``vm start`` says that it needs the daemon; a new daemon starts and serves."""
+    info = init_host(str(tmp_path / "h"))
+    first = start_daemon(info.dir)
+    try:
+        second = winserver("serve", "--dir", info.dir, "--bind", "127.0.0.1")
+        assert second.returncode == 1 and "another winserver daemon serves it" in second.stderr
+        assert winserver("vm", "create", "a", "--disk", "1M", "--dir", info.dir).returncode == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert (tmp_path / "h" / "run" / "api.json").exists()  # stale, and ignored
+    listed = winserver("vm", "list", "--dir", info.dir, "--json")
+    assert listed.returncode == 0 and [vm["name"] for vm in json.loads(listed.stdout)["vms"]] == ["a"]
+    start = winserver("vm", "start", "a", "--dir", info.dir)
+    assert start.returncode == 1 and "no daemon serves" in start.stderr and "winserver serve" in start.stderr
+    again = start_daemon(info.dir)
+    try:
+        assert winserver("vm", "start", "a", "--dir", info.dir).returncode == 0
+    finally:
+        again.terminate()
+        again.wait(30)
+    assert not (tmp_path / "h" / "run" / "api.json").exists()  # withdrawn on a clean stop
 
 
 @pytest.mark.slow

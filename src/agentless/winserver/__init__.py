@@ -1,10 +1,14 @@
 """WinServer, the virtualization host.
 
-What is here: the host's state directory (:mod:`.host`: CA, certificate, token, metadata
-database), VMs with VHD disks and NICs (:mod:`.vms`), offline snapshots
-(:mod:`.snapshots`), ``get_vdi_sm_info`` (:mod:`.sminfo`), remote-access grants and the
-NBD export resolver built on them (:mod:`.grants`), changed block tracking (:mod:`.cbt`),
-and the ``winserver`` commands. Still to come: the daemon with its HTTPS host API, the VM
-datapath (NBD per disk, CBT marking), online snapshots, background coalescing and the
-sub-commands ``prepare-backup``, ``update-backup-id`` and ``stop-remote-access``.
+The host's state directory (:mod:`.host`: CA, certificate, token, metadata database),
+storage repositories (:mod:`.storage`), VMs with VHD disks and NICs (:mod:`.vms`), VDIs
+(:mod:`.vdis`), snapshots and the garbage collection that keeps chains short
+(:mod:`.snapshots`), changed block tracking (:mod:`.cbt`), remote-access grants
+(:mod:`.grants`), the VM datapath and runtime (:mod:`.datapath`, :mod:`.runtime`), the
+seed's four sub-commands (:mod:`.remoteaccess`, :mod:`.sminfo`), the daemon with its
+HTTPS host API (:mod:`.daemon`, :mod:`.api`) and the ``winserver`` commands.
+
+The public wire module is :mod:`agentless.winserver.client` – the typed host-API client
+that WinCenter uses; nothing else of this package is meant to be imported by other
+parties.
 """

@@ -6,14 +6,21 @@ in worker threads; changes to VMs and their disks are serialised by one lock, so
 requests never rework the same chain at once.
 
 ==========================================  ===========================================
-``GET    /api/v1/host``                     identity, ports, certificate
+``GET    /api/v1/host``                     identity, ports, certificate, chain limit
+``GET    /api/v1/srs``                      storage repositories
+``POST   /api/v1/srs``                      register a directory as an SR {name, path}
+``GET    /api/v1/vdis``                     every VDI, disks and snapshots (``?sr=``)
+``GET    /api/v1/vdis/{uuid}``              one VDI
+``GET    /api/v1/vdis/{uuid}/changed-blocks``  CBT since ``?from=`` snapshot VDI
 ``GET    /api/v1/vms``                      every VM
 ``POST   /api/v1/vms``                      create a halted VM {name, disks, nics, ...}
 ``GET    /api/v1/vms/{ref}``                one VM (uuid or name)
 ``DELETE /api/v1/vms/{ref}``                delete a halted VM and its disks
 ``POST   /api/v1/vms/{ref}/start|stop``     power (driver none: disks on unix sockets)
 ``POST   /api/v1/vms/{ref}/snapshots``      snapshot every disk (online if running)
+``GET    /api/v1/snapshots``                every VM snapshot (``?vm=``)
 ``DELETE /api/v1/snapshots/{uuid}``         delete (``?keep_cbt=true``: reduce) a snapshot
+``GET    /api/v1/grants``                   remote-access grants (``?backup_id=``)
 ``GET    /api/v1/vdis/{uuid}/sm-info``      get_vdi_sm_info
 ``POST   /api/v1/prepare-backup``           {vm, backup_id, type, base_backup_id}
 ``POST   /api/v1/update-backup-id``         {vdi, backup_id}
@@ -24,26 +31,28 @@ requests never rework the same chain at once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from agentless import __version__
 
-from .grants import GrantError, Grants
+from .client import API_PREFIX
+from .grants import GrantError, GrantExports, Grants
 from .host import Host
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .runtime import Runtime
 from .sminfo import sm_info
+from .storage import create_sr, list_srs
+from .vdis import describe_vdi, list_changed_blocks, list_snapshots, list_vdis
 from .vms import ConflictError, NotFoundError, VmError, create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["API_PREFIX", "make_app"]
-
-API_PREFIX = "/api/v1"
 
 
 class Problem(Exception):
@@ -54,6 +63,21 @@ class Problem(Exception):
         self.status = status
         self.title = title
         self.detail = detail
+
+
+class _LoopRevoker:
+    """Revokes through the NBD server's grant exports, on the daemon's loop (connections
+    are dropped and exports closed there)."""
+
+    def __init__(self, exports: GrantExports, on_loop: Callable[[Coroutine[Any, Any, Any]], Any]):
+        self._exports = exports
+        self._on_loop = on_loop
+
+    def revoke(self, backup_id: str) -> list[str]:
+        async def revoke() -> list[str]:
+            return self._exports.revoke(backup_id)
+
+        return list(self._on_loop(revoke()))
 
 
 def _status_of(error: Exception) -> int:
@@ -71,6 +95,12 @@ class VmCreate(BaseModel):
     vcpus: int = 1
     memory: int = 1 << 30
     cbt: bool = True
+    sr: str | None = Field(default=None, description="SR name or uuid (default: the default SR)")
+
+
+class SrCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    path: str = Field(min_length=1, description="a directory on the host, made if missing, empty")
 
 
 class PrepareBackup(BaseModel):
@@ -90,9 +120,18 @@ class StopRemoteAccess(BaseModel):
     delete_snapshot: bool = False
 
 
-def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> FastAPI:
+def make_app(
+    host: Host,
+    grants: Grants,
+    runtime: Runtime,
+    loop: asyncio.AbstractEventLoop,
+    local_token: str | None = None,
+    exports: GrantExports | None = None,
+) -> FastAPI:
     """The API of *host*; *grants* is shared with the daemon's NBD server, *runtime* (the
-    running VMs) lives on the daemon's event loop *loop*."""
+    running VMs) lives on the daemon's event loop *loop*. Besides the host token the API
+    accepts *local_token*, which the daemon publishes to the host's own commands
+    (:mod:`.presence`). *exports* (the NBD server's) close revoked grants at once."""
     app = FastAPI(title="WinServer host API", version=__version__, openapi_url=f"{API_PREFIX}/openapi.json")
     lock = threading.Lock()
 
@@ -106,7 +145,8 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
 
     def authorised(authorization: str = Header(default="")) -> None:
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token or not host.check_token(token):
+        local = local_token is not None and hmac.compare_digest(token.encode(), local_token.encode())
+        if scheme.lower() != "bearer" or not token or not (local or host.check_token(token)):
             raise Problem(401, "Unauthorized", "a valid host token is required (Authorization: Bearer ...)")
 
     def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -144,7 +184,45 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
 
     @app.post(f"{API_PREFIX}/vms", dependencies=guard, status_code=201)
     def post_vm(body: VmCreate) -> dict[str, Any]:
-        return dict(run(create_vm, host, body.name, body.disks, body.nics, body.vcpus, body.memory, body.cbt))
+        return dict(
+            run(create_vm, host, body.name, body.disks, body.nics, body.vcpus, body.memory, body.cbt, body.sr)
+        )
+
+    @app.get(f"{API_PREFIX}/srs", dependencies=guard)
+    def get_srs() -> dict[str, Any]:
+        return {"srs": run(list_srs, host)}
+
+    @app.post(f"{API_PREFIX}/srs", dependencies=guard, status_code=201)
+    def post_sr(body: SrCreate) -> dict[str, Any]:
+        return dict(run(create_sr, host, body.name, body.path))
+
+    @app.get(f"{API_PREFIX}/vdis", dependencies=guard)
+    def get_vdis(sr: str | None = None) -> dict[str, Any]:
+        return {"vdis": run(list_vdis, host, sr)}
+
+    @app.get(f"{API_PREFIX}/vdis/{{uuid}}", dependencies=guard)
+    def get_vdi(uuid: str) -> dict[str, Any]:
+        return dict(run(describe_vdi, host, uuid))
+
+    @app.get(f"{API_PREFIX}/vdis/{{uuid}}/changed-blocks", dependencies=guard)
+    def get_changed_blocks(uuid: str, since: str = Query(alias="from")) -> dict[str, Any]:
+        def query() -> dict[str, Any]:
+            disk = describe_vdi(host, uuid)["snapshot_of"]
+            owner = next(
+                (vm["uuid"] for vm in list_vms(host) if any(d["vdi"] == disk for d in vm["disks"])), None
+            )
+            trackers = runtime.trackers(owner) if owner is not None else {}
+            return list_changed_blocks(host, since, uuid, trackers)
+
+        return dict(run(query))
+
+    @app.get(f"{API_PREFIX}/snapshots", dependencies=guard)
+    def get_snapshots(vm: str | None = None) -> dict[str, Any]:
+        return {"snapshots": run(lambda: list_snapshots(host, describe_vm(host, vm)["uuid"] if vm else None))}
+
+    @app.get(f"{API_PREFIX}/grants", dependencies=guard)
+    def get_grants(backup_id: str | None = None) -> dict[str, Any]:
+        return {"grants": run(grants.list, backup_id)}
 
     @app.get(f"{API_PREFIX}/vms/{{ref}}", dependencies=guard)
     def get_vm(ref: str) -> dict[str, Any]:
@@ -163,8 +241,8 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
         return {"deleted": run(delete_vm, host, ref)}
 
     @app.post(f"{API_PREFIX}/vms/{{ref}}/snapshots", dependencies=guard, status_code=201)
-    def post_snapshot(ref: str) -> dict[str, Any]:
-        return dict(run(lambda: on_loop(runtime.snapshot(ref))))
+    def post_snapshot(ref: str, name: str | None = None) -> dict[str, Any]:
+        return dict(run(lambda: on_loop(runtime.snapshot(ref, name))))
 
     @app.delete(f"{API_PREFIX}/snapshots/{{uuid}}", dependencies=guard)
     def del_snapshot(uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
@@ -200,6 +278,7 @@ def make_app(host: Host, grants: Grants, runtime: Runtime, loop: asyncio.Abstrac
         def reduce(snapshot_uuid: str) -> Any:
             return on_loop(runtime.delete_snapshot(snapshot_uuid, True))
 
-        return dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, grants, reduce))
+        revoker = _LoopRevoker(exports, on_loop) if exports is not None else grants
+        return dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, revoker, reduce))
 
     return app

@@ -3,22 +3,29 @@
 HTTPS with the host's certificate pinned: the client trusts exactly the PEM it was given
 (from ``winserver init``'s ``pki/server-cert.pem``, or registered in WinCenter), and sends
 the host token as a bearer token. Errors come back as :class:`HostApiError` with the
-problem+json fields; connection failures as :class:`HostUnreachable`.
+problem+json fields; connection failures as :class:`HostUnreachable`. This module imports
+nothing of the host's internals: WinCenter depends on it alone.
 """
 
 from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from agentless.lifetime import Closing
 from agentless.nbd.tls import client_context
 
-from .api import API_PREFIX
+__all__ = ["API_PREFIX", "HostApiError", "HostClient", "HostUnreachable"]
 
-__all__ = ["HostApiError", "HostClient", "HostUnreachable"]
+API_PREFIX = "/api/v1"
+
+
+def _q(ref: str) -> str:
+    """*ref* (a uuid or a VM name, which may hold any character) as one path segment."""
+    return quote(ref, safe="")
 
 
 class HostApiError(Exception):
@@ -64,6 +71,29 @@ class HostClient(Closing):
     def host(self) -> dict[str, Any]:
         return dict(self._call("GET", "/host"))
 
+    def list_srs(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/srs")["srs"])
+
+    def create_sr(self, name: str, path: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/srs", json={"name": name, "path": path}))
+
+    def list_vdis(self, sr: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/vdis", params={"sr": sr} if sr else {})["vdis"])
+
+    def vdi(self, uuid: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/vdis/{_q(uuid)}"))
+
+    def list_changed_blocks(self, vdi_from: str, vdi_to: str) -> dict[str, Any]:
+        """XenServer's VDI.list_changed_blocks: base64 bitmap and byte extents."""
+        return dict(self._call("GET", f"/vdis/{_q(vdi_to)}/changed-blocks", params={"from": vdi_from}))
+
+    def list_snapshots(self, vm: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/snapshots", params={"vm": vm} if vm else {})["snapshots"])
+
+    def list_grants(self, backup_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"backup_id": backup_id} if backup_id else {}
+        return list(self._call("GET", "/grants", params=params)["grants"])
+
     def list_vms(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/vms")["vms"])
 
@@ -75,8 +105,10 @@ class HostClient(Closing):
         vcpus: int = 1,
         memory: int = 1 << 30,
         cbt: bool = True,
+        sr: str | None = None,
     ) -> dict[str, Any]:
         body = {
+            "sr": sr,
             "name": name,
             "disks": disks,
             "nics": nics or [],
@@ -87,26 +119,26 @@ class HostClient(Closing):
         return dict(self._call("POST", "/vms", json=body))
 
     def vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/vms/{ref}"))
+        return dict(self._call("GET", f"/vms/{_q(ref)}"))
 
     def start_vm(self, ref: str, driver: str | None = None) -> dict[str, Any]:
         params = {"driver": driver} if driver else {}
-        return dict(self._call("POST", f"/vms/{ref}/start", params=params))
+        return dict(self._call("POST", f"/vms/{_q(ref)}/start", params=params))
 
     def stop_vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/vms/{ref}/stop"))
+        return dict(self._call("POST", f"/vms/{_q(ref)}/stop"))
 
     def delete_vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/vms/{ref}"))
+        return dict(self._call("DELETE", f"/vms/{_q(ref)}"))
 
-    def snapshot_vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/vms/{ref}/snapshots"))
+    def snapshot_vm(self, ref: str, name: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/vms/{_q(ref)}/snapshots", params={"name": name} if name else {}))
 
     def delete_snapshot(self, uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/snapshots/{uuid}", params={"keep_cbt": keep_cbt}))
+        return dict(self._call("DELETE", f"/snapshots/{_q(uuid)}", params={"keep_cbt": keep_cbt}))
 
     def get_vdi_sm_info(self, vdi: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/vdis/{vdi}/sm-info"))
+        return dict(self._call("GET", f"/vdis/{_q(vdi)}/sm-info"))
 
     def prepare_backup(
         self, vm: str, backup_id: str, backup_type: str, base_backup_id: str | None = None

@@ -26,6 +26,7 @@ from agentless.nbd.tls import server_context
 from .api import API_PREFIX, make_app
 from .grants import GrantExports, Grants
 from .host import Host, check_max_chain_depth
+from .presence import DaemonPresence
 from .runtime import Runtime
 from .snapshots import finish_deletions, sweep_orphans
 from .vms import list_vms
@@ -50,7 +51,12 @@ async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) 
             await asyncio.wait_for(stop.wait(), POLL_SECONDS)
 
 
-async def _run(host: Host, bind: str) -> None:
+def _local_url(bind: str, port: int) -> str:
+    address = "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind
+    return f"https://[{address}]:{port}" if ":" in address else f"https://{address}:{port}"
+
+
+async def _run(host: Host, bind: str, presence: DaemonPresence) -> None:
     grants = Grants(host.metadata)
     finish_deletions(host)
     orphans = sweep_orphans(host)
@@ -67,7 +73,7 @@ async def _run(host: Host, bind: str) -> None:
         if vm["power_state"] == "running":
             await runtime.start(vm["uuid"])
     config = uvicorn.Config(
-        make_app(host, grants, runtime, asyncio.get_running_loop()),
+        make_app(host, grants, runtime, asyncio.get_running_loop(), presence.local_token, exports),
         host=bind,
         port=host.api_port,
         ssl_certfile=host.pki_path("server-cert.pem"),
@@ -82,6 +88,7 @@ async def _run(host: Host, bind: str) -> None:
             api_task.result()  # raises why it could not start (port in use...)
             raise RuntimeError("the host API stopped at start")
         await asyncio.sleep(0.05)
+    presence.publish(_local_url(bind, config.port))
     print(
         f"winserver {host.identity.name}: API https://{bind}:{config.port}{API_PREFIX}, "
         f"NBD with TLS on {bind}:{listening}",
@@ -115,4 +122,6 @@ def serve(
         host.api_port = api_port
     if max_chain_depth is not None:
         host.max_chain_depth = check_max_chain_depth(max_chain_depth)
-    asyncio.run(_run(host, bind))
+    with contextlib.closing(DaemonPresence(host)) as presence:
+        presence.claim()
+        asyncio.run(_run(host, bind, presence))

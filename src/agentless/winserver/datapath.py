@@ -30,11 +30,13 @@ __all__ = ["TrackedExport", "changed_blocks_context", "snapshot_export"]
 
 class TrackedExport:
     """An export whose every change is marked in a change tracker first (the guest's
-    view of a disk). Reads and metadata pass through unchanged."""
+    view of a disk, or a restore grant's). Reads and metadata pass through unchanged.
+    With *owns_tracker* closing the export closes the tracker too."""
 
-    def __init__(self, inner: Export, tracker: ChangeTracker):
+    def __init__(self, inner: Export, tracker: ChangeTracker, owns_tracker: bool = False):
         self.inner = inner
         self.tracker = tracker
+        self._owns_tracker = owns_tracker
 
     @property
     def size(self) -> int:
@@ -84,7 +86,11 @@ class TrackedExport:
         return self.inner.extents(context, offset, length)
 
     def close(self) -> None:
-        self.inner.close()
+        try:
+            self.inner.close()
+        finally:
+            if self._owns_tracker:
+                self.tracker.close()
 
 
 def changed_blocks_context(bitmap: bytes, size: int) -> ContextProvider:

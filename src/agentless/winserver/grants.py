@@ -14,6 +14,7 @@ its recovery revokes the stale ones).
 from __future__ import annotations
 
 import datetime
+import os
 import secrets
 import threading
 import zlib
@@ -22,9 +23,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from agentless.nbd.exports import VhdExport
+from agentless.nbd.exports import Export, VhdExport
 
-from .datapath import snapshot_export
+from .cbt import ChangedBlockTracker, cbt_path
+from .datapath import TrackedExport, snapshot_export
 from .metadata import Grant, Metadata, Vdi
 
 DIRTY_BITMAP_NAME = "cbt"  # the export offers qemu:dirty-bitmap:cbt
@@ -106,6 +108,27 @@ class Grants:
                 return None  # the VDI is gone, or holds CBT metadata only: nothing to serve
             return vdi.path, grant.read_only
 
+    def tracked(self, export_name: str) -> tuple[str, int] | None:
+        """(VDI uuid, size) when writes through this grant must be marked in the VDI's
+        changed block tracking: a writable grant on a VDI with CBT enabled."""
+        with self.metadata.session() as session:
+            grant = session.scalars(select(Grant).where(Grant.export_name == export_name)).first()
+            vdi = session.get(Vdi, grant.vdi_uuid) if grant is not None else None
+            if grant is None or grant.read_only or vdi is None or not vdi.cbt_enabled:
+                return None
+            return vdi.uuid, vdi.virtual_size
+
+    def writers(self, vdi_uuids: list[str]) -> list[dict[str, Any]]:
+        """The live writable grants on any of *vdi_uuids* (a restore in progress)."""
+        with self.metadata.session() as session:
+            query = select(Grant).where(
+                Grant.vdi_uuid.in_(vdi_uuids),
+                Grant.read_only.is_(False),
+                Grant.revoked.is_(False),
+                Grant.expires > self.clock(),
+            )
+            return [self._fields(g) for g in session.scalars(query)]
+
     def dirty_bitmap(self, export_name: str) -> bytes | None:
         """The CBT bitmap recorded with a grant, if any."""
         with self.metadata.session() as session:
@@ -164,11 +187,13 @@ class GrantExports:
     def __init__(self, grants: Grants, disconnect: Callable[[Callable[[str], bool]], int] | None = None):
         self.grants = grants
         self.disconnect = disconnect
-        self._exports: dict[str, VhdExport] = {}
+        self._exports: dict[str, Export] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, export_name: str) -> VhdExport | None:
-        """The resolver handed to :class:`agentless.nbd.server.NbdServer`."""
+    def __call__(self, export_name: str) -> Export | None:
+        """The resolver handed to :class:`agentless.nbd.server.NbdServer`. Writes through
+        a restore grant are marked in the VDI's changed block tracking, as the guest's
+        are: an incremental backup after a restore in place misses nothing."""
         target = self.grants.resolve(export_name)
         if target is None:
             return None
@@ -181,6 +206,16 @@ class GrantExports:
                     export = snapshot_export(path, {DIRTY_BITMAP_NAME: bitmap})
                 else:
                     export = VhdExport(path, read_only=read_only, description="WinServer VDI")
+                    tracked = None if read_only else self.grants.tracked(export_name)
+                    if tracked is not None:
+                        vdi_uuid, size = tracked
+                        tracker_path = cbt_path(os.path.dirname(path), vdi_uuid)
+                        try:
+                            tracker = ChangedBlockTracker.open(tracker_path, vdi_uuid, size)
+                        except BaseException:
+                            export.close()
+                            raise
+                        export = TrackedExport(export, tracker, owns_tracker=True)
                 self._exports[export_name] = export
             return export
 

@@ -1,17 +1,18 @@
 """``winserver init``, ``vm ...``, ``sr ...``, ``serve`` and the four sub-commands.
 
-Every command takes ``--dir D`` (or the ``WINSERVER_DIR`` environment variable). With a
-host token (``--token`` or ``WINSERVER_TOKEN``) the snapshot and remote-access commands go
-through the running daemon's API – needed for running VMs, whose disks the daemon serves;
-without one they work on the directory (halted VMs). ``vm start``/``vm stop`` always go
-through the daemon.
+Every command takes ``--dir D`` (or the ``WINSERVER_DIR`` environment variable). When a
+daemon serves the directory, the commands talk to it through its API (with the local
+token it publishes in ``D/run``, or ``--token`` / ``WINSERVER_TOKEN``); when none does,
+they work on the directory themselves, and a daemon cannot start until they are done
+(:mod:`.presence`). ``vm start`` and ``vm stop`` need the daemon: it runs the VMs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agentless.commands import emit
@@ -19,7 +20,8 @@ from agentless.units import format_size, size_argument
 
 from .client import HostClient
 from .daemon import serve
-from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host
+from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host, HostError
+from .presence import daemon_or_directory
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .sminfo import sm_info
 from .snapshots import delete_snapshot, snapshot_vm
@@ -70,39 +72,43 @@ def _vm_line(vm: dict[str, Any]) -> str:
 
 
 def _cmd_sr_create(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        sr = create_sr(host, args.name, args.path)
+    path = os.path.abspath(args.path)  # the daemon's working directory is not ours
+    sr = _either(
+        args, lambda api: api.create_sr(args.name, path), lambda host: create_sr(host, args.name, path)
+    )
     emit(args, sr, f"SR {sr['name']} ({sr['uuid']}) at {sr['path']}")
     return 0
 
 
 def _cmd_sr_list(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        srs = list_srs(host)
+    srs = _either(args, lambda api: api.list_srs(), list_srs)
     lines = [f"{sr['name']:<16} {sr['uuid']}  {sr['vdis']:>4} VDIs  {sr['path']}" for sr in srs]
     emit(args, {"srs": srs}, "\n".join(lines))
     return 0
 
 
 def _cmd_vm_create(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        vm = create_vm(
+    vm = _either(
+        args,
+        lambda api: api.create_vm(
+            args.name, args.disk, args.nic or [], args.vcpus, args.memory, not args.no_cbt, args.sr
+        ),
+        lambda host: create_vm(
             host, args.name, args.disk, args.nic or [], args.vcpus, args.memory, not args.no_cbt, args.sr
-        )
+        ),
+    )
     emit(args, vm, f"created VM {vm['name']} ({vm['uuid']})")
     return 0
 
 
 def _cmd_vm_list(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        vms = list_vms(host)
+    vms = _either(args, lambda api: api.list_vms(), list_vms)
     emit(args, {"vms": vms}, "\n".join(_vm_line(vm) for vm in vms) or "no VMs")
     return 0
 
 
 def _cmd_vm_show(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        vm = describe_vm(host, args.name)
+    vm = _either(args, lambda api: api.vm(args.name), lambda host: describe_vm(host, args.name))
     lines = [_vm_line(vm)]
     lines += [f"  disk {d['position']}: {d['vdi']} {format_size(d['size'])} {d['path']}" for d in vm["disks"]]
     lines += [f"  nic {n['position']}: {n['mac']} on {n['network']}" for n in vm["nics"]]
@@ -111,8 +117,9 @@ def _cmd_vm_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_vm_delete(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        vm = delete_vm(host, args.name)
+    vm = _either(
+        args, lambda api: api.delete_vm(args.name)["deleted"], lambda host: delete_vm(host, args.name)
+    )
     emit(args, {"deleted": vm}, f"deleted VM {vm['name']} and its {len(vm['disks'])} disk(s)")
     return 0
 
@@ -122,57 +129,57 @@ def _token(args: argparse.Namespace) -> str | None:
     return str(token) if token else None
 
 
-def _daemon_or_here(
-    args: argparse.Namespace,
-    remote: Callable[[HostClient], dict[str, Any]],
-    local: Callable[[Host], dict[str, Any]],
-) -> dict[str, Any]:
-    """Run *remote* through the daemon's API when a token is given (running VMs need it),
-    else *local* on the host directory."""
-    with Host.open(_directory(args)) as host:
-        if _token(args):
-            with _daemon(args, host) as api:
-                return remote(api)
-        return local(host)
+@contextlib.contextmanager
+def _access(args: argparse.Namespace) -> Iterator[tuple[Host, HostClient | None]]:
+    """The host, and a client of its daemon's API when a daemon serves it (else None:
+    the directory is this command's until the block ends)."""
+    with Host.open(_directory(args)) as host, daemon_or_directory(host) as daemon:
+        if daemon is None:
+            yield host, None
+            return
+        with HostClient(daemon.url, _token(args) or daemon.token, host.server_cert_pem) as api:
+            yield host, api
+
+
+def _either(
+    args: argparse.Namespace, remote: Callable[[HostClient], Any], local: Callable[[Host], Any]
+) -> Any:
+    """*remote* through the running daemon's API, or *local* on the directory if none runs."""
+    with _access(args) as (host, api):
+        return remote(api) if api is not None else local(host)
+
+
+def _needs_daemon(host: Host) -> Any:
+    raise HostError(
+        f"no daemon serves {host.directory}: start it with `winserver serve --dir {host.directory}`"
+    )
 
 
 def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
-    snapshot = _daemon_or_here(
+    snapshot = _either(
         args,
-        lambda api: api.snapshot_vm(args.name),
+        lambda api: api.snapshot_vm(args.name, args.snapshot_name),
         lambda host: snapshot_vm(host, args.name, args.snapshot_name),
     )
     emit(args, snapshot, f"snapshot {snapshot['uuid']} of {len(snapshot['disks'])} disk(s)")
     return 0
 
 
-def _daemon(args: argparse.Namespace, host: Host) -> HostClient:
-    """The running daemon of this host, through its API (the token is needed: only its
-    hash is stored)."""
-    token = _token(args)
-    if not token:
-        args.parser.error("this command talks to the daemon: give --token T (or set WINSERVER_TOKEN)")
-    url = f"https://127.0.0.1:{host.identity.api_port}"
-    return HostClient(url, str(token), host.server_cert_pem)
-
-
 def _cmd_vm_start(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host, _daemon(args, host) as api:
-        vm = api.start_vm(args.name, args.driver)
+    vm = _either(args, lambda api: api.start_vm(args.name, args.driver), _needs_daemon)
     sockets = ", ".join(str(d["guest_socket"]) for d in vm["disks"])
     emit(args, vm, f"VM {vm['name']} running (driver {vm['driver']}); guest disks at {sockets}")
     return 0
 
 
 def _cmd_vm_stop(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host, _daemon(args, host) as api:
-        vm = api.stop_vm(args.name)
+    vm = _either(args, lambda api: api.stop_vm(args.name), _needs_daemon)
     emit(args, vm, f"VM {vm['name']} halted")
     return 0
 
 
 def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
-    result = _daemon_or_here(
+    result = _either(
         args,
         lambda api: api.delete_snapshot(args.snapshot, keep_cbt=args.keep_cbt),
         lambda host: delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt),
@@ -195,7 +202,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_backup(args: argparse.Namespace) -> int:
-    result = _daemon_or_here(
+    result = _either(
         args,
         lambda api: api.prepare_backup(args.vm, args.backup_id, args.type, args.base_backup_id),
         lambda host: prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id),
@@ -214,7 +221,7 @@ def _cmd_prepare_backup(args: argparse.Namespace) -> int:
 
 
 def _cmd_update_backup_id(args: argparse.Namespace) -> int:
-    result = _daemon_or_here(
+    result = _either(
         args,
         lambda api: api.update_backup_id(args.vdi, args.backup_id),
         lambda host: update_backup_id(host, args.vdi, args.backup_id),
@@ -229,7 +236,7 @@ def _cmd_update_backup_id(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop_remote_access(args: argparse.Namespace) -> int:
-    result = _daemon_or_here(
+    result = _either(
         args,
         lambda api: api.stop_remote_access(args.backup_id, args.delete_snapshot),
         lambda host: stop_remote_access(host, args.backup_id, args.delete_snapshot),
@@ -239,8 +246,7 @@ def _cmd_stop_remote_access(args: argparse.Namespace) -> int:
 
 
 def _cmd_get_vdi_sm_info(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        info = sm_info(host, args.vdi)
+    info = _either(args, lambda api: api.get_vdi_sm_info(args.vdi), lambda host: sm_info(host, args.vdi))
     lines = [f"VDI {args.vdi}: {format_size(info['size'])}, chain depth {info['depth']}"]
     for entry in info["chain"]:
         blocks = entry.get("allocated_blocks", "-")
@@ -257,6 +263,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         parser = parent.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("--dir", help="host state directory (default $WINSERVER_DIR)")
         parser.add_argument("--json", action="store_true", help="print a JSON document")
+        if name not in ("init", "serve"):
+            parser.add_argument(
+                "--token",
+                help="host token, if the daemon is asked (default $WINSERVER_TOKEN, else the local one)",
+            )
         parser.set_defaults(parser=parser)
         return parser
 
@@ -287,19 +298,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--backup-id", required=True)
     p.add_argument("--type", choices=["full", "incremental"], required=True)
     p.add_argument("--base-backup-id", help="the previous backup, for an incremental one")
-    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_prepare_backup)
 
     p = command(subparsers, "update-backup-id", "open write access to a VDI (a restore target)")
     p.add_argument("--vdi", required=True)
     p.add_argument("--backup-id", required=True)
-    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_update_backup_id)
 
     p = command(subparsers, "stop-remote-access", "revoke a backup id's access (and reduce its snapshot)")
     p.add_argument("--backup-id", required=True)
     p.add_argument("--delete-snapshot", action="store_true", help="reduce the snapshot to CBT metadata")
-    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_stop_remote_access)
 
     p = command(subparsers, "get_vdi_sm_info", "a VDI's BAT and parent chain, read from the VHD files")
@@ -333,15 +341,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = command(vm_commands, "show", "describe one VM (by name or uuid)")
     p.add_argument("name")
     p.set_defaults(handler=_cmd_vm_show)
-    p = command(vm_commands, "snapshot", "snapshot every disk of a halted VM")
+    p = command(vm_commands, "snapshot", "snapshot every disk of a VM at one instant (online if it runs)")
     p.add_argument("name")
     p.add_argument("--snapshot-name", help="a name for the snapshot")
-    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_snapshot)
-    p = command(vm_commands, "snapshot-delete", "delete a halted VM's snapshot (coalescing its file away)")
+    p = command(vm_commands, "snapshot-delete", "delete a snapshot (coalescing its files away)")
     p.add_argument("snapshot", help="snapshot uuid")
     p.add_argument("--keep-cbt", action="store_true", help="keep it as CBT metadata only (data_destroy)")
-    p.add_argument("--token", help="host token: go through the running daemon (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_snapshot_delete)
     p = command(vm_commands, "start", "start a VM in the running daemon")
     p.add_argument("name")
@@ -350,11 +356,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         choices=["none", "qemu"],
         help="none: disks served on unix sockets only; qemu: qemu-system-x86_64 on them (default: last used)",
     )
-    p.add_argument("--token", help="host token (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_start)
     p = command(vm_commands, "stop", "stop a VM in the running daemon")
     p.add_argument("name")
-    p.add_argument("--token", help="host token (default $WINSERVER_TOKEN)")
     p.set_defaults(handler=_cmd_vm_stop)
     p = command(vm_commands, "delete", "delete a halted VM and its disks")
     p.add_argument("name")

@@ -47,7 +47,9 @@ def new_uuid() -> str:
 
 
 def utcnow() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="microseconds"
+    )  # orders records made in one second
 
 
 class Base(DeclarativeBase):

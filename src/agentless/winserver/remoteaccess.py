@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -29,7 +29,7 @@ from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError, changed_extents
 from .grants import DIRTY_BITMAP_NAME, Grants
 from .host import Host
-from .metadata import VmSnapshot
+from .metadata import VmDisk, VmSnapshot
 from .sminfo import find_vdi
 from .snapshots import delete_snapshot, snapshot_vm
 from .vms import ConflictError, VmError, describe_vm
@@ -61,8 +61,8 @@ def _changes(
     vdi_uuid: str, path_dir: str, size: int, base: str | None, new: str, live: ChangedBlockTracker | None
 ) -> tuple[Any, str, bytes | None]:
     """(extents or None, reason): the changed blocks between snapshots *base* and *new*
-    of one disk. A halted VM's tracker is opened here and records *new*; a running VM's
-    live tracker (*live*) recorded it when the runtime took the snapshot."""
+    of one disk, from the running VM's live tracker (*live*) or the halted disk's log
+    (both recorded *new* when the snapshot was taken)."""
     if live is not None:
         return _query(live, base, new)
     try:
@@ -70,10 +70,6 @@ def _changes(
     except CbtError as error:
         return None, f"changed block tracking unavailable: {error}", None
     with tracker:
-        try:
-            tracker.snapshot(new)
-        except CbtError as error:
-            return None, f"changed block tracking failed: {error}", None
         return _query(tracker, base, new)
 
 
@@ -92,6 +88,11 @@ def _query(tracker: ChangedBlockTracker, base: str | None, new: str) -> tuple[An
 
 
 Snapshotter = Callable[[str, str, str], dict[str, Any]]  # (vm, name, backup_id) -> snapshot
+
+
+class Revoker(Protocol):
+    def revoke(self, backup_id: str) -> list[str]:
+        """Revoke every grant of *backup_id*; the export names revoked. Idempotent."""
 
 
 def prepare_backup(
@@ -174,6 +175,11 @@ def update_backup_id(
         vdi = find_vdi(session, vdi_uuid)
         if vdi.snapshot_of is not None:
             raise VmError(f"VDI {vdi_uuid} is a snapshot: snapshots are never written")
+        attached = session.scalars(select(VmDisk).where(VmDisk.vdi_uuid == vdi_uuid)).first()
+        if attached is not None and attached.vm.power_state != "halted":
+            raise ConflictError(
+                f"VDI {vdi_uuid} is a disk of the running VM {attached.vm.name!r}: stop the VM first"
+            )
         size = vdi.virtual_size
     grant = grants.grant(
         vdi_uuid, backup_id, read_only=False, lifetime=datetime.timedelta(hours=lifetime_hours)
@@ -185,11 +191,13 @@ def stop_remote_access(
     host: Host,
     backup_id: str,
     delete_snapshots: bool = False,
-    grants: Grants | None = None,
+    grants: Grants | Revoker | None = None,
     reducer: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Revoke every grant of *backup_id*; with *delete_snapshots*, reduce the backup's
-    snapshot to CBT metadata. Idempotent."""
+    snapshot to CBT metadata. Idempotent. The daemon passes a *grants* whose ``revoke``
+    also closes the grants' exports and connections before this returns (a restore
+    grant's CBT log is closed before anything else opens it)."""
     grants = grants or Grants(host.metadata)
     revoked = grants.revoke(backup_id)
     reduced = []

@@ -29,7 +29,7 @@ from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError
 from .host import Host
 from .metadata import Vm, VmSnapshot
-from .snapshots import delete_snapshot, snapshot_vm
+from .snapshots import delete_snapshot, refuse_if_restoring, snapshot_vm
 from .vms import ConflictError, VmError, describe_vm, find_vm
 
 __all__ = ["LiveDisk", "Runtime"]
@@ -208,6 +208,7 @@ class Runtime:
             driver = driver or vm["driver"]
             if driver not in ("none", "qemu"):
                 raise VmError(f"unknown driver {driver!r} (none or qemu)")
+            refuse_if_restoring(self.host, vm["name"], [d["vdi"] for d in vm["disks"]])
             running = _Running([], [], [])
             try:
                 for disk in vm["disks"]:

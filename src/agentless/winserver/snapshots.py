@@ -24,6 +24,7 @@ chain stays fast to read and the caller learns to delete or reduce older snapsho
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -31,11 +32,21 @@ from sqlalchemy import select
 
 from agentless import vhd
 
+from .cbt import ChangedBlockTracker, cbt_path
+from .cbtlog import CbtError
+from .grants import Grants
 from .host import Host
 from .metadata import Grant, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
 from .vms import ConflictError, NotFoundError, find_vm, remove_files
 
-__all__ = ["collect_garbage", "delete_snapshot", "finish_deletions", "snapshot_vm", "sweep_orphans"]
+__all__ = [
+    "collect_garbage",
+    "delete_snapshot",
+    "finish_deletions",
+    "refuse_if_restoring",
+    "snapshot_vm",
+    "sweep_orphans",
+]
 
 
 def snapshot_vm(
@@ -56,6 +67,7 @@ def snapshot_vm(
                 raise ConflictError(
                     f"VM {vm.name!r} is {vm.power_state}: online snapshots need the running host daemon"
                 )
+            refuse_if_restoring(host, vm.name, [d.vdi_uuid for d in vm.disks])
             snapshot = VmSnapshot(
                 uuid=new_uuid(), vm_uuid=vm.uuid, name=name or f"{vm.name} snapshot", backup_id=backup_id
             )
@@ -107,7 +119,36 @@ def snapshot_vm(
     except BaseException:
         remove_files(made)
         raise
+    if not allow_running:
+        _record_cbt(description)
     return description
+
+
+def refuse_if_restoring(host: Host, vm_name: str, vdi_uuids: list[str]) -> None:
+    """ConflictError if a live restore grant may write one of the VM's disks: neither a
+    snapshot nor a start may then touch the disks or their CBT logs."""
+    writers = Grants(host.metadata).writers(vdi_uuids)
+    if writers:
+        raise ConflictError(
+            f"VM {vm_name!r} has disks open for writing (backup id {writers[0]['backup_id']!r}): "
+            "stop-remote-access first"
+        )
+
+
+def _record_cbt(description: dict[str, Any]) -> None:
+    """Start a CBT generation at a halted VM's snapshot in each tracked disk's log (a
+    running VM's runtime does this in its live trackers). A failure here leaves the
+    snapshot unknown to CBT: an incremental backup from it is answered as a full one,
+    with the reason."""
+    for disk in description["disks"]:
+        if not disk["cbt_enabled"]:
+            continue
+        path = cbt_path(os.path.dirname(disk["path"]), disk["vdi"])
+        with (
+            contextlib.suppress(CbtError),
+            ChangedBlockTracker.open(path, disk["vdi"], disk["size"]) as tracker,
+        ):
+            tracker.snapshot(description["uuid"])
 
 
 def _chain_paths(path: str) -> list[str]:
