@@ -5,40 +5,33 @@ Two acts, each checked byte for byte:
 1. A VHD round trip: a raw image with data and holes is imported into a dynamic VHD, a
    differencing leaf takes new writes, the chain is mapped, checked and exported, then the
    leaf is coalesced into its parent.
-2. A host: ``winserver init``, a VM with two disks, a guest writing through the NBD
-   datapath (changes tracked at 64 KiB), a full and an incremental snapshot, read-only
-   grants, and a backup vendor reading the changed blocks through wddk over TLS.
+2. A host: ``winserver init`` and ``winserver serve`` (a child process), a VM with two
+   disks started through the host API, a guest writing through the NBD datapath (changes
+   tracked at 64 KiB), ``prepare-backup`` full and then incremental while the guest runs,
+   a backup vendor reading the extents through wddk over TLS, ``stop-remote-access``.
 
 It grows into the full backup and restore scenario as WinCenter and vmbackup arrive.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
-import ssl
+import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from typing import Any
 
 import agentless.wddk as wddk
 from agentless import vhd
-from agentless.nbd.exports import Export, VhdExport
-from agentless.nbd.server import ExportResolver, NbdServer
-from agentless.nbd.tls import server_context
 from agentless.units import format_size
-from agentless.winserver.cbt import ChangedBlockTracker
-from agentless.winserver.cbtlog import changed_extents
-from agentless.winserver.datapath import TrackedExport, snapshot_export
-from agentless.winserver.grants import Grants
-from agentless.winserver.host import Host
-from agentless.winserver.snapshots import snapshot_vm
-from agentless.winserver.vms import create_vm, describe_vm
+from agentless.winserver.client import HostClient
 
 MiB = 1 << 20
 
@@ -104,95 +97,121 @@ def vhd_round_trip() -> bool:
         return same_chain and same_after and not problems
 
 
-def host_backup() -> bool:
-    rng = random.Random(2018)
-    with tempfile.TemporaryDirectory(prefix="agentless-demo-host-") as work:
-        started = time.perf_counter()
-        host, _token = Host.init(os.path.join(work, "host"), name="demo-host")
-        with host:
-            vm = create_vm(host, "demo-vm", [64 * MiB, 32 * MiB], ["lan"])
-            print(f"host      {host.identity.name}: VM {vm['name']} with {len(vm['disks'])} disks")
-            disk = vm["disks"][0]
-            tracker = ChangedBlockTracker.in_memory(disk["vdi"], disk["size"])
-            full = snapshot_vm(host, "demo-vm", "full")
-            tracker.snapshot(full["uuid"])
-            leaf = describe_vm(host, "demo-vm")["disks"][0]["path"]
-            model = bytearray(disk["size"])
-            guest = TrackedExport(VhdExport(leaf), tracker)
-            with serving({"disk": guest}) as uri, wddk.open(uri, connections=1) as nbd:
-                for _ in range(20):
-                    offset = rng.randrange(disk["size"] - 8192)
-                    data = rng.randbytes(rng.randrange(1, 8192))
-                    nbd.write(offset, data)
-                    model[offset : offset + len(data)] = data
-                nbd.flush()
-            guest.close()
-            incremental = snapshot_vm(host, "demo-vm", "incremental")
-            tracker.snapshot(incremental["uuid"])
-            bitmap = tracker.changed_between(full["uuid"], incremental["uuid"])
-            changed = changed_extents(bitmap, disk["size"])
-            print(f"guest     20 writes through the NBD datapath: {len(changed)} changed 64 KiB runs tracked")
-            grants = Grants(host.metadata)
-            snap_vdi = incremental["disks"][0]["snapshot_vdi"]
-            grant = grants.grant(snap_vdi, "demo-backup", read_only=True)
-            frozen = incremental["disks"][0]["path"]
-            export = snapshot_export(frozen, {"cbt": bitmap})
-            access = {
-                "address": "127.0.0.1",
-                "export_name": grant["export_name"],
-                "cert": host.server_cert_pem,
-                "read_only": True,
-            }
-            context = "qemu:dirty-bitmap:cbt"
-            tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-            def granted(name: str) -> Export | None:
-                return export if grants.resolve(name) else None
 
-            with (
-                serving(granted, tls=tls) as port,
-                wddk.open({**access, "port": int(port)}, contexts=(context,)) as backup,
-            ):
-                extents = backup.changed_extents(context)
-                same = all(backup.read(e.offset, e.length) == bytes(model[e.offset : e.end]) for e in extents)
-            export.close()
-            revoked = grants.revoke("demo-backup")
-            moved = sum(e.length for e in extents)
-            print(f"backup    wddk over TLS read {format_size(moved)} of changed blocks; as written: {same}")
-            print(f"cleanup   {len(revoked)} grant revoked; done in {time.perf_counter() - started:.2f}s")
-            return same and [(e.offset, e.length) for e in extents] == [(c.offset, c.length) for c in changed]
+def _winserver(*args: str) -> str:
+    """Run a ``winserver`` command; its standard output (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "agentless.winserver.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"winserver {args[0]}: {done.stderr.strip()}")
+    return done.stdout
 
 
 @contextlib.contextmanager
-def serving(
-    exports: Mapping[str, Export] | ExportResolver, tls: ssl.SSLContext | None = None
-) -> Iterator[str]:
-    """Serve *exports* in a background thread: yields the unix-socket URI of export
-    "disk", or with *tls* the TCP port on loopback."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = NbdServer(exports, tls=tls)
-    with tempfile.TemporaryDirectory(prefix="agentless-nbd-") as tmp:
+def host_daemon(directory: str) -> Iterator[HostClient]:
+    """``winserver init`` with free loopback ports and ``winserver serve`` as a child
+    process; yields a client of its host API and stops the daemon at the end."""
+    api_port = _free_port()
+    ports = ["--address", "127.0.0.1", "--api-port", str(api_port), "--nbd-port", str(_free_port())]
+    token = json.loads(_winserver("init", "--dir", directory, "--name", "demo-host", *ports, "--json"))[
+        "token"
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "agentless.winserver.cli",
+        "serve",
+        "--dir",
+        directory,
+        "--bind",
+        "127.0.0.1",
+    ]
+    daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None and daemon.stderr is not None
+        if "NBD with TLS" not in daemon.stdout.readline():
+            raise RuntimeError(f"winserver serve did not start: {daemon.stderr.read().strip()}")
+        with open(os.path.join(directory, "pki", "server-cert.pem")) as f:
+            cert = f.read()
+        with HostClient(f"https://127.0.0.1:{api_port}", token, cert) as client:
+            yield client
+    finally:
+        daemon.terminate()
         try:
-            if tls is None:
-                socket_path = os.path.join(tmp, "nbd.sock")
-                asyncio.run_coroutine_threadsafe(server.serve_unix(socket_path), loop).result(30)
-                yield f"nbd+unix:///disk?socket={socket_path}"
-            else:
-                port = asyncio.run_coroutine_threadsafe(server.serve_tcp("127.0.0.1", 0), loop).result(30)
-                yield str(port)
-        finally:
-            asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(30)
-            loop.close()
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
+def _guest_writes(guest: wddk.Disk, model: bytearray, rng: random.Random, count: int) -> None:
+    for _ in range(count):
+        offset = rng.randrange(len(model) - 8192)
+        data = rng.randbytes(rng.randrange(1, 8192))
+        guest.write(offset, data)
+        model[offset : offset + len(data)] = data
+    guest.flush()
+
+
+def _read_backup(disk: dict[str, Any], model: bytes) -> tuple[int, bool]:
+    """Read a prepared disk's extents through wddk over TLS: (bytes read, all as expected)."""
+    moved, same = 0, True
+    with wddk.open(disk["access"]) as backup:
+        for extent in disk["extents"]:
+            offset, length = extent["offset"], extent["length"]
+            same = same and backup.read(offset, length) == model[offset : offset + length]
+            moved += length
+    return moved, same
+
+
+def host_backup() -> bool:
+    """Act 2 against the real daemon: everything below goes over HTTPS and NBD."""
+    rng = random.Random(2018)
+    with tempfile.TemporaryDirectory(prefix="agentless-demo-host-") as work:
+        started = time.perf_counter()
+        with host_daemon(os.path.join(work, "host")) as host:
+            vm = host.create_vm("demo-vm", [64 * MiB, 32 * MiB], ["lan"])
+            running = host.start_vm("demo-vm")
+            print(f"host      {host.host()['name']}: VM {vm['name']} ({len(vm['disks'])} disks) running")
+            socket_path = running["disks"][0]["guest_socket"]
+            model = bytearray(vm["disks"][0]["size"])
+            ok = True
+            with wddk.open(f"nbd+unix:///?socket={socket_path}") as guest:
+                _guest_writes(guest, model, rng, 20)
+                full = host.prepare_backup("demo-vm", "demo-1", "full")
+                moved, same = _read_backup(full["disks"][0], bytes(model))
+                ok = ok and same
+                print(
+                    f"full      online snapshot; wddk over TLS read {format_size(moved)}; as written: {same}"
+                )
+                host.stop_remote_access("demo-1", delete_snapshot=True)
+                _guest_writes(guest, model, rng, 20)
+                incremental = host.prepare_backup("demo-vm", "demo-2", "incremental", "demo-1")
+                disk = incremental["disks"][0]
+                moved, same = _read_backup(disk, bytes(model))
+                ok = ok and same and disk["type"] == "incremental"
+                print(
+                    f"incr      CBT: {len(disk['extents'])} changed 64 KiB runs; read {format_size(moved)}; "
+                    f"as written: {same}"
+                )
+                revoked = host.stop_remote_access("demo-2", delete_snapshot=True)["revoked"]
+            seconds = time.perf_counter() - started
+            depth = host.get_vdi_sm_info(vm["disks"][0]["vdi"])["depth"]
+            host.stop_vm("demo-vm")
+            print(f"cleanup   {revoked} grants revoked; chain depth {depth}; {seconds:.1f}s")
+            return ok and depth <= 3
 
 
 def main() -> int:
     print("== VHD round trip")
     first = vhd_round_trip()
-    print("== a host, a VM, an incremental backup through a grant")
+    print("== winserver serve: a running VM, full and incremental backup through grants")
     second = host_backup()
     print("demo " + ("succeeded" if first and second else "FAILED"))
     return 0 if first and second else 1
