@@ -6,13 +6,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server
+DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server postgresql
 # qemu for the VM driver: without its recommends (a GUI stack the tests do not need)
 DEBIAN_TOOLS_LEAN := qemu-system-x86
 # programs whose presence tells that the Debian tools are installed
-TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64
+TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster
 
-.PHONY: demo test lint typecheck pytest debian-tools bench clean
+.PHONY: demo test lint typecheck pytest debian-tools bench clean openapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ pytest: $(STAMP) debian-tools
 	$(VENV)/bin/pytest -n 2 -q
 
 test: lint typecheck pytest
+
+# the checked-in OpenAPI document of the WinCenter REST API (a test fails while it is stale)
+openapi: $(STAMP)
+	$(PY) -m agentless.wincenter.openapi > docs/api/openapi.json
 
 bench: $(STAMP)
 	$(PY) bench/vhd_throughput.py

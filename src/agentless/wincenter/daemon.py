@@ -1,0 +1,110 @@
+"""``wincenter serve``: the REST API on uvicorn over HTTPS, and the center's periodic work.
+
+The listening socket is bound before uvicorn starts, so a port in use is an OSError for
+the CLI (one line, exit 1), and ``--port 0`` picks a free port (printed). Once it
+listens, the daemon prints one line – ``wincenter NAME: API https://ADDR:PORT/api/v1
+(DIALECT)`` – which scripts and tests wait for. Periodic jobs run in worker threads
+every few seconds until SIGINT or SIGTERM:
+
+- task expiry (:meth:`~.tasks.TaskStore.expire`): tasks not ended by ``expires_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+
+import uvicorn
+
+from .api import make_app
+from .center import Center
+from .schemas import API_PREFIX
+
+__all__ = ["EXPIRE_SECONDS", "serve"]
+
+log = logging.getLogger(__name__)
+EXPIRE_SECONDS = 5.0
+SHUTDOWN_SECONDS = 3
+
+
+def _listen(bind: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # inherited by accepted connections: without it, a response written in two parts
+        # waits for the client's delayed ACK (40 ms per request)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((bind, port))
+        sock.listen(128)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _every(seconds: float, job: Callable[[], object], stop: asyncio.Event) -> None:
+    """Run *job* in a worker thread every *seconds* until *stop*; a failing run is logged
+    and the next one comes as planned."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(job)
+        except Exception:
+            log.exception("periodic job %s failed", getattr(job, "__name__", job))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _expire(center: Center) -> None:
+    for task in center.tasks.expire():
+        log.warning("task %s (%s %s) expired", task.id, task.kind, task.owner_key or "")
+
+
+async def _run(center: Center, bind: str, port: int) -> None:
+    sock = _listen(bind, port)
+    config = uvicorn.Config(
+        make_app(center),
+        ssl_certfile=center.pki_path("server-cert.pem"),
+        ssl_keyfile=center.pki_path("server-key.pem"),
+        log_level="warning",
+        lifespan="off",
+        # an idle keep-alive client never answers TLS close_notify: do not wait the 30 s
+        # of asyncio's SSL shutdown timeout for it when stopping
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+    )
+    api = uvicorn.Server(config)
+    api_task = asyncio.create_task(api.serve(sockets=[sock]))
+    try:
+        while not api.started:
+            if api_task.done():
+                api_task.result()  # raises why it could not start
+                raise RuntimeError("the API stopped at start")
+            await asyncio.sleep(0.02)
+        address, actual = sock.getsockname()[:2]
+        host = f"[{address}]" if ":" in address else address
+        print(
+            f"wincenter {center.identity.name}: API https://{host}:{actual}{API_PREFIX} "
+            f"({center.database.dialect})",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        jobs = [asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center), stop))]
+        await stop.wait()
+        await asyncio.gather(*jobs)
+    finally:
+        api.should_exit = True
+        await api_task
+        sock.close()
+
+
+def serve(center: Center, bind: str = "0.0.0.0", port: int = 9443) -> None:
+    """Serve *center* on *bind*:*port* until SIGINT or SIGTERM."""
+    asyncio.run(_run(center, bind, port))

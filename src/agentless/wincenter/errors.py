@@ -1,0 +1,71 @@
+"""The errors of WinCenter's own code (the server side; the client has its own tree in
+:mod:`.client`)::
+
+    WinCenterError               base: every expected failure; ``status`` is its HTTP answer
+     ├── CenterDirError          the state directory is missing, not a center, another version
+     ├── DatabaseError           the database cannot be opened, reached or migrated
+     ├── SecretError             secret.key is missing, too open or malformed; a sealed value
+     │                           does not open (wrong key, tampered)
+     ├── NotFoundError           no such token, task, host... (404)
+     └── ConflictError           the request contradicts the current state: a finished task
+                                 moved again, a token revoked twice... (409)
+
+The API turns any :class:`WinCenterError` into a problem+json answer with ``status``; the
+CLI prints it in one line and exits 1. Code added later (inventory, backups, restores)
+raises these too, so that its failures need no mapping of their own.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CenterDirError",
+    "ConflictError",
+    "DatabaseError",
+    "NotFoundError",
+    "SecretError",
+    "WinCenterError",
+]
+
+
+class WinCenterError(Exception):
+    """An expected failure: the message is one line for the user. ``status`` is the HTTP
+    status the API answers with and ``title`` its problem title."""
+
+    status = 400
+    title = "Bad Request"
+
+
+class CenterDirError(WinCenterError):
+    """The center directory cannot be used: run ``wincenter init`` or give the right ``--dir``."""
+
+    status = 500
+    title = "Internal Server Error"
+
+
+class DatabaseError(WinCenterError):
+    """The database is unreachable or cannot be brought to the current schema; the caller
+    may retry once the database is back."""
+
+    status = 503
+    title = "Service Unavailable"
+
+
+class SecretError(WinCenterError):
+    """A secret cannot be used: fix the key file (``chmod 600``) or re-register the host."""
+
+    status = 500
+    title = "Internal Server Error"
+
+
+class NotFoundError(WinCenterError):
+    """The named object does not exist (or no longer does)."""
+
+    status = 404
+    title = "Not Found"
+
+
+class ConflictError(WinCenterError):
+    """The request is valid but not in the object's current state; re-read it and decide."""
+
+    status = 409
+    title = "Conflict"

@@ -1,0 +1,214 @@
+"""WinCenter fixtures: real servers over HTTPS on loopback, and a real PostgreSQL.
+
+PostgreSQL: one private cluster per test session (per xdist worker) – ``initdb`` and
+``pg_ctl`` from Debian's ``/usr/lib/postgresql/<version>/bin`` (or ``$PATH``), in a
+temporary directory, on a free TCP port of 127.0.0.1 with trust authentication and no
+fsync. PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` system
+user (or ``nobody``) through ``runuser``, in a directory that user owns. Each test gets
+a database of its own. Without PostgreSQL (``apt-get install postgresql``; ``make test``
+as root installs it) or when it cannot start, the postgresql cases skip and say why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import pwd
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from agentless.wincenter.database import Database, sqlite_url
+
+ENGINES = ["sqlite", "postgresql"]
+LOOPBACK = ["--bind", "127.0.0.1", "--port", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bindir() -> str | None:
+    def version(path: str) -> float:
+        try:
+            return float(path.split("/")[-3])
+        except ValueError:
+            return 0.0
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+@dataclasses.dataclass
+class PgCluster:
+    port: int
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; its URL."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def _run_as() -> tuple[list[str], int | None, int | None]:
+    if os.geteuid() != 0:
+        return [], None, None
+    for user in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            continue
+        return ["runuser", "-u", user, "--"], entry.pw_uid, entry.pw_gid
+    pytest.skip("running as root and neither a postgres nor a nobody user exists to run PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def postgresql_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL cluster for this session (skips, saying why, if none can run)."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL not installed (Debian: apt-get install postgresql; `make test` as root)")
+    prefix, uid, gid = _run_as()
+    top = tempfile.mkdtemp(prefix="agentless-pg-")
+    data = os.path.join(top, "data")
+    log = os.path.join(top, "postgres.log")
+    if uid is not None and gid is not None:
+        os.chown(top, uid, gid)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=60, cwd=top)
+
+    try:
+        init = run(f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        if init.returncode != 0:
+            pytest.skip(f"initdb failed: {(init.stderr or init.stdout).strip()[-300:]}")
+        port = free_port()
+        options = (
+            f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        start = run(f"{bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "30", "-o", options, "start")
+        if start.returncode != 0:
+            tail = Path(log).read_text()[-300:] if os.path.exists(log) else start.stderr
+            pytest.skip(f"PostgreSQL did not start: {tail.strip()}")
+        try:
+            yield PgCluster(port)
+        finally:
+            run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(params=ENGINES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty database on each engine."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "center.db")
+    cluster: PgCluster = request.getfixturevalue("postgresql_cluster")
+    return cluster.create_database()
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    """A migrated database on each engine."""
+    with Database.open(db_url, create=True) as db:
+        yield db
+
+
+# ---------------------------------------------------------------------- the real server
+
+
+def wincenter(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the ``wincenter`` command (without WINCENTER_DIR/WINCENTER_DB of the environment)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WINCENTER_DIR", "WINCENTER_DB")}
+    return subprocess.run(
+        [sys.executable, "-m", "agentless.wincenter.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@dataclasses.dataclass
+class Server:
+    dir: str
+    url: str  # https://127.0.0.1:PORT
+    token: str  # the first admin token
+    ca_pem: str
+    proc: subprocess.Popen[str]
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """What a plain httpx client verifies the server with: the center's CA."""
+        return ssl.create_default_context(cadata=self.ca_pem)
+
+    def stop(self) -> str:
+        """Stop the server (SIGTERM); its stderr. Fails the test if it did not exit 0."""
+        self.proc.terminate()
+        code = self.proc.wait(30)
+        errors = self.proc.stderr.read() if self.proc.stderr else ""
+        assert code == 0, errors
+        return errors
+
+
+def init_center(directory: str, *extra: str) -> str:
+    """``wincenter init`` on loopback; the admin token."""
+    init = wincenter("init", "--dir", directory, "--address", "127.0.0.1", "--json", *extra)
+    assert init.returncode == 0, init.stderr
+    return str(json.loads(init.stdout)["token"])
+
+
+def start_server(directory: str, token: str, *extra: str) -> Server:
+    """``wincenter serve`` on a free loopback port, returned once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentless.wincenter.cli", "serve", "--dir", directory, *LOOPBACK, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "API https://" not in line:
+        proc.kill()
+        pytest.fail(f"wincenter serve did not start: {line}{proc.stderr.read() if proc.stderr else ''}")
+    url = line.split("API ")[1].split("/api/v1")[0]
+    ca = Path(directory, "pki", "ca-cert.pem").read_text()
+    return Server(directory, url, token, ca, proc)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One center (SQLite) served for the whole session: tests make their own tokens and
+    tasks and look only at those."""
+    directory = str(tmp_path_factory.mktemp("center") / "c")
+    running = start_server(directory, init_center(directory))
+    try:
+        yield running
+    finally:
+        print(running.stop())
