@@ -15,7 +15,19 @@ import agentless
 from agentless.wincenter.database import MIGRATIONS, Database, alembic_config
 from agentless.wincenter.models import Base
 
-TABLES = {"tokens", "audit", "tasks", "hosts", "pools", "vms", "vm_disks", "vm_nics", "alembic_version"}
+TABLES = {
+    "tokens",
+    "audit",
+    "tasks",
+    "hosts",
+    "pools",
+    "vms",
+    "vm_disks",
+    "vm_nics",
+    "backups",
+    "restores",
+    "alembic_version",
+}
 
 
 def _diff(db: Database) -> list[object]:

@@ -12,6 +12,7 @@ same on both engines and a migration can name them.
     hosts 1──* pools
     hosts 1──* vms 1──* vm_disks *──1 pools
                    1──* vm_nics
+    backups, restores                 (one per backup id / restore id, each with its task)
 
 Sizes and memory are bytes (BIGINT); times are UTC, timezone-aware (:class:`UtcDateTime`).
 """
@@ -43,9 +44,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "NAMING",
     "AuditEntry",
+    "Backup",
     "Base",
     "Host",
     "Pool",
+    "Restore",
     "Task",
     "Token",
     "UtcDateTime",
@@ -221,3 +224,39 @@ class VmNic(Base):
     mac: Mapped[str] = mapped_column(String(17))
     network: Mapped[str] = mapped_column(String(255))
     vm: Mapped[Vm] = relationship(back_populates="nics")
+
+
+class Backup(Base):
+    """One backup of a VM, by the backup system's backup id (see :mod:`.backups` for the
+    states). The VM and host are kept as ids, not foreign keys: a backup's record outlives
+    the VM's, and its snapshot on the host must still be found and released."""
+
+    __tablename__ = "backups"
+    backup_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), unique=True)
+    vm_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    host_uuid: Mapped[str] = mapped_column(String(36))
+    requested: Mapped[str] = mapped_column(String(16))  # full, incremental
+    type: Mapped[str | None] = mapped_column(String(16), nullable=True)  # what was done
+    base_backup_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    snapshot: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    snapshot_released: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created: Mapped[datetime.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Restore(Base):
+    """One restore as a new VM, by the backup system's restore id (see :mod:`.restores`).
+    ``vm_uuid`` is chosen by WinCenter and recorded before the host is asked to create the
+    VM, so an interrupted restore can always find what it made."""
+
+    __tablename__ = "restores"
+    restore_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), unique=True)
+    host_uuid: Mapped[str] = mapped_column(String(36))
+    vm_uuid: Mapped[str] = mapped_column(String(36))
+    spec: Mapped[Any] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created: Mapped[datetime.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -96,6 +96,9 @@ class VmCreate(BaseModel):
     memory: int = 1 << 30
     cbt: bool = True
     sr: str | None = Field(default=None, description="SR name or uuid (default: the default SR)")
+    uuid: str | None = Field(
+        default=None, description="the VM's uuid, chosen by the caller (default: a new one)"
+    )
 
 
 class SrCreate(BaseModel):
@@ -185,7 +188,18 @@ def make_app(
     @app.post(f"{API_PREFIX}/vms", dependencies=guard, status_code=201)
     def post_vm(body: VmCreate) -> dict[str, Any]:
         return dict(
-            run(create_vm, host, body.name, body.disks, body.nics, body.vcpus, body.memory, body.cbt, body.sr)
+            run(
+                create_vm,
+                host,
+                body.name,
+                body.disks,
+                body.nics,
+                body.vcpus,
+                body.memory,
+                body.cbt,
+                body.sr,
+                body.uuid,
+            )
         )
 
     @app.get(f"{API_PREFIX}/srs", dependencies=guard)

@@ -106,9 +106,11 @@ class HostClient(Closing):
         memory: int = 1 << 30,
         cbt: bool = True,
         sr: str | None = None,
+        uuid: str | None = None,
     ) -> dict[str, Any]:
         body = {
             "sr": sr,
+            "uuid": uuid,
             "name": name,
             "disks": disks,
             "nics": nics or [],

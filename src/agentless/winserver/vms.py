@@ -13,6 +13,7 @@ import contextlib
 import os
 import secrets
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,10 +104,13 @@ def create_vm(
     memory: int = 1 << 30,
     cbt: bool = True,
     sr_ref: str | None = None,
+    vm_uuid: str | None = None,
 ) -> dict[str, Any]:
     """Create a halted VM with blank dynamic disks of *disk_sizes* and one NIC per
     network; returns its description. With *cbt* (the default) changed block tracking is
-    enabled on every disk from the start, so the first incremental backup has a history."""
+    enabled on every disk from the start, so the first incremental backup has a history.
+    *vm_uuid* lets the caller choose the VM's uuid, so that it can record it before asking
+    and find out later whether its request was done (WinCenter's restores do)."""
     if not name or len(name) > 255:
         raise VmError("a VM name is 1 to 255 characters")
     if not disk_sizes:
@@ -115,13 +119,20 @@ def create_vm(
         raise VmError(f"vcpus must be 1 to 256, not {vcpus}")
     if memory < MIN_MEMORY or memory % (1 << 20):
         raise VmError("memory must be a whole number of MiB, at least 16 MiB")
+    if vm_uuid is not None:
+        try:
+            vm_uuid = str(uuid.UUID(vm_uuid))
+        except ValueError:
+            raise VmError(f"not a uuid: {vm_uuid!r}") from None
     made: list[str] = []
     try:
         with host.metadata.session() as session:
             if session.scalars(select(Vm).where(Vm.name == name)).first() is not None:
                 raise ConflictError(f"a VM named {name!r} exists")
+            if vm_uuid is not None and session.get(Vm, vm_uuid) is not None:
+                raise ConflictError(f"a VM with uuid {vm_uuid} exists")
             sr = _default_sr(session) if sr_ref is None else _named_sr(session, sr_ref)
-            vm = Vm(uuid=new_uuid(), name=name, vcpus=vcpus, memory=memory)
+            vm = Vm(uuid=vm_uuid or new_uuid(), name=name, vcpus=vcpus, memory=memory)
             session.add(vm)
             for position, size in enumerate(disk_sizes):
                 vdi_uuid = new_uuid()
@@ -173,6 +184,7 @@ def _describe(vm: Vm, host: Host) -> dict[str, Any]:
             {
                 "position": disk.position,
                 "vdi": disk.vdi.uuid,
+                "sr": disk.vdi.sr_uuid,
                 "size": disk.vdi.virtual_size,
                 "path": disk.vdi.path,
                 "cbt_enabled": disk.vdi.cbt_enabled,

@@ -1,0 +1,409 @@
+"""The seed's backup flow, steps 1–7, as WinCenter runs it.
+
+::
+
+    backup system                WinCenter                          WinServer host
+    POST /backups ──────────▶ task queued ─ worker ─────────────▶ prepare-backup (snapshot,
+         {vm_id, backup_id,     (one backup of a VM at a time)      CBT extents, read grants)
+          type}                 task ready, result = VM config,
+    GET /tasks/{id} ◀────────── per disk extents + access info
+    reads the extents with wddk over NBD/TLS ───────────────────────────────▶ (grants)
+    POST /backups/{id}/complete ▶ task running ─ worker ────────▶ stop-remote-access
+                                                                 + reduce snapshot to CBT
+                                                                 metadata; older bases deleted
+                                task succeeded
+
+The record's state says how far a backup got; it is written before each step that changes
+a host, so a WinCenter killed anywhere finds, at start (:meth:`Backups.recover`), what to
+finish or undo::
+
+    queued ──▶ preparing ──▶ ready ──▶ completing ──▶ completed
+      │            │            │
+      └────────────┴────────────┴──▶ aborting ──▶ aborted | failed
+
+*Incremental* uses the VM's newest completed backup as the base (its snapshot was kept
+as CBT metadata). Without one, or when the host cannot answer from CBT (disabled, invalid
+after a crash), the answer is a full backup with the reason – never a silent gap.
+Backups of one VM run one after the other: a snapshot per backup in flight would deepen
+the VM's chains past the host's limit. A backup whose turn has not come stays queued
+without holding a worker; the end of the backup ahead of it starts it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from agentless.winserver.client import HostApiError, HostClient
+
+from .center import Center
+from .errors import ConflictError, NotFoundError, WinCenterError
+from .inventory import HostCallError, Inventory
+from .models import Backup, utcnow
+from .tasks import Task, TaskState
+
+__all__ = ["KIND", "Backups", "release_snapshots"]
+
+log = logging.getLogger(__name__)
+KIND = "backup"
+ACTIVE = ("queued", "preparing", "ready", "completing", "aborting")
+Submit = Callable[[Callable[[], None]], None]
+
+
+def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[str]:
+    """Revoke a backup id's grants and delete its snapshots on the host (whatever state
+    they are in); idempotent. The VM may be gone: then there is nothing left."""
+    client.stop_remote_access(owner_id)
+    deleted = []
+    try:
+        snapshots = client.list_snapshots(vm_uuid)
+    except HostApiError as error:
+        if error.status == 404:  # the VM is gone: its snapshots went with it
+            return []
+        raise
+    for snapshot in snapshots:
+        if snapshot["backup_id"] == owner_id:
+            client.delete_snapshot(snapshot["uuid"])
+            deleted.append(snapshot["uuid"])
+    return deleted
+
+
+class Backups:
+    """Backups of one center. *submit* runs a job in the background (the daemon's worker
+    pool); *ttl* is how long the backup system may take before an unfinished backup
+    expires and is cleaned up."""
+
+    def __init__(
+        self,
+        center: Center,
+        inventory: Inventory,
+        submit: Submit,
+        ttl: datetime.timedelta = datetime.timedelta(hours=6),
+    ):
+        self.center = center
+        self.inventory = inventory
+        self.submit = submit
+        self.ttl = ttl
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, vm_ref: str, backup_id: str, backup_type: str) -> Task:
+        """Start backing up *vm_ref* as *backup_id*; the task. Asking again with the same
+        backup id answers the same task (409 if it named another VM or type)."""
+        if backup_type not in ("full", "incremental"):
+            raise WinCenterError(f"type must be full or incremental, not {backup_type!r}")
+        existing = self._find(backup_id)
+        vm = self._find_vm(vm_ref)
+        if existing is not None:
+            if existing["vm"] != vm["id"] or existing["requested"] != backup_type:
+                raise ConflictError(f"backup id {backup_id!r} was used for another request")
+            return self.center.tasks.get(existing["task_id"])
+        task, made = self.center.tasks.create(KIND, backup_id, ttl=self.ttl)
+        if not made:  # a race with the same request
+            return task
+        with self.center.database.session() as s:
+            s.add(
+                Backup(
+                    backup_id=backup_id,
+                    task_id=task.id,
+                    vm_uuid=vm["id"],
+                    host_uuid=vm["host"],
+                    requested=backup_type,
+                    state="queued",
+                )
+            )
+        self.submit(lambda: self._prepare(backup_id))
+        return task
+
+    def complete(self, backup_id: str) -> Task:
+        """The backup system has read everything: release the access and keep the
+        snapshot as CBT metadata (the next incremental's base). Idempotent."""
+        record = self._record(backup_id)
+        if record["state"] in ("completing", "completed"):
+            return self.center.tasks.get(record["task_id"])
+        if record["state"] != "ready":
+            raise ConflictError(f"backup {backup_id} is {record['state']}: only a ready backup completes")
+        self.center.tasks.start(record["task_id"])  # ready -> running while WinCenter finishes
+        self._set(backup_id, state="completing")
+        self.submit(lambda: self._complete(backup_id))
+        return self.center.tasks.get(record["task_id"])
+
+    def abort(self, backup_id: str, why: str = "aborted by the backup system") -> Task:
+        """Give the backup up: access revoked, its snapshot deleted. Idempotent."""
+        record = self._record(backup_id)
+        if record["state"] in ("aborting", "aborted", "failed"):
+            return self.center.tasks.get(record["task_id"])
+        if record["state"] in ("completing", "completed"):
+            raise ConflictError(f"backup {backup_id} is {record['state']}: too late to abort")
+        task = self.center.tasks.get(record["task_id"])
+        if not task.ended:
+            self.center.tasks.abort(task.id, why)
+        self._set(backup_id, state="aborting")
+        self.submit(lambda: self._release(backup_id, "aborted"))
+        return self.center.tasks.get(record["task_id"])
+
+    def progress(self, backup_id: str, done: int) -> Task:
+        """The backup system's progress report: *done* bytes of the task's size."""
+        record = self._record(backup_id)
+        return self.center.tasks.progress(record["task_id"], done)
+
+    def get(self, backup_id: str) -> dict[str, Any]:
+        return self._record(backup_id)
+
+    def page(
+        self, vm: str | None = None, limit: int = 100, offset: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
+        with self.center.database.session() as s:
+            query = select(Backup)
+            if vm is not None:
+                query = query.where(Backup.vm_uuid == vm)
+            rows = list(s.scalars(query.order_by(Backup.created.desc(), Backup.backup_id)))
+            return [_describe(r) for r in rows[offset : offset + limit]], len(rows)
+
+    # ------------------------------------------------------------------ faults
+
+    def expired(self, task: Task) -> None:
+        """The daemon found *task* expired: release what its backup holds."""
+        record = self._find(task.owner_key or "")
+        if record is not None and record["state"] in ("queued", "preparing", "ready"):
+            self._set(record["backup_id"], state="aborting")
+            self.submit(lambda: self._release(record["backup_id"], "aborted"))
+
+    def recover(self) -> None:
+        """At the daemon's start: finish or undo what a previous run left halfway."""
+        with self.center.database.session() as s:
+            pending = [
+                (r.backup_id, r.state) for r in s.scalars(select(Backup).where(Backup.state.in_(ACTIVE)))
+            ]
+        for backup_id, state in pending:
+            task = self.center.tasks.get(self._record(backup_id)["task_id"])
+            if state == "completing":
+                self.submit(lambda b=backup_id: self._complete(b))  # type: ignore[misc]
+            elif state == "aborting" or task.ended:
+                self._set(backup_id, state="aborting")
+                self.submit(lambda b=backup_id: self._release(b, "aborted"))  # type: ignore[misc]
+            elif state in ("queued", "preparing"):
+                # the host may hold a snapshot and grants of a prepare-backup whose answer
+                # was lost: release them, then prepare again from the start
+                self._set(backup_id, state="queued")
+                self.submit(lambda b=backup_id: self._prepare(b, retry=True))  # type: ignore[misc]
+            # ready: the backup system may still be reading; expiry covers its absence
+
+    # ------------------------------------------------------------------ the work
+
+    def _prepare(self, backup_id: str, retry: bool = False) -> None:
+        record = self._record(backup_id)
+        task_id = record["task_id"]
+        if self.center.tasks.get(task_id).ended or not self._turn(record) or not self._claim(backup_id):
+            return  # aborted or expired; not its turn (the backup ahead starts it); taken
+        try:
+            if retry:
+                with self.inventory.calling(record["host"]) as client:
+                    release_snapshots(client, record["vm"], backup_id)
+            base = self._base(record) if record["requested"] == "incremental" else None
+            if self.center.tasks.get(task_id).state is TaskState.QUEUED:
+                self.center.tasks.start(task_id)
+            with self.inventory.calling(record["host"]) as client:
+                prepared = client.prepare_backup(
+                    record["vm"], backup_id, record["requested"], base["backup_id"] if base else None
+                )
+            result = _result(record, prepared, base)
+            self._set(
+                backup_id,
+                state="ready",
+                snapshot=prepared["snapshot"],
+                type=result["type"],
+                base_backup_id=base["backup_id"] if base else None,
+            )
+            size = sum(e["length"] for d in result["disks"] for e in d["extents"])
+            self.center.tasks.progress(task_id, 0, size)
+            self.center.tasks.ready(task_id, result, ttl=self.ttl)
+        except Exception as error:
+            self._failed(backup_id, error)
+
+    def _complete(self, backup_id: str) -> None:
+        record = self._record(backup_id)
+        try:
+            with self.inventory.calling(record["host"]) as client:
+                client.stop_remote_access(backup_id, delete_snapshot=True)
+                for older in self._older_bases(record):
+                    try:
+                        release_snapshots(client, record["vm"], older)
+                    except HostCallError as error:  # a stale base left is harmless: retried next time
+                        log.warning(
+                            "backup %s: older snapshot of %s not released: %s", backup_id, older, error
+                        )
+                        continue
+                    self._set(older, snapshot_released=True)
+            self._set(backup_id, state="completed", finished=utcnow())
+            task = self.center.tasks.get(record["task_id"])
+            if not task.ended:
+                self.center.tasks.finish(task.id, task.result)
+        except Exception as error:
+            log.warning("backup %s: completing failed (retried at the next start): %s", backup_id, error)
+            return
+        self._next(record["vm"])
+
+    def _release(self, backup_id: str, final: str) -> None:
+        record = self._record(backup_id)
+        try:
+            with self.inventory.calling(record["host"]) as client:
+                release_snapshots(client, record["vm"], backup_id)
+            self._set(backup_id, state=final, snapshot_released=True, finished=utcnow())
+        except Exception as error:
+            log.warning("backup %s: releasing failed (retried at the next start): %s", backup_id, error)
+            return
+        self._next(record["vm"])
+
+    def _failed(self, backup_id: str, error: Exception) -> None:
+        record = self._record(backup_id)
+        detail = str(error) or type(error).__name__
+        log.warning("backup %s failed: %s", backup_id, detail)
+        task = self.center.tasks.get(record["task_id"])
+        if not task.ended:
+            self.center.tasks.fail(task.id, "Backup failed", detail)
+        self._set(backup_id, state="aborting")
+        self._release(backup_id, "failed")
+
+    def _turn(self, record: dict[str, Any]) -> bool:
+        """True when no earlier backup of the same VM is in flight."""
+        with self.center.database.session() as s:
+            ahead = s.scalars(
+                select(Backup.backup_id).where(
+                    Backup.vm_uuid == record["vm"],
+                    Backup.state.in_(ACTIVE),
+                    Backup.backup_id != record["backup_id"],
+                    (Backup.created < record["created"])
+                    | ((Backup.created == record["created"]) & (Backup.backup_id < record["backup_id"])),
+                )
+            ).first()
+            return ahead is None
+
+    def _claim(self, backup_id: str) -> bool:
+        """queued -> preparing, for one worker only."""
+        with self.center.database.session() as s:
+            claimed = s.execute(
+                update(Backup)
+                .where(Backup.backup_id == backup_id, Backup.state == "queued")
+                .values(state="preparing")
+            )
+            return bool(claimed.rowcount)  # type: ignore[attr-defined]
+
+    def _next(self, vm_uuid: str) -> None:
+        """A backup of *vm_uuid* ended: start the next queued one, if any."""
+        with self.center.database.session() as s:
+            queued = s.scalars(
+                select(Backup.backup_id)
+                .where(Backup.vm_uuid == vm_uuid, Backup.state == "queued")
+                .order_by(Backup.created, Backup.backup_id)
+            ).first()
+        if queued is not None:
+            self.submit(lambda: self._prepare(queued))
+
+    def _base(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The VM's newest completed backup whose snapshot is kept (as CBT metadata)."""
+        with self.center.database.session() as s:
+            row = s.scalars(
+                select(Backup)
+                .where(
+                    Backup.vm_uuid == record["vm"],
+                    Backup.state == "completed",
+                    Backup.snapshot_released.is_(False),
+                )
+                .order_by(Backup.finished.desc())
+            ).first()
+            return _describe(row) if row is not None else None
+
+    def _older_bases(self, record: dict[str, Any]) -> list[str]:
+        """Completed backups of the VM older than *record* whose snapshots are still kept:
+        no longer needed once *record* is the base."""
+        with self.center.database.session() as s:
+            return list(
+                s.scalars(
+                    select(Backup.backup_id).where(
+                        Backup.vm_uuid == record["vm"],
+                        Backup.state == "completed",
+                        Backup.snapshot_released.is_(False),
+                        Backup.backup_id != record["backup_id"],
+                    )
+                )
+            )
+
+    # ------------------------------------------------------------------ records
+
+    def _find_vm(self, ref: str) -> dict[str, Any]:
+        try:
+            return self.inventory.vm(ref)
+        except NotFoundError:
+            self.inventory.sync_all()  # created on a host since the last sync?
+            return self.inventory.vm(ref)
+
+    def _find(self, backup_id: str) -> dict[str, Any] | None:
+        with self.center.database.session() as s:
+            row = s.get(Backup, backup_id)
+            return _describe(row) if row is not None else None
+
+    def _record(self, backup_id: str) -> dict[str, Any]:
+        record = self._find(backup_id)
+        if record is None:
+            raise NotFoundError(f"no backup {backup_id!r}")
+        return record
+
+    def _set(self, backup_id: str, **fields: Any) -> None:
+        with self.center.database.session() as s:
+            row = s.get(Backup, backup_id)
+            if row is None:
+                raise NotFoundError(f"no backup {backup_id!r}")
+            for name, value in fields.items():
+                setattr(row, name, value)
+
+
+def _describe(row: Backup) -> dict[str, Any]:
+    return {
+        "backup_id": row.backup_id,
+        "task_id": row.task_id,
+        "vm": row.vm_uuid,
+        "host": row.host_uuid,
+        "requested": row.requested,
+        "type": row.type,
+        "base_backup_id": row.base_backup_id,
+        "snapshot": row.snapshot,
+        "state": row.state,
+        "created": row.created,
+        "finished": row.finished,
+    }
+
+
+def _result(record: dict[str, Any], prepared: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """The task result the backup system reads: the VM's configuration, and per disk
+    what to read (sector information) and how to reach it."""
+    disks = []
+    for disk in prepared["disks"]:
+        reason = disk["reason"]
+        if record["requested"] == "incremental" and base is None:
+            reason = "no completed backup of this VM to be the base"
+        disks.append(
+            {
+                "position": disk["position"],
+                "size": disk["size"],
+                "type": disk["type"],
+                "cbt_valid": disk["cbt_valid"],
+                "reason": reason,
+                "extents": disk["extents"],
+                "dirty_bitmap": disk["dirty_bitmap"],
+                "access": disk["access"],
+            }
+        )
+    incremental = bool(disks) and all(d["type"] == "incremental" for d in disks)
+    return {
+        "backup_id": record["backup_id"],
+        "vm": prepared["vm"] | {"id": record["vm"], "host": record["host"]},
+        "requested": record["requested"],
+        "type": "incremental" if incremental else "full",
+        "base_backup_id": base["backup_id"] if base else None,
+        "disks": disks,
+    }
