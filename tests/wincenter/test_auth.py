@@ -20,6 +20,30 @@ ROUTES = [  # (method, path, permission)
     ("POST", "/api/v1/tokens", Permission.ADMIN),
     ("DELETE", "/api/v1/tokens/{token_id}", Permission.ADMIN),
     ("GET", "/api/v1/audit", Permission.ADMIN),
+    ("POST", "/api/v1/hosts", Permission.ADMIN),
+    ("GET", "/api/v1/hosts", Permission.READ),
+    ("GET", "/api/v1/hosts/{ref}", Permission.READ),
+    ("POST", "/api/v1/hosts/{ref}/sync", Permission.ADMIN),
+    ("DELETE", "/api/v1/hosts/{ref}", Permission.ADMIN),
+    ("GET", "/api/v1/pools", Permission.READ),
+    ("GET", "/api/v1/pools/{ref}", Permission.READ),
+    ("GET", "/api/v1/vms", Permission.READ),
+    ("GET", "/api/v1/vms/{ref}", Permission.READ),
+    ("POST", "/api/v1/vms", Permission.ADMIN),
+    ("POST", "/api/v1/vms/{ref}/start", Permission.ADMIN),
+    ("POST", "/api/v1/vms/{ref}/stop", Permission.ADMIN),
+    ("DELETE", "/api/v1/vms/{ref}", Permission.ADMIN),
+    ("POST", "/api/v1/backups", Permission.OPERATE),
+    ("GET", "/api/v1/backups", Permission.READ),
+    ("GET", "/api/v1/backups/{backup_id}", Permission.READ),
+    ("POST", "/api/v1/backups/{backup_id}/complete", Permission.OPERATE),
+    ("POST", "/api/v1/backups/{backup_id}/abort", Permission.OPERATE),
+    ("POST", "/api/v1/backups/{backup_id}/progress", Permission.OPERATE),
+    ("POST", "/api/v1/restores", Permission.OPERATE),
+    ("GET", "/api/v1/restores/{restore_id}", Permission.READ),
+    ("POST", "/api/v1/restores/{restore_id}/complete", Permission.OPERATE),
+    ("POST", "/api/v1/restores/{restore_id}/abort", Permission.OPERATE),
+    ("POST", "/api/v1/restores/{restore_id}/progress", Permission.OPERATE),
 ]
 
 
@@ -48,6 +72,8 @@ def test_every_api_route_requires_exactly_one_permission() -> None:
 def _raw(server: Server, method: str, path: str, token: str | None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     path = path.replace("{task_id}", "00000000-0000-0000-0000-000000000000").replace("{token_id}", "999999")
+    for name in ("{ref}", "{backup_id}", "{restore_id}"):
+        path = path.replace(name, "missing")
     body = {"role": "viewer"} if method == "POST" else None
     return httpx.request(method, server.url + path, headers=headers, json=body, verify=server.tls)
 

@@ -18,6 +18,7 @@ the command line is wrong.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from agentless.commands import emit, run_handler
 from .center import DEFAULT_PORT, Center
 from .daemon import serve
 from .errors import WinCenterError
+from .orchestrator import DEFAULT_TASK_TTL
 from .tokens import Role, TokenInfo
 
 __all__ = ["main"]
@@ -86,9 +88,19 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 1 <= value <= 30 * 86400:
+        raise argparse.ArgumentTypeError("give 1 s to 30 days")
+    return value
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     with _open(args) as center:
-        serve(center, bind=args.bind, port=args.port)
+        serve(center, bind=args.bind, port=args.port, task_ttl=datetime.timedelta(seconds=args.task_timeout))
     return 0
 
 
@@ -149,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(subparsers, "serve", "run the REST API over HTTPS")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0: any free port")
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--task-timeout",
+        type=_seconds,
+        default=DEFAULT_TASK_TTL.total_seconds(),
+        help="seconds a backup or restore may stay unfinished before it expires and is cleaned up"
+        " (default %(default).0f)",
+    )
     p.set_defaults(handler=_cmd_serve)
 
     group = subparsers.add_parser("token", help="create, list and revoke API tokens")

@@ -20,13 +20,35 @@ from __future__ import annotations
 import ssl
 import time
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from agentless.lifetime import Closing
 
-from .schemas import API_PREFIX, AuditPage, TaskOut, TaskPage, TokenCreated, TokenList, TokenOut, WhoAmI
+from .schemas import (
+    API_PREFIX,
+    AuditPage,
+    BackupOut,
+    BackupPage,
+    HostList,
+    HostOut,
+    PoolList,
+    PoolOut,
+    RestoreOut,
+    TaskAccepted,
+    TaskOut,
+    TaskPage,
+    TokenCreated,
+    TokenList,
+    TokenOut,
+    VmCreate,
+    VmOut,
+    VmPage,
+    VmSpec,
+    WhoAmI,
+)
 
 __all__ = ["CenterApiError", "CenterClient", "CenterError", "CenterUnreachable"]
 
@@ -154,5 +176,97 @@ class CenterClient(Closing):
                 raise TimeoutError(f"task {task_id} still {task.state} after {timeout:.0f} s")
             time.sleep(poll)
 
+    # ------------------------------------------------------------------ inventory
+
+    def register_host(self, url: str, token: str, cert_pem: str) -> HostOut:
+        """Register a WinServer host (admins): its certificate is pinned from now on."""
+        return self._model(HostOut, "POST", "/hosts", json={"url": url, "token": token, "cert": cert_pem})
+
+    def hosts(self) -> list[HostOut]:
+        return self._model(HostList, "GET", "/hosts").items
+
+    def sync_host(self, ref: str) -> HostOut:
+        return self._model(HostOut, "POST", f"/hosts/{_q(ref)}/sync")
+
+    def pools(self, host: str | None = None) -> list[PoolOut]:
+        return self._model(PoolList, "GET", "/pools", params={"host": host} if host else {}).items
+
+    def vms(
+        self,
+        host: str | None = None,
+        name: str | None = None,
+        power_state: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> VmPage:
+        filters = {"host": host, "name": name, "power_state": power_state}
+        params: dict[str, Any] = {k: v for k, v in filters.items() if v} | {"limit": limit, "offset": offset}
+        return self._model(VmPage, "GET", "/vms", params=params)
+
+    def vm(self, ref: str) -> VmOut:
+        """A VM by id (or unique name)."""
+        return self._model(VmOut, "GET", f"/vms/{_q(ref)}")
+
+    def create_vm(self, spec: VmCreate) -> VmOut:
+        return self._model(VmOut, "POST", "/vms", json=spec.model_dump())
+
+    def start_vm(self, ref: str) -> VmOut:
+        return self._model(VmOut, "POST", f"/vms/{_q(ref)}/start")
+
+    def stop_vm(self, ref: str) -> VmOut:
+        return self._model(VmOut, "POST", f"/vms/{_q(ref)}/stop")
+
+    def delete_vm(self, ref: str) -> VmOut:
+        return self._model(VmOut, "DELETE", f"/vms/{_q(ref)}")
+
+    # ------------------------------------------------------------------ backups and restores
+
+    def start_backup(self, vm_id: str, backup_id: str, backup_type: str) -> TaskAccepted:
+        """Seed backup step 1; then :meth:`wait_task` for ``ready`` (the result says what
+        to read and how) and :meth:`complete_backup` (or :meth:`abort_backup`)."""
+        body = {"vm_id": vm_id, "backup_id": backup_id, "type": backup_type}
+        return self._model(TaskAccepted, "POST", "/backups", json=body)
+
+    def backup(self, backup_id: str) -> BackupOut:
+        return self._model(BackupOut, "GET", f"/backups/{_q(backup_id)}")
+
+    def backups(self, vm: str | None = None, limit: int = 100, offset: int = 0) -> BackupPage:
+        params: dict[str, Any] = {"limit": limit, "offset": offset} | ({"vm": vm} if vm else {})
+        return self._model(BackupPage, "GET", "/backups", params=params)
+
+    def complete_backup(self, backup_id: str) -> TaskAccepted:
+        return self._model(TaskAccepted, "POST", f"/backups/{_q(backup_id)}/complete")
+
+    def abort_backup(self, backup_id: str) -> TaskAccepted:
+        return self._model(TaskAccepted, "POST", f"/backups/{_q(backup_id)}/abort")
+
+    def backup_progress(self, backup_id: str, done: int) -> TaskOut:
+        return self._model(TaskOut, "POST", f"/backups/{_q(backup_id)}/progress", json={"done": done})
+
+    def start_restore(
+        self, restore_id: str, vm: VmSpec, host: str | None = None, pool: str | None = None
+    ) -> TaskAccepted:
+        """Seed restore step 1; then :meth:`wait_task` for ``ready`` (the result holds the
+        new VM and each disk's write access) and :meth:`complete_restore`."""
+        body = {"restore_id": restore_id, "vm": vm.model_dump(), "target": {"host": host, "pool": pool}}
+        return self._model(TaskAccepted, "POST", "/restores", json=body)
+
+    def restore(self, restore_id: str) -> RestoreOut:
+        return self._model(RestoreOut, "GET", f"/restores/{_q(restore_id)}")
+
+    def complete_restore(self, restore_id: str) -> TaskAccepted:
+        return self._model(TaskAccepted, "POST", f"/restores/{_q(restore_id)}/complete")
+
+    def abort_restore(self, restore_id: str) -> TaskAccepted:
+        return self._model(TaskAccepted, "POST", f"/restores/{_q(restore_id)}/abort")
+
+    def restore_progress(self, restore_id: str, done: int) -> TaskOut:
+        return self._model(TaskOut, "POST", f"/restores/{_q(restore_id)}/progress", json={"done": done})
+
     def close(self) -> None:
         self._http.close()
+
+
+def _q(ref: str) -> str:
+    """*ref* as one path segment."""
+    return quote(ref, safe="")

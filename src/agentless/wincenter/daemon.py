@@ -6,13 +6,18 @@ listens, the daemon prints one line – ``wincenter NAME: API https://ADDR:PORT/
 (DIALECT)`` – which scripts and tests wait for. Periodic jobs run in worker threads
 every few seconds until SIGINT or SIGTERM:
 
-- task expiry (:meth:`~.tasks.TaskStore.expire`): tasks not ended by ``expires_at``.
+- task expiry (:meth:`~.tasks.TaskStore.expire`): tasks not ended by ``expires_at``;
+  the backups and restores of expired tasks release what they hold on the hosts.
+
+Before it listens the daemon recovers (:meth:`~.orchestrator.Orchestrator.recover`): the
+backups and restores a killed run left halfway are finished or undone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import signal
 import socket
@@ -22,6 +27,7 @@ import uvicorn
 
 from .api import make_app
 from .center import Center
+from .orchestrator import DEFAULT_TASK_TTL, Orchestrator
 from .schemas import API_PREFIX
 
 __all__ = ["EXPIRE_SECONDS", "serve"]
@@ -60,15 +66,18 @@ async def _every(seconds: float, job: Callable[[], object], stop: asyncio.Event)
             await asyncio.wait_for(stop.wait(), seconds)
 
 
-def _expire(center: Center) -> None:
-    for task in center.tasks.expire():
+def _expire(center: Center, orchestrator: Orchestrator) -> None:
+    expired = center.tasks.expire()
+    for task in expired:
         log.warning("task %s (%s %s) expired", task.id, task.kind, task.owner_key or "")
+    orchestrator.expired(expired)
 
 
-async def _run(center: Center, bind: str, port: int) -> None:
+async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator) -> None:
     sock = _listen(bind, port)
+    orchestrator.recover()
     config = uvicorn.Config(
-        make_app(center),
+        make_app(center, orchestrator),
         ssl_certfile=center.pki_path("server-cert.pem"),
         ssl_keyfile=center.pki_path("server-key.pem"),
         log_level="warning",
@@ -96,7 +105,7 @@ async def _run(center: Center, bind: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        jobs = [asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center), stop))]
+        jobs = [asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center, orchestrator), stop))]
         await stop.wait()
         await asyncio.gather(*jobs)
     finally:
@@ -105,6 +114,10 @@ async def _run(center: Center, bind: str, port: int) -> None:
         sock.close()
 
 
-def serve(center: Center, bind: str = "0.0.0.0", port: int = 9443) -> None:
-    """Serve *center* on *bind*:*port* until SIGINT or SIGTERM."""
-    asyncio.run(_run(center, bind, port))
+def serve(
+    center: Center, bind: str = "0.0.0.0", port: int = 9443, task_ttl: datetime.timedelta = DEFAULT_TASK_TTL
+) -> None:
+    """Serve *center* on *bind*:*port* until SIGINT or SIGTERM; backups and restores left
+    unfinished for *task_ttl* expire."""
+    with Orchestrator(center, task_ttl) as orchestrator:
+        asyncio.run(_run(center, bind, port, orchestrator))

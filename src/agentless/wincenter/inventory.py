@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -102,6 +103,10 @@ class Inventory:
         """Register the host at *url* (its certificate *cert_pem* pinned, its *token*
         sealed) and sync it. Registering the same host again updates its URL, token and
         certificate. HostCallError if it cannot be reached with these."""
+        try:
+            x509.load_pem_x509_certificate(cert_pem.encode())
+        except ValueError:
+            raise WinCenterError("cert is not a PEM certificate (the host's pki/server-cert.pem)") from None
         with self._client_factory(url, token, cert_pem) as client, _host_errors(url):
             identity = client.host()
         host_uuid, name = str(identity["uuid"]), str(identity["name"])

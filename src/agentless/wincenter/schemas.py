@@ -9,17 +9,32 @@ renaming or removing one needs ``/api/v2``.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 __all__ = [
     "API_PREFIX",
     "AuditEntryOut",
     "AuditPage",
+    "BackupCreate",
+    "BackupOut",
+    "BackupPage",
+    "DiskSpec",
+    "HostList",
+    "HostOut",
+    "HostRegister",
+    "NicSpec",
+    "PoolList",
+    "PoolOut",
     "Problem",
     "Progress",
+    "ProgressReport",
+    "RestoreCreate",
+    "RestoreOut",
+    "RestoreTarget",
     "RoleName",
+    "TaskAccepted",
     "TaskError",
     "TaskOut",
     "TaskPage",
@@ -28,6 +43,12 @@ __all__ = [
     "TokenCreated",
     "TokenList",
     "TokenOut",
+    "VmCreate",
+    "VmDiskOut",
+    "VmNicOut",
+    "VmOut",
+    "VmPage",
+    "VmSpec",
     "WhoAmI",
 ]
 
@@ -148,3 +169,156 @@ class TaskPage(Page):
     """Tasks, newest first."""
 
     items: list[TaskOut]
+
+
+# ---------------------------------------------------------------------- inventory
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/]+$")]
+OwnerId = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")
+]
+
+
+class HostRegister(Wire):
+    """A WinServer host to manage: its API URL, host token and certificate (pinned)."""
+
+    url: Annotated[str, StringConstraints(min_length=8, max_length=2048, pattern=r"^https://")]
+    token: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    cert: Annotated[str, StringConstraints(min_length=1, max_length=65536)] = Field(
+        description="the host's server certificate, PEM (winserver init wrote pki/server-cert.pem)"
+    )
+
+
+class HostOut(Wire):
+    id: str
+    name: str
+    url: str
+    state: Literal["online", "unreachable", "unknown"]
+    last_sync: datetime.datetime | None = None
+    cert: str
+
+
+class HostList(Wire):
+    items: list[HostOut]
+
+
+class PoolOut(Wire):
+    """A storage pool: one storage repository of a host."""
+
+    id: str
+    host: str
+    name: str
+    default: bool
+
+
+class PoolList(Wire):
+    items: list[PoolOut]
+
+
+class VmDiskOut(Wire):
+    position: int
+    vdi: str
+    size: int = Field(description="bytes")
+    pool: str | None = None
+
+
+class VmNicOut(Wire):
+    position: int
+    mac: str
+    network: str
+
+
+class VmOut(Wire):
+    id: str
+    name: str
+    host: str
+    vcpus: int
+    memory: int = Field(description="bytes")
+    power_state: str
+    disks: list[VmDiskOut]
+    nics: list[VmNicOut]
+
+
+class VmPage(Page):
+    items: list[VmOut]
+
+
+class DiskSpec(Wire):
+    size: int = Field(ge=1 << 20, le=2040 << 30, description="bytes (1 MiB .. 2040 GiB)")
+
+
+class NicSpec(Wire):
+    network: Name
+
+
+class VmSpec(Wire):
+    """A VM to make: blank disks of the given sizes, one NIC per network."""
+
+    name: Name
+    vcpus: int = Field(default=1, ge=1, le=256)
+    memory: int = Field(default=1 << 30, ge=16 << 20, le=1 << 42, description="bytes, whole MiB")
+    disks: list[DiskSpec] = Field(min_length=1, max_length=64)
+    nics: list[NicSpec] = Field(default_factory=list, max_length=64)
+
+
+class VmCreate(VmSpec):
+    host: str | None = Field(default=None, description="host id or name")
+    pool: str | None = Field(default=None, description="storage pool id (its host)")
+
+
+# ---------------------------------------------------------------------- backups and restores
+
+
+class TaskAccepted(Wire):
+    """A task was started (or, for a repeated id, found): poll ``/tasks/{task_id}``."""
+
+    task_id: str
+    state: TaskStateName
+
+
+class BackupCreate(Wire):
+    vm_id: str = Field(min_length=1, max_length=255, description="VM id (or unique name)")
+    backup_id: OwnerId
+    type: Literal["full", "incremental"]
+
+
+class ProgressReport(Wire):
+    done: int = Field(ge=0, le=1 << 62, description="bytes read or written so far")
+
+
+class BackupOut(Wire):
+    backup_id: str
+    task_id: str
+    vm: str
+    host: str
+    requested: Literal["full", "incremental"]
+    type: Literal["full", "incremental"] | None = Field(default=None, description="what was done")
+    base_backup_id: str | None = None
+    state: str
+    created: datetime.datetime
+    finished: datetime.datetime | None = None
+
+
+class BackupPage(Page):
+    items: list[BackupOut]
+
+
+class RestoreTarget(Wire):
+    host: str | None = Field(default=None, description="host id or name")
+    pool: str | None = Field(default=None, description="storage pool id")
+
+
+class RestoreCreate(Wire):
+    restore_id: OwnerId
+    vm: VmSpec
+    target: RestoreTarget = Field(default_factory=RestoreTarget)
+
+
+class RestoreOut(Wire):
+    restore_id: str
+    task_id: str
+    host: str
+    vm: str
+    state: str
+    created: datetime.datetime
+    finished: datetime.datetime | None = None

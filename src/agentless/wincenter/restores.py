@@ -1,0 +1,294 @@
+"""The seed's restore flow, steps 1–8, as WinCenter runs it.
+
+::
+
+    backup system                 WinCenter                          WinServer host
+    POST /restores ──────────▶ task queued ─ worker ──────────────▶ create VM (blank disks,
+      {restore_id, vm: {name,     (the VM's uuid is chosen and        NICs), update-backup-id
+       vcpus, memory, disks,       recorded first)                    per disk (write grants)
+       nics}, target}            task ready, result = VM + per disk
+    GET /tasks/{id} ◀─────────── access info
+    writes the disks with wddk over NBD/TLS ────────────────────────────────▶ (grants)
+    POST /restores/{id}/complete ▶ worker ─────────────────────────▶ stop-remote-access
+                                 records synced; task succeeded: the VM is ready to start
+
+States of the record, written before each step that changes a host::
+
+    queued ──▶ creating ──▶ ready ──▶ completing ──▶ completed
+      │           │           │
+      └───────────┴───────────┴──▶ aborting ──▶ aborted | failed
+
+Aborting (or a failure, or expiry) revokes the grants and deletes the half-restored VM.
+Because WinCenter picks the VM's uuid before asking the host, a restore interrupted
+anywhere knows which VM is its own – it never deletes anybody else's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from agentless.winserver.client import HostApiError, HostClient
+
+from .center import Center
+from .errors import ConflictError, NotFoundError, WinCenterError
+from .inventory import Inventory
+from .models import Restore, Vm, utcnow
+from .tasks import Task, TaskState
+
+__all__ = ["KIND", "Restores"]
+
+log = logging.getLogger(__name__)
+KIND = "restore"
+ACTIVE = ("queued", "creating", "ready", "completing", "aborting")
+Submit = Callable[[Callable[[], None]], None]
+
+
+def _check_spec(spec: dict[str, Any]) -> None:
+    if not spec.get("name"):
+        raise WinCenterError("the restored VM needs a name")
+    if not spec.get("disks"):
+        raise WinCenterError("the restored VM needs at least one disk")
+
+
+class Restores:
+    """Restores of one center; *submit* and *ttl* as for :class:`.backups.Backups`."""
+
+    def __init__(
+        self,
+        center: Center,
+        inventory: Inventory,
+        submit: Submit,
+        ttl: datetime.timedelta = datetime.timedelta(hours=6),
+    ):
+        self.center = center
+        self.inventory = inventory
+        self.submit = submit
+        self.ttl = ttl
+
+    # ------------------------------------------------------------------ requests
+
+    def request(
+        self, restore_id: str, spec: dict[str, Any], host: str | None = None, pool: str | None = None
+    ) -> Task:
+        """Restore *spec* ({name, vcpus, memory, disks: [{size}], nics: [{network}]}) as a
+        new VM on *host* or in *pool*. The same restore id again answers the same task."""
+        _check_spec(spec)
+        existing = self._find(restore_id)
+        if existing is not None:
+            if existing["spec"] != spec:
+                raise ConflictError(f"restore id {restore_id!r} was used for another request")
+            return self.center.tasks.get(existing["task_id"])
+        host_uuid, sr = self.inventory.placement(host, pool)
+        task, made = self.center.tasks.create(KIND, restore_id, ttl=self.ttl)
+        if not made:
+            return task
+        with self.center.database.session() as s:
+            s.add(
+                Restore(
+                    restore_id=restore_id,
+                    task_id=task.id,
+                    host_uuid=host_uuid,
+                    vm_uuid=str(uuid.uuid4()),
+                    spec=spec | {"sr": sr},
+                    state="queued",
+                )
+            )
+        self.submit(lambda: self._create(restore_id))
+        return task
+
+    def complete(self, restore_id: str) -> Task:
+        """The backup system has written the disks: revoke access, sync the records."""
+        record = self._record(restore_id)
+        if record["state"] in ("completing", "completed"):
+            return self.center.tasks.get(record["task_id"])
+        if record["state"] != "ready":
+            raise ConflictError(f"restore {restore_id} is {record['state']}: only a ready restore completes")
+        self.center.tasks.start(record["task_id"])
+        self._set(restore_id, state="completing")
+        self.submit(lambda: self._complete(restore_id))
+        return self.center.tasks.get(record["task_id"])
+
+    def abort(self, restore_id: str, why: str = "aborted by the backup system") -> Task:
+        """Give the restore up: access revoked, the new VM deleted. Idempotent."""
+        record = self._record(restore_id)
+        if record["state"] in ("aborting", "aborted", "failed"):
+            return self.center.tasks.get(record["task_id"])
+        if record["state"] in ("completing", "completed"):
+            raise ConflictError(f"restore {restore_id} is {record['state']}: too late to abort")
+        task = self.center.tasks.get(record["task_id"])
+        if not task.ended:
+            self.center.tasks.abort(task.id, why)
+        self._set(restore_id, state="aborting")
+        self.submit(lambda: self._release(restore_id, "aborted"))
+        return self.center.tasks.get(record["task_id"])
+
+    def progress(self, restore_id: str, done: int) -> Task:
+        return self.center.tasks.progress(self._record(restore_id)["task_id"], done)
+
+    def get(self, restore_id: str) -> dict[str, Any]:
+        return self._record(restore_id)
+
+    # ------------------------------------------------------------------ faults
+
+    def expired(self, task: Task) -> None:
+        record = self._find(task.owner_key or "")
+        if record is not None and record["state"] in ("queued", "creating", "ready"):
+            self._set(record["restore_id"], state="aborting")
+            self.submit(lambda: self._release(record["restore_id"], "aborted"))
+
+    def recover(self) -> None:
+        """At the daemon's start: finish or undo what a previous run left halfway. A
+        restore caught while creating is undone and done again from the start."""
+        with self.center.database.session() as s:
+            pending = [
+                (r.restore_id, r.state) for r in s.scalars(select(Restore).where(Restore.state.in_(ACTIVE)))
+            ]
+        for restore_id, state in pending:
+            task = self.center.tasks.get(self._record(restore_id)["task_id"])
+            if state == "completing":
+                self.submit(lambda r=restore_id: self._complete(r))  # type: ignore[misc]
+            elif state == "aborting" or task.ended:
+                self._set(restore_id, state="aborting")
+                self.submit(lambda r=restore_id: self._release(r, "aborted"))  # type: ignore[misc]
+            elif state in ("queued", "creating"):
+                self._set(restore_id, state="queued")
+                self.submit(lambda r=restore_id: self._create(r, retry=True))  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ the work
+
+    def _create(self, restore_id: str, retry: bool = False) -> None:
+        record = self._record(restore_id)
+        task_id = record["task_id"]
+        if self.center.tasks.get(task_id).ended or not self._claim(restore_id):
+            return
+        spec = record["spec"]
+        try:
+            if self.center.tasks.get(task_id).state is TaskState.QUEUED:
+                self.center.tasks.start(task_id)
+            with self.inventory.calling(record["host"]) as client:
+                if retry:
+                    self._undo(client, record)
+                sizes = [int(d["size"]) for d in spec["disks"]]
+                networks = [n["network"] if isinstance(n, dict) else str(n) for n in spec.get("nics", [])]
+                state = client.create_vm(
+                    spec["name"],
+                    sizes,
+                    networks,
+                    int(spec.get("vcpus", 1)),
+                    int(spec.get("memory", 1 << 30)),
+                    sr=record["sr"],
+                    uuid=record["vm"],
+                )
+                disks = []
+                for disk in state["disks"]:
+                    granted = client.update_backup_id(disk["vdi"], restore_id)
+                    disks.append(
+                        {
+                            "position": disk["position"],
+                            "size": disk["size"],
+                            "vdi": disk["vdi"],
+                            "access": granted["access"],
+                        }
+                    )
+            vm = self.inventory.sync_vm(record["host"], state)
+            self._set(restore_id, state="ready")
+            self.center.tasks.progress(task_id, 0, sum(sizes))
+            self.center.tasks.ready(
+                task_id, {"restore_id": restore_id, "vm": vm, "disks": disks}, ttl=self.ttl
+            )
+        except Exception as error:
+            detail = str(error) or type(error).__name__
+            log.warning("restore %s failed: %s", restore_id, detail)
+            if not self.center.tasks.get(task_id).ended:
+                self.center.tasks.fail(task_id, "Restore failed", detail)
+            self._set(restore_id, state="aborting")
+            self._release(restore_id, "failed")
+
+    def _complete(self, restore_id: str) -> None:
+        record = self._record(restore_id)
+        try:
+            with self.inventory.calling(record["host"]) as client:
+                client.stop_remote_access(restore_id)
+                state = client.vm(record["vm"])
+            vm = self.inventory.sync_vm(record["host"], state)
+            self._set(restore_id, state="completed", finished=utcnow())
+            task = self.center.tasks.get(record["task_id"])
+            if not task.ended:
+                self.center.tasks.finish(task.id, {"restore_id": restore_id, "vm": vm})
+        except Exception as error:
+            log.warning("restore %s: completing failed (retried at the next start): %s", restore_id, error)
+
+    def _release(self, restore_id: str, final: str) -> None:
+        record = self._record(restore_id)
+        try:
+            with self.inventory.calling(record["host"]) as client:
+                self._undo(client, record)
+            with self.center.database.session() as s:
+                row = s.get(Vm, record["vm"])
+                if row is not None:
+                    s.delete(row)
+            self._set(restore_id, state=final, finished=utcnow())
+        except Exception as error:
+            log.warning("restore %s: releasing failed (retried at the next start): %s", restore_id, error)
+
+    @staticmethod
+    def _undo(client: HostClient, record: dict[str, Any]) -> None:
+        """Revoke the restore's grants and delete its VM, if the host has it."""
+        client.stop_remote_access(record["restore_id"])
+        try:
+            client.delete_vm(record["vm"])
+        except HostApiError as error:
+            if error.status != 404:
+                raise
+
+    def _claim(self, restore_id: str) -> bool:
+        with self.center.database.session() as s:
+            claimed = s.execute(
+                update(Restore)
+                .where(Restore.restore_id == restore_id, Restore.state == "queued")
+                .values(state="creating")
+            )
+            return bool(claimed.rowcount)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ records
+
+    def _find(self, restore_id: str) -> dict[str, Any] | None:
+        with self.center.database.session() as s:
+            row = s.get(Restore, restore_id)
+            return _describe(row) if row is not None else None
+
+    def _record(self, restore_id: str) -> dict[str, Any]:
+        record = self._find(restore_id)
+        if record is None:
+            raise NotFoundError(f"no restore {restore_id!r}")
+        return record
+
+    def _set(self, restore_id: str, **fields: Any) -> None:
+        with self.center.database.session() as s:
+            row = s.get(Restore, restore_id)
+            if row is None:
+                raise NotFoundError(f"no restore {restore_id!r}")
+            for name, value in fields.items():
+                setattr(row, name, value)
+
+
+def _describe(row: Restore) -> dict[str, Any]:
+    spec = dict(row.spec)
+    spec.pop("sr", None)
+    return {
+        "restore_id": row.restore_id,
+        "task_id": row.task_id,
+        "host": row.host_uuid,
+        "vm": row.vm_uuid,
+        "sr": row.spec.get("sr"),
+        "spec": spec,
+        "state": row.state,
+        "created": row.created,
+        "finished": row.finished,
+    }
