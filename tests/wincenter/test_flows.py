@@ -1,0 +1,355 @@
+"""The seed's backup and restore flows end to end: a real ``winserver serve`` on loopback
+(a running VM whose guest writes through the NBD datapath), a real ``wincenter serve``
+driving it, and the backup system's side played with the typed client and wddk."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agentless.wddk as wddk
+from agentless.wincenter.client import CenterApiError, CenterClient
+from agentless.wincenter.schemas import DiskSpec, NicSpec, TaskOut, VmSpec
+from agentless.winserver.client import HostClient
+from tests.wincenter.conftest import Server, init_center, start_server
+from tests.winserver.conftest import Daemon, init_host, start_daemon
+
+MiB = 1 << 20
+BLOCK = 65536
+
+
+@dataclasses.dataclass
+class Site:
+    """One WinServer host and one WinCenter that manages it."""
+
+    host: Daemon
+    host_proc: subprocess.Popen[str]
+    center: Server
+    center_token: str
+    db: str
+
+    def client(self) -> CenterClient:
+        return CenterClient(self.center.url, self.center_token, self.center.ca_pem)
+
+    def host_client(self) -> HostClient:
+        return HostClient(self.host.api_url, self.host.token, self.host.cert_pem)
+
+    def restart_center(self, *extra: str) -> None:
+        self.center = start_server(self.center.dir, self.center_token, *extra)
+
+
+def _site(tmp_path: Path, db_url: str, *serve_options: str) -> Iterator[Site]:
+    host = init_host(str(tmp_path / "host"))
+    host_proc = start_daemon(host.dir)
+    center_dir = str(tmp_path / "center")
+    token = init_center(center_dir, "--db", db_url)
+    center = start_server(center_dir, token, *serve_options)
+    site = Site(host, host_proc, center, token, db_url)
+    try:
+        with site.client() as client:
+            client.register_host(host.api_url, host.token, host.cert_pem)
+        yield site
+    finally:
+        site.center.proc.kill()
+        site.center.proc.wait()
+        host_proc.terminate()
+        host_proc.wait(30)
+
+
+@pytest.fixture
+def site(tmp_path: Path, db_url: str) -> Iterator[Site]:
+    """A site on each database engine."""
+    yield from _site(tmp_path, db_url)
+
+
+@pytest.fixture
+def sqlite_site(tmp_path: Path) -> Iterator[Site]:
+    yield from _site(tmp_path, f"sqlite:///{tmp_path / 'center.db'}", "--task-timeout", "3")
+
+
+def _guest(host: HostClient, vm: str, disk: int) -> wddk.Disk:
+    socket_path = host.vm(vm)["disks"][disk]["guest_socket"]
+    return wddk.open(f"nbd+unix:///?socket={socket_path}")
+
+
+def _write_random(
+    guest: wddk.Disk, model: bytearray, rng: random.Random, count: int, size: int = 20000
+) -> set[int]:
+    """*count* random writes; the 64 KiB blocks they touched."""
+    touched: set[int] = set()
+    for _ in range(count):
+        length = rng.randrange(1, size)
+        offset = rng.randrange(len(model) - length)
+        data = rng.randbytes(length)
+        guest.write(offset, data)
+        model[offset : offset + length] = data
+        touched.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
+    guest.flush()
+    return touched
+
+
+def _read_into(disk: dict[str, Any], image: bytearray) -> int:
+    """The backup system's step 6: read the disk's extents through wddk over TLS."""
+    moved = 0
+    with wddk.open(disk["access"]) as source:
+        for extent in disk["extents"]:
+            offset, length = extent["offset"], extent["length"]
+            image[offset : offset + length] = source.read(offset, length)
+            moved += length
+    return moved
+
+
+def _backup(client: CenterClient, vm_id: str, backup_id: str, kind: str) -> TaskOut:
+    accepted = client.start_backup(vm_id, backup_id, kind)
+    task = client.wait_task(accepted.task_id, timeout=60, poll=0.05)
+    assert task.state == "ready", task.error
+    return task
+
+
+def _blocks(extents: list[dict[str, int]]) -> set[int]:
+    blocks: set[int] = set()
+    for e in extents:
+        assert e["offset"] % BLOCK == 0
+        blocks.update(range(e["offset"] // BLOCK, (e["offset"] + e["length"] + BLOCK - 1) // BLOCK))
+    return blocks
+
+
+def test_backup_and_restore_flows(site: Site) -> None:
+    """Full, then incremental backup of a running 2-disk VM; restore as a new VM; the
+    restored disks equal the VM's disks at the incremental's snapshot, byte for byte."""
+    rng = random.Random(7)
+    sizes = [8 * MiB, 4 * MiB]
+    with site.host_client() as host, site.client() as center:
+        host.create_vm("app", sizes, ["lan", "san"], vcpus=2, memory=512 * MiB)
+        host.start_vm("app")
+        vm = center.vms(name="app").items
+        assert vm == []  # not synced yet: the backup request looks it up on the hosts
+        models = [bytearray(size) for size in sizes]
+        guests = [_guest(host, "app", d) for d in range(2)]
+        try:
+            for guest, model in zip(guests, models, strict=True):
+                _write_random(guest, model, rng, 30)
+            vm_id = host.vm("app")["uuid"]
+            full = _backup(center, vm_id, "b1", "full")
+            assert full.result["type"] == "full" and full.result["base_backup_id"] is None
+            assert full.result["vm"]["vcpus"] == 2 and full.result["vm"]["memory"] == 512 * MiB
+            assert [n["network"] for n in full.result["vm"]["nics"]] == ["lan", "san"]
+            images = [bytearray(size) for size in sizes]
+            for disk, image, model in zip(full.result["disks"], images, models, strict=True):
+                assert disk["access"]["read_only"] and disk["access"]["size"] == len(model)
+                _read_into(disk, image)
+                assert image == model
+            assert center.backup_progress("b1", 1000).progress.done == 1000
+            assert center.start_backup(vm_id, "b1", "full").task_id == full.id  # idempotent
+            center.complete_backup("b1")
+            assert center.wait_task(full.id, timeout=60, poll=0.05).state == "succeeded"
+
+            touched = [
+                _write_random(guest, model, rng, 5) for guest, model in zip(guests, models, strict=True)
+            ]
+            incremental = _backup(center, vm_id, "b2", "incremental")
+            assert (
+                incremental.result["type"] == "incremental" and incremental.result["base_backup_id"] == "b1"
+            )
+            for disk, image, model, blocks in zip(
+                incremental.result["disks"], images, models, touched, strict=True
+            ):
+                assert disk["cbt_valid"] and _blocks(disk["extents"]) == blocks
+                moved = _read_into(disk, image)
+                assert moved == len(blocks) * BLOCK and image == model
+            center.complete_backup("b2")
+            assert center.wait_task(incremental.id, timeout=60, poll=0.05).state == "succeeded"
+        finally:
+            for guest in guests:
+                guest.close()
+        # the host keeps only b2's snapshot, as CBT metadata; every grant is revoked
+        snapshots = host.list_snapshots("app")
+        assert [(s["backup_id"], s["state"]) for s in snapshots] == [("b2", "cbt-only")]
+        assert all(g["revoked"] for g in host.list_grants())
+        assert center.backup("b1").state == "completed" and center.backup("b2").type == "incremental"
+
+        spec = VmSpec(
+            name="app-restored",
+            vcpus=2,
+            memory=512 * MiB,
+            disks=[DiskSpec(size=s) for s in sizes],
+            nics=[NicSpec(network="lan"), NicSpec(network="san")],
+        )
+        accepted = center.start_restore("r1", spec)
+        restore = center.wait_task(accepted.task_id, timeout=60, poll=0.05)
+        assert restore.state == "ready", restore.error
+        assert center.start_restore("r1", spec).task_id == restore.id  # idempotent
+        for disk, image in zip(restore.result["disks"], images, strict=True):
+            assert not disk["access"]["read_only"]
+            with wddk.open(disk["access"]) as target:
+                for start in range(0, len(image), MiB):
+                    chunk = bytes(image[start : start + MiB])
+                    if chunk.count(0) != len(chunk):
+                        target.write(start, chunk)
+                target.flush()
+        center.complete_restore("r1")
+        done = center.wait_task(restore.id, timeout=60, poll=0.05)
+        assert done.state == "succeeded", done.error
+        restored = center.vm(done.result["vm"]["id"])
+        assert restored.name == "app-restored" and restored.power_state == "halted"
+        assert [n.network for n in restored.nics] == ["lan", "san"] and len(restored.disks) == 2
+        assert all(g["revoked"] for g in host.list_grants("r1"))
+        center.start_vm(restored.id)
+        for position, model in enumerate(models):
+            with _guest(host, "app-restored", position) as guest:
+                assert guest.read(0, len(model)) == model
+        center.stop_vm(restored.id)
+        audit = center.audit(limit=1000).items
+        assert any(e.path == "/api/v1/restores/r1/complete" and e.status == 202 for e in audit)
+
+
+def test_incremental_without_base_is_full_and_says_why(sqlite_site: Site) -> None:
+    with sqlite_site.host_client() as host, sqlite_site.client() as center:
+        vm = host.create_vm("fresh", [4 * MiB])
+        task = _backup(center, vm["uuid"], "i1", "incremental")
+        assert task.result["type"] == "full"
+        assert task.result["disks"][0]["reason"] == "no completed backup of this VM to be the base"
+        assert task.result["disks"][0]["extents"] == []  # a blank disk: nothing allocated
+        with pytest.raises(CenterApiError) as other:
+            center.start_backup(vm["uuid"], "i1", "full")  # the same id for another request
+        assert other.value.status == 409
+        with pytest.raises(CenterApiError) as missing:
+            center.start_backup("no-such-vm", "i2", "full")
+        assert missing.value.status == 404
+        center.complete_backup("i1")
+
+
+def test_abort_and_expiry_leave_nothing(sqlite_site: Site) -> None:
+    """An aborted backup and one the backup system abandons (task timeout 3 s) both end
+    with their snapshots deleted and grants revoked on the host; so does an aborted
+    restore, whose new VM is deleted."""
+    with sqlite_site.host_client() as host, sqlite_site.client() as center:
+        vm = host.create_vm("v", [4 * MiB])
+        aborted = _backup(center, vm["uuid"], "a1", "full")
+        assert center.abort_backup("a1").state == "aborted"
+        abandoned = _backup(center, vm["uuid"], "a2", "full")
+        restore = center.start_restore("r-abort", VmSpec(name="tmp", disks=[DiskSpec(size=MiB)]))
+        assert center.wait_task(restore.task_id, timeout=60, poll=0.05).state == "ready"
+        center.abort_restore("r-abort")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = {b: center.backup(b).state for b in ("a1", "a2")} | {
+                "r": center.restore("r-abort").state
+            }
+            if states == {"a1": "aborted", "a2": "aborted", "r": "aborted"}:
+                break
+            time.sleep(0.2)
+        assert states == {"a1": "aborted", "a2": "aborted", "r": "aborted"}
+        assert center.task(aborted.id).state == "aborted"
+        assert center.task(abandoned.id).state == "expired"
+        assert host.list_snapshots("v") == []
+        assert all(g["revoked"] for g in host.list_grants())
+        assert [v["name"] for v in host.list_vms()] == ["v"]
+        with pytest.raises(CenterApiError) as late:
+            center.complete_backup("a2")
+        assert late.value.status == 409
+
+
+def _run_backup(center: CenterClient, vm_id: str, backup_id: str, model: bytes) -> str:
+    """One backup system worker: request, wait, read every extent, check, complete."""
+    task = _backup(center, vm_id, backup_id, "incremental")
+    disk = task.result["disks"][0]
+    image = bytearray(len(model))
+    _read_into(disk, image)
+    for extent in disk["extents"]:
+        start, end = extent["offset"], extent["offset"] + extent["length"]
+        assert image[start:end] == model[start:end], backup_id
+    center.complete_backup(backup_id)
+    return center.wait_task(task.id, timeout=120, poll=0.05).state
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_backups_over_ten_vms(sqlite_site: Site) -> None:
+    """Two backup ids per VM at once: WinCenter runs each VM's backups one after the other
+    (the second waits queued), all twenty succeed, every chain stays within the host's
+    depth limit and only each VM's newest backup keeps a (CBT-only) snapshot."""
+    rng = random.Random(20)
+    with sqlite_site.host_client() as host:
+        models = {}
+        for index in range(10):
+            vm = host.create_vm(f"vm{index}", [2 * MiB])
+            host.start_vm(vm["uuid"])
+            model = bytearray(2 * MiB)
+            with _guest(host, vm["uuid"], 0) as guest:
+                _write_random(guest, model, rng, 4)
+            models[vm["uuid"]] = bytes(model)  # the guests stop writing: both backups see this
+    jobs = [(vm_id, f"{vm_id[:8]}-{n}") for vm_id in models for n in range(2)]
+    rng.shuffle(jobs)
+    results: dict[str, str] = {}
+
+    def worker(vm_id: str, backup_id: str) -> None:
+        with sqlite_site.client() as center:
+            results[backup_id] = _run_backup(center, vm_id, backup_id, models[vm_id])
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        for future in [pool.submit(worker, *job) for job in jobs]:
+            future.result()
+    assert sorted(results.values()) == ["succeeded"] * 20
+    with sqlite_site.host_client() as host, sqlite_site.client() as center:
+        for vm_id in models:
+            assert host.get_vdi_sm_info(host.vm(vm_id)["disks"][0]["vdi"])["depth"] <= 3
+            assert [s["state"] for s in host.list_snapshots(vm_id)] == ["cbt-only"]
+            backups = center.backups(vm=vm_id).items
+            assert sorted(b.type or "" for b in backups) == ["full", "incremental"]
+        assert all(g["revoked"] for g in host.list_grants())
+
+
+@pytest.mark.slow
+def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
+    """kill -9 of WinCenter right after backup and restore requests, at several points;
+    after a restart it finishes or undoes them: the requests reach ready, and once the
+    backup system aborts or completes them no snapshot, grant or half-restored VM is
+    left on the host."""
+    with sqlite_site.host_client() as host:
+        vms = [host.create_vm(f"k{i}", [2 * MiB])["uuid"] for i in range(3)]
+    for round_, pause in enumerate([0.0, 0.01, 0.05, 0.3]):
+        with sqlite_site.client() as center:
+            ids = [f"k{round_}-{i}" for i in range(3)]
+            tasks = [
+                center.start_backup(vm, backup_id, "full").task_id
+                for vm, backup_id in zip(vms, ids, strict=True)
+            ]
+            spec = VmSpec(name=f"restored-{round_}", disks=[DiskSpec(size=MiB)])
+            restore_task = center.start_restore(f"kr{round_}", spec).task_id
+        time.sleep(pause)
+        sqlite_site.center.proc.kill()
+        sqlite_site.center.proc.wait()
+        sqlite_site.restart_center("--task-timeout", "3")
+        with sqlite_site.client() as center:
+            for task_id in tasks:
+                state = center.wait_task(task_id, timeout=60, poll=0.05).state
+                assert state in ("ready", "expired"), state
+            for backup_id in ids[:2]:
+                center.abort_backup(backup_id)
+            if center.task(tasks[2]).state == "ready":
+                center.complete_backup(ids[2])
+            assert center.wait_task(restore_task, timeout=60, poll=0.05).state in ("ready", "expired")
+            if center.task(restore_task).state == "ready":
+                center.abort_restore(f"kr{round_}")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                pending = [b for b in ids if center.backup(b).state not in ("completed", "aborted")]
+                if not pending and center.restore(f"kr{round_}").state == "aborted":
+                    break
+                time.sleep(0.1)
+            assert not pending
+    with sqlite_site.host_client() as host:
+        assert all(g["revoked"] for g in host.list_grants())
+        assert sorted(v["name"] for v in host.list_vms()) == ["k0", "k1", "k2"]
+        for vm in vms:
+            snapshots = host.list_snapshots(vm)
+            assert all(s["state"] == "cbt-only" for s in snapshots), snapshots
+            assert len(snapshots) <= 1
