@@ -7,10 +7,11 @@ import sys
 
 
 def test_demo_succeeds() -> None:
-    """Both acts of the demo run and check their data byte for byte."""
+    """The three acts of the demo run and check their data byte for byte."""
     result = subprocess.run(
         [sys.executable, "-m", "agentless.demo"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo succeeded" in result.stdout
     assert "as written: True" in result.stdout
+    assert "backup == disks: True; restored == disks: True" in result.stdout

@@ -1,6 +1,6 @@
 """The project's main job, run by ``make demo``.
 
-Two acts, each checked byte for byte:
+Three acts, each checked byte for byte:
 
 1. A VHD round trip: a raw image with data and holes is imported into a dynamic VHD, a
    differencing leaf takes new writes, the chain is mapped, checked and exported, then the
@@ -9,13 +9,18 @@ Two acts, each checked byte for byte:
    disks started through the host API, a guest writing through the NBD datapath (changes
    tracked at 64 KiB), ``prepare-backup`` full and then incremental while the guest runs,
    a backup vendor reading the extents through wddk over TLS, ``stop-remote-access``.
+3. The seed's flows through WinCenter (``wincenter serve``, a child process, managing the
+   host): a VM with two disks and two NICs, guest writes, a full and an incremental backup
+   (steps 1–7, the backup system's part played with the typed client and wddk), then a
+   restore as a new VM (steps 1–8) whose disks are read back through its datapath.
 
-It grows into the full backup and restore scenario as WinCenter and vmbackup arrive.
+It grows into the whole scenario with a real backup repository as vmbackup arrives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +36,8 @@ from typing import Any
 import agentless.wddk as wddk
 from agentless import vhd
 from agentless.units import format_size
+from agentless.wincenter.client import CenterClient
+from agentless.wincenter.schemas import DiskSpec, NicSpec, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
 
 MiB = 1 << 20
@@ -113,41 +120,55 @@ def _winserver(*args: str) -> str:
     return done.stdout
 
 
+@dataclasses.dataclass
+class RunningHost:
+    """A host daemon started by the demo: its API client and credentials."""
+
+    client: HostClient
+    url: str
+    token: str
+    cert: str
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _started(command: list[str], ready: str) -> subprocess.Popen[str]:
+    """Start a daemon (``python -m MODULE serve ...``); returned once its first line
+    holds *ready*."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    line = process.stdout.readline()
+    if ready not in line:
+        _stop(process)
+        raise RuntimeError(f"{command[0]} did not start: {line}{process.stderr.read().strip()}")
+    return process
+
+
 @contextlib.contextmanager
-def host_daemon(directory: str) -> Iterator[HostClient]:
+def host_daemon(directory: str) -> Iterator[RunningHost]:
     """``winserver init`` with free loopback ports and ``winserver serve`` as a child
-    process; yields a client of its host API and stops the daemon at the end."""
+    process; yields its API client and credentials and stops the daemon at the end."""
     api_port = _free_port()
     ports = ["--address", "127.0.0.1", "--api-port", str(api_port), "--nbd-port", str(_free_port())]
-    token = json.loads(_winserver("init", "--dir", directory, "--name", "demo-host", *ports, "--json"))[
-        "token"
-    ]
-    command = [
-        sys.executable,
-        "-m",
-        "agentless.winserver.cli",
-        "serve",
-        "--dir",
-        directory,
-        "--bind",
-        "127.0.0.1",
-    ]
-    daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    init = json.loads(_winserver("init", "--dir", directory, "--name", "demo-host", *ports, "--json"))
+    daemon = _started(["agentless.winserver.cli", "serve", "--dir", directory, "--bind", "127.0.0.1"], "NBD")
     try:
-        assert daemon.stdout is not None and daemon.stderr is not None
-        if "NBD with TLS" not in daemon.stdout.readline():
-            raise RuntimeError(f"winserver serve did not start: {daemon.stderr.read().strip()}")
         with open(os.path.join(directory, "pki", "server-cert.pem")) as f:
             cert = f.read()
-        with HostClient(f"https://127.0.0.1:{api_port}", token, cert) as client:
-            yield client
+        url = f"https://127.0.0.1:{api_port}"
+        with HostClient(url, init["token"], cert) as client:
+            yield RunningHost(client, url, init["token"], cert)
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        _stop(daemon)
 
 
 def _guest_writes(guest: wddk.Disk, model: bytearray, rng: random.Random, count: int) -> None:
@@ -175,7 +196,8 @@ def host_backup() -> bool:
     rng = random.Random(2018)
     with tempfile.TemporaryDirectory(prefix="agentless-demo-host-") as work:
         started = time.perf_counter()
-        with host_daemon(os.path.join(work, "host")) as host:
+        with host_daemon(os.path.join(work, "host")) as daemon:
+            host = daemon.client
             vm = host.create_vm("demo-vm", [64 * MiB, 32 * MiB], ["lan"])
             running = host.start_vm("demo-vm")
             print(f"host      {host.host()['name']}: VM {vm['name']} ({len(vm['disks'])} disks) running")
@@ -208,13 +230,150 @@ def host_backup() -> bool:
             return ok and depth <= 3
 
 
+def _wincenter(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "agentless.wincenter.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wincenter {args[0]}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def center_daemon(directory: str) -> Iterator[CenterClient]:
+    """``wincenter init`` and ``wincenter serve`` on a free loopback port (a child
+    process); yields a client with the first admin token."""
+    token = json.loads(_wincenter("init", "--dir", directory, "--address", "127.0.0.1", "--json"))["token"]
+    command = ["agentless.wincenter.cli", "serve", "--dir", directory, "--bind", "127.0.0.1", "--port", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()
+        if "API https://" not in line:
+            raise RuntimeError(f"wincenter serve did not start: {line}{process.stderr.read().strip()}")
+        url = line.split("API ")[1].split("/api/v1")[0]
+        with open(os.path.join(directory, "pki", "ca-cert.pem")) as f:
+            ca = f.read()
+        with CenterClient(url, token, ca) as client:
+            yield client
+    finally:
+        _stop(process)
+
+
+def _read_disk(disk: dict[str, Any], image: bytearray) -> int:
+    """Seed backup step 6: read a disk's extents through wddk (NBD over TLS)."""
+    with wddk.open(disk["access"]) as source:
+        for extent in disk["extents"]:
+            offset, length = extent["offset"], extent["length"]
+            image[offset : offset + length] = source.read(offset, length)
+    return sum(e["length"] for e in disk["extents"])
+
+
+def _backup_flow(center: CenterClient, vm_id: str, backup_id: str, kind: str, images: list[bytearray]) -> int:
+    """The seed's backup flow for one VM, steps 1 to 7; bytes read."""
+    accepted = center.start_backup(vm_id, backup_id, kind)  # 1
+    task = center.wait_task(accepted.task_id, timeout=120, poll=0.05)  # 2
+    if task.state != "ready":
+        raise RuntimeError(f"backup {backup_id}: {task.state}: {task.error}")
+    moved = sum(_read_disk(d, image) for d, image in zip(task.result["disks"], images, strict=True))  # 3-6
+    center.complete_backup(backup_id)  # 7
+    if center.wait_task(task.id, timeout=120, poll=0.05).state != "succeeded":
+        raise RuntimeError(f"backup {backup_id} did not complete")
+    runs = sum(len(d["extents"]) for d in task.result["disks"])
+    print(
+        f"backup    {backup_id}: {task.result['type']}, {runs} extents, {format_size(moved)} read with wddk"
+    )
+    return moved
+
+
+def _restore_flow(center: CenterClient, spec: VmSpec, restore_id: str, images: list[bytearray]) -> str:
+    """The seed's restore flow, steps 1 to 8; the new VM's id."""
+    accepted = center.start_restore(restore_id, spec)  # 1
+    task = center.wait_task(accepted.task_id, timeout=120, poll=0.05)  # 2-5
+    if task.state != "ready":
+        raise RuntimeError(f"restore {restore_id}: {task.state}: {task.error}")
+    written = 0
+    for disk, image in zip(task.result["disks"], images, strict=True):  # 6
+        with wddk.open(disk["access"]) as target:
+            for start in range(0, len(image), MiB):
+                chunk = bytes(image[start : start + MiB])
+                if chunk.count(0) != len(chunk):  # holes stay holes
+                    target.write(start, chunk)
+                    written += len(chunk)
+            target.flush()
+    center.complete_restore(restore_id)  # 7
+    done = center.wait_task(task.id, timeout=120, poll=0.05)  # 8
+    if done.state != "succeeded":
+        raise RuntimeError(f"restore {restore_id}: {done.state}: {done.error}")
+    vm_id = str(done.result["vm"]["id"])
+    print(f"restore   {restore_id}: VM {spec.name} ({vm_id[:8]}), {format_size(written)} written with wddk")
+    return vm_id
+
+
+def center_flows() -> bool:
+    """Act 3: the seed's backup and restore flows, driven through WinCenter's REST API."""
+    rng = random.Random(2018)
+    with tempfile.TemporaryDirectory(prefix="agentless-demo-center-") as work:
+        started = time.perf_counter()
+        with (
+            host_daemon(os.path.join(work, "host")) as daemon,
+            center_daemon(os.path.join(work, "center")) as center,
+        ):
+            center.register_host(daemon.url, daemon.token, daemon.cert)
+            spec = VmSpec(
+                name="erp",
+                vcpus=2,
+                memory=1 << 30,
+                disks=[DiskSpec(size=64 * MiB), DiskSpec(size=32 * MiB)],
+                nics=[NicSpec(network="lan"), NicSpec(network="dmz")],
+            )
+            vm = center.create_vm(VmCreate(**spec.model_dump()))
+            center.start_vm(vm.id)
+            print(f"center    host registered; VM {vm.name} with 2 disks and 2 NICs running")
+            models = [bytearray(d.size) for d in vm.disks]
+            images = [bytearray(d.size) for d in vm.disks]
+            sockets = [d["guest_socket"] for d in daemon.client.vm(vm.id)["disks"]]
+            guests = [wddk.open(f"nbd+unix:///?socket={path}") for path in sockets]
+            try:
+                for guest, model in zip(guests, models, strict=True):
+                    _guest_writes(guest, model, rng, 40)
+                _backup_flow(center, vm.id, "erp-1", "full", images)
+                for guest, model in zip(guests, models, strict=True):
+                    _guest_writes(guest, model, rng, 10)
+                _backup_flow(center, vm.id, "erp-2", "incremental", images)
+            finally:
+                for guest in guests:
+                    guest.close()
+            same_backup = images == models
+            restored = _restore_flow(
+                center, spec.model_copy(update={"name": "erp-restored"}), "erp-r1", images
+            )
+            center.start_vm(restored)
+            same_restore = True
+            for disk, model in zip(daemon.client.vm(restored)["disks"], models, strict=True):
+                with wddk.open(f"nbd+unix:///?socket={disk['guest_socket']}") as guest:
+                    same_restore = same_restore and guest.read(0, len(model)) == bytes(model)
+            center.stop_vm(restored)
+            center.stop_vm(vm.id)
+            seconds = time.perf_counter() - started
+            print(
+                f"check     backup == disks: {same_backup}; restored == disks: {same_restore}; {seconds:.1f}s"
+            )
+            return same_backup and same_restore
+
+
 def main() -> int:
     print("== VHD round trip")
     first = vhd_round_trip()
     print("== winserver serve: a running VM, full and incremental backup through grants")
     second = host_backup()
-    print("demo " + ("succeeded" if first and second else "FAILED"))
-    return 0 if first and second else 1
+    print("== wincenter serve: the seed's backup and restore flows through the REST API")
+    third = center_flows()
+    ok = first and second and third
+    print("demo " + ("succeeded" if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
