@@ -17,7 +17,7 @@ import pytest
 
 import agentless.wddk as wddk
 from agentless.wincenter.client import CenterApiError, CenterClient
-from agentless.wincenter.schemas import DiskSpec, NicSpec, TaskOut, VmSpec
+from agentless.wincenter.schemas import DiskSpec, NicSpec, TaskOut, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
 from tests.wincenter.conftest import Server, init_center, start_server
 from tests.winserver.conftest import Daemon, init_host, start_daemon
@@ -353,3 +353,41 @@ def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
             snapshots = host.list_snapshots(vm)
             assert all(s["state"] == "cbt-only" for s in snapshots), snapshots
             assert len(snapshots) <= 1
+
+
+def test_inventory_pages_filters_and_syncs(sqlite_site: Site, tmp_path: Path) -> None:
+    """Hosts, pools and VMs as synced from the host; pages and filters; VMs created in a
+    pool, started, stopped and deleted through WinCenter; a VM made on the host directly
+    appears after a sync; a host that stops answering is marked unreachable."""
+    with sqlite_site.host_client() as host, sqlite_site.client() as center:
+        sr = host.create_sr("fast", str(tmp_path / "fast"))
+        [registered] = center.hosts()
+        assert center.sync_host(registered.name).id == registered.id
+        pools = center.pools(registered.id)
+        assert sorted(p.name for p in pools) == ["default", "fast"]
+        for index in range(5):
+            spec = VmCreate(
+                name=f"web{index}", disks=[DiskSpec(size=MiB)], nics=[NicSpec(network="lan")], pool=sr["uuid"]
+            )
+            center.create_vm(spec)
+        page = center.vms(limit=2, offset=1)
+        assert page.total == 5 and [v.name for v in page.items] == ["web1", "web2"]
+        assert all(d.pool == sr["uuid"] for v in page.items for d in v.disks)
+        assert center.start_vm("web3").power_state == "running"
+        assert [v.name for v in center.vms(power_state="running").items] == ["web3"]
+        with pytest.raises(CenterApiError) as running:
+            center.delete_vm("web3")
+        assert running.value.status == 409 and "running" in running.value.detail
+        center.stop_vm("web3")
+        center.delete_vm("web3")
+        assert center.vms().total == 4
+        host.create_vm("direct", [MiB])
+        center.sync_host(registered.id)
+        assert center.vm("direct").host == registered.id
+    sqlite_site.host_proc.terminate()
+    sqlite_site.host_proc.wait(30)
+    with sqlite_site.client() as center:
+        with pytest.raises(CenterApiError) as gone:
+            center.sync_host(registered.id)
+        assert gone.value.status == 502
+        assert center.hosts()[0].state == "unreachable"

@@ -243,8 +243,17 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
         return HostOut.model_validate(host)
 
     @app.get(f"{API_PREFIX}/hosts", tags=["hosts"])
-    def list_hosts(_caller: Reader, f: Flows) -> HostList:
-        return HostList(items=[HostOut.model_validate(h) for h in f.inventory.hosts()])
+    def list_hosts(
+        _caller: Reader,
+        f: Flows,
+        limit: Limit = 100,
+        offset: Offset = 0,
+        state: Annotated[str | None, Query(pattern=r"^(online|unreachable|unknown)$")] = None,
+    ) -> HostList:
+        """Hosts by name, paged; ``?state=unreachable`` filters."""
+        hosts = [h for h in f.inventory.hosts() if state is None or h["state"] == state]
+        items = [HostOut.model_validate(h) for h in hosts[offset : offset + limit]]
+        return HostList(items=items, total=len(hosts), limit=limit, offset=offset)
 
     @app.get(f"{API_PREFIX}/hosts/{{ref}}", tags=["hosts"], responses=NOT_FOUND)
     def get_host(ref: Ref, _caller: Reader, f: Flows) -> HostOut:
@@ -265,8 +274,13 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
         return HostOut.model_validate(host)
 
     @app.get(f"{API_PREFIX}/pools", tags=["pools"])
-    def list_pools(_caller: Reader, f: Flows, host: Ref | None = None) -> PoolList:
-        return PoolList(items=[PoolOut.model_validate(p) for p in f.inventory.pools(host)])
+    def list_pools(
+        _caller: Reader, f: Flows, limit: Limit = 100, offset: Offset = 0, host: Ref | None = None
+    ) -> PoolList:
+        """Storage pools by host and name, paged; ``?host=`` filters."""
+        pools = f.inventory.pools(host)
+        items = [PoolOut.model_validate(p) for p in pools[offset : offset + limit]]
+        return PoolList(items=items, total=len(pools), limit=limit, offset=offset)
 
     @app.get(f"{API_PREFIX}/pools/{{ref}}", tags=["pools"], responses=NOT_FOUND)
     def get_pool(ref: Ref, _caller: Reader, f: Flows) -> PoolOut:

@@ -7,7 +7,9 @@ listens, the daemon prints one line – ``wincenter NAME: API https://ADDR:PORT/
 every few seconds until SIGINT or SIGTERM:
 
 - task expiry (:meth:`~.tasks.TaskStore.expire`): tasks not ended by ``expires_at``;
-  the backups and restores of expired tasks release what they hold on the hosts.
+  the backups and restores of expired tasks release what they hold on the hosts;
+- inventory sync (every 60 s): every registered host's pools and VMs, so that changes
+  made on a host directly show up; an unreachable host is marked so.
 
 Before it listens the daemon recovers (:meth:`~.orchestrator.Orchestrator.recover`): the
 backups and restores a killed run left halfway are finished or undone.
@@ -34,6 +36,7 @@ __all__ = ["EXPIRE_SECONDS", "serve"]
 
 log = logging.getLogger(__name__)
 EXPIRE_SECONDS = 5.0
+SYNC_SECONDS = 60.0
 SHUTDOWN_SECONDS = 3
 
 
@@ -105,7 +108,10 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        jobs = [asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center, orchestrator), stop))]
+        jobs = [
+            asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center, orchestrator), stop)),
+            asyncio.create_task(_every(SYNC_SECONDS, orchestrator.inventory.sync_all, stop)),
+        ]
         await stop.wait()
         await asyncio.gather(*jobs)
     finally:

@@ -198,7 +198,9 @@ class HostOut(Wire):
     cert: str
 
 
-class HostList(Wire):
+class HostList(Page):
+    """Hosts by name."""
+
     items: list[HostOut]
 
 
@@ -211,7 +213,9 @@ class PoolOut(Wire):
     default: bool
 
 
-class PoolList(Wire):
+class PoolList(Page):
+    """Storage pools by host and name."""
+
     items: list[PoolOut]
 
 
