@@ -272,12 +272,12 @@ def _run_backup(center: CenterClient, vm_id: str, backup_id: str, model: bytes) 
 
 
 @pytest.mark.slow
-def test_twenty_concurrent_backups_over_ten_vms(sqlite_site: Site) -> None:
+def test_twenty_concurrent_backups_over_ten_vms(site: Site) -> None:
     """Two backup ids per VM at once: WinCenter runs each VM's backups one after the other
     (the second waits queued), all twenty succeed, every chain stays within the host's
     depth limit and only each VM's newest backup keeps a (CBT-only) snapshot."""
     rng = random.Random(20)
-    with sqlite_site.host_client() as host:
+    with site.host_client() as host:
         models = {}
         for index in range(10):
             vm = host.create_vm(f"vm{index}", [2 * MiB])
@@ -291,19 +291,21 @@ def test_twenty_concurrent_backups_over_ten_vms(sqlite_site: Site) -> None:
     results: dict[str, str] = {}
 
     def worker(vm_id: str, backup_id: str) -> None:
-        with sqlite_site.client() as center:
+        with site.client() as center:
             results[backup_id] = _run_backup(center, vm_id, backup_id, models[vm_id])
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         for future in [pool.submit(worker, *job) for job in jobs]:
             future.result()
     assert sorted(results.values()) == ["succeeded"] * 20
-    with sqlite_site.host_client() as host, sqlite_site.client() as center:
+    with site.host_client() as host, site.client() as center:
         for vm_id in models:
             assert host.get_vdi_sm_info(host.vm(vm_id)["disks"][0]["vdi"])["depth"] <= 3
             assert [s["state"] for s in host.list_snapshots(vm_id)] == ["cbt-only"]
             backups = center.backups(vm=vm_id).items
-            assert sorted(b.type or "" for b in backups) == ["full", "incremental"]
+            assert sorted(b.type or "" for b in backups) == ["full", "incremental"], [
+                (b.backup_id, b.type, b.requested, b.state, b.base_backup_id) for b in backups
+            ]
         assert all(g["revoked"] for g in host.list_grants())
 
 

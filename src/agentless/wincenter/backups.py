@@ -31,18 +31,16 @@ without holding a worker; the end of the backup ahead of it starts it.
 
 from __future__ import annotations
 
-import datetime
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from agentless.winserver.client import HostApiError, HostClient
 
-from .center import Center
 from .errors import ConflictError, NotFoundError, WinCenterError
-from .inventory import HostCallError, Inventory
+from .flow import Flow
+from .inventory import HostCallError
 from .models import Backup, utcnow
 from .tasks import Task, TaskState
 
@@ -50,8 +48,6 @@ __all__ = ["KIND", "Backups", "release_snapshots"]
 
 log = logging.getLogger(__name__)
 KIND = "backup"
-ACTIVE = ("queued", "preparing", "ready", "completing", "aborting")
-Submit = Callable[[Callable[[], None]], None]
 
 
 def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[str]:
@@ -72,22 +68,12 @@ def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[s
     return deleted
 
 
-class Backups:
-    """Backups of one center. *submit* runs a job in the background (the daemon's worker
-    pool); *ttl* is how long the backup system may take before an unfinished backup
-    expires and is cleaned up."""
+class Backups(Flow):
+    """Backups of one center (see :class:`.flow.Flow` for *submit* and *ttl*)."""
 
-    def __init__(
-        self,
-        center: Center,
-        inventory: Inventory,
-        submit: Submit,
-        ttl: datetime.timedelta = datetime.timedelta(hours=6),
-    ):
-        self.center = center
-        self.inventory = inventory
-        self.submit = submit
-        self.ttl = ttl
+    noun = "backup"
+    model = Backup
+    starting = "preparing"
 
     # ------------------------------------------------------------------ requests
 
@@ -116,43 +102,8 @@ class Backups:
                     state="queued",
                 )
             )
-        self.submit(lambda: self._prepare(backup_id))
+        self.submit(lambda: self._start(backup_id))
         return task
-
-    def complete(self, backup_id: str) -> Task:
-        """The backup system has read everything: release the access and keep the
-        snapshot as CBT metadata (the next incremental's base). Idempotent."""
-        record = self._record(backup_id)
-        if record["state"] in ("completing", "completed"):
-            return self.center.tasks.get(record["task_id"])
-        if record["state"] != "ready":
-            raise ConflictError(f"backup {backup_id} is {record['state']}: only a ready backup completes")
-        self.center.tasks.start(record["task_id"])  # ready -> running while WinCenter finishes
-        self._set(backup_id, state="completing")
-        self.submit(lambda: self._complete(backup_id))
-        return self.center.tasks.get(record["task_id"])
-
-    def abort(self, backup_id: str, why: str = "aborted by the backup system") -> Task:
-        """Give the backup up: access revoked, its snapshot deleted. Idempotent."""
-        record = self._record(backup_id)
-        if record["state"] in ("aborting", "aborted", "failed"):
-            return self.center.tasks.get(record["task_id"])
-        if record["state"] in ("completing", "completed"):
-            raise ConflictError(f"backup {backup_id} is {record['state']}: too late to abort")
-        task = self.center.tasks.get(record["task_id"])
-        if not task.ended:
-            self.center.tasks.abort(task.id, why)
-        self._set(backup_id, state="aborting")
-        self.submit(lambda: self._release(backup_id, "aborted"))
-        return self.center.tasks.get(record["task_id"])
-
-    def progress(self, backup_id: str, done: int) -> Task:
-        """The backup system's progress report: *done* bytes of the task's size."""
-        record = self._record(backup_id)
-        return self.center.tasks.progress(record["task_id"], done)
-
-    def get(self, backup_id: str) -> dict[str, Any]:
-        return self._record(backup_id)
 
     def page(
         self, vm: str | None = None, limit: int = 100, offset: int = 0
@@ -164,42 +115,13 @@ class Backups:
             rows = list(s.scalars(query.order_by(Backup.created.desc(), Backup.backup_id)))
             return [_describe(r) for r in rows[offset : offset + limit]], len(rows)
 
-    # ------------------------------------------------------------------ faults
-
-    def expired(self, task: Task) -> None:
-        """The daemon found *task* expired: release what its backup holds."""
-        record = self._find(task.owner_key or "")
-        if record is not None and record["state"] in ("queued", "preparing", "ready"):
-            self._set(record["backup_id"], state="aborting")
-            self.submit(lambda: self._release(record["backup_id"], "aborted"))
-
-    def recover(self) -> None:
-        """At the daemon's start: finish or undo what a previous run left halfway."""
-        with self.center.database.session() as s:
-            pending = [
-                (r.backup_id, r.state) for r in s.scalars(select(Backup).where(Backup.state.in_(ACTIVE)))
-            ]
-        for backup_id, state in pending:
-            task = self.center.tasks.get(self._record(backup_id)["task_id"])
-            if state == "completing":
-                self.submit(lambda b=backup_id: self._complete(b))  # type: ignore[misc]
-            elif state == "aborting" or task.ended:
-                self._set(backup_id, state="aborting")
-                self.submit(lambda b=backup_id: self._release(b, "aborted"))  # type: ignore[misc]
-            elif state in ("queued", "preparing"):
-                # the host may hold a snapshot and grants of a prepare-backup whose answer
-                # was lost: release them, then prepare again from the start
-                self._set(backup_id, state="queued")
-                self.submit(lambda b=backup_id: self._prepare(b, retry=True))  # type: ignore[misc]
-            # ready: the backup system may still be reading; expiry covers its absence
-
     # ------------------------------------------------------------------ the work
 
-    def _prepare(self, backup_id: str, retry: bool = False) -> None:
+    def _start(self, backup_id: str, retry: bool = False) -> None:
         record = self._record(backup_id)
         task_id = record["task_id"]
-        if self.center.tasks.get(task_id).ended or not self._turn(record) or not self._claim(backup_id):
-            return  # aborted or expired; not its turn (the backup ahead starts it); taken
+        if self.center.tasks.get(task_id).ended or not self._claim(backup_id):
+            return  # aborted or expired; another backup of the VM runs (its end starts this one)
         try:
             if retry:
                 with self.inventory.calling(record["host"]) as client:
@@ -269,27 +191,26 @@ class Backups:
         self._set(backup_id, state="aborting")
         self._release(backup_id, "failed")
 
-    def _turn(self, record: dict[str, Any]) -> bool:
-        """True when no earlier backup of the same VM is in flight."""
+    def _claim(self, owner_id: str) -> bool:
+        """queued -> preparing, for one worker only, and only while no other backup of
+        the same VM is in flight – one statement, so two claims cannot both win (on
+        PostgreSQL a transaction-scoped advisory lock per VM serialises the check)."""
         with self.center.database.session() as s:
-            ahead = s.scalars(
-                select(Backup.backup_id).where(
-                    Backup.vm_uuid == record["vm"],
-                    Backup.state.in_(ACTIVE),
-                    Backup.backup_id != record["backup_id"],
-                    (Backup.created < record["created"])
-                    | ((Backup.created == record["created"]) & (Backup.backup_id < record["backup_id"])),
-                )
-            ).first()
-            return ahead is None
-
-    def _claim(self, backup_id: str) -> bool:
-        """queued -> preparing, for one worker only."""
-        with self.center.database.session() as s:
+            vm_uuid = s.scalar(select(Backup.vm_uuid).where(Backup.backup_id == owner_id))
+            if vm_uuid is None:
+                return False
+            if s.get_bind().dialect.name == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:vm))"), {"vm": vm_uuid})
+            busy = (
+                select(Backup.backup_id)
+                .where(Backup.vm_uuid == vm_uuid, Backup.state.in_(self.active[1:]))
+                .exists()
+            )
             claimed = s.execute(
                 update(Backup)
-                .where(Backup.backup_id == backup_id, Backup.state == "queued")
-                .values(state="preparing")
+                .where(Backup.backup_id == owner_id, Backup.state == "queued", ~busy)
+                .values(state=self.starting)
+                .execution_options(synchronize_session=False)
             )
             return bool(claimed.rowcount)  # type: ignore[attr-defined]
 
@@ -302,7 +223,7 @@ class Backups:
                 .order_by(Backup.created, Backup.backup_id)
             ).first()
         if queued is not None:
-            self.submit(lambda: self._prepare(queued))
+            self.submit(lambda: self._start(queued))
 
     def _base(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """The VM's newest completed backup whose snapshot is kept (as CBT metadata)."""
@@ -335,31 +256,15 @@ class Backups:
 
     # ------------------------------------------------------------------ records
 
+    def _describe(self, row: Any) -> dict[str, Any]:
+        return _describe(row)
+
     def _find_vm(self, ref: str) -> dict[str, Any]:
         try:
             return self.inventory.vm(ref)
         except NotFoundError:
             self.inventory.sync_all()  # created on a host since the last sync?
             return self.inventory.vm(ref)
-
-    def _find(self, backup_id: str) -> dict[str, Any] | None:
-        with self.center.database.session() as s:
-            row = s.get(Backup, backup_id)
-            return _describe(row) if row is not None else None
-
-    def _record(self, backup_id: str) -> dict[str, Any]:
-        record = self._find(backup_id)
-        if record is None:
-            raise NotFoundError(f"no backup {backup_id!r}")
-        return record
-
-    def _set(self, backup_id: str, **fields: Any) -> None:
-        with self.center.database.session() as s:
-            row = s.get(Backup, backup_id)
-            if row is None:
-                raise NotFoundError(f"no backup {backup_id!r}")
-            for name, value in fields.items():
-                setattr(row, name, value)
 
 
 def _describe(row: Backup) -> dict[str, Any]:

@@ -15,6 +15,8 @@ mends.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -96,6 +98,9 @@ class Inventory:
     def __init__(self, center: Center, client_factory: ClientFactory = HostClient):
         self.center = center
         self._client_factory = client_factory
+        self._guard = threading.Lock()
+        self._sync_locks: dict[str, threading.Lock] = {}
+        self._synced: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (sync began, answer)
 
     # ------------------------------------------------------------------ hosts
 
@@ -165,7 +170,28 @@ class Inventory:
 
     def sync(self, host_uuid: str) -> dict[str, Any]:
         """Bring the records of one host up to date from its API; returns the host.
-        An unreachable host is marked so (and HostCallError raised)."""
+        An unreachable host is marked so (and HostCallError raised).
+
+        Syncs of one host run one at a time, and a caller that waited for a sync that
+        began after its own call answers with that one: a burst of requests (twenty
+        backups of VMs not yet known) costs one or two syncs, and no two transactions
+        rewrite the same records at once."""
+        asked = time.monotonic()
+        with self._lock(host_uuid):
+            done = self._synced.get(host_uuid)
+            if done is not None and done[0] >= asked:
+                return done[1]
+            started = time.monotonic()
+            result = self._sync(host_uuid)
+            self._synced[host_uuid] = (started, result)
+            return result
+
+    def _lock(self, host_uuid: str) -> threading.Lock:
+        """The lock under which the records of one host are rewritten."""
+        with self._guard:
+            return self._sync_locks.setdefault(host_uuid, threading.Lock())
+
+    def _sync(self, host_uuid: str) -> dict[str, Any]:
         try:
             with self.calling(host_uuid) as client:
                 srs, vms = client.list_srs(), client.list_vms()
@@ -241,7 +267,7 @@ class Inventory:
     def sync_vm(self, host_uuid: str, state: dict[str, Any]) -> dict[str, Any]:
         """Record one VM as its host just described it (after a change made through
         WinCenter); returns WinCenter's view of it."""
-        with self.center.database.session() as s:
+        with self._lock(host_uuid), self.center.database.session() as s:
             known = {p.uuid for p in s.scalars(select(Pool).where(Pool.host_uuid == host_uuid))}
             vm = self._apply_vm(s, host_uuid, s.get(Vm, state["uuid"]), state, known)
             s.flush()

@@ -25,19 +25,14 @@ anywhere knows which VM is its own – it never deletes anybody else's.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import uuid
-from collections.abc import Callable
 from typing import Any
-
-from sqlalchemy import select, update
 
 from agentless.winserver.client import HostApiError, HostClient
 
-from .center import Center
-from .errors import ConflictError, NotFoundError, WinCenterError
-from .inventory import Inventory
+from .errors import ConflictError, WinCenterError
+from .flow import Flow
 from .models import Restore, Vm, utcnow
 from .tasks import Task, TaskState
 
@@ -45,8 +40,6 @@ __all__ = ["KIND", "Restores"]
 
 log = logging.getLogger(__name__)
 KIND = "restore"
-ACTIVE = ("queued", "creating", "ready", "completing", "aborting")
-Submit = Callable[[Callable[[], None]], None]
 
 
 def _check_spec(spec: dict[str, Any]) -> None:
@@ -56,20 +49,12 @@ def _check_spec(spec: dict[str, Any]) -> None:
         raise WinCenterError("the restored VM needs at least one disk")
 
 
-class Restores:
-    """Restores of one center; *submit* and *ttl* as for :class:`.backups.Backups`."""
+class Restores(Flow):
+    """Restores of one center (see :class:`.flow.Flow` for *submit* and *ttl*)."""
 
-    def __init__(
-        self,
-        center: Center,
-        inventory: Inventory,
-        submit: Submit,
-        ttl: datetime.timedelta = datetime.timedelta(hours=6),
-    ):
-        self.center = center
-        self.inventory = inventory
-        self.submit = submit
-        self.ttl = ttl
+    noun = "restore"
+    model = Restore
+    starting = "creating"
 
     # ------------------------------------------------------------------ requests
 
@@ -99,70 +84,12 @@ class Restores:
                     state="queued",
                 )
             )
-        self.submit(lambda: self._create(restore_id))
+        self.submit(lambda: self._start(restore_id))
         return task
-
-    def complete(self, restore_id: str) -> Task:
-        """The backup system has written the disks: revoke access, sync the records."""
-        record = self._record(restore_id)
-        if record["state"] in ("completing", "completed"):
-            return self.center.tasks.get(record["task_id"])
-        if record["state"] != "ready":
-            raise ConflictError(f"restore {restore_id} is {record['state']}: only a ready restore completes")
-        self.center.tasks.start(record["task_id"])
-        self._set(restore_id, state="completing")
-        self.submit(lambda: self._complete(restore_id))
-        return self.center.tasks.get(record["task_id"])
-
-    def abort(self, restore_id: str, why: str = "aborted by the backup system") -> Task:
-        """Give the restore up: access revoked, the new VM deleted. Idempotent."""
-        record = self._record(restore_id)
-        if record["state"] in ("aborting", "aborted", "failed"):
-            return self.center.tasks.get(record["task_id"])
-        if record["state"] in ("completing", "completed"):
-            raise ConflictError(f"restore {restore_id} is {record['state']}: too late to abort")
-        task = self.center.tasks.get(record["task_id"])
-        if not task.ended:
-            self.center.tasks.abort(task.id, why)
-        self._set(restore_id, state="aborting")
-        self.submit(lambda: self._release(restore_id, "aborted"))
-        return self.center.tasks.get(record["task_id"])
-
-    def progress(self, restore_id: str, done: int) -> Task:
-        return self.center.tasks.progress(self._record(restore_id)["task_id"], done)
-
-    def get(self, restore_id: str) -> dict[str, Any]:
-        return self._record(restore_id)
-
-    # ------------------------------------------------------------------ faults
-
-    def expired(self, task: Task) -> None:
-        record = self._find(task.owner_key or "")
-        if record is not None and record["state"] in ("queued", "creating", "ready"):
-            self._set(record["restore_id"], state="aborting")
-            self.submit(lambda: self._release(record["restore_id"], "aborted"))
-
-    def recover(self) -> None:
-        """At the daemon's start: finish or undo what a previous run left halfway. A
-        restore caught while creating is undone and done again from the start."""
-        with self.center.database.session() as s:
-            pending = [
-                (r.restore_id, r.state) for r in s.scalars(select(Restore).where(Restore.state.in_(ACTIVE)))
-            ]
-        for restore_id, state in pending:
-            task = self.center.tasks.get(self._record(restore_id)["task_id"])
-            if state == "completing":
-                self.submit(lambda r=restore_id: self._complete(r))  # type: ignore[misc]
-            elif state == "aborting" or task.ended:
-                self._set(restore_id, state="aborting")
-                self.submit(lambda r=restore_id: self._release(r, "aborted"))  # type: ignore[misc]
-            elif state in ("queued", "creating"):
-                self._set(restore_id, state="queued")
-                self.submit(lambda r=restore_id: self._create(r, retry=True))  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the work
 
-    def _create(self, restore_id: str, retry: bool = False) -> None:
+    def _start(self, restore_id: str, retry: bool = False) -> None:
         record = self._record(restore_id)
         task_id = record["task_id"]
         if self.center.tasks.get(task_id).ended or not self._claim(restore_id):
@@ -237,6 +164,9 @@ class Restores:
         except Exception as error:
             log.warning("restore %s: releasing failed (retried at the next start): %s", restore_id, error)
 
+    def _describe(self, row: Any) -> dict[str, Any]:
+        return _describe(row)
+
     @staticmethod
     def _undo(client: HostClient, record: dict[str, Any]) -> None:
         """Revoke the restore's grants and delete its VM, if the host has it."""
@@ -246,36 +176,6 @@ class Restores:
         except HostApiError as error:
             if error.status != 404:
                 raise
-
-    def _claim(self, restore_id: str) -> bool:
-        with self.center.database.session() as s:
-            claimed = s.execute(
-                update(Restore)
-                .where(Restore.restore_id == restore_id, Restore.state == "queued")
-                .values(state="creating")
-            )
-            return bool(claimed.rowcount)  # type: ignore[attr-defined]
-
-    # ------------------------------------------------------------------ records
-
-    def _find(self, restore_id: str) -> dict[str, Any] | None:
-        with self.center.database.session() as s:
-            row = s.get(Restore, restore_id)
-            return _describe(row) if row is not None else None
-
-    def _record(self, restore_id: str) -> dict[str, Any]:
-        record = self._find(restore_id)
-        if record is None:
-            raise NotFoundError(f"no restore {restore_id!r}")
-        return record
-
-    def _set(self, restore_id: str, **fields: Any) -> None:
-        with self.center.database.session() as s:
-            row = s.get(Restore, restore_id)
-            if row is None:
-                raise NotFoundError(f"no restore {restore_id!r}")
-            for name, value in fields.items():
-                setattr(row, name, value)
 
 
 def _describe(row: Restore) -> dict[str, Any]:

@@ -1,0 +1,174 @@
+"""What the backup and the restore flows share: a record per id of the backup system
+(a backup id, a restore id), with a state and a task, moved by the same requests::
+
+    queued ──▶ <starting> ──▶ ready ──▶ completing ──▶ completed
+      │             │            │
+      └─────────────┴────────────┴──▶ aborting ──▶ aborted | failed
+
+The state is written before each step that changes a host, so the daemon's start
+(:meth:`Flow.recover`) knows what to finish or undo; a subclass supplies the steps:
+``_start`` (up to ready; *retry* first undoes what an interrupted run may have made),
+``_complete`` and ``_release`` (undo, ending in the given final state).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from sqlalchemy import select, update
+
+from .center import Center
+from .errors import ConflictError, NotFoundError
+from .inventory import Inventory
+from .tasks import Task
+
+__all__ = ["Flow", "Submit"]
+
+Submit = Callable[[Callable[[], None]], None]
+
+
+class Flow:
+    """Records of one kind (*model*, keyed by its primary key) with their tasks. *submit*
+    runs a step in the background (the daemon's worker pool); *ttl* is how long the backup
+    system may take before an unfinished record expires and is released."""
+
+    noun: ClassVar[str]  # "backup", "restore": in messages
+    model: ClassVar[Any]  # the SQLAlchemy model; its primary key is the id
+    starting: ClassVar[str]  # the state while _start works towards ready
+
+    def __init__(
+        self,
+        center: Center,
+        inventory: Inventory,
+        submit: Submit,
+        ttl: datetime.timedelta = datetime.timedelta(hours=6),
+    ):
+        self.center = center
+        self.inventory = inventory
+        self.submit = submit
+        self.ttl = ttl
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return ("queued", self.starting, "ready", "completing", "aborting")
+
+    # ------------------------------------------------------------------ the steps
+
+    def _start(self, owner_id: str, retry: bool = False) -> None:
+        raise NotImplementedError
+
+    def _complete(self, owner_id: str) -> None:
+        raise NotImplementedError
+
+    def _release(self, owner_id: str, final: str) -> None:
+        raise NotImplementedError
+
+    def _describe(self, row: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ requests
+
+    def complete(self, owner_id: str) -> Task:
+        """The backup system is done: WinCenter releases the access and finishes in the
+        background; the task then succeeds. Idempotent."""
+        record = self._record(owner_id)
+        if record["state"] in ("completing", "completed"):
+            return self.center.tasks.get(record["task_id"])
+        if record["state"] != "ready":
+            raise ConflictError(
+                f"{self.noun} {owner_id} is {record['state']}: only a ready {self.noun} completes"
+            )
+        self.center.tasks.start(record["task_id"])  # ready -> running while WinCenter finishes
+        self._set(owner_id, state="completing")
+        self.submit(lambda: self._complete(owner_id))
+        return self.center.tasks.get(record["task_id"])
+
+    def abort(self, owner_id: str, why: str = "aborted by the backup system") -> Task:
+        """Give it up: the task is aborted and what it holds on the host released.
+        Idempotent."""
+        record = self._record(owner_id)
+        if record["state"] in ("aborting", "aborted", "failed"):
+            return self.center.tasks.get(record["task_id"])
+        if record["state"] in ("completing", "completed"):
+            raise ConflictError(f"{self.noun} {owner_id} is {record['state']}: too late to abort")
+        task = self.center.tasks.get(record["task_id"])
+        if not task.ended:
+            self.center.tasks.abort(task.id, why)
+        self._set(owner_id, state="aborting")
+        self.submit(lambda: self._release(owner_id, "aborted"))
+        return self.center.tasks.get(record["task_id"])
+
+    def progress(self, owner_id: str, done: int) -> Task:
+        """The backup system's progress report: *done* bytes of the task's size."""
+        return self.center.tasks.progress(self._record(owner_id)["task_id"], done)
+
+    def get(self, owner_id: str) -> dict[str, Any]:
+        return self._record(owner_id)
+
+    # ------------------------------------------------------------------ faults
+
+    def expired(self, task: Task) -> None:
+        """The daemon found *task* expired: release what its record holds."""
+        record = self._find(task.owner_key or "")
+        if record is not None and record["state"] in ("queued", self.starting, "ready"):
+            owner_id = task.owner_key or ""
+            self._set(owner_id, state="aborting")
+            self.submit(lambda: self._release(owner_id, "aborted"))
+
+    def recover(self) -> None:
+        """At the daemon's start: finish or undo what a previous run left halfway. A
+        record caught before ready is undone on the host and started again; ready ones
+        wait for the backup system (expiry covers its absence)."""
+        with self.center.database.session() as s:
+            pending = [
+                (self._describe(row)[self._key_name], row.state)
+                for row in s.scalars(select(self.model).where(self.model.state.in_(self.active)))
+            ]
+        for owner_id, state in pending:
+            task = self.center.tasks.get(self._record(owner_id)["task_id"])
+            if state == "completing":
+                self.submit(lambda o=owner_id: self._complete(o))  # type: ignore[misc]
+            elif state == "aborting" or task.ended:
+                self._set(owner_id, state="aborting")
+                self.submit(lambda o=owner_id: self._release(o, "aborted"))  # type: ignore[misc]
+            elif state in ("queued", self.starting):
+                self._set(owner_id, state="queued")
+                self.submit(lambda o=owner_id: self._start(o, retry=True))  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ records
+
+    @property
+    def _key_name(self) -> str:
+        return str(self.model.__mapper__.primary_key[0].name)
+
+    def _claim(self, owner_id: str) -> bool:
+        """queued -> starting, for one worker only."""
+        key = self.model.__mapper__.primary_key[0]
+        with self.center.database.session() as s:
+            claimed = s.execute(
+                update(self.model)
+                .where(key == owner_id, self.model.state == "queued")
+                .values(state=self.starting)
+            )
+            return bool(claimed.rowcount)  # type: ignore[attr-defined]
+
+    def _find(self, owner_id: str) -> dict[str, Any] | None:
+        with self.center.database.session() as s:
+            row = s.get(self.model, owner_id)
+            return self._describe(row) if row is not None else None
+
+    def _record(self, owner_id: str) -> dict[str, Any]:
+        record = self._find(owner_id)
+        if record is None:
+            raise NotFoundError(f"no {self.noun} {owner_id!r}")
+        return record
+
+    def _set(self, owner_id: str, **fields: Any) -> None:
+        with self.center.database.session() as s:
+            row = s.get(self.model, owner_id)
+            if row is None:
+                raise NotFoundError(f"no {self.noun} {owner_id!r}")
+            for name, value in fields.items():
+                setattr(row, name, value)
