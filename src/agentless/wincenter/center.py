@@ -25,14 +25,12 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from agentless.lifetime import Closing
-from agentless.pki import CertificateAuthority
+from agentless.statedir import building, write_pki, write_private
 
 from .audit import AuditLog
 from .database import Database, sqlite_url
@@ -112,37 +110,17 @@ class Center(Closing):
         server certificate, secret key, database at the newest schema, and a first admin
         token – returned with the open center, the only time it is available.
         *database_url*: keep the data there instead of ``D/center.db`` (recorded)."""
-        target = os.path.abspath(os.fspath(directory))
-        if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-            raise CenterDirError(f"{target}: exists and is not an empty directory")
-        parent = os.path.dirname(target)
-        if not os.path.isdir(parent):
-            raise CenterDirError(f"{parent}: no such directory")
         identity = CenterIdentity(str(uuid.uuid4()), name or os.uname().nodename, database_url)
-        staging = tempfile.mkdtemp(prefix=".wincenter-init-", dir=parent)
-        try:
-            os.chmod(staging, 0o700)
-            pki = os.path.join(staging, "pki")
-            os.mkdir(pki, 0o700)
-            ca = CertificateAuthority.create(f"WinCenter CA {identity.name}")
-            ca.pair.write(os.path.join(pki, "ca-cert.pem"), os.path.join(pki, "ca-key.pem"))
-            names = list(dict.fromkeys([*addresses, identity.name]))
-            server = ca.issue_server(identity.name, names)
-            server.write(os.path.join(pki, "server-cert.pem"), os.path.join(pki, "server-key.pem"))
+        with building(directory, CenterDirError, "wincenter") as staging:
+            write_pki(staging, f"WinCenter CA {identity.name}", identity.name, addresses)
             SecretBox.create(os.path.join(staging, "secret.key"))
-            _write_private(
+            write_private(
                 os.path.join(staging, "center.json"), json.dumps(identity.to_json(), indent=2) + "\n"
             )
             url = database_url or sqlite_url(os.path.join(staging, "center.db"))
             with Database.open(url, create=True) as database:
                 _info, token = TokenStore(database).create(Role.ADMIN, "admin")
-            if os.path.isdir(target):
-                os.rmdir(target)  # empty, checked above
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return cls.open(target), token
+        return cls.open(directory), token
 
     @classmethod
     def open(
@@ -182,11 +160,3 @@ class Center(Closing):
 
     def close(self) -> None:
         self.database.close()
-
-
-def _write_private(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())

@@ -23,13 +23,11 @@ import hmac
 import json
 import os
 import secrets
-import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 from agentless.lifetime import Closing
-from agentless.pki import CertificateAuthority
+from agentless.statedir import building, write_pki, write_private
 
 from .metadata import Metadata, StorageRepository, new_uuid
 
@@ -126,12 +124,6 @@ class Host(Closing):
     ) -> tuple[Host, str]:
         """Make a new host in *directory* (which must not exist, or be empty); returns the
         open host and its token – the only time the token is available."""
-        target = os.path.abspath(os.fspath(directory))
-        if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-            raise HostError(f"{target}: exists and is not an empty directory")
-        parent = os.path.dirname(target)
-        if not os.path.isdir(parent):
-            raise HostError(f"{parent}: no such directory")
         identity = HostIdentity(
             uuid=new_uuid(),
             name=name or os.uname().nodename,
@@ -141,32 +133,17 @@ class Host(Closing):
             max_chain_depth=check_max_chain_depth(max_chain_depth),
         )
         token = secrets.token_urlsafe(32)
-        staging = tempfile.mkdtemp(prefix=".winserver-init-", dir=parent)
-        try:
-            os.chmod(staging, 0o700)
-            pki = os.path.join(staging, "pki")
-            os.mkdir(pki, 0o700)
-            ca = CertificateAuthority.create(f"WinServer host CA {identity.name}")
-            ca.pair.write(os.path.join(pki, "ca-cert.pem"), os.path.join(pki, "ca-key.pem"))
-            server = ca.issue_server(identity.name, [*identity.addresses, identity.name])
-            server.write(os.path.join(pki, "server-cert.pem"), os.path.join(pki, "server-key.pem"))
-            _write_private(os.path.join(staging, "token.sha256"), _token_digest(token) + "\n")
-            _write_private(
-                os.path.join(staging, "host.json"), json.dumps(identity.to_json(), indent=2) + "\n"
-            )
+        with building(directory, HostError, "winserver") as staging:
+            write_pki(staging, f"WinServer host CA {identity.name}", identity.name, identity.addresses)
+            write_private(os.path.join(staging, "token.sha256"), _token_digest(token) + "\n")
+            write_private(os.path.join(staging, "host.json"), json.dumps(identity.to_json(), indent=2) + "\n")
             os.makedirs(os.path.join(staging, "sr", "default"))
             with (
                 Metadata(os.path.join(staging, "metadata.db"), create=True) as metadata,
                 metadata.session() as s,
             ):
                 s.add(StorageRepository(name="default", path="sr/default", is_default=True))
-            if os.path.isdir(target):
-                os.rmdir(target)  # empty, checked above
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return cls.open(target), token
+        return cls.open(directory), token
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> Host:
@@ -212,11 +189,3 @@ class Host(Closing):
 
     def close(self) -> None:
         self.metadata.close()
-
-
-def _write_private(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
