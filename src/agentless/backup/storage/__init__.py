@@ -1,0 +1,96 @@
+"""Storage backends of the backup repository: where its objects live.
+
+One small interface, :class:`Backend` (contract per method in :mod:`.backend`), and its
+implementations, each a module::
+
+    local.LocalBackend     a directory; put = temp file + fsync + rename + fsync dir
+    s3.S3Backend           an S3 bucket and key prefix (AWS, MinIO, Ceph RGW) via boto3
+    memory.MemoryBackend   a dict, for the tests of the layers above
+
+and wrappers that take a backend and are one, so that each concern stays out of the
+others (restic's design)::
+
+    retry.RetryBackend      bounded exponential backoff on retryable StorageError
+    faults.BitFlipBackend   flips one bit of chosen objects as they are read
+    faults.FailingBackend   crashes after n puts
+
+Errors (see :mod:`.backend`)::
+
+    StorageError           base: the backend failed; retry if ``retryable``, else report
+     ├── NotFound          the object does not exist
+     └── InvalidName       the name breaks the naming rule (also a ValueError)
+
+``open_backend(location)`` picks the backend from a location as the user writes it.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+from .backend import Backend, InvalidName, NotFound, StorageError, check_name, name_is_valid
+from .faults import BitFlipBackend, FailingBackend, SimulatedCrash
+from .local import LocalBackend
+from .memory import MemoryBackend
+from .retry import RetryBackend
+from .s3 import S3Backend, parse_s3_url
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Backend",
+    "BitFlipBackend",
+    "FailingBackend",
+    "InvalidName",
+    "LocalBackend",
+    "MemoryBackend",
+    "NotFound",
+    "RetryBackend",
+    "S3Backend",
+    "SimulatedCrash",
+    "StorageError",
+    "check_name",
+    "name_is_valid",
+    "open_backend",
+]
+
+# Checked by mypy --strict: every implementation and wrapper satisfies the Protocol.
+IMPLEMENTATIONS: tuple[type[Backend], ...] = (
+    LocalBackend,
+    S3Backend,
+    MemoryBackend,
+    RetryBackend,
+    BitFlipBackend,
+    FailingBackend,
+)
+
+
+def open_backend(location: str, **options: Any) -> Backend:
+    """The backend for *location*:
+
+    * ``/path``, ``relative/path`` or ``file:///path`` – :class:`LocalBackend` (no options);
+    * ``s3://bucket/prefix`` – :class:`S3Backend`, *options* being its keyword arguments
+      (``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``, ...), each
+      one not given taken from the ``AWS_*`` environment variables as boto3 does
+      (``AWS_ENDPOINT_URL`` for MinIO or Ceph RGW).
+
+    :class:`StorageError` for an unknown scheme, a malformed URL or options the backend
+    does not take (one line for the user)."""
+    scheme, sep, _ = location.partition("://")
+    if sep and scheme == "s3":
+        bucket, prefix = parse_s3_url(location)
+        try:
+            return S3Backend(bucket, prefix, **options)
+        except TypeError as error:
+            raise StorageError(f"{location}: bad S3 options: {error}") from None
+    if sep and scheme != "file":
+        raise StorageError(f"{location}: unknown storage scheme {scheme!r} (a path, file:// or s3://)")
+    if options:
+        raise StorageError(f"{location}: a local repository takes no options ({', '.join(sorted(options))})")
+    if sep:
+        url = urllib.parse.urlsplit(location)
+        if url.netloc not in ("", "localhost") or not url.path:
+            raise StorageError(f"{location}: a file URL is file:///absolute/path")
+        return LocalBackend(urllib.parse.unquote(url.path))
+    if not location:
+        raise StorageError("no repository location given")
+    return LocalBackend(location)

@@ -1,0 +1,131 @@
+"""Retries as a wrapper (restic's ``backend/retry``): any backend, retried with bounded
+exponential backoff.
+
+Every call that fails with a *retryable* :class:`StorageError` is tried again after a
+delay that doubles from *initial_delay* up to *max_delay* (each delay varied by
+±*jitter*, so that many clients do not retry in step), *attempts* times in all; then the
+last error is raised. :class:`NotFound`, :class:`InvalidName` and other errors whose
+``retryable`` is false are raised at once, as is anything that is not a StorageError.
+
+This is safe because every method of the contract may be repeated: ``put`` overwrites
+atomically with the same data, ``delete`` is idempotent, reads change nothing. A
+``list`` that fails part-way is started again and skips the names it already gave.
+
+Each retry is logged as a warning with the location, the call and the error; a call
+that succeeds after retries is logged too.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from ...lifetime import Closing
+from .backend import Backend, StorageError, check_prefix
+
+__all__ = ["RetryBackend"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RetryBackend(Closing):
+    """*inner*, its calls retried on retryable StorageError. *sleep* is the clock (tests
+    pass a fake one)."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        attempts: int = 8,
+        initial_delay: float = 0.5,
+        max_delay: float = 30.0,
+        jitter: float = 0.25,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, not {attempts}")
+        self.inner = inner
+        self.location = inner.location
+        self.attempts = attempts
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.jitter = jitter
+        self._sleep = sleep
+
+    def delay(self, failures: int) -> float:
+        """The delay after the *failures*-th failure in a row (1, 2, ...), before jitter."""
+        return min(self.max_delay, self.initial_delay * 2.0 ** (failures - 1))
+
+    def _wait(self, what: str, failures: int, error: StorageError) -> None:
+        """Sleep before the next attempt, or re-raise *error* when attempts are spent."""
+        if not error.retryable or failures >= self.attempts:
+            raise error
+        delay = self.delay(failures) * (1.0 + random.uniform(-self.jitter, self.jitter))
+        log.warning(
+            "%s: %s failed (%s); attempt %d of %d in %.1f s",
+            self.location,
+            what,
+            error,
+            failures + 1,
+            self.attempts,
+            delay,
+        )
+        self._sleep(delay)
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        failures = 0
+        while True:
+            try:
+                result = call()
+            except StorageError as error:
+                failures += 1
+                self._wait(what, failures, error)
+                continue
+            if failures:
+                log.info("%s: %s succeeded after %d retries", self.location, what, failures)
+            return result
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        self._call(f"put {name}", lambda: self.inner.put(name, data))
+
+    def get(self, name: str) -> bytes:
+        return self._call(f"get {name}", lambda: self.inner.get(name))
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        what = f"get {name} [{offset}+{length}]"
+        return self._call(what, lambda: self.inner.get_range(name, offset, length))
+
+    def size(self, name: str) -> int:
+        return self._call(f"size {name}", lambda: self.inner.size(name))
+
+    def exists(self, name: str) -> bool:
+        return self._call(f"exists {name}", lambda: self.inner.exists(name))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[str]:
+        seen: set[str] = set()
+        failures = 0
+        while True:
+            try:
+                for name in self.inner.list(prefix):
+                    if name not in seen:
+                        seen.add(name)
+                        yield name
+            except StorageError as error:
+                failures += 1
+                self._wait(f"list {prefix!r}", failures, error)
+                continue
+            return
+
+    def delete(self, name: str) -> None:
+        self._call(f"delete {name}", lambda: self.inner.delete(name))
+
+    def close(self) -> None:
+        self.inner.close()

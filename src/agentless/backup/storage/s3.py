@@ -1,0 +1,220 @@
+"""The S3 backend: a repository under a key prefix of an S3 bucket (AWS S3, MinIO, Ceph
+RGW, anything that speaks the S3 REST API), through boto3.
+
+One object per name, at key ``<prefix>/<name>``::
+
+    put       PutObject                       atomic per object: S3 never shows a partial
+                                              upload, an overwrite replaces the whole object
+    get       GetObject
+    get_range GetObject  Range: bytes=o-(o+n-1)   416 InvalidRange (from or past the end) = b""
+    size      HeadObject                      ContentLength
+    exists    HeadObject                      404 = False
+    list      ListObjectsV2, every page       (1000 keys a page at most)
+    delete    DeleteObject                    S3 answers 204 for a missing key too
+
+Errors: ``NoSuchKey`` and a bare ``404`` (HEAD has no body) are :class:`NotFound`; any
+other answer, an unreachable endpoint, missing credentials are one-line
+:class:`StorageError` naming the location. botocore retries throttling, 5xx answers and
+connection errors itself ("standard" mode, ``max_attempts``); RetryBackend can add
+slower, longer retries on top.
+
+Configuration comes from the arguments, else from what boto3 reads itself:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_DEFAULT_REGION`` (and ``AWS_REGION`` here), ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL``, ``~/.aws/config``. With an endpoint of its own (MinIO, Ceph RGW)
+requests use path-style addressing (``http://host:port/bucket/key``) unless told
+otherwise, since such servers seldom have a DNS name per bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from ...lifetime import Closing
+from .backend import (
+    InvalidName,
+    NotFound,
+    StorageError,
+    check_name,
+    check_prefix,
+    check_range,
+    name_is_valid,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+__all__ = ["S3Backend", "parse_s3_url"]
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+AddressingStyle = Literal["auto", "virtual", "path"]
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``; InvalidName if the
+    URL has no bucket or the prefix breaks the naming rule."""
+    if not url.startswith("s3://"):
+        raise InvalidName(f"not an S3 URL: {url!r} (s3://bucket/prefix)")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or (prefix and not name_is_valid(prefix)):
+        raise InvalidName(f"invalid S3 URL {url!r}: s3://bucket/prefix, prefix parts of [A-Za-z0-9._-]")
+    return bucket, prefix
+
+
+class S3Backend(Closing):
+    """Objects under *prefix* ("" for the whole bucket) in *bucket*, which must exist.
+    Thread-safe: one boto3 client, whose connection pool holds *max_pool_connections*."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        addressing_style: AddressingStyle | None = None,
+        max_attempts: int = 5,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_pool_connections: int = 16,
+    ):
+        prefix = prefix.strip("/")
+        if not bucket or (prefix and not name_is_valid(prefix)):
+            raise InvalidName(f"invalid S3 bucket {bucket!r} or prefix {prefix!r}")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self._key_prefix = f"{prefix}/" if prefix else ""
+        self.endpoint_url = (
+            endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if addressing_style is None:
+            addressing_style = "path" if self.endpoint_url else "auto"
+        config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+            s3={"addressing_style": addressing_style},
+        )
+        try:
+            session = boto3.session.Session(
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                aws_session_token=session_token,
+                region_name=region or os.environ.get("AWS_REGION") or None,
+            )
+            self._client: S3Client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        except (BotoCoreError, ValueError) as error:
+            raise StorageError(f"{self.location}: cannot set up the S3 client: {error}") from None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _key(self, name: str) -> str:
+        return self._key_prefix + check_name(name)
+
+    @contextlib.contextmanager
+    def _errors(self, name: str | None, action: str) -> Iterator[None]:
+        """Turn boto3's exceptions into ours, in one line."""
+        where = f"{self.location}/{name}" if name else self.location
+        try:
+            yield
+        except ClientError as error:
+            info = error.response.get("Error", {})
+            code = str(info.get("Code", ""))
+            if name is not None and code in _NOT_FOUND:
+                raise NotFound(f"{where}: no such object", name=name) from None
+            if code == "NoSuchBucket":
+                message = f"{self.location}: bucket {self.bucket!r} does not exist"
+                raise StorageError(message, name=name) from None
+            message = str(info.get("Message", "")) or str(error)
+            raise StorageError(f"{where}: cannot {action}: {code} {message}".strip(), name=name) from None
+        except NoCredentialsError:
+            raise StorageError(
+                f"{self.location}: no S3 credentials: give an access key and secret "
+                "or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                name=name,
+            ) from None
+        except (BotoCoreError, urllib3.exceptions.HTTPError) as error:
+            message = f"{where}: cannot {action} (endpoint {self._client.meta.endpoint_url}): {error}"
+            raise StorageError(message, name=name) from None
+
+    # ------------------------------------------------------------------ the interface
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        key = self._key(name)
+        with self._errors(name, "store"):
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
+
+    def get(self, name: str) -> bytes:
+        key = self._key(name)
+        with self._errors(name, "read"):
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                return body.read()
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        key = self._key(name)
+        check_range(offset, length)
+        if length == 0:
+            self.size(name)  # NotFound if missing
+            return b""
+        with self._errors(name, "read"):
+            try:
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+                )
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""  # the object exists and ends at or before offset
+                raise
+            with contextlib.closing(response["Body"]):
+                return response["Body"].read()
+
+    def size(self, name: str) -> int:
+        key = self._key(name)
+        with self._errors(name, "stat"):
+            return self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.size(name)
+        except NotFound:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[str]:
+        strip = len(self._key_prefix)
+        with self._errors(None, "list"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key_prefix + prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"][strip:]
+                    if name_is_valid(name):  # not "dir/" markers or other tools' keys
+                        yield name
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        with self._errors(name, "delete"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def close(self) -> None:
+        self._client.close()

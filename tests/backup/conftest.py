@@ -1,0 +1,147 @@
+"""Backup fixtures: every storage backend behind one ``backend`` fixture, and a real S3
+server.
+
+The S3 server is moto's standalone server (``moto[server]``, a test extra), started once
+per test session (per xdist worker) as a separate process – ``moto_server -H 127.0.0.1
+-p PORT`` on a free loopback port – and spoken to over HTTP by boto3 like any S3. Each
+test gets a bucket of its own. When moto is not installed or does not answer, the s3
+cases skip and say why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from agentless.backup.storage import (
+    Backend,
+    BitFlipBackend,
+    FailingBackend,
+    LocalBackend,
+    MemoryBackend,
+    RetryBackend,
+    S3Backend,
+)
+
+BACKENDS = ["local", "memory", "s3", "retry", "faults"]
+S3_CREDENTIALS = {"access_key_id": "agentless-test", "secret_access_key": "agentless-test-secret"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class S3Server:
+    """A running S3 server: where it is, and how to make buckets on it."""
+
+    endpoint_url: str
+    region: str = "us-east-1"
+
+    def options(self, **more: Any) -> dict[str, Any]:
+        """Keyword arguments of S3Backend / open_backend for this server."""
+        return {"endpoint_url": self.endpoint_url, "region": self.region, **S3_CREDENTIALS, **more}
+
+    @functools.cached_property
+    def client(self) -> Any:
+        """A plain boto3 client of the server, to look behind the backend's back."""
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=S3_CREDENTIALS["access_key_id"],
+            aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
+        )
+
+    def create_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:20]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+
+def _moto_server() -> str | None:
+    beside = Path(sys.executable).parent / "moto_server"
+    return str(beside) if beside.exists() else shutil.which("moto_server")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    program = _moto_server()
+    if program is None:
+        pytest.skip("S3 server not available: moto_server not installed (pip install -e '.[test]')")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    # the log goes to a file: a pipe nobody reads fills up and stalls the server
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [program, "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                output = " | ".join(tail) or "no output"
+                pytest.skip(f"S3 server (moto_server) exited {process.returncode}: {output}")
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.skip(f"S3 server (moto_server) did not answer on {endpoint} within 30 s")
+                time.sleep(0.05)
+        yield S3Server(endpoint)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend(backend_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """An empty backend of each kind: a directory, memory, a fresh bucket (under a key
+    prefix, so that prefix handling is exercised), and the wrappers over memory."""
+    made: Backend
+    if backend_kind == "local":
+        made = LocalBackend(tmp_path / "repo")
+    elif backend_kind == "memory":
+        made = MemoryBackend()
+    elif backend_kind == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        made = S3Backend(server.create_bucket(), "backups/repo-1", **server.options(max_pool_connections=32))
+    elif backend_kind == "retry":
+        made = RetryBackend(MemoryBackend(), attempts=3, initial_delay=0.001)
+    else:  # the fault wrappers pass every call through while no fault is due
+        made = FailingBackend(BitFlipBackend(MemoryBackend()), fail_after_n_puts=1 << 40)
+    try:
+        yield made
+    finally:
+        made.close()

@@ -1,0 +1,596 @@
+"""The storage backends: one contract suite run against every backend (restic's
+``backend/test/suite.go``), then what is particular to each backend and wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from agentless.backup.storage import (
+    IMPLEMENTATIONS,
+    Backend,
+    BitFlipBackend,
+    FailingBackend,
+    InvalidName,
+    LocalBackend,
+    MemoryBackend,
+    NotFound,
+    RetryBackend,
+    S3Backend,
+    SimulatedCrash,
+    StorageError,
+    open_backend,
+)
+from tests.backup.conftest import S3Server
+
+MiB = 1 << 20
+
+BAD_NAMES = [
+    "",
+    "/abs",
+    "/",
+    "a//b",
+    "a/",
+    "..",
+    "../x",
+    "a/../b",
+    ".",
+    "a/./b",
+    "a b",
+    "a\\b",
+    "ä",
+    "a\x00b",
+    "a:b",
+    "a~",
+]
+GOOD_NAMES = [".hidden", "...", "a-b_c.D9", "deep/er/and/deeper/still/x", "-", "_"]
+
+
+# ====================================================================== the contract
+
+
+def test_every_backend_satisfies_the_protocol(backend: Backend) -> None:
+    assert isinstance(backend, Backend)
+    assert isinstance(backend, IMPLEMENTATIONS)
+    assert isinstance(backend.location, str) and backend.location
+
+
+def test_put_then_get(backend: Backend) -> None:
+    backend.put("config", b"hello")
+    backend.put("data/ab/abcdef", memoryview(b"\x00\x01 from a memoryview"))
+    backend.put("empty", b"")
+    assert backend.get("config") == b"hello"
+    assert backend.get("data/ab/abcdef") == b"\x00\x01 from a memoryview"
+    assert backend.get("empty") == b""
+    assert backend.size("config") == 5
+    assert backend.size("empty") == 0
+    assert backend.exists("config") and backend.exists("empty")
+    assert isinstance(backend.get("config"), bytes)
+
+
+def test_put_overwrites_the_whole_object(backend: Backend) -> None:
+    backend.put("index/1", b"a long first version of the object")
+    backend.put("index/1", b"short")
+    assert backend.get("index/1") == b"short"
+    assert backend.size("index/1") == 5
+    assert sorted(backend.list()) == ["index/1"]
+
+
+def test_missing_objects(backend: Backend) -> None:
+    backend.put("data/present", b"x")
+    for call in (
+        lambda: backend.get("data/missing"),
+        lambda: backend.get_range("data/missing", 0, 10),
+        lambda: backend.get_range("data/missing", 0, 0),
+        lambda: backend.size("data/missing"),
+        lambda: backend.get("data"),  # a prefix of names is not an object
+        lambda: backend.size("data"),
+        lambda: backend.get_range("data", 0, 10),
+        lambda: backend.get_range("data", 1 << 20, 10),
+    ):
+        with pytest.raises(NotFound) as caught:
+            call()
+        assert isinstance(caught.value, StorageError)
+        assert not caught.value.retryable
+        assert caught.value.name in ("data/missing", "data")
+        assert "\n" not in str(caught.value)
+    assert not backend.exists("data/missing")
+    assert not backend.exists("data")
+
+
+def test_get_range(backend: Backend) -> None:
+    data = bytes(range(256)) * 4
+    backend.put("pack", data)
+    assert backend.get_range("pack", 0, 10) == data[:10]
+    assert backend.get_range("pack", 100, 300) == data[100:400]
+    assert backend.get_range("pack", 1000, 100) == data[1000:]  # short read at the end only
+    assert backend.get_range("pack", 1024, 10) == b""
+    assert backend.get_range("pack", 5000, 10) == b""
+    assert backend.get_range("pack", 7, 0) == b""
+    assert backend.get_range("pack", 0, 1 << 30) == data
+    backend.put("empty", b"")
+    assert backend.get_range("empty", 0, 10) == b""
+    with pytest.raises(ValueError):
+        backend.get_range("pack", -1, 10)
+    with pytest.raises(ValueError):
+        backend.get_range("pack", 0, -1)
+
+
+def test_list_with_prefixes(backend: Backend) -> None:
+    names = ["config", "configs/x", "data/00/0001", "data/00/0002", "data/01/0100", "index/a", "keys/k"]
+    for name in names:
+        backend.put(name, name.encode())
+    assert sorted(backend.list()) == names
+    assert sorted(backend.list("")) == names
+    assert sorted(backend.list("data/")) == ["data/00/0001", "data/00/0002", "data/01/0100"]
+    assert sorted(backend.list("data/00/")) == ["data/00/0001", "data/00/0002"]
+    assert sorted(backend.list("data/0")) == ["data/00/0001", "data/00/0002", "data/01/0100"]
+    assert sorted(backend.list("data/00/000")) == ["data/00/0001", "data/00/0002"]
+    assert sorted(backend.list("config")) == ["config", "configs/x"]
+    assert sorted(backend.list("configs/")) == ["configs/x"]
+    assert list(backend.list("nothing/")) == []
+    assert list(backend.list("data/02/")) == []
+    for bad in ("/", "/data", "../", "data/../", "a b"):
+        with pytest.raises(InvalidName):
+            backend.list(bad)
+
+
+def test_list_many_objects_crosses_pages(backend: Backend) -> None:
+    """More objects than one S3 ListObjectsV2 page holds (1000)."""
+    names = [f"data/{i % 7}/{i:06d}" for i in range(1010)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: backend.put(name, name.encode()), names))
+    backend.put("other/x", b"")
+    listed = list(backend.list("data/"))
+    assert len(listed) == len(set(listed)) == 1010
+    assert set(listed) == set(names)
+    assert len(list(backend.list())) == 1011
+
+
+def test_list_of_an_empty_backend(backend: Backend) -> None:
+    assert list(backend.list()) == []
+    assert list(backend.list("data/")) == []
+
+
+def test_delete_is_idempotent(backend: Backend) -> None:
+    backend.put("locks/1", b"x")
+    backend.put("locks/2", b"y")
+    backend.delete("locks/1")
+    backend.delete("locks/1")
+    backend.delete("never/was")
+    assert not backend.exists("locks/1")
+    with pytest.raises(NotFound):
+        backend.get("locks/1")
+    assert list(backend.list("locks/")) == ["locks/2"]
+    backend.put("locks/1", b"again")
+    assert backend.get("locks/1") == b"again"
+
+
+def test_large_object(backend: Backend) -> None:
+    data = os.urandom(20 * MiB)
+    backend.put("data/big", memoryview(data))
+    assert backend.size("data/big") == 20 * MiB
+    assert backend.get("data/big") == data
+    offset = 13 * MiB - 5
+    assert backend.get_range("data/big", offset, 2 * MiB) == data[offset : offset + 2 * MiB]
+    assert backend.get_range("data/big", 20 * MiB - 3, MiB) == data[-3:]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_invalid_names_are_refused(backend: Backend, name: str) -> None:
+    for call in (
+        lambda: backend.put(name, b"x"),
+        lambda: backend.get(name),
+        lambda: backend.get_range(name, 0, 1),
+        lambda: backend.size(name),
+        lambda: backend.exists(name),
+        lambda: backend.delete(name),
+    ):
+        with pytest.raises(InvalidName):
+            call()
+    assert list(backend.list()) == []
+
+
+def test_unusual_valid_names(backend: Backend) -> None:
+    for name in GOOD_NAMES:
+        backend.put(name, name.encode())
+    for name in GOOD_NAMES:
+        assert backend.get(name) == name.encode()
+    assert sorted(backend.list()) == sorted(GOOD_NAMES)
+
+
+def test_concurrent_puts(backend: Backend) -> None:
+    """Threads putting distinct names all land; threads racing on one name leave exactly
+    one of their versions, whole."""
+    versions = [bytes([i]) * (64 * 1024 + i) for i in range(16)]
+
+    def work(i: int) -> None:
+        backend.put(f"data/{i:02x}/own", versions[i])
+        backend.put("shared/object", versions[i])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(16)))
+    for i in range(16):
+        assert backend.get(f"data/{i:02x}/own") == versions[i]
+    assert backend.get("shared/object") in versions
+    assert len(list(backend.list())) == 17
+
+
+def test_readers_never_see_a_torn_object(backend: Backend) -> None:
+    """A reader running while the object is overwritten sees one version or the other."""
+    first, second = b"A" * MiB, b"B" * (MiB + 4096)
+    backend.put("snapshots/x", first)
+    done = threading.Event()
+    seen: list[bytes] = []
+
+    def read() -> None:
+        while not done.is_set():
+            seen.append(backend.get("snapshots/x"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(12):
+            backend.put("snapshots/x", second if i % 2 == 0 else first)
+    finally:
+        done.set()
+        reader.join()
+    assert seen
+    assert all(data in (first, second) for data in seen)
+
+
+def test_close_is_idempotent(backend: Backend) -> None:
+    backend.close()
+    backend.close()
+
+
+# ====================================================================== local
+
+
+def test_local_put_is_durable_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """put fsyncs the file and the directories it made and renamed in."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    backend = LocalBackend(tmp_path / "repo")
+    backend.put("data/3f/3f00", b"chunk")
+    # the file, the directory it was renamed in, and tmp/repo, repo/data, repo/data/3f made
+    assert len(synced) >= 5
+    assert sorted(p.name for p in (tmp_path / "repo/data/3f").iterdir()) == ["3f00"]
+    assert (tmp_path / "repo/data/3f/3f00").read_bytes() == b"chunk"
+
+
+def test_local_failed_put_keeps_the_old_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path)
+    backend.put("config", b"old")
+
+    def replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(StorageError, match="config: cannot store: No space left on device"):
+        backend.put("config", b"new")
+    monkeypatch.undo()
+    assert backend.get("config") == b"old"
+    assert os.listdir(tmp_path) == ["config"]
+
+
+def test_local_crash_leftovers_are_not_listed(tmp_path: Path) -> None:
+    """A temporary file left by a crash between write and rename is no object."""
+    backend = LocalBackend(tmp_path)
+    backend.put("data/aa/1", b"x")
+    (tmp_path / "data/aa/.2.0123456789abcdef.tmp~").write_bytes(b"half")
+    (tmp_path / "data/aa/odd name").write_bytes(b"not ours")
+    assert list(backend.list()) == ["data/aa/1"]
+    backend.put("data/aa/2", b"whole")
+    assert sorted(backend.list()) == ["data/aa/1", "data/aa/2"]
+
+
+def test_local_missing_root_is_an_empty_repository(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "not" / "yet")
+    assert list(backend.list()) == []
+    assert not backend.exists("config")
+    with pytest.raises(NotFound):
+        backend.get("config")
+    backend.delete("config")
+    assert not (tmp_path / "not").exists()
+    backend.put("config", b"c")
+    assert (tmp_path / "not/yet/config").read_bytes() == b"c"
+
+
+def test_local_never_escapes_its_root(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    (tmp_path / "secret").write_bytes(b"s")
+    for name in ("../secret", "/etc/passwd", "a/../../secret"):
+        with pytest.raises(InvalidName):
+            backend.get(name)
+        with pytest.raises(InvalidName):
+            backend.put(name, b"x")
+    assert (tmp_path / "secret").read_bytes() == b"s"
+
+
+def test_local_io_errors_are_storage_errors(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path)
+    backend.put("file", b"x")
+    with pytest.raises(StorageError, match="cannot store") as caught:
+        backend.put("file/below", b"y")  # "file" is an object, not a directory
+    assert not isinstance(caught.value, NotFound)
+
+
+# ====================================================================== S3
+
+
+def test_s3_lists_only_its_prefix(s3_server: S3Server) -> None:
+    bucket = s3_server.create_bucket()
+    client = s3_server.client
+    client.put_object(Bucket=bucket, Key="outside", Body=b"x")
+    client.put_object(Bucket=bucket, Key="repo-other/config", Body=b"x")
+    client.put_object(Bucket=bucket, Key="repo/dir/", Body=b"")  # a console's "folder"
+    with S3Backend(bucket, "repo", **s3_server.options()) as backend:
+        backend.put("config", b"c")
+        assert list(backend.list()) == ["config"]
+        assert backend.location == f"s3://{bucket}/repo"
+    assert client.get_object(Bucket=bucket, Key="repo/config")["Body"].read() == b"c"
+    with S3Backend(bucket, **s3_server.options()) as whole:
+        assert sorted(whole.list()) == ["outside", "repo-other/config", "repo/config"]
+
+
+def test_s3_missing_bucket_is_not_not_found(s3_server: S3Server) -> None:
+    with S3Backend("no-such-bucket-here", "repo", **s3_server.options()) as backend:
+        calls = (lambda: backend.get("config"), lambda: list(backend.list()), lambda: backend.put("c", b""))
+        for call in calls:
+            with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist") as caught:
+                call()
+            assert not isinstance(caught.value, NotFound)
+
+
+def test_s3_unreachable_endpoint_is_one_line() -> None:
+    with closed_port() as port:
+        backend = S3Backend(
+            "bucket",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key_id="a",
+            secret_access_key="b",
+            max_attempts=1,
+            connect_timeout=2,
+        )
+        with backend, pytest.raises(StorageError) as caught:
+            backend.get("config")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("s3://bucket/config: cannot read")
+    assert f"127.0.0.1:{port}" in message
+    assert caught.value.retryable
+
+
+def test_s3_configured_from_environment(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = s3_server.create_bucket()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env-secret")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with open_backend(f"s3://{bucket}/some/prefix/") as backend:
+        assert isinstance(backend, S3Backend)
+        assert backend.location == f"s3://{bucket}/some/prefix"
+        assert backend.endpoint_url == s3_server.endpoint_url
+        backend.put("config", b"env")
+    assert s3_server.client.get_object(Bucket=bucket, Key="some/prefix/config")["Body"].read() == b"env"
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that nothing listens on, for the time of a with block."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        yield int(bound.getsockname()[1])
+
+
+# ====================================================================== open_backend
+
+
+def test_open_backend_local_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert open_backend(str(tmp_path / "a")).location == str(tmp_path / "a")
+    assert open_backend(f"file://{tmp_path}/b").location == str(tmp_path / "b")
+    assert open_backend(f"file://localhost{tmp_path}/c").location == str(tmp_path / "c")
+    assert open_backend("relative").location == str(tmp_path / "relative")
+    assert isinstance(open_backend("relative"), LocalBackend)
+
+
+@pytest.mark.parametrize(
+    ("location", "options", "message"),
+    [
+        ("ftp://host/x", {}, "unknown storage scheme 'ftp'"),
+        ("s3://", {}, "invalid S3 URL"),
+        ("s3:///prefix", {}, "invalid S3 URL"),
+        ("s3://bucket/../up", {}, "invalid S3 URL"),
+        ("s3://bucket/p", {"colour": "blue"}, "bad S3 options"),
+        ("file://host/x", {}, "file:///absolute/path"),
+        ("/srv/repo", {"endpoint_url": "http://x"}, "takes no options"),
+        ("", {}, "no repository location"),
+    ],
+)
+def test_open_backend_refuses(location: str, options: dict[str, str], message: str) -> None:
+    with pytest.raises(StorageError, match=message):
+        open_backend(location, **options)
+
+
+# ====================================================================== faults
+
+
+def test_bit_flip_changes_one_bit_of_chosen_objects() -> None:
+    inner = MemoryBackend()
+    data = os.urandom(4096)
+    inner.put("data/bad", data)
+    inner.put("data/good", data)
+    inner.put("data/empty", b"")
+    backend = BitFlipBackend(inner, names={"data/bad", "data/empty"})
+    read = backend.get("data/bad")
+    assert read != data and len(read) == len(data)
+    difference = int.from_bytes(read, "big") ^ int.from_bytes(data, "big")
+    assert difference.bit_count() == 1
+    assert backend.get("data/bad") == read  # the same bit on every read
+    bit = backend.bit("data/bad", len(data))
+    around = max(0, bit // 8 - 10)
+    assert backend.get_range("data/bad", around, 20) == read[around : around + 20]
+    assert backend.get_range("data/bad", 0, len(data)) == read
+    assert backend.get("data/good") == data
+    assert backend.get("data/empty") == b""
+    assert inner.get("data/bad") == data  # what is stored is intact
+    assert backend.flipped == {"data/bad"}
+
+
+def test_bit_flip_rate() -> None:
+    inner = MemoryBackend()
+    names = [f"data/{i:04d}" for i in range(400)]
+    for name in names:
+        inner.put(name, name.encode())
+    backend = BitFlipBackend(inner, rate=0.25, seed=7)
+    corrupt = {name for name in names if backend.get(name) != name.encode()}
+    assert 50 < len(corrupt) < 150
+    assert corrupt == backend.flipped
+    again = BitFlipBackend(inner, rate=0.25, seed=7)
+    assert {name for name in names if again.get(name) != name.encode()} == corrupt
+    everything = BitFlipBackend(inner, rate=1.0)
+    assert all(everything.get(name) != name.encode() for name in names)
+    with pytest.raises(ValueError):
+        BitFlipBackend(inner, rate=1.5)
+
+
+def test_failing_backend_crashes_after_n_puts() -> None:
+    inner = MemoryBackend()
+    backend = FailingBackend(inner, fail_after_n_puts=3)
+    for i in range(3):
+        backend.put(f"data/{i}", b"x")
+    with pytest.raises(SimulatedCrash, match="simulated crash") as caught:
+        backend.put("data/3", b"x")
+    assert isinstance(caught.value, StorageError) and not caught.value.retryable
+    assert backend.crashed and backend.puts == 3
+    with pytest.raises(SimulatedCrash):
+        backend.delete("data/0")
+    with pytest.raises(SimulatedCrash):
+        backend.put("data/4", b"x")
+    assert sorted(inner.list()) == ["data/0", "data/1", "data/2"]
+    assert backend.get("data/0") == b"x"  # reads go on after the crash
+    assert sorted(backend.list()) == ["data/0", "data/1", "data/2"]
+
+
+def test_failing_backend_counts_concurrent_puts_exactly() -> None:
+    inner = MemoryBackend()
+    backend = FailingBackend(inner, fail_after_n_puts=50)
+    crashes = 0
+    lock = threading.Lock()
+
+    def put(i: int) -> None:
+        nonlocal crashes
+        try:
+            backend.put(f"data/{i}", b"x")
+        except SimulatedCrash:
+            with lock:
+                crashes += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(80)))
+    assert len(list(inner.list())) == 50 and crashes == 30
+
+
+# ====================================================================== retry
+
+
+class Flaky(MemoryBackend):
+    """Memory whose next *failures* calls (any method) fail with *error*."""
+
+    def __init__(self, failures: int, error: StorageError | None = None):
+        super().__init__()
+        self.failures = failures
+        self.calls = 0
+        self.error = error or StorageError("flaky: connection reset")
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise self.error
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        self._maybe_fail()
+        super().put(name, data)
+
+    def get(self, name: str) -> bytes:
+        self._maybe_fail()
+        return super().get(name)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        names = sorted(super().list(prefix))
+        yield names[0]
+        self._maybe_fail()  # fail after the first name, to make the retry resume
+        yield from names[1:]
+
+
+def test_retry_retries_then_succeeds(caplog: pytest.LogCaptureFixture) -> None:
+    inner = Flaky(failures=3)
+    sleeps: list[float] = []
+    backend = RetryBackend(inner, attempts=5, initial_delay=0.5, jitter=0.0, sleep=sleeps.append)
+    with caplog.at_level(logging.WARNING, logger="agentless.backup.storage.retry"):
+        backend.put("config", b"c")
+    assert inner.calls == 4
+    assert sleeps == [0.5, 1.0, 2.0]
+    assert backend.get("config") == b"c"
+    assert len([r for r in caplog.records if "put config failed" in r.getMessage()]) == 3
+
+
+def test_retry_gives_up_after_attempts() -> None:
+    inner = Flaky(failures=100)
+    sleeps: list[float] = []
+    backend = RetryBackend(
+        inner, attempts=4, initial_delay=1.0, max_delay=3.0, jitter=0.0, sleep=sleeps.append
+    )
+    with pytest.raises(StorageError, match="flaky: connection reset"):
+        backend.get("config")
+    assert inner.calls == 4
+    assert sleeps == [1.0, 2.0, 3.0]  # doubling, capped at max_delay
+
+
+def test_retry_jitter_stays_within_bounds() -> None:
+    sleeps: list[float] = []
+    inner = Flaky(failures=6)
+    backend = RetryBackend(inner, attempts=7, initial_delay=1.0, max_delay=8.0, sleep=sleeps.append)
+    backend.put("x", b"")
+    for failures, slept in enumerate(sleeps, start=1):
+        assert 0.75 * backend.delay(failures) <= slept <= 1.25 * backend.delay(failures)
+
+
+@pytest.mark.parametrize("error", [NotFound("gone"), InvalidName("bad"), SimulatedCrash("crash")])
+def test_retry_does_not_retry_permanent_errors(error: StorageError) -> None:
+    inner = Flaky(failures=1, error=error)
+    sleeps: list[float] = []
+    backend = RetryBackend(inner, sleep=sleeps.append)
+    with pytest.raises(type(error)):
+        backend.get("config")
+    assert inner.calls == 1 and sleeps == []
+
+
+def test_retry_list_resumes_without_duplicates() -> None:
+    inner = Flaky(failures=2)
+    for i in range(5):
+        MemoryBackend.put(inner, f"data/{i}", b"")
+    sleeps: list[float] = []
+    backend = RetryBackend(inner, attempts=3, jitter=0.0, sleep=sleeps.append)
+    assert list(backend.list("data/")) == [f"data/{i}" for i in range(5)]
+    assert len(sleeps) == 2
