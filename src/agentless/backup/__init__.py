@@ -1,4 +1,14 @@
 """vmbackup, the reference third-party backup system.
 
-Not built yet: this package is reserved by the architecture and holds no code.
+It uses only WinCenter's REST API (:mod:`agentless.wincenter.client`) and wddk, so any
+other vendor's product could take its place. Layers, top down::
+
+    cli           the ``vmbackup`` command
+    backupjob     one VM's backup: WinCenter task, wddk reads, chunks into the repository
+    restorejob    restore as a new VM, export to raw/VHD, serve over NBD (mount)
+    verify, prune, gc   housekeeping
+    repository    restore points, index, blob writer (packs), locks   (docs/repository.md)
+    diskindex     a disk's chunk ids as a two-level tree; its digest
+    packs, keys   pack files; sealing (zstd, AES-256-GCM) and checking of every object
+    storage       where objects live: a directory or S3 (docs/storage.md)
 """

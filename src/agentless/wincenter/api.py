@@ -305,7 +305,7 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
     @app.get(f"{API_PREFIX}/vms/{{ref}}", tags=["vms"], responses=NOT_FOUND | CONFLICT)
     def get_vm(ref: Ref, _caller: Reader, f: Flows) -> VmOut:
         """A VM by id (or by name, when unique)."""
-        return VmOut.model_validate(f.inventory.vm(ref))
+        return VmOut.model_validate(f.inventory.lookup_vm(ref))
 
     @app.post(
         f"{API_PREFIX}/vms", status_code=201, tags=["vms"], responses=NOT_FOUND | CONFLICT | BAD_GATEWAY

@@ -38,7 +38,7 @@ from sqlalchemy import select, text, update
 
 from agentless.winserver.client import HostApiError, HostClient
 
-from .errors import ConflictError, NotFoundError, WinCenterError
+from .errors import ConflictError, WinCenterError
 from .flow import Flow
 from .inventory import HostCallError
 from .models import Backup, utcnow
@@ -83,7 +83,7 @@ class Backups(Flow):
         if backup_type not in ("full", "incremental"):
             raise WinCenterError(f"type must be full or incremental, not {backup_type!r}")
         existing = self._find(backup_id)
-        vm = self._find_vm(vm_ref)
+        vm = self.inventory.lookup_vm(vm_ref)
         if existing is not None:
             if existing["vm"] != vm["id"] or existing["requested"] != backup_type:
                 raise ConflictError(f"backup id {backup_id!r} was used for another request")
@@ -258,13 +258,6 @@ class Backups(Flow):
 
     def _describe(self, row: Any) -> dict[str, Any]:
         return _describe(row)
-
-    def _find_vm(self, ref: str) -> dict[str, Any]:
-        try:
-            return self.inventory.vm(ref)
-        except NotFoundError:
-            self.inventory.sync_all()  # created on a host since the last sync?
-            return self.inventory.vm(ref)
 
 
 def _describe(row: Backup) -> dict[str, Any]:

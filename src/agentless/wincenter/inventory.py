@@ -325,6 +325,15 @@ class Inventory:
                 raise NotFoundError(f"no VM {ref!r}")
             return _describe_vm(vm)
 
+    def lookup_vm(self, ref: str) -> dict[str, Any]:
+        """:meth:`vm`, syncing the hosts first when the VM is not known (made on a host
+        since the last sync)."""
+        try:
+            return self.vm(ref)
+        except NotFoundError:
+            self.sync_all()
+            return self.vm(ref)
+
     def create_vm(
         self,
         name: str,

@@ -1,6 +1,8 @@
 """Bearer tokens and their roles.
 
-A token is 256 random bits (``secrets.token_urlsafe(32)``), shown once when made; the
+A token is ``wct_`` and 256 random bits (``secrets.token_urlsafe(32)``) – the prefix
+tells secret scanners what it is and keeps it from starting with ``-``, which a command
+line would take for an option –, shown once when made; the
 database keeps its SHA-256 only (a hash suffices for a random secret of that size – there
 is nothing to brute-force). Tokens are revoked, never deleted, so the audit log keeps
 pointing at them; a revoked token authenticates nobody (401).
@@ -104,7 +106,7 @@ class TokenStore:
         """A new token of *role*: its record and the token – the only time it exists in
         clear. Not idempotent: each call makes another token."""
         role = parse_role(role) if isinstance(role, str) else role
-        token = secrets.token_urlsafe(32)
+        token = "wct_" + secrets.token_urlsafe(32)
         with self.database.session() as s:
             row = Token(
                 name=name or role.value, role=role.value, sha256=token_digest(token), created=self.clock()

@@ -132,7 +132,7 @@ class Host(Closing):
             nbd_port=nbd_port,
             max_chain_depth=check_max_chain_depth(max_chain_depth),
         )
-        token = secrets.token_urlsafe(32)
+        token = "wst_" + secrets.token_urlsafe(32)  # never starts with "-" (an option)
         with building(directory, HostError, "winserver") as staging:
             write_pki(staging, f"WinServer host CA {identity.name}", identity.name, identity.addresses)
             write_private(os.path.join(staging, "token.sha256"), _token_digest(token) + "\n")

@@ -1,0 +1,246 @@
+"""Backing up one VM: the backup system's side of the seed's backup flow.
+
+::
+
+    WinCenter: POST /backups {vm_id, backup_id, type} ──▶ poll the task until ready
+    for each disk of the answer (sector information + access info):
+        wddk, N connections ──▶ 64 KiB chunks of the extents ──▶ id, seal, pack (threads)
+        the disk's chunk index: the previous restore point's (incremental) or blank (full),
+        with the chunks read put in
+    repository: packs, index, then the restore point (a complete index of every disk)
+    WinCenter: POST /backups/{id}/complete            (or /abort on any failure)
+
+Incremental when the repository has a restore point of the VM (unless ``full``); when
+WinCenter answers a full backup instead (CBT invalid after a host crash, no usable base)
+the disk is read whole – its reason is kept in the restore point. When the base WinCenter
+used is not the repository's newest restore point of the VM (another repository backed
+it up since), the changes would not apply to our index: the request is aborted and made
+again as a full backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import agentless.wddk as wddk
+from agentless.sparse import is_zero
+from agentless.wincenter.client import CenterClient
+
+from .diskindex import DiskIndex
+from .keys import RepositoryError
+from .repository import ZERO, BlobWriter, Repository
+
+__all__ = ["BackupError", "VmBackup", "latest_point"]
+
+PIECE = 4 << 20  # bytes read per request: 64 chunks
+TASK_TIMEOUT = 3600.0
+
+
+class BackupError(RepositoryError):
+    """A backup failed (WinCenter refused or failed the task, a disk could not be read);
+    WinCenter has been told to abort it. Nothing was added to the repository's restore
+    points; the next backup starts over."""
+
+
+def latest_point(repository: Repository, vm_id: str) -> dict[str, Any] | None:
+    """The repository's newest restore point of the VM *vm_id*."""
+    mine = [p for p in repository.points() if p.get("vm", {}).get("id") == vm_id]
+    return mine[-1] if mine else None
+
+
+def _pieces(extents: list[dict[str, int]], chunk: int, size: int) -> list[tuple[int, int]]:
+    """The extents widened to whole chunks, merged, cut in pieces of at most PIECE."""
+    spans: list[list[int]] = []
+    for extent in sorted(extents, key=lambda e: e["offset"]):
+        start = extent["offset"] // chunk * chunk
+        end = min(size, -(-(extent["offset"] + extent["length"]) // chunk) * chunk)
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        elif end > start:
+            spans.append([start, end])
+    return [(offset, min(PIECE, end - offset)) for start, end in spans for offset in range(start, end, PIECE)]
+
+
+class VmBackup:
+    """One VM's backup as an object: ``size`` and ``done`` (bytes to read and read),
+    ``cancel()``; :meth:`run` does it and answers the summary."""
+
+    def __init__(
+        self,
+        center: CenterClient,
+        repository: Repository,
+        vm_ref: str,
+        full: bool = False,
+        connections: int = 4,
+        on_progress: Callable[[VmBackup], None] | None = None,
+    ):
+        self.center = center
+        self.repository = repository
+        self.vm_ref = vm_ref
+        self.full = full
+        self.connections = connections
+        self.on_progress = on_progress
+        self.size = 0
+        self.done = 0
+        self.name = vm_ref
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._reported = 0.0
+        self._backup_id: str | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        vm = self.center.vm(self.vm_ref)
+        self.name = vm.name
+        previous = None if self.full else latest_point(self.repository, vm.id)
+        summary = self._attempt(vm.id, previous)
+        if summary is None:  # WinCenter's base is not ours: start over as a full backup
+            summary = self._attempt(vm.id, None)
+            assert summary is not None
+        summary["seconds"] = round(time.monotonic() - started, 3)
+        return summary
+
+    def _attempt(self, vm_id: str, previous: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = "incremental" if previous is not None else "full"
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        backup_id = f"vmb-{stamp}-{secrets.token_hex(4)}"
+        accepted = self.center.start_backup(vm_id, backup_id, kind)
+        self._backup_id = backup_id
+        try:
+            task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.1)
+            if task.state != "ready":
+                detail = task.error.detail if task.error else task.state
+                raise BackupError(f"WinCenter could not prepare the backup of {self.name}: {detail}")
+            result = task.result
+            if result["type"] == "incremental" and (
+                previous is None or result["base_backup_id"] != previous.get("backup_id")
+            ):
+                self._abort(backup_id)
+                return None
+            summary = self._store(result, previous)
+            self.center.complete_backup(backup_id)
+            ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.1)
+            if ended.state != "succeeded":
+                raise BackupError(f"WinCenter did not complete backup {backup_id}: {ended.state}")
+            return summary
+        except BaseException:
+            self._abort(backup_id)
+            raise
+
+    def _abort(self, backup_id: str) -> None:
+        with contextlib.suppress(Exception):  # WinCenter's expiry cleans up what this could not
+            self.center.abort_backup(backup_id)
+
+    def _store(self, result: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+        """Read every disk into the repository and save the restore point."""
+        base_disks = {d["position"]: d for d in (previous or {}).get("disks", [])}
+        self.size = sum(e["length"] for d in result["disks"] for e in d["extents"])
+        disks = []
+        with self.repository.writer() as writer:
+            for disk in result["disks"]:
+                base = base_disks.get(disk["position"]) if disk["type"] == "incremental" else None
+                if disk["type"] == "incremental" and (base is None or base["size"] != disk["size"]):
+                    raise BackupError(f"disk {disk['position']}: no matching disk in the base restore point")
+                index = (
+                    DiskIndex.of_point(self.repository, base)
+                    if base is not None
+                    else DiskIndex(self.repository, disk["size"])
+                )
+                read = self._read_disk(disk, index, writer)
+                pages = index.store(writer)
+                disks.append(
+                    {
+                        "position": disk["position"],
+                        "size": disk["size"],
+                        "chunk_size": self.repository.chunk_size,
+                        "pages": [p.hex() for p in pages],
+                        "digest": index.digest,
+                        "type": disk["type"],
+                        "reason": disk["reason"],
+                        "read": read,
+                    }
+                )
+            writer.flush()
+            stats = {"read": sum(d["read"] for d in disks), "stored": writer.stored, "new": writer.new}
+            stats["deduplicated"] = writer.reused_bytes
+        point = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "vm": result["vm"],
+            "backup_id": result["backup_id"],
+            "type": result["type"],
+            "base": previous["id"] if previous is not None and result["type"] == "incremental" else None,
+            "disks": disks,
+            "stats": stats,
+        }
+        point_id = self.repository.save_point(point)
+        self._report(force=True)
+        return {
+            "vm": result["vm"]["name"],
+            "vm_id": result["vm"]["id"],
+            "point": point_id,
+            "type": result["type"],
+        } | stats
+
+    def _read_disk(self, disk: dict[str, Any], index: DiskIndex, writer: BlobWriter) -> int:
+        """Read the disk's extents with parallel connections into *index*; bytes read."""
+        chunk = self.repository.chunk_size
+        pieces: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        planned = _pieces(disk["extents"], chunk, disk["size"])
+        for piece in planned:
+            pieces.put(piece)
+        errors: list[BaseException] = []
+        with wddk.open(disk["access"], connections=self.connections) as nbd:
+
+            def work(client: Any) -> None:
+                buf = bytearray(PIECE)
+                view = memoryview(buf)
+                try:
+                    while not errors and not self._cancel.is_set():
+                        try:
+                            offset, length = pieces.get_nowait()
+                        except queue.Empty:
+                            return
+                        part = view[:length]
+                        client.readinto(offset, part)
+                        found = []
+                        for start in range(0, length, chunk):
+                            data = part[start : start + chunk]
+                            found.append((offset + start, ZERO if is_zero(data) else writer.add(data)))
+                        with self._lock:
+                            for at, blob_id in found:
+                                index.set(at // chunk, blob_id)
+                            self.done += length
+                        self._report()
+                except BaseException as error:
+                    errors.append(error)
+
+            threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in nbd.clients]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if errors:
+            raise BackupError(f"{self.name} disk {disk['position']}: {errors[0]}") from errors[0]
+        if self._cancel.is_set():
+            raise BackupError(f"{self.name}: cancelled")
+        return sum(length for _, length in planned)
+
+    def _report(self, force: bool = False) -> None:
+        """Tell the caller (progress bar) and, at most once a second, WinCenter."""
+        if self.on_progress is not None:
+            self.on_progress(self)
+        now = time.monotonic()
+        if self._backup_id is not None and (force or now - self._reported > 1.0):
+            self._reported = now
+            with contextlib.suppress(Exception):  # informative: never fail a backup for it
+                self.center.backup_progress(self._backup_id, self.done)

@@ -1,0 +1,112 @@
+"""Repository locks, restic style: lock objects under ``locks/``, refreshed while held.
+
+Kinds and what they exclude::
+
+    shared      backup, restore, export, mount, verify, prune – any number at once
+    gc          a garbage collection: excludes another gc (runs beside shared locks:
+                it only deletes what no backup that was running could still use)
+    exclusive   excludes every other lock (repository maintenance)
+
+A lock records its host, process, purpose and the time it was taken (``started``) and
+last refreshed (``time``); one not refreshed for :data:`STALE_SECONDS` belongs to a dead
+process and is ignored (and removed). Backends give no atomic create-if-absent, so a
+lock is written, then the others are read again: of two racing takers of conflicting
+locks, at least one sees the other and backs off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+from agentless.lifetime import Closing
+
+from .keys import RepositoryError
+from .storage import Backend, NotFound
+
+__all__ = ["STALE_SECONDS", "Lock", "LockedError", "active_locks"]
+
+STALE_SECONDS = 30 * 60
+REFRESH_SECONDS = 5 * 60
+
+
+class LockedError(RepositoryError):
+    """Another process holds a conflicting lock: wait for it, or remove a lock left by a
+    process that is gone (``vmbackup unlock``)."""
+
+
+def _conflicts(mine: str, theirs: str) -> bool:
+    return "exclusive" in (mine, theirs) or (mine == theirs == "gc")
+
+
+def active_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
+    """The fresh locks of the repository (stale ones are skipped)."""
+    now = time.time() if now is None else now
+    found = []
+    for name in backend.list("locks/"):
+        try:
+            document = json.loads(backend.get(name))
+        except (NotFound, ValueError):
+            continue
+        if isinstance(document, dict) and now - float(document.get("time", 0)) < STALE_SECONDS:
+            found.append(document | {"name": name})
+    return found
+
+
+class Lock(Closing):
+    """A held lock of *kind* for *purpose*; released by :meth:`close`."""
+
+    def __init__(self, backend: Backend, kind: str, purpose: str):
+        if kind not in ("shared", "gc", "exclusive"):
+            raise ValueError(f"unknown lock kind {kind!r}")
+        self.backend = backend
+        self.kind = kind
+        self.name = f"locks/{secrets.token_hex(16)}"
+        self.started = time.time()
+        self._document = {
+            "kind": kind,
+            "purpose": purpose,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self.started,
+        }
+        self._check(before=True)
+        self._write()
+        try:
+            self._check(before=False)
+        except BaseException:
+            self.backend.delete(self.name)
+            raise
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh, name="vmbackup-lock", daemon=True)
+        self._refresher.start()
+
+    def _write(self) -> None:
+        document = self._document | {"time": time.time()}
+        self.backend.put(self.name, json.dumps(document).encode())
+
+    def _check(self, before: bool) -> None:
+        for other in active_locks(self.backend):
+            if other["name"] != self.name and _conflicts(self.kind, str(other.get("kind"))):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(other.get("started", 0))))
+                raise LockedError(
+                    f"repository is locked ({other.get('kind')}) by {other.get('purpose')} "
+                    f"of pid {other.get('pid')} on {other.get('host')} since {when}"
+                )
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            try:
+                self._write()
+            except Exception:  # the next refresh tries again; stale only after 30 min
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._refresher.join()
+        self.backend.delete(self.name)

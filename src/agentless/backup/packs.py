@@ -1,0 +1,106 @@
+"""Pack files: many sealed blobs in one storage object, as restic packs them.
+
+A 64 KiB chunk per object would mean tens of thousands of objects per GiB – slow on a
+file system and costly on S3 – so blobs are appended to packs of about 16 MiB::
+
+    "AGVBPACK" 0x01 ‖ blob ‖ blob ‖ ... ‖ trailer ‖ u32 trailer length ‖ "AGVBPEND"
+    trailer = sealed JSON [[blob id, kind, offset, length, raw length], ...]
+
+A pack is named by the SHA-256 of its bytes (``data/<2 hex>/<64 hex>``), so a whole pack
+can be checked against its name, and it describes itself: the index of the repository
+can be rebuilt from the trailers alone. Blob kinds: ``data`` (a chunk of a disk) and
+``tree`` (a page of a disk's chunk index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+
+from .keys import CorruptError, Keys
+
+__all__ = ["PACK_MAGIC", "BlobLocation", "PackBuilder", "pack_name", "read_trailer"]
+
+PACK_MAGIC = b"AGVBPACK"
+PACK_END = b"AGVBPEND"
+TRAILER_KIND = b"AGVBPTRL"
+_HEAD = PACK_MAGIC + b"\x01"
+_TAIL = struct.Struct("<I8s")  # trailer length, PACK_END
+TARGET_SIZE = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobLocation:
+    """Where a blob is: its pack, the byte range of its sealed form, its kind and size."""
+
+    pack: str
+    offset: int
+    length: int
+    kind: str
+    raw_length: int
+
+    def entry(self, blob_id: bytes) -> list[object]:
+        return [blob_id.hex(), self.kind, self.offset, self.length, self.raw_length]
+
+
+def pack_name(data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    return f"data/{digest[:2]}/{digest}"
+
+
+class PackBuilder:
+    """Collects sealed blobs until the pack is big enough; not thread-safe."""
+
+    def __init__(self, keys: Keys, target_size: int = TARGET_SIZE):
+        self.keys = keys
+        self.target_size = target_size
+        self._parts: list[bytes] = [_HEAD]
+        self._size = len(_HEAD)
+        self._entries: list[tuple[bytes, str, int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def full(self) -> bool:
+        return self._size >= self.target_size
+
+    def add(self, blob_id: bytes, kind: str, sealed: bytes, raw_length: int) -> None:
+        self._entries.append((blob_id, kind, self._size, len(sealed), raw_length))
+        self._parts.append(sealed)
+        self._size += len(sealed)
+
+    def finish(self) -> tuple[str, bytes, dict[bytes, BlobLocation]]:
+        """(name, bytes, where each blob is) of the finished pack."""
+        trailer = self.keys.seal_meta(
+            TRAILER_KIND, [[b.hex(), kind, off, length, raw] for b, kind, off, length, raw in self._entries]
+        )
+        data = b"".join([*self._parts, trailer, _TAIL.pack(len(trailer), PACK_END)])
+        name = pack_name(data)
+        locations = {
+            blob: BlobLocation(name, offset, length, kind, raw)
+            for blob, kind, offset, length, raw in self._entries
+        }
+        return name, data, locations
+
+
+def read_trailer(keys: Keys, name: str, data: bytes) -> dict[bytes, BlobLocation]:
+    """The blobs a whole pack says it holds; CorruptError if the pack is not sound (its
+    name is not the hash of its bytes, its framing or trailer does not check)."""
+    if pack_name(data) != name:
+        raise CorruptError(f"{name}: content does not match its name", name)
+    if not data.startswith(_HEAD) or len(data) < len(_HEAD) + _TAIL.size:
+        raise CorruptError(f"{name}: not a pack", name)
+    length, end = _TAIL.unpack_from(data, len(data) - _TAIL.size)
+    if end != PACK_END or length > len(data) - len(_HEAD) - _TAIL.size:
+        raise CorruptError(f"{name}: bad pack trailer", name)
+    trailer = data[len(data) - _TAIL.size - length : len(data) - _TAIL.size]
+    entries = keys.open_meta(TRAILER_KIND, trailer, name)
+    try:
+        return {
+            bytes.fromhex(blob): BlobLocation(name, int(off), int(size), str(kind), int(raw))
+            for blob, kind, off, size, raw in entries
+        }
+    except (TypeError, ValueError):
+        raise CorruptError(f"{name}: malformed pack trailer", name) from None

@@ -1,0 +1,334 @@
+"""The backup repository: content-addressed, deduplicated, compressed, optionally
+encrypted, over any storage backend. ``docs/repository.md`` is the format's reference::
+
+    config                 what the repository is (magic, version, id, chunk size, encrypted)
+    keys/<id>              the master key wrapped under a password (encrypted repositories)
+    data/<2 hex>/<64 hex>  packs of sealed blobs (:mod:`.packs`)
+    index/<64 hex>         which blobs are in which packs (written after the packs)
+    points/<16 hex>        restore points: a complete chunk index of every disk (written last)
+    condemned/<16 hex>     packs a garbage collection has found unused (deleted later)
+    locks/<32 hex>         locks (:mod:`.locks`)
+
+Writes go data, then index, then restore point, each object put atomically: a crash
+leaves at worst packs that no index names or index entries that no restore point uses
+(the garbage collection removes both), never a restore point that names missing data.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from agentless.lifetime import Closing
+
+from .keys import CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
+from .locks import Lock
+from .packs import BlobLocation, PackBuilder
+from .storage import Backend, NotFound, open_backend
+
+__all__ = ["CHUNK_SIZE", "ZERO", "BlobWriter", "Repository", "RepositoryError"]
+
+CONFIG_MAGIC = "agentless-vmbackup-repository"
+CONFIG_VERSION = 1
+CHUNK_SIZE = 65536  # = the CBT block: an incremental reads and stores whole chunks
+ZERO = bytes(32)  # the id of an all-zero chunk: never stored, restored as a hole
+INDEX_KIND = b"AGVBINDX"
+POINT_KIND = b"AGVBPOIN"
+CONDEMNED_KIND = b"AGVBCOND"
+
+
+class Repository(Closing):
+    """An open repository. Thread-safe for reading; writes go through :meth:`writer`."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], keys: Keys):
+        self.backend = backend
+        self.config = config
+        self.keys = keys
+        self._index: dict[bytes, BlobLocation] | None = None
+        self._condemned: dict[str, float] | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ making and opening
+
+    @classmethod
+    def init(cls, location: str | Backend, password: str | None = None) -> Repository:
+        """Make a new repository (encrypted when a *password* is given) at *location*,
+        which must hold no repository yet."""
+        backend = open_backend(location) if isinstance(location, str) else location
+        try:
+            if backend.exists("config"):
+                raise RepositoryError(f"{backend.location}: a repository exists there already")
+            keys = Keys.generate() if password else Keys()
+            if password:
+                backend.put(f"keys/{secrets.token_hex(16)}", make_key_file(keys, password))
+            config = {
+                "magic": CONFIG_MAGIC,
+                "version": CONFIG_VERSION,
+                "id": str(uuid.uuid4()),
+                "chunk_size": CHUNK_SIZE,
+                "encrypted": bool(password),
+                "created": _now(),
+            }
+            backend.put(
+                "config", json.dumps(config, indent=2).encode() + b"\n"
+            )  # last: the repository exists
+        except BaseException:
+            backend.close()
+            raise
+        return cls(backend, config, keys)
+
+    @classmethod
+    def open(cls, location: str | Backend, password: str | None = None) -> Repository:
+        """Open the repository at *location*; WrongPassword (or RepositoryError when a
+        password is needed and none given)."""
+        backend = open_backend(location) if isinstance(location, str) else location
+        try:
+            try:
+                config = json.loads(backend.get("config"))
+            except NotFound:
+                raise RepositoryError(f"{backend.location}: no repository (run `vmbackup init`)") from None
+            except ValueError:
+                raise CorruptError(f"{backend.location}/config: malformed", "config") from None
+            if not isinstance(config, dict) or config.get("magic") != CONFIG_MAGIC:
+                raise RepositoryError(f"{backend.location}: not a vmbackup repository")
+            if config.get("version") != CONFIG_VERSION:
+                raise RepositoryError(
+                    f"{backend.location}: repository format {config.get('version')} is unknown"
+                )
+            keys = Keys()
+            if config.get("encrypted"):
+                if not password:
+                    raise RepositoryError("the repository is encrypted: give its password")
+                keys = _unlock(backend, password)
+        except BaseException:
+            backend.close()
+            raise
+        return cls(backend, config, keys)
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.config["chunk_size"])
+
+    def lock(self, kind: str = "shared", purpose: str = "") -> Lock:
+        return Lock(self.backend, kind, purpose or kind)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ------------------------------------------------------------------ the index
+
+    def index(self, reload: bool = False) -> dict[bytes, BlobLocation]:
+        """Every blob known to the index files: id -> where it is."""
+        with self._lock:
+            if self._index is None or reload:
+                index: dict[bytes, BlobLocation] = {}
+                for name in sorted(self.backend.list("index/")):
+                    index.update(self.read_index_file(name))
+                self._index = index
+                self._condemned = None
+            return self._index
+
+    def read_index_file(self, name: str) -> dict[bytes, BlobLocation]:
+        document = self.keys.open_meta(INDEX_KIND, self.backend.get(name), name)
+        try:
+            return {
+                bytes.fromhex(blob): BlobLocation(pack, int(off), int(size), str(kind), int(raw))
+                for pack, entries in document["packs"].items()
+                for blob, kind, off, size, raw in entries
+            }
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CorruptError(f"{name}: malformed index", name) from None
+
+    def write_index_file(self, locations: dict[bytes, BlobLocation]) -> str:
+        packs: dict[str, list[list[object]]] = {}
+        for blob, where in locations.items():
+            packs.setdefault(where.pack, []).append(where.entry(blob))
+        data = self.keys.seal_meta(INDEX_KIND, {"packs": packs})
+        name = f"index/{self.keys.blob_id(data).hex()}"
+        self.backend.put(name, data)
+        with self._lock:
+            if self._index is not None:
+                self._index.update(locations)
+        return name
+
+    def condemned(self, reload: bool = False) -> dict[str, float]:
+        """Packs condemned by a garbage collection: pack -> when (epoch seconds). A backup
+        treats their blobs as absent and stores them again."""
+        with self._lock:
+            if self._condemned is None or reload:
+                found: dict[str, float] = {}
+                for name in self.backend.list("condemned/"):
+                    document = self.keys.open_meta(CONDEMNED_KIND, self.backend.get(name), name)
+                    found.update({str(p): float(document["time"]) for p in document["packs"]})
+                self._condemned = found
+            return self._condemned
+
+    def has(self, blob_id: bytes) -> bool:
+        where = self.index().get(blob_id)
+        return where is not None and where.pack not in self.condemned()
+
+    def read_blob(self, blob_id: bytes) -> bytes:
+        """The plaintext of a blob, checked; CorruptError, or RepositoryError if unknown."""
+        if blob_id == ZERO:
+            return bytes(self.chunk_size)
+        where = self.index().get(blob_id)
+        if where is None:
+            raise RepositoryError(f"blob {blob_id.hex()[:16]} is not in the repository's index")
+        try:
+            sealed = self.backend.get_range(where.pack, where.offset, where.length)
+        except NotFound:
+            raise CorruptError(f"{where.pack}: missing (blob {blob_id.hex()[:16]})", where.pack) from None
+        return self.keys.open(sealed, blob_id, where.pack)
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    # ------------------------------------------------------------------ restore points
+
+    def save_point(self, document: dict[str, Any]) -> str:
+        """Store a restore point (its data and index written before); its id."""
+        point_id = secrets.token_hex(8)
+        self.backend.put(f"points/{point_id}", self.keys.seal_meta(POINT_KIND, document | {"id": point_id}))
+        return point_id
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every restore point, oldest first."""
+        found = [self.load_point(name.rsplit("/", 1)[1]) for name in self.backend.list("points/")]
+        return sorted(found, key=lambda p: (str(p.get("time", "")), str(p["id"])))
+
+    def resolve_point(self, ref: str) -> str:
+        """The id of the restore point *ref* names: its id or a unique prefix (4+ hex)."""
+        ids = [name.rsplit("/", 1)[1] for name in self.backend.list("points/")]
+        if ref in ids:
+            return ref
+        matches = [i for i in ids if len(ref) >= 4 and i.startswith(ref)]
+        if len(matches) != 1:
+            raise RepositoryError(
+                f"no restore point {ref!r}" if not matches else f"{ref!r} names {len(matches)} restore points"
+            )
+        return matches[0]
+
+    def load_point(self, ref: str) -> dict[str, Any]:
+        point_id = self.resolve_point(ref) if len(ref) != 16 else ref
+        name = f"points/{point_id}"
+        try:
+            document = self.keys.open_meta(POINT_KIND, self.backend.get(name), name)
+        except NotFound:
+            raise RepositoryError(f"no restore point {ref!r}") from None
+        if not isinstance(document, dict):
+            raise CorruptError(f"{name}: malformed restore point", name)
+        return document
+
+    def delete_point(self, point_id: str) -> None:
+        self.backend.delete(f"points/{point_id}")
+
+
+def _unlock(backend: Backend, password: str) -> Keys:
+    names = sorted(backend.list("keys/"))
+    if not names:
+        raise RepositoryError(f"{backend.location}: encrypted, but holds no key file")
+    for name in names:
+        try:
+            return open_key_file(backend.get(name), password, name)
+        except WrongPassword:
+            continue
+    raise WrongPassword("wrong password: no key of this repository opens with it")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class BlobWriter(Closing):
+    """Stores blobs for one backup: deduplicated against the index (and itself), sealed in
+    the caller's thread (so several threads compress and encrypt at once), packed, and
+    put by a background thread. :meth:`flush` makes everything durable and indexed –
+    call it before saving a restore point that uses the blobs. Counters: ``stored``
+    (sealed bytes written), ``new`` and ``reused`` blobs, ``reused_bytes`` (deduplicated)."""
+
+    def __init__(self, repository: Repository):
+        self.repository = repository
+        self.keys = repository.keys
+        self._known = repository.index()
+        self._condemned = repository.condemned()
+        self._builder = PackBuilder(self.keys)
+        self._added: dict[bytes, BlobLocation | None] = {}  # None: in the open pack
+        self._lock = threading.Lock()
+        self._puts = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="vmbackup-put")
+        self._pending: list[concurrent.futures.Future[None]] = []
+        self._written: dict[bytes, BlobLocation] = {}
+        self.stored = 0
+        self.new = 0
+        self.reused = 0
+        self.reused_bytes = 0
+
+    def known(self, blob_id: bytes) -> bool:
+        """Whether the repository has the blob already (or this writer stored it)."""
+        if blob_id == ZERO or blob_id in self._added:
+            return True
+        where = self._known.get(blob_id)
+        return where is not None and where.pack not in self._condemned
+
+    def add(self, data: bytes | memoryview, kind: str = "data", blob_id: bytes | None = None) -> bytes:
+        """Store *data* unless it is known; its id."""
+        blob_id = self.keys.blob_id(data) if blob_id is None else blob_id
+        if self.known(blob_id):
+            with self._lock:
+                self.reused += 1
+                self.reused_bytes += len(data)
+            return blob_id
+        sealed = self.keys.seal(data, blob_id)
+        with self._lock:
+            if blob_id in self._added:
+                self.reused += 1
+                self.reused_bytes += len(data)
+                return blob_id
+            self._added[blob_id] = None
+            self._builder.add(blob_id, kind, sealed, len(data))
+            self.stored += len(sealed)
+            self.new += 1
+            if self._builder.full:
+                self._ship()
+        return blob_id
+
+    def _ship(self) -> None:
+        """Finish the open pack and put it in the background (holding ``_lock``)."""
+        if not len(self._builder):
+            return
+        name, data, locations = self._builder.finish()
+        self._builder = PackBuilder(self.keys)
+
+        def put() -> None:
+            self.repository.backend.put(name, data)
+            with self._lock:
+                self._written.update(locations)
+                self._added.update(locations)
+
+        self._pending.append(self._puts.submit(put))
+
+    def flush(self) -> None:
+        """Put the last pack, wait for every put, write one index file for them."""
+        with self._lock:
+            self._ship()
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        with self._lock:
+            written, self._written = self._written, {}
+        if written:
+            self.repository.write_index_file(written)
+
+    def close(self) -> None:
+        self._puts.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_pages(ids: list[bytes], per_page: int) -> Iterator[bytes]:
+    """A disk's chunk ids as index pages of *per_page* ids each."""
+    for start in range(0, len(ids), per_page):
+        yield b"".join(ids[start : start + per_page])

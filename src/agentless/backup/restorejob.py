@@ -1,0 +1,318 @@
+"""Getting disks back out of a restore point: as a new VM through WinCenter (the seed's
+restore flow), as a raw or VHD file, or served read-only over NBD.
+
+Every way goes through :class:`PointDisk`, which checks the disk's digest against its
+page ids before anything is read and every page and chunk against its id as it is read:
+what comes out is, bit for bit, what the backup read (end-to-end integrity), or an error.
+Holes (all-zero chunks) are never written: a new VM's disks are blank, files are sparse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import agentless.wddk as wddk
+from agentless import vhd
+from agentless.fileio import pwrite_all
+from agentless.nbd.exports import ExportError
+from agentless.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
+from agentless.wincenter.client import CenterClient
+from agentless.wincenter.schemas import DiskSpec, NicSpec, VmSpec
+
+from .diskindex import PAGE_CHUNKS, DiskIndex
+from .keys import CorruptError, RepositoryError
+from .repository import ZERO, Repository
+
+__all__ = ["PointDisk", "PointExport", "VmRestore", "export_disk"]
+
+TASK_TIMEOUT = 3600.0
+
+
+class PointDisk:
+    """One disk of a restore point, checked: :meth:`chunks` in order, :meth:`read` at
+    any offset."""
+
+    def __init__(self, repository: Repository, point: dict[str, Any], position: int):
+        disks = {int(d["position"]): d for d in point["disks"]}
+        if position not in disks:
+            raise RepositoryError(
+                f"restore point {point['id']} has no disk {position} (disks: {sorted(disks)})"
+            )
+        self.repository = repository
+        self.disk = disks[position]
+        self.index = DiskIndex.of_point(repository, self.disk)
+        if self.index.digest != self.disk["digest"]:
+            raise CorruptError(
+                f"restore point {point['id']} disk {position}: digest mismatch", f"points/{point['id']}"
+            )
+        self.size = self.index.size
+        self.chunk_size = self.index.chunk_size
+        self._lock = threading.Lock()
+
+    def allocated(self) -> int:
+        """Bytes that are not holes."""
+        return sum(
+            min(self.chunk_size, self.size - (first + i) * self.chunk_size)
+            for first, _page, ids in self.index.runs()
+            for i, blob in enumerate(ids)
+            if blob != ZERO
+        )
+
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
+        """(offset, blob id) of every chunk that is not a hole, in order."""
+        for first, _page, ids in self.index.runs():
+            for i, blob in enumerate(ids):
+                if blob != ZERO:
+                    yield (first + i) * self.chunk_size, blob
+
+    def data(self, offset: int, blob_id: bytes) -> bytes:
+        """The checked content of the chunk at *offset* (short at the disk's end)."""
+        return self.repository.read_blob(blob_id)[: self.size - offset]
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        end = min(self.size, offset + length)
+        while offset < end:
+            chunk, within = divmod(offset, self.chunk_size)
+            with self._lock:
+                blob = self.index.get(chunk)
+            data = bytes(self.chunk_size) if blob == ZERO else self.repository.read_blob(blob)
+            take = min(end - offset, self.chunk_size - within)
+            parts.append(data[within : within + take].ljust(take, b"\0"))
+            offset += take
+        return b"".join(parts)
+
+    def is_hole(self, chunk: int) -> bool:
+        page = chunk // PAGE_CHUNKS
+        if self.index.page_ids[page] == ZERO:
+            return True
+        with self._lock:
+            return self.index.get(chunk) == ZERO
+
+
+def _parallel(items: Iterator[tuple[int, bytes]], workers: Sequence[Callable[[int, bytes], None]]) -> None:
+    """Run ``worker(offset, blob)`` over *items*, one thread per worker."""
+    work: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=64)
+    errors: list[BaseException] = []
+
+    def run(worker: Callable[[int, bytes], None]) -> None:
+        while True:
+            item = work.get()
+            if item is None or errors:
+                return
+            try:
+                worker(*item)
+            except BaseException as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        for item in items:
+            if errors:
+                break
+            work.put(item)
+    finally:
+        for _ in threads:
+            work.put(None)
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
+class VmRestore:
+    """A restore point restored as a new VM through WinCenter: ``size``, ``done``,
+    ``cancel()``; :meth:`run` answers the summary."""
+
+    def __init__(
+        self,
+        center: CenterClient,
+        repository: Repository,
+        point_ref: str,
+        name: str,
+        host: str | None = None,
+        pool: str | None = None,
+        connections: int = 4,
+        on_progress: Callable[[VmRestore], None] | None = None,
+    ):
+        self.center = center
+        self.repository = repository
+        self.point = repository.load_point(point_ref)
+        self.name = name
+        self.host = host
+        self.pool = pool
+        self.connections = connections
+        self.on_progress = on_progress
+        self.size = 0
+        self.done = 0
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        vm = self.point["vm"]
+        disks = sorted(self.point["disks"], key=lambda d: int(d["position"]))
+        sources = [PointDisk(self.repository, self.point, int(d["position"])) for d in disks]  # checked first
+        self.size = sum(source.allocated() for source in sources)
+        spec = VmSpec(
+            name=self.name,
+            vcpus=int(vm.get("vcpus", 1)),
+            memory=int(vm.get("memory", 1 << 30)),
+            disks=[DiskSpec(size=int(d["size"])) for d in disks],
+            nics=[NicSpec(network=str(n["network"])) for n in vm.get("nics", [])],
+        )
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        restore_id = f"vmr-{stamp}-{secrets.token_hex(4)}"
+        accepted = self.center.start_restore(restore_id, spec, self.host, self.pool)
+        try:
+            task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.1)
+            if task.state != "ready":
+                detail = task.error.detail if task.error else task.state
+                raise RepositoryError(f"WinCenter could not prepare the restore: {detail}")
+            targets = {int(d["position"]): d for d in task.result["disks"]}
+            for source, disk in zip(sources, disks, strict=True):
+                self._write(source, targets[int(disk["position"])]["access"])
+            self.center.complete_restore(restore_id)
+            ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.1)
+            if ended.state != "succeeded":
+                raise RepositoryError(f"WinCenter did not complete restore {restore_id}: {ended.state}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.center.abort_restore(restore_id)
+            raise
+        new_vm = ended.result["vm"]
+        return {
+            "point": self.point["id"],
+            "vm": new_vm["name"],
+            "vm_id": new_vm["id"],
+            "written": self.done,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _write(self, source: PointDisk, access: dict[str, Any]) -> None:
+        with wddk.open(access, connections=self.connections) as target:
+
+            def writer(client: Any) -> Callable[[int, bytes], None]:
+                def write(offset: int, blob: bytes) -> None:
+                    if self._cancel.is_set():
+                        raise RepositoryError("restore cancelled")
+                    data = source.data(offset, blob)
+                    client.write(offset, data)
+                    with self._lock:
+                        self.done += len(data)
+                    if self.on_progress is not None:
+                        self.on_progress(self)
+
+                return write
+
+            _parallel(source.chunks(), [writer(c) for c in target.clients])
+            target.flush()
+
+
+def export_disk(
+    repository: Repository, point_ref: str, position: int, path: str, file_format: str = "raw"
+) -> dict[str, Any]:
+    """Write one disk of a restore point to *path* as a sparse raw file or a dynamic VHD."""
+    point = repository.load_point(point_ref)
+    source = PointDisk(repository, point, position)
+    if os.path.exists(path):
+        raise RepositoryError(f"{path}: exists (refusing to overwrite)")
+    written = 0
+    if file_format == "raw":
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, source.size)
+            for offset, blob in source.chunks():
+                data = source.data(offset, blob)
+                pwrite_all(fd, data, offset)
+                written += len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    elif file_format == "vhd":
+        vhd.create_dynamic(path, source.size)
+        with vhd.Chain.open(path, writable=True) as chain:
+            for offset, blob in source.chunks():
+                data = source.data(offset, blob)
+                chain.write(offset, data)
+                written += len(data)
+            chain.flush()
+    else:
+        raise RepositoryError(f"unknown format {file_format!r} (raw or vhd)")
+    return {
+        "point": point["id"],
+        "disk": position,
+        "path": path,
+        "format": file_format,
+        "size": source.size,
+        "written": written,
+    }
+
+
+class PointExport:
+    """A restore point's disk as a read-only NBD export (``vmbackup mount``): for
+    file-level restore (``qemu-nbd``/``nbd-client`` + mount) or booting from it."""
+
+    def __init__(self, source: PointDisk, description: str = ""):
+        self.source = source
+        self._description = description
+
+    size = property(lambda self: self.source.size)
+    read_only = property(lambda self: True)
+    multi_conn = property(lambda self: True)
+    min_block_size = property(lambda self: 1)
+    description = property(lambda self: self._description)
+
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        if nowait:
+            raise BlockingIOError  # reads fetch from the repository: do them in a worker
+        buf[:] = self.source.read(offset, len(buf))
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        raise ExportError(1, "a restore point is read-only")
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        raise ExportError(1, "a restore point is read-only")
+
+    def trim(self, offset: int, length: int) -> None:
+        raise ExportError(1, "a restore point is read-only")
+
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def contexts(self) -> Sequence[str]:
+        return []
+
+    def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation``: holes where the backup found zero chunks."""
+        chunk = self.source.chunk_size
+        result: list[tuple[int, int]] = []
+        end = min(self.source.size, offset + length)
+        while offset < end:
+            take = min(end - offset, chunk - offset % chunk)
+            flags = NBD_STATE_HOLE | NBD_STATE_ZERO if self.source.is_hole(offset // chunk) else 0
+            if result and result[-1][1] == flags:
+                result[-1] = (result[-1][0] + take, flags)
+            else:
+                result.append((take, flags))
+            offset += take
+        return result
+
+    def close(self) -> None:
+        return None

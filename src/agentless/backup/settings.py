@@ -1,0 +1,71 @@
+"""vmbackup's own settings: which WinCenter to talk to, with which token and CA, and the
+default repository. ``vmbackup config`` writes them to ``$VMBACKUP_CONFIG`` (default
+``~/.config/vmbackup/config.json``, mode 0600: it holds a token). The repository's
+password is never stored: ``VMBACKUP_PASSWORD``, ``--password-file`` or a prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from .keys import RepositoryError
+
+__all__ = ["Settings", "SettingsError", "settings_path"]
+
+MAGIC = "agentless-vmbackup-settings"
+
+
+class SettingsError(RepositoryError):
+    """The settings are missing or unusable: run ``vmbackup config``."""
+
+
+def settings_path() -> str:
+    return os.environ.get("VMBACKUP_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "vmbackup", "config.json"
+    )
+
+
+@dataclasses.dataclass
+class Settings:
+    center: str | None = None
+    token: str | None = None
+    ca_pem: str | None = None
+    repo: str | None = None
+
+    @classmethod
+    def load(cls, path: str | None = None) -> Settings:
+        path = path or settings_path()
+        try:
+            with open(path) as f:
+                data: Any = json.load(f)
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as error:
+            raise SettingsError(f"{path}: unreadable ({error})") from None
+        if not isinstance(data, dict) or data.get("magic") != MAGIC:
+            raise SettingsError(f"{path}: not a vmbackup settings file")
+        return cls(data.get("center"), data.get("token"), data.get("ca_pem"), data.get("repo"))
+
+    def save(self, path: str | None = None) -> str:
+        """Write atomically, 0600; the path."""
+        path = path or settings_path()
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        staging = f"{path}.tmp"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"magic": MAGIC, **dataclasses.asdict(self)}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+        return path
+
+    def center_access(self) -> tuple[str, str, str]:
+        """(URL, token, CA PEM) of WinCenter; SettingsError when not configured."""
+        if not (self.center and self.token and self.ca_pem):
+            raise SettingsError(
+                "no WinCenter configured: run `vmbackup config --center URL --token T --ca FILE`"
+            )
+        return self.center, self.token, self.ca_pem
