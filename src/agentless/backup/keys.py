@@ -28,6 +28,7 @@ import hmac
 import json
 import os
 import secrets
+import threading
 from typing import Any
 
 import zstandard
@@ -73,8 +74,15 @@ class CorruptError(RepositoryError):
         self.blob = blob
 
 
-_compressor = zstandard.ZstdCompressor(level=_LEVEL)
-_decompressor = zstandard.ZstdDecompressor()
+class _Codecs(threading.local):
+    """zstd (de)compressors are not thread-safe: one pair per thread."""
+
+    def __init__(self) -> None:
+        self.compressor = zstandard.ZstdCompressor(level=_LEVEL)
+        self.decompressor = zstandard.ZstdDecompressor()
+
+
+_codecs = _Codecs()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +110,7 @@ class Keys:
 
     def seal(self, plaintext: bytes | memoryview, blob_id: bytes) -> bytes:
         """*plaintext* compressed (when that helps) and encrypted, bound to *blob_id*."""
-        packed = _compressor.compress(plaintext)
+        packed = _codecs.compressor.compress(plaintext)
         body = (
             bytes([_FLAG_ZSTD]) + packed if len(packed) < len(plaintext) else bytes([_FLAG_RAW]) + plaintext
         )
@@ -124,7 +132,9 @@ class Keys:
         if len(body) < 1 or body[0] not in (_FLAG_RAW, _FLAG_ZSTD):
             raise CorruptError(f"{what}: unknown encoding", where, blob_id.hex())
         try:
-            plaintext = _decompressor.decompress(body[1:]) if body[0] == _FLAG_ZSTD else bytes(body[1:])
+            plaintext = (
+                _codecs.decompressor.decompress(body[1:]) if body[0] == _FLAG_ZSTD else bytes(body[1:])
+            )
         except zstandard.ZstdError:
             raise CorruptError(f"{what}: does not decompress", where, blob_id.hex()) from None
         if not hmac.compare_digest(self.blob_id(plaintext), blob_id):
@@ -136,7 +146,7 @@ class Keys:
     def seal_meta(self, kind: bytes, document: Any) -> bytes:
         """A JSON document as stored: *kind* (the object's magic, 8 bytes) ‖ version ‖
         zstd(JSON) sealed (GCM with *kind* as associated data, or a SHA-256 trailer)."""
-        body = _compressor.compress(json.dumps(document, separators=(",", ":")).encode())
+        body = _codecs.compressor.compress(json.dumps(document, separators=(",", ":")).encode())
         head = kind + bytes([1])
         if self.data_key is None:
             return head + body + hashlib.sha256(head + body).digest()
@@ -160,7 +170,7 @@ class Keys:
             except (InvalidTag, ValueError):
                 raise CorruptError(f"{where}: authentication failed", where) from None
         try:
-            return json.loads(_decompressor.decompress(body))
+            return json.loads(_codecs.decompressor.decompress(body))
         except (zstandard.ZstdError, ValueError):
             raise CorruptError(f"{where}: malformed", where) from None
 
