@@ -7,7 +7,7 @@ import sys
 
 
 def test_demo_succeeds() -> None:
-    """The three acts of the demo run and check their data byte for byte."""
+    """The four acts of the demo run and check their data byte for byte."""
     result = subprocess.run(
         [sys.executable, "-m", "agentless.demo"], capture_output=True, text=True, timeout=300
     )
@@ -15,3 +15,4 @@ def test_demo_succeeds() -> None:
     assert "demo succeeded" in result.stdout
     assert "as written: True" in result.stdout
     assert "backup == disks: True; restored == disks: True" in result.stdout
+    assert "== the disks at the incremental backup: True" in result.stdout
