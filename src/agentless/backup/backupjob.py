@@ -20,6 +20,7 @@ again as a full backup.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import queue
@@ -145,9 +146,9 @@ class VmBackup:
         """Read every disk into the repository and save the restore point."""
         base_disks = {d["position"]: d for d in (previous or {}).get("disks", [])}
         self.size = sum(e["length"] for d in result["disks"] for e in d["extents"])
-        disks = []
         with self.repository.writer() as writer:
-            for disk in result["disks"]:
+
+            def one(disk: dict[str, Any]) -> dict[str, Any]:
                 base = base_disks.get(disk["position"]) if disk["type"] == "incremental" else None
                 if disk["type"] == "incremental" and (base is None or base["size"] != disk["size"]):
                     raise BackupError(f"disk {disk['position']}: no matching disk in the base restore point")
@@ -158,18 +159,26 @@ class VmBackup:
                 )
                 read = self._read_disk(disk, index, writer)
                 pages = index.store(writer)
-                disks.append(
-                    {
-                        "position": disk["position"],
-                        "size": disk["size"],
-                        "chunk_size": self.repository.chunk_size,
-                        "pages": [p.hex() for p in pages],
-                        "digest": index.digest,
-                        "type": disk["type"],
-                        "reason": disk["reason"],
-                        "read": read,
-                    }
-                )
+                return {
+                    "position": disk["position"],
+                    "size": disk["size"],
+                    "chunk_size": self.repository.chunk_size,
+                    "pages": [p.hex() for p in pages],
+                    "digest": index.digest,
+                    "type": disk["type"],
+                    "reason": disk["reason"],
+                    "read": read,
+                }
+
+            def guarded(disk: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return one(disk)
+                except BaseException:
+                    self._cancel.set()  # the other disks stop too
+                    raise
+
+            with concurrent.futures.ThreadPoolExecutor(max(1, len(result["disks"]))) as pool:
+                disks = list(pool.map(guarded, result["disks"]))  # every disk at once
             writer.flush()
             stats = {"read": sum(d["read"] for d in disks), "stored": writer.stored, "new": writer.new}
             stats["deduplicated"] = writer.reused_bytes
