@@ -20,6 +20,7 @@ import pytest
 import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
+from tests.backup.conftest import S3_CREDENTIALS, S3Server
 from tests.wincenter.conftest import init_center, start_server
 from tests.wincenter.test_flows import Site, _guest, _write_random
 from tests.winserver.conftest import init_host, start_daemon
@@ -247,3 +248,46 @@ def test_online_backups_are_crash_consistent(site: Site, tmp_path: Path) -> None
             assert 0 < k < len(writes), (k, len(writes))
             for offset, data in writes:  # the disk now: the next round's base
                 base[offset : offset + len(data)] = data
+
+
+def test_backup_to_s3_and_back(site: Site, tmp_path: Path, s3_server: S3Server) -> None:
+    """The same backup and export with the repository in an S3 bucket (a real
+    S3-speaking server), configured the usual way: s3:// URL and AWS_* variables."""
+    bucket = s3_server.create_bucket()
+    env = os.environ | {
+        "VMBACKUP_CONFIG": str(tmp_path / "c.json"),
+        "VMBACKUP_REPO": f"s3://{bucket}/vm-backups",
+        "VMBACKUP_PASSWORD": "s3 secret",
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
+        "AWS_DEFAULT_REGION": s3_server.region,
+    }
+    ca = tmp_path / "ca.pem"
+    ca.write_text(site.center.ca_pem)
+    _ok(vmbackup(env, "init", f"s3://{bucket}/vm-backups", "--encrypt", "--json"))
+    _ok(
+        vmbackup(
+            env,
+            "config",
+            "--center",
+            site.center.url,
+            f"--token={site.center_token}",
+            "--ca",
+            str(ca),
+            "--json",
+        )
+    )
+    rng = random.Random(5)
+    with site.host_client() as host:
+        host.create_vm("s3vm", [4 * MiB])
+        host.start_vm("s3vm")
+        model = bytearray(4 * MiB)
+        with _guest(host, "s3vm", 0) as guest:
+            _write_random(guest, model, rng, 10)
+    [done] = _ok(vmbackup(env, "backup", "--vm", "s3vm", "--json"))["backups"]  # type: ignore[misc]
+    keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("vm-backups/data/") for k in keys) and "vm-backups/config" in keys
+    out = tmp_path / "s3vm.raw"
+    _ok(vmbackup(env, "export", done["point"], str(out), "--json"))
+    assert out.read_bytes() == model
