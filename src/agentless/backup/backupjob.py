@@ -81,6 +81,7 @@ class VmBackup:
         full: bool = False,
         connections: int = 4,
         on_progress: Callable[[VmBackup], None] | None = None,
+        journal: Callable[[str, bool], None] | None = None,
     ):
         self.center = center
         self.repository = repository
@@ -88,6 +89,7 @@ class VmBackup:
         self.full = full
         self.connections = connections
         self.on_progress = on_progress
+        self.journal = journal  # (backup id, open?): what a cleanup after a crash must abort
         self.size = 0
         self.done = 0
         self.name = vm_ref
@@ -115,6 +117,8 @@ class VmBackup:
         kind = "incremental" if previous is not None else "full"
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         backup_id = f"vmb-{stamp}-{secrets.token_hex(4)}"
+        if self.journal is not None:
+            self.journal(backup_id, True)  # before WinCenter knows it: a crash may come next
         accepted = self.center.start_backup(vm_id, backup_id, kind)
         self._backup_id = backup_id
         try:
@@ -137,6 +141,9 @@ class VmBackup:
         except BaseException:
             self._abort(backup_id)
             raise
+        finally:
+            if self.journal is not None:
+                self.journal(backup_id, False)
 
     def _abort(self, backup_id: str) -> None:
         with contextlib.suppress(Exception):  # WinCenter's expiry cleans up what this could not

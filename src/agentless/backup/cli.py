@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import getpass
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +31,7 @@ from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnrea
 
 from .backupjob import VmBackup
 from .keys import RepositoryError
+from .locks import Lock, dead_locks
 from .repository import Repository
 from .restorejob import PointDisk, PointExport, VmRestore, export_disk
 from .settings import Settings, SettingsError
@@ -151,15 +153,46 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reap(repository: Repository, center: CenterClient) -> list[str]:
+    """Clean up after ``vmbackup`` processes that died: abort the WinCenter backups their
+    locks list (so the VMs' next backups need not wait for them to expire), then remove
+    the locks. The backup ids aborted."""
+    aborted = []
+    for lock in dead_locks(repository.backend):
+        for backup_id in lock.get("backups", []):
+            with contextlib.suppress(CenterApiError, CenterUnreachable):
+                center.abort_backup(str(backup_id))
+                aborted.append(str(backup_id))
+        repository.backend.delete(str(lock["name"]))
+    return aborted
+
+
+def _journal(lock: Lock) -> Callable[[str, bool], None]:
+    open_ids: set[str] = set()
+    guard = threading.Lock()
+
+    def note(backup_id: str, opened: bool) -> None:
+        with guard:
+            (open_ids.add if opened else open_ids.discard)(backup_id)
+            lock.note(backups=sorted(open_ids))
+
+    return note
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with (
         _repository(args) as repository,
-        repository.lock("shared", "backup"),
+        repository.lock("shared", "backup") as lock,
         _center() as center,
         _bars(args) as bars,
     ):
-        jobs = [VmBackup(center, repository, vm, args.full, args.connections, bars.update) for vm in args.vm]
+        _reap(repository, center)
+        journal = _journal(lock)
+        jobs = [
+            VmBackup(center, repository, vm, args.full, args.connections, bars.update, journal)
+            for vm in args.vm
+        ]
         results: list[dict[str, Any]] = []
         failures: list[str] = []
         with concurrent.futures.ThreadPoolExecutor(max(1, min(args.parallel, len(jobs)))) as pool:

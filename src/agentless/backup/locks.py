@@ -8,10 +8,13 @@ Kinds and what they exclude::
     exclusive   excludes every other lock (repository maintenance)
 
 A lock records its host, process, purpose and the time it was taken (``started``) and
-last refreshed (``time``); one not refreshed for :data:`STALE_SECONDS` belongs to a dead
-process and is ignored (and removed). Backends give no atomic create-if-absent, so a
-lock is written, then the others are read again: of two racing takers of conflicting
-locks, at least one sees the other and backs off.
+last refreshed (``time``); one not refreshed for :data:`STALE_SECONDS`, or taken on this
+host by a process that no longer exists, belongs to a dead process and is ignored
+(:func:`dead_locks` finds them, so that what they were doing – the WinCenter backups a
+killed ``vmbackup backup`` left open, listed in its lock – can be cleaned up).
+Backends give no atomic create-if-absent, so a lock is written, then the others are read
+again: of two racing takers of conflicting locks, at least one sees the other and backs
+off.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from agentless.lifetime import Closing
 from .keys import RepositoryError
 from .storage import Backend, NotFound
 
-__all__ = ["STALE_SECONDS", "Lock", "LockedError", "active_locks"]
+__all__ = ["STALE_SECONDS", "Lock", "LockedError", "active_locks", "dead_locks"]
 
 STALE_SECONDS = 30 * 60
 REFRESH_SECONDS = 5 * 60
@@ -44,18 +47,41 @@ def _conflicts(mine: str, theirs: str) -> bool:
     return "exclusive" in (mine, theirs) or (mine == theirs == "gc")
 
 
-def active_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
-    """The fresh locks of the repository (stale ones are skipped)."""
-    now = time.time() if now is None else now
+def _alive(document: dict[str, Any], now: float) -> bool:
+    if now - float(document.get("time", 0)) >= STALE_SECONDS:
+        return False
+    if document.get("host") == socket.gethostname():
+        try:
+            os.kill(int(document.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+    return True
+
+
+def _all_locks(backend: Backend) -> list[dict[str, Any]]:
     found = []
     for name in backend.list("locks/"):
         try:
             document = json.loads(backend.get(name))
         except (NotFound, ValueError):
             continue
-        if isinstance(document, dict) and now - float(document.get("time", 0)) < STALE_SECONDS:
+        if isinstance(document, dict):
             found.append(document | {"name": name})
     return found
+
+
+def active_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
+    """The locks of live processes (stale and dead ones are skipped)."""
+    now = time.time() if now is None else now
+    return [d for d in _all_locks(backend) if _alive(d, now)]
+
+
+def dead_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
+    """The locks left by dead processes: stale, or of this host and no such process."""
+    now = time.time() if now is None else now
+    return [d for d in _all_locks(backend) if not _alive(d, now)]
 
 
 class Lock(Closing):
@@ -68,7 +94,8 @@ class Lock(Closing):
         self.kind = kind
         self.name = f"locks/{secrets.token_hex(16)}"
         self.started = time.time()
-        self._document = {
+        self._note_lock = threading.Lock()
+        self._document: dict[str, Any] = {
             "kind": kind,
             "purpose": purpose,
             "host": socket.gethostname(),
@@ -99,10 +126,18 @@ class Lock(Closing):
                     f"of pid {other.get('pid')} on {other.get('host')} since {when}"
                 )
 
+    def note(self, **fields: Any) -> None:
+        """Record *fields* in the lock (what the holder is doing, for whoever cleans up
+        after it if it dies)."""
+        with self._note_lock:
+            self._document |= fields
+            self._write()
+
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_SECONDS):
             try:
-                self._write()
+                with self._note_lock:
+                    self._write()
             except Exception:  # the next refresh tries again; stale only after 30 min
                 continue
 
