@@ -354,5 +354,15 @@ def test_backup_killed_then_next_backup_works(site: Site, tmp_path: Path) -> Non
     assert out.read_bytes() == model
     for point in points:  # every restore point the killed runs may have left is sound
         _ok(vmbackup(env, "export", point, str(tmp_path / f"{point}.raw"), "--json"))
+    checked = _ok(vmbackup(env, "verify", "--read-data", "--json"))
+    assert checked["problems"] == [] and checked["points"] == len(points) + 1
+    pruned = _ok(vmbackup(env, "prune", "--keep-last", "1", "--json"))
+    assert [p["id"] for p in pruned["keep"]] == [done["point"]]  # type: ignore[index]
+    freed = _ok(vmbackup(env, "gc", "--json"))
+    assert freed["waiting"] == []  # nothing else runs: everything unused goes in one run
+    assert _ok(vmbackup(env, "verify", "--read-data", "--json"))["problems"] == []
+    again = tmp_path / "big-after-gc.raw"
+    _ok(vmbackup(env, "export", done["point"], str(again), "--json"))
+    assert again.read_bytes() == model
     with site.host_client() as host:
         assert all(g["revoked"] for g in host.list_grants())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import getpass
 import os
 import signal
@@ -30,12 +31,15 @@ from agentless.vhd import VhdError
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
 
 from .backupjob import VmBackup
+from .gc import gc
 from .keys import RepositoryError
-from .locks import Lock, dead_locks
+from .locks import Lock, active_locks, dead_locks
+from .prune import prune
 from .repository import Repository
 from .restorejob import PointDisk, PointExport, VmRestore, export_disk
 from .settings import Settings, SettingsError
 from .storage import StorageError
+from .verify import verify
 
 __all__ = ["main"]
 
@@ -346,6 +350,66 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    with _repository(args) as repository, repository.lock("shared", "verify"):
+        report = verify(repository, read_data=args.read_data)
+    document = dataclasses.asdict(report)
+    what = "data and structure" if args.read_data else "structure"
+    lines = [
+        f"checked the {what} of {report.points} restore points, {report.packs} packs, {report.blobs} blobs"
+    ]
+    lines += [f"  {notice}" for notice in report.notices]
+    lines += [f"PROBLEM {problem}" for problem in report.problems]
+    if report.affected:
+        lines.append("restore points affected: " + " ".join(report.affected))
+    lines.append("no problem found" if not report.problems else f"{len(report.problems)} problem(s)")
+    emit(args, document, "\n".join(lines))
+    return 0 if not report.problems else 1
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    rules = {
+        name: getattr(args, name)
+        for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+    }
+    with _repository(args) as repository:
+        report = prune(repository, **rules, dry_run=args.dry_run)
+    kept = [{"id": p["id"], "reasons": reasons} for p, reasons in report.keep]
+    removed = [{"id": p["id"], "reason": reason} for p, reason in report.remove]
+    document = {"keep": kept, "remove": removed, "removed": report.removed, "dry_run": report.dry_run}
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"keep   {k['id']}  ({', '.join(k['reasons'])})" for k in kept]
+    lines += [f"{'remove' if args.dry_run else 'gone':<6} {r['id']}  ({r['reason']})" for r in removed]
+    lines.append(f"{verb} {len(removed)} restore point(s); `vmbackup gc` reclaims their data")
+    emit(args, document, "\n".join(lines))
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    with _repository(args) as repository:
+        report = gc(repository)
+    document = dataclasses.asdict(report)
+    text = (
+        f"{len(report.deleted)} pack(s) deleted ({format_size(report.bytes_freed)} freed), "
+        f"{len(report.repacked)} repacked, {len(report.condemned)} condemned"
+        + (f", {len(report.waiting)} waiting for running backups to end" if report.waiting else "")
+    )
+    emit(args, document, text)
+    return 0
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    with _repository(args) as repository:
+        locks = dead_locks(repository.backend) if not args.all else active_locks(repository.backend)
+        if args.all:
+            locks += dead_locks(repository.backend)
+        for lock in locks:
+            repository.backend.delete(str(lock["name"]))
+    names = [str(lock["name"]) for lock in locks]
+    emit(args, {"removed": names}, f"{len(names)} lock(s) removed")
+    return 0
+
+
 # ---------------------------------------------------------------------- the parser
 
 
@@ -421,6 +485,27 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", help="a unix socket path")
     where.add_argument("--port", type=int, help="a TCP port on 127.0.0.1 (plain NBD, loopback only)")
     p.set_defaults(handler=_cmd_mount)
+
+    p = command(
+        "verify", "check the repository; with --read-data every byte (names the restore points affected)"
+    )
+    p.add_argument("--read-data", action="store_true", help="read and check every pack and blob")
+    p.set_defaults(handler=_cmd_verify)
+
+    p = command("prune", "delete restore points by retention rules (per VM; rules count independently)")
+    for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(
+            f"--keep-{period}", type=int, default=0, metavar="N", help=f"keep {period} restore points"
+        )
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.set_defaults(handler=_cmd_prune)
+
+    p = command("gc", "free the data no restore point uses (safe while backups run)")
+    p.set_defaults(handler=_cmd_gc)
+
+    p = command("unlock", "remove the locks of vmbackup processes that are gone")
+    p.add_argument("--all", action="store_true", help="remove every lock (only when no vmbackup runs)")
+    p.set_defaults(handler=_cmd_unlock)
     return parser
 
 

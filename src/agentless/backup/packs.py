@@ -3,19 +3,26 @@
 A 64 KiB chunk per object would mean tens of thousands of objects per GiB – slow on a
 file system and costly on S3 – so blobs are appended to packs of about 16 MiB::
 
-    "AGVBPACK" 0x01 ‖ blob ‖ blob ‖ ... ‖ trailer ‖ u32 trailer length ‖ "AGVBPEND"
+    "AGVBPACK" 0x01 ‖ salt ‖ blob ‖ blob ‖ ... ‖ trailer ‖ u32 trailer length ‖ "AGVBPEND"
     trailer = sealed JSON [[blob id, kind, offset, length, raw length], ...]
+    salt    = 16 random bytes, so that no two packs are ever the same object
 
 A pack is named by the SHA-256 of its bytes (``data/<2 hex>/<64 hex>``), so a whole pack
 can be checked against its name, and it describes itself: the index of the repository
 can be rebuilt from the trailers alone. Blob kinds: ``data`` (a chunk of a disk) and
 ``tree`` (a page of a disk's chunk index).
+
+The salt matters when the repository is not encrypted (nothing else in a pack is
+random): without it, a backup storing anew the blobs of a pack that a garbage collection
+condemned could write that very pack again, byte for byte and under its name, just as
+the collection deletes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import struct
 
 from .keys import CorruptError, Keys
@@ -26,6 +33,7 @@ PACK_MAGIC = b"AGVBPACK"
 PACK_END = b"AGVBPEND"
 TRAILER_KIND = b"AGVBPTRL"
 _HEAD = PACK_MAGIC + b"\x01"
+_SALT = 16  # packs before the salt existed have none: readers need not know
 _TAIL = struct.Struct("<I8s")  # trailer length, PACK_END
 TARGET_SIZE = 16 << 20
 
@@ -55,8 +63,8 @@ class PackBuilder:
     def __init__(self, keys: Keys, target_size: int = TARGET_SIZE):
         self.keys = keys
         self.target_size = target_size
-        self._parts: list[bytes] = [_HEAD]
-        self._size = len(_HEAD)
+        self._parts: list[bytes] = [_HEAD, os.urandom(_SALT)]
+        self._size = len(_HEAD) + _SALT
         self._entries: list[tuple[bytes, str, int, int, int]] = []
 
     def __len__(self) -> int:
