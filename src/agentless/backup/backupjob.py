@@ -190,7 +190,7 @@ class VmBackup:
             stats = {"read": sum(d["read"] for d in disks), "stored": writer.stored, "new": writer.new}
             stats["deduplicated"] = writer.reused_bytes
         point = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "vm": result["vm"],
             "backup_id": result["backup_id"],
             "type": result["type"],
