@@ -56,6 +56,11 @@ def latest_point(repository: Repository, vm_id: str) -> dict[str, Any] | None:
     return mine[-1] if mine else None
 
 
+def _now() -> str:
+    """Now, UTC, ISO 8601 to the microsecond (restore points of one second stay ordered)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def _pieces(extents: list[dict[str, int]], chunk: int, size: int) -> list[tuple[int, int]]:
     """The extents widened to whole chunks, merged, cut in pieces of at most PIECE."""
     spans: list[list[int]] = []
@@ -190,7 +195,7 @@ class VmBackup:
             stats = {"read": sum(d["read"] for d in disks), "stored": writer.stored, "new": writer.new}
             stats["deduplicated"] = writer.reused_bytes
         point = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "time": _now(),
             "vm": result["vm"],
             "backup_id": result["backup_id"],
             "type": result["type"],

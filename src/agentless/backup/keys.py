@@ -11,7 +11,8 @@ Blobs (chunks of disk data, index pages) are sealed one by one::
     id       = HMAC-SHA256(id_key, plaintext)       (SHA-256 without encryption)
     sealed   = nonce(12) ‖ AES-256-GCM(flag ‖ body, aad = id)      (flag ‖ body without)
     flag     = 0: body is the plaintext, 1: body is zstd(plaintext) – compression is
-               kept only when it saves space (random data is stored as it is)
+               kept only when it saves space; a chunk whose first 4 KiB do not compress
+               (random, encrypted or compressed data) is not even tried
 
 and checked when read: the GCM tag (or nothing, unencrypted), then the id recomputed from
 the plaintext – so a flipped bit anywhere is found, and a blob can never be served under
@@ -52,7 +53,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 _NONCE = 12
 _KEY_AAD = b"agentless-vmbackup master key"
 _FLAG_RAW, _FLAG_ZSTD = 0, 1
-_LEVEL = 3
+_LEVEL = 1  # level 3 costs 40% more time for 1-2% smaller chunks of disk data
+_PROBE = 4096  # compress this much first: random data is stored as it is, unpacked
 
 
 class RepositoryError(Exception):
@@ -110,10 +112,14 @@ class Keys:
 
     def seal(self, plaintext: bytes | memoryview, blob_id: bytes) -> bytes:
         """*plaintext* compressed (when that helps) and encrypted, bound to *blob_id*."""
-        packed = _codecs.compressor.compress(plaintext)
-        body = (
-            bytes([_FLAG_ZSTD]) + packed if len(packed) < len(plaintext) else bytes([_FLAG_RAW]) + plaintext
-        )
+        compressor = _codecs.compressor
+        probe = memoryview(plaintext)[:_PROBE]
+        hopeless = len(plaintext) > 2 * _PROBE and len(compressor.compress(probe)) >= len(probe) * 0.97
+        packed = None if hopeless else compressor.compress(plaintext)
+        if packed is not None and len(packed) < len(plaintext):
+            body = bytes([_FLAG_ZSTD]) + packed
+        else:
+            body = bytes([_FLAG_RAW]) + bytes(plaintext)
         if self.data_key is None:
             return body
         nonce = os.urandom(_NONCE)

@@ -301,10 +301,10 @@ class BlobWriter(Closing):
         """Finish the open pack and put it in the background (holding ``_lock``)."""
         if not len(self._builder):
             return
-        name, data, locations = self._builder.finish()
-        self._builder = PackBuilder(self.keys)
+        builder, self._builder = self._builder, PackBuilder(self.keys)
 
-        def put() -> None:
+        def put() -> None:  # joining and hashing 16 MiB: in the put thread, not under the lock
+            name, data, locations = builder.finish()
             self.repository.backend.put(name, data)
             with self._lock:
                 self._written.update(locations)

@@ -98,12 +98,31 @@ class PointDisk:
             return self.index.get(chunk) == ZERO
 
 
-def _parallel(items: Iterator[tuple[int, bytes]], workers: Sequence[Callable[[int, bytes], None]]) -> None:
-    """Run ``worker(offset, blob)`` over *items*, one thread per worker."""
-    work: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=64)
+RUN = 1 << 20  # chunks written in one request
+
+
+def _runs(chunks: Iterator[tuple[int, bytes]], chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
+    """Consecutive chunks grouped in runs of up to RUN bytes: (offset, blob ids)."""
+    start, blobs = -1, list[bytes]()
+    for offset, blob in chunks:
+        if blobs and (offset != start + len(blobs) * chunk_size or len(blobs) * chunk_size >= RUN):
+            yield start, blobs
+            blobs = []
+        if not blobs:
+            start = offset
+        blobs.append(blob)
+    if blobs:
+        yield start, blobs
+
+
+def _parallel(
+    items: Iterator[tuple[int, list[bytes]]], workers: Sequence[Callable[[int, list[bytes]], None]]
+) -> None:
+    """Run ``worker(offset, blobs)`` over *items*, one thread per worker."""
+    work: queue.Queue[tuple[int, list[bytes]] | None] = queue.Queue(maxsize=64)
     errors: list[BaseException] = []
 
-    def run(worker: Callable[[int, bytes], None]) -> None:
+    def run(worker: Callable[[int, list[bytes]], None]) -> None:
         while True:
             item = work.get()
             if item is None or errors:
@@ -205,11 +224,12 @@ class VmRestore:
     def _write(self, source: PointDisk, access: dict[str, Any]) -> None:
         with wddk.open(access, connections=self.connections) as target:
 
-            def writer(client: Any) -> Callable[[int, bytes], None]:
-                def write(offset: int, blob: bytes) -> None:
+            def writer(client: Any) -> Callable[[int, list[bytes]], None]:
+                def write(offset: int, blobs: list[bytes]) -> None:
                     if self._cancel.is_set():
                         raise RepositoryError("restore cancelled")
-                    data = source.data(offset, blob)
+                    step = source.chunk_size
+                    data = b"".join(source.data(offset + i * step, blob) for i, blob in enumerate(blobs))
                     client.write(offset, data)
                     with self._lock:
                         self.done += len(data)
@@ -218,7 +238,7 @@ class VmRestore:
 
                 return write
 
-            _parallel(source.chunks(), [writer(c) for c in target.clients])
+            _parallel(_runs(source.chunks(), source.chunk_size), [writer(c) for c in target.clients])
             target.flush()
 
 

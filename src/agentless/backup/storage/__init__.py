@@ -25,15 +25,18 @@ Errors (see :mod:`.backend`)::
 
 from __future__ import annotations
 
+import importlib
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backend import Backend, InvalidName, NotFound, StorageError, check_name, name_is_valid
 from .faults import BitFlipBackend, FailingBackend, SimulatedCrash
 from .local import LocalBackend
 from .memory import MemoryBackend
 from .retry import RetryBackend
-from .s3 import S3Backend, parse_s3_url
+
+if TYPE_CHECKING:
+    from .s3 import S3Backend, parse_s3_url
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -51,17 +54,30 @@ __all__ = [
     "check_name",
     "name_is_valid",
     "open_backend",
+    "parse_s3_url",
 ]
 
-# Checked by mypy --strict: every implementation and wrapper satisfies the Protocol.
-IMPLEMENTATIONS: tuple[type[Backend], ...] = (
-    LocalBackend,
-    S3Backend,
-    MemoryBackend,
-    RetryBackend,
-    BitFlipBackend,
-    FailingBackend,
-)
+if TYPE_CHECKING:
+    # Checked by mypy --strict: every implementation and wrapper satisfies the Protocol.
+    IMPLEMENTATIONS: tuple[type[Backend], ...] = (
+        LocalBackend,
+        S3Backend,
+        MemoryBackend,
+        RetryBackend,
+        BitFlipBackend,
+        FailingBackend,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """``S3Backend`` and ``parse_s3_url`` load boto3 (a tenth of a second) only when asked
+    for: a command on a local repository does not pay for it."""
+    if name in ("S3Backend", "parse_s3_url"):
+        return getattr(importlib.import_module(".s3", __name__), name)
+    if name == "IMPLEMENTATIONS":
+        s3 = importlib.import_module(".s3", __name__)
+        return (LocalBackend, s3.S3Backend, MemoryBackend, RetryBackend, BitFlipBackend, FailingBackend)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_backend(location: str, **options: Any) -> Backend:
@@ -77,9 +93,11 @@ def open_backend(location: str, **options: Any) -> Backend:
     does not take (one line for the user)."""
     scheme, sep, _ = location.partition("://")
     if sep and scheme == "s3":
-        bucket, prefix = parse_s3_url(location)
+        s3 = importlib.import_module(".s3", __name__)
+        bucket, prefix = s3.parse_s3_url(location)
         try:
-            return S3Backend(bucket, prefix, **options)
+            backend: Backend = s3.S3Backend(bucket, prefix, **options)
+            return backend
         except TypeError as error:
             raise StorageError(f"{location}: bad S3 options: {error}") from None
     if sep and scheme != "file":
