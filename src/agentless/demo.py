@@ -110,13 +110,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _winserver(*args: str) -> str:
-    """Run a ``winserver`` command; its standard output (it must succeed)."""
+PARTIES = {"winserver": "agentless.winserver.cli", "wincenter": "agentless.wincenter.cli"}
+
+
+def _command(party: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``winserver``, ``wincenter`` or ``vmbackup`` (*party*) with *args*; its
+    standard output (it must succeed)."""
+    module = PARTIES.get(party, "agentless.backup.cli")
     done = subprocess.run(
-        [sys.executable, "-m", "agentless.winserver.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"winserver {args[0]}: {done.stderr.strip()}")
+        raise RuntimeError(f"{party} {args[0]}: {done.stderr.strip()}")
     return done.stdout
 
 
@@ -139,9 +149,9 @@ def _stop(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
-def _started(command: list[str], ready: str) -> subprocess.Popen[str]:
-    """Start a daemon (``python -m MODULE serve ...``); returned once its first line
-    holds *ready*."""
+def _started(command: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a daemon (``python -m MODULE serve ...``); returned, with its first line,
+    once that line holds *ready*."""
     process = subprocess.Popen(
         [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -150,7 +160,7 @@ def _started(command: list[str], ready: str) -> subprocess.Popen[str]:
     if ready not in line:
         _stop(process)
         raise RuntimeError(f"{command[0]} did not start: {line}{process.stderr.read().strip()}")
-    return process
+    return process, line
 
 
 @contextlib.contextmanager
@@ -159,8 +169,12 @@ def host_daemon(directory: str) -> Iterator[RunningHost]:
     process; yields its API client and credentials and stops the daemon at the end."""
     api_port = _free_port()
     ports = ["--address", "127.0.0.1", "--api-port", str(api_port), "--nbd-port", str(_free_port())]
-    init = json.loads(_winserver("init", "--dir", directory, "--name", "demo-host", *ports, "--json"))
-    daemon = _started(["agentless.winserver.cli", "serve", "--dir", directory, "--bind", "127.0.0.1"], "NBD")
+    init = json.loads(
+        _command("winserver", "init", "--dir", directory, "--name", "demo-host", *ports, "--json")
+    )
+    daemon, _ = _started(
+        ["agentless.winserver.cli", "serve", "--dir", directory, "--bind", "127.0.0.1"], "NBD"
+    )
     try:
         with open(os.path.join(directory, "pki", "server-cert.pem")) as f:
             cert = f.read()
@@ -230,15 +244,6 @@ def host_backup() -> bool:
             return ok and depth <= 3
 
 
-def _wincenter(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "agentless.wincenter.cli", *args], capture_output=True, text=True, timeout=120
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"wincenter {args[0]}: {done.stderr.strip()}")
-    return done.stdout
-
-
 @dataclasses.dataclass
 class RunningCenter:
     """A WinCenter started by the demo: its client (admin token), URL and CA."""
@@ -252,16 +257,12 @@ class RunningCenter:
 def center_daemon(directory: str) -> Iterator[RunningCenter]:
     """``wincenter init`` and ``wincenter serve`` on a free loopback port (a child
     process); yields a client with the first admin token."""
-    token = json.loads(_wincenter("init", "--dir", directory, "--address", "127.0.0.1", "--json"))["token"]
+    token = json.loads(_command("wincenter", "init", "--dir", directory, "--address", "127.0.0.1", "--json"))[
+        "token"
+    ]
     command = ["agentless.wincenter.cli", "serve", "--dir", directory, "--bind", "127.0.0.1", "--port", "0"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    process, line = _started(command, "API https://")
     try:
-        assert process.stdout is not None and process.stderr is not None
-        line = process.stdout.readline()
-        if "API https://" not in line:
-            raise RuntimeError(f"wincenter serve did not start: {line}{process.stderr.read().strip()}")
         url = line.split("API ")[1].split("/api/v1")[0]
         with open(os.path.join(directory, "pki", "ca-cert.pem")) as f:
             ca = f.read()
@@ -375,17 +376,7 @@ def center_flows() -> bool:
 
 
 def _vmbackup(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "agentless.backup.cli", *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"vmbackup {args[0]}: {done.stderr.strip()}")
-    result: dict[str, Any] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(_command("vmbackup", *args, "--json", env=env))
     return result
 
 

@@ -10,14 +10,16 @@ never overwritten. :func:`write_pki` makes the party's own CA and server certifi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .pki import CertificateAuthority
 
-__all__ = ["building", "write_pki", "write_private"]
+__all__ = ["building", "read_identity", "write_pki", "write_private"]
 
 
 @contextlib.contextmanager
@@ -40,6 +42,19 @@ def building(directory: str | os.PathLike[str], error: type[Exception], prefix: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def read_identity(directory: str, name: str, error: type[Exception], what: str, init: str) -> Any:
+    """The JSON document *name* of the state directory *directory*; *error* (one line)
+    when it is missing – the directory is not a *what*: run *init* – or unreadable."""
+    path = os.path.join(directory, name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{directory}: not a {what} directory (run `{init} --dir`)") from None
+    except (OSError, ValueError) as problem:
+        raise error(f"{path}: unreadable ({problem})") from None
 
 
 def write_pki(directory: str, ca_name: str, server_name: str, addresses: Sequence[str]) -> None:

@@ -66,28 +66,25 @@ def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
     return result
 
 
-def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
-    env = os.environ | {
-        "VMBACKUP_CONFIG": str(tmp_path / "vmbackup.json"),
-        "VMBACKUP_REPO": str(tmp_path / "repo"),
-        "VMBACKUP_PASSWORD": "correct horse",
-    }
+def _configure(
+    site: Site, tmp_path: Path, repo: str, password: str | None = None, **extra: str
+) -> dict[str, str]:
+    """``vmbackup init`` (encrypted when a *password* is given) and ``vmbackup config``
+    against *site*'s WinCenter; the environment the later commands run in."""
+    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "vmbackup.json"), "VMBACKUP_REPO": repo, **extra}
+    env.pop("VMBACKUP_PASSWORD", None)
+    if password is not None:
+        env["VMBACKUP_PASSWORD"] = password
     ca = tmp_path / "center-ca.pem"
     ca.write_text(site.center.ca_pem)
-    _ok(vmbackup(env, "init", str(tmp_path / "repo"), "--encrypt", "--json"))
-    _ok(
-        vmbackup(
-            env,
-            "config",
-            "--center",
-            site.center.url,
-            "--token",
-            site.center_token,
-            "--ca",
-            str(ca),
-            "--json",
-        )
-    )
+    _ok(vmbackup(env, "init", repo, *(["--encrypt"] if password else []), "--json"))
+    token = f"--token={site.center_token}"
+    _ok(vmbackup(env, "config", "--center", site.center.url, token, "--ca", str(ca), "--json"))
+    return env
+
+
+def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
+    env = _configure(site, tmp_path, str(tmp_path / "repo"), "correct horse")
     rng = random.Random(3)
     sizes = [8 * MiB, 4 * MiB]
     with site.host_client() as host:
@@ -157,24 +154,7 @@ def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
 
 
 def test_backup_of_unknown_vm_fails_cleanly(site: Site, tmp_path: Path) -> None:
-    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "c.json"), "VMBACKUP_REPO": str(tmp_path / "repo")}
-    env.pop("VMBACKUP_PASSWORD", None)
-    ca = tmp_path / "ca.pem"
-    ca.write_text(site.center.ca_pem)
-    _ok(vmbackup(env, "init", str(tmp_path / "repo"), "--json"))
-    _ok(
-        vmbackup(
-            env,
-            "config",
-            "--center",
-            site.center.url,
-            "--token",
-            site.center_token,
-            "--ca",
-            str(ca),
-            "--json",
-        )
-    )
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
     done = vmbackup(env, "backup", "--vm", "nope")
     assert done.returncode == 1 and "nope" in done.stderr and "Traceback" not in done.stderr
     started = time.monotonic()
@@ -254,30 +234,13 @@ def test_backup_to_s3_and_back(site: Site, tmp_path: Path, s3_server: S3Server) 
     """The same backup and export with the repository in an S3 bucket (a real
     S3-speaking server), configured the usual way: s3:// URL and AWS_* variables."""
     bucket = s3_server.create_bucket()
-    env = os.environ | {
-        "VMBACKUP_CONFIG": str(tmp_path / "c.json"),
-        "VMBACKUP_REPO": f"s3://{bucket}/vm-backups",
-        "VMBACKUP_PASSWORD": "s3 secret",
+    s3_env = {
         "AWS_ENDPOINT_URL": s3_server.endpoint_url,
         "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
         "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
         "AWS_DEFAULT_REGION": s3_server.region,
     }
-    ca = tmp_path / "ca.pem"
-    ca.write_text(site.center.ca_pem)
-    _ok(vmbackup(env, "init", f"s3://{bucket}/vm-backups", "--encrypt", "--json"))
-    _ok(
-        vmbackup(
-            env,
-            "config",
-            "--center",
-            site.center.url,
-            f"--token={site.center_token}",
-            "--ca",
-            str(ca),
-            "--json",
-        )
-    )
+    env = _configure(site, tmp_path, f"s3://{bucket}/vm-backups", "s3 secret", **s3_env)
     rng = random.Random(5)
     with site.host_client() as host:
         host.create_vm("s3vm", [4 * MiB])
@@ -298,26 +261,7 @@ def test_backup_killed_then_next_backup_works(site: Site, tmp_path: Path) -> Non
     """kill -9 of ``vmbackup backup`` at several points: no restore point is lost or
     broken, the WinCenter backup it left open is aborted by the next run (which does not
     wait for it to expire), and that next backup is complete and exact."""
-    env = os.environ | {
-        "VMBACKUP_CONFIG": str(tmp_path / "c.json"),
-        "VMBACKUP_REPO": str(tmp_path / "repo"),
-        "VMBACKUP_PASSWORD": "pw",
-    }
-    ca = tmp_path / "ca.pem"
-    ca.write_text(site.center.ca_pem)
-    _ok(vmbackup(env, "init", str(tmp_path / "repo"), "--encrypt", "--json"))
-    _ok(
-        vmbackup(
-            env,
-            "config",
-            "--center",
-            site.center.url,
-            f"--token={site.center_token}",
-            "--ca",
-            str(ca),
-            "--json",
-        )
-    )
+    env = _configure(site, tmp_path, str(tmp_path / "repo"), "pw")
     rng = random.Random(17)
     size = 192 * MiB
     with site.host_client() as host:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agentless.lifetime import Closing
-from agentless.statedir import building, write_pki, write_private
+from agentless.statedir import building, read_identity, write_pki, write_private
 
 from .audit import AuditLog
 from .database import Database, sqlite_url
@@ -133,17 +133,8 @@ class Center(Closing):
         *database_url* overrides the one ``center.json`` names. CenterDirError if the
         directory is not a center, DatabaseError if the database cannot be used."""
         target = os.path.abspath(os.fspath(directory))
-        path = os.path.join(target, "center.json")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise CenterDirError(
-                f"{target}: not a WinCenter directory (run `wincenter init --dir`)"
-            ) from None
-        except (OSError, ValueError) as error:
-            raise CenterDirError(f"{path}: unreadable ({error})") from None
-        identity = CenterIdentity.from_json(data, path)
+        data = read_identity(target, "center.json", CenterDirError, "WinCenter", "wincenter init")
+        identity = CenterIdentity.from_json(data, os.path.join(target, "center.json"))
         secrets = SecretBox.load(os.path.join(target, "secret.key"))
         url = database_url or identity.database or sqlite_url(os.path.join(target, "center.db"))
         database = Database.open(url, create=database_url is not None and url.startswith("sqlite"))

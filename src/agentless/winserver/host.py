@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentless.lifetime import Closing
-from agentless.statedir import building, write_pki, write_private
+from agentless.statedir import building, read_identity, write_pki, write_private
 
 from .metadata import Metadata, StorageRepository, new_uuid
 
@@ -149,17 +149,8 @@ class Host(Closing):
     def open(cls, directory: str | os.PathLike[str]) -> Host:
         """Open an initialised host directory; HostError if it is not one."""
         target = os.path.abspath(os.fspath(directory))
-        path = os.path.join(target, "host.json")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise HostError(
-                f"{target}: not a WinServer host directory (run `winserver init --dir`)"
-            ) from None
-        except (OSError, ValueError) as error:
-            raise HostError(f"{path}: unreadable ({error})") from None
-        identity = HostIdentity.from_json(data, path)
+        data = read_identity(target, "host.json", HostError, "WinServer host", "winserver init")
+        identity = HostIdentity.from_json(data, os.path.join(target, "host.json"))
         return cls(target, identity, Metadata(os.path.join(target, "metadata.db")))
 
     # ------------------------------------------------------------------ credentials
