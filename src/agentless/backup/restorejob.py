@@ -9,6 +9,7 @@ Holes (all-zero chunks) are never written: a new VM's disks are blank, files are
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import os
@@ -99,6 +100,7 @@ class PointDisk:
 
 
 RUN = 1 << 20  # chunks written in one request
+IN_FLIGHT = 4  # write requests in flight per connection
 
 
 def _runs(chunks: Iterator[tuple[int, bytes]], chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -225,12 +227,16 @@ class VmRestore:
         with wddk.open(access, connections=self.connections) as target:
 
             def writer(client: Any) -> Callable[[int, list[bytes]], None]:
+                in_flight: collections.deque[int] = collections.deque()
+
                 def write(offset: int, blobs: list[bytes]) -> None:
                     if self._cancel.is_set():
                         raise RepositoryError("restore cancelled")
                     step = source.chunk_size
                     data = b"".join(source.data(offset + i * step, blob) for i, blob in enumerate(blobs))
-                    client.write(offset, data)
+                    in_flight.append(client.submit_write(offset, data))  # pipelined
+                    if len(in_flight) > IN_FLIGHT:
+                        client.wait(in_flight.popleft())
                     with self._lock:
                         self.done += len(data)
                     if self.on_progress is not None:
@@ -239,6 +245,8 @@ class VmRestore:
                 return write
 
             _parallel(_runs(source.chunks(), source.chunk_size), [writer(c) for c in target.clients])
+            for client in target.clients:
+                client.wait()  # every write still in flight (raises the first that failed)
             target.flush()
 
 
