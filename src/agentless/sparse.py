@@ -1,22 +1,28 @@
 """Sparse data: where a file holds data (SEEK_DATA/SEEK_HOLE) and whether a buffer is
-all zeros (vectorised, no Python loop per byte)."""
+all zeros (a memcmp per MiB, no Python loop per byte)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 
-import numpy as np
-
 __all__ = ["data_ranges", "is_zero"]
 
 
+_ZEROS = bytes(1 << 20)
+
+
 def is_zero(view: memoryview | bytes | bytearray) -> bool:
-    """True when every byte of *view* is zero (no copy)."""
+    """True when every byte of *view* is zero: compared with a block of zeros a MiB at a
+    time (a memcmp; faster than numpy here, and it keeps numpy out of the start-up of the
+    commands that only need this)."""
     data = memoryview(view).cast("B")
-    if len(data) % 8 == 0:
-        return not np.frombuffer(data, dtype=np.uint64).any()
-    return not np.frombuffer(data, dtype=np.uint8).any()
+    step = len(_ZEROS)
+    for start in range(0, len(data), step):
+        part = data[start : start + step]
+        if part.tobytes() != (_ZEROS if len(part) == step else _ZEROS[: len(part)]):
+            return False
+    return True
 
 
 def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:

@@ -127,7 +127,7 @@ class VmBackup:
         accepted = self.center.start_backup(vm_id, backup_id, kind)
         self._backup_id = backup_id
         try:
-            task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.1)
+            task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.5)
             if task.state != "ready":
                 detail = task.error.detail if task.error else task.state
                 raise BackupError(f"WinCenter could not prepare the backup of {self.name}: {detail}")
@@ -139,7 +139,7 @@ class VmBackup:
                 return None
             summary = self._store(result, previous)
             self.center.complete_backup(backup_id)
-            ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.1)
+            ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.5)
             if ended.state != "succeeded":
                 raise BackupError(f"WinCenter did not complete backup {backup_id}: {ended.state}")
             return summary

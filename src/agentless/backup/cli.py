@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import getpass
 import os
-import signal
 import sys
 import threading
 import time
@@ -27,7 +26,6 @@ from agentless import __version__
 from agentless.commands import emit, run_handler
 from agentless.nbd.errors import NbdError
 from agentless.units import format_size
-from agentless.vhd import VhdError
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
 
 from .backupjob import VmBackup
@@ -36,7 +34,7 @@ from .keys import RepositoryError
 from .locks import Lock, active_locks, dead_locks
 from .prune import prune
 from .repository import Repository
-from .restorejob import PointDisk, PointExport, VmRestore, export_disk
+from .restorejob import PointDisk, VmRestore, export_disk
 from .settings import Settings, SettingsError
 from .storage import StorageError
 from .verify import verify
@@ -320,33 +318,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from agentless.nbd.server import NbdServer
+    from .mount import PointExport, serve_point  # the NBD server: loaded only to mount
 
     with _repository(args) as repository, repository.lock("shared", "mount"):
         point = repository.load_point(args.point)
         export = PointExport(
-            PointDisk(repository, point, args.disk), f"vmbackup {point['id']} disk {args.disk}"
+            PointDisk(repository, point, args.disk), f"restore point {point['id']} disk {args.disk}"
         )
-
-        async def serve() -> None:
-            server = NbdServer({"": export, f"disk{args.disk}": export})
-            if args.socket:
-                await server.serve_unix(args.socket)
-                where = f"nbd+unix:///?socket={args.socket}"
-            else:
-                port = await server.serve_tcp("127.0.0.1", args.port, plain=True)
-                where = f"nbd://127.0.0.1:{port}"
-            print(f"serving restore point {point['id']} disk {args.disk} read-only at {where}", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
-            await stop.wait()
-            await server.close()
-
-        asyncio.run(serve())
+        serve_point(export, args.socket, args.port, ["", f"disk{args.disk}"])
     return 0
 
 
@@ -514,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_handler(
         "vmbackup",
         args,
-        (RepositoryError, SettingsError, StorageError, CenterApiError, CenterUnreachable, NbdError, VhdError),
+        (RepositoryError, SettingsError, StorageError, CenterApiError, CenterUnreachable, NbdError),
     )
 
 

@@ -1,8 +1,9 @@
 """Getting disks back out of a restore point: as a new VM through WinCenter (the seed's
 restore flow), as a raw or VHD file, or served read-only over NBD.
 
-Every way goes through :class:`PointDisk`, which checks the disk's digest against its
-page ids before anything is read and every page and chunk against its id as it is read:
+Serving over NBD is :mod:`.mount`. Every way goes through :class:`PointDisk`, which
+checks the disk's digest against its page ids before anything is read and every page and
+chunk against its id as it is read:
 what comes out is, bit for bit, what the backup read (end-to-end integrity), or an error.
 Holes (all-zero chunks) are never written: a new VM's disks are blank, files are sparse.
 """
@@ -21,10 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import agentless.wddk as wddk
-from agentless import vhd
 from agentless.fileio import pwrite_all
-from agentless.nbd.exports import ExportError
-from agentless.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
 from agentless.wincenter.client import CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, VmSpec
 
@@ -32,7 +30,7 @@ from .diskindex import PAGE_CHUNKS, DiskIndex
 from .keys import CorruptError, RepositoryError
 from .repository import ZERO, Repository
 
-__all__ = ["PointDisk", "PointExport", "VmRestore", "export_disk"]
+__all__ = ["PointDisk", "VmRestore", "export_disk"]
 
 TASK_TIMEOUT = 3600.0
 
@@ -199,7 +197,7 @@ class VmRestore:
         restore_id = f"vmr-{stamp}-{secrets.token_hex(4)}"
         accepted = self.center.start_restore(restore_id, spec, self.host, self.pool)
         try:
-            task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.1)
+            task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.5)
             if task.state != "ready":
                 detail = task.error.detail if task.error else task.state
                 raise RepositoryError(f"WinCenter could not prepare the restore: {detail}")
@@ -207,7 +205,7 @@ class VmRestore:
             for source, disk in zip(sources, disks, strict=True):
                 self._write(source, targets[int(disk["position"])]["access"])
             self.center.complete_restore(restore_id)
-            ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.1)
+            ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.5)
             if ended.state != "succeeded":
                 raise RepositoryError(f"WinCenter did not complete restore {restore_id}: {ended.state}")
         except BaseException:
@@ -271,6 +269,8 @@ def export_disk(
         finally:
             os.close(fd)
     elif file_format == "vhd":
+        from agentless import vhd  # numpy and the VHD library: loaded only for VHD exports
+
         vhd.create_dynamic(path, source.size)
         with vhd.Chain.open(path, writable=True) as chain:
             for offset, blob in source.chunks():
@@ -288,59 +288,3 @@ def export_disk(
         "size": source.size,
         "written": written,
     }
-
-
-class PointExport:
-    """A restore point's disk as a read-only NBD export (``vmbackup mount``): for
-    file-level restore (``qemu-nbd``/``nbd-client`` + mount) or booting from it."""
-
-    def __init__(self, source: PointDisk, description: str = ""):
-        self.source = source
-        self._description = description
-
-    size = property(lambda self: self.source.size)
-    read_only = property(lambda self: True)
-    multi_conn = property(lambda self: True)
-    min_block_size = property(lambda self: 1)
-    description = property(lambda self: self._description)
-
-    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
-        if nowait:
-            raise BlockingIOError  # reads fetch from the repository: do them in a worker
-        buf[:] = self.source.read(offset, len(buf))
-
-    def pwrite(self, data: memoryview, offset: int) -> None:
-        raise ExportError(1, "a restore point is read-only")
-
-    def zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
-        raise ExportError(1, "a restore point is read-only")
-
-    def trim(self, offset: int, length: int) -> None:
-        raise ExportError(1, "a restore point is read-only")
-
-    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
-        return None
-
-    def flush(self) -> None:
-        return None
-
-    def contexts(self) -> Sequence[str]:
-        return []
-
-    def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
-        """``base:allocation``: holes where the backup found zero chunks."""
-        chunk = self.source.chunk_size
-        result: list[tuple[int, int]] = []
-        end = min(self.source.size, offset + length)
-        while offset < end:
-            take = min(end - offset, chunk - offset % chunk)
-            flags = NBD_STATE_HOLE | NBD_STATE_ZERO if self.source.is_hole(offset // chunk) else 0
-            if result and result[-1][1] == flags:
-                result[-1] = (result[-1][0] + take, flags)
-            else:
-                result.append((take, flags))
-            offset += take
-        return result
-
-    def close(self) -> None:
-        return None

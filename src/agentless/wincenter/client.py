@@ -166,15 +166,19 @@ class CenterClient(Closing):
         poll: float = 0.5,
     ) -> TaskOut:
         """Poll the task until its state is one of *until* (default: ready or ended);
-        TimeoutError after *timeout* seconds."""
+        TimeoutError after *timeout* seconds. Polls soon at first (10 ms), then less and
+        less often, up to every *poll* seconds: short tasks answer fast, long ones cost
+        few requests."""
         deadline = time.monotonic() + timeout
+        interval = min(0.01, poll)
         while True:
             task = self.task(task_id)
             if task.state in until:
                 return task
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"task {task_id} still {task.state} after {timeout:.0f} s")
-            time.sleep(poll)
+            time.sleep(interval)
+            interval = min(poll, interval * 1.5)
 
     # ------------------------------------------------------------------ inventory
 

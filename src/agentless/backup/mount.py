@@ -1,0 +1,95 @@
+"""``vmbackup mount``: one disk of a restore point served read-only over NBD, for
+file-level restore (``qemu-nbd``/``nbd-client`` and mount) or booting from it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+from agentless.nbd.exports import ExportError
+from agentless.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
+from agentless.nbd.server import NbdServer
+
+from .restorejob import PointDisk
+
+__all__ = ["PointExport", "serve_point"]
+
+
+class PointExport:
+    """A restore point's disk as a read-only NBD export (``vmbackup mount``): for
+    file-level restore (``qemu-nbd``/``nbd-client`` + mount) or booting from it."""
+
+    def __init__(self, source: PointDisk, description: str = ""):
+        self.source = source
+        self._description = description
+
+    size = property(lambda self: self.source.size)
+    read_only = property(lambda self: True)
+    multi_conn = property(lambda self: True)
+    min_block_size = property(lambda self: 1)
+    description = property(lambda self: self._description)
+
+    def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        if nowait:
+            raise BlockingIOError  # reads fetch from the repository: do them in a worker
+        buf[:] = self.source.read(offset, len(buf))
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        raise ExportError(1, "a restore point is read-only")
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        raise ExportError(1, "a restore point is read-only")
+
+    def trim(self, offset: int, length: int) -> None:
+        raise ExportError(1, "a restore point is read-only")
+
+    def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def contexts(self) -> Sequence[str]:
+        return []
+
+    def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation``: holes where the backup found zero chunks."""
+        chunk = self.source.chunk_size
+        result: list[tuple[int, int]] = []
+        end = min(self.source.size, offset + length)
+        while offset < end:
+            take = min(end - offset, chunk - offset % chunk)
+            flags = NBD_STATE_HOLE | NBD_STATE_ZERO if self.source.is_hole(offset // chunk) else 0
+            if result and result[-1][1] == flags:
+                result[-1] = (result[-1][0] + take, flags)
+            else:
+                result.append((take, flags))
+            offset += take
+        return result
+
+    def close(self) -> None:
+        return None
+
+
+def serve_point(export: PointExport, socket_path: str | None, port: int | None, names: Sequence[str]) -> None:
+    """Serve *export* on a unix socket or a loopback TCP port until SIGINT or SIGTERM;
+    prints where once it listens."""
+
+    async def serve() -> None:
+        server = NbdServer(dict.fromkeys(names, export))
+        if socket_path:
+            await server.serve_unix(socket_path)
+            where = f"nbd+unix:///?socket={socket_path}"
+        else:
+            bound = await server.serve_tcp("127.0.0.1", port or 0, plain=True)
+            where = f"nbd://127.0.0.1:{bound}"
+        print(f"serving {export.description} read-only at {where}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(serve())
