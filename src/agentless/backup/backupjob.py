@@ -223,25 +223,38 @@ class VmBackup:
         with wddk.open(disk["access"], connections=self.connections) as nbd:
 
             def work(client: Any) -> None:
-                buf = bytearray(PIECE)
-                view = memoryview(buf)
+                """Read pieces with one read always in flight while the previous piece is
+                chunked, hashed and sealed (two buffers), so the network and the CPU
+                overlap."""
+                buffers = [memoryview(bytearray(PIECE)), memoryview(bytearray(PIECE))]
+
+                def submit(slot: int) -> tuple[int, int, memoryview] | None:
+                    try:
+                        offset, length = pieces.get_nowait()
+                    except queue.Empty:
+                        return None
+                    part = buffers[slot][:length]
+                    return client.submit_read(offset, part), offset, part
+
+                current, slot = None, 1
                 try:
-                    while not errors and not self._cancel.is_set():
-                        try:
-                            offset, length = pieces.get_nowait()
-                        except queue.Empty:
-                            return
-                        part = view[:length]
-                        client.readinto(offset, part)
+                    current = submit(0)
+                    while current is not None and not errors and not self._cancel.is_set():
+                        following = submit(slot)
+                        cookie, offset, part = current
+                        client.wait(cookie)
+                        current, slot = following, slot ^ 1
                         found = []
-                        for start in range(0, length, chunk):
+                        for start in range(0, len(part), chunk):
                             data = part[start : start + chunk]
                             found.append((offset + start, ZERO if is_zero(data) else writer.add(data)))
                         with self._lock:
                             for at, blob_id in found:
                                 index.set(at // chunk, blob_id)
-                            self.done += length
+                            self.done += len(part)
                         self._report()
+                    if current is not None:
+                        client.wait()  # stopping early: let the read in flight finish
                 except BaseException as error:
                     errors.append(error)
 
