@@ -4,7 +4,6 @@ file-level restore (``qemu-nbd``/``nbd-client`` and mount) or booting from it.""
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Sequence
 
 from agentless.nbd.exports import ExportError
@@ -85,11 +84,6 @@ def serve_point(export: PointExport, socket_path: str | None, port: int | None, 
             bound = await server.serve_tcp("127.0.0.1", port or 0, plain=True)
             where = f"nbd://127.0.0.1:{bound}"
         print(f"serving {export.description} read-only at {where}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        await server.close()
+        await server.serve_until_signalled()
 
     asyncio.run(serve())

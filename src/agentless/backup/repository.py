@@ -180,6 +180,10 @@ class Repository(Closing):
         where = self.index().get(blob_id)
         if where is None:
             raise RepositoryError(f"blob {blob_id.hex()[:16]} is not in the repository's index")
+        return self.read_at(blob_id, where)
+
+    def read_at(self, blob_id: bytes, where: BlobLocation) -> bytes:
+        """The plaintext of the blob *blob_id* stored at *where*, checked."""
         try:
             sealed = self.backend.get_range(where.pack, where.offset, where.length)
         except NotFound:

@@ -206,11 +206,7 @@ class _Verifier:
         where = self.good_location(blob)
         if where is None:
             raise CorruptError(f"blob {blob.hex()[:16]} is not in the index (or its pack is missing)")
-        try:
-            sealed = self.backend.get_range(where.pack, where.offset, where.length)
-        except NotFound:
-            raise CorruptError(f"{where.pack}: missing", where.pack) from None
-        return self.keys.open(sealed, blob, where.pack)
+        return self.repo.read_at(blob, where)
 
     # ------------------------------------------------------------------ what the points need
 

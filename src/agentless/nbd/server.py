@@ -31,6 +31,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -215,6 +216,16 @@ class NbdServer:
         while self._connections:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self._executor.shutdown, True)  # never block the loop
+
+    async def serve_until_signalled(self) -> None:
+        """Serve until SIGINT or SIGTERM, then :meth:`close` (for the commands that
+        run a server in the foreground)."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await self.close()
 
     def disconnect(self, predicate: Callable[[str], bool]) -> int:
         """Drop the connections whose export name matches *predicate* (revoked access);

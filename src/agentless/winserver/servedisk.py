@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import signal
 
 from agentless import vhd
 from agentless.nbd import exports as nbd_exports
@@ -43,12 +42,7 @@ async def _serve(args: argparse.Namespace, export: nbd_exports.Export) -> None:
         where = f"{scheme}://{args.bind}:{port}/{args.name}"
     mode = "read-only" if export.read_only else "writable"
     print(f"serving {args.file} ({export.size} bytes, {mode}) at {where}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.close()
+    await server.serve_until_signalled()
     if args.socket:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.socket)
