@@ -38,6 +38,8 @@ CONFIG_MAGIC = "agentless-vmbackup-repository"
 CONFIG_VERSION = 1
 CHUNK_SIZE = 65536  # = the CBT block: an incremental reads and stores whole chunks
 ZERO = bytes(32)  # the id of an all-zero chunk: never stored, restored as a hole
+_GAP = 256 << 10  # read over holes of up to this much between wanted blobs...
+_SPAN = 8 << 20  # ...in reads of up to this much
 INDEX_KIND = b"AGVBINDX"
 POINT_KIND = b"AGVBPOIN"
 CONDEMNED_KIND = b"AGVBCOND"
@@ -181,6 +183,46 @@ class Repository(Closing):
         if where is None:
             raise RepositoryError(f"blob {blob_id.hex()[:16]} is not in the repository's index")
         return self.read_at(blob_id, where)
+
+    def read_many(self, blob_ids: list[bytes]) -> list[bytes]:
+        """The plaintexts of *blob_ids*, in order, checked – blobs that lie near each other
+        in one pack are fetched with one read (a restore asks for runs of chunks that the
+        backup wrote side by side)."""
+        index = self.index()
+        wanted: dict[bytes, BlobLocation] = {}
+        for blob in blob_ids:
+            if blob != ZERO and blob not in wanted:
+                where = index.get(blob)
+                if where is None:
+                    raise RepositoryError(f"blob {blob.hex()[:16]} is not in the repository's index")
+                wanted[blob] = where
+        sealed: dict[bytes, bytes] = {}
+        by_pack: dict[str, list[tuple[bytes, BlobLocation]]] = {}
+        for blob, where in wanted.items():
+            by_pack.setdefault(where.pack, []).append((blob, where))
+        for pack, located in by_pack.items():
+            located.sort(key=lambda item: item[1].offset)
+            span: list[tuple[bytes, BlobLocation]] = []
+            for item in [*located, None]:
+                if item is not None and span:
+                    start, end = span[0][1].offset, span[-1][1].offset + span[-1][1].length
+                    if item[1].offset - end <= _GAP and item[1].offset + item[1].length - start <= _SPAN:
+                        span.append(item)
+                        continue
+                if span:
+                    start = span[0][1].offset
+                    end = span[-1][1].offset + span[-1][1].length
+                    try:
+                        data = self.backend.get_range(pack, start, end - start)
+                    except NotFound:
+                        raise CorruptError(f"{pack}: missing", pack) from None
+                    for blob, where in span:
+                        sealed[blob] = data[where.offset - start : where.offset - start + where.length]
+                span = [item] if item is not None else []
+        return [
+            bytes(self.chunk_size) if blob == ZERO else self.keys.open(sealed[blob], blob, wanted[blob].pack)
+            for blob in blob_ids
+        ]
 
     def read_at(self, blob_id: bytes, where: BlobLocation) -> bytes:
         """The plaintext of the blob *blob_id* stored at *where*, checked."""

@@ -230,8 +230,7 @@ class VmRestore:
                 def write(offset: int, blobs: list[bytes]) -> None:
                     if self._cancel.is_set():
                         raise RepositoryError("restore cancelled")
-                    step = source.chunk_size
-                    data = b"".join(source.data(offset + i * step, blob) for i, blob in enumerate(blobs))
+                    data = b"".join(source.repository.read_many(blobs))[: source.size - offset]
                     in_flight.append(client.submit_write(offset, data))  # pipelined
                     if len(in_flight) > IN_FLIGHT:
                         client.wait(in_flight.popleft())
