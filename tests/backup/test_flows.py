@@ -38,8 +38,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
     try:
         with running.client() as client:
             client.register_host(host.api_url, host.token, host.cert_pem)
-            operator = client.create_token("backup-operator", "vmbackup").token
-        running.center_token = operator
         yield running
     finally:
         center.proc.kill()
@@ -78,7 +76,8 @@ def _configure(
     ca = tmp_path / "center-ca.pem"
     ca.write_text(site.center.ca_pem)
     _ok(vmbackup(env, "init", repo, *(["--encrypt"] if password else []), "--json"))
-    token = f"--token={site.center_token}"
+    with site.client() as admin:  # vmbackup gets a token of its own role
+        token = "--token=" + admin.create_token("backup-operator", "vmbackup").token
     _ok(vmbackup(env, "config", "--center", site.center.url, token, "--ca", str(ca), "--json"))
     return env
 
@@ -114,8 +113,14 @@ def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
     shown = _ok(vmbackup(env, "show", i["point"][:6], "--json"))
     assert shown["base"] == f["point"] and [d["position"] for d in shown["disks"]] == [0, 1]  # type: ignore[index]
 
-    restored = _ok(vmbackup(env, "restore", i["point"], "--as-new-vm", "db-restored", "--json"))
+    with site.host_client() as host, site.client() as center:
+        fast = host.create_sr("fast", str(tmp_path / "fast-sr"))
+        center.sync_host(center.hosts()[0].id)
+    restored = _ok(
+        vmbackup(env, "restore", i["point"], "--as-new-vm", "db-restored", "--target", fast["uuid"], "--json")
+    )
     with site.host_client() as host:
+        assert all(d["sr"] == fast["uuid"] for d in host.vm("db-restored")["disks"])  # --target POOL
         host.start_vm("db-restored")
         for position, model in enumerate(models):
             with _guest(host, "db-restored", position) as guest:

@@ -275,6 +275,18 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(center: CenterClient, target: str | None) -> tuple[str | None, str | None]:
+    """(host, pool) from ``--target``: a storage pool's id (or ``pool:ID``), else a host
+    (id or name); neither when not given (WinCenter picks the only host)."""
+    if not target:
+        return None, None
+    if target.startswith("pool:"):
+        return None, target[5:]
+    if any(pool.id == target for pool in center.pools()):
+        return None, target
+    return target, None
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
     with (
         _repository(args) as repository,
@@ -282,16 +294,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         _center() as center,
         _bars(args) as bars,
     ):
-        target = args.target or ""
-        pool = target if target.startswith("pool:") else None
-        host = target if target and pool is None else None
+        host, pool = _target(center, args.target)
         job = VmRestore(
             center,
             repository,
             args.point,
             args.as_new_vm,
             host,
-            pool[5:] if pool else None,
+            pool,
             args.connections,
             bars.update,
         )
@@ -444,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-new-vm", required=True, metavar="NAME")
     p.add_argument(
         "--target",
-        metavar="HOST|pool:POOL",
-        help="host (id or name) or pool:POOL_ID (default: the only host)",
+        metavar="HOST|POOL",
+        help="a host (id or name) or a storage pool id (default: the only host)",
     )
     p.add_argument("--connections", type=int, default=4)
     p.set_defaults(handler=_cmd_restore)
