@@ -22,16 +22,15 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
-from agentless import vhd
 from agentless.pki import subject_of
 
-from .cbt import ChangedBlockTracker, cbt_path
-from .cbtlog import CbtError, changed_extents
+from .cbt import ChangedBlockTracker
 from .grants import DIRTY_BITMAP_NAME, Grants
 from .host import Host
 from .metadata import VmDisk, VmSnapshot
 from .sminfo import find_vdi
 from .snapshots import delete_snapshot, snapshot_vm
+from .vdis import allocated_extents, as_extents, changed_bitmap
 from .vms import ConflictError, VmError, describe_vm
 
 __all__ = ["access_info", "prepare_backup", "stop_remote_access", "update_backup_id"]
@@ -50,41 +49,6 @@ def access_info(host: Host, grant: dict[str, Any], size: int) -> dict[str, Any]:
         "read_only": grant["read_only"],
         "expires": grant["expires"],
     }
-
-
-def _allocated(path: str) -> list[dict[str, int]]:
-    with vhd.Chain.open(path) as chain:
-        return [{"offset": e.offset, "length": e.length} for e in chain.extents()]
-
-
-def _changes(
-    vdi_uuid: str, path_dir: str, size: int, base: str | None, new: str, live: ChangedBlockTracker | None
-) -> tuple[Any, str, bytes | None]:
-    """(extents or None, reason): the changed blocks between snapshots *base* and *new*
-    of one disk, from the running VM's live tracker (*live*) or the halted disk's log
-    (both recorded *new* when the snapshot was taken)."""
-    if live is not None:
-        return _query(live, base, new)
-    try:
-        tracker = ChangedBlockTracker.open(cbt_path(path_dir, vdi_uuid), vdi_uuid, size)
-    except CbtError as error:
-        return None, f"changed block tracking unavailable: {error}", None
-    with tracker:
-        return _query(tracker, base, new)
-
-
-def _query(tracker: ChangedBlockTracker, base: str | None, new: str) -> tuple[Any, str, bytes | None]:
-    """(extents, "", bitmap) of the changes from *base* to *new*, or (None, reason, None)."""
-    if base is None:
-        return None, "no base backup", None
-    if not tracker.valid:
-        return None, tracker.reason, None
-    try:
-        bitmap = tracker.changed_between(base, new)
-    except CbtError as error:
-        return None, str(error), None
-    extents = [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, tracker.size)]
-    return extents, "", bitmap
 
 
 Snapshotter = Callable[[str, str, str], dict[str, Any]]  # (vm, name, backup_id) -> snapshot
@@ -128,19 +92,15 @@ def prepare_backup(
     for disk in snapshot["disks"]:
         size = disk["size"]
         extents, reason, bitmap = None, "full backup requested", None
-        if disk["cbt_enabled"]:
-            found, why, changed = _changes(
-                disk["vdi"],
-                os.path.dirname(disk["path"]),
-                size,
-                base_uuid,
-                snapshot["uuid"],
-                live.get(disk["vdi"]),
-            )
-            if backup_type == "incremental":
-                extents, reason, bitmap = found, why, changed
-        elif backup_type == "incremental":
+        if backup_type == "incremental" and not disk["cbt_enabled"]:
             reason = "changed block tracking is not enabled on this disk"
+        elif backup_type == "incremental":
+            live_tracker = live.get(disk["vdi"])
+            directory = os.path.dirname(disk["path"])
+            bitmap, reason = changed_bitmap(
+                disk["vdi"], directory, size, base_uuid, snapshot["uuid"], live_tracker
+            )
+            extents = as_extents(bitmap, size) if bitmap is not None else None
         incremental = extents is not None
         grant = grants.grant(disk["snapshot_vdi"], backup_id, read_only=True, dirty_bitmap=bitmap)
         disks.append(
@@ -152,7 +112,7 @@ def prepare_backup(
                 "type": "incremental" if incremental else "full",
                 "cbt_valid": incremental,
                 "reason": "" if incremental else reason,
-                "extents": extents if incremental else _allocated(disk["path"]),
+                "extents": extents if incremental else allocated_extents(disk["path"]),
                 "dirty_bitmap": f"qemu:dirty-bitmap:{DIRTY_BITMAP_NAME}" if incremental else None,
                 "access": access_info(host, grant, size),
             }

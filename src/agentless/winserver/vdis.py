@@ -32,7 +32,15 @@ from .metadata import Vdi, VmSnapshot
 from .sminfo import find_vdi
 from .vms import ConflictError, NotFoundError
 
-__all__ = ["describe_vdi", "list_changed_blocks", "list_snapshots", "list_vdis"]
+__all__ = [
+    "allocated_extents",
+    "as_extents",
+    "changed_bitmap",
+    "describe_vdi",
+    "list_changed_blocks",
+    "list_snapshots",
+    "list_vdis",
+]
 
 
 def _describe(vdi: Vdi) -> dict[str, Any]:
@@ -117,22 +125,28 @@ def list_changed_blocks(
     if enabled and live is None and Grants(host.metadata).writers([disk_uuid]):
         raise ConflictError(f"disk {disk_uuid} is open for writing: stop-remote-access first")
     if enabled:
-        bitmap, reason = _changed(
-            disk_uuid, os.path.dirname(disk_path), size, groups, (live or {}).get(disk_uuid)
-        )
+        live_tracker = (live or {}).get(disk_uuid)
+        bitmap, reason = changed_bitmap(disk_uuid, os.path.dirname(disk_path), size, *groups, live_tracker)
     if bitmap is not None:
-        extents = [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, size)]
+        extents = as_extents(bitmap, size)
         return answer | {"cbt_valid": True, "reason": "", "bitmap": to_base64(bitmap), "extents": extents}
-    allocated = None
-    if newer_path:
-        with vhd.Chain.open(newer_path) as chain:
-            allocated = [{"offset": e.offset, "length": e.length} for e in chain.extents()]
+    allocated = allocated_extents(newer_path) if newer_path else None
     return answer | {"cbt_valid": False, "reason": reason, "bitmap": None, "extents": allocated}
 
 
-def _changed(
-    disk_uuid: str, directory: str, size: int, groups: tuple[str, str], live: ChangedBlockTracker | None
+def changed_bitmap(
+    disk_uuid: str,
+    directory: str,
+    size: int,
+    base: str | None,
+    new: str,
+    live: ChangedBlockTracker | None,
 ) -> tuple[bytes | None, str]:
+    """(bitmap, "") of the blocks of disk *disk_uuid* changed between its snapshots *base*
+    and *new*, or (None, why not). From a running VM's *live* tracker, or else the halted
+    disk's log in *directory* (opened here and closed again)."""
+    if base is None:
+        return None, "no base backup"
     try:
         tracker = live or ChangedBlockTracker.open(cbt_path(directory, disk_uuid), disk_uuid, size)
     except CbtError as error:
@@ -140,9 +154,20 @@ def _changed(
     try:
         if not tracker.valid:
             return None, tracker.reason
-        return tracker.changed_between(*groups), ""
+        return tracker.changed_between(base, new), ""
     except CbtError as error:
         return None, str(error)
     finally:
         if live is None:
             tracker.close()
+
+
+def as_extents(bitmap: bytes, size: int) -> list[dict[str, int]]:
+    """A CBT bitmap as merged byte extents (the wire form)."""
+    return [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, size)]
+
+
+def allocated_extents(path: str) -> list[dict[str, int]]:
+    """The allocated byte extents of the chain whose leaf is *path* (the wire form)."""
+    with vhd.Chain.open(path) as chain:
+        return [{"offset": e.offset, "length": e.length} for e in chain.extents()]
