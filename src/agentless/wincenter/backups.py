@@ -34,7 +34,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from agentless.winserver.client import HostApiError, HostClient
 
@@ -191,28 +192,17 @@ class Backups(Flow):
         self._set(backup_id, state="aborting")
         self._release(backup_id, "failed")
 
-    def _claim(self, owner_id: str) -> bool:
-        """queued -> preparing, for one worker only, and only while no other backup of
-        the same VM is in flight – one statement, so two claims cannot both win (on
-        PostgreSQL a transaction-scoped advisory lock per VM serialises the check)."""
-        with self.center.database.session() as s:
-            vm_uuid = s.scalar(select(Backup.vm_uuid).where(Backup.backup_id == owner_id))
-            if vm_uuid is None:
-                return False
-            if s.get_bind().dialect.name == "postgresql":
-                s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:vm))"), {"vm": vm_uuid})
-            busy = (
-                select(Backup.backup_id)
-                .where(Backup.vm_uuid == vm_uuid, Backup.state.in_(self.active[1:]))
-                .exists()
-            )
-            claimed = s.execute(
-                update(Backup)
-                .where(Backup.backup_id == owner_id, Backup.state == "queued", ~busy)
-                .values(state=self.starting)
-                .execution_options(synchronize_session=False)
-            )
-            return bool(claimed.rowcount)  # type: ignore[attr-defined]
+    def _claim_conditions(self, s: Session, owner_id: str) -> list[Any] | None:
+        """A backup is claimed only while no other backup of the same VM is in flight,
+        checked in the claim's UPDATE (on PostgreSQL a transaction-scoped advisory lock
+        per VM serialises the check)."""
+        vm_uuid = s.scalar(select(Backup.vm_uuid).where(Backup.backup_id == owner_id))
+        if vm_uuid is None:
+            return None
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:vm))"), {"vm": vm_uuid})
+        busy = select(Backup.backup_id).where(Backup.vm_uuid == vm_uuid, Backup.state.in_(self.active[1:]))
+        return [~busy.exists()]
 
     def _next(self, vm_uuid: str) -> None:
         """A backup of *vm_uuid* ended: start the next queued one, if any."""

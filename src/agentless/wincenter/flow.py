@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from .center import Center
 from .errors import ConflictError, NotFoundError
@@ -122,10 +123,8 @@ class Flow:
         record caught before ready is undone on the host and started again; ready ones
         wait for the backup system (expiry covers its absence)."""
         with self.center.database.session() as s:
-            pending = [
-                (self._describe(row)[self._key_name], row.state)
-                for row in s.scalars(select(self.model).where(self.model.state.in_(self.active)))
-            ]
+            query = select(self._key, self.model.state).where(self.model.state.in_(self.active))
+            pending = [(str(owner_id), str(state)) for owner_id, state in s.execute(query)]
         for owner_id, state in pending:
             task = self.center.tasks.get(self._record(owner_id)["task_id"])
             if state == "completing":
@@ -140,19 +139,29 @@ class Flow:
     # ------------------------------------------------------------------ records
 
     @property
-    def _key_name(self) -> str:
-        return str(self.model.__mapper__.primary_key[0].name)
+    def _key(self) -> Any:
+        """The id column (the model's primary key)."""
+        return self.model.__mapper__.primary_key[0]
 
     def _claim(self, owner_id: str) -> bool:
-        """queued -> starting, for one worker only."""
-        key = self.model.__mapper__.primary_key[0]
+        """queued -> starting, for one worker only (one UPDATE: two claims cannot both
+        win), and only while :meth:`_claim_conditions` hold."""
         with self.center.database.session() as s:
+            conditions = self._claim_conditions(s, owner_id)
+            if conditions is None:
+                return False
             claimed = s.execute(
                 update(self.model)
-                .where(key == owner_id, self.model.state == "queued")
+                .where(self._key == owner_id, self.model.state == "queued", *conditions)
                 .values(state=self.starting)
+                .execution_options(synchronize_session=False)
             )
             return bool(claimed.rowcount)  # type: ignore[attr-defined]
+
+    def _claim_conditions(self, s: Session, owner_id: str) -> list[Any] | None:
+        """More conditions of a claim, checked in the claim's transaction (None: it
+        cannot be claimed at all). By default there are none: an empty list."""
+        return []
 
     def _find(self, owner_id: str) -> dict[str, Any] | None:
         with self.center.database.session() as s:
