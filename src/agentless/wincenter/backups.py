@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from agentless.winserver.client import HostApiError, HostClient
@@ -109,12 +109,17 @@ class Backups(Flow):
     def page(
         self, vm: str | None = None, limit: int = 100, offset: int = 0
     ) -> tuple[list[dict[str, Any]], int]:
+        """Backups newest first (of one VM if given), *limit* from *offset*, and how many
+        match in all – paged by the database, as the task list is."""
         with self.center.database.session() as s:
             query = select(Backup)
             if vm is not None:
                 query = query.where(Backup.vm_uuid == vm)
-            rows = list(s.scalars(query.order_by(Backup.created.desc(), Backup.backup_id)))
-            return [_describe(r) for r in rows[offset : offset + limit]], len(rows)
+            total = s.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = s.scalars(
+                query.order_by(Backup.created.desc(), Backup.backup_id).limit(limit).offset(offset)
+            )
+            return [_describe(r) for r in rows], total
 
     # ------------------------------------------------------------------ the work
 
