@@ -72,9 +72,15 @@ class PointDisk:
                 if blob != ZERO:
                     yield (first + i) * self.chunk_size, blob
 
-    def data(self, offset: int, blob_id: bytes) -> bytes:
-        """The checked content of the chunk at *offset* (short at the disk's end)."""
-        return self.repository.read_blob(blob_id)[: self.size - offset]
+    def runs(self) -> Iterator[tuple[int, list[bytes]]]:
+        """The chunks that are not holes as runs of consecutive chunks (up to RUN bytes):
+        (offset, blob ids) – what one write carries."""
+        return _runs(self.chunks(), self.chunk_size)
+
+    def fetch(self, offset: int, blobs: list[bytes]) -> bytes:
+        """The checked content of the run of *blobs* at *offset* (short at the disk's end),
+        read from the repository a pack span at a time."""
+        return b"".join(self.repository.read_many(blobs))[: self.size - offset]
 
     def read(self, offset: int, length: int) -> bytes:
         parts = []
@@ -230,7 +236,7 @@ class VmRestore:
                 def write(offset: int, blobs: list[bytes]) -> None:
                     if self._cancel.is_set():
                         raise RepositoryError("restore cancelled")
-                    data = b"".join(source.repository.read_many(blobs))[: source.size - offset]
+                    data = source.fetch(offset, blobs)
                     in_flight.append(client.submit_write(offset, data))  # pipelined
                     if len(in_flight) > IN_FLIGHT:
                         client.wait(in_flight.popleft())
@@ -241,7 +247,7 @@ class VmRestore:
 
                 return write
 
-            _parallel(_runs(source.chunks(), source.chunk_size), [writer(c) for c in target.clients])
+            _parallel(source.runs(), [writer(c) for c in target.clients])
             for client in target.clients:
                 client.wait()  # every write still in flight (raises the first that failed)
             target.flush()
@@ -260,8 +266,8 @@ def export_disk(
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, source.size)
-            for offset, blob in source.chunks():
-                data = source.data(offset, blob)
+            for offset, blobs in source.runs():
+                data = source.fetch(offset, blobs)
                 pwrite_all(fd, data, offset)
                 written += len(data)
             os.fsync(fd)
@@ -272,8 +278,8 @@ def export_disk(
 
         vhd.create_dynamic(path, source.size)
         with vhd.Chain.open(path, writable=True) as chain:
-            for offset, blob in source.chunks():
-                data = source.data(offset, blob)
+            for offset, blobs in source.runs():
+                data = source.fetch(offset, blobs)
                 chain.write(offset, data)
                 written += len(data)
             chain.flush()
