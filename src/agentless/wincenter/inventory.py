@@ -145,18 +145,14 @@ class Inventory:
             s.delete(host)
         return description
 
-    def client(self, host_uuid: str) -> HostClient:
-        """A client of the host's API (the caller closes it)."""
-        with self.center.database.session() as s:
-            host = self._host(s, host_uuid)
-            url, sealed, cert, uuid = host.url, host.token_sealed, host.cert_pem, host.uuid
-        return self._client_factory(url, self.center.secrets.open_text(sealed, uuid), cert)
-
     @contextlib.contextmanager
     def calling(self, host_uuid: str) -> Iterator[HostClient]:
-        """A client of the host, whose failures become :class:`HostCallError`."""
-        name = self.host(host_uuid)["name"]
-        with self.client(host_uuid) as client, _host_errors(name):
+        """A client of the host's API, whose failures become :class:`HostCallError`."""
+        with self.center.database.session() as s:
+            host = self._host(s, host_uuid)
+            name, url, sealed, cert, uuid = host.name, host.url, host.token_sealed, host.cert_pem, host.uuid
+        token = self.center.secrets.open_text(sealed, uuid)
+        with self._client_factory(url, token, cert) as client, _host_errors(name):
             yield client
 
     @staticmethod
