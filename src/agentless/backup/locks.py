@@ -102,10 +102,10 @@ class Lock(Closing):
             "pid": os.getpid(),
             "started": self.started,
         }
-        self._check(before=True)
+        self._check()
         self._write()
         try:
-            self._check(before=False)
+            self._check()
         except BaseException:
             self.backend.delete(self.name)
             raise
@@ -117,7 +117,7 @@ class Lock(Closing):
         document = self._document | {"time": time.time()}
         self.backend.put(self.name, json.dumps(document).encode())
 
-    def _check(self, before: bool) -> None:
+    def _check(self) -> None:
         for other in active_locks(self.backend):
             if other["name"] != self.name and _conflicts(self.kind, str(other.get("kind"))):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(other.get("started", 0))))

@@ -22,7 +22,6 @@ import json
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from agentless.lifetime import Closing
@@ -170,10 +169,6 @@ class Repository(Closing):
                     found.update({str(p): float(document["time"]) for p in document["packs"]})
                 self._condemned = found
             return self._condemned
-
-    def has(self, blob_id: bytes) -> bool:
-        where = self.index().get(blob_id)
-        return where is not None and where.pack not in self.condemned()
 
     def read_blob(self, blob_id: bytes) -> bytes:
         """The plaintext of a blob, checked; CorruptError, or RepositoryError if unknown."""
@@ -372,9 +367,3 @@ class BlobWriter(Closing):
 
     def close(self) -> None:
         self._puts.shutdown(wait=True, cancel_futures=True)
-
-
-def iter_pages(ids: list[bytes], per_page: int) -> Iterator[bytes]:
-    """A disk's chunk ids as index pages of *per_page* ids each."""
-    for start in range(0, len(ids), per_page):
-        yield b"".join(ids[start : start + per_page])
