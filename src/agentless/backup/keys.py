@@ -119,7 +119,7 @@ class Keys:
         if packed is not None and len(packed) < len(plaintext):
             body = bytes([_FLAG_ZSTD]) + packed
         else:
-            body = bytes([_FLAG_RAW]) + bytes(plaintext)
+            body = bytes([_FLAG_RAW]) + plaintext  # one copy, not two
         if self.data_key is None:
             return body
         nonce = os.urandom(_NONCE)
