@@ -170,7 +170,13 @@ def test_backup_and_restore_flows(site: Site) -> None:
         finally:
             for guest in guests:
                 guest.close()
-        # the host keeps only b2's snapshot, as CBT metadata; every grant is revoked
+        # the host keeps only b2's snapshot, as CBT metadata (b1's is released once b2 has
+        # completed); every grant is revoked
+        deadline = time.monotonic() + 30
+        while not center.backup("b1").snapshot_released:
+            assert time.monotonic() < deadline, "b1's snapshot was never released"
+            time.sleep(0.02)
+        assert not center.backup("b2").snapshot_released
         snapshots = host.list_snapshots("app")
         assert [(s["backup_id"], s["state"]) for s in snapshots] == [("b2", "cbt-only")]
         assert all(g["revoked"] for g in host.list_grants())
@@ -258,6 +264,15 @@ def test_abort_and_expiry_leave_nothing(sqlite_site: Site) -> None:
         assert late.value.status == 409
 
 
+def _settle(center: CenterClient, vm_id: str) -> None:
+    """Wait until the older bases of the VM's completed backups are released (WinCenter
+    releases them after the newest backup's task has ended)."""
+    deadline = time.monotonic() + 30
+    while sum(not b.snapshot_released for b in center.backups(vm=vm_id).items if b.state == "completed") > 1:
+        assert time.monotonic() < deadline, "older snapshots never released"
+        time.sleep(0.02)
+
+
 def _run_backup(center: CenterClient, vm_id: str, backup_id: str, model: bytes) -> str:
     """One backup system worker: request, wait, read every extent, check, complete."""
     task = _backup(center, vm_id, backup_id, "incremental")
@@ -300,6 +315,7 @@ def test_twenty_concurrent_backups_over_ten_vms(site: Site) -> None:
     assert sorted(results.values()) == ["succeeded"] * 20
     with site.host_client() as host, site.client() as center:
         for vm_id in models:
+            _settle(center, vm_id)
             assert host.get_vdi_sm_info(host.vm(vm_id)["disks"][0]["vdi"])["depth"] <= 3
             assert [s["state"] for s in host.list_snapshots(vm_id)] == ["cbt-only"]
             backups = center.backups(vm=vm_id).items
@@ -348,10 +364,11 @@ def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
                     break
                 time.sleep(0.1)
             assert not pending
-    with sqlite_site.host_client() as host:
+    with sqlite_site.host_client() as host, sqlite_site.client() as center:
         assert all(g["revoked"] for g in host.list_grants())
         assert sorted(v["name"] for v in host.list_vms()) == ["k0", "k1", "k2"]
         for vm in vms:
+            _settle(center, vm)
             snapshots = host.list_snapshots(vm)
             assert all(s["state"] == "cbt-only" for s in snapshots), snapshots
             assert len(snapshots) <= 1

@@ -4,6 +4,7 @@ sub-commands; auth, problem+json errors and certificate pinning."""
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import httpx
@@ -115,3 +116,36 @@ def test_inventory_and_changed_blocks(daemon: Daemon, tmp_path: Path) -> None:
         with pytest.raises(HostApiError) as deep:
             host.snapshot_vm("db")  # the disk, "db snapshot", the backup's snapshot: 3 files
         assert deep.value.status == 409 and "max_chain_depth 3" in deep.value.detail
+
+
+def test_reduced_snapshot_data_merge_in_the_background(daemon: Daemon) -> None:
+    """stop-remote-access with delete_snapshot answers once the records say so; the merge
+    of the snapshot's data follows in the background while the guest writes, and the
+    next snapshot, asked for at once, finds the chain as short as it can be (never over
+    the chain limit). The guest's disk reads exactly what it wrote throughout."""
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        socket = host.start_vm(host.create_vm("gc", [16 * MiB])["name"])["disks"][0]["guest_socket"]
+        vdi = host.vm("gc")["disks"][0]["vdi"]
+        expected = bytearray(16 * MiB)
+        with wddk.open(f"nbd+unix:///?socket={socket}") as guest:
+            for cycle in range(6):
+                piece = bytes([cycle + 1]) * (2 * MiB)
+                guest.write(cycle * MiB, piece)
+                expected[cycle * MiB : cycle * MiB + len(piece)] = piece
+                base = f"b{cycle - 1}" if cycle else None
+                host.prepare_backup("gc", f"b{cycle}", "incremental" if base else "full", base)
+                guest.write(cycle * MiB + 4096, b"during the backup")
+                expected[cycle * MiB + 4096 : cycle * MiB + 4096 + 17] = b"during the backup"
+                host.stop_remote_access(f"b{cycle}", delete_snapshot=True)
+                guest.write(cycle * MiB + 8192, b"while it merges")  # the merge may run now
+                expected[cycle * MiB + 8192 : cycle * MiB + 8192 + 15] = b"while it merges"
+                assert host.get_vdi_sm_info(vdi)["depth"] <= 3
+            deadline = time.monotonic() + 30
+            while host.host()["garbage_pending"]:
+                assert time.monotonic() < deadline, "the background merge never ran"
+                time.sleep(0.05)
+            assert guest.read(0, 16 * MiB) == expected
+        sm = host.get_vdi_sm_info(vdi)
+        assert sm["depth"] == 2, sm["chain"]  # the leaf and the one base left: all merged
+        assert len(host.list_snapshots("gc")) == 6  # each kept as CBT metadata
+        host.stop_vm("gc")

@@ -144,11 +144,17 @@ class AuditMiddleware:
             return
         state = _state(scope)  # made before the app copies the scope, so shared with it
         status = 500
+        written = False
 
         async def watch(message: Message) -> None:
-            nonlocal status
+            """Pass the response on, writing the record before its last part: a caller
+            that has the answer finds the call in the log."""
+            nonlocal status, written
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                written = True
+                await self._write(scope, state, status)
             await send(message)
 
         try:
@@ -158,7 +164,8 @@ class AuditMiddleware:
             state.setdefault(_RESULT, f"Internal Server Error: {type(error).__name__}")
             raise
         finally:
-            await self._write(scope, state, status)
+            if not written:
+                await self._write(scope, state, status)
 
     async def _write(self, scope: Scope, state: dict[str, Any], status: int) -> None:
         audit_log = self.audit_log()

@@ -31,6 +31,7 @@ without holding a worker; the end of the backup ahead of it starts it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -154,19 +155,15 @@ class Backups(Flow):
             self._failed(backup_id, error)
 
     def _complete(self, backup_id: str) -> None:
+        """Seed backup step 7: access stopped and the snapshot reduced to CBT metadata, the
+        backup completed (the caller's task ends here); then the older bases it replaces
+        are released – the host may still be merging the reduced snapshot's data, and
+        nobody needs to wait for that."""
         record = self._record(backup_id)
+        older = self._older_bases(record)  # before this one completes and another may start
         try:
             with self.inventory.calling(record["host"]) as client:
                 client.stop_remote_access(backup_id, delete_snapshot=True)
-                for older in self._older_bases(record):
-                    try:
-                        release_snapshots(client, record["vm"], older)
-                    except HostCallError as error:  # a stale base left is harmless: retried next time
-                        log.warning(
-                            "backup %s: older snapshot of %s not released: %s", backup_id, older, error
-                        )
-                        continue
-                    self._set(older, snapshot_released=True)
             self._set(backup_id, state="completed", finished=utcnow())
             task = self.center.tasks.get(record["task_id"])
             if not task.ended:
@@ -174,7 +171,40 @@ class Backups(Flow):
         except Exception as error:
             log.warning("backup %s: completing failed (retried at the next start): %s", backup_id, error)
             return
+        self._release_bases(record["host"], record["vm"], older)
         self._next(record["vm"])
+
+    def _release_bases(self, host_uuid: str, vm_uuid: str, backup_ids: list[str]) -> None:
+        """Release the snapshots of completed backups that are no longer the VM's base; a
+        failure leaves them for the next completed backup (or the next start) to release."""
+        try:
+            with self.inventory.calling(host_uuid) as client:
+                for backup_id in backup_ids:
+                    try:
+                        release_snapshots(client, vm_uuid, backup_id)
+                    except HostCallError as error:
+                        log.warning("backup %s: snapshot not released: %s", backup_id, error)
+                        continue
+                    self._set(backup_id, snapshot_released=True)
+        except Exception as error:
+            log.warning("VM %s: older snapshots not released: %s", vm_uuid, error)
+
+    def recover(self) -> None:
+        """:meth:`Flow.recover`, and the release of older bases that a stop right after a
+        backup's completion left behind."""
+        super().recover()
+        with self.center.database.session() as s:
+            rows = s.execute(
+                select(Backup.backup_id, Backup.vm_uuid, Backup.host_uuid)
+                .where(Backup.state == "completed", Backup.snapshot_released.is_(False))
+                .order_by(Backup.finished.desc())
+            ).all()
+        kept: dict[str, tuple[str, list[str]]] = {}  # VM -> (host, its completed backups, newest first)
+        for backup_id, vm_uuid, host_uuid in rows:
+            kept.setdefault(vm_uuid, (host_uuid, []))[1].append(backup_id)
+        for vm_uuid, (host_uuid, backup_ids) in kept.items():
+            if len(backup_ids) > 1:  # all but the newest are older bases
+                self.submit(functools.partial(self._release_bases, host_uuid, vm_uuid, backup_ids[1:]))
 
     def _release(self, backup_id: str, final: str) -> None:
         record = self._record(backup_id)
@@ -265,6 +295,7 @@ def _describe(row: Backup) -> dict[str, Any]:
         "type": row.type,
         "base_backup_id": row.base_backup_id,
         "snapshot": row.snapshot,
+        "snapshot_released": bool(row.snapshot_released),
         "state": row.state,
         "created": row.created,
         "finished": row.finished,

@@ -299,6 +299,11 @@ class BackupOut(Wire):
     type: Literal["full", "incremental"] | None = Field(default=None, description="what was done")
     base_backup_id: str | None = None
     state: str
+    snapshot_released: bool = Field(
+        default=False,
+        description="the host keeps nothing of this backup's snapshot any more, not even CBT "
+        "metadata: it can no longer be the base of an incremental backup",
+    )
     created: datetime.datetime
     finished: datetime.datetime | None = None
 

@@ -6,7 +6,7 @@ in worker threads; changes to VMs and their disks are serialised by one lock, so
 requests never rework the same chain at once.
 
 ==========================================  ===========================================
-``GET    /api/v1/host``                     identity, ports, certificate, chain limit
+``GET    /api/v1/host``                     identity, ports, certificate, chain limit, GC
 ``GET    /api/v1/srs``                      storage repositories
 ``POST   /api/v1/srs``                      register a directory as an SR {name, path}
 ``GET    /api/v1/vdis``                     every VDI, disks and snapshots (``?sr=``)
@@ -26,12 +26,17 @@ requests never rework the same chain at once.
 ``POST   /api/v1/update-backup-id``         {vdi, backup_id}
 ``POST   /api/v1/stop-remote-access``       {backup_id, delete_snapshot}
 ==========================================  ===========================================
+
+Deleting a snapshot, or reducing it to CBT metadata, answers once the records say so; the
+merge of its data out of the chains follows in the background (``garbage_pending`` in
+``GET /host`` says whether one is due), and the next snapshot of any VM waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -53,6 +58,8 @@ from .vdis import describe_vdi, list_changed_blocks, list_snapshots, list_vdis
 from .vms import ConflictError, NotFoundError, VmError, create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["API_PREFIX", "make_app"]
+
+log = logging.getLogger(__name__)
 
 
 class Problem(Exception):
@@ -78,6 +85,35 @@ class _LoopRevoker:
             return self._exports.revoke(backup_id)
 
         return list(self._on_loop(revoke()))
+
+
+class _Collector:
+    """The chains' garbage collection in the background: a deletion that drops snapshot
+    data answers at once, and this thread merges the data away after it, under the API's
+    lock like any other change (requests that come meanwhile wait for it, as they would
+    have waited for the deletion). Requests that come while it runs make one more run."""
+
+    def __init__(self, collect: Callable[[], Any]):
+        self._collect = collect
+        self._due = threading.Event()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        self._due.set()
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="winserver-gc", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                self._collect()
+            except Exception:  # tried again at the next deletion or snapshot
+                log.exception("garbage collection of the chains failed")
 
 
 def _status_of(error: Exception) -> int:
@@ -164,6 +200,8 @@ def make_app(
     def on_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
+    collector = _Collector(lambda: run(lambda: on_loop(runtime.collect())))
+
     def online_snapshot(vm: str, name: str, backup_id: str) -> dict[str, Any]:
         return dict(on_loop(runtime.snapshot(vm, name, backup_id)))
 
@@ -177,6 +215,7 @@ def make_app(
             "api_port": host.api_port,
             "nbd_port": host.nbd_port,
             "max_chain_depth": host.max_chain_depth,
+            "garbage_pending": runtime.garbage_pending,
             "cert": host.server_cert_pem,
             "version": __version__,
         }
@@ -260,7 +299,9 @@ def make_app(
 
     @app.delete(f"{API_PREFIX}/snapshots/{{uuid}}", dependencies=guard)
     def del_snapshot(uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
-        return dict(run(lambda: on_loop(runtime.delete_snapshot(uuid, keep_cbt))))
+        result = dict(run(lambda: on_loop(runtime.delete_snapshot(uuid, keep_cbt))))
+        collector.request()
+        return result
 
     @app.get(f"{API_PREFIX}/vdis/{{uuid}}/sm-info", dependencies=guard)
     def get_sm_info(uuid: str) -> dict[str, Any]:
@@ -293,6 +334,9 @@ def make_app(
             return on_loop(runtime.delete_snapshot(snapshot_uuid, True))
 
         revoker = _LoopRevoker(exports, on_loop) if exports is not None else grants
-        return dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, revoker, reduce))
+        result = dict(run(stop_remote_access, host, body.backup_id, body.delete_snapshot, revoker, reduce))
+        if result["snapshots_reduced"]:
+            collector.request()
+        return result
 
     return app

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import threading
@@ -29,10 +30,12 @@ from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError
 from .host import Host
 from .metadata import Vm, VmSnapshot
-from .snapshots import delete_snapshot, refuse_if_restoring, snapshot_vm
+from .snapshots import collect_garbage, delete_snapshot, refuse_if_restoring, snapshot_vm
 from .vms import ConflictError, VmError, describe_vm, find_vm
 
 __all__ = ["LiveDisk", "Runtime"]
+
+log = logging.getLogger(__name__)
 
 
 class LiveDisk:
@@ -180,6 +183,7 @@ class Runtime:
         self.host = host
         self._vms: dict[str, _Running] = {}
         self.lock = asyncio.Lock()
+        self._garbage = False  # snapshot data dropped, not yet merged out of the chains
 
     def _socket(self, vm_uuid: str, position: int) -> str:
         path = self.host.guest_socket(vm_uuid, position)
@@ -290,37 +294,68 @@ class Runtime:
                 disk["guest_connections"] = server.connection_count
         return vm
 
+    @property
+    def garbage_pending(self) -> bool:
+        """Whether dropped snapshot data still wait to be merged out of the chains."""
+        return self._garbage
+
     async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
-        """Delete (or reduce to CBT metadata) a snapshot. For a running VM the garbage
-        collection merges files under the guest's leaves while it keeps working (see
-        :func:`.snapshots.collect_garbage`); the guest then waits only for its disks to
-        reopen their shortened chains."""
+        """Delete (or reduce to CBT metadata) a snapshot: the records change at once, the
+        chains later, in :meth:`collect` (the API runs it in the background), so that the
+        caller does not wait for the merge of the snapshot's data."""
         async with self.lock:
             with self.host.metadata.session() as session:
                 snapshot = session.get(VmSnapshot, snapshot_uuid)
                 vm_uuid = snapshot.vm_uuid if snapshot is not None else None
-            running = self._vms.get(vm_uuid) if vm_uuid is not None else None
-            if running is None:
-                return await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt)
-            # the chains are reworked while the guest runs (its leaves are never merged);
-            # then a short pause reopens them
-            result = await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt, True)
-            assert vm_uuid is not None
+            running = vm_uuid is not None and vm_uuid in self._vms
+            result = await asyncio.to_thread(
+                delete_snapshot, self.host, snapshot_uuid, keep_cbt, running, False
+            )
+            self._garbage = True
+            return result
+
+    async def collect(self) -> int:
+        """Merge out of the chains what deleted snapshots left (:func:`.snapshots.
+        collect_garbage`); files removed. For a running VM the files under the guest's leaves
+        are merged while it keeps working (its leaves are never merged); then a short pause
+        reopens its shortened chains."""
+        async with self.lock:
+            return await self._collect()
+
+    async def _collect(self) -> int:
+        """:meth:`collect`, holding the lock."""
+        if not self._garbage:
+            return 0
+        self._garbage = False
+        changed: set[str] = set()
+        try:
+            removed = await asyncio.to_thread(collect_garbage, self.host, True, changed)
+        except BaseException:
+            self._garbage = True  # tried again next time (every step of it is crash-safe)
+            raise
+        for vm_uuid, running in self._vms.items() if changed else ():
+            current = describe_vm(self.host, vm_uuid)["disks"]
+            if changed.isdisjoint(d["vdi"] for d in current):
+                continue
             for disk in running.disks:
                 await asyncio.to_thread(disk.pause)
             try:
-                for disk, state in zip(running.disks, describe_vm(self.host, vm_uuid)["disks"], strict=True):
+                for disk, state in zip(running.disks, current, strict=True):
                     disk.switch(state["path"])
             finally:
                 for disk in running.disks:
                     disk.resume()
-            return result
+        return removed
 
     async def snapshot(
         self, ref: str, name: str | None = None, backup_id: str | None = None
     ) -> dict[str, Any]:
         """Snapshot a VM, online if it runs: every disk at one instant."""
         async with self.lock:
+            try:
+                await self._collect()  # the chains as short as they can be before one grows
+            except Exception as error:  # the chain limit below says whether one more fits
+                log.warning("garbage collection before a snapshot failed: %s", error)
             with self.host.metadata.session() as session:
                 vm_uuid = find_vm(session, ref).uuid
             running = self._vms.get(vm_uuid)

@@ -157,13 +157,19 @@ def _chain_paths(path: str) -> list[str]:
 
 
 def delete_snapshot(
-    host: Host, snapshot_uuid: str, keep_cbt: bool = False, allow_running: bool = False
+    host: Host,
+    snapshot_uuid: str,
+    keep_cbt: bool = False,
+    allow_running: bool = False,
+    collect: bool = True,
 ) -> dict[str, Any]:
     """Delete a VM snapshot; with *keep_cbt* keep its records as CBT metadata only
     (XenServer's ``VDI.data_destroy``), so that it can still be the base of an incremental
     backup. One transaction says the snapshot's data are no longer needed; then
-    :func:`collect_garbage` removes the files nobody needs from the chains. A running VM's
-    live leaves are never merged (*allow_running*: the daemon reopens the disks after)."""
+    :func:`collect_garbage` removes the files nobody needs from the chains – at once, or
+    (*collect* false) later, by the daemon in the background, as XenServer's storage
+    garbage collector coalesces after ``data_destroy`` has answered. A running VM's live
+    leaves are never merged (*allow_running*: the daemon reopens the disks after)."""
     with host.metadata.session() as session:
         snapshot = session.get(VmSnapshot, snapshot_uuid)
         if snapshot is None:
@@ -198,7 +204,8 @@ def delete_snapshot(
         else:
             session.delete(snapshot)
         running = vm.power_state != "halted"
-    collect_garbage(host, keep_leaves=running)
+    if collect:
+        collect_garbage(host, keep_leaves=running)
     return result
 
 
@@ -222,8 +229,9 @@ def _needed(host: Host) -> set[str]:
         return {os.path.abspath(p) for p in session.scalars(select(Vdi.path)) if p}
 
 
-def collect_garbage(host: Host, keep_leaves: bool = True) -> int:
-    """Remove from every disk's chain the files no VDI needs; returns how many went.
+def collect_garbage(host: Host, keep_leaves: bool = True, changed: set[str] | None = None) -> int:
+    """Remove from every disk's chain the files no VDI needs; returns how many went, and
+    adds to *changed* the VDI uuids of the disks whose chains are now different.
 
     ::
 
@@ -242,7 +250,7 @@ def collect_garbage(host: Host, keep_leaves: bool = True) -> int:
     while progress:
         progress = False
         needed = _needed(host)
-        for _vdi_uuid, paths, running in _chains(host):
+        for vdi_uuid, paths, running in _chains(host):
             for index in range(1, len(paths)):
                 x = paths[index]
                 if x in needed:
@@ -265,6 +273,8 @@ def collect_garbage(host: Host, keep_leaves: bool = True) -> int:
                     continue
                 remove_files([gone])
                 removed += 1
+                if changed is not None:
+                    changed.add(vdi_uuid)
                 progress = True
                 break
             if progress:
