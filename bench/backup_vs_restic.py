@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import compileall
 import contextlib
 import hashlib
 import json
@@ -53,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+import agentless
 import agentless.wddk as wddk
 from agentless.demo import center_daemon, host_daemon
 from agentless.units import format_size, parse_size
@@ -654,6 +656,9 @@ def main() -> int:
     spy = Path(args.py_spy).resolve() if args.py_spy else None
     if spy is not None:
         spy.mkdir(parents=True, exist_ok=True)
+    # as an install does (pip, dpkg): the commands then load bytecode, not source, even
+    # where PYTHONDONTWRITEBYTECODE keeps Python from caching it by itself
+    compileall.compile_dir(str(Path(agentless.__file__).parent), quiet=1)
     work = Path(tempfile.mkdtemp(prefix="backup-bench-", dir=args.workdir))
     try:
         with site_on(work) as (site, daemons):

@@ -3,9 +3,13 @@ batches (read_many), encrypted and not; a wrong password; restore points by pref
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import random
 from pathlib import Path
 
+import blake3
 import pytest
 
 from agentless.backup.keys import WrongPassword
@@ -38,3 +42,40 @@ def test_blobs_round_trip_one_by_one_and_in_batches(tmp_path: Path, password: st
             Repository.open(str(tmp_path / "repo"), "wrong")
         with pytest.raises(RepositoryError, match="give its password"):
             Repository.open(str(tmp_path / "repo"))
+
+
+@pytest.mark.parametrize("password", [None, "secret"])
+def test_ids_and_pack_names_use_the_repository_hash(tmp_path: Path, password: str | None) -> None:
+    """New repositories: keyed BLAKE3 ids (plain without encryption) and BLAKE3 pack
+    names. A repository made before BLAKE3 (no ``hash`` in its config) keeps SHA-256
+    throughout – HMAC-SHA256 ids – and this version reads and extends it."""
+    chunk = random.Random(5).randbytes(65536)
+    for name, hashing in (("new", "blake3"), ("old", "sha256")):
+        location = tmp_path / name
+        with Repository.init(str(location), password, hash=hashing) as repository:
+            with repository.writer() as writer:
+                blob = writer.add(chunk)
+                writer.flush()
+            key = repository.keys.id_key
+        if hashing == "sha256":  # as such a repository's config was written
+            config = json.loads((location / "config").read_text())
+            del config["hash"]
+            (location / "config").write_text(json.dumps(config))
+            expected = hashlib.sha256(chunk) if key is None else hmac.new(key, chunk, "sha256")
+        else:
+            expected = blake3.blake3(chunk) if key is None else blake3.blake3(chunk, key=key)
+        assert blob == expected.digest()
+        [pack] = [p for p in (location / "data").rglob("*") if p.is_file()]
+        digest = (hashlib.sha256 if hashing == "sha256" else blake3.blake3)(pack.read_bytes()).hexdigest()
+        assert pack.name == digest
+        with Repository.open(str(location), password) as repository:
+            assert repository.keys.hash == hashing and repository.read_blob(blob) == chunk
+            with repository.writer() as writer:
+                assert writer.add(chunk) == blob and writer.reused == 1  # the same id: deduplicated
+                other = writer.add(chunk[::-1])
+                writer.flush()
+            assert repository.read_many([other, blob]) == [chunk[::-1], chunk]
+    config = json.loads((tmp_path / "new" / "config").read_text())
+    (tmp_path / "new" / "config").write_text(json.dumps(config | {"hash": "md5"}))
+    with pytest.raises(RepositoryError, match="hash 'md5' is unknown"):
+        Repository.open(str(tmp_path / "new"), password)

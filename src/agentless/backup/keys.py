@@ -1,14 +1,20 @@
 """The repository's keys and how every stored byte is sealed and checked.
 
 An encrypted repository has one random 64-byte *master key* – a 32-byte AES-256-GCM key
-for data and a 32-byte HMAC-SHA256 key for blob ids – kept in ``keys/<id>`` wrapped under
-a key derived from the password with scrypt (as restic does; several key files may wrap
-the same master key, one per password). An unencrypted repository has no key: blob ids
-are plain SHA-256 and the metadata carries a SHA-256 checksum instead of a GCM tag.
+for data and a 32-byte key for blob ids – kept in ``keys/<id>`` wrapped under a key
+derived from the password with scrypt (as restic does; several key files may wrap the
+same master key, one per password). An unencrypted repository has no key: blob ids are
+plain hashes and the metadata carries a checksum instead of a GCM tag.
+
+The repository's *hash* (its config says which) is BLAKE3 – keyed with the id key for
+blob ids (a PRF, as HMAC is), plain for pack names and checksums – or, in repositories
+made before BLAKE3 was adopted, SHA-256 (HMAC-SHA256 for keyed ids). BLAKE3 hashes a
+64 KiB chunk about 4.5× faster than SHA-256 here (even with the CPU's SHA extensions),
+and every chunk is hashed once when stored and once more whenever it is read back.
 
 Blobs (chunks of disk data, index pages) are sealed one by one::
 
-    id       = HMAC-SHA256(id_key, plaintext)       (SHA-256 without encryption)
+    id       = BLAKE3(plaintext, key=id_key)        (BLAKE3(plaintext) without encryption)
     sealed   = nonce(12) ‖ AES-256-GCM(flag ‖ body, aad = id)      (flag ‖ body without)
     flag     = 0: body is the plaintext, 1: body is zstd(plaintext) – compression is
                kept only when it saves space; a chunk whose first 4 KiB do not compress
@@ -32,12 +38,14 @@ import secrets
 import threading
 from typing import Any
 
+import blake3
 import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 __all__ = [
+    "HASHES",
     "KEY_MAGIC",
     "CorruptError",
     "Keys",
@@ -55,6 +63,7 @@ _KEY_AAD = b"agentless-vmbackup master key"
 _FLAG_RAW, _FLAG_ZSTD = 0, 1
 _LEVEL = 1  # level 3 costs 40% more time for 1-2% smaller chunks of disk data
 _PROBE = 4096  # compress this much first: random data is stored as it is, unpacked
+HASHES = ("blake3", "sha256")  # a repository's hash: new ones, older ones
 
 
 class RepositoryError(Exception):
@@ -89,24 +98,42 @@ _codecs = _Codecs()
 
 @dataclasses.dataclass(frozen=True)
 class Keys:
-    """What seals a repository: *data_key* and *id_key*, or neither (unencrypted)."""
+    """What seals a repository: *data_key* and *id_key*, or neither (unencrypted), and
+    its *hash* (one of HASHES)."""
 
     data_key: bytes | None = None
     id_key: bytes | None = None
+    hash: str = "blake3"
+
+    def __post_init__(self) -> None:
+        if self.hash not in HASHES:
+            raise RepositoryError(f"unknown hash {self.hash!r} (this version knows {', '.join(HASHES)})")
 
     @property
     def encrypted(self) -> bool:
         return self.data_key is not None
 
     @classmethod
-    def generate(cls) -> Keys:
-        return cls(secrets.token_bytes(32), secrets.token_bytes(32))
+    def generate(cls, hash: str = "blake3") -> Keys:
+        return cls(secrets.token_bytes(32), secrets.token_bytes(32), hash)
 
     def blob_id(self, plaintext: bytes | memoryview) -> bytes:
-        """The content address of *plaintext* (32 bytes)."""
+        """The content address of *plaintext* (32 bytes): keyed when encrypted, so that
+        ids say nothing of the content to whoever lacks the key."""
+        if self.hash == "blake3":
+            hasher = (
+                blake3.blake3(plaintext) if self.id_key is None else blake3.blake3(plaintext, key=self.id_key)
+            )
+            return hasher.digest()
         if self.id_key is None:
             return hashlib.sha256(plaintext).digest()
         return hmac.digest(self.id_key, plaintext, "sha256")
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        """The repository's plain hash of *data* (32 bytes): pack names, checksums."""
+        if self.hash == "blake3":
+            return blake3.blake3(data).digest()
+        return hashlib.sha256(data).digest()
 
     # ------------------------------------------------------------------ blobs
 
@@ -155,7 +182,7 @@ class Keys:
         body = _codecs.compressor.compress(json.dumps(document, separators=(",", ":")).encode())
         head = kind + bytes([1])
         if self.data_key is None:
-            return head + body + hashlib.sha256(head + body).digest()
+            return head + body + self.digest(head + body)
         nonce = os.urandom(_NONCE)
         return head + nonce + AESGCM(self.data_key).encrypt(nonce, body, kind)
 
@@ -168,7 +195,7 @@ class Keys:
         rest = data[len(kind) + 1 :]
         if self.data_key is None:
             body, digest = rest[:-32], rest[-32:]
-            if hashlib.sha256(data[:-32]).digest() != digest:
+            if self.digest(data[:-32]) != digest:
                 raise CorruptError(f"{where}: checksum mismatch", where)
         else:
             try:

@@ -7,10 +7,10 @@ file system and costly on S3 – so blobs are appended to packs of about 16 MiB:
     trailer = sealed JSON [[blob id, kind, offset, length, raw length], ...]
     salt    = 16 random bytes, so that no two packs are ever the same object
 
-A pack is named by the SHA-256 of its bytes (``data/<2 hex>/<64 hex>``), so a whole pack
-can be checked against its name, and it describes itself: the index of the repository
-can be rebuilt from the trailers alone. Blob kinds: ``data`` (a chunk of a disk) and
-``tree`` (a page of a disk's chunk index).
+A pack is named by the repository's hash of its bytes (``data/<2 hex>/<64 hex>``; BLAKE3,
+or SHA-256 in older repositories), so a whole pack can be checked against its name, and
+it describes itself: the index of the repository can be rebuilt from the trailers alone.
+Blob kinds: ``data`` (a chunk of a disk) and ``tree`` (a page of a disk's chunk index).
 
 The salt matters when the repository is not encrypted (nothing else in a pack is
 random): without it, a backup storing anew the blobs of a pack that a garbage collection
@@ -21,7 +21,6 @@ the collection deletes it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import struct
 
@@ -52,8 +51,8 @@ class BlobLocation:
         return [blob_id.hex(), self.kind, self.offset, self.length, self.raw_length]
 
 
-def pack_name(data: bytes) -> str:
-    digest = hashlib.sha256(data).hexdigest()
+def pack_name(keys: Keys, data: bytes) -> str:
+    digest = keys.digest(data).hex()
     return f"data/{digest[:2]}/{digest}"
 
 
@@ -85,7 +84,7 @@ class PackBuilder:
             TRAILER_KIND, [[b.hex(), kind, off, length, raw] for b, kind, off, length, raw in self._entries]
         )
         data = b"".join([*self._parts, trailer, _TAIL.pack(len(trailer), PACK_END)])
-        name = pack_name(data)
+        name = pack_name(self.keys, data)
         locations = {
             blob: BlobLocation(name, offset, length, kind, raw)
             for blob, kind, offset, length, raw in self._entries
@@ -96,7 +95,7 @@ class PackBuilder:
 def read_trailer(keys: Keys, name: str, data: bytes) -> dict[bytes, BlobLocation]:
     """The blobs a whole pack says it holds; CorruptError if the pack is not sound (its
     name is not the hash of its bytes, its framing or trailer does not check)."""
-    if pack_name(data) != name:
+    if pack_name(keys, data) != name:
         raise CorruptError(f"{name}: content does not match its name", name)
     if not data.startswith(_HEAD) or len(data) < len(_HEAD) + _TAIL.size:
         raise CorruptError(f"{name}: not a pack", name)

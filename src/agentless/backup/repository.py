@@ -1,7 +1,7 @@
 """The backup repository: content-addressed, deduplicated, compressed, optionally
 encrypted, over any storage backend. ``docs/repository.md`` is the format's reference::
 
-    config                 what the repository is (magic, version, id, chunk size, encrypted)
+    config                 what the repository is (magic, version, id, chunk size, hash, encrypted)
     keys/<id>              the master key wrapped under a password (encrypted repositories)
     data/<2 hex>/<64 hex>  packs of sealed blobs (:mod:`.packs`)
     index/<64 hex>         which blobs are in which packs (written after the packs)
@@ -17,6 +17,7 @@ leaves at worst packs that no index names or index entries that no restore point
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import secrets
@@ -26,7 +27,7 @@ from typing import Any
 
 from agentless.lifetime import Closing
 
-from .keys import CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
+from .keys import HASHES, CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
 from .locks import Lock
 from .packs import BlobLocation, PackBuilder
 from .storage import Backend, NotFound, open_backend
@@ -58,14 +59,15 @@ class Repository(Closing):
     # ------------------------------------------------------------------ making and opening
 
     @classmethod
-    def init(cls, location: str | Backend, password: str | None = None) -> Repository:
+    def init(cls, location: str | Backend, password: str | None = None, hash: str = "blake3") -> Repository:
         """Make a new repository (encrypted when a *password* is given) at *location*,
-        which must hold no repository yet."""
+        which must hold no repository yet; *hash* is one of HASHES (``sha256``: the
+        format of repositories made before BLAKE3, for tests of their support)."""
         backend = open_backend(location) if isinstance(location, str) else location
         try:
             if backend.exists("config"):
                 raise RepositoryError(f"{backend.location}: a repository exists there already")
-            keys = Keys.generate() if password else Keys()
+            keys = Keys.generate(hash) if password else Keys(hash=hash)
             if password:
                 backend.put(f"keys/{secrets.token_hex(16)}", make_key_file(keys, password))
             config = {
@@ -73,6 +75,7 @@ class Repository(Closing):
                 "version": CONFIG_VERSION,
                 "id": str(uuid.uuid4()),
                 "chunk_size": CHUNK_SIZE,
+                "hash": keys.hash,
                 "encrypted": bool(password),
                 "created": _now(),
             }
@@ -102,11 +105,14 @@ class Repository(Closing):
                 raise RepositoryError(
                     f"{backend.location}: repository format {config.get('version')} is unknown"
                 )
-            keys = Keys()
+            hash_name = config.get("hash", "sha256")  # repositories from before BLAKE3 have none
+            if hash_name not in HASHES:
+                raise RepositoryError(f"{backend.location}: hash {hash_name!r} is unknown to this version")
+            keys = Keys(hash=hash_name)
             if config.get("encrypted"):
                 if not password:
                     raise RepositoryError("the repository is encrypted: give its password")
-                keys = _unlock(backend, password)
+                keys = dataclasses.replace(_unlock(backend, password), hash=hash_name)
         except BaseException:
             backend.close()
             raise
