@@ -13,7 +13,7 @@ from agentless import vhd
 from agentless.nbd.protocol import NBD_EPERM
 from agentless.winserver.grants import GrantError, GrantExports, Grants
 from agentless.winserver.host import Host
-from agentless.winserver.snapshots import delete_snapshot, snapshot_vm
+from agentless.winserver.snapshots import collect_garbage, delete_snapshot, snapshot_vm
 from agentless.winserver.vms import VmError, create_vm, delete_vm, describe_vm
 from tests.nbd.serving import serve
 
@@ -130,3 +130,39 @@ def test_grant_on_a_snapshot_reduced_to_cbt_metadata_is_refused(host: Host) -> N
     assert grants.resolve(grant["export_name"]) is not None
     delete_snapshot(host, snap["uuid"], keep_cbt=True)
     assert grants.resolve(grant["export_name"]) is None
+
+
+def test_a_grant_opened_while_the_collection_merges_its_file_away(host: Host) -> None:
+    """The chains' garbage collection runs in the background, so it may merge a snapshot's
+    file into its parent (and remove it) between the NBD server's lookup of a grant and the
+    opening of its export: the export is looked up again and serves the same data from the
+    file that now holds it."""
+    vm = create_vm(host, "db", [4 * MiB])
+    path = vm["disks"][0]["path"]
+    with vhd.Chain.open(path, writable=True) as chain:
+        chain.write(0, b"older")
+    older = snapshot_vm(host, "db")
+    with vhd.Chain.open(describe_vm(host, "db")["disks"][0]["path"], writable=True) as chain:
+        chain.write(MiB, b"newer")
+    newer = snapshot_vm(host, "db")
+    delete_snapshot(host, older["uuid"], keep_cbt=True, collect=False)  # merge due, not done
+    grants = Grants(host.metadata)
+    grant = grants.grant(newer["disks"][0]["snapshot_vdi"], "b2", read_only=True)
+    stale_path, _ = grants.resolve(grant["export_name"]) or ("", True)
+    lookups = []
+    real = grants.resolve
+
+    def resolve(export_name: str) -> tuple[str, bool] | None:
+        found = real(export_name)
+        if not lookups:  # the collection runs right after the first lookup
+            assert collect_garbage(host) == 1
+        lookups.append(found)
+        return found
+
+    grants.resolve = resolve  # type: ignore[method-assign]
+    exports = GrantExports(grants)
+    with serve(exports) as served, wddk.open(served.uri(grant["export_name"])) as disk:
+        assert disk.read(0, 5) == b"older" and disk.read(MiB, 5) == b"newer"
+    exports.close()
+    assert lookups[0] == (stale_path, True) and not Path(stale_path).exists()
+    assert lookups[-1] is not None and lookups[-1][0] != stale_path

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from agentless import vhd
 from agentless.nbd.exports import Export, VhdExport
 
 from .cbt import ChangedBlockTracker, cbt_path
@@ -34,6 +35,8 @@ DIRTY_BITMAP_NAME = "cbt"  # the export offers qemu:dirty-bitmap:cbt
 __all__ = ["Grant", "GrantError", "GrantExports", "Grants"]
 
 DEFAULT_LIFETIME = datetime.timedelta(hours=12)
+
+_OPEN_ATTEMPTS = 3  # lookups of a grant's file in a row (see GrantExports.__call__)
 
 
 class GrantError(Exception):
@@ -194,10 +197,23 @@ class GrantExports:
         """The resolver handed to :class:`agentless.nbd.server.NbdServer`. Writes through
         a restore grant are marked in the VDI's changed block tracking, as the guest's
         are: an incremental backup after a restore in place misses nothing."""
-        target = self.grants.resolve(export_name)
-        if target is None:
-            return None
-        path, read_only = target
+        for attempt in range(_OPEN_ATTEMPTS):
+            target = self.grants.resolve(export_name)
+            if target is None:
+                return None
+            try:
+                return self._open(export_name, *target)
+            except (OSError, vhd.VhdError):
+                # the chains' garbage collection (running in the background) may have merged
+                # the VDI's file away between the lookup and the open: it points the VDI at
+                # the file that now holds its data before it removes the old one, so the
+                # next lookup finds it
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+        return None
+
+    def _open(self, export_name: str, path: str, read_only: bool) -> Export:
+        """The export of a live grant on the VDI at *path*, opened at its first use."""
         with self._lock:
             export = self._exports.get(export_name)
             if export is None:
