@@ -398,30 +398,20 @@ def tib_round(site: Site, tools: Tools, work: Path, seed: int, number: int) -> d
         repo = work / f"vmbackup-cost-{label}-{number}"
         tools.run([PY, "-m", "agentless.backup.cli", "init", str(repo), "--encrypt", "--json"])
         site.new_vm(vm, size)
-        disk = Disk(site.host, vm, None)
-        try:
-            fill_runs(disk, data, runs)
-        finally:
-            disk.close()
-        warm_memory(work / "scratch", GiB)
-        r[f"full {label}"], full = tools.vmbackup(
-            f"cost-full-{label}-{number}", "backup", "--vm", vm, "--repo", str(repo)
-        )
-        tools.note(r, f"full {label}")
-        r[f"full {label} read"] = int(full["read"])
-        disk = Disk(site.host, vm, None)
-        try:
-            fill_runs(disk, data, runs)
-        finally:
-            disk.close()
-        warm_memory(work / "scratch", GiB)
-        r[f"incr {label}"], incr = tools.vmbackup(
-            f"cost-incr-{label}-{number}", "backup", "--vm", vm, "--repo", str(repo)
-        )
-        tools.note(r, f"incr {label}")
-        r[f"incr {label} read"] = int(incr["read"])
-        if incr["backups"][0]["type"] != "incremental":
-            raise RuntimeError(f"{vm}: a {incr['backups'][0]['type']} backup, not an incremental one")
+        for step in ("full", "incr"):  # the same amount of new data before each
+            disk = Disk(site.host, vm, None)
+            try:
+                fill_runs(disk, data, runs)
+            finally:
+                disk.close()
+            warm_memory(work / "scratch", GiB)
+            r[f"{step} {label}"], done = tools.vmbackup(
+                f"cost-{step}-{label}-{number}", "backup", "--vm", vm, "--repo", str(repo)
+            )
+            tools.note(r, f"{step} {label}")
+            r[f"{step} {label} read"] = int(done["read"])
+        if done["backups"][0]["type"] != "incremental":  # the second one
+            raise RuntimeError(f"{vm}: a {done['backups'][0]['type']} backup, not an incremental one")
         site.drop_vm(vm)
         shutil.rmtree(repo, ignore_errors=True)
     return r
