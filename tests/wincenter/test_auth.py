@@ -30,8 +30,8 @@ ROUTES = [  # (method, path, permission)
     ("GET", "/api/v1/vms", Permission.READ),
     ("GET", "/api/v1/vms/{ref}", Permission.READ),
     ("POST", "/api/v1/vms", Permission.ADMIN),
-    ("POST", "/api/v1/vms/{ref}/start", Permission.ADMIN),
-    ("POST", "/api/v1/vms/{ref}/stop", Permission.ADMIN),
+    ("POST", "/api/v1/vms/{ref}/start", Permission.OPERATE),  # offline backups
+    ("POST", "/api/v1/vms/{ref}/stop", Permission.OPERATE),  # offline backups
     ("DELETE", "/api/v1/vms/{ref}", Permission.ADMIN),
     ("POST", "/api/v1/backups", Permission.OPERATE),
     ("GET", "/api/v1/backups", Permission.READ),

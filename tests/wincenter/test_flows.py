@@ -407,3 +407,32 @@ def test_inventory_pages_filters_and_syncs(sqlite_site: Site, tmp_path: Path) ->
             center.sync_host(registered.id)
         assert gone.value.status == 502
         assert center.hosts()[0].state == "unreachable"
+
+
+def test_operators_start_and_stop_vms_but_neither_create_nor_delete_them(sqlite_site: Site) -> None:
+    """A backup-operator token powers a VM off and on (an offline backup does); creating
+    and deleting VMs stays with admins (403); a viewer may not power VMs at all."""
+    with sqlite_site.client() as admin:
+        operator = admin.create_token("backup-operator", "vendor").token
+        viewer = admin.create_token("viewer", "watcher").token
+        admin.create_vm(VmCreate(name="power", disks=[DiskSpec(size=MiB)], nics=[]))
+    url, ca = sqlite_site.center.url, sqlite_site.center.ca_pem
+    with CenterClient(url, operator, ca) as center, sqlite_site.host_client() as host:
+        assert center.start_vm("power").power_state == "running"
+        assert host.vm("power")["power_state"] == "running"
+        assert center.stop_vm("power").power_state == "halted"
+        assert host.vm("power")["power_state"] == "halted"
+        assert center.stop_vm("power").power_state == "halted"  # a halted VM stays halted
+        for denied_call in (
+            lambda: center.create_vm(VmCreate(name="nope", disks=[DiskSpec(size=MiB)], nics=[])),
+            lambda: center.delete_vm("power"),
+        ):
+            with pytest.raises(CenterApiError) as denied:
+                denied_call()
+            assert denied.value.status == 403 and "backup-operator" in denied.value.detail
+    with CenterClient(url, viewer, ca) as center:
+        for power in (center.start_vm, center.stop_vm):
+            with pytest.raises(CenterApiError) as denied:
+                power("power")
+            assert denied.value.status == 403
+        assert center.vm("power").power_state == "halted"

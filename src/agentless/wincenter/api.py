@@ -14,7 +14,7 @@
 ``GET    /api/v1/pools[/{id}]``             read      storage pools (``?host=``)
 ``GET    /api/v1/vms[/{id}]``               read      VMs, paged, ``?host=&name=&power_state=``
 ``POST   /api/v1/vms``                      admin     create a VM {name, disks, nics, host|pool}
-``POST   /api/v1/vms/{id}/start|stop``      admin     power
+``POST   /api/v1/vms/{id}/start|stop``      operate   power (an offline backup stops and starts)
 ``DELETE /api/v1/vms/{id}``                 admin     delete a halted VM and its disks
 ``POST   /api/v1/backups``                  operate   {vm_id, backup_id, type} -> {task_id}
 ``GET    /api/v1/backups[/{backup_id}]``    read      backups, newest first (``?vm=``)
@@ -325,13 +325,17 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
         return VmOut.model_validate(vm)
 
     @app.post(f"{API_PREFIX}/vms/{{ref}}/start", tags=["vms"], responses=NOT_FOUND | CONFLICT | BAD_GATEWAY)
-    def start_vm(ref: Ref, request: Request, _caller: Admin, f: Flows) -> VmOut:
+    def start_vm(ref: Ref, request: Request, _caller: Operator, f: Flows) -> VmOut:
+        """Start a halted VM (409 if it runs). Operators may: an offline backup stops the
+        VM for its snapshot and starts it again."""
         vm = f.inventory.power(ref, "start")
         set_result(request, f"VM {vm['name']} started")
         return VmOut.model_validate(vm)
 
     @app.post(f"{API_PREFIX}/vms/{{ref}}/stop", tags=["vms"], responses=NOT_FOUND | CONFLICT | BAD_GATEWAY)
-    def stop_vm(ref: Ref, request: Request, _caller: Admin, f: Flows) -> VmOut:
+    def stop_vm(ref: Ref, request: Request, _caller: Operator, f: Flows) -> VmOut:
+        """Stop a VM cleanly (CBT stays valid); it is halted when this answers. A halted
+        VM stays halted. Operators may (offline backups)."""
         vm = f.inventory.power(ref, "stop")
         set_result(request, f"VM {vm['name']} stopped")
         return VmOut.model_validate(vm)
