@@ -1,13 +1,17 @@
 """vmbackup end to end: a real WinServer host and WinCenter on loopback, the ``vmbackup``
 command as a user runs it. Backup (full, then incremental) of a running 2-disk VM whose
-guest writes through its datapath, restore as a new VM, export, mount – every result
-compared byte for byte with what the guest wrote."""
+guest writes through its datapath, restore as a new VM, export, mount; online and offline
+backups (the VM's power state watched on its host); a restore at a second site (its own
+WinCenter and host) from a copy of the repository – every result compared byte for byte
+with what the guest wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,22 +32,38 @@ from tests.winserver.conftest import init_host, start_daemon
 MiB = 1 << 20
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    host = init_host(str(tmp_path / "host"))
+@contextlib.contextmanager
+def _running_site(root: Path) -> Iterator[Site]:
+    """A WinServer host and a WinCenter (its own CA and admin token) managing it, under
+    *root*; both stopped on the way out."""
+    host = init_host(str(root / "host"))
     host_proc = start_daemon(host.dir)
-    token = init_center(str(tmp_path / "center"))
-    center = start_server(str(tmp_path / "center"), token)
+    token = init_center(str(root / "center"))
+    center = start_server(str(root / "center"), token)
     running = Site(host, host_proc, center, token, "")
     try:
         with running.client() as client:
             client.register_host(host.api_url, host.token, host.cert_pem)
         yield running
     finally:
-        center.proc.kill()
-        center.proc.wait()
-        host_proc.terminate()
-        host_proc.wait(30)
+        running.center.proc.kill()
+        running.center.proc.wait()
+        running.host_proc.terminate()  # the one running now: a test may have restarted it
+        running.host_proc.wait(30)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with _running_site(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def second_site(tmp_path: Path) -> Iterator[Site]:
+    """Another site: a host and a WinCenter of their own (another CA, other tokens)."""
+    (tmp_path / "site2").mkdir()
+    with _running_site(tmp_path / "site2") as running:
+        yield running
 
 
 def vmbackup(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -226,6 +246,7 @@ def test_online_backups_are_crash_consistent(site: Site, tmp_path: Path) -> None
                 stop.set()
                 writer.join()
             assert summary["type"] == ("full" if round_ == 0 else "incremental")
+            assert summary["consistency"] == "crash-consistent"
             image_path = tmp_path / f"busy-{round_}.raw"
             export_disk(repository, summary["point"], 0, str(image_path))
             image = image_path.read_bytes()
@@ -361,6 +382,7 @@ def test_offline_backups_over_random_write_patterns(site: Site, tmp_path: Path) 
                     _pattern(rng, guest, model)
                 host.stop_vm("cold")
             summary = VmBackup(center, repository, "cold").run()
+            assert summary["consistency"] == "offline"  # halted before and at the snapshot
             images[summary["point"]] = bytes(model)
         for point, image in images.items():
             out = tmp_path / f"{point}.raw"
@@ -374,3 +396,246 @@ def test_offline_backups_over_random_write_patterns(site: Site, tmp_path: Path) 
             out = tmp_path / f"{point}-after-gc.raw"
             export_disk(repository, point, 0, str(out))
             assert out.read_bytes() == images[point]
+
+
+# ---------------------------------------------------------------------- online and offline
+
+
+def _power_calls(site: Site, token_name: str) -> list[str]:
+    """The power and backup-request calls the token *token_name* made, oldest first, as
+    ``stop``, ``start`` and ``backup`` (from WinCenter's audit log)."""
+    with site.client() as admin:
+        entries = admin.audit(limit=1000).items
+    calls = []
+    for entry in reversed(entries):
+        if entry.token_name != token_name or entry.method != "POST" or entry.status >= 400:
+            continue
+        if entry.path.endswith(("/stop", "/start")):
+            calls.append(entry.path.rsplit("/", 1)[1])
+        elif entry.path == "/api/v1/backups":
+            calls.append("backup")
+    return calls
+
+
+def _power_state(site: Site, vm: str) -> str:
+    """The VM's power state on its host (the truth, not WinCenter's record of it)."""
+    with site.host_client() as host:
+        return str(host.vm(vm)["power_state"])
+
+
+def test_offline_backup_of_a_running_vm(site: Site, tmp_path: Path) -> None:
+    """``vmbackup backup --offline`` of a running VM: WinCenter stops it, the snapshot is
+    taken, WinCenter starts it again before the data is read; the restore point is the
+    disk as the guest left it at the stop, byte for byte, and says it is offline."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    rng = random.Random(31)
+    size = 8 * MiB
+    with site.host_client() as host:
+        host.create_vm("cold1", [size])
+        host.start_vm("cold1")
+        model = bytearray(size)
+        with _guest(host, "cold1", 0) as guest:
+            _write_random(guest, model, rng, 25)
+    done = _ok(vmbackup(env, "backup", "--vm", "cold1", "--offline", "--json"))
+    [summary] = done["backups"]  # type: ignore[misc]
+    assert summary["consistency"] == "offline" and summary["type"] == "full"
+    assert summary["downtime"] > 0
+    assert _power_state(site, "cold1") == "running"
+    assert _power_calls(site, "vmbackup") == ["stop", "backup", "start"]
+    with site.host_client() as host, _guest(host, "cold1", 0) as guest:  # the datapath is back
+        guest.write(0, b"after the backup")
+        guest.flush()
+        assert guest.read(0, 16) == b"after the backup"
+    out = tmp_path / "cold1.raw"
+    _ok(vmbackup(env, "export", summary["point"], str(out), "--json"))
+    assert out.read_bytes() == model  # the disk at the stop, not after
+    shown = vmbackup(env, "show", summary["point"])
+    assert shown.returncode == 0 and "consistency: offline" in shown.stdout
+    assert _ok(vmbackup(env, "show", summary["point"], "--json"))["consistency"] == "offline"
+
+
+def test_offline_backup_of_a_halted_vm_leaves_it_halted(site: Site, tmp_path: Path) -> None:
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    rng = random.Random(37)
+    size = 8 * MiB
+    with site.host_client() as host:
+        host.create_vm("idle", [size])
+        host.start_vm("idle")
+        model = bytearray(size)
+        with _guest(host, "idle", 0) as guest:
+            _write_random(guest, model, rng, 10)
+        host.stop_vm("idle")
+    done = _ok(vmbackup(env, "backup", "--vm", "idle", "--offline", "--json"))
+    [summary] = done["backups"]  # type: ignore[misc]
+    assert summary["consistency"] == "offline" and summary["downtime"] == 0
+    assert _power_state(site, "idle") == "halted"
+    assert _power_calls(site, "vmbackup") == ["backup"]  # never started, never stopped
+    out = tmp_path / "idle.raw"
+    _ok(vmbackup(env, "export", summary["point"], str(out), "--json"))
+    assert out.read_bytes() == model
+
+
+def test_failing_offline_backups_start_the_vm_again(site: Site, tmp_path: Path) -> None:
+    """The repository's storage fails (a) while the VM is stopped – recording the backup
+    in the repository lock, before WinCenter hears of it – and (b) once the data is read,
+    storing it: either way the backup fails, the VM runs again, nothing is left open."""
+    from agentless.backup.backupjob import VmBackup
+    from agentless.backup.locks import Lock
+    from agentless.backup.repository import Repository
+    from agentless.backup.storage import MemoryBackend, StorageError
+    from agentless.backup.storage.faults import FailingBackend
+
+    size = 8 * MiB
+    with site.host_client() as host:
+        host.create_vm("fragile", [size])
+        host.start_vm("fragile")
+        with _guest(host, "fragile", 0) as guest:
+            guest.write(0, random.Random(41).randbytes(1 << 20))
+            guest.flush()
+    store = MemoryBackend()
+    Repository.init(store)
+    with site.client() as center:
+        for puts in (1, 2):  # the lock goes through; then (a) the journal, (b) the packs fail
+            storage = FailingBackend(store, fail_after_n_puts=puts)
+            repository = Repository.open(storage)
+            lock = repository.lock("shared", "backup")
+
+            def journal(backup_id: str, opened: bool, lock: Lock = lock) -> None:
+                lock.note(backups=[backup_id] if opened else [])  # what `vmbackup backup` records
+
+            job = VmBackup(center, repository, "fragile", journal=journal, offline=True)
+            with pytest.raises(StorageError):
+                job.run()
+            assert storage.crashed
+            assert _power_state(site, "fragile") == "running", puts
+            with contextlib.suppress(StorageError):
+                lock.close()
+        [requested] = center.backups(vm=center.vm("fragile").id).items  # (a) asked for nothing
+        ended = center.wait_task(requested.task_id, until={"succeeded", "failed", "aborted"}, timeout=60)
+        assert ended.state == "aborted"
+    assert _power_calls(site, "admin") == ["stop", "start", "stop", "backup", "start"]
+    with site.host_client() as host:
+        assert all(g["revoked"] for g in host.list_grants())
+    with Repository.open(store) as repository:
+        assert repository.points() == []
+
+
+def test_online_backup_never_changes_the_power_state(site: Site, tmp_path: Path) -> None:
+    """While the guest writes and the VM's power state is sampled on its host, an online
+    backup runs: the VM is running at every sample, the guest's writes never fail and go
+    on during the backup, and the restore point says crash-consistent."""
+    from agentless.backup.backupjob import VmBackup
+    from agentless.backup.repository import Repository
+
+    size = 8 * MiB
+    with site.host_client() as host:
+        host.create_vm("live", [size])
+        host.start_vm("live")
+    stop = threading.Event()
+    states: list[str] = []
+    writes: list[float] = []
+    errors: list[BaseException] = []
+
+    def guest_writer() -> None:
+        rng = random.Random(43)
+        try:
+            with site.host_client() as host, _guest(host, "live", 0) as guest:
+                while not stop.is_set():
+                    guest.write(rng.randrange(0, size - 4096, 512), rng.randbytes(4096))
+                    writes.append(time.monotonic())
+        except BaseException as error:
+            errors.append(error)
+
+    def sampler() -> None:
+        with site.host_client() as host:
+            while not stop.is_set():
+                states.append(str(host.vm("live")["power_state"]))
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=guest_writer), threading.Thread(target=sampler)]
+    with Repository.init(str(tmp_path / "repo")) as repository, site.client() as center:
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.2)
+            began = time.monotonic()
+            summary = VmBackup(center, repository, "live").run()
+            ended = time.monotonic()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        point = repository.load_point(summary["point"])
+    assert errors == []
+    assert len(states) >= 5 and set(states) == {"running"}, states
+    assert any(began < t < ended for t in writes)  # the guest kept writing during the backup
+    assert summary["consistency"] == point["consistency"] == "crash-consistent"
+    assert summary["downtime"] == 0
+    assert _power_calls(site, "admin") == ["backup"]
+
+
+# ---------------------------------------------------------------------- a second site
+
+
+def test_restore_at_a_second_site(site: Site, second_site: Site, tmp_path: Path) -> None:
+    """Site 1 backs a VM up; the repository's copy is all that is left of it (its
+    repository and WinCenter are gone). ``vmbackup restore RP --from COPY --center URL2``
+    with site 2's token and CA – vmbackup's settings still name site 1 – makes the VM on
+    site 2's host, its disk byte for byte what the guest wrote at site 1."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"), "dr pw")
+    env.pop("VMBACKUP_TOKEN", None)
+    rng = random.Random(47)
+    size = 8 * MiB
+    with site.host_client() as host:
+        host.create_vm("dr", [size], ["lan"])
+        host.start_vm("dr")
+        model = bytearray(size)
+        with _guest(host, "dr", 0) as guest:
+            _write_random(guest, model, rng, 20)
+    [done] = _ok(vmbackup(env, "backup", "--vm", "dr", "--json"))["backups"]  # type: ignore[misc]
+    copy = str(tmp_path / "site2-repo")
+    shutil.copytree(tmp_path / "repo", copy)  # the off-site copy
+    shutil.rmtree(tmp_path / "repo")
+    site.center.proc.kill()  # site 1 is lost
+    site.center.proc.wait()
+    ca2 = tmp_path / "site2-ca.pem"
+    ca2.write_text(second_site.center.ca_pem)
+    with second_site.client() as admin:
+        token2 = admin.create_token("backup-operator", "vmbackup-dr").token
+    where = ["--from", copy, "--center", second_site.center.url]
+
+    no_token = vmbackup(env, "restore", done["point"], "--as-new-vm", "dr", *where, "--ca", str(ca2))
+    assert no_token.returncode in (1, 2) and "Traceback" not in no_token.stderr
+    assert len(no_token.stderr.strip().splitlines()) == 1 and "--token" in no_token.stderr
+    site1_ca = str(tmp_path / "center-ca.pem")  # site 1's CA does not vouch for site 2
+    wrong_ca = vmbackup(
+        env, "restore", done["point"], "--as-new-vm", "dr", *where, "--token", token2, "--ca", site1_ca
+    )
+    assert wrong_ca.returncode == 1 and "Traceback" not in wrong_ca.stderr
+    assert len(wrong_ca.stderr.strip().splitlines()) == 1 and "certificate" in wrong_ca.stderr.lower()
+
+    restored = _ok(
+        vmbackup(
+            env | {"VMBACKUP_TOKEN": token2},
+            "restore",
+            done["point"][:8],
+            "--as-new-vm",
+            "dr",
+            *where,
+            "--ca",
+            str(ca2),
+            "--json",
+        )
+    )
+    assert restored["vm"] == "dr" and restored["point"] == done["point"]
+    with second_site.client() as center2:
+        assert center2.vm("dr").id == restored["vm_id"]
+    with second_site.host_client() as host:
+        vm = host.vm("dr")
+        assert [n["network"] for n in vm["nics"]] == ["lan"]
+        host.start_vm("dr")
+        with _guest(host, "dr", 0) as guest:
+            assert guest.read(0, size) == model
+        host.stop_vm("dr")
+    again = vmbackup(env, "restore", done["point"], "--as-new-vm", "dr2", "--from", copy)
+    assert again.returncode == 1  # without --center: the configured (lost) site 1

@@ -16,6 +16,21 @@ the disk is read whole – its reason is kept in the restore point. When the bas
 used is not the repository's newest restore point of the VM (another repository backed
 it up since), the changes would not apply to our index: the request is aborted and made
 again as a full backup.
+
+Online (the default) the VM keeps running: WinServer snapshots its disks at one instant,
+so the restore point is *crash-consistent* (the disks as after a power cut). Offline
+(``offline=True``) a running VM is stopped cleanly through WinCenter first and started
+again as soon as the task is ready – the snapshot is taken, the data is read from it
+afterwards – so the downtime is just the snapshot::
+
+    running ──stop──▶ halted ──POST /backups … task ready──▶ start ──▶ running
+                        └──────────── downtime ──────────────┘   (reading goes on)
+
+Whatever fails once the stop was asked for, the VM is started again; a VM that was
+halted stays halted. The restore point records ``consistency``: ``offline`` when the VM
+was halted from before the request until the snapshot was taken, else
+``crash-consistent``. Power states are WinCenter's (``GET /vms/{id}``): a VM started on
+its host behind WinCenter's back counts as halted until WinCenter's next sync.
 """
 
 from __future__ import annotations
@@ -27,12 +42,12 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import agentless.wddk as wddk
 from agentless.sparse import is_zero
-from agentless.wincenter.client import CenterClient
+from agentless.wincenter.client import CenterApiError, CenterClient
 
 from .diskindex import DiskIndex
 from .keys import RepositoryError
@@ -42,6 +57,9 @@ __all__ = ["BackupError", "VmBackup", "latest_point"]
 
 PIECE = 4 << 20  # bytes read per request: 64 chunks
 TASK_TIMEOUT = 3600.0
+POWER_TIMEOUT = 600.0  # a VM asked to stop or start is halted / running by then
+OFFLINE = "offline"
+CRASH_CONSISTENT = "crash-consistent"
 
 
 class BackupError(RepositoryError):
@@ -87,11 +105,13 @@ class VmBackup:
         connections: int = 4,
         on_progress: Callable[[VmBackup], None] | None = None,
         journal: Callable[[str, bool], None] | None = None,
+        offline: bool = False,
     ):
         self.center = center
         self.repository = repository
         self.vm_ref = vm_ref
         self.full = full
+        self.offline = offline  # stop a running VM for the snapshot, start it again after
         self.connections = connections
         self.on_progress = on_progress
         self.journal = journal  # (backup id, open?): what a cleanup after a crash must abort
@@ -102,6 +122,8 @@ class VmBackup:
         self._lock = threading.Lock()
         self._reported = 0.0
         self._backup_id: str | None = None
+        self.downtime = 0.0  # seconds the VM was stopped for the backup
+        self._halted_before = False  # the VM was halted when the backup was requested
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -111,14 +133,78 @@ class VmBackup:
         vm = self.center.vm(self.vm_ref)
         self.name = vm.name
         previous = None if self.full else latest_point(self.repository, vm.id)
-        summary = self._attempt(vm.id, previous)
-        if summary is None:  # WinCenter's base is not ours: start over as a full backup
-            summary = self._attempt(vm.id, None)
-            assert summary is not None
+        with self._downtime(vm.id, vm.power_state) as snapshot_taken:
+            summary = self._attempt(vm.id, previous, snapshot_taken)
+            if summary is None:  # WinCenter's base is not ours: start over as a full backup
+                summary = self._attempt(vm.id, None, snapshot_taken)
+                assert summary is not None
+        summary["downtime"] = round(self.downtime, 3)
         summary["seconds"] = round(time.monotonic() - started, 3)
         return summary
 
-    def _attempt(self, vm_id: str, previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def _downtime(self, vm_id: str, power_state: str) -> Iterator[Callable[[], None]]:
+        """Offline: stop the VM if it runs, and yield the callable that starts it again
+        (once the snapshot is taken); whatever fails before that – or in it – the VM is
+        started again on the way out. Online, or a halted VM: nothing is stopped and the
+        callable does nothing. BackupError when a stopped VM cannot be started again."""
+        self._halted_before = power_state == "halted"
+        if not self.offline or power_state == "halted":
+            yield lambda: None
+            return
+        if power_state != "running":
+            raise BackupError(f"{self.name} is {power_state}: an offline backup needs it running or halted")
+        down = True  # from the stop request on: the VM may be stopping, or stopped
+        stopped_at = time.monotonic()
+
+        def resume() -> None:
+            nonlocal down
+            if down:
+                try:
+                    self._power(vm_id, "start", "running")
+                except Exception as error:
+                    raise BackupError(
+                        f"{self.name} was stopped for its offline backup and is not running again: {error}"
+                    ) from error
+                down = False
+                self.downtime = time.monotonic() - stopped_at
+
+        try:
+            try:
+                self._power(vm_id, "stop", "halted")
+            except BackupError as error:
+                raise BackupError(f"{self.name}: {error}") from error
+            self._halted_before = True
+            yield resume
+        except BaseException as error:
+            if down:
+                try:
+                    resume()
+                except Exception as failed:
+                    raise BackupError(f"{error}; and {failed}") from error
+            raise
+        resume()  # normally done already: the attempt started the VM once the snapshot was taken
+
+    def _power(self, vm_id: str, action: str, wanted: str) -> None:
+        """Ask WinCenter to start or stop the VM and wait until its power state is
+        *wanted* (a WinCenter may answer before the host is done). A refusal is fine when
+        the VM is in that state anyway (a start refused because it runs: 409)."""
+        try:
+            state = (self.center.start_vm if action == "start" else self.center.stop_vm)(vm_id).power_state
+        except CenterApiError as error:
+            state = self.center.vm(vm_id).power_state
+            if state != wanted:
+                raise BackupError(f"WinCenter could not {action} the VM: {error}") from error
+        deadline = time.monotonic() + POWER_TIMEOUT
+        while state != wanted:
+            if time.monotonic() > deadline:
+                raise BackupError(f"still {state} {POWER_TIMEOUT:.0f} s after it was asked to {action}")
+            time.sleep(0.2)
+            state = self.center.vm(vm_id).power_state
+
+    def _attempt(
+        self, vm_id: str, previous: dict[str, Any] | None, snapshot_taken: Callable[[], None]
+    ) -> dict[str, Any] | None:
         kind = "incremental" if previous is not None else "full"
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         backup_id = f"vmb-{stamp}-{secrets.token_hex(4)}"
@@ -135,9 +221,12 @@ class VmBackup:
             if result["type"] == "incremental" and (
                 previous is None or result["base_backup_id"] != previous.get("backup_id")
             ):
-                self._abort(backup_id)
+                self._abort(backup_id)  # an offline VM stays down for the next attempt
                 return None
-            summary = self._store(result, previous)
+            halted = self._halted_before and self.center.vm(vm_id).power_state == "halted"
+            consistency = OFFLINE if halted else CRASH_CONSISTENT
+            snapshot_taken()  # the data is read from the snapshot: the VM may run again
+            summary = self._store(result, previous, consistency)
             self.center.complete_backup(backup_id)
             ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.5)
             if ended.state != "succeeded":
@@ -154,7 +243,9 @@ class VmBackup:
         with contextlib.suppress(Exception):  # WinCenter's expiry cleans up what this could not
             self.center.abort_backup(backup_id)
 
-    def _store(self, result: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    def _store(
+        self, result: dict[str, Any], previous: dict[str, Any] | None, consistency: str
+    ) -> dict[str, Any]:
         """Read every disk into the repository and save the restore point."""
         base_disks = {d["position"]: d for d in (previous or {}).get("disks", [])}
         self.size = sum(e["length"] for d in result["disks"] for e in d["extents"])
@@ -200,6 +291,7 @@ class VmBackup:
             "backup_id": result["backup_id"],
             "type": result["type"],
             "base": previous["id"] if previous is not None and result["type"] == "incremental" else None,
+            "consistency": consistency,
             "disks": disks,
             "stats": stats,
         }
@@ -210,6 +302,7 @@ class VmBackup:
             "vm_id": result["vm"]["id"],
             "point": point_id,
             "type": result["type"],
+            "consistency": consistency,
         } | stats
 
     def _read_disk(self, disk: dict[str, Any], index: DiskIndex, writer: BlobWriter) -> int:

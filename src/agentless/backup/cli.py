@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import dataclasses
 import getpass
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,11 +30,15 @@ from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnrea
 from .backupjob import VmBackup
 from .gc import gc
 from .keys import RepositoryError
-from .locks import Lock, active_locks, dead_locks
+from .leftovers import journal as _journal
+from .leftovers import reap as _reap
+from .locks import active_locks, dead_locks
+from .offsite import copy_points, init_offsite, open_offsite
+from .policycli import Hooks, add_commands
 from .prune import prune
 from .repository import Repository
 from .restorejob import PointDisk, VmRestore, export_disk
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, state_url
 from .storage import StorageError
 from .verify import verify
 
@@ -74,9 +77,27 @@ def _repository(args: argparse.Namespace) -> Iterator[Repository]:
         yield repository
 
 
-def _center() -> CenterClient:
-    url, token, ca = Settings.load().center_access()
-    return CenterClient(url, token, ca, timeout=120.0)
+def _center(args: argparse.Namespace | None = None) -> CenterClient:
+    """WinCenter's client: the configured one (``vmbackup config``), or – ``--center URL``
+    of a command that has it (restore at a second site) – another one. Another one's token
+    and CA come only from ``--token`` (or ``VMBACKUP_TOKEN``) and ``--ca``: the configured
+    center's are never sent to it, nor trusted for it."""
+    url, token, ca_file = (getattr(args, name, None) for name in ("center", "token", "ca"))
+    if not url:
+        if token or ca_file:
+            raise SettingsError("--token and --ca go with --center URL (another WinCenter)")
+        url, token, ca = Settings.load().center_access()
+        return CenterClient(url, token, ca, timeout=120.0)
+    token = token or os.environ.get("VMBACKUP_TOKEN")
+    if not token:
+        raise SettingsError(f"--center {url}: give its token with --token TOKEN (or set VMBACKUP_TOKEN)")
+    if not ca_file:
+        raise SettingsError(f"--center {url}: give its CA certificate with --ca FILE")
+    try:
+        with open(ca_file) as f:
+            return CenterClient(url, token, f.read(), timeout=120.0)
+    except (OSError, ValueError) as error:  # unreadable, or not a PEM certificate (ssl.SSLError)
+        raise SettingsError(f"--ca {ca_file}: not a usable CA certificate ({error})") from None
 
 
 class _Bars:
@@ -126,7 +147,17 @@ def _cmd_init(args: argparse.Namespace) -> int:
     password = _password(args, confirm=True) if args.encrypt else None
     if args.encrypt and not password:
         raise RepositoryError("--encrypt needs a password (VMBACKUP_PASSWORD, --password-file or a terminal)")
-    with Repository.init(args.location, password) as repository:
+    if args.copy_keys_from:  # an off-site repository: the source's chunk size, hash and id key
+        if args.from_password_file:
+            with open(args.from_password_file) as f:
+                from_password: str | None = f.read().rstrip("\n")
+        else:
+            from_password = os.environ.get("VMBACKUP_FROM_PASSWORD") or password
+        with Repository.open(args.copy_keys_from, from_password) as source:
+            repository = init_offsite(args.location, source, password)
+    else:
+        repository = Repository.init(args.location, password)
+    with repository:
         document = {"location": repository.backend.location, "id": repository.config["id"]}
         document["encrypted"] = repository.keys.encrypted
     emit(args, document, f"repository {document['id']} created at {document['location']}")
@@ -144,41 +175,20 @@ def _cmd_config(args: argparse.Namespace) -> int:
             settings.ca_pem = f.read()
     if args.repo:
         settings.repo = args.repo
-    path = settings.save() if (args.center or args.token or args.ca or args.repo) else None
+    if args.database:
+        settings.database = args.database
+    if args.webhook:
+        settings.webhook = args.webhook
+    changed = args.center or args.token or args.ca or args.repo or args.database or args.webhook
+    path = settings.save() if changed else None
     document = {"center": settings.center, "repo": settings.repo, "token": bool(settings.token)}
-    document["ca"] = bool(settings.ca_pem)
+    document |= {"ca": bool(settings.ca_pem), "database": state_url(settings), "webhook": settings.webhook}
     emit(
         args,
         document | {"saved": path},
         f"center {settings.center or '-'}, repository {settings.repo or '-'}",
     )
     return 0
-
-
-def _reap(repository: Repository, center: CenterClient) -> list[str]:
-    """Clean up after ``vmbackup`` processes that died: abort the WinCenter backups their
-    locks list (so the VMs' next backups need not wait for them to expire), then remove
-    the locks. The backup ids aborted."""
-    aborted = []
-    for lock in dead_locks(repository.backend):
-        for backup_id in lock.get("backups", []):
-            with contextlib.suppress(CenterApiError, CenterUnreachable):
-                center.abort_backup(str(backup_id))
-                aborted.append(str(backup_id))
-        repository.backend.delete(str(lock["name"]))
-    return aborted
-
-
-def _journal(lock: Lock) -> Callable[[str, bool], None]:
-    open_ids: set[str] = set()
-    guard = threading.Lock()
-
-    def note(backup_id: str, opened: bool) -> None:
-        with guard:
-            (open_ids.add if opened else open_ids.discard)(backup_id)
-            lock.note(backups=sorted(open_ids))
-
-    return note
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
@@ -192,7 +202,16 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         _reap(repository, center)
         journal = _journal(lock)
         jobs = [
-            VmBackup(center, repository, vm, args.full, args.connections, bars.update, journal)
+            VmBackup(
+                center,
+                repository,
+                vm,
+                args.full,
+                args.connections,
+                bars.update,
+                journal,
+                offline=args.offline,
+            )
             for vm in args.vm
         ]
         results: list[dict[str, Any]] = []
@@ -223,8 +242,9 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         "seconds": round(time.monotonic() - started, 3),
     }
     lines = [
-        f"{r['vm']}: {r['type']} restore point {r['point']}, read {format_size(r['read'])}, "
-        f"stored {format_size(r['stored'])} in {r['seconds']:.1f}s"
+        f"{r['vm']}: {r['type']} {r['consistency']} restore point {r['point']}, "
+        f"read {format_size(r['read'])}, stored {format_size(r['stored'])} in {r['seconds']:.1f}s"
+        + (f" (VM down {r['downtime']:.1f}s)" if r["downtime"] else "")
         for r in results
     ]
     emit(args, document, "\n".join(lines))
@@ -263,6 +283,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         _point_line(point),
         f"  VM {vm.get('name')} ({vm.get('id')}): {vm.get('vcpus')} vCPU, "
         f"memory {format_size(int(vm.get('memory', 0)))}",
+        f"  consistency: {point.get('consistency', 'not recorded (an older vmbackup)')}",
     ]
     lines += [f"  nic {n.get('position')}: {n.get('mac')} on {n.get('network')}" for n in vm.get("nics", [])]
     lines += [
@@ -289,9 +310,9 @@ def _target(center: CenterClient, target: str | None) -> tuple[str | None, str |
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     with (
+        _center(args) as center,  # first: a second site's missing token fails before any prompt
         _repository(args) as repository,
         repository.lock("shared", "restore"),
-        _center() as center,
         _bars(args) as bars,
     ):
         host, pool = _target(center, args.target)
@@ -399,6 +420,27 @@ def _cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_copy(args: argparse.Namespace) -> int:
+    password = _password(args)
+    if args.to_password_file:
+        with open(args.to_password_file) as f:
+            to_password: str | None = f.read().rstrip("\n")
+    else:
+        to_password = os.environ.get("VMBACKUP_TO_PASSWORD") or password
+    with Repository.open(_location(args), password) as source, open_offsite(args.to, to_password) as dest:
+        report = copy_points(source, dest, args.point or None, set(args.vm) if args.vm else None)
+        where = dest.backend.location
+    lines = [f"copied  {point}" for point in report.copied]
+    lines += [f"skipped {point} (already in {where})" for point in report.skipped]
+    lines.append(
+        f"{len(report.copied)} restore point(s) copied to {where}, {len(report.skipped)} there already: "
+        f"{report.blobs} blob(s) written ({format_size(report.bytes)}), "
+        f"{report.verified} read back and checked"
+    )
+    emit(args, dataclasses.asdict(report), "\n".join(lines))
+    return 0
+
+
 # ---------------------------------------------------------------------- the parser
 
 
@@ -425,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", "create a repository", repo=False)
     p.add_argument("location", metavar="REPO", help="a directory or s3://bucket/prefix")
     p.add_argument("--encrypt", action="store_true", help="AES-256-GCM under a password-protected key")
+    p.add_argument(
+        "--copy-keys-from",
+        metavar="SOURCE",
+        help="make an off-site repository of SOURCE for `vmbackup copy`: its chunk size, hash and id key, "
+        "a data key of its own (--encrypt exactly when SOURCE is encrypted)",
+    )
+    p.add_argument(
+        "--from-password-file",
+        help="file holding SOURCE's password (default $VMBACKUP_FROM_PASSWORD, else REPO's password)",
+    )
     p.set_defaults(handler=_cmd_init)
 
     p = command("config", "set WinCenter's URL, token and CA, and the default repository", repo=False)
@@ -432,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="a WinCenter token of role backup-operator")
     p.add_argument("--ca", help="file with WinCenter's CA certificate (its pki/ca-cert.pem)")
     p.add_argument("--repo", help="the default repository")
+    p.add_argument(
+        "--database", metavar="URL", help="the policies' state (default: SQLite beside the settings)"
+    )
+    p.add_argument("--webhook", metavar="URL", help="where `vmbackup serve` posts the runs that fail")
     p.set_defaults(handler=_cmd_config)
 
     p = command("backup", "back up VMs (incremental when a restore point exists)")
@@ -439,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="a full backup even when a restore point exists")
     p.add_argument("--parallel", type=int, default=4, help="VMs backed up at once (default 4)")
     p.add_argument("--connections", type=int, default=4, help="NBD connections per disk (default 4)")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="stop a running VM for its snapshot, start it again once the snapshot is taken "
+        "(default: online, crash-consistent; a halted VM stays halted)",
+    )
     p.set_defaults(handler=_cmd_backup)
 
     p = command("list", "list the restore points")
@@ -458,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a host (id or name) or a storage pool id (default: the only host)",
     )
     p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--from", dest="repo", metavar="REPO", help="the repository to restore from (as --repo)")
+    p.add_argument(
+        "--center", metavar="URL", help="another WinCenter than the configured one (a second site)"
+    )
+    p.add_argument("--token", help="--center's token, role backup-operator (default $VMBACKUP_TOKEN)")
+    p.add_argument("--ca", metavar="FILE", help="file with --center's CA certificate")
     p.set_defaults(handler=_cmd_restore)
 
     p = command("export", "write one disk of a restore point to a file")
@@ -495,6 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("unlock", "remove the locks of vmbackup processes that are gone")
     p.add_argument("--all", action="store_true", help="remove every lock (only when no vmbackup runs)")
     p.set_defaults(handler=_cmd_unlock)
+
+    p = command("copy", "copy restore points to an off-site repository (only what it lacks travels, checked)")
+    p.add_argument("point", metavar="RP", nargs="*", help="restore point id or unique prefix (default: all)")
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="REPO2",
+        help="the off-site repository (made by `vmbackup init REPO2 --copy-keys-from REPO`)",
+    )
+    p.add_argument("--vm", action="append", help="only this VM's restore points (name or id; repeat)")
+    p.add_argument(
+        "--to-password-file",
+        help="file holding REPO2's password (default $VMBACKUP_TO_PASSWORD, else REPO's password)",
+    )
+    p.set_defaults(handler=_cmd_copy)
+
+    add_commands(command, Hooks(password=_password, location=_location, center=lambda _args: _center()))
     return parser
 
 

@@ -155,10 +155,12 @@ def prune(
     keep_yearly: int = 0,
     now: datetime.datetime | None = None,
     dry_run: bool = False,
+    vm_ids: set[str] | None = None,
 ) -> PruneReport:
     """Delete the restore points the rules do not keep (their manifests only; ``gc``
     reclaims the data), under a shared lock. Nothing is deleted on a *dry_run*, nor when
-    no rule is given (:class:`NoRules`, before any lock is taken)."""
+    no rule is given (:class:`NoRules`, before any lock is taken). With *vm_ids*, only
+    those VMs' restore points are considered (a policy's retention)."""
     rules = {
         "keep_last": keep_last,
         "keep_hourly": keep_hourly,
@@ -169,7 +171,8 @@ def prune(
     }
     select([], **rules, now=now)  # NoRules / ValueError before touching the repository
     with repo.lock("shared", "prune"):
-        keep, remove = select(repo.points(), **rules, now=now)
+        points = [p for p in repo.points() if vm_ids is None or _vm(p) in vm_ids]
+        keep, remove = select(points, **rules, now=now)
         report = PruneReport(keep, remove, dry_run=dry_run)
         if not dry_run:
             for point, _ in remove:

@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import json
+import re
 import secrets
 import threading
 import uuid
@@ -43,6 +44,7 @@ _SPAN = 8 << 20  # ...in reads of up to this much
 INDEX_KIND = b"AGVBINDX"
 POINT_KIND = b"AGVBPOIN"
 CONDEMNED_KIND = b"AGVBCOND"
+_POINT_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class Repository(Closing):
@@ -59,22 +61,43 @@ class Repository(Closing):
     # ------------------------------------------------------------------ making and opening
 
     @classmethod
-    def init(cls, location: str | Backend, password: str | None = None, hash: str = "blake3") -> Repository:
+    def init(
+        cls,
+        location: str | Backend,
+        password: str | None = None,
+        hash: str | None = None,
+        keys: Keys | None = None,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> Repository:
         """Make a new repository (encrypted when a *password* is given) at *location*,
-        which must hold no repository yet; *hash* is one of HASHES (``sha256``: the
-        format of repositories made before BLAKE3, for tests of their support)."""
+        which must hold no repository yet; *hash* is one of HASHES (default ``blake3``;
+        ``sha256``: the format of repositories made before BLAKE3, for tests of their
+        support). *keys* and *chunk_size* are for an off-site repository, which must give
+        a chunk the id its source gives (:func:`.offsite.init_offsite`): the keys to use
+        instead of new ones – encrypted exactly when a *password* is given, their hash
+        the repository's."""
+        if keys is not None:
+            if hash is not None and hash != keys.hash:
+                raise RepositoryError(f"hash {hash!r} given with keys of hash {keys.hash!r}")
+            if keys.encrypted != bool(password):
+                raise RepositoryError(
+                    "encrypted keys need a password" if keys.encrypted else "a password needs encrypted keys"
+                )
+        if chunk_size <= 0 or chunk_size % 512:
+            raise RepositoryError(f"chunk size {chunk_size}: not a positive multiple of 512")
         backend = open_backend(location) if isinstance(location, str) else location
         try:
             if backend.exists("config"):
                 raise RepositoryError(f"{backend.location}: a repository exists there already")
-            keys = Keys.generate(hash) if password else Keys(hash=hash)
+            if keys is None:
+                keys = Keys.generate(hash or "blake3") if password else Keys(hash=hash or "blake3")
             if password:
                 backend.put(f"keys/{secrets.token_hex(16)}", make_key_file(keys, password))
             config = {
                 "magic": CONFIG_MAGIC,
                 "version": CONFIG_VERSION,
                 "id": str(uuid.uuid4()),
-                "chunk_size": CHUNK_SIZE,
+                "chunk_size": chunk_size,
                 "hash": keys.hash,
                 "encrypted": bool(password),
                 "created": _now(),
@@ -238,9 +261,14 @@ class Repository(Closing):
 
     # ------------------------------------------------------------------ restore points
 
-    def save_point(self, document: dict[str, Any]) -> str:
-        """Store a restore point (its data and index written before); its id."""
-        point_id = secrets.token_hex(8)
+    def save_point(self, document: dict[str, Any], point_id: str | None = None) -> str:
+        """Store a restore point (its data and index written before); its id: a new one,
+        or *point_id* (16 hex digits: an off-site copy keeps its source's ids), whose
+        restore point, if there is one, the document replaces."""
+        if point_id is None:
+            point_id = secrets.token_hex(8)
+        elif not _POINT_ID.fullmatch(point_id):
+            raise RepositoryError(f"{point_id!r} is not a restore point id (16 hex digits)")
         self.backend.put(f"points/{point_id}", self.keys.seal_meta(POINT_KIND, document | {"id": point_id}))
         return point_id
 

@@ -1,5 +1,6 @@
 """vmbackup's own settings: which WinCenter to talk to, with which token and CA, and the
-default repository. ``vmbackup config`` writes them to ``$VMBACKUP_CONFIG`` (default
+default repository, the policies' state database and the failed-run webhook.
+``vmbackup config`` writes them to ``$VMBACKUP_CONFIG`` (default
 ``~/.config/vmbackup/config.json``, mode 0600: it holds a token). The repository's
 password is never stored: ``VMBACKUP_PASSWORD``, ``--password-file`` or a prompt.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 from .keys import RepositoryError
 
-__all__ = ["Settings", "SettingsError", "settings_path"]
+__all__ = ["Settings", "SettingsError", "settings_path", "state_url"]
 
 MAGIC = "agentless-vmbackup-settings"
 
@@ -34,6 +35,8 @@ class Settings:
     token: str | None = None
     ca_pem: str | None = None
     repo: str | None = None
+    database: str | None = None  # the policies' state (SQLAlchemy URL); None: SQLite beside this file
+    webhook: str | None = None  # where `vmbackup serve` posts a failed run
 
     @classmethod
     def load(cls, path: str | None = None) -> Settings:
@@ -47,7 +50,8 @@ class Settings:
             raise SettingsError(f"{path}: unreadable ({error})") from None
         if not isinstance(data, dict) or data.get("magic") != MAGIC:
             raise SettingsError(f"{path}: not a vmbackup settings file")
-        return cls(data.get("center"), data.get("token"), data.get("ca_pem"), data.get("repo"))
+        fields = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields and (v is None or isinstance(v, str))})
 
     def save(self, path: str | None = None) -> str:
         """Write atomically, 0600; the path."""
@@ -69,3 +73,14 @@ class Settings:
                 "no WinCenter configured: run `vmbackup config --center URL --token T --ca FILE`"
             )
         return self.center, self.token, self.ca_pem
+
+
+def state_url(settings: Settings | None = None) -> str:
+    """Where the policies' state lives: ``VMBACKUP_DATABASE``, the settings' ``database``,
+    else SQLite in ``vmbackup.db`` beside the settings file."""
+    if os.environ.get("VMBACKUP_DATABASE"):
+        return os.environ["VMBACKUP_DATABASE"]
+    settings = settings or Settings.load()
+    if settings.database:
+        return settings.database
+    return "sqlite:///" + os.path.join(os.path.dirname(settings_path()) or ".", "vmbackup.db")

@@ -1,0 +1,513 @@
+"""Backup policies and the record of their runs: the backup system's own state.
+
+A *policy* says which VMs to back up (a list, or every VM WinCenter knows), when (a cron
+schedule, in the daemon's local time), how (incremental with a full every N backups, or
+always full; online or offline), what to keep (retention rules, as ``vmbackup prune``)
+and where to copy the restore points off-site. A *run* is one execution of a policy –
+scheduled, or one-off (``vmbackup run-now``) – with one *run VM* row per VM: outcome,
+bytes, duration, attempts, error.
+
+The state is a database through SQLAlchemy: SQLite by default (``vmbackup.db`` beside
+the settings file), any SQLAlchemy URL with ``VMBACKUP_DATABASE`` or
+``vmbackup config --database`` (e.g. PostgreSQL when several machines share it). Times
+are stored as naive UTC and handed out as aware UTC datetimes.
+
+The schedule's bookkeeping is ``Policy.last_slot``: the latest cron slot whose run has
+*ended*. A slot is due when the schedule has one after ``last_slot`` (or after the
+policy's creation) that is not in the future; the run is for the latest such slot, so
+slots missed while no daemon ran make one run, not one per slot. A run interrupted by a
+crash does not advance ``last_slot``: the daemon's next start runs it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from croniter import croniter
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from .keys import RepositoryError
+
+__all__ = [
+    "KEEP_RULES",
+    "Policy",
+    "PolicyError",
+    "Run",
+    "RunVm",
+    "State",
+    "due_slot",
+    "next_slot",
+]
+
+KEEP_RULES = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+TYPES = ("incremental", "full")
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+class PolicyError(RepositoryError):
+    """A policy is invalid, unknown or already exists, or the state database is
+    unusable: the message says which; nothing was changed."""
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Meta(_Base):
+    __tablename__ = "vmbackup_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class Policy(_Base):
+    """One policy. ``vms`` are names or ids as given; ``all_vms`` means every VM
+    WinCenter lists at the time of each run."""
+
+    __tablename__ = "policies"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vms: Mapped[list[str]] = mapped_column(JSON, default=list)
+    all_vms: Mapped[bool] = mapped_column(Boolean, default=False)
+    schedule: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(16), default="incremental")
+    full_every: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    keep: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    offline: Mapped[bool] = mapped_column(Boolean, default=False)
+    repo: Mapped[str] = mapped_column(Text)
+    copy_to: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created: Mapped[datetime.datetime] = mapped_column(DateTime)
+    last_slot: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as a JSON document (what ``policy show --json`` prints)."""
+        return {
+            "name": self.name,
+            "vms": "all" if self.all_vms else list(self.vms),
+            "schedule": self.schedule,
+            "type": self.type,
+            "full_every": self.full_every,
+            "keep": dict(self.keep),
+            "offline": self.offline,
+            "repo": self.repo,
+            "copy_to": self.copy_to,
+            "created": _iso(self.created),
+            "last_slot": _iso(self.last_slot),
+        }
+
+
+class Run(_Base):
+    """One run of a policy. ``trigger``: ``schedule`` or ``manual``; ``state``:
+    ``running``, ``succeeded``, ``failed`` or ``interrupted`` (the process ended during
+    the run); ``missed``: scheduled slots this run stood for beyond its own."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    policy: Mapped[str] = mapped_column(String(64), index=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    slot: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
+    missed: Mapped[int] = mapped_column(Integer, default=0)
+    started: Mapped[datetime.datetime] = mapped_column(DateTime)
+    ended: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner: Mapped[str] = mapped_column(String(300), default="")  # "host:pid" running it
+    vms: Mapped[list[RunVm]] = relationship(
+        back_populates="run", order_by="RunVm.id", lazy="selectin", cascade="all, delete-orphan"
+    )
+
+    def describe(self) -> dict[str, Any]:
+        seconds = (self.ended - self.started).total_seconds() if self.ended else None
+        return {
+            "id": self.id,
+            "policy": self.policy,
+            "trigger": self.trigger,
+            "slot": _iso(self.slot),
+            "missed": self.missed,
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "seconds": None if seconds is None else round(seconds, 3),
+            "state": self.state,
+            "error": self.error,
+            "vms": [vm.describe() for vm in self.vms],
+        }
+
+
+class RunVm(_Base):
+    """One VM of a run: ``outcome`` ``succeeded`` or ``failed`` (after its retries)."""
+
+    __tablename__ = "run_vms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    vm: Mapped[str] = mapped_column(String(256))
+    vm_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    point: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    read: Mapped[int] = mapped_column(Integer, default=0)
+    stored: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    run: Mapped[Run] = relationship(back_populates="vms")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "vm_id": self.vm_id,
+            "outcome": self.outcome,
+            "type": self.type,
+            "point": self.point,
+            "read": self.read,
+            "stored": self.stored,
+            "seconds": round(self.seconds, 3),
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+@dataclasses.dataclass
+class VmOutcome:
+    """What a run learnt of one VM (becomes a :class:`RunVm`)."""
+
+    vm: str
+    outcome: str
+    vm_id: str | None = None
+    type: str | None = None
+    point: str | None = None
+    read: int = 0
+    stored: int = 0
+    seconds: float = 0.0
+    attempts: int = 1
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------- times and slots
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _naive(moment: datetime.datetime) -> datetime.datetime:
+    return moment.astimezone(datetime.UTC).replace(tzinfo=None)
+
+
+def _aware(moment: datetime.datetime | None) -> datetime.datetime | None:
+    return None if moment is None else moment.replace(tzinfo=datetime.UTC)
+
+
+def _iso(moment: datetime.datetime | None) -> str | None:
+    aware = _aware(moment)
+    return None if aware is None else aware.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _local(moment: datetime.datetime) -> datetime.datetime:
+    """*moment* in the local time zone: cron fields mean local time, as crond's do."""
+    return moment.astimezone()
+
+
+def next_slot(schedule: str, after: datetime.datetime) -> datetime.datetime:
+    """The schedule's first slot strictly after *after* (aware, UTC)."""
+    found: datetime.datetime = croniter(schedule, _local(after)).get_next(datetime.datetime)
+    return found.astimezone(datetime.UTC)
+
+
+def due_slot(policy: Policy, now: datetime.datetime) -> tuple[datetime.datetime, int] | None:
+    """(the slot to run now, how many earlier slots it stands for) or None when nothing
+    is due. See the module docstring."""
+    anchor = _aware(policy.last_slot) or _aware(policy.created)
+    assert anchor is not None
+    first = next_slot(policy.schedule, anchor)
+    if first > now:
+        return None
+    latest: datetime.datetime = croniter(
+        policy.schedule, _local(now + datetime.timedelta(seconds=1))
+    ).get_prev(datetime.datetime)
+    latest = latest.astimezone(datetime.UTC)
+    missed = 0
+    slot = first
+    while slot < latest and missed < 10_000:
+        missed += 1
+        slot = next_slot(policy.schedule, slot)
+    return latest, missed
+
+
+# ---------------------------------------------------------------------- the state
+
+
+class State:
+    """The policies and runs in a database; every method is one transaction, safe from
+    several threads (and, with a server database, several processes)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        options: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        try:
+            self.engine: Engine = create_engine(url, **options)
+            _Base.metadata.create_all(self.engine)
+            with Session(self.engine) as session, session.begin():
+                version = session.get(_Meta, "schema")
+                if version is None:
+                    session.add(_Meta(key="schema", value=str(SCHEMA_VERSION)))
+                elif version.value != str(SCHEMA_VERSION):
+                    raise PolicyError(f"{url}: state schema {version.value} is unknown to this version")
+        except SQLAlchemyError as error:
+            raise PolicyError(f"state database {url}: {_first_line(error)}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except SQLAlchemyError as error:
+            raise PolicyError(f"state database: {_first_line(error)}") from None
+
+    # ------------------------------------------------------------------ policies
+
+    def create_policy(
+        self,
+        name: str,
+        *,
+        vms: Sequence[str] = (),
+        all_vms: bool = False,
+        schedule: str,
+        type: str = "incremental",
+        full_every: int | None = None,
+        keep: dict[str, int] | None = None,
+        offline: bool = False,
+        repo: str,
+        copy_to: str | None = None,
+        now: datetime.datetime | None = None,
+    ) -> Policy:
+        """Check and store a new policy; PolicyError (nothing stored) when invalid or
+        when the name is taken."""
+        if not _NAME.match(name):
+            raise PolicyError(f"policy name {name!r}: letters, digits, '.', '_', '-' (up to 64)")
+        if bool(vms) == all_vms:
+            raise PolicyError("give the VMs (--vm VM ...) or --all, not both and not neither")
+        if not croniter.is_valid(schedule):
+            raise PolicyError(f"schedule {schedule!r} is not a cron expression (e.g. '0 2 * * *')")
+        if type not in TYPES:
+            raise PolicyError(f"type {type!r}: incremental or full")
+        if full_every is not None and full_every < 1:
+            raise PolicyError(f"--full-every {full_every}: 1 or more")
+        keep = {rule: count for rule, count in (keep or {}).items() if count}
+        for rule, count in keep.items():
+            if rule not in KEEP_RULES or count < -1:
+                raise PolicyError(f"{rule} {count}: a known rule and a count of -1 (all) or more")
+        if copy_to is not None and copy_to == repo:
+            raise PolicyError("--copy-to names the policy's own repository")
+        policy = Policy(
+            name=name,
+            vms=list(dict.fromkeys(vms)),
+            all_vms=all_vms,
+            schedule=schedule,
+            type=type,
+            full_every=full_every,
+            keep=keep,
+            offline=offline,
+            repo=repo,
+            copy_to=copy_to,
+            created=_naive(now or utcnow()),
+        )
+        try:
+            with self._session() as session:
+                if session.get(Policy, name) is not None:
+                    raise PolicyError(f"policy {name!r} exists already")
+                session.add(policy)
+        except IntegrityError:
+            raise PolicyError(f"policy {name!r} exists already") from None
+        return policy
+
+    def policies(self) -> list[Policy]:
+        with self._session() as session:
+            return list(session.scalars(select(Policy).order_by(Policy.name)))
+
+    def policy(self, name: str) -> Policy:
+        with self._session() as session:
+            policy = session.get(Policy, name)
+        if policy is None:
+            raise PolicyError(f"no policy {name!r} (`vmbackup policy list` shows them)")
+        return policy
+
+    def delete_policy(self, name: str) -> Policy:
+        """Remove the policy (its runs stay in the record)."""
+        with self._session() as session:
+            policy = session.get(Policy, name)
+            if policy is None:
+                raise PolicyError(f"no policy {name!r} (`vmbackup policy list` shows them)")
+            session.delete(policy)
+        return policy
+
+    def mark_slot(self, name: str, slot: datetime.datetime) -> None:
+        """Record that the run of *slot* ended (the schedule moves past it)."""
+        with self._session() as session:
+            policy = session.get(Policy, name)
+            if policy is not None and (policy.last_slot is None or policy.last_slot < _naive(slot)):
+                policy.last_slot = _naive(slot)
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(
+        self,
+        policy: str,
+        trigger: str,
+        slot: datetime.datetime | None = None,
+        missed: int = 0,
+        now: datetime.datetime | None = None,
+    ) -> int:
+        with self._session() as session:
+            run = Run(
+                policy=policy,
+                trigger=trigger,
+                slot=None if slot is None else _naive(slot),
+                missed=missed,
+                started=_naive(now or utcnow()),
+                state="running",
+                owner=_OWNER,
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+    def finish_run(
+        self,
+        run_id: int,
+        state: str,
+        outcomes: Sequence[VmOutcome],
+        error: str | None = None,
+        now: datetime.datetime | None = None,
+    ) -> Run:
+        with self._session() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise PolicyError(f"no run {run_id}")
+            run.state = state
+            run.error = error
+            run.ended = _naive(now or utcnow())
+            run.vms = [RunVm(**dataclasses.asdict(outcome)) for outcome in outcomes]
+            session.flush()
+            run.vms  # noqa: B018 – loaded before the session ends
+            return run
+
+    def interrupt_dead(self, now: datetime.datetime | None = None) -> list[int]:
+        """Mark ``interrupted`` the runs left ``running`` by processes of this machine
+        that are gone (a daemon or ``run-now`` killed mid-run); their ids. Runs of live
+        processes, and of other machines sharing the database, are left alone."""
+        with self._session() as session:
+            runs = list(session.scalars(select(Run).where(Run.state == "running")))
+            dead = [run for run in runs if _gone(run.owner)]
+            for run in dead:
+                run.state = "interrupted"
+                run.ended = _naive(now or utcnow())
+                run.error = f"the process running it ({run.owner}) ended before it did"
+            return [run.id for run in dead]
+
+    def runs(self, policy: str | None = None, limit: int = 20) -> list[Run]:
+        """The newest *limit* runs (of *policy*), newest first."""
+        with self._session() as session:
+            query = select(Run).order_by(Run.id.desc()).limit(limit)
+            if policy is not None:
+                query = query.where(Run.policy == policy)
+            return list(session.scalars(query))
+
+    def run(self, run_id: int) -> Run:
+        with self._session() as session:
+            run = session.get(Run, run_id)
+        if run is None:
+            raise PolicyError(f"no run {run_id}")
+        return run
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Per policy and state: runs; per policy and outcome: VMs, bytes read and
+        stored, seconds – what the metrics export."""
+        with self._session() as session:
+            rows = session.execute(
+                select(Run.policy, Run.state, func.count()).group_by(Run.policy, Run.state)
+            )
+            out: list[dict[str, Any]] = [
+                {"kind": "runs", "policy": p, "state": s, "count": int(n)} for p, s, n in rows
+            ]
+            vm_rows = session.execute(
+                select(
+                    Run.policy,
+                    RunVm.outcome,
+                    func.count(),
+                    func.coalesce(func.sum(RunVm.read), 0),
+                    func.coalesce(func.sum(RunVm.stored), 0),
+                )
+                .join(Run, Run.id == RunVm.run_id)
+                .group_by(Run.policy, RunVm.outcome)
+            )
+            out += [
+                {"kind": "vms", "policy": p, "outcome": o, "count": int(n), "read": int(r), "stored": int(s)}
+                for p, o, n, r, s in vm_rows
+            ]
+            return out
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """Per policy: the newest ended run and the newest succeeded run (times, seconds)."""
+        found: dict[str, dict[str, Any]] = {}
+        with self._session() as session:
+            ended = session.execute(
+                select(Run.policy, func.max(Run.id)).where(Run.ended.is_not(None)).group_by(Run.policy)
+            )
+            for policy, run_id in ended:
+                run = session.get(Run, run_id)
+                assert run is not None and run.ended is not None
+                found.setdefault(policy, {})["last"] = (
+                    _aware(run.ended),
+                    (run.ended - run.started).total_seconds(),
+                    run.state,
+                )
+            good = session.execute(
+                select(Run.policy, func.max(Run.ended)).where(Run.state == "succeeded").group_by(Run.policy)
+            )
+            for policy, ended_at in good:
+                found.setdefault(policy, {})["success"] = _aware(ended_at)
+        return found
+
+
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _gone(owner: str) -> bool:
+    """Whether the process *owner* ("host:pid") is known to be gone: on this host only."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

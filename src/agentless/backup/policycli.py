@@ -1,0 +1,347 @@
+"""The policy commands of ``vmbackup``: ``policy create|list|show|delete``, ``run-now``,
+``jobs`` and ``serve`` (the scheduler daemon). :func:`add_commands` puts them in the
+main parser (:mod:`.cli`), which lends its ways of finding the password, the
+repository and WinCenter (:class:`Hooks`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from agentless.commands import emit
+from agentless.units import format_size
+from agentless.wincenter.client import CenterClient
+
+from .keys import RepositoryError
+from .settings import Settings, state_url
+from .storage import open_backend
+
+if TYPE_CHECKING:
+    from .policies import Policy, Run, State
+    from .scheduler import Limits, Runner
+
+# SQLAlchemy, croniter and prometheus_client (~0.25 s of imports) are loaded by these
+# commands only, not at every start of vmbackup: see _policies() and the handlers.
+KEEP_RULES = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+__all__ = ["Hooks", "add_commands"]
+
+Command = Callable[..., argparse.ArgumentParser]
+
+
+@dataclasses.dataclass
+class Hooks:
+    """What the commands borrow from the main CLI."""
+
+    password: Callable[[argparse.Namespace], str | None]
+    location: Callable[[argparse.Namespace], str]
+    center: Callable[[argparse.Namespace], CenterClient]
+
+
+def _state() -> State:
+    from .policies import State
+
+    return State(state_url())
+
+
+def _check_repository(location: str, what: str) -> None:
+    """A repository must exist at *location* (its config; no password needed)."""
+    backend = open_backend(location)
+    try:
+        if not backend.exists("config"):
+            raise RepositoryError(f"{what} {backend.location}: no repository there (run `vmbackup init`)")
+    finally:
+        backend.close()
+
+
+def _keep(args: argparse.Namespace) -> dict[str, int]:
+    return {rule: getattr(args, rule) for rule in KEEP_RULES if getattr(args, rule)}
+
+
+def _when(moment: datetime.datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _next(policy: Policy) -> datetime.datetime:
+    from .policies import next_slot
+
+    anchor = (policy.last_slot or policy.created).replace(tzinfo=datetime.UTC)
+    return next_slot(policy.schedule, anchor)
+
+
+def _policy_line(policy: Policy) -> str:
+    vms = "all VMs" if policy.all_vms else ", ".join(policy.vms)
+    extra = [policy.type]
+    if policy.full_every:
+        extra.append(f"full every {policy.full_every}")
+    if policy.offline:
+        extra.append("offline")
+    if policy.keep:
+        extra.append(" ".join(f"{rule.replace('_', '-')} {n}" for rule, n in policy.keep.items()))
+    if policy.copy_to:
+        extra.append(f"copy to {policy.copy_to}")
+    return f"{policy.name:<16} {policy.schedule:<16} {vms}  ({'; '.join(extra)})  next {_when(_next(policy))}"
+
+
+# ---------------------------------------------------------------------- policy
+
+
+def _cmd_create(hooks: Hooks, args: argparse.Namespace) -> int:
+    repo = hooks.location(args)
+    _check_repository(repo, "repository")
+    if args.copy_to:
+        _check_repository(args.copy_to, "--copy-to")
+    with _state() as state:
+        policy = state.create_policy(
+            args.name,
+            vms=args.vm or (),
+            all_vms=args.all,
+            schedule=args.schedule,
+            type=args.type,
+            full_every=args.full_every,
+            keep=_keep(args),
+            offline=args.offline,
+            repo=repo,
+            copy_to=args.copy_to,
+        )
+        document = policy.describe() | {"next_run": _next(policy).isoformat()}
+    emit(args, document, f"policy {policy.name} created: {_policy_line(policy)}")
+    return 0
+
+
+def _cmd_list(hooks: Hooks, args: argparse.Namespace) -> int:
+    with _state() as state:
+        policies = state.policies()
+    documents = [p.describe() | {"next_run": _next(p).isoformat()} for p in policies]
+    emit(args, {"policies": documents}, "\n".join(map(_policy_line, policies)) or "no policies")
+    return 0
+
+
+def _cmd_show(hooks: Hooks, args: argparse.Namespace) -> int:
+    with _state() as state:
+        policy = state.policy(args.name)
+        runs = state.runs(policy.name, limit=5)
+    document = policy.describe() | {
+        "next_run": _next(policy).isoformat(),
+        "runs": [r.describe() for r in runs],
+    }
+    lines = [
+        _policy_line(policy),
+        f"  repository {policy.repo}",
+        f"  last slot run {_when(policy.last_slot)}",
+    ]
+    lines += ["  " + _run_line(run) for run in runs]
+    emit(args, document, "\n".join(lines))
+    return 0
+
+
+def _cmd_delete(hooks: Hooks, args: argparse.Namespace) -> int:
+    with _state() as state:
+        policy = state.delete_policy(args.name)
+    emit(args, policy.describe(), f"policy {policy.name} deleted (its runs stay in `vmbackup jobs`)")
+    return 0
+
+
+# ---------------------------------------------------------------------- runs
+
+
+def _run_line(run: Run) -> str:
+    seconds = f"{(run.ended - run.started).total_seconds():.1f}s" if run.ended else "running"
+    started = _when(run.started.replace(tzinfo=datetime.UTC))
+    missed = f", stood for {run.missed} missed slot(s)" if run.missed else ""
+    return f"run {run.id:<5} {run.policy:<16} {run.trigger:<8} {started}  {run.state:<11} {seconds}{missed}"
+
+
+def _run_lines(run: Run) -> list[str]:
+    lines = [_run_line(run)]
+    for vm in run.vms:
+        if vm.outcome == "succeeded":
+            lines.append(
+                f"    {vm.vm}: {vm.type} restore point {vm.point}, read {format_size(vm.read)}, "
+                f"stored {format_size(vm.stored)} in {vm.seconds:.1f}s"
+                + (f" ({vm.attempts} attempts)" if vm.attempts > 1 else "")
+            )
+        else:
+            lines.append(f"    {vm.vm}: FAILED after {vm.attempts} attempt(s): {vm.error}")
+    if run.error and run.state != "succeeded":
+        lines.append(f"    error: {run.error}")
+    return lines
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    from .scheduler import Limits
+
+    for name in ("max_jobs", "per_host", "connections"):
+        if getattr(args, name, 1) < 1:
+            raise RepositoryError(f"--{name.replace('_', '-')} must be 1 or more")
+    if args.retries < 0 or args.retry_delay < 0:
+        raise RepositoryError("--retries and --retry-delay must be 0 or more")
+    return Limits(
+        max_jobs=getattr(args, "max_jobs", 4),
+        per_host=getattr(args, "per_host", 2),
+        retries=args.retries,
+        retry_delay=args.retry_delay,
+        connections=args.connections,
+    )
+
+
+def _copy_password(args: argparse.Namespace) -> str | None:
+    if getattr(args, "to_password_file", None):
+        with open(args.to_password_file) as f:
+            return f.read().rstrip("\n")
+    return os.environ.get("VMBACKUP_TO_PASSWORD") or None
+
+
+def _log(line: str) -> None:
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} vmbackup: {line}", file=sys.stderr, flush=True)
+
+
+def _runner(hooks: Hooks, args: argparse.Namespace, state: State, webhook: str | None) -> Runner:
+    from .scheduler import Runner
+
+    return Runner(
+        state,
+        functools.partial(hooks.center, args),
+        password=hooks.password(args),
+        copy_password=_copy_password(args),
+        limits=_limits(args),
+        webhook=webhook,
+        log=_log if not args.json else lambda line: None,
+    )
+
+
+def _cmd_run_now(hooks: Hooks, args: argparse.Namespace) -> int:
+    with _state() as state:
+        policy = state.policy(args.policy)
+        run = _runner(hooks, args, state, args.webhook).run(policy, "manual")
+    emit(args, run.describe(), "\n".join(_run_lines(run)))
+    return 0 if run.state == "succeeded" else 1
+
+
+def _cmd_jobs(hooks: Hooks, args: argparse.Namespace) -> int:
+    with _state() as state:
+        state.interrupt_dead()  # a run whose process was killed is not "running"
+        if args.run is not None:
+            run = state.run(args.run)
+            emit(args, run.describe(), "\n".join(_run_lines(run)))
+            return 0
+        if args.policy:
+            state.policy(args.policy)  # an unknown name is an error, not an empty list
+        runs = state.runs(args.policy, limit=args.limit)
+    text = "\n".join(line for run in runs for line in _run_lines(run)) or "no runs yet"
+    emit(args, {"runs": [r.describe() for r in runs]}, text)
+    return 0
+
+
+def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .scheduler import Scheduler
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise RepositoryError(f"--listen {args.listen!r}: give HOST:PORT, e.g. 127.0.0.1:9478")
+    if args.tick <= 0:
+        raise RepositoryError("--tick must be more than 0")
+    webhook = args.webhook or Settings.load().webhook
+    with _state() as state:
+        scheduler = Scheduler(state, _runner(hooks, args, state, webhook), tick=args.tick)
+        try:
+            daemon = Daemon(scheduler, host.strip("[]"), int(port))
+        except OSError as error:
+            raise RepositoryError(f"cannot listen on {args.listen}: {error.strerror or error}") from None
+        with daemon:
+            where = "{}:{}".format(*daemon.address)
+            _log(f"serving {len(state.policies())} policies; /metrics and /health on http://{where}")
+            if not daemon.wait():
+                raise RepositoryError("the scheduler loop ended unexpectedly (see the lines above)")
+            _log("stopping: running backups are aborted")
+    return 0
+
+
+# ---------------------------------------------------------------------- the parser
+
+
+def add_commands(command: Command, hooks: Hooks) -> None:
+    """Add ``policy``, ``run-now``, ``jobs`` and ``serve`` through the main parser's
+    *command* maker."""
+
+    def handler(function: Callable[[Hooks, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        return functools.partial(function, hooks)
+
+    policy = command("policy", "define backup policies: what, when, how, how long, where else", repo=False)
+    actions = policy.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print a JSON document")
+        p.set_defaults(parser=p)
+        return p
+
+    p = action("create", "create a policy")
+    p.add_argument("name", metavar="NAME")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vm", action="append", help="VM name or id (repeat)")
+    which.add_argument("--all", action="store_true", help="every VM WinCenter lists at each run")
+    p.add_argument(
+        "--schedule", required=True, metavar="CRON", help="cron expression, local time: '0 2 * * *'"
+    )
+    p.add_argument("--type", choices=["incremental", "full"], default="incremental")
+    p.add_argument("--full-every", type=int, metavar="N", help="every Nth backup of a VM is a full one")
+    for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{period}", type=int, default=0, metavar="N", help=f"retention: {period}")
+    p.add_argument("--offline", action="store_true", help="shut running VMs down for the snapshot")
+    p.add_argument("--copy-to", metavar="REPO2", help="copy restore points to this off-site repository")
+    p.add_argument("--repo", help="the repository (default $VMBACKUP_REPO or the configured one)")
+    p.set_defaults(handler=handler(_cmd_create))
+
+    p = action("list", "list the policies")
+    p.set_defaults(handler=handler(_cmd_list))
+
+    p = action("show", "describe a policy and its last runs")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=handler(_cmd_show))
+
+    p = action("delete", "delete a policy (its runs stay recorded)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=handler(_cmd_delete))
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--retries", type=int, default=2, help="more attempts for a failed VM (default 2)")
+        p.add_argument(
+            "--retry-delay", type=float, default=30.0, metavar="S", help="seconds before a retry, doubling"
+        )
+        p.add_argument("--connections", type=int, default=4, help="NBD connections per disk (default 4)")
+        p.add_argument(
+            "--webhook", metavar="URL", help="POST a failed run here (default: `config --webhook`)"
+        )
+        p.add_argument(
+            "--to-password-file", help="password of the off-site repositories (default $VMBACKUP_TO_PASSWORD)"
+        )
+
+    p = command("run-now", "run a policy once, now (exit 1 when a VM failed)")
+    p.add_argument("policy", metavar="POLICY")
+    run_options(p)
+    p.set_defaults(handler=handler(_cmd_run_now))
+
+    p = command("jobs", "the record of policy runs, with each VM's outcome")
+    p.add_argument("run", nargs="?", type=int, metavar="RUN", help="one run in detail")
+    p.add_argument("--policy", help="only this policy's runs")
+    p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    p.set_defaults(handler=handler(_cmd_jobs))
+
+    p = command("serve", "run due policies until stopped; /metrics and /health over HTTP")
+    p.add_argument("--listen", default="127.0.0.1:9478", metavar="HOST:PORT", help="default 127.0.0.1:9478")
+    p.add_argument("--max-jobs", type=int, default=4, help="VM backups at once overall (default 4)")
+    p.add_argument("--per-host", type=int, default=2, help="VM backups at once per host (default 2)")
+    p.add_argument("--tick", type=float, default=30.0, help="seconds between looks at the schedules")
+    run_options(p)
+    p.set_defaults(handler=handler(_cmd_serve))

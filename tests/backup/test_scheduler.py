@@ -1,0 +1,398 @@
+"""Policy runs against a real WinServer host and WinCenter on loopback: ``run-now`` with
+retention and full-every, retries with backoff while the rest of the run carries on,
+the webhook of a failed run, the concurrency limits, the scheduler's missed slots, and
+``vmbackup serve`` with its ``/metrics`` and ``/health``. Only the clock is faked (in
+the in-process cases), never WinCenter or the host."""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentless.backup.backupjob import VmBackup
+from agentless.backup.policies import State
+from agentless.backup.repository import Repository
+from agentless.backup.scheduler import Limits, Runner, Scheduler
+from tests.backup.conftest import free_port
+from tests.backup.test_flows import _configure, _ok, site, vmbackup
+from tests.wincenter.test_flows import Site, _guest
+from tests.winserver.conftest import start_daemon
+
+__all__ = ["site"]  # the fixture, from the flow tests
+
+MiB = 1 << 20
+UTC = datetime.UTC
+
+
+class FakeClock:
+    """Time moves only when a test (or a sleep) moves it; *on_sleep* runs at each sleep."""
+
+    def __init__(self, start: datetime.datetime, on_sleep: Callable[[float], None] | None = None):
+        self.moment = start
+        self.sleeps: list[float] = []
+        self.on_sleep = on_sleep
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime.datetime:
+        with self._lock:
+            return self.moment
+
+    def sleep(self, seconds: float, stop: threading.Event) -> bool:
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.moment += datetime.timedelta(seconds=seconds)
+        if self.on_sleep is not None:
+            self.on_sleep(seconds)
+        return stop.is_set()
+
+    def set(self, moment: datetime.datetime) -> None:
+        with self._lock:
+            self.moment = moment
+
+
+class Webhook:
+    """A real HTTP server on loopback that keeps what is posted to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/vmbackup"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+@pytest.fixture(autouse=True)
+def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _vms(site: Site, *names: str, size: int = 4 * MiB) -> None:
+    with site.host_client() as host:
+        for name in names:
+            host.create_vm(name, [size])
+            host.start_vm(name)
+            with _guest(host, name, 0) as guest:
+                guest.write(0, name.encode() * 1000)
+                guest.write(size // 2, os.urandom(300_000))
+                guest.flush()
+            host.stop_vm(name)
+
+
+def _points(repository: Repository, vm_name: str) -> list[dict[str, Any]]:
+    return [p for p in repository.points() if p["vm"]["name"] == vm_name]
+
+
+def test_run_now_with_full_every_and_retention(site: Site, tmp_path: Path) -> None:
+    """Three ``run-now`` of a policy with ``--full-every 2 --keep-last 2``: full,
+    incremental, full for each VM; two restore points each left; every run in
+    ``vmbackup jobs`` with its VMs' outcome, bytes and duration; the newest restore
+    point of the running VM is its disk."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"), "pw")
+    _vms(site, "web", "db")
+    with site.host_client() as host:
+        host.start_vm("web")
+    _ok(
+        vmbackup(
+            env,
+            *("policy", "create", "two", "--vm", "web", "--vm", "db", "--schedule", "0 2 * * *"),
+            *("--full-every", "2", "--keep-last", "2", "--json"),
+        )
+    )
+    types = []
+    for round_ in range(3):
+        with site.host_client() as host, _guest(host, "web", 0) as guest:
+            guest.write(round_ * MiB, os.urandom(100_000))
+            guest.flush()
+        run = _ok(vmbackup(env, "run-now", "two", "--json"))
+        assert run["state"] == "succeeded" and run["trigger"] == "manual", run
+        outcomes = {vm["vm"]: vm for vm in run["vms"]}  # type: ignore[attr-defined]
+        assert set(outcomes) == {"web", "db"}
+        for vm in outcomes.values():
+            assert vm["outcome"] == "succeeded" and vm["attempts"] == 1 and vm["error"] is None
+            assert vm["seconds"] > 0 and len(vm["point"]) == 16 and vm["stored"] >= 0
+        assert outcomes["web"]["read"] > 0  # its guest wrote since the last run
+        assert (outcomes["db"]["read"] > 0) == (outcomes["db"]["type"] == "full")  # db did not
+        types.append((outcomes["web"]["type"], outcomes["db"]["type"]))
+    assert types == [("full", "full"), ("incremental", "incremental"), ("full", "full")]
+
+    jobs = _ok(vmbackup(env, "jobs", "--policy", "two", "--json"))["runs"]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3  # type: ignore[index]
+    assert jobs[0]["id"] > jobs[1]["id"] > jobs[2]["id"]  # type: ignore[index]
+    text = vmbackup(env, "jobs").stdout
+    assert text.count("web: full restore point") == 2 and "web: incremental restore point" in text
+
+    with Repository.open(str(tmp_path / "repo"), "pw") as repository:
+        for name in ("web", "db"):
+            kept = _points(repository, name)
+            assert [p["type"] for p in kept] == ["incremental", "full"]  # keep-last 2
+        newest = _points(repository, "web")[-1]
+    image = tmp_path / "web.raw"
+    _ok(vmbackup(env, "export", newest["id"], str(image), "--json"))
+    with site.host_client() as host, _guest(host, "web", 0) as guest:
+        assert guest.read(0, 4 * MiB) == image.read_bytes()
+
+
+def test_an_offline_policy_stops_a_running_vm_for_the_snapshot_only(site: Site, tmp_path: Path) -> None:
+    """``--offline``: the running VM is halted for the snapshot and running again after
+    the run; its restore point says offline and holds exactly the disk at the stop."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    _vms(site, "cold")
+    with site.host_client() as host:
+        host.start_vm("cold")
+        with _guest(host, "cold", 0) as guest:
+            guest.write(MiB, b"written just before the offline backup" * 100)
+            guest.flush()
+            image = guest.read(0, 4 * MiB)
+    _ok(
+        vmbackup(
+            env, "policy", "create", "off", "--vm", "cold", "--schedule", "@daily", "--offline", "--json"
+        )
+    )
+    run = _ok(vmbackup(env, "run-now", "off", "--json"))
+    assert run["state"] == "succeeded", run
+    [vm] = run["vms"]  # type: ignore[misc]
+    shown = _ok(vmbackup(env, "show", vm["point"], "--json"))
+    assert shown["consistency"] == "offline"
+    with site.host_client() as host:
+        assert host.vm("cold")["power_state"] == "running"
+    exported = tmp_path / "cold.raw"
+    _ok(vmbackup(env, "export", vm["point"], str(exported), "--json"))
+    assert exported.read_bytes() == image
+
+
+def test_a_failing_vm_is_retried_with_backoff_and_the_rest_carries_on(
+    site: Site, tmp_path: Path, webhook: Webhook
+) -> None:
+    """The disk file of "stuck" lost its VHD footer and header (a storage fault: every
+    snapshot of it fails), "ghost" never existed. The run backs up "calm", tries "stuck"
+    and "ghost" 1 + 2 times each (backoff 30 s, then 60 s), records all of it, applies
+    no retention (the run failed) and posts the failure to the webhook."""
+    _vms(site, "calm", "stuck")
+    with site.host_client() as host:
+        for disk in host.vm("stuck")["disks"]:
+            path = Path(disk["path"])
+            if not path.is_absolute():
+                path = next(Path(site.host.dir).rglob(path.name))
+            with open(path, "r+b") as vhd:
+                vhd.write(bytes(1536))
+                vhd.seek(-512, os.SEEK_END)
+                vhd.write(bytes(512))
+    with Repository.init(str(tmp_path / "repo")) as repository, site.client() as center:
+        VmBackup(center, repository, "calm").run()  # an older point: retention would drop it
+    clock = FakeClock(datetime.datetime.now(UTC))
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        policy = state.create_policy(
+            "mixed",
+            vms=["calm", "stuck", "ghost"],
+            schedule="@daily",
+            keep={"keep_last": 1},
+            repo=str(tmp_path / "repo"),
+        )
+        runner = Runner(
+            state, site.client, limits=Limits(retries=2, retry_delay=30.0), clock=clock, webhook=webhook.url
+        )
+        run = runner.run(policy, "manual").describe()
+    outcomes = {vm["vm"]: vm for vm in run["vms"]}
+    assert run["state"] == "failed" and "2 of 3 VM(s) failed" in run["error"], run
+    assert (outcomes["calm"]["outcome"], outcomes["calm"]["attempts"]) == ("succeeded", 1)
+    assert (outcomes["stuck"]["outcome"], outcomes["stuck"]["attempts"]) == ("failed", 3)
+    assert outcomes["stuck"]["error"] and outcomes["stuck"]["read"] == 0
+    assert (outcomes["ghost"]["outcome"], outcomes["ghost"]["attempts"]) == ("failed", 3)
+    assert "no VM 'ghost'" in outcomes["ghost"]["error"] and outcomes["ghost"]["vm_id"] is None
+    assert sorted(clock.sleeps) == [30.0, 30.0, 60.0, 60.0]
+    with Repository.open(str(tmp_path / "repo")) as repository:
+        assert len(_points(repository, "calm")) == 2  # no retention after a failed run
+    assert len(webhook.received) == 1
+    posted = webhook.received[0]
+    assert posted["event"] == "vmbackup.run.failed" and posted["run"]["id"] == run["id"]
+    assert {vm["vm"]: vm["outcome"] for vm in posted["run"]["vms"]} == {
+        "calm": "succeeded",
+        "stuck": "failed",
+        "ghost": "failed",
+    }
+
+
+def test_a_vm_whose_host_comes_back_succeeds_on_a_retry(site: Site, tmp_path: Path, webhook: Webhook) -> None:
+    """The host is down when the run starts; it is back (restarted during the backoff)
+    for the second attempt, which succeeds: the run succeeded, no webhook call."""
+    _vms(site, "phoenix")
+    Repository.init(str(tmp_path / "repo")).close()
+    site.host_proc.terminate()
+    site.host_proc.wait(30)
+
+    def host_comes_back(_seconds: float) -> None:
+        if site.host_proc.poll() is not None:
+            site.host_proc = start_daemon(site.host.dir)
+
+    clock = FakeClock(datetime.datetime.now(UTC), host_comes_back)
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        policy = state.create_policy("p", vms=["phoenix"], schedule="@daily", repo=str(tmp_path / "repo"))
+        runner = Runner(
+            state, site.client, limits=Limits(retries=3, retry_delay=5.0), clock=clock, webhook=webhook.url
+        )
+        run = runner.run(policy, "manual").describe()
+    assert run["state"] == "succeeded", (run["error"], run["vms"])
+    assert run["vms"][0]["attempts"] == 2 and run["vms"][0]["type"] == "full"
+    assert clock.sleeps == [5.0] and webhook.received == []
+
+
+@pytest.mark.parametrize(("max_jobs", "per_host", "expected"), [(3, 2, 2), (1, 4, 1)])
+def test_concurrency_is_limited_overall_and_per_host(
+    site: Site, tmp_path: Path, max_jobs: int, per_host: int, expected: int
+) -> None:
+    """Four VMs on one host: at most min(max_jobs, per_host) backups at once – and that
+    many do run at once."""
+    _vms(site, "v1", "v2", "v3", "v4", size=8 * MiB)
+    Repository.init(str(tmp_path / "repo")).close()
+    with site.client() as admin:  # made on the host directly: WinCenter's list learns of them
+        [host] = admin.hosts()
+        admin.sync_host(host.id)
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        policy = state.create_policy("all", all_vms=True, schedule="@daily", repo=str(tmp_path / "repo"))
+        runner = Runner(state, site.client, limits=Limits(max_jobs=max_jobs, per_host=per_host))
+        run = runner.run(policy, "manual")
+    assert run.state == "succeeded", run.error
+    assert sorted(vm.vm for vm in run.vms) == ["v1", "v2", "v3", "v4"]
+    assert runner.peak == expected
+    assert list(runner.peak_per_host.values()) == [expected]
+
+
+def test_the_scheduler_runs_due_slots_and_a_missed_stretch_once(site: Site, tmp_path: Path) -> None:
+    """An hourly policy made at 10:30: nothing at 10:45; at 14:10 (11, 12, 13 and 14
+    o'clock passed) one run, for 14:00, standing for three missed slots; nothing more
+    at 14:20; one run at 15:00."""
+    _vms(site, "tick")
+    Repository.init(str(tmp_path / "repo")).close()
+    clock = FakeClock(datetime.datetime(2026, 11, 26, 10, 30, tzinfo=UTC))
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        state.create_policy(
+            "hourly", vms=["tick"], schedule="0 * * * *", repo=str(tmp_path / "repo"), now=clock.now()
+        )
+        scheduler = Scheduler(state, Runner(state, site.client, clock=clock))
+        found = []
+        for hour, minute in [(10, 45), (14, 10), (14, 20), (15, 0), (15, 0)]:
+            clock.set(datetime.datetime(2026, 11, 26, hour, minute, tzinfo=UTC))
+            started = scheduler.tick()
+            for thread in started:
+                thread.join(120)
+            found.append(len(started))
+        assert found == [0, 1, 0, 1, 0]
+        runs = [r.describe() for r in state.runs("hourly")]
+    assert [(r["slot"], r["missed"], r["state"], r["trigger"]) for r in runs] == [
+        ("2026-11-26T15:00:00Z", 0, "succeeded", "schedule"),
+        ("2026-11-26T14:00:00Z", 3, "succeeded", "schedule"),
+    ]
+    assert [r["vms"][0]["type"] for r in runs] == ["incremental", "full"]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), bytes(error.read())
+
+
+def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_path: Path) -> None:
+    """A policy made an hour and a half ago, every 30 minutes, and no daemon since:
+    ``vmbackup serve`` runs it once on start; ``/health`` says ok; ``/metrics`` (parsed
+    by the Prometheus client's own parser) counts the run, its VM and its bytes; SIGTERM
+    stops it cleanly."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    _vms(site, "nightly-vm")
+    env["TZ"] = "UTC"
+    env.pop("VMBACKUP_DATABASE", None)
+    url = f"sqlite:///{Path(env['VMBACKUP_CONFIG']).parent / 'vmbackup.db'}"  # beside the settings
+    old = datetime.datetime.now(UTC) - datetime.timedelta(minutes=90)
+    with State(url) as state:
+        state.create_policy(
+            "halfhourly", vms=["nightly-vm"], schedule="*/30 * * * *", repo=str(tmp_path / "repo"), now=old
+        )
+    port = free_port()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "agentless.backup.cli", "serve", f"--listen=127.0.0.1:{port}", "--tick=0.5"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        families: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert daemon.poll() is None, daemon.communicate()
+            try:
+                status, body = _get(f"http://127.0.0.1:{port}/metrics")
+            except OSError:
+                time.sleep(0.2)
+                continue
+            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+            runs = {tuple(s.labels.values()): s.value for s in families["vmbackup_runs"].samples}
+            if runs:
+                break
+            time.sleep(0.2)
+        assert runs == {("halfhourly", "succeeded"): 1.0}, runs
+        status, body = _get(f"http://127.0.0.1:{port}/health")
+        health = json.loads(body)
+        assert status == 200 and health["status"] == "ok" and health["policies"] == 1, health
+        values = {
+            (s.name, s.labels.get("policy"), s.labels.get("outcome")): s.value
+            for family in families.values()
+            for s in family.samples
+        }
+        assert values[("vmbackup_vm_backups_total", "halfhourly", "succeeded")] == 1.0
+        assert values[("vmbackup_read_bytes_total", "halfhourly", None)] > 0
+        assert values[("vmbackup_last_run_success", "halfhourly", None)] == 1.0
+        assert values[("vmbackup_next_run_timestamp_seconds", "halfhourly", None)] > time.time()
+        assert values[("vmbackup_policies", None, None)] == 1.0
+        assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+        time.sleep(1.5)  # more ticks: the missed slots made one run, not three
+        jobs = _ok(vmbackup(env, "jobs", "--json"))["runs"]
+        assert len(jobs) == 1 and jobs[0]["missed"] == 2, jobs  # type: ignore[index,arg-type]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    assert "serving 1 policies" in err and "Traceback" not in err
