@@ -396,3 +396,89 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
         _out, err = daemon.communicate(timeout=60)
     assert daemon.returncode == 0, err
     assert "serving 1 policies" in err and "Traceback" not in err
+
+
+def _serve(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentless.backup.cli",
+            "serve",
+            f"--listen=127.0.0.1:{port}",
+            "--tick=0.5",
+            "--connections=1",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_nothing(
+    site: Site, tmp_path: Path
+) -> None:
+    """``kill -9`` of ``vmbackup serve`` while it reads a VM's disk: on restart the run
+    is recorded interrupted, the slot runs again and succeeds, WinCenter's backup of
+    the dead process is aborted, the host keeps no live grant and only the new base
+    snapshot, and the repository verifies with one restore point."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    env["TZ"] = "UTC"
+    env.pop("VMBACKUP_DATABASE", None)
+    size = 96 * MiB
+    with site.host_client() as host:
+        host.create_vm("big", [size])
+        host.start_vm("big")
+        with _guest(host, "big", 0) as guest:
+            for offset in range(0, size, 8 * MiB):
+                guest.write(offset, os.urandom(8 * MiB))
+            guest.flush()
+    with State(f"sqlite:///{Path(env['VMBACKUP_CONFIG']).parent / 'vmbackup.db'}") as state:
+        state.create_policy(
+            "p",
+            vms=["big"],
+            schedule="*/30 * * * *",
+            repo=str(tmp_path / "repo"),
+            now=datetime.datetime.now(UTC) - datetime.timedelta(minutes=40),
+        )
+    daemon = _serve(env, free_port())
+    try:
+        with site.client() as center:
+            vm_id = center.vm("big").id
+            deadline = time.monotonic() + 120
+            while not any(b.state == "ready" for b in center.backups(vm_id).items):
+                assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr
+                time.sleep(0.01)
+    finally:
+        daemon.kill()
+        daemon.wait()
+    with Repository.open(str(tmp_path / "repo")) as repository:
+        assert repository.points() == []  # killed before its restore point
+
+    daemon = _serve(env, free_port())
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            runs = _ok(vmbackup(env, "jobs", "--json"))["runs"]
+            if runs[0]["state"] != "running" and len(runs) == 2:  # type: ignore[index,arg-type]
+                break
+            assert time.monotonic() < deadline and daemon.poll() is None, runs
+            time.sleep(0.3)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    assert [r["state"] for r in runs] == ["succeeded", "interrupted"]  # type: ignore[index,union-attr]
+    assert runs[0]["slot"] == runs[1]["slot"]  # type: ignore[index]
+    with site.client() as center:
+        backups = {b.backup_id: b.state for b in center.backups(vm_id).items}
+    assert sorted(backups.values()) == ["aborted", "completed"], backups
+    with site.host_client() as host:
+        grants = host.list_grants()
+        assert grants and all(g["revoked"] for g in grants), grants
+        assert len(host.list_snapshots("big")) == 1
+    checked = _ok(vmbackup(env, "verify", "--json"))
+    assert checked["problems"] == [] and checked["points"] == 1, checked
