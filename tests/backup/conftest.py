@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,36 @@ from agentless.backup.storage import (
 
 BACKENDS = ["local", "memory", "s3", "retry", "faults"]
 S3_CREDENTIALS = {"access_key_id": "agentless-test", "secret_access_key": "agentless-test-secret"}
+
+
+def vmbackup(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The ``vmbackup`` command as a user runs it, in *env*, with no terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "agentless.backup.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The JSON document of a command that must have succeeded."""
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.fixture
+def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Cron fields are local time: the zone is UTC for the test (and its commands)."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 def free_port() -> int:

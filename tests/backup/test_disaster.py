@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.backup.conftest import S3_CREDENTIALS, S3Server
-from tests.backup.test_flows import _configure, _ok, second_site, site, vmbackup
+from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup
+from tests.backup.test_flows import _configure, second_site, site
 from tests.wincenter.test_flows import Site, _guest, _write_random
 
 __all__ = ["second_site", "site"]  # the fixtures, from the flow tests
@@ -73,8 +73,8 @@ def test_site_a_lost_vm_recovered_at_site_b_from_the_offsite_copy(
         vmbackup(env | {"VMBACKUP_PASSWORD": "off-site password"}, "list", "--repo", offsite, "--json")
     )
     points = offsite_points["points"]
-    assert [p["type"] for p in points] == ["incremental", "incremental"]  # type: ignore[index]
-    newest = points[-1]["id"]  # type: ignore[index]
+    assert [p["type"] for p in points] == ["incremental", "incremental"]
+    newest = points[-1]["id"]
 
     # site A is lost: its WinCenter, its host with the VM, vmbackup's repository, settings, state
     site.center.proc.kill()

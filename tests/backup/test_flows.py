@@ -8,7 +8,6 @@ with what the guest wrote."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -24,7 +23,7 @@ import pytest
 import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import S3_CREDENTIALS, S3Server
+from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup
 from tests.wincenter.conftest import init_center, start_server
 from tests.wincenter.test_flows import Site, _guest, _write_random
 from tests.winserver.conftest import init_host, start_daemon
@@ -64,24 +63,6 @@ def second_site(tmp_path: Path) -> Iterator[Site]:
     (tmp_path / "site2").mkdir()
     with _running_site(tmp_path / "site2") as running:
         yield running
-
-
-def vmbackup(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentless.backup.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert isinstance(result, dict)
-    return result
 
 
 def _configure(

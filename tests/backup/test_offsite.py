@@ -7,13 +7,10 @@ other ids are refused; an encrypted copy has a password and data key of its own.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,9 +22,7 @@ from agentless.backup.storage import Backend, MemoryBackend, S3Backend
 from agentless.backup.verify import verify
 from agentless.lifetime import Closing
 from tests.backup.building import Backup, backup, changed, chunk_ids, disk, page_ids, reopen, restore
-from tests.backup.conftest import S3Server
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.backup.conftest import S3Server, _ok, vmbackup
 
 
 class Counting(Closing):
@@ -287,25 +282,6 @@ def test_save_point_under_a_given_id() -> None:
 
 
 # ---------------------------------------------------------------------- the command
-
-
-def vmbackup(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentless.backup.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-
-
-def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert isinstance(result, dict)
-    return result
 
 
 def _failed(done: subprocess.CompletedProcess[str], match: str) -> None:

@@ -10,15 +10,13 @@ import os
 import socket
 import sqlite3
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agentless.backup.policies import PolicyError, State, VmOutcome, due_slot, next_slot
 from agentless.backup.repository import Repository
+from tests.backup.conftest import vmbackup
 
 UTC = datetime.UTC
 
@@ -32,14 +30,7 @@ def state(tmp_path: Path) -> State:
     return State(f"sqlite:///{tmp_path / 'state.db'}")
 
 
-@pytest.fixture(autouse=True)
-def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Cron fields are local time: these tests fix the zone to UTC (commands too)."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
+pytestmark = pytest.mark.usefixtures("utc_local_time")
 
 
 def test_a_slot_is_due_once_its_time_has_come(state: State) -> None:
@@ -197,17 +188,6 @@ def test_a_state_of_an_unknown_schema_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- the commands
 
 
-def _vmbackup(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentless.backup.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def test_policy_commands(tmp_path: Path) -> None:
     repo = str(tmp_path / "repo")
     offsite = str(tmp_path / "offsite")
@@ -216,7 +196,7 @@ def test_policy_commands(tmp_path: Path) -> None:
     env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "cfg" / "config.json"), "VMBACKUP_REPO": repo}
     env.pop("VMBACKUP_DATABASE", None)
 
-    made = _vmbackup(
+    made = vmbackup(
         env,
         *("policy", "create", "nightly", "--vm", "web", "--vm", "db", "--schedule", "0 2 * * *"),
         *("--full-every", "7", "--keep-daily", "7", "--keep-weekly", "4", "--copy-to", offsite, "--json"),
@@ -227,11 +207,11 @@ def test_policy_commands(tmp_path: Path) -> None:
     assert document["next_run"].endswith("T02:00:00+00:00")
     assert (tmp_path / "cfg" / "vmbackup.db").exists()  # SQLite beside the settings
 
-    listed = _vmbackup(env, "policy", "list")
+    listed = vmbackup(env, "policy", "list")
     assert listed.returncode == 0 and "nightly" in listed.stdout and "keep-daily 7" in listed.stdout
-    shown = json.loads(_vmbackup(env, "policy", "show", "nightly", "--json").stdout)
+    shown = json.loads(vmbackup(env, "policy", "show", "nightly", "--json").stdout)
     assert shown["keep"] == {"keep_daily": 7, "keep_weekly": 4} and shown["runs"] == []
-    assert _vmbackup(env, "jobs").stdout.strip() == "no runs yet"
+    assert vmbackup(env, "jobs").stdout.strip() == "no runs yet"
 
     bad = [
         (("policy", "create", "x", "--vm", "a", "--schedule", "at noon"), "not a cron expression"),
@@ -252,13 +232,22 @@ def test_policy_commands(tmp_path: Path) -> None:
         (("serve", "--listen", "nowhere"), "HOST:PORT"),
     ]
     for args, message in bad:
-        failed = _vmbackup(env, *args)
+        failed = vmbackup(env, *args)
         assert failed.returncode == 1, (args, failed.stdout, failed.stderr)
         assert message in failed.stderr and "Traceback" not in failed.stderr, (args, failed.stderr)
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
-    both = _vmbackup(env, "policy", "create", "w", "--vm", "a", "--all", "--schedule", "@daily")
+    both = vmbackup(env, "policy", "create", "w", "--vm", "a", "--all", "--schedule", "@daily")
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
-    gone = _vmbackup(env, "policy", "delete", "nightly")
+    configured = json.loads(vmbackup(env, "config", "--webhook", "http://127.0.0.1:9/hook", "--json").stdout)
+    assert configured["webhook"] == "http://127.0.0.1:9/hook"
+    assert configured["database"] == f"sqlite:///{tmp_path / 'cfg' / 'vmbackup.db'}"
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    moved = json.loads(vmbackup(env, "config", "--database", elsewhere, "--json").stdout)
+    assert moved["database"] == elsewhere and moved["webhook"] == "http://127.0.0.1:9/hook"
+    assert vmbackup(env, "policy", "list").stdout.strip() == "no policies"  # another state
+    env["VMBACKUP_DATABASE"] = f"sqlite:///{tmp_path / 'cfg' / 'vmbackup.db'}"  # the first one again
+
+    gone = vmbackup(env, "policy", "delete", "nightly")
     assert gone.returncode == 0 and "deleted" in gone.stdout
-    assert _vmbackup(env, "policy", "list").stdout.strip() == "no policies"
+    assert vmbackup(env, "policy", "list").stdout.strip() == "no policies"

@@ -28,12 +28,13 @@ from agentless.backup.backupjob import VmBackup
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
-from tests.backup.conftest import free_port
-from tests.backup.test_flows import _configure, _ok, site, vmbackup
+from tests.backup.conftest import _ok, free_port, vmbackup
+from tests.backup.test_flows import _configure, site
 from tests.wincenter.test_flows import Site, _guest
 from tests.winserver.conftest import start_daemon
 
 __all__ = ["site"]  # the fixture, from the flow tests
+pytestmark = pytest.mark.usefixtures("utc_local_time")
 
 MiB = 1 << 20
 UTC = datetime.UTC
@@ -98,15 +99,6 @@ def webhook() -> Iterator[Webhook]:
     hook.close()
 
 
-@pytest.fixture(autouse=True)
-def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
 def _vms(site: Site, *names: str, size: int = 4 * MiB) -> None:
     with site.host_client() as host:
         for name in names:
@@ -146,7 +138,7 @@ def test_run_now_with_full_every_and_retention(site: Site, tmp_path: Path) -> No
             guest.flush()
         run = _ok(vmbackup(env, "run-now", "two", "--json"))
         assert run["state"] == "succeeded" and run["trigger"] == "manual", run
-        outcomes = {vm["vm"]: vm for vm in run["vms"]}  # type: ignore[attr-defined]
+        outcomes = {vm["vm"]: vm for vm in run["vms"]}
         assert set(outcomes) == {"web", "db"}
         for vm in outcomes.values():
             assert vm["outcome"] == "succeeded" and vm["attempts"] == 1 and vm["error"] is None
@@ -157,8 +149,8 @@ def test_run_now_with_full_every_and_retention(site: Site, tmp_path: Path) -> No
     assert types == [("full", "full"), ("incremental", "incremental"), ("full", "full")]
 
     jobs = _ok(vmbackup(env, "jobs", "--policy", "two", "--json"))["runs"]
-    assert [j["state"] for j in jobs] == ["succeeded"] * 3  # type: ignore[index]
-    assert jobs[0]["id"] > jobs[1]["id"] > jobs[2]["id"]  # type: ignore[index]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3
+    assert jobs[0]["id"] > jobs[1]["id"] > jobs[2]["id"]
     text = vmbackup(env, "jobs").stdout
     assert text.count("web: full restore point") == 2 and "web: incremental restore point" in text
 
@@ -191,7 +183,7 @@ def test_an_offline_policy_stops_a_running_vm_for_the_snapshot_only(site: Site, 
     )
     run = _ok(vmbackup(env, "run-now", "off", "--json"))
     assert run["state"] == "succeeded", run
-    [vm] = run["vms"]  # type: ignore[misc]
+    [vm] = run["vms"]
     shown = _ok(vmbackup(env, "show", vm["point"], "--json"))
     assert shown["consistency"] == "offline"
     with site.host_client() as host:
@@ -390,7 +382,7 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
         assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
         time.sleep(1.5)  # more ticks: the missed slots made one run, not three
         jobs = _ok(vmbackup(env, "jobs", "--json"))["runs"]
-        assert len(jobs) == 1 and jobs[0]["missed"] == 2, jobs  # type: ignore[index,arg-type]
+        assert len(jobs) == 1 and jobs[0]["missed"] == 2, jobs
     finally:
         daemon.send_signal(signal.SIGTERM)
         _out, err = daemon.communicate(timeout=60)
@@ -463,7 +455,7 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
         deadline = time.monotonic() + 180
         while True:
             runs = _ok(vmbackup(env, "jobs", "--json"))["runs"]
-            if runs[0]["state"] != "running" and len(runs) == 2:  # type: ignore[index,arg-type]
+            if runs[0]["state"] != "running" and len(runs) == 2:
                 break
             assert time.monotonic() < deadline and daemon.poll() is None, runs
             time.sleep(0.3)
@@ -471,8 +463,8 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
         daemon.send_signal(signal.SIGTERM)
         _out, err = daemon.communicate(timeout=60)
     assert daemon.returncode == 0, err
-    assert [r["state"] for r in runs] == ["succeeded", "interrupted"]  # type: ignore[index,union-attr]
-    assert runs[0]["slot"] == runs[1]["slot"]  # type: ignore[index]
+    assert [r["state"] for r in runs] == ["succeeded", "interrupted"]
+    assert runs[0]["slot"] == runs[1]["slot"]
     with site.client() as center:
         backups = {b.backup_id: b.state for b in center.backups(vm_id).items}
     assert sorted(backups.values()) == ["aborted", "completed"], backups

@@ -349,17 +349,12 @@ class State:
 
     def policy(self, name: str) -> Policy:
         with self._session() as session:
-            policy = session.get(Policy, name)
-        if policy is None:
-            raise PolicyError(f"no policy {name!r} (`vmbackup policy list` shows them)")
-        return policy
+            return _existing(session, name)
 
     def delete_policy(self, name: str) -> Policy:
         """Remove the policy (its runs stay in the record)."""
         with self._session() as session:
-            policy = session.get(Policy, name)
-            if policy is None:
-                raise PolicyError(f"no policy {name!r} (`vmbackup policy list` shows them)")
+            policy = _existing(session, name)
             session.delete(policy)
         return policy
 
@@ -490,6 +485,13 @@ class State:
             for policy, ended_at in good:
                 found.setdefault(policy, {})["success"] = _aware(ended_at)
         return found
+
+
+def _existing(session: Session, name: str) -> Policy:
+    policy = session.get(Policy, name)
+    if policy is None:
+        raise PolicyError(f"no policy {name!r} (`vmbackup policy list` shows them)")
+    return policy
 
 
 _OWNER = f"{socket.gethostname()}:{os.getpid()}"
