@@ -1,4 +1,4 @@
-"""Policies and their schedule: the state database (SQLite file, reopened), when a slot
+"""Policies and their schedule: the state database (SQLite, reopened, and PostgreSQL), when a slot
 is due – including slots missed while no daemon ran, which make one run – and the
 ``vmbackup policy`` commands with their errors."""
 
@@ -10,13 +10,16 @@ import os
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from agentless.backup.policies import PolicyError, State, VmOutcome, due_slot, next_slot
 from agentless.backup.repository import Repository
 from tests.backup.conftest import vmbackup
+from tests.wincenter.conftest import db_url, postgresql_cluster
 
 UTC = datetime.UTC
 
@@ -26,11 +29,15 @@ def at(hour: int, minute: int = 0, day: int = 26) -> datetime.datetime:
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> State:
-    return State(f"sqlite:///{tmp_path / 'state.db'}")
+def state(db_url: str) -> Iterator[State]:
+    """A new state on each engine: SQLite, and a real PostgreSQL (a server's database
+    when several machines share the policies)."""
+    with State(db_url) as made:
+        yield made
 
 
 pytestmark = pytest.mark.usefixtures("utc_local_time")
+__all__ = ["db_url", "postgresql_cluster"]  # the fixtures, from WinCenter's tests
 
 
 def test_a_slot_is_due_once_its_time_has_come(state: State) -> None:
@@ -153,9 +160,10 @@ def test_runs_are_recorded_and_a_dead_process_runs_become_interrupted(state: Sta
     assert state.interrupt_dead(now=at(11)) == []  # this process runs them: alive
     dead = subprocess.Popen(["true"])  # a pid that has ended
     dead.wait()
-    with sqlite3.connect(state.url.split(":///", 1)[1]) as db:
-        db.execute("UPDATE runs SET owner = ? WHERE id = ?", (f"{socket.gethostname()}:{dead.pid}", left))
-        db.execute("UPDATE runs SET owner = ? WHERE id = ?", (f"another-machine:{dead.pid}", elsewhere))
+    with state.engine.begin() as db:  # as the dead process and another machine wrote them
+        change = sqlalchemy.text("UPDATE runs SET owner = :owner WHERE id = :id")
+        db.execute(change, {"owner": f"{socket.gethostname()}:{dead.pid}", "id": left})
+        db.execute(change, {"owner": f"another-machine:{dead.pid}", "id": elsewhere})
     assert state.interrupt_dead(now=at(11)) == [left]  # not the other machine's
     assert state.run(elsewhere).state == "running"
     runs = [r.describe() for r in state.runs("p")]
