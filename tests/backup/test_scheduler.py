@@ -28,10 +28,11 @@ from agentless.backup.backupjob import VmBackup
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
+from agentless.winserver.client import HostClient
 from tests.backup.conftest import _ok, free_port, vmbackup
 from tests.backup.test_flows import _configure, site
 from tests.wincenter.test_flows import Site, _guest
-from tests.winserver.conftest import start_daemon
+from tests.winserver.conftest import init_host, start_daemon
 
 __all__ = ["site"]  # the fixture, from the flow tests
 pytestmark = pytest.mark.usefixtures("utc_local_time")
@@ -101,14 +102,19 @@ def webhook() -> Iterator[Webhook]:
 
 def _vms(site: Site, *names: str, size: int = 4 * MiB) -> None:
     with site.host_client() as host:
-        for name in names:
-            host.create_vm(name, [size])
-            host.start_vm(name)
-            with _guest(host, name, 0) as guest:
-                guest.write(0, name.encode() * 1000)
-                guest.write(size // 2, os.urandom(300_000))
-                guest.flush()
-            host.stop_vm(name)
+        _vms_on(host, *names, size=size)
+
+
+def _vms_on(host: HostClient, *names: str, size: int = 4 * MiB) -> None:
+    """Halted VMs of one disk with some data on *host*."""
+    for name in names:
+        host.create_vm(name, [size])
+        host.start_vm(name)
+        with _guest(host, name, 0) as guest:
+            guest.write(0, name.encode() * 1000)
+            guest.write(size // 2, os.urandom(300_000))
+            guest.flush()
+        host.stop_vm(name)
 
 
 def _points(repository: Repository, vm_name: str) -> list[dict[str, Any]]:
@@ -269,25 +275,50 @@ def test_a_vm_whose_host_comes_back_succeeds_on_a_retry(site: Site, tmp_path: Pa
     assert clock.sleeps == [5.0] and webhook.received == []
 
 
-@pytest.mark.parametrize(("max_jobs", "per_host", "expected"), [(3, 2, 2), (1, 4, 1)])
+@pytest.fixture
+def two_hosts(site: Site, tmp_path: Path) -> Iterator[HostClient]:
+    """A second WinServer host in the site's WinCenter (its client; the first is the
+    site's)."""
+    second = init_host(str(tmp_path / "host-2"), "--name", "host-2")
+    process = start_daemon(second.dir)
+    try:
+        with site.client() as admin:
+            admin.register_host(second.api_url, second.token, second.cert_pem)
+        with HostClient(second.api_url, second.token, second.cert_pem) as client:
+            yield client
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.mark.parametrize(
+    ("max_jobs", "per_host", "overall", "each_host"), [(4, 1, 2, 1), (1, 4, 1, 1), (3, 2, 3, 2)]
+)
 def test_concurrency_is_limited_overall_and_per_host(
-    site: Site, tmp_path: Path, max_jobs: int, per_host: int, expected: int
+    site: Site,
+    two_hosts: HostClient,
+    tmp_path: Path,
+    max_jobs: int,
+    per_host: int,
+    overall: int,
+    each_host: int,
 ) -> None:
-    """Four VMs on one host: at most min(max_jobs, per_host) backups at once – and that
-    many do run at once."""
-    _vms(site, "v1", "v2", "v3", "v4", size=8 * MiB)
+    """Three VMs on each of two hosts: never more than *max_jobs* backups at once, nor
+    more than *per_host* on one host – and those limits are reached."""
+    _vms(site, "a1", "a2", "a3", size=8 * MiB)
+    _vms_on(two_hosts, "b1", "b2", "b3", size=8 * MiB)
     Repository.init(str(tmp_path / "repo")).close()
-    with site.client() as admin:  # made on the host directly: WinCenter's list learns of them
-        [host] = admin.hosts()
-        admin.sync_host(host.id)
+    with site.client() as admin:  # made on the hosts directly: WinCenter's list learns of them
+        for host in admin.hosts():
+            admin.sync_host(host.id)
     with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
         policy = state.create_policy("all", all_vms=True, schedule="@daily", repo=str(tmp_path / "repo"))
         runner = Runner(state, site.client, limits=Limits(max_jobs=max_jobs, per_host=per_host))
         run = runner.run(policy, "manual")
     assert run.state == "succeeded", run.error
-    assert sorted(vm.vm for vm in run.vms) == ["v1", "v2", "v3", "v4"]
-    assert runner.peak == expected
-    assert list(runner.peak_per_host.values()) == [expected]
+    assert sorted(vm.vm for vm in run.vms) == ["a1", "a2", "a3", "b1", "b2", "b3"]
+    assert runner.peak == overall
+    assert sorted(runner.peak_per_host.values()) == [each_host, each_host]
 
 
 def test_the_scheduler_runs_due_slots_and_a_missed_stretch_once(site: Site, tmp_path: Path) -> None:

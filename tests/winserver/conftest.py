@@ -54,8 +54,9 @@ class Daemon:
     cert_pem: str
 
 
-def init_host(directory: str) -> Daemon:
-    """``winserver init`` on loopback with free ports; the daemon is not started."""
+def init_host(directory: str, *extra: str) -> Daemon:
+    """``winserver init`` on loopback with free ports (and *extra* options, e.g. a
+    ``--name``); the daemon is not started."""
     api_port = free_port()
     init = winserver(
         "init",
@@ -68,6 +69,7 @@ def init_host(directory: str) -> Daemon:
         "--api-port",
         str(api_port),
         "--json",
+        *extra,
     )
     assert init.returncode == 0, init.stderr
     token = json.loads(init.stdout)["token"]
