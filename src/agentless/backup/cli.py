@@ -38,7 +38,7 @@ from .policycli import Hooks, add_commands
 from .prune import prune
 from .repository import Repository
 from .restorejob import PointDisk, VmRestore, export_disk
-from .settings import Settings, SettingsError, state_url
+from .settings import Settings, SettingsError, given_password, state_url
 from .storage import StorageError
 from .verify import verify
 
@@ -51,11 +51,9 @@ __all__ = ["main"]
 def _password(args: argparse.Namespace, confirm: bool = False) -> str | None:
     """The repository password: ``--password-file``, ``VMBACKUP_PASSWORD``, or a prompt
     on a terminal; None when there is none."""
-    if getattr(args, "password_file", None):
-        with open(args.password_file) as f:
-            return f.read().rstrip("\n")
-    if os.environ.get("VMBACKUP_PASSWORD"):
-        return os.environ["VMBACKUP_PASSWORD"]
+    given = given_password(getattr(args, "password_file", None), "VMBACKUP_PASSWORD")
+    if given is not None:
+        return given
     if sys.stdin.isatty():
         first = getpass.getpass("repository password: ")
         if confirm and getpass.getpass("again: ") != first:
@@ -148,11 +146,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if args.encrypt and not password:
         raise RepositoryError("--encrypt needs a password (VMBACKUP_PASSWORD, --password-file or a terminal)")
     if args.copy_keys_from:  # an off-site repository: the source's chunk size, hash and id key
-        if args.from_password_file:
-            with open(args.from_password_file) as f:
-                from_password: str | None = f.read().rstrip("\n")
-        else:
-            from_password = os.environ.get("VMBACKUP_FROM_PASSWORD") or password
+        from_password = given_password(args.from_password_file, "VMBACKUP_FROM_PASSWORD") or password
         with Repository.open(args.copy_keys_from, from_password) as source:
             repository = init_offsite(args.location, source, password)
     else:
@@ -422,11 +416,7 @@ def _cmd_unlock(args: argparse.Namespace) -> int:
 
 def _cmd_copy(args: argparse.Namespace) -> int:
     password = _password(args)
-    if args.to_password_file:
-        with open(args.to_password_file) as f:
-            to_password: str | None = f.read().rstrip("\n")
-    else:
-        to_password = os.environ.get("VMBACKUP_TO_PASSWORD") or password
+    to_password = given_password(args.to_password_file, "VMBACKUP_TO_PASSWORD") or password
     with Repository.open(_location(args), password) as source, open_offsite(args.to, to_password) as dest:
         report = copy_points(source, dest, args.point or None, set(args.vm) if args.vm else None)
         where = dest.backend.location

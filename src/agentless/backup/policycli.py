@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
 from .keys import RepositoryError
-from .settings import Settings, state_url
+from .settings import Settings, given_password, state_url
 from .storage import open_backend
 
 if TYPE_CHECKING:
@@ -193,13 +192,6 @@ def _limits(args: argparse.Namespace) -> Limits:
     )
 
 
-def _copy_password(args: argparse.Namespace) -> str | None:
-    if getattr(args, "to_password_file", None):
-        with open(args.to_password_file) as f:
-            return f.read().rstrip("\n")
-    return os.environ.get("VMBACKUP_TO_PASSWORD") or None
-
-
 def _log(line: str) -> None:
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
     print(f"{stamp} vmbackup: {line}", file=sys.stderr, flush=True)
@@ -212,7 +204,7 @@ def _runner(hooks: Hooks, args: argparse.Namespace, state: State, webhook: str |
         state,
         functools.partial(hooks.center, args),
         password=hooks.password(args),
-        copy_password=_copy_password(args),
+        copy_password=given_password(args.to_password_file, "VMBACKUP_TO_PASSWORD"),
         limits=_limits(args),
         webhook=webhook,
         log=_log if not args.json else lambda line: None,

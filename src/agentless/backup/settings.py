@@ -14,7 +14,7 @@ from typing import Any
 
 from .keys import RepositoryError
 
-__all__ = ["Settings", "SettingsError", "settings_path", "state_url"]
+__all__ = ["Settings", "SettingsError", "given_password", "settings_path", "state_url"]
 
 MAGIC = "agentless-vmbackup-settings"
 
@@ -84,3 +84,12 @@ def state_url(settings: Settings | None = None) -> str:
     if settings.database:
         return settings.database
     return "sqlite:///" + os.path.join(os.path.dirname(settings_path()) or ".", "vmbackup.db")
+
+
+def given_password(file: str | None, variable: str) -> str | None:
+    """A password given to a command: the first line of *file* when one is named, else
+    the environment *variable*; None when neither says one (never a prompt)."""
+    if file:
+        with open(file) as f:
+            return f.read().rstrip("\n")
+    return os.environ.get(variable) or None
