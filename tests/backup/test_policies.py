@@ -215,6 +215,13 @@ def test_policy_commands(tmp_path: Path) -> None:
     assert document["next_run"].endswith("T02:00:00+00:00")
     assert (tmp_path / "cfg" / "vmbackup.db").exists()  # SQLite beside the settings
 
+    several = vmbackup(
+        env, "policy", "create", "weekly", "--vm", "a", "b", "--vm", "c", "--schedule", "@weekly"
+    )
+    assert several.returncode == 0, several.stderr
+    assert json.loads(vmbackup(env, "policy", "show", "weekly", "--json").stdout)["vms"] == ["a", "b", "c"]
+    assert vmbackup(env, "policy", "delete", "weekly").returncode == 0
+
     listed = vmbackup(env, "policy", "list")
     assert listed.returncode == 0 and "nightly" in listed.stdout and "keep-daily 7" in listed.stdout
     shown = json.loads(vmbackup(env, "policy", "show", "nightly", "--json").stdout)

@@ -281,7 +281,9 @@ def add_commands(command: Command, hooks: Hooks) -> None:
     p = action("create", "create a policy")
     p.add_argument("name", metavar="NAME")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--vm", action="append", help="VM name or id (repeat)")
+    which.add_argument(
+        "--vm", action="extend", nargs="+", metavar="VM", help="VM names or ids (--vm a b, or repeat)"
+    )
     which.add_argument("--all", action="store_true", help="every VM WinCenter lists at each run")
     p.add_argument(
         "--schedule", required=True, metavar="CRON", help="cron expression, local time: '0 2 * * *'"
