@@ -501,6 +501,41 @@ def test_failing_offline_backups_start_the_vm_again(site: Site, tmp_path: Path) 
         assert repository.points() == []
 
 
+def test_an_offline_backup_killed_while_the_vm_is_down(site: Site, tmp_path: Path) -> None:
+    """``kill -9`` of ``vmbackup backup --offline`` while the VM it stopped is down: the
+    VM stays down – nobody else knows to start it – until the next backup of the
+    repository reaps the dead process's lock, which lists the VM: it starts it again
+    (and aborts the backup the dead process had requested)."""
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    with site.host_client() as host:
+        host.create_vm("victim", [8 * MiB])
+        host.start_vm("victim")
+        host.create_vm("other", [4 * MiB])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentless.backup.cli", "backup", "--vm", "victim", "--offline"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _power_state(site, "victim") != "halted":
+            assert time.monotonic() < deadline and process.poll() is None, process.stderr
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    time.sleep(1)
+    assert _power_state(site, "victim") == "halted"  # the dead process cannot start it again
+    _ok(vmbackup(env, "backup", "--vm", "other", "--json"))  # any next backup of the repository
+    assert _power_state(site, "victim") == "running"
+    with site.client() as center:
+        states = {b.state for b in center.backups(vm=center.vm("victim").id).items}
+    assert states <= {"aborted", "aborting"}, states
+
+
 def test_online_backup_never_changes_the_power_state(site: Site, tmp_path: Path) -> None:
     """While the guest writes and the VM's power state is sampled on its host, an online
     backup runs: the VM is running at every sample, the guest's writes never fail and go

@@ -106,12 +106,14 @@ class VmBackup:
         on_progress: Callable[[VmBackup], None] | None = None,
         journal: Callable[[str, bool], None] | None = None,
         offline: bool = False,
+        on_halted: Callable[[str, bool], None] | None = None,
     ):
         self.center = center
         self.repository = repository
         self.vm_ref = vm_ref
         self.full = full
         self.offline = offline  # stop a running VM for the snapshot, start it again after
+        self.on_halted = on_halted  # (VM id, down?): what a cleanup after a crash must start
         self.connections = connections
         self.on_progress = on_progress
         self.journal = journal  # (backup id, open?): what a cleanup after a crash must abort
@@ -168,7 +170,11 @@ class VmBackup:
                     ) from error
                 down = False
                 self.downtime = time.monotonic() - stopped_at
+                if self.on_halted is not None:
+                    self.on_halted(vm_id, False)
 
+        if self.on_halted is not None:
+            self.on_halted(vm_id, True)  # before the stop: a crash may come next
         try:
             try:
                 self._power(vm_id, "stop", "halted")

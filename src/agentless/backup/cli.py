@@ -205,6 +205,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
                 bars.update,
                 journal,
                 offline=args.offline,
+                on_halted=journal.halted,
             )
             for vm in args.vm
         ]

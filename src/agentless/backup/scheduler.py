@@ -37,7 +37,7 @@ from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnrea
 from .backupjob import VmBackup
 from .gc import gc
 from .keys import RepositoryError
-from .leftovers import journal, reap
+from .leftovers import Journal, journal, reap
 from .offsite import copy_points, open_offsite
 from .policies import Policy, Run, State, VmOutcome, due_slot, next_slot, utcnow
 from .prune import prune
@@ -203,7 +203,7 @@ class Runner:
         repository: Repository,
         policy: Policy,
         target: Any,
-        note: Callable[[str, bool], None],
+        note: Journal,
     ) -> VmOutcome:
         """Back up one VM (a VM WinCenter described, or a name or id to look up) with
         retries; its outcome."""
@@ -226,6 +226,7 @@ class Runner:
                         connections=self.limits.connections,
                         journal=note,
                         offline=policy.offline,
+                        on_halted=note.halted,
                     )
                     with self._guard:
                         self._jobs.add(job)
