@@ -8,10 +8,12 @@ import hmac
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 
+import agentless.backup.repository as repository_module
 from agentless.backup.keys import WrongPassword
 from agentless.backup.repository import ZERO, Repository, RepositoryError
 
@@ -79,3 +81,34 @@ def test_ids_and_pack_names_use_the_repository_hash(tmp_path: Path, password: st
     (tmp_path / "new" / "config").write_text(json.dumps(config | {"hash": "md5"}))
     with pytest.raises(RepositoryError, match="hash 'md5' is unknown"):
         Repository.open(str(tmp_path / "new"), password)
+
+
+def test_a_cache_of_unlocked_keys_derives_each_key_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-running process passes one cache to every open: the first open of each
+    repository derives its key from the password, the next ones do not (and read the
+    same data); another repository gets its own entry."""
+    first, second = str(tmp_path / "one"), str(tmp_path / "two")
+    Repository.init(first, "pw").close()
+    Repository.init(second, "pw").close()
+    derived: list[str] = []
+    real = repository_module._unlock
+
+    def counting(backend: Any, password: str) -> Any:
+        derived.append(backend.location)
+        return real(backend, password)
+
+    monkeypatch.setattr(repository_module, "_unlock", counting)
+    cache: dict[str, Any] = {}
+    with Repository.open(first, "pw", cache) as repo, repo.writer() as writer:
+        blob = writer.add(b"x" * 65536)
+        writer.flush()
+    for _ in range(3):
+        with Repository.open(first, "pw", cache) as repo:
+            assert repo.read_blob(blob) == b"x" * 65536
+    with Repository.open(second, "pw", cache) as repo:
+        pass
+    assert len(derived) == 2 and len(cache) == 2
+    with pytest.raises(WrongPassword):
+        Repository.open(first, "not the password")  # without the cache: derived, refused

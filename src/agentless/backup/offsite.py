@@ -129,9 +129,12 @@ def init_offsite(location: str | Backend, source: Repository, password: str | No
     return Repository.init(location, password, keys=offsite_keys(source.keys), chunk_size=source.chunk_size)
 
 
-def open_offsite(location: str | Backend, password: str | None = None) -> Repository:
-    """Open the repository at *location* as :meth:`Repository.open` does, for a copy to
-    it: the errors a user meets here (no repository yet, a wrong password) say where."""
+def open_offsite(
+    location: str | Backend, password: str | None = None, unlocked: dict[str, Keys] | None = None
+) -> Repository:
+    """Open the repository at *location* as :meth:`Repository.open` does (*unlocked*
+    too), for a copy to it: the errors a user meets here (no repository yet, a wrong
+    password) say where."""
     backend = open_backend(location) if isinstance(location, str) else location
     try:
         if not backend.exists("config"):
@@ -139,7 +142,7 @@ def open_offsite(location: str | Backend, password: str | None = None) -> Reposi
                 f"{backend.location}: no repository (make the off-site repository with "
                 f"`vmbackup init {backend.location} --copy-keys-from REPO`)"
             )
-        return Repository.open(backend, password)
+        return Repository.open(backend, password, unlocked)
     except WrongPassword as error:
         raise WrongPassword(f"{backend.location}: {error}") from None
     except BaseException:

@@ -37,9 +37,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from .keys import RepositoryError
+from .prune import KEEP
 
 __all__ = [
-    "KEEP_RULES",
     "Policy",
     "PolicyError",
     "Run",
@@ -49,7 +49,6 @@ __all__ = [
     "next_slot",
 ]
 
-KEEP_RULES = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 TYPES = ("incremental", "full")
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -87,6 +86,12 @@ class Policy(_Base):
     copy_to: Mapped[str | None] = mapped_column(Text, nullable=True)
     created: Mapped[datetime.datetime] = mapped_column(DateTime)
     last_slot: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    def next_run(self) -> datetime.datetime:
+        """The schedule's next slot after the one run last (or after the creation)."""
+        anchor = _aware(self.last_slot) or _aware(self.created)
+        assert anchor is not None
+        return next_slot(self.schedule, anchor)
 
     def describe(self) -> dict[str, Any]:
         """The policy as a JSON document (what ``policy show --json`` prints)."""
@@ -317,7 +322,7 @@ class State:
             raise PolicyError(f"--full-every {full_every}: 1 or more")
         keep = {rule: count for rule, count in (keep or {}).items() if count}
         for rule, count in keep.items():
-            if rule not in KEEP_RULES or count < -1:
+            if rule not in KEEP or count < -1:
                 raise PolicyError(f"{rule} {count}: a known rule and a count of -1 (all) or more")
         if copy_to is not None and copy_to == repo:
             raise PolicyError("--copy-to names the policy's own repository")

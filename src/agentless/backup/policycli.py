@@ -18,6 +18,7 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
 from .keys import RepositoryError
+from .prune import KEEP
 from .settings import Settings, given_password, state_url
 from .storage import open_backend
 
@@ -26,8 +27,7 @@ if TYPE_CHECKING:
     from .scheduler import Limits, Runner
 
 # SQLAlchemy, croniter and prometheus_client (~0.25 s of imports) are loaded by these
-# commands only, not at every start of vmbackup: see _policies() and the handlers.
-KEEP_RULES = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+# commands only, not at every start of vmbackup: the handlers import what they use.
 
 __all__ = ["Hooks", "add_commands"]
 
@@ -60,20 +60,13 @@ def _check_repository(location: str, what: str) -> None:
 
 
 def _keep(args: argparse.Namespace) -> dict[str, int]:
-    return {rule: getattr(args, rule) for rule in KEEP_RULES if getattr(args, rule)}
+    return {rule: getattr(args, rule) for rule in KEEP if getattr(args, rule)}
 
 
 def _when(moment: datetime.datetime | None) -> str:
     if moment is None:
         return "-"
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-def _next(policy: Policy) -> datetime.datetime:
-    from .policies import next_slot
-
-    anchor = (policy.last_slot or policy.created).replace(tzinfo=datetime.UTC)
-    return next_slot(policy.schedule, anchor)
 
 
 def _policy_line(policy: Policy) -> str:
@@ -87,7 +80,8 @@ def _policy_line(policy: Policy) -> str:
         extra.append(" ".join(f"{rule.replace('_', '-')} {n}" for rule, n in policy.keep.items()))
     if policy.copy_to:
         extra.append(f"copy to {policy.copy_to}")
-    return f"{policy.name:<16} {policy.schedule:<16} {vms}  ({'; '.join(extra)})  next {_when(_next(policy))}"
+    following = _when(policy.next_run())
+    return f"{policy.name:<16} {policy.schedule:<16} {vms}  ({'; '.join(extra)})  next {following}"
 
 
 # ---------------------------------------------------------------------- policy
@@ -111,7 +105,7 @@ def _cmd_create(hooks: Hooks, args: argparse.Namespace) -> int:
             repo=repo,
             copy_to=args.copy_to,
         )
-        document = policy.describe() | {"next_run": _next(policy).isoformat()}
+        document = policy.describe() | {"next_run": policy.next_run().isoformat()}
     emit(args, document, f"policy {policy.name} created: {_policy_line(policy)}")
     return 0
 
@@ -119,7 +113,7 @@ def _cmd_create(hooks: Hooks, args: argparse.Namespace) -> int:
 def _cmd_list(hooks: Hooks, args: argparse.Namespace) -> int:
     with _state() as state:
         policies = state.policies()
-    documents = [p.describe() | {"next_run": _next(p).isoformat()} for p in policies]
+    documents = [p.describe() | {"next_run": p.next_run().isoformat()} for p in policies]
     emit(args, {"policies": documents}, "\n".join(map(_policy_line, policies)) or "no policies")
     return 0
 
@@ -129,7 +123,7 @@ def _cmd_show(hooks: Hooks, args: argparse.Namespace) -> int:
         policy = state.policy(args.name)
         runs = state.runs(policy.name, limit=5)
     document = policy.describe() | {
-        "next_run": _next(policy).isoformat(),
+        "next_run": policy.next_run().isoformat(),
         "runs": [r.describe() for r in runs],
     }
     lines = [

@@ -39,7 +39,7 @@ from typing import Any
 from .keys import RepositoryError
 from .repository import Repository
 
-__all__ = ["RULES", "NoRules", "PruneReport", "prune", "select"]
+__all__ = ["KEEP", "RULES", "NoRules", "PruneReport", "prune", "select"]
 
 Point = dict[str, Any]
 
@@ -52,6 +52,7 @@ _BUCKETS: dict[str, Callable[[datetime.datetime], object]] = {
     "yearly": lambda t: t.year,
 }
 RULES = tuple(_BUCKETS)
+KEEP = tuple(f"keep_{rule}" for rule in RULES)  # the rules as prune()'s keyword arguments
 
 
 class NoRules(RepositoryError, ValueError):

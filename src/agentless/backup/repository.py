@@ -111,9 +111,14 @@ class Repository(Closing):
         return cls(backend, config, keys)
 
     @classmethod
-    def open(cls, location: str | Backend, password: str | None = None) -> Repository:
+    def open(
+        cls, location: str | Backend, password: str | None = None, unlocked: dict[str, Keys] | None = None
+    ) -> Repository:
         """Open the repository at *location*; WrongPassword (or RepositoryError when a
-        password is needed and none given)."""
+        password is needed and none given). *unlocked*: a cache, repository id -> keys,
+        that a long-running process passes to every open with the same password, so that
+        each repository's key is derived from the password (scrypt, ~60 ms by design)
+        once, not at every open."""
         backend = open_backend(location) if isinstance(location, str) else location
         try:
             try:
@@ -135,7 +140,10 @@ class Repository(Closing):
             if config.get("encrypted"):
                 if not password:
                     raise RepositoryError("the repository is encrypted: give its password")
-                keys = dataclasses.replace(_unlock(backend, password), hash=hash_name)
+                known = None if unlocked is None else unlocked.get(str(config.get("id")))
+                keys = known or dataclasses.replace(_unlock(backend, password), hash=hash_name)
+                if unlocked is not None:
+                    unlocked[str(config.get("id"))] = keys
         except BaseException:
             backend.close()
             raise

@@ -36,10 +36,10 @@ from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnrea
 
 from .backupjob import VmBackup
 from .gc import gc
-from .keys import RepositoryError
+from .keys import Keys, RepositoryError
 from .leftovers import Journal, journal, reap
 from .offsite import copy_points, open_offsite
-from .policies import Policy, Run, State, VmOutcome, due_slot, next_slot, utcnow
+from .policies import Policy, Run, State, VmOutcome, due_slot, utcnow
 from .prune import prune
 from .repository import Repository
 from .storage import StorageError
@@ -122,6 +122,7 @@ class Runner:
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._guard = threading.Lock()
         self._jobs: set[VmBackup] = set()
+        self._unlocked: dict[str, Keys] = {}  # repository id -> keys: scrypt once per repository
         self.peak = 0  # most VM backups seen running at once (a test reads it)
         self.peak_per_host: dict[str, int] = {}
         self._per_host: dict[str, int] = {}
@@ -150,7 +151,10 @@ class Runner:
         outcomes: list[VmOutcome] = []
         error: str | None = None
         try:
-            with self.center() as center, Repository.open(policy.repo, self.password) as repository:
+            with (
+                self.center() as center,
+                Repository.open(policy.repo, self.password, self._unlocked) as repository,
+            ):
                 vms = self._targets(center, policy)
                 with repository.lock("shared", f"policy {policy.name}") as lock:
                     reap(repository, center)
@@ -288,7 +292,7 @@ class Runner:
         on both repositories; the error that stopped it, if one did."""
         try:
             if policy.copy_to:
-                with open_offsite(policy.copy_to, self.copy_password) as offsite:
+                with open_offsite(policy.copy_to, self.copy_password, self._unlocked) as offsite:
                     report = copy_points(repository, offsite, vm_ids=vm_ids)
                     self.log(
                         f"policy {policy.name}: {len(report.copied)} restore point(s) copied to "
@@ -397,11 +401,7 @@ class Scheduler:
 
     def next_runs(self) -> dict[str, datetime.datetime]:
         """Each policy's next slot after the one it ran last."""
-        found = {}
-        for policy in self.state.policies():
-            anchor = policy.last_slot or policy.created
-            found[policy.name] = next_slot(policy.schedule, anchor.replace(tzinfo=datetime.UTC))
-        return found
+        return {policy.name: policy.next_run() for policy in self.state.policies()}
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Tick until *stop*; then cancel what runs and wait for it to be recorded."""
