@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -389,12 +389,14 @@ def main_round(
     # the same incremental by an already-running scheduler (a policy run in this process,
     # as `vmbackup serve` makes it: modules loaded, WinCenter client and repository opened
     # per run), against restic's incremental of the same second change
-    disk = Disk(site.host, vm, raw, new=False)
-    try:
-        rewrite_blocks(disk, data, 0.01)
-    finally:
-        disk.close()
-    r["warm vmbackup"], r["warm vmbackup job"] = warm_incremental(tools, work, vm, vm_repo, number)
+    def change() -> None:
+        disk = Disk(site.host, vm, raw, new=False)
+        try:
+            rewrite_blocks(disk, data, 0.01)
+        finally:
+            disk.close()
+
+    r["warm vmbackup"], r["warm vmbackup job"] = warm_incremental(tools, work, vm, vm_repo, number, change)
     r["warm restic"] = tools.run(
         ["restic", "backup", "-q", "--compression", "auto", "disk.raw"], restic_env, raw_dir
     )
@@ -404,9 +406,12 @@ def main_round(
     return r
 
 
-def warm_incremental(tools: Tools, work: Path, vm: str, repo: Path, number: int) -> tuple[float, float]:
+def warm_incremental(
+    tools: Tools, work: Path, vm: str, repo: Path, number: int, change: Callable[[], None]
+) -> tuple[float, float]:
     """(wall seconds, seconds of the VM's backup) of a policy run of *vm* by a Runner in
-    this process – what `vmbackup serve` does when the slot comes."""
+    this process after *change* – what `vmbackup serve` does when the slot comes. The
+    runner has run the policy once before (nothing changed then), as a daemon has."""
     settings = Settings.load(tools.env["VMBACKUP_CONFIG"])
     url, token, ca = settings.center_access()
     with State(f"sqlite:///{work / f'state-{number}.db'}") as state:
@@ -417,6 +422,9 @@ def warm_incremental(tools: Tools, work: Path, vm: str, repo: Path, number: int)
             password=tools.env.get("VMBACKUP_PASSWORD"),
             limits=Limits(retries=0),
         )
+        if runner.run(policy, "manual").state != "succeeded":
+            raise RuntimeError("the policy's first run failed")
+        change()
         started = time.perf_counter()
         run = runner.run(policy, "manual")
         seconds = time.perf_counter() - started
