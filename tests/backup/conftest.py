@@ -54,6 +54,19 @@ def vmbackup(env: dict[str, str], *args: str, timeout: float = 300) -> subproces
     )
 
 
+def vmbackup_process(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``vmbackup`` started in the background (a daemon, or a command to kill midway);
+    its stderr is a pipe the test reads at the end, its stdout is dropped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentless.backup.cli", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     """The JSON document of a command that must have succeeded."""
     assert done.returncode == 0, done.stderr

@@ -23,7 +23,7 @@ import pytest
 import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup
+from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup, vmbackup_process
 from tests.wincenter.conftest import init_center, start_server
 from tests.wincenter.test_flows import Site, _guest, _write_random
 from tests.winserver.conftest import init_host, start_daemon
@@ -511,14 +511,7 @@ def test_an_offline_backup_killed_while_the_vm_is_down(site: Site, tmp_path: Pat
         host.create_vm("victim", [8 * MiB])
         host.start_vm("victim")
         host.create_vm("other", [4 * MiB])
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agentless.backup.cli", "backup", "--vm", "victim", "--offline"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = vmbackup_process(env, "backup", "--vm", "victim", "--offline")
     try:
         deadline = time.monotonic() + 60
         while _power_state(site, "victim") != "halted":

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -29,7 +28,7 @@ from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import _ok, free_port, vmbackup
+from tests.backup.conftest import _ok, free_port, vmbackup, vmbackup_process
 from tests.backup.test_flows import _configure, site
 from tests.wincenter.test_flows import Site, _guest
 from tests.winserver.conftest import init_host, start_daemon
@@ -373,14 +372,7 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
             "halfhourly", vms=["nightly-vm"], schedule="*/30 * * * *", repo=str(tmp_path / "repo"), now=old
         )
     port = free_port()
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "agentless.backup.cli", "serve", f"--listen=127.0.0.1:{port}", "--tick=0.5"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    daemon = _serve(env, port)
     try:
         deadline = time.monotonic() + 120
         families: dict[str, Any] = {}
@@ -422,22 +414,7 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
 
 
 def _serve(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentless.backup.cli",
-            "serve",
-            f"--listen=127.0.0.1:{port}",
-            "--tick=0.5",
-            "--connections=1",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return vmbackup_process(env, "serve", f"--listen=127.0.0.1:{port}", "--tick=0.5", "--connections=1")
 
 
 @pytest.mark.slow
