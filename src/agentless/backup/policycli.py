@@ -315,18 +315,18 @@ def add_commands(command: Command, hooks: Hooks) -> None:
             "--to-password-file", help="password of the off-site repositories (default $VMBACKUP_TO_PASSWORD)"
         )
 
-    p = command("run-now", "run a policy once, now (exit 1 when a VM failed)")
+    p = command("run-now", "run a policy once, now (exit 1 when a VM failed)", repo=False)
     p.add_argument("policy", metavar="POLICY")
     run_options(p)
     p.set_defaults(handler=handler(_cmd_run_now))
 
-    p = command("jobs", "the record of policy runs, with each VM's outcome")
+    p = command("jobs", "the record of policy runs, with each VM's outcome", repo=False)
     p.add_argument("run", nargs="?", type=int, metavar="RUN", help="one run in detail")
     p.add_argument("--policy", help="only this policy's runs")
     p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
     p.set_defaults(handler=handler(_cmd_jobs))
 
-    p = command("serve", "run due policies until stopped; /metrics and /health over HTTP")
+    p = command("serve", "run due policies until stopped; /metrics and /health over HTTP", repo=False)
     p.add_argument("--listen", default="127.0.0.1:9478", metavar="HOST:PORT", help="default 127.0.0.1:9478")
     p.add_argument("--max-jobs", type=int, default=4, help="VM backups at once overall (default 4)")
     p.add_argument("--per-host", type=int, default=2, help="VM backups at once per host (default 2)")
