@@ -67,7 +67,8 @@ class DiskIndex:
             raise CorruptError("restore point disk without pages")
         return cls(repository, int(str(disk["size"])), [bytes.fromhex(str(p)) for p in pages])
 
-    def _chunks_in(self, page: int) -> int:
+    def chunks_in(self, page: int) -> int:
+        """How many chunks page *page* holds (the last one may hold fewer)."""
         return min(PAGE_CHUNKS, self.chunks - page * PAGE_CHUNKS)
 
     def page(self, page: int) -> bytearray:
@@ -75,7 +76,7 @@ class DiskIndex:
         ids = self._pages.get(page)
         if ids is None:
             page_id = self.page_ids[page]
-            count = self._chunks_in(page)
+            count = self.chunks_in(page)
             if page_id == ZERO:
                 ids = bytearray(count * _ID)
             else:

@@ -43,9 +43,10 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .diskindex import PAGE_CHUNKS, disk_digest
+from .diskindex import DiskIndex
 from .keys import CorruptError, Keys, RepositoryError, WrongPassword
 from .repository import ZERO, BlobWriter, Repository
+from .restorejob import PointDisk
 from .storage import Backend, open_backend
 
 __all__ = [
@@ -203,21 +204,16 @@ def _select(source: Repository, point_ids: list[str] | None, vm_ids: set[str] | 
 
 @dataclasses.dataclass(frozen=True)
 class _Disk:
-    """A disk of a restore point being copied: its page ids, checked against its digest."""
+    """A disk of a restore point being copied: its index, checked against its digest."""
 
     point: str
-    size: int
-    pages: list[bytes]
-
-    def chunks_in(self, page: int, chunk_size: int) -> int:
-        return min(PAGE_CHUNKS, -(-self.size // chunk_size) - page * PAGE_CHUNKS)
+    index: DiskIndex
 
 
 class _Copy:
     def __init__(self, source: Repository, dest: Repository, progress: Progress | None):
         self.source = source
         self.dest = dest
-        self.chunk_size = source.chunk_size
         self.progress = progress or (lambda phase, done, total: None)
         self.report = CopyReport()
         self.new: dict[bytes, None] = {}  # blobs to write, in order (so read back in runs)
@@ -249,28 +245,19 @@ class _Copy:
         """A disk of *point*, its page ids checked against its digest (as a restore does)."""
         name = f"{self.source.backend.location}/points/{point['id']}"
         try:
-            size = int(described["size"])
-            pages = [bytes.fromhex(str(p)) for p in described["pages"]]
-            chunk_size = int(described.get("chunk_size", self.chunk_size))
+            checked = PointDisk(self.source, point, int(described["position"]))
         except (KeyError, TypeError, ValueError):
             raise CorruptError(f"{name}: malformed disk", name) from None
-        chunks = -(-size // self.chunk_size)
-        if (
-            chunk_size != self.chunk_size
-            or len(pages) != -(-chunks // PAGE_CHUNKS)
-            or disk_digest(size, chunk_size, pages) != described.get("digest")
-        ):
-            raise CorruptError(f"{name}: disk {described.get('position')}: digest mismatch", name)
-        return _Disk(str(point["id"]), size, pages)
+        return _Disk(str(point["id"]), checked.index)
 
     def missing(self, disks: list[_Disk], writer: BlobWriter) -> Iterator[tuple[str, list[bytes]]]:
         """(point, chunk ids) batches of the chunks *dest* lacks, page by page; the pages
         it lacks are read from the source and added to *writer* on the way."""
-        total = sum(len(disk.pages) for disk in disks)
+        total = sum(len(disk.index.page_ids) for disk in disks)
         done = 0
         batch: list[bytes] = []
         for disk in disks:
-            for number, page in enumerate(disk.pages):
+            for number, page in enumerate(disk.index.page_ids):
                 done += 1
                 if page == ZERO or page in self.seen_pages:
                     self.progress("copy", done, total)
@@ -304,7 +291,7 @@ class _Copy:
                 raise self.source_error(error, disk.point) from None
             self.new[page] = None
             writer.add(ids, "tree", blob_id=page)
-        if len(ids) != disk.chunks_in(number, self.chunk_size) * _ID:
+        if len(ids) != disk.index.chunks_in(number) * _ID:
             raise CopyError(
                 f"{self.source.backend.location}: restore point {disk.point}: index page "
                 f"{page.hex()[:16]} has the wrong length; nothing was copied",
@@ -350,7 +337,7 @@ class _Copy:
         index = self.dest.index(reload=True)
         checked: set[bytes] = set()
         for disk in disks:
-            for number, page in enumerate(disk.pages):
+            for number, page in enumerate(disk.index.page_ids):
                 if page == ZERO or page in checked:
                     continue
                 checked.add(page)
@@ -358,7 +345,7 @@ class _Copy:
                     ids = self.dest.read_blob(page)  # RepositoryError if not in the index
                 except RepositoryError as error:
                     raise self.dest_error(error, disk.point) from None
-                if len(ids) != disk.chunks_in(number, self.chunk_size) * _ID:
+                if len(ids) != disk.index.chunks_in(number) * _ID:
                     raise self.dest_error(
                         RepositoryError(f"index page {page.hex()[:16]} has the wrong length"), disk.point
                     )
