@@ -32,7 +32,7 @@ from agentless.lifetime import Closing
 from .keys import RepositoryError
 from .storage import Backend, NotFound
 
-__all__ = ["STALE_SECONDS", "Lock", "LockedError", "active_locks", "dead_locks"]
+__all__ = ["STALE_SECONDS", "Lock", "LockedError", "active_locks", "dead_locks", "process_gone"]
 
 STALE_SECONDS = 30 * 60
 REFRESH_SECONDS = 5 * 60
@@ -47,17 +47,25 @@ def _conflicts(mine: str, theirs: str) -> bool:
     return "exclusive" in (mine, theirs) or (mine == theirs == "gc")
 
 
+def process_gone(host: object, pid: object) -> bool:
+    """Whether the process *pid* of *host* is known to have ended: only a process of this
+    host can be checked (one of another host, or a pid that makes no sense, is taken for
+    alive)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(str(pid)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):  # alive (another user's), or not a pid
+        return False
+    return False
+
+
 def _alive(document: dict[str, Any], now: float) -> bool:
     if now - float(document.get("time", 0)) >= STALE_SECONDS:
         return False
-    if document.get("host") == socket.gethostname():
-        try:
-            os.kill(int(document.get("pid", 0)), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, ValueError, OverflowError):
-            return True
-    return True
+    return not process_gone(document.get("host"), document.get("pid", 0))
 
 
 def _all_locks(backend: Backend) -> list[dict[str, Any]]:

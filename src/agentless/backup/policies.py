@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from .keys import RepositoryError
+from .locks import process_gone
 from .prune import KEEP
 
 __all__ = [
@@ -230,9 +231,7 @@ def next_slot(schedule: str, after: datetime.datetime) -> datetime.datetime:
 def due_slot(policy: Policy, now: datetime.datetime) -> tuple[datetime.datetime, int] | None:
     """(the slot to run now, how many earlier slots it stands for) or None when nothing
     is due. See the module docstring."""
-    anchor = _aware(policy.last_slot) or _aware(policy.created)
-    assert anchor is not None
-    first = next_slot(policy.schedule, anchor)
+    first = policy.next_run()
     if first > now:
         return None
     latest: datetime.datetime = croniter(
@@ -505,15 +504,7 @@ _OWNER = f"{socket.gethostname()}:{os.getpid()}"
 def _gone(owner: str) -> bool:
     """Whether the process *owner* ("host:pid") is known to be gone: on this host only."""
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return process_gone(host, pid)
 
 
 def _first_line(error: BaseException) -> str:
