@@ -46,20 +46,27 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import agentless.wddk as wddk
+from agentless.nbd.errors import NbdError
 from agentless.sparse import is_zero
-from agentless.wincenter.client import CenterApiError, CenterClient
+from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
 
 from .diskindex import DiskIndex
 from .keys import RepositoryError
 from .repository import ZERO, BlobWriter, Repository
+from .storage import StorageError
 
-__all__ = ["BackupError", "VmBackup", "latest_point"]
+__all__ = ["FAILURES", "BackupError", "VmBackup", "latest_point"]
 
 PIECE = 4 << 20  # bytes read per request: 64 chunks
 TASK_TIMEOUT = 3600.0
 POWER_TIMEOUT = 600.0  # a VM asked to stop or start is halted / running by then
 OFFLINE = "offline"
 CRASH_CONSISTENT = "crash-consistent"
+
+
+# what fails one VM's backup without being a bug: the other VMs of the same command or
+# run go on (WinCenter was told to abort it)
+FAILURES = (RepositoryError, StorageError, CenterApiError, CenterUnreachable, NbdError)
 
 
 class BackupError(RepositoryError):

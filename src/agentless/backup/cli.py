@@ -23,11 +23,10 @@ from typing import Any
 
 from agentless import __version__
 from agentless.commands import emit, run_handler
-from agentless.nbd.errors import NbdError
 from agentless.units import format_size
-from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
+from agentless.wincenter.client import CenterClient
 
-from .backupjob import VmBackup
+from .backupjob import FAILURES, VmBackup
 from .gc import gc
 from .keys import RepositoryError
 from .leftovers import journal as _journal
@@ -35,11 +34,10 @@ from .leftovers import reap as _reap
 from .locks import active_locks, dead_locks
 from .offsite import copy_points, init_offsite, open_offsite
 from .policycli import Hooks, add_commands
-from .prune import prune
+from .prune import KEEP, RULES, prune
 from .repository import Repository
 from .restorejob import PointDisk, VmRestore, export_disk
 from .settings import Settings, SettingsError, given_password, state_url
-from .storage import StorageError
 from .verify import verify
 
 __all__ = ["main"]
@@ -217,13 +215,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
                 for future in concurrent.futures.as_completed(futures):
                     try:
                         results.append(future.result())
-                    except (
-                        RepositoryError,
-                        StorageError,
-                        CenterApiError,
-                        CenterUnreachable,
-                        NbdError,
-                    ) as error:
+                    except FAILURES as error:
                         failures.append(f"{futures[future].name}: {error}")
             except KeyboardInterrupt:
                 for job in jobs:
@@ -373,10 +365,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    rules = {
-        name: getattr(args, name)
-        for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
-    }
+    rules = {name: getattr(args, name) for name in KEEP}
     with _repository(args) as repository:
         report = prune(repository, **rules, dry_run=args.dry_run)
     kept = [{"id": p["id"], "reasons": reasons} for p, reasons in report.keep]
@@ -541,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_verify)
 
     p = command("prune", "delete restore points by retention rules (per VM; rules count independently)")
-    for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+    for period in RULES:
         p.add_argument(
             f"--keep-{period}", type=int, default=0, metavar="N", help=f"keep {period} restore points"
         )
@@ -576,11 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_handler(
-        "vmbackup",
-        args,
-        (RepositoryError, SettingsError, StorageError, CenterApiError, CenterUnreachable, NbdError),
-    )
+    return run_handler("vmbackup", args, FAILURES)  # SettingsError, PolicyError: RepositoryErrors
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
 from .keys import RepositoryError
-from .prune import KEEP
+from .prune import KEEP, RULES
 from .settings import Settings, given_password, state_url
 from .storage import open_backend
 
@@ -284,7 +284,7 @@ def add_commands(command: Command, hooks: Hooks) -> None:
     )
     p.add_argument("--type", choices=["incremental", "full"], default="incremental")
     p.add_argument("--full-every", type=int, metavar="N", help="every Nth backup of a VM is a full one")
-    for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+    for period in RULES:
         p.add_argument(f"--keep-{period}", type=int, default=0, metavar="N", help=f"retention: {period}")
     p.add_argument("--offline", action="store_true", help="shut running VMs down for the snapshot")
     p.add_argument("--copy-to", metavar="REPO2", help="copy restore points to this off-site repository")

@@ -31,22 +31,20 @@ from typing import Any, Protocol
 
 import httpx
 
-from agentless.nbd.errors import NbdError
-from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
+from agentless.wincenter.client import CenterClient
 
-from .backupjob import VmBackup
+from .backupjob import FAILURES, VmBackup
 from .gc import gc
 from .keys import Keys, RepositoryError
 from .leftovers import Journal, journal, reap
 from .offsite import copy_points, open_offsite
 from .policies import Policy, Run, State, VmOutcome, due_slot, utcnow
-from .prune import prune
+from .prune import KEEP, prune
 from .repository import Repository
-from .storage import StorageError
 
 __all__ = ["Clock", "Limits", "Runner", "Scheduler", "SystemClock", "notify"]
 
-EXPECTED = (RepositoryError, StorageError, CenterApiError, CenterUnreachable, NbdError, OSError)
+EXPECTED = (*FAILURES, OSError)  # a daemon's run also outlives a failing disk or socket
 
 
 class Clock(Protocol):
@@ -307,18 +305,8 @@ class Runner:
     def _retain(self, policy: Policy, repository: Repository, vm_ids: set[str]) -> None:
         if not policy.keep:
             return
-        rules = {rule: int(count) for rule, count in policy.keep.items()}
-        report = prune(
-            repository,
-            keep_last=rules.get("keep_last", 0),
-            keep_hourly=rules.get("keep_hourly", 0),
-            keep_daily=rules.get("keep_daily", 0),
-            keep_weekly=rules.get("keep_weekly", 0),
-            keep_monthly=rules.get("keep_monthly", 0),
-            keep_yearly=rules.get("keep_yearly", 0),
-            vm_ids=vm_ids,
-            now=self.clock.now(),
-        )
+        rules: dict[str, Any] = {rule: int(policy.keep.get(rule, 0)) for rule in KEEP}
+        report = prune(repository, **rules, vm_ids=vm_ids, now=self.clock.now())
         if report.removed:
             self.log(f"policy {policy.name}: {len(report.removed)} restore point(s) pruned")
             gc(repository)
