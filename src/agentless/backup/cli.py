@@ -29,7 +29,7 @@ from agentless.wincenter.client import CenterClient
 from .backupjob import FAILURES, VmBackup
 from .gc import gc
 from .keys import RepositoryError
-from .leftovers import journal as _journal
+from .leftovers import Journal
 from .leftovers import reap as _reap
 from .locks import active_locks, dead_locks
 from .offsite import copy_points, init_offsite, open_offsite
@@ -192,7 +192,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         _bars(args) as bars,
     ):
         _reap(repository, center)
-        journal = _journal(lock)
+        journal = Journal(lock)
         jobs = [
             VmBackup(
                 center,

@@ -21,7 +21,7 @@ from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnrea
 from .locks import Lock, dead_locks
 from .repository import Repository
 
-__all__ = ["Journal", "Reaped", "journal", "reap"]
+__all__ = ["Journal", "Reaped", "reap"]
 
 
 @dataclasses.dataclass
@@ -71,8 +71,3 @@ class Journal:
         with self._guard:
             (self._halted.add if down else self._halted.discard)(vm_id)
             self.lock.note(halted=sorted(self._halted))
-
-
-def journal(lock: Lock) -> Journal:
-    """A new :class:`Journal` in *lock*."""
-    return Journal(lock)

@@ -36,7 +36,7 @@ from agentless.wincenter.client import CenterClient
 from .backupjob import FAILURES, VmBackup
 from .gc import gc
 from .keys import Keys, RepositoryError
-from .leftovers import Journal, journal, reap
+from .leftovers import Journal, reap
 from .offsite import copy_points, open_offsite
 from .policies import Policy, Run, State, VmOutcome, due_slot, utcnow
 from .prune import KEEP, prune
@@ -156,7 +156,7 @@ class Runner:
                 vms = self._targets(center, policy)
                 with repository.lock("shared", f"policy {policy.name}") as lock:
                     reap(repository, center)
-                    note = journal(lock)
+                    note = Journal(lock)
                     with concurrent.futures.ThreadPoolExecutor(max(1, len(vms))) as pool:
                         outcomes += pool.map(lambda vm: self._one(center, repository, policy, vm, note), vms)
                 if all(o.outcome == "succeeded" for o in outcomes) and not self.stop.is_set():
