@@ -65,6 +65,20 @@ def second_site(tmp_path: Path) -> Iterator[Site]:
         yield running
 
 
+def _vm_with_data(
+    site: Site, name: str, size: int, seed: int, writes: int, networks: list[str] | None = None
+) -> bytearray:
+    """A running VM of one *size*-byte disk whose guest wrote *writes* random runs to it
+    (from *seed*); what the disk holds."""
+    model = bytearray(size)
+    with site.host_client() as host:
+        host.create_vm(name, [size], networks)
+        host.start_vm(name)
+        with _guest(host, name, 0) as guest:
+            _write_random(guest, model, random.Random(seed), writes)
+    return model
+
+
 def _configure(
     site: Site, tmp_path: Path, repo: str, password: str | None = None, **extra: str
 ) -> dict[str, str]:
@@ -248,13 +262,7 @@ def test_backup_to_s3_and_back(site: Site, tmp_path: Path, s3_server: S3Server) 
         "AWS_DEFAULT_REGION": s3_server.region,
     }
     env = _configure(site, tmp_path, f"s3://{bucket}/vm-backups", "s3 secret", **s3_env)
-    rng = random.Random(5)
-    with site.host_client() as host:
-        host.create_vm("s3vm", [4 * MiB])
-        host.start_vm("s3vm")
-        model = bytearray(4 * MiB)
-        with _guest(host, "s3vm", 0) as guest:
-            _write_random(guest, model, rng, 10)
+    model = _vm_with_data(site, "s3vm", 4 * MiB, seed=5, writes=10)
     [done] = _ok(vmbackup(env, "backup", "--vm", "s3vm", "--json"))["backups"]  # type: ignore[misc]
     keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert any(k.startswith("vm-backups/data/") for k in keys) and "vm-backups/config" in keys
@@ -409,14 +417,7 @@ def test_offline_backup_of_a_running_vm(site: Site, tmp_path: Path) -> None:
     taken, WinCenter starts it again before the data is read; the restore point is the
     disk as the guest left it at the stop, byte for byte, and says it is offline."""
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
-    rng = random.Random(31)
-    size = 8 * MiB
-    with site.host_client() as host:
-        host.create_vm("cold1", [size])
-        host.start_vm("cold1")
-        model = bytearray(size)
-        with _guest(host, "cold1", 0) as guest:
-            _write_random(guest, model, rng, 25)
+    model = _vm_with_data(site, "cold1", 8 * MiB, seed=31, writes=25)
     done = _ok(vmbackup(env, "backup", "--vm", "cold1", "--offline", "--json"))
     [summary] = done["backups"]  # type: ignore[misc]
     assert summary["consistency"] == "offline" and summary["type"] == "full"
@@ -437,14 +438,8 @@ def test_offline_backup_of_a_running_vm(site: Site, tmp_path: Path) -> None:
 
 def test_offline_backup_of_a_halted_vm_leaves_it_halted(site: Site, tmp_path: Path) -> None:
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
-    rng = random.Random(37)
-    size = 8 * MiB
+    model = _vm_with_data(site, "idle", 8 * MiB, seed=37, writes=10)
     with site.host_client() as host:
-        host.create_vm("idle", [size])
-        host.start_vm("idle")
-        model = bytearray(size)
-        with _guest(host, "idle", 0) as guest:
-            _write_random(guest, model, rng, 10)
         host.stop_vm("idle")
     done = _ok(vmbackup(env, "backup", "--vm", "idle", "--offline", "--json"))
     [summary] = done["backups"]  # type: ignore[misc]
@@ -593,14 +588,7 @@ def test_restore_at_a_second_site(site: Site, second_site: Site, tmp_path: Path)
     site 2's host, its disk byte for byte what the guest wrote at site 1."""
     env = _configure(site, tmp_path, str(tmp_path / "repo"), "dr pw")
     env.pop("VMBACKUP_TOKEN", None)
-    rng = random.Random(47)
-    size = 8 * MiB
-    with site.host_client() as host:
-        host.create_vm("dr", [size], ["lan"])
-        host.start_vm("dr")
-        model = bytearray(size)
-        with _guest(host, "dr", 0) as guest:
-            _write_random(guest, model, rng, 20)
+    model = _vm_with_data(site, "dr", 8 * MiB, seed=47, writes=20, networks=["lan"])
     [done] = _ok(vmbackup(env, "backup", "--vm", "dr", "--json"))["backups"]  # type: ignore[misc]
     copy = str(tmp_path / "site2-repo")
     shutil.copytree(tmp_path / "repo", copy)  # the off-site copy
@@ -644,7 +632,7 @@ def test_restore_at_a_second_site(site: Site, second_site: Site, tmp_path: Path)
         assert [n["network"] for n in vm["nics"]] == ["lan"]
         host.start_vm("dr")
         with _guest(host, "dr", 0) as guest:
-            assert guest.read(0, size) == model
+            assert guest.read(0, len(model)) == model
         host.stop_vm("dr")
     again = vmbackup(env, "restore", done["point"], "--as-new-vm", "dr2", "--from", copy)
     assert again.returncode == 1  # without --center: the configured (lost) site 1
