@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import random
 import subprocess
 import time
@@ -436,3 +437,72 @@ def test_operators_start_and_stop_vms_but_neither_create_nor_delete_them(sqlite_
                 power("power")
             assert denied.value.status == 403
         assert center.vm("power").power_state == "halted"
+
+
+def test_access_info_reaches_only_the_starting_token_and_admins(site: Site) -> None:
+    """Disk access info (the grant's export name) is in a task's result only for the token
+    that started the backup or restore, and for admins: a viewer – or another operator –
+    sees the task, its progress and the extents, with every disk's ``access`` null, in
+    every list and resource. The starting operator's wddk flow works as before."""
+    with site.client() as admin:
+        operator = admin.create_token("backup-operator", "vendor").token
+        other = admin.create_token("backup-operator", "other-vendor").token
+        viewer = admin.create_token("viewer", "watcher").token
+    url, ca = site.center.url, site.center.ca_pem
+    rng = random.Random(13)
+    with site.host_client() as host:
+        vm = host.create_vm("secret", [4 * MiB])
+        host.start_vm(vm["uuid"])
+        model = bytearray(4 * MiB)
+        with _guest(host, vm["uuid"], 0) as guest:
+            _write_random(guest, model, rng, 10)
+    with (
+        CenterClient(url, operator, ca) as center,
+        CenterClient(url, other, ca) as bystander,
+        CenterClient(url, viewer, ca) as watcher,
+        site.client() as admin,
+    ):
+        backup = _backup(center, vm["uuid"], "s1", "full")
+        [disk] = backup.result["disks"]
+        export_name = disk["access"]["export_name"]
+        image = bytearray(len(model))
+        _read_into(disk, image)
+        assert image == model
+        restore = center.start_restore("sr1", VmSpec(name="secret-copy", disks=[DiskSpec(size=4 * MiB)]))
+        restored = center.wait_task(restore.task_id, timeout=60, poll=0.05)
+        assert restored.state == "ready", restored.error
+        write_name = restored.result["disks"][0]["access"]["export_name"]
+        secrets = (export_name, write_name)
+
+        def shown(client: CenterClient) -> str:
+            """Everything a reader can list or look up about these tasks, as JSON."""
+            answers = [
+                client.call("GET", "/tasks", params={"limit": 1000}),
+                client.call("GET", f"/tasks/{backup.id}"),
+                client.call("GET", f"/tasks/{restore.task_id}"),
+                client.call("GET", "/backups"),
+                client.call("GET", "/backups/s1"),
+                client.call("GET", "/restores/sr1"),
+            ]
+            return json.dumps(answers)
+
+        for reader in (watcher, bystander):
+            text = shown(reader)
+            assert not any(secret in text for secret in secrets)
+            task = reader.task(backup.id)
+            assert task.state == "ready" and task.result["disks"][0]["access"] is None
+            assert task.result["disks"][0]["extents"] == disk["extents"]  # the rest is shown
+            assert reader.task(restore.task_id).result["disks"][0]["access"] is None
+        progress = bystander.backup_progress("s1", 10)  # another operator may report progress
+        assert progress.result["disks"][0]["access"] is None
+        assert all(secret in shown(admin) for secret in secrets)
+        assert center.task(backup.id).result["disks"][0]["access"]["export_name"] == export_name
+        with wddk.open(center.task(restore.task_id).result["disks"][0]["access"]) as target:
+            target.write(0, b"\x01" * 16)
+            target.flush()
+        center.complete_restore("sr1")
+        assert center.wait_task(restore.task_id, timeout=60, poll=0.05).state == "succeeded"
+        center.complete_backup("s1")
+        done = center.wait_task(backup.id, timeout=60, poll=0.05)
+        assert done.state == "succeeded"
+        assert watcher.task(backup.id).result["disks"][0]["access"] is None

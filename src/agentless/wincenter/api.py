@@ -109,15 +109,16 @@ def token_out(info: TokenInfo) -> TokenOut:
     )
 
 
-def task_out(task: Task) -> TaskOut:
-    """The wire form of *task* (what ``GET /tasks/{id}`` answers)."""
+def task_out(task: Task, caller: TokenInfo) -> TaskOut:
+    """The wire form of *task* as *caller* may see it (what ``GET /tasks/{id}`` answers):
+    the disks' access info only for the token that started it and for admins."""
     return TaskOut(
         id=task.id,
         kind=task.kind,
         state=task.state.value,
         owner_key=task.owner_key,
         progress=Progress(size=task.size, done=task.done, percent=task.percent),
-        result=task.result,
+        result=task.result_for(caller),
         error=TaskError.model_validate(task.error) if task.error else None,
         created=task.created,
         updated=task.updated,
@@ -217,7 +218,7 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
 
     @app.get(f"{API_PREFIX}/tasks", tags=["tasks"])
     def list_tasks(
-        _caller: Reader,
+        caller: Reader,
         c: CenterDep,
         limit: Limit = 100,
         offset: Offset = 0,
@@ -226,12 +227,13 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
     ) -> TaskPage:
         """Tasks newest first; ``?state=running&state=ready&kind=backup`` filters."""
         tasks, total = c.tasks.page(states=state or [], kinds=kind or [], limit=limit, offset=offset)
-        return TaskPage(items=[task_out(t) for t in tasks], total=total, limit=limit, offset=offset)
+        return TaskPage(items=[task_out(t, caller) for t in tasks], total=total, limit=limit, offset=offset)
 
     @app.get(f"{API_PREFIX}/tasks/{{task_id}}", tags=["tasks"], responses=NOT_FOUND)
-    def get_task(task_id: uuid.UUID, _caller: Reader, c: CenterDep) -> TaskOut:
-        """One task: state, progress {size, done, percent}, result, error."""
-        return task_out(c.tasks.get(str(task_id)))
+    def get_task(task_id: uuid.UUID, caller: Reader, c: CenterDep) -> TaskOut:
+        """One task: state, progress {size, done, percent}, result, error. The disks'
+        access info is shown only to the token that started the task, and to admins."""
+        return task_out(c.tasks.get(str(task_id)), caller)
 
     # ------------------------------------------------------------------ inventory
 
@@ -350,11 +352,11 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
     # ------------------------------------------------------------------ backups
 
     @app.post(f"{API_PREFIX}/backups", status_code=202, tags=["backups"], responses=NOT_FOUND | CONFLICT)
-    def create_backup(body: BackupCreate, request: Request, _caller: Operator, f: Flows) -> TaskAccepted:
+    def create_backup(body: BackupCreate, request: Request, caller: Operator, f: Flows) -> TaskAccepted:
         """Start a backup (seed step 1): poll the task until it is ``ready``; its result
-        holds the VM configuration and, per disk, the extents to read and the access info.
-        A repeated backup id answers the same task."""
-        task = f.backups.request(body.vm_id, body.backup_id, body.type)
+        holds the VM configuration and, per disk, the extents to read and the access info
+        (shown to this token and admins only). A repeated backup id answers the same task."""
+        task = f.backups.request(body.vm_id, body.backup_id, body.type, started_by=caller.id)
         set_result(request, f"backup {body.backup_id} of {body.vm_id}: task {task.id}")
         return _accepted(task)
 
@@ -401,21 +403,24 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
         f"{API_PREFIX}/backups/{{backup_id}}/progress", tags=["backups"], responses=NOT_FOUND | CONFLICT
     )
     def backup_progress(
-        backup_id: OwnerIdPath, body: ProgressReport, request: Request, _caller: Operator, f: Flows
+        backup_id: OwnerIdPath, body: ProgressReport, request: Request, caller: Operator, f: Flows
     ) -> TaskOut:
         """The backup system reports how many bytes it has read (the task's progress)."""
         task = f.backups.progress(backup_id, body.done)
         set_result(request, f"backup {backup_id}: {body.done} bytes done")
-        return task_out(task)
+        return task_out(task, caller)
 
     # ------------------------------------------------------------------ restores
 
     @app.post(f"{API_PREFIX}/restores", status_code=202, tags=["restores"], responses=NOT_FOUND | CONFLICT)
-    def create_restore(body: RestoreCreate, request: Request, _caller: Operator, f: Flows) -> TaskAccepted:
+    def create_restore(body: RestoreCreate, request: Request, caller: Operator, f: Flows) -> TaskAccepted:
         """Start a restore as a new VM (seed steps 1–5): poll the task until ``ready``; its
-        result holds the new VM and, per disk, the write access info."""
+        result holds the new VM and, per disk, the write access info (shown to this token
+        and admins only)."""
         spec = body.vm.model_dump()
-        task = f.restores.request(body.restore_id, spec, body.target.host, body.target.pool)
+        task = f.restores.request(
+            body.restore_id, spec, body.target.host, body.target.pool, started_by=caller.id
+        )
         set_result(request, f"restore {body.restore_id} as {body.vm.name}: task {task.id}")
         return _accepted(task)
 
@@ -454,10 +459,10 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
         f"{API_PREFIX}/restores/{{restore_id}}/progress", tags=["restores"], responses=NOT_FOUND | CONFLICT
     )
     def restore_progress(
-        restore_id: OwnerIdPath, body: ProgressReport, request: Request, _caller: Operator, f: Flows
+        restore_id: OwnerIdPath, body: ProgressReport, request: Request, caller: Operator, f: Flows
     ) -> TaskOut:
         task = f.restores.progress(restore_id, body.done)
         set_result(request, f"restore {restore_id}: {body.done} bytes done")
-        return task_out(task)
+        return task_out(task, caller)
 
     return app

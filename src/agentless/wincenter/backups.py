@@ -79,9 +79,10 @@ class Backups(Flow):
 
     # ------------------------------------------------------------------ requests
 
-    def request(self, vm_ref: str, backup_id: str, backup_type: str) -> Task:
+    def request(self, vm_ref: str, backup_id: str, backup_type: str, started_by: int | None = None) -> Task:
         """Start backing up *vm_ref* as *backup_id*; the task. Asking again with the same
-        backup id answers the same task (409 if it named another VM or type)."""
+        backup id answers the same task (409 if it named another VM or type).
+        *started_by*: the token asking, the one (with admins) shown the access info."""
         if backup_type not in ("full", "incremental"):
             raise WinCenterError(f"type must be full or incremental, not {backup_type!r}")
         existing = self._find(backup_id)
@@ -90,7 +91,7 @@ class Backups(Flow):
             if existing["vm"] != vm["id"] or existing["requested"] != backup_type:
                 raise ConflictError(f"backup id {backup_id!r} was used for another request")
             return self.center.tasks.get(existing["task_id"])
-        task, made = self.center.tasks.create(KIND, backup_id, ttl=self.ttl)
+        task, made = self.center.tasks.create(KIND, backup_id, ttl=self.ttl, started_by=started_by)
         if not made:  # a race with the same request
             return task
         with self.center.database.session() as s:

@@ -137,7 +137,8 @@ class AuditEntry(Base):
 
 class Task(Base):
     """Long work with progress (see :mod:`.tasks` for the states). ``owner_key`` (a
-    backup id, a restore id) is unique per ``kind``, which makes creation idempotent."""
+    backup id, a restore id) is unique per ``kind``, which makes creation idempotent.
+    ``started_by`` is the id of the token that asked for it (None: WinCenter itself)."""
 
     __tablename__ = "tasks"
     __table_args__ = (
@@ -155,6 +156,9 @@ class Task(Base):
     created: Mapped[datetime.datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
     updated: Mapped[datetime.datetime] = mapped_column(UtcDateTime, default=utcnow)
     expires_at: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # the token that asked for the work: the one (with admins) shown the access info of
+    # its result; not a foreign key – a task outlives nothing, tokens are never deleted
+    started_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Host(Base):

@@ -59,10 +59,16 @@ class Restores(Flow):
     # ------------------------------------------------------------------ requests
 
     def request(
-        self, restore_id: str, spec: dict[str, Any], host: str | None = None, pool: str | None = None
+        self,
+        restore_id: str,
+        spec: dict[str, Any],
+        host: str | None = None,
+        pool: str | None = None,
+        started_by: int | None = None,
     ) -> Task:
         """Restore *spec* ({name, vcpus, memory, disks: [{size}], nics: [{network}]}) as a
-        new VM on *host* or in *pool*. The same restore id again answers the same task."""
+        new VM on *host* or in *pool*. The same restore id again answers the same task.
+        *started_by*: the token asking, the one (with admins) shown the access info."""
         _check_spec(spec)
         existing = self._find(restore_id)
         if existing is not None:
@@ -70,7 +76,7 @@ class Restores(Flow):
                 raise ConflictError(f"restore id {restore_id!r} was used for another request")
             return self.center.tasks.get(existing["task_id"])
         host_uuid, sr = self.inventory.placement(host, pool)
-        task, made = self.center.tasks.create(KIND, restore_id, ttl=self.ttl)
+        task, made = self.center.tasks.create(KIND, restore_id, ttl=self.ttl, started_by=started_by)
         if not made:
             return task
         with self.center.database.session() as s:

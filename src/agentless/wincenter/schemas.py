@@ -158,7 +158,11 @@ class TaskOut(Wire):
     state: TaskStateName
     owner_key: str | None = Field(default=None, description="the backup id, restore id... it belongs to")
     progress: Progress
-    result: Any = None
+    result: Any = Field(
+        default=None,
+        description="what the task produced; each disk's `access` (the grant: its export name is "
+        "the credential) is null unless the caller's token started the task or is an admin's",
+    )
     error: TaskError | None = None
     created: datetime.datetime
     updated: datetime.datetime

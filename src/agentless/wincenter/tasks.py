@@ -19,6 +19,12 @@ A task may carry an *owner key* (a backup id, a restore id): unique per kind, wh
 :meth:`TaskStore.create` idempotent – asking again for the same backup id answers the
 same task. ``size`` and ``done`` are bytes (or any unit the kind chooses); ``percent``
 is derived from them, so the client's progress bar and the task agree.
+
+A task remembers the token that started it (``started_by``). The disk access info in a
+backup's or restore's result – each disk's ``access``, whose export name is the grant's
+credential: whoever holds it reads the snapshot or writes the new disk – is shown only to
+that token and to admins (:meth:`Task.result_for`); every other reader, viewers and other
+operators alike, sees the same result with ``access`` null.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from .database import Database
 from .errors import ConflictError, NotFoundError, WinCenterError
 from .models import Task as TaskRow
 from .models import new_uuid, utcnow
+from .tokens import Permission, TokenInfo
 
-__all__ = ["ENDED", "Task", "TaskState", "TaskStore"]
+__all__ = ["ENDED", "Task", "TaskState", "TaskStore", "without_access"]
 
 
 class TaskState(enum.StrEnum):
@@ -74,6 +81,7 @@ class Task:
     created: datetime.datetime
     updated: datetime.datetime
     expires_at: datetime.datetime | None
+    started_by: int | None = None  # the token that asked for it
 
     @property
     def ended(self) -> bool:
@@ -102,7 +110,23 @@ class Task:
             created=row.created,
             updated=row.updated,
             expires_at=row.expires_at,
+            started_by=row.started_by,
         )
+
+    def result_for(self, caller: TokenInfo) -> Any:
+        """The result as *caller* may see it: whole for the token that started the task
+        and for admins; for anybody else without the disks' access info."""
+        if caller.id == self.started_by or caller.allows(Permission.ADMIN):
+            return self.result
+        return without_access(self.result)
+
+
+def without_access(result: Any) -> Any:
+    """*result* with each disk's ``access`` set to None (a copy; the rest unchanged)."""
+    if not isinstance(result, dict) or not isinstance(result.get("disks"), list):
+        return result
+    disks = [d | {"access": None} if isinstance(d, dict) and "access" in d else d for d in result["disks"]]
+    return result | {"disks": disks}
 
 
 class TaskStore:
@@ -122,11 +146,12 @@ class TaskStore:
         *,
         size: int = 0,
         ttl: datetime.timedelta | None = None,
+        started_by: int | None = None,
     ) -> tuple[Task, bool]:
         """A new ``queued`` task of *kind*, and True; or, when a task of *kind* with
         *owner_key* exists already (whatever its state), that task and False – so a
         repeated request, or a race of two, makes one task. *ttl*: it expires if not
-        ended by then."""
+        ended by then; *started_by*: the id of the token that asked for it."""
         if not kind or len(kind) > 32:
             raise WinCenterError(f"task kind must be 1..32 characters: {kind!r}")
         now = self.clock()
@@ -144,6 +169,7 @@ class TaskStore:
             created=now,
             updated=now,
             expires_at=now + ttl if ttl is not None else None,
+            started_by=started_by,
         )
         try:
             with self.database.session() as s:
