@@ -402,7 +402,8 @@ def vmbackup_scenario() -> bool:
         }
         repo = os.path.join(work, "repository")
         _vmbackup(env, "init", repo, "--encrypt")
-        _vmbackup(env, "config", "--center", site.url, f"--token={token}", "--ca", ca, "--repo", repo)
+        # the token through the environment: process arguments are readable by every user
+        _vmbackup(env | {"VMBACKUP_TOKEN": token}, "config", "--center", site.url, "--ca", ca, "--repo", repo)
         spec = VmCreate(
             name="mail",
             vcpus=2,

@@ -91,9 +91,15 @@ def _configure(
     ca = tmp_path / "center-ca.pem"
     ca.write_text(site.center.ca_pem)
     _ok(vmbackup(env, "init", repo, *(["--encrypt"] if password else []), "--json"))
-    with site.client() as admin:  # vmbackup gets a token of its own role
-        token = "--token=" + admin.create_token("backup-operator", "vmbackup").token
-    _ok(vmbackup(env, "config", "--center", site.center.url, token, "--ca", str(ca), "--json"))
+    token = tmp_path / "center-token"
+    with site.client() as admin:  # vmbackup gets a token of its own role, in a file (never in argv)
+        token.write_text(admin.create_token("backup-operator", "vmbackup").token + "\n")
+    token.chmod(0o600)
+    _ok(
+        vmbackup(
+            env, "config", "--center", site.center.url, "--token-file", str(token), "--ca", str(ca), "--json"
+        )
+    )
     return env
 
 
@@ -605,8 +611,19 @@ def test_restore_at_a_second_site(site: Site, second_site: Site, tmp_path: Path)
     assert no_token.returncode in (1, 2) and "Traceback" not in no_token.stderr
     assert len(no_token.stderr.strip().splitlines()) == 1 and "--token" in no_token.stderr
     site1_ca = str(tmp_path / "center-ca.pem")  # site 1's CA does not vouch for site 2
+    token_file = tmp_path / "site2-token"
+    token_file.write_text(token2)
     wrong_ca = vmbackup(
-        env, "restore", done["point"], "--as-new-vm", "dr", *where, "--token", token2, "--ca", site1_ca
+        env,
+        "restore",
+        done["point"],
+        "--as-new-vm",
+        "dr",
+        *where,
+        "--token-file",
+        str(token_file),
+        "--ca",
+        site1_ca,
     )
     assert wrong_ca.returncode == 1 and "Traceback" not in wrong_ca.stderr
     assert len(wrong_ca.stderr.strip().splitlines()) == 1 and "certificate" in wrong_ca.stderr.lower()

@@ -23,10 +23,12 @@ from typing import Any
 
 from agentless import __version__
 from agentless.commands import emit, run_handler
+from agentless.redaction import redact
 from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES, VmBackup
+from .center import Center
 from .gc import gc
 from .keys import RepositoryError
 from .leftovers import Journal
@@ -37,7 +39,7 @@ from .policycli import Hooks, add_commands
 from .prune import KEEP, RULES, prune
 from .repository import Repository
 from .restorejob import PointDisk, VmRestore, export_disk
-from .settings import Settings, SettingsError, given_password, state_url
+from .settings import Settings, SettingsError, given_password, given_token, state_url
 from .verify import verify
 
 __all__ = ["main"]
@@ -73,25 +75,30 @@ def _repository(args: argparse.Namespace) -> Iterator[Repository]:
         yield repository
 
 
-def _center(args: argparse.Namespace | None = None) -> CenterClient:
+def _tell(line: str) -> None:
+    print(f"vmbackup: {line}", file=sys.stderr, flush=True)
+
+
+def _center(args: argparse.Namespace | None = None) -> Center:
     """WinCenter's client: the configured one (``vmbackup config``), or – ``--center URL``
     of a command that has it (restore at a second site) – another one. Another one's token
-    and CA come only from ``--token`` (or ``VMBACKUP_TOKEN``) and ``--ca``: the configured
-    center's are never sent to it, nor trusted for it."""
-    url, token, ca_file = (getattr(args, name, None) for name in ("center", "token", "ca"))
+    and CA come only from ``--token-file`` (or ``VMBACKUP_TOKEN``, or ``--token``) and
+    ``--ca``: the configured center's are never sent to it, nor trusted for it.
+    Connections refused are retried for a while (:mod:`.center`)."""
+    url, ca_file = (getattr(args, name, None) for name in ("center", "ca"))
+    token, _source = given_token(getattr(args, "token_file", None), getattr(args, "token", None))
     if not url:
-        if token or ca_file:
-            raise SettingsError("--token and --ca go with --center URL (another WinCenter)")
+        if getattr(args, "token", None) or getattr(args, "token_file", None) or ca_file:
+            raise SettingsError("--token-file, --token and --ca go with --center URL (another WinCenter)")
         url, token, ca = Settings.load().center_access()
-        return CenterClient(url, token, ca, timeout=120.0)
-    token = token or os.environ.get("VMBACKUP_TOKEN")
+        return Center(url, token, ca, on_retry=_tell)
     if not token:
-        raise SettingsError(f"--center {url}: give its token with --token TOKEN (or set VMBACKUP_TOKEN)")
+        raise SettingsError(f"--center {url}: give its token with --token-file FILE (or set VMBACKUP_TOKEN)")
     if not ca_file:
         raise SettingsError(f"--center {url}: give its CA certificate with --ca FILE")
     try:
         with open(ca_file) as f:
-            return CenterClient(url, token, f.read(), timeout=120.0)
+            return Center(url, token, f.read(), on_retry=_tell)
     except (OSError, ValueError) as error:  # unreadable, or not a PEM certificate (ssl.SSLError)
         raise SettingsError(f"--ca {ca_file}: not a usable CA certificate ({error})") from None
 
@@ -158,10 +165,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.load()
+    token, source = given_token(args.token_file, args.token)
     if args.center:
         settings.center = args.center
-    if args.token:
-        settings.token = args.token
+    if token:
+        settings.token = token
     if args.ca:
         with open(args.ca) as f:
             settings.ca_pem = f.read()
@@ -171,15 +179,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
         settings.database = args.database
     if args.webhook:
         settings.webhook = args.webhook
-    changed = args.center or args.token or args.ca or args.repo or args.database or args.webhook
+    changed = args.center or token or args.ca or args.repo or args.database or args.webhook
     path = settings.save() if changed else None
-    document = {"center": settings.center, "repo": settings.repo, "token": bool(settings.token)}
-    document |= {"ca": bool(settings.ca_pem), "database": state_url(settings), "webhook": settings.webhook}
-    emit(
-        args,
-        document | {"saved": path},
-        f"center {settings.center or '-'}, repository {settings.repo or '-'}",
-    )
+    shown = {  # what is printed: never the token, URLs without their credentials
+        "center": settings.center and redact(settings.center),
+        "repo": settings.repo and redact(settings.repo),
+        "token": bool(settings.token),
+        "token_from": source or None,
+        "ca": bool(settings.ca_pem),
+        "database": redact(state_url(settings)),
+        "webhook": settings.webhook and redact(settings.webhook),
+    }
+    lines = [f"center {shown['center'] or '-'}, repository {shown['repo'] or '-'}"]
+    lines.append(f"token {'saved from ' + source if source else 'set' if settings.token else 'not set'}")
+    lines.append(f"state database {shown['database']}")
+    if shown["webhook"]:
+        lines.append(f"webhook {shown['webhook']}")
+    emit(args, shown | {"saved": path}, "\n".join(lines))
     return 0
 
 
@@ -461,7 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("config", "set WinCenter's URL, token and CA, and the default repository", repo=False)
     p.add_argument("--center", help="WinCenter URL, e.g. https://wincenter:9443")
-    p.add_argument("--token", help="a WinCenter token of role backup-operator")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file whose first line is a WinCenter token of role backup-operator (-: standard input; "
+        "default $VMBACKUP_TOKEN)",
+    )
+    given.add_argument(
+        "--token", help="the token itself (discouraged: every local user sees it in the process list)"
+    )
     p.add_argument("--ca", help="file with WinCenter's CA certificate (its pki/ca-cert.pem)")
     p.add_argument("--repo", help="the default repository")
     p.add_argument(
@@ -504,7 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--center", metavar="URL", help="another WinCenter than the configured one (a second site)"
     )
-    p.add_argument("--token", help="--center's token, role backup-operator (default $VMBACKUP_TOKEN)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file with --center's token, role backup-operator (default $VMBACKUP_TOKEN)",
+    )
+    given.add_argument("--token", help="--center's token itself (discouraged: it shows in the process list)")
     p.add_argument("--ca", metavar="FILE", help="file with --center's CA certificate")
     p.set_defaults(handler=_cmd_restore)
 

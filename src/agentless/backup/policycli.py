@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agentless.commands import emit
+from agentless.redaction import redact
 from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
@@ -79,7 +80,7 @@ def _policy_line(policy: Policy) -> str:
     if policy.keep:
         extra.append(" ".join(f"{rule.replace('_', '-')} {n}" for rule, n in policy.keep.items()))
     if policy.copy_to:
-        extra.append(f"copy to {policy.copy_to}")
+        extra.append(f"copy to {redact(policy.copy_to)}")
     following = _when(policy.next_run())
     return f"{policy.name:<16} {policy.schedule:<16} {vms}  ({'; '.join(extra)})  next {following}"
 
@@ -128,7 +129,7 @@ def _cmd_show(hooks: Hooks, args: argparse.Namespace) -> int:
     }
     lines = [
         _policy_line(policy),
-        f"  repository {policy.repo}",
+        f"  repository {redact(policy.repo)}",
         f"  last slot run {_when(policy.last_slot)}",
     ]
     lines += ["  " + _run_line(run) for run in runs]
@@ -187,8 +188,9 @@ def _limits(args: argparse.Namespace) -> Limits:
 
 
 def _log(line: str) -> None:
+    """The scheduler's log: a line on stderr, stamped, without credentials."""
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{stamp} vmbackup: {line}", file=sys.stderr, flush=True)
+    print(f"{stamp} vmbackup: {redact(line)}", file=sys.stderr, flush=True)
 
 
 def _runner(hooks: Hooks, args: argparse.Namespace, state: State, webhook: str | None) -> Runner:

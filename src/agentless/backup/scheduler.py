@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from agentless.redaction import redact
 from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES, VmBackup
@@ -87,7 +88,7 @@ def notify(url: str, document: dict[str, Any], log: Callable[[str], None], timeo
             problem = str(error) or type(error).__name__
         if attempt < 2:
             time.sleep(0.5 * (attempt + 1))
-    log(f"webhook {url}: not delivered ({problem})")
+    log(redact(f"webhook {url}: not delivered ({problem})"))  # its query often holds its secret
     return False
 
 

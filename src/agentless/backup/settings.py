@@ -1,8 +1,12 @@
 """vmbackup's own settings: which WinCenter to talk to, with which token and CA, and the
 default repository, the policies' state database and the failed-run webhook.
 ``vmbackup config`` writes them to ``$VMBACKUP_CONFIG`` (default
-``~/.config/vmbackup/config.json``, mode 0600: it holds a token). The repository's
-password is never stored: ``VMBACKUP_PASSWORD``, ``--password-file`` or a prompt.
+``~/.config/vmbackup/config.json``, mode 0600: it holds a token). The token comes from
+``--token-file FILE``, ``VMBACKUP_TOKEN`` or – discouraged, every local user sees a
+process's arguments – ``--token``. The repository's password is never stored:
+``VMBACKUP_PASSWORD``, ``--password-file`` or a prompt. What is printed of the settings
+goes through :func:`agentless.redaction.redact` (the database URL's password, the
+webhook's query) and never holds the token.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 from .keys import RepositoryError
 
-__all__ = ["Settings", "SettingsError", "given_password", "settings_path", "state_url"]
+__all__ = ["Settings", "SettingsError", "given_password", "given_token", "settings_path", "state_url"]
 
 MAGIC = "agentless-vmbackup-settings"
 
@@ -70,7 +75,7 @@ class Settings:
         """(URL, token, CA PEM) of WinCenter; SettingsError when not configured."""
         if not (self.center and self.token and self.ca_pem):
             raise SettingsError(
-                "no WinCenter configured: run `vmbackup config --center URL --token T --ca FILE`"
+                "no WinCenter configured: run `vmbackup config --center URL --token-file FILE --ca FILE`"
             )
         return self.center, self.token, self.ca_pem
 
@@ -93,3 +98,27 @@ def given_password(file: str | None, variable: str) -> str | None:
         with open(file) as f:
             return f.read().rstrip("\n")
     return os.environ.get(variable) or None
+
+
+def given_token(file: str | None, value: str | None) -> tuple[str | None, str]:
+    """A WinCenter token given to a command, and where it came from (for the output):
+    the first line of *file* (``-``: standard input) when one is named, else *value*
+    (``--token``, discouraged: it shows in the process list), else ``VMBACKUP_TOKEN``;
+    (None, "") when none is. SettingsError for a file without a token."""
+    if file:
+        try:
+            if file == "-":
+                text = sys.stdin.readline()
+            else:
+                with open(file) as f:
+                    text = f.readline()
+        except OSError as error:
+            raise SettingsError(f"--token-file {file}: unreadable ({error.strerror or error})") from None
+        if not text.strip():
+            raise SettingsError(f"--token-file {file}: holds no token")
+        return text.strip(), f"--token-file {file}"
+    if value:
+        return value, "--token"
+    if os.environ.get("VMBACKUP_TOKEN"):
+        return os.environ["VMBACKUP_TOKEN"], "$VMBACKUP_TOKEN"
+    return None, ""

@@ -1,0 +1,112 @@
+"""WinCenter as vmbackup reaches it: WinCenter's published client, with connections that
+fail retried for a short while.
+
+A WinCenter restarting, or a load balancer moving it, refuses connections for a few
+seconds; a backup command that failed at once for that would have to be run again by
+hand. So a request whose connection could not be made (refused, unreachable, timed out
+while connecting) is tried again with growing pauses – 0.5, 1, 2, 4, 4… seconds – until
+:data:`RETRY_SECONDS` (``VMBACKUP_CONNECT_RETRY``; 0: no retry) have passed, then fails
+with one line. Such a request never reached WinCenter, so trying it again is safe for
+every method, POST included. Nothing else is retried: an answer (any HTTP status) is
+WinCenter's word, a TLS failure (wrong CA, wrong name) does not heal by waiting, and a
+connection that broke after the request was sent may have done it.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from agentless.redaction import redact
+from agentless.wincenter.client import CenterClient, CenterUnreachable
+
+from .settings import SettingsError
+
+__all__ = ["RETRY_SECONDS", "Center", "retry_seconds"]
+
+RETRY_SECONDS = 15.0
+_FIRST_PAUSE = 0.5
+_LONGEST_PAUSE = 4.0
+
+
+def retry_seconds() -> float:
+    """How long connections are retried: ``VMBACKUP_CONNECT_RETRY`` (seconds), else
+    :data:`RETRY_SECONDS`."""
+    given = os.environ.get("VMBACKUP_CONNECT_RETRY")
+    if not given:
+        return RETRY_SECONDS
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise SettingsError(f"VMBACKUP_CONNECT_RETRY={given!r}: give seconds, 0 to 3600")
+    return seconds
+
+
+def _not_connected(error: CenterUnreachable) -> bool:
+    """Whether *error* is a connection that could not be made (the request was not
+    sent) for another reason than TLS."""
+    if not isinstance(error.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+        return False
+    seen: BaseException | None = error.__cause__
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+class Center(CenterClient):
+    """:class:`~agentless.wincenter.client.CenterClient` whose requests are tried again
+    while the connection is refused, for up to *retry_for* seconds (None:
+    :func:`retry_seconds`). *on_retry* hears one line the first time a request waits
+    (an operator then knows why the command pauses); *sleep* is the clock's."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        ca_pem: str | bytes,
+        timeout: float = 120.0,
+        retry_for: float | None = None,
+        on_retry: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        super().__init__(url, token, ca_pem, timeout=timeout)
+        self.url = url.rstrip("/")
+        self.retry_for = retry_seconds() if retry_for is None else retry_for
+        self.on_retry = on_retry
+        self.sleep = sleep
+        self._told = False
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        waited, pause, attempts = 0.0, _FIRST_PAUSE, 1
+        while True:
+            try:
+                return super().call(method, path, **kwargs)
+            except CenterUnreachable as error:
+                if not _not_connected(error):
+                    raise
+                if waited >= self.retry_for:
+                    reason = redact(error.__cause__ or error)
+                    tried = f"; tried {attempts} times over {waited:.0f} s" if attempts > 1 else ""
+                    raise CenterUnreachable(
+                        f"WinCenter {redact(self.url)} unreachable: {reason}{tried}"
+                    ) from error
+                if self.on_retry is not None and not self._told:
+                    self._told = True
+                    self.on_retry(
+                        f"WinCenter {redact(self.url)} unreachable ({redact(error.__cause__ or error)}); "
+                        f"trying again for up to {self.retry_for:g} s"
+                    )
+                pause = min(pause, self.retry_for - waited)
+                self.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, _LONGEST_PAUSE)
+                attempts += 1

@@ -1,0 +1,99 @@
+"""The ``vmbackup`` command line itself: where a WinCenter token may come from (a file,
+the environment – never only the process's arguments), that no secret reaches what is
+printed or logged, and that gc's summary line says what it did."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from agentless.backup.repository import Repository
+from agentless.backup.settings import Settings
+from tests.backup.conftest import free_port, vmbackup
+
+TOKEN = "wct_" + "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenX"  # the shape of a WinCenter token
+DB_SECRET = "db-pass-9f3e"
+HOOK_SECRET = "hook-sig-71c2"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "cfg" / "config.json")}
+    for name in ("VMBACKUP_TOKEN", "VMBACKUP_DATABASE", "VMBACKUP_REPO", "VMBACKUP_PASSWORD"):
+        env.pop(name, None)
+    return env
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings.load(str(tmp_path / "cfg" / "config.json"))
+
+
+def test_config_takes_the_token_from_a_file(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    secret.chmod(0o600)
+    done = vmbackup(env, "config", "--center", "https://center:9443", "--token-file", str(secret))
+    assert done.returncode == 0, done.stderr
+    assert _settings(tmp_path).token == TOKEN
+    assert TOKEN not in done.stdout + done.stderr and "--token-file" in done.stdout
+    assert stat.S_IMODE(os.stat(tmp_path / "cfg" / "config.json").st_mode) == 0o600
+    shown = json.loads(vmbackup(env, "config", "--json").stdout)
+    assert shown["token"] is True and TOKEN not in json.dumps(shown)
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    refused = vmbackup(env, "config", "--token-file", str(empty))
+    assert refused.returncode == 1 and "holds no token" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    both = vmbackup(env, "config", "--token-file", str(secret), "--token", "x")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_config_takes_the_token_from_the_environment(tmp_path: Path) -> None:
+    env = _env(tmp_path) | {"VMBACKUP_TOKEN": TOKEN}
+    done = vmbackup(env, "config", "--center", "https://center:9443", "--json")
+    assert done.returncode == 0, done.stderr
+    assert _settings(tmp_path).token == TOKEN
+    document = json.loads(done.stdout)
+    assert document["token"] is True and document["token_from"] == "$VMBACKUP_TOKEN"
+    assert TOKEN not in done.stdout + done.stderr
+    stdin = vmbackup(_env(tmp_path), "config", "--token-file", "-", "--json")  # no terminal: empty
+    assert stdin.returncode == 1 and "holds no token" in stdin.stderr
+
+
+def test_config_prints_no_secret(tmp_path: Path) -> None:
+    """The database URL's password and the webhook's query are masked in both outputs;
+    what they say otherwise (which server, which account) stays."""
+    env = _env(tmp_path) | {"VMBACKUP_TOKEN": TOKEN}
+    database = f"postgresql://vmbackup:{DB_SECRET}@127.0.0.1:1/state"
+    webhook = f"https://hooks.example/run-failed?sig={HOOK_SECRET}"
+    set_up = vmbackup(env, "config", "--database", database, "--webhook", webhook)
+    assert set_up.returncode == 0, set_up.stderr
+    settings = _settings(tmp_path)
+    assert settings.database == database and settings.webhook == webhook  # stored as given
+    for args in (("config",), ("config", "--json")):
+        shown = vmbackup(_env(tmp_path), *args)
+        assert shown.returncode == 0, shown.stderr
+        output = shown.stdout + shown.stderr
+        for secret in (DB_SECRET, HOOK_SECRET, TOKEN):
+            assert secret not in output, (args, output)
+        assert "postgresql://vmbackup:***@127.0.0.1:1/state" in output
+        assert "https://hooks.example/run-failed?sig=***" in output
+
+
+def test_the_scheduler_logs_no_webhook_secret(tmp_path: Path) -> None:
+    """A run that fails is posted to the webhook; the webhook being down is logged –
+    without its query, which holds its secret."""
+    env = _env(tmp_path)
+    repo = str(tmp_path / "repo")
+    Repository.init(repo).close()
+    made = vmbackup(env, "policy", "create", "p", "--vm", "a", "--schedule", "@daily", "--repo", repo)
+    assert made.returncode == 0, made.stderr
+    webhook = f"http://127.0.0.1:{free_port()}/hook?sig={HOOK_SECRET}"  # nobody listens
+    run = vmbackup(env, "run-now", "p", "--retries", "0", "--webhook", webhook)
+    assert run.returncode == 1  # no WinCenter configured: the run fails, the webhook hears of it
+    assert "not delivered" in run.stderr, run.stderr
+    assert HOOK_SECRET not in run.stderr + run.stdout
+    assert "/hook?sig=***" in run.stderr
