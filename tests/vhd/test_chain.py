@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,21 @@ def test_fully_allocated_fast_check(tmp_path: Path) -> None:
         assert not chain.fully_allocated(MiB, 2 * MiB)
         assert not chain.fully_allocated(6 * MiB, 10)  # unallocated
         assert chain.extents(0, 2 * MiB) == [vhd.Extent(0, 2 * MiB)]
+
+
+def test_opening_a_chain_does_not_allocate_a_block_of_zeros(tmp_path: Path) -> None:
+    """Opening is cheap whatever the block size: the zeros that holes read from are made
+    on first use (the fault campaign's VHD fuzzing found every open of a fixed disk
+    clearing 8 MiB, and of a file claiming 256 MiB blocks that much)."""
+    vhd.create_fixed(tmp_path / "fixed.vhd", 64 * 1024)
+    vhd.create_dynamic(tmp_path / "dyn.vhd", 1 << 30, block_size=256 << 20)
+    for name in ("fixed.vhd", "dyn.vhd"):
+        tracemalloc.start()
+        try:
+            with vhd.Chain.open(tmp_path / name):
+                _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, f"{name}: opening allocated {peak} bytes"
+    with vhd.Chain.open(tmp_path / "dyn.vhd") as disk:
+        assert disk.read((1 << 30) - 4096, 4096) == bytes(4096)

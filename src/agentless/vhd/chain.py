@@ -18,6 +18,7 @@ claims sectors whose every byte it holds.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 
@@ -108,7 +109,12 @@ class Chain(Closing):
         self.layers = layers
         block_sectors = [layer.sectors_per_block for layer in layers if layer.header is not None]
         self._chunk = min(block_sectors) if block_sectors else _DEFAULT_CHUNK_SECTORS
-        self._zeros = bytes(self._chunk * SECTOR_SIZE)
+
+    @functools.cached_property
+    def _zeros(self) -> bytes:
+        """A chunk of zeros for holes, made on first use: opening stays cheap (a chain of
+        fixed disks has chunks of 8 MiB, a hostile header may claim blocks of 256 MiB)."""
+        return bytes(self._chunk * SECTOR_SIZE)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Chain:
