@@ -7,6 +7,21 @@ included. *Who* is the token the auth dependency accepted (:mod:`.auth` leaves i
 request state), empty when there was none; *result* is the summary a route left
 (:func:`set_result`), or the problem's title and detail, or the status phrase.
 
+Calls made without a valid token are refused, and anybody who reaches the port can make
+them: a row per call would let a flood grow the database without bound. They are
+*counted* instead – one row per time window (10 minutes), source address, method and
+status, holding the first call's path (cut to 256 characters) and result, the time of the
+first and the ``last`` call, and how many there were (``count``)::
+
+    time   last   source     method status count path
+    10:00  10:09  192.0.2.7  POST   401    5120  /api/v1/tokens
+    10:00  10:08  *          POST   401    9000  /api/v1/backups   (sources past the 64th)
+
+At most :data:`PER_WINDOW` such rows are made per window, the calls of further sources go
+to one row for them all (source ``*``), and only the newest :data:`KEEP` rows of refusals
+are kept. Calls with a valid token – an admin's, an operator's refused with 403 – are
+recorded one row each and never dropped.
+
 Reading the log is ``GET /api/v1/audit`` (admins), newest first.
 """
 
@@ -15,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import hashlib
 import http
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,7 +46,17 @@ from .database import Database
 from .models import AuditEntry, utcnow
 from .tokens import TokenInfo
 
-__all__ = ["MUTATING", "AuditLog", "AuditMiddleware", "AuditRecord", "caller_of", "set_result"]
+__all__ = [
+    "KEEP",
+    "MUTATING",
+    "PER_WINDOW",
+    "WINDOW",
+    "AuditLog",
+    "AuditMiddleware",
+    "AuditRecord",
+    "caller_of",
+    "set_result",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +64,13 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _CALLER = "caller"
 _RESULT = "audit_result"
 _RESULT_MAX = 1024
+_PATH_MAX = 2048
+_REFUSED_MAX = 256  # path and result of a counted refusal
+WINDOW = datetime.timedelta(minutes=10)
+PER_WINDOW = 64  # refusal rows per window before further sources share one
+KEEP = 10_000  # refusal rows kept in all
+_OTHERS = "*"
+_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +84,9 @@ class AuditRecord:
     path: str
     status: int
     result: str
+    source: str | None = None  # the client's address
+    count: int = 1  # calls this row stands for (refusals without a valid token)
+    last: datetime.datetime | None = None  # the newest of them
 
     @classmethod
     def of(cls, row: AuditEntry) -> AuditRecord:
@@ -62,34 +100,136 @@ class AuditRecord:
             row.path,
             row.status,
             row.result,
+            row.source,
+            row.count,
+            row.last,
         )
 
 
 class AuditLog:
-    """The audit table of one database. Append-only."""
+    """The audit table of one database: append-only for calls with a valid token; calls
+    without one are counted per *window*, at most *per_window* rows in a window and the
+    newest *keep* rows in all (see the module's docstring)."""
 
-    def __init__(self, database: Database, clock: Callable[[], datetime.datetime] = utcnow):
+    def __init__(
+        self,
+        database: Database,
+        clock: Callable[[], datetime.datetime] = utcnow,
+        *,
+        window: datetime.timedelta = WINDOW,
+        per_window: int = PER_WINDOW,
+        keep: int = KEEP,
+    ):
         self.database = database
         self.clock = clock
+        self.window = window
+        self.per_window = per_window
+        self.keep = keep
 
     def record(
-        self, caller: TokenInfo | None, method: str, path: str, status: int, result: str
+        self,
+        caller: TokenInfo | None,
+        method: str,
+        path: str,
+        status: int,
+        result: str,
+        source: str | None = None,
     ) -> AuditRecord:
-        """Append one entry (the path is cut to 2048 characters, the result to 1024)."""
+        """Append one entry for a call by *caller* from *source* (the path is cut to 2048
+        characters, the result to 1024); without a caller, count it instead (:meth:`refused`)."""
+        if caller is None:
+            return self.refused(method, path, status, result, source)
         with self.database.session() as s:
             row = AuditEntry(
                 time=self.clock(),
-                token_id=caller.id if caller else None,
-                token_name=caller.name if caller else None,
-                role=caller.role.value if caller else None,
+                token_id=caller.id,
+                token_name=caller.name,
+                role=caller.role.value,
                 method=method,
-                path=path[:2048],
+                path=path[:_PATH_MAX],
                 status=status,
                 result=result[:_RESULT_MAX],
+                source=source,
             )
             s.add(row)
             s.flush()
             return AuditRecord.of(row)
+
+    def refused(
+        self, method: str, path: str, status: int, result: str, source: str | None = None
+    ) -> AuditRecord:
+        """Count a call without a valid token in the row of its window, *source*, method
+        and status (made by the first such call, with its path and result cut to 256
+        characters); the row. Concurrent callers (several processes on PostgreSQL
+        included) meet on the row's unique bucket: a lost race to insert becomes an
+        increment."""
+        now = self.clock()
+        start = _EPOCH + (now - _EPOCH) // self.window * self.window
+        key = (method, status, (source or "")[:64])
+        for _attempt in range(3):
+            try:
+                with self.database.session() as s:
+                    row = self._count(s, _bucket(start, *key), now)
+                    if row is not None:
+                        return row
+                    rows = s.scalar(
+                        select(func.count())
+                        .select_from(AuditEntry)
+                        .where(AuditEntry.bucket.is_not(None), AuditEntry.time >= start)
+                    )
+                    if (rows or 0) >= self.per_window:  # a flood of sources: they share one row
+                        key = ("*", 0, _OTHERS)
+                        row = self._count(s, _bucket(start, *key), now)
+                        if row is not None:
+                            return row
+                    entry = AuditEntry(
+                        time=now,
+                        last=now,
+                        method=key[0],
+                        path=path[:_REFUSED_MAX],
+                        status=status,
+                        result=result[:_REFUSED_MAX],
+                        source=key[2] or None,
+                        count=1,
+                        bucket=_bucket(start, *key),
+                    )
+                    s.add(entry)
+                    s.flush()
+                    self._prune(s)
+                    return AuditRecord.of(entry)
+            except IntegrityError:  # another call made the row first: count in it
+                continue
+        raise RuntimeError("audit: could not count a refused call (the bucket kept changing)")
+
+    @staticmethod
+    def _count(s: Session, bucket: str, now: datetime.datetime) -> AuditRecord | None:
+        """One more call in the row of *bucket*, if there is one; the row."""
+        counted = s.execute(
+            update(AuditEntry)
+            .where(AuditEntry.bucket == bucket)
+            .values(count=AuditEntry.count + 1, last=now)
+            .execution_options(synchronize_session=False)
+        )
+        if not counted.rowcount:  # type: ignore[attr-defined]
+            return None
+        row = s.scalars(select(AuditEntry).where(AuditEntry.bucket == bucket)).one()
+        return AuditRecord.of(row)
+
+    def _prune(self, s: Session) -> None:
+        """Keep the newest *keep* rows of refusals (rows of callers are never dropped)."""
+        cutoff = s.scalar(
+            select(AuditEntry.id)
+            .where(AuditEntry.bucket.is_not(None))
+            .order_by(AuditEntry.id.desc())
+            .offset(self.keep)
+            .limit(1)
+        )
+        if cutoff is not None:
+            s.execute(
+                delete(AuditEntry)
+                .where(AuditEntry.bucket.is_not(None), AuditEntry.id <= cutoff)
+                .execution_options(synchronize_session=False)
+            )
 
     def page(self, limit: int = 100, offset: int = 0) -> tuple[list[AuditRecord], int]:
         """Entries newest first, *limit* from *offset*, and how many there are in all."""
@@ -97,6 +237,13 @@ class AuditLog:
             total = s.scalar(select(func.count()).select_from(AuditEntry)) or 0
             rows = s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit).offset(offset))
             return [AuditRecord.of(row) for row in rows], total
+
+
+def _bucket(start: datetime.datetime, method: str, status: int, source: str) -> str:
+    """The key of a refusal row: its window, method, status and source, hashed to a
+    fixed size."""
+    text = f"{start.isoformat()}|{method}|{status}|{source}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _state(scope: Scope) -> dict[str, Any]:
@@ -176,6 +323,7 @@ class AuditMiddleware:
         path = scope["path"] + (
             f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
         )
+        client = scope.get("client")
         try:
             await asyncio.to_thread(
                 audit_log.record,
@@ -184,6 +332,7 @@ class AuditMiddleware:
                 path,
                 status,
                 str(result),
+                str(client[0]) if client else None,
             )
         except Exception:  # the answer is gone already; losing the entry must be loud
             log.exception("audit entry not written: %s %s -> %d", scope["method"], path, status)

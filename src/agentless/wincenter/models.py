@@ -121,7 +121,9 @@ class Token(Base):
 
 class AuditEntry(Base):
     """One mutating call: who (token, as it was then), what (method, path), when, result.
-    ``token_id`` is empty for a call without a valid token."""
+    ``token_id`` is empty for a call without a valid token: such refusals are counted,
+    one row per ``bucket`` (time window, source address, method, status), ``count`` calls
+    from ``time`` (the first) to ``last``; see :mod:`.audit`."""
 
     __tablename__ = "audit"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -133,6 +135,10 @@ class AuditEntry(Base):
     path: Mapped[str] = mapped_column(String(2048))
     status: Mapped[int] = mapped_column(Integer)
     result: Mapped[str] = mapped_column(String(1024))
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the client's address
+    count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    last: Mapped[datetime.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    bucket: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
 
 
 class Task(Base):

@@ -119,6 +119,10 @@ class Page(Wire):
 
 
 class AuditEntryOut(Wire):
+    """One call with a valid token; or, without one (``token_id`` null), the refused calls
+    of one source address, method and status in a time window: ``count`` of them from
+    ``time`` to ``last``, with the first one's path and result (cut short)."""
+
     id: int
     time: datetime.datetime
     token_id: int | None
@@ -128,6 +132,9 @@ class AuditEntryOut(Wire):
     path: str
     status: int
     result: str
+    source: str | None = Field(default=None, description="the client's address")
+    count: int = Field(default=1, description="calls this entry stands for")
+    last: datetime.datetime | None = Field(default=None, description="the newest of them")
 
 
 class AuditPage(Page):
