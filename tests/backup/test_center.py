@@ -1,0 +1,54 @@
+"""WinCenter as vmbackup reaches it: a WinCenter that refuses connections for a moment
+(restarting) does not fail a backup; one that stays away fails it with one line."""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.backup.conftest import _ok, vmbackup, vmbackup_process
+from tests.backup.test_flows import MiB, _configure, _running_site, _vm_with_data
+from tests.wincenter.test_flows import Site
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with _running_site(tmp_path) as running:
+        yield running
+
+
+def test_a_backup_waits_for_wincenter_to_come_back(site: Site, tmp_path: Path) -> None:
+    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    _vm_with_data(site, "web", 4 * MiB, seed=3, writes=8)
+    port = urllib.parse.urlsplit(site.center.url).port
+    site.center.proc.kill()  # WinCenter is down: connections are refused
+    site.center.proc.wait()
+
+    at_once = vmbackup(env | {"VMBACKUP_CONNECT_RETRY": "0"}, "backup", "--vm", "web")
+    assert at_once.returncode == 1 and "Traceback" not in at_once.stderr
+    assert len(at_once.stderr.strip().splitlines()) == 1, at_once.stderr
+    assert "unreachable" in at_once.stderr and "refused" in at_once.stderr.lower()
+
+    waiting = vmbackup_process(env | {"VMBACKUP_CONNECT_RETRY": "60"}, "backup", "--vm", "web", "--json")
+    try:
+        assert waiting.stderr is not None
+        announced = waiting.stderr.readline()  # the first refusal: it says it waits
+        assert "trying again" in announced, announced
+        site.restart_center("--port", str(port))  # back, at the same address
+        assert waiting.wait(120) == 0, waiting.stderr.read()
+    finally:
+        waiting.kill()
+        waiting.wait()
+    [point] = _ok(vmbackup(env, "list", "--json"))["points"]  # type: ignore[misc]
+    assert point["vm"] == "web" and point["type"] == "full"
+
+    site.center.proc.kill()  # away for good: the retries end with one line
+    site.center.proc.wait()
+    gone = vmbackup(env | {"VMBACKUP_CONNECT_RETRY": "1"}, "backup", "--vm", "web")
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    lines = gone.stderr.strip().splitlines()
+    assert "trying again" in lines[0] and len(lines) == 2, gone.stderr
+    assert "unreachable" in lines[1] and "tried" in lines[1]
