@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import stat
 from pathlib import Path
 
-from agentless.backup.repository import Repository
+from agentless.backup.packs import TARGET_SIZE as PACK
+from agentless.backup.repository import CHUNK_SIZE, Repository
 from agentless.backup.settings import Settings
 from tests.backup.conftest import free_port, vmbackup
 
@@ -97,3 +99,21 @@ def test_the_scheduler_logs_no_webhook_secret(tmp_path: Path) -> None:
     assert "not delivered" in run.stderr, run.stderr
     assert HOOK_SECRET not in run.stderr + run.stdout
     assert "/hook?sig=***" in run.stderr
+
+
+def test_gc_after_a_failed_backup_counts_what_it_freed(tmp_path: Path) -> None:
+    """A backup that failed after putting packs, before indexing them, left them for gc:
+    the summary counts them among the packs deleted, as the bytes freed do."""
+    repo = str(tmp_path / "repo")
+    rng = random.Random(5)
+    with Repository.init(repo) as repository, repository.writer() as writer:
+        for _ in range(3 * PACK // CHUNK_SIZE):  # three packs put, then the backup fails
+            writer.add(rng.randbytes(CHUNK_SIZE))
+    env = _env(tmp_path) | {"VMBACKUP_REPO": repo}
+    collected = vmbackup(env, "gc")
+    assert collected.returncode == 0, collected.stderr
+    report = json.loads(vmbackup(env, "gc", "--json").stdout)  # a second run: nothing left
+    assert report["orphans"] == [] and report["bytes_freed"] == 0
+    line = collected.stdout.strip()
+    assert line.startswith("3 pack(s) deleted (48."), line  # three packs of about 16 MiB
+    assert "3 of them left by failed or killed backups" in line, line

@@ -399,9 +399,13 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     with _repository(args) as repository:
         report = gc(repository)
     document = dataclasses.asdict(report)
+    # freed: the packs deleted once condemned *and* those no index named (what a failed or
+    # killed backup left): the count says both, as the bytes do
+    deleted = len(report.deleted) + len(report.orphans)
     text = (
-        f"{len(report.deleted)} pack(s) deleted ({format_size(report.bytes_freed)} freed), "
-        f"{len(report.repacked)} repacked, {len(report.condemned)} condemned"
+        f"{deleted} pack(s) deleted ({format_size(report.bytes_freed)} freed"
+        + (f"; {len(report.orphans)} of them left by failed or killed backups" if report.orphans else "")
+        + f"), {len(report.repacked)} repacked, {len(report.condemned)} condemned"
         + (f", {len(report.waiting)} waiting for running backups to end" if report.waiting else "")
     )
     emit(args, document, text)
