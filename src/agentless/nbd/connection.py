@@ -153,7 +153,8 @@ class Connection:
 
     def start_tls(self, context: ssl.SSLContext) -> ssl.SSLSocket:
         """Wrap the socket in TLS and complete the handshake; the TLS socket. Raises
-        NegotiationError when the handshake fails (a certificate not trusted, say)."""
+        NegotiationError when the handshake fails (a certificate not trusted, say), and
+        ConnectionLost when the connection ends during it."""
         sock = context.wrap_socket(self.live(), do_handshake_on_connect=False)
         self._sock = sock
         while True:
@@ -164,6 +165,9 @@ class Connection:
                 self.wait(read=True)
             except ssl.SSLWantWriteError:
                 self.wait(write=True)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError) as e:
+                # the transport ended mid-handshake (a cut): the network's fault, not a refusal
+                raise self.lost(f"TLS handshake: {e}") from e
             except ssl.SSLError as e:
                 raise NegotiationError(f"{self.where}: TLS handshake failed: {e}") from e
             except OSError as e:

@@ -10,9 +10,10 @@ name, certificate, size, read-only) and reads or writes the disk over NBD with T
             data = disk.read(extent.offset, extent.length)
         disk.copy_to("disk.raw", progress=print)        # all of it, in parallel
 
-Errors come from :mod:`agentless.nbd.errors`: ``ConnectionLost`` (reconnect and retry),
-``RequestError`` (this request failed), ``NegotiationError`` (access refused: expired or
-revoked grant, wrong certificate).
+Errors come from :mod:`agentless.nbd.errors`: ``ConnectionLost`` (the connection was lost
+and could not be made again within the retries: ``wddk.open(..., retry=wddk.Retry(...),
+timeout=...)``), ``RequestError`` (this request failed), ``NegotiationError`` (access
+refused: expired or revoked grant, wrong certificate).
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from agentless.nbd.errors import ConnectionLost, NbdError, NegotiationError, Pro
 from agentless.nbd.protocol import BASE_ALLOCATION, QEMU_DIRTY_BITMAP
 
 from .access import Access, resolve_access
+from .connection import NEVER, Connection, Retry
 from .disk import Disk, open
 from .extents import Extent, wanted
 from .transfer import Cancelled, Transfer
 
 __all__ = [
     "BASE_ALLOCATION",
+    "NEVER",
     "QEMU_DIRTY_BITMAP",
     "Access",
     "Cancelled",
+    "Connection",
     "ConnectionLost",
     "Disk",
     "Extent",
@@ -37,6 +41,7 @@ __all__ = [
     "NegotiationError",
     "ProtocolError",
     "RequestError",
+    "Retry",
     "Transfer",
     "open",
     "resolve_access",

@@ -2,7 +2,9 @@
 
 ``wddk.open(access, connections=4)`` returns a :class:`Disk`. Single calls (``read``,
 ``write``...) use the first connection; :meth:`Disk.copy_to` and :meth:`Disk.copy_from`
-spread the work over all of them, one worker thread per connection.
+spread the work over all of them, one worker thread per connection. Each connection is a
+:class:`~.connection.Connection`: lost (cut, or silent for *timeout* seconds) it is made
+again and its requests sent again, as its :class:`~.connection.Retry` says.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from agentless.lifetime import Closing
-from agentless.nbd.client import Client
 from agentless.nbd.protocol import BASE_ALLOCATION
 from agentless.nbd.uri import NbdUri
 
 from .access import Access, resolve_access
+from .connection import Connection, Retry
 from .extents import Extent, wanted
 from .transfer import Progress, Transfer
 
@@ -26,7 +28,7 @@ __all__ = ["Disk", "Extent", "open"]
 class Disk(Closing):
     """A disk reached over NBD. A context manager; close() drops every connection."""
 
-    def __init__(self, access: Access, clients: list[Client]):
+    def __init__(self, access: Access, clients: list[Connection]):
         self.access = access
         self._clients = clients
         self._lock = threading.Lock()
@@ -49,8 +51,13 @@ class Disk(Closing):
         return list(self._clients[0].contexts)
 
     @property
-    def clients(self) -> list[Client]:
+    def clients(self) -> list[Connection]:
         return list(self._clients)
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made again after a loss, over all of the disk's connections."""
+        return sum(client.reconnects for client in self._clients)
 
     # ------------------------------------------------------------------ single calls
 
@@ -131,31 +138,36 @@ def open(
     cert: str | None = None,
     contexts: tuple[str, ...] = (BASE_ALLOCATION,),
     timeout: float | None = 60.0,
+    retry: Retry | None = None,
 ) -> Disk:
     """Open a disk from an NBD URI or an access-info mapping.
 
     Makes up to *connections* connections (one when the server does not allow several);
     *contexts* are the meta contexts to negotiate (add ``qemu:dirty-bitmap:NAME`` to read
-    changed blocks). Raises :class:`agentless.nbd.NbdError` subclasses on failure, after
-    closing whatever was opened.
+    changed blocks). *timeout* bounds every wait for the server: a request with no answer
+    for that long counts as a lost connection. *retry* says how lost connections are made
+    again (default :class:`Retry()`; ``wddk.NEVER`` never). Raises
+    :class:`agentless.nbd.NbdError` subclasses on failure, after closing whatever was
+    opened.
     """
     resolved = resolve_access(access, cert)
     if resolved.uri.tls and not resolved.cert:
         raise ValueError("a TLS URI needs the server certificate to pin (cert=...)")
     wanted_contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *contexts)))
-    clients: list[Client] = []
-    try:
-        first = Client.connect(
-            resolved.uri, tls_cert=resolved.cert, meta_contexts=wanted_contexts, timeout=timeout
+    policy = Retry() if retry is None else retry
+    clients: list[Connection] = []
+
+    def connect() -> Connection:
+        return Connection(
+            resolved.uri, cert=resolved.cert, contexts=wanted_contexts, timeout=timeout, retry=policy
         )
+
+    try:
+        first = connect()
         clients.append(first)
         if first.can_multi_conn:
             for _ in range(max(1, connections) - 1):
-                clients.append(
-                    Client.connect(
-                        resolved.uri, tls_cert=resolved.cert, meta_contexts=wanted_contexts, timeout=timeout
-                    )
-                )
+                clients.append(connect())
     except BaseException:
         for client in clients:
             client.close()

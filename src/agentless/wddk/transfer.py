@@ -28,11 +28,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agentless.fileio import pread_into, pwrite_all
-from agentless.nbd.client import Client
 from agentless.nbd.errors import NbdError
 from agentless.nbd.protocol import BASE_ALLOCATION
 from agentless.sparse import data_ranges, is_zero
 
+from .connection import Connection
 from .extents import wanted
 
 if TYPE_CHECKING:
@@ -176,8 +176,8 @@ class Transfer:
 
     def _worker(
         self,
-        client: Client,
-        other: Client,
+        client: Connection,
+        other: Connection,
         fd: int,
         work: queue.SimpleQueue[_Piece],
         errors: list[BaseException],
