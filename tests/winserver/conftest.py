@@ -32,10 +32,21 @@ def winserver(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def start_daemon(directory: str) -> subprocess.Popen[str]:
-    """``winserver serve`` on loopback, returned once it listens (recovery done)."""
+def start_daemon(directory: str, *extra: str) -> subprocess.Popen[str]:
+    """``winserver serve`` on loopback (with *extra* options), returned once it listens
+    (recovery done)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", directory, "--bind", "127.0.0.1"],
+        [
+            sys.executable,
+            "-m",
+            "agentless.winserver.cli",
+            "serve",
+            "--dir",
+            directory,
+            "--bind",
+            "127.0.0.1",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

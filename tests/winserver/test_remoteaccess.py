@@ -21,8 +21,9 @@ from agentless.winserver.datapath import TrackedExport
 from agentless.winserver.host import Host
 from agentless.winserver.remoteaccess import prepare_backup, stop_remote_access
 from agentless.winserver.vms import describe_vm
+from tests.faultproxy import FaultProxy
 from tests.nbd.serving import serve
-from tests.winserver.conftest import Daemon
+from tests.winserver.conftest import Daemon, init_host, start_daemon
 from tests.winserver.conftest import winserver as _winserver
 
 MiB = 1 << 20
@@ -202,3 +203,32 @@ def test_restore_in_place_is_tracked(daemon: Daemon) -> None:
             host.update_backup_id(vdi, "restore-2")
         assert running.value.status == 409 and "running VM" in running.value.detail
         host.stop_vm("inplace")
+
+
+def test_access_info_names_the_advertised_nbd_port(tmp_path: Path) -> None:
+    """``serve --nbd-advertised-port P``: access info names P (a proxy in front of the NBD
+    port, here the tests' fault proxy), and the disk is reached through it over TLS."""
+    host = init_host(str(tmp_path / "host"))
+    nbd_port = json.loads(Path(host.dir, "host.json").read_text())["nbd_port"]
+    with FaultProxy(("127.0.0.1", nbd_port)) as proxy:
+        proc = start_daemon(host.dir, "--nbd-advertised-port", str(proxy.port))
+        try:
+            vm = json.loads(
+                _winserver("vm", "create", "r", "--dir", host.dir, "--disk", "4M", "--json").stdout
+            )
+            vdi = vm["disks"][0]["vdi"]
+            granted = _winserver(
+                "update-backup-id", "--vdi", vdi, "--backup-id", "r-1", "--dir", host.dir, "--json"
+            )
+            access = json.loads(granted.stdout)["access"]
+            assert access["port"] == proxy.port and access["address"] == "127.0.0.1"
+            with wddk.open(access, connections=1) as target:
+                target.write(0, b"through the proxy")
+                target.flush()
+                assert target.read(0, 17) == b"through the proxy"
+            assert proxy.accepted == 1
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+    bad = _winserver("serve", "--dir", host.dir, "--nbd-advertised-port", "70000")
+    assert bad.returncode == 1 and "advertised NBD port" in bad.stderr and "Traceback" not in bad.stderr

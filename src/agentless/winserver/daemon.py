@@ -25,7 +25,7 @@ from agentless.nbd.tls import server_context
 
 from .api import API_PREFIX, make_app
 from .grants import GrantExports, Grants
-from .host import Host, check_max_chain_depth
+from .host import Host, HostError, check_max_chain_depth
 from .presence import DaemonPresence
 from .runtime import Runtime
 from .snapshots import finish_deletions, sweep_orphans
@@ -114,10 +114,17 @@ def serve(
     port: int | None = None,
     api_port: int | None = None,
     max_chain_depth: int | None = None,
+    advertised_port: int | None = None,
 ) -> None:
-    """Run until SIGINT or SIGTERM; the ports and the chain limit default to the host's."""
+    """Run until SIGINT or SIGTERM; the ports and the chain limit default to the host's.
+    *advertised_port*: the NBD port that access info names, when clients reach the NBD
+    server through another port (default: the one it listens on)."""
     if port is not None:
         host.nbd_port = port
+    if advertised_port is not None:
+        if not 0 < advertised_port < 65536:
+            raise HostError(f"advertised NBD port {advertised_port}: give 1 to 65535")
+        host.nbd_advertised_port = advertised_port
     if api_port is not None:
         host.api_port = api_port
     if max_chain_depth is not None:

@@ -99,7 +99,10 @@ class Host(Closing):
     """An initialised host directory, open: identity, PKI paths, metadata database.
 
     ``api_port``, ``nbd_port`` and ``max_chain_depth`` start as recorded in ``host.json``;
-    the daemon overrides them with its command-line options for the time it runs."""
+    the daemon overrides them with its command-line options for the time it runs.
+    ``nbd_advertised_port`` is the NBD port written in access info when it is not the one
+    the daemon listens on (a port forward, NAT, or a test's proxy in between); None: the
+    same."""
 
     def __init__(self, directory: str, identity: HostIdentity, metadata: Metadata):
         self.directory = directory
@@ -107,6 +110,7 @@ class Host(Closing):
         self.metadata = metadata
         self.api_port = identity.api_port
         self.nbd_port = identity.nbd_port
+        self.nbd_advertised_port: int | None = None
         self.max_chain_depth = identity.max_chain_depth
 
     # ------------------------------------------------------------------ making and opening

@@ -197,6 +197,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             port=args.nbd_port,
             api_port=args.api_port,
             max_chain_depth=args.max_chain_depth,
+            advertised_port=args.nbd_advertised_port,
         )
     return 0
 
@@ -289,6 +290,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--nbd-port", type=int, help="default: the port given at init")
+    p.add_argument(
+        "--nbd-advertised-port",
+        type=int,
+        help="the NBD port written in access info, when clients reach the NBD server through "
+        "another port (port forward, NAT, proxy); default: --nbd-port",
+    )
     p.add_argument("--api-port", type=int, help="default: the port given at init")
     p.add_argument("--max-chain-depth", type=int, help="default: the limit given at init")
     p.set_defaults(handler=_cmd_serve)

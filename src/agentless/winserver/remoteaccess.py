@@ -37,11 +37,12 @@ __all__ = ["access_info", "prepare_backup", "stop_remote_access", "update_backup
 
 
 def access_info(host: Host, grant: dict[str, Any], size: int) -> dict[str, Any]:
-    """How a backup system reaches a granted disk (as XenServer's vdi_nbd_server_info)."""
+    """How a backup system reaches a granted disk (as XenServer's vdi_nbd_server_info):
+    the host's first address and its advertised NBD port."""
     cert = host.server_cert_pem
     return {
         "address": host.identity.addresses[0],
-        "port": host.nbd_port,
+        "port": host.nbd_advertised_port or host.nbd_port,
         "export_name": grant["export_name"],
         "cert": cert,
         "subject": subject_of(cert),
