@@ -418,7 +418,7 @@ def test_serve_disk_over_a_unix_socket(tmp_path: Path) -> None:
     d = make_disk("vhd", tmp_path)
     d.close()
     leaf, sock = tmp_path / "leaf-1.vhd", tmp_path / "serve.sock"
-    with serve_disk(str(leaf), "--socket", str(sock), "--name", "disk") as uri:
+    with serve_disk(str(leaf), "--socket", str(sock), "--name", "disk", "--writable") as uri:
         assert uri == f"nbd+unix:///disk?socket={sock}"
         info = nbdinfo_json(uri)
         assert isinstance(info, dict)
@@ -437,15 +437,15 @@ def test_serve_disk_over_a_unix_socket(tmp_path: Path) -> None:
 
 def test_serve_disk_over_tcp_with_tls(tls_dir: serving.Pki, tmp_path: Path) -> None:
     """``winserver serve-disk FILE --port 0 --tls-cert --tls-key`` serves a raw file over
-    TLS, read-only when asked: nbdinfo with our CA sees it, nbdcopy copies it exactly, and a
-    plain-text client is refused."""
+    TLS on loopback, read-only, under a generated export name: nbdinfo with our CA sees it,
+    nbdcopy copies it exactly, and a plain-text client is refused."""
     d = make_disk("raw", tmp_path)
     d.close()
     path = tmp_path / "disk-1.raw"
-    args = ["--port", "0", "--bind", "127.0.0.1", "--read-only", "--name", "disk"]
+    args = ["--port", "0", "--read-only"]
     tls = ["--tls-cert", str(tls_dir.server_cert), "--tls-key", str(tls_dir.server_key)]
     with serve_disk(str(path), *args, *tls) as uri:
-        match = re.fullmatch(r"nbds://127\.0\.0\.1:(\d+)/disk", uri)
+        match = re.fullmatch(r"nbds://127\.0\.0\.1:(\d+)/([\w-]{43})", uri)
         assert match
         info = nbdinfo_json(f"{uri}?tls-certificates={tls_dir.dir}")
         assert isinstance(info, dict)
@@ -453,5 +453,6 @@ def test_serve_disk_over_tcp_with_tls(tls_dir: serving.Pki, tmp_path: Path) -> N
         out = tmp_path / "out.raw"
         run(["nbdcopy", f"{uri}?tls-certificates={tls_dir.dir}", str(out)])
         assert out.read_bytes() == d.model
-        assert run(["nbdinfo", f"nbd://127.0.0.1:{match.group(1)}/disk"], check=False).returncode != 0
+        plain = f"nbd://127.0.0.1:{match.group(1)}/{match.group(2)}"
+        assert run(["nbdinfo", plain], check=False).returncode != 0
     assert os.path.getsize(path) == SIZE

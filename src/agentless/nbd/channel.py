@@ -4,8 +4,12 @@ asyncio's stream transport copies every byte it cannot send at once into its own
 for NBD read replies of hundreds of KiB that copy costs more than the disk read. A
 :class:`Channel` instead keeps references to the caller's buffers and sends them with
 ``sendmsg`` straight from memory as the socket accepts them, waiting for writability on
-the loop in between. Reads go through a small buffer for headers, and large payloads are
-received straight into one bytearray.
+the loop in between. Large payloads are received straight into one bytearray; smaller
+reads land in a scratch buffer shared by the thread's channels and only the bytes that
+arrived are kept, so a connection waiting for a client's next bytes holds no buffer (an
+idle connection costs a few KiB, not the size of a receive buffer). How much a read may
+take beyond what it needs, ``readahead``, is small until the server raises it for the
+transmission phase: a client that has not negotiated cannot make the server buffer much.
 
 The same code drives TLS after ``NBD_OPT_STARTTLS``: the socket is wrapped in a
 non-blocking ``SSLSocket`` and ``SSLWantRead``/``SSLWantWrite`` become waits for
@@ -24,13 +28,30 @@ import itertools
 import os
 import socket
 import ssl
+import threading
 from collections import deque
 
-__all__ = ["Channel"]
+__all__ = ["BULK_READAHEAD", "Channel"]
 
 _RECV_SIZE = 256 * 1024
+# bytes a read may take beyond what it needs: small while negotiating (options are short;
+# a stranger's bytes are not worth buffering), large in transmission (many request headers
+# and small writes per receive)
+NEGOTIATION_READAHEAD = 4 * 1024
+BULK_READAHEAD = _RECV_SIZE
 _DIRECT_READ = 64 * 1024  # payloads larger than this are received into their own buffer
 _MAX_IOV = 64
+
+_local = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's receive buffer: filled by one synchronous ``recv_into`` and copied
+    out before the next ``await``, so every channel on the thread's loop can share it."""
+    scratch: memoryview | None = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = memoryview(bytearray(_RECV_SIZE))
+    return scratch
 
 
 class Channel:
@@ -45,6 +66,7 @@ class Channel:
         self._send_lock = asyncio.Lock()
         self._waiters: set[asyncio.Future[None]] = set()
         self.closed = False
+        self.readahead = NEGOTIATION_READAHEAD
 
     def get_extra_info(self, name: str) -> object:
         if name == "peername":
@@ -97,6 +119,14 @@ class Channel:
                 raise asyncio.IncompleteReadError(b"", None)
             return n
 
+    async def _fill(self, most: int) -> None:
+        """Receive between one and *most* bytes into the read buffer (IncompleteReadError
+        at EOF). Nothing is allocated while waiting: the bytes land in the shared scratch
+        buffer and are copied out before anything else runs on the loop."""
+        view = _scratch()[: min(most, _RECV_SIZE)]
+        got = await self._recv_into(view)
+        self._rbuf += view[:got]
+
     async def readexactly(self, n: int) -> bytearray:
         """Exactly *n* bytes; IncompleteReadError at EOF."""
         if n <= len(self._rbuf):
@@ -112,26 +142,22 @@ class Channel:
             while have < n:
                 have += await self._recv_into(view[have:])
             return data
-        chunk = bytearray(_RECV_SIZE)
         while len(self._rbuf) < n:
-            got = await self._recv_into(memoryview(chunk))
-            self._rbuf += memoryview(chunk)[:got]
+            await self._fill(max(n - len(self._rbuf), self.readahead))
         data = self._rbuf[:n]
         del self._rbuf[:n]
         return data
 
     async def read(self, n: int) -> bytes:
         """Up to *n* bytes (at least one); b"" at EOF."""
-        if self._rbuf:
-            data = bytes(self._rbuf[:n])
-            del self._rbuf[: len(data)]
-            return data
-        buf = bytearray(min(n, _RECV_SIZE))
-        try:
-            got = await self._recv_into(memoryview(buf))
-        except asyncio.IncompleteReadError:
-            return b""
-        return bytes(buf[:got])
+        if not self._rbuf:
+            try:
+                await self._fill(n)
+            except asyncio.IncompleteReadError:
+                return b""
+        data = bytes(self._rbuf[:n])
+        del self._rbuf[: len(data)]
+        return data
 
     # ------------------------------------------------------------------ writing
 

@@ -18,6 +18,10 @@ and a block status request is charged the largest reply it can have. A client th
 the protocol loses its own connection only; an export that fails a request unexpectedly
 fails that request only (EIO).
 
+Before any of that, :mod:`.limits` decides who gets in: TCP connections are capped in
+total and per peer address (refused ones are closed at once), and the whole negotiation
+must end within the handshake timeout.
+
 Replies follow the specification: EPERM for writes to a read-only export, ENOSPC for
 writes past the end, EINVAL for reads past the end, unknown commands or flags, requests
 not aligned to the export's minimum block size and lengths over the maximum.
@@ -28,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ipaddress
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -38,26 +40,22 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import pagecache
+from . import listener, pagecache
 from . import protocol as p
-from .channel import Channel
+from .channel import BULK_READAHEAD, Channel
 from .exports import Export, ExportError
+from .limits import CONNECTION_BUDGET, MAX_REQUESTS_IN_FLIGHT, Admission, Budget, Limits
 
-__all__ = ["ExportResolver", "NbdServer"]
+__all__ = ["MAX_REQUESTS_IN_FLIGHT", "ExportResolver", "Limits", "NbdServer"]
 
 log = logging.getLogger(__name__)
 
 # name -> export (or None if unknown); lets a host map grant tokens to exports
 ExportResolver = Callable[[str], Export | None]
 
-# bytes of request payloads and read replies in flight per connection
-CONNECTION_BUDGET = 64 * 1024 * 1024
-# requests in flight per connection (each holds a task and a reply until it is sent)
-MAX_REQUESTS_IN_FLIGHT = 256
 # most descriptors sent per context in one block status reply
 MAX_EXTENTS_PER_REPLY = 65536
 PREFERRED_BLOCK_SIZE = 4096
-NEGOTIATION_TIMEOUT = 30.0
 # after NBD_CMD_DISC, how long replies in flight may take before the connection is cut
 DISCONNECT_GRACE = 30.0
 
@@ -80,32 +78,6 @@ class _Disconnect(Exception):
     """End this connection quietly (abort, protocol violation, EOF)."""
 
 
-class _Budget:
-    """Bytes and requests in flight on one connection; a request waits until its bytes
-    fit and a request slot is free."""
-
-    def __init__(self, limit: int, requests: int = MAX_REQUESTS_IN_FLIGHT):
-        self.limit = limit
-        self.used = 0
-        self.requests = requests
-        self.in_flight = 0
-        self._cond = asyncio.Condition()
-
-    async def acquire(self, n: int) -> None:
-        n = min(n, self.limit)
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used + n <= self.limit and self.in_flight < self.requests)
-            self.used += n
-            self.in_flight += 1
-
-    async def release(self, n: int) -> None:
-        n = min(n, self.limit)
-        async with self._cond:
-            self.used -= n
-            self.in_flight -= 1
-            self._cond.notify_all()
-
-
 class NbdServer:
     """Serves exports by name.
 
@@ -113,7 +85,7 @@ class NbdServer:
     lists nothing unless *listing* says what to list). With a *tls* context, TCP clients
     must negotiate TLS first (``NBD_OPT_STARTTLS``); unix socket clients only when
     *tls_on_unix* is set. ``tls=None`` serves plain NBD everywhere – meant for unix sockets
-    and loopback tests.
+    and loopback tests. *limits* bound the connections (:class:`.limits.Limits`).
     """
 
     def __init__(
@@ -125,6 +97,7 @@ class NbdServer:
         listing: Callable[[], list[tuple[str, str]]] | None = None,
         workers: int = 8,
         budget: int = CONNECTION_BUDGET,
+        limits: Limits | None = None,
     ):
         if callable(exports):
             self._resolve: ExportResolver = exports
@@ -136,6 +109,8 @@ class NbdServer:
         self.tls = tls
         self.tls_on_unix = tls_on_unix
         self.budget = budget
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="nbd-io"
         )
@@ -147,15 +122,7 @@ class NbdServer:
 
     async def serve_unix(self, path: str) -> None:
         """Listen on the unix socket *path* (replaced if it exists)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(path)
-        except BaseException:
-            listener.close()
-            raise
-        self._listen(listener, self.tls if self.tls_on_unix else None)
+        self._listen(listener.unix_socket(path), self.tls if self.tls_on_unix else None)
 
     async def serve_tcp(self, host: str, port: int, *, plain: bool = False) -> int:
         """Listen on *host*:*port* (0 picks a free port); returns the port.
@@ -163,50 +130,27 @@ class NbdServer:
         TCP clients must use TLS: without a TLS context this refuses, unless *plain* is
         set explicitly and *host* is a loopback address (tests, local benchmarks).
         """
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, address = infos[0]
-        if self.tls is None:
-            if not plain:
-                raise ValueError("NBD over TCP needs TLS (or plain=True on loopback)")
-            if not ipaddress.ip_address(address[0]).is_loopback:
-                raise ValueError(f"plain NBD over TCP is only allowed on loopback, not {host}")
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(address)
-        except BaseException:
-            listener.close()
-            raise
-        self._listen(listener, self.tls)
-        return int(listener.getsockname()[1])
+        sock = await listener.tcp_socket(host, port, tls=self.tls is not None, plain=plain)
+        self._listen(sock, self.tls)
+        return int(sock.getsockname()[1])
 
-    def _listen(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
-        listener.listen(128)
-        listener.setblocking(False)
-        self._listeners.append(listener)
-        task = asyncio.create_task(self._accept_loop(listener, tls))
+    def _listen(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def handle(accepted: socket.socket, key: str | None) -> None:
+            self._track(asyncio.create_task(self._accept(Channel(accepted, loop), tls, key)))
+
+        self._listeners.append(sock)
+        self._track(asyncio.create_task(listener.accept_loop(sock, self.admission, handle)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._accepting.add(task)
         task.add_done_callback(self._accepting.discard)
 
-    async def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError as error:
-                log.warning("nbd: accept failed: %s", error)
-                await asyncio.sleep(0.1)
-                continue
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(self._accept(Channel(sock, loop), tls))
-            self._accepting.add(task)
-            task.add_done_callback(self._accepting.discard)
-
     async def close(self) -> None:
         """Stop listening, drop every connection, wait for them to end."""
-        for listener in self._listeners:
-            listener.close()
+        for sock in self._listeners:
+            sock.close()
         for conn in list(self._connections):
             conn.abort()
         for task in list(self._accepting):
@@ -241,13 +185,17 @@ class NbdServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    async def _accept(self, channel: Channel, tls: ssl.SSLContext | None) -> None:
-        conn = _Connection(self, channel, tls)
-        self._connections.add(conn)
+    async def _accept(self, channel: Channel, tls: ssl.SSLContext | None, key: str | None) -> None:
         try:
-            await conn.run()
+            conn = _Connection(self, channel, tls)
+            self._connections.add(conn)
+            try:
+                await conn.run()
+            finally:
+                self._connections.discard(conn)
         finally:
-            self._connections.discard(conn)
+            channel.abort()
+            self.admission.release(key)
 
     async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -273,7 +221,7 @@ class _Connection:
         self.contexts: dict[int, str] = {}  # id -> name, for the negotiated export
         self._context_export: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._budget = _Budget(server.budget)
+        self._budget = Budget(server.budget)
         self._buffers: dict[int, list[bytearray]] = {}
         peer = channel.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
@@ -283,8 +231,9 @@ class _Connection:
 
     async def run(self) -> None:
         try:
-            await asyncio.wait_for(self._negotiate(), NEGOTIATION_TIMEOUT)
+            await asyncio.wait_for(self._negotiate(), self.server.limits.handshake_timeout)
             if self.export is not None:
+                self.reader.readahead = BULK_READAHEAD
                 await self._transmission()
         except (
             _Disconnect,
