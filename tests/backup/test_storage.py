@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -288,6 +289,38 @@ def test_local_failed_put_keeps_the_old_object(tmp_path: Path, monkeypatch: pyte
     monkeypatch.undo()
     assert backend.get("config") == b"old"
     assert os.listdir(tmp_path) == ["config"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o277])
+def test_local_makes_private_files_and_directories_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """Issue 13 item 7: repository files were 0644 and directories 0755 (the key file
+    invites an offline password guess). Everything the backend makes is 0600 / 0700 –
+    the root and the parents it makes too – whatever the umask; what existed keeps its
+    mode."""
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing").chmod(0o755)
+    old = os.umask(umask)
+    try:
+        backend = LocalBackend(tmp_path / "existing" / "made" / "repo")
+        for name in ("config", "keys/0123", "data/3f/3f00", "data/3f/3f01"):
+            backend.put(name, b"x")
+        backend.put("config", b"overwritten")
+    finally:
+        os.umask(old)
+    made = [tmp_path / "existing" / "made", *(tmp_path / "existing" / "made").rglob("*")]
+    modes = {str(p.relative_to(tmp_path / "existing")): stat.S_IMODE(p.stat().st_mode) for p in made}
+    assert modes == {
+        "made": 0o700,
+        "made/repo": 0o700,
+        "made/repo/config": 0o600,
+        "made/repo/keys": 0o700,
+        "made/repo/keys/0123": 0o600,
+        "made/repo/data": 0o700,
+        "made/repo/data/3f": 0o700,
+        "made/repo/data/3f/3f00": 0o600,
+        "made/repo/data/3f/3f01": 0o600,
+    }
+    assert stat.S_IMODE((tmp_path / "existing").stat().st_mode) == 0o755  # not the backend's
 
 
 def test_local_crash_leftovers_are_not_listed(tmp_path: Path) -> None:

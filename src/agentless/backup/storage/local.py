@@ -14,6 +14,11 @@ Directories made for a name are fsynced into their parents too. ``delete`` does 
 fsync: an object that comes back after a crash is one the repository had to expect.
 
 Nothing is made until the first ``put``: reading a missing root finds no objects.
+
+Everything the backend makes is private to its user, whatever the umask: files 0600,
+directories 0700 (the root and its missing parents too). A repository holds disk images
+and, in ``keys/``, what an offline password guess starts from. A directory that existed
+before keeps its mode.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .backend import NotFound, StorageError, check_name, check_prefix, check_ran
 __all__ = ["LocalBackend"]
 
 _TEMP_SUFFIX = ".tmp~"
+FILE_MODE, DIR_MODE = 0o600, 0o700
 
 
 class LocalBackend(Closing):
@@ -63,8 +69,12 @@ class LocalBackend(Closing):
             directory = directory.parent
         for path in reversed(missing):
             # made meanwhile by a concurrent put: sync it all the same, this put may win the race
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path)
+            try:
+                os.mkdir(path, DIR_MODE)
+            except FileExistsError:
+                pass
+            else:
+                os.chmod(path, DIR_MODE)  # the umask may have taken more than the group's bits
             _fsync_dir(path.parent)
 
     # ------------------------------------------------------------------ the interface
@@ -74,9 +84,10 @@ class LocalBackend(Closing):
         temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{_TEMP_SUFFIX}")
         try:
             self._make_dirs(path.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 try:
+                    os.fchmod(fd, FILE_MODE)  # exactly 0600, whatever the umask
                     view = memoryview(data).cast("B")
                     while view:
                         view = view[os.write(fd, view) :]
