@@ -246,7 +246,8 @@ def test_dangling_index_entries_and_records_are_cleaned(scene: Scene) -> None:
     ghost = "data/00/" + "0" * 64
     dangling = repo.write_index_file({bytes(31) + b"\x07": BlobLocation(ghost, 9, 10, "data", 5)})
     scene.backend.put(
-        "condemned/00000000000000ee", repo.keys.seal_meta(CONDEMNED_KIND, {"time": 1, "packs": [ghost]})
+        "condemned/00000000000000ee",
+        repo.keys.seal_meta(CONDEMNED_KIND, {"time": 1, "packs": [ghost]}, "condemned/00000000000000ee"),
     )
     assert not verify(reopen(scene.backend)).ok
     gc(reopen(scene.backend))

@@ -1,11 +1,14 @@
 """The repository core: blobs written through a BlobWriter read back one by one and in
-batches (read_many), encrypted and not; a wrong password; restore points by prefix."""
+batches (read_many), encrypted and not; a wrong password; restore points by prefix;
+metadata bound to its name (a swapped object is refused), the config authenticated (an
+altered one is refused), scrypt parameters bounded, repositories of format 1 still open."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,12 @@ import blake3
 import pytest
 
 import agentless.backup.repository as repository_module
-from agentless.backup.keys import WrongPassword
-from agentless.backup.repository import ZERO, Repository, RepositoryError
+from agentless.backup.keys import CorruptError, WrongPassword
+from agentless.backup.repository import CONDEMNED_KIND, ZERO, Repository, RepositoryError
+from agentless.backup.storage import LocalBackend
+from agentless.backup.verify import verify
+from tests.backup.conftest import vmbackup
+from tests.backup.legacy import to_format_1
 
 
 @pytest.mark.parametrize("password", [None, "secret"])
@@ -59,7 +66,8 @@ def test_ids_and_pack_names_use_the_repository_hash(tmp_path: Path, password: st
                 blob = writer.add(chunk)
                 writer.flush()
             key = repository.keys.id_key
-        if hashing == "sha256":  # as such a repository's config was written
+        if hashing == "sha256":  # as such a repository was written: format 1, no hash in its config
+            to_format_1(LocalBackend(location), password)
             config = json.loads((location / "config").read_text())
             del config["hash"]
             (location / "config").write_text(json.dumps(config))
@@ -112,3 +120,243 @@ def test_a_cache_of_unlocked_keys_derives_each_key_once(
     assert len(derived) == 2 and len(cache) == 2
     with pytest.raises(WrongPassword):
         Repository.open(first, "not the password")  # without the cache: derived, refused
+
+
+# ---------------------------------------------------------------------- objects bound to their names
+
+
+def _two_points(backend: LocalBackend, password: str | None) -> tuple[str, str]:
+    with Repository.init(backend, password) as repository:
+        older = repository.save_point({"time": "2026-11-24T05:00:00Z", "disks": [], "vm": {"name": "old"}})
+        newer = repository.save_point({"time": "2026-11-25T05:00:00Z", "disks": [], "vm": {"name": "new"}})
+    return older, newer
+
+
+@pytest.mark.parametrize("format", [1, 2])
+@pytest.mark.parametrize("password", [None, "secret"])
+def test_a_restore_point_copied_over_another_or_renamed_is_refused(
+    tmp_path: Path, password: str | None, format: int
+) -> None:
+    """Issue 13 item 4: a point file copied over another was listed twice and exported
+    as the other. Now a point is bound to its name (format 2) and its id is checked
+    against the name (any format): the copy is refused, naming both."""
+    backend = LocalBackend(tmp_path / "repo")
+    older, newer = _two_points(backend, password)
+    if format == 1:
+        to_format_1(backend, password)
+    points = tmp_path / "repo" / "points"
+    (points / newer).write_bytes((points / older).read_bytes())
+    holds = f"points/{older}" if format == 2 else f"restore point '{older}'"
+    with Repository.open(backend, password) as repository:
+        assert repository.load_point(older)["vm"]["name"] == "old"
+        with pytest.raises(CorruptError, match=f"points/{newer}: holds {holds}.*swapped or renamed"):
+            repository.load_point(newer)
+        with pytest.raises(CorruptError, match="swapped or renamed"):
+            repository.points()  # `vmbackup list`: never one id twice
+    (points / newer).unlink()
+    (points / older).rename(points / "0123456789abcdef")
+    with (
+        Repository.open(backend, password) as repository,
+        pytest.raises(CorruptError, match=f"points/0123456789abcdef: holds {holds}"),
+    ):
+        repository.load_point("0123456789abcdef")
+
+
+@pytest.mark.parametrize("password", [None, "secret"])
+def test_an_index_file_or_condemned_list_copied_over_another_is_refused(
+    tmp_path: Path, password: str | None
+) -> None:
+    """Index files are named by the (keyed) hash of their bytes, condemned lists are
+    bound to their names: one copied over another is never read as the other."""
+    backend = LocalBackend(tmp_path / "repo")
+    with Repository.init(backend, password) as repository:
+        for content in (b"a", b"b"):
+            with repository.writer() as writer:
+                writer.add(content * 65536)
+                writer.flush()
+        for name in ("condemned/00000000000000aa", "condemned/00000000000000bb"):
+            document = {"time": 1.0, "packs": [f"data/00/{name[-2:] * 32}"]}
+            backend.put(name, repository.keys.seal_meta(CONDEMNED_KIND, document, name))
+    first, second = sorted(backend.list("index/"))
+    backend.put(second, backend.get(first))
+    backend.put("condemned/00000000000000bb", backend.get("condemned/00000000000000aa"))
+    with Repository.open(backend, password) as repository:
+        assert len(repository.read_index_file(first)) == 1
+        with pytest.raises(CorruptError, match=f"{second}: its content is not that name's"):
+            repository.index()
+        with pytest.raises(
+            CorruptError, match="holds condemned/00000000000000aa, not condemned/00000000000000bb"
+        ):
+            repository.condemned()
+
+
+# ---------------------------------------------------------------------- the config
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"encrypted": False}, "not encrypted, but it holds key files"),
+        ({"hash": "sha256"}, "authentication failed"),
+        ({"chunk_size": 131072}, "authentication failed"),
+        ({"created": "2020-01-01T00:00:00Z"}, "authentication failed"),
+        ({"version": 1, "mac": None}, "of format 1 .* the config was replaced"),
+        ({"encrypted": False, "mac": None, "version": 1}, "not encrypted, but it holds key files"),
+    ],
+)
+def test_an_altered_config_of_an_encrypted_repository_is_refused(
+    tmp_path: Path, change: dict[str, Any], error: str
+) -> None:
+    """Issue 13 item 5: ``"encrypted": false`` in the config made a backup store VM data
+    in plaintext. The config is authenticated (format 2: a MAC under the master key; the
+    key file binds the key to the repository), and a repository with key files never
+    opens as unencrypted: every alteration is refused before anything is written."""
+    location = tmp_path / "repo"
+    Repository.init(str(location), "secret").close()
+    config = json.loads((location / "config").read_text()) | change
+    (location / "config").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    before = _files(location)
+    for password in ("secret", None) if change.get("encrypted") is False else ("secret",):
+        with (
+            pytest.raises(CorruptError, match=error),
+            Repository.open(str(location), password) as repository,
+            repository.writer() as writer,
+        ):
+            writer.add(b"plaintext VM data " * 3641)
+            writer.flush()
+    assert _files(location) == before
+
+
+def test_a_config_of_another_repository_is_refused(tmp_path: Path) -> None:
+    """Two repositories under the same password: one's config copied over the other's
+    does not check under the other's key (and names both repositories)."""
+    Repository.init(str(tmp_path / "one"), "secret").close()
+    Repository.init(str(tmp_path / "two"), "secret").close()
+    (tmp_path / "two" / "config").write_bytes((tmp_path / "one" / "config").read_bytes())
+    with pytest.raises(
+        CorruptError, match=r"two/config: of repository \S+, but the key file is of repository"
+    ):
+        Repository.open(str(tmp_path / "two"), "secret")
+
+
+def test_an_altered_config_of_an_unencrypted_repository_fails_its_checksum(tmp_path: Path) -> None:
+    """Without encryption nothing is secret: the config's checksum catches accidents."""
+    location = tmp_path / "repo"
+    Repository.init(str(location)).close()
+    config = json.loads((location / "config").read_text())
+    (location / "config").write_text(json.dumps(config | {"chunk_size": 1 << 20}))
+    with pytest.raises(CorruptError, match="config: checksum mismatch"):
+        Repository.open(str(location))
+    (location / "config").write_text(json.dumps(config | {"chunk_size": 1 << 40, "version": 1}))
+    with pytest.raises(CorruptError, match="chunk size 1099511627776: not a positive multiple"):
+        Repository.open(str(location))
+
+
+@pytest.mark.parametrize("password", [None, "secret"])
+def test_a_repository_of_format_1_opens_and_takes_new_points_in_format_2(
+    tmp_path: Path, password: str | None
+) -> None:
+    """A repository the previous version wrote (config without MAC, key file bound to
+    nothing, metadata bound to its kind only) opens, reads and verifies as before; what
+    this version adds to it is bound to its names."""
+    backend = LocalBackend(tmp_path / "repo")
+    with Repository.init(backend, password) as repository, repository.writer() as writer:
+        blob = writer.add(b"old data " * 7282)
+        writer.flush()
+        old_point = repository.save_point({"time": "2026-11-24T05:00:00Z", "disks": []})
+    to_format_1(backend, password)
+    assert json.loads(backend.get("config"))["version"] == 1
+    assert backend.get(f"points/{old_point}")[8] == 1
+    with Repository.open(backend, password) as repository:
+        assert repository.read_blob(blob) == b"old data " * 7282
+        assert [p["id"] for p in repository.points()] == [old_point]
+        new_point = repository.save_point({"time": "2026-11-25T05:00:00Z", "disks": []})
+        assert verify(repository, read_data=True).ok
+    assert backend.get(f"points/{new_point}")[8] == 2
+    with Repository.open(backend, password) as repository:
+        assert [p["id"] for p in repository.points()] == [old_point, new_point]
+
+
+# ---------------------------------------------------------------------- key files
+
+
+@pytest.mark.parametrize(
+    ("kdf", "accepted"),
+    [
+        ({"n": 1 << 20}, False),  # the review's planted file: 8 s and 1.1 GB per open
+        ({"n": 1 << 24}, False),  # 16 GiB
+        ({"n": (1 << 15) + 2}, False),  # not a power of two
+        ({"n": 1 << 10}, False),  # too cheap to guess
+        ({"r": 4096}, False),
+        ({"p": 1 << 20}, False),
+        ({"n": 1 << 17, "r": 16}, False),  # 256 MiB
+        ({"n": "32768"}, False),
+        ({"n": 1 << 14}, True),
+    ],
+)
+def test_a_key_file_with_scrypt_parameters_out_of_bounds_is_refused_before_deriving(
+    tmp_path: Path, kdf: dict[str, Any], accepted: bool
+) -> None:
+    """Issue 13 item 8: scrypt's parameters come from the key file, i.e. from whoever can
+    write the repository. Out of bounds, the file is refused with one line naming it –
+    no scrypt run – and another key file still opens the repository."""
+    location = tmp_path / "repo"
+    Repository.init(str(location), "secret").close()
+    [real] = (location / "keys").iterdir()
+    document = json.loads(real.read_text())
+    planted = location / "keys" / ("0" * 32)  # sorts first: tried first
+    planted.write_text(json.dumps(document | {"kdf": document["kdf"] | kdf}))
+    with Repository.open(str(location), "secret") as repository:  # the real key opens it
+        assert repository.keys.encrypted
+    real.unlink()
+    if accepted:
+        with pytest.raises(WrongPassword):  # derived: a wrong key for these parameters
+            Repository.open(str(location), "secret")
+        return
+    with pytest.raises(CorruptError, match=f"keys/{'0' * 32}: (scrypt parameters .* are outside|malformed)"):
+        Repository.open(str(location), "secret")
+
+
+# ---------------------------------------------------------------------- what the command says
+
+
+def test_the_command_refuses_an_altered_repository_in_one_line(tmp_path: Path) -> None:
+    """The new refusals reach the user as one line and exit code 1, and a backup into an
+    encrypted repository whose config says otherwise writes nothing (it stops before
+    WinCenter is even asked)."""
+    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "cfg.json"), "VMBACKUP_PASSWORD": "secret"}
+    env.pop("VMBACKUP_REPO", None)
+    location = tmp_path / "repo"
+    older, newer = _two_points(LocalBackend(location), "secret")
+
+    def refused(*args: str) -> str:
+        done = vmbackup(env, *args, "--repo", str(location))
+        assert done.returncode == 1 and done.stdout == "", done
+        [line] = done.stderr.splitlines()
+        assert line.startswith("vmbackup: ")
+        return line
+
+    points = location / "points"
+    (points / newer).write_bytes((points / older).read_bytes())
+    assert f"points/{newer}: holds points/{older}" in refused("list")
+    (points / newer).unlink()
+
+    config = location / "config"
+    sound = config.read_bytes()
+    config.write_text(json.dumps(json.loads(sound) | {"encrypted": False}))
+    before = _files(location)
+    for password in ("secret", None):
+        env["VMBACKUP_PASSWORD"] = password or ""
+        assert "but it holds key files" in refused("backup", "--vm", "vm1")
+    assert _files(location) == before
+    env["VMBACKUP_PASSWORD"] = "secret"
+    config.write_bytes(sound)
+
+    [key] = (location / "keys").iterdir()
+    document = json.loads(key.read_text())
+    key.write_text(json.dumps(document | {"kdf": document["kdf"] | {"n": 1 << 24}}))
+    assert "scrypt parameters n=16777216 r=8 p=1 are outside the bounds" in refused("list")

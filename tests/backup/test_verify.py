@@ -5,6 +5,7 @@ restore points it breaks are named."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,52 @@ def test_a_flipped_bit_in_a_restore_point_names_it(scene: Scene) -> None:
         assert len(problems) == 1 and point in problems[0]
 
 
+@pytest.mark.parametrize("password", [None, "secret"])
+def test_a_restore_point_copied_over_another_or_renamed_is_a_problem_naming_it(password: str | None) -> None:
+    """Issue 13 item 4: a point file copied over another made ``verify --read-data``
+    report nothing. Now it is one problem line naming the point, which is affected."""
+    scene = build(MemoryBackend(), password)
+    older, newer = scene.a1.point, scene.b1.point
+    scene.backend.put(f"points/{newer}", scene.backend.get(f"points/{older}"))
+    for read_data in (False, True):
+        report = verify(reopen(scene.backend, password), read_data=read_data)
+        assert report.problems == [
+            f"restore point {newer}: points/{newer}: holds points/{older}, not points/{newer} "
+            "(swapped or renamed)"
+        ]
+        assert report.affected == [newer]
+    scene.backend.delete(f"points/{newer}")
+    scene.backend.put("points/0123456789abcdef", scene.backend.get(f"points/{older}"))
+    scene.backend.delete(f"points/{older}")
+    report = verify(reopen(scene.backend, password))
+    assert len(report.problems) == 1 and "points/0123456789abcdef: holds points/" in report.problems[0]
+    assert report.affected == ["0123456789abcdef"]
+
+
+def test_an_index_file_copied_over_another_is_a_problem_naming_it(scene: Scene) -> None:
+    (a1_index,) = scene.a1.index_files
+    (b1_index,) = scene.b1.index_files
+    scene.backend.put(b1_index, scene.backend.get(a1_index))
+    problems, affected = check(scene.backend)
+    assert (
+        f"index file {b1_index}: {b1_index}: its content is not that name's (swapped or renamed)" in problems
+    )
+    assert affected == [scene.b1.point]  # its blobs are indexed nowhere else
+
+
+def test_a_key_file_out_of_bounds_is_a_problem() -> None:
+    backend = MemoryBackend()
+    build(backend, password="secret")
+    [name] = backend.list("keys/")
+    document = json.loads(backend.get(name))
+    backend.put("keys/" + "0" * 32, json.dumps(document | {"kdf": document["kdf"] | {"n": 1 << 20}}).encode())
+    report = verify(reopen(backend, "secret"))
+    assert len(report.problems) == 1 and report.affected == []
+    assert report.problems[0].startswith(
+        f"key file keys/{'0' * 32}: scrypt parameters n=1048576 r=8 p=1 are outside"
+    )
+
+
 def test_a_flipped_bit_in_a_pack_trailer_is_a_problem_that_breaks_no_point(scene: Scene) -> None:
     (pack,) = scene.b1.packs
     size = scene.backend.size(pack)
@@ -174,7 +221,8 @@ def test_a_blob_held_only_by_a_condemned_pack_is_a_problem(scene: Scene) -> None
     (pack,) = scene.b1.packs
     repo = reopen(scene.backend)
     scene.backend.put(
-        "condemned/00000000000000aa", repo.keys.seal_meta(CONDEMNED_KIND, {"time": 1.0, "packs": [pack]})
+        "condemned/00000000000000aa",
+        repo.keys.seal_meta(CONDEMNED_KIND, {"time": 1.0, "packs": [pack]}, "condemned/00000000000000aa"),
     )
     problems, affected = check(scene.backend, read_data=False)
     assert affected == [scene.b1.point]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,19 @@ def test_never_overwrites(tmp_path: Path) -> None:
         vhd.create_dynamic(path, MiB)
     assert path.read_bytes() == b"precious"
     assert sorted(os.listdir(tmp_path)) == ["x.vhd"]
+
+
+def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Disks, and raw images exported from them, hold a guest's data: 0600 even under an
+    empty umask."""
+    old = os.umask(0)
+    try:
+        vhd.create_fixed(tmp_path / "f.vhd", MiB)
+        vhd.create_dynamic(tmp_path / "d.vhd", MiB)
+        vhd.create_differencing(tmp_path / "c.vhd", tmp_path / "d.vhd")
+        vhd.export_raw(tmp_path / "c.vhd", tmp_path / "c.raw")
+        vhd.import_raw(tmp_path / "c.raw", tmp_path / "i.vhd")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["f.vhd", "d.vhd", "c.vhd", "c.raw", "i.vhd"], 0o600)

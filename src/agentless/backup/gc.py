@@ -62,7 +62,7 @@ import time
 from .keys import CorruptError, RepositoryError
 from .locks import Lock, active_locks
 from .packs import BlobLocation, PackBuilder
-from .repository import CONDEMNED_KIND, POINT_KIND, ZERO, Repository
+from .repository import CONDEMNED_KIND, ZERO, Repository
 from .storage import NotFound
 
 __all__ = ["MARGIN", "GcError", "GcReport", "gc"]
@@ -177,7 +177,7 @@ class _Collection:
         for name in names:
             point_id = name.rsplit("/", 1)[1]
             try:
-                document = self.keys.open_meta(POINT_KIND, self.backend.get(name), name)
+                document = self.repo.read_point(point_id)
                 pages = [bytes.fromhex(str(p)) for disk in document["disks"] for p in disk["pages"]]
             except NotFound:
                 continue  # pruned meanwhile
@@ -253,7 +253,8 @@ class _Collection:
             return
         now = time.time()
         name = f"condemned/{secrets.token_hex(8)}"
-        self.backend.put(name, self.keys.seal_meta(CONDEMNED_KIND, {"time": now, "packs": sorted(packs)}))
+        document = {"time": now, "packs": sorted(packs)}
+        self.backend.put(name, self.keys.seal_meta(CONDEMNED_KIND, document, name))
         self.drop_from_records(packs)
         self.records.append(_Record(name, now, set(packs)))
 
@@ -265,7 +266,7 @@ class _Collection:
             record.packs -= packs
             if record.packs:
                 document = {"time": record.time, "packs": sorted(record.packs)}
-                self.backend.put(record.name, self.keys.seal_meta(CONDEMNED_KIND, document))
+                self.backend.put(record.name, self.keys.seal_meta(CONDEMNED_KIND, document, record.name))
             else:
                 self.backend.delete(record.name)
                 self.records.remove(record)

@@ -80,9 +80,8 @@ class PackBuilder:
 
     def finish(self) -> tuple[str, bytes, dict[bytes, BlobLocation]]:
         """(name, bytes, where each blob is) of the finished pack."""
-        trailer = self.keys.seal_meta(
-            TRAILER_KIND, [[b.hex(), kind, off, length, raw] for b, kind, off, length, raw in self._entries]
-        )
+        entries = [[b.hex(), kind, off, length, raw] for b, kind, off, length, raw in self._entries]
+        trailer = self.keys.seal_meta(TRAILER_KIND, entries, "")  # the pack's name is the hash of it all
         data = b"".join([*self._parts, trailer, _TAIL.pack(len(trailer), PACK_END)])
         name = pack_name(self.keys, data)
         locations = {
@@ -103,7 +102,7 @@ def read_trailer(keys: Keys, name: str, data: bytes) -> dict[bytes, BlobLocation
     if end != PACK_END or length > len(data) - len(_HEAD) - _TAIL.size:
         raise CorruptError(f"{name}: bad pack trailer", name)
     trailer = data[len(data) - _TAIL.size - length : len(data) - _TAIL.size]
-    entries = keys.open_meta(TRAILER_KIND, trailer, name)
+    entries = keys.open_meta(TRAILER_KIND, trailer, "", where=name)
     try:
         return {
             bytes.fromhex(blob): BlobLocation(name, int(off), int(size), str(kind), int(raw))

@@ -1,7 +1,8 @@
 """The backup repository: content-addressed, deduplicated, compressed, optionally
 encrypted, over any storage backend. ``docs/repository.md`` is the format's reference::
 
-    config                 what the repository is (magic, version, id, chunk size, hash, encrypted)
+    config                 what the repository is (magic, version, id, chunk size, hash, encrypted,
+                           MAC: :mod:`.repoconfig`)
     keys/<id>              the master key wrapped under a password (encrypted repositories)
     data/<2 hex>/<64 hex>  packs of sealed blobs (:mod:`.packs`)
     index/<64 hex>         which blobs are in which packs (written after the packs)
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import datetime
-import json
 import re
 import secrets
 import threading
@@ -31,12 +30,11 @@ from agentless.lifetime import Closing
 from .keys import HASHES, CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
 from .locks import Lock
 from .packs import BlobLocation, PackBuilder
+from .repoconfig import check_chunk_size, check_config, encode_config, new_config, parse_config
 from .storage import Backend, NotFound, open_backend
 
 __all__ = ["CHUNK_SIZE", "ZERO", "BlobWriter", "Repository", "RepositoryError"]
 
-CONFIG_MAGIC = "agentless-vmbackup-repository"
-CONFIG_VERSION = 1
 CHUNK_SIZE = 65536  # = the CBT block: an incremental reads and stores whole chunks
 ZERO = bytes(32)  # the id of an all-zero chunk: never stored, restored as a hole
 _GAP = 256 << 10  # read over holes of up to this much between wanted blobs...
@@ -51,6 +49,8 @@ class Repository(Closing):
     """An open repository. Thread-safe for reading; writes go through :meth:`writer`."""
 
     def __init__(self, backend: Backend, config: dict[str, Any], keys: Keys):
+        if bool(config.get("encrypted")) != keys.encrypted:  # never plaintext into an encrypted one
+            raise RepositoryError(f"{backend.location}: the keys do not match the config's encryption")
         self.backend = backend
         self.config = config
         self.keys = keys
@@ -83,28 +83,19 @@ class Repository(Closing):
                 raise RepositoryError(
                     "encrypted keys need a password" if keys.encrypted else "a password needs encrypted keys"
                 )
-        if chunk_size <= 0 or chunk_size % 512:
-            raise RepositoryError(f"chunk size {chunk_size}: not a positive multiple of 512")
+        check_chunk_size(chunk_size)
         backend = open_backend(location) if isinstance(location, str) else location
         try:
             if backend.exists("config"):
                 raise RepositoryError(f"{backend.location}: a repository exists there already")
             if keys is None:
                 keys = Keys.generate(hash or "blake3") if password else Keys(hash=hash or "blake3")
+            repository_id = str(uuid.uuid4())
             if password:
-                backend.put(f"keys/{secrets.token_hex(16)}", make_key_file(keys, password))
-            config = {
-                "magic": CONFIG_MAGIC,
-                "version": CONFIG_VERSION,
-                "id": str(uuid.uuid4()),
-                "chunk_size": chunk_size,
-                "hash": keys.hash,
-                "encrypted": bool(password),
-                "created": _now(),
-            }
-            backend.put(
-                "config", json.dumps(config, indent=2).encode() + b"\n"
-            )  # last: the repository exists
+                backend.put(f"keys/{secrets.token_hex(16)}", make_key_file(keys, password, repository_id))
+                keys = dataclasses.replace(keys, repository_id=repository_id)
+            config = new_config(repository_id, chunk_size, keys.hash, bool(password))
+            backend.put("config", encode_config(config, keys))  # last: the repository exists
         except BaseException:
             backend.close()
             raise
@@ -122,17 +113,9 @@ class Repository(Closing):
         backend = open_backend(location) if isinstance(location, str) else location
         try:
             try:
-                config = json.loads(backend.get("config"))
+                config = parse_config(backend.get("config"), backend.location)
             except NotFound:
                 raise RepositoryError(f"{backend.location}: no repository (run `vmbackup init`)") from None
-            except ValueError:
-                raise CorruptError(f"{backend.location}/config: malformed", "config") from None
-            if not isinstance(config, dict) or config.get("magic") != CONFIG_MAGIC:
-                raise RepositoryError(f"{backend.location}: not a vmbackup repository")
-            if config.get("version") != CONFIG_VERSION:
-                raise RepositoryError(
-                    f"{backend.location}: repository format {config.get('version')} is unknown"
-                )
             hash_name = config.get("hash", "sha256")  # repositories from before BLAKE3 have none
             if hash_name not in HASHES:
                 raise RepositoryError(f"{backend.location}: hash {hash_name!r} is unknown to this version")
@@ -140,10 +123,18 @@ class Repository(Closing):
             if config.get("encrypted"):
                 if not password:
                     raise RepositoryError("the repository is encrypted: give its password")
-                known = None if unlocked is None else unlocked.get(str(config.get("id")))
+                cached = f"{backend.location} {config['id']}"  # a config copied elsewhere: derived anew
+                known = None if unlocked is None else unlocked.get(cached)
                 keys = known or dataclasses.replace(_unlock(backend, password), hash=hash_name)
                 if unlocked is not None:
-                    unlocked[str(config.get("id"))] = keys
+                    unlocked[cached] = keys
+            elif next(iter(backend.list("keys/")), None) is not None:
+                raise CorruptError(
+                    f"{backend.location}/config says the repository is not encrypted, but it holds "
+                    "key files: the config was altered; refused (nothing is written in plaintext)",
+                    "config",
+                )
+            check_config(config, keys, backend.location)
         except BaseException:
             backend.close()
             raise
@@ -173,7 +164,13 @@ class Repository(Closing):
             return self._index
 
     def read_index_file(self, name: str) -> dict[bytes, BlobLocation]:
-        document = self.keys.open_meta(INDEX_KIND, self.backend.get(name), name)
+        """The entries of the index file *name*, checked: its tag (or checksum), and its
+        name, which is the id of its bytes (a keyed hash when encrypted) – an index file
+        copied over another or renamed is a CorruptError, never read as the other."""
+        data = self.backend.get(name)
+        document = self.keys.open_meta(INDEX_KIND, data, "", where=name)
+        if name != f"index/{self.keys.blob_id(data).hex()}":
+            raise CorruptError(f"{name}: its content is not that name's (swapped or renamed)", name)
         try:
             return {
                 bytes.fromhex(blob): BlobLocation(pack, int(off), int(size), str(kind), int(raw))
@@ -187,7 +184,7 @@ class Repository(Closing):
         packs: dict[str, list[list[object]]] = {}
         for blob, where in locations.items():
             packs.setdefault(where.pack, []).append(where.entry(blob))
-        data = self.keys.seal_meta(INDEX_KIND, {"packs": packs})
+        data = self.keys.seal_meta(INDEX_KIND, {"packs": packs}, "")  # content-addressed
         name = f"index/{self.keys.blob_id(data).hex()}"
         self.backend.put(name, data)
         with self._lock:
@@ -203,7 +200,10 @@ class Repository(Closing):
                 found: dict[str, float] = {}
                 for name in self.backend.list("condemned/"):
                     document = self.keys.open_meta(CONDEMNED_KIND, self.backend.get(name), name)
-                    found.update({str(p): float(document["time"]) for p in document["packs"]})
+                    try:
+                        found.update({str(p): float(document["time"]) for p in document["packs"]})
+                    except (KeyError, TypeError, ValueError):
+                        raise CorruptError(f"{name}: malformed condemned list", name) from None
                 self._condemned = found
             return self._condemned
 
@@ -277,7 +277,8 @@ class Repository(Closing):
             point_id = secrets.token_hex(8)
         elif not _POINT_ID.fullmatch(point_id):
             raise RepositoryError(f"{point_id!r} is not a restore point id (16 hex digits)")
-        self.backend.put(f"points/{point_id}", self.keys.seal_meta(POINT_KIND, document | {"id": point_id}))
+        name = f"points/{point_id}"
+        self.backend.put(name, self.keys.seal_meta(POINT_KIND, document | {"id": point_id}, name))
         return point_id
 
     def points(self) -> list[dict[str, Any]]:
@@ -298,14 +299,29 @@ class Repository(Closing):
         return matches[0]
 
     def load_point(self, ref: str) -> dict[str, Any]:
+        """The restore point *ref* names (:meth:`resolve_point`), checked
+        (:meth:`read_point`); RepositoryError if there is none."""
         point_id = self.resolve_point(ref) if len(ref) != 16 else ref
-        name = f"points/{point_id}"
         try:
-            document = self.keys.open_meta(POINT_KIND, self.backend.get(name), name)
+            return self.read_point(point_id)
         except NotFound:
             raise RepositoryError(f"no restore point {ref!r}") from None
+
+    def read_point(self, point_id: str) -> dict[str, Any]:
+        """The restore point stored as ``points/<point_id>``, checked: its tag (or
+        checksum), the name it was sealed for and the id it holds must be *point_id* –
+        a point copied over another or renamed is a CorruptError naming both, never
+        served as the other. NotFound if there is none."""
+        name = f"points/{point_id}"
+        document = self.keys.open_meta(POINT_KIND, self.backend.get(name), name)
         if not isinstance(document, dict):
             raise CorruptError(f"{name}: malformed restore point", name)
+        if document.get("id") != point_id:
+            raise CorruptError(
+                f"{name}: holds restore point {str(document.get('id'))[:16]!r}, not {point_id} "
+                "(swapped or renamed)",
+                name,
+            )
         return document
 
     def delete_point(self, point_id: str) -> None:
@@ -313,19 +329,24 @@ class Repository(Closing):
 
 
 def _unlock(backend: Backend, password: str) -> Keys:
+    """The keys of the first key file that *password* opens. A key file that does not
+    check (malformed, scrypt parameters out of bounds: :func:`.keys.check_key_file`) is
+    passed over, so that one planted file cannot lock the owners out; if no key opens,
+    the first such file is the error (it says what is wrong), else WrongPassword."""
     names = sorted(backend.list("keys/"))
     if not names:
         raise RepositoryError(f"{backend.location}: encrypted, but holds no key file")
+    bad: list[CorruptError] = []
     for name in names:
         try:
-            return open_key_file(backend.get(name), password, name)
+            return open_key_file(backend.get(name), password, f"{backend.location}/{name}")
         except WrongPassword:
             continue
+        except CorruptError as error:
+            bad.append(error)
+    if bad:
+        raise bad[0]
     raise WrongPassword("wrong password: no key of this repository opens with it")
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class BlobWriter(Closing):

@@ -4,14 +4,20 @@ Two depths, as ``restic check`` and ``restic check --read-data``::
 
     structure (always)                          data (read_data=True)
     ──────────────────                          ─────────────────────
-    every index file opens                      every pack is read whole:
-    every index entry lies inside its pack        its name is the SHA-256 of its bytes,
-    every restore point opens                     its framing and trailer check,
-    each disk's digest = hash of its page ids     its trailer agrees with the index,
-    every page blob opens (its id checked)        every blob in it opens (GCM tag or
-    every page and chunk id is in the index         checksum, then the id recomputed)
+    every key file is sound, scrypt in bounds   every pack is read whole:
+    every index file opens, under its name        its name is the hash of its bytes,
+    every index entry lies inside its pack        its framing and trailer check,
+    every restore point opens, under its name     its trailer agrees with the index,
+      (the id it holds is its name's)             every blob in it opens (GCM tag or
+    each disk's digest = hash of its page ids       checksum, then the id recomputed)
+    every page blob opens (its id checked)
+    every page and chunk id is in the index
     no point needs a blob held only by a
       condemned pack (gc would delete it)
+
+A restore point or index file copied over another or renamed is a problem naming it
+(``restore point B: points/B: holds points/A, not points/B (swapped or renamed)``):
+every metadata object is bound to its name (:mod:`.keys`).
 
 The check never stops at the first problem: each one found becomes one line of
 :attr:`VerifyReport.problems`, and every restore point that cannot be restored intact
@@ -36,9 +42,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .diskindex import PAGE_CHUNKS, disk_digest
-from .keys import CorruptError
+from .keys import CorruptError, check_key_file
 from .packs import BlobLocation, read_trailer
-from .repository import POINT_KIND, ZERO, Repository
+from .repository import ZERO, Repository
 from .storage import NotFound, StorageError
 
 __all__ = ["VerifyReport", "verify"]
@@ -93,7 +99,18 @@ class _Verifier:
             self.report.problems.append(line)
         self.affected |= points or set()
 
-    # ------------------------------------------------------------------ index
+    # ------------------------------------------------------------------ keys and index
+
+    def check_keys(self) -> None:
+        """Every key file well-formed and within the scrypt bounds (without the password:
+        a planted file that would stall every open is found here too)."""
+        for name in sorted(self.backend.list("keys/")):
+            try:
+                check_key_file(self.backend.get(name), name)
+            except NotFound:
+                continue
+            except CorruptError as error:
+                self.problem(f"key file {error}")
 
     def read_index(self) -> None:
         for name in sorted(self.backend.list("data/")):
@@ -151,10 +168,7 @@ class _Verifier:
             point_id = name.rsplit("/", 1)[1]
             self.report.points += 1
             try:
-                document = self.keys.open_meta(POINT_KIND, self.backend.get(name), name)
-                if not isinstance(document, dict):
-                    raise CorruptError(f"{name}: malformed restore point", name)
-                self.check_point(point_id, document)
+                self.check_point(point_id, self.repo.read_point(point_id))
             except NotFound:
                 self.report.points -= 1  # deleted while we list: a prune ran beside us
             except CorruptError as error:
@@ -293,6 +307,7 @@ class _Verifier:
 
     def run(self, read_data: bool) -> VerifyReport:
         self.report.read_data = read_data
+        self.check_keys()
         self.read_index()
         self.check_entries()
         self.check_points()

@@ -113,8 +113,9 @@ def export_raw(
     stats = ConvertStats()
     with Chain.open(vhd_path) as disk, _staged(os.fspath(raw_path)) as tmp:
         stats.size = disk.size
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # a disk's data: its owner's only, whatever the umask
             os.ftruncate(fd, disk.size)
             buf = bytearray(_EXPORT_CHUNK)
             for extent in disk.extents():

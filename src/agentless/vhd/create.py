@@ -11,7 +11,8 @@ Layout of the dynamic and differencing files made here (offsets in bytes)::
 
 A fixed disk is the raw data followed by the footer. Every file is built under a temporary
 name in the target directory, synced, and renamed into place: a crash never leaves a
-half-made disk under the real name, and an existing file is never overwritten.
+half-made disk under the real name, and an existing file is never overwritten. Files are
+made 0600 whatever the umask: a disk holds a guest's data.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _new_file(path: str) -> Iterator[int]:
         raise FileNotFoundError(errno.ENOENT, "its directory does not exist", path)
     fd, tmp = tempfile.mkstemp(prefix=".vhd-", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, 0o600)  # a disk's data: its owner's only
         yield fd
         os.fsync(fd)
         os.link(tmp, path)  # unlike rename, never replaces an existing file

@@ -439,8 +439,9 @@ def write(path: str, log: CbtLog) -> None:
     fsync of the directory). On any ``OSError`` the old file is left as it was."""
     data = encode(log)
     temporary = path + ".tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # which blocks a guest wrote, and when: its owner's only
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

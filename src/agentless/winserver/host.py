@@ -141,7 +141,9 @@ class Host(Closing):
             write_pki(staging, f"WinServer host CA {identity.name}", identity.name, identity.addresses)
             write_private(os.path.join(staging, "token.sha256"), _token_digest(token) + "\n")
             write_private(os.path.join(staging, "host.json"), json.dumps(identity.to_json(), indent=2) + "\n")
-            os.makedirs(os.path.join(staging, "sr", "default"))
+            for private in ("sr", os.path.join("sr", "default")):  # 0700 whatever the umask
+                os.mkdir(os.path.join(staging, private), 0o700)
+                os.chmod(os.path.join(staging, private), 0o700)
             with (
                 Metadata(os.path.join(staging, "metadata.db"), create=True) as metadata,
                 metadata.session() as s,

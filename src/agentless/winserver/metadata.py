@@ -178,6 +178,12 @@ class Metadata(Closing):
         self.path = os.fspath(path)
         if not create and not os.path.exists(self.path):
             raise MetadataError(f"{self.path}: no metadata database (run `winserver init`)")
+        if create:
+            # SQLite makes the file with the umask's mode, and its -wal and -shm files with
+            # the database's: made here first, all three are the owner's only
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
         self.engine = create_engine(f"sqlite:///{self.path}")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if create:

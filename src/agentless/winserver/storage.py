@@ -1,9 +1,15 @@
 """Storage repositories: directories of VHD files. A host has a default one (``sr/default``
-in its directory) and may have more, anywhere (``winserver sr create NAME --path P``)."""
+in its directory) and may have more, anywhere (``winserver sr create NAME --path P``).
+
+An SR holds the guests' data (VHDs) and which blocks they wrote when (CBT logs): its
+directory is 0700 and every file in it 0600, whatever the umask, so that no other local
+user reads a disk even when the SR lies outside the host's own 0700 directory.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 from sqlalchemy import select
@@ -12,7 +18,7 @@ from .host import Host
 from .metadata import StorageRepository, Vdi
 from .vms import ConflictError, VmError
 
-__all__ = ["create_sr", "list_srs"]
+__all__ = ["create_sr", "list_srs", "make_private"]
 
 
 def _describe(host: Host, sr: StorageRepository, vdis: int) -> dict[str, Any]:
@@ -35,7 +41,8 @@ def create_sr(host: Host, name: str, path: str) -> dict[str, Any]:
     with host.metadata.session() as session:
         if session.scalars(select(StorageRepository).where(StorageRepository.name == name)).first():
             raise ConflictError(f"an SR named {name!r} exists")
-        os.makedirs(target, mode=0o755, exist_ok=True)
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        os.chmod(target, 0o700)  # the guests' disks: the host's user only, whatever the umask
         sr = StorageRepository(name=name, path=target)  # absolute: sr_path joins it unchanged
         session.add(sr)
         session.flush()
@@ -49,3 +56,22 @@ def list_srs(host: Host) -> list[dict[str, Any]]:
             _describe(host, sr, len(list(session.scalars(select(Vdi.uuid).where(Vdi.sr_uuid == sr.uuid)))))
             for sr in srs
         ]
+
+
+def make_private(host: Host) -> int:
+    """Make every SR directory 0700 and every file in it 0600 (SRs made by an earlier
+    version, or by hand, may be open to other users); returns how many entries changed.
+    Idempotent; the daemon runs it at start. Symbolic links are left alone."""
+    with host.metadata.session() as session:
+        directories = [host.sr_path(sr) for sr in session.scalars(select(StorageRepository))]
+    changed = 0
+    for directory in directories:
+        entries = [(directory, 0o700)]
+        entries += [(os.path.join(directory, name), 0o600) for name in sorted(os.listdir(directory))]
+        for path, mode in entries:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode) or stat.S_IMODE(info.st_mode) & ~mode == 0:
+                continue
+            os.chmod(path, stat.S_IMODE(info.st_mode) & mode)
+            changed += 1
+    return changed
