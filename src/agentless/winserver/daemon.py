@@ -20,6 +20,7 @@ import signal
 
 import uvicorn
 
+from agentless.nbd.limits import Limits
 from agentless.nbd.server import NbdServer
 from agentless.nbd.tls import server_context
 
@@ -29,7 +30,6 @@ from .host import Host, HostError, check_max_chain_depth
 from .presence import DaemonPresence
 from .runtime import Runtime
 from .snapshots import finish_deletions, sweep_orphans
-from .storage import make_private
 from .vms import list_vms
 
 __all__ = ["serve"]
@@ -57,19 +57,16 @@ def _local_url(bind: str, port: int) -> str:
     return f"https://[{address}]:{port}" if ":" in address else f"https://{address}:{port}"
 
 
-async def _run(host: Host, bind: str, presence: DaemonPresence) -> None:
+async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limits | None = None) -> None:
     grants = Grants(host.metadata)
     finish_deletions(host)
     orphans = sweep_orphans(host)
     stale = grants.revoke_all()
     if orphans or stale:
         log.warning("recovery: removed %d orphan file(s), revoked %d grant(s)", len(orphans), len(stale))
-    opened = make_private(host)
-    if opened:
-        log.warning("storage: %d SR entries other users could read are now the host's only", opened)
     exports = GrantExports(grants)
     tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
-    server = NbdServer(exports, tls=tls)
+    server = NbdServer(exports, tls=tls, limits=nbd_limits)
     exports.disconnect = server.disconnect
     listening = await server.serve_tcp(bind, host.nbd_port)
     runtime = Runtime(host)
@@ -119,6 +116,7 @@ def serve(
     api_port: int | None = None,
     max_chain_depth: int | None = None,
     advertised_port: int | None = None,
+    nbd_limits: Limits | None = None,
 ) -> None:
     """Run until SIGINT or SIGTERM; the ports and the chain limit default to the host's.
     *advertised_port*: the NBD port that access info names, when clients reach the NBD
@@ -135,4 +133,4 @@ def serve(
         host.max_chain_depth = check_max_chain_depth(max_chain_depth)
     with contextlib.closing(DaemonPresence(host)) as presence:
         presence.claim()
-        asyncio.run(_run(host, bind, presence))
+        asyncio.run(_run(host, bind, presence, nbd_limits))

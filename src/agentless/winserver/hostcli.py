@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from agentless.commands import emit
+from agentless.nbd.limits import Limits
 from agentless.units import format_size, size_argument
 
 from .client import HostClient
@@ -198,8 +199,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             api_port=args.api_port,
             max_chain_depth=args.max_chain_depth,
             advertised_port=args.nbd_advertised_port,
+            nbd_limits=_nbd_limits(args),
         )
     return 0
+
+
+def _nbd_limits(args: argparse.Namespace) -> Limits:
+    """The NBD server's connection limits from ``serve``'s options (defaults for those not
+    given); a bad value is a HostError."""
+    given = {
+        "max_connections": args.nbd_max_connections,
+        "max_connections_per_peer": args.nbd_max_connections_per_peer,
+        "handshake_timeout": args.nbd_handshake_timeout,
+    }
+    try:
+        return Limits(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as error:
+        raise HostError(f"NBD limits: {error}") from error
 
 
 def _cmd_prepare_backup(args: argparse.Namespace) -> int:
@@ -298,6 +314,23 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--api-port", type=int, help="default: the port given at init")
     p.add_argument("--max-chain-depth", type=int, help="default: the limit given at init")
+    limits = Limits()
+    p.add_argument(
+        "--nbd-max-connections",
+        type=int,
+        help=f"NBD TCP connections in total (default {limits.max_connections})",
+    )
+    p.add_argument(
+        "--nbd-max-connections-per-peer",
+        type=int,
+        help=f"NBD TCP connections per client address (default {limits.max_connections_per_peer})",
+    )
+    p.add_argument(
+        "--nbd-handshake-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"time an NBD client has to negotiate (default {limits.handshake_timeout:g})",
+    )
     p.set_defaults(handler=_cmd_serve)
 
     p = command(subparsers, "prepare-backup", "snapshot a VM and open read access to its disks")
