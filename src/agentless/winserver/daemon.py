@@ -30,6 +30,7 @@ from .host import Host, HostError, check_max_chain_depth
 from .presence import DaemonPresence
 from .runtime import Runtime
 from .snapshots import finish_deletions, sweep_orphans
+from .storage import make_private
 from .vms import list_vms
 
 __all__ = ["serve"]
@@ -64,6 +65,9 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
     stale = grants.revoke_all()
     if orphans or stale:
         log.warning("recovery: removed %d orphan file(s), revoked %d grant(s)", len(orphans), len(stale))
+    opened = make_private(host)
+    if opened:
+        log.warning("storage: %d SR entries other users could read are now the host's only", opened)
     exports = GrantExports(grants)
     tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
     server = NbdServer(exports, tls=tls, limits=nbd_limits)
