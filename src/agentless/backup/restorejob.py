@@ -124,15 +124,20 @@ def _runs(chunks: Iterator[tuple[int, bytes]], chunk_size: int) -> Iterator[tupl
 def _parallel(
     items: Iterator[tuple[int, list[bytes]]], workers: Sequence[Callable[[int, list[bytes]], None]]
 ) -> None:
-    """Run ``worker(offset, blobs)`` over *items*, one thread per worker."""
+    """Run ``worker(offset, blobs)`` over *items*, one thread per worker; the first error
+    stops the work and is raised. Every thread takes items until its end mark, skipping
+    them after an error, so the bounded queue always drains (a thread that left early
+    could leave the producer blocked on a full queue for ever)."""
     work: queue.Queue[tuple[int, list[bytes]] | None] = queue.Queue(maxsize=64)
     errors: list[BaseException] = []
 
     def run(worker: Callable[[int, list[bytes]], None]) -> None:
         while True:
             item = work.get()
-            if item is None or errors:
+            if item is None:
                 return
+            if errors:
+                continue
             try:
                 worker(*item)
             except BaseException as error:

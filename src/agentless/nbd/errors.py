@@ -18,6 +18,8 @@ repeated unchanged, a ``ConnectionLost`` may succeed on a new connection.
 
 from __future__ import annotations
 
+import os
+
 from .protocol import ERROR_NAMES
 
 __all__ = ["ConnectionLost", "NbdError", "NegotiationError", "ProtocolError", "RequestError"]
@@ -45,7 +47,9 @@ class NegotiationError(NbdError):
 
 
 class RequestError(NbdError):
-    """A request failed with NBD error ``error``; ``message`` is the server's text if any."""
+    """A request failed with NBD error ``error``; ``message`` is the server's text if any.
+    Without one, the text says what the error means (``NBD_CMD_WRITE: ENOSPC (no space
+    left on device)``): NBD errors are errno values, and a simple reply carries no text."""
 
     def __init__(self, error: int, message: str = "", command: str = ""):
         self.error = error
@@ -54,4 +58,6 @@ class RequestError(NbdError):
         text = f"{command}: {self.errno_name}" if command else self.errno_name
         if message:
             text += f": {message}"
+        elif error in ERROR_NAMES:
+            text += f" ({os.strerror(error).lower()})"
         super().__init__(text)

@@ -9,6 +9,7 @@ This module only describes bytes; :mod:`.server` and :mod:`.client` speak it.
 
 from __future__ import annotations
 
+import errno
 import struct
 
 # --------------------------------------------------------------------------- magics
@@ -160,6 +161,24 @@ ERROR_NAMES = {
     NBD_ENOTSUP: "ENOTSUP",
     NBD_ESHUTDOWN: "ESHUTDOWN",
 }
+
+# What a client can do about a failed request depends on its NBD error: a full storage
+# (ENOSPC) will fail again until space is freed, a read-only one (EPERM) always; everything
+# else an export's I/O raises is EIO. The same grouping as qemu-nbd's.
+_ERRNO_TO_NBD = {
+    errno.ENOSPC: NBD_ENOSPC,
+    errno.EDQUOT: NBD_ENOSPC,
+    errno.EFBIG: NBD_ENOSPC,
+    errno.EPERM: NBD_EPERM,
+    errno.EROFS: NBD_EPERM,
+    errno.ENOMEM: NBD_ENOMEM,
+}
+
+
+def nbd_error(os_errno: int | None) -> int:
+    """The NBD error to answer for an ``OSError`` with *os_errno* raised by an export."""
+    return _ERRNO_TO_NBD.get(os_errno or 0, NBD_EIO)
+
 
 # --------------------------------------------------------------------------- meta contexts
 

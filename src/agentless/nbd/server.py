@@ -557,7 +557,8 @@ class _Connection:
                 raise  # sending the reply failed: the connection is gone, not the disk
             except OSError as failure:
                 log.warning("nbd %s: I/O error: %s", self.peer, failure)
-                await self._send_error(command, cookie, p.NBD_EIO, failure.strerror or "I/O error")
+                error = p.nbd_error(failure.errno)  # ENOSPC when the storage is full
+                await self._send_error(command, cookie, error, failure.strerror or "I/O error")
             except Exception as failure:
                 # e.g. a VHD found corrupt (truncated under us) while reading: this request
                 # fails, the client is told, the connection goes on

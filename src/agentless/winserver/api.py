@@ -35,6 +35,7 @@ merge of its data out of the chains follows in the background (``garbage_pending
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import threading
@@ -194,6 +195,12 @@ def make_app(
                 return fn(*args, **kwargs)
         except (VmError, GrantError) as error:
             raise Problem(_status_of(error), "Request failed", str(error)) from None
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # a full SR is the operator's to fix, not a fault of the host: say which file
+            where = f" ({error.filename})" if error.filename else ""
+            raise Problem(507, "Insufficient Storage", f"no space left on the storage{where}") from None
 
     guard = [Depends(authorised)]
 

@@ -16,6 +16,7 @@ snapshot as the meta context ``qemu:dirty-bitmap:<name>`` – the form ``nbdinfo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from agentless import vhd
@@ -23,9 +24,11 @@ from agentless.nbd.exports import ContextProvider, Export, VhdExport, extents_fr
 from agentless.nbd.protocol import NBD_STATE_DIRTY, QEMU_DIRTY_BITMAP
 
 from .cbt import ChangeTracker
-from .cbtlog import changed_ranges
+from .cbtlog import CbtError, changed_ranges
 
 __all__ = ["TrackedExport", "changed_blocks_context", "snapshot_export"]
+
+log = logging.getLogger(__name__)
 
 
 class TrackedExport:
@@ -86,11 +89,19 @@ class TrackedExport:
         return self.inner.extents(context, offset, length)
 
     def close(self) -> None:
+        """Close the disk, and the tracker if owned. A tracker that cannot persist its
+        log (the SR is full: ENOSPC) does not fail the close – the disk must still be
+        closed, revoked and deletable on a full SR. Its file keeps the *in use* mark, so
+        the next open finds CBT invalid and the next backup is a full one, never one that
+        misses a change."""
         try:
             self.inner.close()
         finally:
             if self._owns_tracker:
-                self.tracker.close()
+                try:
+                    self.tracker.close()
+                except (OSError, CbtError) as error:
+                    log.warning("changed block tracking not saved at close (invalid from now on): %s", error)
 
 
 def changed_blocks_context(bitmap: bytes, size: int) -> ContextProvider:
