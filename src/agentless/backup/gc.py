@@ -396,7 +396,9 @@ class _Collection:
             else:
                 self.report.waiting.append(pack)
 
-        # 11: delete: index entries first, then the packs, then the records
+        # 11: delete: index entries first, then the packs, then the records – only while
+        # this gc's lock still holds (another gc may run once it looks stale)
+        self.lock.check_held()
         self.rewrite_index(set(), deletable)
         for pack in sorted(deletable):
             self.backend.delete(pack)

@@ -15,16 +15,31 @@ killed ``vmbackup backup`` left open, listed in its lock – can be cleaned up).
 Backends give no atomic create-if-absent, so a lock is written, then the others are read
 again: of two racing takers of conflicting locks, at least one sees the other and backs
 off.
+
+A lock that could not be refreshed in time is lost, as restic (>= 0.16) has it: once a
+holder's lock has gone :data:`EXPIRES_SECONDS` (the stale limit minus a margin) without a
+refresh – the storage failed, the process was stopped (SIGSTOP, a suspended machine), the
+clock jumped – another process may already have taken it for dead, and a gc then deletes
+the packs the holder has put but not indexed yet, and frees the packs it deduplicated
+against. So the holder must write nothing that names them: :meth:`Lock.check_held` raises
+:class:`LockLost`, and the repository calls it before it writes an index file or a
+restore point (gc before it deletes). Lost stays lost: a refresh that succeeds later does
+not make up for the gap. A refresh that fails is logged and tried again after
+:data:`RETRY_SECONDS`, not after the full interval.
+
+Time is read through :data:`clock` (epoch seconds), the one thing tests replace.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agentless.lifetime import Closing
@@ -32,15 +47,37 @@ from agentless.lifetime import Closing
 from .keys import RepositoryError
 from .storage import Backend, NotFound
 
-__all__ = ["STALE_SECONDS", "Lock", "LockedError", "active_locks", "dead_locks", "process_gone"]
+__all__ = [
+    "EXPIRES_SECONDS",
+    "STALE_SECONDS",
+    "Lock",
+    "LockLost",
+    "LockedError",
+    "active_locks",
+    "clock",
+    "dead_locks",
+    "process_gone",
+]
 
-STALE_SECONDS = 30 * 60
+log = logging.getLogger(__name__)
+
+STALE_SECONDS = 30 * 60  # others take a lock not refreshed for this long for dead
 REFRESH_SECONDS = 5 * 60
+RETRY_SECONDS = 30  # after a refresh that failed
+EXPIRES_SECONDS = STALE_SECONDS - 5 * 60  # the holder gives up: 5 minutes before others may
+clock: Callable[[], float] = time.time  # epoch seconds; tests move it by hand
 
 
 class LockedError(RepositoryError):
     """Another process holds a conflicting lock: wait for it, or remove a lock left by a
     process that is gone (``vmbackup unlock``)."""
+
+
+class LockLost(RepositoryError):
+    """This process's lock was not refreshed for too long (storage failing, the process
+    stopped): others may have taken it for dead and collected data it uses, so it wrote
+    nothing more – no index file, no restore point. Nothing it did so far is lost to a
+    restore point; run the command again (a gc then removes its leftovers)."""
 
 
 def _conflicts(mine: str, theirs: str) -> bool:
@@ -82,18 +119,19 @@ def _all_locks(backend: Backend) -> list[dict[str, Any]]:
 
 def active_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
     """The locks of live processes (stale and dead ones are skipped)."""
-    now = time.time() if now is None else now
+    now = clock() if now is None else now
     return [d for d in _all_locks(backend) if _alive(d, now)]
 
 
 def dead_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
     """The locks left by dead processes: stale, or of this host and no such process."""
-    now = time.time() if now is None else now
+    now = clock() if now is None else now
     return [d for d in _all_locks(backend) if not _alive(d, now)]
 
 
 class Lock(Closing):
-    """A held lock of *kind* for *purpose*; released by :meth:`close`."""
+    """A held lock of *kind* for *purpose*; released by :meth:`close`. A thread refreshes
+    it; :meth:`check_held` says whether it still counts as held (see the module)."""
 
     def __init__(self, backend: Backend, kind: str, purpose: str):
         if kind not in ("shared", "gc", "exclusive"):
@@ -101,7 +139,10 @@ class Lock(Closing):
         self.backend = backend
         self.kind = kind
         self.name = f"locks/{secrets.token_hex(16)}"
-        self.started = time.time()
+        self.started = clock()
+        self.refreshed = self.started  # when the lock last reached the storage
+        self.lost: str | None = None  # why it no longer counts as held
+        self.closed = False
         self._note_lock = threading.Lock()
         self._document: dict[str, Any] = {
             "kind": kind,
@@ -122,8 +163,13 @@ class Lock(Closing):
         self._refresher.start()
 
     def _write(self) -> None:
-        document = self._document | {"time": time.time()}
-        self.backend.put(self.name, json.dumps(document).encode())
+        """Put the lock (holding ``_note_lock``); a gap since the last put longer than
+        EXPIRES_SECONDS loses it first."""
+        now = clock()
+        if self.lost is None and now - self.refreshed > EXPIRES_SECONDS:
+            self.lost = f"not refreshed for {(now - self.refreshed) / 60:.0f} minutes"
+        self.backend.put(self.name, json.dumps(self._document | {"time": now}).encode())
+        self.refreshed = max(self.refreshed, now)
 
     def _check(self) -> None:
         for other in active_locks(self.backend):
@@ -134,6 +180,20 @@ class Lock(Closing):
                     f"of pid {other.get('pid')} on {other.get('host')} since {when}"
                 )
 
+    def check_held(self) -> None:
+        """LockLost unless the lock has been refreshed without a gap longer than
+        EXPIRES_SECONDS up to now – call it right before writing what names data others
+        may delete once the lock looks stale (an index file, a restore point)."""
+        now = clock()
+        if self.lost is None and now - self.refreshed > EXPIRES_SECONDS:
+            self.lost = f"not refreshed for {(now - self.refreshed) / 60:.0f} minutes"
+        if self.lost is not None:
+            raise LockLost(
+                f"the repository lock of this {self._document['purpose']} was lost ({self.lost}; others "
+                f"take a lock for dead after {STALE_SECONDS // 60} minutes and may have removed data it "
+                "used): nothing more was written; run it again"
+            )
+
     def note(self, **fields: Any) -> None:
         """Record *fields* in the lock (what the holder is doing, for whoever cleans up
         after it if it dies)."""
@@ -141,15 +201,35 @@ class Lock(Closing):
             self._document |= fields
             self._write()
 
+    def refresh(self) -> bool:
+        """Write the lock again (its time: now); whether that worked. A failure is
+        logged, never raised: :meth:`check_held` decides when it matters."""
+        try:
+            with self._note_lock:
+                self._write()
+        except Exception as error:
+            log.warning(
+                "repository lock %s (%s): refresh failed: %s; the %s stops if the lock is not refreshed "
+                "for %d minutes",
+                self.name,
+                self._document["purpose"],
+                error,
+                self._document["purpose"],
+                EXPIRES_SECONDS // 60,
+            )
+            return False
+        if self.lost is not None:
+            purpose = self._document["purpose"]
+            log.warning("repository lock %s (%s) was lost: %s", self.name, purpose, self.lost)
+        return True
+
     def _refresh(self) -> None:
-        while not self._stop.wait(REFRESH_SECONDS):
-            try:
-                with self._note_lock:
-                    self._write()
-            except Exception:  # the next refresh tries again; stale only after 30 min
-                continue
+        interval = REFRESH_SECONDS
+        while not self._stop.wait(interval):
+            interval = REFRESH_SECONDS if self.refresh() else RETRY_SECONDS
 
     def close(self) -> None:
+        self.closed = True
         self._stop.set()
         self._refresher.join()
         self.backend.delete(self.name)

@@ -57,6 +57,7 @@ class Repository(Closing):
         self._index: dict[bytes, BlobLocation] | None = None
         self._condemned: dict[str, float] | None = None
         self._lock = threading.Lock()
+        self._held: list[Lock] = []  # locks taken through lock(): checked before writes
 
     # ------------------------------------------------------------------ making and opening
 
@@ -145,7 +146,19 @@ class Repository(Closing):
         return int(self.config["chunk_size"])
 
     def lock(self, kind: str = "shared", purpose: str = "") -> Lock:
-        return Lock(self.backend, kind, purpose or kind)
+        held = Lock(self.backend, kind, purpose or kind)
+        with self._lock:
+            self._held = [lock for lock in self._held if not lock.closed] + [held]
+        return held
+
+    def check_locks(self) -> None:
+        """:class:`~.locks.LockLost` if a lock this process holds on the repository has
+        gone unrefreshed too long (others may have collected what it was about to name):
+        called before an index file or a restore point is written."""
+        with self._lock:
+            held = [lock for lock in self._held if not lock.closed]
+        for lock in held:
+            lock.check_held()
 
     def close(self) -> None:
         self.backend.close()
@@ -181,6 +194,7 @@ class Repository(Closing):
             raise CorruptError(f"{name}: malformed index", name) from None
 
     def write_index_file(self, locations: dict[bytes, BlobLocation]) -> str:
+        self.check_locks()
         packs: dict[str, list[list[object]]] = {}
         for blob, where in locations.items():
             packs.setdefault(where.pack, []).append(where.entry(blob))
@@ -273,6 +287,7 @@ class Repository(Closing):
         """Store a restore point (its data and index written before); its id: a new one,
         or *point_id* (16 hex digits: an off-site copy keeps its source's ids), whose
         restore point, if there is one, the document replaces."""
+        self.check_locks()
         if point_id is None:
             point_id = secrets.token_hex(8)
         elif not _POINT_ID.fullmatch(point_id):
