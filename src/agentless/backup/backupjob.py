@@ -58,6 +58,7 @@ from .storage import StorageError
 __all__ = ["FAILURES", "BackupError", "VmBackup", "latest_point"]
 
 PIECE = 4 << 20  # bytes read per request: 64 chunks
+NBD_TIMEOUT = 60.0  # seconds an NBD request may go unanswered before its connection counts as lost
 TASK_TIMEOUT = 3600.0
 POWER_TIMEOUT = 600.0  # a VM asked to stop or start is halted / running by then
 OFFLINE = "offline"
@@ -114,6 +115,7 @@ class VmBackup:
         journal: Callable[[str, bool], None] | None = None,
         offline: bool = False,
         on_halted: Callable[[str, bool], None] | None = None,
+        nbd_timeout: float = NBD_TIMEOUT,
     ):
         self.center = center
         self.repository = repository
@@ -122,10 +124,14 @@ class VmBackup:
         self.offline = offline  # stop a running VM for the snapshot, start it again after
         self.on_halted = on_halted  # (VM id, down?): what a cleanup after a crash must start
         self.connections = connections
+        # a read with no answer for this long: the connection is lost, wddk connects again
+        # and reads again (wddk.Retry's bound), then the backup fails
+        self.nbd_timeout = nbd_timeout
         self.on_progress = on_progress
         self.journal = journal  # (backup id, open?): what a cleanup after a crash must abort
         self.size = 0
         self.done = 0
+        self.reconnects = 0  # NBD connections made again after a loss (wddk)
         self.name = vm_ref
         self._cancel = threading.Event()
         self._lock = threading.Lock()
@@ -316,6 +322,7 @@ class VmBackup:
             "point": point_id,
             "type": result["type"],
             "consistency": consistency,
+            "reconnects": self.reconnects,
         } | stats
 
     def _read_disk(self, disk: dict[str, Any], index: DiskIndex, writer: BlobWriter) -> int:
@@ -326,7 +333,7 @@ class VmBackup:
         for piece in planned:
             pieces.put(piece)
         errors: list[BaseException] = []
-        with wddk.open(disk["access"], connections=self.connections) as nbd:
+        with wddk.open(disk["access"], connections=self.connections, timeout=self.nbd_timeout) as nbd:
 
             def work(client: Any) -> None:
                 """Read pieces with one read always in flight while the previous piece is
@@ -369,6 +376,8 @@ class VmBackup:
                 thread.start()
             for thread in threads:
                 thread.join()
+            with self._lock:
+                self.reconnects += nbd.reconnects
         if errors:
             raise BackupError(f"{self.name} disk {disk['position']}: {errors[0]}") from errors[0]
         if self._cancel.is_set():

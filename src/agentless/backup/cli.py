@@ -27,7 +27,7 @@ from agentless.redaction import redact
 from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
-from .backupjob import FAILURES, VmBackup
+from .backupjob import FAILURES, NBD_TIMEOUT, VmBackup
 from .center import Center
 from .gc import gc
 from .keys import RepositoryError
@@ -220,6 +220,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
                 journal,
                 offline=args.offline,
                 on_halted=journal.halted,
+                nbd_timeout=args.nbd_timeout,
             )
             for vm in args.vm
         ]
@@ -328,6 +329,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             pool,
             args.connections,
             bars.update,
+            nbd_timeout=args.nbd_timeout,
         )
         result = job.run()
     emit(
@@ -444,6 +446,17 @@ def _cmd_copy(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- the parser
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmbackup", description="Agentless VM backup through WinCenter and wddk."
@@ -463,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(parser=p)
         return p
+
+    def nbd_timeout(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--nbd-timeout",
+            type=_seconds,
+            default=NBD_TIMEOUT,
+            metavar="SECONDS",
+            help="an NBD request unanswered this long counts as a lost connection, which is made "
+            "again and the request sent again, a few times with backoff (default %(default).0f)",
+        )
 
     p = command("init", "create a repository", repo=False)
     p.add_argument("location", metavar="REPO", help="a directory or s3://bucket/prefix")
@@ -504,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="a full backup even when a restore point exists")
     p.add_argument("--parallel", type=int, default=4, help="VMs backed up at once (default 4)")
     p.add_argument("--connections", type=int, default=4, help="NBD connections per disk (default 4)")
+    nbd_timeout(p)
     p.add_argument(
         "--offline",
         action="store_true",
@@ -529,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a host (id or name) or a storage pool id (default: the only host)",
     )
     p.add_argument("--connections", type=int, default=4)
+    nbd_timeout(p)
     p.add_argument("--from", dest="repo", metavar="REPO", help="the repository to restore from (as --repo)")
     p.add_argument(
         "--center", metavar="URL", help="another WinCenter than the configured one (a second site)"

@@ -33,6 +33,7 @@ from .repository import ZERO, Repository
 __all__ = ["PointDisk", "VmRestore", "export_disk"]
 
 TASK_TIMEOUT = 3600.0
+NBD_TIMEOUT = 60.0  # seconds an NBD request may go unanswered before its connection counts as lost
 
 
 class PointDisk:
@@ -174,6 +175,7 @@ class VmRestore:
         pool: str | None = None,
         connections: int = 4,
         on_progress: Callable[[VmRestore], None] | None = None,
+        nbd_timeout: float = NBD_TIMEOUT,
     ):
         self.center = center
         self.repository = repository
@@ -182,9 +184,11 @@ class VmRestore:
         self.host = host
         self.pool = pool
         self.connections = connections
+        self.nbd_timeout = nbd_timeout  # a write unanswered this long: the connection is lost
         self.on_progress = on_progress
         self.size = 0
         self.done = 0
+        self.reconnects = 0  # NBD connections made again after a loss (wddk)
         self._cancel = threading.Event()
         self._lock = threading.Lock()
 
@@ -229,11 +233,14 @@ class VmRestore:
             "vm": new_vm["name"],
             "vm_id": new_vm["id"],
             "written": self.done,
+            "reconnects": self.reconnects,
             "seconds": round(time.monotonic() - started, 3),
         }
 
     def _write(self, source: PointDisk, access: dict[str, Any]) -> None:
-        with wddk.open(access, connections=self.connections) as target:
+        # a lost connection is made again and its writes sent again (same bytes, same
+        # offsets: idempotent) within wddk.Retry's bound; past it the restore is aborted
+        with wddk.open(access, connections=self.connections, timeout=self.nbd_timeout) as target:
 
             def writer(client: Any) -> Callable[[int, list[bytes]], None]:
                 in_flight: collections.deque[int] = collections.deque()
@@ -256,6 +263,7 @@ class VmRestore:
             for client in target.clients:
                 client.wait()  # every write still in flight (raises the first that failed)
             target.flush()
+            self.reconnects += target.reconnects
 
 
 def export_disk(

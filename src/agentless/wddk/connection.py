@@ -90,7 +90,8 @@ class Connection:
 
     The export's description (``size``, ``read_only``, ``contexts``, block sizes...) is
     the current client's (:attr:`client`); ``reconnects`` counts the connections made
-    again."""
+    again. Reconnections are logged at INFO; the errors this class makes name the server
+    but never the export name, which is a grant's credential."""
 
     def __init__(
         self,
@@ -267,9 +268,11 @@ class Connection:
             self._failures += 1
             if self._failures > self.retry.attempts:
                 raise ConnectionLost(
-                    f"{error} (gave up after {self.retry.attempts} reconnection(s) without progress)"
+                    self._hidden(
+                        f"{error} (gave up after {self.retry.attempts} reconnection(s) without progress)"
+                    )
                 ) from error
-            log.warning("%s: %s; connecting again (attempt %d)", self.uri, error, self._failures)
+            log.info("%s; connecting again (attempt %d)", self._hidden(str(error)), self._failures)
             self._sleep(self.retry.wait(self._failures))
             try:
                 self.client = self._connect()
@@ -290,8 +293,10 @@ class Connection:
             except ConnectionLost as error:
                 attempt += 1
                 if attempt > self.retry.attempts:
-                    raise
-                log.warning("%s: %s; connecting again (attempt %d)", self.uri, error, attempt)
+                    raise ConnectionLost(
+                        self._hidden(f"{error} (gave up after {self.retry.attempts} attempt(s) more)")
+                    ) from error
+                log.info("%s; connecting again (attempt %d)", self._hidden(str(error)), attempt)
                 self._sleep(self.retry.wait(attempt))
 
     def _connect(self, first: bool = False) -> Client:
@@ -302,8 +307,19 @@ class Connection:
             client.size != self.client.size or client.contexts.keys() != self.client.contexts.keys()
         ):
             client.close()
-            raise NbdError(f"{self.uri}: the export changed across a reconnection")
+            raise NbdError(f"{self.where}: the export changed across a reconnection")
         return client
+
+    @property
+    def where(self) -> str:
+        """The server, without the export name (a grant's export name is its credential)."""
+        if self.uri.socket is not None:
+            return f"{'nbds' if self.uri.tls else 'nbd'}+unix socket {self.uri.socket}"
+        return f"{'nbds' if self.uri.tls else 'nbd'}://{self.uri.host}:{self.uri.port}"
+
+    def _hidden(self, text: str) -> str:
+        """*text* (an error of the NBD client, which names the URI) without the export name."""
+        return text.replace(str(self.uri), self.where)
 
     def close(self) -> None:
         self._pending.clear()
