@@ -157,7 +157,7 @@ class Runner:
                 vms = self._targets(center, policy)
                 with repository.lock("shared", f"policy {policy.name}") as lock:
                     reap(repository, center)
-                    note = Journal(lock)
+                    note = Journal(lock, center)
                     with concurrent.futures.ThreadPoolExecutor(max(1, len(vms))) as pool:
                         outcomes += pool.map(lambda vm: self._one(center, repository, policy, vm, note), vms)
                 if all(o.outcome == "succeeded" for o in outcomes) and not self.stop.is_set():
