@@ -208,7 +208,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         _bars(args) as bars,
     ):
         _reap(repository, center)
-        journal = Journal(lock)
+        journal = Journal(lock, center)
         jobs = [
             VmBackup(
                 center,
@@ -316,9 +316,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     with (
         _center(args) as center,  # first: a second site's missing token fails before any prompt
         _repository(args) as repository,
-        repository.lock("shared", "restore"),
+        repository.lock("shared", "restore") as lock,
         _bars(args) as bars,
     ):
+        _reap(repository, center)  # a restore or backup killed before: its half VM, grants, tasks
         host, pool = _target(center, args.target)
         job = VmRestore(
             center,
@@ -329,6 +330,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             pool,
             args.connections,
             bars.update,
+            journal=Journal(lock, center).restore,
             nbd_timeout=args.nbd_timeout,
         )
         result = job.run()

@@ -163,7 +163,9 @@ def _parallel(
 
 class VmRestore:
     """A restore point restored as a new VM through WinCenter: ``size``, ``done``,
-    ``cancel()``; :meth:`run` answers the summary."""
+    ``cancel()``; :meth:`run` answers the summary. *journal* hears ``(restore id, open?)``
+    – the WinCenter restore this process has open, which a cleanup after its death
+    aborts (:mod:`.leftovers`)."""
 
     def __init__(
         self,
@@ -176,6 +178,7 @@ class VmRestore:
         connections: int = 4,
         on_progress: Callable[[VmRestore], None] | None = None,
         nbd_timeout: float = NBD_TIMEOUT,
+        journal: Callable[[str, bool], None] | None = None,
     ):
         self.center = center
         self.repository = repository
@@ -186,6 +189,7 @@ class VmRestore:
         self.connections = connections
         self.nbd_timeout = nbd_timeout  # a write unanswered this long: the connection is lost
         self.on_progress = on_progress
+        self.journal = journal  # (restore id, open?): what a cleanup after a crash must abort
         self.size = 0
         self.done = 0
         self.reconnects = 0  # NBD connections made again after a loss (wddk)
@@ -210,8 +214,10 @@ class VmRestore:
         )
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         restore_id = f"vmr-{stamp}-{secrets.token_hex(4)}"
-        accepted = self.center.start_restore(restore_id, spec, self.host, self.pool)
+        if self.journal is not None:
+            self.journal(restore_id, True)  # before WinCenter knows it: a crash may come next
         try:
+            accepted = self.center.start_restore(restore_id, spec, self.host, self.pool)
             task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.5)
             if task.state != "ready":
                 detail = task.error.detail if task.error else task.state
@@ -227,6 +233,9 @@ class VmRestore:
             with contextlib.suppress(Exception):
                 self.center.abort_restore(restore_id)
             raise
+        finally:
+            if self.journal is not None:
+                self.journal(restore_id, False)
         new_vm = ended.result["vm"]
         return {
             "point": self.point["id"],
