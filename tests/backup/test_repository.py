@@ -360,3 +360,59 @@ def test_the_command_refuses_an_altered_repository_in_one_line(tmp_path: Path) -
     document = json.loads(key.read_text())
     key.write_text(json.dumps(document | {"kdf": document["kdf"] | {"n": 1 << 24}}))
     assert "scrypt parameters n=16777216 r=8 p=1 are outside the bounds" in refused("list")
+
+
+# ---------------------------------------------------------------------- hostile documents that check
+
+
+def _sealed_point(backend: LocalBackend, document: dict[str, Any]) -> tuple[Repository, str]:
+    """A repository with one restore point, then replaced by *document* sealed anew (as
+    anyone who may write an unencrypted repository can)."""
+    repository = Repository.init(backend)
+    point_id = repository.save_point({"time": "2026-12-01T00:00:00Z", "disks": []})
+    name = f"points/{point_id}"
+    backend.put(name, repository.keys.seal_meta(b"AGVBPOIN", document | {"id": point_id}, name))
+    return repository, point_id
+
+
+_DISK = {"position": 0, "size": 65536, "chunk_size": 65536, "pages": ["00" * 32], "digest": "x"}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"disks": 7},
+        {"disks": [7]},
+        {},
+        {"disks": [_DISK | {"pages": ["zz" * 32]}]},
+        {"disks": [_DISK | {"pages": "00" * 32}]},
+        {"disks": [_DISK | {"size": float("inf")}]},
+        {"disks": [_DISK | {"size": "65536"}]},
+        {"disks": [{k: v for k, v in _DISK.items() if k != "digest"}]},
+        {"disks": [_DISK | {"position": None}]},
+        {"disks": [_DISK | {"chunk_size": 0}]},
+        {"disks": [], "vm": 3},
+    ],
+)
+def test_a_restore_point_of_the_wrong_shape_is_corrupt(tmp_path: Path, document: dict[str, Any]) -> None:
+    """Restores, verify, gc and the CLI read points with KeyError/TypeError before (found
+    by the fault campaign's fuzzing): now read_point refuses them once, as CorruptError,
+    and verify reports them."""
+    repository, point_id = _sealed_point(LocalBackend(tmp_path / "r"), document)
+    with repository:
+        with pytest.raises(CorruptError, match="malformed restore point"):
+            repository.load_point(point_id)
+        report = verify(repository)
+        assert point_id in report.affected
+
+
+def test_an_index_entry_that_is_not_a_location_is_corrupt(tmp_path: Path) -> None:
+    """1e999 as an offset raised OverflowError; a negative length reached the storage."""
+    with Repository.init(str(tmp_path / "r")) as repository:
+        for entry in (["ab" * 32, "data", float("inf"), 5, 4], ["ab" * 32, "data", 0, -5, 4]):
+            data = repository.keys.seal_meta(b"AGVBINDX", {"packs": {"data/ab/x": [entry]}}, "")
+            name = f"index/{repository.keys.blob_id(data).hex()}"
+            repository.backend.put(name, data)
+            with pytest.raises(CorruptError, match="malformed index"):
+                repository.read_index_file(name)
+            repository.backend.delete(name)

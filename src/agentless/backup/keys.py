@@ -84,6 +84,10 @@ SCRYPT_MAX_R, SCRYPT_MAX_P = 16, 4
 SCRYPT_MAX_MEMORY = 128 << 20
 SCRYPT_MAX_WORK = 8 * SCRYPT_N * SCRYPT_R * SCRYPT_P
 _NONCE = 12
+# the most a sealed object may inflate to: a blob is a chunk (16 MiB at most, as
+# repoconfig.MAX_CHUNK_SIZE) or an index page (128 KiB); metadata is JSON of any size
+_MAX_BLOB = 32 << 20
+_MAX_META = 1 << 30
 _KEY_AAD = b"agentless-vmbackup master key"
 _META_V1, _META_V2 = 1, 2  # 1: bound to the kind only (read, never written); 2: and to the name
 _FLAG_RAW, _FLAG_ZSTD = 0, 1
@@ -120,6 +124,16 @@ class _Codecs(threading.local):
 
 
 _codecs = _Codecs()
+
+
+def _inflate(frame: bytes | memoryview, limit: int) -> bytes:
+    """The content of a zstd *frame* of at most *limit* bytes (ZstdError otherwise).
+    python-zstandard allocates whatever size a frame's header declares before it
+    decompresses: a stored blob whose header claimed 2^40 bytes raised MemoryError (found
+    by the fault campaign's fuzzing), so the declared size is checked first."""
+    if zstandard.frame_content_size(frame) > limit:
+        raise zstandard.ZstdError(f"frame declares more than {limit} bytes")
+    return _codecs.decompressor.decompress(frame, max_output_size=limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +216,7 @@ class Keys:
         if len(body) < 1 or body[0] not in (_FLAG_RAW, _FLAG_ZSTD):
             raise CorruptError(f"{what}: unknown encoding", where, blob_id.hex())
         try:
-            plaintext = (
-                _codecs.decompressor.decompress(body[1:]) if body[0] == _FLAG_ZSTD else bytes(body[1:])
-            )
+            plaintext = _inflate(body[1:], _MAX_BLOB) if body[0] == _FLAG_ZSTD else bytes(body[1:])
         except zstandard.ZstdError:
             raise CorruptError(f"{what}: does not decompress", where, blob_id.hex()) from None
         if not hmac.compare_digest(self.blob_id(plaintext), blob_id):
@@ -263,8 +275,8 @@ class Keys:
                 where,
             )
         try:
-            return json.loads(_codecs.decompressor.decompress(body))
-        except (zstandard.ZstdError, ValueError):
+            return json.loads(_inflate(body, _MAX_META))
+        except (zstandard.ZstdError, ValueError, RecursionError):
             raise CorruptError(f"{where}: malformed", where) from None
 
 
@@ -343,7 +355,7 @@ def check_key_file(data: bytes, where: str) -> _KeyFile:
             base64.b64decode(document["nonce"], validate=True),
             base64.b64decode(document["data"], validate=True),
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CorruptError(f"{where}: malformed key file", where) from None
     if not (
         n & (n - 1) == 0

@@ -26,7 +26,7 @@ import struct
 
 from .keys import CorruptError, Keys
 
-__all__ = ["PACK_MAGIC", "BlobLocation", "PackBuilder", "pack_name", "read_trailer"]
+__all__ = ["PACK_MAGIC", "BlobLocation", "PackBuilder", "pack_name", "parse_entry", "read_trailer"]
 
 PACK_MAGIC = b"AGVBPACK"
 PACK_END = b"AGVBPEND"
@@ -49,6 +49,24 @@ class BlobLocation:
 
     def entry(self, blob_id: bytes) -> list[object]:
         return [blob_id.hex(), self.kind, self.offset, self.length, self.raw_length]
+
+
+def parse_entry(pack: str, entry: object) -> tuple[bytes, BlobLocation]:
+    """One stored entry ``[blob id (hex), kind, offset, length, raw length]`` of a pack
+    trailer or an index file, as (blob id, where); ValueError or TypeError if it is not
+    one. The readers call this, not ``int()``, on what they read: an entry that passes
+    its tag or checksum can still be malformed (whoever may write an unencrypted
+    repository can seal one; the fault campaign's fuzzing made ``1e999``, negative
+    lengths and ids of 63 digits, which escaped as OverflowError or reached the storage)."""
+    if not isinstance(entry, list) or len(entry) != 5:
+        raise ValueError(f"entry {entry!r:.80}: not a list of five fields")
+    blob, kind, offset, length, raw = entry
+    numbers = (offset, length, raw)
+    if not isinstance(blob, str) or len(blob) != 64 or not isinstance(kind, str):
+        raise ValueError(f"entry {entry!r:.80}: not a blob id and kind")
+    if not all(type(n) is int and 0 <= n < 1 << 63 for n in numbers) or not length:
+        raise ValueError(f"entry {entry!r:.80}: offset and lengths are not sizes")
+    return bytes.fromhex(blob), BlobLocation(pack, offset, length, kind, raw)
 
 
 def pack_name(keys: Keys, data: bytes) -> str:
@@ -104,9 +122,6 @@ def read_trailer(keys: Keys, name: str, data: bytes) -> dict[bytes, BlobLocation
     trailer = data[len(data) - _TAIL.size - length : len(data) - _TAIL.size]
     entries = keys.open_meta(TRAILER_KIND, trailer, "", where=name)
     try:
-        return {
-            bytes.fromhex(blob): BlobLocation(name, int(off), int(size), str(kind), int(raw))
-            for blob, kind, off, size, raw in entries
-        }
+        return dict(parse_entry(name, entry) for entry in entries)
     except (TypeError, ValueError):
         raise CorruptError(f"{name}: malformed pack trailer", name) from None

@@ -89,7 +89,7 @@ def parse_config(data: bytes, location: str) -> dict[str, Any]:
     repository or one of an unknown format; CorruptError when it is malformed."""
     try:
         config = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep (found by fuzzing)
         raise CorruptError(f"{location}/config: malformed", "config") from None
     if not isinstance(config, dict) or config.get("magic") != CONFIG_MAGIC:
         raise RepositoryError(f"{location}: not a vmbackup repository")
@@ -120,7 +120,9 @@ def check_config(config: dict[str, Any], keys: Keys, location: str) -> None:
             )
     if config["version"] >= 2:
         stored = config.get("mac")
-        if not isinstance(stored, str) or not hmac.compare_digest(stored, _mac(config, keys)):
+        # compared as bytes: compare_digest raises TypeError on str with non-ASCII (found by fuzzing)
+        expected = _mac(config, keys).encode()
+        if not isinstance(stored, str) or not hmac.compare_digest(stored.encode(), expected):
             what = "authentication failed" if keys.encrypted else "checksum mismatch"
             raise CorruptError(f"{where}: {what}: it was altered or replaced; refused", "config")
     if bool(config.get("encrypted")) != keys.encrypted:
