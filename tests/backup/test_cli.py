@@ -13,6 +13,7 @@ from pathlib import Path
 from agentless.backup.packs import TARGET_SIZE as PACK
 from agentless.backup.repository import CHUNK_SIZE, Repository
 from agentless.backup.settings import Settings
+from agentless.units import format_size
 from tests.backup.conftest import free_port, vmbackup
 
 TOKEN = "wct_" + "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenX"  # the shape of a WinCenter token
@@ -83,6 +84,9 @@ def test_config_prints_no_secret(tmp_path: Path) -> None:
             assert secret not in output, (args, output)
         assert "postgresql://vmbackup:***@127.0.0.1:1/state" in output
         assert "https://hooks.example/run-failed?sig=***" in output
+    unreachable = vmbackup(_env(tmp_path), "policy", "list")  # nobody listens on port 1
+    assert unreachable.returncode == 1 and "postgresql://vmbackup:***@127.0.0.1:1" in unreachable.stderr
+    assert DB_SECRET not in unreachable.stderr + unreachable.stdout
 
 
 def test_the_scheduler_logs_no_webhook_secret(tmp_path: Path) -> None:
@@ -109,11 +113,14 @@ def test_gc_after_a_failed_backup_counts_what_it_freed(tmp_path: Path) -> None:
     with Repository.init(repo) as repository, repository.writer() as writer:
         for _ in range(3 * PACK // CHUNK_SIZE):  # three packs put, then the backup fails
             writer.add(rng.randbytes(CHUNK_SIZE))
+    packs = [p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()]
+    assert len(packs) >= 2  # what the failed backup left
+    freed = format_size(sum(p.stat().st_size for p in packs))
     env = _env(tmp_path) | {"VMBACKUP_REPO": repo}
     collected = vmbackup(env, "gc")
     assert collected.returncode == 0, collected.stderr
+    line = collected.stdout.strip()
+    assert line.startswith(f"{len(packs)} pack(s) deleted ({freed} freed;"), line
+    assert f"{len(packs)} of them left by failed or killed backups" in line, line
     report = json.loads(vmbackup(env, "gc", "--json").stdout)  # a second run: nothing left
     assert report["orphans"] == [] and report["bytes_freed"] == 0
-    line = collected.stdout.strip()
-    assert line.startswith("3 pack(s) deleted (48."), line  # three packs of about 16 MiB
-    assert "3 of them left by failed or killed backups" in line, line

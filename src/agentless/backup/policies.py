@@ -36,6 +36,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from agentless.redaction import redact
+
 from .keys import RepositoryError
 from .locks import process_gone
 from .prune import KEEP
@@ -269,9 +271,10 @@ class State:
                 if version is None:
                     session.add(_Meta(key="schema", value=str(SCHEMA_VERSION)))
                 elif version.value != str(SCHEMA_VERSION):
-                    raise PolicyError(f"{url}: state schema {version.value} is unknown to this version")
+                    unknown = f"{url}: state schema {version.value} is unknown to this version"
+                    raise PolicyError(redact(unknown))
         except SQLAlchemyError as error:
-            raise PolicyError(f"state database {url}: {_first_line(error)}") from None
+            raise PolicyError(redact(f"state database {url}: {_first_line(error)}")) from None  # no password
 
     def close(self) -> None:
         self.engine.dispose()
@@ -288,7 +291,7 @@ class State:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
         except SQLAlchemyError as error:
-            raise PolicyError(f"state database: {_first_line(error)}") from None
+            raise PolicyError(redact(f"state database: {_first_line(error)}")) from None
 
     # ------------------------------------------------------------------ policies
 
