@@ -12,7 +12,7 @@ DEBIAN_TOOLS_LEAN := qemu-system-x86
 # programs whose presence tells that the Debian tools are installed
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster
 
-.PHONY: demo test lint typecheck pytest debian-tools bench clean openapi
+.PHONY: demo test lint typecheck pytest debian-tools bench campaign clean openapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ openapi: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/vhd_throughput.py
+
+# The fault campaign of docs/reliability.md: every row at full counts (a million inputs per
+# fuzz target; 20-60 minutes on 2 cores). Not part of `make test`, which runs it small
+# (tests/test_campaign_smoke.py). ROWS="fuzz-nbd ..." picks rows; CAMPAIGN_FLAGS=--write-docs
+# records the figures in docs/reliability.md.
+campaign: $(STAMP)
+	$(PY) -m bench.campaign $(CAMPAIGN_FLAGS) $(ROWS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

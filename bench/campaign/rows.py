@@ -1,0 +1,44 @@
+"""The rows of the campaign, in the order they run, and the rows still to build.
+
+A new row is a module with one function ``run(scale) -> Outcome`` and a ``ROW``
+constant (:class:`.harness.Row`); list it here. The planned rows are shown in
+``docs/reliability.md`` as "not yet measured" until they are built.
+"""
+
+from __future__ import annotations
+
+from . import fuzz_nbd, fuzz_repository, fuzz_vhd, rest_api
+from .harness import Row
+
+__all__ = ["PLANNED", "ROWS", "by_name"]
+
+ROWS: list[Row] = [fuzz_nbd.ROW, fuzz_vhd.ROW, fuzz_repository.ROW, rest_api.WINCENTER, rest_api.HOST]
+
+PLANNED: list[tuple[str, str]] = [
+    ("kill-winserver", "kill -9 of `winserver serve` at ≥ 20 random instants of a backup and of a restore"),
+    ("kill-wincenter", "kill -9 of `wincenter serve` at ≥ 20 random instants of a backup and of a restore"),
+    (
+        "kill-vmbackup-serve",
+        "kill -9 of `vmbackup serve` at ≥ 20 random instants of a backup and of a restore",
+    ),
+    ("kill-vmbackup-commands", "kill -9 of `vmbackup backup`/`restore`/`gc`/`copy` at ≥ 20 random instants"),
+    ("repository-fs-full", "the repository's file system full mid-backup and mid-restore, then space freed"),
+    ("sr-full", "the host's SR full mid-backup and mid-restore, then space freed"),
+    ("s3-restart", "the S3 server stopped and restarted mid-backup"),
+    ("postgresql-restart", "PostgreSQL restarted under WinCenter mid-flow"),
+    ("network-faults", "vmbackup ↔ host through a TCP proxy that delays, stalls and cuts connections"),
+    ("load", "50 concurrent VM backups over 5 hosts through one WinCenter on PostgreSQL"),
+]
+
+
+def by_name(names: list[str]) -> list[Row]:
+    """The rows named (all when *names* is empty); ValueError for an unknown name."""
+    if not names:
+        return list(ROWS)
+    known = {row.name: row for row in ROWS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        planned = {name for name, _ in PLANNED}
+        hint = " (planned, not built yet)" if set(unknown) <= planned else ""
+        raise ValueError(f"unknown row(s) {', '.join(unknown)}{hint}; rows: {', '.join(known)}")
+    return [known[n] for n in names]
