@@ -221,6 +221,12 @@ def run_target(module_name: str, scale: Scale, bound: float, shards_per_job: int
         ]
         for future in concurrent.futures.as_completed(futures):
             total.merge(future.result())
+            if not scale.smoke:
+                print(
+                    f"   {module_name.rsplit('.', 1)[-1]}: {format_count(total.inputs)} inputs, "
+                    f"{total.crashes} crashes, {total.hangs} hangs",
+                    flush=True,
+                )
     return total
 
 
