@@ -49,6 +49,7 @@ from pydantic import StringConstraints
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
 from agentless import __version__
+from agentless.httpguard import MAX_BODY, RequestGuard, documentation_paths
 
 from . import problems
 from .audit import AuditLog, AuditMiddleware, AuditRecord, set_result
@@ -145,10 +146,13 @@ def _accepted(task: Task) -> TaskAccepted:
     return TaskAccepted(task_id=task.id, state=task.state.value)
 
 
-def make_app(center: Center | None, orchestrator: Orchestrator | None = None) -> FastAPI:
+def make_app(
+    center: Center | None, orchestrator: Orchestrator | None = None, max_body: int = MAX_BODY
+) -> FastAPI:
     """The API of *center* (None: an app that only describes itself, for the OpenAPI
     document – its routes answer 503). Without an *orchestrator* the inventory, backup and
-    restore routes answer 503 too."""
+    restore routes answer 503 too. A request body is read only with a valid token and up to
+    *max_body* bytes (:class:`~agentless.httpguard.RequestGuard`)."""
     app = FastAPI(
         title="WinCenter REST API",
         version=__version__,
@@ -162,6 +166,13 @@ def make_app(center: Center | None, orchestrator: Orchestrator | None = None) ->
     def audit_log() -> AuditLog | None:
         return center.audit if center is not None else None
 
+    def token_valid(token: str) -> bool:
+        return center is not None and center.tokens.authenticate(token) is not None
+
+    # inside the audit: a body is read only from a caller with a valid token, up to max_body
+    app.add_middleware(
+        RequestGuard, authenticate=token_valid, max_body=max_body, public=documentation_paths(app)
+    )
     app.add_middleware(AuditMiddleware, audit_log=audit_log)
 
     @app.exception_handler(DataError)

@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from agentless import __version__
+from agentless.httpguard import MAX_BODY, RequestGuard, documentation_paths
 
 from .client import API_PREFIX
 from .grants import GrantError, GrantExports, Grants
@@ -167,11 +168,14 @@ def make_app(
     loop: asyncio.AbstractEventLoop,
     local_token: str | None = None,
     exports: GrantExports | None = None,
+    max_body: int = MAX_BODY,
 ) -> FastAPI:
     """The API of *host*; *grants* is shared with the daemon's NBD server, *runtime* (the
     running VMs) lives on the daemon's event loop *loop*. Besides the host token the API
     accepts *local_token*, which the daemon publishes to the host's own commands
-    (:mod:`.presence`). *exports* (the NBD server's) close revoked grants at once."""
+    (:mod:`.presence`). *exports* (the NBD server's) close revoked grants at once. A request
+    body is read only with a valid token and up to *max_body* bytes
+    (:class:`~agentless.httpguard.RequestGuard`)."""
     app = FastAPI(title="WinServer host API", version=__version__, openapi_url=f"{API_PREFIX}/openapi.json")
     lock = threading.Lock()
 
@@ -183,10 +187,18 @@ def make_app(
             media_type="application/problem+json",
         )
 
+    def token_valid(token: str) -> bool:
+        local = local_token is not None and hmac.compare_digest(token.encode(), local_token.encode())
+        return local or host.check_token(token)
+
+    # a body is read only from a caller with a valid token, and only up to max_body
+    app.add_middleware(
+        RequestGuard, authenticate=token_valid, max_body=max_body, public=documentation_paths(app)
+    )
+
     def authorised(authorization: str = Header(default="")) -> None:
         scheme, _, token = authorization.partition(" ")
-        local = local_token is not None and hmac.compare_digest(token.encode(), local_token.encode())
-        if scheme.lower() != "bearer" or not token or not (local or host.check_token(token)):
+        if scheme.lower() != "bearer" or not token or not token_valid(token):
             raise Problem(401, "Unauthorized", "a valid host token is required (Authorization: Bearer ...)")
 
     def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
