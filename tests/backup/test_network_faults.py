@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ def _proxied_site(root: Path) -> Iterator[tuple[Site, FaultProxy]]:
     nbd_port = json.loads(Path(host.dir, "host.json").read_text())["nbd_port"]
     with FaultProxy(("127.0.0.1", nbd_port)) as proxy:
         host_proc = start_daemon(host.dir, "--nbd-advertised-port", str(proxy.port))
+        drain = _drained(host_proc, root / "host.log")
         token = init_center(str(root / "center"))
         site = Site(host, host_proc, start_server(str(root / "center"), token), token, "")
         try:
@@ -55,6 +57,24 @@ def _proxied_site(root: Path) -> Iterator[tuple[Site, FaultProxy]]:
             site.center.proc.wait()
             host_proc.terminate()
             host_proc.wait(30)
+            drain.join(10)
+
+
+def _drained(proc: subprocess.Popen[str], path: Path) -> threading.Thread:
+    """Copy the daemon's stderr into *path* as it comes: a pipe nobody reads fills up
+    (64 KiB of log lines about cut connections) and blocks the daemon."""
+    assert proc.stderr is not None
+    stream = proc.stderr
+
+    def copy() -> None:
+        with open(path, "a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.fixture

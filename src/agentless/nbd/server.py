@@ -553,8 +553,10 @@ class _Connection:
                 await self._execute(export, flags, command, cookie, offset, length, payload)
             except ExportError as failure:
                 await self._send_error(command, cookie, failure.error, str(failure))
-            except ConnectionError:
-                raise  # sending the reply failed: the connection is gone, not the disk
+            except (ConnectionError, ssl.SSLError):
+                # sending the reply failed: the connection is gone, not the disk (a TLS
+                # peer cut mid-reply raises SSLEOFError, an OSError but no ConnectionError)
+                raise
             except OSError as failure:
                 log.warning("nbd %s: I/O error: %s", self.peer, failure)
                 error = p.nbd_error(failure.errno)  # ENOSPC when the storage is full
@@ -564,7 +566,7 @@ class _Connection:
                 # fails, the client is told, the connection goes on
                 log.exception("nbd %s: %s failed", self.peer, p.COMMAND_NAMES.get(command, command))
                 await self._send_error(command, cookie, p.NBD_EIO, str(failure) or "I/O error")
-        except (ConnectionError, RuntimeError):
+        except (ConnectionError, ssl.SSLError, RuntimeError):
             self.abort()
         finally:
             await self._budget.release(cost)
