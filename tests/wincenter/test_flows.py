@@ -10,7 +10,7 @@ import json
 import random
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,14 @@ class Site:
     def restart_center(self, *extra: str) -> None:
         self.center = start_server(self.center.dir, self.center_token, *extra)
 
+    def kill_host(self) -> None:
+        """kill -9 of ``winserver serve``."""
+        self.host_proc.kill()
+        self.host_proc.wait()
+
+    def restart_host(self) -> None:
+        self.host_proc = start_daemon(self.host.dir)
+
 
 def _site(tmp_path: Path, db_url: str, *serve_options: str) -> Iterator[Site]:
     host = init_host(str(tmp_path / "host"))
@@ -61,8 +69,8 @@ def _site(tmp_path: Path, db_url: str, *serve_options: str) -> Iterator[Site]:
     finally:
         site.center.proc.kill()
         site.center.proc.wait()
-        host_proc.terminate()
-        host_proc.wait(30)
+        site.host_proc.terminate()
+        site.host_proc.wait(30)
 
 
 @pytest.fixture
@@ -357,8 +365,9 @@ def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
                 center.abort_restore(f"kr{round_}")
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                pending = [b for b in ids if center.backup(b).state not in ("completed", "aborted")]
-                if not pending and center.restore(f"kr{round_}").state == "aborted":
+                # failed: a task that expired (3 s) before its snapshot was made
+                pending = [b for b in ids if center.backup(b).state not in ("completed", "aborted", "failed")]
+                if not pending and center.restore(f"kr{round_}").state in ("aborted", "failed"):
                     break
                 time.sleep(0.1)
             assert not pending
@@ -506,3 +515,103 @@ def test_access_info_reaches_only_the_starting_token_and_admins(site: Site) -> N
         done = center.wait_task(backup.id, timeout=60, poll=0.05)
         assert done.state == "succeeded"
         assert watcher.task(backup.id).result["disks"][0]["access"] is None
+
+
+@pytest.fixture
+def retrying_site(tmp_path: Path) -> Iterator[Site]:
+    """A site whose WinCenter retries a failed release after 0.2 s (then 0.4, 0.8...)."""
+    yield from _site(tmp_path, f"sqlite:///{tmp_path / 'center.db'}", "--retry-seconds", "0.2")
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def _running_vm(host: HostClient, name: str, rng: random.Random) -> tuple[str, bytearray]:
+    vm = host.create_vm(name, [4 * MiB])
+    host.start_vm(vm["uuid"])
+    model = bytearray(4 * MiB)
+    with _guest(host, vm["uuid"], 0) as guest:
+        _write_random(guest, model, rng, 10)
+    return str(vm["uuid"]), model
+
+
+def test_host_killed_mid_backup_is_released_while_wincenter_runs(retrying_site: Site) -> None:
+    """kill -9 of ``winserver serve`` while a backup is being read; the backup system
+    aborts it (the release fails: the host is down) and asks for the VM's next backup,
+    which waits queued. Once the host is back – WinCenter not restarted – the release is
+    retried: the old backup ends aborted, its snapshot is gone from the host and no grant
+    is live, and the queued backup completes."""
+    site = retrying_site
+    with site.host_client() as host:
+        vm_id, model = _running_vm(host, "hk", random.Random(21))
+    with site.client() as center:
+        first = _backup(center, vm_id, "hk1", "full")
+        with wddk.open(first.result["disks"][0]["access"]) as source:
+            assert source.read(0, BLOCK) == model[:BLOCK]
+            site.kill_host()
+            with pytest.raises(wddk.NbdError):
+                source.read(0, BLOCK)
+        assert center.abort_backup("hk1").state == "aborted"
+        second = center.start_backup(vm_id, "hk2", "full")
+        assert second.state == "queued"
+        _until("releasing", lambda: center.backup("hk1").state == "aborting")
+        assert center.task(second.task_id).state == "queued"
+        site.restart_host()
+        _until("aborted", lambda: center.backup("hk1").state == "aborted")
+        assert center.backup("hk1").snapshot_released
+        ready = center.wait_task(second.task_id, timeout=60, poll=0.05)
+        assert ready.state == "ready", ready.error
+        image = bytearray(len(model))
+        _read_into(ready.result["disks"][0], image)
+        assert image == model
+        center.complete_backup("hk2")
+        assert center.wait_task(second.task_id, timeout=60, poll=0.05).state == "succeeded"
+    with site.host_client() as host:
+        assert [(s["backup_id"], s["state"]) for s in host.list_snapshots(vm_id)] == [("hk2", "cbt-only")]
+        assert all(g["revoked"] for g in host.list_grants())
+
+
+@pytest.fixture
+def stuck_site(tmp_path: Path) -> Iterator[Site]:
+    """A site whose WinCenter retries a failed release only after an hour (unless a sync
+    reaches the host) and lets a queued backup wait 2 s behind one it cannot release."""
+    db = f"sqlite:///{tmp_path / 'center.db'}"
+    yield from _site(tmp_path, db, "--retry-seconds", "3600", "--queue-wait", "2")
+
+
+def test_queued_backup_fails_when_the_host_stays_away_and_a_sync_releases_at_once(
+    stuck_site: Site,
+) -> None:
+    """The host of a backup being aborted stays down: the VM's queued backup fails after
+    the queue wait, saying which backup it waited for and why, instead of waiting for its
+    task to expire. When an inventory sync reaches the host again, the releases run at
+    once (not after the hour of backoff), and the VM's next backup completes."""
+    site = stuck_site
+    with site.host_client() as host:
+        vm_id, model = _running_vm(host, "away", random.Random(22))
+    with site.client() as center:
+        _backup(center, vm_id, "aw1", "full")
+        site.kill_host()
+        center.abort_backup("aw1")
+        waiting = center.start_backup(vm_id, "aw2", "full")
+        failed = center.wait_task(waiting.task_id, timeout=60, poll=0.05)
+        assert failed.state == "failed" and failed.error is not None
+        assert "aw1" in failed.error.detail and "could not be released" in failed.error.detail
+        assert center.backup("aw1").state == "aborting"
+        site.restart_host()
+        [registered] = center.hosts()
+        center.sync_host(registered.id)
+        _until("released", lambda: {center.backup(b).state for b in ("aw1", "aw2")} == {"aborted", "failed"})
+        third = _backup(center, vm_id, "aw3", "full")
+        image = bytearray(len(model))
+        _read_into(third.result["disks"][0], image)
+        assert image == model
+        center.complete_backup("aw3")
+        assert center.wait_task(third.id, timeout=60, poll=0.05).state == "succeeded"
+    with site.host_client() as host:
+        assert [(s["backup_id"], s["state"]) for s in host.list_snapshots(vm_id)] == [("aw3", "cbt-only")]
+        assert all(g["revoked"] for g in host.list_grants())

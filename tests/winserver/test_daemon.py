@@ -1,14 +1,19 @@
-"""``winserver serve``: the host daemon as a real program (its NBD server's limits here)."""
+"""``winserver serve``: the host daemon as a real program (its NBD server's limits, and
+where it listens: loopback unless ``--bind``/``--listen`` says otherwise)."""
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.nbd.test_limits import assert_closed_without_a_word, assert_dropped, connect, idle
-from tests.winserver.conftest import init_host, start_daemon, winserver
+from tests.winserver.conftest import free_port, init_host, start_daemon, winserver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,3 +41,65 @@ def test_the_nbd_connection_limits_are_options_of_serve(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "winserver: NBD limits: connection limits must be at least 1"
     ]
+
+
+def listening(port: int) -> set[str]:
+    """The IPv4 addresses on which a TCP socket of this machine listens on *port*."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, hex_port = fields[1].split(":")
+        if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
+    return found
+
+
+def _serve(directory: str, *extra: str) -> tuple[str, str]:
+    """Start ``winserver serve`` with only *extra* options, check that the API and NBD
+    listen on the address its first line names and nowhere else, stop it: (that line,
+    its stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentless.winserver.cli", "serve", "--dir", directory, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
+        host = json.loads(Path(directory, "host.json").read_text())
+        sockets = {port: listening(port) for port in (host["api_port"], host["nbd_port"])}
+    finally:
+        proc.terminate()
+        _out, errors = proc.communicate(timeout=30)
+    assert proc.returncode == 0, errors
+    named = line.split("https://")[1].split(":")[0]
+    assert all(addresses == {named} for addresses in sockets.values()), (sockets, line)
+    return line, errors
+
+
+def test_serve_listens_on_loopback_by_default_and_warns_when_grants_name_another_address(
+    tmp_path: Path,
+) -> None:
+    """Without --bind the API and NBD listen on 127.0.0.1 only (they listened on every
+    interface before); the host's grants name 192.0.2.7 (its first --address), so the
+    daemon says that other machines cannot reach it as it is."""
+    directory = str(tmp_path / "host")
+    ports = ("--api-port", str(free_port()), "--nbd-port", str(free_port()))
+    init = winserver("init", "--dir", directory, "--address", "192.0.2.7", *ports)
+    assert init.returncode == 0, init.stderr
+    line, errors = _serve(directory)
+    assert "API https://127.0.0.1:" in line, line
+    assert "grants name 192.0.2.7" in errors and "--bind" in errors, errors
+
+
+def test_serve_listens_where_bind_or_listen_says(tmp_path: Path) -> None:
+    """An explicit address is honoured under either name (127.0.0.2: another loopback
+    address, so that the test opens nothing to the network); loopback grants: no warning."""
+    directory = str(tmp_path / "host")
+    init_host(directory)
+    for option in ("--bind", "--listen"):
+        line, errors = _serve(directory, option, "127.0.0.2")
+        assert "API https://127.0.0.2:" in line, line
+        assert "grants name" not in errors, errors

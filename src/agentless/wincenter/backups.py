@@ -26,30 +26,37 @@ as CBT metadata). Without one, or when the host cannot answer from CBT (disabled
 after a crash), the answer is a full backup with the reason – never a silent gap.
 Backups of one VM run one after the other: a snapshot per backup in flight would deepen
 the VM's chains past the host's limit. A backup whose turn has not come stays queued
-without holding a worker; the end of the backup ahead of it starts it.
+without holding a worker; the end of the backup ahead of it starts it. When the backup
+ahead cannot be released (its host is down: the release is retried, :mod:`.retries`)
+for longer than *queue_wait*, the queued ones fail with that reason instead of waiting
+until their task expires.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from agentless.winserver.client import HostApiError, HostClient
 
+from .center import Center
 from .errors import ConflictError, WinCenterError
-from .flow import Flow
-from .inventory import HostCallError
+from .flow import Flow, Submit
+from .inventory import HostCallError, Inventory
 from .models import Backup, utcnow
+from .retries import Retries
 from .tasks import Task, TaskState
 
-__all__ = ["KIND", "Backups", "release_snapshots"]
+__all__ = ["KIND", "QUEUE_WAIT", "Backups", "release_snapshots"]
 
 log = logging.getLogger(__name__)
 KIND = "backup"
+QUEUE_WAIT = datetime.timedelta(minutes=15)
 
 
 def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[str]:
@@ -65,7 +72,11 @@ def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[s
         raise
     for snapshot in snapshots:
         if snapshot["backup_id"] == owner_id:
-            client.delete_snapshot(snapshot["uuid"])
+            try:
+                client.delete_snapshot(snapshot["uuid"])
+            except HostApiError as error:
+                if error.status != 404:  # 404: a release running at the same time was first
+                    raise
             deleted.append(snapshot["uuid"])
     return deleted
 
@@ -76,6 +87,20 @@ class Backups(Flow):
     noun = "backup"
     model = Backup
     starting = "preparing"
+
+    def __init__(
+        self,
+        center: Center,
+        inventory: Inventory,
+        submit: Submit,
+        ttl: datetime.timedelta = datetime.timedelta(hours=6),
+        retries: Retries | None = None,
+        queue_wait: datetime.timedelta = QUEUE_WAIT,
+    ):
+        """*queue_wait*: how long a queued backup waits behind a backup of its VM whose
+        release keeps failing before it fails."""
+        super().__init__(center, inventory, submit, ttl, retries)
+        self.queue_wait = queue_wait
 
     # ------------------------------------------------------------------ requests
 
@@ -128,8 +153,11 @@ class Backups(Flow):
     def _start(self, backup_id: str, retry: bool = False) -> None:
         record = self._record(backup_id)
         task_id = record["task_id"]
-        if self.center.tasks.get(task_id).ended or not self._claim(backup_id):
-            return  # aborted or expired; another backup of the VM runs (its end starts this one)
+        if self.center.tasks.get(task_id).ended:
+            return  # aborted or expired
+        if not self._claim(backup_id):  # another backup of the VM runs (its end starts this one)
+            self._give_up_waiting(record["vm"])  # ... unless it cannot be released
+            return
         try:
             if retry:
                 with self.inventory.calling(record["host"]) as client:
@@ -161,6 +189,9 @@ class Backups(Flow):
         are released – the host may still be merging the reduced snapshot's data, and
         nobody needs to wait for that."""
         record = self._record(backup_id)
+        if record["state"] != "completing":  # a retry of a step that another run finished
+            self._retried(backup_id)
+            return
         older = self._older_bases(record)  # before this one completes and another may start
         try:
             with self.inventory.calling(record["host"]) as client:
@@ -170,8 +201,10 @@ class Backups(Flow):
             if not task.ended:
                 self.center.tasks.finish(task.id, task.result)
         except Exception as error:
-            log.warning("backup %s: completing failed (retried at the next start): %s", backup_id, error)
+            self._retry(backup_id, record["host"], lambda: self._complete(backup_id), error)
+            self._give_up_waiting(record["vm"])
             return
+        self._retried(backup_id)
         self._release_bases(record["host"], record["vm"], older)
         self._next(record["vm"])
 
@@ -209,14 +242,69 @@ class Backups(Flow):
 
     def _release(self, backup_id: str, final: str) -> None:
         record = self._record(backup_id)
+        if record["state"] != "aborting":  # a retry of a step that another run finished
+            self._retried(backup_id)
+            return
         try:
             with self.inventory.calling(record["host"]) as client:
                 release_snapshots(client, record["vm"], backup_id)
-            self._set(backup_id, state=final, snapshot_released=True, finished=utcnow())
         except Exception as error:
-            log.warning("backup %s: releasing failed (retried at the next start): %s", backup_id, error)
+            self._retry(backup_id, record["host"], lambda: self._release(backup_id, final), error)
+            self._give_up_waiting(record["vm"])
             return
-        self._next(record["vm"])
+        self._retried(backup_id)
+        if self._finish(backup_id, "aborting", state=final, snapshot_released=True, finished=utcnow()):
+            self._next(record["vm"])
+
+    def give_up_waiting(self) -> None:
+        """:meth:`_give_up_waiting` for every VM with a queued backup (the daemon runs
+        it every few seconds: a release retried rarely still fails its queue in time)."""
+        with self.center.database.session() as s:
+            vms = list(s.scalars(select(Backup.vm_uuid).where(Backup.state == "queued").distinct()))
+        for vm_uuid in vms:
+            self._give_up_waiting(vm_uuid)
+
+    def _give_up_waiting(self, vm_uuid: str) -> None:
+        """If a backup of *vm_uuid* that is being released or completed has been failing
+        on its host for *queue_wait* or longer, fail the VM's queued backups, saying why
+        (they would wait for a host that may never come back). Each one is released like
+        any failed backup."""
+        with self.center.database.session() as s:
+            rows = s.execute(
+                select(Backup.backup_id, Backup.state).where(
+                    Backup.vm_uuid == vm_uuid, Backup.state.in_(("queued", "completing", "aborting"))
+                )
+            ).all()
+        queued = sorted(str(b) for b, state in rows if state == "queued")
+        if not queued:
+            return
+        stuck = []
+        for blocker, state in rows:
+            failing = self.retries.failing_for(self._retry_key(str(blocker)))
+            if state != "queued" and failing is not None and failing[0] >= self.queue_wait.total_seconds():
+                stuck.append((failing[0], str(blocker), failing[1]))
+        if not stuck:
+            return
+        seconds, blocker, error = max(stuck)
+        why = (
+            f"backup {blocker} of this VM, ahead of this one, could not be released on its host "
+            f"for {seconds:.0f} s (WinCenter keeps trying): {error}"
+        )
+        for backup_id in queued:
+            with self.center.database.session() as s:
+                given_up = s.execute(
+                    update(Backup)
+                    .where(Backup.backup_id == backup_id, Backup.state == "queued")
+                    .values(state="aborting")
+                    .execution_options(synchronize_session=False)
+                )
+                task_id = s.scalar(select(Backup.task_id).where(Backup.backup_id == backup_id))
+            if not given_up.rowcount:  # type: ignore[attr-defined]
+                continue  # started or ended meanwhile
+            log.warning("backup %s given up: %s", backup_id, why)
+            if task_id is not None and not self.center.tasks.get(task_id).ended:
+                self.center.tasks.fail(task_id, "Backup failed", why)
+            self.submit(functools.partial(self._release, backup_id, "failed"))
 
     def _failed(self, backup_id: str, error: Exception) -> None:
         record = self._record(backup_id)

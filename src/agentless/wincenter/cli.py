@@ -28,7 +28,7 @@ from agentless import __version__
 from agentless.commands import emit, run_handler
 
 from .center import DEFAULT_PORT, Center
-from .daemon import serve
+from .daemon import LOOPBACK, serve
 from .errors import WinCenterError
 from .orchestrator import DEFAULT_TASK_TTL
 from .tokens import Role, TokenInfo
@@ -160,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(subparsers, "serve", "run the REST API over HTTPS")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0: any free port")
-    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--bind",
+        "--listen",
+        dest="bind",
+        default=LOOPBACK,
+        metavar="ADDR",
+        help="address to listen on (default %(default)s; 0.0.0.0 for every interface)",
+    )
     p.add_argument(
         "--task-timeout",
         type=_seconds,

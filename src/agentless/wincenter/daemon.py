@@ -13,6 +13,11 @@ every few seconds until SIGINT or SIGTERM:
 
 Before it listens the daemon recovers (:meth:`~.orchestrator.Orchestrator.recover`): the
 backups and restores a killed run left halfway are finished or undone.
+
+It listens on loopback unless ``--bind`` names another address (one that backup systems
+reach). The API reads a request body only from a caller with a valid token and up to
+1 MiB (:mod:`agentless.httpguard`), and serves at most :data:`CONCURRENCY` connections
+at once.
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ from collections.abc import Callable
 
 import uvicorn
 
+from agentless.httpguard import UVICORN_LIMITS
+
 from .api import make_app
 from .center import Center
 from .orchestrator import DEFAULT_TASK_TTL, Orchestrator
 from .schemas import API_PREFIX
 
-__all__ = ["EXPIRE_SECONDS", "serve"]
+__all__ = ["CONCURRENCY", "EXPIRE_SECONDS", "LOOPBACK", "serve"]
 
 log = logging.getLogger(__name__)
 EXPIRE_SECONDS = 5.0
 SYNC_SECONDS = 60.0
 SHUTDOWN_SECONDS = 3
+CONCURRENCY = 256  # connections (or requests) at once; past it, 503
+LOOPBACK = "127.0.0.1"
 
 
 def _listen(bind: str, port: int) -> socket.socket:
@@ -88,6 +97,8 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
         # an idle keep-alive client never answers TLS close_notify: do not wait the 30 s
         # of asyncio's SSL shutdown timeout for it when stopping
         timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        limit_concurrency=CONCURRENCY,
+        **UVICORN_LIMITS,
     )
     api = uvicorn.Server(config)
     api_task = asyncio.create_task(api.serve(sockets=[sock]))
@@ -121,7 +132,7 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
 
 
 def serve(
-    center: Center, bind: str = "0.0.0.0", port: int = 9443, task_ttl: datetime.timedelta = DEFAULT_TASK_TTL
+    center: Center, bind: str = LOOPBACK, port: int = 9443, task_ttl: datetime.timedelta = DEFAULT_TASK_TTL
 ) -> None:
     """Serve *center* on *bind*:*port* until SIGINT or SIGTERM; backups and restores left
     unfinished for *task_ttl* expire."""

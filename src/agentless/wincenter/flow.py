@@ -8,7 +8,9 @@
 The state is written before each step that changes a host, so the daemon's start
 (:meth:`Flow.recover`) knows what to finish or undo; a subclass supplies the steps:
 ``_start`` (up to ready; *retry* first undoes what an interrupted run may have made),
-``_complete`` and ``_release`` (undo, ending in the given final state).
+``_complete`` and ``_release`` (undo, ending in the given final state). A ``_complete`` or
+``_release`` that fails on the host (the host is down, say) is tried again while the
+daemon runs, with backoff and at once when the host is seen again (:mod:`.retries`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session
 from .center import Center
 from .errors import ConflictError, NotFoundError
 from .inventory import Inventory
+from .retries import Retries
 from .tasks import Task
 
 __all__ = ["Flow", "Submit"]
@@ -33,7 +36,8 @@ Submit = Callable[[Callable[[], None]], None]
 class Flow:
     """Records of one kind (*model*, keyed by its primary key) with their tasks. *submit*
     runs a step in the background (the daemon's worker pool); *ttl* is how long the backup
-    system may take before an unfinished record expires and is released."""
+    system may take before an unfinished record expires and is released; *retries* runs
+    the steps that failed on a host again (by default its own, with the default backoff)."""
 
     noun: ClassVar[str]  # "backup", "restore": in messages
     model: ClassVar[Any]  # the SQLAlchemy model; its primary key is the id
@@ -45,11 +49,13 @@ class Flow:
         inventory: Inventory,
         submit: Submit,
         ttl: datetime.timedelta = datetime.timedelta(hours=6),
+        retries: Retries | None = None,
     ):
         self.center = center
         self.inventory = inventory
         self.submit = submit
         self.ttl = ttl
+        self.retries = retries if retries is not None else Retries(submit)
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -68,6 +74,18 @@ class Flow:
 
     def _describe(self, row: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _retry(self, owner_id: str, host: str, step: Callable[[], None], error: Exception) -> None:
+        """*step* (a ``_complete`` or ``_release`` of *owner_id*) failed on *host*: run it
+        again later (:class:`.retries.Retries`)."""
+        self.retries.failed(self._retry_key(owner_id), host, step, error)
+
+    def _retried(self, owner_id: str) -> None:
+        """The step of *owner_id* that was failing succeeded."""
+        self.retries.done(self._retry_key(owner_id))
+
+    def _retry_key(self, owner_id: str) -> str:
+        return f"{self.noun} {owner_id}"
 
     # ------------------------------------------------------------------ requests
 
@@ -173,6 +191,18 @@ class Flow:
         if record is None:
             raise NotFoundError(f"no {self.noun} {owner_id!r}")
         return record
+
+    def _finish(self, owner_id: str, expected: str, **fields: Any) -> bool:
+        """Set *fields* if the record is still in state *expected* (one UPDATE: of two
+        steps that race to end a record, one wins); whether it was."""
+        with self.center.database.session() as s:
+            done = s.execute(
+                update(self.model)
+                .where(self._key == owner_id, self.model.state == expected)
+                .values(**fields)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(done.rowcount)  # type: ignore[attr-defined]
 
     def _set(self, owner_id: str, **fields: Any) -> None:
         with self.center.database.session() as s:

@@ -95,9 +95,17 @@ class Inventory:
     """Hosts and what they hold, for one center. Methods are blocking (they call hosts);
     every database change is one transaction."""
 
-    def __init__(self, center: Center, client_factory: ClientFactory = HostClient):
+    def __init__(
+        self,
+        center: Center,
+        client_factory: ClientFactory = HostClient,
+        on_seen: Callable[[str], None] | None = None,
+    ):
+        """*on_seen* is told the uuid of every host a sync reached (the retries of the
+        steps that failed on it start at once)."""
         self.center = center
         self._client_factory = client_factory
+        self.on_seen = on_seen
         self._guard = threading.Lock()
         self._sync_locks: dict[str, threading.Lock] = {}
         self._synced: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (sync began, answer)
@@ -180,7 +188,9 @@ class Inventory:
             started = time.monotonic()
             result = self._sync(host_uuid)
             self._synced[host_uuid] = (started, result)
-            return result
+        if self.on_seen is not None:
+            self.on_seen(host_uuid)
+        return result
 
     def _lock(self, host_uuid: str) -> threading.Lock:
         """The lock under which the records of one host are rewritten."""

@@ -145,6 +145,9 @@ class Restores(Flow):
 
     def _complete(self, restore_id: str) -> None:
         record = self._record(restore_id)
+        if record["state"] != "completing":  # a retry of a step that another run finished
+            self._retried(restore_id)
+            return
         try:
             with self.inventory.calling(record["host"]) as client:
                 client.stop_remote_access(restore_id)
@@ -155,10 +158,15 @@ class Restores(Flow):
             if not task.ended:
                 self.center.tasks.finish(task.id, {"restore_id": restore_id, "vm": vm})
         except Exception as error:
-            log.warning("restore %s: completing failed (retried at the next start): %s", restore_id, error)
+            self._retry(restore_id, record["host"], lambda: self._complete(restore_id), error)
+            return
+        self._retried(restore_id)
 
     def _release(self, restore_id: str, final: str) -> None:
         record = self._record(restore_id)
+        if record["state"] != "aborting":  # a retry of a step that another run finished
+            self._retried(restore_id)
+            return
         try:
             with self.inventory.calling(record["host"]) as client:
                 self._undo(client, record)
@@ -166,9 +174,11 @@ class Restores(Flow):
                 row = s.get(Vm, record["vm"])
                 if row is not None:
                     s.delete(row)
-            self._set(restore_id, state=final, finished=utcnow())
+            self._finish(restore_id, "aborting", state=final, finished=utcnow())
         except Exception as error:
-            log.warning("restore %s: releasing failed (retried at the next start): %s", restore_id, error)
+            self._retry(restore_id, record["host"], lambda: self._release(restore_id, final), error)
+            return
+        self._retried(restore_id)
 
     def _describe(self, row: Any) -> dict[str, Any]:
         return _describe(row)

@@ -8,18 +8,24 @@ revoked by another process (``winserver stop-remote-access``). On start it revok
 grants left from before (an NBD session does not survive a restart), finishes interrupted
 snapshot deletions, removes VHD files no VDI refers to, and restarts running VMs.
 
-The VM datapaths join this daemon later.
+Both listen on loopback unless ``--bind`` names another address: a host that others
+(WinCenter, backup systems) reach must be given one, and the daemon warns when the grants
+it hands out name an address it does not listen on. The API reads a request body only
+from a caller with a valid token and up to 1 MiB (:mod:`agentless.httpguard`), and
+serves at most :data:`CONCURRENCY` connections at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 
 import uvicorn
 
+from agentless.httpguard import UVICORN_LIMITS
 from agentless.nbd.limits import Limits
 from agentless.nbd.server import NbdServer
 from agentless.nbd.tls import server_context
@@ -33,10 +39,12 @@ from .snapshots import finish_deletions, sweep_orphans
 from .storage import make_private
 from .vms import list_vms
 
-__all__ = ["serve"]
+__all__ = ["CONCURRENCY", "LOOPBACK", "serve"]
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
+CONCURRENCY = 128  # connections (or requests) at once on the API; past it, 503
+LOOPBACK = "127.0.0.1"
 
 
 async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) -> None:
@@ -51,6 +59,15 @@ async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) 
             dropped |= fresh
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+
+def _loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _local_url(bind: str, port: int) -> str:
@@ -85,6 +102,8 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
         ssl_keyfile=host.pki_path("server-key.pem"),
         log_level="warning",
         lifespan="off",
+        limit_concurrency=CONCURRENCY,
+        **UVICORN_LIMITS,
     )
     api = uvicorn.Server(config)
     api_task = asyncio.create_task(api.serve())
@@ -94,6 +113,11 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
             raise RuntimeError("the host API stopped at start")
         await asyncio.sleep(0.05)
     presence.publish(_local_url(bind, config.port))
+    granted = host.identity.addresses[0]
+    if _loopback(bind) and not _loopback(granted):
+        log.warning(
+            "listening on %s only, but grants name %s: give --bind to serve other machines", bind, granted
+        )
     print(
         f"winserver {host.identity.name}: API https://{bind}:{config.port}{API_PREFIX}, "
         f"NBD with TLS on {bind}:{listening}",
@@ -115,7 +139,7 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
 
 def serve(
     host: Host,
-    bind: str = "0.0.0.0",
+    bind: str = LOOPBACK,
     port: int | None = None,
     api_port: int | None = None,
     max_chain_depth: int | None = None,
@@ -124,7 +148,8 @@ def serve(
 ) -> None:
     """Run until SIGINT or SIGTERM; the ports and the chain limit default to the host's.
     *advertised_port*: the NBD port that access info names, when clients reach the NBD
-    server through another port (default: the one it listens on)."""
+    server through another port (default: the one it listens on). The API and NBD listen
+    on *bind*, loopback unless the caller says otherwise."""
     if port is not None:
         host.nbd_port = port
     if advertised_port is not None:

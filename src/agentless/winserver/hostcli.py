@@ -20,7 +20,7 @@ from agentless.nbd.limits import Limits
 from agentless.units import format_size, size_argument
 
 from .client import HostClient
-from .daemon import serve
+from .daemon import LOOPBACK, serve
 from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host, HostError
 from .presence import daemon_or_directory
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
@@ -304,7 +304,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = command(
         subparsers, "serve", "run the host daemon: the HTTPS host API and NBD with TLS for granted disks"
     )
-    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument(
+        "--bind",
+        "--listen",
+        dest="bind",
+        default=LOOPBACK,
+        metavar="ADDR",
+        help="address the API and NBD listen on (default %(default)s; 0.0.0.0 for every interface)",
+    )
     p.add_argument("--nbd-port", type=int, help="default: the port given at init")
     p.add_argument(
         "--nbd-advertised-port",
