@@ -7,12 +7,19 @@ constant (:class:`.harness.Row`); list it here. The planned rows are shown in
 
 from __future__ import annotations
 
-from . import fuzz_nbd, fuzz_repository, fuzz_vhd, rest_api
+from . import fuzz_nbd, fuzz_repository, fuzz_vhd, network_faults, rest_api
 from .harness import Row
 
 __all__ = ["PLANNED", "ROWS", "by_name"]
 
-ROWS: list[Row] = [fuzz_nbd.ROW, fuzz_vhd.ROW, fuzz_repository.ROW, rest_api.WINCENTER, rest_api.HOST]
+ROWS: list[Row] = [
+    fuzz_nbd.ROW,
+    fuzz_vhd.ROW,
+    fuzz_repository.ROW,
+    rest_api.WINCENTER,
+    rest_api.HOST,
+    network_faults.ROW,
+]
 
 PLANNED: list[tuple[str, str]] = [
     ("kill-winserver", "kill -9 of `winserver serve` at ≥ 20 random instants of a backup and of a restore"),
@@ -26,7 +33,6 @@ PLANNED: list[tuple[str, str]] = [
     ("sr-full", "the host's SR full mid-backup and mid-restore, then space freed"),
     ("s3-restart", "the S3 server stopped and restarted mid-backup"),
     ("postgresql-restart", "PostgreSQL restarted under WinCenter mid-flow"),
-    ("network-faults", "vmbackup ↔ host through a TCP proxy that delays, stalls and cuts connections"),
     ("load", "50 concurrent VM backups over 5 hosts through one WinCenter on PostgreSQL"),
 ]
 
