@@ -3,7 +3,8 @@
 ::
 
     wincenter init  --dir D [--name N] [--address A ...] [--db URL]
-    wincenter serve --dir D [--port 9443] [--bind ADDR] [--db URL]
+    wincenter serve --dir D [--port 9443] [--bind ADDR] [--db URL] [--task-timeout S]
+                    [--retry-seconds S] [--queue-wait S]
     wincenter token create --role admin|backup-operator|viewer [--name N] --dir D
     wincenter token list --dir D
     wincenter token revoke ID --dir D
@@ -27,10 +28,12 @@ from typing import Any
 from agentless import __version__
 from agentless.commands import emit, run_handler
 
+from .backups import QUEUE_WAIT
 from .center import DEFAULT_PORT, Center
 from .daemon import LOOPBACK, serve
 from .errors import WinCenterError
 from .orchestrator import DEFAULT_TASK_TTL
+from .retries import FIRST_SECONDS
 from .tokens import Role, TokenInfo
 
 __all__ = ["main"]
@@ -98,9 +101,26 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _retry_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError("give 0.05 s to 1 hour")
+    return value
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     with _open(args) as center:
-        serve(center, bind=args.bind, port=args.port, task_ttl=datetime.timedelta(seconds=args.task_timeout))
+        serve(
+            center,
+            bind=args.bind,
+            port=args.port,
+            task_ttl=datetime.timedelta(seconds=args.task_timeout),
+            retry_first=args.retry_seconds,
+            queue_wait=datetime.timedelta(seconds=args.queue_wait),
+        )
     return 0
 
 
@@ -174,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TASK_TTL.total_seconds(),
         help="seconds a backup or restore may stay unfinished before it expires and is cleaned up"
         " (default %(default).0f)",
+    )
+    p.add_argument(
+        "--retry-seconds",
+        type=_retry_seconds,
+        default=FIRST_SECONDS,
+        help="seconds before a release or completion that failed on a host is tried again; the wait"
+        " doubles up to 5 minutes, and a sync that reaches the host retries at once (default %(default).0f)",
+    )
+    p.add_argument(
+        "--queue-wait",
+        type=_seconds,
+        default=QUEUE_WAIT.total_seconds(),
+        help="seconds a queued backup waits behind a backup of its VM that cannot be released"
+        " before it fails (default %(default).0f)",
     )
     p.set_defaults(handler=_cmd_serve)
 

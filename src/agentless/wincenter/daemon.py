@@ -7,9 +7,12 @@ listens, the daemon prints one line – ``wincenter NAME: API https://ADDR:PORT/
 every few seconds until SIGINT or SIGTERM:
 
 - task expiry (:meth:`~.tasks.TaskStore.expire`): tasks not ended by ``expires_at``;
-  the backups and restores of expired tasks release what they hold on the hosts;
+  the backups and restores of expired tasks release what they hold on the hosts; queued
+  backups that have waited too long behind a backup that cannot be released fail
+  (:meth:`~.backups.Backups.give_up_waiting`);
 - inventory sync (every 60 s): every registered host's pools and VMs, so that changes
-  made on a host directly show up; an unreachable host is marked so.
+  made on a host directly show up; an unreachable host is marked so, a host that answers
+  has the steps that failed on it tried again at once (:mod:`.retries`).
 
 Before it listens the daemon recovers (:meth:`~.orchestrator.Orchestrator.recover`): the
 backups and restores a killed run left halfway are finished or undone.
@@ -35,8 +38,10 @@ import uvicorn
 from agentless.httpguard import UVICORN_LIMITS
 
 from .api import make_app
+from .backups import QUEUE_WAIT
 from .center import Center
 from .orchestrator import DEFAULT_TASK_TTL, Orchestrator
+from .retries import FIRST_SECONDS
 from .schemas import API_PREFIX
 
 __all__ = ["CONCURRENCY", "EXPIRE_SECONDS", "LOOPBACK", "serve"]
@@ -83,6 +88,7 @@ def _expire(center: Center, orchestrator: Orchestrator) -> None:
     for task in expired:
         log.warning("task %s (%s %s) expired", task.id, task.kind, task.owner_key or "")
     orchestrator.expired(expired)
+    orchestrator.backups.give_up_waiting()
 
 
 async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator) -> None:
@@ -132,9 +138,16 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
 
 
 def serve(
-    center: Center, bind: str = LOOPBACK, port: int = 9443, task_ttl: datetime.timedelta = DEFAULT_TASK_TTL
+    center: Center,
+    bind: str = LOOPBACK,
+    port: int = 9443,
+    task_ttl: datetime.timedelta = DEFAULT_TASK_TTL,
+    retry_first: float = FIRST_SECONDS,
+    queue_wait: datetime.timedelta = QUEUE_WAIT,
 ) -> None:
     """Serve *center* on *bind*:*port* until SIGINT or SIGTERM; backups and restores left
-    unfinished for *task_ttl* expire."""
-    with Orchestrator(center, task_ttl) as orchestrator:
+    unfinished for *task_ttl* expire; a step that failed on a host is tried again after
+    *retry_first* seconds (then twice as long each time); a queued backup waits at most
+    *queue_wait* behind a backup of its VM that cannot be released."""
+    with Orchestrator(center, task_ttl, retry_first=retry_first, queue_wait=queue_wait) as orchestrator:
         asyncio.run(_run(center, bind, port, orchestrator))
