@@ -26,6 +26,10 @@ name                                            type    labels
 database answers, 503 (same document, ``status: "failing"`` and why) otherwise – what a
 load balancer or a service manager's watchdog probes. Both are plain HTTP, on loopback
 by default (as node exporters are); put a TLS proxy in front to publish them.
+
+Neither takes a body: a request that announces more than :data:`MAX_BODY` bytes, or a
+chunked one, is answered 413 (problem+json) unread and its connection closed, and a
+connection that sends nothing for :data:`REQUEST_SECONDS` is closed.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ from prometheus_client.registry import Collector
 
 from .scheduler import Scheduler
 
-__all__ = ["Daemon"]
+__all__ = ["MAX_BODY", "REQUEST_SECONDS", "Daemon"]
+
+MAX_BODY = 4096
+REQUEST_SECONDS = 10.0
 
 
 class _Metrics(Collector):
@@ -197,6 +204,27 @@ class Daemon:
 def _handler(daemon: Daemon) -> Callable[..., http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "vmbackup"
+        timeout = REQUEST_SECONDS
+
+        def parse_request(self) -> bool:
+            """The request line and headers; False (answered) for a body over the cap."""
+            if not super().parse_request():
+                return False
+            length = self.headers.get("Content-Length", "0").strip()
+            if "Transfer-Encoding" in self.headers or not length.isdigit() or int(length) > MAX_BODY:
+                detail = f"/metrics and /health take no body (at most {MAX_BODY} bytes, not chunked)"
+                body = json.dumps(
+                    {"type": "about:blank", "title": "Content Too Large", "status": 413, "detail": detail}
+                ).encode()
+                self.close_connection = True
+                self.send_response(413)
+                self.send_header("Content-Type", "application/problem+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                return False
+            return True
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
