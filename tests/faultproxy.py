@@ -200,8 +200,9 @@ class FaultProxy:
             except OSError:
                 link.cut()
                 return
-            if fault is not None:
-                self._fault(fault, link)
+            if fault is not None and fault[0] == "cut":
+                for cut in fault[1]:
+                    cut.cut()
 
     def _account(self, link: _Link, data: bytes) -> tuple[bytes, tuple[str, list[_Link]] | None]:
         """Count *data* forwarded; cut it short where an armed fault falls inside it and
@@ -231,13 +232,6 @@ class FaultProxy:
                 else:
                     self.cuts += len(links)
         return data[:room], fault
-
-    @staticmethod
-    def _fault(fault: tuple[str, list[_Link]], link: _Link) -> None:
-        kind, links = fault
-        if kind == "cut":
-            for k in links:
-                k.cut()
 
     # ------------------------------------------------------------------ lifetime
 
