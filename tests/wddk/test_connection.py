@@ -120,8 +120,9 @@ def test_cuts_that_persist_fail_after_the_attempts(
     with wddk.open(access, connections=1, retry=FAST) as disk:
         proxy.cut_each_after(0)  # every byte from now on: no connection gets anywhere
         proxy.cut_now()
-        with pytest.raises(wddk.ConnectionLost, match="gave up after 3 reconnection"):
+        with pytest.raises(wddk.ConnectionLost, match="gave up after 3 reconnection") as lost:
             _pipelined_read(disk, SIZE)
+        assert "grant" not in str(lost.value)  # the export name is a grant's credential
     assert proxy.accepted == 1 + 3
 
 
@@ -136,10 +137,13 @@ def test_a_refusing_server_fails_the_open_after_the_attempts(
 
 
 def test_a_refused_export_is_not_retried(proxied: tuple[FaultProxy, dict[str, Any], MemoryExport]) -> None:
+    """A refusal is the server's answer: raised at once, and without the export name (a
+    grant's credential) in its message."""
     proxy, access, _ = proxied
-    with pytest.raises(wddk.NegotiationError):
-        wddk.open(access | {"export_name": "revoked"}, connections=1, retry=FAST)
+    with pytest.raises(wddk.NegotiationError) as refused:
+        wddk.open(access | {"export_name": "revoked-grant-secret"}, connections=1, retry=FAST)
     assert proxy.accepted == 1
+    assert "revoked-grant-secret" not in str(refused.value) and f":{proxy.port}" in str(refused.value)
 
 
 def test_without_retries_a_cut_is_raised(proxied: tuple[FaultProxy, dict[str, Any], MemoryExport]) -> None:

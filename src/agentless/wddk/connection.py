@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 from agentless.nbd.client import Client
 from agentless.nbd.connection import Bytes
-from agentless.nbd.errors import ConnectionLost, NbdError, RequestError
+from agentless.nbd.errors import ConnectionLost, NbdError, NegotiationError, RequestError
 from agentless.nbd.protocol import BASE_ALLOCATION, NBD_CMD_READ, NBD_CMD_WRITE
 from agentless.nbd.uri import NbdUri
 
@@ -255,14 +255,14 @@ class Connection:
                 return
             except ConnectionLost as error:
                 if writes and not self._may_write_again():
-                    raise
+                    raise ConnectionLost(self._hidden(str(error))) from error
                 self._recover(error)
 
     def _recover(self, error: ConnectionLost) -> None:
         """Connect again (ConnectionLost when the attempts are spent) and send every
         pending request again, in the order they were first sent."""
         if any(p.command == NBD_CMD_WRITE for p in self._pending.values()) and not self._may_write_again():
-            raise error
+            raise ConnectionLost(self._hidden(str(error))) from error
         while True:
             self.client.close()
             self._failures += 1
@@ -300,9 +300,12 @@ class Connection:
                 self._sleep(self.retry.wait(attempt))
 
     def _connect(self, first: bool = False) -> Client:
-        client = Client.connect(
-            self.uri, tls_cert=self._cert, meta_contexts=self._contexts, timeout=self._timeout
-        )
+        try:
+            client = Client.connect(
+                self.uri, tls_cert=self._cert, meta_contexts=self._contexts, timeout=self._timeout
+            )
+        except NegotiationError as error:  # a revoked grant, say: named without its credential
+            raise NegotiationError(self._hidden(str(error)), error.reply) from error
         if not first and (
             client.size != self.client.size or client.contexts.keys() != self.client.contexts.keys()
         ):
@@ -318,8 +321,12 @@ class Connection:
         return f"{'nbds' if self.uri.tls else 'nbd'}://{self.uri.host}:{self.uri.port}"
 
     def _hidden(self, text: str) -> str:
-        """*text* (an error of the NBD client, which names the URI) without the export name."""
-        return text.replace(str(self.uri), self.where)
+        """*text* (an error of the NBD client, which names the URI, or of the server, which
+        may name the export) without the export name when it looks like a credential
+        (grants' names are 43 characters; short ones such as a file name stay)."""
+        text = text.replace(str(self.uri), self.where)
+        export = self.uri.export
+        return text.replace(export, "***") if len(export) >= 16 else text
 
     def close(self) -> None:
         self._pending.clear()
