@@ -37,9 +37,9 @@ def test_writing_the_docs_replaces_the_rows_run_and_keeps_the_others(tmp_path: P
     one, two = (
         Row(name, f"title {name}", "checked", lambda _s: Outcome("", 0, True, "")) for name in ("a", "b")
     )
-    write_docs(doc, [one], [Outcome("did a", 5, True, "0 crashes")], [one, two], PLANNED, smoke=False)
+    write_docs(doc, [one], [Outcome("did a", 5, True, "0 crashes")], [one, two], PLANNED)
     write_docs(
-        doc, [two], [Outcome("did b", 7, False, "1 crash", ["input 3"])], [one, two], PLANNED, smoke=True
+        doc, [two], [Outcome("did b", 7, False, "1 crash", ["input 3"])], [one, two], PLANNED, "--smoke"
     )
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{END}\n\nafter\n")

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_table(rows, outcomes))
     if args.write_docs:
-        write_docs(DOCS, rows, outcomes, ROWS, PLANNED, args.smoke)
+        given = sys.argv[1:] if argv is None else argv
+        flags = " ".join(a for a in given if a != "--write-docs" and a not in args.rows)
+        write_docs(DOCS, rows, outcomes, ROWS, PLANNED, flags)
         print(f"\nwritten: {DOCS}")
     return 0 if all(o.passed for o in outcomes) else 1
 

@@ -75,9 +75,10 @@ class Row:
     checked: str
     run: Callable[[Scale], Outcome]
 
-    def command(self, smoke: bool = False) -> str:
-        """The command that measures this row alone (``make campaign`` runs them all)."""
-        return f".venv/bin/python -m bench.campaign{' --smoke' if smoke else ''} {self.name}"
+    def command(self, flags: str = "") -> str:
+        """The command that measures this row alone with *flags* (``--smoke``,
+        ``--inputs N``...; ``make campaign`` runs every row without flags)."""
+        return f".venv/bin/python -m bench.campaign {flags + ' ' if flags else ''}{self.name}"
 
 
 def format_count(n: int) -> str:
@@ -114,7 +115,7 @@ def render_table(rows: Sequence[Row], outcomes: Sequence[Outcome]) -> str:
     return "\n".join(out)
 
 
-def _docs_line(row: Row, outcome: Outcome, smoke: bool, when: str) -> str:
+def _docs_line(row: Row, outcome: Outcome, flags: str, when: str) -> str:
     result = "pass" if outcome.passed else "**FAIL**"
     figures = outcome.figures.replace("|", "/")
     if outcome.problems:
@@ -122,7 +123,7 @@ def _docs_line(row: Row, outcome: Outcome, smoke: bool, when: str) -> str:
     figures += f" ({outcome.seconds:.0f} s, {when})"
     return (
         f"| `{row.name}` | {outcome.done} | {format_count(outcome.count)} | {row.checked} | {result} "
-        f"| {figures} | `{row.command(smoke)}` |"
+        f"| {figures} | `{row.command(flags)}` |"
     )
 
 
@@ -136,10 +137,11 @@ def write_docs(
     outcomes: Sequence[Outcome],
     all_rows: Sequence[Row],
     planned: Sequence[tuple[str, str]],
-    smoke: bool,
+    flags: str = "",
 ) -> None:
-    """Rewrite the results block of *path*: the lines of *rows* from *outcomes*, the other
-    rows of *all_rows* as they were (or "not yet measured"), then the *planned* rows."""
+    """Rewrite the results block of *path*: the lines of *rows* from *outcomes* (measured
+    with the command-line *flags*, which their command shows), the other rows of
+    *all_rows* as they were (or "not yet measured"), then the *planned* rows."""
     text = path.read_text()
     start, end = text.index(BEGIN), text.index(END)
     old: dict[str, str] = {}
@@ -148,7 +150,7 @@ def write_docs(
         if found and "not yet measured" not in line:
             old[found.group(1)] = line
     when = datetime.date.today().isoformat()
-    new = {row.name: _docs_line(row, o, smoke, when) for row, o in zip(rows, outcomes, strict=True)}
+    new = {row.name: _docs_line(row, o, flags, when) for row, o in zip(rows, outcomes, strict=True)}
     lines = [_HEADER]
     for row in all_rows:
         lines.append(new.get(row.name) or old.get(row.name) or _planned_line(row.name, row.title))
