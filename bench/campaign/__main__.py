@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="small counts (seconds, not minutes)")
     parser.add_argument("--inputs", type=int, help="inputs per fuzz target (default 1000000, smoke 1500)")
     parser.add_argument("--examples", type=int, help="examples per API operation (default 100, smoke 2)")
+    parser.add_argument("--trials", type=int, help="trials per target and operation of the fault rows")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--seed", type=int, default=20261203)
     parser.add_argument("--write-docs", action="store_true", help=f"rewrite the results block of {DOCS}")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs=max(1, args.jobs),
         seed=args.seed,
         workdir=workdir,
+        trials=args.trials,
     )
     try:
         outcomes = run_rows(rows, scale)

@@ -41,7 +41,8 @@ _HEADER = (
 class Scale:
     """How hard a run pushes: *inputs* per fuzz target (1 000 000 in the campaign, a few
     thousand in the smoke test), *examples* per API operation for schemathesis, *jobs*
-    worker processes, the *seed* every generator derives from, and a scratch *workdir*."""
+    worker processes, the *seed* every generator derives from, a scratch *workdir*, and
+    *trials* per target and operation of the fault rows (None: the row's own default)."""
 
     smoke: bool
     inputs: int
@@ -49,6 +50,7 @@ class Scale:
     jobs: int
     seed: int
     workdir: Path
+    trials: int | None = None
 
 
 @dataclasses.dataclass

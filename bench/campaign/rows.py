@@ -7,7 +7,7 @@ constant (:class:`.harness.Row`); list it here. The planned rows are shown in
 
 from __future__ import annotations
 
-from . import fuzz_nbd, fuzz_repository, fuzz_vhd, network_faults, rest_api
+from . import fuzz_nbd, fuzz_repository, fuzz_vhd, kill_matrix, network_faults, rest_api
 from .harness import Row
 
 __all__ = ["PLANNED", "ROWS", "by_name"]
@@ -19,16 +19,10 @@ ROWS: list[Row] = [
     rest_api.WINCENTER,
     rest_api.HOST,
     network_faults.ROW,
+    kill_matrix.ROW,
 ]
 
 PLANNED: list[tuple[str, str]] = [
-    ("kill-winserver", "kill -9 of `winserver serve` at ≥ 20 random instants of a backup and of a restore"),
-    ("kill-wincenter", "kill -9 of `wincenter serve` at ≥ 20 random instants of a backup and of a restore"),
-    (
-        "kill-vmbackup-serve",
-        "kill -9 of `vmbackup serve` at ≥ 20 random instants of a backup and of a restore",
-    ),
-    ("kill-vmbackup-commands", "kill -9 of `vmbackup backup`/`restore`/`gc`/`copy` at ≥ 20 random instants"),
     ("repository-fs-full", "the repository's file system full mid-backup and mid-restore, then space freed"),
     ("sr-full", "the host's SR full mid-backup and mid-restore, then space freed"),
     ("s3-restart", "the S3 server stopped and restarted mid-backup"),
