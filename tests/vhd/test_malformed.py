@@ -599,12 +599,23 @@ def test_check_reports_locator_with_nul(tmp_path: Path, damage: Callable[[Path],
 
 
 def test_footer_copy_differs(tmp_path: Path) -> None:
-    """A footer copy that differs from the footer: readable, but check() says so."""
+    """A sound footer copy that differs from the footer, and a damaged one: readable (the
+    footer at the end is what readers go by), but check() says so and that it read the
+    footer at the end."""
     path = make_dynamic(tmp_path / "d.vhd")
     patch(path, 100, b"\x01")
+    reseal(path, 0, FOOTER_SIZE, FOOTER_CHECKSUM)
     open_and_read(path)
     [problem] = vhd.check(path)
-    assert str(problem).startswith(f"{path}: footer copy at offset 0: ")
+    assert str(problem) == (
+        f"{path}: footer copy at offset 0: differs from the footer at the end of the file "
+        "(read the footer at the end instead)"
+    )
+    patch(path, 100, b"\x02")
+    open_and_read(path)
+    [problem] = vhd.check(path)
+    assert str(problem).startswith(f"{path}: footer copy.checksum at offset {FOOTER_CHECKSUM}: stored ")
+    assert problem.used == "the footer at the end" and problem.fix
 
 
 def test_fixed_trailing_bytes(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ WINSERVER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "agen
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 BLOCK = 512 * K
-REPORTING_COMMANDS = ["create", "info", "map", "check", "coalesce", "import", "export", "write"]
+REPORTING_COMMANDS = ["create", "info", "map", "check", "repair", "coalesce", "import", "export", "write"]
 
 
 # ---------------------------------------------------------------------- running the program
@@ -318,7 +318,7 @@ def test_check_sound(tmp_path: Path) -> None:
     ok("create", child, "--parent", base)
     for path in (base, child):
         assert ok("check", path) == f"{path}: ok\n"
-        assert ok_json("check", path) == {"path": str(path), "ok": True, "problems": []}
+        assert ok_json("check", path) == {"path": str(path), "ok": True, "repairable": False, "problems": []}
 
 
 def _break_footer_checksum(path: Path) -> int:
@@ -347,6 +347,84 @@ def test_check_corrupt(tmp_path: Path) -> None:
     assert problem["path"] == str(path)
     assert (problem["field"], problem["offset"]) == ("footer.checksum", at)
     assert "stored" in problem["reason"] and "computed" in problem["reason"]
+    assert problem["used"] == "the footer copy at offset 0"
+    assert problem["repair"] == "rewrite the footer at the end from the copy at offset 0"
+    assert document["repairable"] is True
+
+
+def _damage(path: Path, how: str) -> None:
+    """Break a 4 MiB dynamic disk with data as issue 13 lists: the footer at the end,
+    its copy at 0, both, the dynamic header, a BAT entry out of range."""
+    end = path.stat().st_size - 512
+    places = {
+        "end": [end + 40],
+        "copy": [40],
+        "both": [end + 40, 40],
+        "header": [512 + 64],  # Parent Unicode Name, checksum left stale
+    }
+    with path.open("r+b") as f:
+        for offset in places.get(how, []):
+            f.seek(offset)
+            f.write(b"\x7f")
+        if how == "bat":
+            f.seek(1536 + 4 * 5)
+            f.write((1 << 30).to_bytes(4, "big"))  # block 5 far past the end of the file
+
+
+@pytest.mark.parametrize(
+    ("how", "fields", "used", "mended"),
+    [
+        ("end", ["footer.checksum"], "the footer copy at offset 0", True),
+        ("copy", ["footer copy.checksum"], "the footer at the end", True),
+        ("both", ["footer.checksum", "footer copy.checksum"], None, False),
+        ("header", ["header.checksum"], None, False),
+        ("bat", ["bat[5]"], None, False),
+    ],
+)
+def test_check_reports_damage_and_repair_mends_what_it_can(
+    tmp_path: Path, how: str, fields: list[str], used: str | None, mended: bool
+) -> None:
+    """Each damaged structure: ``check`` exits 1 with one line per problem naming the copy
+    it read instead and whether ``repair`` mends it; ``repair`` then mends the footers
+    (the disk checks ok and reads as before) and leaves the rest as it was, exit 1."""
+    path = tmp_path / "d.vhd"
+    ok("create", path, "--size", "4M", "--block-size", "512K")
+    random_file(tmp_path / "a.bin", 3 * BLOCK, seed=21)
+    ok("write", path, "--offset", 4096, "--input", tmp_path / "a.bin")
+    before = contents(path)
+    _damage(path, how)
+    damaged = path.read_bytes()
+
+    result = run("check", path)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(fields)
+    for line, field in zip(lines, fields, strict=True):
+        assert line.startswith(f"winserver vhd check: {path}: {field} at offset "), line
+        if used:
+            assert f"(read {used} instead)" in line
+        verdict = (
+            f"`winserver vhd repair {path}` would " if mended else "`winserver vhd repair` cannot mend this"
+        )
+        assert verdict in line, line
+    document = json.loads(run("check", path, "--json").stdout)
+    assert [p["field"] for p in document["problems"]] == fields
+    assert document["problems"][0]["used"] == used and document["repairable"] is mended
+
+    repaired = run("repair", path)
+    assert "Traceback" not in repaired.stderr
+    if mended:
+        assert repaired.returncode == 0 and repaired.stderr == ""
+        assert repaired.stdout == f"{path}: {fields[0]}: {document['problems'][0]['repair']}\n"
+        assert ok("check", path) == f"{path}: ok\n"
+        assert contents(path) == before
+        assert ok("repair", path) == f"{path}: ok, nothing to repair\n"
+    else:
+        assert repaired.returncode == 1 and repaired.stdout == ""
+        assert [line.split(": ", 2)[1:2] for line in repaired.stderr.splitlines()] == [[str(path)]] * len(
+            fields
+        )
+        assert path.read_bytes() == damaged
 
 
 def test_check_missing_parent(tmp_path: Path) -> None:
@@ -728,6 +806,7 @@ def test_json_output_is_one_document(tmp_path: Path) -> None:
         ("info", child),
         ("map", child),
         ("check", child),
+        ("repair", child),
         ("export", child, tmp_path / "out.raw"),
         ("import", tmp_path / "out.raw", tmp_path / "again.vhd"),
         ("coalesce", child),

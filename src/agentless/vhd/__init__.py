@@ -38,6 +38,7 @@ from .footer import MAX_DISK_SIZE, SECTOR_SIZE, Footer
 from .header import DEFAULT_BLOCK_SIZE, DynamicHeader
 from .image import VhdImage
 from .parent import set_parent
+from .repair import RepairReport, repair
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -54,6 +55,7 @@ __all__ = [
     "ParentMismatchError",
     "ParentNotFoundError",
     "Problem",
+    "RepairReport",
     "UnsupportedVhdError",
     "VhdError",
     "VhdImage",
@@ -64,5 +66,6 @@ __all__ = [
     "create_fixed",
     "export_raw",
     "import_raw",
+    "repair",
     "set_parent",
 ]

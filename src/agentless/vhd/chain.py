@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from .footer import SECTOR_SIZE
 from .header import PLATFORM_W2RU
 from .image import VhdImage
 
-__all__ = ["MAX_CHAIN_DEPTH", "Chain", "parent_candidates"]
+__all__ = ["MAX_CHAIN_DEPTH", "Chain", "open_parent", "parent_candidates"]
 
 MAX_CHAIN_DEPTH = 256
 # pieces of this many sectors when no layer has blocks (a chain of fixed disks)
@@ -69,7 +70,13 @@ def parent_candidates(image: VhdImage) -> list[str]:
     return list(dict.fromkeys(relative + others))
 
 
-def _open_parent(child: VhdImage, seen: set[tuple[int, int]]) -> VhdImage:
+def open_parent(
+    child: VhdImage, seen: set[tuple[int, int]], opener: Callable[[str], VhdImage] = VhdImage.open
+) -> VhdImage:
+    """The parent of the differencing disk *child*: the first candidate whose unique id is
+    the one *child* records, opened with *opener* (the check's opens damaged files as far
+    as they can be read). *seen* holds the (device, inode) of the files already in the
+    chain. Raises :class:`ChainError` subclasses, or what *opener* raises."""
     header = child.header
     assert header is not None
     if header.parent_unique_id is None:
@@ -84,7 +91,7 @@ def _open_parent(child: VhdImage, seen: set[tuple[int, int]]) -> VhdImage:
             continue
         if (st.st_dev, st.st_ino) in seen:
             raise ChainLoopError(child.path, f"parent {candidate} is already in the chain")
-        parent = VhdImage.open(candidate)
+        parent = opener(candidate)
         if parent.unique_id == header.parent_unique_id:
             return parent
         mismatched.append(f"{candidate} has id {parent.unique_id}")
@@ -131,7 +138,7 @@ class Chain(Closing):
             while layers[-1].is_differencing:
                 if len(layers) >= MAX_CHAIN_DEPTH:
                     raise ChainLoopError(layers[0].path, f"chain deeper than {MAX_CHAIN_DEPTH}")
-                parent = _open_parent(layers[-1], seen)
+                parent = open_parent(layers[-1], seen)
                 layers.append(parent)
                 st = os.fstat(parent.fd)
                 seen.add((st.st_dev, st.st_ino))

@@ -97,12 +97,24 @@ class VhdImage(Closing):
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], writable: bool = False) -> VhdImage:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        writable: bool = False,
+        *,
+        footer: Footer | None = None,
+        validate: bool = True,
+    ) -> VhdImage:
         """Open and validate *path*.
 
         Raises :class:`CorruptVhdError` when any structure is unsound (checksums, bounds,
         BAT entries outside the file or overlapping), ``FileNotFoundError`` and other
         ``OSError`` as the operating system reports them.
+
+        For :mod:`.check` and :mod:`.repair` only, which read no data: *footer* is used
+        instead of the one at the end of the file (the copy at offset 0, when the end one
+        is damaged), and with *validate* false the BAT entries are not checked –
+        :meth:`bat_problems` lists what is wrong with them.
         """
         name = os.fspath(path)
         if not stat.S_ISREG(os.stat(name).st_mode):
@@ -112,16 +124,17 @@ class VhdImage(Closing):
             st = os.fstat(fd)
             if st.st_size < FOOTER_SIZE:
                 raise CorruptVhdError(name, "footer", 0, f"file of {st.st_size} bytes is too short")
-            raw = os.pread(fd, FOOTER_SIZE, st.st_size - FOOTER_SIZE)
-            footer = Footer.unpack(raw, name, st.st_size - FOOTER_SIZE)
+            if footer is None:
+                raw = os.pread(fd, FOOTER_SIZE, st.st_size - FOOTER_SIZE)
+                footer = Footer.unpack(raw, name, st.st_size - FOOTER_SIZE)
             image = cls(name, fd, writable, footer, st.st_size)
-            image._load()
+            image._load(validate)
             return image
         except BaseException:
             os.close(fd)
             raise
 
-    def _load(self) -> None:
+    def _load(self, validate: bool = True) -> None:
         footer = self.footer
         if footer.disk_type == DISK_TYPE_FIXED:
             if self.footer_offset < footer.size:
@@ -168,7 +181,8 @@ class VhdImage(Closing):
         self.bat = batmod.decode_bat(raw_bat)
         self._full = np.zeros(needed, dtype=bool)
         self._full_bytes = b"\xff" * (self.sectors_per_block // 8)
-        self._validate_bat()
+        if validate:
+            self._validate_bat()
 
     def metadata_regions(self) -> list[tuple[int, int, str]]:
         """(start, end, name) of every structure other than blocks, for placement checks."""
@@ -187,35 +201,55 @@ class VhdImage(Closing):
 
     def _validate_bat(self) -> None:
         """Every allocated block lies inside the file, clear of metadata and of each other."""
+        problems = self.bat_problems()
+        if problems:
+            raise problems[0]
+
+    def bat_problems(self) -> list[CorruptVhdError]:
+        """What is wrong with the allocated blocks: one error per kind (a block past the
+        footer, blocks that overlap, a block over metadata), naming the first entry at
+        fault and how many more there are. Empty for a sound BAT."""
         header = self.header
-        assert header is not None
+        if header is None:
+            return []
         allocated = np.flatnonzero(self.bat != BAT_UNUSED)
         if allocated.size == 0:
-            return
+            return []
         block_total = self.bitmap_size + self.block_size
         starts = self.bat[allocated].astype(np.int64) * SECTOR_SIZE
         ends = starts + block_total
+        problems: list[CorruptVhdError] = []
+        reported: set[int] = set()  # an entry is named once, for the first thing wrong with it
 
-        def bad(index: int, reason: str) -> CorruptVhdError:
-            return CorruptVhdError(self.path, f"bat[{index}]", header.table_offset + 4 * index, reason)
+        def bad(index: int, reason: str, more: int) -> None:
+            if index in reported:
+                return
+            reported.add(index)
+            if more:
+                reason += f" (and {more} more entries like it)"
+            problems.append(
+                CorruptVhdError(self.path, f"bat[{index}]", header.table_offset + 4 * index, reason)
+            )
 
         past = np.flatnonzero(ends > self.footer_offset)
         if past.size:
             i = int(allocated[past[0]])
             at = int(starts[past[0]])
-            raise bad(i, f"block at {at} runs past the footer at {self.footer_offset}")
+            bad(i, f"block at {at} runs past the footer at {self.footer_offset}", past.size - 1)
         order = np.argsort(starts, kind="stable")
         sorted_starts, sorted_ends = starts[order], ends[order]
         clash = np.flatnonzero(sorted_starts[1:] < sorted_ends[:-1])
         if clash.size:
             a = int(allocated[order[clash[0]]])
             b = int(allocated[order[clash[0] + 1]])
-            raise bad(b, f"block at {int(sorted_starts[clash[0] + 1])} overlaps the block of bat[{a}]")
+            at = int(sorted_starts[clash[0] + 1])
+            bad(b, f"block at {at} overlaps the block of bat[{a}]", clash.size - 1)
         for lo, hi, what in self.metadata_regions():
             k = int(np.searchsorted(sorted_ends, lo, side="right"))
             if k < sorted_starts.size and sorted_starts[k] < hi:
                 i = int(allocated[order[k]])
-                raise bad(i, f"block at {int(sorted_starts[k])} overlaps the {what} at {lo}")
+                bad(i, f"block at {int(sorted_starts[k])} overlaps the {what} at {lo}", 0)
+        return problems
 
     # ------------------------------------------------------------------ properties
 

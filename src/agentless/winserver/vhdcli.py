@@ -1,7 +1,9 @@
-"""``winserver vhd ...``: create, inspect, map, check, coalesce, import, export and write VHDs.
+"""``winserver vhd ...``: create, inspect, map, check, repair, coalesce, import, export and
+write VHDs.
 
 Every command that reports takes ``--json`` and then prints one JSON document on stdout.
-Failures print one line on stderr and exit with 1 (see :mod:`agentless.winserver.cli`).
+Failures print one line on stderr and exit with 1 (see :mod:`agentless.winserver.cli`);
+``check`` and ``repair`` print one line per problem found.
 """
 
 from __future__ import annotations
@@ -103,22 +105,63 @@ def _cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _problem_document(problem: vhd.Problem) -> dict[str, Any]:
+    return {
+        "path": problem.path,
+        "field": problem.field,
+        "offset": problem.offset,
+        "reason": problem.reason,
+        "used": problem.used or None,
+        "repair": problem.fix or None,
+    }
+
+
+def _problem_line(command: str, problem: vhd.Problem) -> str:
+    """One line per problem: what is wrong, which copy was read instead, and whether
+    ``winserver vhd repair`` mends it."""
+    if problem.fix:
+        verdict = f"`winserver vhd repair {problem.path}` would {problem.fix}"
+    else:
+        verdict = "`winserver vhd repair` cannot mend this"
+    return f"winserver vhd {command}: {problem}; {verdict}"
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     problems = vhd.check(args.file)
     document = {
         "path": args.file,
         "ok": not problems,
-        "problems": [
-            {"path": p.path, "field": p.field, "offset": p.offset, "reason": p.reason} for p in problems
-        ],
+        "repairable": bool(problems) and all(p.fix for p in problems),
+        "problems": [_problem_document(p) for p in problems],
     }
     if args.json:
         emit(args, document, "")
     elif problems:
-        print(f"winserver vhd check: {problems[0]}", file=sys.stderr)
+        for problem in problems:
+            print(_problem_line("check", problem), file=sys.stderr)
     else:
         print(f"{args.file}: ok")
     return 1 if problems else 0
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    report = vhd.repair(args.file)
+    document = {
+        "path": args.file,
+        "ok": not report.remaining,
+        "repaired": [{"field": p.field, "offset": p.offset, "action": p.fix} for p in report.repaired],
+        "problems": [_problem_document(p) for p in report.remaining],
+    }
+    if args.json:
+        emit(args, document, "")
+    else:
+        for problem in report.repaired:
+            print(f"{args.file}: {problem.field}: {problem.fix}")
+        for problem in report.remaining:
+            print(_problem_line("repair", problem), file=sys.stderr)
+        if not report.repaired and not report.remaining:
+            print(f"{args.file}: ok, nothing to repair")
+    return 1 if report.remaining else 0
 
 
 def _cmd_coalesce(args: argparse.Namespace) -> int:
@@ -216,6 +259,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = command("check", "check the structure of a disk and its parents (exit 1 if unsound)")
     p.add_argument("file")
     p.set_defaults(handler=_cmd_check)
+
+    p = command(
+        "repair",
+        "rewrite a damaged footer from its sound copy and clear BAT entries past the disk's "
+        "end (exit 1 if problems remain); no other program may have the disk open",
+    )
+    p.add_argument("file")
+    p.set_defaults(handler=_cmd_repair)
 
     p = command("coalesce", "merge a differencing disk into its parent, then remove it")
     p.add_argument("child")
