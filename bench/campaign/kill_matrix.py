@@ -33,12 +33,14 @@ command's cleanup of what a dead process's lock lists. Then (:mod:`.killchecks`)
   is clean; the guest lost no flushed write.
 
 A trial that finds a problem is counted a failure with what was found, and the bed is
-made again so that one failure does not cascade into the next trials.
+made again so that one failure does not cascade into the next trials
+(``KILL_MATRIX_LOGS=DIR`` keeps the failed bed's daemon and command logs there).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import time
@@ -316,6 +318,7 @@ def run_matrix(
         made += 1
         return Bed(root / f"bed{made}", size, scale.seed + made)
 
+    keep = os.environ.get("KILL_MATRIX_LOGS")
     done: list[Trial] = []
     durations: dict[str, float] = {}
     bed = new_bed()
@@ -341,6 +344,9 @@ def run_matrix(
                 )
                 if trial.problems:
                     bed.close()
+                    if keep:  # the daemons' and commands' logs of the failed trial's bed
+                        kept = Path(keep) / f"{bed.root.name}-trial{trial.number}"
+                        shutil.copytree(bed.root / "logs", kept)
                     bed = new_bed()
                 if round_ % 8 == 7 and pair is pairs[-1]:
                     bed.run_ok("prune", "--keep-last", "6")

@@ -8,7 +8,6 @@ with what the guest wrote."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
 import subprocess
@@ -24,31 +23,15 @@ import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup, vmbackup_process
-from tests.wincenter.conftest import init_center, start_server
-from tests.wincenter.test_flows import Site, _guest, _write_random
-from tests.winserver.conftest import init_host, start_daemon
+from tests.sites import Site, running_site
+from tests.sites import configure as _configure
+from tests.sites import consistent_prefix as _consistent_prefix
+from tests.sites import guest as _guest
+from tests.sites import write_random as _write_random
+
+_running_site = running_site  # the name the other backup tests import
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def _running_site(root: Path) -> Iterator[Site]:
-    """A WinServer host and a WinCenter (its own CA and admin token) managing it, under
-    *root*; both stopped on the way out."""
-    host = init_host(str(root / "host"))
-    host_proc = start_daemon(host.dir)
-    token = init_center(str(root / "center"))
-    center = start_server(str(root / "center"), token)
-    running = Site(host, host_proc, center, token, "")
-    try:
-        with running.client() as client:
-            client.register_host(host.api_url, host.token, host.cert_pem)
-        yield running
-    finally:
-        running.center.proc.kill()
-        running.center.proc.wait()
-        running.host_proc.terminate()  # the one running now: a test may have restarted it
-        running.host_proc.wait(30)
 
 
 @pytest.fixture
@@ -77,30 +60,6 @@ def _vm_with_data(
         with _guest(host, name, 0) as guest:
             _write_random(guest, model, random.Random(seed), writes)
     return model
-
-
-def _configure(
-    site: Site, tmp_path: Path, repo: str, password: str | None = None, **extra: str
-) -> dict[str, str]:
-    """``vmbackup init`` (encrypted when a *password* is given) and ``vmbackup config``
-    against *site*'s WinCenter; the environment the later commands run in."""
-    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "vmbackup.json"), "VMBACKUP_REPO": repo, **extra}
-    env.pop("VMBACKUP_PASSWORD", None)
-    if password is not None:
-        env["VMBACKUP_PASSWORD"] = password
-    ca = tmp_path / "center-ca.pem"
-    ca.write_text(site.center.ca_pem)
-    _ok(vmbackup(env, "init", repo, *(["--encrypt"] if password else []), "--json"))
-    token = tmp_path / "center-token"
-    with site.client() as admin:  # vmbackup gets a token of its own role, in a file (never in argv)
-        token.write_text(admin.create_token("backup-operator", "vmbackup").token + "\n")
-    token.chmod(0o600)
-    _ok(
-        vmbackup(
-            env, "config", "--center", site.center.url, "--token-file", str(token), "--ca", str(ca), "--json"
-        )
-    )
-    return env
 
 
 def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
@@ -187,25 +146,6 @@ def test_backup_of_unknown_vm_fails_cleanly(site: Site, tmp_path: Path) -> None:
     with HostClient(site.host.api_url, site.host.token, site.host.cert_pem) as host:
         assert host.list_grants() == []
     assert time.monotonic() - started < 30
-
-
-def _consistent_prefix(base: bytes, writes: list[tuple[int, bytes]], image: bytes, page: int = 4096) -> int:
-    """The k for which *image* is *base* with the first k *writes* applied (-1: none is):
-    a crash-consistent snapshot equals exactly one such prefix."""
-    state = bytearray(base)
-    differs = {p for p in range(0, len(image), page) if state[p : p + page] != image[p : p + page]}
-    if not differs:
-        return 0
-    for k, (offset, data) in enumerate(writes, 1):
-        state[offset : offset + len(data)] = data
-        for p in range(offset // page * page, offset + len(data), page):
-            if state[p : p + page] == image[p : p + page]:
-                differs.discard(p)
-            else:
-                differs.add(p)
-        if not differs:
-            return k
-    return -1
 
 
 @pytest.mark.slow

@@ -5,10 +5,8 @@ driving it, and the backup system's side played with the typed client and wddk."
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import random
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,39 +18,14 @@ import agentless.wddk as wddk
 from agentless.wincenter.client import CenterApiError, CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, TaskOut, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
-from tests.wincenter.conftest import Server, init_center, start_server
-from tests.winserver.conftest import Daemon, init_host, start_daemon
+from tests.sites import Site
+from tests.sites import guest as _guest
+from tests.sites import write_random as _write_random
+from tests.wincenter.conftest import init_center, start_server
+from tests.winserver.conftest import init_host, start_daemon
 
 MiB = 1 << 20
 BLOCK = 65536
-
-
-@dataclasses.dataclass
-class Site:
-    """One WinServer host and one WinCenter that manages it."""
-
-    host: Daemon
-    host_proc: subprocess.Popen[str]
-    center: Server
-    center_token: str
-    db: str
-
-    def client(self) -> CenterClient:
-        return CenterClient(self.center.url, self.center_token, self.center.ca_pem)
-
-    def host_client(self) -> HostClient:
-        return HostClient(self.host.api_url, self.host.token, self.host.cert_pem)
-
-    def restart_center(self, *extra: str) -> None:
-        self.center = start_server(self.center.dir, self.center_token, *extra)
-
-    def kill_host(self) -> None:
-        """kill -9 of ``winserver serve``."""
-        self.host_proc.kill()
-        self.host_proc.wait()
-
-    def restart_host(self) -> None:
-        self.host_proc = start_daemon(self.host.dir)
 
 
 def _site(tmp_path: Path, db_url: str, *serve_options: str) -> Iterator[Site]:
@@ -82,27 +55,6 @@ def site(tmp_path: Path, db_url: str) -> Iterator[Site]:
 @pytest.fixture
 def sqlite_site(tmp_path: Path) -> Iterator[Site]:
     yield from _site(tmp_path, f"sqlite:///{tmp_path / 'center.db'}", "--task-timeout", "3")
-
-
-def _guest(host: HostClient, vm: str, disk: int) -> wddk.Disk:
-    socket_path = host.vm(vm)["disks"][disk]["guest_socket"]
-    return wddk.open(f"nbd+unix:///?socket={socket_path}")
-
-
-def _write_random(
-    guest: wddk.Disk, model: bytearray, rng: random.Random, count: int, size: int = 20000
-) -> set[int]:
-    """*count* random writes; the 64 KiB blocks they touched."""
-    touched: set[int] = set()
-    for _ in range(count):
-        length = rng.randrange(1, size)
-        offset = rng.randrange(len(model) - length)
-        data = rng.randbytes(length)
-        guest.write(offset, data)
-        model[offset : offset + length] = data
-        touched.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
-    guest.flush()
-    return touched
 
 
 def _read_into(disk: dict[str, Any], image: bytearray) -> int:
