@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 
@@ -25,8 +26,11 @@ from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnrea
 
 from .locks import Lock, dead_locks
 from .repository import Repository
+from .storage import StorageError
 
 __all__ = ["Journal", "Reaped", "reap"]
+
+log = logging.getLogger(__name__)
 
 
 RELEASE_SECONDS = 60.0  # how long a reap waits for WinCenter to undo an aborted restore
@@ -95,7 +99,16 @@ class Journal:
     each WinCenter backup (a ``VmBackup`` journal), :meth:`halted` for each VM an
     offline backup stops and starts again, :meth:`restore` for each WinCenter restore
     (a ``VmRestore`` journal). *center*: the WinCenter they are on (its client), noted
-    in the lock with the first entry."""
+    in the lock with the first entry.
+
+    An entry that *opens* something must be written (StorageError: the caller does not
+    start what a crash could not clean up). An entry that *closes* something – the
+    backup or restore is done, or aborted; the VM runs again – is written when it can
+    be and only logged when it cannot (a full repository file system): its work is over
+    whatever the journal says, the lock goes at the end of the command, and if the
+    process dies first, the reap's abort of a finished backup or restore is refused by
+    WinCenter (409) and changes nothing. Failing for it would report a backup whose
+    restore point is saved, or a restore whose VM is made, as failed."""
 
     def __init__(self, lock: Lock, center: CenterClient | None = None):
         self.lock = lock
@@ -105,22 +118,30 @@ class Journal:
         self._restores: set[str] = set()
         self._guard = threading.Lock()
 
-    def _note(self, **fields: object) -> None:
+    def _note(self, opening: bool, **fields: object) -> None:
         if self._center:
             fields["center"] = self._center
-        self.lock.note(**fields)
+        try:
+            self.lock.note(**fields)
+        except StorageError as error:
+            if opening:
+                raise
+            # info, not a warning: the command's one line is its result, this changes nothing
+            log.info(
+                "repository lock %s: the journal's closing entry was not written: %s", self.lock.name, error
+            )
 
     def __call__(self, backup_id: str, opened: bool) -> None:
         with self._guard:
             (self._backups.add if opened else self._backups.discard)(backup_id)
-            self._note(backups=sorted(self._backups))
+            self._note(opened, backups=sorted(self._backups))
 
     def halted(self, vm_id: str, down: bool) -> None:
         with self._guard:
             (self._halted.add if down else self._halted.discard)(vm_id)
-            self._note(halted=sorted(self._halted))
+            self._note(down, halted=sorted(self._halted))
 
     def restore(self, restore_id: str, opened: bool) -> None:
         with self._guard:
             (self._restores.add if opened else self._restores.discard)(restore_id)
-            self._note(restores=sorted(self._restores))
+            self._note(opened, restores=sorted(self._restores))
