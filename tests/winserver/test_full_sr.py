@@ -21,8 +21,8 @@ import pytest
 
 from agentless.winserver.client import HostApiError, HostClient
 from tests.backup.conftest import _ok, vmbackup
-from tests.backup.test_flows import _configure, _running_site
-from tests.wincenter.test_flows import Site, _guest
+from tests.sites import Site, configure, running_site
+from tests.sites import guest as guest_disk
 
 MiB = 1 << 20
 
@@ -56,18 +56,18 @@ def _gone(host: HostClient, vm: str, timeout: float = 60) -> None:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    with _running_site(tmp_path) as running:
+    with running_site(tmp_path) as running:
         yield running
 
 
 def test_restore_onto_a_full_sr_fails_at_once_and_cleans_up(site: Site, tmp_path: Path) -> None:
-    env = _configure(site, tmp_path, str(tmp_path / "repo"))
+    env = configure(site, tmp_path, str(tmp_path / "repo"))
     # more 1 MiB runs than the restore's queue holds (64): its writers all fail at once
     data = random.Random(5).randbytes(80 * MiB)
     with site.host_client() as host:
         host.create_vm("big", [96 * MiB])
         host.start_vm("big")
-        with _guest(host, "big", 0) as guest:
+        with guest_disk(host, "big", 0) as guest:
             for offset in range(0, len(data), 8 * MiB):
                 guest.write(offset, data[offset : offset + 8 * MiB])
             guest.flush()
@@ -128,7 +128,7 @@ def test_restore_onto_a_full_sr_fails_at_once_and_cleans_up(site: Site, tmp_path
         with site.host_client() as host:
             assert all(d["sr"] == small["uuid"] for d in host.vm("copy")["disks"])
             host.start_vm("copy")
-            with _guest(host, "copy", 0) as guest:
+            with guest_disk(host, "copy", 0) as guest:
                 assert guest.read(0, len(data)) == data
             host.stop_vm("copy")
             host.delete_vm("copy")  # leaves the tmpfs free to unmount
