@@ -51,9 +51,9 @@ def _settled(check: Callable[[], bool], seconds: float = _SETTLE) -> bool:
 
 def run(scale: Scale) -> Outcome:
     from tests.backup.conftest import vmbackup
-    from tests.backup.test_flows import _configure, _consistent_prefix
     from tests.backup.test_network_faults import SIZE, _guest_writing, _live_grants, _proxied_site, _vm
-    from tests.wincenter.test_flows import _guest
+    from tests.sites import configure, consistent_prefix
+    from tests.sites import guest as open_guest
 
     trials = 1 if scale.smoke else 20  # per kind (smoke: a cut and cuts that persist, a restore cut)
     rng = random.Random(scale.seed)
@@ -68,7 +68,7 @@ def run(scale: Scale) -> Outcome:
         counts[kind][outcome] += 1
 
     with _proxied_site(root) as (site, proxy):
-        env = _configure(site, root, str(root / "repo"), "campaign")
+        env = configure(site, root, str(root / "repo"), "campaign")
         base = _vm(site, "vm", seed=scale.seed)
         exported = 0
 
@@ -103,7 +103,7 @@ def run(scale: Scale) -> Outcome:
             if done.returncode == 0:
                 [summary] = json.loads(done.stdout)["backups"]
                 reconnects += int(summary.get("reconnects", 0))
-                exact = _consistent_prefix(disk, writes, image_of(summary["point"])) >= 0
+                exact = consistent_prefix(disk, writes, image_of(summary["point"])) >= 0
                 count(kind, "succeeded, exact" if exact else "succeeded, NOT exact")
                 if not exact:
                     problems.append(
@@ -148,7 +148,7 @@ def run(scale: Scale) -> Outcome:
                 if done.returncode == 0:
                     reconnects += int(json.loads(done.stdout).get("reconnects", 0))
                     host.start_vm(name)
-                    with _guest(host, name, 0) as guest:
+                    with open_guest(host, name, 0) as guest:
                         ok = guest.read(0, SIZE) == model
                     host.stop_vm(name)
                     center.delete_vm(center.vm(name).id)

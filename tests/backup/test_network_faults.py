@@ -26,10 +26,10 @@ import pytest
 
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import _ok, vmbackup
-from tests.backup.test_flows import _configure, _consistent_prefix
 from tests.faultproxy import FaultProxy
+from tests.sites import Site, configure, consistent_prefix, write_random
+from tests.sites import guest as open_guest
 from tests.wincenter.conftest import init_center, start_server
-from tests.wincenter.test_flows import Site, _guest, _write_random
 from tests.winserver.conftest import init_host, start_daemon
 
 MiB = 1 << 20
@@ -90,7 +90,7 @@ def _vm(site: Site, name: str, seed: int) -> bytearray:
     with site.host_client() as host:
         host.create_vm(name, [SIZE])
         host.start_vm(name)
-        with _guest(host, name, 0) as guest:
+        with open_guest(host, name, 0) as guest:
             for offset in range(0, SIZE, 4 * MiB):
                 guest.write(offset, model[offset : offset + 4 * MiB])
             guest.flush()
@@ -105,7 +105,7 @@ def _guest_writing(site: Site, name: str, seed: int) -> Iterator[list[tuple[int,
     rng = random.Random(seed)
 
     def write() -> None:
-        with site.host_client() as host, _guest(host, name, 0) as guest:
+        with site.host_client() as host, open_guest(host, name, 0) as guest:
             while not stop.is_set():
                 offset = rng.randrange(0, SIZE - 8192, 512)
                 data = rng.randbytes(rng.choice([512, 4096, 8192]))
@@ -153,7 +153,7 @@ def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], t
     connection mid-way. Each succeeds and its restore point is the disk at one instant
     (exactly the data written before it plus a prefix of the writes during it)."""
     site, proxy = faulty
-    env = _configure(site, tmp_path, str(tmp_path / "repo"), "pw")
+    env = configure(site, tmp_path, str(tmp_path / "repo"), "pw")
     base = _vm(site, "web", seed=1)
     faults: list[tuple[str, Callable[[], None]]] = [
         ("delay", lambda: setattr(proxy, "delay", 0.002)),
@@ -168,7 +168,7 @@ def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], t
         proxy.passing()
         assert backup["type"] == "full", fault
         image = _exported(env, backup["point"], tmp_path / f"web-{fault}.raw")
-        assert _consistent_prefix(bytes(base), list(writes), image) >= 0, fault
+        assert consistent_prefix(bytes(base), list(writes), image) >= 0, fault
         for offset, data in writes:  # the disk now: the next round's base
             base[offset : offset + len(data)] = data
         if fault == "cut":
@@ -187,7 +187,7 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
     clean repository, WinCenter's backup aborted, no grant, no snapshot of it. With the
     network back, the next backup is exact."""
     site, proxy = faulty
-    env = _configure(site, tmp_path, str(tmp_path / "repo"), "pw")
+    env = configure(site, tmp_path, str(tmp_path / "repo"), "pw")
     model = _vm(site, "db", seed=2)
     _backup(env, "db")
     before = _ok(vmbackup(env, "list", "--json"))["points"]
@@ -195,8 +195,8 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
         snapshots = {s["uuid"] for s in host.list_snapshots("db")}
 
     proxy.cut_each_after(64 * 1024)  # past the handshake, before a 4 MiB read is answered
-    with site.host_client() as host, _guest(host, "db", 0) as guest:
-        _write_random(guest, model, random.Random(3), 10)
+    with site.host_client() as host, open_guest(host, "db", 0) as guest:
+        write_random(guest, model, random.Random(3), 10)
     failed = vmbackup(env, "backup", "--vm", "db", "--full", "--nbd-timeout", NBD_TIMEOUT)
     proxy.passing()
     assert failed.returncode == 1, failed.stderr
@@ -227,7 +227,7 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
     new VM is exact; with cuts that persist the restore fails with one line and its half
     VM is removed, so the same restore under the same name succeeds afterwards."""
     site, proxy = faulty
-    env = _configure(site, tmp_path, str(tmp_path / "repo"), "pw")
+    env = configure(site, tmp_path, str(tmp_path / "repo"), "pw")
     model = _vm(site, "app", seed=4)
     point = _backup(env, "app")["point"]
 
@@ -238,7 +238,7 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
     assert proxy.cuts >= 1 and restored["reconnects"] >= 1
     with site.host_client() as host:
         host.start_vm("app-1")
-        with _guest(host, "app-1", 0) as guest:
+        with open_guest(host, "app-1", 0) as guest:
             assert guest.read(0, SIZE) == model
         host.stop_vm("app-1")
 
@@ -256,6 +256,6 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
     _ok(vmbackup(env, "restore", point, "--as-new-vm", "app-2", "--json"))
     with site.host_client() as host:
         host.start_vm("app-2")
-        with _guest(host, "app-2", 0) as guest:
+        with open_guest(host, "app-2", 0) as guest:
             assert guest.read(0, SIZE) == model
         host.stop_vm("app-2")
