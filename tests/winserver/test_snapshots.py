@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from agentless import vhd
 from agentless.winserver.host import Host, HostError
 from agentless.winserver.sminfo import vdi_sm_info
-from agentless.winserver.snapshots import delete_snapshot, snapshot_vm
+from agentless.winserver.snapshots import collect_garbage, delete_snapshot, snapshot_vm
 from agentless.winserver.vms import VmError, create_vm, delete_vm, describe_vm
 
 MiB = 1 << 20
@@ -112,6 +113,36 @@ def test_snapshot_failure_leaves_nothing(host: Host) -> None:
         snapshot_vm(host, "web")
     assert describe_vm(host, "web") == vm
     assert sorted(os.listdir(os.path.dirname(vm["disks"][0]["path"]))) == before
+
+
+def test_garbage_collection_reads_chains_whose_leaf_the_guest_is_growing(host: Host) -> None:
+    """The guest allocates blocks in its leaf while the garbage collection opens the
+    chains (the daemon's runs in a thread beside running VMs): a view of the leaf torn
+    between a block's writes – a BAT entry past the footer read a moment before – is read
+    again, not taken for a corrupt disk. Found by the fault campaign's load row: 'garbage
+    collection of the chains failed' on hosts whose guests were writing."""
+    vm = create_vm(host, "big", [1 << 40])  # a BAT of 2 MiB: an open is slow enough to see appends
+    path = vm["disks"][0]["path"]
+    stop = threading.Event()
+    allocated = 0
+
+    def guest() -> None:
+        nonlocal allocated
+        with vhd.Chain.open(path, writable=True) as chain:
+            while not stop.is_set():  # every write lands in a new block: one allocation each
+                chain.write(allocated * chain.leaf.block_size, b"x" * 512)
+                allocated += 1
+
+    writer = threading.Thread(target=guest)
+    writer.start()
+    try:
+        for _ in range(100):
+            assert collect_garbage(host) == 0
+    finally:
+        stop.set()
+        writer.join()
+    assert allocated > 100
+    assert vhd.check(path) == []
 
 
 def test_delete_removes_snapshots_and_files(host: Host) -> None:

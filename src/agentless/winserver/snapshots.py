@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any
 
 from sqlalchemy import select
@@ -47,6 +48,8 @@ __all__ = [
     "snapshot_vm",
     "sweep_orphans",
 ]
+
+_TORN_READS = 5  # reads of a chain that looks corrupt before it is believed (_chain_paths)
 
 
 def snapshot_vm(
@@ -151,11 +154,6 @@ def _record_cbt(description: dict[str, Any]) -> None:
             tracker.snapshot(description["uuid"])
 
 
-def _chain_paths(path: str) -> list[str]:
-    with vhd.Chain.open(path) as chain:
-        return chain.paths
-
-
 def delete_snapshot(
     host: Host,
     snapshot_uuid: str,
@@ -218,9 +216,29 @@ def _chains(host: Host) -> list[tuple[str, list[str], bool]]:
         ]
     chains = []
     for vdi_uuid, path, running in disks:
-        with vhd.Chain.open(path) as chain:
-            chains.append((vdi_uuid, chain.paths, running))
+        chains.append((vdi_uuid, _chain_paths(path), running))
     return chains
+
+
+def _chain_paths(path: str) -> list[str]:
+    """The files of the chain whose leaf is *path*, leaf first.
+
+    A running VM's guest may be growing the leaf while this reads it: a block's
+    allocation is three writes (the footer at the new end, the block's bitmap over the old
+    footer, the BAT entry; :meth:`vhd.VhdImage._allocate`), and an open that took the
+    file's size before them and reads the BAT after sees a block past the footer (or a
+    footer overwritten) – a :class:`vhd.CorruptVhdError` about a sound file. Such a view
+    is gone a moment later, so the file is read again a few times before the error is
+    believed.
+    """
+    for attempt in range(_TORN_READS - 1):
+        try:
+            with vhd.Chain.open(path) as chain:
+                return chain.paths
+        except vhd.CorruptVhdError:
+            time.sleep(0.01 * (attempt + 1))
+    with vhd.Chain.open(path) as chain:  # the last read: its error stands
+        return chain.paths
 
 
 def _needed(host: Host) -> set[str]:
