@@ -62,6 +62,10 @@ def test_config_takes_the_token_from_the_environment(tmp_path: Path) -> None:
     document = json.loads(done.stdout)
     assert document["token"] is True and document["token_from"] == "$VMBACKUP_TOKEN"
     assert TOKEN not in done.stdout + done.stderr
+    other = _env(tmp_path) | {"VMBACKUP_TOKEN": "wct_another_site"}  # exported for a second site's restore
+    kept = vmbackup(other, "config", "--repo", str(tmp_path / "repo"), "--json")
+    assert kept.returncode == 0 and json.loads(kept.stdout)["token_from"] is None, kept.stderr
+    assert _settings(tmp_path).token == TOKEN  # a saved token is replaced only with --center or a flag
     stdin = vmbackup(_env(tmp_path), "config", "--token-file", "-", "--json")  # no terminal: empty
     assert stdin.returncode == 1 and "holds no token" in stdin.stderr
 

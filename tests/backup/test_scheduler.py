@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentless.backup import locks
 from agentless.backup.backupjob import VmBackup
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
@@ -482,3 +483,33 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
         assert len(host.list_snapshots("big")) == 1
     checked = _ok(vmbackup(env, "verify", "--json"))
     assert checked["problems"] == [] and checked["points"] == 1, checked
+
+
+def test_a_vm_whose_run_lost_its_lock_is_not_retried(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock clock jumps past the stale limit as soon as the run's lock is in the
+    repository: the VM's backup fails with LockLost before it writes an index, and the
+    runner does not try again under a lock that stays lost (every attempt would read the
+    whole VM to fail the same way)."""
+    _vms(site, "calm")
+    repo = tmp_path / "repo"
+    Repository.init(str(repo)).close()
+
+    def lock_clock() -> float:  # real time until a lock exists, then 31 minutes later
+        held = any((repo / "locks").iterdir()) if (repo / "locks").exists() else False
+        return time.time() + (locks.STALE_SECONDS + 60 if held else 0)
+
+    monkeypatch.setattr(locks, "clock", lock_clock)
+    clock = FakeClock(datetime.datetime.now(UTC))
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        policy = state.create_policy("lost", vms=["calm"], schedule="@daily", repo=str(repo))
+        runner = Runner(state, site.client, limits=Limits(retries=2, retry_delay=30.0), clock=clock)
+        run = runner.run(policy, "manual").describe()
+    [outcome] = run["vms"]
+    assert (outcome["outcome"], outcome["attempts"]) == ("failed", 1), outcome
+    assert "lock" in outcome["error"] and "lost" in outcome["error"]
+    assert clock.sleeps == []
+    monkeypatch.undo()
+    with Repository.open(str(repo)) as repository:
+        assert repository.points() == []

@@ -166,6 +166,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.load()
     token, source = given_token(args.token_file, args.token)
+    if source == "$VMBACKUP_TOKEN" and settings.token and not args.center:
+        token, source = None, ""  # a variable exported for another site's restore keeps this one's token
     if args.center:
         settings.center = args.center
     if token:

@@ -38,6 +38,7 @@ from .backupjob import FAILURES, VmBackup
 from .gc import gc
 from .keys import Keys, RepositoryError
 from .leftovers import Journal, reap
+from .locks import LockLost
 from .offsite import copy_points, open_offsite
 from .policies import Policy, Run, State, VmOutcome, due_slot, utcnow
 from .prune import KEEP, prune
@@ -215,6 +216,7 @@ class Runner:
         name, vm_id = (target, None) if isinstance(target, str) else (target.name, target.id)
         while True:
             attempts += 1
+            lost = False  # a lost lock ends the VM's attempts (LockLost): the run must start again
             try:
                 vm = center.vm(target) if isinstance(target, str) else target
                 name, vm_id = vm.name, vm.id
@@ -251,7 +253,8 @@ class Runner:
                 )
             except EXPECTED as failure:
                 problem = str(failure) or type(failure).__name__
-            if attempts > self.limits.retries or self.stop.is_set():
+                lost = isinstance(failure, LockLost)
+            if lost or attempts > self.limits.retries or self.stop.is_set():
                 return VmOutcome(
                     vm=name,
                     vm_id=vm_id,
