@@ -14,7 +14,8 @@ Targets and operations (a *pair* each; ``make campaign`` runs every pair ≥ 20 
     vmbackup copy     killed beside a `vmbackup backup`   killed beside a `vmbackup restore`
 
 The instant is drawn (seeded) over the killed process's measured duration: an untouched
-run of the same operation on the same bed (for gc and copy, their latest untouched run).
+run of the same operation on the bed, then the running mean with each later untouched run
+(a backup or restore beside a killed gc or copy, gc and copy run again after their kill).
 Daemons are killed even if the operation ended first (said in the figures as "after the
 end"); a command that ended first is not killed.
 
@@ -105,6 +106,12 @@ def _ended(trial: Trial, command: Command, must_succeed: bool) -> None:
         trial.problems.append(f"{command.args[0]} printed a traceback: {command.error()}")
     elif code != 0 and must_succeed:
         trial.problems.append(f"{command.args[0]} {trial.outcome}")
+
+
+def _measured(durations: dict[str, float], what: str, seconds: float) -> None:
+    """An untouched run of *what* took *seconds*: the next instants are drawn over the
+    mean of it and the previous measure (runs get shorter as a repository settles)."""
+    durations[what] = (durations[what] + seconds) / 2 if what in durations else seconds
 
 
 def _restored(bed: Bed, trial: Trial, name: str, point: str) -> None:
@@ -206,11 +213,13 @@ def _beside(verb: str) -> Callable[[Bed, Trial, dict[str, float]], None]:
         trial.during = victim.kill()
         victim.wait()
         _ended(trial, operation, must_succeed=True)
+        if trial.outcome == "completed":  # untouched: how long the operation takes now
+            _measured(durations, trial.op, operation.seconds)
         again = bed.run(*args, "--json")  # restarted: run again
         if again.proc.returncode != 0:
             trial.problems.append(f"{verb} run again failed: {again.error()}")
         else:
-            durations[verb] = again.seconds
+            _measured(durations, verb, again.seconds)
         if verb == "copy":
             trial.problems += verified(bed, bed.copy)
             missing = set(bed.points()) - set(bed.points(bed.copy))
@@ -373,8 +382,11 @@ def _figures(trials: list[Trial]) -> tuple[str, list[str]]:
             for op in ("backup", "restore")
             if any(t.op == op for t in its)
         )
+        failed = sum(t.outcome.startswith("failed") for t in its)
         parts.append(
-            f"{target}: {len(its)} ({ops}), {clean} clean" + (f", {late} after the end" if late else "")
+            f"{target}: {len(its)} ({ops}), {clean} clean"
+            + (f", {late} after the end" if late else "")
+            + (f", {failed} operation(s) hit failed with one line" if failed else "")
         )
     problems = [
         f"{t.target} × {t.op} #{t.number} (kill at {t.instant:.2f} of {t.duration:.1f} s): {p}"

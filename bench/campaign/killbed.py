@@ -28,6 +28,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -236,6 +238,7 @@ class Bed:
             self.images: dict[str, str] = {}  # restore point -> sha256 of its disk (checked exact)
             self.last_point: str | None = None  # the newest restore point known exact
             self.serve: subprocess.Popen[str] | None = None
+            self.serve_url = ""
         except BaseException:
             self._stack.close()
             raise
@@ -394,14 +397,16 @@ class Bed:
             center.delete_vm(vm_id)
 
     def start_serve(self) -> None:
+        """``vmbackup serve`` started (not waited for: a kill may come before it is up)."""
         err = self.log_file("vmbackup-serve")
+        self.serve_url = f"http://127.0.0.1:{free_port()}"
         self.serve = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "agentless.backup.cli",
                 "serve",
-                f"--listen=127.0.0.1:{free_port()}",
+                f"--listen={self.serve_url.removeprefix('http://')}",
                 "--tick=0.3",
             ],
             env=self.env,
@@ -420,8 +425,18 @@ class Bed:
         return running
 
     def stop_serve(self) -> int:
-        """SIGTERM, as an operator stops it; its exit status."""
+        """SIGTERM, as an operator stops it – once it serves ``/health`` (a signal during
+        the interpreter's start ends any Python program); its exit status."""
         assert self.serve is not None
+        deadline = time.monotonic() + 60
+        while self.serve.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.serve_url}/health", timeout=5):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                time.sleep(0.1)
         self.serve.send_signal(signal.SIGTERM)
         try:
             return self.serve.wait(120)
