@@ -5,8 +5,10 @@ scripted server for what real servers never do (reordering, fragments, protocol 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
+import secrets
 import socket
 import struct
 import subprocess
@@ -77,6 +79,7 @@ from agentless.nbd.protocol import (
     STRUCTURED_REPLY,
     UINT32,
 )
+from agentless.nbd.uri import parse_uri
 from agentless.pki import CertificateAuthority
 from tests.conftest import require_tool, run
 
@@ -921,6 +924,22 @@ def test_export_name_refused(scripted: Callable[..., ScriptedServer]) -> None:
     server = scripted(lambda peer: None, go=False, refuse_export=True)
     with pytest.raises(NegotiationError, match="refused export"):
         Client.connect(server.uri)
+
+
+def test_errors_never_name_a_credential_export(scripted: Callable[..., ScriptedServer]) -> None:
+    """A long export name may be a grant's token: refusals, unreachable servers and the
+    client's repr show ``***`` in its place; a short name (a file's) stays readable."""
+    token = secrets.token_urlsafe(32)
+    server = scripted(lambda peer: None, go=False, refuse_export=True)
+    secret_uri = dataclasses.replace(parse_uri(server.uri), export=token)
+    with pytest.raises(NegotiationError, match="refused export") as refused:
+        Client.connect(secret_uri)
+    assert token not in str(refused.value) and "***" in str(refused.value)
+    with pytest.raises(ConnectionLost) as unreachable:
+        Client.connect(f"nbd://127.0.0.1:{_free_port()}/{token}")
+    assert token not in str(unreachable.value) and "/***" in str(unreachable.value)
+    assert parse_uri(f"nbd://h:1/{token}").shown() == "nbd://h:1/***"
+    assert parse_uri("nbd://h:1/disk.raw").shown() == "nbd://h:1/disk.raw"
 
 
 def test_bad_option_reply(scripted: Callable[..., ScriptedServer]) -> None:

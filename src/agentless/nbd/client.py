@@ -71,7 +71,7 @@ from .protocol import (
     OPTION,
     REQUEST,
 )
-from .uri import NbdUri, parse_uri
+from .uri import NbdUri, parse_uri, shown_export
 
 __all__ = ["Client", "list_exports"]
 
@@ -169,8 +169,8 @@ class Client(Closing):
         """
         target = uri if isinstance(uri, NbdUri) else parse_uri(uri)
         if target.tls and tls_cert is None:
-            raise ValueError(f"{target}: TLS needs the server certificate to pin (tls_cert)")
-        client = cls(open_socket(target, timeout), timeout, str(target))
+            raise ValueError(f"{target.shown()}: TLS needs the server certificate to pin (tls_cert)")
+        client = cls(open_socket(target, timeout), timeout, target.shown())
         try:
             negotiated = negotiate(
                 client._conn,
@@ -185,7 +185,7 @@ class Client(Closing):
             raise
         log.debug(
             "connected to %s: size=%d flags=%#x structured=%s contexts=%s",
-            target,
+            target.shown(),
             client.size,
             client.transmission_flags,
             client.structured,
@@ -230,7 +230,7 @@ class Client(Closing):
 
     def __repr__(self) -> str:
         state = "closed" if self._conn.closed else f"size={self.size}"
-        return f"<Client {self._conn.where} {self.export_name!r} {state}>"
+        return f"<Client {self._conn.where} {shown_export(self.export_name)} {state}>"
 
     # ------------------------------------------------------------------ data
 
@@ -418,8 +418,8 @@ def list_exports(
     name of *uri* is ignored. Raises NegotiationError if the server refuses to list."""
     target = uri if isinstance(uri, NbdUri) else parse_uri(uri)
     if target.tls and tls_cert is None:
-        raise ValueError(f"{target}: TLS needs the server certificate to pin (tls_cert)")
-    client = Client(open_socket(target, timeout), timeout, str(target))
+        raise ValueError(f"{target.shown()}: TLS needs the server certificate to pin (tls_cert)")
+    client = Client(open_socket(target, timeout), timeout, target.shown())
     try:
         return negotiate_list(client._conn, target, tls_cert=tls_cert)
     finally:

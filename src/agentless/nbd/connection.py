@@ -222,6 +222,6 @@ def open_socket(target: NbdUri, timeout: float | None) -> socket.socket:
             sock = socket.create_connection((target.host, target.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as e:
-        raise ConnectionLost(f"cannot connect to {target}: {e}") from e
+        raise ConnectionLost(f"cannot connect to {target.shown()}: {e}") from e
     sock.setblocking(False)
     return sock

@@ -69,7 +69,7 @@ from .protocol import (
     UINT16,
     UINT32,
 )
-from .uri import NbdUri
+from .uri import NbdUri, shown_export
 
 __all__ = ["NO_LIMIT", "Negotiated", "negotiate", "negotiate_list"]
 
@@ -130,7 +130,7 @@ def negotiate_list(
     TLS pinned to *tls_cert* for ``nbds://``. NegotiationError if it refuses to list."""
     handshake = _Handshake(conn)
     if not handshake.greeting():
-        raise NegotiationError(f"{target}: the server does not speak fixed newstyle; no export list")
+        raise NegotiationError(f"{target.shown()}: the server does not speak fixed newstyle; no export list")
     if target.tls:
         assert tls_cert is not None
         handshake.starttls(tls_cert)
@@ -265,7 +265,8 @@ class _Handshake:
             data = self._conn.recv(length)
         except ConnectionLost as e:
             # "If the chosen export does not exist ... the server MUST terminate the session."
-            raise NegotiationError(f"{self._conn.where}: the server refused export {export!r}") from e
+            refused = f"the server refused export {shown_export(export)}"
+            raise NegotiationError(f"{self._conn.where}: {refused}") from e
         size, flags = EXPORT_NAME_REPLY.unpack_from(data)
         self.export_name = export
         return self._negotiated(size, flags, None)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import urllib.parse
 
-__all__ = ["DEFAULT_PORT", "NbdUri", "parse_uri"]
+__all__ = ["DEFAULT_PORT", "SECRET_LENGTH", "NbdUri", "parse_uri", "shown_export"]
 
 DEFAULT_PORT = 10809
+SECRET_LENGTH = 16  # an export name this long may be a credential: never printed
 _SCHEMES = {
     "nbd": (False, False),
     "nbds": (True, False),
@@ -34,13 +35,27 @@ class NbdUri:
     socket: str | None = None
 
     def __str__(self) -> str:
-        export = urllib.parse.quote(self.export)
+        return self._text(urllib.parse.quote(self.export))
+
+    def shown(self) -> str:
+        """The URI as it may be printed or logged: an export name long enough to be a
+        credential (a grant's unguessable token, serve-disk's generated name; 16
+        characters or more) is ``***``; short names such as a file's stay readable."""
+        return str(self) if len(self.export) < SECRET_LENGTH else self._text("***")
+
+    def _text(self, export: str) -> str:
         if self.socket is not None:
             scheme = "nbds+unix" if self.tls else "nbd+unix"
             return f"{scheme}:///{export}?socket={urllib.parse.quote(self.socket)}"
         scheme = "nbds" if self.tls else "nbd"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}/{export}"
+
+
+def shown_export(export: str) -> str:
+    """*export* as it may be printed: ``***`` when it may be a credential (see
+    :meth:`NbdUri.shown`)."""
+    return repr(export) if len(export) < SECRET_LENGTH else "***"
 
 
 def parse_uri(text: str) -> NbdUri:

@@ -43,7 +43,7 @@ from agentless.nbd.client import Client
 from agentless.nbd.connection import Bytes
 from agentless.nbd.errors import ConnectionLost, NbdError, NegotiationError, RequestError
 from agentless.nbd.protocol import BASE_ALLOCATION, NBD_CMD_READ, NBD_CMD_WRITE
-from agentless.nbd.uri import NbdUri
+from agentless.nbd.uri import SECRET_LENGTH, NbdUri
 
 __all__ = ["NEVER", "Connection", "Retry"]
 
@@ -323,10 +323,11 @@ class Connection:
     def _hidden(self, text: str) -> str:
         """*text* (an error of the NBD client, which names the URI, or of the server, which
         may name the export) without the export name when it looks like a credential
-        (grants' names are 43 characters; short ones such as a file name stay)."""
-        text = text.replace(str(self.uri), self.where)
+        (``SECRET_LENGTH`` characters or more – grants' names are 43 – while short ones
+        such as a file name stay)."""
+        text = text.replace(self.uri.shown(), self.where)
         export = self.uri.export
-        return text.replace(export, "***") if len(export) >= 16 else text
+        return text.replace(export, "***") if len(export) >= SECRET_LENGTH else text
 
     def close(self) -> None:
         self._pending.clear()
