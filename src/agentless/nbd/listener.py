@@ -27,12 +27,15 @@ BACKLOG = 128
 
 
 def unix_socket(path: str) -> socket.socket:
-    """A listening, non-blocking unix socket at *path* (replaced if it exists)."""
+    """A listening, non-blocking unix socket at *path* (replaced if it exists), 0600
+    whatever the umask: a disk served on it is for its owner only. The mode is set
+    between bind and listen, while a connect is still refused."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)
+        os.chmod(path, 0o600)
         listener.listen(BACKLOG)
         listener.setblocking(False)
     except BaseException:
