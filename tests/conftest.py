@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
+pytest_plugins = ["tests.s3server"]  # the seaweed_s3 fixture, for any test directory
+
 
 def require_tool(name: str) -> str:
     """Path of the program *name*; skips the test, saying which program is missing and how

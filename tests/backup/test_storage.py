@@ -31,6 +31,7 @@ from agentless.backup.storage import (
     open_backend,
 )
 from tests.backup.conftest import S3Server
+from tests.s3server import SeaweedS3
 
 MiB = 1 << 20
 
@@ -390,6 +391,28 @@ def test_s3_missing_bucket_is_not_not_found(s3_server: S3Server) -> None:
             with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist") as caught:
                 call()
             assert not isinstance(caught.value, NotFound)
+            assert not caught.value.retryable  # waiting does not make a bucket
+
+
+def test_s3_refusals_are_not_retried_but_an_outage_is(seaweed_s3: SeaweedS3) -> None:
+    """A 4xx answer (bad credentials here) stays what it is: open_backend's retries give
+    it up at once. An unreachable server is retried for the window, then one line says
+    for how long (VMBACKUP_STORAGE_RETRY)."""
+    bucket = seaweed_s3.create_bucket()
+    wrong = seaweed_s3.options() | {"secret_access_key": "wrong"}
+    with open_backend(f"s3://{bucket}/repo", **wrong) as backend:
+        with pytest.raises(StorageError) as caught:
+            backend.put("config", b"c")
+        assert not caught.value.retryable and "tried" not in str(caught.value)
+    with closed_port() as port, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VMBACKUP_STORAGE_RETRY", "2")
+        options = seaweed_s3.options(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
+        with open_backend(f"s3://{bucket}/repo", **options) as backend:
+            assert isinstance(backend, RetryBackend) and backend.window == 2
+            with pytest.raises(StorageError) as caught:
+                backend.get("config")
+    message = str(caught.value)
+    assert "\n" not in message and "cannot read" in message and "tried" in message, message
 
 
 def test_s3_unreachable_endpoint_is_one_line() -> None:
@@ -419,9 +442,11 @@ def test_s3_configured_from_environment(s3_server: S3Server, monkeypatch: pytest
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     with open_backend(f"s3://{bucket}/some/prefix/") as backend:
-        assert isinstance(backend, S3Backend)
+        assert isinstance(backend, RetryBackend) and isinstance(
+            backend.inner, S3Backend
+        )  # outages ridden out
         assert backend.location == f"s3://{bucket}/some/prefix"
-        assert backend.endpoint_url == s3_server.endpoint_url
+        assert backend.inner.endpoint_url == s3_server.endpoint_url
         backend.put("config", b"env")
     assert s3_server.client.get_object(Bucket=bucket, Key="some/prefix/config")["Body"].read() == b"env"
 
@@ -580,12 +605,42 @@ def test_retry_retries_then_succeeds(caplog: pytest.LogCaptureFixture) -> None:
     inner = Flaky(failures=3)
     sleeps: list[float] = []
     backend = RetryBackend(inner, attempts=5, initial_delay=0.5, jitter=0.0, sleep=sleeps.append)
-    with caplog.at_level(logging.WARNING, logger="agentless.backup.storage.retry"):
+    with caplog.at_level(logging.INFO, logger="agentless.backup.storage.retry"):
         backend.put("config", b"c")
     assert inner.calls == 4
     assert sleeps == [0.5, 1.0, 2.0]
     assert backend.get("config") == b"c"
-    assert len([r for r in caplog.records if "put config failed" in r.getMessage()]) == 3
+    retries = [r.levelno for r in caplog.records if "put config failed" in r.getMessage()]
+    assert retries == [logging.WARNING, logging.INFO, logging.INFO]  # an outage is one warning
+
+
+def test_retry_within_a_window() -> None:
+    """With a window, a call is not tried again once the next attempt would start more
+    than that long after its first failure; the error then says how long it was tried."""
+    now = [100.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    inner = Flaky(failures=100)
+    backend = RetryBackend(
+        inner,
+        attempts=1000,
+        initial_delay=1.0,
+        max_delay=4.0,
+        jitter=0.0,
+        window=10.0,
+        sleep=sleep,
+        clock=lambda: now[0],
+    )
+    with pytest.raises(StorageError, match=r"flaky: connection reset; tried 4 times over 7 s$"):
+        backend.get("config")  # a fifth attempt would start 11 s after the first failure
+    assert sleeps == [1.0, 2.0, 4.0] and inner.calls == 4
+    inner.failures = 3  # an outage shorter than the window: ridden out
+    backend.put("config", b"c")
+    assert backend.get("config") == b"c"
 
 
 def test_retry_gives_up_after_attempts() -> None:

@@ -33,9 +33,11 @@ import pytest
 
 from agentless.backup.repository import Repository
 from agentless.backup.restorejob import export_disk
+from agentless.backup.storage import Backend, StorageError, open_backend
 from agentless.backup.verify import verify
 from tests.backup.conftest import vmbackup, vmbackup_process
 from tests.backup.test_flows import _configure, _running_site
+from tests.s3server import SeaweedS3
 from tests.smallfs import SmallFsUnavailable, leave_free, resize, small_fs, used_bytes
 from tests.wincenter.test_flows import Site, _guest
 
@@ -45,20 +47,41 @@ CHANGE = 4 * MiB  # new data the guest writes before each backup: what the backu
 ROOMY = 256 * MiB  # the repository's file system once space is freed (tmpfs: RAM used, not size)
 NO_SPACE = ("no space left on device", "enospc")
 PASSWORD = "pw"
+S3_RETRY = 10.0  # seconds a call to the S3 server is retried (VMBACKUP_STORAGE_RETRY)
 
 
 @dataclasses.dataclass
 class Rig:
-    """A site, a VM with data, and a repository on a small file system (*mount*)."""
+    """A site, a VM with data, and a repository at *location* (with the storage
+    *options* of open_backend): a directory on a small file system (*mount*), or a
+    bucket of an S3 server."""
 
     site: Site
     env: dict[str, str]
-    mount: Path
-    repo: Path
+    location: str
     vm: str
     model: bytearray
     rng: random.Random
     root: Path
+    mount: Path | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def repo(self) -> Path:
+        """The repository's directory (a local repository)."""
+        return Path(self.location)
+
+    def repository(self) -> Repository:
+        return Repository.open(open_backend(self.location, **self.options), PASSWORD)
+
+    def fill(self, free: int) -> None:
+        assert self.mount is not None
+        leave_free(self.mount, free)
+
+    def free(self) -> None:
+        """Space freed: the file system grown well past what is in it."""
+        assert self.mount is not None
+        resize(self.mount, max(ROOMY, used_bytes(self.mount) + ROOMY // 2))
 
 
 @dataclasses.dataclass
@@ -86,7 +109,7 @@ def repository_rig(root: Path, seed: int = 1) -> Iterator[Rig]:
             with _guest(host, "vm", 0) as guest:
                 guest.write(0, bytes(model))
                 guest.flush()
-        rig = Rig(site, env, mount, repo, "vm", model, rng, root)
+        rig = Rig(site, env, str(repo), "vm", model, rng, root, mount)
         first = _backup(rig)
         assert first is not None, "the first backup failed"
         yield rig
@@ -112,18 +135,27 @@ def _change(rig: Rig) -> None:
         guest.flush()
 
 
-def _lock_names(repo: Path) -> list[Path]:
-    return list((repo / "locks").glob("*")) if (repo / "locks").is_dir() else []
+def _locks(rig: Rig, backend: Backend | None = None) -> list[dict[str, Any]]:
+    """The repository's locks, as they are stored (read behind the commands' backs)."""
+    found = []
+    with contextlib.ExitStack() as stack:
+        if backend is None:
+            backend = stack.enter_context(open_backend(rig.location, **rig.options))
+        for name in backend.list("locks/"):
+            with contextlib.suppress(StorageError, ValueError):
+                found.append(json.loads(backend.get(name)) | {"name": name})
+    return found
 
 
-def _lock_lists(repo: Path, key: str) -> bool:
-    """Whether a lock of the repository has a journal entry under *key* (the command
-    told it which WinCenter backup or restore it has open)."""
-    for path in _lock_names(repo):
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get(key):
-                return True
-    return False
+def _await_journal(rig: Rig, key: str, process: subprocess.Popen[str]) -> None:
+    """Until a lock of the repository has a journal entry under *key* (the command told
+    it which WinCenter backup or restore it has open), or the command has ended."""
+    deadline = time.monotonic() + 60
+    with open_backend(rig.location, **rig.options) as backend:
+        while process.poll() is None and time.monotonic() < deadline:
+            if any(lock.get(key) for lock in _locks(rig, backend)):
+                return
+            time.sleep(0.005)
 
 
 def _settled(check: Callable[[], bool], seconds: float = 60.0) -> bool:
@@ -143,22 +175,14 @@ def _settled(check: Callable[[], bool], seconds: float = 60.0) -> bool:
 Fill = Callable[[Rig, "subprocess.Popen[str]"], None]
 
 
-def full_before(free: int) -> Callable[[Rig], None]:
-    """*free* bytes left before the command starts (0: its lock cannot be written; one
-    page: the lock fits, its journal does not; more: the data's turn)."""
-    return lambda rig: leave_free(rig.mount, free)
-
-
 def full_at_journal(key: str) -> Fill:
     """Stop the command (SIGSTOP) once its lock lists its WinCenter *key* ("backups",
     "restores"), take every free byte, let it go on (SIGCONT)."""
 
     def fill(rig: Rig, process: subprocess.Popen[str]) -> None:
-        deadline = time.monotonic() + 60
-        while not _lock_lists(rig.repo, key) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        _await_journal(rig, key, process)
         with _stopped(process):
-            leave_free(rig.mount, 0)
+            rig.fill(0)
 
     return fill
 
@@ -168,13 +192,12 @@ def full_at_new_point() -> Fill:
     stopped there, SIGSTOP): only its journal's last entry remains to be written."""
 
     def fill(rig: Rig, process: subprocess.Popen[str]) -> None:
-        points = rig.repo / "points"
-        before = set(os.listdir(points))
+        before = _points(rig)
         deadline = time.monotonic() + 60
-        while set(os.listdir(points)) == before and process.poll() is None and time.monotonic() < deadline:
+        while _points(rig) == before and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         with _stopped(process):
-            leave_free(rig.mount, 0)
+            rig.fill(0)
 
     return fill
 
@@ -187,7 +210,7 @@ def full_after(seconds: float) -> Fill:
             process.wait(seconds)
         if process.poll() is None:
             with _stopped(process):
-                leave_free(rig.mount, 0)
+                rig.fill(0)
 
     return fill
 
@@ -237,20 +260,21 @@ def _one_line_no_space(code: int, errors: str) -> list[str]:
 
 def _points(rig: Rig) -> list[str]:
     """The repository's restore points (read in-process: the checks need no command)."""
-    with Repository.open(str(rig.repo), PASSWORD) as repository:
+    with rig.repository() as repository:
         return [str(p["id"]) for p in repository.points()]
 
 
 def _leftovers(rig: Rig) -> list[str]:
     """What a command must never leave in the repository: temporary files, locks."""
-    problems = [f"temporary file left: {p.relative_to(rig.repo)}" for p in rig.repo.rglob("*.tmp~")]
-    problems += [f"lock left: {p.name}" for p in _lock_names(rig.repo)]
+    problems = [f"lock left: {lock['name']}" for lock in _locks(rig)]
+    if rig.mount is not None:
+        problems += [f"temporary file left: {p.relative_to(rig.repo)}" for p in rig.repo.rglob("*.tmp~")]
     return problems
 
 
 def _verified(rig: Rig) -> list[str]:
     """``verify --read-data`` (in-process, without its lock): its problems."""
-    with Repository.open(str(rig.repo), PASSWORD) as repository:
+    with rig.repository() as repository:
         report = verify(repository, read_data=True)
     return [f"verify --read-data: {problem}" for problem in report.problems]
 
@@ -275,7 +299,7 @@ def _exact(rig: Rig, point: str) -> list[str]:
     """Whether restore point *point* holds the VM's disk as the guest wrote it."""
     out = rig.root / "exported.raw"
     try:
-        with Repository.open(str(rig.repo), PASSWORD) as repository:
+        with rig.repository() as repository:
             export_disk(repository, point, 0, str(out))
         return [] if out.read_bytes() == rig.model else [f"restore point {point} is not the disk"]
     finally:
@@ -295,11 +319,12 @@ def backup_trial(rig: Rig, before: int | None = None, during: Fill | None = None
     with rig.site.host_client() as host:
         snapshots = {s["uuid"] for s in host.list_snapshots(rig.vm)}
     if before is not None:
-        leave_free(rig.mount, before)
+        rig.fill(before)
     try:
         code, errors = _run(rig, ["backup", "--vm", rig.vm], during)
     finally:
-        resize(rig.mount, max(ROOMY, used_bytes(rig.mount) + ROOMY // 2))  # space freed
+        if rig.mount is not None:
+            rig.free()
     problems: list[str] = []
     now = _points(rig)
     if code == 0:
@@ -330,11 +355,11 @@ def restore_trial(rig: Rig, name: str, before: int | None = None, during: Fill |
     checks, and space freed."""
     point = _points(rig)[-1]
     if before is not None:
-        leave_free(rig.mount, before)
+        rig.fill(before)
     try:
         code, errors = _run(rig, ["restore", point, "--as-new-vm", name], during)
     finally:
-        resize(rig.mount, max(ROOMY, used_bytes(rig.mount) + ROOMY // 2))
+        rig.free()
     problems: list[str] = []
     with rig.site.host_client() as host:
         if code == 0:
@@ -408,3 +433,94 @@ def test_restore_from_a_full_repository(
     trial = restore_trial(rig, "copy", before, during)
     print(trial.line)
     assert trial.failed == fails and not trial.problems, trial
+
+
+# ---------------------------------------------------------------------- S3 server outages
+
+
+@contextlib.contextmanager
+def s3_rig(root: Path, server: SeaweedS3, seed: int = 2) -> Iterator[Rig]:
+    """A running site, a VM of DISK random bytes, and an encrypted repository in a bucket
+    of *server* holding one full backup of it."""
+    with _running_site(root) as site:
+        bucket = server.create_bucket()
+        # calls retried for S3_RETRY seconds (60 by default): a test of an outage that lasts is short
+        environment = server.environment() | {"VMBACKUP_STORAGE_RETRY": str(S3_RETRY)}
+        env = _configure(site, root, f"s3://{bucket}/repo", PASSWORD, **environment)
+        rng = random.Random(seed)
+        model = bytearray(rng.randbytes(DISK))
+        with site.host_client() as host:
+            host.create_vm("vm", [DISK])
+            host.start_vm("vm")
+            with _guest(host, "vm", 0) as guest:
+                guest.write(0, bytes(model))
+                guest.flush()
+        rig = Rig(site, env, f"s3://{bucket}/repo", "vm", model, rng, root, options=server.options())
+        first = _backup(rig)
+        assert first is not None, "the first backup failed"
+        yield rig
+
+
+def s3_outage_trial(rig: Rig, server: SeaweedS3, down: float | None) -> Trial:
+    """The guest writes new data; the backup starts; once its lock lists its WinCenter
+    backup the S3 server is killed (the backup held still meanwhile) and started again
+    *down* seconds later (None: only after the backup has ended). Within the retry
+    window the backup succeeds (exact); past it, it fails with one line and nothing
+    half-saved. Then the next backup (exact)."""
+    _change(rig)
+    points = _points(rig)
+    with rig.site.host_client() as host:
+        snapshots = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+    process = vmbackup_process(rig.env, "backup", "--vm", rig.vm)
+    try:
+        _await_journal(rig, "backups", process)
+        with _stopped(process):
+            server.stop()
+        stopped = time.monotonic()
+        if down is not None:
+            time.sleep(max(0.0, down - (time.monotonic() - stopped)))
+            server.start()
+        _, errors = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        server.start()
+    code = process.returncode
+    problems: list[str] = []
+    now = _points(rig)
+    if code == 0:
+        if len(now) != len(points) + 1:
+            problems.append(f"a backup that succeeded left {now} after {points}")
+        else:
+            problems += _exact(rig, now[-1])
+    else:
+        # one line said it waits (the first retry), one line says why it failed
+        lines = [line for line in errors.strip().splitlines() if "trying again" not in line]
+        if code != 1 or len(lines) != 1 or "Traceback" in errors or "tried" not in lines[0]:
+            problems.append(f"exit status {code}, not one line after the retries: {errors.strip()[-400:]!r}")
+        if now != points:
+            problems.append(f"restore points changed: {points} -> {now}")
+        problems += _host_clean(rig, snapshots)
+    problems += _verified(rig)
+    again = _backup(rig)  # it also removes a lock the failed one could not
+    if again is None:
+        problems.append("the next backup failed once the server was back")
+    else:
+        problems += _exact(rig, again["point"])
+    problems += _leftovers(rig)
+    return Trial(code != 0, errors.strip().splitlines()[-1] if errors.strip() else "", problems)
+
+
+@pytest.fixture(scope="module")
+def s3rig(tmp_path_factory: pytest.TempPathFactory, seaweed_s3: SeaweedS3) -> Iterator[Rig]:
+    with s3_rig(tmp_path_factory.mktemp("s3rig"), seaweed_s3) as made:
+        yield made
+
+
+@pytest.mark.parametrize("down", [3.0, None], ids=["back-in-3s", "stays-down"])
+def test_s3_server_restarted_mid_backup(s3rig: Rig, seaweed_s3: SeaweedS3, down: float | None) -> None:
+    started = time.monotonic()
+    trial = s3_outage_trial(s3rig, seaweed_s3, down)
+    print(f"{trial.line!r} after {time.monotonic() - started:.1f} s")
+    assert trial.failed == (down is None) and not trial.problems, trial

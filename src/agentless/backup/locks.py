@@ -45,7 +45,7 @@ from typing import Any
 from agentless.lifetime import Closing
 
 from .keys import RepositoryError
-from .storage import Backend, NotFound
+from .storage import Backend, NotFound, StorageError
 
 __all__ = [
     "EXPIRES_SECONDS",
@@ -229,7 +229,18 @@ class Lock(Closing):
             interval = REFRESH_SECONDS if self.refresh() else RETRY_SECONDS
 
     def close(self) -> None:
+        """Stop refreshing and remove the lock. A removal that fails (the storage is
+        unreachable, as it may be when the command fails for that very reason) is
+        logged, not raised: the command's own result or error stands, and the lock left
+        is a dead process's – ignored at once on this host, stale after STALE_SECONDS
+        elsewhere, removed by the next backup or restore (:mod:`.leftovers`)."""
         self.closed = True
         self._stop.set()
         self._refresher.join()
-        self.backend.delete(self.name)
+        try:
+            self.backend.delete(self.name)
+        except StorageError as error:
+            # info, not a warning: the command's one line is its result; the lock is dead
+            log.info(
+                "repository lock %s could not be removed (left for the next command): %s", self.name, error
+            )

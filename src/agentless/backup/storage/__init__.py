@@ -26,6 +26,7 @@ Errors (see :mod:`.backend`)::
 from __future__ import annotations
 
 import importlib
+import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ __all__ = [
     "name_is_valid",
     "open_backend",
     "parse_s3_url",
+    "retry_window",
 ]
 
 if TYPE_CHECKING:
@@ -80,6 +82,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+RETRY_SECONDS = 60.0  # an S3 server unreachable (or answering 5xx) this long fails the call
+
+
+def retry_window() -> float:
+    """How long a call to an S3 repository is retried after its first failure:
+    ``VMBACKUP_STORAGE_RETRY`` (seconds, 0: only botocore's own few attempts), else
+    :data:`RETRY_SECONDS`. StorageError for a value that is not 0 to 3600 seconds."""
+    given = os.environ.get("VMBACKUP_STORAGE_RETRY")
+    if not given:
+        return RETRY_SECONDS
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise StorageError(f"VMBACKUP_STORAGE_RETRY={given!r}: give seconds, 0 to 3600")
+    return seconds
+
+
 def open_backend(location: str, **options: Any) -> Backend:
     """The backend for *location*:
 
@@ -87,7 +108,10 @@ def open_backend(location: str, **options: Any) -> Backend:
     * ``s3://bucket/prefix`` – :class:`S3Backend`, *options* being its keyword arguments
       (``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``, ...), each
       one not given taken from the ``AWS_*`` environment variables as boto3 does
-      (``AWS_ENDPOINT_URL`` for MinIO or Ceph RGW).
+      (``AWS_ENDPOINT_URL`` for MinIO or Ceph RGW); in a :class:`RetryBackend` that
+      retries a call whose server is unreachable or answers 5xx for
+      :func:`retry_window` seconds (pauses doubling from 0.5 s up to 8 s), so that a
+      restart of the server does not fail a backup.
 
     :class:`StorageError` for an unknown scheme, a malformed URL or options the backend
     does not take (one line for the user)."""
@@ -95,11 +119,12 @@ def open_backend(location: str, **options: Any) -> Backend:
     if sep and scheme == "s3":
         s3 = importlib.import_module(".s3", __name__)
         bucket, prefix = s3.parse_s3_url(location)
+        window = retry_window()
         try:
             backend: Backend = s3.S3Backend(bucket, prefix, **options)
-            return backend
         except TypeError as error:
             raise StorageError(f"{location}: bad S3 options: {error}") from None
+        return RetryBackend(backend, attempts=1 << 16, max_delay=8.0, window=window) if window else backend
     if sep and scheme != "file":
         raise StorageError(f"{location}: unknown storage scheme {scheme!r} (a path, file:// or s3://)")
     if options:

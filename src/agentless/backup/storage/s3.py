@@ -14,9 +14,12 @@ One object per name, at key ``<prefix>/<name>``::
 
 Errors: ``NoSuchKey`` and a bare ``404`` (HEAD has no body) are :class:`NotFound`; any
 other answer, an unreachable endpoint, missing credentials are one-line
-:class:`StorageError` naming the location. botocore retries throttling, 5xx answers and
-connection errors itself ("standard" mode, ``max_attempts``); RetryBackend can add
-slower, longer retries on top.
+:class:`StorageError` naming the location – ``retryable`` for an unreachable endpoint, a
+5xx answer, a timeout or throttling, not for the other 4xx answers (access denied, no
+such bucket) nor missing credentials. botocore retries throttling, 5xx answers and
+connection errors itself ("standard" mode, ``max_attempts``: within a few seconds);
+:func:`~agentless.backup.storage.open_backend` wraps the backend in a RetryBackend
+whose window rides out a restart of the server.
 
 Configuration comes from the arguments, else from what boto3 reads itself:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["S3Backend", "parse_s3_url"]
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "ThrottlingException"}
 AddressingStyle = Literal["auto", "virtual", "path"]
 
 
@@ -68,6 +72,15 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket or (prefix and not name_is_valid(prefix)):
         raise InvalidName(f"invalid S3 URL {url!r}: s3://bucket/prefix, prefix parts of [A-Za-z0-9._-]")
     return bucket, prefix
+
+
+def _transient(error: ClientError) -> bool:
+    """Whether the server's answer may change by itself: a 5xx (it is starting, failing
+    over, overloaded), a timeout or throttling. Another 4xx – access denied, no such
+    bucket, a bad request – stays what it is: retrying it only delays the error."""
+    status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    return status >= 500 or status in (408, 429) or code in _TRANSIENT_CODES
 
 
 class S3Backend(Closing):
@@ -137,16 +150,21 @@ class S3Backend(Closing):
             if name is not None and code in _NOT_FOUND:
                 raise NotFound(f"{where}: no such object", name=name) from None
             if code == "NoSuchBucket":
-                message = f"{self.location}: bucket {self.bucket!r} does not exist"
-                raise StorageError(message, name=name) from None
+                no_bucket = StorageError(f"{self.location}: bucket {self.bucket!r} does not exist", name=name)
+                no_bucket.retryable = False
+                raise no_bucket from None
             message = str(info.get("Message", "")) or str(error)
-            raise StorageError(f"{where}: cannot {action}: {code} {message}".strip(), name=name) from None
+            failed = StorageError(f"{where}: cannot {action}: {code} {message}".strip(), name=name)
+            failed.retryable = _transient(error)
+            raise failed from None
         except NoCredentialsError:
-            raise StorageError(
+            missing = StorageError(
                 f"{self.location}: no S3 credentials: give an access key and secret "
                 "or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
                 name=name,
-            ) from None
+            )
+            missing.retryable = False
+            raise missing from None
         except (BotoCoreError, urllib3.exceptions.HTTPError) as error:
             message = f"{where}: cannot {action} (endpoint {self._client.meta.endpoint_url}): {error}"
             raise StorageError(message, name=name) from None

