@@ -8,8 +8,10 @@ with what the guest wrote."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -117,20 +119,26 @@ def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
         assert chain.read(0, sizes[1]) == models[1]
 
     socket_path = str(tmp_path / "mount.sock")
-    mount = subprocess.Popen(
-        [sys.executable, "-m", "agentless.backup.cli", "mount", i["point"], "--socket", socket_path],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert mount.stdout is not None and "serving" in mount.stdout.readline()
-        with wddk.open(f"nbd+unix:///?socket={socket_path}", connections=1) as disk:
-            assert disk.read_only and disk.read(0, sizes[0]) == models[0]
-    finally:
-        mount.terminate()
-        mount.wait(30)
+    for reads in (True, False):  # then stopped at once: the signal handlers are in place before the line
+        mount = subprocess.Popen(
+            [sys.executable, "-m", "agentless.backup.cli", "mount", i["point"], "--socket", socket_path],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert mount.stdout is not None and "serving" in mount.stdout.readline()
+            assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+            if reads:
+                with wddk.open(f"nbd+unix:///?socket={socket_path}", connections=1) as disk:
+                    assert disk.read_only and disk.read(0, sizes[0]) == models[0]
+            mount.terminate()
+            assert mount.wait(30) == 0
+        finally:
+            if mount.poll() is None:
+                mount.kill()
+                mount.wait()
 
     wrong = vmbackup(env | {"VMBACKUP_PASSWORD": "wrong"}, "list")
     assert wrong.returncode == 1 and "wrong password" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -83,7 +83,7 @@ def serve_point(export: PointExport, socket_path: str | None, port: int | None, 
         else:
             bound = await server.serve_tcp("127.0.0.1", port or 0, plain=True)
             where = f"nbd://127.0.0.1:{bound}"
-        print(f"serving {export.description} read-only at {where}", flush=True)
-        await server.serve_until_signalled()
+        line = f"serving {export.description} read-only at {where}"
+        await server.serve_until_signalled(lambda: print(line, flush=True))
 
     asyncio.run(serve())

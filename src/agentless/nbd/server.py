@@ -161,13 +161,16 @@ class NbdServer:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self._executor.shutdown, True)  # never block the loop
 
-    async def serve_until_signalled(self) -> None:
+    async def serve_until_signalled(self, announce: Callable[[], None] | None = None) -> None:
         """Serve until SIGINT or SIGTERM, then :meth:`close` (for the commands that
-        run a server in the foreground)."""
+        run a server in the foreground). *announce* (printing where it listens) runs
+        once the handlers are in place, so a signal sent on that line stops cleanly."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if announce is not None:
+            announce()
         await stop.wait()
         await self.close()
 

@@ -22,7 +22,6 @@ import contextlib
 import ipaddress
 import os
 import secrets
-import signal
 import stat
 
 from agentless import vhd
@@ -109,14 +108,9 @@ async def _serve(
         where = f"{scheme}://{host}:{port}/{name}"
         if source is not None:  # the operator's secret: not echoed
             where = f"{scheme}://{host}:{port}, export name from {source}"
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # before the line: a signal right after it stops cleanly
-        loop.add_signal_handler(signum, stop.set)
     mode = "read-only" if export.read_only else "writable"
-    print(f"serving {args.file} ({export.size} bytes, {mode}) at {where}", flush=True)
-    await stop.wait()
-    await server.close()
+    line = f"serving {args.file} ({export.size} bytes, {mode}) at {where}"
+    await server.serve_until_signalled(lambda: print(line, flush=True))
     if args.socket:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.socket)
