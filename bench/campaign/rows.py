@@ -7,7 +7,7 @@ constant (:class:`.harness.Row`); list it here. The planned rows are shown in
 
 from __future__ import annotations
 
-from . import fuzz_nbd, fuzz_repository, fuzz_vhd, kill_matrix, network_faults, rest_api
+from . import fuzz_nbd, fuzz_repository, fuzz_vhd, kill_matrix, load, network_faults, rest_api
 from .harness import Row
 
 __all__ = ["PLANNED", "ROWS", "by_name"]
@@ -20,6 +20,7 @@ ROWS: list[Row] = [
     rest_api.HOST,
     network_faults.ROW,
     kill_matrix.ROW,
+    load.ROW,
 ]
 
 PLANNED: list[tuple[str, str]] = [
@@ -27,7 +28,6 @@ PLANNED: list[tuple[str, str]] = [
     ("sr-full", "the host's SR full mid-backup and mid-restore, then space freed"),
     ("s3-restart", "the S3 server stopped and restarted mid-backup"),
     ("postgresql-restart", "PostgreSQL restarted under WinCenter mid-flow"),
-    ("load", "50 concurrent VM backups over 5 hosts through one WinCenter on PostgreSQL"),
 ]
 
 

@@ -11,6 +11,7 @@ as root installs it) or when it cannot start, the postgresql cases skip and say 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -75,6 +76,10 @@ class PgCluster:
         return self.url(name)
 
 
+class PostgresUnavailable(Exception):
+    """No PostgreSQL cluster can run here; the message says why (and how to get one)."""
+
+
 def _run_as() -> tuple[list[str], int | None, int | None]:
     if os.geteuid() != 0:
         return [], None, None
@@ -84,15 +89,21 @@ def _run_as() -> tuple[list[str], int | None, int | None]:
         except KeyError:
             continue
         return ["runuser", "-u", user, "--"], entry.pw_uid, entry.pw_gid
-    pytest.skip("running as root and neither a postgres nor a nobody user exists to run PostgreSQL")
+    raise PostgresUnavailable(
+        "running as root and neither a postgres nor a nobody user exists to run PostgreSQL"
+    )
 
 
-@pytest.fixture(scope="session")
-def postgresql_cluster() -> Iterator[PgCluster]:
-    """A private PostgreSQL cluster for this session (skips, saying why, if none can run)."""
+@contextlib.contextmanager
+def running_postgresql() -> Iterator[PgCluster]:
+    """A private PostgreSQL cluster, stopped and removed on the way out; PostgresUnavailable
+    (saying why) when none can run. The session fixture and the fault campaign's load row
+    (bench/campaign/load.py) start theirs with it."""
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL not installed (Debian: apt-get install postgresql; `make test` as root)")
+        raise PostgresUnavailable(
+            "PostgreSQL not installed (Debian: apt-get install postgresql; `make test` as root)"
+        )
     prefix, uid, gid = _run_as()
     top = tempfile.mkdtemp(prefix="agentless-pg-")
     data = os.path.join(top, "data")
@@ -106,7 +117,7 @@ def postgresql_cluster() -> Iterator[PgCluster]:
     try:
         init = run(f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
         if init.returncode != 0:
-            pytest.skip(f"initdb failed: {(init.stderr or init.stdout).strip()[-300:]}")
+            raise PostgresUnavailable(f"initdb failed: {(init.stderr or init.stdout).strip()[-300:]}")
         port = free_port()
         options = (
             f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off "
@@ -115,13 +126,23 @@ def postgresql_cluster() -> Iterator[PgCluster]:
         start = run(f"{bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "30", "-o", options, "start")
         if start.returncode != 0:
             tail = Path(log).read_text()[-300:] if os.path.exists(log) else start.stderr
-            pytest.skip(f"PostgreSQL did not start: {tail.strip()}")
+            raise PostgresUnavailable(f"PostgreSQL did not start: {tail.strip()}")
         try:
             yield PgCluster(port)
         finally:
             run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgresql_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL cluster for this session (skips, saying why, if none can run)."""
+    try:
+        with running_postgresql() as cluster:
+            yield cluster
+    except PostgresUnavailable as why:
+        pytest.skip(str(why))
 
 
 @pytest.fixture(params=ENGINES)
