@@ -28,7 +28,7 @@ def test_every_row_passes_at_small_counts(tmp_path: Path) -> None:
         if not o.passed
     ]
     assert not failed, "\n".join(failed)
-    assert all(o.count > 0 for o in outcomes)
+    assert all(o.count > 0 or o.figures.startswith("skipped:") for o in outcomes)  # not root: said
 
 
 def test_writing_the_docs_replaces_the_rows_run_and_keeps_the_others(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ constant (:class:`.harness.Row`); list it here. The planned rows are shown in
 
 from __future__ import annotations
 
-from . import fuzz_nbd, fuzz_repository, fuzz_vhd, kill_matrix, load, network_faults, rest_api
+from . import fuzz_nbd, fuzz_repository, fuzz_vhd, kill_matrix, load, network_faults, rest_api, storage
 from .harness import Row
 
 __all__ = ["PLANNED", "ROWS", "by_name"]
@@ -20,13 +20,13 @@ ROWS: list[Row] = [
     rest_api.HOST,
     network_faults.ROW,
     kill_matrix.ROW,
+    storage.REPOSITORY_FULL,
+    storage.S3_RESTART,
     load.ROW,
 ]
 
 PLANNED: list[tuple[str, str]] = [
-    ("repository-fs-full", "the repository's file system full mid-backup and mid-restore, then space freed"),
     ("sr-full", "the host's SR full mid-backup and mid-restore, then space freed"),
-    ("s3-restart", "the S3 server stopped and restarted mid-backup"),
     ("postgresql-restart", "PostgreSQL restarted under WinCenter mid-flow"),
 ]
 
