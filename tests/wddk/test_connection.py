@@ -5,6 +5,7 @@ that refuses the export fail with the right error after a bounded number of atte
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 import agentless.wddk as wddk
 from agentless.nbd.exports import MemoryExport
+from agentless.nbd.limits import Limits
 from tests.faultproxy import FaultProxy
 from tests.nbd.serving import Pki, make_pki, serve
 
@@ -159,3 +161,20 @@ def test_retry_policy_backs_off_to_a_bound() -> None:
     assert [policy.wait(n) for n in range(1, 6)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError):
         wddk.Retry(attempts=-1)
+
+
+def test_a_server_capping_connections_per_peer_gets_what_it_allows(caplog: pytest.LogCaptureFixture) -> None:
+    """The host closes connections over its per-address cap as soon as it accepts them:
+    a disk opened with 4 connections carries on with the 2 it was allowed (logged),
+    instead of failing after retries that could only hit the same cap."""
+    data = random.Random(5).randbytes(MiB)
+    export = MemoryExport(MiB)
+    export.pwrite(data, 0)
+    with serve({"disk": export}, tcp=True, limits=Limits(max_connections_per_peer=2)) as served:
+        with (
+            caplog.at_level(logging.WARNING, logger="agentless.wddk.disk"),
+            wddk.open(served.uri("disk"), connections=4, retry=wddk.Retry(attempts=3)) as disk,
+        ):
+            assert disk.connections == 2
+            assert disk.read(0, MiB) == data
+        assert "carrying on with 2 of 4 connection(s)" in caplog.text

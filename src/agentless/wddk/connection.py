@@ -102,6 +102,7 @@ class Connection:
         timeout: float | None,
         retry: Retry,
         sleep: Callable[[float], None] = time.sleep,
+        patient: bool = True,
     ):
         self.uri = uri
         self._cert = cert
@@ -113,7 +114,7 @@ class Connection:
         self._next_ticket = 1
         self._failures = 0  # losses in a row with no reply collected in between
         self.reconnects = 0
-        self.client = self._first()
+        self.client = self._first(self.retry.attempts if patient else 0)
 
     # ------------------------------------------------------------------ the export
 
@@ -283,18 +284,18 @@ class Connection:
             except ConnectionLost as again:
                 error = again
 
-    def _first(self) -> Client:
-        """The first connection, with the same retries as a lost one (the server cannot
-        be reached yet); NegotiationError at once when it refuses."""
+    def _first(self, attempts: int) -> Client:
+        """The first connection, with up to *attempts* more after a loss (the server
+        cannot be reached yet); NegotiationError at once when it refuses."""
         attempt = 0
         while True:
             try:
                 return self._connect(first=True)
             except ConnectionLost as error:
                 attempt += 1
-                if attempt > self.retry.attempts:
+                if attempt > attempts:
                     raise ConnectionLost(
-                        self._hidden(f"{error} (gave up after {self.retry.attempts} attempt(s) more)")
+                        self._hidden(f"{error} (gave up after {attempts} attempt(s) more)")
                     ) from error
                 log.info("%s; connecting again (attempt %d)", self._hidden(str(error)), attempt)
                 self._sleep(self.retry.wait(attempt))

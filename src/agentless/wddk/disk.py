@@ -9,11 +9,13 @@ again and its requests sent again, as its :class:`~.connection.Retry` says.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from agentless.lifetime import Closing
+from agentless.nbd.errors import ConnectionLost
 from agentless.nbd.protocol import BASE_ALLOCATION
 from agentless.nbd.uri import NbdUri
 
@@ -21,6 +23,8 @@ from .access import Access, resolve_access
 from .connection import Connection, Retry
 from .extents import Extent, wanted
 from .transfer import Progress, Transfer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Disk", "Extent", "open"]
 
@@ -142,7 +146,9 @@ def open(
 ) -> Disk:
     """Open a disk from an NBD URI or an access-info mapping.
 
-    Makes up to *connections* connections (one when the server does not allow several);
+    Makes up to *connections* connections (one when the server does not allow several;
+    fewer when the server closes the extra ones at once – its cap on connections per
+    client address – which is logged);
     *contexts* are the meta contexts to negotiate (add ``qemu:dirty-bitmap:NAME`` to read
     changed blocks). *timeout* bounds every wait for the server: a request with no answer
     for that long counts as a lost connection. *retry* says how lost connections are made
@@ -157,9 +163,14 @@ def open(
     policy = Retry() if retry is None else retry
     clients: list[Connection] = []
 
-    def connect() -> Connection:
+    def connect(patient: bool = True) -> Connection:
         return Connection(
-            resolved.uri, cert=resolved.cert, contexts=wanted_contexts, timeout=timeout, retry=policy
+            resolved.uri,
+            cert=resolved.cert,
+            contexts=wanted_contexts,
+            timeout=timeout,
+            retry=policy,
+            patient=patient,
         )
 
     try:
@@ -167,7 +178,12 @@ def open(
         clients.append(first)
         if first.can_multi_conn:
             for _ in range(max(1, connections) - 1):
-                clients.append(connect())
+                try:
+                    clients.append(connect(patient=False))
+                except ConnectionLost as error:  # the server's cap on connections per peer, say
+                    made = len(clients)
+                    log.warning("%s; carrying on with %d of %d connection(s)", error, made, connections)
+                    break
     except BaseException:
         for client in clients:
             client.close()
