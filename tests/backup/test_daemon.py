@@ -5,7 +5,10 @@ still answers. The daemon is the real one, over a real (empty) state database.""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +70,38 @@ def test_requests_without_a_body_are_served(daemon: tuple[str, int]) -> None:
         daemon, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
     )
     assert status == 200
+
+
+_STARTING = """
+import sys
+from agentless.backup.daemon import Daemon
+from agentless.backup.policies import State
+from agentless.backup.scheduler import Runner, Scheduler
+
+def no_center():
+    raise AssertionError("no policy runs here")
+
+with State(sys.argv[1]) as state:
+    with Daemon(Scheduler(state, Runner(state, no_center), tick=60.0), "127.0.0.1", 0) as daemon:
+        print("serving", flush=True)
+        # still starting, as `vmbackup serve` is while it logs and counts its policies
+        stopped = daemon.stopping.wait(120)
+print("stopped cleanly" if stopped else "no signal came", flush=True)
+"""
+
+
+def test_a_sigterm_while_the_daemon_is_still_starting_stops_it_cleanly(tmp_path: Path) -> None:
+    """SIGTERM from the moment the daemon serves – before the caller reaches ``wait()`` –
+    stops it as one during ``wait()`` does (running backups aborted, exit 0), instead of
+    killing the process by the default action (found by the campaign's kill -9 matrix:
+    ``vmbackup serve`` stopped right after a restart exited -15)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _STARTING, f"sqlite:///{tmp_path / 'vmbackup.db'}"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "serving"
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and out.strip() == "stopped cleanly", (process.returncode, out)
