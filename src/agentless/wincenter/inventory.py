@@ -359,7 +359,9 @@ class Inventory:
         return self.sync_vm(host_uuid, state)
 
     def placement(self, host: str | None, pool: str | None) -> tuple[str, str | None]:
-        """(host uuid, SR uuid or None for the host's default) for a new VM."""
+        """(host uuid, SR uuid or None for the host's default) for a new VM: *pool*'s
+        host, *host*, or else the only host online – asking the hosts again first when
+        some are recorded unreachable, since one may have come back since."""
         if pool is not None:
             found = self.pool(pool)
             if host is not None and self.host(host)["id"] != found["host"]:
@@ -367,10 +369,18 @@ class Inventory:
             return str(found["host"]), str(found["id"])
         if host is not None:
             return str(self.host(host)["id"]), None
-        hosts = [h for h in self.hosts() if h["state"] == "online"]
-        if len(hosts) != 1:
-            raise WinCenterError(f"{len(hosts)} hosts are online: say which host or pool the VM goes to")
-        return str(hosts[0]["id"]), None
+        hosts = self.hosts()
+        if len([h for h in hosts if h["state"] == "online"]) != 1 and any(
+            h["state"] != "online" for h in hosts
+        ):
+            # a host recorded unreachable may be back (restarted since): ask them before
+            # refusing, instead of waiting for the periodic sync
+            self.sync_all()
+            hosts = self.hosts()
+        online = [h for h in hosts if h["state"] == "online"]
+        if len(online) != 1:
+            raise WinCenterError(f"{len(online)} hosts are online: say which host or pool the VM goes to")
+        return str(online[0]["id"]), None
 
     def power(self, ref: str, action: str) -> dict[str, Any]:
         """``start`` or ``stop`` a VM on its host."""
