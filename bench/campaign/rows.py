@@ -22,11 +22,11 @@ ROWS: list[Row] = [
     kill_matrix.ROW,
     storage.REPOSITORY_FULL,
     storage.S3_RESTART,
+    storage.SR_FULL,
     load.ROW,
 ]
 
 PLANNED: list[tuple[str, str]] = [
-    ("sr-full", "the host's SR full mid-backup and mid-restore, then space freed"),
     ("postgresql-restart", "PostgreSQL restarted under WinCenter mid-flow"),
 ]
 

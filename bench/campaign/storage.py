@@ -17,6 +17,14 @@ per row:
   temporary file, no live grant, no snapshot of the failed backup, WinCenter's backup
   aborted; a success is exact; ``verify --read-data`` clean; space freed, the next
   backup succeeds and is exact.
+* ``sr-full``: the VM's SR on a tmpfs (root only), the repository on the ordinary disk.
+  The guest writes 4 MiB, then the SR is left with no byte or one page before the backup
+  (its snapshot cannot be made: the guest's new block is refused with ENOSPC), or filled
+  once the backup's snapshot exists (the command held with SIGSTOP; the guest's new block
+  refused) while it reads. A failure is one line naming the lack of space with the
+  restore points as before, no snapshot or grant left; a success is exact; the SR's VHDs
+  pass ``winserver vhd check``; ``verify --read-data`` clean; space freed, the next
+  backup exact.
 * ``s3-restart``: the repository in a bucket of SeaweedFS (``tests/s3server.py``), the
   server killed once the backup's lock lists its WinCenter backup and started again
   after a random 0-5 s (plus its own start: the backup retries for 30 s and must succeed,
@@ -37,7 +45,7 @@ from .harness import Outcome, Row, Scale
 if TYPE_CHECKING:
     from tests.backup.test_storage_faults import Trial
 
-__all__ = ["REPOSITORY_FULL", "S3_RESTART"]
+__all__ = ["REPOSITORY_FULL", "S3_RESTART", "SR_FULL"]
 
 
 def _tally(kind: str, trials: list[tuple[str, Trial]]) -> tuple[str, list[str]]:
@@ -102,6 +110,31 @@ def _repository_full(scale: Scale) -> Outcome:
     return _outcome(what, trials, ("backup", "restore"))
 
 
+# ---------------------------------------------------------------------- sr-full
+
+
+def _sr_full(scale: Scale) -> Outcome:
+    from tests.backup import test_storage_faults as faults
+    from tests.smallfs import SmallFsUnavailable
+
+    what = "the VM's SR on a tmpfs made full before the backup's snapshot or while it reads, then space freed"
+    count = scale.trials or (2 if scale.smoke else 24)
+    trials: list[tuple[str, Trial]] = []
+    root = Path(tempfile.mkdtemp(dir=scale.workdir))
+    try:
+        with faults.sr_rig(root, seed=scale.seed) as rig:
+            for n in range(count):
+                if n % 3 == 2:
+                    trials.append(
+                        ("backup", faults.sr_backup_trial(rig, during=faults.sr_full_at_snapshot()))
+                    )
+                else:
+                    trials.append(("backup", faults.sr_backup_trial(rig, before=4096 * (n % 3))))
+    except SmallFsUnavailable as why:
+        return _skipped(what, str(why))
+    return _outcome(what, trials, ("backup",))
+
+
 # ---------------------------------------------------------------------- s3-restart
 
 
@@ -141,6 +174,15 @@ REPOSITORY_FULL = Row(
     "file, no live grant or snapshot left, WinCenter's backup aborted; verify --read-data clean; "
     "the next backup exact",
     run=_repository_full,
+)
+
+SR_FULL = Row(
+    name="sr-full",
+    title="the host's SR full before the backup's snapshot and while it reads, then space freed",
+    checked="the guest's new blocks refused with ENOSPC; a failure is one line naming the lack of space, "
+    "restore points as before, no snapshot or grant left; a success exact; the SR's VHDs pass vhd check; "
+    "verify --read-data clean; the next backup exact",
+    run=_sr_full,
 )
 
 S3_RESTART = Row(

@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +46,7 @@ MiB = 1 << 20
 DISK = 16 * MiB  # the VM's disk: random data, nothing deduplicates
 CHANGE = 4 * MiB  # new data the guest writes before each backup: what the backup stores
 ROOMY = 256 * MiB  # the repository's file system once space is freed (tmpfs: RAM used, not size)
-NO_SPACE = ("no space left on device", "enospc")
+NO_SPACE = ("no space left on device", "no space left on the storage", "enospc")
 PASSWORD = "pw"
 # seconds a call to the S3 server is retried (VMBACKUP_STORAGE_RETRY, 60 by default): an
 # outage shorter than the window less the longest pause (8 s) is always ridden out; a
@@ -295,7 +296,7 @@ def _host_clean(rig: Rig, snapshots: set[str]) -> list[str]:
         if not _settled(lambda: {s["uuid"] for s in host.list_snapshots(rig.vm)} <= snapshots):
             problems.append("the failed backup's snapshot is still on the host")
         vm_id = center.vm(rig.vm).id
-        states = ("aborted", "completed")
+        states = ("aborted", "completed", "failed")  # failed: it could not be prepared
         if not _settled(lambda: center.backups(vm=vm_id).items[0].state in states):
             problems.append(f"WinCenter's last backup is {center.backups(vm=vm_id).items[0].state}")
     return problems
@@ -439,6 +440,168 @@ def test_restore_from_a_full_repository(
     trial = restore_trial(rig, "copy", before, during)
     print(trial.line)
     assert trial.failed == fails and not trial.problems, trial
+
+
+# ---------------------------------------------------------------------- the host's SR full
+
+
+SR_SIZE = 96 * MiB  # the SR's tmpfs while there is room: the VM's VHD (2 x DISK) and its snapshots
+
+
+@contextlib.contextmanager
+def sr_rig(root: Path, seed: int = 3) -> Iterator[Rig]:
+    """A running site whose VM lives on an SR on a tmpfs (*mount* of the rig: what fills)
+    and an encrypted repository on the ordinary disk holding one full backup. The VM's disk
+    is 2 x DISK with DISK random bytes at its start: the guest writing past DISK allocates
+    VHD blocks (what needs space on the SR), writing below DISK rewrites blocks in place."""
+    with _running_site(root) as site, small_fs(root / "srfs", SR_SIZE) as mount:
+        env = _configure(site, root, str(root / "repo"), PASSWORD)
+        rng = random.Random(seed)
+        model = bytearray(rng.randbytes(DISK)) + bytearray(DISK)
+        with site.host_client() as host, site.client() as center:
+            sr = host.create_sr("small", str(mount / "sr"))
+            center.sync_host(center.hosts()[0].id)
+            host.create_vm("vm", [2 * DISK], sr=sr["uuid"])
+            host.start_vm("vm")
+            with _guest(host, "vm", 0) as guest:
+                guest.write(0, bytes(model[:DISK]))
+                guest.flush()
+        rig = Rig(site, env, str(root / "repo"), "vm", model, rng, root, mount)
+        first = _backup(rig)
+        assert first is not None, "the first backup failed"
+        try:
+            yield rig
+        finally:
+            with site.host_client() as host:  # leaves the tmpfs free to unmount
+                with contextlib.suppress(Exception):
+                    host.stop_vm("vm")
+                with contextlib.suppress(Exception):
+                    host.delete_vm("vm")
+
+
+def _guest_refused(rig: Rig) -> list[str]:
+    """The guest writes a new block past DISK on the full SR: its datapath must answer
+    ENOSPC (the model unchanged), and rewriting an allocated block must still work."""
+    problems = []
+    with rig.site.host_client() as host, _guest(host, rig.vm, 0) as guest:
+        offset = DISK + rig.rng.randrange(0, DISK // (64 << 10)) * (64 << 10)
+        try:
+            guest.write(offset, rig.rng.randbytes(64 << 10))
+            guest.flush()
+        except Exception as error:  # what the guest sees is the check
+            if "ENOSPC" not in str(error) and "no space" not in str(error).lower():
+                problems.append(f"the guest's write on the full SR failed otherwise: {error}")
+        else:
+            problems.append("the guest's write of a new block on the full SR succeeded")
+            # the data is there after all: the model follows so later checks stay exact
+            rig.model[offset : offset + (64 << 10)] = guest.read(offset, 64 << 10)
+    return problems
+
+
+def _sr_vhds_sound(rig: Rig) -> list[str]:
+    """``winserver vhd check`` of every VHD on the SR: its problem lines."""
+    assert rig.mount is not None
+    problems = []
+    for vhd in sorted((rig.mount / "sr").rglob("*.vhd")):
+        checked = subprocess.run(
+            [sys.executable, "-m", "agentless.winserver.cli", "vhd", "check", str(vhd)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if checked.returncode != 0:
+            problems.append(f"vhd check {vhd.name}: {(checked.stdout + checked.stderr).strip()[-300:]}")
+    return problems
+
+
+def sr_full_at_snapshot() -> Fill:
+    """Every free byte of the SR taken once the backup has taken its snapshot (the
+    command stopped there, SIGSTOP): the backup reads with the SR full, the guest
+    writing (refused: ENOSPC)."""
+
+    def fill(rig: Rig, process: subprocess.Popen[str]) -> None:
+        with rig.site.host_client() as host:
+            before = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+            deadline = time.monotonic() + 60
+            while process.poll() is None and time.monotonic() < deadline:
+                if {s["uuid"] for s in host.list_snapshots(rig.vm)} - before:
+                    break
+                time.sleep(0.005)
+        with _stopped(process):
+            rig.fill(0)
+            guest_problems.extend(_guest_refused(rig))
+
+    guest_problems: list[str] = []
+    fill.problems = guest_problems  # type: ignore[attr-defined]
+    return fill
+
+
+def sr_backup_trial(rig: Rig, before: int | None = None, during: Fill | None = None) -> Trial:
+    """The guest writes new data; the VM's SR is full *before* the backup (bytes left;
+    the guest's new block refused with ENOSPC) or fills once its snapshot is taken
+    (*during*). The backup fails with one line naming the lack of space (nothing
+    half-saved, no snapshot or grant left) or succeeds exact; the SR's VHDs are sound;
+    space freed, the next backup is exact."""
+    _change(rig)
+    points = _points(rig)
+    with rig.site.host_client() as host:
+        snapshots = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+    problems: list[str] = []
+    try:
+        if before is not None:
+            rig.fill(before)
+            if before == 0:
+                problems += _guest_refused(rig)
+        code, errors = _run(rig, ["backup", "--vm", rig.vm], during)
+        problems += getattr(during, "problems", [])
+        problems += _sr_vhds_sound(rig)
+    finally:
+        rig.free()
+    now = _points(rig)
+    if code == 0:
+        if len(now) != len(points) + 1:
+            problems.append(f"a backup that succeeded left {now} after {points}")
+        else:
+            problems += _exact(rig, now[-1])
+        with rig.site.host_client() as host:
+            if not _settled(lambda: not [g for g in host.list_grants() if not g["revoked"]]):
+                problems.append("a grant is still live")
+    else:
+        problems += _one_line_no_space(code, errors)
+        if now != points:
+            problems.append(f"restore points changed: {points} -> {now}")
+        problems += _host_clean(rig, snapshots)
+    problems += _leftovers(rig)
+    problems += _verified(rig)
+    again = _backup(rig)
+    if again is None:
+        problems.append("the next backup failed once space was freed")
+    else:
+        problems += _exact(rig, again["point"])
+    problems += _sr_vhds_sound(rig)
+    return Trial(code != 0, errors.strip(), problems)
+
+
+@pytest.fixture(scope="module")
+def srig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    try:
+        with sr_rig(tmp_path_factory.mktemp("srig")) as made:
+            yield made
+    except SmallFsUnavailable as why:
+        pytest.skip(str(why))
+
+
+@pytest.mark.parametrize("before", [0, 4096], ids=["no-space", "one-page"])
+def test_backup_of_a_vm_whose_sr_is_full_before_its_snapshot(srig: Rig, before: int) -> None:
+    trial = sr_backup_trial(srig, before=before)
+    print(trial.line)
+    assert not trial.problems, trial
+
+
+def test_backup_of_a_vm_whose_sr_fills_while_it_reads(srig: Rig) -> None:
+    trial = sr_backup_trial(srig, during=sr_full_at_snapshot())
+    print(trial.line)
+    assert not trial.problems, trial
 
 
 # ---------------------------------------------------------------------- S3 server outages
