@@ -523,10 +523,12 @@ def sr_full_at_snapshot() -> Fill:
         with rig.site.host_client() as host:
             before = {s["uuid"] for s in host.list_snapshots(rig.vm)}
             deadline = time.monotonic() + 60
-            while process.poll() is None and time.monotonic() < deadline:
-                if {s["uuid"] for s in host.list_snapshots(rig.vm)} - before:
-                    break
+            seen = False
+            while not seen and process.poll() is None and time.monotonic() < deadline:
+                seen = bool({s["uuid"] for s in host.list_snapshots(rig.vm)} - before)
                 time.sleep(0.005)
+        if not seen:  # the SR filled after the reading, not during it: the trial tells
+            guest_problems.append("the backup's snapshot was not seen while it ran")
         with _stopped(process):
             rig.fill(0)
             guest_problems.extend(_guest_refused(rig))
