@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,29 @@ def _pg_bindir() -> str | None:
 @dataclasses.dataclass
 class PgCluster:
     port: int
+    pg_ctl: list[str] = dataclasses.field(default_factory=list)  # [runuser...] pg_ctl -D DATA -l LOG
+    options: str = ""  # the server options it was started with (the same port again)
+    cwd: str = ""
+
+    def _control(self, *args: str) -> None:
+        done = subprocess.run(
+            [*self.pg_ctl, *args], capture_output=True, text=True, timeout=60, cwd=self.cwd or None
+        )
+        assert done.returncode == 0, f"pg_ctl {' '.join(args)}: {(done.stderr or done.stdout).strip()}"
+
+    def stop(self) -> None:
+        """Stop the cluster (``pg_ctl stop -m fast``: open sessions are cut, as in a restart)."""
+        self._control("-m", "fast", "-w", "-t", "30", "stop")
+
+    def start(self) -> None:
+        """Start it again: the same data directory and port."""
+        self._control("-w", "-t", "30", "-o", self.options, "start")
+
+    def restart(self, down: float = 0.0) -> None:
+        """Stop, stay down *down* seconds, start again."""
+        self.stop()
+        time.sleep(down)
+        self.start()
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -98,7 +122,8 @@ def _run_as() -> tuple[list[str], int | None, int | None]:
 def running_postgresql() -> Iterator[PgCluster]:
     """A private PostgreSQL cluster, stopped and removed on the way out; PostgresUnavailable
     (saying why) when none can run. The session fixture and the fault campaign's load row
-    (bench/campaign/load.py) start theirs with it."""
+    (bench/campaign/load.py) start theirs with it; :meth:`PgCluster.restart` restarts it in
+    place (tests/wincenter/test_postgresql_restart.py)."""
     bindir = _pg_bindir()
     if bindir is None:
         raise PostgresUnavailable(
@@ -128,7 +153,7 @@ def running_postgresql() -> Iterator[PgCluster]:
             tail = Path(log).read_text()[-300:] if os.path.exists(log) else start.stderr
             raise PostgresUnavailable(f"PostgreSQL did not start: {tail.strip()}")
         try:
-            yield PgCluster(port)
+            yield PgCluster(port, [*prefix, f"{bindir}/pg_ctl", "-D", data, "-l", log], options, top)
         finally:
             run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
     finally:

@@ -9,7 +9,8 @@ every few seconds until SIGINT or SIGTERM:
 - task expiry (:meth:`~.tasks.TaskStore.expire`): tasks not ended by ``expires_at``;
   the backups and restores of expired tasks release what they hold on the hosts; queued
   backups that have waited too long behind a backup that cannot be released fail
-  (:meth:`~.backups.Backups.give_up_waiting`);
+  (:meth:`~.backups.Backups.give_up_waiting`); steps that lost the database (PostgreSQL
+  restarted) are recovered once it answers again (:meth:`~.orchestrator.Orchestrator.resume`);
 - inventory sync (every 60 s): every registered host's pools and VMs, so that changes
   made on a host directly show up; an unreachable host is marked so, a host that answers
   has the steps that failed on it tried again at once (:mod:`.retries`).
@@ -84,6 +85,7 @@ async def _every(seconds: float, job: Callable[[], object], stop: asyncio.Event)
 
 
 def _expire(center: Center, orchestrator: Orchestrator) -> None:
+    orchestrator.resume()  # steps that lost the database, once it is back
     expired = center.tasks.expire()
     for task in expired:
         log.warning("task %s (%s %s) expired", task.id, task.kind, task.owner_key or "")

@@ -2,14 +2,24 @@
 restores that call hosts, the retries of those that failed on a host (:mod:`.retries`:
 with backoff, and at once when an inventory sync reaches the host again), the inventory,
 and the hooks the daemon calls at start (finish or undo what a killed run left) and when
-tasks expire."""
+tasks expire.
+
+A step that fails because the database went away (PostgreSQL restarted, say) cannot even
+record its failure: its backup or restore would stay ``starting`` (or ``completing``...)
+until its task expires hours later, with a snapshot and a grant live on the host. Such a
+step is remembered, and once the database answers again the daemon's periodic job
+(:meth:`Orchestrator.resume`) runs the same recovery as a start does: the record is
+finished, undone or started again, without a restart of the daemon."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import datetime
 import logging
+import threading
 from collections.abc import Callable, Iterable
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from agentless.lifetime import Closing
 from agentless.winserver.client import HostClient
@@ -51,11 +61,34 @@ class Orchestrator(Closing):
         self.inventory = Inventory(center, client_factory, on_seen=self.retries.host_seen)
         self.backups = Backups(center, self.inventory, self.submit, ttl, self.retries, queue_wait)
         self.restores = Restores(center, self.inventory, self.submit, ttl, self.retries)
+        self._database_lost = threading.Event()
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Run *job* on a worker; its failure is logged (the job records its own)."""
+        """Run *job* on a worker; its failure is logged (the job records its own); one
+        that lost the database is resumed by :meth:`resume`."""
         future = self._pool.submit(job)
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(self._after)
+
+    def _after(self, future: concurrent.futures.Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is None:
+            return
+        if _database_gone(error):
+            log.warning("a background step lost the database (%s); resumed once it is back", error)
+            self._database_lost.set()
+            return
+        log.error("background step failed", exc_info=error)
+
+    def resume(self) -> None:
+        """After a step lost the database: once the database answers, recover (as at
+        start). Called by the daemon's periodic job; raises (and stays pending) while the
+        database is still away."""
+        if not self._database_lost.is_set():
+            return
+        self.center.database.revision()  # raises while it is still away
+        self._database_lost.clear()
+        log.warning("the database is back: resuming the backups and restores left halfway")
+        self.recover()
 
     def recover(self) -> None:
         """At start: finish or undo the backups and restores a previous run left."""
@@ -77,6 +110,8 @@ class Orchestrator(Closing):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _log_failure(future: concurrent.futures.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("background step failed", exc_info=future.exception())
+def _database_gone(error: BaseException) -> bool:
+    """Whether *error* says the database connection is gone (not a bad statement)."""
+    if isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
