@@ -7,7 +7,17 @@ constant (:class:`.harness.Row`); list it here. The planned rows are shown in
 
 from __future__ import annotations
 
-from . import fuzz_nbd, fuzz_repository, fuzz_vhd, kill_matrix, load, network_faults, rest_api, storage
+from . import (
+    fuzz_nbd,
+    fuzz_repository,
+    fuzz_vhd,
+    kill_matrix,
+    load,
+    network_faults,
+    postgresql_restart,
+    rest_api,
+    storage,
+)
 from .harness import Row
 
 __all__ = ["PLANNED", "ROWS", "by_name"]
@@ -24,11 +34,10 @@ ROWS: list[Row] = [
     storage.S3_RESTART,
     storage.SR_FULL,
     load.ROW,
+    postgresql_restart.ROW,
 ]
 
-PLANNED: list[tuple[str, str]] = [
-    ("postgresql-restart", "PostgreSQL restarted under WinCenter mid-flow"),
-]
+PLANNED: list[tuple[str, str]] = []
 
 
 def by_name(names: list[str]) -> list[Row]:

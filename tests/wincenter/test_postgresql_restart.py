@@ -107,7 +107,13 @@ def _wait_serving(center: CenterClient, timeout: float = 60) -> None:
 
 @pytest.mark.parametrize("down", [0.0, 6.0], ids=["quick", "down-6s"])
 def test_postgresql_restarted_mid_backup(tmp_path: Path, cluster: PgCluster, down: float) -> None:
-    rng = random.Random(13)
+    print(restart_trial(tmp_path, cluster, down))
+
+
+def restart_trial(tmp_path: Path, cluster: PgCluster, down: float, seed: int = 13) -> dict[int, int]:
+    """One trial (asserts every check; the campaign's postgresql-restart row runs many):
+    PostgreSQL down for *down* seconds; the API's answers while it restarts, by status."""
+    rng = random.Random(seed)
     size = 4 * MiB
     with running_site(tmp_path, db_url=cluster.create_database()) as site:
         # the daemon logs every failed step and refused token check while the database
@@ -183,4 +189,4 @@ def test_postgresql_restarted_mid_backup(tmp_path: Path, cluster: PgCluster, dow
         drain.join(30)
         errors = "".join(logged)  # nothing it logged is an unhandled request
         assert "Exception in ASGI application" not in errors, errors
-        print(poller.statuses)
+        return poller.statuses
