@@ -14,7 +14,7 @@ import pytest
 
 import agentless.wddk as wddk
 from agentless import vhd
-from agentless.winserver.client import HostApiError, HostClient
+from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
 from tests.conftest import require_tool, run
 from tests.winserver.conftest import Daemon, init_host, start_daemon, winserver
 
@@ -297,3 +297,44 @@ def test_guest_keeps_writing_while_a_snapshot_is_merged_away(daemon: Daemon) -> 
         finally:
             guest.close()
         host.stop_vm("busy")
+
+
+def test_sm_info_of_a_running_disk_while_the_guest_allocates_blocks(daemon: Daemon) -> None:
+    """``get_vdi_sm_info`` of a running VM's disk while its guest writes block after new
+    block: every answer is a whole chain. Appending a block takes three writes (footer,
+    bitmap, BAT entry) that a reader opening the file in between saw half done: the BAT
+    naming a block past the footer it had read, an unhandled CorruptVhdError and the
+    connection dropped (found by the fault campaign's kill -9 matrix). The daemon now
+    holds the disk still while it reads the files."""
+    size = 1 << 30
+    with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
+        host.create_vm("growing", [size])
+        vm = host.start_vm("growing")
+        vdi = vm["disks"][0]["vdi"]
+        stop = threading.Event()
+        written = [0]
+
+        def guest_writes() -> None:
+            with wddk.open(f"nbd+unix:///?socket={vm['disks'][0]['guest_socket']}", connections=1) as guest:
+                for offset in range(0, size, 2 * MiB):  # a new 2 MiB block each write
+                    if stop.is_set():
+                        break
+                    guest.write(offset, b"x" * 512)
+                    written[0] += 1
+
+        writer = threading.Thread(target=guest_writes)
+        writer.start()
+        failures = []
+        try:
+            for _ in range(300):
+                try:
+                    answer = host.get_vdi_sm_info(vdi)
+                except (HostApiError, HostUnreachable) as error:  # an error, or the connection dropped
+                    failures.append(str(error))
+                    continue
+                assert answer["depth"] == 1 and answer["chain"][0]["allocated_blocks"] <= written[0] + 1
+        finally:
+            stop.set()
+            writer.join()
+        assert failures == [], f"{len(failures)} of 300 failed, the first: {failures[0]}"
+        assert written[0] > 0

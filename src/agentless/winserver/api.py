@@ -324,7 +324,11 @@ def make_app(
 
     @app.get(f"{API_PREFIX}/vdis/{{uuid}}/sm-info", dependencies=guard)
     def get_sm_info(uuid: str) -> dict[str, Any]:
-        return dict(run(sm_info, host, uuid))
+        def query() -> dict[str, Any]:
+            with runtime.still(uuid):  # a running VM's disk: its files read whole
+                return sm_info(host, uuid)
+
+        return dict(run(query))
 
     @app.post(f"{API_PREFIX}/prepare-backup", dependencies=guard)
     def post_prepare_backup(body: PrepareBackup) -> dict[str, Any]:

@@ -45,13 +45,13 @@ class LiveDisk:
         self._export = VhdExport(path)
         self.tracker = tracker
         self._cond = threading.Condition()
-        self._paused = False
+        self._pauses = 0  # pauses held (a snapshot and a reader of the files may overlap)
         self._in_flight = 0
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[VhdExport]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._paused)
+            self._cond.wait_for(lambda: not self._pauses)
             self._in_flight += 1
             export = self._export
         try:
@@ -62,14 +62,15 @@ class LiveDisk:
                 self._cond.notify_all()
 
     def pause(self) -> None:
-        """Hold new requests and wait for those in flight."""
+        """Hold new requests and wait for those in flight; requests go on once every
+        pause is matched by a :meth:`resume`."""
         with self._cond:
-            self._paused = True
+            self._pauses += 1
             self._cond.wait_for(lambda: self._in_flight == 0)
 
     def resume(self) -> None:
         with self._cond:
-            self._paused = False
+            self._pauses = max(0, self._pauses - 1)
             self._cond.notify_all()
 
     def switch(self, path: str) -> None:
@@ -201,6 +202,28 @@ class Runtime:
             for d, disk in zip(vm["disks"], running.disks, strict=True)
             if disk.tracker is not None
         }
+
+    @contextlib.contextmanager
+    def still(self, vdi_uuid: str) -> Iterator[None]:
+        """The running VM's disk of VDI *vdi_uuid* (if any) paused meanwhile, so that its
+        files hold still for a reader of them: appending a block to a VHD takes three
+        writes (footer, bitmap, BAT entry), and a reader opening the file between them
+        sees a BAT entry past the footer it read. For any thread; nothing to do for a VDI
+        no running VM serves."""
+        found = None
+        for vm_uuid, running in list(self._vms.items()):
+            disks = describe_vm(self.host, vm_uuid)["disks"]
+            found = next((d for s, d in zip(disks, running.disks, strict=True) if s["vdi"] == vdi_uuid), None)
+            if found is not None:
+                break
+        if found is None:
+            yield
+            return
+        found.pause()
+        try:
+            yield
+        finally:
+            found.resume()
 
     async def start(self, ref: str, driver: str | None = None) -> dict[str, Any]:
         """Serve the VM's disks (and with driver ``qemu`` boot qemu on them); *driver*
