@@ -116,6 +116,10 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
                 api_task.result()  # raises why it could not start
                 raise RuntimeError("the API stopped at start")
             await asyncio.sleep(0.02)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # before the line: a signal on it stops cleanly
+            loop.add_signal_handler(signum, stop.set)
         address, actual = sock.getsockname()[:2]
         host = f"[{address}]" if ":" in address else address
         print(
@@ -123,10 +127,6 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
             f"({center.database.dialect})",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         jobs = [
             asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center, orchestrator), stop)),
             asyncio.create_task(_every(SYNC_SECONDS, orchestrator.inventory.sync_all, stop)),

@@ -118,15 +118,15 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
         log.warning(
             "listening on %s only, but grants name %s: give --bind to serve other machines", bind, granted
         )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the line: a signal on it stops cleanly
+        loop.add_signal_handler(signum, stop.set)
     print(
         f"winserver {host.identity.name}: API https://{bind}:{config.port}{API_PREFIX}, "
         f"NBD with TLS on {bind}:{listening}",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await _watch(exports, server, stop)
     finally:
