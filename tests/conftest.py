@@ -27,3 +27,10 @@ def run(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
     return result
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own ``$XDG_CACHE_HOME``: vmbackup's local caches (the index cache)
+    of one test never answer another's (the processes a test starts inherit it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))

@@ -1,4 +1,5 @@
-"""Repositories as the version before name-bound metadata wrote them (format 1), made
+"""Repositories as earlier versions wrote them: format 2 (JSON index files) and, before
+name-bound metadata, format 1 – made
 from the format as docs/repository.md describes it – not with this version's code – so
 that the tests prove such repositories still open:
 
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from agentless.backup.keys import Keys
+from agentless.backup.repoconfig import encode_config
 from agentless.backup.repository import CONDEMNED_KIND, INDEX_KIND, POINT_KIND, Repository
 from agentless.backup.storage import Backend
 
@@ -50,6 +52,29 @@ def _old_key_file(data: bytes, password: str) -> bytes:
     return json.dumps(document, indent=2).encode() + b"\n"
 
 
+def json_index(repo: Repository, name: str) -> dict[str, object]:
+    """The index file *name* as the JSON document versions before format 3 wrote."""
+    packs: dict[str, list[object]] = {}
+    for blob, where in repo.read_index_file(name).items():
+        packs.setdefault(where.pack, []).append(
+            [blob.hex(), where.kind, where.offset, where.length, where.raw_length]
+        )
+    return {"packs": packs}
+
+
+def to_format_2(backend: Backend, password: str | None = None) -> None:
+    """Rewrite the repository in *backend* (made by this version) as format 2 wrote it:
+    JSON index files (format 2 metadata, content-addressed), config version 2."""
+    with Repository.open(backend, password) as repo:
+        keys = repo.keys
+        for name in sorted(backend.list("index/")):
+            old = keys.seal_meta(INDEX_KIND, json_index(repo, name), "")
+            backend.put(f"index/{keys.blob_id(old).hex()}", old)
+            backend.delete(name)
+        config = {k: v for k, v in repo.config.items() if k != "mac"} | {"version": 2}
+    backend.put("config", encode_config(config, keys))
+
+
 def to_format_1(backend: Backend, password: str | None = None) -> None:
     """Rewrite the repository in *backend* (made by this version) as format 1."""
     with Repository.open(backend, password) as repo:
@@ -60,8 +85,7 @@ def to_format_1(backend: Backend, password: str | None = None) -> None:
             document = keys.open_meta(CONDEMNED_KIND, backend.get(name), name)
             backend.put(name, seal_format_1(keys, CONDEMNED_KIND, document))
         for name in sorted(backend.list("index/")):
-            document = keys.open_meta(INDEX_KIND, backend.get(name), "", where=name)
-            old = seal_format_1(keys, INDEX_KIND, document)
+            old = seal_format_1(keys, INDEX_KIND, json_index(repo, name))
             backend.put(f"index/{keys.blob_id(old).hex()}", old)
             backend.delete(name)
     for name in sorted(backend.list("keys/")):

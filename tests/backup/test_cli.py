@@ -128,3 +128,36 @@ def test_gc_after_a_failed_backup_counts_what_it_freed(tmp_path: Path) -> None:
     assert f"{len(packs)} of them left by failed or killed backups" in line, line
     report = json.loads(vmbackup(env, "gc", "--json").stdout)  # a second run: nothing left
     assert report["orphans"] == [] and report["bytes_freed"] == 0
+
+
+def test_the_index_cache_lives_where_it_is_told(tmp_path: Path) -> None:
+    """``$XDG_CACHE_HOME/vmbackup/<repository id>/`` by default, ``--cache-dir`` where
+    given, none left with ``--no-cache``; a default place that cannot be made: one
+    warning and a temporary cache, the command still works."""
+    repo = str(tmp_path / "repo")
+    with Repository.init(repo) as repository, repository.writer() as writer:
+        writer.add(random.Random(1).randbytes(CHUNK_SIZE))
+        writer.flush()
+        repository_id = repository.config["id"]
+    xdg = tmp_path / "xdg"
+    env = _env(tmp_path) | {"VMBACKUP_REPO": repo, "XDG_CACHE_HOME": str(xdg)}
+    assert vmbackup(env, "gc").returncode == 0
+    assert (xdg / "vmbackup" / repository_id / "index" / "lock").is_file()
+    given = tmp_path / "given"
+    assert vmbackup(env, "gc", "--cache-dir", str(given)).returncode == 0
+    assert (given / repository_id / "index" / "lock").is_file()
+    assert stat.S_IMODE((given / repository_id / "index").stat().st_mode) == 0o700
+    for made in (xdg, given):
+        for path in sorted(made.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+    done = vmbackup(env, "gc", "--no-cache", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == []
+    assert not list(xdg.rglob("*")) and not list(given.rglob("*"))
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    odd = vmbackup(env | {"XDG_CACHE_HOME": str(blocked)}, "gc")
+    assert odd.returncode == 0, odd.stderr
+    assert "using a temporary cache" in odd.stderr and len(odd.stderr.strip().splitlines()) == 1, odd.stderr
+    refused = vmbackup(env, "gc", "--cache-dir", str(blocked))
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert str(blocked) in refused.stderr

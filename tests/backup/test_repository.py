@@ -18,7 +18,7 @@ import pytest
 
 import agentless.backup.repository as repository_module
 from agentless.backup.keys import CorruptError, WrongPassword
-from agentless.backup.repository import CONDEMNED_KIND, ZERO, Repository, RepositoryError
+from agentless.backup.repository import CONDEMNED_KIND, ZERO, CacheSettings, Repository, RepositoryError
 from agentless.backup.storage import LocalBackend
 from agentless.backup.verify import verify
 from tests.backup.conftest import vmbackup
@@ -180,7 +180,9 @@ def test_an_index_file_or_condemned_list_copied_over_another_is_refused(
     first, second = sorted(backend.list("index/"))
     backend.put(second, backend.get(first))
     backend.put("condemned/00000000000000bb", backend.get("condemned/00000000000000aa"))
-    with Repository.open(backend, password) as repository:
+    with Repository.open(backend, password) as repository:  # the cache holds what was written
+        assert {w.pack for w in repository.index().values()} == set(backend.list("data/"))
+    with Repository.open(backend, password, cache=CacheSettings(enabled=False)) as repository:
         assert len(repository.read_index_file(first)) == 1
         with pytest.raises(CorruptError, match=f"{second}: its content is not that name's"):
             repository.index()

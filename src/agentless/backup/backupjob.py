@@ -357,10 +357,12 @@ class VmBackup:
                         cookie, offset, part = current
                         client.wait(cookie)
                         current, slot = following, slot ^ 1
-                        found = []
-                        for start in range(0, len(part), chunk):
-                            data = part[start : start + chunk]
-                            found.append((offset + start, ZERO if is_zero(data) else writer.add(data)))
+                        starts = range(0, len(part), chunk)
+                        full = [start for start in starts if not is_zero(part[start : start + chunk])]
+                        stored = writer.add_many([part[start : start + chunk] for start in full])
+                        found = [(offset + start, ZERO) for start in starts]
+                        for start, blob_id in zip(full, stored, strict=True):
+                            found[start // chunk] = (offset + start, blob_id)
                         with self._lock:
                             for at, blob_id in found:
                                 index.set(at // chunk, blob_id)

@@ -37,7 +37,7 @@ from .locks import active_locks, dead_locks
 from .offsite import copy_points, init_offsite, open_offsite
 from .policycli import Hooks, add_commands
 from .prune import KEEP, RULES, prune
-from .repository import Repository
+from .repository import CacheSettings, Repository, use_cache
 from .restorejob import PointDisk, VmRestore, export_disk
 from .settings import Settings, SettingsError, given_password, given_token, state_url
 from .verify import verify
@@ -478,6 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--password-file", help="file holding the repository password (default $VMBACKUP_PASSWORD)"
         )
+        if name != "config":
+            cache = p.add_mutually_exclusive_group()
+            cache.add_argument(
+                "--cache-dir",
+                metavar="DIR",
+                help="where repositories' local caches live (default $XDG_CACHE_HOME/vmbackup)",
+            )
+            cache.add_argument(
+                "--no-cache",
+                action="store_true",
+                help="keep no local cache (read-only media): a temporary one, removed at the end",
+            )
         p.set_defaults(parser=p)
         return p
 
@@ -629,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "cache_dir", None) or getattr(args, "no_cache", False):
+        use_cache(CacheSettings(args.cache_dir, enabled=not args.no_cache))
     return run_handler("vmbackup", args, FAILURES)  # SettingsError, PolicyError: RepositoryErrors
 
 

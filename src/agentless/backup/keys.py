@@ -230,10 +230,15 @@ class Keys:
         magic, 8 bytes) and *name* (the object's name; ``""`` for a content-addressed
         object) in the head, zstd(JSON) sealed with the head as associated data (or a
         trailing checksum of everything without encryption)."""
+        return self.seal_data(kind, json.dumps(document, separators=(",", ":")).encode(), name)
+
+    def seal_data(self, kind: bytes, payload: bytes | memoryview, name: str) -> bytes:
+        """*payload* (bytes of any form: binary index files) sealed as :meth:`seal_meta`
+        seals JSON."""
         encoded = name.encode()
         if len(kind) != 8 or len(encoded) > 255:
             raise ValueError(f"metadata kind {kind!r} or name {name!r} does not fit the format")
-        body = _codecs.compressor.compress(json.dumps(document, separators=(",", ":")).encode())
+        body = _codecs.compressor.compress(payload)
         head = kind + bytes([_META_V2, len(encoded)]) + encoded
         if self.data_key is None:
             return head + body + self.digest(head + body)
@@ -246,6 +251,15 @@ class Keys:
         if it does not check, or if it was sealed for another name (swapped or renamed:
         the message names both). Objects of format 1 carry no name: the caller checks
         the ids of their document."""
+        body = self.open_data(kind, data, name, where)
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise CorruptError(f"{where or name}: malformed", where or name) from None
+
+    def open_data(self, kind: bytes, data: bytes, name: str, where: str = "") -> bytes:
+        """The payload of :meth:`seal_data` (or of :meth:`seal_meta`: its JSON), checked
+        as :meth:`open_meta` checks."""
         where = where or name
         if data[: len(kind)] != kind:
             raise CorruptError(f"{where}: not a {kind.decode(errors='replace').strip()} object", where)
@@ -275,8 +289,8 @@ class Keys:
                 where,
             )
         try:
-            return json.loads(_inflate(body, _MAX_META))
-        except (zstandard.ZstdError, ValueError, RecursionError):
+            return _inflate(body, _MAX_META)
+        except zstandard.ZstdError:
             raise CorruptError(f"{where}: malformed", where) from None
 
 

@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 CONFIG_MAGIC = "agentless-vmbackup-repository"
-CONFIG_VERSION = 2  # 1: no MAC (read, never written)
-_VERSIONS = (1, 2)
+CONFIG_VERSION = 3  # 1: no MAC (read, never written); 2: JSON index files (read and written)
+_VERSIONS = (1, 2, 3)
 MAX_CHUNK_SIZE = 16 << 20  # a chunk is read and held whole: a config must not ask for GiBs
 _MAC_PURPOSE = b"repository config"
 

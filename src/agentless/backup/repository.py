@@ -5,7 +5,8 @@ encrypted, over any storage backend. ``docs/repository.md`` is the format's refe
                            MAC: :mod:`.repoconfig`)
     keys/<id>              the master key wrapped under a password (encrypted repositories)
     data/<2 hex>/<64 hex>  packs of sealed blobs (:mod:`.packs`)
-    index/<64 hex>         which blobs are in which packs (written after the packs)
+    index/<64 hex>         which blobs are in which packs (written after the packs; :mod:`.indexfile`),
+                           kept locally, per repository, as sorted runs (:mod:`.indexcache`)
     points/<16 hex>        restore points: a complete chunk index of every disk (written last)
     condemned/<16 hex>     packs a garbage collection has found unused (deleted later)
     locks/<32 hex>         locks (:mod:`.locks`)
@@ -19,43 +20,73 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
+import logging
 import re
 import secrets
 import threading
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from agentless.lifetime import Closing
 
+from .indexcache import CacheError, IndexCache, cache_root
+from .indexfile import BINARY_KIND, JSON_KIND, Entries, decode_binary, decode_json, encode_binary
 from .keys import HASHES, CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
 from .locks import Lock
-from .packs import BlobLocation, PackBuilder, parse_entry
+from .packs import BlobLocation, PackBuilder
 from .repoconfig import check_chunk_size, check_config, encode_config, new_config, parse_config
 from .storage import Backend, NotFound, open_backend
 
-__all__ = ["CHUNK_SIZE", "ZERO", "BlobWriter", "Repository", "RepositoryError"]
+__all__ = ["CHUNK_SIZE", "ZERO", "BlobWriter", "CacheSettings", "Repository", "RepositoryError", "use_cache"]
 
 CHUNK_SIZE = 65536  # = the CBT block: an incremental reads and stores whole chunks
 ZERO = bytes(32)  # the id of an all-zero chunk: never stored, restored as a hole
 _GAP = 256 << 10  # read over holes of up to this much between wanted blobs...
 _SPAN = 8 << 20  # ...in reads of up to this much
-INDEX_KIND = b"AGVBINDX"
+INDEX_KIND = JSON_KIND
 POINT_KIND = b"AGVBPOIN"
 CONDEMNED_KIND = b"AGVBCOND"
 _POINT_ID = re.compile(r"[0-9a-f]{16}")
 _PAGE_ID = re.compile(r"[0-9a-f]{64}")
+BINARY_INDEX = 3  # the config version from which index files are binary
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+    """Where a repository's local cache lives: under *root* (``--cache-dir``; None: the
+    default, ``$XDG_CACHE_HOME/vmbackup``), or – *enabled* False, ``--no-cache`` – in a
+    temporary directory removed when the repository is closed (read-only media)."""
+
+    root: str | None = None
+    enabled: bool = True
+
+
+_default_cache = CacheSettings()
+
+
+def use_cache(settings: CacheSettings) -> None:
+    """Make *settings* the default of every repository this process opens without its
+    own (the command line's ``--cache-dir`` / ``--no-cache``)."""
+    global _default_cache
+    _default_cache = settings
 
 
 class Repository(Closing):
     """An open repository. Thread-safe for reading; writes go through :meth:`writer`."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any], keys: Keys):
+    def __init__(
+        self, backend: Backend, config: dict[str, Any], keys: Keys, cache: CacheSettings | None = None
+    ):
         if bool(config.get("encrypted")) != keys.encrypted:  # never plaintext into an encrypted one
             raise RepositoryError(f"{backend.location}: the keys do not match the config's encryption")
         self.backend = backend
         self.config = config
         self.keys = keys
-        self._index: dict[bytes, BlobLocation] | None = None
+        self.cache = cache or _default_cache
+        self._index: IndexCache | None = None
         self._condemned: dict[str, float] | None = None
         self._lock = threading.Lock()
         self._held: list[Lock] = []  # locks taken through lock(): checked before writes
@@ -70,6 +101,7 @@ class Repository(Closing):
         hash: str | None = None,
         keys: Keys | None = None,
         chunk_size: int = CHUNK_SIZE,
+        cache: CacheSettings | None = None,
     ) -> Repository:
         """Make a new repository (encrypted when a *password* is given) at *location*,
         which must hold no repository yet; *hash* is one of HASHES (default ``blake3``;
@@ -101,11 +133,15 @@ class Repository(Closing):
         except BaseException:
             backend.close()
             raise
-        return cls(backend, config, keys)
+        return cls(backend, config, keys, cache)
 
     @classmethod
     def open(
-        cls, location: str | Backend, password: str | None = None, unlocked: dict[str, Keys] | None = None
+        cls,
+        location: str | Backend,
+        password: str | None = None,
+        unlocked: dict[str, Keys] | None = None,
+        cache: CacheSettings | None = None,
     ) -> Repository:
         """Open the repository at *location*; WrongPassword (or RepositoryError when a
         password is needed and none given). *unlocked*: a cache, repository id -> keys,
@@ -140,7 +176,7 @@ class Repository(Closing):
         except BaseException:
             backend.close()
             raise
-        return cls(backend, config, keys)
+        return cls(backend, config, keys, cache)
 
     @property
     def chunk_size(self) -> int:
@@ -162,50 +198,95 @@ class Repository(Closing):
             lock.check_held()
 
     def close(self) -> None:
+        with self._lock:
+            index, self._index = self._index, None
+        if index is not None:
+            index.close()
         self.backend.close()
 
     # ------------------------------------------------------------------ the index
 
-    def index(self, reload: bool = False) -> dict[bytes, BlobLocation]:
-        """Every blob known to the index files: id -> where it is."""
-        with self._lock:
-            if self._index is None or reload:
-                index: dict[bytes, BlobLocation] = {}
-                for name in sorted(self.backend.list("index/")):
-                    index.update(self.read_index_file(name))
-                self._index = index
-                self._condemned = None
-            return self._index
+    @property
+    def binary_index(self) -> bool:
+        """Whether this repository's index files are written in the binary form (format
+        3; older repositories keep the JSON form, which their versions read)."""
+        return int(self.config.get("version", 1)) >= BINARY_INDEX
 
-    def read_index_file(self, name: str) -> dict[bytes, BlobLocation]:
-        """The entries of the index file *name*, checked: its tag (or checksum), and its
-        name, which is the id of its bytes (a keyed hash when encrypted) – an index file
-        copied over another or renamed is a CorruptError, never read as the other."""
+    def index(self, reload: bool = False) -> IndexCache:
+        """Every blob known to the index files: a mapping id -> where it is, backed by
+        the local index cache (:mod:`.indexcache`), synced with the repository's index
+        files at the first call and at every *reload*."""
+        with self._lock:
+            if self._index is None:
+                self._index = self._open_cache()
+            index = self._index
+            if reload:
+                self._condemned = None
+        if reload or not index.synced:
+            index.sync()
+        return index
+
+    def _open_cache(self) -> IndexCache:
+        def warn(line: str) -> None:
+            log.warning("%s", line)
+
+        def files() -> list[str]:
+            return sorted(self.backend.list("index/"))
+
+        if self.cache.enabled:
+            directory = cache_root(self.cache.root) / str(self.config["id"]) / "index"
+            try:
+                return IndexCache(directory, files, self.read_index_entries, warn)
+            except CacheError as error:
+                if self.cache.root is not None:
+                    raise
+                warn(f"{error}: using a temporary cache (give --cache-dir, or --no-cache)")
+        return IndexCache(None, files, self.read_index_entries, warn)
+
+    def read_index_entries(self, name: str) -> Entries:
+        """The entries of the index file *name* (binary or JSON), checked: its tag (or
+        checksum), its shape, and its name, which is the id of its bytes (a keyed hash
+        when encrypted) – an index file copied over another or renamed is a
+        CorruptError, never read as the other. NotFound if it is gone."""
         data = self.backend.get(name)
-        document = self.keys.open_meta(INDEX_KIND, data, "", where=name)
+        binary = data.startswith(BINARY_KIND)
+        payload = self.keys.open_data(BINARY_KIND if binary else INDEX_KIND, data, "", where=name)
         if name != f"index/{self.keys.blob_id(data).hex()}":
             raise CorruptError(f"{name}: its content is not that name's (swapped or renamed)", name)
+        if binary:
+            return decode_binary(payload, name)
         try:
-            return dict(
-                parse_entry(pack, entry)
-                for pack, entries in document["packs"].items()
-                if isinstance(pack, str)
-                for entry in entries
-            )
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise CorruptError(f"{name}: malformed index", name) from None
+            document = json.loads(payload)
+        except (ValueError, RecursionError):
+            raise CorruptError(f"{name}: malformed", name) from None
+        return decode_json(document, name)
 
-    def write_index_file(self, locations: dict[bytes, BlobLocation]) -> str:
+    def read_index_file(self, name: str) -> dict[bytes, BlobLocation]:
+        """The entries of the index file *name* as a dict, checked
+        (:meth:`read_index_entries`)."""
+        return self.read_index_entries(name).locations()
+
+    def write_index_file(self, locations: Mapping[bytes, BlobLocation] | Entries) -> str:
+        """Write an index file of *locations* (after the packs they name) and add it to
+        the local cache; its name. Binary in repositories of format 3, JSON before."""
         self.check_locks()
-        packs: dict[str, list[list[object]]] = {}
-        for blob, where in locations.items():
-            packs.setdefault(where.pack, []).append(where.entry(blob))
-        data = self.keys.seal_meta(INDEX_KIND, {"packs": packs}, "")  # content-addressed
+        try:
+            entries = locations if isinstance(locations, Entries) else Entries.of(locations.items())
+        except ValueError as error:
+            raise RepositoryError(f"an index entry this format cannot hold: {error}") from None
+        if self.binary_index:
+            data = self.keys.seal_data(BINARY_KIND, encode_binary(entries), "")  # content-addressed
+        else:
+            packs: dict[str, list[list[object]]] = {}
+            for blob, where in entries.items():
+                packs.setdefault(where.pack, []).append(where.entry(blob))
+            data = self.keys.seal_meta(INDEX_KIND, {"packs": packs}, "")
         name = f"index/{self.keys.blob_id(data).hex()}"
         self.backend.put(name, data)
         with self._lock:
-            if self._index is not None:
-                self._index.update(locations)
+            index = self._index
+        if index is not None:
+            index.add(name, entries)
         return name
 
     def condemned(self, reload: bool = False) -> dict[str, float]:
@@ -402,19 +483,26 @@ class BlobWriter(Closing):
     the caller's thread (so several threads compress and encrypt at once), packed, and
     put by a background thread. :meth:`flush` makes everything durable and indexed –
     call it before saving a restore point that uses the blobs. Counters: ``stored``
-    (sealed bytes written), ``new`` and ``reused`` blobs, ``reused_bytes`` (deduplicated)."""
+    (sealed bytes written), ``new`` and ``reused`` blobs, ``reused_bytes`` (deduplicated).
+
+    Memory stays bounded whatever the size of the backup: every :data:`INDEX_EVERY`
+    blobs put, an index file names them (and the local cache learns them), and the
+    writer forgets them."""
+
+    INDEX_EVERY = 1 << 16
 
     def __init__(self, repository: Repository):
         self.repository = repository
         self.keys = repository.keys
         self._known = repository.index()
-        self._condemned = repository.condemned()
+        self._condemned = frozenset(repository.condemned())
         self._builder = PackBuilder(self.keys)
-        self._added: dict[bytes, BlobLocation | None] = {}  # None: in the open pack
+        self._added: dict[bytes, BlobLocation | None] = {}  # not yet indexed (None: in the open pack)
         self._lock = threading.Lock()
         self._puts = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="vmbackup-put")
         self._pending: list[concurrent.futures.Future[None]] = []
         self._written: dict[bytes, BlobLocation] = {}
+        self._indexing = threading.Lock()  # one index file at a time
         self.stored = 0
         self.new = 0
         self.reused = 0
@@ -422,32 +510,45 @@ class BlobWriter(Closing):
 
     def known(self, blob_id: bytes) -> bool:
         """Whether the repository has the blob already (or this writer stored it)."""
-        if blob_id == ZERO or blob_id in self._added:
-            return True
-        where = self._known.get(blob_id)
-        return where is not None and where.pack not in self._condemned
+        return self.known_many([blob_id])[0]
+
+    def known_many(self, blob_ids: list[bytes]) -> list[bool]:
+        """:meth:`known` of each of *blob_ids*, looked up in the index in one batch."""
+        with self._lock:
+            mine = [blob == ZERO or blob in self._added for blob in blob_ids]
+        asked = [blob for blob, found in zip(blob_ids, mine, strict=True) if not found]
+        answers = iter(self._known.known(asked, self._condemned) if asked else [])
+        return [found or next(answers) for found in mine]
 
     def add(self, data: bytes | memoryview, kind: str = "data", blob_id: bytes | None = None) -> bytes:
         """Store *data* unless it is known; its id."""
-        blob_id = self.keys.blob_id(data) if blob_id is None else blob_id
-        if self.known(blob_id):
+        return self.add_many([data], kind, None if blob_id is None else [blob_id])[0]
+
+    def add_many(
+        self, pieces: list[bytes | memoryview], kind: str = "data", blob_ids: list[bytes] | None = None
+    ) -> list[bytes]:
+        """Store each of *pieces* that is not known (looked up in one batch); their ids."""
+        ids = [self.keys.blob_id(data) for data in pieces] if blob_ids is None else list(blob_ids)
+        known = self.known_many(ids)
+        for data, blob_id, found in zip(pieces, ids, known, strict=True):
+            if found:
+                with self._lock:
+                    self.reused += 1
+                    self.reused_bytes += len(data)
+                continue
+            sealed = self.keys.seal(data, blob_id)
             with self._lock:
-                self.reused += 1
-                self.reused_bytes += len(data)
-            return blob_id
-        sealed = self.keys.seal(data, blob_id)
-        with self._lock:
-            if blob_id in self._added:
-                self.reused += 1
-                self.reused_bytes += len(data)
-                return blob_id
-            self._added[blob_id] = None
-            self._builder.add(blob_id, kind, sealed, len(data))
-            self.stored += len(sealed)
-            self.new += 1
-            if self._builder.full:
-                self._ship()
-        return blob_id
+                if blob_id in self._added:
+                    self.reused += 1
+                    self.reused_bytes += len(data)
+                    continue
+                self._added[blob_id] = None
+                self._builder.add(blob_id, kind, sealed, len(data))
+                self.stored += len(sealed)
+                self.new += 1
+                if self._builder.full:
+                    self._ship()
+        return ids
 
     def _ship(self) -> None:
         """Finish the open pack and put it in the background (holding ``_lock``)."""
@@ -461,8 +562,24 @@ class BlobWriter(Closing):
             with self._lock:
                 self._written.update(locations)
                 self._added.update(locations)
+                due = len(self._written) >= self.INDEX_EVERY
+            if due:
+                self._index_written()
 
         self._pending.append(self._puts.submit(put))
+
+    def _index_written(self) -> None:
+        """Write one index file for the packs put so far, then forget their blobs."""
+        with self._indexing:
+            with self._lock:
+                written, self._written = self._written, {}
+            if not written:
+                return
+            self.repository.write_index_file(written)  # the cache knows them from now on
+            with self._lock:
+                for blob in written:
+                    if self._added.get(blob) is not None:
+                        del self._added[blob]
 
     def flush(self) -> None:
         """Put the last pack, wait for every put, write one index file for them."""
@@ -471,10 +588,7 @@ class BlobWriter(Closing):
             pending, self._pending = self._pending, []
         for future in pending:
             future.result()
-        with self._lock:
-            written, self._written = self._written, {}
-        if written:
-            self.repository.write_index_file(written)
+        self._index_written()
 
     def close(self) -> None:
         self._puts.shutdown(wait=True, cancel_futures=True)

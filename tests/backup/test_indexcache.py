@@ -1,0 +1,415 @@
+"""The local index cache (:mod:`agentless.backup.indexcache`) and the index files it is
+built from (:mod:`agentless.backup.indexfile`): lookups agree with the union of the
+repository's index files through adds, removals and merges; a sync reads only the
+files it has not seen; a damaged cache is found before it answers and built again;
+several processes share one cache; a repository of the previous format is read and
+extended in its format; a long backup indexes as it goes."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import agentless.backup.indexcache as indexcache
+from agentless.backup.indexcache import MAX_RUNS, IndexCache
+from agentless.backup.indexfile import (
+    BINARY_KIND,
+    JSON_KIND,
+    Entries,
+    decode_binary,
+    encode_binary,
+    pack_digest,
+    pack_name,
+)
+from agentless.backup.keys import CorruptError
+from agentless.backup.packs import BlobLocation
+from agentless.backup.repository import BlobWriter, CacheSettings, Repository
+from agentless.backup.storage import LocalBackend, NotFound
+from agentless.backup.verify import verify
+from tests.backup.legacy import to_format_2
+
+
+def _pack(rng: random.Random) -> str:
+    return pack_name(rng.randbytes(32))
+
+
+def _entries(rng: random.Random, count: int, packs: list[str], blobs: list[bytes] | None = None) -> Entries:
+    pairs = []
+    for n in range(count):
+        blob = rng.choice(blobs) if blobs and rng.random() < 0.3 else rng.randbytes(32)
+        if n % 7 == 0:
+            blob = blob[:31] + b"\0"  # ids ending in NUL bytes: numpy's S32 must keep them
+        kind = "tree" if rng.random() < 0.1 else "data"
+        where = BlobLocation(rng.choice(packs), rng.randrange(1 << 24), rng.randrange(1, 1 << 17), kind, n)
+        pairs.append((blob, where))
+    return Entries.of(pairs)
+
+
+class FakeRepository:
+    """Index files by name, and a count of the reads the cache makes."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, Entries] = {}
+        self.reads: list[str] = []
+
+    def add(self, entries: Entries) -> str:
+        name = f"index/{os.urandom(32).hex()}"
+        self.files[name] = entries
+        return name
+
+    def list(self) -> list[str]:
+        return sorted(self.files)
+
+    def read(self, name: str) -> Entries:
+        self.reads.append(name)
+        try:
+            return self.files[name]
+        except KeyError:
+            raise NotFound(name) from None
+
+    def cache(self, directory: Path, warn: Callable[[str], None] | None = None) -> IndexCache:
+        return IndexCache(directory, self.list, self.read, warn)
+
+    def oracle(self) -> dict[bytes, set[BlobLocation]]:
+        found: dict[bytes, set[BlobLocation]] = {}
+        for entries in self.files.values():
+            for blob, where in entries.items():
+                found.setdefault(blob, set()).add(where)
+        return found
+
+
+def _agree(cache: IndexCache, repo: FakeRepository, rng: random.Random, absent: int = 50) -> None:
+    oracle = repo.oracle()
+    asked = list(oracle) + [rng.randbytes(32) for _ in range(absent)]
+    rng.shuffle(asked)
+    for blob, where in zip(asked, cache.locate(asked), strict=True):
+        if blob in oracle:
+            assert where in oracle[blob], blob.hex()
+        else:
+            assert where is None
+    assert [blob for blob, _ in cache.items()] == sorted(oracle)
+
+
+def test_binary_index_files_round_trip_and_refuse_malformed_payloads() -> None:
+    rng = random.Random(1)
+    packs = [_pack(rng) for _ in range(5)]
+    entries = _entries(rng, 300, packs)
+    payload = encode_binary(entries)
+    decoded = decode_binary(payload, "index/x")
+    assert sorted(decoded.items()) == sorted(entries.items())
+    assert list(decoded.ids) == sorted(decoded.ids)  # written sorted
+    assert len(payload) == 12 + 32 * 5 + 48 * 300  # 48 bytes an entry
+    for bad in (payload[:-1], payload + b"\0", payload[:5]):
+        with pytest.raises(CorruptError, match="index/x: malformed index"):
+            decode_binary(bad, "index/x")
+    values = np.frombuffer(bytearray(payload), np.uint8)
+    values[12 + 32 * 5 + 32 * 300 : 12 + 32 * 5 + 32 * 300 + 4] = 255  # the first entry's pack: 2^32-1
+    with pytest.raises(CorruptError, match="names no pack"):
+        decode_binary(values.tobytes(), "index/x")
+    with pytest.raises(ValueError, match="not a pack's name"):
+        pack_digest("data/01/" + "00" * 32)  # the prefix is not the digest's
+    with pytest.raises(ValueError, match="not a blob id and kind"):
+        Entries.of([(bytes(32), BlobLocation(packs[0], 0, 1, "other", 1))])
+
+
+def test_lookups_agree_with_the_union_of_the_index_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files added and removed at random, synced by several cache objects (as several
+    commands would): every answer is one of the places the index files give, never a
+    place of a removed file; the runs stay at most MAX_RUNS; merges drop dead entries."""
+    monkeypatch.setattr(indexcache, "BUILD_ENTRIES", 700)  # several runs per sync
+    monkeypatch.setattr(indexcache, "MERGE_STEP", 300)  # merges in several steps
+    rng = random.Random(7)
+    repo = FakeRepository()
+    packs = [_pack(rng) for _ in range(40)]
+    shared: list[bytes] = []
+    for round_ in range(12):
+        for _ in range(rng.randrange(1, 6)):
+            entries = _entries(rng, rng.randrange(1, 400), packs, shared)
+            picks = [rng.randrange(len(entries)) for _ in range(3)]
+            shared.extend(entries.ids[i : i + 1].tobytes() for i in picks)
+            repo.add(entries)
+        for name in rng.sample(sorted(repo.files), k=min(len(repo.files) // 4, 3)):
+            del repo.files[name]
+        cache = repo.cache(tmp_path / "cache")
+        cache.sync()
+        assert len(cache.runs) <= MAX_RUNS, round_
+        _agree(cache, repo, rng)
+        cache.close()
+    assert not list((tmp_path / "cache" / "runs").glob(".tmp-*"))
+
+
+def test_a_sync_reads_only_the_index_files_it_has_not_seen(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    repo = FakeRepository()
+    packs = [_pack(rng) for _ in range(4)]
+    first = [repo.add(_entries(rng, 50, packs)) for _ in range(5)]
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+    assert sorted(repo.reads) == sorted(first)
+    repo.reads.clear()
+    newer = repo.add(_entries(rng, 50, packs))
+    del repo.files[first[0]]
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+        assert repo.reads == [newer]
+        _agree(cache, repo, rng)
+        repo.reads.clear()
+        written = _entries(rng, 20, packs)
+        name = f"index/{os.urandom(32).hex()}"
+        repo.files[name] = written
+        cache.add(name, written)  # what this process wrote: not read back
+        _agree(cache, repo, rng)
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+    assert repo.reads == []
+
+
+@pytest.mark.parametrize("where", ["ids", "values", "sums", "header", "truncated", "manifest"])
+def test_a_damaged_cache_is_found_before_it_answers_and_built_again(
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(3)
+    repo = FakeRepository()
+    packs = [_pack(rng) for _ in range(4)]
+    for _ in range(3):
+        repo.add(_entries(rng, 600, packs))
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+        (run,) = cache.runs
+        sections = run.layout.sections()
+    path = tmp_path / "c" / "runs" / run.name
+    data = bytearray(path.read_bytes())
+    if where == "truncated":
+        data = data[: len(data) // 2]
+    elif where == "manifest":
+        (tmp_path / "c" / "manifest.json").write_text('{"format": 1, "runs": [{"name": 7}]}')
+    else:
+        at = {"header": 9, **{name: sections[name][0] + 5 for name in ("ids", "values", "sums")}}[where]
+        data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    repo.reads.clear()
+    caplog.set_level(logging.WARNING)
+    warnings: list[str] = []
+    with repo.cache(tmp_path / "c", warnings.append) as cache:
+        _agree(cache, repo, rng)
+    assert sorted(repo.reads) == repo.list()  # built again from the repository
+    assert warnings and ("built again" in warnings[0]), warnings
+    with repo.cache(tmp_path / "c") as cache:  # and sound from then on
+        repo.reads.clear()
+        _agree(cache, repo, rng)
+        assert repo.reads == []
+
+
+def test_a_listing_older_than_a_file_another_process_cached_does_not_hide_it(tmp_path: Path) -> None:
+    """B lists the repository; A puts an index file and adds it to the cache; B then
+    updates the cache. B must not take A's file for one gone from the repository (a
+    backup's own index file hidden: its blobs stored again, or a restore failing to
+    find them) – the listing it updates with is made under the cache's lock."""
+    rng = random.Random(11)
+    repo = FakeRepository()
+    packs = [_pack(rng) for _ in range(3)]
+    repo.add(_entries(rng, 40, packs))
+    a = repo.cache(tmp_path / "c")
+    a.sync()
+    repo.add(_entries(rng, 40, packs))  # B has something to read: it goes on to update
+    written = _entries(rng, 40, packs)
+    listings = []
+
+    def b_lists() -> list[str]:
+        listings.append(repo.list())
+        if len(listings) == 1:  # between B's listing and its update: A writes, then caches
+            name = repo.add(written)
+            a.add(name, written)
+        return listings[-1]
+
+    with IndexCache(tmp_path / "c", b_lists, repo.read) as b:
+        b.sync()
+        blobs = [written.ids[i : i + 1].tobytes() for i in range(len(written))]
+        assert all(where is not None for where in b.locate(blobs))
+        _agree(b, repo, rng)
+    manifest = (tmp_path / "c" / "manifest.json").read_text()
+    assert '"dead": []' in manifest and '"dead": ["' not in manifest, manifest
+    a.close()
+
+
+def test_a_blob_in_several_packs_is_found_outside_the_avoided_ones(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    repo = FakeRepository()
+    blob = rng.randbytes(32)
+    condemned, alive = _pack(rng), _pack(rng)
+    repo.add(Entries.of([(blob, BlobLocation(condemned, 10, 5, "data", 5))]))
+    with repo.cache(tmp_path / "c") as cache:
+        assert cache.locate([blob], frozenset({condemned})) == [BlobLocation(condemned, 10, 5, "data", 5)]
+        assert cache.known([blob], frozenset({condemned})) == [False]  # store it again
+        repo.add(Entries.of([(blob, BlobLocation(alive, 20, 5, "data", 5))]))
+        cache.sync()
+        assert cache.locate([blob], frozenset({condemned})) == [BlobLocation(alive, 20, 5, "data", 5)]
+        assert cache.known([blob], frozenset({condemned})) == [True]
+
+
+class DirectoryRepository(FakeRepository):
+    """Index files in a directory that several processes share, as a repository's."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def add(self, entries: Entries) -> str:
+        name = f"index/{os.urandom(32).hex()}"
+        temporary = self.path / f".{name[6:]}"
+        temporary.write_bytes(encode_binary(entries))
+        temporary.rename(self.path / name[6:])
+        return name
+
+    def list(self) -> list[str]:
+        return sorted(f"index/{p.name}" for p in self.path.iterdir() if not p.name.startswith("."))
+
+    def read(self, name: str) -> Entries:
+        self.reads.append(name)
+        try:
+            return decode_binary((self.path / name[6:]).read_bytes(), name)
+        except FileNotFoundError:
+            raise NotFound(name) from None
+
+    def oracle(self) -> dict[bytes, set[BlobLocation]]:
+        self.files = {name: self.read(name) for name in self.list()}
+        return super().oracle()
+
+
+def _worker(directory: str, repository: str, seed: int, queue: multiprocessing.Queue[str]) -> None:
+    repo = DirectoryRepository(Path(repository))
+    rng = random.Random(seed)
+    packs = [_pack(rng) for _ in range(3)]
+    try:
+        for round_ in range(6):
+            written = _entries(rng, 30, packs)
+            name = repo.add(written)  # put, then cached: as a backup's writer does
+            with repo.cache(Path(directory)) as cache:
+                before = repo.oracle()  # what the cache must know after its sync...
+                cache.sync()
+                cache.add(name, written)
+                after = repo.oracle()  # ... and what it may know (the other one adds files)
+                asked = list(after) + [rng.randbytes(32) for _ in range(5)]
+                for blob, where in zip(asked, cache.locate(asked), strict=True):
+                    if blob in before:
+                        assert where in before[blob], blob.hex()
+                    else:
+                        assert where is None or where in after[blob], blob.hex()
+                assert set(before) <= {blob for blob, _ in cache.items()} <= set(after)
+            queue.put(f"{seed} {round_} ok")
+    except BaseException as error:  # reported to the test
+        queue.put(f"{seed} failed: {error!r}")
+
+
+def test_processes_share_one_cache(tmp_path: Path) -> None:
+    """Two processes put index files into one repository and sync and add them to one
+    cache at once (as two backups of one repository do): each one's answers are right
+    at every step, and the cache ends sound."""
+    rng = random.Random(9)
+    repository = tmp_path / "index"
+    repository.mkdir()
+    repo = DirectoryRepository(repository)
+    for _ in range(3):
+        repo.add(_entries(rng, 200, [_pack(rng) for _ in range(3)]))
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue[str] = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(str(tmp_path / "c"), str(repository), seed, queue))
+        for seed in (1, 2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    results = []
+    while len(results) < 12 and not any("failed" in r for r in results):
+        results.append(queue.get(timeout=30))
+    assert all(r.endswith("ok") for r in results), results
+    assert not list((tmp_path / "c" / "runs").glob(".tmp-*"))
+    with repo.cache(tmp_path / "c") as cache:
+        _agree(cache, repo, rng)
+
+
+# ---------------------------------------------------------------------- through the repository
+
+
+def test_deleting_the_cache_changes_no_result_and_no_cache_leaves_none(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    chunks = [rng.randbytes(65536) for _ in range(40)]
+    cache_root = tmp_path / "xdg" / "vmbackup"
+    settings = CacheSettings(root=str(cache_root))
+    with Repository.init(str(tmp_path / "repo"), cache=settings) as repository:
+        with repository.writer() as writer:
+            ids = writer.add_many(chunks)
+            writer.flush()
+        repository_id = repository.config["id"]
+    assert (cache_root / repository_id / "index" / "manifest.json").exists()
+    assert oct((cache_root / repository_id / "index").stat().st_mode & 0o777) == "0o700"
+    for mode in ("warm", "deleted", "none"):
+        if mode != "warm":
+            shutil.rmtree(cache_root)
+        opened = CacheSettings(enabled=False) if mode == "none" else settings
+        with Repository.open(str(tmp_path / "repo"), cache=opened) as repository:
+            assert repository.read_many(ids) == chunks, mode
+            with repository.writer() as writer:
+                assert writer.known_many(ids) == [True] * len(ids)
+    assert not (cache_root / repository_id).exists()  # --no-cache made none
+
+
+def test_a_repository_of_the_previous_format_is_read_and_extended_in_it(tmp_path: Path) -> None:
+    """Format 2 (JSON index files): opened, read, backed up into – its new index files
+    JSON, its config still version 2 (so that the previous version still reads it)."""
+    rng = random.Random(6)
+    backend = LocalBackend(tmp_path / "repo")
+    first = [rng.randbytes(65536) for _ in range(10)]
+    with Repository.init(backend, "pw") as repository:
+        with repository.writer() as writer:
+            ids = writer.add_many(first)
+            writer.flush()
+        assert repository.config["version"] == 3
+        assert all(backend.get(n).startswith(BINARY_KIND) for n in backend.list("index/"))
+    to_format_2(backend, "pw")
+    second = [rng.randbytes(65536) for _ in range(10)]
+    with Repository.open(backend, "pw") as repository:
+        assert repository.config["version"] == 2 and not repository.binary_index
+        assert repository.read_many(ids) == first
+        with repository.writer() as writer:
+            more = writer.add_many(second + first[:3])
+            writer.flush()
+        assert writer.new == 10 and writer.reused == 3
+        assert repository.read_many(more) == second + first[:3]
+        assert verify(repository).ok
+    assert all(backend.get(n).startswith(JSON_KIND) for n in backend.list("index/"))
+    assert len(list(backend.list("index/"))) == 2
+
+
+def test_a_long_backup_indexes_as_it_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer holds only the blobs not yet indexed: every INDEX_EVERY blobs put, an
+    index file names them and the writer forgets them (memory bounded for a 16 TiB
+    disk as for a 2 GiB one); what it forgot is still deduplicated, through the cache."""
+    monkeypatch.setattr(BlobWriter, "INDEX_EVERY", 100)
+    rng = random.Random(8)
+    chunks = [rng.randbytes(65536) for _ in range(700)]  # ~44 MiB: three 16 MiB packs
+    with Repository.init(str(tmp_path / "repo")) as repository:
+        with repository.writer() as writer:
+            ids = writer.add_many(chunks[:600])
+            for future in list(writer._pending):
+                future.result()
+            held = len(writer._added)
+            files = len(list(repository.backend.list("index/")))
+            assert writer.add_many(chunks[:10]) == ids[:10] and writer.reused == 10
+            ids += writer.add_many(chunks[600:])
+            writer.flush()
+        assert files >= 2 and held < 600, (files, held)
+        assert repository.read_many(ids[::50]) == chunks[::50]
+        assert verify(repository).ok
