@@ -251,7 +251,11 @@ def _text(rng: random.Random, data: bytes) -> bytes:
 def _read_points(repository: Repository, rng: random.Random, whole: bool) -> None:
     """Read the restore points as a restore does: every disk of one (or all) of them,
     opened as a PointDisk (which checks it), a few reads, and (*whole*) every run."""
-    points = repository.points() if whole else [repository.load_point(rng.choice(_ids(repository)))]
+    points = (
+        [repository.load_point(str(p["id"])) for p in repository.points()]  # summaries: each read whole
+        if whole
+        else [repository.load_point(rng.choice(_ids(repository)))]
+    )
     for point in points:
         disks = point.get("disks") if isinstance(point, dict) else None
         found = [d.get("position") for d in disks if isinstance(d, dict)] if isinstance(disks, list) else []

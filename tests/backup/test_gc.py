@@ -90,7 +90,8 @@ def assert_no_garbage(backend: Backend) -> None:
     """Every pack is indexed and holds a used blob; nothing condemned, no lock left."""
     repo = reopen(backend)
     used = set().union(*(chunk_ids(repo, p["id"]) for p in repo.points()))
-    used |= {bytes.fromhex(p) for point in repo.points() for d in point["disks"] for p in d["pages"]}
+    whole = [repo.load_point(p["id"]) for p in repo.points()]  # points() holds summaries: no pages
+    used |= {bytes.fromhex(p) for point in whole for d in point["disks"] for p in d["pages"]}
     holding = {where.pack for blob, where in repo.index().items() if blob in used}
     assert set(backend.list("data/")) == holding
     assert list(backend.list("condemned/")) == []

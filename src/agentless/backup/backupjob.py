@@ -77,9 +77,10 @@ class BackupError(RepositoryError):
 
 
 def latest_point(repository: Repository, vm_id: str) -> dict[str, Any] | None:
-    """The repository's newest restore point of the VM *vm_id*."""
+    """The repository's newest restore point of the VM *vm_id*, whole (an incremental's
+    base): found in the catalog of summaries, then that one point read."""
     mine = [p for p in repository.points() if p.get("vm", {}).get("id") == vm_id]
-    return mine[-1] if mine else None
+    return repository.load_point(str(mine[-1]["id"])) if mine else None
 
 
 def _now() -> str:

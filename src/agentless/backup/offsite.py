@@ -221,7 +221,7 @@ class _Copy:
 
     def run(self, points: list[dict[str, Any]]) -> CopyReport:
         present = {name.rsplit("/", 1)[1] for name in self.dest.backend.list("points/")}
-        todo = [p for p in points if p["id"] not in present]
+        todo = [self.source.load_point(str(p["id"])) for p in points if p["id"] not in present]  # whole
         self.report.skipped = [p["id"] for p in points if p["id"] in present]
         if not todo:
             return self.report

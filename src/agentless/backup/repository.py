@@ -7,7 +7,8 @@ encrypted, over any storage backend. ``docs/repository.md`` is the format's refe
     data/<2 hex>/<64 hex>  packs of sealed blobs (:mod:`.packs`)
     index/<64 hex>         which blobs are in which packs (written after the packs; :mod:`.indexfile`),
                            kept locally, per repository, as sorted runs (:mod:`.indexcache`)
-    points/<16 hex>        restore points: a complete chunk index of every disk (written last)
+    points/<16 hex>        restore points: a complete chunk index of every disk (written last),
+                           summarised in a local catalog synced by their names (:mod:`.catalog`)
     condemned/<16 hex>     packs a garbage collection has found unused (deleted later)
     locks/<32 hex>         locks (:mod:`.locks`)
 
@@ -31,6 +32,7 @@ from typing import Any
 
 from agentless.lifetime import Closing
 
+from .catalog import Catalog, CatalogError
 from .indexcache import CacheError, IndexCache, cache_root
 from .indexfile import BINARY_KIND, JSON_KIND, Entries, decode_binary, decode_json, encode_binary
 from .keys import HASHES, CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
@@ -87,6 +89,7 @@ class Repository(Closing):
         self.keys = keys
         self.cache = cache or _default_cache
         self._index: IndexCache | None = None
+        self._catalog: Catalog | None = None
         self._condemned: dict[str, float] | None = None
         self._lock = threading.Lock()
         self._held: list[Lock] = []  # locks taken through lock(): checked before writes
@@ -200,8 +203,11 @@ class Repository(Closing):
     def close(self) -> None:
         with self._lock:
             index, self._index = self._index, None
+            catalog, self._catalog = self._catalog, None
         if index is not None:
             index.close()
+        if catalog is not None:
+            catalog.close()
         self.backend.close()
 
     # ------------------------------------------------------------------ the index
@@ -377,12 +383,45 @@ class Repository(Closing):
             raise RepositoryError(f"{point_id!r} is not a restore point id (16 hex digits)")
         name = f"points/{point_id}"
         self.backend.put(name, self.keys.seal_meta(POINT_KIND, document | {"id": point_id}, name))
+        with self._lock:
+            catalog = self._catalog
+        if catalog is not None and _sound_point(document):  # as the index cache learns new index files
+            catalog.add(document | {"id": point_id})
         return point_id
 
     def points(self) -> list[dict[str, Any]]:
-        """Every restore point, oldest first."""
-        found = [self.load_point(name.rsplit("/", 1)[1]) for name in self.backend.list("points/")]
-        return sorted(found, key=lambda p: (str(p.get("time", "")), str(p["id"])))
+        """The summary of every restore point, oldest first: its document without its
+        disks' page lists (:func:`.catalog.summarize`), from the local catalog, synced
+        with the repository's names – only the points it lacks are read (and checked). A
+        caller that reads a disk loads that point (:meth:`load_point`)."""
+        return self.catalog().summaries()
+
+    def catalog(self) -> Catalog:
+        """The local catalog of this repository's restore points (:mod:`.catalog`),
+        opened at the first call: under the cache root, or – ``--no-cache``, or a default
+        cache directory that cannot be used – a temporary one removed at :meth:`close`."""
+        with self._lock:
+            if self._catalog is None:
+                self._catalog = self._open_catalog()
+            return self._catalog
+
+    def _open_catalog(self) -> Catalog:
+        def warn(line: str) -> None:
+            log.warning("%s", line)
+
+        def names() -> list[str]:
+            return list(self.backend.list("points/"))
+
+        repository_id = str(self.config["id"])
+        if self.cache.enabled:
+            directory = cache_root(self.cache.root) / repository_id / "points"
+            try:
+                return Catalog(directory, repository_id, names, self.read_point, warn)
+            except CatalogError as error:
+                if self.cache.root is not None:
+                    raise
+                warn(f"{error}: using a temporary catalog (give --cache-dir, or --no-cache)")
+        return Catalog(None, repository_id, names, self.read_point, warn)
 
     def resolve_point(self, ref: str) -> str:
         """The id of the restore point *ref* names: its id or a unique prefix (4+ hex)."""
@@ -426,6 +465,10 @@ class Repository(Closing):
 
     def delete_point(self, point_id: str) -> None:
         self.backend.delete(f"points/{point_id}")
+        with self._lock:
+            catalog = self._catalog
+        if catalog is not None:
+            catalog.forget(point_id)
 
 
 def _sound_point(document: dict[str, Any]) -> bool:

@@ -1,0 +1,298 @@
+"""The catalog of restore points: a local table of their summaries, so that listing them,
+resolving an id, finding an incremental's base and prune's selection do not fetch and
+decrypt every restore point (borg's manifest lists its archives for the same reason; here
+the repository keeps no manifest – a restore point is one object written last – so the
+list is kept locally and synced, as the index cache is).
+
+It lives beside the index cache, ``<cache root>/<repository id>/points/``::
+
+    catalog.sqlite   SQLite (WAL): meta(key, value) – format, repository id;
+                     points(id, time, vm_id, summary, checksum) – one row per point
+    lock             flock, exclusive while the file is opened, checked or rebuilt
+
+A summary is the restore point's document without its disks' page lists (what listing,
+prune, the scheduler and ``vmbackup list`` read: id, time, VM, type, base, backup id,
+consistency, every disk's position, size, digest and type, stats), stored as JSON with a
+checksum of its own.
+
+**Sync by names.** Every answer starts with listing ``points/`` (names only). Points the
+catalog lacks are read whole (:meth:`.Repository.read_point`, which checks them: a corrupt
+point is the caller's error, as before) and summarised; rows whose point is gone are
+dropped. The answer is exactly the listed points – a row the listing does not name is
+never answered – so a stale catalog costs reads, never a wrong answer. A point's content
+never changes under its name (ids are random; a copy skips the ids its destination has).
+
+**Damage.** A file SQLite cannot read, another format or repository id, or a row whose
+checksum fails: the catalog is emptied (or the file made anew) with a warning and filled
+again from the repository. Deleting it changes no result, only time.
+
+**Several processes** (two backups, a prune, ``vmbackup list``) share one file: SQLite's
+own locking (WAL: readers do not wait for the writer) with a busy timeout; each sync
+writes its rows in one transaction. Two syncs at once both read the new points; the last
+write wins with the same rows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from agentless.lifetime import Closing
+
+from .keys import RepositoryError
+from .storage import NotFound
+
+__all__ = ["FORMAT", "Catalog", "CatalogError", "summarize"]
+
+FORMAT = "1"  # of the file: another one is rebuilt
+READERS = 16  # restore points read at once when the catalog lacks many (a cold cache on S3)
+_BUSY_SECONDS = 60.0  # another process's transaction holds the file at most this long
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS points (
+    id TEXT PRIMARY KEY,
+    time TEXT NOT NULL,
+    vm_id TEXT,
+    summary TEXT NOT NULL,
+    checksum TEXT NOT NULL
+);
+"""
+
+
+class CatalogError(RepositoryError):
+    """The catalog's directory cannot be used (not writable, not a directory): one line.
+    The repository falls back to a temporary catalog unless ``--cache-dir`` was given."""
+
+
+class _Damaged(Exception):
+    """The file or a row does not check: the catalog is rebuilt."""
+
+
+def summarize(point: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a (checked) restore point: its document without the page lists of
+    its disks, which only reading a disk needs."""
+    disks = [{k: v for k, v in disk.items() if k != "pages"} for disk in point.get("disks", [])]
+    return point | {"disks": disks}
+
+
+def _checksum(point_id: str, summary: str) -> str:
+    return hashlib.blake2b(f"{point_id}\0{summary}".encode(), digest_size=16).hexdigest()
+
+
+def _order(summary: dict[str, Any]) -> tuple[str, str]:
+    return str(summary.get("time", "")), str(summary["id"])
+
+
+class Catalog(Closing):
+    """The restore-point summaries of one repository. *directory*: where the catalog
+    lives (None: a temporary one, removed at :meth:`close` – ``--no-cache``);
+    *repository_id* binds the file to its repository; *list_names*: the repository's
+    ``points/…`` names; *read_point*: a point by id, checked (NotFound if it is gone);
+    *warn*: one line when the catalog is rebuilt. Thread-safe."""
+
+    def __init__(
+        self,
+        directory: Path | None,
+        repository_id: str,
+        list_names: Callable[[], Iterable[str]],
+        read_point: Callable[[str], dict[str, Any]],
+        warn: Callable[[str], None] | None = None,
+    ):
+        self._temporary = directory is None
+        self.directory = (
+            Path(tempfile.mkdtemp(prefix="vmbackup-catalog-")) if directory is None else directory
+        )
+        self.repository_id = repository_id
+        self._list_names = list_names
+        self._read_point = read_point
+        self._warn = warn or (lambda _line: None)
+        self._guard = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self.read = 0  # restore points read to fill the catalog (for tests and benchmarks)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.directory, 0o700)
+            self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            self._remove_temporary()
+            raise CatalogError(f"restore point catalog {self.directory}: {error.strerror or error}") from None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "catalog.sqlite"
+
+    def close(self) -> None:
+        with self._guard:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+        self._remove_temporary()
+
+    def _remove_temporary(self) -> None:
+        if self._temporary:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # ------------------------------------------------------------------ answers
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """The summary of every restore point the repository lists now, oldest first
+        (by time, then id). Reads only the points the catalog lacks; CorruptError if one
+        of those does not check (nothing of it is kept)."""
+        listed = [name.rsplit("/", 1)[1] for name in self._list_names()]
+        known = self._rows()
+        missing = [point_id for point_id in listed if point_id not in known]
+        fresh = self._fetch(missing)
+        gone = [point_id for point_id in known if point_id not in set(listed)]
+        if fresh or gone:
+            self._store(fresh, gone)
+        found = [known.get(point_id) or fresh.get(point_id) for point_id in dict.fromkeys(listed)]
+        return sorted((summary for summary in found if summary is not None), key=_order)
+
+    def add(self, point: dict[str, Any]) -> None:
+        """Keep the summary of *point*, which this process has just saved (so a chain of
+        backups reads only each one's base)."""
+        self._store({str(point["id"]): summarize(point)}, [])
+
+    def forget(self, point_id: str) -> None:
+        """Drop *point_id*'s row (a point this process deleted or replaced)."""
+        self._store({}, [point_id])
+
+    # ------------------------------------------------------------------ reading points
+
+    def _fetch(self, point_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The summaries of *point_ids*, read from the repository (several at once: on S3
+        each is a round trip); those gone since the listing are left out."""
+        if not point_ids:
+            return {}
+
+        def one(point_id: str) -> dict[str, Any] | None:
+            try:
+                return summarize(self._read_point(point_id))
+            except NotFound:
+                return None
+
+        workers = min(READERS, len(point_ids))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vmbackup-catalog") as pool:
+            read = list(pool.map(one, point_ids))
+        with self._guard:
+            self.read += len(point_ids)
+        return {
+            point_id: summary
+            for point_id, summary in zip(point_ids, read, strict=True)
+            if summary is not None
+        }
+
+    # ------------------------------------------------------------------ the file
+
+    def _rows(self) -> dict[str, dict[str, Any]]:
+        """Every row, checked; a damaged catalog is rebuilt (and answers nothing)."""
+        for attempt in (1, 2):
+            try:
+                with self._transaction() as db:
+                    rows = db.execute("SELECT id, summary, checksum FROM points").fetchall()
+                return {point_id: _parse(point_id, text, checksum) for point_id, text, checksum in rows}
+            except (sqlite3.DatabaseError, _Damaged) as error:
+                if attempt == 2:
+                    raise CatalogError(f"restore point catalog {self.path}: {error}") from None
+                self._rebuild(str(error))
+        raise AssertionError("unreachable")
+
+    def _store(self, fresh: dict[str, dict[str, Any]], gone: list[str]) -> None:
+        rows = []
+        for point_id, summary in fresh.items():
+            text = json.dumps(summary, separators=(",", ":"), sort_keys=True)
+            vm = summary.get("vm")
+            vm_id = vm.get("id") if isinstance(vm, dict) else None
+            rows.append((point_id, str(summary.get("time", "")), str(vm_id), text, _checksum(point_id, text)))
+        try:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM points WHERE id = ?", [(point_id,) for point_id in gone])
+                db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?)", rows)
+        except (sqlite3.DatabaseError, _Damaged) as error:  # the answer stands; the next use rebuilds
+            self._warn(f"restore point catalog {self.path}: not updated ({error})")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._guard:
+            if self._db is None:
+                self._db = self._open()
+            db = self._db
+            try:
+                db.execute("BEGIN")
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+
+    def _open(self) -> sqlite3.Connection:
+        """The file, made if missing and checked: its format and repository id
+        (_Damaged, or sqlite3.DatabaseError if it is no database)."""
+        with self._flock():
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # WAL and SHM get its mode
+            db = sqlite3.connect(
+                self.path, timeout=_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # a lost last transaction is re-read, no more
+                db.executescript(_SCHEMA)
+                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                wanted = {"format": FORMAT, "repository": self.repository_id}
+                if not meta:
+                    db.executemany("INSERT INTO meta VALUES (?, ?)", list(wanted.items()))
+                elif meta != wanted:
+                    raise _Damaged(f"holds format {meta.get('format')!r} of {meta.get('repository')!r}")
+            except BaseException:
+                db.close()
+                raise
+        return db
+
+    def _rebuild(self, why: str) -> None:
+        """Make the file anew (holding the flock: one process at a time rebuilds)."""
+        self._warn(f"restore point catalog {self.path}: damaged ({why}); rebuilt from the repository")
+        with self._guard:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            with self._flock():
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{self.path}{suffix}")
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+
+def _parse(point_id: str, text: str, checksum: str) -> dict[str, Any]:
+    if not isinstance(text, str) or checksum != _checksum(point_id, text):
+        raise _Damaged(f"the row of {point_id!r} does not check")
+    try:
+        summary = json.loads(text)
+    except ValueError:
+        raise _Damaged(f"the row of {point_id!r} is malformed") from None
+    if not isinstance(summary, dict) or summary.get("id") != point_id:
+        raise _Damaged(f"the row of {point_id!r} is malformed")
+    return summary

@@ -1,0 +1,376 @@
+"""The catalog of restore points (issue 14 item 3): listing, resolving an id, prune's
+selection and an incremental's base read no restore point – or only the base – once the
+local catalog is warm; it follows points added and deleted by other processes, is rebuilt
+when damaged, and leaves nothing behind with ``--no-cache``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentless.backup.indexcache import cache_root
+from agentless.backup.prune import prune
+from agentless.backup.repository import CacheSettings, Repository
+from agentless.backup.storage import Backend, LocalBackend
+from tests.backup.conftest import _ok, vmbackup
+
+PASSWORD = "catalog-pw"
+
+
+class CountingBackend:
+    """A backend that counts the restore points fetched through it (``get`` of a
+    ``points/…`` name) and passes every call on."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.location = inner.location
+        self.points_read: list[str] = []
+
+    def get(self, name: str) -> bytes:
+        if name.startswith("points/"):
+            self.points_read.append(name)
+        return self.inner.get(name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __enter__(self) -> CountingBackend:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _point(vm: str, day: int, hour: int = 5, kind: str = "full") -> dict[str, Any]:
+    return {
+        "time": f"2026-11-{day:02d}T{hour:02d}:00:00.000000Z",
+        "vm": {"id": f"id-{vm}", "name": vm, "uuid": f"uuid-{vm}", "host": "host-1"},
+        "backup_id": secrets.token_hex(8),
+        "type": kind,
+        "base": None,
+        "consistency": "offline",
+        "disks": [
+            {
+                "position": 0,
+                "size": 4 << 20,
+                "chunk_size": 65536,
+                "pages": [secrets.token_hex(32) for _ in range(3)],
+                "digest": secrets.token_hex(32),
+                "type": kind,
+                "reason": None,
+                "read": 65536,
+            }
+        ],
+        "stats": {"read": 65536, "stored": 1000, "new": 1, "deduplicated": 0},
+    }
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """A repository of twelve restore points of three VMs (the catalog not yet filled):
+    its directory and the points by id."""
+    where = tmp_path / "repo"
+    points: dict[str, dict[str, Any]] = {}
+    with Repository.init(str(where), PASSWORD) as repository:
+        for day in range(1, 5):
+            for vm in ("web", "db", "mail"):
+                document = _point(vm, day)
+                points[repository.save_point(document)] = document
+    return where, points
+
+
+@pytest.fixture
+def counted(made: tuple[Path, dict[str, dict[str, Any]]]) -> Iterator[tuple[Repository, CountingBackend]]:
+    backend = CountingBackend(LocalBackend(made[0]))
+    with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
+        yield repository, backend
+
+
+def _reopen(where: Path) -> tuple[Repository, CountingBackend]:
+    backend = CountingBackend(LocalBackend(where))
+    return Repository.open(backend, PASSWORD), backend  # type: ignore[arg-type]
+
+
+def _catalog_file(repository: Repository) -> Path:
+    return cache_root() / str(repository.config["id"]) / "points" / "catalog.sqlite"
+
+
+# ---------------------------------------------------------------------- reads
+
+
+def test_listing_resolving_and_prune_read_no_restore_point_once_warm(
+    made: tuple[Path, dict[str, dict[str, Any]]],
+) -> None:
+    where, points = made
+    repository, backend = _reopen(where)
+    with repository:
+        first = repository.points()  # cold: every point read once, and checked
+        assert len(backend.points_read) == len(points)
+    assert [p["id"] for p in first] == sorted(points, key=lambda i: (points[i]["time"], i))
+    summary = first[0]
+    assert "pages" not in summary["disks"][0]  # a summary, not the page lists
+    assert summary["vm"] == points[summary["id"]]["vm"]
+    assert summary["disks"][0]["digest"] == points[summary["id"]]["disks"][0]["digest"]
+    assert summary["stats"] == points[summary["id"]]["stats"]
+
+    repository, backend = _reopen(where)  # another process on this machine: warm
+    with repository:
+        assert repository.points() == first
+        assert repository.resolve_point(summary["id"][:6]) == summary["id"]
+        report = prune(repository, keep_last=2, dry_run=True)
+        assert len(report.remove) == len(points) - 2 * 3  # keep-last 2 of each of three VMs
+        assert backend.points_read == []
+        assert repository.load_point(summary["id"][:8])["disks"][0]["pages"]  # a whole point: one read
+        assert backend.points_read == [f"points/{summary['id']}"]
+
+
+def test_the_newest_point_of_a_vm_is_the_only_point_read(
+    made: tuple[Path, dict[str, dict[str, Any]]],
+) -> None:
+    """What an incremental backup asks for its base (backupjob.latest_point): with the
+    catalog warm, exactly one restore point is read, whole, however many there are."""
+    from agentless.backup.backupjob import latest_point
+
+    where, points = made
+    repository, _ = _reopen(where)
+    with repository:
+        repository.points()
+    repository, backend = _reopen(where)
+    with repository:
+        base = latest_point(repository, "id-db")
+        assert base is not None
+        newest = max((i for i in points if points[i]["vm"]["name"] == "db"), key=lambda i: points[i]["time"])
+        assert base == points[newest] | {"id": newest}  # pages and all
+        assert backend.points_read == [f"points/{newest}"]
+        # the point this process saves next is known without reading it back
+        following = repository.save_point(_point("db", 9, kind="incremental") | {"base": newest})
+        assert latest_point(repository, "id-db")["id"] == following  # type: ignore[index]
+        assert backend.points_read == [f"points/{newest}", f"points/{following}"]
+
+
+def test_an_incremental_backup_reads_only_its_base(tmp_path: Path) -> None:
+    """A real incremental backup through WinCenter and the host, in a repository that
+    holds many other restore points: it reads one restore point, its base."""
+    from agentless.backup.backupjob import VmBackup
+    from tests.sites import running_site
+
+    (tmp_path / "site").mkdir()
+    with running_site(tmp_path / "site") as site:
+        with site.host_client() as host:
+            host.create_vm("small", [2 << 20])
+        where = tmp_path / "repo"
+        with Repository.init(str(where), PASSWORD) as repository, site.client() as center:
+            full = VmBackup(center, repository, "small").run()
+            for day in range(1, 21):  # other VMs' history
+                repository.save_point(_point(f"vm{day}", day))
+        repository, _ = _reopen(where)
+        with repository:
+            repository.points()  # `vmbackup list` (or any earlier command) filled the catalog
+        repository, backend = _reopen(where)
+        with repository, site.client() as center:
+            incremental = VmBackup(center, repository, "small").run()
+            assert incremental["type"] == "incremental"
+            assert backend.points_read == [f"points/{full['point']}"]
+            again = VmBackup(center, repository, "small").run()  # its base: the one just made
+            assert backend.points_read == [f"points/{full['point']}", f"points/{incremental['point']}"]
+            assert repository.load_point(again["point"])["base"] == incremental["point"]
+
+
+# ---------------------------------------------------------------------- sync
+
+
+def test_points_added_and_deleted_by_another_process_are_followed(
+    made: tuple[Path, dict[str, dict[str, Any]]],
+) -> None:
+    where, points = made
+    repository, backend = _reopen(where)
+    with repository:
+        repository.points()
+        gone = sorted(points)[:2]
+        script = (
+            "import sys, json\n"
+            "from agentless.backup.repository import Repository\n"
+            "from tests.backup.test_catalog import _point\n"
+            "with Repository.open(sys.argv[1], sys.argv[2]) as r:\n"
+            "    for point_id in sys.argv[3:]: r.delete_point(point_id)\n"
+            "    print(json.dumps([r.save_point(_point('new', 20 + day)) for day in range(3)]))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(where), PASSWORD, *gone],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parents[2],
+        )
+        added = json.loads(done.stdout)
+        backend.points_read.clear()
+        now = repository.points()
+        assert sorted(backend.points_read) == sorted(f"points/{i}" for i in added)  # only the new ones
+        assert {p["id"] for p in now} == (set(points) - set(gone)) | set(added)
+        assert [p["id"] for p in now][-3:] == added  # newest last
+    with sqlite3.connect(_catalog_file(repository)) as db:
+        assert {row[0] for row in db.execute("SELECT id FROM points")} == {p["id"] for p in now}
+
+
+# ---------------------------------------------------------------------- damage
+
+
+def _garbage(path: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"not a database" * 100)
+
+
+def _other_format(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '0' WHERE key = 'format'")
+
+
+def _altered_row(path: Path) -> None:
+    with sqlite3.connect(path) as db:  # a row changed behind the checksum's back: a wrong time
+        (point_id, summary) = db.execute("SELECT id, summary FROM points LIMIT 1").fetchone()
+        document = json.loads(summary) | {"time": "1999-01-01T00:00:00Z"}
+        db.execute("UPDATE points SET summary = ? WHERE id = ?", (json.dumps(document), point_id))
+
+
+def _deleted(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("damage", [_garbage, _other_format, _altered_row, _deleted])
+def test_a_damaged_or_deleted_catalog_is_rebuilt_never_answers_wrong(
+    made: tuple[Path, dict[str, dict[str, Any]]], damage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    where, points = made
+    repository, _ = _reopen(where)
+    with repository:
+        before = repository.points()
+    path = _catalog_file(repository)
+    assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    damage(path)
+    repository, backend = _reopen(where)
+    with caplog.at_level(logging.WARNING), repository:
+        assert repository.points() == before
+        assert len(backend.points_read) == len(points)  # read again, once
+    if damage is not _deleted:
+        assert "rebuilt from the repository" in caplog.text
+    repository, backend = _reopen(where)
+    with repository:
+        assert repository.points() == before
+        assert backend.points_read == []  # and warm again
+
+
+def test_a_point_that_does_not_check_fails_the_listing_and_is_not_kept(
+    made: tuple[Path, dict[str, dict[str, Any]]],
+) -> None:
+    from agentless.backup.keys import CorruptError
+
+    where, points = made
+    victim = sorted(points)[3]
+    data = bytearray((where / "points" / victim).read_bytes())
+    data[-1] ^= 1
+    (where / "points" / victim).write_bytes(bytes(data))
+    repository, _ = _reopen(where)
+    with repository, pytest.raises(CorruptError):
+        repository.points()
+    with sqlite3.connect(_catalog_file(repository)) as db:
+        assert victim not in {row[0] for row in db.execute("SELECT id FROM points")}
+
+
+# ---------------------------------------------------------------------- the CLI, --no-cache
+
+
+def _env(tmp_path: Path, where: Path) -> dict[str, str]:
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD)
+    return (
+        os.environ
+        | {"VMBACKUP_REPO": str(where), "VMBACKUP_CONFIG": str(tmp_path / "vmbackup.json")}
+        | {"VMBACKUP_PASSWORD": PASSWORD}
+    )
+
+
+def test_vmbackup_list_answers_as_before_and_no_cache_leaves_nothing(
+    made: tuple[Path, dict[str, dict[str, Any]]], tmp_path: Path
+) -> None:
+    where, points = made
+    env = _env(tmp_path, where)
+    expected = [
+        {"id": i, "time": p["time"], "type": p["type"], "backup_id": p["backup_id"], "vm": p["vm"]["name"]}
+        for i, p in sorted(points.items(), key=lambda item: (item[1]["time"], item[0]))
+    ]
+    private = tmp_path / "private-cache"
+    env["XDG_CACHE_HOME"] = str(private)
+    assert _ok(vmbackup(env, "list", "--json", "--no-cache")) == {"points": expected}
+    assert not private.exists() or not any(private.rglob("*"))  # --no-cache: nothing left
+    assert _ok(vmbackup(env, "list", "--json")) == {"points": expected}  # cold
+    assert _ok(vmbackup(env, "list", "--json", "--vm", "db")) == {
+        "points": [p for p in expected if p["vm"] == "db"]
+    }  # warm
+    assert list(private.glob("vmbackup/*/points/catalog.sqlite"))
+    text = vmbackup(env, "list").stdout.splitlines()
+    assert len(text) == len(points) and text[0].startswith(f"{expected[0]['id']}  {expected[0]['time']}")
+    with Repository.open(str(where), PASSWORD, cache=CacheSettings(enabled=False)) as repository:
+        assert [p["id"] for p in repository.points()] == [p["id"] for p in expected]
+        temporary = repository.catalog().directory
+        assert temporary.exists()
+    assert not temporary.exists()
+
+
+# ---------------------------------------------------------------------- processes at once
+
+_LISTER = """
+import json, sys
+from agentless.backup.repository import Repository
+from tests.backup.test_catalog import _point
+where, password, name = sys.argv[1:]
+seen = []
+with Repository.open(where, password) as r:
+    for round in range(15):
+        mine = r.save_point(_point(name, 1 + round % 28, hour=round % 24))
+        ids = [p["id"] for p in r.points()]
+        assert mine in ids, (mine, ids)
+        assert len(ids) == len(set(ids))
+        seen.append(mine)
+print(json.dumps(seen))
+"""
+
+
+def test_two_processes_use_one_catalog_at_once(made: tuple[Path, dict[str, dict[str, Any]]]) -> None:
+    """Two processes save and list at the same time over one catalog file (cold at
+    first): each sees its own points at every step, no error, and the catalog ends
+    holding exactly the repository's points."""
+    where, points = made
+    root = Path(__file__).parents[2]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LISTER, str(where), PASSWORD, name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        for name in ("one", "two")
+    ]
+    saved: set[str] = set()
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+        saved |= set(json.loads(out))
+    repository, _ = _reopen(where)
+    with repository:
+        assert {p["id"] for p in repository.points()} == set(points) | saved
+    with sqlite3.connect(_catalog_file(repository)) as db:
+        assert {row[0] for row in db.execute("SELECT id FROM points")} == set(points) | saved
