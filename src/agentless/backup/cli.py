@@ -28,8 +28,9 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES, NBD_TIMEOUT, VmBackup
-from .center import Center
+from .center import Center, every_vm
 from .gc import gc
+from .indexcompact import compact_index
 from .keys import RepositoryError
 from .leftovers import Journal
 from .leftovers import reap as _reap
@@ -211,6 +212,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     ):
         _reap(repository, center)
         journal = Journal(lock, center)
+        vms = [vm.id for vm in every_vm(center)] if args.all else args.vm
         jobs = [
             VmBackup(
                 center,
@@ -224,7 +226,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
                 on_halted=journal.halted,
                 nbd_timeout=args.nbd_timeout,
             )
-            for vm in args.vm
+            for vm in vms
         ]
         results: list[dict[str, Any]] = []
         failures: list[str] = []
@@ -430,6 +432,19 @@ def _cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    with _repository(args) as repository, repository.lock("gc", "index compact") as lock:
+        report = compact_index(repository, lock)
+    text = (
+        f"{len(report.merged)} index file(s) merged into {len(report.written)} "
+        f"({report.entries} entries); {report.files} index file(s) now"
+        if report.merged
+        else f"nothing to merge: {report.files} index file(s)"
+    )
+    emit(args, dataclasses.asdict(report), text)
+    return 0
+
+
 def _cmd_copy(args: argparse.Namespace) -> int:
     password = _password(args)
     to_password = given_password(args.to_password_file, "VMBACKUP_TO_PASSWORD") or password
@@ -539,7 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_config)
 
     p = command("backup", "back up VMs (incremental when a restore point exists)")
-    p.add_argument("--vm", action="append", required=True, help="VM name or id (repeat)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vm", action="append", help="VM name or id (repeat)")
+    which.add_argument(
+        "--all", action="store_true", help="every VM WinCenter lists (read page by page), --parallel at once"
+    )
     p.add_argument("--full", action="store_true", help="a full backup even when a restore point exists")
     p.add_argument("--parallel", type=int, default=4, help="VMs backed up at once (default 4)")
     p.add_argument("--connections", type=int, default=4, help="NBD connections per disk (default 4)")
@@ -615,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("gc", "free the data no restore point uses (safe while backups run)")
     p.set_defaults(handler=_cmd_gc)
+
+    p = command("index", "maintain the repository's index: `compact` merges its small index files")
+    p.add_argument("action", choices=["compact"], help="compact: merge the small index files into large ones")
+    p.set_defaults(handler=_cmd_index)
 
     p = command("unlock", "remove the locks of vmbackup processes that are gone")
     p.add_argument("--all", action="store_true", help="remove every lock (only when no vmbackup runs)")

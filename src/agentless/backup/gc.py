@@ -40,6 +40,7 @@ The protocol, one run (holding the ``gc`` lock, which excludes another gc only):
        condemned records rewritten without them (deleted when empty)
  12  with no other lock: packs no index names (crash leftovers: a running backup's
      packs are unindexed until it ends, so only when none runs) deleted too
+ 13  the small index files merged into large ones (:mod:`.indexcompact`)
 
 Why it is safe: a pack is deleted only if it was condemned at T before every running
 process started (``T + margin < cutoff``); a process that started after T read the
@@ -59,6 +60,7 @@ import dataclasses
 import secrets
 import time
 
+from .indexcompact import compact_index
 from .keys import CorruptError, RepositoryError
 from .locks import Lock, active_locks
 from .packs import BlobLocation, PackBuilder
@@ -93,6 +95,7 @@ class GcReport:
     waiting: list[str] = dataclasses.field(default_factory=list)
     blind: list[str] = dataclasses.field(default_factory=list)
     index_files_removed: int = 0
+    index_files_merged: int = 0
     bytes_freed: int = 0
     cutoff: float | None = None
 
@@ -436,6 +439,7 @@ def gc(repo: Repository, margin: float = MARGIN) -> GcReport:
     if what is used cannot be read. Safe beside backups, restores and prunes."""
     with repo.lock("gc", "gc") as lock:
         report = _Collection(repo, lock, margin).run()
+        report.index_files_merged = len(compact_index(repo, lock).merged)
     repo.index(reload=True)
     repo.condemned(reload=True)
     return report

@@ -532,6 +532,8 @@ def _merged(runs: list[Run], row_maps: list[np.ndarray]) -> Iterator[tuple[np.nd
         joined_values = np.concatenate(chunk_values)
         order = np.argsort(joined_ids, kind="stable")
         yield joined_ids[order], joined_values[order]
+        for run in runs:  # the pages read stay in the page cache, not in this process's RSS
+            run.drop_pages()
 
 
 def _check_range(run: Run, start: int, stop: int) -> None:
@@ -885,6 +887,19 @@ class IndexCache(Mapping[bytes, BlobLocation]):
     def values(self) -> Iterator[BlobLocation]:  # type: ignore[override]
         for _blob, where in self.items():
             yield where
+
+    def entry_counts(self) -> dict[str, int]:
+        """Entries of each index file the cache holds (``index/<64 hex>`` -> count)."""
+        if not self._synced:
+            self.sync()
+        counts: dict[str, int] = {}
+        for run in self._runs:
+            weights = run.row_count.astype(np.int64)
+            per_file = np.bincount(run.row_file.astype(np.int64), weights=weights, minlength=len(run.files))
+            for number, name in enumerate(run.files):
+                if name not in run.dead_files:
+                    counts[f"index/{name}"] = counts.get(f"index/{name}", 0) + int(per_file[number])
+        return counts
 
     @property
     def synced(self) -> bool:
