@@ -16,6 +16,9 @@ the repository, and a config saying "not encrypted" is refused while the reposit
 holds key files. Without that, editing ``"encrypted": false`` into the config made the
 next backup store VM data in plaintext in an encrypted repository.
 
+Format 3 is format 2 whose index files are binary (:mod:`.indexfile`); repositories of
+format 2 keep JSON index files, so that the version that made them still reads them.
+
 Format 1 is what versions before the MAC wrote: such repositories (their key files are of
 format 1 too) open as before, with an unauthenticated config – only the key-file rule
 guards their encryption. ``docs/repository.md`` says so.
