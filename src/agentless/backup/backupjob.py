@@ -35,6 +35,7 @@ its host behind WinCenter's back counts as halted until WinCenter's next sync.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import datetime
@@ -50,7 +51,7 @@ from agentless.nbd.errors import NbdError
 from agentless.sparse import is_zero
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
 
-from .diskindex import DiskIndex
+from .diskindex import PAGE_CHUNKS, DiskIndex
 from .keys import RepositoryError
 from .repository import ZERO, BlobWriter, Repository
 from .storage import StorageError
@@ -88,8 +89,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _pieces(extents: list[dict[str, int]], chunk: int, size: int) -> list[tuple[int, int]]:
-    """The extents widened to whole chunks, merged, cut in pieces of at most PIECE."""
+def _pieces(
+    extents: list[dict[str, int]], chunk: int, size: int, piece: int = PIECE
+) -> list[tuple[int, int]]:
+    """The extents widened to whole chunks, merged, cut in pieces of at most *piece*."""
     spans: list[list[int]] = []
     for extent in sorted(extents, key=lambda e: e["offset"]):
         start = extent["offset"] // chunk * chunk
@@ -98,7 +101,7 @@ def _pieces(extents: list[dict[str, int]], chunk: int, size: int) -> list[tuple[
             spans[-1][1] = max(spans[-1][1], end)
         elif end > start:
             spans.append([start, end])
-    return [(offset, min(PIECE, end - offset)) for start, end in spans for offset in range(start, end, PIECE)]
+    return [(offset, min(piece, end - offset)) for start, end in spans for offset in range(start, end, piece)]
 
 
 class VmBackup:
@@ -269,6 +272,9 @@ class VmBackup:
         """Read every disk into the repository and save the restore point."""
         base_disks = {d["position"]: d for d in (previous or {}).get("disks", [])}
         self.size = sum(e["length"] for d in result["disks"] for e in d["extents"])
+        chunk = self.repository.chunk_size
+        buffers = 2 * self.connections * max(1, len(result["disks"]))
+        piece = max(chunk, min(PIECE, READ_BUFFERS // buffers) // chunk * chunk)
         with self.repository.writer() as writer:
 
             def one(disk: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +286,7 @@ class VmBackup:
                     if base is not None
                     else DiskIndex(self.repository, disk["size"])
                 )
-                read = self._read_disk(disk, index, writer)
+                read = self._read_disk(disk, index, writer, piece)
                 pages = index.store(writer)
                 return {
                     "position": disk["position"],
@@ -326,13 +332,22 @@ class VmBackup:
             "reconnects": self.reconnects,
         } | stats
 
-    def _read_disk(self, disk: dict[str, Any], index: DiskIndex, writer: BlobWriter) -> int:
-        """Read the disk's extents with parallel connections into *index*; bytes read."""
+    def _read_disk(self, disk: dict[str, Any], index: DiskIndex, writer: BlobWriter, piece: int) -> int:
+        """Read the disk's extents with parallel connections into *index*, in pieces of
+        at most *piece* bytes; bytes read."""
         chunk = self.repository.chunk_size
         pieces: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-        planned = _pieces(disk["extents"], chunk, disk["size"])
-        for piece in planned:
-            pieces.put(piece)
+        planned = _pieces(disk["extents"], chunk, disk["size"], piece)
+        largest = max((length for _, length in planned), default=0)  # an incremental's are small
+        for planned_piece in planned:
+            pieces.put(planned_piece)
+        # index pages still to be read into: each is written out and dropped once its last
+        # piece is in (DiskIndex.release), so memory follows the pieces being read, not
+        # the pages touched – 128 KiB per page, thousands of pages on a big sparse disk
+        span = PAGE_CHUNKS * chunk
+        waiting = collections.Counter(
+            p for at, length in planned for p in range(at // span, (at + length - 1) // span + 1)
+        )
         errors: list[BaseException] = []
         with wddk.open(disk["access"], connections=self.connections, timeout=self.nbd_timeout) as nbd:
 
@@ -340,7 +355,7 @@ class VmBackup:
                 """Read pieces with one read always in flight while the previous piece is
                 chunked, hashed and sealed (two buffers), so the network and the CPU
                 overlap."""
-                buffers = [memoryview(bytearray(PIECE)), memoryview(bytearray(PIECE))]
+                buffers = [memoryview(bytearray(largest)), memoryview(bytearray(largest))]
 
                 def submit(slot: int) -> tuple[int, int, memoryview] | None:
                     try:
@@ -367,6 +382,11 @@ class VmBackup:
                         with self._lock:
                             for at, blob_id in found:
                                 index.set(at // chunk, blob_id)
+                            for page in range(offset // span, (offset + len(part) - 1) // span + 1):
+                                waiting[page] -= 1
+                                if not waiting[page]:
+                                    del waiting[page]
+                                    index.release(page, writer)
                             self.done += len(part)
                         self._report()
                     if current is not None:

@@ -15,6 +15,13 @@ them never needs another; pages a backup did not change are shared, by id, with 
 restore point before it – an incremental backup writes only the pages it touched, and
 its cost follows the change, not the disk's size.
 
+A disk's index is held a bounded number of pages at a time: a page read for a lookup is
+dropped when more than :data:`CACHED_PAGES` (128 KiB each) are held, and a backup
+releases each page it changed (:meth:`~DiskIndex.release`) once it has read every piece of
+the disk in it – the page is written out then (its id kept, the page dropped). So a backup of
+eight 2040 GiB disks (65 280 pages, 8 GiB of chunk ids) holds the few pages its reads are
+in, not every page it touched.
+
 The *digest* of a disk is SHA-256 over its size, chunk size and page ids: the root of a
 hash tree over the image as the backup read it (page ids are the ids of their content,
 chunk ids of theirs). A restore recomputes it from what it fetched and refuses a
@@ -23,6 +30,7 @@ mismatch – end-to-end integrity.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import struct
 from collections.abc import Iterator
@@ -30,9 +38,10 @@ from collections.abc import Iterator
 from .keys import CorruptError
 from .repository import ZERO, BlobWriter, Repository
 
-__all__ = ["PAGE_CHUNKS", "DiskIndex", "disk_digest"]
+__all__ = ["CACHED_PAGES", "PAGE_CHUNKS", "DiskIndex", "disk_digest"]
 
 PAGE_CHUNKS = 4096
+CACHED_PAGES = 64  # pages of one disk held at once: 8 MiB of chunk ids
 _ID = 32
 
 
@@ -45,7 +54,10 @@ def disk_digest(size: int, chunk_size: int, page_ids: list[bytes]) -> str:
 
 class DiskIndex:
     """The chunk ids of one disk, loaded a page at a time when a chunk in it is asked or
-    changed; :meth:`store` writes the changed pages."""
+    changed; :meth:`release` writes a changed page and drops it, :meth:`store` writes
+    every changed page left. Unchanged pages beyond :data:`CACHED_PAGES` are dropped,
+    least recently used first; changed pages stay until released or stored (a change is
+    never lost). Not thread-safe: callers serialize their calls."""
 
     def __init__(self, repository: Repository, size: int, page_ids: list[bytes] | None = None):
         self.repository = repository
@@ -56,16 +68,21 @@ class DiskIndex:
         self.page_ids = list(page_ids) if page_ids is not None else [ZERO] * pages
         if len(self.page_ids) != pages:
             raise CorruptError(f"a disk of {size} bytes needs {pages} index pages, not {len(self.page_ids)}")
-        self._pages: dict[int, bytearray] = {}
+        self._pages: collections.OrderedDict[int, bytearray] = collections.OrderedDict()  # least recent first
         self._dirty: set[int] = set()
 
     @classmethod
     def of_point(cls, repository: Repository, disk: dict[str, object]) -> DiskIndex:
-        """The index of a disk of a restore point (as :meth:`describe` wrote it)."""
+        """The index of a disk of a restore point (as :meth:`store` wrote it)."""
         pages = disk.get("pages")
         if not isinstance(pages, list):
             raise CorruptError("restore point disk without pages")
         return cls(repository, int(str(disk["size"])), [bytes.fromhex(str(p)) for p in pages])
+
+    @property
+    def cached(self) -> int:
+        """How many pages are held now."""
+        return len(self._pages)
 
     def chunks_in(self, page: int) -> int:
         """How many chunks page *page* holds (the last one may hold fewer)."""
@@ -74,7 +91,10 @@ class DiskIndex:
     def page(self, page: int) -> bytearray:
         """The ids of one page (loaded and checked on first use)."""
         ids = self._pages.get(page)
-        if ids is None:
+        if ids is not None:
+            self._pages.move_to_end(page)
+        else:
+            self._make_room()
             page_id = self.page_ids[page]
             count = self.chunks_in(page)
             if page_id == ZERO:
@@ -85,6 +105,28 @@ class DiskIndex:
                     raise CorruptError(f"index page {page_id.hex()[:16]} has the wrong length")
             self._pages[page] = ids
         return ids
+
+    def _make_room(self) -> None:
+        """Drop least recently used unchanged pages until one more fits under
+        CACHED_PAGES (or none is left to drop)."""
+        for page in list(self._pages):
+            if len(self._pages) < CACHED_PAGES:
+                return
+            if page not in self._dirty:
+                del self._pages[page]
+
+    def release(self, page: int, writer: BlobWriter) -> None:
+        """Done with *page* for now: written through *writer* if changed, and dropped. A
+        later change loads it again (from a blob that *writer* may not have put yet:
+        release a page only once nothing more will change in it)."""
+        if page in self._dirty:
+            self._write(page, writer)
+        self._pages.pop(page, None)
+
+    def _write(self, page: int, writer: BlobWriter) -> None:
+        ids = self._pages[page]
+        self.page_ids[page] = ZERO if ids.count(0) == len(ids) else writer.add(bytes(ids), "tree")
+        self._dirty.discard(page)
 
     def get(self, chunk: int) -> bytes:
         page, slot = divmod(chunk, PAGE_CHUNKS)
@@ -98,9 +140,7 @@ class DiskIndex:
     def store(self, writer: BlobWriter) -> list[bytes]:
         """Write the changed pages; the page ids (what the restore point records)."""
         for page in sorted(self._dirty):
-            ids = self._pages[page]
-            self.page_ids[page] = ZERO if ids.count(0) == len(ids) else writer.add(bytes(ids), "tree")
-        self._dirty.clear()
+            self._write(page, writer)
         return list(self.page_ids)
 
     @property
