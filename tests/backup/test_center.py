@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agentless.backup.center import every_vm
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
 from tests.backup.test_flows import MiB, _configure, _running_site, _vm_with_data
+from tests.fleet import running_fleet
 from tests.wincenter.test_flows import Site
 
 
@@ -52,3 +54,18 @@ def test_a_backup_waits_for_wincenter_to_come_back(site: Site, tmp_path: Path) -
     lines = gone.stderr.strip().splitlines()
     assert "trying again" in lines[0] and len(lines) == 2, gone.stderr
     assert "unreachable" in lines[1] and "tried" in lines[1]
+
+
+def test_every_vm_reads_every_page(tmp_path: Path) -> None:
+    """``every_vm`` (what ``backup --all`` backs up) pages through ``GET /vms`` – pages
+    shorter than the inventory, a page size that divides it, one page for all – and gets
+    each VM once."""
+    with running_fleet(tmp_path, 2) as fleet:
+        fleet.make_vms(7, MiB)
+        fleet.sync()
+        with fleet.client() as center:
+            listed = {vm.id: vm.name for vm in center.vms(limit=1000).items}
+            assert len(listed) == 7
+            for page in (1, 3, 7, 1000):
+                vms = every_vm(center, page=page)
+                assert [vm.id for vm in vms] == list(listed), page

@@ -15,6 +15,8 @@ from agentless.backup.repository import CHUNK_SIZE, Repository
 from agentless.backup.settings import Settings
 from agentless.units import format_size
 from tests.backup.conftest import free_port, vmbackup
+from tests.fleet import running_fleet
+from tests.sites import MiB, configure, guest, write_random
 
 TOKEN = "wct_" + "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenX"  # the shape of a WinCenter token
 DB_SECRET = "db-pass-9f3e"
@@ -161,3 +163,32 @@ def test_the_index_cache_lives_where_it_is_told(tmp_path: Path) -> None:
     refused = vmbackup(env, "gc", "--cache-dir", str(blocked))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert str(blocked) in refused.stderr
+
+
+def test_backup_all_backs_up_every_vm_wincenter_lists(tmp_path: Path) -> None:
+    """``backup --all``: every VM of every host WinCenter lists, once, ``--parallel`` at
+    a time – a full backup each, then an incremental each; with ``--vm`` too, or with
+    neither, the command line is refused (exit 2)."""
+    with running_fleet(tmp_path, 2) as fleet:
+        names = fleet.make_vms(5, MiB)
+        with fleet.host_client(0) as host:  # one VM running, with data its guest wrote
+            host.start_vm(names[0])
+            with guest(host, names[0], 0) as disk:
+                write_random(disk, bytearray(MiB), random.Random(5), 10)
+        fleet.sync()
+        env = configure(fleet, tmp_path, str(tmp_path / "repo"))  # type: ignore[arg-type]
+        full = json.loads(vmbackup(env, "backup", "--all", "--parallel", "3", "--json").stdout)
+        assert full["failed"] == []
+        assert sorted(b["vm"] for b in full["backups"]) == names
+        assert {b["type"] for b in full["backups"]} == {"full"}
+        again = json.loads(vmbackup(env, "backup", "--all", "--json").stdout)
+        assert sorted(b["vm"] for b in again["backups"]) == names
+        assert {b["type"] for b in again["backups"]} == {"incremental"}
+        points = json.loads(vmbackup(env, "list", "--json").stdout)["points"]
+        assert sorted(p["vm"] for p in points) == sorted(names * 2)
+        both = vmbackup(env, "backup", "--all", "--vm", names[0])
+        neither = vmbackup(env, "backup")
+        assert (both.returncode, neither.returncode) == (2, 2)
+        assert "not allowed with" in both.stderr and "--vm --all" in neither.stderr
+        with fleet.host_client(0) as host:
+            host.stop_vm(names[0])

@@ -24,12 +24,14 @@ import httpx
 
 from agentless.redaction import redact
 from agentless.wincenter.client import CenterClient, CenterUnreachable
+from agentless.wincenter.schemas import VmOut
 
 from .settings import SettingsError
 
-__all__ = ["RETRY_SECONDS", "Center", "retry_seconds"]
+__all__ = ["PAGE", "RETRY_SECONDS", "Center", "every_vm", "retry_seconds"]
 
 RETRY_SECONDS = 15.0
+PAGE = 500  # VMs asked for per ``GET /vms`` page (WinCenter answers at most 1 000)
 _FIRST_PAUSE = 0.5
 _LONGEST_PAUSE = 4.0
 
@@ -110,3 +112,23 @@ class Center(CenterClient):
                 waited += pause
                 pause = min(pause * 2, _LONGEST_PAUSE)
                 attempts += 1
+
+
+def every_vm(center: CenterClient, page: int = PAGE) -> list[VmOut]:
+    """Every VM WinCenter lists (``vmbackup backup --all``), page after page of ``GET
+    /vms`` (by name, then id) until a page comes back short or the pages reach the
+    ``total`` WinCenter states – never assuming one page holds them all.
+
+    A VM that appears twice (a VM created while paging moved the others one place on) is
+    kept once. A VM created or deleted while the pages are read may be missed or still be
+    listed (its backup then fails alone, saying so); the next run sees the inventory as it
+    is then."""
+    seen: dict[str, VmOut] = {}
+    offset = 0
+    while True:
+        answer = center.vms(limit=page, offset=offset)
+        for vm in answer.items:
+            seen.setdefault(vm.id, vm)
+        offset += len(answer.items)
+        if len(answer.items) < page or offset >= answer.total:
+            return list(seen.values())
