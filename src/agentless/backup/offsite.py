@@ -264,8 +264,11 @@ class _Copy:
                     continue
                 self.seen_pages.add(page)
                 ids = self.page(disk, number, page, writer)
-                for chunk in dict.fromkeys(ids[i : i + _ID] for i in range(0, len(ids), _ID)):
-                    if chunk not in self.new and not writer.known(chunk):
+                chunks = list(dict.fromkeys(ids[i : i + _ID] for i in range(0, len(ids), _ID)))
+                asked = [c for c in chunks if c not in self.new]
+                known = dict(zip(asked, writer.known_many(asked), strict=True))  # one lookup a page
+                for chunk in asked:
+                    if chunk not in self.new and not known[chunk]:
                         self.new[chunk] = None
                         batch.append(chunk)
                         if len(batch) == BATCH:
