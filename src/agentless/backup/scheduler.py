@@ -35,6 +35,7 @@ from agentless.redaction import redact
 from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES, VmBackup
+from .center import every_vm
 from .gc import gc
 from .keys import Keys, RepositoryError
 from .leftovers import Journal, reap
@@ -194,12 +195,7 @@ class Runner:
         cannot see for a while (its host is down) is retried like any failure."""
         if not policy.all_vms:
             return list(policy.vms)
-        found: list[Any] = []
-        while True:  # every page of WinCenter's list
-            page = center.vms(limit=100, offset=len(found))
-            found += page.items
-            if not page.items or len(found) >= page.total:
-                return found
+        return list(every_vm(center))  # every page of WinCenter's list, each VM once
 
     def _one(
         self,
