@@ -156,7 +156,8 @@ class Catalog(Closing):
         known = self._rows()
         missing = [point_id for point_id in listed if point_id not in known]
         fresh = self._fetch(missing)
-        gone = [point_id for point_id in known if point_id not in set(listed)]
+        present = set(listed)
+        gone = [point_id for point_id in known if point_id not in present]
         if fresh or gone:
             self._store(fresh, gone)
         found = [known.get(point_id) or fresh.get(point_id) for point_id in dict.fromkeys(listed)]
