@@ -374,3 +374,32 @@ def test_two_processes_use_one_catalog_at_once(made: tuple[Path, dict[str, dict[
         assert {p["id"] for p in repository.points()} == set(points) | saved
     with sqlite3.connect(_catalog_file(repository)) as db:
         assert {row[0] for row in db.execute("SELECT id FROM points")} == set(points) | saved
+
+
+def test_a_catalog_held_by_another_process_is_not_taken_for_damage(
+    made: tuple[Path, dict[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's "database is locked" (another process's transaction outlasting the busy
+    timeout) is an error of the command, not damage: the file is not rebuilt under it."""
+    from agentless.backup import catalog
+    from agentless.backup.catalog import CatalogError
+
+    where, points = made
+    repository, _ = _reopen(where)
+    with repository:
+        repository.points()
+    path = _catalog_file(repository)
+    monkeypatch.setattr(catalog, "_BUSY_SECONDS", 0.05)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("DELETE FROM points WHERE 0")
+        repository, _ = _reopen(where)
+        with repository, pytest.raises(CatalogError, match="locked"):
+            repository.points()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with sqlite3.connect(path) as db:  # still there, whole
+        assert db.execute("SELECT count(*) FROM points").fetchone()[0] == len(points)

@@ -207,6 +207,8 @@ class Catalog(Closing):
                     rows = db.execute("SELECT id, summary, checksum FROM points").fetchall()
                 return {point_id: _parse(point_id, text, checksum) for point_id, text, checksum in rows}
             except (sqlite3.DatabaseError, _Damaged) as error:
+                if _busy(error):  # another process holds it longer than the busy timeout: not damage
+                    raise CatalogError(f"restore point catalog {self.path}: {error}") from None
                 if attempt == 2:
                     raise CatalogError(f"restore point catalog {self.path}: {error}") from None
                 self._rebuild(str(error))
@@ -285,6 +287,12 @@ class Catalog(Closing):
             yield
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+
+def _busy(error: Exception) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and any(
+        word in str(error) for word in ("locked", "busy")
+    )
 
 
 def _parse(point_id: str, text: str, checksum: str) -> dict[str, Any]:
