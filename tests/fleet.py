@@ -64,6 +64,7 @@ class Fleet:
 def running_fleet(root: Path, hosts: int, *serve_options: str) -> Iterator[Fleet]:
     """*hosts* hosts and a WinCenter (SQLite; ``wincenter serve`` with *serve_options*)
     managing them, under *root*; all stopped on the way out."""
+    root.mkdir(parents=True, exist_ok=True)
     daemons = [init_host(str(root / f"host-{i}"), "--name", f"host-{i}") for i in range(hosts)]
     procs: list[subprocess.Popen[str]] = []
     center: Server | None = None
