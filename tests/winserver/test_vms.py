@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from agentless import vhd
 from agentless.winserver.host import Host
@@ -105,3 +106,24 @@ def test_cli(tmp_path: Path) -> None:
         assert len(failed.stderr.strip().splitlines()) == 1
     assert _winserver("vm", "list").returncode == 2  # no --dir and no WINSERVER_DIR
     assert _winserver("vm", "delete", "web", "--dir", d).returncode == 0
+
+
+def test_listing_many_vms_takes_a_bounded_number_of_statements(host: Host) -> None:
+    """The list WinCenter's inventory sync asks for: 300 VMs (disks, NICs) read in a
+    handful of SQL statements, not three per VM (each VM's disks, each disk's VDI, its
+    NICs), and described as one at a time describes them."""
+    for n in range(300):
+        create_vm(host, f"vm-{n:03d}", [MiB] * (1 + n % 2), ["lan"] * (n % 3))
+    statements: list[str] = []
+
+    def count(*_args: object) -> None:
+        statements.append("")
+
+    event.listen(host.metadata.engine, "before_cursor_execute", count)
+    try:
+        listed = list_vms(host)
+    finally:
+        event.remove(host.metadata.engine, "before_cursor_execute", count)
+    assert len(listed) == 300
+    assert len(statements) <= 8, len(statements)  # the VMs, disks, VDIs, NICs (500 ids per IN)
+    assert listed[::37] == [describe_vm(host, vm["uuid"]) for vm in listed[::37]]
