@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -518,3 +519,29 @@ def test_100k_random_writes_on_a_100_gib_disk(tmp_path: Path) -> None:
     starts, ends = cbt.changed_ranges(one, size)
     assert int((ends - starts).sum()) == int(model.sum()) * B
     assert Path(cbt.cbt_path(tmp_path, VDI)).stat().st_size < 2 * len(expected) + 4096
+
+
+def test_extents_of_a_2040_gib_disk_in_bounded_memory() -> None:
+    """The bitmap of a 2040 GiB disk (the VHD limit: 33 million blocks) becomes its ranges
+    without unpacking it whole – ~100 MiB for a moment per disk of every incremental
+    backup on the host before; now less than 16 MiB – and a run across the edge of a
+    window of the unpacking is one range, the last block clipped to the disk's end."""
+    size = 2040 * GiB - 1000
+    blocks = cbt.blocks_for(size)
+    model = np.zeros(blocks, dtype=bool)
+    model[[5, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 << 22, blocks - 1]] = True
+    bitmap = np.packbits(model, bitorder="big").tobytes()
+    del model
+    tracemalloc.start()
+    try:
+        starts, ends = cbt.changed_ranges(bitmap, size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak >> 20} MiB"
+    assert [(int(s) // B, int(e)) for s, e in zip(starts, ends, strict=True)] == [
+        (5, 6 * B),
+        ((1 << 20) - 1, ((1 << 20) + 2) * B),
+        (3 << 22, ((3 << 22) + 1) * B),
+        (blocks - 1, size),
+    ]

@@ -61,7 +61,7 @@ import zlib
 import numpy as np
 import numpy.typing as npt
 
-from agentless.vhd.extents import Extent, IntArray, as_extents, runs
+from agentless.vhd.extents import Extent, IntArray, as_extents, runs, union
 
 __all__ = [
     "BLOCK_SHIFT",
@@ -241,13 +241,30 @@ def from_base64(text: str, size: int) -> bytes:
     return bitmap
 
 
+_WINDOW = 1 << 20  # blocks unpacked at once: 128 KiB of bitmap, 1 MiB of booleans (64 GiB of disk)
+
+
 def changed_ranges(bitmap: bytes | bytearray | memoryview, size: int) -> tuple[IntArray, IntArray]:
     """Byte ranges (starts, ends) of the set bits, merged (adjacent blocks make one range)
-    and clipped to *size*: the last block of a disk of 100000 bytes ends at 100000."""
+    and clipped to *size*: the last block of a disk of 100000 bytes ends at 100000.
+
+    The bitmap is unpacked a window of :data:`_WINDOW` blocks at a time, windows without
+    a set bit skipped, and the runs found merged across windows: unpacked whole, a
+    2040 GiB disk's bitmap (33 million blocks) took ~100 MiB for a moment per call – per
+    disk of every incremental backup."""
     _check_bitmap(bitmap, size)
     packed = np.frombuffer(bitmap, dtype=np.uint8)
-    bits = np.unpackbits(packed, count=blocks_for(size), bitorder="big").view(np.bool_)
-    starts, ends = runs(bits)
+    count = blocks_for(size)
+    found: list[tuple[IntArray, IntArray]] = []
+    step = _WINDOW // 8
+    for first in range(0, packed.size, step):
+        window = packed[first : first + step]
+        if not window.any():
+            continue
+        bits = np.unpackbits(window, count=min(_WINDOW, count - first * 8), bitorder="big").view(np.bool_)
+        starts, ends = runs(bits)
+        found.append((starts + first * 8, ends + first * 8))
+    starts, ends = union(*found)  # a run across a window's edge is one range again
     return starts << BLOCK_SHIFT, np.minimum(ends << BLOCK_SHIFT, size)
 
 
