@@ -9,7 +9,8 @@ Printed, per step: the peak RSS of the ``vmbackup`` process (``ru_maxrss`` of th
 from ``wait4``) and what it read or wrote; for the restore, the bytes it wrote against
 the bytes the guest wrote (a ratio: 1.0 is every written chunk and nothing else), and the
 restored VHD files' allocated size on the host against the data written (holes are not
-written: the restored disks hold the data, a sector bitmap per 2 MiB block and the BAT).
+written: the restored disks hold the data, a sector bitmap per 2 MiB block and the BAT); and the
+peak RSS (VmHWM) of the host's and WinCenter's daemons over the whole run.
 
 The guest writes in runs of ``--run`` KiB at random offsets, each in an index page of
 its own where it can (one page: 4096 chunks, 256 MiB of disk): the most index pages a
@@ -88,6 +89,15 @@ def vhd_bytes(site: Site, vm: str) -> int:
         return sum(os.stat(d["path"]).st_blocks * 512 for d in host.vm(vm)["disks"])
 
 
+def peak_rss(pid: int) -> int:
+    """The peak RSS (VmHWM) of the running process *pid*, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--disks", type=int, default=8)
@@ -136,6 +146,10 @@ def main() -> None:
         print(
             f"restored VHDs on the host: {target / MiB:.0f} MiB = {target / written:.2f} x the data written "
             f"(of {args.disks * DISK / GiB:.0f} GiB of disks)"
+        )
+        print(
+            f"daemons' peak RSS: winserver serve {peak_rss(site.host_proc.pid) / MiB:.0f} MiB, "
+            f"wincenter serve {peak_rss(site.center.proc.pid) / MiB:.0f} MiB"
         )
 
 
