@@ -21,8 +21,8 @@ import pytest
 from agentless.backup.indexcache import cache_root
 from agentless.backup.prune import prune
 from agentless.backup.repository import CacheSettings, Repository
-from agentless.backup.storage import Backend, LocalBackend
-from tests.backup.conftest import _ok, vmbackup
+from agentless.backup.storage import Backend, LocalBackend, S3Backend
+from tests.backup.conftest import S3Server, _ok, vmbackup
 
 PASSWORD = "catalog-pw"
 
@@ -403,3 +403,26 @@ def test_a_catalog_held_by_another_process_is_not_taken_for_damage(
         holder.close()
     with sqlite3.connect(path) as db:  # still there, whole
         assert db.execute("SELECT count(*) FROM points").fetchone()[0] == len(points)
+
+
+def test_on_s3_a_warm_listing_reads_no_restore_point(s3_server: S3Server) -> None:
+    """The same on S3 (whose names are listed in 16 shards at once): every point listed,
+    none read once warm, and one added by another writer read alone."""
+    bucket = s3_server.create_bucket()
+
+    def s3_backend() -> CountingBackend:
+        return CountingBackend(S3Backend(bucket, "repo", **s3_server.options()))
+
+    with Repository.init(S3Backend(bucket, "repo", **s3_server.options()), PASSWORD) as repository:
+        saved = {repository.save_point(_point(f"vm{n % 3}", 1 + n)) for n in range(20)}
+    for expected_reads in (len(saved), 0):
+        backend = s3_backend()
+        with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
+            assert {p["id"] for p in repository.points()} == saved
+            assert len(backend.points_read) == expected_reads
+    with Repository.open(S3Backend(bucket, "repo", **s3_server.options()), PASSWORD) as other:
+        added = other.save_point(_point("vm9", 28))
+    backend = s3_backend()
+    with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
+        assert [p["id"] for p in repository.points()][-1] == added
+        assert backend.points_read == [f"points/{added}"]

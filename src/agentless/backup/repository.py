@@ -410,7 +410,16 @@ class Repository(Closing):
             log.warning("%s", line)
 
         def names() -> list[str]:
-            return list(self.backend.list("points/"))
+            if not self.backend.location.startswith("s3://"):
+                return list(self.backend.list("points/"))
+            # on S3 a listing is a round trip per 1 000 names, one after the other: the 16
+            # shards of the ids' first hex digit are listed at once (names that are no
+            # restore point's are not listed; verify reads every name)
+            with concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="vmbackup-list") as pool:
+                shards = pool.map(
+                    lambda digit: list(self.backend.list(f"points/{digit}")), "0123456789abcdef"
+                )
+                return [name for shard in shards for name in shard]
 
         repository_id = str(self.config["id"])
         if self.cache.enabled:
