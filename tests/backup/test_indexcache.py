@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,63 +26,14 @@ from agentless.backup.indexfile import (
     decode_binary,
     encode_binary,
     pack_digest,
-    pack_name,
 )
 from agentless.backup.keys import CorruptError
 from agentless.backup.packs import BlobLocation
 from agentless.backup.repository import BlobWriter, CacheSettings, Repository
 from agentless.backup.storage import LocalBackend, NotFound
 from agentless.backup.verify import verify
+from tests.backup.indexes import FakeRepository, entries_of, pack_of
 from tests.backup.legacy import to_format_2
-
-
-def _pack(rng: random.Random) -> str:
-    return pack_name(rng.randbytes(32))
-
-
-def _entries(rng: random.Random, count: int, packs: list[str], blobs: list[bytes] | None = None) -> Entries:
-    pairs = []
-    for n in range(count):
-        blob = rng.choice(blobs) if blobs and rng.random() < 0.3 else rng.randbytes(32)
-        if n % 7 == 0:
-            blob = blob[:31] + b"\0"  # ids ending in NUL bytes: numpy's S32 must keep them
-        kind = "tree" if rng.random() < 0.1 else "data"
-        where = BlobLocation(rng.choice(packs), rng.randrange(1 << 24), rng.randrange(1, 1 << 17), kind, n)
-        pairs.append((blob, where))
-    return Entries.of(pairs)
-
-
-class FakeRepository:
-    """Index files by name, and a count of the reads the cache makes."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, Entries] = {}
-        self.reads: list[str] = []
-
-    def add(self, entries: Entries) -> str:
-        name = f"index/{os.urandom(32).hex()}"
-        self.files[name] = entries
-        return name
-
-    def list(self) -> list[str]:
-        return sorted(self.files)
-
-    def read(self, name: str) -> Entries:
-        self.reads.append(name)
-        try:
-            return self.files[name]
-        except KeyError:
-            raise NotFound(name) from None
-
-    def cache(self, directory: Path, warn: Callable[[str], None] | None = None) -> IndexCache:
-        return IndexCache(directory, self.list, self.read, warn)
-
-    def oracle(self) -> dict[bytes, set[BlobLocation]]:
-        found: dict[bytes, set[BlobLocation]] = {}
-        for entries in self.files.values():
-            for blob, where in entries.items():
-                found.setdefault(blob, set()).add(where)
-        return found
 
 
 def _agree(cache: IndexCache, repo: FakeRepository, rng: random.Random, absent: int = 50) -> None:
@@ -100,8 +50,8 @@ def _agree(cache: IndexCache, repo: FakeRepository, rng: random.Random, absent: 
 
 def test_binary_index_files_round_trip_and_refuse_malformed_payloads() -> None:
     rng = random.Random(1)
-    packs = [_pack(rng) for _ in range(5)]
-    entries = _entries(rng, 300, packs)
+    packs = [pack_of(rng) for _ in range(5)]
+    entries = entries_of(rng, 300, packs)
     payload = encode_binary(entries)
     decoded = decode_binary(payload, "index/x")
     assert sorted(decoded.items()) == sorted(entries.items())
@@ -130,11 +80,11 @@ def test_lookups_agree_with_the_union_of_the_index_files(
     monkeypatch.setattr(indexcache, "MERGE_STEP", 300)  # merges in several steps
     rng = random.Random(7)
     repo = FakeRepository()
-    packs = [_pack(rng) for _ in range(40)]
+    packs = [pack_of(rng) for _ in range(40)]
     shared: list[bytes] = []
     for round_ in range(12):
         for _ in range(rng.randrange(1, 6)):
-            entries = _entries(rng, rng.randrange(1, 400), packs, shared)
+            entries = entries_of(rng, rng.randrange(1, 400), packs, shared)
             picks = [rng.randrange(len(entries)) for _ in range(3)]
             shared.extend(entries.ids[i : i + 1].tobytes() for i in picks)
             repo.add(entries)
@@ -151,20 +101,20 @@ def test_lookups_agree_with_the_union_of_the_index_files(
 def test_a_sync_reads_only_the_index_files_it_has_not_seen(tmp_path: Path) -> None:
     rng = random.Random(2)
     repo = FakeRepository()
-    packs = [_pack(rng) for _ in range(4)]
-    first = [repo.add(_entries(rng, 50, packs)) for _ in range(5)]
+    packs = [pack_of(rng) for _ in range(4)]
+    first = [repo.add(entries_of(rng, 50, packs)) for _ in range(5)]
     with repo.cache(tmp_path / "c") as cache:
         cache.sync()
     assert sorted(repo.reads) == sorted(first)
     repo.reads.clear()
-    newer = repo.add(_entries(rng, 50, packs))
+    newer = repo.add(entries_of(rng, 50, packs))
     del repo.files[first[0]]
     with repo.cache(tmp_path / "c") as cache:
         cache.sync()
         assert repo.reads == [newer]
         _agree(cache, repo, rng)
         repo.reads.clear()
-        written = _entries(rng, 20, packs)
+        written = entries_of(rng, 20, packs)
         name = f"index/{os.urandom(32).hex()}"
         repo.files[name] = written
         cache.add(name, written)  # what this process wrote: not read back
@@ -180,9 +130,9 @@ def test_a_damaged_cache_is_found_before_it_answers_and_built_again(
 ) -> None:
     rng = random.Random(3)
     repo = FakeRepository()
-    packs = [_pack(rng) for _ in range(4)]
+    packs = [pack_of(rng) for _ in range(4)]
     for _ in range(3):
-        repo.add(_entries(rng, 600, packs))
+        repo.add(entries_of(rng, 600, packs))
     with repo.cache(tmp_path / "c") as cache:
         cache.sync()
         (run,) = cache.runs
@@ -217,12 +167,12 @@ def test_a_listing_older_than_a_file_another_process_cached_does_not_hide_it(tmp
     find them) – the listing it updates with is made under the cache's lock."""
     rng = random.Random(11)
     repo = FakeRepository()
-    packs = [_pack(rng) for _ in range(3)]
-    repo.add(_entries(rng, 40, packs))
+    packs = [pack_of(rng) for _ in range(3)]
+    repo.add(entries_of(rng, 40, packs))
     a = repo.cache(tmp_path / "c")
     a.sync()
-    repo.add(_entries(rng, 40, packs))  # B has something to read: it goes on to update
-    written = _entries(rng, 40, packs)
+    repo.add(entries_of(rng, 40, packs))  # B has something to read: it goes on to update
+    written = entries_of(rng, 40, packs)
     listings = []
 
     def b_lists() -> list[str]:
@@ -246,7 +196,7 @@ def test_a_blob_in_several_packs_is_found_outside_the_avoided_ones(tmp_path: Pat
     rng = random.Random(4)
     repo = FakeRepository()
     blob = rng.randbytes(32)
-    condemned, alive = _pack(rng), _pack(rng)
+    condemned, alive = pack_of(rng), pack_of(rng)
     repo.add(Entries.of([(blob, BlobLocation(condemned, 10, 5, "data", 5))]))
     with repo.cache(tmp_path / "c") as cache:
         assert cache.locate([blob], frozenset({condemned})) == [BlobLocation(condemned, 10, 5, "data", 5)]
@@ -289,10 +239,10 @@ class DirectoryRepository(FakeRepository):
 def _worker(directory: str, repository: str, seed: int, queue: multiprocessing.Queue[str]) -> None:
     repo = DirectoryRepository(Path(repository))
     rng = random.Random(seed)
-    packs = [_pack(rng) for _ in range(3)]
+    packs = [pack_of(rng) for _ in range(3)]
     try:
         for round_ in range(6):
-            written = _entries(rng, 30, packs)
+            written = entries_of(rng, 30, packs)
             name = repo.add(written)  # put, then cached: as a backup's writer does
             with repo.cache(Path(directory)) as cache:
                 before = repo.oracle()  # what the cache must know after its sync...
@@ -320,7 +270,7 @@ def test_processes_share_one_cache(tmp_path: Path) -> None:
     repository.mkdir()
     repo = DirectoryRepository(repository)
     for _ in range(3):
-        repo.add(_entries(rng, 200, [_pack(rng) for _ in range(3)]))
+        repo.add(entries_of(rng, 200, [pack_of(rng) for _ in range(3)]))
     context = multiprocessing.get_context("spawn")
     queue: multiprocessing.Queue[str] = context.Queue()
     workers = [

@@ -80,7 +80,9 @@ __all__ = [
     "MAX_RUNS",
     "CacheError",
     "IndexCache",
+    "Run",
     "cache_root",
+    "check_range",
 ]
 
 MAGIC = b"AGVBRUN1"
@@ -512,7 +514,7 @@ def _merged(runs: list[Run], row_maps: list[np.ndarray]) -> Iterator[tuple[np.nd
             if start >= run.entries:
                 continue
             stop = min(run.entries, start + step)
-            _check_range(run, start, stop)
+            check_range(run, start, stop)
             taken.append((i, run.ids[start:stop], run.values[start:stop], stop == run.entries))
         if not taken:
             return
@@ -536,7 +538,9 @@ def _merged(runs: list[Run], row_maps: list[np.ndarray]) -> Iterator[tuple[np.nd
             run.drop_pages()
 
 
-def _check_range(run: Run, start: int, stop: int) -> None:
+def check_range(run: Run, start: int, stop: int) -> None:
+    """Check the blocks of *run* that hold its entries *start* to *stop* (once per
+    process); :class:`_Damaged` if one does not check."""
     first, last = start // BLOCK, (stop - 1) // BLOCK
     for block in range(first, last + 1):
         if run.verified[block]:
@@ -806,7 +810,7 @@ class IndexCache(Mapping[bytes, BlobLocation]):
                 path = self.directory / "runs" / _safe(run["name"])
                 try:
                     checked = Run(path, run["dead"])
-                    _check_range(checked, 0, checked.entries) if checked.entries else None
+                    check_range(checked, 0, checked.entries) if checked.entries else None
                     good.append(checked)
                 except _Damaged:
                     with contextlib.suppress(OSError):
