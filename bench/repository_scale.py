@@ -60,12 +60,14 @@ def parse_count(text: str) -> int:
     return int(float(text.rstrip("KMG")) * scale)
 
 
-def synthetic_index(location: str, blobs: int, env: dict[str, str], seed: int) -> float:
+def synthetic_index(
+    location: str, blobs: int, env: dict[str, str], seed: int, password: str | None = PASSWORD
+) -> float:
     """Write *blobs* synthetic entries into the repository at *location* as binary index
     files of up to FILE_ENTRIES entries (sealed with its keys); seconds taken."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    with Repository.open(location, PASSWORD) as repository:
+    with Repository.open(location, password) as repository:
         keys = repository.keys
         for start in range(0, blobs, FILE_ENTRIES):
             count = min(FILE_ENTRIES, blobs - start)

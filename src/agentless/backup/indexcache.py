@@ -93,8 +93,8 @@ MAX_BITS = 24
 MAX_RUNS = 8
 TIER = 8  # a run absorbs the runs smaller than 1/TIER of it
 DEAD_SHARE = 0.25  # a run with more dead entries than this is rewritten
-BUILD_ENTRIES = 2 << 20  # entries a new run is built from in memory (96 MiB)
-MERGE_STEP = 1 << 20  # entries taken from each run per step of a merge
+BUILD_ENTRIES = 1 << 20  # entries a new run is built from in memory (48 MiB, one full index file)
+MERGE_STEP = 1 << 18  # entries in memory per step of a merge (12 MiB)
 DROP_PAGES = 1 << 14  # lookups between two madvise(DONTNEED) of the runs (bounded RSS)
 _HEADER = struct.Struct("<8sIIQIIQ32s")  # magic, version, bits, entries, rows, files, -, sum
 _HEADER_SIZE = 128
@@ -188,36 +188,46 @@ class _RunWriter:
         os.ftruncate(self._fd, self.sections["end"][0])
 
     def write(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """Append entries (in id order after those written before). Blocks are summed as
+        they complete, from views of the arrays: no copy of a chunk but the few entries
+        carried over to the next block."""
         if not len(ids):
             return
         if self.written + len(ids) > self.layout.entries:
             raise ValueError("more entries than the run was made for")
-        self._put("ids", 32 * self.written, np.ascontiguousarray(ids).tobytes())
-        self._put("values", 16 * self.written, np.ascontiguousarray(values).tobytes())
+        ids, values = np.ascontiguousarray(ids, "S32"), np.ascontiguousarray(values, VALUE)
+        self._put("ids", 32 * self.written, ids.data.cast("B"))
+        self._put("values", 16 * self.written, values.data.cast("B"))
         self.written += len(ids)
         self.fan[1:] += np.bincount(_buckets(ids, self.layout.bits), minlength=1 << self.layout.bits)
         self.row_count += np.bincount(values["pack"].astype(np.int64), minlength=len(self.rows))
-        self._partial.append((ids, values))
-        self._partial_count += len(ids)
-        if self._partial_count >= BLOCK:
-            joined_ids = np.concatenate([i for i, _ in self._partial])
-            joined_values = np.concatenate([v for _, v in self._partial])
-            whole = len(joined_ids) - len(joined_ids) % BLOCK
-            self._sum(joined_ids[:whole], joined_values[:whole])
-            self._partial = [(joined_ids[whole:], joined_values[whole:])]
-            self._partial_count = len(joined_ids) - whole
+        if self._partial_count:  # complete the block begun by the last chunk
+            need = BLOCK - self._partial_count
+            head_ids, head_values = zip(*self._partial, strict=True)
+            joined_ids = np.concatenate([*head_ids, ids[:need]])
+            joined_values = np.concatenate([*head_values, values[:need]])
+            ids, values = ids[need:], values[need:]
+            self._partial, self._partial_count = [], 0
+            if len(joined_ids) < BLOCK:
+                self._partial, self._partial_count = [(joined_ids, joined_values)], len(joined_ids)
+                return
+            self._sum(joined_ids, joined_values)
+        whole = len(ids) - len(ids) % BLOCK
+        self._sum(ids[:whole], values[:whole])
+        if whole < len(ids):
+            self._partial = [(ids[whole:].copy(), values[whole:].copy())]
+            self._partial_count = len(ids) - whole
 
     def _sum(self, ids: np.ndarray, values: np.ndarray) -> None:
-        id_bytes, value_bytes = ids.tobytes(), values.tobytes()
+        id_bytes = np.ascontiguousarray(ids).data.cast("B")
+        value_bytes = np.ascontiguousarray(values).data.cast("B")
         for start in range(0, len(ids), BLOCK):
+            stop = start + BLOCK
             self.sums.append(
-                _block_sum(
-                    id_bytes[32 * start : 32 * (start + BLOCK)],
-                    value_bytes[16 * start : 16 * (start + BLOCK)],
-                )
+                _block_sum(id_bytes[32 * start : 32 * stop], value_bytes[16 * start : 16 * stop])
             )
 
-    def _put(self, section: str, at: int, data: bytes) -> None:
+    def _put(self, section: str, at: int, data: bytes | memoryview) -> None:
         offset = self.sections[section][0] + at
         view = memoryview(data)
         while view:
@@ -262,8 +272,10 @@ def _padded(data: bytes) -> bytes:
     return data + bytes(-len(data) % 8)
 
 
-def _block_sum(ids: bytes, values: bytes) -> bytes:
-    return blake3.blake3(ids + values).digest(_SUM)
+def _block_sum(ids: bytes | memoryview, values: bytes | memoryview) -> bytes:
+    digest = blake3.blake3(ids)
+    digest.update(values)
+    return bytes(digest.digest(_SUM))
 
 
 class Run:
@@ -446,9 +458,13 @@ def _write_built(path: Path, sources: list[_Source]) -> None:
         base += len(entries.packs)
         ids.append(entries.ids)
         values.append(shifted)
-    all_ids = np.concatenate(ids) if ids else _EMPTY
-    all_values = np.concatenate(values) if values else np.zeros(0, VALUE)
-    order = np.argsort(all_ids, kind="stable")
+    all_ids = (ids[0] if len(ids) == 1 else np.concatenate(ids)) if ids else _EMPTY
+    all_values = (values[0] if len(values) == 1 else np.concatenate(values)) if values else np.zeros(0, VALUE)
+    del ids, values
+    if len(all_ids) > 1 and not bool((all_ids[1:] >= all_ids[:-1]).all()):  # binary files come sorted
+        order = np.argsort(all_ids, kind="stable")
+        all_ids, all_values = all_ids[order], all_values[order]
+        del order
     writer = _RunWriter(
         path,
         len(all_ids),
@@ -457,7 +473,8 @@ def _write_built(path: Path, sources: list[_Source]) -> None:
         np.concatenate(row_file) if row_file else np.zeros(0, np.uint32),
     )
     try:
-        writer.write(all_ids[order], all_values[order])
+        for start in range(0, len(all_ids), MERGE_STEP):
+            writer.write(all_ids[start : start + MERGE_STEP], all_values[start : start + MERGE_STEP])
         writer.finish()
     except BaseException:
         writer.abandon()

@@ -272,14 +272,15 @@ class Keys:
             head, end = kind, len(kind) + 1
         else:
             raise CorruptError(f"{where}: unknown format version", where)
-        rest = data[end:]
+        rest = memoryview(data)[end:]  # views, not copies: index files are tens of MiB
+        body: bytes | memoryview
         if self.data_key is None:
-            body, digest = rest[:-32], rest[-32:]
-            if len(digest) != 32 or self.digest(data[:-32]) != digest:
+            body, digest = rest[:-32], bytes(rest[-32:])
+            if len(digest) != 32 or self.digest(memoryview(data)[:-32]) != digest:
                 raise CorruptError(f"{where}: checksum mismatch", where)
         else:
             try:
-                body = AESGCM(self.data_key).decrypt(rest[:_NONCE], rest[_NONCE:], head)
+                body = AESGCM(self.data_key).decrypt(bytes(rest[:_NONCE]), rest[_NONCE:], head)
             except (InvalidTag, ValueError):
                 raise CorruptError(f"{where}: authentication failed", where) from None
         if stored is not None and stored != name.encode():
