@@ -69,7 +69,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from .indexfile import KINDS, VALUE, Entries, pack_digest, pack_name
+from .indexfile import VALUE, Entries, location_of, pack_digest
 from .keys import RepositoryError
 from .packs import BlobLocation
 from .storage import NotFound
@@ -411,7 +411,7 @@ class Run:
             self.verified[block] = True
 
     def location(self, position: int) -> BlobLocation:
-        return _location(self.rows, self.values[position])
+        return location_of(self.rows, self.values[position])
 
 
 _MADV_DONTNEED = getattr(__import__("mmap"), "MADV_DONTNEED", 4)
@@ -725,21 +725,18 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         return built
 
     def _new_run(self, sources: list[_Source]) -> Run:
-        path = self._run_path()
-        temporary = path.with_name(f".tmp-{path.name}")
-        _write_built(temporary, sources)
-        os.replace(temporary, path)
-        return Run(path)
+        return self._run_of(lambda path: _write_built(path, sources))
 
     def _merge(self, runs: list[Run]) -> Run:
-        path = self._run_path()
+        return self._run_of(lambda path: _write_merged(path, runs))
+
+    def _run_of(self, write: Callable[[Path], None]) -> Run:
+        """A new run, written by *write* under a temporary name, then renamed."""
+        path = self.directory / "runs" / secrets.token_hex(16)
         temporary = path.with_name(f".tmp-{path.name}")
-        _write_merged(temporary, runs)
+        write(temporary)
         os.replace(temporary, path)
         return Run(path)
-
-    def _run_path(self) -> Path:
-        return self.directory / "runs" / secrets.token_hex(16)
 
     def _compact(self, runs: list[Run], added: list[Run]) -> list[Run]:
         """The runs after adding *added*: runs a quarter dead rewritten, small runs merged
@@ -785,11 +782,7 @@ class IndexCache(Mapping[bytes, BlobLocation]):
                 if damaged:
                     runs = self._update(runs, set(self._list_files()), damaged)
                 elif name not in _cached(runs):
-                    path = self._run_path()
-                    temporary = path.with_name(f".tmp-{path.name}")
-                    _write_built(temporary, [_Source(_file_digest(name), entries)])
-                    os.replace(temporary, path)
-                    runs = self._compact(runs, [Run(path)])
+                    runs = self._compact(runs, [self._new_run([_Source(_file_digest(name), entries)])])
                     self._write_manifest(runs)
                     self._remove_unnamed(runs)
             self._adopt(runs)
@@ -967,18 +960,7 @@ def _live_entries(runs: list[Run]) -> Iterator[tuple[bytes, BlobLocation]]:
             if blob == last:
                 continue
             last = blob
-            yield blob, _location(table, values[position])
-
-
-def _location(rows: np.ndarray, value: Any) -> BlobLocation:
-    raw = int(value["raw"])
-    return BlobLocation(
-        pack_name(_id(rows, int(value["pack"]))),
-        int(value["offset"]),
-        int(value["length"]),
-        KINDS[raw >> 31],
-        raw & ((1 << 31) - 1),
-    )
+            yield blob, location_of(table, values[position])
 
 
 def _cached(runs: list[Run]) -> set[str]:

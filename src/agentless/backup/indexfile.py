@@ -45,6 +45,7 @@ __all__ = [
     "decode_binary",
     "decode_json",
     "encode_binary",
+    "location_of",
     "pack_digest",
     "pack_name",
 ]
@@ -119,15 +120,7 @@ class Entries:
         return Entries(self.ids[order], self.values[order], self.packs)
 
     def location(self, row: int) -> BlobLocation:
-        value = self.values[row]
-        raw = int(value["raw"])
-        return BlobLocation(
-            pack_name(_id(self.packs, int(value["pack"]))),
-            int(value["offset"]),
-            int(value["length"]),
-            KINDS[raw >> 31],
-            raw & int(_RAW_MASK),
-        )
+        return location_of(self.packs, self.values[row])
 
     def items(self) -> Iterator[tuple[bytes, BlobLocation]]:
         for row in range(len(self)):
@@ -136,6 +129,18 @@ class Entries:
     def locations(self) -> dict[bytes, BlobLocation]:
         """blob id -> where (a blob in several packs: the last entry)."""
         return dict(self.items())
+
+
+def location_of(packs: np.ndarray, value: Any) -> BlobLocation:
+    """The location a *value* (:data:`VALUE`) gives, its pack number looked up in *packs*."""
+    raw = int(value["raw"])
+    return BlobLocation(
+        pack_name(_id(packs, int(value["pack"]))),
+        int(value["offset"]),
+        int(value["length"]),
+        KINDS[raw >> 31],
+        raw & int(_RAW_MASK),
+    )
 
 
 def _id(column: np.ndarray, row: int) -> bytes:
