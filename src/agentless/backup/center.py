@@ -116,8 +116,9 @@ class Center(CenterClient):
 
 def every_vm(center: CenterClient, page: int = PAGE) -> list[VmOut]:
     """Every VM WinCenter lists (``vmbackup backup --all``), page after page of ``GET
-    /vms`` (by name, then id) until a page comes back short or the pages reach the
-    ``total`` WinCenter states – never assuming one page holds them all.
+    /vms`` (by name, then id) until the pages reach the ``total`` WinCenter states, or a
+    page comes back empty – never assuming one page holds them all, nor that WinCenter
+    answers as many as asked (a server may cap its pages lower than *page*).
 
     A VM that appears twice (a VM created while paging moved the others one place on) is
     kept once. A VM created or deleted while the pages are read may be missed or still be
@@ -130,5 +131,5 @@ def every_vm(center: CenterClient, page: int = PAGE) -> list[VmOut]:
         for vm in answer.items:
             seen.setdefault(vm.id, vm)
         offset += len(answer.items)
-        if len(answer.items) < page or offset >= answer.total:
+        if not answer.items or offset >= answer.total:
             return list(seen.values())
