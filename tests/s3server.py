@@ -71,6 +71,7 @@ class SeaweedS3:
     process: subprocess.Popen[bytes] | None = None
     ports: dict[str, int] = dataclasses.field(default_factory=dict)
     restarts: int = 0
+    started: bool = False  # served once: its ports are known to clients from then on
 
     def __post_init__(self) -> None:
         program = seaweed_program()
@@ -129,7 +130,22 @@ class SeaweedS3:
 
     def start(self) -> None:
         """Start it and wait until an object can be written and read (SeaweedUnavailable
-        when it exits or does not get there within READY_SECONDS)."""
+        when it exits or does not get there within READY_SECONDS). At its first start, a
+        port taken between choosing it and weed binding it (another test process's
+        connection) is chosen anew, a few times: clients learn the ports only after."""
+        for attempt in range(4):
+            try:
+                return self._start()
+            except SeaweedUnavailable as error:
+                if self.started or attempt == 3 or "address already in use" not in str(error):
+                    raise
+                names = list(self.ports)
+                self.ports = {name: _free_port() for name in names}
+                shutil.rmtree(self.directory / "data", ignore_errors=True)  # raft state names the old ports
+                (self.directory / "data").mkdir(parents=True)
+        raise AssertionError("unreachable")
+
+    def _start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
         log = self.directory / "weed.log"
@@ -142,11 +158,14 @@ class SeaweedS3:
         try:
             while True:
                 if self.process.poll() is not None:
-                    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-                    raise SeaweedUnavailable(f"weed server exited {self.process.returncode}: {tail}")
+                    text = log.read_text(errors="replace")
+                    tail = " | ".join(text.strip().splitlines()[-3:])
+                    taken = " (address already in use)" if "address already in use" in text else ""
+                    raise SeaweedUnavailable(f"weed server exited {self.process.returncode}{taken}: {tail}")
                 try:
                     client.put_object(Bucket=self._probe_bucket(client), Key="probe", Body=b"ready")
                     client.get_object(Bucket="agentless-probe", Key="probe")["Body"].read()
+                    self.started = True
                     return
                 except Exception:  # not listening yet, no leader yet, no volume yet
                     if time.monotonic() > deadline:
