@@ -173,7 +173,16 @@ class _Layout:
 class _RunWriter:
     """Writes one run whose entries arrive in id order, in chunks."""
 
-    def __init__(self, path: Path, entries: int, files: np.ndarray, rows: np.ndarray, row_file: np.ndarray):
+    def __init__(
+        self,
+        path: Path,
+        entries: int,
+        files: np.ndarray,
+        rows: np.ndarray,
+        row_file: np.ndarray,
+        durable: bool = True,
+    ):
+        self.durable = durable
         self.layout = _Layout(entries, len(rows), len(files), _bits(entries))
         self.sections = self.layout.sections()
         self.path = path
@@ -258,7 +267,8 @@ class _RunWriter:
             MAGIC, VERSION, layout.bits, layout.entries, layout.rows, layout.files, 0, digest.digest()
         )
         os.pwrite(self._fd, header.ljust(_HEADER_SIZE, b"\0"), 0)
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
         os.close(self._fd)
 
     def abandon(self) -> None:
@@ -441,7 +451,7 @@ class _Source:
     entries: Entries
 
 
-def _write_built(path: Path, sources: list[_Source]) -> None:
+def _write_built(path: Path, sources: list[_Source], durable: bool = True) -> None:
     """A run of the entries of *sources* (each one index file's), sorted here."""
     files = np.array([bytes.fromhex(s.file) for s in sources], "S32") if sources else _EMPTY
     rows: list[np.ndarray] = []
@@ -471,6 +481,7 @@ def _write_built(path: Path, sources: list[_Source]) -> None:
         files,
         np.concatenate(rows) if rows else _EMPTY,
         np.concatenate(row_file) if row_file else np.zeros(0, np.uint32),
+        durable=durable,
     )
     try:
         for start in range(0, len(all_ids), MERGE_STEP):
@@ -481,7 +492,7 @@ def _write_built(path: Path, sources: list[_Source]) -> None:
         raise
 
 
-def _write_merged(path: Path, runs: list[Run]) -> None:
+def _write_merged(path: Path, runs: list[Run], durable: bool = True) -> None:
     """One run of the live entries of *runs* (their dead rows dropped), by a streaming
     k-way merge: :data:`MERGE_STEP` entries of each run in memory at a time."""
     files: list[bytes] = []
@@ -509,6 +520,7 @@ def _write_merged(path: Path, runs: list[Run]) -> None:
         np.array(files, "S32") if files else _EMPTY,
         np.concatenate(rows) if rows else _EMPTY,
         np.concatenate(row_file) if row_file else np.zeros(0, np.uint32),
+        durable=durable,
     )
     try:
         for ids, values in _merged(runs, row_maps):
@@ -643,9 +655,11 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(document, f)
             f.flush()
-            os.fsync(f.fileno())
+            if not self._temporary:  # a temporary cache needs no durability
+                os.fsync(f.fileno())
         os.replace(temporary, self.directory / "manifest.json")
-        _sync_directory(self.directory)
+        if not self._temporary:
+            _sync_directory(self.directory)
 
     def _load(self) -> tuple[list[Run], bool]:
         """The runs the manifest names (those already mapped reused); whether one was
@@ -725,10 +739,10 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         return built
 
     def _new_run(self, sources: list[_Source]) -> Run:
-        return self._run_of(lambda path: _write_built(path, sources))
+        return self._run_of(lambda path: _write_built(path, sources, durable=not self._temporary))
 
     def _merge(self, runs: list[Run]) -> Run:
-        return self._run_of(lambda path: _write_merged(path, runs))
+        return self._run_of(lambda path: _write_merged(path, runs, durable=not self._temporary))
 
     def _run_of(self, write: Callable[[Path], None]) -> Run:
         """A new run, written by *write* under a temporary name, then renamed."""
