@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,14 @@ def synthetic_index(
     files of up to FILE_ENTRIES entries (sealed with its keys); seconds taken."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    with Repository.open(location, password) as repository:
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # an S3 repository here too
+    try:
+        repository = Repository.open(location, password)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with repository:
         keys = repository.keys
         for start in range(0, blobs, FILE_ENTRIES):
             count = min(FILE_ENTRIES, blobs - start)
