@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import re
 import secrets
 import threading
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
 
 from agentless.lifetime import Closing
 
@@ -54,6 +54,11 @@ _POINT_ID = re.compile(r"[0-9a-f]{16}")
 _PAGE_ID = re.compile(r"[0-9a-f]{64}")
 BINARY_INDEX = 3  # the config version from which index files are binary
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+def _warn(line: str) -> None:
+    log.warning("%s", line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,21 +238,25 @@ class Repository(Closing):
         return index
 
     def _open_cache(self) -> IndexCache:
-        def warn(line: str) -> None:
-            log.warning("%s", line)
-
         def files() -> list[str]:
             return sorted(self.backend.list("index/"))
 
+        return self._local(
+            "index", lambda where: IndexCache(where, files, self.read_index_entries, _warn), "cache"
+        )
+
+    def _local(self, part: str, make: Callable[[Path | None], _T], what: str) -> _T:
+        """*make* (the index cache or the catalog) at ``<cache root>/<repository id>/<part>``,
+        or given None – ``--no-cache``, or a default place that cannot be used (one
+        warning) – in a temporary directory."""
         if self.cache.enabled:
-            directory = cache_root(self.cache.root) / str(self.config["id"]) / "index"
             try:
-                return IndexCache(directory, files, self.read_index_entries, warn)
-            except CacheError as error:
+                return make(cache_root(self.cache.root) / str(self.config["id"]) / part)
+            except (CacheError, CatalogError) as error:
                 if self.cache.root is not None:
                     raise
-                warn(f"{error}: using a temporary cache (give --cache-dir, or --no-cache)")
-        return IndexCache(None, files, self.read_index_entries, warn)
+                _warn(f"{error}: using a temporary {what} (give --cache-dir, or --no-cache)")
+        return make(None)
 
     def read_index_entries(self, name: str) -> Entries:
         """The entries of the index file *name* (binary or JSON), checked: its tag (or
@@ -256,16 +265,13 @@ class Repository(Closing):
         CorruptError, never read as the other. NotFound if it is gone."""
         data = self.backend.get(name)
         binary = data.startswith(BINARY_KIND)
-        payload = self.keys.open_data(BINARY_KIND if binary else INDEX_KIND, data, "", where=name)
+        if binary:
+            content: Any = self.keys.open_data(BINARY_KIND, data, "", where=name)
+        else:
+            content = self.keys.open_meta(INDEX_KIND, data, "", where=name)
         if name != f"index/{self.keys.blob_id(data).hex()}":
             raise CorruptError(f"{name}: its content is not that name's (swapped or renamed)", name)
-        if binary:
-            return decode_binary(payload, name)
-        try:
-            document = json.loads(payload)
-        except (ValueError, RecursionError):
-            raise CorruptError(f"{name}: malformed", name) from None
-        return decode_json(document, name)
+        return decode_binary(content, name) if binary else decode_json(content, name)
 
     def read_index_file(self, name: str) -> dict[bytes, BlobLocation]:
         """The entries of the index file *name* as a dict, checked
@@ -406,9 +412,6 @@ class Repository(Closing):
             return self._catalog
 
     def _open_catalog(self) -> Catalog:
-        def warn(line: str) -> None:
-            log.warning("%s", line)
-
         def names() -> list[str]:
             if not self.backend.location.startswith("s3://"):
                 return list(self.backend.list("points/"))
@@ -422,15 +425,9 @@ class Repository(Closing):
                 return [name for shard in shards for name in shard]
 
         repository_id = str(self.config["id"])
-        if self.cache.enabled:
-            directory = cache_root(self.cache.root) / repository_id / "points"
-            try:
-                return Catalog(directory, repository_id, names, self.read_point, warn)
-            except CatalogError as error:
-                if self.cache.root is not None:
-                    raise
-                warn(f"{error}: using a temporary catalog (give --cache-dir, or --no-cache)")
-        return Catalog(None, repository_id, names, self.read_point, warn)
+        return self._local(
+            "points", lambda where: Catalog(where, repository_id, names, self.read_point, _warn), "catalog"
+        )
 
     def resolve_point(self, ref: str) -> str:
         """The id of the restore point *ref* names: its id or a unique prefix (4+ hex)."""
