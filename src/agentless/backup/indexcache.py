@@ -54,8 +54,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
+import mmap
 import os
 import secrets
 import shutil
@@ -303,7 +305,7 @@ class Run:
         self.name = path.name
         try:
             with open(path, "rb") as f:
-                self._map = mmap_file(f)
+                self._map = _map_file(f)
         except (OSError, ValueError) as error:
             raise _Damaged(f"{path}: {error}") from None
         data = self._map
@@ -350,12 +352,9 @@ class Run:
             numbers = np.array(sorted(self._file_numbers[f] for f in self.dead_files), np.uint32)
             self.dead_rows = np.isin(self.row_file, numbers)
 
-    @property
+    @functools.cached_property
     def _file_numbers(self) -> dict[str, int]:
-        numbers = self.__dict__.get("_numbers")
-        if numbers is None:
-            numbers = self.__dict__["_numbers"] = {name: n for n, name in enumerate(self.files)}
-        return numbers
+        return {name: n for n, name in enumerate(self.files)}
 
     @property
     def live_files(self) -> set[str]:
@@ -387,7 +386,7 @@ class Run:
     def drop_pages(self) -> None:
         """Unmap the pages lookups touched (they stay in the page cache): RSS bounded."""
         with contextlib.suppress(AttributeError, OSError, ValueError):
-            self._map.madvise(_MADV_DONTNEED)
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each of *queries* (``S32``): (first position of it or of the next id, end
@@ -430,12 +429,7 @@ class Run:
         return location_of(self.rows, self.values[position])
 
 
-_MADV_DONTNEED = getattr(__import__("mmap"), "MADV_DONTNEED", 4)
-
-
-def mmap_file(f: Any) -> Any:
-    import mmap
-
+def _map_file(f: Any) -> mmap.mmap:
     size = os.fstat(f.fileno()).st_size
     if not size:
         raise ValueError("empty")
