@@ -2,49 +2,59 @@
 
 Exit codes: 0 success, 1 the operation failed (one line on stderr says why; no traceback
 for expected failures), 2 the command line is wrong.
+
+The commands come in groups, each declared by its own module (:data:`GROUPS`), and a
+command loads only its group's module – as pip loads only the command it runs. The host
+commands bring the host daemon's whole stack (FastAPI, SQLAlchemy, uvicorn): with it,
+``winserver vhd info`` took 1.7 s to start; without, 0.3 s, and scripts run the VHD tools
+once per disk. ``winserver --help`` (no command) loads every group.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from agentless import __version__
 from agentless.commands import run_handler
-from agentless.nbd.errors import NbdError
-from agentless.vhd import VhdError
 
-from . import hostcli, servedisk, vhdcli
-from .client import HostApiError, HostUnreachable
-from .host import HostError
-from .metadata import MetadataError
-from .vms import VmError
+__all__ = ["GROUPS", "main"]
 
-__all__ = ["main"]
+# first word of a command -> the module declaring it (``add_commands``, ``ERRORS``: the
+# exceptions its commands report in one line); every other word is a host command
+GROUPS = {"vhd": "vhdcli", "serve-disk": "servedisk"}
+HOST_COMMANDS = "hostcli"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _modules(command: str | None) -> list[ModuleType]:
+    names = [GROUPS[command]] if command in GROUPS else [HOST_COMMANDS, *GROUPS.values()]
+    return [importlib.import_module(f"{__package__}.{name}") for name in names]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of *command*'s group only."""
     parser = argparse.ArgumentParser(
         prog="winserver",
         description="WinServer virtualization host: host state, VMs, VHD storage tools, NBD disk serving.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    hostcli.add_commands(subparsers)
-    vhdcli.add_commands(subparsers)
-    servedisk.add_command(subparsers)
+    for module in _modules(command):
+        module.add_commands(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_handler(
-        "winserver",
-        args,
-        (VhdError, NbdError, HostError, MetadataError, VmError, HostApiError, HostUnreachable),
-    )
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    modules = _modules(command)
+    parser = build_parser(command)
+    args = parser.parse_args(words)
+    expected = tuple(error for module in modules for error in module.ERRORS)
+    return run_handler("winserver", args, expected)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,34 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from agentless.commands import emit
+from agentless.nbd.errors import NbdError
 from agentless.nbd.limits import Limits
 from agentless.units import format_size, size_argument
+from agentless.vhd import VhdError
 
-from .client import HostClient
+from .client import HostApiError, HostClient, HostUnreachable
 from .daemon import LOOPBACK, serve
 from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host, HostError
+from .metadata import MetadataError
 from .presence import daemon_or_directory
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .sminfo import sm_info
 from .snapshots import delete_snapshot, snapshot_vm
 from .storage import create_sr, list_srs
-from .vms import create_vm, delete_vm, describe_vm, list_vms
+from .vms import VmError, create_vm, delete_vm, describe_vm, list_vms
 
-__all__ = ["add_commands"]
+__all__ = ["ERRORS", "add_commands"]
+
+# reported in one line by the commands
+ERRORS: tuple[type[Exception], ...] = (
+    VhdError,
+    NbdError,
+    HostError,
+    MetadataError,
+    VmError,
+    HostApiError,
+    HostUnreachable,
+)
 
 
 def _directory(args: argparse.Namespace) -> str:

@@ -26,11 +26,14 @@ import stat
 
 from agentless import vhd
 from agentless.nbd import exports as nbd_exports
+from agentless.nbd.errors import NbdError
 from agentless.nbd.limits import Limits
 from agentless.nbd.server import NbdServer
 from agentless.nbd.tls import server_context
 
-__all__ = ["MIN_NAME_LENGTH", "NAME_VARIABLE", "add_command", "open_export"]
+__all__ = ["ERRORS", "MIN_NAME_LENGTH", "NAME_VARIABLE", "add_commands", "open_export"]
+
+ERRORS: tuple[type[Exception], ...] = (vhd.VhdError, NbdError)  # reported in one line by the command
 
 # the environment variable that may hold the export name
 NAME_VARIABLE = "WINSERVER_EXPORT_NAME"
@@ -145,7 +148,7 @@ def _cmd_serve_disk(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "serve a raw file or VHD chain over NBD until stopped"
     parser = subparsers.add_parser("serve-disk", help=help_text, description=help_text)
     parser.add_argument("file")

@@ -23,7 +23,9 @@ from agentless.units import format_size, size_argument
 from agentless.vhd.convert import ConvertStats
 from agentless.vhd.footer import VHD_EPOCH
 
-__all__ = ["add_commands"]
+__all__ = ["ERRORS", "add_commands"]
+
+ERRORS: tuple[type[Exception], ...] = (vhd.VhdError,)  # reported in one line by the command
 
 
 def _image_info(image: vhd.VhdImage) -> dict[str, Any]:
