@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from agentless.backup import gc as gc_module
+from agentless.backup import sweep
 from agentless.backup.gc import GcError, gc
 from agentless.backup.keys import Keys
 from agentless.backup.locks import LockedError
@@ -146,6 +148,29 @@ def test_a_little_garbage_is_left_in_place(scene: Scene) -> None:
     report = gc(reopen(scene.backend))
     assert (report.condemned, report.repacked, report.deleted) == ([], [], [])
     assert_sound(scene.backend, [scene.a2, scene.b1, scene.c1, scene.c2])
+
+
+def test_one_run_repacks_a_bounded_number_of_blobs_and_the_next_the_rest(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # d1/d2 as c1/c2: once c1 and d1 go, two packs are mostly garbage (2 used chunks each);
+    # one run may copy 2 blobs; slices of 3 entries (a blob's entries straddle steps)
+    monkeypatch.setattr(gc_module, "REPACK_BLOBS", 2)
+    monkeypatch.setattr(sweep, "STEP", 3)
+    repo = reopen(scene.backend)
+    d1 = backup(repo, "d", [disk(5, 8)], "2026-11-25T08:00:00Z")
+    d2 = backup(repo, "d", [changed(d1.images[0], 12, 0, 1, 2, 3, 4, 5)], "2026-11-26T08:00:00Z")
+    delete(scene, scene.c1, d1)
+    first = gc(reopen(scene.backend))
+    assert len(first.repacked) == 1 and first.repack_left == 1
+    assert set(first.repacked) <= set(scene.c1.packs) | set(d1.packs)
+    alive = [scene.a1, scene.a2, scene.b1, scene.c2, d2]
+    assert_sound(scene.backend, alive)
+    second = gc(reopen(scene.backend))
+    assert len(second.repacked) == 1 and second.repack_left == 0
+    assert set(first.repacked) | set(second.repacked) == set(scene.c1.packs) | set(d1.packs)
+    assert_sound(scene.backend, alive)
+    assert_no_garbage(scene.backend)
 
 
 # ---------------------------------------------------------------------- beside other processes
@@ -293,7 +318,12 @@ def crash_scene(scene: Scene) -> list[Backup]:
     return [scene.a1, scene.a2, scene.c2]
 
 
-def test_a_crash_at_any_change_loses_nothing_and_the_next_gc_finishes(scene: Scene) -> None:
+@pytest.mark.parametrize("step", [None, 2], ids=["slices", "tiny-slices"])
+def test_a_crash_at_any_change_loses_nothing_and_the_next_gc_finishes(
+    scene: Scene, step: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if step:
+        monkeypatch.setattr(sweep, "STEP", step)
     alive = crash_scene(scene)
     assert isinstance(scene.backend, MemoryBackend)
     start = dict(scene.backend.objects)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agentless.backup import sweep
+from agentless.backup import verify as verify_module
 from agentless.backup.keys import Keys
 from agentless.backup.packs import PackBuilder
 from agentless.backup.repository import CONDEMNED_KIND, Repository
@@ -215,6 +217,29 @@ def test_a_missing_pack_names_the_points_that_need_it(scene: Scene) -> None:
     problems, affected = check(scene.backend, read_data=False)
     assert affected == sorted(points(scene)[:2])
     assert any(pack in line for line in problems)
+
+
+@pytest.mark.parametrize("read_data", [False, True])
+def test_many_problems_of_a_kind_are_counted_and_every_point_still_named(
+    scene: Scene, read_data: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a1's pack gone: its entries (one line each) and the blobs a1 and a2 need from it
+    # (one line each) go over a limit of 2 lines a kind; slices of 3 entries, packs read
+    # 2 entries' worth at a time
+    monkeypatch.setattr(verify_module, "LINES", 2)
+    monkeypatch.setattr(verify_module, "GROUP_ENTRIES", 2)
+    monkeypatch.setattr(sweep, "STEP", 3)
+    (pack,) = scene.a1.packs
+    scene.backend.delete(pack)
+    report = verify(reopen(scene.backend), read_data=read_data)
+    assert report.affected == sorted(points(scene)[:2])
+    lines = report.problems
+    assert len([line for line in lines if ": its pack " in line]) == 2
+    assert len([line for line in lines if line.endswith("is missing (not in the index or its pack)")]) == 2
+    more = [line for line in report.problems if line.startswith("… and ")]
+    assert {line.rsplit("(", 1)[1] for line in more} == {"missing pack)", "missing)"}
+    if read_data:
+        assert report.packs == len(list(scene.backend.list("data/")))
 
 
 def test_a_blob_held_only_by_a_condemned_pack_is_a_problem(scene: Scene) -> None:

@@ -13,7 +13,7 @@ The protocol, one run (holding the ``gc`` lock, which excludes another gc only):
 
      gc                                      storage                  a backup (shared lock)
      ──                                      ───────                  ────────────────────
-  1  read index/* ─────────────────────────▶ which blob in which pack     lock, then read
+  1  sync the index cache with index/* ────▶ which blob in which pack     lock, then read
   2  list data/*                             (after the index: a pack     index + condemned/*,
   3  read condemned/*  (pack -> time T)       is put before its index)    reuse blobs of packs
   4  mark: every point, its pages and                                     not condemned, store
@@ -52,6 +52,17 @@ blob is alive elsewhere). *margin* absorbs clock skew between hosts. A gc killed
 step leaves extra objects, never missing ones: every step writes before it deletes,
 and the next gc finishes the job. With no other lock active, one run frees everything
 unused.
+
+**Memory.** Nothing is held per blob, so a repository of 100 million blobs is collected
+in bounded memory (issue 14): the entries are read from the local index cache in blob
+order (:mod:`.sweep`), the used blob ids are gathered in sorted files on disk
+(:class:`.marking.IdSpill`) and marked in the cache's runs by a merge join
+(:func:`.marking.mark`); what is kept in memory is per pack (sizes, used bytes, plans)
+and per restore point. Two sweeps: one adds up each pack's used and unused bytes, the
+second (only when packs are condemned or repacked) gathers the entries to unlink and
+the blobs to copy. One run repacks at most :data:`REPACK_BLOBS` blobs (the packs with
+the most garbage first); the next run repacks the rest. Index files are rewritten one
+at a time (each at most ~1 Mi entries), the new file before the old is deleted.
 """
 
 from __future__ import annotations
@@ -59,20 +70,29 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
+from collections.abc import Collection, Iterable
 
+import numpy as np
+
+from .indexcache import Run
 from .indexcompact import compact_index
+from .indexfile import Entries, pack_digest, pack_name
 from .keys import CorruptError, RepositoryError
 from .locks import Lock, active_locks
+from .marking import IdSpill, mark
 from .packs import BlobLocation, PackBuilder
 from .repository import CONDEMNED_KIND, ZERO, Repository
 from .storage import NotFound
+from .sweep import Slice, Sweep, files_holding, marked_packs, named_packs, pack_table
 
-__all__ = ["MARGIN", "GcError", "GcReport", "gc"]
+__all__ = ["MARGIN", "REPACK_BLOBS", "GcError", "GcReport", "gc"]
 
 MARGIN = 300.0  # seconds of clock skew between hosts tolerated (as PBS's 5 minutes)
 REPACK_UNUSED = 0.5  # repack a pack when more than this share of its bytes is unused
-INDEX_ENTRIES = 65536  # entries per index file the collection writes
+REPACK_BLOBS = 1 << 20  # blobs one run copies at most (their entries are held: ~100 MiB)
+PAGE_BATCH = 4096  # pages located at once
 _ID = 32
+_NO_KEYS = np.zeros(0, "S64")
 
 
 class GcError(RepositoryError):
@@ -85,7 +105,8 @@ class GcReport:
     """What one run did. ``waiting``: condemned packs kept for a process older than their
     condemnation; ``cutoff``: the earliest start of another lock (None: no other lock);
     ``blind``: pages of restore points that no index file names – while there are any,
-    nothing is deleted (run ``vmbackup verify``)."""
+    nothing is deleted (run ``vmbackup verify``); ``repack_left``: packs worth repacking
+    left for the next run (:data:`REPACK_BLOBS`)."""
 
     condemned: list[str] = dataclasses.field(default_factory=list)
     deleted: list[str] = dataclasses.field(default_factory=list)
@@ -96,6 +117,7 @@ class GcReport:
     blind: list[str] = dataclasses.field(default_factory=list)
     index_files_removed: int = 0
     index_files_merged: int = 0
+    repack_left: int = 0
     bytes_freed: int = 0
     cutoff: float | None = None
 
@@ -109,36 +131,87 @@ class _Record:
     packs: set[str]
 
 
+@dataclasses.dataclass
+class _Tally:
+    """Per pack (numbered by the sweep's table): bytes and blobs of its entries, bytes
+    and blobs of the used blobs it is the canonical holder of, used blobs in it, and
+    whether it holds a used blob every holder of which is condemned."""
+
+    total: np.ndarray
+    entries: np.ndarray
+    live: np.ndarray
+    sole: np.ndarray
+    used: np.ndarray
+    orphaned: np.ndarray
+
+    @classmethod
+    def zeros(cls, packs: int) -> _Tally:
+        count = np.zeros(packs, np.int64)
+        return cls(count, count.copy(), count.copy(), count.copy(), count.copy(), np.zeros(packs, bool))
+
+
+@dataclasses.dataclass
+class _Gathered:
+    """What the second sweep gathers: the (pack, blob) keys of the entries to unlink, the
+    index files holding them, and the entries of the blobs to repack."""
+
+    keys: np.ndarray
+    files: set[str]
+    repack: Slice | None
+
+
+def _classify(part: Slice, condemned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each entry of *part*: whether its blob is used and its pack exists; whether
+    it is also the blob's canonical entry (the first existing pack, uncondemned ones
+    before condemned ones, then by name – as a reader chooses); whether every existing
+    pack holding the blob is condemned."""
+    packs = len(condemned)
+    there = part.pack >= 0
+    number = np.maximum(part.pack, 0)
+    key = np.where(there, condemned[number] * packs + number, 2 * packs + 1) if packs else part.pack
+    least = part.group_min(key)
+    used = part.used & there
+    return used, used & (key == least), used & (least >= packs)
+
+
+def _pair_keys(packs: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``S64`` keys pack digest ‖ blob id."""
+    pairs = np.empty((len(ids), 64), np.uint8)
+    pairs[:, :32] = np.frombuffer(np.ascontiguousarray(packs).tobytes(), np.uint8).reshape(-1, 32)
+    pairs[:, 32:] = np.frombuffer(np.ascontiguousarray(ids).tobytes(), np.uint8).reshape(-1, 32)
+    return pairs.view("S64").ravel() if len(ids) else _NO_KEYS
+
+
+def _key_packs(keys: np.ndarray) -> np.ndarray:
+    """The pack digests of ``S64`` keys (:func:`_pair_keys`)."""
+    return np.frombuffer(keys.tobytes(), np.uint8).reshape(-1, 64)[:, :32].copy().view("S32").ravel()
+
+
 class _Collection:
-    def __init__(self, repo: Repository, lock: Lock, margin: float):
+    def __init__(self, repo: Repository, lock: Lock, margin: float, spill: IdSpill):
         self.repo = repo
         self.keys = repo.keys
         self.backend = repo.backend
         self.lock = lock
         self.margin = margin
         self.report = GcReport()
-        self.files: dict[str, dict[bytes, BlobLocation]] = {}  # index file -> its entries
         self.sizes: dict[str, int] = {}  # pack -> bytes
         self.records: list[_Record] = []
-        self.used: set[bytes] = set()
+        self.spill = spill  # the used blob ids (pages and chunks) marked into
+        self.pages: set[bytes] = set()  # the pages marked (read, or pending)
         self.pending: set[bytes] = set()  # used pages not read yet
         self.points: set[str] = set()
-        self.first_files: set[str] = set()  # index files read before the packs were listed
         self.written: set[str] = set()  # packs the repacking put
         self.new_names: set[str] = set()  # ... that did not exist before
 
     # ------------------------------------------------------------------ reading
 
-    def read_index_files(self) -> None:
-        for name in sorted(self.backend.list("index/")):
-            if name in self.files:
-                continue
-            try:
-                self.files[name] = self.repo.read_index_file(name)
-            except NotFound:
-                continue
-            except CorruptError as error:
-                raise GcError(f"gc: {error}: run `vmbackup verify`; nothing was deleted") from None
+    def sync(self) -> list[Run]:
+        """The index cache brought up to the repository's index files: its runs."""
+        try:
+            return self.repo.index(reload=True).runs
+        except CorruptError as error:
+            raise GcError(f"gc: {error}: run `vmbackup verify`; nothing was deleted") from None
 
     def read_records(self) -> None:
         for name in sorted(self.backend.list("condemned/")):
@@ -159,24 +232,8 @@ class _Collection:
                 found[pack] = max(found.get(pack, 0.0), record.time)
         return found
 
-    def holders(self) -> dict[bytes, set[str]]:
-        """blob -> the existing packs an index entry places it in."""
-        found: dict[bytes, set[str]] = {}
-        for entries in self.files.values():
-            for blob, where in entries.items():
-                if where.pack in self.sizes:
-                    found.setdefault(blob, set()).add(where.pack)
-        return found
-
-    def entries_by_pack(self) -> dict[str, dict[bytes, BlobLocation]]:
-        found: dict[str, dict[bytes, BlobLocation]] = {}
-        for entries in self.files.values():
-            for blob, where in entries.items():
-                found.setdefault(where.pack, {})[blob] = where
-        return found
-
-    def mark(self, names: list[str]) -> None:
-        """Add the blobs of the points *names* (and of their pages) to :attr:`used`."""
+    def mark(self, names: Iterable[str]) -> None:
+        """Add the blobs of the points *names* (and of their pages) to the spill."""
         for name in names:
             point_id = name.rsplit("/", 1)[1]
             try:
@@ -188,66 +245,121 @@ class _Collection:
                 raise GcError(f"gc: restore point {point_id}: {error}: run `vmbackup verify`") from None
             self.points.add(name)
             for page in pages:
-                if page != ZERO and page not in self.used:
-                    self.used.add(page)
+                if page != ZERO and page not in self.pages:
+                    self.pages.add(page)
                     self.pending.add(page)
         self.resolve_pages()
 
     def resolve_pages(self) -> None:
-        """Read the pending pages and mark their chunks; a page no index file names yet
-        stays pending (the index of a backup that just finished is read at step 10)."""
-        places: dict[bytes, list[BlobLocation]] = {}
-        for entries in self.files.values():
-            for blob, where in entries.items():
-                if blob in self.pending:
-                    places.setdefault(blob, []).append(where)
-        condemned = self.condemned()
-        for page in sorted(self.pending):
-            errors = []
-            for where in sorted(places.get(page, []), key=lambda w: (w.pack in condemned, w.pack)):
-                try:
-                    sealed = self.backend.get_range(where.pack, where.offset, where.length)
-                    ids = self.keys.open(sealed, page, where.pack)
-                except NotFound:
+        """Read the pending pages and mark them and their chunks; a page no index file
+        names yet stays pending (the index of a backup that just finished is read at
+        step 10)."""
+        index = self.repo.index()
+        avoid = frozenset(self.condemned())
+        pending = sorted(self.pending)
+        for start in range(0, len(pending), PAGE_BATCH):
+            batch = pending[start : start + PAGE_BATCH]
+            for page, where in zip(batch, index.locate(batch, avoid), strict=True):
+                ids = self.read_page(page, where, avoid)
+                if ids is None:
                     continue
-                except CorruptError as error:
-                    errors.append(str(error))
-                    continue
-                self.used.update(ids[i : i + _ID] for i in range(0, len(ids), _ID))
+                chunks = np.frombuffer(ids, "S32")
+                self.spill.add(np.frombuffer(page, "S32"))
+                self.spill.add(chunks[chunks != np.frombuffer(ZERO, "S32")[0]])
                 self.pending.discard(page)
-                break
-            else:
-                if errors:
-                    raise GcError(
-                        f"gc: index page {page.hex()[:16]}: {errors[0]}: run `vmbackup verify`; "
-                        "nothing was deleted"
-                    )
-        self.used.discard(ZERO)
+
+    def read_page(self, page: bytes, where: BlobLocation | None, avoid: frozenset[str]) -> bytes | None:
+        """The chunk ids in *page*, read from *where* or another pack holding it (None:
+        no pack holds it); GcError if the copies that exist do not open."""
+        failed: set[str] = set()
+        errors: list[str] = []
+        while where is not None and where.pack not in failed:
+            try:
+                sealed = self.backend.get_range(where.pack, where.offset, where.length)
+                return self.keys.open(sealed, page, where.pack)
+            except NotFound:
+                pass
+            except CorruptError as error:
+                errors.append(str(error))
+            failed.add(where.pack)
+            where = self.repo.index().locate([page], avoid | failed)[0]
+        if errors:
+            raise GcError(
+                f"gc: index page {page.hex()[:16]}: {errors[0]}: run `vmbackup verify`; nothing was deleted"
+            )
+        return None
+
+    # ------------------------------------------------------------------ planning
+
+    def tally(self, sweep: Sweep, condemned: np.ndarray) -> _Tally:
+        """Sweep 1: per pack, its bytes, the bytes it alone serves, its used blobs."""
+        packs = len(condemned)
+        tally = _Tally.zeros(packs)
+
+        def count(numbers: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+            return np.bincount(numbers, weights, minlength=packs).astype(np.int64)
+
+        for part in sweep:
+            there = part.pack >= 0
+            used, sole, orphaned = _classify(part, condemned)
+            tally.total += count(part.pack[there], part.length[there])
+            tally.entries += count(part.pack[there])
+            tally.live += count(part.pack[sole], part.length[sole])
+            tally.sole += count(part.pack[sole])
+            tally.used += count(part.pack[used])
+            tally.orphaned[part.pack[orphaned]] = True
+        return tally
+
+    def gather(
+        self, sweep: Sweep, condemned: np.ndarray, unlink: np.ndarray, repack: np.ndarray
+    ) -> _Gathered:
+        """Sweep 2: the used entries of the packs *unlink* (a bool per pack) and the
+        blobs the packs *repack* alone serve."""
+        keys, files, copies = [], set(), []
+        for part in sweep:
+            used, sole, _ = _classify(part, condemned)
+            number = np.maximum(part.pack, 0)
+            drop = used & unlink[number]
+            if drop.any():
+                keys.append(_pair_keys(sweep.table[part.pack[drop]], part.ids[drop]))
+                files |= {sweep.files[int(f)] for f in np.unique(part.file[drop])}
+            take = sole & repack[number]
+            if take.any():
+                copies.append(part.take(take))
+        joined = np.unique(np.concatenate(keys)) if keys else _NO_KEYS
+        repacked = None
+        if copies:
+            whole = Slice(
+                *(np.concatenate([getattr(c, f.name) for c in copies]) for f in dataclasses.fields(Slice))
+            )
+            order = np.lexsort((whole.offset, whole.pack))
+            repacked = Slice(*(getattr(whole, f.name)[order] for f in dataclasses.fields(Slice)))
+        return _Gathered(joined, files, repacked)
 
     # ------------------------------------------------------------------ writing
 
-    def rewrite_index(self, drop: set[tuple[str, bytes]], drop_packs: set[str]) -> None:
-        """Rewrite every index file holding an entry to drop – (pack, blob) in *drop*, any
-        entry of *drop_packs* – with the others: new files first, then the old deleted."""
-        stale = [
-            name
-            for name, entries in self.files.items()
-            if any(w.pack in drop_packs or (w.pack, b) in drop for b, w in entries.items())
-        ]
-        if not stale:
-            return
-        keep = [
-            (blob, where)
-            for name in stale
-            for blob, where in self.files[name].items()
-            if where.pack not in drop_packs and (where.pack, blob) not in drop
-        ]
-        for group in _groups(keep):
-            written = self.repo.write_index_file(group)
-            self.files[written] = group
-        for name in stale:
+    def rewrite_index(self, names: Collection[str], keys: np.ndarray, packs: Collection[str]) -> None:
+        """Rewrite the index files *names* without the entries whose (pack, blob) key is
+        in *keys* (sorted) or whose pack is in *packs*, one file at a time: the new file
+        first, then the old one deleted."""
+        gone = np.array(sorted(pack_digest(p) for p in packs), "S32") if packs else np.zeros(0, "S32")
+        for name in sorted(names):
+            try:
+                entries = self.repo.read_index_entries(name)
+            except NotFound:
+                continue
+            except CorruptError as error:
+                raise GcError(f"gc: {error}: run `vmbackup verify`; nothing more was deleted") from None
+            digests = entries.packs[entries.values["pack"].astype(np.int64)]
+            drop = np.isin(digests, gone)
+            if len(keys):
+                drop |= np.isin(_pair_keys(digests, entries.ids), keys)
+            if not drop.any():
+                continue
+            keep = ~drop
+            if keep.any():
+                self.repo.write_index_file(Entries(entries.ids[keep], entries.values[keep], entries.packs))
             self.backend.delete(name)
-            del self.files[name]
             self.report.index_files_removed += 1
 
     def write_record(self, packs: set[str]) -> None:
@@ -274,23 +386,34 @@ class _Collection:
                 self.backend.delete(record.name)
                 self.records.remove(record)
 
-    def repack(self, pack: str, blobs: dict[bytes, BlobLocation], builder: list[PackBuilder]) -> bool:
-        """Copy *blobs* of *pack* into new packs (put, then indexed); False (and nothing
-        copied) if a blob does not open – the pack is left for verify to report."""
-        data = self.backend.get(pack)
-        sealed = {}
-        for blob, where in blobs.items():
-            piece = data[where.offset : where.offset + where.length]
-            try:
-                self.keys.open(piece, blob, pack)
-            except CorruptError:
-                return False
-            sealed[blob] = piece
-        for blob, piece in sealed.items():
-            builder[0].add(blob, blobs[blob].kind, piece, blobs[blob].raw_length)
-            if builder[0].full:
-                self.ship(builder)
-        return True
+    def repack(self, names: list[str], copies: Slice) -> set[str]:
+        """Copy the blobs *copies* (sorted by pack) into new packs (put, then indexed);
+        the packs of *names* copied – a pack with a blob that does not open is left
+        whole, for verify to report."""
+        builder = [PackBuilder(self.keys)]
+        done: set[str] = set()
+        bounds = np.flatnonzero(np.diff(copies.pack)) + 1
+        for start, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), len(copies)], strict=True):
+            pack = names[int(copies.pack[start])]
+            data = self.backend.get(pack)
+            pieces = []
+            for k in range(start, stop):
+                blob = copies.ids[k : k + 1].tobytes()
+                piece = data[int(copies.offset[k]) : int(copies.offset[k]) + int(copies.length[k])]
+                try:
+                    self.keys.open(piece, blob, pack)
+                except CorruptError:
+                    break
+                raw = int(copies.raw[k])
+                pieces.append((blob, "tree" if raw >> 31 else "data", piece, raw & 0x7FFFFFFF))
+            else:
+                for blob, kind, piece, raw_length in pieces:
+                    builder[0].add(blob, kind, piece, raw_length)
+                    if builder[0].full:
+                        self.ship(builder)
+                done.add(pack)
+        self.ship(builder)
+        return done
 
     def ship(self, builder: list[PackBuilder]) -> None:
         if not len(builder[0]):
@@ -302,15 +425,13 @@ class _Collection:
         self.written.add(name)
         self.backend.put(name, data)
         self.sizes[name] = len(data)
-        written = self.repo.write_index_file(locations)
-        self.files[written] = dict(locations)
+        self.repo.write_index_file(locations)
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> GcReport:
         # 1-4: what is there, what is condemned, what is used
-        self.read_index_files()
-        self.first_files = set(self.files)
+        runs = self.sync()
         for name in self.backend.list("data/"):
             try:
                 self.sizes[name] = self.backend.size(name)
@@ -319,60 +440,71 @@ class _Collection:
         listed = set(self.sizes)
         self.read_records()
         self.mark(sorted(self.backend.list("points/")))
+        marks = mark(runs, self.spill)
 
         # 5: plan
         condemned = self.condemned()
-        holders = self.holders()
-        by_pack = self.entries_by_pack()
+        table = pack_table(listed)
+        names = [pack_name(table[i : i + 1].tobytes()) for i in range(len(table))]
+        flags = np.array([name in condemned for name in names], bool)
+        sweep = Sweep(runs, table, marks.entries)
+        tally = self.tally(sweep, flags)
         to_condemn: set[str] = set()
-        to_repack: dict[str, dict[bytes, BlobLocation]] = {}
-        unlink: set[tuple[str, bytes]] = set()  # (pack, used blob): entries dropped before condemning
+        repackable: list[tuple[int, int]] = []  # (unused bytes, pack number)
         candidates: set[str] = set()
-        for pack in sorted(self.sizes):
-            entries = by_pack.get(pack, {})
-            used_here = {b for b in entries if b in self.used}
+        for number, pack in enumerate(names):
             if pack in condemned:
-                if any(all(p in condemned for p in holders[b]) for b in used_here):
+                if tally.orphaned[number]:
                     self.report.revived.append(pack)  # a backup older than T reused a blob of it
-                elif used_here:
+                elif tally.used[number]:
                     to_condemn.add(pack)  # ... and the blob is stored anew since: start again
-                    unlink |= {(pack, b) for b in used_here}
                 else:
                     candidates.add(pack)
                 continue
-            if not entries:
+            if not tally.entries[number]:
                 continue  # named by no index: a leftover (step 12) or a backup's pack in flight
-            sole = {
-                b: entries[b] for b in used_here if min(holders[b], key=lambda p: (p in condemned, p)) == pack
-            }
-            total = sum(w.length for w in entries.values())
-            live = sum(w.length for w in sole.values())
-            if not sole:
+            unused = int(tally.total[number] - tally.live[number])
+            if not tally.sole[number]:
                 to_condemn.add(pack)
-                unlink |= {(pack, b) for b in used_here}
-            elif total - live > total * REPACK_UNUSED:
-                to_repack[pack] = sole
+            elif unused > tally.total[number] * REPACK_UNUSED:
+                repackable.append((unused, number))
         self.drop_from_records(set(self.report.revived))
+        to_repack: list[int] = []
+        budget = REPACK_BLOBS
+        for _unused, number in sorted(repackable, key=lambda r: (-r[0], r[1])):
+            if to_repack and tally.sole[number] > budget:
+                self.report.repack_left += 1
+                continue
+            to_repack.append(number)
+            budget -= int(tally.sole[number])
 
-        # 6: repack
-        builder = [PackBuilder(self.keys)]
-        for pack, sole in to_repack.items():
-            if self.repack(pack, sole, builder):
-                self.report.repacked.append(pack)
-                to_condemn.add(pack)
-                unlink |= {(pack, b) for b in by_pack[pack] if b in self.used}
-        self.ship(builder)
+        # 6: repack; the used entries of the packs to condemn gathered (sweep 2)
+        unlink = np.array([pack in to_condemn for pack in names], bool)
+        unlink[to_repack] = True
+        repack = np.zeros(len(names), bool)
+        repack[to_repack] = True
+        gathered = (
+            self.gather(sweep, flags, unlink, repack) if unlink.any() else _Gathered(_NO_KEYS, set(), None)
+        )
+        if gathered.repack is not None:
+            done = self.repack(names, gathered.repack)
+            self.report.repacked = sorted(done)
+            to_condemn |= done
+            failed = [n for n in to_repack if names[n] not in done]
+            if failed:  # left whole: its used entries stay
+                gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), table[failed])]
         # a copy may be byte for byte a pack that exists (unencrypted packs are named by
         # their content; a gc killed after repacking made it): that pack is live again
         again = self.written - self.new_names
-        unlink = {(p, b) for p, b in unlink if p not in self.written}
+        if again:
+            gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), pack_table(again))]
         to_condemn -= self.written
         candidates -= self.written
         self.drop_from_records(again & set(condemned))
 
         # 7-8: unlink the used blobs of the packs to condemn, then condemn them
-        gone = {w.pack for name in self.first_files for w in self.files[name].values()} - listed
-        self.rewrite_index(unlink, gone)  # entries of packs gone (crash leftovers) go too
+        gone = named_packs(runs) - listed
+        self.rewrite_index(gathered.files | files_holding(runs, map(pack_digest, gone)), gathered.keys, gone)
         self.write_record(to_condemn)
         self.report.condemned = sorted(to_condemn)
         candidates |= to_condemn
@@ -382,17 +514,21 @@ class _Collection:
         cutoff = min((float(lock.get("started", 0)) for lock in others), default=None)
         self.report.cutoff = cutoff
 
-        # 10: points and index files that appeared meanwhile
-        self.read_index_files()
-        self.mark(sorted(set(self.backend.list("points/")) - self.points))
-        if self.pending:
-            self.report.blind = sorted(p.hex() for p in self.pending)
-            return self.report  # a used page is in no index: delete nothing until it is
-        by_pack = self.entries_by_pack()
+        # 10: points and index files that appeared meanwhile: what they use (and the
+        # pages pending since step 4) marked anew; the candidates were chosen holding no
+        # blob used before, so only these can spare one
+        runs = self.sync()
+        with IdSpill() as late:
+            self.spill = late
+            self.mark(sorted(set(self.backend.list("points/")) - self.points))
+            if self.pending:
+                self.report.blind = sorted(p.hex() for p in self.pending)
+                return self.report  # a used page is in no index: delete nothing until it is
+            spared = marked_packs(runs, mark(runs, late).entries) if len(late) else set()
         condemned = self.condemned()
         deletable = set()
         for pack in sorted(candidates):
-            if any(b in self.used for b in by_pack.get(pack, {})):
+            if pack in spared:
                 continue  # needed by a point saved meanwhile: the next gc revives it
             if cutoff is None or condemned.get(pack, float("inf")) + self.margin < cutoff:
                 deletable.add(pack)
@@ -402,7 +538,7 @@ class _Collection:
         # 11: delete: index entries first, then the packs, then the records – only while
         # this gc's lock still holds (another gc may run once it looks stale)
         self.lock.check_held()
-        self.rewrite_index(set(), deletable)
+        self.rewrite_index(files_holding(runs, map(pack_digest, deletable)), _NO_KEYS, deletable)
         for pack in sorted(deletable):
             self.backend.delete(pack)
             self.report.bytes_freed += self.sizes.pop(pack)
@@ -410,7 +546,7 @@ class _Collection:
 
         # 12: with nobody else running, packs that no index names are crash leftovers
         if cutoff is None:
-            indexed = {w.pack for entries in self.files.values() for w in entries.values()}
+            indexed = named_packs(runs)
             for pack in sorted(listed - indexed - deletable):
                 self.backend.delete(pack)
                 self.report.orphans.append(pack)
@@ -419,26 +555,12 @@ class _Collection:
         return self.report
 
 
-def _groups(entries: list[tuple[bytes, BlobLocation]]) -> list[dict[bytes, BlobLocation]]:
-    """*entries* as index files' contents: at most INDEX_ENTRIES each, and a blob held by
-    several packs in different files (an index file maps a blob to one place)."""
-    groups: list[dict[bytes, BlobLocation]] = []
-    for blob, where in entries:
-        for group in groups:
-            if blob not in group and len(group) < INDEX_ENTRIES:
-                group[blob] = where
-                break
-        else:
-            groups.append({blob: where})
-    return groups
-
-
 def gc(repo: Repository, margin: float = MARGIN) -> GcReport:
     """Collect *repo*'s garbage (see the module docstring) under a ``gc`` lock;
     :class:`~.locks.LockedError` if another gc runs, :class:`GcError` (nothing deleted)
     if what is used cannot be read. Safe beside backups, restores and prunes."""
-    with repo.lock("gc", "gc") as lock:
-        report = _Collection(repo, lock, margin).run()
+    with repo.lock("gc", "gc") as lock, IdSpill() as spill:
+        report = _Collection(repo, lock, margin, spill).run()
         report.index_files_merged = len(compact_index(repo, lock).merged)
     repo.index(reload=True)
     repo.condemned(reload=True)

@@ -85,6 +85,7 @@ __all__ = [
     "Run",
     "cache_root",
     "check_range",
+    "merge_cuts",
 ]
 
 MAGIC = b"AGVBRUN1"
@@ -531,40 +532,58 @@ def _write_merged(path: Path, runs: list[Run], durable: bool = True) -> None:
         raise
 
 
-def _merged(runs: list[Run], row_maps: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The live entries of *runs* in id order, in chunks, their rows renumbered by
-    *row_maps* (-1: dead, dropped). Each run's blocks are checked as they are read."""
+def merge_cuts(runs: Sequence[Run], step: int = MERGE_STEP) -> Iterator[list[tuple[int, int, int]]]:
+    """A k-way merge of *runs* by blob id, as cuts: each step, (run number, start, stop)
+    of the entries of each run up to the step's bound – taken together and sorted
+    stably by id, the steps give every entry in id order. About *step* entries in a
+    step; each run's blocks are checked as they are read, and the pages read are given
+    back to the page cache when the consumer asks for the next step. A blob's entries
+    may straddle two steps (a run's step can end inside them)."""
     cursors = [0] * len(runs)
-    step = max(BLOCK, MERGE_STEP // max(1, len(runs)))
+    each = max(BLOCK, step // max(1, len(runs)))
     while True:
-        taken: list[tuple[int, np.ndarray, np.ndarray, bool]] = []
+        taken: list[tuple[int, int, int]] = []
         for i, run in enumerate(runs):
             start = cursors[i]
-            if start >= run.entries:
-                continue
-            stop = min(run.entries, start + step)
-            check_range(run, start, stop)
-            taken.append((i, run.ids[start:stop], run.values[start:stop], stop == run.entries))
+            if start < run.entries:
+                stop = min(run.entries, start + each)
+                check_range(run, start, stop)
+                taken.append((i, start, stop))
         if not taken:
             return
-        open_ends = [ids[-1] for _, ids, _, final in taken if not final]
-        bound = min(open_ends) if open_ends else None
+        open_ends = [runs[i].ids[stop - 1 : stop] for i, _start, stop in taken if stop < runs[i].entries]
+        bound = min(open_ends, key=bytes) if open_ends else None
+        cuts = []
+        for i, start, stop in taken:
+            cut = (
+                stop
+                if bound is None
+                else start + int(np.searchsorted(runs[i].ids[start:stop], bound[0], side="right"))
+            )
+            cursors[i] = cut
+            if cut > start:
+                cuts.append((i, start, cut))
+        yield cuts
+        for run in runs:  # the pages read stay in the page cache, not in this process's RSS
+            run.drop_pages()
+
+
+def _merged(runs: list[Run], row_maps: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The live entries of *runs* in id order, in chunks, their rows renumbered by
+    *row_maps* (-1: dead, dropped)."""
+    for cuts in merge_cuts(runs):
         chunk_ids, chunk_values = [], []
-        for i, ids, values, _final in taken:
-            cut = len(ids) if bound is None else int(np.searchsorted(ids, bound, side="right"))
-            cursors[i] += cut
-            part_values = np.array(values[:cut], VALUE)
+        for i, start, stop in cuts:
+            part_values = np.array(runs[i].values[start:stop], VALUE)
             new_rows = row_maps[i][part_values["pack"].astype(np.int64)]
             keep = new_rows >= 0
             part_values["pack"] = new_rows.astype(np.uint32)
-            chunk_ids.append(ids[:cut][keep])
+            chunk_ids.append(runs[i].ids[start:stop][keep])
             chunk_values.append(part_values[keep])
         joined_ids = np.concatenate(chunk_ids)
         joined_values = np.concatenate(chunk_values)
         order = np.argsort(joined_ids, kind="stable")
         yield joined_ids[order], joined_values[order]
-        for run in runs:  # the pages read stay in the page cache, not in this process's RSS
-            run.drop_pages()
 
 
 def check_range(run: Run, start: int, stop: int) -> None:

@@ -40,6 +40,7 @@ import concurrent.futures
 import dataclasses
 import hmac
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -202,6 +203,34 @@ def _select(source: Repository, point_ids: list[str] | None, vm_ids: set[str] | 
     return points
 
 
+class _IdLog:
+    """Blob ids in the order they were added, in a temporary file (32 bytes each: a copy
+    of 100 million blobs holds none of them in memory), read back in batches."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="vmbackup-copy-")  # noqa: SIM115 (closed by __exit__)
+        self._count = 0
+
+    def add(self, blob: bytes) -> None:
+        self._file.write(blob)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def batches(self, size: int) -> Iterator[list[bytes]]:
+        self._file.flush()
+        self._file.seek(0)
+        while data := self._file.read(size * _ID):
+            yield [data[i : i + _ID] for i in range(0, len(data), _ID)]
+
+    def __enter__(self) -> _IdLog:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._file.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Disk:
     """A disk of a restore point being copied: its index, checked against its digest."""
@@ -216,7 +245,8 @@ class _Copy:
         self.dest = dest
         self.progress = progress or (lambda phase, done, total: None)
         self.report = CopyReport()
-        self.new: dict[bytes, None] = {}  # blobs to write, in order (so read back in runs)
+        self.new = _IdLog()  # blobs written, in order (so read back in runs of a pack)
+        self.flight: dict[bytes, None] = {}  # asked for, not yet given to the writer
         self.seen_pages: set[bytes] = set()
 
     def run(self, points: list[dict[str, Any]]) -> CopyReport:
@@ -228,14 +258,15 @@ class _Copy:
         disks = [self.disk(point, described) for point in todo for described in point["disks"]]
         self.dest.index(reload=True)
         self.dest.condemned(reload=True)
-        with self.dest.writer() as writer:
+        with self.new, self.dest.writer() as writer:
             for batch, plaintexts in self.fetched(self.source, self.missing(disks, writer)):
                 for blob, plaintext in zip(batch, plaintexts, strict=True):
                     writer.add(plaintext, "data", blob_id=blob)
+                    del self.flight[blob]
             writer.flush()
             self.report.blobs, self.report.bytes = writer.new, writer.stored
-        self.check_index(disks)
-        self.read_back()
+            self.check_index(disks)
+            self.read_back()
         for point in todo:
             document = {k: v for k, v in point.items() if k != "id"}
             self.report.copied.append(self.dest.save_point(document, point_id=str(point["id"])))
@@ -265,11 +296,12 @@ class _Copy:
                 self.seen_pages.add(page)
                 ids = self.page(disk, number, page, writer)
                 chunks = list(dict.fromkeys(ids[i : i + _ID] for i in range(0, len(ids), _ID)))
-                asked = [c for c in chunks if c not in self.new]
+                asked = [c for c in chunks if c not in self.flight]
                 known = dict(zip(asked, writer.known_many(asked), strict=True))  # one lookup a page
                 for chunk in asked:
-                    if chunk not in self.new and not known[chunk]:
-                        self.new[chunk] = None
+                    if not known[chunk]:  # the writer knows what it was given: only those in flight
+                        self.flight[chunk] = None
+                        self.new.add(chunk)
                         batch.append(chunk)
                         if len(batch) == BATCH:
                             yield disk.point, batch
@@ -292,7 +324,7 @@ class _Copy:
                 ids = self.source.read_blob(page)
             except RepositoryError as error:
                 raise self.source_error(error, disk.point) from None
-            self.new[page] = None
+            self.new.add(page)
             writer.add(ids, "tree", blob_id=page)
         if len(ids) != disk.index.chunks_in(number) * _ID:
             raise CopyError(
@@ -352,18 +384,18 @@ class _Copy:
                     raise self.dest_error(
                         RepositoryError(f"index page {page.hex()[:16]} has the wrong length"), disk.point
                     )
-                absent = {ids[i : i + _ID] for i in range(0, len(ids), _ID)} - index.keys() - {ZERO}
+                chunks = sorted({ids[i : i + _ID] for i in range(0, len(ids), _ID)} - {ZERO})
+                absent = [c for c, where in zip(chunks, index.locate(chunks), strict=True) if where is None]
                 if absent:
-                    chunk = min(absent).hex()[:16]
+                    chunk = absent[0].hex()[:16]
                     raise self.dest_error(RepositoryError(f"chunk {chunk} is missing"), disk.point)
 
     def read_back(self) -> None:
         """Every blob written, read from *dest* and checked (tag, decompression, id)."""
-        blobs = list(self.new)
-        batches = (("", blobs[i : i + BATCH]) for i in range(0, len(blobs), BATCH))
+        batches = (("", batch) for batch in self.new.batches(BATCH))
         for batch, _plaintexts in self.fetched(self.dest, batches):
             self.report.verified += len(batch)
-            self.progress("verify", self.report.verified, len(blobs))
+            self.progress("verify", self.report.verified, len(self.new))
 
     def source_error(self, error: RepositoryError, point: str) -> CopyError:
         return CopyError(

@@ -30,28 +30,49 @@ points through the pages that name them::
 A damaged pack whose blobs all still open (a bit flipped in its trailer or framing)
 is a problem – its trailer can no longer rebuild the index – but affects no point.
 
-Verification reads through its own view of the index, built file by file, so that one
-unreadable index file is reported rather than making every read fail; it writes nothing
-and needs only a shared lock (the caller takes it).
+Verification reads every index file once, checking each alone, so that one unreadable
+index file is reported rather than making every read fail; it then finds blobs through
+the local index cache (a temporary one over the files that open, when one does not). It
+writes nothing to the repository and needs only a shared lock (the caller takes it).
+
+**Memory** does not grow with the repository (issue 14: 100 million blobs): the blobs
+the points need are gathered in sorted files on disk (:class:`.marking.IdSpill`) and
+marked in the cache's runs (:func:`.marking.mark`); one sweep over the entries in blob
+order (:mod:`.sweep`) finds the needed blobs that no sound, uncondemned pack holds. The
+points affected are found by a second pass over the points once something is bad (the
+bad blobs held as a sorted array, at most :data:`BAD_LIMIT`). ``--read-data`` gathers
+the entries of a group of packs at a time (at most :data:`GROUP_ENTRIES`) by a sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from .diskindex import PAGE_CHUNKS, disk_digest
+from .indexcache import IndexCache, Run
+from .indexfile import Entries, pack_name
 from .keys import CorruptError, check_key_file
+from .marking import IdSpill, mark
 from .packs import BlobLocation, read_trailer
 from .repository import ZERO, Repository
 from .storage import NotFound, StorageError
+from .sweep import Sweep, pack_table
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["BAD_LIMIT", "VerifyReport", "verify"]
 
 _ID = 32
 _PACK_TAIL = 12  # u32 trailer length ‖ "AGVBPEND"
 _PACK_HEAD = 9  # "AGVBPACK" 0x01
+BAD_LIMIT = 1 << 22  # bad blobs kept to name the points they affect (128 MiB)
+LINES = 1000  # problem lines of one kind before "and N more"
+GROUP_ENTRIES = 1 << 22  # entries of the packs read at once by --read-data
+PAGE_BATCH = 1024  # pages located at once
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -78,26 +99,36 @@ Progress = Callable[[str, int, int], None]
 
 
 class _Verifier:
-    def __init__(self, repo: Repository, progress: Progress | None):
+    def __init__(self, repo: Repository, progress: Progress | None, needed: IdSpill):
         self.repo = repo
         self.keys = repo.keys
         self.backend = repo.backend
         self.progress = progress or (lambda phase, done, total: None)
         self.report = VerifyReport()
         self.affected: set[str] = set()
-        # every location of every blob, over all index files that open
-        self.locations: dict[bytes, list[BlobLocation]] = {}
         self.pack_sizes: dict[str, int] = {}
         self.condemned: dict[str, float] = {}
-        # what the points use: point -> its page ids; page -> its chunk ids
-        self.point_pages: dict[str, set[bytes]] = {}
-        self.page_chunks: dict[bytes, frozenset[bytes]] = {}
+        self.bad_files = False
+        self.index: IndexCache | None = None
+        self.own_index = False  # a temporary cache of the files that open: closed at the end
+        self.needed = needed  # every page and chunk a point uses
+        self.pages_seen: set[bytes] = set()
         self.bad_pages: set[bytes] = set()
+        self.bad_blobs: list[bytes] = []
+        self.counts: dict[str, int] = {}  # lines of a kind so far
 
-    def problem(self, line: str, points: set[str] | None = None) -> None:
+    def problem(self, line: str, points: Iterable[str] = (), kind: str = "") -> None:
+        if kind:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            if self.counts[kind] > LINES:
+                return
         if line not in self.report.problems:
             self.report.problems.append(line)
-        self.affected |= points or set()
+        self.affected |= set(points)
+
+    def bad_blob(self, blob: bytes) -> None:
+        if len(self.bad_blobs) < BAD_LIMIT:
+            self.bad_blobs.append(blob)
 
     # ------------------------------------------------------------------ keys and index
 
@@ -113,52 +144,101 @@ class _Verifier:
                 self.problem(f"key file {error}")
 
     def read_index(self) -> None:
+        """Every index file read and checked alone: it opens, and each entry lies inside
+        a pack that exists. Then the cache to find blobs through."""
         for name in sorted(self.backend.list("data/")):
             try:
                 self.pack_sizes[name] = self.backend.size(name)
             except NotFound:
                 continue  # deleted while we list: a gc ran beside us
+        table = pack_table(self.pack_sizes)
+        sizes = np.array([self.pack_sizes[pack_name(table[i : i + 1].tobytes())] for i in range(len(table))])
+        indexed = np.zeros(len(table), bool)
+        good = []
         for name in sorted(self.backend.list("index/")):
             try:
-                entries = self.repo.read_index_file(name)
+                entries = self.repo.read_index_entries(name)
             except NotFound:
                 continue
             except CorruptError as error:
                 self.problem(f"index file {name}: {error}")
+                self.bad_files = True
                 continue
-            for blob, where in entries.items():
-                self.locations.setdefault(blob, []).append(where)
+            good.append(name)
+            self.check_entries(entries, table, sizes, indexed)
+        for number in np.flatnonzero(~indexed).tolist():
+            pack = pack_name(table[number : number + 1].tobytes())
+            self.report.notices.append(f"pack {pack} is named by no index (a crash leftover; gc removes it)")
         try:
             self.condemned = dict(self.repo.condemned(reload=True))
         except CorruptError as error:
             self.problem(f"condemned packs: {error}")
+        if not self.bad_files:
+            try:
+                self.index = self.repo.index(reload=True)
+                return
+            except CorruptError:
+                pass  # an index file put since, and damaged: reported by the next verify
+        self.index = IndexCache(None, lambda: good, self.repo.read_index_entries, log.warning)
+        self.own_index = True
 
-    def check_entries(self) -> None:
-        """Every index entry lies inside a pack that exists; unindexed packs noted."""
-        indexed: set[str] = set()
-        for blob, places in self.locations.items():
-            for where in places:
-                indexed.add(where.pack)
-                size = self.pack_sizes.get(where.pack)
-                if size is None:
-                    self.problem(f"blob {blob.hex()[:16]}: its pack {where.pack} is missing")
-                elif where.offset < _PACK_HEAD or where.offset + where.length > size - _PACK_TAIL:
-                    self.problem(
-                        f"blob {blob.hex()[:16]}: bytes {where.offset}+{where.length} lie outside "
-                        f"its pack {where.pack} of {size} bytes"
-                    )
-        for pack in sorted(set(self.pack_sizes) - indexed):
-            self.report.notices.append(f"pack {pack} is named by no index (a crash leftover; gc removes it)")
+    def check_entries(
+        self, entries: Entries, table: np.ndarray, sizes: np.ndarray, indexed: np.ndarray
+    ) -> None:
+        """Each entry of one index file inside a pack that exists."""
+        if not len(entries):
+            return
+        number = (
+            np.searchsorted(table, entries.packs) if len(table) else np.zeros(len(entries.packs), np.int64)
+        )
+        exists = number < len(table)
+        exists[exists] = table[number[exists]] == entries.packs[exists]
+        indexed[number[exists]] = True
+        row = entries.values["pack"].astype(np.int64)
+        there = exists[row]
+        size = np.where(there, sizes[np.where(exists, number, 0)][row] if len(table) else 0, 0)
+        start = entries.values["offset"].astype(np.int64)
+        end = start + entries.values["length"].astype(np.int64)
+        outside = there & ((start < _PACK_HEAD) | (end > size - _PACK_TAIL))
+        for i in np.flatnonzero(~there).tolist():
+            where = entries.location(i)
+            blob = entries.ids[i : i + 1].tobytes()
+            self.problem(f"blob {blob.hex()[:16]}: its pack {where.pack} is missing", kind="missing pack")
+        for i in np.flatnonzero(outside).tolist():
+            where = entries.location(i)
+            blob = entries.ids[i : i + 1].tobytes()
+            self.problem(
+                f"blob {blob.hex()[:16]}: bytes {where.offset}+{where.length} lie outside "
+                f"its pack {where.pack} of {self.pack_sizes[where.pack]} bytes",
+                kind="outside",
+            )
 
-    def good_location(self, blob: bytes) -> BlobLocation | None:
-        """A location of *blob* that lies in an existing pack, uncondemned ones first."""
-        places = [
-            w
-            for w in self.locations.get(blob, [])
-            if w.pack in self.pack_sizes and w.offset + w.length <= self.pack_sizes[w.pack] - _PACK_TAIL
-        ]
-        places.sort(key=lambda w: (w.pack in self.condemned, w.pack))
-        return places[0] if places else None
+    def sound(self, where: BlobLocation | None) -> bool:
+        size = None if where is None else self.pack_sizes.get(where.pack)
+        return where is not None and size is not None and where.offset + where.length <= size - _PACK_TAIL
+
+    def good_locations(self, blobs: list[bytes]) -> list[BlobLocation | None]:
+        """A location of each of *blobs* that lies in an existing pack, uncondemned ones
+        first (None: there is none)."""
+        assert self.index is not None
+        found = self.index.locate(blobs, frozenset(self.condemned))
+        again = [i for i, where in enumerate(found) if where is not None and not self.sound(where)]
+        if again:  # the first choice is not sound: every other location, one at a time
+            for i in again:
+                found[i] = self.other_location(blobs[i], {str(found[i].pack)})  # type: ignore[union-attr]
+        return [where if self.sound(where) else None for where in found]
+
+    def other_location(self, blob: bytes, avoid: set[str]) -> BlobLocation | None:
+        assert self.index is not None
+        while True:
+            where = self.index.locate([blob], frozenset(avoid | set(self.condemned)))[0]
+            if where is None or where.pack in avoid:
+                where = self.index.locate([blob], frozenset(avoid))[0]  # a condemned one, then
+                if where is None or where.pack in avoid:
+                    return None
+            if self.sound(where):
+                return where
+            avoid.add(where.pack)
 
     # ------------------------------------------------------------------ points
 
@@ -178,8 +258,6 @@ class _Verifier:
             self.progress("points", done, len(names))
 
     def check_point(self, point_id: str, document: dict[str, Any]) -> None:
-        pages: set[bytes] = set()
-        self.point_pages[point_id] = pages
         for disk in document["disks"]:
             position = disk.get("position", "?")
             size, chunk_size = int(disk["size"]), int(disk["chunk_size"])
@@ -195,87 +273,125 @@ class _Verifier:
                     f"restore point {point_id} disk {position}: digest does not match its pages",
                     {point_id},
                 )
+            todo = []
             for number, page in enumerate(page_ids):
-                if page == ZERO:
-                    continue
-                pages.add(page)
-                count = min(PAGE_CHUNKS, chunks - number * PAGE_CHUNKS)
-                self.check_page(page, count)
+                if page != ZERO and page not in self.pages_seen:
+                    self.pages_seen.add(page)
+                    todo.append((page, min(PAGE_CHUNKS, chunks - number * PAGE_CHUNKS)))
+            for start in range(0, len(todo), PAGE_BATCH):
+                batch = todo[start : start + PAGE_BATCH]
+                places = self.good_locations([page for page, _count in batch])
+                for (page, count), where in zip(batch, places, strict=True):
+                    self.check_page(page, count, where)
 
-    def check_page(self, page: bytes, count: int) -> None:
-        if page in self.page_chunks or page in self.bad_pages:
-            return
+    def check_page(self, page: bytes, count: int, where: BlobLocation | None) -> None:
         self.report.pages += 1
         try:
-            ids = self.read_blob(page)
+            if where is None:
+                raise CorruptError(f"blob {page.hex()[:16]} is not in the index (or its pack is missing)")
+            ids = self.repo.read_at(page, where)
             if len(ids) != count * _ID:
                 raise CorruptError(f"index page {page.hex()[:16]} has the wrong length")
         except CorruptError as error:
             self.bad_pages.add(page)
-            self.problem(f"index page {page.hex()[:16]}: {error}")
+            self.problem(f"index page {page.hex()[:16]}: {error}", kind="page")
             return
-        self.page_chunks[page] = frozenset(ids[i : i + _ID] for i in range(0, len(ids), _ID)) - {ZERO}
-
-    def read_blob(self, blob: bytes) -> bytes:
-        where = self.good_location(blob)
-        if where is None:
-            raise CorruptError(f"blob {blob.hex()[:16]} is not in the index (or its pack is missing)")
-        return self.repo.read_at(blob, where)
+        chunks = np.frombuffer(ids, "S32")
+        self.needed.add(np.frombuffer(page, "S32"))
+        self.needed.add(chunks[chunks != np.frombuffer(ZERO, "S32")[0]])
 
     # ------------------------------------------------------------------ what the points need
 
-    def users(self) -> dict[bytes, set[str]]:
-        """blob -> the points that need it (pages and chunks)."""
-        page_users: dict[bytes, set[str]] = {}
-        for point, pages in self.point_pages.items():
-            for page in pages:
-                page_users.setdefault(page, set()).add(point)
-        found: dict[bytes, set[str]] = {}
-        for page, points in page_users.items():
-            found.setdefault(page, set()).update(points)
-            for chunk in self.page_chunks.get(page, ()):
-                found.setdefault(chunk, set()).update(points)
-        return found
-
-    def check_needed(self, users: dict[bytes, set[str]]) -> None:
-        for page in self.bad_pages:
-            self.affected |= users.get(page, set())
-        for blob, points in users.items():
-            if blob in self.bad_pages:
+    def check_needed(self) -> None:
+        """Each needed blob in a sound pack that no gc condemned: the cache's entries swept
+        in blob order beside the needed ids."""
+        assert self.index is not None
+        runs: list[Run] = self.index.runs
+        self.report.blobs = len(self.needed)
+        marks = mark(runs, self.needed, keep_missing=BAD_LIMIT)
+        for blob in marks.missing_ids:
+            self.problem(f"blob {blob.hex()[:16]} is missing (not in the index or its pack)", kind="missing")
+            self.bad_blob(blob)
+        if marks.missing > len(marks.missing_ids):
+            self.counts["missing"] = self.counts.get("missing", 0) + marks.missing - len(marks.missing_ids)
+        table = pack_table(self.pack_sizes)
+        names = [pack_name(table[i : i + 1].tobytes()) for i in range(len(table))]
+        flags = np.array([name in self.condemned for name in names], bool)
+        limits = np.array([self.pack_sizes[name] - _PACK_TAIL for name in names], np.int64)
+        for part in Sweep(runs, table, marks.entries):
+            if not part.used.any():
                 continue
-            where = self.good_location(blob)
-            self.report.blobs += 1
-            if where is None:
-                self.problem(f"blob {blob.hex()[:16]} is missing (not in the index or its pack)", points)
-            elif where.pack in self.condemned:
-                self.problem(
-                    f"blob {blob.hex()[:16]} is held only by condemned pack {where.pack} "
-                    "(run gc: it keeps the pack while a point needs it)",
-                    points,
-                )
+            number = np.maximum(part.pack, 0)
+            sound = (part.pack >= 0) & (part.offset + part.length <= (limits[number] if len(names) else 0))
+            # per blob: 2 = a sound uncondemned copy, 1 = only condemned ones, 0 = none
+            grade = np.where(sound, np.where(flags[number] if len(names) else False, 1, 2), 0)
+            best = -part.group_min(-grade)
+            holder = part.group_min(np.where(sound, part.pack, len(names)))  # a condemned one, if best is 1
+            short = part.used & part.first & (best < 2)
+            for i in np.flatnonzero(short).tolist():
+                blob = part.ids[i : i + 1].tobytes()
+                if blob in self.bad_pages:
+                    continue
+                self.bad_blob(blob)
+                if best[i] == 0:
+                    self.problem(
+                        f"blob {blob.hex()[:16]} is missing (not in the index or its pack)", kind="missing"
+                    )
+                else:
+                    holder = part.pack[i : i + len(part)][part.ids[i:] == part.ids[i]]
+                    pack = names[int(holder[holder >= 0].min())] if (holder >= 0).any() else "?"
+                    self.problem(
+                        f"blob {blob.hex()[:16]} is held only by condemned pack {pack} "
+                        "(run gc: it keeps the pack while a point needs it)",
+                        kind="condemned",
+                    )
 
     # ------------------------------------------------------------------ data
 
-    def read_packs(self, users: dict[bytes, set[str]]) -> None:
-        by_pack: dict[str, dict[bytes, BlobLocation]] = {}
-        for blob, places in self.locations.items():
-            for where in places:
-                by_pack.setdefault(where.pack, {})[blob] = where
+    def read_packs(self) -> None:
+        assert self.index is not None
+        runs = self.index.runs
         packs = sorted(self.pack_sizes)
-        for done, pack in enumerate(packs, 1):
-            self.report.packs += 1
-            self.read_pack(pack, by_pack.get(pack, {}), users)
-            self.progress("packs", done, len(packs))
+        counts = _entries_per_pack(runs)
+        done = 0
+        group: list[str] = []
+        held = 0
+        for pack in [*packs, ""]:
+            if pack and (not group or held + counts.get(pack, 0) <= GROUP_ENTRIES):
+                group.append(pack)
+                held += counts.get(pack, 0)
+                continue
+            table = pack_table(group)
+            by_pack: dict[int, dict[bytes, BlobLocation]] = {}
+            for part in Sweep(runs, table):
+                for i in np.flatnonzero(part.pack >= 0).tolist():
+                    raw = int(part.raw[i])
+                    where = BlobLocation(
+                        "",
+                        int(part.offset[i]),
+                        int(part.length[i]),
+                        "tree" if raw >> 31 else "data",
+                        raw & 0x7FFFFFFF,
+                    )
+                    by_pack.setdefault(int(part.pack[i]), {})[part.ids[i : i + 1].tobytes()] = where
+            for number in range(len(table)):
+                name = pack_name(table[number : number + 1].tobytes())
+                entries = {b: dataclasses.replace(w, pack=name) for b, w in by_pack.get(number, {}).items()}
+                self.report.packs += 1
+                self.read_pack(name, entries)
+                done += 1
+                self.progress("packs", done, len(packs))
+            group, held = ([pack], counts.get(pack, 0)) if pack else ([], 0)
 
-    def read_pack(self, pack: str, entries: dict[bytes, BlobLocation], users: dict[bytes, set[str]]) -> None:
+    def read_pack(self, pack: str, entries: dict[bytes, BlobLocation]) -> None:
         try:
             data = self.backend.get(pack)
         except NotFound:
             return  # deleted by a gc running beside us
         except StorageError as error:
-            self.problem(
-                f"pack {pack}: cannot read: {error}", set().union(*(users.get(b, set()) for b in entries))
-            )
+            self.problem(f"pack {pack}: cannot read: {error}")
+            for blob in entries:
+                self.bad_blob(blob)
             return
         try:
             trailer = read_trailer(self.keys, pack, data)
@@ -289,38 +405,93 @@ class _Verifier:
             try:
                 self.keys.open(data[where.offset : where.offset + where.length], blob, pack)
             except CorruptError as error:
-                points = users.get(blob, set())
-                if self.good_copy_elsewhere(blob, pack):
-                    points = set()  # another sound copy serves the points
-                self.problem(f"pack {pack}: {error}", points)
+                if not self.good_copy_elsewhere(blob, pack):
+                    self.bad_blob(blob)  # else another sound copy serves the points
+                self.problem(f"pack {pack}: {error}")
 
     def good_copy_elsewhere(self, blob: bytes, pack: str) -> bool:
-        for where in self.locations.get(blob, []):
-            if where.pack != pack and where.pack in self.pack_sizes:
-                try:
-                    sealed = self.backend.get_range(where.pack, where.offset, where.length)
-                    self.keys.open(sealed, blob, where.pack)
-                    return True
-                except (CorruptError, StorageError):
-                    continue
+        avoid = {pack}
+        while (where := self.other_location(blob, avoid)) is not None:
+            try:
+                sealed = self.backend.get_range(where.pack, where.offset, where.length)
+                self.keys.open(sealed, blob, where.pack)
+                return True
+            except (CorruptError, StorageError):
+                avoid.add(where.pack)
         return False
+
+    # ------------------------------------------------------------------ the points affected
+
+    def name_affected(self) -> None:
+        """The points using a bad page or blob: each point's pages read again (once each),
+        their chunks looked up among the bad blobs."""
+        if not self.bad_pages and not self.bad_blobs:
+            return
+        bad = np.unique(np.array(self.bad_blobs, "S32")) if self.bad_blobs else np.zeros(0, "S32")
+        verdicts: dict[bytes, bool] = {}  # page -> a point using it is affected
+        for name in sorted(self.backend.list("points/")):
+            point_id = name.rsplit("/", 1)[1]
+            if point_id in self.affected:
+                continue
+            try:
+                document = self.repo.read_point(point_id)
+                pages = {bytes.fromhex(str(p)) for disk in document["disks"] for p in disk["pages"]} - {ZERO}
+            except (NotFound, CorruptError, KeyError, TypeError, ValueError):
+                continue  # gone, or reported (and affected) already
+            unknown = sorted(pages - verdicts.keys())
+            places = self.good_locations(unknown) if unknown else []
+            for page, where in zip(unknown, places, strict=True):
+                verdicts[page] = page in self.bad_pages or self.page_uses(page, where, bad)
+            if any(verdicts[page] for page in pages):
+                self.affected.add(point_id)
+
+    def page_uses(self, page: bytes, where: BlobLocation | None, bad: np.ndarray) -> bool:
+        if np.isin(np.frombuffer(page, "S32"), bad).any():
+            return True
+        if where is None:
+            return True
+        try:
+            ids = self.repo.read_at(page, where)
+        except CorruptError:
+            return True
+        return bool(len(bad) and np.isin(np.frombuffer(ids, "S32"), bad).any())
 
     def run(self, read_data: bool) -> VerifyReport:
         self.report.read_data = read_data
-        self.check_keys()
-        self.read_index()
-        self.check_entries()
-        self.check_points()
-        users = self.users()
-        self.check_needed(users)
-        if read_data:
-            self.read_packs(users)
+        try:
+            self.check_keys()
+            self.read_index()
+            self.check_points()
+            self.check_needed()
+            if read_data:
+                self.read_packs()
+            self.name_affected()
+        finally:
+            if self.own_index and self.index is not None:
+                self.index.close()
+        for kind, count in self.counts.items():
+            if count > LINES:
+                self.report.problems.append(f"… and {count - LINES} more problems of this kind ({kind})")
         self.report.affected = sorted(self.affected)
         return self.report
+
+
+def _entries_per_pack(runs: list[Run]) -> dict[str, int]:
+    """Live entries per pack, from the runs' rows."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        live = ~run.dead_rows
+        rows = np.asarray(run.rows)[live]
+        weights = run.row_count[live].astype(np.int64)
+        for i in range(len(rows)):
+            name = pack_name(rows[i : i + 1].tobytes())
+            counts[name] = counts.get(name, 0) + int(weights[i])
+    return counts
 
 
 def verify(repo: Repository, read_data: bool = False, progress: Progress | None = None) -> VerifyReport:
     """Check *repo* (see the module docstring) and report every problem found, with the
     restore points it affects. Raises only when the storage itself fails
     (:class:`StorageError`): a corrupt object is a finding, never an exception."""
-    return _Verifier(repo, progress).run(read_data)
+    with IdSpill() as needed:
+        return _Verifier(repo, progress, needed).run(read_data)
