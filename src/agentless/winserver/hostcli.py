@@ -1,4 +1,4 @@
-"""``winserver init``, ``vm ...``, ``sr ...``, ``serve`` and the four sub-commands.
+"""``winserver init``, ``vm ...``, ``sr ...`` and the four sub-commands (``serve``: :mod:`.servecli`).
 
 Every command takes ``--dir D`` (or the ``WINSERVER_DIR`` environment variable). When a
 daemon serves the directory, the commands talk to it through its API (with the local
@@ -17,12 +17,10 @@ from typing import Any
 
 from agentless.commands import emit
 from agentless.nbd.errors import NbdError
-from agentless.nbd.limits import Limits
 from agentless.units import format_size, size_argument
 from agentless.vhd import VhdError
 
 from .client import HostApiError, HostClient, HostUnreachable
-from .daemon import LOOPBACK, serve
 from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host, HostError
 from .metadata import MetadataError
 from .presence import daemon_or_directory
@@ -204,34 +202,6 @@ def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
-        serve(
-            host,
-            bind=args.bind,
-            port=args.nbd_port,
-            api_port=args.api_port,
-            max_chain_depth=args.max_chain_depth,
-            advertised_port=args.nbd_advertised_port,
-            nbd_limits=_nbd_limits(args),
-        )
-    return 0
-
-
-def _nbd_limits(args: argparse.Namespace) -> Limits:
-    """The NBD server's connection limits from ``serve``'s options (defaults for those not
-    given); a bad value is a HostError."""
-    given = {
-        "max_connections": args.nbd_max_connections,
-        "max_connections_per_peer": args.nbd_max_connections_per_peer,
-        "handshake_timeout": args.nbd_handshake_timeout,
-    }
-    try:
-        return Limits(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as error:
-        raise HostError(f"NBD limits: {error}") from error
-
-
 def _cmd_prepare_backup(args: argparse.Namespace) -> int:
     result = _either(
         args,
@@ -294,7 +264,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         parser = parent.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("--dir", help="host state directory (default $WINSERVER_DIR)")
         parser.add_argument("--json", action="store_true", help="print a JSON document")
-        if name not in ("init", "serve"):
+        if name != "init":
             parser.add_argument(
                 "--token",
                 help="host token, if the daemon is asked (default $WINSERVER_TOKEN, else the local one)",
@@ -314,45 +284,6 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="longest VHD chain a disk may have; snapshots past it are refused (default %(default)s)",
     )
     p.set_defaults(handler=_cmd_init)
-
-    p = command(
-        subparsers, "serve", "run the host daemon: the HTTPS host API and NBD with TLS for granted disks"
-    )
-    p.add_argument(
-        "--bind",
-        "--listen",
-        dest="bind",
-        default=LOOPBACK,
-        metavar="ADDR",
-        help="address the API and NBD listen on (default %(default)s; 0.0.0.0 for every interface)",
-    )
-    p.add_argument("--nbd-port", type=int, help="default: the port given at init")
-    p.add_argument(
-        "--nbd-advertised-port",
-        type=int,
-        help="the NBD port written in access info, when clients reach the NBD server through "
-        "another port (port forward, NAT, proxy); default: --nbd-port",
-    )
-    p.add_argument("--api-port", type=int, help="default: the port given at init")
-    p.add_argument("--max-chain-depth", type=int, help="default: the limit given at init")
-    limits = Limits()
-    p.add_argument(
-        "--nbd-max-connections",
-        type=int,
-        help=f"NBD TCP connections in total (default {limits.max_connections})",
-    )
-    p.add_argument(
-        "--nbd-max-connections-per-peer",
-        type=int,
-        help=f"NBD TCP connections per client address (default {limits.max_connections_per_peer})",
-    )
-    p.add_argument(
-        "--nbd-handshake-timeout",
-        type=float,
-        metavar="SECONDS",
-        help=f"time an NBD client has to negotiate (default {limits.handshake_timeout:g})",
-    )
-    p.set_defaults(handler=_cmd_serve)
 
     p = command(subparsers, "prepare-backup", "snapshot a VM and open read access to its disks")
     p.add_argument("--vm", required=True)
