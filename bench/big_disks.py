@@ -5,8 +5,8 @@ as a new VM – the real daemons on loopback, ``vmbackup`` as a user runs it.
     .venv/bin/python bench/big_disks.py                        # 8 x 2040 GiB, 1 GiB written
     .venv/bin/python bench/big_disks.py --disks 1 --written 64 # a quick look
 
-Printed, per step: the peak RSS of the ``vmbackup`` process (``ru_maxrss`` of that child,
-from ``wait4``) and what it read or wrote; for the restore, the bytes it wrote against
+Printed, per step: the peak RSS of the ``vmbackup`` process (its own VmHWM:
+tests/peakrss.py) and what it read or wrote; for the restore, the bytes it wrote against
 the bytes the guest wrote (a ratio: 1.0 is every written chunk and nothing else), and the
 restored VHD files' allocated size on the host against the data written (holes are not
 written: the restored disks hold the data, a sector bitmap per 2 MiB block and the BAT); and the
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.peakrss import run_measured
 from tests.sites import Site, configure, guest, running_site
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -41,28 +41,11 @@ PAGE_SPAN = 4096 * 65536  # the disk one index page covers
 
 
 def run_vmbackup(env: dict[str, str], *args: str) -> tuple[dict[str, Any], int]:
-    """Run ``vmbackup ARGS --json`` to the end; (its JSON answer, its peak RSS in bytes)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agentless.backup.cli", *args, "--json"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            text=True,
-        )
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # interrupted: the command goes too
-            proc.kill()
-            proc.wait()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"vmbackup {' '.join(args)} failed: {err.read()}")
-        return json.loads(out.read()), usage.ru_maxrss * 1024  # KiB on Linux
+    """Run ``vmbackup ARGS --json`` to the end; (its JSON answer, its own peak RSS in bytes)."""
+    done, peak = run_measured("agentless.backup.cli", [*args, "--json"], env)
+    if done.returncode != 0:
+        raise SystemExit(f"vmbackup {' '.join(args)} failed: {done.stderr}")
+    return json.loads(done.stdout), peak
 
 
 def write_spread(site: Site, vm: str, disks: int, total: int, run: int, rng: random.Random) -> int:

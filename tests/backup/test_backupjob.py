@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.backup.conftest import _ok
+from tests.peakrss import run_measured
 from tests.sites import Site, configure, guest, running_site
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -33,27 +31,10 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 
 def _vmbackup(env: dict[str, str], *args: str) -> tuple[dict[str, Any], int]:
-    """``vmbackup ARGS --json`` run to its end: its answer and its peak RSS (bytes)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agentless.backup.cli", *args, "--json"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            text=True,
-        )
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    return _ok(done), usage.ru_maxrss * 1024  # KiB on Linux
+    """``vmbackup ARGS --json`` run to its end: its answer and its peak RSS (bytes, its own)."""
+    done, peak = run_measured("agentless.backup.cli", [*args, "--json"], env)
+    assert peak, done.stderr
+    return _ok(done), peak
 
 
 def _write_chunks(site: Site, offsets: list[int], rng: random.Random, model: dict[int, bytes]) -> None:
