@@ -12,7 +12,7 @@ DEBIAN_TOOLS_LEAN := qemu-system-x86
 # programs whose presence tells that the Debian tools are installed
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster
 
-.PHONY: demo test lint typecheck pytest debian-tools bench campaign clean openapi
+.PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance campaign clean openapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ openapi: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/vhd_throughput.py
+
+# verify, prune, gc and copy of synthetic repositories of 1 M and 10 M blobs (docs/performance.md)
+bench-maintenance: $(STAMP)
+	$(PY) bench/maintenance_scale.py $(MAINTENANCE_FLAGS)
 
 # The fault campaign of docs/reliability.md: every row at full counts (a million inputs per
 # fuzz target; 20-60 minutes on 2 cores). Not part of `make test`, which runs it small

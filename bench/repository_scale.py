@@ -111,10 +111,13 @@ _HWM = (
 )
 
 
-def measured(args: list[str], env: dict[str, str]) -> tuple[float, int, dict[str, Any]]:
+def measured(
+    args: list[str], env: dict[str, str], codes: tuple[int, ...] = (0,)
+) -> tuple[float, int, dict[str, Any]]:
     """Run ``vmbackup ARGS``; (wall seconds, its peak RSS in bytes, its JSON output). The
     peak is the process's own VmHWM, printed by it as it exits: wait4's ru_maxrss would
-    count the parent's memory at the fork as the child's."""
+    count the parent's memory at the fork as the child's. An exit status not in *codes*
+    is a RuntimeError (``verify`` exits 1 when it finds problems: its JSON says which)."""
     started = time.perf_counter()
     done = subprocess.run(
         [PY, "-c", _HWM, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
@@ -122,7 +125,7 @@ def measured(args: list[str], env: dict[str, str]) -> tuple[float, int, dict[str
     seconds = time.perf_counter() - started
     lines = done.stderr.strip().splitlines()
     peaks = [int(line.split()[1]) for line in lines if line.startswith("peak-rss-kib ")]
-    if done.returncode or not peaks:
+    if done.returncode not in codes or not peaks:
         raise RuntimeError(f"vmbackup {' '.join(args[:2])}: exit {done.returncode}: {done.stderr[-2000:]}")
     text = done.stdout
     return seconds, peaks[-1] * 1024, (json.loads(text[text.index("{") :]) if "{" in text else {})
