@@ -192,6 +192,25 @@ def test_a_listing_older_than_a_file_another_process_cached_does_not_hide_it(tmp
     a.close()
 
 
+def test_a_large_index_file_is_a_run_alone_and_small_ones_go_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # entries of one run are sorted in memory: a build never joins a file to others past
+    # BUILD_ENTRIES (two large files in one run took a cold build from 88 to 292 MiB)
+    monkeypatch.setattr(indexcache, "BUILD_ENTRIES", 100)
+    monkeypatch.setattr(indexcache, "TIER", 1)  # no merging: the runs as built
+    monkeypatch.setattr(indexcache, "MAX_RUNS", 100)
+    rng = random.Random(9)
+    repo = FakeRepository()
+    packs = [pack_of(rng) for _ in range(4)]
+    for size in (31, 43, 67, 151, 25):  # no set of the small ones adds up to exactly 100
+        repo.add(entries_of(rng, size, packs))
+    built = IndexCache(tmp_path / "c", repo.list, repo.read)._build(repo.list())
+    assert sum(run.entries for run in built) == 317
+    assert all(run.entries <= 100 or len(run.files) == 1 for run in built)
+    assert any(len(run.files) > 1 for run in built)  # small files share a run
+
+
 def test_a_blob_in_several_packs_is_found_outside_the_avoided_ones(tmp_path: Path) -> None:
     rng = random.Random(4)
     repo = FakeRepository()

@@ -737,8 +737,11 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         return runs
 
     def _build(self, names: Sequence[str]) -> list[Run]:
-        """Runs of the index files *names*, read from the repository (at most
-        BUILD_ENTRIES entries in memory at once)."""
+        """Runs of the index files *names*, read from the repository: small files together,
+        a run never more than BUILD_ENTRIES entries unless one file is (its entries are
+        sorted in memory: a large file is a run alone – index files come sorted – and the
+        runs are merged by streaming). Measured: a 0.8 Mi-entry and a 1 Mi-entry file in
+        one run took the build from 88 to 292 MiB."""
         built: list[Run] = []
         batch: list[_Source] = []
         count = 0
@@ -747,11 +750,12 @@ class IndexCache(Mapping[bytes, BlobLocation]):
                 entries = self._read_file(name)
             except NotFound:
                 continue  # removed since the listing: nothing to cache
-            batch.append(_Source(_file_digest(name), entries))
-            count += len(entries)
-            if count >= BUILD_ENTRIES:
+            if batch and count + len(entries) > BUILD_ENTRIES:
                 built.append(self._new_run(batch))
                 batch, count = [], 0
+            batch.append(_Source(_file_digest(name), entries))
+            count += len(entries)
+            del entries  # else held while the next file is read
         if batch:
             built.append(self._new_run(batch))
         return built

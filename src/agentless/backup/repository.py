@@ -264,12 +264,14 @@ class Repository(Closing):
         when encrypted) – an index file copied over another or renamed is a
         CorruptError, never read as the other. NotFound if it is gone."""
         data = self.backend.get(name)
+        digest = self.keys.blob_id(data)
         binary = data.startswith(BINARY_KIND)
         if binary:
             content: Any = self.keys.open_data(BINARY_KIND, data, "", where=name)
         else:
             content = self.keys.open_meta(INDEX_KIND, data, "", where=name)
-        if name != f"index/{self.keys.blob_id(data).hex()}":
+        del data  # the sealed form (up to ~48 MiB) is not kept beside the opened one
+        if name != f"index/{digest.hex()}":
             raise CorruptError(f"{name}: its content is not that name's (swapped or renamed)", name)
         return decode_binary(content, name) if binary else decode_json(content, name)
 
