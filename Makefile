@@ -43,7 +43,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
 pytest: $(STAMP) debian-tools
-	$(VENV)/bin/pytest -n 2 -q --durations=25
+	$(VENV)/bin/pytest -n 3 -q --durations=25
 
 test: lint typecheck pytest
 

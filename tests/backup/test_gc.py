@@ -173,6 +173,23 @@ def test_one_run_repacks_a_bounded_number_of_blobs_and_the_next_the_rest(
     assert_no_garbage(scene.backend)
 
 
+def test_a_pack_to_repack_with_a_blob_that_does_not_open_is_left_whole_and_said(scene: Scene) -> None:
+    (c1_pack,) = scene.c1.packs
+    repo = reopen(scene.backend)
+    survivor = min(chunk_ids(repo, scene.c1.point) & chunk_ids(repo, scene.c2.point))
+    where = repo.index()[survivor]
+    assert where.pack == c1_pack
+    delete(scene, scene.c1)
+    assert isinstance(scene.backend, MemoryBackend)
+    sealed = bytearray(scene.backend.objects[c1_pack])
+    sealed[where.offset + where.length // 2] ^= 1  # the blob gc must copy out of it
+    scene.backend.objects[c1_pack] = bytes(sealed)
+    report = gc(reopen(scene.backend))
+    assert report.unreadable == [c1_pack]
+    assert c1_pack not in report.repacked + report.condemned + report.deleted
+    assert scene.backend.exists(c1_pack)
+
+
 # ---------------------------------------------------------------------- beside other processes
 
 

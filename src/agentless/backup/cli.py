@@ -416,6 +416,11 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         + f"), {len(report.repacked)} repacked, {len(report.condemned)} condemned"
         + (f", {len(report.waiting)} waiting for running backups to end" if report.waiting else "")
     )
+    if report.unreadable:
+        text += (
+            f"\n{len(report.unreadable)} pack(s) not repacked: a blob in them does not open"
+            f" ({report.unreadable[0]}); run `vmbackup verify --read-data`"
+        )
     emit(args, document, text)
     return 0
 

@@ -106,7 +106,8 @@ class GcReport:
     condemnation; ``cutoff``: the earliest start of another lock (None: no other lock);
     ``blind``: pages of restore points that no index file names – while there are any,
     nothing is deleted (run ``vmbackup verify``); ``repack_left``: packs worth repacking
-    left for the next run (:data:`REPACK_BLOBS`)."""
+    left for the next run (:data:`REPACK_BLOBS`); ``unreadable``: packs worth repacking
+    with a blob that does not open, left whole (run ``vmbackup verify --read-data``)."""
 
     condemned: list[str] = dataclasses.field(default_factory=list)
     deleted: list[str] = dataclasses.field(default_factory=list)
@@ -115,6 +116,7 @@ class GcReport:
     orphans: list[str] = dataclasses.field(default_factory=list)
     waiting: list[str] = dataclasses.field(default_factory=list)
     blind: list[str] = dataclasses.field(default_factory=list)
+    unreadable: list[str] = dataclasses.field(default_factory=list)
     index_files_removed: int = 0
     index_files_merged: int = 0
     repack_left: int = 0
@@ -403,6 +405,7 @@ class _Collection:
                 try:
                     self.keys.open(piece, blob, pack)
                 except CorruptError:
+                    self.report.unreadable.append(pack)
                     break
                 raw = int(copies.raw[k])
                 pieces.append((blob, "tree" if raw >> 31 else "data", piece, raw & 0x7FFFFFFF))
