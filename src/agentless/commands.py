@@ -36,3 +36,16 @@ def emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
         sys.stdout.write("\n")
     else:
         print(text)
+
+
+def add_bind_option(parser: argparse.ArgumentParser, default: str, listening: str) -> None:
+    """A daemon's ``--bind ADDR`` (alias ``--listen``), *default* loopback: *listening*
+    says what listens there, for the help."""
+    parser.add_argument(
+        "--bind",
+        "--listen",
+        dest="bind",
+        default=default,
+        metavar="ADDR",
+        help=f"address {listening} (default %(default)s; 0.0.0.0 for every interface)",
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import datetime
 
+from agentless.commands import add_bind_option
+
 from .backups import QUEUE_WAIT
 from .center import DEFAULT_PORT
 from .clitools import command_parser, open_center, seconds
@@ -45,14 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = command_parser(subparsers, "serve", "run the REST API over HTTPS")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0: any free port")
-    p.add_argument(
-        "--bind",
-        "--listen",
-        dest="bind",
-        default=LOOPBACK,
-        metavar="ADDR",
-        help="address to listen on (default %(default)s; 0.0.0.0 for every interface)",
-    )
+    add_bind_option(p, LOOPBACK, "to listen on")
     p.add_argument(
         "--task-timeout",
         type=seconds,

@@ -30,7 +30,7 @@ from .snapshots import delete_snapshot, snapshot_vm
 from .storage import create_sr, list_srs
 from .vms import VmError, create_vm, delete_vm, describe_vm, list_vms
 
-__all__ = ["ERRORS", "add_commands"]
+__all__ = ["ERRORS", "add_commands", "host_directory"]
 
 # reported in one line by the commands
 ERRORS: tuple[type[Exception], ...] = (
@@ -44,7 +44,8 @@ ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _directory(args: argparse.Namespace) -> str:
+def host_directory(args: argparse.Namespace) -> str:
+    """The host state directory a command names (``--dir``, else ``$WINSERVER_DIR``)."""
     directory = args.dir or os.environ.get("WINSERVER_DIR")
     if not directory:
         args.parser.error("give --dir D (or set WINSERVER_DIR)")
@@ -53,7 +54,7 @@ def _directory(args: argparse.Namespace) -> str:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     host, token = Host.init(
-        _directory(args),
+        host_directory(args),
         name=args.name,
         addresses=args.address or ["127.0.0.1", "localhost"],
         api_port=args.api_port,
@@ -146,7 +147,7 @@ def _token(args: argparse.Namespace) -> str | None:
 def _access(args: argparse.Namespace) -> Iterator[tuple[Host, HostClient | None]]:
     """The host, and a client of its daemon's API when a daemon serves it (else None:
     the directory is this command's until the block ends)."""
-    with Host.open(_directory(args)) as host, daemon_or_directory(host) as daemon:
+    with Host.open(host_directory(args)) as host, daemon_or_directory(host) as daemon:
         if daemon is None:
             yield host, None
             return

@@ -4,14 +4,15 @@ server – is loaded only by this command: :mod:`.cli`)."""
 from __future__ import annotations
 
 import argparse
-import os
 
+from agentless.commands import add_bind_option
 from agentless.nbd.errors import NbdError
 from agentless.nbd.limits import Limits
 from agentless.vhd import VhdError
 
 from .daemon import LOOPBACK, serve
 from .host import Host, HostError
+from .hostcli import host_directory
 from .metadata import MetadataError
 
 __all__ = ["ERRORS", "add_commands"]
@@ -19,15 +20,8 @@ __all__ = ["ERRORS", "add_commands"]
 ERRORS: tuple[type[Exception], ...] = (VhdError, NbdError, HostError, MetadataError)  # one line each
 
 
-def _directory(args: argparse.Namespace) -> str:
-    directory = args.dir or os.environ.get("WINSERVER_DIR")
-    if not directory:
-        args.parser.error("give --dir D (or set WINSERVER_DIR)")
-    return str(directory)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    with Host.open(_directory(args)) as host:
+    with Host.open(host_directory(args)) as host:
         serve(
             host,
             bind=args.bind,
@@ -60,14 +54,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--dir", help="host state directory (default $WINSERVER_DIR)")
     p.add_argument("--json", action="store_true", help="print a JSON document")
     p.set_defaults(parser=p)
-    p.add_argument(
-        "--bind",
-        "--listen",
-        dest="bind",
-        default=LOOPBACK,
-        metavar="ADDR",
-        help="address the API and NBD listen on (default %(default)s; 0.0.0.0 for every interface)",
-    )
+    add_bind_option(p, LOOPBACK, "the API and NBD listen on")
     p.add_argument("--nbd-port", type=int, help="default: the port given at init")
     p.add_argument(
         "--nbd-advertised-port",
