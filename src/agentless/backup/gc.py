@@ -76,14 +76,14 @@ import numpy as np
 
 from .indexcache import Run
 from .indexcompact import compact_index
-from .indexfile import Entries, pack_digest, pack_name
+from .indexfile import Entries, pack_digest
 from .keys import CorruptError, RepositoryError
 from .locks import Lock, active_locks
 from .marking import IdSpill, mark
 from .packs import BlobLocation, PackBuilder
 from .repository import CONDEMNED_KIND, ZERO, Repository
 from .storage import NotFound
-from .sweep import Slice, Sweep, files_holding, marked_packs, named_packs, pack_table
+from .sweep import Slice, Sweep, files_holding, marked_packs, named_packs, pack_names, pack_table
 
 __all__ = ["MARGIN", "REPACK_BLOBS", "GcError", "GcReport", "gc"]
 
@@ -407,11 +407,10 @@ class _Collection:
                 except CorruptError:
                     self.report.unreadable.append(pack)
                     break
-                raw = int(copies.raw[k])
-                pieces.append((blob, "tree" if raw >> 31 else "data", piece, raw & 0x7FFFFFFF))
+                pieces.append((blob, copies.location(k, pack), piece))
             else:
-                for blob, kind, piece, raw_length in pieces:
-                    builder[0].add(blob, kind, piece, raw_length)
+                for blob, where, piece in pieces:
+                    builder[0].add(blob, where.kind, piece, where.raw_length)
                     if builder[0].full:
                         self.ship(builder)
                 done.add(pack)
@@ -448,7 +447,7 @@ class _Collection:
         # 5: plan
         condemned = self.condemned()
         table = pack_table(listed)
-        names = [pack_name(table[i : i + 1].tobytes()) for i in range(len(table))]
+        names = pack_names(table)
         flags = np.array([name in condemned for name in names], bool)
         sweep = Sweep(runs, table, marks.entries)
         tally = self.tally(sweep, flags)

@@ -133,13 +133,14 @@ class Entries:
 
 def location_of(packs: np.ndarray, value: Any) -> BlobLocation:
     """The location a *value* (:data:`VALUE`) gives, its pack number looked up in *packs*."""
-    raw = int(value["raw"])
+    return located(pack_name(_id(packs, int(value["pack"]))), value["offset"], value["length"], value["raw"])
+
+
+def located(pack: str, offset: Any, length: Any, raw: Any) -> BlobLocation:
+    """The location of a value's fields in *pack*: *raw* is the raw length | kind << 31."""
+    kind_and_length = int(raw)
     return BlobLocation(
-        pack_name(_id(packs, int(value["pack"]))),
-        int(value["offset"]),
-        int(value["length"]),
-        KINDS[raw >> 31],
-        raw & int(_RAW_MASK),
+        pack, int(offset), int(length), KINDS[kind_and_length >> 31], kind_and_length & int(_RAW_MASK)
     )
 
 

@@ -27,9 +27,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from .indexcache import MERGE_STEP, Run, merge_cuts
-from .indexfile import pack_digest, pack_name
+from .indexfile import located, pack_digest, pack_name
+from .packs import BlobLocation
 
-__all__ = ["Slice", "Sweep", "files_holding", "marked_packs", "named_packs", "pack_table"]
+__all__ = ["Slice", "Sweep", "files_holding", "marked_packs", "named_packs", "pack_names", "pack_table"]
 
 STEP = MERGE_STEP  # entries a slice holds, about
 _EMPTY = np.zeros(0, "S32")
@@ -39,6 +40,11 @@ def pack_table(names: Iterable[str]) -> np.ndarray:
     """The sorted ``S32`` digests of the pack *names*: pack number i is the i-th."""
     digests = [pack_digest(name) for name in names]
     return np.sort(np.array(digests, "S32")) if digests else _EMPTY
+
+
+def pack_names(table: np.ndarray) -> list[str]:
+    """The pack names of a :func:`pack_table`, by number."""
+    return [pack_name(table[i : i + 1].tobytes()) for i in range(len(table))]
 
 
 def _numbers(table: np.ndarray, digests: np.ndarray) -> np.ndarray:
@@ -55,8 +61,7 @@ class Slice:
 
     ``pack``: the entry's pack number in the sweep's table (-1: not in it); ``file``: its
     index file's number in :attr:`Sweep.files`; ``used``: the blob is one of the marked
-    ids; ``first``: the entry is its blob's first here; ``group``: the number of its blob
-    within the slice (``first.cumsum() - 1``)."""
+    ids; :attr:`first`: the entry is its blob's first here."""
 
     ids: np.ndarray
     pack: np.ndarray
@@ -83,6 +88,10 @@ class Slice:
         least: np.ndarray = np.minimum.reduceat(key, np.nonzero(first)[0])
         spread: np.ndarray = least[first.cumsum() - 1]
         return spread
+
+    def location(self, i: int, pack: str) -> BlobLocation:
+        """Entry *i*'s location, in *pack* (the name of its pack number)."""
+        return located(pack, self.offset[i], self.length[i], self.raw[i])
 
     def take(self, which: np.ndarray | slice) -> Slice:
         """The entries *which* selects (a mask, an order or a slice)."""

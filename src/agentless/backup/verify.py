@@ -61,7 +61,7 @@ from .marking import IdSpill, mark
 from .packs import BlobLocation, read_trailer
 from .repository import ZERO, Repository
 from .storage import NotFound, StorageError
-from .sweep import Sweep, pack_table
+from .sweep import Sweep, pack_names, pack_table
 
 __all__ = ["BAD_LIMIT", "VerifyReport", "verify"]
 
@@ -110,6 +110,8 @@ class _Verifier:
         self.condemned: dict[str, float] = {}
         self.bad_files = False
         self.index: IndexCache | None = None
+        self.table = pack_table(())  # the packs listed (read_index): digests, and names by number
+        self.names: list[str] = []
         self.own_index = False  # a temporary cache of the files that open: closed at the end
         self.needed = needed  # every page and chunk a point uses
         self.pages_seen: set[bytes] = set()
@@ -151,8 +153,9 @@ class _Verifier:
                 self.pack_sizes[name] = self.backend.size(name)
             except NotFound:
                 continue  # deleted while we list: a gc ran beside us
-        table = pack_table(self.pack_sizes)
-        sizes = np.array([self.pack_sizes[pack_name(table[i : i + 1].tobytes())] for i in range(len(table))])
+        table = self.table = pack_table(self.pack_sizes)
+        self.names = pack_names(table)
+        sizes = np.array([self.pack_sizes[name] for name in self.names])
         indexed = np.zeros(len(table), bool)
         good = []
         for name in sorted(self.backend.list("index/")):
@@ -167,7 +170,7 @@ class _Verifier:
             good.append(name)
             self.check_entries(entries, table, sizes, indexed)
         for number in np.flatnonzero(~indexed).tolist():
-            pack = pack_name(table[number : number + 1].tobytes())
+            pack = self.names[number]
             self.report.notices.append(f"pack {pack} is named by no index (a crash leftover; gc removes it)")
         try:
             self.condemned = dict(self.repo.condemned(reload=True))
@@ -314,8 +317,7 @@ class _Verifier:
             self.bad_blob(blob)
         if marks.missing > len(marks.missing_ids):
             self.counts["missing"] = self.counts.get("missing", 0) + marks.missing - len(marks.missing_ids)
-        table = pack_table(self.pack_sizes)
-        names = [pack_name(table[i : i + 1].tobytes()) for i in range(len(table))]
+        table, names = self.table, self.names
         flags = np.array([name in self.condemned for name in names], bool)
         limits = np.array([self.pack_sizes[name] - _PACK_TAIL for name in names], np.int64)
         for part in Sweep(runs, table, marks.entries):
@@ -362,21 +364,14 @@ class _Verifier:
                 held += counts.get(pack, 0)
                 continue
             table = pack_table(group)
-            by_pack: dict[int, dict[bytes, BlobLocation]] = {}
+            names = pack_names(table)
+            by_pack: dict[str, dict[bytes, BlobLocation]] = {}
             for part in Sweep(runs, table):
                 for i in np.flatnonzero(part.pack >= 0).tolist():
-                    raw = int(part.raw[i])
-                    where = BlobLocation(
-                        "",
-                        int(part.offset[i]),
-                        int(part.length[i]),
-                        "tree" if raw >> 31 else "data",
-                        raw & 0x7FFFFFFF,
-                    )
-                    by_pack.setdefault(int(part.pack[i]), {})[part.ids[i : i + 1].tobytes()] = where
-            for number in range(len(table)):
-                name = pack_name(table[number : number + 1].tobytes())
-                entries = {b: dataclasses.replace(w, pack=name) for b, w in by_pack.get(number, {}).items()}
+                    name = names[int(part.pack[i])]
+                    by_pack.setdefault(name, {})[part.ids[i : i + 1].tobytes()] = part.location(i, name)
+            for name in names:
+                entries = by_pack.get(name, {})
                 self.report.packs += 1
                 self.read_pack(name, entries)
                 done += 1
