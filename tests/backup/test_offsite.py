@@ -60,6 +60,9 @@ class Counting(Closing):
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        return self.inner.list_sizes(prefix)
+
     def delete(self, name: str) -> None:
         self._count("delete", name)
         self.inner.delete(name)

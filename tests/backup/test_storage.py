@@ -143,6 +143,19 @@ def test_list_with_prefixes(backend: Backend) -> None:
     for bad in ("/", "/data", "../", "data/../", "a b"):
         with pytest.raises(InvalidName):
             backend.list(bad)
+        with pytest.raises(InvalidName):
+            backend.list_sizes(bad)
+
+
+def test_list_sizes_gives_each_listed_name_with_its_length(backend: Backend) -> None:
+    names = {"config": 0, "data/00/0001": 1, "data/00/0002": 70000, "data/01/0100": 5, "index/a": 3}
+    for name, size in names.items():
+        backend.put(name, os.urandom(size))
+    assert sorted(backend.list_sizes()) == sorted(names.items())
+    assert sorted(backend.list_sizes("data/0")) == [
+        (n, s) for n, s in sorted(names.items()) if n.startswith("data/")
+    ]
+    assert list(backend.list_sizes("nothing/")) == []
 
 
 def test_list_many_objects_crosses_pages(backend: Backend) -> None:
@@ -154,6 +167,7 @@ def test_list_many_objects_crosses_pages(backend: Backend) -> None:
     listed = list(backend.list("data/"))
     assert len(listed) == len(set(listed)) == 1010
     assert set(listed) == set(names)
+    assert sorted(backend.list_sizes("data/")) == sorted((name, len(name)) for name in names)
     assert len(list(backend.list())) == 1011
 
 
@@ -611,6 +625,12 @@ class Flaky(MemoryBackend):
         self._maybe_fail()  # fail after the first name, to make the retry resume
         yield from names[1:]
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        found = sorted(super().list_sizes(prefix))
+        yield found[0]
+        self._maybe_fail()
+        yield from found[1:]
+
 
 def test_retry_retries_then_succeeds(caplog: pytest.LogCaptureFixture) -> None:
     inner = Flaky(failures=3)
@@ -693,3 +713,6 @@ def test_retry_list_resumes_without_duplicates() -> None:
     backend = RetryBackend(inner, attempts=3, jitter=0.0, sleep=sleeps.append)
     assert list(backend.list("data/")) == [f"data/{i}" for i in range(5)]
     assert len(sleeps) == 2
+    inner.failures = 2
+    assert list(backend.list_sizes("data/")) == [(f"data/{i}", 0) for i in range(5)]
+    assert len(sleeps) == 4

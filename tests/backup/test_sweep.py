@@ -15,7 +15,18 @@ import pytest
 from agentless.backup.indexfile import Entries, pack_digest, pack_name
 from agentless.backup.marking import IdSpill, mark
 from agentless.backup.packs import BlobLocation
-from agentless.backup.sweep import Sweep, files_holding, marked_packs, named_packs, pack_table
+from agentless.backup.storage import MemoryBackend
+from agentless.backup.sweep import (
+    Sweep,
+    files_holding,
+    listed_packs,
+    marked_packs,
+    named_packs,
+    pack_name_of,
+    pack_names,
+    pack_number,
+    pack_table,
+)
 from tests.backup.indexes import FakeRepository, entries_of, pack_of
 
 
@@ -97,7 +108,7 @@ def test_row_questions_answer_as_the_files_do(tmp_path: Path) -> None:
         cache.sync()
         assert any(run.dead_files for run in cache.runs)
         live = _live(repo)
-        assert named_packs(cache.runs) == {pack for _, pack, *_ in live}
+        assert pack_names(named_packs(cache.runs)) == sorted({pack for _, pack, *_ in live})
         some = set(packs[:3])
         assert files_holding(cache.runs, map(pack_digest, some)) == {
             name for _, pack, name, *_ in live if pack in some
@@ -110,3 +121,22 @@ def test_row_questions_answer_as_the_files_do(tmp_path: Path) -> None:
             marks = mark(cache.runs, spill)
         assert marked_packs(cache.runs, marks.entries) == {pack for blob, pack, *_ in live if blob in chosen}
         assert marked_packs(cache.runs, [np.zeros(run.entries, bool) for run in cache.runs]) == set()
+
+
+def test_listed_packs_are_a_table_with_their_sizes_and_only_packs() -> None:
+    rng = random.Random(9)
+    backend = MemoryBackend()
+    packs = {pack_of(rng): rng.randrange(1, 5000) for _ in range(300)}
+    packs[pack_name(b"\x01" * 31 + b"\0")] = 7  # a digest ending in NUL survives the S32 table
+    for name, size in packs.items():
+        backend.put(name, bytes(size))
+    backend.put("data/not-a-pack", b"x")  # left out, not an error
+    backend.put("index/" + "ab" * 32, b"y")
+    table, sizes = listed_packs(backend)
+    assert pack_names(table) == sorted(packs)
+    assert sizes.tolist() == [packs[name] for name in sorted(packs)]
+    assert [pack_name_of(table, n) for n in range(len(table))] == sorted(packs)
+    assert all(pack_number(table, name) == n for n, name in enumerate(sorted(packs)))
+    assert pack_number(table, pack_of(rng)) == -1
+    empty, no_sizes = listed_packs(MemoryBackend())
+    assert len(empty) == len(no_sizes) == 0

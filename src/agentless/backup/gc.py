@@ -83,7 +83,18 @@ from .marking import IdSpill, mark
 from .packs import BlobLocation, PackBuilder
 from .repository import CONDEMNED_KIND, ZERO, Repository
 from .storage import NotFound
-from .sweep import Slice, Sweep, files_holding, marked_packs, named_packs, pack_names, pack_table
+from .sweep import (
+    Slice,
+    Sweep,
+    files_holding,
+    listed_packs,
+    marked_packs,
+    named_packs,
+    pack_name_of,
+    pack_number,
+    pack_numbers,
+    pack_table,
+)
 
 __all__ = ["MARGIN", "REPACK_BLOBS", "GcError", "GcReport", "gc"]
 
@@ -197,14 +208,17 @@ class _Collection:
         self.lock = lock
         self.margin = margin
         self.report = GcReport()
-        self.sizes: dict[str, int] = {}  # pack -> bytes
+        # the packs listed at step 1, by number: digests (sorted), bytes, still there
+        self.table = pack_table(())
+        self.sizes = np.zeros(0, np.int64)
+        self.present = np.zeros(0, bool)
         self.records: list[_Record] = []
         self.spill = spill  # the used blob ids (pages and chunks) marked into
         self.pages: set[bytes] = set()  # the pages marked (read, or pending)
         self.pending: set[bytes] = set()  # used pages not read yet
         self.points: set[str] = set()
-        self.written: set[str] = set()  # packs the repacking put
-        self.new_names: set[str] = set()  # ... that did not exist before
+        self.written: dict[str, int] = {}  # packs the repacking put -> bytes
+        self.new_names: set[str] = set()  # ... that were not listed
 
     # ------------------------------------------------------------------ reading
 
@@ -388,7 +402,32 @@ class _Collection:
                 self.backend.delete(record.name)
                 self.records.remove(record)
 
-    def repack(self, names: list[str], copies: Slice) -> set[str]:
+    def name(self, number: int) -> str:
+        """The name of the listed pack *number*."""
+        return pack_name_of(self.table, number)
+
+    def names(self, which: np.ndarray) -> list[str]:
+        """The names of the listed packs *which* (a bool per pack) selects, sorted."""
+        return [self.name(n) for n in np.flatnonzero(which).tolist()]
+
+    def number(self, pack: str) -> int:
+        """The number of *pack* among the listed packs (-1: not listed)."""
+        return pack_number(self.table, pack)
+
+    def exists(self, pack: str) -> bool:
+        """Whether *pack* is listed and not deleted since, or was written by this run."""
+        number = self.number(pack)
+        return pack in self.written or (number >= 0 and bool(self.present[number]))
+
+    def delete_pack(self, number: int) -> str:
+        """Delete the listed pack *number*; its name."""
+        pack = self.name(number)
+        self.backend.delete(pack)
+        self.report.bytes_freed += int(self.sizes[number])
+        self.present[number] = False
+        return pack
+
+    def repack(self, copies: Slice) -> set[str]:
         """Copy the blobs *copies* (sorted by pack) into new packs (put, then indexed);
         the packs of *names* copied – a pack with a blob that does not open is left
         whole, for verify to report."""
@@ -396,7 +435,7 @@ class _Collection:
         done: set[str] = set()
         bounds = np.flatnonzero(np.diff(copies.pack)) + 1
         for start, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), len(copies)], strict=True):
-            pack = names[int(copies.pack[start])]
+            pack = self.name(int(copies.pack[start]))
             data = self.backend.get(pack)
             pieces = []
             for k in range(start, stop):
@@ -422,11 +461,10 @@ class _Collection:
             return
         name, data, locations = builder[0].finish()
         builder[0] = PackBuilder(self.keys)
-        if name not in self.sizes:
+        if self.number(name) < 0:
             self.new_names.add(name)
-        self.written.add(name)
+        self.written[name] = len(data)
         self.backend.put(name, data)
-        self.sizes[name] = len(data)
         self.repo.write_index_file(locations)
 
     # ------------------------------------------------------------------ the run
@@ -434,79 +472,69 @@ class _Collection:
     def run(self) -> GcReport:
         # 1-4: what is there, what is condemned, what is used
         runs = self.sync()
-        for name in self.backend.list("data/"):
-            try:
-                self.sizes[name] = self.backend.size(name)
-            except NotFound:
-                continue
-        listed = set(self.sizes)
+        self.table, self.sizes = listed_packs(self.backend)
+        self.present = np.ones(len(self.table), bool)
         self.read_records()
         self.mark(sorted(self.backend.list("points/")))
         marks = mark(runs, self.spill)
 
-        # 5: plan
+        # 5: plan – per listed pack, in arrays (a name is made only for a pack acted on)
         condemned = self.condemned()
-        table = pack_table(listed)
-        names = pack_names(table)
-        flags = np.array([name in condemned for name in names], bool)
-        sweep = Sweep(runs, table, marks.entries)
+        flags = np.zeros(len(self.table), bool)
+        numbers = pack_numbers(self.table, pack_table(condemned))
+        flags[numbers[numbers >= 0]] = True
+        sweep = Sweep(runs, self.table, marks.entries)
         tally = self.tally(sweep, flags)
-        to_condemn: set[str] = set()
-        repackable: list[tuple[int, int]] = []  # (unused bytes, pack number)
-        candidates: set[str] = set()
-        for number, pack in enumerate(names):
-            if pack in condemned:
-                if tally.orphaned[number]:
-                    self.report.revived.append(pack)  # a backup older than T reused a blob of it
-                elif tally.used[number]:
-                    to_condemn.add(pack)  # ... and the blob is stored anew since: start again
-                else:
-                    candidates.add(pack)
-                continue
-            if not tally.entries[number]:
-                continue  # named by no index: a leftover (step 12) or a backup's pack in flight
-            unused = int(tally.total[number] - tally.live[number])
-            if not tally.sole[number]:
-                to_condemn.add(pack)
-            elif unused > tally.total[number] * REPACK_UNUSED:
-                repackable.append((unused, number))
+        # a condemned pack: revived when a backup older than T reused a blob of it;
+        # condemned again when such a blob is stored anew since; else a candidate
+        self.report.revived = self.names(flags & tally.orphaned)
+        again = flags & ~tally.orphaned & (tally.used > 0)
+        candidates = set(self.names(flags & ~tally.orphaned & (tally.used == 0)))
+        # the others (a pack no index names is a leftover, step 12, or a backup's in flight)
+        fresh = ~flags & (tally.entries > 0)
+        unused = tally.total - tally.live
+        unlink = again | (fresh & (tally.sole == 0))
+        repackable = np.flatnonzero(fresh & (tally.sole > 0) & (unused > tally.total * REPACK_UNUSED))
+        to_condemn = set(self.names(unlink))
         self.drop_from_records(set(self.report.revived))
         to_repack: list[int] = []
         budget = REPACK_BLOBS
-        for _unused, number in sorted(repackable, key=lambda r: (-r[0], r[1])):
-            if to_repack and tally.sole[number] > budget:
+        for number in repackable[np.lexsort((repackable, -unused[repackable]))].tolist():
+            if to_repack and tally.sole[number] > budget:  # the most garbage first
                 self.report.repack_left += 1
                 continue
             to_repack.append(number)
             budget -= int(tally.sole[number])
 
         # 6: repack; the used entries of the packs to condemn gathered (sweep 2)
-        unlink = np.array([pack in to_condemn for pack in names], bool)
         unlink[to_repack] = True
-        repack = np.zeros(len(names), bool)
+        repack = np.zeros(len(self.table), bool)
         repack[to_repack] = True
         gathered = (
             self.gather(sweep, flags, unlink, repack) if unlink.any() else _Gathered(_NO_KEYS, set(), None)
         )
         if gathered.repack is not None:
-            done = self.repack(names, gathered.repack)
+            done = self.repack(gathered.repack)
             self.report.repacked = sorted(done)
             to_condemn |= done
-            failed = [n for n in to_repack if names[n] not in done]
+            failed = [n for n in to_repack if self.name(n) not in done]
             if failed:  # left whole: its used entries stay
-                gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), table[failed])]
+                gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), self.table[failed])]
         # a copy may be byte for byte a pack that exists (unencrypted packs are named by
         # their content; a gc killed after repacking made it): that pack is live again
-        again = self.written - self.new_names
-        if again:
-            gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), pack_table(again))]
-        to_condemn -= self.written
-        candidates -= self.written
-        self.drop_from_records(again & set(condemned))
+        rewritten = set(self.written) - self.new_names
+        if rewritten:
+            gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), pack_table(rewritten))]
+        to_condemn -= self.written.keys()
+        candidates -= self.written.keys()
+        self.drop_from_records(rewritten & set(condemned))
 
         # 7-8: unlink the used blobs of the packs to condemn, then condemn them
-        gone = named_packs(runs) - listed
-        self.rewrite_index(gathered.files | files_holding(runs, map(pack_digest, gone)), gathered.keys, gone)
+        named = named_packs(runs)
+        gone = named[pack_numbers(self.table, named) < 0]  # indexed, no longer listed
+        gone_names = {pack_name_of(gone, i) for i in range(len(gone))}
+        files = files_holding(runs, map(pack_digest, gone_names))
+        self.rewrite_index(gathered.files | files, gathered.keys, gone_names)
         self.write_record(to_condemn)
         self.report.condemned = sorted(to_condemn)
         candidates |= to_condemn
@@ -542,18 +570,14 @@ class _Collection:
         self.lock.check_held()
         self.rewrite_index(files_holding(runs, map(pack_digest, deletable)), _NO_KEYS, deletable)
         for pack in sorted(deletable):
-            self.backend.delete(pack)
-            self.report.bytes_freed += self.sizes.pop(pack)
+            self.delete_pack(self.number(pack))
         self.report.deleted = sorted(deletable)
 
         # 12: with nobody else running, packs that no index names are crash leftovers
         if cutoff is None:
-            indexed = named_packs(runs)
-            for pack in sorted(listed - indexed - deletable):
-                self.backend.delete(pack)
-                self.report.orphans.append(pack)
-                self.report.bytes_freed += self.sizes.pop(pack)
-        self.drop_from_records({p for r in self.records for p in r.packs} - set(self.sizes))
+            leftover = self.present & ~np.isin(self.table, named_packs(runs))
+            self.report.orphans = [self.delete_pack(n) for n in np.flatnonzero(leftover).tolist()]
+        self.drop_from_records({p for r in self.records for p in r.packs if not self.exists(p)})
         return self.report
 
 

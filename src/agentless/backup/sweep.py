@@ -21,6 +21,7 @@ by :attr:`Sweep.files`.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -29,8 +30,21 @@ import numpy as np
 from .indexcache import MERGE_STEP, Run, merge_cuts
 from .indexfile import located, pack_digest, pack_name
 from .packs import BlobLocation
+from .storage import Backend
 
-__all__ = ["Slice", "Sweep", "files_holding", "marked_packs", "named_packs", "pack_names", "pack_table"]
+__all__ = [
+    "Slice",
+    "Sweep",
+    "files_holding",
+    "listed_packs",
+    "marked_packs",
+    "named_packs",
+    "pack_name_of",
+    "pack_names",
+    "pack_number",
+    "pack_numbers",
+    "pack_table",
+]
 
 STEP = MERGE_STEP  # entries a slice holds, about
 _EMPTY = np.zeros(0, "S32")
@@ -44,10 +58,36 @@ def pack_table(names: Iterable[str]) -> np.ndarray:
 
 def pack_names(table: np.ndarray) -> list[str]:
     """The pack names of a :func:`pack_table`, by number."""
-    return [pack_name(table[i : i + 1].tobytes()) for i in range(len(table))]
+    return [pack_name_of(table, i) for i in range(len(table))]
 
 
-def _numbers(table: np.ndarray, digests: np.ndarray) -> np.ndarray:
+def pack_name_of(table: np.ndarray, number: int) -> str:
+    """The name of pack *number* of a :func:`pack_table`."""
+    return pack_name(table[number : number + 1].tobytes())
+
+
+def listed_packs(backend: Backend) -> tuple[np.ndarray, np.ndarray]:
+    """The packs stored under ``data/``, from one listing: their :func:`pack_table` and,
+    by number, their sizes (``int64``) – 40 bytes a pack, where a dict of names took ~200
+    (390 000 packs at 100 M blobs). A name under ``data/`` that is not a pack's is left out."""
+    digests, sizes = bytearray(), array.array("q")
+    for name, size in backend.list_sizes("data/"):
+        try:
+            digests += pack_digest(name)
+        except ValueError:
+            continue
+        sizes.append(size)
+    table = np.frombuffer(bytes(digests), "S32")
+    order = np.argsort(table, kind="stable")
+    return table[order], np.frombuffer(sizes, np.int64)[order]
+
+
+def pack_number(table: np.ndarray, pack: str) -> int:
+    """The number of the pack named *pack* in the sorted *table* (-1: not in it)."""
+    return int(pack_numbers(table, np.array([pack_digest(pack)], "S32"))[0])
+
+
+def pack_numbers(table: np.ndarray, digests: np.ndarray) -> np.ndarray:
     """The number of each of *digests* in the sorted *table* (-1: not in it)."""
     if not len(table):
         return np.full(len(digests), -1, np.int64)
@@ -129,7 +169,7 @@ class Sweep:
             file_numbers = np.array(
                 [numbers.setdefault(f"index/{name}", len(numbers)) for name in run.files], np.int64
             )
-            self._row_pack.append(_numbers(table, np.asarray(run.rows)))
+            self._row_pack.append(pack_numbers(table, np.asarray(run.rows)))
             row_file = (
                 file_numbers[run.row_file.astype(np.int64)] if len(run.files) else np.zeros(0, np.int64)
             )
@@ -197,13 +237,10 @@ def files_holding(runs: Sequence[Run], digests: Iterable[bytes]) -> set[str]:
     return found
 
 
-def named_packs(runs: Sequence[Run]) -> set[str]:
-    """The packs a live entry of *runs* names."""
-    digests: set[bytes] = set()
-    for run in runs:
-        live = np.unique(np.asarray(run.rows)[~run.dead_rows & (run.row_count > 0)])
-        digests |= {live[i : i + 1].tobytes() for i in range(len(live))}
-    return {pack_name(d) for d in digests}
+def named_packs(runs: Sequence[Run]) -> np.ndarray:
+    """The packs a live entry of *runs* names, as a :func:`pack_table`."""
+    found = [np.unique(np.asarray(run.rows)[~run.dead_rows & (run.row_count > 0)]) for run in runs]
+    return np.unique(np.concatenate(found)) if found else _EMPTY
 
 
 def marked_packs(runs: Sequence[Run], marks: Sequence[np.ndarray]) -> set[str]:

@@ -61,7 +61,7 @@ from .marking import IdSpill, mark
 from .packs import BlobLocation, read_trailer
 from .repository import ZERO, Repository
 from .storage import NotFound, StorageError
-from .sweep import Sweep, pack_names, pack_table
+from .sweep import Sweep, listed_packs, pack_name_of, pack_names, pack_number, pack_numbers, pack_table
 
 __all__ = ["BAD_LIMIT", "VerifyReport", "verify"]
 
@@ -106,12 +106,11 @@ class _Verifier:
         self.progress = progress or (lambda phase, done, total: None)
         self.report = VerifyReport()
         self.affected: set[str] = set()
-        self.pack_sizes: dict[str, int] = {}
         self.condemned: dict[str, float] = {}
         self.bad_files = False
         self.index: IndexCache | None = None
-        self.table = pack_table(())  # the packs listed (read_index): digests, and names by number
-        self.names: list[str] = []
+        self.table = pack_table(())  # the packs listed (read_index): digests, and sizes by number
+        self.sizes = np.zeros(0, np.int64)
         self.own_index = False  # a temporary cache of the files that open: closed at the end
         self.needed = needed  # every page and chunk a point uses
         self.pages_seen: set[bytes] = set()
@@ -148,14 +147,7 @@ class _Verifier:
     def read_index(self) -> None:
         """Every index file read and checked alone: it opens, and each entry lies inside
         a pack that exists. Then the cache to find blobs through."""
-        for name in sorted(self.backend.list("data/")):
-            try:
-                self.pack_sizes[name] = self.backend.size(name)
-            except NotFound:
-                continue  # deleted while we list: a gc ran beside us
-        table = self.table = pack_table(self.pack_sizes)
-        self.names = pack_names(table)
-        sizes = np.array([self.pack_sizes[name] for name in self.names])
+        table, sizes = self.table, self.sizes = listed_packs(self.backend)
         indexed = np.zeros(len(table), bool)
         good = []
         for name in sorted(self.backend.list("index/")):
@@ -170,7 +162,7 @@ class _Verifier:
             good.append(name)
             self.check_entries(entries, table, sizes, indexed)
         for number in np.flatnonzero(~indexed).tolist():
-            pack = self.names[number]
+            pack = pack_name_of(table, number)
             self.report.notices.append(f"pack {pack} is named by no index (a crash leftover; gc removes it)")
         try:
             self.condemned = dict(self.repo.condemned(reload=True))
@@ -212,12 +204,17 @@ class _Verifier:
             blob = entries.ids[i : i + 1].tobytes()
             self.problem(
                 f"blob {blob.hex()[:16]}: bytes {where.offset}+{where.length} lie outside "
-                f"its pack {where.pack} of {self.pack_sizes[where.pack]} bytes",
+                f"its pack {where.pack} of {self.size_of(where.pack)} bytes",
                 kind="outside",
             )
 
+    def size_of(self, pack: str) -> int | None:
+        """The size of *pack* as listed (None: not listed)."""
+        number = pack_number(self.table, pack)
+        return int(self.sizes[number]) if number >= 0 else None
+
     def sound(self, where: BlobLocation | None) -> bool:
-        size = None if where is None else self.pack_sizes.get(where.pack)
+        size = None if where is None else self.size_of(where.pack)
         return where is not None and size is not None and where.offset + where.length <= size - _PACK_TAIL
 
     def good_locations(self, blobs: list[bytes]) -> list[BlobLocation | None]:
@@ -317,18 +314,19 @@ class _Verifier:
             self.bad_blob(blob)
         if marks.missing > len(marks.missing_ids):
             self.counts["missing"] = self.counts.get("missing", 0) + marks.missing - len(marks.missing_ids)
-        table, names = self.table, self.names
-        flags = np.array([name in self.condemned for name in names], bool)
-        limits = np.array([self.pack_sizes[name] - _PACK_TAIL for name in names], np.int64)
+        table = self.table
+        flags = np.zeros(len(table), bool)
+        numbers = pack_numbers(table, pack_table(self.condemned))
+        flags[numbers[numbers >= 0]] = True
+        limits = self.sizes - _PACK_TAIL
         for part in Sweep(runs, table, marks.entries):
             if not part.used.any():
                 continue
             number = np.maximum(part.pack, 0)
-            sound = (part.pack >= 0) & (part.offset + part.length <= (limits[number] if len(names) else 0))
+            sound = (part.pack >= 0) & (part.offset + part.length <= (limits[number] if len(table) else 0))
             # per blob: 2 = a sound uncondemned copy, 1 = only condemned ones, 0 = none
-            grade = np.where(sound, np.where(flags[number] if len(names) else False, 1, 2), 0)
+            grade = np.where(sound, np.where(flags[number] if len(table) else False, 1, 2), 0)
             best = -part.group_min(-grade)
-            holder = part.group_min(np.where(sound, part.pack, len(names)))  # a condemned one, if best is 1
             short = part.used & part.first & (best < 2)
             for i in np.flatnonzero(short).tolist():
                 blob = part.ids[i : i + 1].tobytes()
@@ -341,7 +339,7 @@ class _Verifier:
                     )
                 else:
                     holder = part.pack[i : i + len(part)][part.ids[i:] == part.ids[i]]
-                    pack = names[int(holder[holder >= 0].min())] if (holder >= 0).any() else "?"
+                    pack = pack_name_of(table, int(holder[holder >= 0].min())) if (holder >= 0).any() else "?"
                     self.problem(
                         f"blob {blob.hex()[:16]} is held only by condemned pack {pack} "
                         "(run gc: it keeps the pack while a point needs it)",
@@ -353,7 +351,7 @@ class _Verifier:
     def read_packs(self) -> None:
         assert self.index is not None
         runs = self.index.runs
-        packs = sorted(self.pack_sizes)
+        packs = pack_names(self.table)
         counts = _entries_per_pack(runs)
         done = 0
         group: list[str] = []

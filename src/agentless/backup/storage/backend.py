@@ -112,6 +112,12 @@ class Backend(Protocol):
         one put before the listing started and not deleted since does appear."""
         ...
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """What :meth:`list` gives, each name with its object's length, from the listing
+        itself (S3's ``ListObjectsV2`` carries them; a directory's entries are stat'ed as
+        they are read): no request per object."""
+        ...
+
     def delete(self, name: str) -> None:
         """Remove the object. Idempotent: no error if it is missing."""
         ...

@@ -101,6 +101,9 @@ class BitFlipBackend(Closing):
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        return self.inner.list_sizes(prefix)
+
     def delete(self, name: str) -> None:
         self.inner.delete(name)
 
@@ -150,6 +153,9 @@ class FailingBackend(Closing):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        return self.inner.list_sizes(prefix)
 
     def delete(self, name: str) -> None:
         with self._lock:

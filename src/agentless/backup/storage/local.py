@@ -162,27 +162,34 @@ class LocalBackend(Closing):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
-        return self._walk("", prefix)
+        return (name for name, _size in self._walk("", prefix, False))
 
-    def _walk(self, relative: str, prefix: str) -> Iterator[str]:
-        """Names under the directory *relative* that start with *prefix*; directories that
-        cannot hold such names are not entered."""
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        check_prefix(prefix)
+        return self._walk("", prefix, True)
+
+    def _walk(self, relative: str, prefix: str, sizes: bool) -> Iterator[tuple[str, int]]:
+        """Names under the directory *relative* that start with *prefix*, with their sizes
+        when asked (else -1); directories that cannot hold such names are not entered."""
         directory = self.root / relative if relative else self.root
         try:
             with os.scandir(directory) as entries:
-                found = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+                found = [
+                    (entry.name, entry.is_dir(follow_symlinks=False), _size(entry, sizes))
+                    for entry in entries
+                ]
         except (FileNotFoundError, NotADirectoryError):
             return  # no repository yet, or a directory removed while listing
         except OSError as error:
             raise self._error(relative or None, "list", error) from None
-        for entry_name, is_dir in found:
+        for entry_name, is_dir, size in found:
             name = f"{relative}{entry_name}"
             if is_dir:
                 below = f"{name}/"
                 if below.startswith(prefix) or prefix.startswith(below):
-                    yield from self._walk(below, prefix)
-            elif name.startswith(prefix) and name_is_valid(name):
-                yield name
+                    yield from self._walk(below, prefix, sizes)
+            elif size >= -1 and name.startswith(prefix) and name_is_valid(name):
+                yield name, size
 
     def delete(self, name: str) -> None:
         path = self._path(name)
@@ -208,3 +215,14 @@ def _fsync_dir(path: Path) -> None:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def _size(entry: os.DirEntry[str], wanted: bool) -> int:
+    """*entry*'s length when *wanted* (-2: it went away since the directory was read),
+    else -1."""
+    if not wanted or entry.is_dir(follow_symlinks=False):
+        return -1
+    try:
+        return entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return -2

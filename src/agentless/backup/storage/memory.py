@@ -63,6 +63,12 @@ class MemoryBackend(Closing):
             names = [name for name in self.objects if name.startswith(prefix)]
         return iter(names)
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        check_prefix(prefix)
+        with self._lock:
+            found = [(name, len(value)) for name, value in self.objects.items() if name.startswith(prefix)]
+        return iter(found)
+
     def delete(self, name: str) -> None:
         check_name(name)
         with self._lock:

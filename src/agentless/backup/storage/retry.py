@@ -145,18 +145,26 @@ class RetryBackend(Closing):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
-        return self._list(prefix)
+        names = self._listed(prefix, lambda p: ((name, -1) for name in self.inner.list(p)))
+        return (name for name, _size in names)
 
-    def _list(self, prefix: str) -> Iterator[str]:
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        check_prefix(prefix)
+        return self._listed(prefix, self.inner.list_sizes)
+
+    def _listed(
+        self, prefix: str, lister: Callable[[str], Iterator[tuple[str, int]]]
+    ) -> Iterator[tuple[str, int]]:
+        """*lister*'s listing, started again after a failure, each name given once."""
         seen: set[str] = set()
         failures = 0
         since = 0.0
         while True:
             try:
-                for name in self.inner.list(prefix):
+                for name, size in lister(prefix):
                     if name not in seen:
                         seen.add(name)
-                        yield name
+                        yield name, size
             except StorageError as error:
                 failures += 1
                 since = since if failures > 1 else self._clock()

@@ -222,6 +222,13 @@ class S3Backend(Closing):
         return self._list(prefix)
 
     def _list(self, prefix: str) -> Iterator[str]:
+        return (name for name, _size in self._listed(prefix))
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        check_prefix(prefix)
+        return self._listed(prefix)
+
+    def _listed(self, prefix: str) -> Iterator[tuple[str, int]]:
         strip = len(self._key_prefix)
         with self._errors(None, "list"):
             pages = self._client.get_paginator("list_objects_v2").paginate(
@@ -231,7 +238,7 @@ class S3Backend(Closing):
                 for item in page.get("Contents", []):
                     name = item["Key"][strip:]
                     if name_is_valid(name):  # not "dir/" markers or other tools' keys
-                        yield name
+                        yield name, int(item["Size"])
 
     def delete(self, name: str) -> None:
         key = self._key(name)
