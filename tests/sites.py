@@ -23,7 +23,17 @@ from tests.backup.conftest import _ok, vmbackup
 from tests.wincenter.conftest import Server, init_center, start_server
 from tests.winserver.conftest import Daemon, init_host, start_daemon
 
-__all__ = ["BLOCK", "MiB", "Site", "configure", "consistent_prefix", "guest", "running_site", "write_random"]
+__all__ = [
+    "BLOCK",
+    "MiB",
+    "Site",
+    "closest_prefix",
+    "configure",
+    "consistent_prefix",
+    "guest",
+    "running_site",
+    "write_random",
+]
 
 MiB = 1 << 20
 BLOCK = 65536  # CBT's granularity
@@ -131,17 +141,27 @@ def consistent_prefix(base: bytes, writes: list[tuple[int, bytes]], image: bytes
     """The k for which *image* is *base* with the first k *writes* applied (-1: none is):
     a crash-consistent snapshot of a disk that received *writes* in this order equals
     exactly one such prefix."""
+    k, differing = closest_prefix(base, writes, image, page)
+    return k if not differing else -1
+
+
+def closest_prefix(
+    base: bytes, writes: list[tuple[int, bytes]], image: bytes, page: int = 4096
+) -> tuple[int, int]:
+    """The k for which *base* with the first k *writes* applied is closest to *image*,
+    and how many pages still differ then (0: *image* is exactly that prefix)."""
     state = bytearray(base)
     differs = {p for p in range(0, len(image), page) if state[p : p + page] != image[p : p + page]}
-    if not differs:
-        return 0
+    best = (0, len(differs))
     for k, (offset, data) in enumerate(writes, 1):
+        if not best[1]:
+            break
         state[offset : offset + len(data)] = data
         for p in range(offset // page * page, offset + len(data), page):
             if state[p : p + page] == image[p : p + page]:
                 differs.discard(p)
             else:
                 differs.add(p)
-        if not differs:
-            return k
-    return -1
+        if len(differs) < best[1]:
+            best = (k, len(differs))
+    return best

@@ -34,15 +34,22 @@ def test_rows_covered_by_the_suite_name_its_tests() -> None:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("row", [r for r in ROWS if r.name not in COVERED_BY_TESTS], ids=lambda r: r.name)
-def test_a_row_passes_at_small_counts(row: Row, tmp_path: Path) -> None:
+def test_a_row_passes_at_small_counts(row: Row, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = Path("/dev/shm") if os.path.isdir("/dev/shm") else tmp_path
     workdir = Path(os.path.realpath(base)) / f"campaign-smoke-{os.getpid()}-{row.name}"
     workdir.mkdir()
+    kept = tmp_path / "kept"  # the kill matrix's logs of a failed trial, printed below
+    monkeypatch.setenv("KILL_MATRIX_LOGS", str(kept))
     scale = Scale(smoke=True, inputs=300, examples=1, jobs=1, seed=1, workdir=workdir)
     try:
         [outcome] = run_rows([row], scale, echo=lambda _line: None)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if not outcome.passed:
+        for log in sorted(kept.rglob("*")) if kept.is_dir() else []:
+            if log.is_file():
+                print(f"--- {log.relative_to(kept)} (last 40 lines)")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
     assert outcome.passed, f"{row.name}: {outcome.figures}; {outcome.problems[:3]}"
     assert outcome.count > 0 or outcome.figures.startswith("skipped:")  # not root: said
 

@@ -301,12 +301,12 @@ def _trial(bed: Bed, pair: Pair, trial: Trial, durations: dict[str, float]) -> N
     if command.proc.returncode != 0:
         trial.problems.append(f"the next backup failed: {command.error()}")
     else:
-        point = command.result()["backups"][0]["point"]
-        found = bed.exact(point, base, writes)
+        backup = command.result()["backups"][0]
+        found = bed.exact(backup["point"], base, writes)
         if found:
-            trial.problems.append(f"the next backup: {found}")
+            trial.problems.append(f"the next backup ({backup['type']}): {found}")
         else:
-            bed.last_point = point
+            bed.last_point = backup["point"]
     trial.problems += until_clean(lambda: settled(bed) + host_clean(bed, set()), timeout=120)
     trial.problems += verified(bed, bed.repo)
     trial.problems += bed.guest.problems[seen:]
@@ -334,6 +334,8 @@ def run_matrix(
     try:
         for round_ in range(trials):
             for pair in pairs:
+                if bed.last_point is None and pair.measure != "backup":
+                    _measure(bed, "backup")  # a new bed: a restore needs a point to restore
                 if pair.measure not in durations:
                     durations[pair.measure] = _measure(bed, pair.measure)
                 if bed.last_point is None:

@@ -41,7 +41,7 @@ from agentless.backup.repository import Repository
 from agentless.backup.restorejob import export_disk
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import free_port
-from tests.sites import MiB, Site, configure, consistent_prefix, guest, running_site
+from tests.sites import MiB, Site, closest_prefix, configure, guest, running_site
 
 __all__ = ["PASSWORD", "VM", "Bed", "Command", "Guest"]
 
@@ -326,8 +326,12 @@ class Bed:
         if self.guest.broken_log:
             self.images[point] = hashlib.sha256(image).hexdigest()
             return None  # the guest lost writes (said on its own); the log cannot tell
-        if consistent_prefix(base, list(writes), image) < 0:
-            return f"restore point {point[:8]} is not the disk at any instant of the guest's writes"
+        k, differing = closest_prefix(base, list(writes), image)
+        if differing:
+            return (
+                f"restore point {point[:8]} is not the disk at any instant of the guest's writes "
+                f"(closest: after {k} of {len(writes)} writes, {differing} page(s) differ)"
+            )
         self.images[point] = hashlib.sha256(image).hexdigest()
         return None
 
