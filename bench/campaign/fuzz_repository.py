@@ -37,7 +37,7 @@ from agentless.backup.diskindex import DiskIndex
 from agentless.backup.keys import Keys, RepositoryError
 from agentless.backup.packs import read_trailer
 from agentless.backup.repository import CacheSettings, Repository
-from agentless.backup.restorejob import PointDisk
+from agentless.backup.pointdisk import PointDisk
 from agentless.backup.storage import LocalBackend, StorageError
 from agentless.backup.verify import verify
 

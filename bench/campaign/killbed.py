@@ -7,9 +7,11 @@ The guest (:class:`Guest`) writes random runs of bytes to the VM's disk through 
 datapath, each write flushed before the next, and keeps a model of the disk and a log of
 its writes. A killed host drops the guest's connection: the guest connects again once
 the VM's datapath is back and reads the whole disk – every write the host acknowledged
-and flushed must be there (the one in flight may or may not be). A restore point of
-the disk is exact when it equals the model at a mark plus some prefix of the writes
-logged since (:func:`tests.sites.consistent_prefix`): crash-consistent, nothing lost.
+and flushed must be there; the one in flight may be there whole, not at all, or in part
+(sector by sector: a write the host had not completed when it died), and what the disk
+holds of it is logged as a write. A restore point of the disk is exact when it equals
+the model at a mark plus some prefix of the writes logged since
+(:func:`tests.sites.consistent_prefix`): crash-consistent, nothing lost.
 
 Daemons' output goes to files under the bed's ``logs/`` (a pipe nobody reads fills up
 and stalls the daemon).
@@ -38,22 +40,50 @@ import agentless.wddk as wddk
 from agentless.backup.keys import Keys
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
-from agentless.backup.restorejob import export_disk
+from agentless.backup.pointdisk import export_disk
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import free_port
 from tests.sites import MiB, Site, closest_prefix, configure, guest, running_site
 
-__all__ = ["PASSWORD", "VM", "Bed", "Command", "Guest"]
+__all__ = ["PASSWORD", "VM", "Bed", "Command", "Guest", "in_flight_part"]
 
 VM = "src"
 PASSWORD = "kill matrix"
 _PAGE = 4096
+_SECTOR = 512
+
+
+def in_flight_part(model: bytes, read: bytes, pending: tuple[int, bytes]) -> bytes | None:
+    """What *read* (the disk after a host crash) holds of the write *pending* that was in
+    flight at the crash, if it is *model* but for that write's range, where each sector
+    is the model's or the write's (a write the host had not completed may be left in
+    part: a kill between the data's and the sector bitmap's writes, or between two
+    blocks, or in the middle of a ``pwrite``); None if *read* differs in any other way.
+    """
+    offset, data = pending
+    end = offset + len(data)
+    if read[:offset] != model[:offset] or read[end:] != model[end:]:
+        return None
+    held = read[offset:end]
+    for at in range(0, len(data), _SECTOR):
+        sector = held[at : at + _SECTOR]
+        if sector != model[offset + at : offset + at + _SECTOR] and sector != data[at : at + _SECTOR]:
+            return None
+    return held
 
 
 class Guest(threading.Thread):
     """The guest of the VM *VM*: random writes (512 B to 32 KiB, flushed each) every few
     milliseconds until :meth:`stop`. ``model`` is the disk as the guest wrote it;
-    :meth:`mark` starts a new log of writes. ``problems`` says what a host restart lost."""
+    :meth:`mark` starts a new log of writes. ``problems`` says what a host restart lost.
+
+    Its disk never connects again on its own (``wddk.NEVER``): wddk would send the write
+    in flight again seconds later, and until then the restarted host serves whatever the
+    killed one left of that write while the guest still counted as connected – a
+    backup's snapshot then (the next one can come that soon) could hold a write in part
+    that no log entry explained. Here a loss ends the connection, the guest counts as
+    disconnected (:meth:`host_killed` says so at once) until it has connected again and
+    logged what the disk holds of that write."""
 
     def __init__(self, host: HostClient, model: bytearray, seed: int) -> None:
         super().__init__(name="guest", daemon=True)
@@ -63,6 +93,7 @@ class Guest(threading.Thread):
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._connected = threading.Event()
+        self._kills = 0  # host kills so far (a connection made across one is not trusted)
         self._log: list[tuple[int, bytes]] = []
         self.writes = 0
         self.reconnects = 0
@@ -75,10 +106,15 @@ class Guest(threading.Thread):
         while not self._halt.is_set():
             try:
                 if disk is None:
-                    disk = guest(self._host, VM, 0)
+                    with self._lock:
+                        kills = self._kills
+                    disk = guest(self._host, VM, 0, retry=wddk.NEVER)
                     self._reconciled(disk, pending)
                     pending = None
-                    self._connected.set()
+                    with self._lock:
+                        if kills != self._kills:  # perhaps to the host that was killed: again
+                            raise ConnectionError("the host was killed while the guest connected")
+                        self._connected.set()
                 length = self._rng.choice([512, 4096, 8192, 32768])
                 offset = self._rng.randrange(0, len(self.model) - length, 512)
                 pending = (offset, self._rng.randbytes(length))
@@ -103,7 +139,8 @@ class Guest(threading.Thread):
 
     def _reconciled(self, disk: wddk.Disk, pending: tuple[int, bytes] | None) -> None:
         """After a new connection: the disk must be the model, with the write that was
-        in flight when the connection dropped applied or not."""
+        in flight when the connection dropped applied, not applied or applied in part
+        (:func:`in_flight_part`); what it holds of that write is logged."""
         if self.reconnects == 0 and pending is None:
             return
         size = len(self.model)
@@ -113,14 +150,12 @@ class Guest(threading.Thread):
         with self._lock:
             if read == self.model:
                 return
-            if pending is not None:
-                applied = bytearray(self.model)
-                applied[pending[0] : pending[0] + len(pending[1])] = pending[1]
-                if read == applied:
-                    self.model[:] = applied
-                    self._log.append(pending)
-                    self.writes += 1
-                    return
+            held = in_flight_part(self.model, read, pending) if pending is not None else None
+            if pending is not None and held is not None:
+                self.model[pending[0] : pending[0] + len(held)] = held
+                self._log.append((pending[0], held))
+                self.writes += 1
+                return
             pages = sum(1 for p in range(0, size, _PAGE) if read[p : p + _PAGE] != self.model[p : p + _PAGE])
             self.problems.append(
                 f"guest: after the host came back {pages} page(s) of the disk differ from the flushed writes"
@@ -137,6 +172,13 @@ class Guest(threading.Thread):
             self._log = []
             self.broken_log = False
             return bytes(self.model), self._log
+
+    def host_killed(self) -> None:
+        """The host was just killed: the guest's connection is dead, and :meth:`mark`
+        waits until it has connected again (at once, not when the guest next notices)."""
+        with self._lock:
+            self._kills += 1
+            self._connected.clear()
 
     def stop(self) -> None:
         self._halt.set()
@@ -339,6 +381,7 @@ class Bed:
 
     def kill_host(self) -> None:
         self.site.kill_host()
+        self.guest.host_killed()
 
     def restart_host(self) -> None:
         self.site.restart_host()

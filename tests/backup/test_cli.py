@@ -1,6 +1,7 @@
 """The ``vmbackup`` command line itself: where a WinCenter token may come from (a file,
 the environment – never only the process's arguments), that no secret reaches what is
-printed or logged, and that gc's summary line says what it did."""
+printed or logged, that gc's summary line says what it did, and that a command loads only
+its group's modules."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import json
 import os
 import random
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from agentless.backup.cli import GROUPS, build_parser
 from agentless.backup.packs import TARGET_SIZE as PACK
 from agentless.backup.repository import CHUNK_SIZE, Repository
 from agentless.backup.settings import Settings
@@ -192,3 +198,41 @@ def test_backup_all_backs_up_every_vm_wincenter_lists(tmp_path: Path) -> None:
         assert "not allowed with" in both.stderr and "--vm --all" in neither.stderr
         with fleet.host_client(0) as host:
             host.stop_vm(names[0])
+
+
+_LOADED = """
+import sys
+from agentless.backup.cli import build_parser
+build_parser(sys.argv[1])
+heavy = ("agentless.wddk", "agentless.wincenter.client", "agentless.nbd.client", "httpx", "sqlalchemy")
+print(" ".join(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "loaded"),
+    [
+        ("list", ""),
+        ("verify", ""),
+        ("copy", ""),
+        ("backup", "agentless.nbd.client agentless.wddk agentless.wincenter.client httpx"),
+    ],
+)
+def test_a_command_loads_only_its_group(command: str, loaded: str) -> None:
+    """The repository commands load neither WinCenter's client nor wddk (nor SQLAlchemy):
+    they were most of `vmbackup list`'s start."""
+    argv = [sys.executable, "-c", _LOADED, command]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == loaded.split()
+
+
+def test_every_group_declares_the_commands_it_is_named_for() -> None:
+    everything, _ = build_parser(None)
+    [action] = [a for a in everything._actions if a.dest == "command"]
+    names = set(action.choices)  # type: ignore[arg-type]
+    assert {"init", "list", "verify", "gc", "copy", "backup", "restore", "policy", "serve"} <= names
+    for command, module in GROUPS.items():
+        parser, modules = build_parser(command)
+        assert [m.__name__.rsplit(".", 1)[1] for m in modules] == [module]
+        [action] = [a for a in parser._actions if a.dest == "command"]
+        assert command in action.choices  # type: ignore[operator]

@@ -10,7 +10,7 @@ from agentless.nbd.exports import ExportError
 from agentless.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
 from agentless.nbd.server import NbdServer
 
-from .restorejob import PointDisk
+from .pointdisk import PointDisk
 
 __all__ = ["PointExport", "serve_point"]
 

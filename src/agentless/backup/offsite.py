@@ -46,8 +46,8 @@ from typing import Any
 
 from .diskindex import DiskIndex
 from .keys import CorruptError, Keys, RepositoryError, WrongPassword
+from .pointdisk import PointDisk
 from .repository import ZERO, BlobWriter, Repository
-from .restorejob import PointDisk
 from .storage import Backend, open_backend
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The policy commands of ``vmbackup``: ``policy create|list|show|delete``, ``run-now``,
 ``jobs`` and ``serve`` (the scheduler daemon). :func:`add_commands` puts them in the
-main parser (:mod:`.cli`), which lends its ways of finding the password, the
-repository and WinCenter (:class:`Hooks`)."""
+main parser (:mod:`.cli`); the handlers find the password, the repository and WinCenter
+as the other commands do (:class:`Hooks`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from agentless.redaction import redact
 from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
+from .backupjob import FAILURES
+from .clitools import Command, repo_location, repo_password
+from .jobcli import open_center
 from .keys import RepositoryError
 from .prune import KEEP, RULES
 from .settings import Settings, given_password, state_url
@@ -30,9 +33,9 @@ if TYPE_CHECKING:
 # SQLAlchemy, croniter and prometheus_client (~0.25 s of imports) are loaded by these
 # commands only, not at every start of vmbackup: the handlers import what they use.
 
-__all__ = ["Hooks", "add_commands"]
+__all__ = ["ERRORS", "Hooks", "add_commands"]
 
-Command = Callable[..., argparse.ArgumentParser]
+ERRORS = FAILURES
 
 
 @dataclasses.dataclass
@@ -258,9 +261,10 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- the parser
 
 
-def add_commands(command: Command, hooks: Hooks) -> None:
+def add_commands(command: Command) -> None:
     """Add ``policy``, ``run-now``, ``jobs`` and ``serve`` through the main parser's
     *command* maker."""
+    hooks = Hooks(password=repo_password, location=repo_location, center=lambda _args: open_center())
 
     def handler(function: Callable[[Hooks, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         return functools.partial(function, hooks)

@@ -1,11 +1,8 @@
-"""Getting disks back out of a restore point: as a new VM through WinCenter (the seed's
-restore flow), as a raw or VHD file, or served read-only over NBD.
+"""Getting a restore point back as a new VM through WinCenter (the seed's restore flow).
 
-Serving over NBD is :mod:`.mount`. Every way goes through :class:`PointDisk`, which
-checks the disk's digest against its page ids before anything is read and every page and
-chunk against its id as it is read:
-what comes out is, bit for bit, what the backup read (end-to-end integrity), or an error.
-Holes (all-zero chunks) are never written: a new VM's disks are blank, files are sparse.
+The disks are read through :class:`.pointdisk.PointDisk` (every page and chunk checked
+against its id); holes are never written: a new VM's disks are blank. A raw or VHD file is
+:func:`.pointdisk.export_disk`, NBD is :mod:`.mount`.
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import os
 import queue
 import secrets
 import threading
@@ -22,104 +18,20 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import agentless.wddk as wddk
-from agentless.fileio import pwrite_all
 from agentless.wincenter.client import CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, VmSpec
 
-from .diskindex import PAGE_CHUNKS, DiskIndex
-from .keys import CorruptError, RepositoryError
-from .repository import ZERO, Repository
+from .keys import RepositoryError
+from .pointdisk import PointDisk
+from .repository import Repository
 
-__all__ = ["PointDisk", "VmRestore", "export_disk"]
+__all__ = ["VmRestore"]
 
 TASK_TIMEOUT = 3600.0
 NBD_TIMEOUT = 60.0  # seconds an NBD request may go unanswered before its connection counts as lost
 
 
-class PointDisk:
-    """One disk of a restore point, checked: :meth:`chunks` in order, :meth:`read` at
-    any offset."""
-
-    def __init__(self, repository: Repository, point: dict[str, Any], position: int):
-        disks = {int(d["position"]): d for d in point["disks"]}
-        if position not in disks:
-            raise RepositoryError(
-                f"restore point {point['id']} has no disk {position} (disks: {sorted(disks)})"
-            )
-        self.repository = repository
-        self.disk = disks[position]
-        self.index = DiskIndex.of_point(repository, self.disk)
-        if self.index.digest != self.disk["digest"]:
-            raise CorruptError(
-                f"restore point {point['id']} disk {position}: digest mismatch", f"points/{point['id']}"
-            )
-        self.size = self.index.size
-        self.chunk_size = self.index.chunk_size
-        self._lock = threading.Lock()
-
-    def allocated(self) -> int:
-        """Bytes that are not holes."""
-        return sum(
-            min(self.chunk_size, self.size - (first + i) * self.chunk_size)
-            for first, _page, ids in self.index.runs()
-            for i, blob in enumerate(ids)
-            if blob != ZERO
-        )
-
-    def chunks(self) -> Iterator[tuple[int, bytes]]:
-        """(offset, blob id) of every chunk that is not a hole, in order."""
-        for first, _page, ids in self.index.runs():
-            for i, blob in enumerate(ids):
-                if blob != ZERO:
-                    yield (first + i) * self.chunk_size, blob
-
-    def runs(self) -> Iterator[tuple[int, list[bytes]]]:
-        """The chunks that are not holes as runs of consecutive chunks (up to RUN bytes):
-        (offset, blob ids) – what one write carries."""
-        return _runs(self.chunks(), self.chunk_size)
-
-    def fetch(self, offset: int, blobs: list[bytes]) -> bytes:
-        """The checked content of the run of *blobs* at *offset* (short at the disk's end),
-        read from the repository a pack span at a time."""
-        return b"".join(self.repository.read_many(blobs))[: self.size - offset]
-
-    def read(self, offset: int, length: int) -> bytes:
-        parts = []
-        end = min(self.size, offset + length)
-        while offset < end:
-            chunk, within = divmod(offset, self.chunk_size)
-            with self._lock:
-                blob = self.index.get(chunk)
-            data = bytes(self.chunk_size) if blob == ZERO else self.repository.read_blob(blob)
-            take = min(end - offset, self.chunk_size - within)
-            parts.append(data[within : within + take].ljust(take, b"\0"))
-            offset += take
-        return b"".join(parts)
-
-    def is_hole(self, chunk: int) -> bool:
-        page = chunk // PAGE_CHUNKS
-        if self.index.page_ids[page] == ZERO:
-            return True
-        with self._lock:
-            return self.index.get(chunk) == ZERO
-
-
-RUN = 1 << 20  # chunks written in one request
 IN_FLIGHT = 4  # write requests in flight per connection
-
-
-def _runs(chunks: Iterator[tuple[int, bytes]], chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
-    """Consecutive chunks grouped in runs of up to RUN bytes: (offset, blob ids)."""
-    start, blobs = -1, list[bytes]()
-    for offset, blob in chunks:
-        if blobs and (offset != start + len(blobs) * chunk_size or len(blobs) * chunk_size >= RUN):
-            yield start, blobs
-            blobs = []
-        if not blobs:
-            start = offset
-        blobs.append(blob)
-    if blobs:
-        yield start, blobs
 
 
 def _parallel(
@@ -273,45 +185,3 @@ class VmRestore:
                 client.wait()  # every write still in flight (raises the first that failed)
             target.flush()
             self.reconnects += target.reconnects
-
-
-def export_disk(
-    repository: Repository, point_ref: str, position: int, path: str, file_format: str = "raw"
-) -> dict[str, Any]:
-    """Write one disk of a restore point to *path* as a sparse raw file or a dynamic VHD."""
-    point = repository.load_point(point_ref)
-    source = PointDisk(repository, point, position)
-    if os.path.exists(path):
-        raise RepositoryError(f"{path}: exists (refusing to overwrite)")
-    written = 0
-    if file_format == "raw":
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, source.size)
-            for offset, blobs in source.runs():
-                data = source.fetch(offset, blobs)
-                pwrite_all(fd, data, offset)
-                written += len(data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    elif file_format == "vhd":
-        from agentless import vhd  # numpy and the VHD library: loaded only for VHD exports
-
-        vhd.create_dynamic(path, source.size)
-        with vhd.Chain.open(path, writable=True) as chain:
-            for offset, blobs in source.runs():
-                data = source.fetch(offset, blobs)
-                chain.write(offset, data)
-                written += len(data)
-            chain.flush()
-    else:
-        raise RepositoryError(f"unknown format {file_format!r} (raw or vhd)")
-    return {
-        "point": point["id"],
-        "disk": position,
-        "path": path,
-        "format": file_format,
-        "size": source.size,
-        "written": written,
-    }
