@@ -1,9 +1,11 @@
 """Maintenance at production scale: verify, prune, gc and copy of a repository of millions of blobs.
 
-    .venv/bin/python bench/maintenance_scale.py [--sizes 1M,10M] [--quick] [--workdir /var/tmp]
+    .venv/bin/python bench/maintenance_scale.py [--sizes 1M,10M] [--storage dir,s3] [--quick]
+        [--workdir /var/tmp]
 
-For each size N a synthetic repository is built on a directory (``vmbackup init --encrypt``:
-format 3, binary index files), then each command runs as a user runs it – one ``vmbackup``
+For each size N a synthetic repository is built on a directory or on the S3 server the tests
+use (SeaweedFS's ``weed``, on loopback) with ``vmbackup init --encrypt`` (format 3, binary
+index files), then each command runs as a user runs it – one ``vmbackup``
 process each, the password in ``$VMBACKUP_PASSWORD`` – and its wall time and peak RSS (the
 process's own VmHWM: :func:`repository_scale.measured`) are taken:
 
@@ -22,7 +24,9 @@ The synthetic repository (what gc and verify read is real; the chunks' bytes are
   every pack EXISTS as a sparse file of its size under ``data/<2 hex>/<64 hex>`` (so verify's
   "every entry lies inside its pack" and gc's deletions are real work; their bytes are
   zeros, so nothing that opens a synthetic chunk – ``--read-data``, a restore, a copy – can
-  run on them);
+  run on them). On S3, where an object cannot be sparse, the synthetic blobs are 20–60
+  bytes long and a pack is a real object of ~10 KiB of zeros (put by 16 threads): the
+  index, the listing and every request per object are as with real packs, the bytes are not;
 * every tenth pack is garbage from the start (no point uses it); the others' blobs are dealt,
   in order and whole packs at a time, to 5 VMs x 10 restore points (a day apart), each point
   one disk whose pages are real page blobs (chunk ids, sealed, packed by the BlobWriter –
@@ -41,6 +45,8 @@ a shared machine: read the ratios). The goal (issue 14): each ≤ 1 GiB RSS at 1
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -54,7 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from repository_scale import measured, parse_count  # the child's own VmHWM, counts like 10M
+from repository_scale import measured, parse_count, s3_server  # the child's own VmHWM, counts like 10M
 
 from agentless.backup.diskindex import PAGE_CHUNKS, DiskIndex, disk_digest
 from agentless.backup.indexfile import BINARY_KIND, FILE_ENTRIES, VALUE, Entries, encode_binary
@@ -69,6 +75,9 @@ VMS, POINTS = 5, 10  # restore points per VM; prune keeps the last POINTS - 1
 KEEP_LAST = POINTS - 1
 HEAD = 25  # "AGVBPACK" 0x01 and the 16-byte salt: the first blob's offset
 TRAILER = 24 << 10  # bytes after the last blob of a synthetic pack (its trailer and tail)
+S3_TRAILER = 16  # ... on S3, where packs are real objects
+S3_LENGTHS = (20, 60)  # a synthetic blob's bytes on S3 (on a directory: 20 000 - 65 600)
+PUT_THREADS = 16  # synthetic packs put at once on S3
 CHUNK = 65536
 REAL_CHUNKS = 512  # chunks of the offsite VM's disk
 COMMANDS = ("verify cold", "verify warm", "prune dry-run", "prune", "gc", "verify after gc", "copy")
@@ -158,11 +167,24 @@ def synthesize(location: str, blobs: int, seed: int) -> dict[str, int]:
     """Build the synthetic repository at *location* (made by ``vmbackup init``): see the
     module docstring. What was made: packs, index files, points."""
     rng = np.random.default_rng(seed)
-    root = Path(location)
+    s3 = location.startswith("s3://")
+    lengths_range, trailer = (S3_LENGTHS, S3_TRAILER) if s3 else ((20_000, 65_600), TRAILER)
     repository = Repository.open(location, PASSWORD, cache=CacheSettings(enabled=False))
     made = {"packs": 0, "index files": 0}
-    (root / "data").mkdir(mode=0o700, exist_ok=True)
-    with repository:
+    if not s3:
+        (Path(location) / "data").mkdir(mode=0o700, exist_ok=True)
+    with repository, concurrent.futures.ThreadPoolExecutor(PUT_THREADS) as puts:
+
+        def pack(digest: str, size: int) -> None:
+            """The synthetic pack *digest* of *size* bytes: a sparse file, or an object."""
+            if s3:
+                repository.backend.put(f"data/{digest[:2]}/{digest}", bytes(size))
+                return
+            where = Path(location) / "data" / digest[:2]
+            where.mkdir(mode=0o700, exist_ok=True)
+            os.close(os.open(where / digest, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.truncate(where / digest, size)
+
         keys = repository.keys
         with repository.writer() as writer:
             points = Points(used_blobs(blobs), writer, repository.chunk_size)
@@ -173,7 +195,7 @@ def synthesize(location: str, blobs: int, seed: int) -> dict[str, int]:
                 packs = int(local[-1]) + 1
                 digests = rng.integers(0, 256, size=(packs, 32), dtype=np.uint8)
                 ids = rng.integers(0, 256, size=(count, 32), dtype=np.uint8).view("S32").ravel()
-                lengths = rng.integers(20_000, 65_600, size=count).astype(np.int64)
+                lengths = rng.integers(*lengths_range, size=count).astype(np.int64)
                 ends = np.cumsum(lengths)
                 before = ends - lengths  # bytes of the blobs before each, in the whole file
                 pack_first = np.searchsorted(local, np.arange(packs))  # each pack's first row
@@ -182,14 +204,10 @@ def synthesize(location: str, blobs: int, seed: int) -> dict[str, int]:
                 values["offset"] = HEAD + before - before[pack_first][local]
                 values["length"] = lengths
                 values["raw"] = repository.chunk_size  # kind data: bit 31 clear
-                pack_sizes = HEAD + np.bincount(local, lengths, packs).astype(np.int64) + TRAILER
-                for number in range(packs):  # the packs exist, sparse, of their size
-                    digest = digests[number].tobytes().hex()
-                    where = root / "data" / digest[:2]
-                    where.mkdir(mode=0o700, exist_ok=True)
-                    path = where / digest
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-                    os.truncate(path, int(pack_sizes[number]))
+                pack_sizes = HEAD + np.bincount(local, lengths, packs).astype(np.int64) + trailer
+                sizes = pack_sizes.tolist()
+                names = [digests[number].tobytes().hex() for number in range(packs)]
+                list(puts.map(pack, names, sizes))  # the packs exist, of their size
                 entries = Entries(ids, values, digests.view("S32").ravel())
                 data = keys.seal_data(BINARY_KIND, encode_binary(entries), "")
                 repository.backend.put(f"index/{keys.blob_id(data).hex()}", data)
@@ -233,18 +251,20 @@ def run(
     return measured([*args, "--json"], env, codes)
 
 
-def one_size(work: Path, blobs: int, env: dict[str, str], seed: int) -> dict[str, Any]:
-    repo, offsite = work / f"repo-{blobs}", work / f"offsite-{blobs}"
+def one_size(prefix: str, blobs: int, env: dict[str, str], seed: int) -> dict[str, Any]:
+    """Build the repository of *blobs* under *prefix* (a directory's path and ``/``, or
+    ``s3://bucket/``) and run the commands on it."""
+    repo, offsite = f"{prefix}repo-{blobs}", f"{prefix}offsite-{blobs}"
     cache = Path(env["XDG_CACHE_HOME"]) / "vmbackup"
     row: dict[str, Any] = {"blobs": blobs}
-    run(["init", str(repo), "--encrypt"], env)
+    run(["init", repo, "--encrypt"], env)
     started = time.perf_counter()
-    row["made"] = synthesize(str(repo), blobs, seed)
+    row["made"] = synthesize(repo, blobs, seed)
     row["build s"] = time.perf_counter() - started
     shutil.rmtree(cache, ignore_errors=True)
     for name in ("verify cold", "verify warm"):
         row[name] = clean_verify(repo, env, name)
-    prune = ["prune", "--repo", str(repo), "--keep-last", str(KEEP_LAST)]
+    prune = ["prune", "--repo", repo, "--keep-last", str(KEEP_LAST)]
     seconds, rss, document = run([*prune, "--dry-run"], env)
     if len(document["remove"]) != VMS:
         raise RuntimeError(f"prune --dry-run would remove {len(document['remove'])} points, not {VMS}")
@@ -253,7 +273,7 @@ def one_size(work: Path, blobs: int, env: dict[str, str], seed: int) -> dict[str
     if len(document["removed"]) != VMS:
         raise RuntimeError(f"prune removed {document['removed']} points, not {VMS}")
     row["prune"] = (seconds, rss)
-    seconds, rss, document = run(["gc", "--repo", str(repo)], env)
+    seconds, rss, document = run(["gc", "--repo", repo], env)
     freed = len(document["deleted"]) + len(document["orphans"])
     row["gc"] = (seconds, rss)
     row["gc freed packs"], row["gc freed bytes"] = freed, document["bytes_freed"]
@@ -261,8 +281,8 @@ def one_size(work: Path, blobs: int, env: dict[str, str], seed: int) -> dict[str
     if not freed:
         raise RuntimeError(f"gc freed nothing: {json.dumps(document)[:2000]}")
     row["verify after gc"] = clean_verify(repo, env, "verify after gc")
-    run(["init", str(offsite), "--copy-keys-from", str(repo), "--encrypt"], env)
-    seconds, rss, document = run(["copy", "--repo", str(repo), "--to", str(offsite), "--vm", "offsite"], env)
+    run(["init", offsite, "--copy-keys-from", repo, "--encrypt"], env)
+    seconds, rss, document = run(["copy", "--repo", repo, "--to", offsite, "--vm", "offsite"], env)
     if len(document["copied"]) != 2:
         raise RuntimeError(f"copy copied {document['copied']}, not the 2 points of VM offsite")
     row["copy"] = (seconds, rss)
@@ -270,9 +290,9 @@ def one_size(work: Path, blobs: int, env: dict[str, str], seed: int) -> dict[str
     return row
 
 
-def clean_verify(repo: Path, env: dict[str, str], name: str) -> tuple[float, int]:
+def clean_verify(repo: str, env: dict[str, str], name: str) -> tuple[float, int]:
     """``vmbackup verify`` of *repo*, which must report no problem."""
-    seconds, rss, document = run(["verify", "--repo", str(repo)], env, (0, 1))
+    seconds, rss, document = run(["verify", "--repo", repo], env, (0, 1))
     if document.get("problems") or document.get("affected"):
         shown = json.dumps({k: document.get(k) for k in ("problems", "affected", "notices")})
         raise RuntimeError(f"{name}: the synthetic repository is not clean: {shown[:4000]}")
@@ -282,6 +302,7 @@ def clean_verify(repo: Path, env: dict[str, str], name: str) -> tuple[float, int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,10M", help="synthetic blobs per repository (default 1M,10M)")
+    parser.add_argument("--storage", default="dir", help="dir, s3 or both (default dir)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: --sizes 100K")
     parser.add_argument("--workdir", default="/var/tmp")
     parser.add_argument("--seed", type=int, default=14)
@@ -290,17 +311,32 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="maintenance-scale-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        env = dict(os.environ) | {"XDG_CACHE_HOME": str(work / "cache"), "VMBACKUP_PASSWORD": PASSWORD}
-        env.pop("VMBACKUP_REPO", None)
-        for blobs in sizes:
-            print(f"load {os.getloadavg()[0]:.2f}: {blobs:,} blobs", file=sys.stderr, flush=True)
-            row = one_size(work, blobs, env, args.seed + blobs)
-            row["load"] = os.getloadavg()[0]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            shutil.rmtree(work / f"repo-{blobs}", ignore_errors=True)
-            shutil.rmtree(work / f"offsite-{blobs}", ignore_errors=True)
-            shutil.rmtree(work / "cache", ignore_errors=True)
+        for storage in args.storage.split(","):
+            with contextlib.ExitStack() as stack:
+                env = dict(os.environ) | {
+                    "XDG_CACHE_HOME": str(work / "cache"),
+                    "VMBACKUP_PASSWORD": PASSWORD,
+                }
+                env.pop("VMBACKUP_REPO", None)
+                prefix = f"{work}/"
+                if storage == "s3":
+                    s3 = stack.enter_context(s3_server(work))
+                    prefix = f"s3://{s3.pop('bucket')}/"
+                    env |= s3
+                    os.environ.update(s3)  # the synthetic repository is written from here
+                for blobs in sizes:
+                    print(
+                        f"load {os.getloadavg()[0]:.2f}: {storage}, {blobs:,} blobs",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    row = one_size(prefix, blobs, env, args.seed + blobs)
+                    row["storage"], row["load"] = storage, os.getloadavg()[0]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    shutil.rmtree(work / f"repo-{blobs}", ignore_errors=True)
+                    shutil.rmtree(work / f"offsite-{blobs}", ignore_errors=True)
+                    shutil.rmtree(work / "cache", ignore_errors=True)
     report(rows)
     return 0
 
@@ -310,7 +346,7 @@ def report(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         made = r["made"]
         print(
-            f"{r['blobs']:,} blobs: built in {r['build s']:.1f}s ({made['packs']:,} packs, "
+            f"{r['storage']}, {r['blobs']:,} blobs: built in {r['build s']:.1f}s ({made['packs']:,} packs, "
             f"{made['index files']} index files, {made['points']} points, {made['pages']:,} pages); "
             f"gc freed {r['gc freed packs']:,} packs ({format_size(int(r['gc freed bytes']))}), "
             f"repacked {r['gc repacked']}; cache {r['cache bytes'] / r['blobs']:.1f} B/blob; "
@@ -318,16 +354,17 @@ def report(rows: list[dict[str, Any]]) -> None:
         )
     print()
     print(
-        f"{'blobs':>12} {'command':16} {'wall':>9} {'s/M blobs':>10} {'peak RSS':>10} "
+        f"{'storage':8} {'blobs':>12} {'command':16} {'wall':>9} {'s/M blobs':>10} {'peak RSS':>10} "
         f"{'RSS ratio':>9} {'time ratio':>10}"
     )
-    base = rows[0]
     for r in rows:
+        base = next(b for b in rows if b["storage"] == r["storage"])  # the storage's smallest size
         for name in COMMANDS:
             seconds, rss = r[name]
             b_seconds, b_rss = base[name]
             print(
-                f"{r['blobs']:>12,} {name:16} {seconds:>8.2f}s {seconds / (r['blobs'] / 1e6):>10.2f} "
+                f"{r['storage']:8} {r['blobs']:>12,} {name:16} {seconds:>8.2f}s "
+                f"{seconds / (r['blobs'] / 1e6):>10.2f} "
                 f"{rss / MiB:>7.0f} MiB {rss / b_rss:>9.2f} {seconds / b_seconds:>10.2f}"
             )
 
