@@ -103,6 +103,26 @@ def assert_no_garbage(backend: Backend) -> None:
 # ---------------------------------------------------------------------- one run
 
 
+class _NoSizes(MemoryBackend):
+    """A backend whose ``size`` fails: the packs' sizes must come from the listing."""
+
+    def size(self, name: str) -> int:
+        raise AssertionError(f"size({name}) asked: one request per object")
+
+
+def test_gc_and_verify_take_the_packs_sizes_from_one_listing(scene: Scene) -> None:
+    (b_pack,) = scene.b1.packs
+    size = scene.backend.size(b_pack)
+    delete(scene, scene.b1)
+    backend = _NoSizes()
+    assert isinstance(scene.backend, MemoryBackend)
+    backend.objects = dict(scene.backend.objects)
+    report = gc(reopen(backend))
+    assert report.deleted == [b_pack] and report.bytes_freed == size
+    checked = verify(reopen(backend))
+    assert checked.ok and checked.blobs > 0, checked.problems
+
+
 @pytest.mark.parametrize("kind", ["memory", "local"])
 def test_with_no_other_lock_one_run_frees_everything_unused(kind: str, tmp_path: Path) -> None:
     backend: Backend = MemoryBackend() if kind == "memory" else LocalBackend(tmp_path / "repo")
