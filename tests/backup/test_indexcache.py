@@ -124,6 +124,44 @@ def test_a_sync_reads_only_the_index_files_it_has_not_seen(tmp_path: Path) -> No
     assert repo.reads == []
 
 
+def test_files_added_many_at_once_are_merged_once_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc rewrites many index files: each becomes a run of its own (no merge after each),
+    answering at once, and the runs are merged once when the block ends."""
+    rng = random.Random(12)
+    repo = FakeRepository()
+    packs = [pack_of(rng) for _ in range(4)]
+    repo.add(entries_of(rng, 3000, packs))
+    merges = 0
+    real_merge = IndexCache._merge
+
+    def counting(self: IndexCache, runs: list[indexcache.Run]) -> indexcache.Run:
+        nonlocal merges
+        merges += 1
+        return real_merge(self, runs)
+
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+        before = len(cache.runs)
+        monkeypatch.setattr(IndexCache, "_merge", counting)
+        with cache.adding_many():
+            for n in range(MAX_RUNS + 3):
+                written = entries_of(rng, 40, packs)
+                name = f"index/{os.urandom(32).hex()}"
+                repo.files[name] = written
+                cache.add(name, written)
+                assert len(cache.runs) == before + n + 1 and merges == 0
+                _agree(cache, repo, rng)
+        assert merges >= 1 and len(cache.runs) <= MAX_RUNS
+        _agree(cache, repo, rng)
+    repo.reads.clear()
+    with repo.cache(tmp_path / "c") as cache:  # the manifest says it all: nothing read again
+        cache.sync()
+        _agree(cache, repo, rng)
+    assert repo.reads == []
+
+
 @pytest.mark.parametrize("where", ["ids", "values", "sums", "header", "truncated", "manifest"])
 def test_a_damaged_cache_is_found_before_it_answers_and_built_again(
     tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture

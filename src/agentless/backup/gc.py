@@ -359,7 +359,11 @@ class _Collection:
         in *keys* (sorted) or whose pack is in *packs*, one file at a time: the new file
         first, then the old one deleted."""
         gone = np.array(sorted(pack_digest(p) for p in packs), "S32") if packs else np.zeros(0, "S32")
-        for name in sorted(names):
+        with self.repo.index().adding_many():
+            self._rewrite(sorted(names), keys, gone)
+
+    def _rewrite(self, names: list[str], keys: np.ndarray, gone: np.ndarray) -> None:
+        for name in names:
             try:
                 entries = self.repo.read_index_entries(name)
             except NotFound:

@@ -630,6 +630,7 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         self._state_lock = threading.RLock()
         self._synced = False
         self._count: int | None = None
+        self._deferred = 0  # adding_many() blocks open: added files are not merged yet
         try:
             (directory / "runs").mkdir(parents=True, exist_ok=True, mode=0o700)
             for path in (directory, directory / "runs"):
@@ -818,10 +819,35 @@ class IndexCache(Mapping[bytes, BlobLocation]):
                 if damaged:
                     runs = self._update(runs, set(self._list_files()), damaged)
                 elif name not in _cached(runs):
-                    runs = self._compact(runs, [self._new_run([_Source(_file_digest(name), entries)])])
+                    added = [self._new_run([_Source(_file_digest(name), entries)])]
+                    runs = runs + added if self._deferred else self._compact(runs, added)
                     self._write_manifest(runs)
                     self._remove_unnamed(runs)
             self._adopt(runs)
+
+    @contextlib.contextmanager
+    def adding_many(self) -> Iterator[None]:
+        """Index files :meth:`add`-ed meanwhile become runs of their own, merged once at
+        the end: gc rewrites up to every index file of the repository, and merging the runs
+        after each one merged the largest run again and again (size-tiered merging is
+        for files that trickle in, one per backup)."""
+        with self._state_lock:
+            self._deferred += 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._deferred -= 1
+                if not self._deferred and self._synced:
+                    with self._flock(fcntl.LOCK_EX):
+                        runs, damaged = self._load()
+                        if damaged:
+                            runs = self._update(runs, set(self._list_files()), damaged)
+                        else:
+                            runs = self._compact(runs, [])
+                            self._write_manifest(runs)
+                            self._remove_unnamed(runs)
+                    self._adopt(runs)
 
     # ------------------------------------------------------------------ lookups
 

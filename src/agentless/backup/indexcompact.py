@@ -54,7 +54,8 @@ def compact_index(repo: Repository, lock: Lock, target: int = FILE_ENTRIES) -> C
     *target* (module docstring), holding *lock* (a ``gc`` lock)."""
     report = CompactReport()
     try:
-        counts = repo.index(reload=True).entry_counts()
+        index = repo.index(reload=True)
+        counts = index.entry_counts()
     except CorruptError as error:
         raise IndexCompactError(
             f"index compact: {error}: run `vmbackup verify`; nothing was deleted"
@@ -65,21 +66,22 @@ def compact_index(repo: Repository, lock: Lock, target: int = FILE_ENTRIES) -> C
         return report
     pending: list[Entries] = []
     held = 0
-    for name in small:
-        try:
-            entries = repo.read_index_entries(name)
-        except NotFound:
-            continue  # gone since the listing: nothing to merge
-        except CorruptError as error:
-            what = f"index compact: {error}: run `vmbackup verify`; nothing was deleted"
-            raise IndexCompactError(what) from None
-        report.merged.append(name)
-        pending.append(entries)
-        held += len(entries)
-        if held >= target:  # at most about 2 × target entries in memory
-            report.written += _write(repo, pending, target, final=False)
-            held = sum(len(e) for e in pending)
-    report.written += _write(repo, pending, target, final=True)
+    with index.adding_many():  # the files written become runs merged once, at the end
+        for name in small:
+            try:
+                entries = repo.read_index_entries(name)
+            except NotFound:
+                continue  # gone since the listing: nothing to merge
+            except CorruptError as error:
+                what = f"index compact: {error}: run `vmbackup verify`; nothing was deleted"
+                raise IndexCompactError(what) from None
+            report.merged.append(name)
+            pending.append(entries)
+            held += len(entries)
+            if held >= target:  # at most about 2 × target entries in memory
+                report.written += _write(repo, pending, target, final=False)
+                held = sum(len(e) for e in pending)
+        report.written += _write(repo, pending, target, final=True)
     report.entries = sum(counts.get(name, 0) for name in report.merged)
     lock.check_held()
     for name in report.merged:
