@@ -89,10 +89,11 @@ def running_site(root: Path, *serve_options: str, db_url: str = "") -> Iterator[
         site.host_proc.wait(30)
 
 
-def guest(host: HostClient, vm: str, disk: int) -> wddk.Disk:
-    """The guest's view of a running VM's disk: its datapath's NBD unix socket."""
+def guest(host: HostClient, vm: str, disk: int, retry: wddk.Retry | None = None) -> wddk.Disk:
+    """The guest's view of a running VM's disk: its datapath's NBD unix socket (a lost
+    connection made again as *retry* says: wddk's default unless given)."""
     socket_path = host.vm(vm)["disks"][disk]["guest_socket"]
-    return wddk.open(f"nbd+unix:///?socket={socket_path}")
+    return wddk.open(f"nbd+unix:///?socket={socket_path}", retry=retry)
 
 
 def write_random(

@@ -38,9 +38,9 @@ from typing import IO, Any
 
 import agentless.wddk as wddk
 from agentless.backup.keys import Keys
+from agentless.backup.pointdisk import export_disk
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
-from agentless.backup.pointdisk import export_disk
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import free_port
 from tests.sites import MiB, Site, closest_prefix, configure, guest, running_site
