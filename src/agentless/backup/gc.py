@@ -217,7 +217,7 @@ class _Collection:
         self.pages: set[bytes] = set()  # the pages marked (read, or pending)
         self.pending: set[bytes] = set()  # used pages not read yet
         self.points: set[str] = set()
-        self.written: dict[str, int] = {}  # packs the repacking put -> bytes
+        self.written: set[str] = set()  # packs the repacking put
         self.new_names: set[str] = set()  # ... that were not listed
 
     # ------------------------------------------------------------------ reading
@@ -432,9 +432,9 @@ class _Collection:
         return pack
 
     def repack(self, copies: Slice) -> set[str]:
-        """Copy the blobs *copies* (sorted by pack) into new packs (put, then indexed);
-        the packs of *names* copied – a pack with a blob that does not open is left
-        whole, for verify to report."""
+        """Copy the blobs *copies* (sorted by pack number) into new packs (put, then
+        indexed); the names of the packs copied – a pack with a blob that does not open
+        is left whole, for verify to report."""
         builder = [PackBuilder(self.keys)]
         done: set[str] = set()
         bounds = np.flatnonzero(np.diff(copies.pack)) + 1
@@ -467,7 +467,7 @@ class _Collection:
         builder[0] = PackBuilder(self.keys)
         if self.number(name) < 0:
             self.new_names.add(name)
-        self.written[name] = len(data)
+        self.written.add(name)
         self.backend.put(name, data)
         self.repo.write_index_file(locations)
 
@@ -526,11 +526,11 @@ class _Collection:
                 gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), self.table[failed])]
         # a copy may be byte for byte a pack that exists (unencrypted packs are named by
         # their content; a gc killed after repacking made it): that pack is live again
-        rewritten = set(self.written) - self.new_names
+        rewritten = self.written - self.new_names
         if rewritten:
             gathered.keys = gathered.keys[~np.isin(_key_packs(gathered.keys), pack_table(rewritten))]
-        to_condemn -= self.written.keys()
-        candidates -= self.written.keys()
+        to_condemn -= self.written
+        candidates -= self.written
         self.drop_from_records(rewritten & set(condemned))
 
         # 7-8: unlink the used blobs of the packs to condemn, then condemn them
