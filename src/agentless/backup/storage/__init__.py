@@ -4,7 +4,7 @@ One small interface, :class:`Backend` (contract per method in :mod:`.backend`), 
 implementations, each a module::
 
     local.LocalBackend     a directory; put = temp file + fsync + rename + fsync dir
-    s3.S3Backend           an S3 bucket and key prefix (AWS, MinIO, Ceph RGW) via boto3
+    s3.S3Backend           an S3 bucket and key prefix (AWS, MinIO, Ceph RGW) via botocore
     memory.MemoryBackend   a dict, for the tests of the layers above
 
 and wrappers that take a backend and are one, so that each concern stays out of the
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """``S3Backend`` and ``parse_s3_url`` load boto3 (a tenth of a second) only when asked
+    """``S3Backend`` and ``parse_s3_url`` load botocore (a tenth of a second) only when asked
     for: a command on a local repository does not pay for it."""
     if name in ("S3Backend", "parse_s3_url"):
         return getattr(importlib.import_module(".s3", __name__), name)
@@ -107,7 +107,7 @@ def open_backend(location: str, **options: Any) -> Backend:
     * ``/path``, ``relative/path`` or ``file:///path`` – :class:`LocalBackend` (no options);
     * ``s3://bucket/prefix`` – :class:`S3Backend`, *options* being its keyword arguments
       (``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``, ...), each
-      one not given taken from the ``AWS_*`` environment variables as boto3 does
+      one not given taken from the ``AWS_*`` environment variables as botocore does
       (``AWS_ENDPOINT_URL`` for MinIO or Ceph RGW); in a :class:`RetryBackend` that
       retries a call whose server is unreachable or answers 5xx for
       :func:`retry_window` seconds (pauses doubling from 0.5 s up to 8 s), so that a
