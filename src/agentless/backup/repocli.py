@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any
 
 from agentless.commands import emit
-from agentless.nbd.errors import NbdError
 from agentless.redaction import redact
 from agentless.units import format_size
 
@@ -29,7 +28,7 @@ from .verify import verify
 
 __all__ = ["ERRORS", "add_commands"]
 
-ERRORS = (RepositoryError, StorageError, NbdError)  # SettingsError is a RepositoryError
+ERRORS = (RepositoryError, StorageError)  # SettingsError is a RepositoryError
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
