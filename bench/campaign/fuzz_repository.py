@@ -36,8 +36,8 @@ from typing import Any
 from agentless.backup.diskindex import DiskIndex
 from agentless.backup.keys import Keys, RepositoryError
 from agentless.backup.packs import read_trailer
-from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.pointdisk import PointDisk
+from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.storage import LocalBackend, StorageError
 from agentless.backup.verify import verify
 

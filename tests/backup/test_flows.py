@@ -162,8 +162,8 @@ def test_online_backups_are_crash_consistent(site: Site, tmp_path: Path) -> None
     equals the disk after exactly some prefix of the guest's writes (the snapshot instant),
     and restoring it gives that image back."""
     from agentless.backup.backupjob import VmBackup
-    from agentless.backup.repository import Repository
     from agentless.backup.pointdisk import export_disk
+    from agentless.backup.repository import Repository
 
     rng = random.Random(11)
     size = 16 * MiB
@@ -307,9 +307,9 @@ def test_offline_backups_over_random_write_patterns(site: Site, tmp_path: Path) 
     its instant, also after older restore points are pruned and collected."""
     from agentless.backup.backupjob import VmBackup
     from agentless.backup.gc import gc
+    from agentless.backup.pointdisk import export_disk
     from agentless.backup.prune import prune
     from agentless.backup.repository import Repository
-    from agentless.backup.pointdisk import export_disk
 
     rng = random.Random(23)
     size = 6 * MiB + 12345 // 512 * 512  # not a whole number of chunks

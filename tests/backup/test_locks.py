@@ -18,8 +18,8 @@ from agentless.backup import locks
 from agentless.backup.backupjob import VmBackup
 from agentless.backup.gc import GcReport, gc
 from agentless.backup.locks import EXPIRES_SECONDS, STALE_SECONDS, Lock, LockLost, active_locks
-from agentless.backup.repository import Repository
 from agentless.backup.pointdisk import export_disk
+from agentless.backup.repository import Repository
 from agentless.backup.storage import MemoryBackend
 from agentless.backup.storage.faults import FailingBackend
 from agentless.backup.verify import verify

@@ -16,8 +16,8 @@ import pytest
 
 from agentless.backup.keys import CorruptError, RepositoryError, WrongPassword
 from agentless.backup.offsite import CopyError, IncompatibleRepositories, copy_points, init_offsite
-from agentless.backup.repository import Repository
 from agentless.backup.pointdisk import export_disk
+from agentless.backup.repository import Repository
 from agentless.backup.storage import Backend, MemoryBackend, S3Backend
 from agentless.backup.verify import verify
 from agentless.lifetime import Closing

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from agentless.backup.repository import Repository
 from agentless.backup.pointdisk import export_disk
+from agentless.backup.repository import Repository
 from agentless.backup.storage import Backend, StorageError, open_backend
 from agentless.backup.verify import verify
 from tests.backup.conftest import vmbackup, vmbackup_process
