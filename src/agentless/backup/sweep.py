@@ -205,7 +205,7 @@ class Sweep:
         keep = files >= 0
         used = self.marks[i][start:stop] if self.marks is not None else np.zeros(stop - start, bool)
         raw = values["raw"][keep]
-        return Slice(
+        part = Slice(
             ids=np.array(run.ids[start:stop][keep]),
             pack=self._row_pack[i][rows][keep],
             file=files[keep],
@@ -214,6 +214,8 @@ class Sweep:
             raw=np.array(raw),
             used=np.array(used[keep]),
         )
+        run.drop_pages()  # copied: one run's folios at a time (see merge_cuts)
+        return part
 
 
 def _joined(parts: list[Slice]) -> Slice:
