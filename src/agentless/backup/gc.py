@@ -577,9 +577,11 @@ class _Collection:
             self.delete_pack(self.number(pack))
         self.report.deleted = sorted(deletable)
 
-        # 12: with nobody else running, packs that no index names are crash leftovers
+        # 12: with nobody else running, packs that no index names are crash leftovers –
+        # named by the index as it is now (step 11 rewrote files: the runs of step 10 may
+        # no longer hold their entries, and a pack named only there is no leftover)
         if cutoff is None:
-            leftover = self.present & ~np.isin(self.table, named_packs(runs))
+            leftover = self.present & ~np.isin(self.table, named_packs(self.sync()))
             self.report.orphans = [self.delete_pack(n) for n in np.flatnonzero(leftover).tolist()]
         self.drop_from_records({p for r in self.records for p in r.packs if not self.exists(p)})
         return self.report
