@@ -165,6 +165,41 @@ def test_files_added_many_at_once_are_merged_once_at_the_end(
     assert repo.reads == []
 
 
+def test_files_deleted_during_adding_many_are_dead_before_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc rewrites a file (the new one added, the old one deleted): at the end of the
+    block the old file's run is dead and dropped, not merged with the new ones."""
+    rng = random.Random(14)
+    repo = FakeRepository()
+    packs = [pack_of(rng) for _ in range(4)]
+    old = [repo.add(entries_of(rng, 3000, packs)) for _ in range(2)]
+    merged: list[int] = []
+    real_merge = IndexCache._merge
+
+    def counting(self: IndexCache, runs: list[indexcache.Run]) -> indexcache.Run:
+        merged.append(sum(run.live_entries for run in runs))
+        return real_merge(self, runs)
+
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+        monkeypatch.setattr(IndexCache, "_merge", counting)
+        with cache.adding_many():
+            for name in old:  # each rewritten without a third of its entries
+                kept = repo.files[name]
+                keep = np.arange(len(kept)) % 3 != 0
+                new = Entries(kept.ids[keep], kept.values[keep], kept.packs)
+                written = f"index/{os.urandom(32).hex()}"
+                repo.files[written] = new
+                cache.add(written, new)
+                del repo.files[name]
+        assert sum(merged) <= 2 * 2000, merged  # the new runs at most, never the old ones
+        assert {name for run in cache.runs for name in run.live_files} == {
+            name.split("/")[1] for name in repo.files
+        }
+        _agree(cache, repo, rng)
+
+
 def _rss_file() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssFile:"))
@@ -187,7 +222,9 @@ def test_a_merge_of_many_runs_holds_one_runs_pages_at_a_time(tmp_path: Path) -> 
                 values = np.zeros(count, VALUE)
                 values["pack"] = np.arange(count) % len(packs)
                 values["length"] = 100
-                cache.add(f"index/{os.urandom(32).hex()}", Entries(ids, values, digests).sorted())
+                name = f"index/{os.urandom(32).hex()}"
+                repo.files[name] = Entries(ids, values, digests).sorted()  # listed: live at the end
+                cache.add(name, repo.files[name])
             before, peak, done = _rss_file(), [0], threading.Event()
 
             def sample() -> None:

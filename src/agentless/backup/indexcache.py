@@ -836,7 +836,10 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         """Index files :meth:`add`-ed meanwhile become runs of their own, merged once at
         the end: gc rewrites up to every index file of the repository, and merging the runs
         after each one merged the largest run again and again (size-tiered merging is
-        for files that trickle in, one per backup)."""
+        for files that trickle in, one per backup). At the end the cache is brought up to
+        the repository's listing first, so that the files the caller deleted meanwhile (the
+        ones it rewrote) are dead before the merge: a run wholly of them is dropped, not
+        merged with the new ones and rewritten again at the next sync."""
         with self._state_lock:
             self._deferred += 1
         try:
@@ -847,12 +850,7 @@ class IndexCache(Mapping[bytes, BlobLocation]):
                 if not self._deferred and self._synced:
                     with self._flock(fcntl.LOCK_EX):
                         runs, damaged = self._load()
-                        if damaged:
-                            runs = self._update(runs, set(self._list_files()), damaged)
-                        else:
-                            runs = self._compact(runs, [])
-                            self._write_manifest(runs)
-                            self._remove_unnamed(runs)
+                        runs = self._update(runs, set(self._list_files()), damaged)
                     self._adopt(runs)
 
     # ------------------------------------------------------------------ lookups
