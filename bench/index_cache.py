@@ -8,7 +8,9 @@ writes them the same way), then, each in a new process (peak RSS = its VmHWM):
 
 - cold: the cache built from nothing (``Repository.index()`` with the cache deleted);
 - warm: ``Repository.open`` + ``index()`` with the cache built (what every command pays);
-- lookups: 10 000 ids (half present) looked up in batches of 64, as a backup does.
+- lookups: 10 000 ids (half present) looked up in batches of 64, as a full backup does;
+- singly: the same 10 000 ids asked one at a time, as an incremental does (the changed
+  blocks CBT gives lie apart: one chunk a read).
 
 Printed: seconds, peak RSS, bytes of cache per blob, and the ratios of each size's warm
 and lookup times to the smallest size's (goal: about 1 – the cost does not grow with the
@@ -42,17 +44,20 @@ result = {}
 with Repository.open(location) as repository:
     index = repository.index()
     result["open+sync s"] = time.perf_counter() - started
-    if what == "lookups":
+    if what in ("lookups", "singly"):
         rng = random.Random(1)
         run = max(index.runs, key=lambda r: r.entries)
         every = max(1, run.entries // 5000)
-        present = [run.ids[i : i + 1].tobytes() for i in range(0, run.entries, every)][:5000]
+        at = run.layout.sections()["ids"][0]
+        with open(run.path, "rb") as f:  # read, not mapped: the peak RSS is the lookups'
+            present = [os.pread(f.fileno(), 32, at + 32 * i) for i in range(0, run.entries, every)][:5000]
         asked = present + [rng.randbytes(32) for _ in range(5000)]
         rng.shuffle(asked)
         started = time.perf_counter()
         found = 0
-        for i in range(0, len(asked), 64):
-            found += sum(index.known(asked[i : i + 64]))
+        batch = 64 if what == "lookups" else 1
+        for i in range(0, len(asked), batch):
+            found += sum(index.known(asked[i : i + batch]))
         result["lookups s"] = time.perf_counter() - started
         assert found == len(present), found
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
@@ -85,6 +90,7 @@ def main() -> int:
             cold = step(location, "open", env)
             warm = step(location, "open", env)
             lookups = step(location, "lookups", env)
+            singly = step(location, "singly", env)
             row = {
                 "blobs": blobs,
                 "synthesis s": synthesis,
@@ -94,6 +100,8 @@ def main() -> int:
                 "warm rss": warm["peak rss"],
                 "lookups s": lookups["lookups s"],
                 "lookups rss": lookups["peak rss"],
+                "singly s": singly["lookups s"],
+                "singly rss": singly["peak rss"],
                 "cache bytes": tree_bytes(work / "cache"),
             }
             print(json.dumps(row), flush=True)
@@ -103,15 +111,18 @@ def main() -> int:
     print()
     print(
         f"{'blobs':>12} {'cold':>8} {'cold RSS':>10} {'warm':>8} {'warm RSS':>10} {'10k lookups':>12} "
-        f"{'RSS':>10} {'B/blob':>7} {'warm ×':>7} {'lookups ×':>9}"
+        f"{'RSS':>10} {'10k singly':>11} {'RSS':>10} {'B/blob':>7} {'warm ×':>7} {'lookups ×':>9} "
+        f"{'singly ×':>8}"
     )
     first = rows[0]
     for r in rows:
         print(
             f"{r['blobs']:>12,} {r['cold s']:>7.2f}s {format_size(int(r['cold rss'])):>10} "
             f"{r['warm s']:>7.3f}s {format_size(int(r['warm rss'])):>10} {r['lookups s']:>11.3f}s "
-            f"{format_size(int(r['lookups rss'])):>10} {r['cache bytes'] / r['blobs']:>7.1f} "
-            f"{r['warm s'] / first['warm s']:>7.2f} {r['lookups s'] / first['lookups s']:>9.2f}"
+            f"{format_size(int(r['lookups rss'])):>10} {r['singly s']:>10.3f}s "
+            f"{format_size(int(r['singly rss'])):>10} {r['cache bytes'] / r['blobs']:>7.1f} "
+            f"{r['warm s'] / first['warm s']:>7.2f} {r['lookups s'] / first['lookups s']:>9.2f} "
+            f"{r['singly s'] / first['singly s']:>8.2f}"
         )
     return 0
 

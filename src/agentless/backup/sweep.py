@@ -95,6 +95,15 @@ def pack_numbers(table: np.ndarray, digests: np.ndarray) -> np.ndarray:
     return np.where(table[at] == digests, at, -1).astype(np.int64)
 
 
+def pack_flags(table: np.ndarray, names: Iterable[str]) -> np.ndarray:
+    """By pack number of the sorted *table*: whether the pack is one of *names* (a name
+    not in the table is left out)."""
+    flags = np.zeros(len(table), bool)
+    numbers = pack_numbers(table, pack_table(names))
+    flags[numbers[numbers >= 0]] = True
+    return flags
+
+
 @dataclasses.dataclass
 class Slice:
     """Entries of a sweep, sorted by blob id; a blob's entries all here, side by side.

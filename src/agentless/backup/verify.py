@@ -61,7 +61,7 @@ from .marking import IdSpill, mark
 from .packs import BlobLocation, read_trailer
 from .repository import ZERO, Repository
 from .storage import NotFound, StorageError
-from .sweep import Sweep, listed_packs, pack_name_of, pack_names, pack_number, pack_numbers, pack_table
+from .sweep import Sweep, listed_packs, pack_flags, pack_name_of, pack_names, pack_number, pack_table
 
 __all__ = ["BAD_LIMIT", "VerifyReport", "verify"]
 
@@ -315,9 +315,7 @@ class _Verifier:
         if marks.missing > len(marks.missing_ids):
             self.counts["missing"] = self.counts.get("missing", 0) + marks.missing - len(marks.missing_ids)
         table = self.table
-        flags = np.zeros(len(table), bool)
-        numbers = pack_numbers(table, pack_table(self.condemned))
-        flags[numbers[numbers >= 0]] = True
+        flags = pack_flags(table, self.condemned)
         limits = self.sizes - _PACK_TAIL
         for part in Sweep(runs, table, marks.entries):
             if not part.used.any():
