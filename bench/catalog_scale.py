@@ -18,7 +18,9 @@ one disk each with 4 page ids: the shape a backup writes), saved through
 * **warm**: the same again, --repeat times (best and median printed).
 
 Printed: the times, warm/cold, warm/no-cache and warm minus the floor. Goal: warm ≤ 1 s on
-the S3 server. Absolute times are noise on a shared machine: read the ratios.
+the S3 server. Absolute times are noise on a shared machine: read the ratios. With
+$CATALOG_SCALE_PYSPY=DIR the floor and warm runs run under ``py-spy record --threads
+--idle`` (slower: read only the stacks) and their collapsed stacks go into DIR.
 """
 
 from __future__ import annotations
@@ -99,13 +101,33 @@ def fill(location: str, env: dict[str, str], count: int) -> float:
 CPU: dict[str, float] = {}  # the last vmbackup_list's CPU seconds (user + system)
 
 
-def vmbackup_list(env: dict[str, str], location: str, *options: str) -> tuple[float, int]:
+def vmbackup_list(env: dict[str, str], location: str, *options: str, spy: str = "") -> tuple[float, int]:
     """``vmbackup list --json`` as a user runs it: (seconds, restore points listed); its
-    CPU seconds in ``CPU["last"]`` (less noisy than wall time on a shared machine)."""
+    CPU seconds in ``CPU["last"]`` (less noisy than wall time on a shared machine). With
+    *spy* and $CATALOG_SCALE_PYSPY, under py-spy, its stacks into that directory."""
+    command = [PY, "-m", "agentless.backup.cli", "list", "--json", "--repo", location, *options]
+    spies = os.environ.get("CATALOG_SCALE_PYSPY")
+    if spy and spies:
+        out = f"{spies}/{spy}-{time.time_ns()}.txt"
+        pyspy = str(Path(PY).with_name("py-spy"))
+        command = [
+            pyspy,
+            "record",
+            "--threads",
+            "--idle",
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            out,
+            "--",
+            *command,
+        ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(
-        [PY, "-m", "agentless.backup.cli", "list", "--json", "--repo", location, *options],
+        command,
         env=env,
         capture_output=True,
         text=True,
@@ -116,7 +138,7 @@ def vmbackup_list(env: dict[str, str], location: str, *options: str) -> tuple[fl
     CPU["last"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if done.returncode != 0:
         raise RuntimeError(f"vmbackup list failed: {done.stderr.strip()}")
-    return seconds, len(json.loads(done.stdout)["points"])
+    return seconds, len(json.JSONDecoder().raw_decode(done.stdout)[0]["points"])
 
 
 def in_process(location: str, env: dict[str, str], repeat: int) -> float:
@@ -164,14 +186,14 @@ def measure(storage: str, work: Path, count: int, repeat: int) -> dict[str, floa
         cache = work / f"cache-{storage}"
         env["XDG_CACHE_HOME"] = str(cache)
         vmbackup_list(env, empty)  # its catalog: warm, as the other warm runs
-        floor = [(vmbackup_list(env, empty)[0], CPU["last"]) for _ in range(repeat)]
+        floor = [(vmbackup_list(env, empty, spy=f"floor-{storage}")[0], CPU["last"]) for _ in range(repeat)]
         row["floor s"], row["floor cpu"] = min(floor)
         seconds, listed = vmbackup_list(env, full, "--no-cache")
         row["no-cache s"], row["no-cache cpu"] = seconds, CPU["last"]
         shutil.rmtree(cache / "vmbackup", ignore_errors=True)
         row["cold s"], cold_listed = vmbackup_list(env, full)
         row["cold cpu"] = CPU["last"]
-        warm = [(*vmbackup_list(env, full), CPU["last"]) for _ in range(repeat)]
+        warm = [(*vmbackup_list(env, full, spy=f"warm-{storage}"), CPU["last"]) for _ in range(repeat)]
         if {listed, cold_listed, *(n for _, n, _ in warm)} != {count}:
             raise RuntimeError(f"listed {listed}, {cold_listed}, {[n for _, n, _ in warm]}: not {count}")
         row["warm s"], _, row["warm cpu"] = min(warm)
