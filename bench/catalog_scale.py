@@ -138,7 +138,8 @@ def vmbackup_list(env: dict[str, str], location: str, *options: str, spy: str = 
     CPU["last"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if done.returncode != 0:
         raise RuntimeError(f"vmbackup list failed: {done.stderr.strip()}")
-    return seconds, len(json.JSONDecoder().raw_decode(done.stdout)[0]["points"])
+    text = done.stdout[done.stdout.find("{") :]  # (py-spy writes lines of its own)
+    return seconds, len(json.JSONDecoder().raw_decode(text)[0]["points"])
 
 
 def in_process(location: str, env: dict[str, str], repeat: int) -> float:

@@ -29,6 +29,7 @@ from agentless.backup.storage import (
     SimulatedCrash,
     StorageError,
     open_backend,
+    s3,
 )
 from tests.backup.conftest import S3Server
 from tests.s3server import SeaweedS3
@@ -398,15 +399,27 @@ def test_s3_lists_only_its_prefix(s3_server: S3Server) -> None:
         assert sorted(whole.list()) == ["outside", "repo-other/config", "repo/config"]
 
 
-def test_s3_listing_does_not_parse_timestamps(s3_server: S3Server) -> None:
-    """Issue 14 item 3: botocore parsed every listed key's LastModified with dateutil –
-    most of the CPU of listing 10 000 restore points. The backend reads no timestamp, so
-    its client leaves them as the server's strings."""
-    with S3Backend(s3_server.create_bucket(), "repo", **s3_server.options()) as backend:
+def test_s3_listing_pages_are_read_by_elementtree_not_botocores_parser(s3_server: S3Server) -> None:
+    """Issue 14 item 3: botocore's parser built a dict per listed key and parsed its
+    LastModified with dateutil – most of the CPU of listing 10 000 restore points. The
+    backend's hook takes each page's keys and sizes (url-decoded: botocore asks for
+    url-encoded keys) and botocore parses what is left; a page whose keys the hook took
+    but that reaches the backend without them is an error, never an empty listing."""
+    bucket = s3_server.create_bucket()
+    s3_server.client.put_object(Bucket=bucket, Key="repo/a b+c%d&e", Body=b"xyz")
+    with S3Backend(bucket, "repo", **s3_server.options()) as backend:
         backend.put("points/0123456789abcdef", b"x")
         page = backend._client.list_objects_v2(Bucket=backend.bucket, Prefix="repo/")
-        assert isinstance(page["Contents"][0]["LastModified"], str)
-        assert list(backend.list("points/")) == ["points/0123456789abcdef"]
+        assert "Contents" not in page and page["KeyCount"] == 2
+        assert sorted(page[s3._LISTED]) == [("repo/a b+c%d&e", 3), ("repo/points/0123456789abcdef", 1)]
+        assert list(backend.list_sizes()) == [("points/0123456789abcdef", 1)]  # a b+c… is no name
+
+        def lose(customized_response_dict: dict[str, object], **_: object) -> None:
+            customized_response_dict.pop(s3._LISTED, None)  # as a botocore that dropped it
+
+        backend._client.meta.events.register("before-parse.s3.ListObjectsV2", lose)
+        with pytest.raises(StorageError, match="a listing page came without its keys"):
+            list(backend.list("points/"))
 
 
 def test_s3_missing_bucket_is_not_not_found(s3_server: S3Server) -> None:

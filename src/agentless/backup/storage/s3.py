@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import botocore.session
 import urllib3.exceptions
@@ -63,6 +65,40 @@ __all__ = ["S3Backend", "parse_s3_url"]
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "ThrottlingException"}
 AddressingStyle = Literal["auto", "virtual", "path"]
+_LISTED = "AgentlessListed"  # where _take_listing puts a page's (key, size) pairs
+
+
+def _take_listing(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
+    """``before-parse`` of ListObjectsV2: the page's keys and sizes read with ElementTree
+    into *customized_response_dict* (botocore adds it to the parsed page), and the body
+    handed on without its ``Contents``. botocore's generic parser built a dict per key,
+    ~0.03 ms a key (a third of a second to list 10 000 restore points), ElementTree
+    ~0.006. ``KeyCount`` is set to the keys taken: a page that comes back without them
+    (a botocore that no longer merges what this hook gives) is refused by
+    :meth:`S3Backend._listed`, never read as an empty listing."""
+    if response_dict.get("status_code") != 200 or not response_dict.get("body"):
+        return
+    try:
+        root = ElementTree.fromstring(response_dict["body"])
+    except ElementTree.ParseError:
+        return  # botocore's parser reports it
+    namespace = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    decode = root.findtext(f"{namespace}EncodingType") == "url"  # botocore asks for it
+    taken: list[tuple[str, int]] = []
+    items = root.findall(f"{namespace}Contents")
+    for item in items:
+        key, size = item.findtext(f"{namespace}Key"), item.findtext(f"{namespace}Size")
+        if key is None or size is None or not size.isdigit():
+            return  # not a page this hook understands: botocore parses it whole
+        taken.append((urllib.parse.unquote_plus(key) if decode else key, int(size)))
+    for item in items:
+        root.remove(item)
+    count = root.find(f"{namespace}KeyCount")
+    if count is None:
+        count = ElementTree.SubElement(root, f"{namespace}KeyCount")
+    count.text = str(len(taken))
+    response_dict["body"] = ElementTree.tostring(root)
+    customized_response_dict[_LISTED] = taken
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -140,6 +176,7 @@ class S3Backend(Closing):
                 aws_session_token=session_token,
                 config=config,
             )
+            client.meta.events.register("before-parse.s3.ListObjectsV2", _take_listing)
             self._client = cast("S3Client", client)
         except (BotoCoreError, ValueError) as error:
             raise StorageError(f"{self.location}: cannot set up the S3 client: {error}") from None
@@ -242,10 +279,15 @@ class S3Backend(Closing):
                 Bucket=self.bucket, Prefix=self._key_prefix + prefix
             )
             for page in pages:
-                for item in page.get("Contents", []):
-                    name = item["Key"][strip:]
+                listed = cast("list[tuple[str, int]] | None", page.get(_LISTED))
+                if listed is None:  # botocore parsed the page itself
+                    listed = [(item["Key"], int(item["Size"])) for item in page.get("Contents", [])]
+                    if int(page.get("KeyCount", len(listed))) != len(listed):
+                        raise StorageError(f"{self.location}: a listing page came without its keys")
+                for key, size in listed:
+                    name = key[strip:]
                     if name_is_valid(name):  # not "dir/" markers or other tools' keys
-                        yield name, int(item["Size"])
+                        yield name, size
 
     def delete(self, name: str) -> None:
         key = self._key(name)
