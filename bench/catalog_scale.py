@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from repository_scale import under_pyspy
 
 from agentless.backup.repository import Repository
 from agentless.backup.storage import open_backend
@@ -109,21 +111,7 @@ def vmbackup_list(env: dict[str, str], location: str, *options: str, spy: str = 
     spies = os.environ.get("CATALOG_SCALE_PYSPY")
     if spy and spies:
         out = f"{spies}/{spy}-{time.time_ns()}.txt"
-        pyspy = str(Path(PY).with_name("py-spy"))
-        command = [
-            pyspy,
-            "record",
-            "--threads",
-            "--idle",
-            "-r",
-            "200",
-            "-f",
-            "raw",
-            "-o",
-            out,
-            "--",
-            *command,
-        ]
+        command = under_pyspy(command, out)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(

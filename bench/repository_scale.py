@@ -114,6 +114,13 @@ _HWM = (
 )
 
 
+def under_pyspy(command: list[str], out: str) -> list[str]:
+    """*command* run under ``py-spy record`` – every thread, waits included – its
+    collapsed stacks written to *out*."""
+    record = ["record", "--threads", "--idle", "--rate", "200", "--format", "raw", "--output", out, "--"]
+    return [str(Path(PY).with_name("py-spy")), *record, *command]
+
+
 def measured(
     args: list[str], env: dict[str, str], codes: tuple[int, ...] = (0,), spy: str | None = None
 ) -> tuple[float, int, dict[str, Any]]:
@@ -124,21 +131,7 @@ def measured(
     With *spy* (a file name) the command runs under py-spy, its collapsed stacks into it."""
     command = [PY, "-c", _HWM, *args]
     if spy:
-        pyspy = str(Path(PY).with_name("py-spy"))
-        command = [
-            pyspy,
-            "record",
-            "--threads",
-            "--idle",
-            "-r",
-            "200",
-            "-f",
-            "raw",
-            "-o",
-            spy,
-            "--",
-            *command,
-        ]
+        command = under_pyspy(command, spy)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     seconds = time.perf_counter() - started
