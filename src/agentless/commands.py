@@ -5,15 +5,29 @@ a wrong command line exits 2 (argparse)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import resource
 import sys
 from typing import Any
 
 __all__ = ["emit", "run_handler"]
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one, as Go's runtime does for every
+    program: the soft limit (often 1 024) is a guard for old ``select()`` users, and an
+    index cache holds a descriptor per run (a cold build of a billion-blob repository
+    makes ~1 000 runs before merging them), a daemon one per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_handler(prog: str, args: argparse.Namespace, expected: tuple[type[BaseException], ...]) -> int:
     """Call ``args.handler(args)``; report *expected* errors and OSError in one line."""
+    raise_open_files_limit()
     try:
         code: int = args.handler(args)
     except expected as error:
