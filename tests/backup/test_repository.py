@@ -5,11 +5,14 @@ altered one is refused), scrypt parameters bounded, repositories of format 1 sti
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import os
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,15 @@ import pytest
 
 import agentless.backup.repository as repository_module
 from agentless.backup.keys import CorruptError, WrongPassword
-from agentless.backup.repository import CONDEMNED_KIND, ZERO, CacheSettings, Repository, RepositoryError
+from agentless.backup.packs import PackBuilder
+from agentless.backup.repository import (
+    CONDEMNED_KIND,
+    ZERO,
+    BlobWriter,
+    CacheSettings,
+    Repository,
+    RepositoryError,
+)
 from agentless.backup.storage import LocalBackend
 from agentless.backup.verify import verify
 from tests.backup.conftest import vmbackup
@@ -418,3 +429,65 @@ def test_an_index_entry_that_is_not_a_location_is_corrupt(tmp_path: Path) -> Non
             with pytest.raises(CorruptError, match="malformed index"):
                 repository.read_index_file(name)
             repository.backend.delete(name)
+
+
+def test_a_slow_store_holds_the_writer_back_not_its_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store takes no pack, a writer finishes at most PACKS_IN_FLIGHT packs and
+    then ``add`` waits (on S3 the finished packs piled up in memory); once the store moves
+    everything is stored; a writer closed while a pack waits fails that ``add`` in one line."""
+    monkeypatch.setattr(repository_module, "PackBuilder", functools.partial(PackBuilder, target_size=200_000))
+    gate = threading.Event()
+    puts: list[str] = []
+
+    class SlowStore(LocalBackend):
+        def put(self, name: str, data: bytes | memoryview) -> None:
+            if name.startswith("data/"):
+                puts.append(name)
+                gate.wait(60)
+            super().put(name, data)
+
+    rng = random.Random(9)
+    chunks = [rng.randbytes(65536) for _ in range(40)]  # 4 chunks a pack: 10 packs
+    with Repository.init(SlowStore(tmp_path / "repo")) as repository:
+        writer = repository.writer()
+        added: list[bytes] = []
+        adding = threading.Thread(target=lambda: added.extend(writer.add(c) for c in chunks))
+        adding.start()
+        deadline = time.monotonic() + 30
+        while len(puts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        adding.join(1.0)
+        assert adding.is_alive()  # it waits for the store...
+        assert len(puts) == 2 and len(added) <= 4 * (BlobWriter.PACKS_IN_FLIGHT + 1)  # ...with ≤ 4 packs done
+        gate.set()
+        adding.join(30)
+        assert not adding.is_alive() and len(added) == len(chunks)
+        writer.flush()
+        writer.close()
+        assert repository.read_many(added) == chunks
+        gate.clear()
+        puts.clear()
+        writer = repository.writer()
+        failed: list[BaseException] = []
+
+        def add_all() -> None:
+            try:
+                for chunk in chunks:
+                    writer.add(chunk[::-1])
+            except RepositoryError as error:
+                failed.append(error)
+
+        adding = threading.Thread(target=add_all)
+        adding.start()
+        while len(puts) < 2 and time.monotonic() < deadline + 30:
+            time.sleep(0.01)
+        closer = threading.Thread(target=writer.close)
+        closer.start()
+        time.sleep(0.2)
+        gate.set()  # the two puts under way finish; the waiting ones are cancelled
+        closer.join(30)
+        adding.join(30)
+        assert not adding.is_alive() and not closer.is_alive()
+        assert [str(e) for e in failed] == ["the backup's writer was closed while a pack waited to be stored"]
