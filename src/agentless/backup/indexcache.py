@@ -422,9 +422,7 @@ class Run:
             for block in unchecked:
                 i, j = (block - first) * BLOCK, min((block - first + 1) * BLOCK, stop - start)
                 k = _SUM * (block - first)
-                if _block_sum(ids[32 * i : 32 * j], values[16 * i : 16 * j]) != sums[k : k + _SUM]:
-                    raise _Damaged(f"{self.path}: block {block} does not check")
-                self.verified[block] = True
+                self.check_block(block, ids[32 * i : 32 * j], values[16 * i : 16 * j], sums[k : k + _SUM])
         low, high = lo - start, end - start
         while low < high:
             middle = (low + high) // 2
@@ -437,6 +435,13 @@ class Run:
             found.append(values[16 * low : 16 * low + 16])
             low += 1
         return found
+
+    def check_block(self, block: int, ids: bytes, values: bytes, expected: bytes) -> None:
+        """Check *block* read as *ids* and *values* against its sum *expected*, and remember
+        it is checked; :class:`_Damaged` if it does not check."""
+        if _block_sum(ids, values) != expected:
+            raise _Damaged(f"{self.path}: block {block} does not check")
+        self.verified[block] = True
 
     def row_digest(self, row: int) -> bytes:
         """The pack digest of *row*, read with ``pread`` (:meth:`entries_of`)."""
@@ -621,12 +626,12 @@ def check_range(run: Run, start: int, stop: int) -> None:
         if run.verified[block]:
             continue
         lo, hi = block * BLOCK, min(run.entries, (block + 1) * BLOCK)
-        if (
-            _block_sum(run.ids[lo:hi].tobytes(), run.values[lo:hi].tobytes())
-            != run.sums[block : block + 1].tobytes()
-        ):
-            raise _Damaged(f"{run.path}: block {block} does not check")
-        run.verified[block] = True
+        run.check_block(
+            block,
+            run.ids[lo:hi].tobytes(),
+            run.values[lo:hi].tobytes(),
+            run.sums[block : block + 1].tobytes(),
+        )
 
 
 # ---------------------------------------------------------------------- the cache
@@ -891,8 +896,8 @@ class IndexCache(Mapping[bytes, BlobLocation]):
             self.sync()
         for attempt in range(2):
             try:
-                runs = list(self._runs)
-                return [self._find_one(runs, blob, avoid) for blob in blobs]
+                runs = [(run, run.shunned(avoid)) for run in self._runs if run.entries]
+                return [self._find_one(runs, blob) for blob in blobs]
             except _Damaged as error:
                 if attempt:
                     raise RepositoryError(f"index cache {self.directory}: {error}") from None
@@ -918,14 +923,12 @@ class IndexCache(Mapping[bytes, BlobLocation]):
         self.sync()
 
     @staticmethod
-    def _find_one(runs: list[Run], blob: bytes, avoid: Collection[str]) -> _Hit | None:
-        """Where *blob* is: in the runs' order, the first live entry in a pack not in
-        *avoid*, else the first live one (shunned: True); None if there is none."""
+    def _find_one(runs: list[tuple[Run, np.ndarray | None]], blob: bytes) -> _Hit | None:
+        """Where *blob* is: in the runs' order, the first live entry in a pack not avoided
+        (each run with its :meth:`Run.shunned` rows), else the first live one (shunned:
+        True); None if there is none."""
         found: _Hit | None = None
-        for run in runs:
-            if not run.entries:
-                continue
-            shunned_rows = run.shunned(avoid)
+        for run, shunned_rows in runs:
             for value in run.entries_of(blob):
                 row, offset, length, raw = _VALUE.unpack(value)
                 if row < len(run.dead_rows) and run.dead_rows[row]:
