@@ -541,10 +541,11 @@ class BlobWriter(Closing):
     writer forgets them."""
 
     INDEX_EVERY = 1 << 16
-    # Finished packs being put or waiting to be (2 put at once): when the store is slower
-    # than the readers – S3 – the next pack waits for one of them, so memory stays ~5 packs
-    # (~80 MiB) instead of growing with the backup (a 2 GiB full backup to S3 peaked at
-    # ~420 MiB against ~280 on a directory).
+    # Closed packs being put or waiting for a put thread (2 put at once): when the store is
+    # slower than the readers – S3 – the reader that closes the next pack waits for one of
+    # them, so memory stays a few packs a reader instead of growing with the backup (a 2 GiB
+    # full backup to S3 peaked at ~420 MiB against ~280 on a directory). The wait is never
+    # under the writer's lock: a put thread takes it when its put is done.
     PACKS_IN_FLIGHT = 4
 
     def __init__(self, repository: Repository):
@@ -558,6 +559,7 @@ class BlobWriter(Closing):
         self._puts = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="vmbackup-put")
         self._in_flight = threading.BoundedSemaphore(self.PACKS_IN_FLIGHT)
         self._closing = threading.Event()
+        self._full: list[PackBuilder] = []  # closed packs waiting for a slot (_send)
         self._pending: list[concurrent.futures.Future[None]] = []
         self._written: dict[bytes, BlobLocation] = {}
         self._indexing = threading.Lock()  # one index file at a time
@@ -604,38 +606,52 @@ class BlobWriter(Closing):
                 self._builder.add(blob_id, kind, sealed, len(data))
                 self.stored += len(sealed)
                 self.new += 1
-                if self._builder.full:
+                full = self._builder.full
+                if full:
                     self._ship()
+            if full:
+                self._send()
         return ids
 
     def _ship(self) -> None:
-        """Finish the open pack and put it in the background (holding ``_lock``)."""
-        if not len(self._builder):
-            return
-        while True:  # under the lock: the readers wait here for the store
-            if self._in_flight.acquire(timeout=0.5):
-                if not self._closing.is_set():
-                    break
-                self._in_flight.release()
-            if self._closing.is_set():
-                raise RepositoryError("the backup's writer was closed while a pack waited to be stored")
-        finished, self._builder = [self._builder], PackBuilder(self.keys)
+        """Close the open pack: :meth:`_send` puts it (holding ``_lock``)."""
+        if len(self._builder):
+            self._full.append(self._builder)
+            self._builder = PackBuilder(self.keys)
 
-        def put() -> None:  # joining and hashing 16 MiB: in the put thread, not under the lock
-            try:
-                name, data, locations = finished.pop().finish()
-                self.repository.backend.put(name, data)
-                del data
-            finally:
-                self._in_flight.release()  # before taking the lock, which _ship may hold waiting
+    def _send(self) -> None:
+        """Put the closed packs in the background, each once fewer than PACKS_IN_FLIGHT
+        are: the caller waits here for the store. Not under ``_lock``: a put thread takes
+        it when its put is done, and the packs waiting for a put thread hold slots."""
+        while True:
             with self._lock:
-                self._written.update(locations)
-                self._added.update(locations)
-                due = len(self._written) >= self.INDEX_EVERY
-            if due:
-                self._index_written()
+                if not self._full:
+                    return
+                finished = [self._full.pop(0)]
+            while True:
+                if self._in_flight.acquire(timeout=0.5):
+                    if not self._closing.is_set():
+                        break
+                    self._in_flight.release()
+                if self._closing.is_set():
+                    raise RepositoryError("the backup's writer was closed while a pack waited to be stored")
+            with self._lock:
+                self._pending.append(self._puts.submit(self._put, finished))
 
-        self._pending.append(self._puts.submit(put))
+    def _put(self, finished: list[PackBuilder]) -> None:
+        """Put one closed pack (joining and hashing 16 MiB: in a put thread), then index it."""
+        try:
+            name, data, locations = finished.pop().finish()
+            self.repository.backend.put(name, data)
+            del data
+        finally:
+            self._in_flight.release()
+        with self._lock:
+            self._written.update(locations)
+            self._added.update(locations)
+            due = len(self._written) >= self.INDEX_EVERY
+        if due:
+            self._index_written()
 
     def _index_written(self) -> None:
         """Write one index file for the packs put so far, then forget their blobs."""
@@ -654,6 +670,8 @@ class BlobWriter(Closing):
         """Put the last pack, wait for every put, write one index file for them."""
         with self._lock:
             self._ship()
+        self._send()
+        with self._lock:
             pending, self._pending = self._pending, []
         for future in pending:
             future.result()
