@@ -164,6 +164,7 @@ def measure(storage: str, work: Path, count: int, repeat: int) -> dict[str, floa
     row: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         env = os.environ | {"VMBACKUP_PASSWORD": PASSWORD}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules compiled once, not at every run
         prefix = f"{work}/{storage}-"
         if storage == "s3":
             s3 = stack.enter_context(s3_server(work))

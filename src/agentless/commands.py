@@ -46,8 +46,7 @@ def run_handler(prog: str, args: argparse.Namespace, expected: tuple[type[BaseEx
 def emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
     """Print *document* as JSON when ``--json`` was given, else *text*."""
     if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")  # one write: json.dump makes one a token
     else:
         print(text)
 

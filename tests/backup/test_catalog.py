@@ -12,6 +12,7 @@ import secrets
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from typing import Any
 import pytest
 
 from agentless.backup.indexcache import cache_root
+from agentless.backup.keys import WrongPassword
 from agentless.backup.prune import prune
 from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.storage import Backend, LocalBackend, S3Backend
+from agentless.units import format_size
 from tests.backup.conftest import S3Server, _ok, vmbackup
 
 PASSWORD = "catalog-pw"
@@ -134,6 +137,38 @@ def test_listing_resolving_and_prune_read_no_restore_point_once_warm(
         assert backend.points_read == [f"points/{summary['id']}"]
 
 
+def test_briefs_show_what_a_listing_shows_and_a_prefetched_listing_answers_once(
+    made: tuple[Path, dict[str, dict[str, Any]]],
+) -> None:
+    where, points = made
+    with Repository.open(str(where), PASSWORD, prefetch_points=True) as repository:
+        briefs = repository.briefs()
+        assert repository._listed is None  # the prefetched names were taken
+        later = Repository.open(str(where), PASSWORD)
+        with later:
+            added = later.save_point(_point("web", 9))
+        assert added in {b.id for b in repository.briefs()}  # listed anew: the new point is seen
+    assert [b.id for b in briefs] == sorted(points, key=lambda i: (points[i]["time"], i))
+    for row in briefs:
+        point = points[row.id]
+        assert (row.time, row.vm_id, row.vm_name, row.type, row.backup_id) == (
+            point["time"],
+            point["vm"]["id"],
+            point["vm"]["name"],
+            point["type"],
+            point["backup_id"],
+        )
+        assert (row.disks, row.size) == (1, 4 << 20)
+
+    with pytest.raises(WrongPassword):  # the listing begun at the open is waited for, not leaked
+        Repository.open(str(where), "not the password", prefetch_points=True)
+    Repository.open(str(where), PASSWORD, prefetch_points=True).close()  # never taken: closed cleanly
+    ours = [t for t in threading.enumerate() if t.name.startswith("vmbackup-")]
+    for thread in ours:  # done (the open waited for its result), at most ending now
+        thread.join(5)
+    assert not [t for t in ours if t.is_alive()]
+
+
 def test_the_newest_point_of_a_vm_is_the_only_point_read(
     made: tuple[Path, dict[str, dict[str, Any]]],
 ) -> None:
@@ -231,9 +266,16 @@ def _garbage(path: Path) -> None:
     path.write_bytes(b"not a database" * 100)
 
 
-def _other_format(path: Path) -> None:
+def _earlier_format(path: Path) -> None:
+    """A file of format 1 (before the brief columns): made anew without a warning."""
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = '0' WHERE key = 'format'")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
+        db.execute("ALTER TABLE points DROP COLUMN vm_name")
+
+
+def _other_repository(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = 'another' WHERE key = 'repository'")
 
 
 def _altered_row(path: Path) -> None:
@@ -243,12 +285,19 @@ def _altered_row(path: Path) -> None:
         db.execute("UPDATE points SET summary = ? WHERE id = ?", (json.dumps(document), point_id))
 
 
+def _altered_column(path: Path) -> None:
+    with sqlite3.connect(path) as db:  # what a listing shows, changed: another VM's name
+        db.execute("UPDATE points SET vm_name = 'someone-else' WHERE rowid = 1")
+
+
 def _deleted(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("damage", [_garbage, _other_format, _altered_row, _deleted])
+@pytest.mark.parametrize(
+    "damage", [_garbage, _earlier_format, _other_repository, _altered_row, _altered_column, _deleted]
+)
 def test_a_damaged_or_deleted_catalog_is_rebuilt_never_answers_wrong(
     made: tuple[Path, dict[str, dict[str, Any]]], damage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -256,19 +305,26 @@ def test_a_damaged_or_deleted_catalog_is_rebuilt_never_answers_wrong(
     repository, _ = _reopen(where)
     with repository:
         before = repository.points()
+        briefs = repository.briefs()
+    assert [b.id for b in briefs] == [p["id"] for p in before]
+    assert {b.vm_name for b in briefs} == {p["vm"]["name"] for p in before}
     path = _catalog_file(repository)
     assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
     assert (path.parent.stat().st_mode & 0o777) == 0o700
     damage(path)
     repository, backend = _reopen(where)
     with caplog.at_level(logging.WARNING), repository:
+        assert repository.briefs() == briefs
         assert repository.points() == before
         assert len(backend.points_read) == len(points)  # read again, once
-    if damage is not _deleted:
+    if damage in (_deleted, _earlier_format):  # not damage: no warning
+        assert "rebuilt" not in caplog.text
+    else:
         assert "rebuilt from the repository" in caplog.text
     repository, backend = _reopen(where)
     with repository:
         assert repository.points() == before
+        assert repository.briefs() == briefs
         assert backend.points_read == []  # and warm again
 
 
@@ -321,7 +377,13 @@ def test_vmbackup_list_answers_as_before_and_no_cache_leaves_nothing(
     }  # warm
     assert list(private.glob("vmbackup/*/points/catalog.sqlite"))
     text = vmbackup(env, "list").stdout.splitlines()
-    assert len(text) == len(points) and text[0].startswith(f"{expected[0]['id']}  {expected[0]['time']}")
+    first = expected[0]
+    assert len(text) == len(points)
+    assert text[0] == (
+        f"{first['id']}  {first['time']:<20}  {first['vm']:<16} {first['type']:<11} "
+        f"1 disk(s) {format_size(4 << 20)}"
+    )
+    assert vmbackup(env, "show", first["id"]).stdout.splitlines()[0] == text[0]  # one line format
     with Repository.open(str(where), PASSWORD, cache=CacheSettings(enabled=False)) as repository:
         assert [p["id"] for p in repository.points()] == [p["id"] for p in expected]
         temporary = repository.catalog().directory

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 
 from agentless.backup.storage import (
     IMPLEMENTATIONS,
@@ -420,6 +421,50 @@ def test_s3_listing_pages_are_read_by_elementtree_not_botocores_parser(s3_server
         backend._client.meta.events.register("before-parse.s3.ListObjectsV2", lose)
         with pytest.raises(StorageError, match="a listing page came without its keys"):
             list(backend.list("points/"))
+
+
+class _Raw:
+    """The raw body of an answer made up in a ``before-send`` hook."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def stream(self, **_: object) -> Iterator[bytes]:
+        yield self.body
+
+
+@pytest.mark.parametrize("operation", ["ListObjectsV2", "DeleteObject"])
+@pytest.mark.parametrize(
+    "body",
+    [b"<Error><Code>InternalError</Code><Message>try again</Message></Error>", b"<ListBucketResult><Cont"],
+    ids=["error document", "cut short"],
+)
+def test_s3_an_answer_of_200_with_an_error_or_cut_short_is_retried(
+    s3_server: S3Server, operation: str, body: bytes
+) -> None:
+    """S3 may answer 200 and then an error document (or the connection drops mid-body):
+    botocore checks every such answer by parsing it whole; for listing pages the
+    backend's own hook makes that check instead (one parse a page, not two), and every
+    other operation keeps botocore's. Either way the answer is retried, never read as
+    an empty listing or a success."""
+    bucket = s3_server.create_bucket()
+    with S3Backend(bucket, "repo", **s3_server.options()) as backend:
+        backend.put("points/0123456789abcdef", b"x")
+        sent: list[str] = []
+
+        def once(request: AWSPreparedRequest, **_: object) -> AWSResponse | None:
+            sent.append(request.method)
+            if len(sent) > 1:
+                return None  # the retry goes to the server
+            return AWSResponse(request.url, 200, {}, _Raw(body))
+
+        backend._client.meta.events.register_first(f"before-send.s3.{operation}", once)
+        if operation == "ListObjectsV2":
+            assert list(backend.list("points/")) == ["points/0123456789abcdef"]
+        else:
+            backend.delete("points/0123456789abcdef")
+            assert list(backend.list("points/")) == []
+        assert len(sent) == 2  # the made-up answer, then the retry
 
 
 def test_s3_missing_bucket_is_not_not_found(s3_server: S3Server) -> None:

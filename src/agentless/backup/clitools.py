@@ -74,9 +74,10 @@ def repo_location(args: argparse.Namespace) -> str:
 
 
 @contextmanager
-def open_repository(args: argparse.Namespace) -> Iterator[Repository]:
-    """The repository the command names (``--repo``, ``$VMBACKUP_REPO``, the settings), open."""
-    with Repository.open(repo_location(args), repo_password(args)) as opened:
+def open_repository(args: argparse.Namespace, prefetch_points: bool = False) -> Iterator[Repository]:
+    """The repository the command names (``--repo``, ``$VMBACKUP_REPO``, the settings),
+    open (*prefetch_points*: see :meth:`.Repository.open`)."""
+    with Repository.open(repo_location(args), repo_password(args), prefetch_points=prefetch_points) as opened:
         yield opened
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
 
 from agentless.commands import emit
 from agentless.redaction import redact
 from agentless.units import format_size
 
+from .catalog import Brief, brief
 from .clitools import Command, open_repository, repo_location, repo_password
 from .gc import gc
 from .indexcompact import compact_index
@@ -86,25 +86,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _point_line(point: dict[str, Any]) -> str:
-    size = sum(int(d["size"]) for d in point["disks"])
-    vm = point.get("vm", {})
+def _brief_line(point: Brief) -> str:
     return (
-        f"{point['id']}  {point.get('time', '?'):<20}  {vm.get('name', '?'):<16} "
-        f"{point.get('type', '?'):<11} {len(point['disks'])} disk(s) {format_size(size)}"
+        f"{point.id}  {point.time or '?':<20}  {point.vm_name or '?':<16} "
+        f"{point.type or '?':<11} {point.disks} disk(s) {format_size(point.size)}"
     )
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    with open_repository(args) as repository:
-        points = repository.points()
+    with open_repository(args, prefetch_points=True) as repository:
+        points = repository.briefs()
     if args.vm:
-        points = [p for p in points if args.vm in (p.get("vm", {}).get("id"), p.get("vm", {}).get("name"))]
+        points = [p for p in points if args.vm in (p.vm_id, p.vm_name)]
     summary = [
-        {k: p.get(k) for k in ("id", "time", "type", "backup_id")} | {"vm": p.get("vm", {}).get("name")}
+        {"id": p.id, "time": p.time, "type": p.type, "backup_id": p.backup_id, "vm": p.vm_name}
         for p in points
     ]
-    emit(args, {"points": summary}, "\n".join(_point_line(p) for p in points) or "no restore points")
+    emit(args, {"points": summary}, "\n".join(_brief_line(p) for p in points) or "no restore points")
     return 0
 
 
@@ -113,7 +111,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         point = repository.load_point(args.point)
     vm = point.get("vm", {})
     lines = [
-        _point_line(point),
+        _brief_line(brief(point)),
         f"  VM {vm.get('name')} ({vm.get('id')}): {vm.get('vcpus')} vCPU, "
         f"memory {format_size(int(vm.get('memory', 0)))}",
         f"  consistency: {point.get('consistency', 'not recorded (an older vmbackup)')}",
