@@ -49,8 +49,16 @@ with Repository.open(location) as repository:
         run = max(index.runs, key=lambda r: r.entries)
         every = max(1, run.entries // 5000)
         at = run.layout.sections()["ids"][0]
+        width, trim, bits = run.layout.width, run.layout.trim, run.layout.bits
+
+        def whole(i, stored):  # the trimmed bytes are the fanout bucket's (fanout: checked at open)
+            bucket = int(run.fan.searchsorted(i, side="right")) - 1
+            return (bucket >> (bits - 8 * trim)).to_bytes(trim, "big") + stored if trim else stored
+
         with open(run.path, "rb") as f:  # read, not mapped: the peak RSS is the lookups'
-            present = [os.pread(f.fileno(), 32, at + 32 * i) for i in range(0, run.entries, every)][:5000]
+            present = [
+                whole(i, os.pread(f.fileno(), width, at + width * i)) for i in range(0, run.entries, every)
+            ][:5000]
         asked = present + [rng.randbytes(32) for _ in range(5000)]
         rng.shuffle(asked)
         started = time.perf_counter()

@@ -28,6 +28,7 @@ from typing import Any
 import boto3
 import pytest
 
+import agentless.backup.indexcache as indexcache
 from agentless.backup.storage import (
     Backend,
     BitFlipBackend,
@@ -122,6 +123,16 @@ class S3Server:
 def _moto_server() -> str | None:
     beside = Path(sys.executable).parent / "moto_server"
     return str(beside) if beside.exists() else shutil.which("moto_server")
+
+
+@pytest.fixture(params=[64, 1, 0.01], ids=["ids-whole", "ids-trim-1", "ids-trim-2"])
+def run_bucket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
+    """Index cache runs written with *param* entries per fanout bucket: 64 (as shipped:
+    the small runs of a test have fewer than 8 fanout bits and store whole ids), 1 and
+    0.01 (more bits: the runs store ids without the first one or two bytes their
+    bucket gives, as runs of more than 8 192 and 2 Mi entries do)."""
+    monkeypatch.setattr(indexcache, "BUCKET", request.param)
+    return float(request.param)
 
 
 @pytest.fixture(scope="session")

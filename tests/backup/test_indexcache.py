@@ -74,7 +74,7 @@ def test_binary_index_files_round_trip_and_refuse_malformed_payloads() -> None:
 
 
 def test_lookups_agree_with_the_union_of_the_index_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bucket: float
 ) -> None:
     """Files added and removed at random, synced by several cache objects (as several
     commands would): every answer is one of the places the index files give, never a
@@ -99,6 +99,60 @@ def test_lookups_agree_with_the_union_of_the_index_files(
         _agree(cache, repo, rng)
         cache.close()
     assert not list((tmp_path / "cache" / "runs").glob(".tmp-*"))
+
+
+def test_runs_store_ids_without_the_bytes_their_fanout_bucket_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bucket: float
+) -> None:
+    """Issue 14's ≤ 48 bytes a blob: a run with 8 or more fanout bits stores each id
+    without its first bits // 8 bytes (the bucket's): 47 bytes an entry from 8 193
+    entries, 46 from 2 Mi. Lookups, the whole ids given back (merges, gc's and verify's
+    sweeps) and positions agree with the ids as written, ids with NUL bytes and ids that
+    differ only in the trimmed bytes included; runs of version 1 (whole ids) are still
+    read, and merged into runs of this version."""
+    rng = random.Random(14)
+    packs = [pack_of(rng) for _ in range(30)]
+    twins = [rng.randbytes(32) for _ in range(200)]
+    twins += [bytes([b[0] ^ 0x80, b[1] ^ 0x01]) + b[2:] for b in twins]  # the same but for the trimmed bytes
+    repo = FakeRepository()
+    repo.add(entries_of(rng, 12_000, packs, twins))
+    monkeypatch.setattr(indexcache, "VERSION", 1)
+    with repo.cache(tmp_path / "c") as cache:  # the first run written as an earlier version did
+        cache.sync()
+    monkeypatch.undo()
+    monkeypatch.setattr(indexcache, "BUCKET", run_bucket)
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+        assert repo.reads == [next(iter(repo.files))]  # read once: the run of version 1 is used
+        (old,) = cache.runs
+        assert old.layout.trim == 0 and old.stored_ids.dtype == np.dtype("S32")
+        _agree(cache, repo, rng)
+    repo.add(entries_of(rng, 20_000, packs, twins))
+    with repo.cache(tmp_path / "c") as cache:
+        cache.sync()
+        runs = cache.runs
+        new = max(runs, key=lambda run: run.entries)
+        bits = indexcache._bits(new.entries)
+        assert new.layout.trim == bits // 8 >= 1
+        size = new.path.stat().st_size
+        fanout = 8 * ((1 << bits) + 1)  # (large with the tests' tiny buckets)
+        assert size < (48 - new.layout.trim + 0.5) * new.entries + fanout  # the entries and a little
+        _agree(cache, repo, rng)
+        for run in runs:
+            whole = run.ids_at(0, run.entries)
+            assert list(whole) == sorted(whole)
+            assert run.stored_ids.dtype == np.dtype(f"S{32 - run.layout.trim}")
+            picks = np.array(sorted(rng.sample(range(run.entries), 300)))
+            assert run.ids_of(picks).tolist() == whole[picks].tolist()
+            asked = [whole[i : i + 1].tobytes() for i in picks[:100]]
+            asked += [rng.randbytes(32) for _ in range(100)]
+            asked += [b[:31] + b"\0" for b in asked[:20]] + twins[:20]
+            for blob in asked:
+                for side in ("left", "right"):
+                    expected = int(np.searchsorted(whole, np.frombuffer(blob, "S32"), side=side)[0])
+                    assert run.position(blob, side) == expected, (blob.hex(), side)
+                    lo, hi = sorted(rng.sample(range(run.entries + 1), 2))
+                    assert run.position(blob, side, lo, hi) == min(max(expected, lo), hi)
 
 
 def test_a_sync_reads_only_the_index_files_it_has_not_seen(tmp_path: Path) -> None:

@@ -114,9 +114,9 @@ def test_a_cache_of_unlocked_keys_derives_each_key_once(
     derived: list[str] = []
     real = repository_module._unlock
 
-    def counting(backend: Any, password: str) -> Any:
+    def counting(backend: Any, password: str, before_deriving: Any) -> Any:
         derived.append(backend.location)
-        return real(backend, password)
+        return real(backend, password, before_deriving)
 
     monkeypatch.setattr(repository_module, "_unlock", counting)
     cache: dict[str, Any] = {}

@@ -61,7 +61,9 @@ def _live(repo: FakeRepository) -> list[tuple[bytes, str, str, int, int]]:
 
 
 @pytest.mark.parametrize("step", [7, 1 << 18])
-def test_a_sweep_gives_every_live_entry_once_in_blob_order(tmp_path: Path, step: int) -> None:
+def test_a_sweep_gives_every_live_entry_once_in_blob_order(
+    tmp_path: Path, step: int, run_bucket: float
+) -> None:
     repo, packs, crowded, doomed = _scene(tmp_path)
     with repo.cache(tmp_path / "c") as cache:
         cache.sync()

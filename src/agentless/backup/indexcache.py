@@ -20,10 +20,12 @@ A **run** holds the entries of some of the repository's index files, sorted by b
     row file × u32, row count × u32
     fanout  (2^bits + 1) × u64: where the ids whose first bits are b begin (~64 per bucket)
     sums    × 8         BLAKE3 (8 bytes) of each block of 256 entries (ids and values)
-    ids     × 32        blob ids, sorted (memcmp order)
+    ids     × (32 - t)  blob ids, sorted (memcmp order), without their first t = bits // 8
+                        bytes: those are the fanout bucket's (version 1: t = 0)
     values  × 16        row, offset, length, raw length | kind << 31 (as index files)
 
-48 bytes an entry, plus a few tenths of a byte of fanout, sums and rows. A lookup reads
+48 - t bytes an entry (47 from 16 384 entries, 46 from 4 Mi: a run of 100 M entries
+takes 4.6 GB), plus a few tenths of a byte of fanout, sums and rows. A lookup reads
 one fanout slot and one or two blocks of each run with ``pread`` – ~12 KiB, whatever the
 size of the repository – and checks the blocks it reads against their sums (once per
 process): a cache damaged on disk is found before it answers, dropped, and built again
@@ -90,7 +92,7 @@ __all__ = [
 ]
 
 MAGIC = b"AGVBRUN1"
-VERSION = 1
+VERSION = 2  # 1: ids stored whole (still read)
 BLOCK = 256  # entries per checksummed block
 BUCKET = 64  # entries per fanout bucket, on average
 MAX_BITS = 24
@@ -146,12 +148,19 @@ def _buckets(ids: np.ndarray, bits: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Layout:
-    """Byte offsets of a run's sections."""
+    """Byte offsets of a run's sections. *trim*: the leading bytes of each id that its
+    fanout bucket gives, not stored (0 in version 1)."""
 
     entries: int
     rows: int
     files: int
     bits: int
+    trim: int
+
+    @property
+    def width(self) -> int:
+        """Bytes of an id as stored."""
+        return 32 - self.trim
 
     @property
     def blocks(self) -> int:
@@ -166,7 +175,7 @@ class _Layout:
             ("row_count", 4 * self.rows),
             ("fan", 8 * ((1 << self.bits) + 1)),
             ("sums", _SUM * self.blocks),
-            ("ids", 32 * self.entries),
+            ("ids", self.width * self.entries),
             ("values", 16 * self.entries),
         ]
         found, at = {}, _HEADER_SIZE
@@ -190,7 +199,9 @@ class _RunWriter:
         durable: bool = True,
     ):
         self.durable = durable
-        self.layout = _Layout(entries, len(rows), len(files), _bits(entries))
+        bits = _bits(entries)
+        self.version = VERSION  # (a test writes version 1 runs: VERSION patched)
+        self.layout = _Layout(entries, len(rows), len(files), bits, bits // 8 if self.version >= 2 else 0)
         self.sections = self.layout.sections()
         self.path = path
         self.files, self.rows, self.row_file = files, rows, row_file
@@ -212,10 +223,11 @@ class _RunWriter:
         if self.written + len(ids) > self.layout.entries:
             raise ValueError("more entries than the run was made for")
         ids, values = np.ascontiguousarray(ids, "S32"), np.ascontiguousarray(values, VALUE)
-        self._put("ids", 32 * self.written, ids.data.cast("B"))
+        self.fan[1:] += np.bincount(_buckets(ids, self.layout.bits), minlength=1 << self.layout.bits)
+        ids = _trimmed(ids, self.layout.trim)
+        self._put("ids", self.layout.width * self.written, ids.data.cast("B"))
         self._put("values", 16 * self.written, values.data.cast("B"))
         self.written += len(ids)
-        self.fan[1:] += np.bincount(_buckets(ids, self.layout.bits), minlength=1 << self.layout.bits)
         self.row_count += np.bincount(values["pack"].astype(np.int64), minlength=len(self.rows))
         if self._partial_count:  # complete the block begun by the last chunk
             need = BLOCK - self._partial_count
@@ -235,12 +247,14 @@ class _RunWriter:
             self._partial_count = len(ids) - whole
 
     def _sum(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """Sum whole blocks of *ids* (as stored: trimmed) and *values*."""
+        width = self.layout.width
         id_bytes = np.ascontiguousarray(ids).data.cast("B")
         value_bytes = np.ascontiguousarray(values).data.cast("B")
         for start in range(0, len(ids), BLOCK):
             stop = start + BLOCK
             self.sums.append(
-                _block_sum(id_bytes[32 * start : 32 * stop], value_bytes[16 * start : 16 * stop])
+                _block_sum(id_bytes[width * start : width * stop], value_bytes[16 * start : 16 * stop])
             )
 
     def _put(self, section: str, at: int, data: bytes | memoryview) -> None:
@@ -271,7 +285,7 @@ class _RunWriter:
             digest.update(_padded(data))
         layout = self.layout
         header = _HEADER.pack(
-            MAGIC, VERSION, layout.bits, layout.entries, layout.rows, layout.files, 0, digest.digest()
+            MAGIC, self.version, layout.bits, layout.entries, layout.rows, layout.files, 0, digest.digest()
         )
         os.pwrite(self._fd, header.ljust(_HEADER_SIZE, b"\0"), 0)
         if self.durable:
@@ -283,6 +297,14 @@ class _RunWriter:
             os.close(self._fd)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _trimmed(ids: np.ndarray, trim: int) -> np.ndarray:
+    """*ids* (S32) without their first *trim* bytes, contiguous."""
+    if not trim:
+        return ids
+    width = 32 - trim
+    return np.ascontiguousarray(ids.view(np.uint8).reshape(-1, 32)[:, trim:]).view(f"S{width}").ravel()
 
 
 def _padded(data: bytes) -> bytes:
@@ -315,9 +337,9 @@ class Run:
         if len(data) < _HEADER_SIZE:
             raise _Damaged(f"{path}: truncated")
         magic, version, bits, entries, rows, files, _, digest = _HEADER.unpack_from(data)
-        if magic != MAGIC or version != VERSION or bits > MAX_BITS:
+        if magic != MAGIC or version not in (1, VERSION) or bits > MAX_BITS:
             raise _Damaged(f"{path}: not a run of this version")
-        self.layout = _Layout(entries, rows, files, bits)
+        self.layout = _Layout(entries, rows, files, bits, bits // 8 if version >= 2 else 0)
         sections = self.layout.sections()
         if len(data) != sections["end"][0]:
             raise _Damaged(f"{path}: truncated")
@@ -337,7 +359,7 @@ class Run:
         self.row_count = column("row_count", "<u4", rows)
         self.fan = column("fan", "<u8", (1 << bits) + 1)
         self.sums = column("sums", "S8", self.layout.blocks)
-        self.ids = column("ids", "S32", entries)
+        self.stored_ids = column("ids", f"S{self.layout.width}", entries)  # trimmed: ids_at()
         self.values = column("values", VALUE, entries)
         self._at = {name: at for name, (at, _size) in sections.items()}
         if int(self.fan[-1]) != entries or (rows and int(self.row_file.max()) >= files):
@@ -414,7 +436,8 @@ class Run:
             return []
         first, last = lo // BLOCK, (end - 1) // BLOCK
         start, stop = first * BLOCK, min(self.entries, (last + 1) * BLOCK)
-        ids = self._pread("ids", 32 * start, 32 * (stop - start))
+        w = self.layout.width
+        ids = self._pread("ids", w * start, w * (stop - start))
         values = self._pread("values", 16 * start, 16 * (stop - start))
         unchecked = [b for b in range(first, last + 1) if not self.verified[b]]
         if unchecked:
@@ -422,19 +445,50 @@ class Run:
             for block in unchecked:
                 i, j = (block - first) * BLOCK, min((block - first + 1) * BLOCK, stop - start)
                 k = _SUM * (block - first)
-                self.check_block(block, ids[32 * i : 32 * j], values[16 * i : 16 * j], sums[k : k + _SUM])
+                self.check_block(block, ids[w * i : w * j], values[16 * i : 16 * j], sums[k : k + _SUM])
+        wanted = blob[self.layout.trim :]  # the bucket's entries all begin with the trimmed bytes
         low, high = lo - start, end - start
         while low < high:
             middle = (low + high) // 2
-            if ids[32 * middle : 32 * middle + 32] < blob:
+            if ids[w * middle : w * middle + w] < wanted:
                 low = middle + 1
             else:
                 high = middle
         found = []
-        while low < end - start and ids[32 * low : 32 * low + 32] == blob:
+        while low < end - start and ids[w * low : w * low + w] == wanted:
             found.append(values[16 * low : 16 * low + 16])
             low += 1
         return found
+
+    def ids_at(self, start: int, stop: int) -> np.ndarray:
+        """The whole ids (S32) of entries *start* to *stop*: a new array."""
+        return self.ids_of(np.arange(start, max(start, stop), dtype=np.int64))
+
+    def ids_of(self, positions: np.ndarray) -> np.ndarray:
+        """The whole ids (S32) of the entries at *positions*: a new array (the trimmed
+        bytes from each entry's fanout bucket)."""
+        stored = np.asarray(self.stored_ids[positions])
+        trim = self.layout.trim
+        if not trim:
+            return np.array(stored, "S32")
+        buckets = np.searchsorted(self.fan, positions, side="right") - 1
+        head = (buckets >> (self.layout.bits - 8 * trim)).astype(">u4")
+        whole = np.empty((len(positions), 32), np.uint8)
+        whole[:, :trim] = head.view(np.uint8).reshape(-1, 4)[:, 4 - trim :]
+        whole[:, trim:] = stored.view(np.uint8).reshape(-1, 32 - trim)
+        return whole.view("S32").ravel()
+
+    def position(self, blob: bytes, side: str = "left", lo: int = 0, hi: int | None = None) -> int:
+        """Where *blob* would go among the run's entries *lo* to *hi* (numpy's
+        ``searchsorted`` of the whole ids, *side* "left" or "right"), through its
+        fanout bucket: entries of other buckets are all before or all after it."""
+        hi = self.entries if hi is None else hi
+        bits = self.layout.bits
+        bucket = int.from_bytes(blob[:4], "big") >> (32 - bits) if bits else 0
+        first, end = int(self.fan[bucket]), int(self.fan[bucket + 1])
+        wanted = np.frombuffer(blob[self.layout.trim :], f"S{self.layout.width}")
+        inside = first + int(np.searchsorted(self.stored_ids[first:end], wanted, side=side)[0])  # type: ignore[call-overload]
+        return min(max(inside, lo), hi)
 
     def check_block(self, block: int, ids: bytes, values: bytes, expected: bytes) -> None:
         """Check *block* read as *ids* and *values* against its sum *expected*, and remember
@@ -580,7 +634,7 @@ def merge_cuts(runs: Sequence[Run], step: int = MERGE_STEP) -> Iterator[list[tup
                 check_range(run, start, stop)
                 taken.append((i, start, stop))
                 if stop < run.entries:
-                    open_ends.append(np.array(run.ids[stop - 1 : stop]))
+                    open_ends.append(run.ids_at(stop - 1, stop))
                 run.drop_pages()
         if not taken:
             return
@@ -589,7 +643,7 @@ def merge_cuts(runs: Sequence[Run], step: int = MERGE_STEP) -> Iterator[list[tup
         for i, start, stop in taken:
             cut = stop
             if bound is not None:
-                cut = start + int(np.searchsorted(runs[i].ids[start:stop], bound[0], side="right"))
+                cut = runs[i].position(bound.tobytes(), "right", start, stop)
                 runs[i].drop_pages()
             cursors[i] = cut
             if cut > start:
@@ -609,7 +663,7 @@ def _merged(runs: list[Run], row_maps: list[np.ndarray]) -> Iterator[tuple[np.nd
             new_rows = row_maps[i][part_values["pack"].astype(np.int64)]
             keep = new_rows >= 0
             part_values["pack"] = new_rows.astype(np.uint32)
-            chunk_ids.append(runs[i].ids[start:stop][keep])
+            chunk_ids.append(runs[i].ids_at(start, stop)[keep])
             chunk_values.append(part_values[keep])
             runs[i].drop_pages()  # copied: one run's folios at a time
         joined_ids = np.concatenate(chunk_ids)
@@ -628,7 +682,7 @@ def check_range(run: Run, start: int, stop: int) -> None:
         lo, hi = block * BLOCK, min(run.entries, (block + 1) * BLOCK)
         run.check_block(
             block,
-            run.ids[lo:hi].tobytes(),
+            run.stored_ids[lo:hi].tobytes(),
             run.values[lo:hi].tobytes(),
             run.sums[block : block + 1].tobytes(),
         )

@@ -190,12 +190,12 @@ def _join(run: Run, ids: IdSpill, step: int, used: np.ndarray, found: np.ndarray
         offset = 0
         while offset < len(chunk):
             if not len(block) or chunk[offset : offset + 1] > block[-1:]:
-                begin = max(start, int(np.searchsorted(run.ids, chunk[offset : offset + 1])[0]))
+                begin = max(start, run.position(chunk[offset : offset + 1].tobytes()))
                 if begin >= run.entries:
                     return  # every id left is beyond the run's last
                 stop = min(run.entries, begin + step)
                 check_range(run, begin, stop)
-                block, block_start, start = np.asarray(run.ids[begin:stop]), begin, stop
+                block, block_start, start = run.ids_at(begin, stop), begin, stop
                 run.drop_pages()
             upto = int(np.searchsorted(chunk, block[-1:], side="right")[0])
             part = chunk[offset:upto]
@@ -219,6 +219,6 @@ def _mark_equal(run: Run, used: np.ndarray, first: np.ndarray) -> None:
         following = following[following < run.entries]
         if not len(following):
             return
-        same = np.asarray(run.ids[following]) == np.asarray(run.ids[following - 1])
+        same = run.ids_of(following) == run.ids_of(following - 1)
         current = following[same]
         used[current] = True

@@ -215,7 +215,7 @@ class Sweep:
         used = self.marks[i][start:stop] if self.marks is not None else np.zeros(stop - start, bool)
         raw = values["raw"][keep]
         part = Slice(
-            ids=np.array(run.ids[start:stop][keep]),
+            ids=run.ids_at(start, stop)[keep],
             pack=self._row_pack[i][rows][keep],
             file=files[keep],
             offset=values["offset"][keep].astype(np.int64),
