@@ -461,8 +461,19 @@ class Run:
         return found
 
     def ids_at(self, start: int, stop: int) -> np.ndarray:
-        """The whole ids (S32) of entries *start* to *stop*: a new array."""
-        return self.ids_of(np.arange(start, max(start, stop), dtype=np.int64))
+        """The whole ids (S32) of entries *start* to *stop*: a new array, and nothing
+        else of their size (a sweep asks 256 Ki entries at a time)."""
+        stop = max(start, stop)
+        trim = self.layout.trim
+        if not trim or stop == start:
+            return np.array(self.stored_ids[start:stop], "S32")
+        whole = np.empty((stop - start, 32), np.uint8)
+        whole[:, trim:] = self.stored_ids[start:stop].view(np.uint8).reshape(-1, 32 - trim)
+        # the buckets the range crosses, and how many of its entries each holds
+        first, last = (int(b) - 1 for b in np.searchsorted(self.fan, [start, stop - 1], side="right"))
+        bounds = np.clip(np.asarray(self.fan[first : last + 2], np.int64), start, stop) - start
+        whole[:, :trim] = np.repeat(self._heads(np.arange(first, last + 1)), np.diff(bounds), axis=0)
+        return whole.view("S32").ravel()
 
     def ids_of(self, positions: np.ndarray) -> np.ndarray:
         """The whole ids (S32) of the entries at *positions*: a new array (the trimmed
@@ -471,12 +482,16 @@ class Run:
         trim = self.layout.trim
         if not trim:
             return np.array(stored, "S32")
-        buckets = np.searchsorted(self.fan, positions, side="right") - 1
-        head = (buckets >> (self.layout.bits - 8 * trim)).astype(">u4")
         whole = np.empty((len(positions), 32), np.uint8)
-        whole[:, :trim] = head.view(np.uint8).reshape(-1, 4)[:, 4 - trim :]
+        whole[:, :trim] = self._heads(np.searchsorted(self.fan, positions, side="right") - 1)
         whole[:, trim:] = stored.view(np.uint8).reshape(-1, 32 - trim)
         return whole.view("S32").ravel()
+
+    def _heads(self, buckets: np.ndarray) -> np.ndarray:
+        """The trimmed bytes of the ids of each of *buckets*: (len, trim) uint8."""
+        trim = self.layout.trim
+        head = (buckets >> (self.layout.bits - 8 * trim)).astype(">u4")
+        return head.view(np.uint8).reshape(-1, 4)[:, 4 - trim :]
 
     def position(self, blob: bytes, side: str = "left", lo: int = 0, hi: int | None = None) -> int:
         """Where *blob* would go among the run's entries *lo* to *hi* (numpy's
