@@ -12,7 +12,7 @@ import pytest
 
 from agentless.backup import sweep
 from agentless.backup import verify as verify_module
-from agentless.backup.keys import Keys
+from agentless.backup.keys import CorruptError, Keys
 from agentless.backup.packs import PackBuilder
 from agentless.backup.repository import CONDEMNED_KIND, Repository
 from agentless.backup.storage import Backend, BitFlipBackend, LocalBackend, MemoryBackend
@@ -252,6 +252,21 @@ def test_a_blob_held_only_by_a_condemned_pack_is_a_problem(scene: Scene) -> None
     problems, affected = check(scene.backend, read_data=False)
     assert affected == [scene.b1.point]
     assert any("condemned" in line for line in problems)
+
+
+@pytest.mark.parametrize("named", ["data/2e/2e1f4406162ef2212a7c0f0f", "3", 1.5, ["data/x"]])
+def test_a_condemned_list_that_names_no_pack_is_reported_not_a_crash(scene: Scene, named: object) -> None:
+    """Found by the fuzz campaign: a condemned list (sealed with the repository's key)
+    naming something that is no pack's name passed the list's check and made verify fail
+    with a ValueError deep in its sweep. The list is refused where it is read, and verify
+    reports it."""
+    repo = reopen(scene.backend)
+    name = "condemned/00000000000000ab"
+    scene.backend.put(name, repo.keys.seal_meta(CONDEMNED_KIND, {"time": 1.0, "packs": [named]}, name))
+    with pytest.raises(CorruptError, match="malformed condemned list"):
+        reopen(scene.backend).condemned()
+    report = verify(reopen(scene.backend), read_data=False)
+    assert any(line.startswith("condemned packs: ") and name in line for line in report.problems)
 
 
 def test_leftovers_are_notices_not_problems(scene: Scene) -> None:

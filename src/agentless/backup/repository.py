@@ -34,7 +34,7 @@ from agentless.lifetime import Closing
 
 from .catalog import Brief, Catalog, CatalogError
 from .indexcache import CacheError, IndexCache, cache_root
-from .indexfile import BINARY_KIND, JSON_KIND, Entries, decode_binary, decode_json, encode_binary
+from .indexfile import BINARY_KIND, JSON_KIND, Entries, decode_binary, decode_json, encode_binary, pack_digest
 from .keys import HASHES, CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
 from .locks import Lock
 from .packs import BlobLocation, PackBuilder
@@ -333,7 +333,10 @@ class Repository(Closing):
                 for name in self.backend.list("condemned/"):
                     document = self.keys.open_meta(CONDEMNED_KIND, self.backend.get(name), name)
                     try:
-                        found.update({str(p): float(document["time"]) for p in document["packs"]})
+                        when = float(document["time"])
+                        for pack in document["packs"]:
+                            pack_digest(pack)  # ValueError (TypeError) if it names no pack
+                            found[pack] = when
                     except (KeyError, TypeError, ValueError):
                         raise CorruptError(f"{name}: malformed condemned list", name) from None
                 self._condemned = found
