@@ -186,7 +186,7 @@ def test_an_index_file_or_condemned_list_copied_over_another_is_refused(
                 writer.add(content * 65536)
                 writer.flush()
         for name in ("condemned/00000000000000aa", "condemned/00000000000000bb"):
-            document = {"time": 1.0, "packs": [f"data/00/{name[-2:] * 32}"]}
+            document = {"time": 1.0, "packs": [f"data/{name[-2:]}/{name[-2:] * 32}"]}
             backend.put(name, repository.keys.seal_meta(CONDEMNED_KIND, document, name))
     first, second = sorted(backend.list("index/"))
     backend.put(second, backend.get(first))

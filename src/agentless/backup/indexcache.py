@@ -24,7 +24,7 @@ A **run** holds the entries of some of the repository's index files, sorted by b
                         bytes: those are the fanout bucket's (version 1: t = 0)
     values  × 16        row, offset, length, raw length | kind << 31 (as index files)
 
-48 - t bytes an entry (47 from 16 384 entries, 46 from 4 Mi: a run of 100 M entries
+48 - t bytes an entry (47 from 8 193 entries, 46 from 2 Mi + 1: a run of 100 M entries
 takes 4.6 GB), plus a few tenths of a byte of fanout, sums and rows. A lookup reads
 one fanout slot and one or two blocks of each run with ``pread`` – ~12 KiB, whatever the
 size of the repository – and checks the blocks it reads against their sums (once per
