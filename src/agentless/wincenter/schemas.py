@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from agentless.wire import Problem
+
 __all__ = [
     "API_PREFIX",
     "AuditEntryOut",
@@ -63,19 +65,6 @@ class Wire(BaseModel):
     """Base of the wire models: unknown fields are ignored (a newer server may add some)."""
 
     model_config = ConfigDict(extra="ignore")
-
-
-class Problem(Wire):
-    """RFC 9457 problem details: every error answer (``application/problem+json``)."""
-
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str = ""
-    instance: str | None = None
-    errors: list[dict[str, Any]] | None = Field(
-        default=None, description="for 422: what was wrong with the request, field by field"
-    )
 
 
 class WhoAmI(Wire):
