@@ -39,6 +39,7 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
+from agentless.wire import BackupDisk
 
 MiB = 1 << 20
 
@@ -194,12 +195,13 @@ def _guest_writes(guest: wddk.Disk, model: bytearray, rng: random.Random, count:
     guest.flush()
 
 
-def _read_backup(disk: dict[str, Any], model: bytes) -> tuple[int, bool]:
+def _read_backup(disk: BackupDisk, model: bytes) -> tuple[int, bool]:
     """Read a prepared disk's extents through wddk over TLS: (bytes read, all as expected)."""
     moved, same = 0, True
-    with wddk.open(disk["access"]) as backup:
-        for extent in disk["extents"]:
-            offset, length = extent["offset"], extent["length"]
+    assert disk.access is not None
+    with wddk.open(disk.access) as backup:
+        for extent in disk.extents:
+            offset, length = extent.offset, extent.length
             same = same and backup.read(offset, length) == model[offset : offset + length]
             moved += length
     return moved, same
@@ -214,14 +216,14 @@ def host_backup() -> bool:
             host = daemon.client
             vm = host.create_vm("demo-vm", [64 * MiB, 32 * MiB], ["lan"])
             running = host.start_vm("demo-vm")
-            print(f"host      {host.host()['name']}: VM {vm['name']} ({len(vm['disks'])} disks) running")
-            socket_path = running["disks"][0]["guest_socket"]
-            model = bytearray(vm["disks"][0]["size"])
+            print(f"host      {host.host().name}: VM {vm.name} ({len(vm.disks)} disks) running")
+            socket_path = running.disks[0].guest_socket
+            model = bytearray(vm.disks[0].size)
             ok = True
             with wddk.open(f"nbd+unix:///?socket={socket_path}") as guest:
                 _guest_writes(guest, model, rng, 20)
                 full = host.prepare_backup("demo-vm", "demo-1", "full")
-                moved, same = _read_backup(full["disks"][0], bytes(model))
+                moved, same = _read_backup(full.disks[0], bytes(model))
                 ok = ok and same
                 print(
                     f"full      online snapshot; wddk over TLS read {format_size(moved)}; as written: {same}"
@@ -229,16 +231,16 @@ def host_backup() -> bool:
                 host.stop_remote_access("demo-1", delete_snapshot=True)
                 _guest_writes(guest, model, rng, 20)
                 incremental = host.prepare_backup("demo-vm", "demo-2", "incremental", "demo-1")
-                disk = incremental["disks"][0]
+                disk = incremental.disks[0]
                 moved, same = _read_backup(disk, bytes(model))
-                ok = ok and same and disk["type"] == "incremental"
+                ok = ok and same and disk.type == "incremental"
                 print(
-                    f"incr      CBT: {len(disk['extents'])} changed 64 KiB runs; read {format_size(moved)}; "
+                    f"incr      CBT: {len(disk.extents)} changed 64 KiB runs; read {format_size(moved)}; "
                     f"as written: {same}"
                 )
-                revoked = host.stop_remote_access("demo-2", delete_snapshot=True)["revoked"]
+                revoked = host.stop_remote_access("demo-2", delete_snapshot=True).revoked
             seconds = time.perf_counter() - started
-            depth = host.get_vdi_sm_info(vm["disks"][0]["vdi"])["depth"]
+            depth = host.get_vdi_sm_info(vm.disks[0].vdi).depth
             host.stop_vm("demo-vm")
             print(f"cleanup   {revoked} grants revoked; chain depth {depth}; {seconds:.1f}s")
             return ok and depth <= 3
@@ -345,7 +347,7 @@ def center_flows() -> bool:
             print(f"center    host registered; VM {vm.name} with 2 disks and 2 NICs running")
             models = [bytearray(d.size) for d in vm.disks]
             images = [bytearray(d.size) for d in vm.disks]
-            sockets = [d["guest_socket"] for d in daemon.client.vm(vm.id)["disks"]]
+            sockets = [d.guest_socket for d in daemon.client.vm(vm.id).disks]
             guests = [wddk.open(f"nbd+unix:///?socket={path}") for path in sockets]
             try:
                 for guest, model in zip(guests, models, strict=True):
@@ -363,8 +365,8 @@ def center_flows() -> bool:
             )
             center.start_vm(restored)
             same_restore = True
-            for disk, model in zip(daemon.client.vm(restored)["disks"], models, strict=True):
-                with wddk.open(f"nbd+unix:///?socket={disk['guest_socket']}") as guest:
+            for disk, model in zip(daemon.client.vm(restored).disks, models, strict=True):
+                with wddk.open(f"nbd+unix:///?socket={disk.guest_socket}") as guest:
                     same_restore = same_restore and guest.read(0, len(model)) == bytes(model)
             center.stop_vm(restored)
             center.stop_vm(vm.id)
@@ -414,7 +416,7 @@ def vmbackup_scenario() -> bool:
         vm = center.create_vm(spec)
         center.start_vm(vm.id)
         models = [bytearray(d.size) for d in vm.disks]
-        sockets = [d["guest_socket"] for d in daemon.client.vm(vm.id)["disks"]]
+        sockets = [d.guest_socket for d in daemon.client.vm(vm.id).disks]
         rows = []
         guests = [wddk.open(f"nbd+unix:///?socket={path}") for path in sockets]
         try:
@@ -435,8 +437,8 @@ def vmbackup_scenario() -> bool:
         rows.append(("restore", restored["written"], 0, restored["seconds"]))
         center.start_vm(restored["vm_id"])
         same = True
-        for disk, model in zip(daemon.client.vm(restored["vm_id"])["disks"], models, strict=True):
-            with wddk.open(f"nbd+unix:///?socket={disk['guest_socket']}") as guest:
+        for disk, model in zip(daemon.client.vm(restored["vm_id"]).disks, models, strict=True):
+            with wddk.open(f"nbd+unix:///?socket={disk.guest_socket}") as guest:
                 same = same and guest.read(0, len(model)) == bytes(model)
         center.stop_vm(restored["vm_id"])
         center.stop_vm(vm.id)

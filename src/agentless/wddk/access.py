@@ -1,6 +1,7 @@
 """How to reach a disk: an NBD URI, or the access info that WinCenter hands out.
 
-The access info is modelled on XenServer's ``vdi_nbd_server_info``::
+The access info is :class:`agentless.wire.AccessInfo`, modelled on XenServer's
+``vdi_nbd_server_info``::
 
     {
       "address": "192.0.2.10",          host to connect to
@@ -13,16 +14,19 @@ The access info is modelled on XenServer's ``vdi_nbd_server_info``::
       "expires": "2026-11-26T04:00:00Z"  when the grant lapses (informational)
     }
 
-TLS is always used with access info; the certificate is pinned, not looked up.
+TLS is always used with access info; the certificate is pinned, not looked up. A caller
+may hand the model, or the JSON object as it came over the wire (parsed here, once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+
+import pydantic
 
 from agentless.nbd.uri import NbdUri, parse_uri
+from agentless.wire import AccessInfo
 
 __all__ = ["Access", "resolve_access"]
 
@@ -38,8 +42,11 @@ class Access:
     expires: str | None = None
 
 
-def resolve_access(access: str | NbdUri | Mapping[str, Any] | Access, cert: str | None = None) -> Access:
-    """Normalise what a caller gave: a URI string, a parsed URI, an access-info mapping.
+def resolve_access(
+    access: str | NbdUri | AccessInfo | Mapping[str, object] | Access, cert: str | None = None
+) -> Access:
+    """Normalise what a caller gave: a URI string, a parsed URI, access info (the model,
+    or the JSON object of one).
 
     Raises ValueError naming the missing or malformed field.
     """
@@ -49,17 +56,14 @@ def resolve_access(access: str | NbdUri | Mapping[str, Any] | Access, cert: str 
         return Access(access, cert)
     if isinstance(access, str):
         return Access(parse_uri(access), cert)
-    for field in ("address", "port", "export_name", "cert"):
-        if field not in access:
-            raise ValueError(f"access info lacks {field!r}")
-    port = access["port"]
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"access info: bad port {port!r}")
-    uri = NbdUri(export=str(access["export_name"]), tls=True, host=str(access["address"]), port=port)
-    return Access(
-        uri,
-        cert=str(access["cert"]),
-        size=access.get("size"),
-        read_only=access.get("read_only"),
-        expires=access.get("expires"),
-    )
+    if not isinstance(access, AccessInfo):
+        try:
+            access = AccessInfo.model_validate(access)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "missing":
+                raise ValueError(f"access info lacks {field!r}") from None
+            raise ValueError(f"access info: bad {field} {first.get('input')!r}: {first['msg']}") from None
+    uri = NbdUri(export=access.export_name, tls=True, host=access.address, port=access.port)
+    return Access(uri, cert=access.cert, size=access.size, read_only=access.read_only, expires=access.expires)

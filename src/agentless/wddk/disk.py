@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import Any
 
 from agentless.lifetime import Closing
 from agentless.nbd.errors import ConnectionLost
 from agentless.nbd.protocol import BASE_ALLOCATION
 from agentless.nbd.uri import NbdUri
+from agentless.wire import AccessInfo
 
 from .access import Access, resolve_access
 from .connection import Connection, Retry
@@ -136,7 +136,7 @@ class Disk(Closing):
 
 
 def open(
-    access: str | NbdUri | Mapping[str, Any] | Access,
+    access: str | NbdUri | AccessInfo | Mapping[str, object] | Access,
     connections: int = 4,
     *,
     cert: str | None = None,
@@ -144,7 +144,8 @@ def open(
     timeout: float | None = 60.0,
     retry: Retry | None = None,
 ) -> Disk:
-    """Open a disk from an NBD URI or an access-info mapping.
+    """Open a disk from an NBD URI or access info (:class:`agentless.wire.AccessInfo`, or
+    its JSON object).
 
     Makes up to *connections* connections (one when the server does not allow several;
     fewer when the server closes the extra ones at once – its cap on connections per

@@ -43,6 +43,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from agentless.winserver.client import HostApiError, HostClient
+from agentless.wire import BackupDisk, BackupResult, BackupVm, PreparedBackup
 
 from .center import Center
 from .errors import ConflictError, WinCenterError
@@ -71,13 +72,13 @@ def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[s
             return []
         raise
     for snapshot in snapshots:
-        if snapshot["backup_id"] == owner_id:
+        if snapshot.backup_id == owner_id:
             try:
-                client.delete_snapshot(snapshot["uuid"])
+                client.delete_snapshot(snapshot.uuid)
             except HostApiError as error:
                 if error.status != 404:  # 404: a release running at the same time was first
                     raise
-            deleted.append(snapshot["uuid"])
+            deleted.append(snapshot.uuid)
     return deleted
 
 
@@ -173,13 +174,13 @@ class Backups(Flow):
             self._set(
                 backup_id,
                 state="ready",
-                snapshot=prepared["snapshot"],
-                type=result["type"],
+                snapshot=prepared.snapshot,
+                type=result.type,
                 base_backup_id=base["backup_id"] if base else None,
             )
-            size = sum(e["length"] for d in result["disks"] for e in d["extents"])
+            size = sum(e.length for d in result.disks for e in d.extents)
             self.center.tasks.progress(task_id, 0, size)
-            self.center.tasks.ready(task_id, result, ttl=self.ttl)
+            self.center.tasks.ready(task_id, result.model_dump(mode="json"), ttl=self.ttl)
         except Exception as error:
             self._failed(backup_id, error)
 
@@ -391,32 +392,23 @@ def _describe(row: Backup) -> dict[str, Any]:
     }
 
 
-def _result(record: dict[str, Any], prepared: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+def _result(record: dict[str, Any], prepared: PreparedBackup, base: dict[str, Any] | None) -> BackupResult:
     """The task result the backup system reads: the VM's configuration, and per disk
     what to read (sector information) and how to reach it."""
     disks = []
-    for disk in prepared["disks"]:
-        reason = disk["reason"]
+    for disk in prepared.disks:
+        reason = disk.reason
         if record["requested"] == "incremental" and base is None:
             reason = "no completed backup of this VM to be the base"
         disks.append(
-            {
-                "position": disk["position"],
-                "size": disk["size"],
-                "type": disk["type"],
-                "cbt_valid": disk["cbt_valid"],
-                "reason": reason,
-                "extents": disk["extents"],
-                "dirty_bitmap": disk["dirty_bitmap"],
-                "access": disk["access"],
-            }
+            BackupDisk.model_validate(disk.model_dump(exclude={"vdi", "snapshot_vdi"}) | {"reason": reason})
         )
-    incremental = bool(disks) and all(d["type"] == "incremental" for d in disks)
-    return {
-        "backup_id": record["backup_id"],
-        "vm": prepared["vm"] | {"id": record["vm"], "host": record["host"]},
-        "requested": record["requested"],
-        "type": "incremental" if incremental else "full",
-        "base_backup_id": base["backup_id"] if base else None,
-        "disks": disks,
-    }
+    incremental = bool(disks) and all(d.type == "incremental" for d in disks)
+    return BackupResult(
+        backup_id=record["backup_id"],
+        vm=BackupVm.model_validate(prepared.vm.model_dump() | {"id": record["vm"], "host": record["host"]}),
+        requested=record["requested"],
+        type="incremental" if incremental else "full",
+        base_backup_id=base["backup_id"] if base else None,
+        disks=disks,
+    )

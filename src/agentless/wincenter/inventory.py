@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
+from agentless.wire import SrInfo, VmInfo
 
 from .center import Center
 from .errors import ConflictError, NotFoundError, WinCenterError
@@ -136,7 +137,7 @@ class Inventory:
             raise WinCenterError("cert is not a PEM certificate (the host's pki/server-cert.pem)") from None
         with self._client_factory(url, token, cert_pem) as client, _host_errors(url):
             identity = client.host()
-        host_uuid, name = str(identity["uuid"]), str(identity["name"])
+        host_uuid, name = identity.uuid, identity.name
         sealed = self.center.secrets.seal_text(token, host_uuid)
         with self.center.database.session() as s:
             host = s.get(Host, host_uuid)
@@ -237,73 +238,68 @@ class Inventory:
                 synced.append(self.sync(host["id"]))
         return synced
 
-    def _apply(
-        self, s: Session, host_uuid: str, srs: Sequence[dict[str, Any]], vms: Sequence[dict[str, Any]]
-    ) -> None:
+    def _apply(self, s: Session, host_uuid: str, srs: Sequence[SrInfo], vms: Sequence[VmInfo]) -> None:
         host = self._host(s, host_uuid)
         pools = {p.uuid: p for p in host.pools}
         for sr in srs:
-            pool = pools.pop(sr["uuid"], None)
+            pool = pools.pop(sr.uuid, None)
             if pool is None:
-                pool = Pool(uuid=sr["uuid"], host_uuid=host.uuid, name=sr["name"], path=sr["path"])
+                pool = Pool(uuid=sr.uuid, host_uuid=host.uuid, name=sr.name, path=sr.path)
                 s.add(pool)
-            pool.name, pool.path, pool.is_default = sr["name"], sr["path"], bool(sr["default"])
+            pool.name, pool.path, pool.is_default = sr.name, sr.path, sr.default
         for gone in pools.values():
             s.delete(gone)
         s.flush()
         known = {p.uuid for p in s.scalars(select(Pool).where(Pool.host_uuid == host.uuid))}
         records = {vm.uuid: vm for vm in s.scalars(_with_parts(select(Vm).where(Vm.host_uuid == host.uuid)))}
         for state in vms:
-            self._apply_vm(s, host.uuid, records.pop(state["uuid"], None), state, known)
+            self._apply_vm(s, host.uuid, records.pop(state.uuid, None), state, known)
         for gone_vm in records.values():
             s.delete(gone_vm)
         host.state = "online"
         host.last_sync = utcnow()
 
     @staticmethod
-    def _apply_vm(s: Session, host_uuid: str, vm: Vm | None, state: dict[str, Any], pools: set[str]) -> Vm:
+    def _apply_vm(s: Session, host_uuid: str, vm: Vm | None, state: VmInfo, pools: set[str]) -> Vm:
         """Make the record *vm* (None: a new one) say what *state* says, changing only the
         columns and rows that differ: a sync of a host whose VMs did not change writes
         nothing (each rewritten row is a write, and every VM's disks and NICs rewritten
         at every sync made a sync cost a transaction as big as the inventory). Nothing is
         flushed here: a sync of a thousand VMs is one flush."""
         if vm is None:
-            vm = Vm(uuid=state["uuid"], host_uuid=host_uuid, name=state["name"], memory=state["memory"])
+            vm = Vm(uuid=state.uuid, host_uuid=host_uuid, name=state.name, memory=state.memory)
             s.add(vm)
-        _assign(vm, name=state["name"], vcpus=state["vcpus"], memory=state["memory"])
-        _assign(vm, power_state=state["power_state"])
+        _assign(vm, name=state.name, vcpus=state.vcpus, memory=state.memory)
+        _assign(vm, power_state=state.power_state)
         disks = {d.position: d for d in vm.disks}
-        for disk in state["disks"]:
-            pool = disk.get("sr")
-            fields = {
-                "vdi_uuid": disk["vdi"],
-                "size": disk["size"],
-                "pool_uuid": pool if pool in pools else None,
-            }
-            row = disks.pop(disk["position"], None)
+        for disk in state.disks:
+            pool = disk.sr if disk.sr in pools else None
+            row = disks.pop(disk.position, None)
             if row is None:
-                vm.disks.append(VmDisk(position=disk["position"], **fields))
+                vm.disks.append(
+                    VmDisk(position=disk.position, vdi_uuid=disk.vdi, size=disk.size, pool_uuid=pool)
+                )
             else:
-                _assign(row, **fields)
+                _assign(row, vdi_uuid=disk.vdi, size=disk.size, pool_uuid=pool)
         nics = {n.position: n for n in vm.nics}
-        for nic in state["nics"]:
-            row_nic = nics.pop(nic["position"], None)
+        for nic in state.nics:
+            row_nic = nics.pop(nic.position, None)
             if row_nic is None:
-                vm.nics.append(VmNic(position=nic["position"], mac=nic["mac"], network=nic["network"]))
+                vm.nics.append(VmNic(position=nic.position, mac=nic.mac, network=nic.network))
             else:
-                _assign(row_nic, mac=nic["mac"], network=nic["network"])
+                _assign(row_nic, mac=nic.mac, network=nic.network)
         for gone_disk in disks.values():
             vm.disks.remove(gone_disk)
         for gone_nic in nics.values():
             vm.nics.remove(gone_nic)
         return vm
 
-    def sync_vm(self, host_uuid: str, state: dict[str, Any]) -> dict[str, Any]:
+    def sync_vm(self, host_uuid: str, state: VmInfo) -> dict[str, Any]:
         """Record one VM as its host just described it (after a change made through
         WinCenter); returns WinCenter's view of it."""
         with self._lock(host_uuid), self.center.database.session() as s:
             known = {p.uuid for p in s.scalars(select(Pool).where(Pool.host_uuid == host_uuid))}
-            record = s.scalars(_with_parts(select(Vm).where(Vm.uuid == state["uuid"]))).first()
+            record = s.scalars(_with_parts(select(Vm).where(Vm.uuid == state.uuid))).first()
             vm = self._apply_vm(s, host_uuid, record, state, known)
             s.flush()
             return _describe_vm(vm)

@@ -119,14 +119,14 @@ class Restores(Flow):
                     uuid=record["vm"],
                 )
                 disks = []
-                for disk in state["disks"]:
-                    granted = client.update_backup_id(disk["vdi"], restore_id)
+                for disk in state.disks:
+                    granted = client.update_backup_id(disk.vdi, restore_id)
                     disks.append(
                         {
-                            "position": disk["position"],
-                            "size": disk["size"],
-                            "vdi": disk["vdi"],
-                            "access": granted["access"],
+                            "position": disk.position,
+                            "size": disk.size,
+                            "vdi": disk.vdi,
+                            "access": granted.access.model_dump(),
                         }
                     )
             vm = self.inventory.sync_vm(record["host"], state)

@@ -2,7 +2,8 @@
 
 HTTPS with the host's certificate pinned: the client trusts exactly the PEM it was given
 (from ``winserver init``'s ``pki/server-cert.pem``, or registered in WinCenter), and sends
-the host token as a bearer token. Errors come back as :class:`HostApiError` with the
+the host token as a bearer token. Every answer is parsed into its model of
+:mod:`agentless.wire` here, at the edge. Errors come back as :class:`HostApiError` with the
 problem+json fields; connection failures as :class:`HostUnreachable`. This module imports
 nothing of the host's internals: WinCenter depends on it alone.
 """
@@ -10,17 +11,46 @@ nothing of the host's internals: WinCenter depends on it alone.
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import pydantic
 
 from agentless.lifetime import Closing
 from agentless.nbd.tls import client_context
+from agentless.wire import (
+    BackupType,
+    ChangedBlocks,
+    GrantInfo,
+    GrantList,
+    HostInfo,
+    PrepareBackupRequest,
+    PreparedBackup,
+    RemoteAccessStopped,
+    SmInfo,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
+    SnapshotTaken,
+    SrCreateRequest,
+    SrInfo,
+    SrList,
+    StopRemoteAccessRequest,
+    UpdateBackupIdRequest,
+    VdiInfo,
+    VdiList,
+    VmCreateRequest,
+    VmDeleted,
+    VmInfo,
+    VmList,
+    WriteAccess,
+)
 
-__all__ = ["API_PREFIX", "HostApiError", "HostClient", "HostUnreachable"]
+__all__ = ["API_PREFIX", "HostApiError", "HostClient", "HostProtocolError", "HostUnreachable"]
 
 API_PREFIX = "/api/v1"
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 def _q(ref: str) -> str:
@@ -40,6 +70,14 @@ class HostApiError(Exception):
 
 class HostUnreachable(Exception):
     """No answer from the host (down, wrong address, certificate mismatch)."""
+
+
+class HostProtocolError(HostApiError):
+    """The host answered, but not with what the host API promises (a field missing or of
+    the wrong type): a host of another version, or not a host. Status 502."""
+
+    def __init__(self, detail: str):
+        super().__init__(502, "Bad Gateway", f"the host's answer does not fit the host API: {detail}")
 
 
 class HostClient(Closing):
@@ -68,34 +106,48 @@ class HostClient(Closing):
             raise HostApiError(response.status_code, title, detail)
         return response.json()
 
-    def host(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/host"))
+    def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+        """The answer of one call, parsed into *model* (the edge: an answer that does not
+        fit is a :class:`HostProtocolError`, never a half-read dict downstream)."""
+        body = self._call(method, path, **kwargs)
+        try:
+            return model.model_validate(body)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the body"
+            raise HostProtocolError(f"{method} {path}: {where}: {first['msg']}") from None
 
-    def list_srs(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/srs")["srs"])
+    def host(self) -> HostInfo:
+        return self._model(HostInfo, "GET", "/host")
 
-    def create_sr(self, name: str, path: str) -> dict[str, Any]:
-        return dict(self._call("POST", "/srs", json={"name": name, "path": path}))
+    def list_srs(self) -> list[SrInfo]:
+        return self._model(SrList, "GET", "/srs").srs
 
-    def list_vdis(self, sr: str | None = None) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/vdis", params={"sr": sr} if sr else {})["vdis"])
+    def create_sr(self, name: str, path: str) -> SrInfo:
+        body = SrCreateRequest(name=name, path=path)
+        return self._model(SrInfo, "POST", "/srs", json=body.model_dump())
 
-    def vdi(self, uuid: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/vdis/{_q(uuid)}"))
+    def list_vdis(self, sr: str | None = None) -> list[VdiInfo]:
+        return self._model(VdiList, "GET", "/vdis", params={"sr": sr} if sr else {}).vdis
 
-    def list_changed_blocks(self, vdi_from: str, vdi_to: str) -> dict[str, Any]:
+    def vdi(self, uuid: str) -> VdiInfo:
+        return self._model(VdiInfo, "GET", f"/vdis/{_q(uuid)}")
+
+    def list_changed_blocks(self, vdi_from: str, vdi_to: str) -> ChangedBlocks:
         """XenServer's VDI.list_changed_blocks: base64 bitmap and byte extents."""
-        return dict(self._call("GET", f"/vdis/{_q(vdi_to)}/changed-blocks", params={"from": vdi_from}))
+        return self._model(
+            ChangedBlocks, "GET", f"/vdis/{_q(vdi_to)}/changed-blocks", params={"from": vdi_from}
+        )
 
-    def list_snapshots(self, vm: str | None = None) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/snapshots", params={"vm": vm} if vm else {})["snapshots"])
+    def list_snapshots(self, vm: str | None = None) -> list[SnapshotInfo]:
+        return self._model(SnapshotList, "GET", "/snapshots", params={"vm": vm} if vm else {}).snapshots
 
-    def list_grants(self, backup_id: str | None = None) -> list[dict[str, Any]]:
+    def list_grants(self, backup_id: str | None = None) -> list[GrantInfo]:
         params = {"backup_id": backup_id} if backup_id else {}
-        return list(self._call("GET", "/grants", params=params)["grants"])
+        return self._model(GrantList, "GET", "/grants", params=params).grants
 
-    def list_vms(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/vms")["vms"])
+    def list_vms(self) -> list[VmInfo]:
+        return self._model(VmList, "GET", "/vms").vms
 
     def create_vm(
         self,
@@ -107,53 +159,51 @@ class HostClient(Closing):
         cbt: bool = True,
         sr: str | None = None,
         uuid: str | None = None,
-    ) -> dict[str, Any]:
-        body = {
-            "sr": sr,
-            "uuid": uuid,
-            "name": name,
-            "disks": disks,
-            "nics": nics or [],
-            "vcpus": vcpus,
-            "memory": memory,
-            "cbt": cbt,
-        }
-        return dict(self._call("POST", "/vms", json=body))
+    ) -> VmInfo:
+        body = VmCreateRequest(
+            name=name, disks=disks, nics=nics or [], vcpus=vcpus, memory=memory, cbt=cbt, sr=sr, uuid=uuid
+        )
+        return self._model(VmInfo, "POST", "/vms", json=body.model_dump())
 
-    def vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/vms/{_q(ref)}"))
+    def vm(self, ref: str) -> VmInfo:
+        return self._model(VmInfo, "GET", f"/vms/{_q(ref)}")
 
-    def start_vm(self, ref: str, driver: str | None = None) -> dict[str, Any]:
+    def start_vm(self, ref: str, driver: str | None = None) -> VmInfo:
         params = {"driver": driver} if driver else {}
-        return dict(self._call("POST", f"/vms/{_q(ref)}/start", params=params))
+        return self._model(VmInfo, "POST", f"/vms/{_q(ref)}/start", params=params)
 
-    def stop_vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/vms/{_q(ref)}/stop"))
+    def stop_vm(self, ref: str) -> VmInfo:
+        return self._model(VmInfo, "POST", f"/vms/{_q(ref)}/stop")
 
-    def delete_vm(self, ref: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/vms/{_q(ref)}"))
+    def delete_vm(self, ref: str) -> VmInfo:
+        """Delete a halted VM and its disks; the VM as it was."""
+        return self._model(VmDeleted, "DELETE", f"/vms/{_q(ref)}").deleted
 
-    def snapshot_vm(self, ref: str, name: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", f"/vms/{_q(ref)}/snapshots", params={"name": name} if name else {}))
+    def snapshot_vm(self, ref: str, name: str | None = None) -> SnapshotTaken:
+        params = {"name": name} if name else {}
+        return self._model(SnapshotTaken, "POST", f"/vms/{_q(ref)}/snapshots", params=params)
 
-    def delete_snapshot(self, uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/snapshots/{_q(uuid)}", params={"keep_cbt": keep_cbt}))
+    def delete_snapshot(self, uuid: str, keep_cbt: bool = False) -> SnapshotDeleted:
+        return self._model(SnapshotDeleted, "DELETE", f"/snapshots/{_q(uuid)}", params={"keep_cbt": keep_cbt})
 
-    def get_vdi_sm_info(self, vdi: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/vdis/{_q(vdi)}/sm-info"))
+    def get_vdi_sm_info(self, vdi: str) -> SmInfo:
+        return self._model(SmInfo, "GET", f"/vdis/{_q(vdi)}/sm-info")
 
     def prepare_backup(
-        self, vm: str, backup_id: str, backup_type: str, base_backup_id: str | None = None
-    ) -> dict[str, Any]:
-        body = {"vm": vm, "backup_id": backup_id, "type": backup_type, "base_backup_id": base_backup_id}
-        return dict(self._call("POST", "/prepare-backup", json=body))
+        self, vm: str, backup_id: str, backup_type: BackupType, base_backup_id: str | None = None
+    ) -> PreparedBackup:
+        body = PrepareBackupRequest(
+            vm=vm, backup_id=backup_id, type=backup_type, base_backup_id=base_backup_id
+        )
+        return self._model(PreparedBackup, "POST", "/prepare-backup", json=body.model_dump())
 
-    def update_backup_id(self, vdi: str, backup_id: str) -> dict[str, Any]:
-        return dict(self._call("POST", "/update-backup-id", json={"vdi": vdi, "backup_id": backup_id}))
+    def update_backup_id(self, vdi: str, backup_id: str) -> WriteAccess:
+        body = UpdateBackupIdRequest(vdi=vdi, backup_id=backup_id)
+        return self._model(WriteAccess, "POST", "/update-backup-id", json=body.model_dump())
 
-    def stop_remote_access(self, backup_id: str, delete_snapshot: bool = False) -> dict[str, Any]:
-        body = {"backup_id": backup_id, "delete_snapshot": delete_snapshot}
-        return dict(self._call("POST", "/stop-remote-access", json=body))
+    def stop_remote_access(self, backup_id: str, delete_snapshot: bool = False) -> RemoteAccessStopped:
+        body = StopRemoteAccessRequest(backup_id=backup_id, delete_snapshot=delete_snapshot)
+        return self._model(RemoteAccessStopped, "POST", "/stop-remote-access", json=body.model_dump())
 
     def close(self) -> None:
         self._http.close()

@@ -131,9 +131,7 @@ def _cmd_vm_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_vm_delete(args: argparse.Namespace) -> int:
-    vm = _either(
-        args, lambda api: api.delete_vm(args.name)["deleted"], lambda host: delete_vm(host, args.name)
-    )
+    vm = _either(args, lambda api: api.delete_vm(args.name), lambda host: delete_vm(host, args.name))
     emit(args, {"deleted": vm}, f"deleted VM {vm['name']} and its {len(vm['disks'])} disk(s)")
     return 0
 
@@ -160,7 +158,12 @@ def _either(
 ) -> Any:
     """*remote* through the running daemon's API, or *local* on the directory if none runs."""
     with _access(args) as (host, api):
-        return remote(api) if api is not None else local(host)
+        if api is None:
+            return local(host)
+        answer = remote(api)
+        if isinstance(answer, list):
+            return [a.model_dump(mode="json", by_alias=True) for a in answer]
+        return answer.model_dump(mode="json", by_alias=True)
 
 
 def _needs_daemon(host: Host) -> Any:
