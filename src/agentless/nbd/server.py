@@ -1,7 +1,8 @@
 """An asyncio NBD server: fixed newstyle negotiation, structured replies, block status.
 
 One :class:`NbdServer` serves named exports on unix sockets and TCP ports. Each connection
-is negotiated (options), then carries requests; many requests are in flight per connection
+is negotiated (options: :mod:`.negotiation`), then carries requests, which this module
+serves (the transmission phase); many requests are in flight per connection
 and their disk work runs in worker threads, so a slow read does not hold up the others::
 
     reader task ──header──▶ budget ──▶ task per request ──▶ worker thread (pread/pwrite)
@@ -36,7 +37,6 @@ import logging
 import signal
 import socket
 import ssl
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,17 +45,14 @@ from . import protocol as p
 from .channel import BULK_READAHEAD, Channel
 from .exports import Export, ExportError
 from .limits import CONNECTION_BUDGET, MAX_REQUESTS_IN_FLIGHT, Admission, Budget, Limits
+from .negotiation import Disconnect, ExportLister, ExportResolver, Negotiation
 
 __all__ = ["MAX_REQUESTS_IN_FLIGHT", "ExportResolver", "Limits", "NbdServer"]
 
 log = logging.getLogger(__name__)
 
-# name -> export (or None if unknown); lets a host map grant tokens to exports
-ExportResolver = Callable[[str], Export | None]
-
 # most descriptors sent per context in one block status reply
 MAX_EXTENTS_PER_REPLY = 65536
-PREFERRED_BLOCK_SIZE = 4096
 # after NBD_CMD_DISC, how long replies in flight may take before the connection is cut
 DISCONNECT_GRACE = 30.0
 
@@ -74,10 +71,6 @@ _ALLOWED_FLAGS = {
 }
 
 
-class _Disconnect(Exception):
-    """End this connection quietly (abort, protocol violation, EOF)."""
-
-
 class NbdServer:
     """Serves exports by name.
 
@@ -94,7 +87,7 @@ class NbdServer:
         *,
         tls: ssl.SSLContext | None = None,
         tls_on_unix: bool = False,
-        listing: Callable[[], list[tuple[str, str]]] | None = None,
+        listing: ExportLister | None = None,
         workers: int = 8,
         budget: int = CONNECTION_BUDGET,
         limits: Limits | None = None,
@@ -206,6 +199,8 @@ class NbdServer:
 
 
 class _Connection:
+    """One client: negotiated by :class:`.negotiation.Negotiation`, then served here."""
+
     def __init__(
         self,
         server: NbdServer,
@@ -215,31 +210,32 @@ class _Connection:
         self.server = server
         self.reader = channel
         self.writer = channel
-        self.tls = tls
-        self.tls_active = False
+        self.negotiation = Negotiation(channel, server._resolve, server._listing, tls)
         self.structured = False
-        self.no_zeroes = False
-        self.export: Export | None = None
-        self.export_name: str | None = None
-        self.contexts: dict[int, str] = {}  # id -> name, for the negotiated export
-        self._context_export: str | None = None
+        self.contexts: Mapping[int, str] = {}  # id -> name, for the negotiated export
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget = Budget(server.budget)
         self._buffers: dict[int, list[bytearray]] = {}
         peer = channel.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
 
+    @property
+    def export_name(self) -> str | None:
+        """The chosen export's name, from the moment the client chose it."""
+        return self.negotiation.export_name
+
     def abort(self) -> None:
         self.writer.abort()
 
     async def run(self) -> None:
         try:
-            await asyncio.wait_for(self._negotiate(), self.server.limits.handshake_timeout)
-            if self.export is not None:
-                self.reader.readahead = BULK_READAHEAD
-                await self._transmission()
+            agreement = await asyncio.wait_for(self.negotiation.run(), self.server.limits.handshake_timeout)
+            self.structured = agreement.structured
+            self.contexts = agreement.contexts
+            self.reader.readahead = BULK_READAHEAD
+            await self._transmission(agreement.export)
         except (
-            _Disconnect,
+            Disconnect,
             asyncio.IncompleteReadError,
             ConnectionError,
             TimeoutError,
@@ -255,265 +251,32 @@ class _Connection:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self.abort()
 
-    # ------------------------------------------------------------------ negotiation
-
     async def _read(self, n: int) -> bytes | bytearray:
         return await self.reader.readexactly(n)
 
-    def _reply_option(self, option: int, reply: int, data: bytes = b"") -> None:
-        self.writer.write(p.OPTION_REPLY.pack(p.NBD_OPT_REPLY_MAGIC, option, reply, len(data)) + data)
-
-    def _reply_error(self, option: int, reply: int, message: str) -> None:
-        self._reply_option(option, reply, message.encode())
-
-    async def _negotiate(self) -> None:
-        self.writer.write(
-            p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.NBD_FLAG_FIXED_NEWSTYLE | p.NBD_FLAG_NO_ZEROES)
-        )
-        await self.writer.drain()
-        (flags,) = p.CLIENT_FLAGS.unpack(await self._read(4))
-        if flags & ~(p.NBD_FLAG_C_FIXED_NEWSTYLE | p.NBD_FLAG_C_NO_ZEROES):
-            raise _Disconnect(f"unknown client flags 0x{flags:x}")
-        self.no_zeroes = bool(flags & p.NBD_FLAG_C_NO_ZEROES)
-        while self.export is None:
-            magic, option, length = p.OPTION.unpack(await self._read(p.OPTION.size))
-            if magic != p.IHAVEOPT:
-                raise _Disconnect("bad option magic")
-            if length > p.MAX_OPTION_SIZE:
-                if option == p.NBD_OPT_EXPORT_NAME:
-                    raise _Disconnect("oversized export name")
-                await self._skip(length)
-                self._reply_error(option, p.NBD_REP_ERR_TOO_BIG, "option data too long")
-                await self.writer.drain()
-                continue
-            data = bytes(await self._read(length))
-            if (
-                self.tls is not None
-                and not self.tls_active
-                and option not in (p.NBD_OPT_STARTTLS, p.NBD_OPT_ABORT)
-            ):
-                if option == p.NBD_OPT_EXPORT_NAME:
-                    raise _Disconnect("NBD_OPT_EXPORT_NAME before TLS")
-                self._reply_error(option, p.NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
-                await self.writer.drain()
-                continue
-            await self._option(option, data)
-            await self.writer.drain()
-
-    async def _skip(self, n: int) -> None:
-        while n:
-            chunk = await self.reader.read(min(n, 65536))
-            if not chunk:
-                raise _Disconnect("EOF in option data")
-            n -= len(chunk)
-
-    async def _option(self, option: int, data: bytes) -> None:
-        if option == p.NBD_OPT_EXPORT_NAME:
-            name = data.decode("utf-8", errors="replace")
-            export = self.server._resolve(name)
-            if export is None:
-                raise _Disconnect(f"unknown export {name!r}")  # no way to reply an error
-            self._select(name, export)
-            reply = p.EXPORT_NAME_REPLY.pack(export.size, self._flags_for(export))
-            self.writer.write(reply if self.no_zeroes else reply + bytes(124))
-        elif option == p.NBD_OPT_ABORT:
-            self._reply_option(option, p.NBD_REP_ACK)
-            await self.writer.drain()
-            raise _Disconnect("client aborted")
-        elif option == p.NBD_OPT_LIST:
-            if data:
-                self._reply_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
-                return
-            for name, description in self.server._listing():
-                raw = name.encode()
-                self._reply_option(
-                    option, p.NBD_REP_SERVER, p.UINT32.pack(len(raw)) + raw + description.encode()
-                )
-            self._reply_option(option, p.NBD_REP_ACK)
-        elif option == p.NBD_OPT_STARTTLS:
-            await self._starttls(data)
-        elif option in (p.NBD_OPT_INFO, p.NBD_OPT_GO):
-            self._info_or_go(option, data)
-        elif option == p.NBD_OPT_STRUCTURED_REPLY:
-            if data:
-                self._reply_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-            elif self.structured:
-                self._reply_error(option, p.NBD_REP_ERR_INVALID, "structured replies already negotiated")
-            else:
-                self.structured = True
-                self._reply_option(option, p.NBD_REP_ACK)
-        elif option in (p.NBD_OPT_LIST_META_CONTEXT, p.NBD_OPT_SET_META_CONTEXT):
-            self._meta_context(option, data)
-        else:
-            self._reply_error(option, p.NBD_REP_ERR_UNSUP, f"option {option} not supported")
-
-    async def _starttls(self, data: bytes) -> None:
-        option = p.NBD_OPT_STARTTLS
-        if data:
-            self._reply_error(option, p.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        elif self.tls is None:
-            self._reply_error(option, p.NBD_REP_ERR_UNSUP, "TLS is not configured")
-        elif self.tls_active:
-            self._reply_error(option, p.NBD_REP_ERR_INVALID, "TLS already negotiated")
-        else:
-            self._reply_option(option, p.NBD_REP_ACK)
-            await self.writer.drain()
-            await self.writer.start_tls(self.tls)
-            self.tls_active = True
-            # options negotiated in the clear do not survive the upgrade
-            self.structured = False
-            self.contexts = {}
-            self._context_export = None
-
-    def _parse_name(self, data: bytes, what: str) -> tuple[str, int]:
-        if len(data) < 4:
-            raise ValueError(f"{what}: truncated")
-        (n,) = p.UINT32.unpack_from(data)
-        if n > p.MAX_NAME_SIZE or 4 + n > len(data):
-            raise ValueError(f"{what}: bad name length {n}")
-        return data[4 : 4 + n].decode("utf-8", errors="replace"), 4 + n
-
-    def _info_or_go(self, option: int, data: bytes) -> None:
-        try:
-            name, pos = self._parse_name(data, "export name")
-            if pos + 2 > len(data):
-                raise ValueError("truncated information request count")
-            (count,) = p.UINT16.unpack_from(data, pos)
-            pos += 2
-            if pos + 2 * count != len(data):
-                raise ValueError("information request list does not match its count")
-            requests = struct.unpack_from(f">{count}H", data, pos)
-        except ValueError as error:
-            self._reply_error(option, p.NBD_REP_ERR_INVALID, str(error))
-            return
-        export = self.server._resolve(name)
-        if export is None:
-            self._reply_error(option, p.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-            return
-        self._reply_option(
-            option,
-            p.NBD_REP_INFO,
-            p.INFO_EXPORT.pack(p.NBD_INFO_EXPORT, export.size, self._flags_for(export)),
-        )
-        if p.NBD_INFO_NAME in requests:
-            self._reply_option(option, p.NBD_REP_INFO, p.INFO_TYPE.pack(p.NBD_INFO_NAME) + name.encode())
-        if p.NBD_INFO_DESCRIPTION in requests and export.description:
-            self._reply_option(
-                option, p.NBD_REP_INFO, p.INFO_TYPE.pack(p.NBD_INFO_DESCRIPTION) + export.description.encode()
-            )
-        self._reply_option(
-            option,
-            p.NBD_REP_INFO,
-            p.INFO_BLOCK_SIZE.pack(
-                p.NBD_INFO_BLOCK_SIZE,
-                export.min_block_size,
-                max(PREFERRED_BLOCK_SIZE, export.min_block_size),
-                p.MAX_REQUEST_SIZE,
-            ),
-        )
-        self._reply_option(option, p.NBD_REP_ACK)
-        if option == p.NBD_OPT_GO:
-            self._select(name, export)
-
-    def _select(self, name: str, export: Export) -> None:
-        self.export = export
-        self.export_name = name
-        if self._context_export != name:
-            self.contexts = {}  # contexts were negotiated for another export
-
-    def _meta_context(self, option: int, data: bytes) -> None:
-        setting = option == p.NBD_OPT_SET_META_CONTEXT
-        if setting and not self.structured:
-            self._reply_error(option, p.NBD_REP_ERR_INVALID, "negotiate structured replies first")
-            return
-        try:
-            name, pos = self._parse_name(data, "export name")
-            if pos + 4 > len(data):
-                raise ValueError("truncated query count")
-            (count,) = p.UINT32.unpack_from(data, pos)
-            pos += 4
-            queries = []
-            for _ in range(count):
-                query, used = self._parse_name(data[pos:], "query")
-                queries.append(query)
-                pos += used
-            if pos != len(data):
-                raise ValueError("trailing bytes after the queries")
-        except ValueError as error:
-            self._reply_error(option, p.NBD_REP_ERR_INVALID, str(error))
-            return
-        export = self.server._resolve(name)
-        if export is None:
-            self._reply_error(option, p.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-            return
-        available = [p.BASE_ALLOCATION, *export.contexts()]
-        if setting:
-            chosen = [c for c in dict.fromkeys(queries) if c in available]
-        elif not queries:
-            chosen = available
-        else:
-            chosen = []
-            for query in queries:
-                if query.endswith(":") or query in ("base:", "qemu:"):
-                    chosen.extend(c for c in available if c.startswith(query))
-                elif query in available:
-                    chosen.append(query)
-            chosen = list(dict.fromkeys(chosen))
-        if setting:
-            self.contexts = {}
-            self._context_export = name
-        for index, context in enumerate(chosen, start=1):
-            context_id = index if setting else 0
-            if setting:
-                self.contexts[context_id] = context
-            self._reply_option(
-                option, p.NBD_REP_META_CONTEXT, p.META_CONTEXT_ID.pack(context_id) + context.encode()
-            )
-        self._reply_option(option, p.NBD_REP_ACK)
-
-    def _flags_for(self, export: Export) -> int:
-        flags = (
-            p.NBD_FLAG_HAS_FLAGS
-            | p.NBD_FLAG_SEND_FLUSH
-            | p.NBD_FLAG_SEND_FUA
-            | p.NBD_FLAG_SEND_TRIM
-            | p.NBD_FLAG_SEND_WRITE_ZEROES
-            | p.NBD_FLAG_SEND_CACHE
-            | p.NBD_FLAG_SEND_FAST_ZERO
-        )
-        if self.structured:
-            flags |= p.NBD_FLAG_SEND_DF
-        if export.read_only:
-            flags |= p.NBD_FLAG_READ_ONLY
-        if export.multi_conn:
-            flags |= p.NBD_FLAG_CAN_MULTI_CONN
-        return flags
-
     # ------------------------------------------------------------------ transmission
 
-    async def _transmission(self) -> None:
+    async def _transmission(self, export: Export) -> None:
         await self.writer.drain()
-        export = self.export
-        assert export is not None
         while True:
             header = await self._read(p.REQUEST.size)
             magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
             if magic != p.NBD_REQUEST_MAGIC:
-                raise _Disconnect("bad request magic")
+                raise Disconnect("bad request magic")
             if command == p.NBD_CMD_DISC:
                 if self._tasks:  # finish what is in flight, but not forever
                     await asyncio.wait(set(self._tasks), timeout=DISCONNECT_GRACE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.writer.drain(), DISCONNECT_GRACE)
-                raise _Disconnect("client disconnected")
+                raise Disconnect("client disconnected")
             if self.writer.closed:
-                raise _Disconnect("connection closed")
+                raise Disconnect("connection closed")
             payload: bytes | bytearray | None = None
             cost = self._cost(flags, command, length)
             if command == p.NBD_CMD_WRITE:
                 if length > p.MAX_REQUEST_SIZE:
                     # the payload cannot be skipped safely; the spec lets us drop the connection
-                    raise _Disconnect(f"write of {length} bytes exceeds the maximum")
+                    raise Disconnect(f"write of {length} bytes exceeds the maximum")
                 await self._budget.acquire(cost)
                 payload = await self._read(length)
             else:
@@ -569,7 +332,10 @@ class _Connection:
                 # fails, the client is told, the connection goes on
                 log.exception("nbd %s: %s failed", self.peer, p.COMMAND_NAMES.get(command, command))
                 await self._send_error(command, cookie, p.NBD_EIO, str(failure) or "I/O error")
-        except (ConnectionError, ssl.SSLError, RuntimeError):
+        except (ConnectionError, ssl.SSLError, RuntimeError) as error:
+            # the reply could not be sent (the client left, or the loop is closing): the
+            # connection is of no use any more, and ending it is all there is to do
+            log.debug("nbd %s: reply to cookie %d not sent: %r", self.peer, cookie, error)
             self.abort()
         finally:
             await self._budget.release(cost)
