@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-pytest_plugins = ["tests.s3server"]  # the seaweed_s3 fixture, for any test directory
+pytest_plugins = ["tests.s3server", "tests.sites"]  # seaweed_s3, site, second_site: for any test directory
 
 
 def require_tool(name: str) -> str:

@@ -62,7 +62,9 @@ class _Link:
 
 
 class FaultProxy:
-    """A proxy to *target* (host, port) on 127.0.0.1:``port``. A context manager."""
+    """A proxy to *target* (host, port) on 127.0.0.1:``port``. A context manager.
+    *target* is read at each connection: it may be set once the proxy listens (a daemon
+    started with the proxy's port as its advertised one, listening on a port it picked)."""
 
     def __init__(self, target: tuple[str, int]):
         self.target = target

@@ -69,7 +69,7 @@ def running_fleet(root: Path, hosts: int, *serve_options: str) -> Iterator[Fleet
     procs: list[subprocess.Popen[str]] = []
     center: Server | None = None
     try:
-        procs += [start_daemon(d.dir) for d in daemons]
+        procs += [start_daemon(d) for d in daemons]
         center_dir = str(root / "center")
         token = init_center(center_dir)
         center = start_server(center_dir, token, *serve_options)

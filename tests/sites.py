@@ -3,8 +3,9 @@ WinCenter that manages it (real daemons on loopback), a VM guest writing through
 datapath, ``vmbackup`` configured against the site, and the check that an online
 snapshot is crash-consistent.
 
-The flow tests (``tests/wincenter/test_flows.py``, ``tests/backup/test_flows.py``) and
-``bench/campaign`` share these helpers; a test module is not a library, this is."""
+The flow tests (``tests/wincenter/test_flows.py``, ``tests/backup/test_*.py``) and
+``bench/campaign`` share these helpers, and the ``site`` and ``second_site`` fixtures
+(a test module imports them by name); a test module is not a library, this is."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 import agentless.wddk as wddk
 from agentless.wincenter.client import CenterClient
@@ -31,7 +34,12 @@ __all__ = [
     "configure",
     "consistent_prefix",
     "guest",
+    "overwrite",
+    "random_disk",
     "running_site",
+    "second_site",
+    "site",
+    "vm_with_data",
     "write_random",
 ]
 
@@ -64,7 +72,7 @@ class Site:
         self.host_proc.wait()
 
     def restart_host(self) -> None:
-        self.host_proc = start_daemon(self.host.dir)
+        self.host_proc = start_daemon(self.host)
 
 
 @contextlib.contextmanager
@@ -73,7 +81,7 @@ def running_site(root: Path, *serve_options: str, db_url: str = "") -> Iterator[
     *db_url*; ``wincenter serve`` with *serve_options*) managing it, under *root*; both
     stopped on the way out (WinCenter killed, the host daemon terminated)."""
     host = init_host(str(root / "host"))
-    host_proc = start_daemon(host.dir)
+    host_proc = start_daemon(host)
     center_dir = str(root / "center")
     token = init_center(center_dir, *(["--db", db_url] if db_url else []))
     center = start_server(center_dir, token, *serve_options)
@@ -87,6 +95,21 @@ def running_site(root: Path, *serve_options: str, db_url: str = "") -> Iterator[
         site.center.proc.wait()
         site.host_proc.terminate()  # the one running now: a test may have restarted it
         site.host_proc.wait(30)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """A running site under the test's directory."""
+    with running_site(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def second_site(tmp_path: Path) -> Iterator[Site]:
+    """Another site: a host and a WinCenter of their own (another CA, other tokens)."""
+    (tmp_path / "site2").mkdir()
+    with running_site(tmp_path / "site2") as running:
+        yield running
 
 
 def guest(host: HostClient, vm: str, disk: int, retry: wddk.Retry | None = None) -> wddk.Disk:
@@ -111,6 +134,41 @@ def write_random(
         touched.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
     disk.flush()
     return touched
+
+
+def vm_with_data(
+    site: Site, name: str, size: int, seed: int, writes: int, networks: list[str] | None = None
+) -> bytearray:
+    """A running VM of one *size*-byte disk whose guest wrote *writes* random runs to it
+    (from *seed*); what the disk holds."""
+    model = bytearray(size)
+    with site.host_client() as host:
+        host.create_vm(name, [size], networks)
+        host.start_vm(name)
+        with guest(host, name, 0) as disk:
+            write_random(disk, model, random.Random(seed), writes)
+    return model
+
+
+def random_disk(site: Site, name: str, size: int, seed: int) -> bytearray:
+    """A running VM whose one disk is random data throughout (nothing deduplicates); what
+    the disk holds."""
+    model = bytearray(size)
+    with site.host_client() as host:
+        host.create_vm(name, [size])
+        host.start_vm(name)
+        with guest(host, name, 0) as disk:
+            overwrite(disk, model, random.Random(seed))
+    return model
+
+
+def overwrite(disk: wddk.Disk, model: bytearray, rng: random.Random) -> None:
+    """Random data over the whole of *disk* (also written to *model*), then a flush."""
+    for offset in range(0, len(model), 4 * MiB):
+        data = rng.randbytes(min(4 * MiB, len(model) - offset))
+        disk.write(offset, data)
+        model[offset : offset + len(data)] = data
+    disk.flush()
 
 
 def configure(

@@ -46,7 +46,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     tmp_path = tmp_path_factory.mktemp(request.param)
     if request.param == "winserver":
         host = init_host(str(tmp_path / "host"))
-        proc: subprocess.Popen[str] = start_daemon(host.dir)
+        proc: subprocess.Popen[str] = start_daemon(host)
         port = int(host.api_url.rsplit(":", 1)[1])
         yield_api = Api(
             "winserver",

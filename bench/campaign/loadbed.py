@@ -245,7 +245,9 @@ class Bed:
     def _host(self, name: str) -> tuple[Daemon, _Daemon]:
         daemon = init_host(str(self.root / name), "--name", name)
         args = ["--dir", daemon.dir, "--bind", "127.0.0.1"]
-        return daemon, _start(name, "agentless.winserver.cli", args, self.root, "NBD with TLS")
+        started = _start(name, "agentless.winserver.cli", args, self.root, "NBD with TLS")
+        daemon.heard(started.first)  # the ports it picked (init_host gives 0)
+        return daemon, started
 
     def _center(self) -> None:
         cluster = self._exit.enter_context(running_postgresql())
@@ -373,7 +375,7 @@ class Bed:
     ) -> tuple[int, int]:
         """Export each sampled VM's new restore point: is it the disk before the round plus
         a prefix of the guest's writes? Then the model takes every write of the round."""
-        from tests.backup.test_flows import _consistent_prefix
+        from tests.sites import consistent_prefix as _consistent_prefix
 
         exact = 0
         for vm, model in self.samples.items():

@@ -145,7 +145,7 @@ def _host(scale: Scale) -> Outcome:
 
     directory = str(Path(tempfile.mkdtemp(dir=scale.workdir)) / "host")
     host = init_host(directory)
-    proc = start_daemon(directory)
+    proc = start_daemon(host)
     try:
         ca = str(Path(directory, "pki", "ca-cert.pem"))
         deadline = time.monotonic() + 30

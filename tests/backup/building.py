@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import secrets
 from typing import Any
 
 from agentless.backup.diskindex import DiskIndex
@@ -140,3 +141,29 @@ def flipping(inner: Backend, name: str, start: int, end: int) -> BitFlipBackend:
 def reopen(backend: Backend, password: str | None = None) -> Repository:
     """The repository on *backend* opened afresh (no cached index)."""
     return Repository.open(backend, password)
+
+
+def point_record(vm: str, day: int, hour: int = 5, kind: str = "full") -> dict[str, Any]:
+    """A restore point of VM *vm* made on day *day* of November 2026 at *hour*, one disk,
+    random page and digest ids: what the catalog tests save (also from other processes)."""
+    return {
+        "time": f"2026-11-{day:02d}T{hour:02d}:00:00.000000Z",
+        "vm": {"id": f"id-{vm}", "name": vm, "uuid": f"uuid-{vm}", "host": "host-1"},
+        "backup_id": secrets.token_hex(8),
+        "type": kind,
+        "base": None,
+        "consistency": "offline",
+        "disks": [
+            {
+                "position": 0,
+                "size": 4 << 20,
+                "chunk_size": 65536,
+                "pages": [secrets.token_hex(32) for _ in range(3)],
+                "digest": secrets.token_hex(32),
+                "type": kind,
+                "reason": None,
+                "read": 65536,
+            }
+        ],
+        "stats": {"read": 65536, "stored": 1000, "new": 1, "deduplicated": 0},
+    }

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from agentless.backup.prune import prune
 from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.storage import Backend, LocalBackend, S3Backend
 from agentless.units import format_size
+from tests.backup.building import point_record
 from tests.backup.conftest import S3Server, _ok, vmbackup
 
 PASSWORD = "catalog-pw"
@@ -54,30 +54,6 @@ class CountingBackend:
         self.close()
 
 
-def _point(vm: str, day: int, hour: int = 5, kind: str = "full") -> dict[str, Any]:
-    return {
-        "time": f"2026-11-{day:02d}T{hour:02d}:00:00.000000Z",
-        "vm": {"id": f"id-{vm}", "name": vm, "uuid": f"uuid-{vm}", "host": "host-1"},
-        "backup_id": secrets.token_hex(8),
-        "type": kind,
-        "base": None,
-        "consistency": "offline",
-        "disks": [
-            {
-                "position": 0,
-                "size": 4 << 20,
-                "chunk_size": 65536,
-                "pages": [secrets.token_hex(32) for _ in range(3)],
-                "digest": secrets.token_hex(32),
-                "type": kind,
-                "reason": None,
-                "read": 65536,
-            }
-        ],
-        "stats": {"read": 65536, "stored": 1000, "new": 1, "deduplicated": 0},
-    }
-
-
 @pytest.fixture
 def made(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     """A repository of twelve restore points of three VMs (the catalog not yet filled):
@@ -87,7 +63,7 @@ def made(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     with Repository.init(str(where), PASSWORD) as repository:
         for day in range(1, 5):
             for vm in ("web", "db", "mail"):
-                document = _point(vm, day)
+                document = point_record(vm, day)
                 points[repository.save_point(document)] = document
     return where, points
 
@@ -146,7 +122,7 @@ def test_briefs_show_what_a_listing_shows_and_a_prefetched_listing_answers_once(
         assert repository._listed is None  # the prefetched names were taken
         later = Repository.open(str(where), PASSWORD)
         with later:
-            added = later.save_point(_point("web", 9))
+            added = later.save_point(point_record("web", 9))
         assert added in {b.id for b in repository.briefs()}  # listed anew: the new point is seen
     assert [b.id for b in briefs] == sorted(points, key=lambda i: (points[i]["time"], i))
     for row in briefs:
@@ -188,7 +164,7 @@ def test_the_newest_point_of_a_vm_is_the_only_point_read(
         assert base == points[newest] | {"id": newest}  # pages and all
         assert backend.points_read == [f"points/{newest}"]
         # the point this process saves next is known without reading it back
-        following = repository.save_point(_point("db", 9, kind="incremental") | {"base": newest})
+        following = repository.save_point(point_record("db", 9, kind="incremental") | {"base": newest})
         assert latest_point(repository, "id-db")["id"] == following  # type: ignore[index]
         assert backend.points_read == [f"points/{newest}", f"points/{following}"]
 
@@ -207,7 +183,7 @@ def test_an_incremental_backup_reads_only_its_base(tmp_path: Path) -> None:
         with Repository.init(str(where), PASSWORD) as repository, site.client() as center:
             full = VmBackup(center, repository, "small").run()
             for day in range(1, 21):  # other VMs' history
-                repository.save_point(_point(f"vm{day}", day))
+                repository.save_point(point_record(f"vm{day}", day))
         repository, _ = _reopen(where)
         with repository:
             repository.points()  # `vmbackup list` (or any earlier command) filled the catalog
@@ -235,10 +211,10 @@ def test_points_added_and_deleted_by_another_process_are_followed(
         script = (
             "import sys, json\n"
             "from agentless.backup.repository import Repository\n"
-            "from tests.backup.test_catalog import _point\n"
+            "from tests.backup.building import point_record\n"
             "with Repository.open(sys.argv[1], sys.argv[2]) as r:\n"
             "    for point_id in sys.argv[3:]: r.delete_point(point_id)\n"
-            "    print(json.dumps([r.save_point(_point('new', 20 + day)) for day in range(3)]))\n"
+            "    print(json.dumps([r.save_point(point_record('new', 20 + day)) for day in range(3)]))\n"
         )
         done = subprocess.run(
             [sys.executable, "-c", script, str(where), PASSWORD, *gone],
@@ -396,12 +372,12 @@ def test_vmbackup_list_answers_as_before_and_no_cache_leaves_nothing(
 _LISTER = """
 import json, sys
 from agentless.backup.repository import Repository
-from tests.backup.test_catalog import _point
+from tests.backup.building import point_record
 where, password, name = sys.argv[1:]
 seen = []
 with Repository.open(where, password) as r:
     for round in range(15):
-        mine = r.save_point(_point(name, 1 + round % 28, hour=round % 24))
+        mine = r.save_point(point_record(name, 1 + round % 28, hour=round % 24))
         ids = [p["id"] for p in r.points()]
         assert mine in ids, (mine, ids)
         assert len(ids) == len(set(ids))
@@ -476,14 +452,14 @@ def test_on_s3_a_warm_listing_reads_no_restore_point(s3_server: S3Server) -> Non
         return CountingBackend(S3Backend(bucket, "repo", **s3_server.options()))
 
     with Repository.init(S3Backend(bucket, "repo", **s3_server.options()), PASSWORD) as repository:
-        saved = {repository.save_point(_point(f"vm{n % 3}", 1 + n)) for n in range(20)}
+        saved = {repository.save_point(point_record(f"vm{n % 3}", 1 + n)) for n in range(20)}
     for expected_reads in (len(saved), 0):
         backend = s3_backend()
         with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
             assert {p["id"] for p in repository.points()} == saved
             assert len(backend.points_read) == expected_reads
     with Repository.open(S3Backend(bucket, "repo", **s3_server.options()), PASSWORD) as other:
-        added = other.save_point(_point("vm9", 28))
+        added = other.save_point(point_record("vm9", 28))
     backend = s3_backend()
     with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
         assert [p["id"] for p in repository.points()][-1] == added

@@ -4,27 +4,18 @@
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agentless.backup.center import every_vm
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
-from tests.backup.test_flows import MiB, _configure, _running_site, _vm_with_data
 from tests.fleet import running_fleet
-from tests.wincenter.test_flows import Site
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with _running_site(tmp_path) as running:
-        yield running
+from tests.sites import MiB, Site, vm_with_data
+from tests.sites import configure as _configure
 
 
 def test_a_backup_waits_for_wincenter_to_come_back(site: Site, tmp_path: Path) -> None:
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
-    _vm_with_data(site, "web", 4 * MiB, seed=3, writes=8)
+    vm_with_data(site, "web", 4 * MiB, seed=3, writes=8)
     port = urllib.parse.urlsplit(site.center.url).port
     site.center.proc.kill()  # WinCenter is down: connections are refused
     site.center.proc.wait()

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup
-from tests.backup.test_flows import _configure, second_site, site
-from tests.wincenter.test_flows import Site, _guest, _write_random
-
-__all__ = ["second_site", "site"]  # the fixtures, from the flow tests
+from tests.sites import Site
+from tests.sites import configure as _configure
+from tests.sites import guest as _guest
+from tests.sites import write_random as _write_random
 
 MiB = 1 << 20
 SIZES = [6 * MiB, 3 * MiB]

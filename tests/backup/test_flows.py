@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,43 +24,11 @@ import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup, vmbackup_process
-from tests.sites import Site, running_site
+from tests.sites import MiB, Site, vm_with_data
 from tests.sites import configure as _configure
 from tests.sites import consistent_prefix as _consistent_prefix
 from tests.sites import guest as _guest
 from tests.sites import write_random as _write_random
-
-_running_site = running_site  # the name the other backup tests import
-
-MiB = 1 << 20
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with _running_site(tmp_path) as running:
-        yield running
-
-
-@pytest.fixture
-def second_site(tmp_path: Path) -> Iterator[Site]:
-    """Another site: a host and a WinCenter of their own (another CA, other tokens)."""
-    (tmp_path / "site2").mkdir()
-    with _running_site(tmp_path / "site2") as running:
-        yield running
-
-
-def _vm_with_data(
-    site: Site, name: str, size: int, seed: int, writes: int, networks: list[str] | None = None
-) -> bytearray:
-    """A running VM of one *size*-byte disk whose guest wrote *writes* random runs to it
-    (from *seed*); what the disk holds."""
-    model = bytearray(size)
-    with site.host_client() as host:
-        host.create_vm(name, [size], networks)
-        host.start_vm(name)
-        with _guest(host, name, 0) as guest:
-            _write_random(guest, model, random.Random(seed), writes)
-    return model
 
 
 def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
@@ -216,7 +183,7 @@ def test_backup_to_s3_and_back(site: Site, tmp_path: Path, s3_server: S3Server) 
         "AWS_DEFAULT_REGION": s3_server.region,
     }
     env = _configure(site, tmp_path, f"s3://{bucket}/vm-backups", "s3 secret", **s3_env)
-    model = _vm_with_data(site, "s3vm", 4 * MiB, seed=5, writes=10)
+    model = vm_with_data(site, "s3vm", 4 * MiB, seed=5, writes=10)
     [done] = _ok(vmbackup(env, "backup", "--vm", "s3vm", "--json"))["backups"]  # type: ignore[misc]
     keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert any(k.startswith("vm-backups/data/") for k in keys) and "vm-backups/config" in keys
@@ -371,7 +338,7 @@ def test_offline_backup_of_a_running_vm(site: Site, tmp_path: Path) -> None:
     taken, WinCenter starts it again before the data is read; the restore point is the
     disk as the guest left it at the stop, byte for byte, and says it is offline."""
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
-    model = _vm_with_data(site, "cold1", 8 * MiB, seed=31, writes=25)
+    model = vm_with_data(site, "cold1", 8 * MiB, seed=31, writes=25)
     done = _ok(vmbackup(env, "backup", "--vm", "cold1", "--offline", "--json"))
     [summary] = done["backups"]  # type: ignore[misc]
     assert summary["consistency"] == "offline" and summary["type"] == "full"
@@ -392,7 +359,7 @@ def test_offline_backup_of_a_running_vm(site: Site, tmp_path: Path) -> None:
 
 def test_offline_backup_of_a_halted_vm_leaves_it_halted(site: Site, tmp_path: Path) -> None:
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
-    model = _vm_with_data(site, "idle", 8 * MiB, seed=37, writes=10)
+    model = vm_with_data(site, "idle", 8 * MiB, seed=37, writes=10)
     with site.host_client() as host:
         host.stop_vm("idle")
     done = _ok(vmbackup(env, "backup", "--vm", "idle", "--offline", "--json"))
@@ -542,7 +509,7 @@ def test_restore_at_a_second_site(site: Site, second_site: Site, tmp_path: Path)
     site 2's host, its disk byte for byte what the guest wrote at site 1."""
     env = _configure(site, tmp_path, str(tmp_path / "repo"), "dr pw")
     env.pop("VMBACKUP_TOKEN", None)
-    model = _vm_with_data(site, "dr", 8 * MiB, seed=47, writes=20, networks=["lan"])
+    model = vm_with_data(site, "dr", 8 * MiB, seed=47, writes=20, networks=["lan"])
     [done] = _ok(vmbackup(env, "backup", "--vm", "dr", "--json"))["backups"]  # type: ignore[misc]
     copy = str(tmp_path / "site2-repo")
     shutil.copytree(tmp_path / "repo", copy)  # the off-site copy

@@ -6,23 +6,14 @@ by the next command on the repository, so that restoring again under the same na
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agentless.backup.locks import active_locks, dead_locks
 from agentless.backup.repository import Repository
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
-from tests.backup.test_flows import MiB, _configure, _running_site
-from tests.backup.test_locks import _random_disk
-from tests.wincenter.test_flows import Site, _guest
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with _running_site(tmp_path) as running:
-        yield running
+from tests.sites import MiB, Site, random_disk
+from tests.sites import configure as _configure
+from tests.sites import guest as _guest
 
 
 def _live_grants(site: Site) -> list[dict[str, object]]:
@@ -37,7 +28,7 @@ def _vms_named(site: Site, name: str) -> list[str]:
 
 def test_a_restore_killed_mid_write_is_cleaned_up_by_the_next_restore(site: Site, tmp_path: Path) -> None:
     env = _configure(site, tmp_path, str(tmp_path / "repo"), "pw")
-    model = _random_disk(site, "src", 96 * MiB, seed=91)
+    model = random_disk(site, "src", 96 * MiB, seed=91)
     [done] = _ok(vmbackup(env, "backup", "--vm", "src", "--json"))["backups"]  # type: ignore[misc]
     assert _live_grants(site) == []
 

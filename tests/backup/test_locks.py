@@ -8,9 +8,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,8 +21,9 @@ from agentless.backup.repository import Repository
 from agentless.backup.storage import MemoryBackend
 from agentless.backup.storage.faults import FailingBackend
 from agentless.backup.verify import verify
-from tests.backup.test_flows import MiB, _running_site
-from tests.wincenter.test_flows import Site, _guest
+from tests.sites import MiB, Site, random_disk
+from tests.sites import guest as _guest
+from tests.sites import overwrite as _overwrite
 
 
 class FakeClock:
@@ -45,12 +44,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(locks, "clock", fake)
     return fake
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with _running_site(tmp_path) as running:
-        yield running
 
 
 def test_a_refresh_that_fails_is_logged_and_the_lock_is_lost_in_time(
@@ -87,26 +80,6 @@ def test_a_lost_lock_stays_lost(clock: FakeClock) -> None:
         lock.close()
 
 
-def _random_disk(site: Site, name: str, size: int, seed: int) -> bytearray:
-    """A running VM whose one disk is random data throughout (nothing deduplicates)."""
-    rng = random.Random(seed)
-    model = bytearray(size)
-    with site.host_client() as host:
-        host.create_vm(name, [size])
-        host.start_vm(name)
-        with _guest(host, name, 0) as guest:
-            _overwrite(guest, model, rng)
-    return model
-
-
-def _overwrite(guest: Any, model: bytearray, rng: random.Random) -> None:
-    for offset in range(0, len(model), 4 * MiB):
-        data = rng.randbytes(min(4 * MiB, len(model) - offset))
-        guest.write(offset, data)
-        model[offset : offset + len(data)] = data
-    guest.flush()
-
-
 def test_a_backup_that_stalls_past_the_stale_limit_saves_nothing(
     site: Site, tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -116,7 +89,7 @@ def test_a_backup_that_stalls_past_the_stale_limit_saves_nothing(
     writes an index or a restore point: the repository verifies, the earlier restore
     point is intact, and the next backup is complete."""
     size = 64 * MiB
-    model = _random_disk(site, "busy", size, seed=71)
+    model = random_disk(site, "busy", size, seed=71)
     path = str(tmp_path / "repo")
     with Repository.init(path, "pw"), site.client() as center:
         with Repository.open(path, "pw") as repository, repository.lock("shared", "backup"):

@@ -13,7 +13,6 @@ back, the next backup and the same restore succeed."""
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import subprocess
 import threading
@@ -42,9 +41,9 @@ def _proxied_site(root: Path) -> Iterator[tuple[Site, FaultProxy]]:
     """A host whose NBD port is reached through a fault proxy (the port access info
     names), and a WinCenter managing it."""
     host = init_host(str(root / "host"))
-    nbd_port = json.loads(Path(host.dir, "host.json").read_text())["nbd_port"]
-    with FaultProxy(("127.0.0.1", nbd_port)) as proxy:
-        host_proc = start_daemon(host.dir, "--nbd-advertised-port", str(proxy.port))
+    with FaultProxy(("127.0.0.1", 0)) as proxy:  # its target: the port the daemon picks
+        host_proc = start_daemon(host, "--nbd-advertised-port", str(proxy.port))
+        proxy.target = ("127.0.0.1", host.nbd_port)
         drain = _drained(host_proc, root / "host.log")
         token = init_center(str(root / "center"))
         site = Site(host, host_proc, start_server(str(root / "center"), token), token, "")

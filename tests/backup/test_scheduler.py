@@ -30,11 +30,11 @@ from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import _ok, free_port, vmbackup, vmbackup_process
-from tests.backup.test_flows import _configure, site
-from tests.wincenter.test_flows import Site, _guest
+from tests.sites import Site
+from tests.sites import configure as _configure
+from tests.sites import guest as _guest
 from tests.winserver.conftest import init_host, start_daemon
 
-__all__ = ["site"]  # the fixture, from the flow tests
 pytestmark = pytest.mark.usefixtures("utc_local_time")
 
 MiB = 1 << 20
@@ -261,7 +261,7 @@ def test_a_vm_whose_host_comes_back_succeeds_on_a_retry(site: Site, tmp_path: Pa
 
     def host_comes_back(_seconds: float) -> None:
         if site.host_proc.poll() is not None:
-            site.host_proc = start_daemon(site.host.dir)
+            site.host_proc = start_daemon(site.host)
 
     clock = FakeClock(datetime.datetime.now(UTC), host_comes_back)
     with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
@@ -280,7 +280,7 @@ def two_hosts(site: Site, tmp_path: Path) -> Iterator[HostClient]:
     """A second WinServer host in the site's WinCenter (its client; the first is the
     site's)."""
     second = init_host(str(tmp_path / "host-2"), "--name", "host-2")
-    process = start_daemon(second.dir)
+    process = start_daemon(second)
     try:
         with site.client() as admin:
             admin.register_host(second.api_url, second.token, second.cert_pem)

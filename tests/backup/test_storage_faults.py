@@ -37,10 +37,11 @@ from agentless.backup.repository import Repository
 from agentless.backup.storage import Backend, StorageError, open_backend
 from agentless.backup.verify import verify
 from tests.backup.conftest import vmbackup, vmbackup_process
-from tests.backup.test_flows import _configure, _running_site
 from tests.s3server import SeaweedS3
+from tests.sites import Site, running_site
+from tests.sites import configure as _configure
+from tests.sites import guest as _guest
 from tests.smallfs import SmallFsUnavailable, leave_free, resize, small_fs, used_bytes
-from tests.wincenter.test_flows import Site, _guest
 
 MiB = 1 << 20
 DISK = 16 * MiB  # the VM's disk: random data, nothing deduplicates
@@ -105,7 +106,7 @@ class Trial:
 def repository_rig(root: Path, seed: int = 1) -> Iterator[Rig]:
     """A running site, a VM of DISK random bytes, and an encrypted repository on a tmpfs
     holding one full backup of it (SmallFsUnavailable when no tmpfs can be mounted)."""
-    with _running_site(root) as site, small_fs(root / "repofs", ROOMY) as mount:
+    with running_site(root) as site, small_fs(root / "repofs", ROOMY) as mount:
         repo = mount / "repo"
         env = _configure(site, root, str(repo), PASSWORD)
         rng = random.Random(seed)
@@ -454,7 +455,7 @@ def sr_rig(root: Path, seed: int = 3) -> Iterator[Rig]:
     and an encrypted repository on the ordinary disk holding one full backup. The VM's disk
     is 2 x DISK with DISK random bytes at its start: the guest writing past DISK allocates
     VHD blocks (what needs space on the SR), writing below DISK rewrites blocks in place."""
-    with _running_site(root) as site, small_fs(root / "srfs", SR_SIZE) as mount:
+    with running_site(root) as site, small_fs(root / "srfs", SR_SIZE) as mount:
         env = _configure(site, root, str(root / "repo"), PASSWORD)
         rng = random.Random(seed)
         model = bytearray(rng.randbytes(DISK)) + bytearray(DISK)
@@ -613,7 +614,7 @@ def test_backup_of_a_vm_whose_sr_fills_while_it_reads(srig: Rig) -> None:
 def s3_rig(root: Path, server: SeaweedS3, seed: int = 2) -> Iterator[Rig]:
     """A running site, a VM of DISK random bytes, and an encrypted repository in a bucket
     of *server* holding one full backup of it."""
-    with _running_site(root) as site:
+    with running_site(root) as site:
         bucket = server.create_bucket()
         environment = server.environment() | {"VMBACKUP_STORAGE_RETRY": str(S3_RETRY)}
         env = _configure(site, root, f"s3://{bucket}/repo", PASSWORD, **environment)

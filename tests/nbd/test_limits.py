@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,63 +26,15 @@ from agentless.nbd.client import Client
 from agentless.nbd.exports import MemoryExport
 from agentless.nbd.limits import Admission, Limits, peer_key
 from tests.conftest import require_tool, run
+from tests.helpers import wait_until
 from tests.nbd import serving
+from tests.nbd.peers import TIMEOUT, assert_closed_without_a_word, assert_dropped, connect, idle, recv_exactly
 from tests.nbd.serving import Served, serve
 
 tls_dir = serving.tls_dir
 
 KiB = 1 << 10
 MiB = 1 << 20
-TIMEOUT = 10.0
-
-
-def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    """A TCP connection to the server from *source* (a loopback address)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    return sock
-
-
-def recv_exactly(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionResetError(f"EOF after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def idle(port: int, source: str) -> socket.socket:
-    """An admitted connection that read the greeting and then says nothing."""
-    sock = connect(port, source)
-    magic, _, _ = p.GREETING.unpack(recv_exactly(sock, p.GREETING.size))
-    assert magic == p.NBDMAGIC
-    return sock
-
-
-def assert_closed_without_a_word(sock: socket.socket) -> None:
-    """The server closed *sock* without sending anything (not even the greeting)."""
-    try:
-        data = sock.recv(64)
-    except ConnectionResetError:
-        data = b""
-    assert data == b"", f"the server sent {data!r}"
-
-
-def assert_dropped(sock: socket.socket | ssl.SSLSocket) -> None:
-    """The server ends the connection (EOF or reset) before the socket timeout."""
-    with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
-        while sock.recv(4096):
-            pass
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def admission(served: Served) -> Admission:
@@ -129,11 +81,15 @@ def test_connections_over_the_caps_are_closed_at_once(tls_dir: serving.Pki) -> N
         assert served.call(lambda: (admission(served).total, admission(served).refused)) == (12, 2)
         for sock in held[:3]:
             sock.close()
-        wait_until(lambda: served.call(lambda: admission(served).count("127.0.0.2")) == 2, "the close")
+        wait_until(
+            lambda: served.call(lambda: admission(served).count("127.0.0.2")) == 2, TIMEOUT, "the close"
+        )
         held += [idle(port, "127.0.0.5") for _ in range(3)]
         for sock in held[3:]:
             sock.close()
-        wait_until(lambda: served.call(lambda: admission(served).total) == 0, "every connection to end")
+        wait_until(
+            lambda: served.call(lambda: admission(served).total) == 0, TIMEOUT, "every connection to end"
+        )
 
 
 def test_unix_socket_connections_are_not_counted() -> None:

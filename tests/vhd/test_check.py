@@ -11,7 +11,7 @@ import pytest
 
 from agentless import vhd
 from agentless.vhd.header import DynamicHeader, ParentLocator
-from tests.vhd.test_malformed import (
+from tests.vhd.damage import (
     BAT_UNUSED,
     ENTRIES,
     FOOTER_CHECKSUM,
@@ -19,7 +19,8 @@ from tests.vhd.test_malformed import (
     HEADER_MAX_TABLE_ENTRIES,
     HEADER_OFFSET,
     TABLE_OFFSET,
-    footer_offset,
+    break_copy,
+    break_end,
     make_chain,
     make_dynamic,
     open_and_read,
@@ -32,22 +33,10 @@ from tests.vhd.test_malformed import (
 END, COPY = "the footer at the end", "the footer copy at offset 0"
 
 
-def _break_end(path: Path) -> int:
-    """Change a byte of the footer at the end (Original Size), its checksum left stale;
-    the offset of the checksum field."""
-    end = footer_offset(path)
-    patch(path, end + 40, b"\x12")
-    return end + FOOTER_CHECKSUM
-
-
-def _break_copy(path: Path) -> None:
-    patch(path, 40, b"\x12")
-
-
 def test_damaged_footer_at_the_end_with_a_sound_copy(tmp_path: Path) -> None:
     """Reported (not "ok"), read from the copy, mendable by repair."""
     path = make_dynamic(tmp_path / "d.vhd")
-    at = _break_end(path)
+    at = break_end(path)
     with pytest.raises(vhd.CorruptVhdError):
         open_and_read(path)  # readers refuse it until it is repaired
     [problem] = vhd.check(path)
@@ -59,7 +48,7 @@ def test_damaged_footer_at_the_end_with_a_sound_copy(tmp_path: Path) -> None:
 def test_damaged_footer_copy(tmp_path: Path) -> None:
     """Reported, read from the footer at the end, mendable by repair."""
     path = make_dynamic(tmp_path / "d.vhd")
-    _break_copy(path)
+    break_copy(path)
     open_and_read(path)  # readers go by the footer at the end
     [problem] = vhd.check(path)
     assert (problem.field, problem.offset) == ("footer copy.checksum", FOOTER_CHECKSUM)
@@ -72,8 +61,8 @@ def test_damaged_footer_copy(tmp_path: Path) -> None:
 def test_both_footers_damaged(tmp_path: Path) -> None:
     """Both reported; nothing to go by, nothing to repair from."""
     path = make_dynamic(tmp_path / "d.vhd")
-    at = _break_end(path)
-    _break_copy(path)
+    at = break_end(path)
+    break_copy(path)
     problems = vhd.check(path)
     assert [(p.field, p.offset) for p in problems] == [
         ("footer.checksum", at),
@@ -115,13 +104,13 @@ def test_every_damaged_structure_in_one_check(tmp_path: Path) -> None:
     """The check reads past the damaged footer (from its copy) and reports what lies
     behind it too: a locator outside the file in the child, and a damaged parent."""
     base, child = make_chain(tmp_path)
-    at = _break_end(child)
+    at = break_end(child)
     header = read_header(child)
     loc = header.locators[1]
     moved = ParentLocator(loc.platform, loc.space, loc.length, 1 << 40)
     locators = (header.locators[0], moved, *header.locators[2:])
     patch(child, HEADER_OFFSET, dataclasses.replace(header, locators=locators).pack())
-    _break_copy(base)
+    break_copy(base)
     problems = vhd.check(child)
     assert [(p.path, p.field) for p in problems] == [
         (str(child), "footer.checksum"),

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from agentless import vhd
 from tests.conftest import require_tool, run
-from tests.vhd.test_check import _break_copy, _break_end
-from tests.vhd.test_malformed import (
+from tests.vhd.damage import (
     BAT_UNUSED,
     ENTRIES,
     HEADER_MAX_TABLE_ENTRIES,
     HEADER_OFFSET,
+    break_copy,
+    break_end,
     make_chain,
     make_dynamic,
     open_and_read,
@@ -28,7 +29,7 @@ def test_footer_at_the_end_rewritten_from_the_copy(tmp_path: Path) -> None:
     path = make_dynamic(tmp_path / "d.vhd")
     pristine = path.read_bytes()
     vhd.export_raw(path, tmp_path / "before.raw")
-    _break_end(path)
+    break_end(path)
     report = vhd.repair(path)
     assert [p.field for p in report.repaired] == ["footer.checksum"] and report.remaining == []
     assert path.read_bytes() == pristine
@@ -41,7 +42,7 @@ def test_footer_at_the_end_rewritten_from_the_copy(tmp_path: Path) -> None:
 def test_footer_copy_rewritten_from_the_footer(tmp_path: Path) -> None:
     path = make_dynamic(tmp_path / "d.vhd")
     pristine = path.read_bytes()
-    _break_copy(path)
+    break_copy(path)
     report = vhd.repair(path)
     assert [p.field for p in report.repaired] == ["footer copy.checksum"] and report.remaining == []
     assert path.read_bytes() == pristine
@@ -60,8 +61,8 @@ def test_bat_entries_past_the_last_block_cleared(tmp_path: Path) -> None:
 def test_what_has_no_sound_copy_is_left_alone(tmp_path: Path) -> None:
     """Both footers damaged, or the dynamic header: nothing written, the problems remain."""
     both = make_dynamic(tmp_path / "both.vhd")
-    _break_end(both)
-    _break_copy(both)
+    break_end(both)
+    break_copy(both)
     header = make_dynamic(tmp_path / "header.vhd")
     patch(header, HEADER_OFFSET + 64, "x".encode("utf-16-be"))
     for path in (both, header):
@@ -74,7 +75,7 @@ def test_what_has_no_sound_copy_is_left_alone(tmp_path: Path) -> None:
 def test_only_the_named_file_is_written(tmp_path: Path) -> None:
     """A damaged parent is reported by the child's repair, and mended by its own."""
     base, child = make_chain(tmp_path)
-    _break_end(base)
+    break_end(base)
     report = vhd.repair(child)
     assert report.repaired == [] and [p.path for p in report.remaining] == [str(base)]
     assert vhd.repair(base).remaining == [] and vhd.check(child) == []
@@ -83,7 +84,7 @@ def test_only_the_named_file_is_written(tmp_path: Path) -> None:
 
 def test_a_repair_is_idempotent(tmp_path: Path) -> None:
     path = make_dynamic(tmp_path / "d.vhd")
-    _break_end(path)
+    break_end(path)
     assert vhd.repair(path).repaired
     again = vhd.repair(path)
     assert again.repaired == [] and again.remaining == []

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import listening
 from tests.wincenter.conftest import init_center
-from tests.winserver.test_daemon import listening
 
 
 def _serve(directory: str, *extra: str) -> str:

@@ -5,10 +5,11 @@ driving it, and the backup system's side played with the typed client and wddk."
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +19,18 @@ import agentless.wddk as wddk
 from agentless.wincenter.client import CenterApiError, CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, TaskOut, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
-from tests.sites import Site
+from tests.helpers import wait_until
+from tests.sites import Site, running_site
 from tests.sites import guest as _guest
 from tests.sites import write_random as _write_random
-from tests.wincenter.conftest import init_center, start_server
-from tests.winserver.conftest import init_host, start_daemon
 
 MiB = 1 << 20
 BLOCK = 65536
 
 
 def _site(tmp_path: Path, db_url: str, *serve_options: str) -> Iterator[Site]:
-    host = init_host(str(tmp_path / "host"))
-    host_proc = start_daemon(host.dir)
-    center_dir = str(tmp_path / "center")
-    token = init_center(center_dir, "--db", db_url)
-    center = start_server(center_dir, token, *serve_options)
-    site = Site(host, host_proc, center, token, db_url)
-    try:
-        with site.client() as client:
-            client.register_host(host.api_url, host.token, host.cert_pem)
+    with running_site(tmp_path, *serve_options, db_url=db_url) as site:
         yield site
-    finally:
-        site.center.proc.kill()
-        site.center.proc.wait()
-        site.host_proc.terminate()
-        site.host_proc.wait(30)
 
 
 @pytest.fixture
@@ -203,15 +190,12 @@ def test_abort_and_expiry_leave_nothing(sqlite_site: Site) -> None:
         restore = center.start_restore("r-abort", VmSpec(name="tmp", disks=[DiskSpec(size=MiB)]))
         assert center.wait_task(restore.task_id, timeout=60, poll=0.05).state == "ready"
         center.abort_restore("r-abort")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            states = {b: center.backup(b).state for b in ("a1", "a2")} | {
-                "r": center.restore("r-abort").state
-            }
-            if states == {"a1": "aborted", "a2": "aborted", "r": "aborted"}:
-                break
-            time.sleep(0.2)
-        assert states == {"a1": "aborted", "a2": "aborted", "r": "aborted"}
+
+        def states() -> dict[str, str]:
+            return {b: center.backup(b).state for b in ("a1", "a2")} | {"r": center.restore("r-abort").state}
+
+        aborted_all = {"a1": "aborted", "a2": "aborted", "r": "aborted"}
+        wait_until(lambda: states() == aborted_all, 30, lambda: f"all aborted, still {states()}")
         assert center.task(aborted.id).state == "aborted"
         assert center.task(abandoned.id).state == "expired"
         assert host.list_snapshots("v") == []
@@ -222,13 +206,21 @@ def test_abort_and_expiry_leave_nothing(sqlite_site: Site) -> None:
         assert late.value.status == 409
 
 
+def _ended(center: CenterClient, backup_ids: list[str], restore_id: str) -> bool:
+    """Whether the backups and the restore have ended (failed: a task that expired, 3 s,
+    before its snapshot was made)."""
+    pending = [b for b in backup_ids if center.backup(b).state not in ("completed", "aborted", "failed")]
+    return not pending and center.restore(restore_id).state in ("aborted", "failed")
+
+
 def _settle(center: CenterClient, vm_id: str) -> None:
     """Wait until the older bases of the VM's completed backups are released (WinCenter
     releases them after the newest backup's task has ended)."""
-    deadline = time.monotonic() + 30
-    while sum(not b.snapshot_released for b in center.backups(vm=vm_id).items if b.state == "completed") > 1:
-        assert time.monotonic() < deadline, "older snapshots never released"
-        time.sleep(0.02)
+
+    def held() -> int:
+        return sum(not b.snapshot_released for b in center.backups(vm=vm_id).items if b.state == "completed")
+
+    wait_until(lambda: held() <= 1, 30, "the older snapshots to be released")
 
 
 def _run_backup(center: CenterClient, vm_id: str, backup_id: str, model: bytes) -> str:
@@ -315,14 +307,8 @@ def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
             assert center.wait_task(restore_task, timeout=60, poll=0.05).state in ("ready", "expired")
             if center.task(restore_task).state == "ready":
                 center.abort_restore(f"kr{round_}")
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                # failed: a task that expired (3 s) before its snapshot was made
-                pending = [b for b in ids if center.backup(b).state not in ("completed", "aborted", "failed")]
-                if not pending and center.restore(f"kr{round_}").state in ("aborted", "failed"):
-                    break
-                time.sleep(0.1)
-            assert not pending
+            ended = functools.partial(_ended, center, ids, f"kr{round_}")
+            wait_until(ended, 30, f"round {round_}'s backups and restore to end")
     with sqlite_site.host_client() as host, sqlite_site.client() as center:
         assert all(g["revoked"] for g in host.list_grants())
         assert sorted(v["name"] for v in host.list_vms()) == ["k0", "k1", "k2"]
@@ -475,13 +461,6 @@ def retrying_site(tmp_path: Path) -> Iterator[Site]:
     yield from _site(tmp_path, f"sqlite:///{tmp_path / 'center.db'}", "--retry-seconds", "0.2")
 
 
-def _until(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"still not {what} after {timeout:.0f} s"
-        time.sleep(0.05)
-
-
 def _running_vm(host: HostClient, name: str, rng: random.Random) -> tuple[str, bytearray]:
     vm = host.create_vm(name, [4 * MiB])
     host.start_vm(vm["uuid"])
@@ -510,10 +489,10 @@ def test_host_killed_mid_backup_is_released_while_wincenter_runs(retrying_site: 
         assert center.abort_backup("hk1").state == "aborted"
         second = center.start_backup(vm_id, "hk2", "full")
         assert second.state == "queued"
-        _until("releasing", lambda: center.backup("hk1").state == "aborting")
+        wait_until(lambda: center.backup("hk1").state == "aborting", 60, "the backup to be releasing")
         assert center.task(second.task_id).state == "queued"
         site.restart_host()
-        _until("aborted", lambda: center.backup("hk1").state == "aborted")
+        wait_until(lambda: center.backup("hk1").state == "aborted", 60, "the backup to be aborted")
         assert center.backup("hk1").snapshot_released
         ready = center.wait_task(second.task_id, timeout=60, poll=0.05)
         assert ready.state == "ready", ready.error
@@ -557,7 +536,11 @@ def test_queued_backup_fails_when_the_host_stays_away_and_a_sync_releases_at_onc
         site.restart_host()
         [registered] = center.hosts()
         center.sync_host(registered.id)
-        _until("released", lambda: {center.backup(b).state for b in ("aw1", "aw2")} == {"aborted", "failed"})
+        wait_until(
+            lambda: {center.backup(b).state for b in ("aw1", "aw2")} == {"aborted", "failed"},
+            60,
+            "both backups to be released",
+        )
         third = _backup(center, vm_id, "aw3", "full")
         image = bytearray(len(model))
         _read_into(third.result["disks"][0], image)

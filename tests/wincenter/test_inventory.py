@@ -97,7 +97,7 @@ def test_a_thousand_vms_on_four_hosts_sync_and_page_in_a_bounded_number_of_state
     hosts say, after VMs were deleted, made and started on them; pages of 300 cover
     every VM once."""
     daemons = [init_host(str(tmp_path / f"host-{i}"), "--name", f"host-{i}") for i in range(4)]
-    procs = [start_daemon(d.dir) for d in daemons]
+    procs = [start_daemon(d) for d in daemons]
     center, _token = Center.init(tmp_path / "center")
     try:
         with contextlib.ExitStack() as stack:

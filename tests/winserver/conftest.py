@@ -5,19 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def winserver(*args: str) -> subprocess.CompletedProcess[str]:
@@ -32,9 +26,57 @@ def winserver(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def start_daemon(directory: str, *extra: str) -> subprocess.Popen[str]:
+@dataclasses.dataclass
+class Daemon:
+    """A host directory made by :func:`init_host`, and where its daemon listens: ports 0
+    until :func:`start_daemon` first started it, then the ones that start picked – later
+    starts listen on them again (WinCenter and grants name them)."""
+
+    dir: str
+    token: str
+    cert_pem: str
+    api_port: int = 0
+    nbd_port: int = 0
+
+    @property
+    def api_url(self) -> str:
+        assert self.api_port, f"{self.dir}: its daemon has not listened yet (start_daemon)"
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def heard(self, line: str) -> None:
+        """Take the ports from the daemon's first line: ``winserver NAME: API
+        https://127.0.0.1:PORT/api/v1, NBD with TLS on 127.0.0.1:PORT``."""
+        bound = re.search(r"API https://\S+?:(\d+)/.*NBD with TLS on \S+:(\d+)", line)
+        assert bound, f"winserver serve did not say where it listens: {line!r}"
+        self.api_port, self.nbd_port = int(bound[1]), int(bound[2])
+
+
+def init_host(directory: str, *extra: str) -> Daemon:
+    """``winserver init`` on loopback with ports 0 (each daemon start picks free ones;
+    *extra* options, e.g. a ``--name``); the daemon is not started."""
+    init = winserver(
+        "init",
+        "--dir",
+        directory,
+        "--address",
+        "127.0.0.1",
+        "--nbd-port",
+        "0",
+        "--api-port",
+        "0",
+        "--json",
+        *extra,
+    )
+    assert init.returncode == 0, init.stderr
+    token = json.loads(init.stdout)["token"]
+    cert = Path(directory, "pki", "server-cert.pem").read_text()
+    return Daemon(directory, token, cert)
+
+
+def start_daemon(host: Daemon, *extra: str) -> subprocess.Popen[str]:
     """``winserver serve`` on loopback (with *extra* options), returned once it listens
-    (recovery done)."""
+    (recovery done): on ports it picks at its first start, on the same ones later."""
+    ports = ["--api-port", str(host.api_port), "--nbd-port", str(host.nbd_port)]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -42,9 +84,10 @@ def start_daemon(directory: str, *extra: str) -> subprocess.Popen[str]:
             "agentless.winserver.cli",
             "serve",
             "--dir",
-            directory,
+            host.dir,
             "--bind",
             "127.0.0.1",
+            *ports,
             *extra,
         ],
         stdout=subprocess.PIPE,
@@ -54,46 +97,15 @@ def start_daemon(directory: str, *extra: str) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
+    host.heard(line)
     return proc
-
-
-@dataclasses.dataclass(frozen=True)
-class Daemon:
-    dir: str
-    token: str
-    api_url: str
-    cert_pem: str
-
-
-def init_host(directory: str, *extra: str) -> Daemon:
-    """``winserver init`` on loopback with free ports (and *extra* options, e.g. a
-    ``--name``); the daemon is not started."""
-    api_port = free_port()
-    init = winserver(
-        "init",
-        "--dir",
-        directory,
-        "--address",
-        "127.0.0.1",
-        "--nbd-port",
-        str(free_port()),
-        "--api-port",
-        str(api_port),
-        "--json",
-        *extra,
-    )
-    assert init.returncode == 0, init.stderr
-    token = json.loads(init.stdout)["token"]
-    cert = Path(directory, "pki", "server-cert.pem").read_text()
-    return Daemon(directory, token, f"https://127.0.0.1:{api_port}", cert)
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """A fresh host directory with its daemon running on loopback (free ports)."""
-    d = str(tmp_path / "host")
-    host = init_host(d)
-    proc = start_daemon(d)
+    """A fresh host directory with its daemon running on loopback (ports it picked)."""
+    host = init_host(str(tmp_path / "host"))
+    proc = start_daemon(host)
     try:
         yield host
     finally:

@@ -4,7 +4,6 @@ sub-commands; auth, problem+json errors and certificate pinning."""
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 import agentless.wddk as wddk
 from agentless.pki import CertificateAuthority
 from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
+from tests.helpers import wait_until
 from tests.winserver.conftest import Daemon
 
 MiB = 1 << 20
@@ -140,10 +140,7 @@ def test_reduced_snapshot_data_merge_in_the_background(daemon: Daemon) -> None:
                 guest.write(cycle * MiB + 8192, b"while it merges")  # the merge may run now
                 expected[cycle * MiB + 8192 : cycle * MiB + 8192 + 15] = b"while it merges"
                 assert host.get_vdi_sm_info(vdi)["depth"] <= 3
-            deadline = time.monotonic() + 30
-            while host.host()["garbage_pending"]:
-                assert time.monotonic() < deadline, "the background merge never ran"
-                time.sleep(0.05)
+            wait_until(lambda: not host.host()["garbage_pending"], 30, "the background merge")
             assert guest.read(0, 16 * MiB) == expected
         sm = host.get_vdi_sm_info(vdi)
         assert sm["depth"] == 2, sm["chain"]  # the leaf and the one base left: all merged

@@ -3,17 +3,15 @@ where it listens: loopback unless ``--bind``/``--listen`` says otherwise)."""
 
 from __future__ import annotations
 
-import json
-import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.nbd.test_limits import assert_closed_without_a_word, assert_dropped, connect, idle
-from tests.winserver.conftest import free_port, init_host, start_daemon, winserver
+from tests.helpers import listening
+from tests.nbd.peers import assert_closed_without_a_word, assert_dropped, connect, idle
+from tests.winserver.conftest import Daemon, init_host, start_daemon, winserver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,10 +20,9 @@ def test_the_nbd_connection_limits_are_options_of_serve(tmp_path: Path) -> None:
     """``--nbd-max-connections-per-peer 2 --nbd-handshake-timeout 0.5``: a third
     connection from one address is closed before the greeting, and a connection that
     never negotiates is cut. A bad limit is refused with one line."""
-    directory = str(tmp_path / "host")
-    init_host(directory)
-    port = json.loads(Path(directory, "host.json").read_text())["nbd_port"]
-    daemon = start_daemon(directory, "--nbd-max-connections-per-peer", "2", "--nbd-handshake-timeout", "0.5")
+    host = init_host(str(tmp_path / "host"))
+    daemon = start_daemon(host, "--nbd-max-connections-per-peer", "2", "--nbd-handshake-timeout", "0.5")
+    port = host.nbd_port
     try:
         held = [idle(port, "127.0.0.2") for _ in range(2)]
         with connect(port, "127.0.0.2") as refused:
@@ -36,22 +33,11 @@ def test_the_nbd_connection_limits_are_options_of_serve(tmp_path: Path) -> None:
     finally:
         daemon.terminate()
         assert daemon.wait(30) == 0, daemon.stderr.read() if daemon.stderr else ""
-    result = winserver("serve", "--dir", directory, "--nbd-max-connections", "0")
+    result = winserver("serve", "--dir", host.dir, "--nbd-max-connections", "0")
     assert result.returncode == 1, result
     assert result.stderr.strip().splitlines() == [
         "winserver: NBD limits: connection limits must be at least 1"
     ]
-
-
-def listening(port: int) -> set[str]:
-    """The IPv4 addresses on which a TCP socket of this machine listens on *port*."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        address, hex_port = fields[1].split(":")
-        if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-            found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
-    return found
 
 
 def _serve(directory: str, *extra: str) -> tuple[str, str]:
@@ -68,8 +54,9 @@ def _serve(directory: str, *extra: str) -> tuple[str, str]:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
-        host = json.loads(Path(directory, "host.json").read_text())
-        sockets = {port: listening(port) for port in (host["api_port"], host["nbd_port"])}
+        bound = Daemon(directory, "", "")
+        bound.heard(line)  # the ports it picked (init gave 0)
+        sockets = {port: listening(port) for port in (bound.api_port, bound.nbd_port)}
     finally:
         proc.terminate()
         _out, errors = proc.communicate(timeout=30)
@@ -86,7 +73,7 @@ def test_serve_listens_on_loopback_by_default_and_warns_when_grants_name_another
     interface before); the host's grants name 192.0.2.7 (its first --address), so the
     daemon says that other machines cannot reach it as it is."""
     directory = str(tmp_path / "host")
-    ports = ("--api-port", str(free_port()), "--nbd-port", str(free_port()))
+    ports = ("--api-port", "0", "--nbd-port", "0")  # picked by each start
     init = winserver("init", "--dir", directory, "--address", "192.0.2.7", *ports)
     assert init.returncode == 0, init.stderr
     line, errors = _serve(directory)

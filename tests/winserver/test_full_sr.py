@@ -21,6 +21,7 @@ import pytest
 
 from agentless.winserver.client import HostApiError, HostClient
 from tests.backup.conftest import _ok, vmbackup
+from tests.helpers import wait_until
 from tests.sites import Site, configure, running_site
 from tests.sites import guest as guest_disk
 
@@ -48,10 +49,9 @@ def _tmpfs(path: Path, size: int) -> Iterator[Path]:
 
 def _gone(host: HostClient, vm: str, timeout: float = 60) -> None:
     """Wait until *vm* is no longer on the host (fails the test after *timeout* s)."""
-    deadline = time.monotonic() + timeout
-    while vm in [v["name"] for v in host.list_vms()]:
-        assert time.monotonic() < deadline, f"VM {vm!r} still on the host after {timeout} s"
-        time.sleep(0.2)
+    wait_until(
+        lambda: vm not in [v["name"] for v in host.list_vms()], timeout, f"VM {vm!r} to leave the host"
+    )
 
 
 @pytest.fixture

@@ -27,10 +27,10 @@ MiB = 1 << 20
 def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
     d = str(tmp_path / "host")
     made = init_host(d)
-    token, cert, url = made.token, made.cert_pem, made.api_url
     rng = random.Random(11)
     model = [bytearray(8 * MiB), bytearray(4 * MiB)]
-    proc = start_daemon(d)
+    proc = start_daemon(made)  # later starts listen on the ports this one picked
+    token, cert, url = made.token, made.cert_pem, made.api_url
     try:
         with HostClient(url, token, cert) as host:
             host.create_vm("db", [8 * MiB, 4 * MiB])
@@ -67,7 +67,7 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
             proc.wait(30)
             stop.set()
             worker.join(30)
-            proc = start_daemon(d)  # recovery runs before the API answers
+            proc = start_daemon(made)  # recovery runs before the API answers
             with Host.open(d) as host, host.metadata.session() as session:
                 assert session.query(Grant).filter(Grant.revoked.is_(False)).count() == 0
                 paths = [p for p in session.query(Vdi.path).all() if p[0]]

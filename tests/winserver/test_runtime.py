@@ -16,6 +16,7 @@ import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
 from tests.conftest import require_tool, run
+from tests.helpers import wait_until
 from tests.winserver.conftest import Daemon, init_host, start_daemon, winserver
 
 MiB = 1 << 20
@@ -148,7 +149,7 @@ def test_one_daemon_per_directory(tmp_path: Path) -> None:
     killed (-9) the commands work on the directory again (its lock went with it) and
     ``vm start`` says that it needs the daemon; a new daemon starts and serves."""
     info = init_host(str(tmp_path / "h"))
-    first = start_daemon(info.dir)
+    first = start_daemon(info)
     try:
         second = winserver("serve", "--dir", info.dir, "--bind", "127.0.0.1")
         assert second.returncode == 1 and "another winserver daemon serves it" in second.stderr
@@ -161,7 +162,7 @@ def test_one_daemon_per_directory(tmp_path: Path) -> None:
     assert listed.returncode == 0 and [vm["name"] for vm in json.loads(listed.stdout)["vms"]] == ["a"]
     start = winserver("vm", "start", "a", "--dir", info.dir)
     assert start.returncode == 1 and "no daemon serves" in start.stderr and "winserver serve" in start.stderr
-    again = start_daemon(info.dir)
+    again = start_daemon(info)
     try:
         assert winserver("vm", "start", "a", "--dir", info.dir).returncode == 0
     finally:
@@ -228,19 +229,17 @@ def test_qemu_driver_runs_the_guest_on_the_disk_sockets(daemon: Daemon) -> None:
         vm = host.start_vm("q", "qemu")
         assert vm["driver"] == "qemu" and vm["qemu_pid"]
         pid = vm["qemu_pid"]
-        deadline = time.monotonic() + 30
-        while not all(d["guest_connections"] >= 1 for d in host.vm("q")["disks"]):
-            assert time.monotonic() < deadline, host.vm("q")
-            time.sleep(0.2)
+        wait_until(
+            lambda: all(d["guest_connections"] >= 1 for d in host.vm("q")["disks"]),
+            30,
+            lambda: f"qemu to connect to every disk: {host.vm('q')}",
+        )
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().split(b"\0")
         assert b"virtio-net-pci,netdev=net0,mac=" + vm["nics"][0]["mac"].encode() in cmdline
         stopped = host.stop_vm("q")
         assert stopped["power_state"] == "halted" and stopped["driver"] == "qemu"
-        gone = time.monotonic() + 10
-        while _is_qemu(pid):
-            assert time.monotonic() < gone, "qemu still runs after stop"
-            time.sleep(0.1)
+        wait_until(lambda: not _is_qemu(pid), 10, "qemu to exit after the stop")
 
 
 def _is_qemu(pid: int) -> bool:
@@ -284,7 +283,7 @@ def test_guest_keeps_writing_while_a_snapshot_is_merged_away(daemon: Daemon) -> 
 
             thread = threading.Thread(target=writer)
             thread.start()
-            time.sleep(0.2)
+            wait_until(lambda: len(during) >= 10, 30, "the guest to be writing")
             before = len(during)
             host.stop_remote_access("s1", delete_snapshot=True)  # merges s2's 64 MiB down
             after = len(during)

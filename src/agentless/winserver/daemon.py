@@ -13,6 +13,12 @@ Both listen on loopback unless ``--bind`` names another address: a host that oth
 it hands out name an address it does not listen on. The API reads a request body only
 from a caller with a valid token and up to 1 MiB (:mod:`agentless.httpguard`), and
 serves at most :data:`CONCURRENCY` connections at once.
+
+Port 0 (``--api-port 0``, ``--nbd-port 0``, or recorded so by ``winserver init``) picks a
+free port at each start. Once both listen, the daemon prints one line naming the ports it
+bound – ``winserver NAME: API https://BIND:PORT/api/v1, NBD with TLS on BIND:PORT`` – and
+writes the API's URL to ``run/api.json`` (:mod:`.presence`); access info and ``GET
+/host`` name the bound ports too.
 """
 
 from __future__ import annotations
@@ -70,6 +76,14 @@ def _loopback(address: str) -> bool:
         return False
 
 
+def _bound_port(api: uvicorn.Server, configured: int) -> int:
+    """The port the started API listens on: *configured*, or the one port 0 picked."""
+    for server in api.servers:
+        for sock in server.sockets:
+            return int(sock.getsockname()[1])
+    return configured
+
+
 def _local_url(bind: str, port: int) -> str:
     address = "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind
     return f"https://[{address}]:{port}" if ":" in address else f"https://{address}:{port}"
@@ -89,7 +103,7 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
     tls = server_context(host.pki_path("server-cert.pem"), host.pki_path("server-key.pem"))
     server = NbdServer(exports, tls=tls, limits=nbd_limits)
     exports.disconnect = server.disconnect
-    listening = await server.serve_tcp(bind, host.nbd_port)
+    host.nbd_port = await server.serve_tcp(bind, host.nbd_port)  # port 0: the one it picked
     runtime = Runtime(host)
     for vm in list_vms(host):  # recovery: the datapaths of running VMs come back
         if vm["power_state"] == "running":
@@ -112,7 +126,8 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
             api_task.result()  # raises why it could not start (port in use...)
             raise RuntimeError("the host API stopped at start")
         await asyncio.sleep(0.05)
-    presence.publish(_local_url(bind, config.port))
+    host.api_port = _bound_port(api, config.port)
+    presence.publish(_local_url(bind, host.api_port))
     granted = host.identity.addresses[0]
     if _loopback(bind) and not _loopback(granted):
         log.warning(
@@ -123,8 +138,8 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the line: a signal on it stops cleanly
         loop.add_signal_handler(signum, stop.set)
     print(
-        f"winserver {host.identity.name}: API https://{bind}:{config.port}{API_PREFIX}, "
-        f"NBD with TLS on {bind}:{listening}",
+        f"winserver {host.identity.name}: API https://{bind}:{host.api_port}{API_PREFIX}, "
+        f"NBD with TLS on {bind}:{host.nbd_port}",
         flush=True,
     )
     try:

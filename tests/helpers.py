@@ -1,0 +1,79 @@
+"""Helpers every test package uses: waiting for a condition, and ports.
+
+Waiting: :func:`wait_until` is the one polling loop of the tests – it returns what the
+condition returned once it is true, and fails the test naming what it awaited when the
+time is up. A test that checks that something did *not* happen waits for a positive sign
+that the system went past the point where it would have (a later log line, a state, a
+counter) rather than sleeping a fixed time.
+
+Ports: a daemon the tests start picks its own port (``--port 0``, ``--listen
+127.0.0.1:0``, ``--api-port 0``) and says which one it bound; the fixtures read it back.
+:func:`free_port` is only for programs that cannot do that, and :func:`refused_port` for
+"nobody listens there".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = ["free_port", "listening", "refused_port", "wait_until"]
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float = 30.0,
+    message: str | Callable[[], str] = "the condition",
+    interval: float = 0.02,
+) -> T:
+    """Call *condition* until it returns something true, and return that; AssertionError
+    ``timed out after N s waiting for MESSAGE`` when *timeout* seconds pass first (a
+    callable *message* is called then, so it can show the state at that moment). An
+    exception *condition* raises propagates: a condition that can fail while the system
+    settles catches what it expects itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            what = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago: bound, read and released, so
+    another process may take it before the program the test starts binds it. Only for
+    programs that cannot choose a port themselves and say which (PostgreSQL, SeaweedFS,
+    ``qemu-nbd``); our daemons and moto take port 0 and report the port they bound."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A TCP port of 127.0.0.1 where a connection is refused, for as long as the block
+    runs: bound by this socket but not listening, so no other process can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+def listening(port: int) -> set[str]:
+    """The IPv4 addresses on which a TCP socket of this machine listens on *port*."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, hex_port = fields[1].split(":")
+        if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
+    return found
