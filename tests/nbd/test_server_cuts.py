@@ -34,6 +34,9 @@ def test_cuts_mid_reply_end_the_connection_quietly(tmp_path: Path, caplog: pytes
                 "port": proxy.port,
                 "export_name": "d",
                 "cert": pki.server_cert.read_text(),
+                "size": SIZE,
+                "read_only": False,
+                "expires": "2099-01-01T00:00:00Z",
             }
             for trial in range(8):
                 with wddk.open(access, connections=1, retry=wddk.NEVER) as disk:

@@ -46,6 +46,9 @@ def proxied(pki: Pki, disk_data: bytes) -> Iterator[tuple[FaultProxy, dict[str, 
                 "port": proxy.port,
                 "export_name": "grant",
                 "cert": pki.server_cert.read_text(),
+                "size": SIZE,
+                "read_only": False,
+                "expires": "2099-01-01T00:00:00Z",
             }
             yield proxy, access, export
 

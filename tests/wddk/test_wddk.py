@@ -174,6 +174,7 @@ def test_access_info_with_pinned_certificate(tmp_path: Path) -> None:
             "cert": pki.server_cert.read_text(),
             "size": SIZE,
             "read_only": True,
+            "expires": "2099-01-01T00:00:00Z",
         }
         with wddk.open(info) as disk:
             assert disk.read(0, 6) == b"secret"

@@ -28,6 +28,8 @@ import pydantic
 from agentless.nbd.uri import NbdUri, parse_uri
 from agentless.wire import AccessInfo
 
+from .errors import AccessError
+
 __all__ = ["Access", "resolve_access"]
 
 
@@ -48,7 +50,7 @@ def resolve_access(
     """Normalise what a caller gave: a URI string, a parsed URI, access info (the model,
     or the JSON object of one).
 
-    Raises ValueError naming the missing or malformed field.
+    Raises :class:`.errors.AccessError` (a ValueError) naming the missing or malformed field.
     """
     if isinstance(access, Access):
         return access
@@ -63,7 +65,9 @@ def resolve_access(
             first = error.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             if first["type"] == "missing":
-                raise ValueError(f"access info lacks {field!r}") from None
-            raise ValueError(f"access info: bad {field} {first.get('input')!r}: {first['msg']}") from None
+                raise AccessError(f"access info lacks {field!r}", field) from None
+            raise AccessError(
+                f"access info: bad {field} {first.get('input')!r}: {first['msg']}", field
+            ) from None
     uri = NbdUri(export=access.export_name, tls=True, host=access.address, port=access.port)
     return Access(uri, cert=access.cert, size=access.size, read_only=access.read_only, expires=access.expires)

@@ -5,7 +5,8 @@
     wddk copy SRC DST                 either side an NBD URI or a local raw file
 
 ``nbds://`` URIs need ``--tls-cert PEM`` (the server certificate to pin). Exit codes: 0
-success, 1 failure (one line on stderr), 2 wrong command line.
+success, 1 failure (one line on stderr), 2 wrong command line, 130 cancelled or
+interrupted (not a failure).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from typing import Any
 
 from agentless import __version__
 from agentless.commands import emit, run_handler
-from agentless.nbd.errors import NbdError
 from agentless.nbd.protocol import BASE_ALLOCATION, QEMU_DIRTY_BITMAP
 from agentless.nbd.uri import parse_uri
 from agentless.units import format_size
 
 from .disk import Disk
 from .disk import open as wddk_open
+from .errors import FAILURES, Cancelled
 from .transfer import Transfer
 
 __all__ = ["main"]
@@ -99,8 +100,29 @@ def _progress(enabled: bool) -> Any:
 
 
 def _cmd_copy(args: argparse.Namespace) -> int:
-    src_uri, dst_uri = _is_uri(args.src), _is_uri(args.dst)
     progress = _progress(sys.stderr.isatty() and not args.json)
+    try:
+        transfer = _copy(args, progress)
+    except Cancelled as cancelled:  # a cancel, not a failure
+        if progress:
+            print(file=sys.stderr)
+        print(f"wddk: {cancelled}", file=sys.stderr)
+        return 130
+    if progress:
+        print(file=sys.stderr)
+    document = {
+        "source": args.src,
+        "target": args.dst,
+        "bytes": transfer.size,
+        "bytes_skipped": transfer.skipped,
+        "seconds": round(transfer.seconds, 3),
+    }
+    emit(args, document, f"copied {format_size(transfer.size)} in {transfer.seconds:.2f}s")
+    return 0
+
+
+def _copy(args: argparse.Namespace, progress: Any) -> Transfer:
+    src_uri, dst_uri = _is_uri(args.src), _is_uri(args.dst)
     contexts = (BASE_ALLOCATION, args.context)
     transfer: Transfer
     if src_uri and dst_uri:
@@ -115,17 +137,7 @@ def _cmd_copy(args: argparse.Namespace) -> int:
             transfer = target.copy_from(args.src, progress=progress)
     else:
         args.parser.error("one side of the copy must be an NBD URI")
-    if progress:
-        print(file=sys.stderr)
-    document = {
-        "source": args.src,
-        "target": args.dst,
-        "bytes": transfer.size,
-        "bytes_skipped": transfer.skipped,
-        "seconds": round(transfer.seconds, 3),
-    }
-    emit(args, document, f"copied {format_size(transfer.size)} in {transfer.seconds:.2f}s")
-    return 0
+    return transfer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_handler("wddk", args, (NbdError, ValueError, PermissionError))
+    return run_handler("wddk", args, (*FAILURES, ValueError, PermissionError))
 
 
 if __name__ == "__main__":

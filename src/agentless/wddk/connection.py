@@ -41,9 +41,11 @@ from collections.abc import Callable, Sequence
 
 from agentless.nbd.client import Client
 from agentless.nbd.connection import Bytes
-from agentless.nbd.errors import ConnectionLost, NbdError, NegotiationError, RequestError
+from agentless.nbd.errors import ConnectionLost, NegotiationError, RequestError
 from agentless.nbd.protocol import BASE_ALLOCATION, NBD_CMD_READ, NBD_CMD_WRITE
 from agentless.nbd.uri import SECRET_LENGTH, NbdUri
+
+from .errors import ExportChanged
 
 __all__ = ["NEVER", "Connection", "Retry"]
 
@@ -311,7 +313,7 @@ class Connection:
             client.size != self.client.size or client.contexts.keys() != self.client.contexts.keys()
         ):
             client.close()
-            raise NbdError(f"{self.where}: the export changed across a reconnection")
+            raise ExportChanged(self.where)
         return client
 
     @property

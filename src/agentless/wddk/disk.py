@@ -21,6 +21,7 @@ from agentless.wire import AccessInfo
 
 from .access import Access, resolve_access
 from .connection import Connection, Retry
+from .errors import AccessError
 from .extents import Extent, wanted
 from .transfer import Progress, Transfer
 
@@ -155,11 +156,11 @@ def open(
     for that long counts as a lost connection. *retry* says how lost connections are made
     again (default :class:`Retry()`; ``wddk.NEVER`` never). Raises
     :class:`agentless.nbd.NbdError` subclasses on failure, after closing whatever was
-    opened.
+    opened, and :class:`.errors.AccessError` for access it cannot use.
     """
     resolved = resolve_access(access, cert)
     if resolved.uri.tls and not resolved.cert:
-        raise ValueError("a TLS URI needs the server certificate to pin (cert=...)")
+        raise AccessError("a TLS URI needs the server certificate to pin (cert=...)", "cert")
     wanted_contexts = tuple(dict.fromkeys((BASE_ALLOCATION, *contexts)))
     policy = Retry() if retry is None else retry
     clients: list[Connection] = []

@@ -28,11 +28,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agentless.fileio import pread_into, pwrite_all
-from agentless.nbd.errors import NbdError
 from agentless.nbd.protocol import BASE_ALLOCATION
 from agentless.sparse import data_ranges, is_zero
 
 from .connection import Connection
+from .errors import Cancelled, DiskTooSmall, ReadOnlyDisk
 from .extents import wanted
 
 if TYPE_CHECKING:
@@ -42,10 +42,6 @@ __all__ = ["PIECE", "Cancelled", "Progress", "Transfer"]
 
 PIECE = 1024 * 1024  # measured: 1 MiB pieces over 4 connections beat 4 MiB ones (see docs/performance.md)
 Progress = Callable[[int, int], None]
-
-
-class Cancelled(NbdError):
-    """The transfer was cancelled; what was moved before stays moved."""
 
 
 @dataclasses.dataclass
@@ -77,7 +73,8 @@ class Transfer:
         self.skipped = 0  # bytes found to be zero and not written
         self.seconds = 0.0
         self._progress = progress
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # the caller's cancel()
+        self._stop = threading.Event()  # workers stop: cancelled, or one of them failed
         self._lock = threading.Lock()
         self.durable = False  # fsync the local file (download) when done
 
@@ -93,11 +90,13 @@ class Transfer:
     @classmethod
     def upload(cls, disk: Disk, path: str, *, progress: Progress | None = None) -> Transfer:
         if disk.read_only:
-            raise PermissionError(f"{disk.access.uri}: the disk is read-only")
+            raise ReadOnlyDisk(disk.access.uri.shown())
         with open(path, "rb") as f:
             length = os.fstat(f.fileno()).st_size
             if length > disk.size:
-                raise ValueError(f"{path}: {length} bytes do not fit in the disk of {disk.size} bytes")
+                raise DiskTooSmall(
+                    f"{path}: {length} bytes do not fit in the disk of {disk.size} bytes", length, disk.size
+                )
             ranges = [(start, end - start) for start, end in data_ranges(f.fileno(), length)]
         return cls(disk, path, "upload", _cut(ranges), progress)
 
@@ -107,24 +106,32 @@ class Transfer:
     ) -> Transfer:
         """Disk to disk: the extents worth copying of *source* into the blank *target*."""
         if target.read_only:
-            raise PermissionError(f"{target.access.uri}: the disk is read-only")
+            raise ReadOnlyDisk(target.access.uri.shown())
         if target.size < source.size:
-            raise ValueError(f"target of {target.size} bytes is smaller than the source of {source.size}")
+            raise DiskTooSmall(
+                f"target of {target.size} bytes is smaller than the source of {source.size}",
+                source.size,
+                target.size,
+            )
         extents = [(e.offset, e.length) for e in source.extents(context) if wanted(context, e.flags)]
         return cls(source, str(target.access.uri), "copy", _cut(extents), progress, target=target)
 
     # ------------------------------------------------------------------ running
 
     def cancel(self) -> None:
-        """Stop taking new pieces; :meth:`run` raises :class:`Cancelled`."""
+        """Stop taking new pieces; :meth:`run` raises :class:`Cancelled` (unless every
+        piece was already moved)."""
         self._cancel.set()
+        self._stop.set()
 
     @property
     def cancelled(self) -> bool:
+        """The caller cancelled (a worker's failure is not a cancel)."""
         return self._cancel.is_set()
 
     def run(self) -> None:
-        """Move every piece; raises the first worker's error (after stopping the others)."""
+        """Move every piece; raises the first worker's error (after stopping the others),
+        or :class:`Cancelled` – not a failure – when :meth:`cancel` stopped it early."""
         started = time.monotonic()
         if self.direction == "download":
             flags = os.O_WRONLY | os.O_CREAT
@@ -150,7 +157,7 @@ class Transfer:
             self.target.flush()
         self.seconds = time.monotonic() - started
         if self._cancel.is_set() and self.done < self.size:
-            raise Cancelled(f"transfer cancelled after {self.done} of {self.size} bytes")
+            raise Cancelled(self.done, self.size)
 
     def _run_workers(self, fd: int) -> None:
         work: queue.SimpleQueue[_Piece] = queue.SimpleQueue()
@@ -187,7 +194,7 @@ class Transfer:
         buf = bytearray(PIECE)
         view = memoryview(buf)
         try:
-            while not self._cancel.is_set() and not errors:
+            while not self._stop.is_set() and not errors:
                 try:
                     piece = work.get_nowait()
                 except queue.Empty:
@@ -213,7 +220,7 @@ class Transfer:
                 self._advance(piece.length, skipped)
         except BaseException as error:  # handed to run(), which raises it
             errors.append(error)
-            self._cancel.set()
+            self._stop.set()
 
     def _advance(self, n: int, skipped: int) -> None:
         with self._lock:
