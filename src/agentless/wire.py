@@ -306,6 +306,7 @@ class SnapshotTaken(Wire):
     name: str
     created: str
     disks: list[SnapshotDisk]
+    online: bool | None = Field(default=None, description="true: taken while the VM ran")
 
 
 class SnapshotDeleted(Wire):

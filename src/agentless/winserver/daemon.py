@@ -37,6 +37,7 @@ from agentless.nbd.server import NbdServer
 from agentless.nbd.tls import server_context
 
 from .api import API_PREFIX, make_app
+from .errors import PowerState
 from .grants import GrantExports, Grants
 from .host import Host, HostError, check_max_chain_depth
 from .presence import DaemonPresence
@@ -106,8 +107,8 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
     host.nbd_port = await server.serve_tcp(bind, host.nbd_port)  # port 0: the one it picked
     runtime = Runtime(host)
     for vm in list_vms(host):  # recovery: the datapaths of running VMs come back
-        if vm["power_state"] == "running":
-            await runtime.start(vm["uuid"])
+        if vm.power_state == PowerState.RUNNING:
+            await runtime.start(vm.uuid)
     config = uvicorn.Config(
         make_app(host, grants, runtime, asyncio.get_running_loop(), presence.local_token, exports),
         host=bind,

@@ -19,15 +19,16 @@ import secrets
 import threading
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 from sqlalchemy import select
 
 from agentless import vhd
 from agentless.nbd.exports import Export, VhdExport
+from agentless.wire import GrantInfo
 
 from .cbt import ChangedBlockTracker, cbt_path
 from .datapath import TrackedExport, snapshot_export
+from .errors import GrantError
 from .metadata import Grant, Metadata, Vdi
 
 DIRTY_BITMAP_NAME = "cbt"  # the export offers qemu:dirty-bitmap:cbt
@@ -37,10 +38,6 @@ __all__ = ["Grant", "GrantError", "GrantExports", "Grants"]
 DEFAULT_LIFETIME = datetime.timedelta(hours=12)
 
 _OPEN_ATTEMPTS = 3  # lookups of a grant's file in a row (see GrantExports.__call__)
-
-
-class GrantError(Exception):
-    """A grant that cannot be made (unknown VDI, bad lifetime); nothing was changed."""
 
 
 def _now() -> int:
@@ -63,7 +60,7 @@ class Grants:
         read_only: bool,
         lifetime: datetime.timedelta = DEFAULT_LIFETIME,
         dirty_bitmap: bytes | None = None,
-    ) -> dict[str, Any]:
+    ) -> GrantInfo:
         """A new grant on *vdi_uuid* for *backup_id*; returns its fields. A *dirty_bitmap*
         (CBT, 64 KiB blocks) is offered on the export as ``qemu:dirty-bitmap:cbt``."""
         seconds = int(lifetime.total_seconds())
@@ -87,17 +84,17 @@ class Grants:
             return self._fields(grant)
 
     @staticmethod
-    def _fields(grant: Grant) -> dict[str, Any]:
+    def _fields(grant: Grant) -> GrantInfo:
         expires = datetime.datetime.fromtimestamp(grant.expires, datetime.UTC)
-        return {
-            "uuid": grant.uuid,
-            "export_name": grant.export_name,
-            "vdi": grant.vdi_uuid,
-            "backup_id": grant.backup_id,
-            "read_only": grant.read_only,
-            "expires": expires.isoformat().replace("+00:00", "Z"),
-            "revoked": grant.revoked,
-        }
+        return GrantInfo(
+            uuid=grant.uuid,
+            export_name=grant.export_name,
+            vdi=grant.vdi_uuid,
+            backup_id=grant.backup_id,
+            read_only=grant.read_only,
+            expires=expires.isoformat().replace("+00:00", "Z"),
+            revoked=grant.revoked,
+        )
 
     def resolve(self, export_name: str) -> tuple[str, bool] | None:
         """(VDI path, read-only) for a live grant, None for an unknown, expired or revoked
@@ -121,7 +118,7 @@ class Grants:
                 return None
             return vdi.uuid, vdi.virtual_size
 
-    def writers(self, vdi_uuids: list[str]) -> list[dict[str, Any]]:
+    def writers(self, vdi_uuids: list[str]) -> list[GrantInfo]:
         """The live writable grants on any of *vdi_uuids* (a restore in progress)."""
         with self.metadata.session() as session:
             query = select(Grant).where(
@@ -171,7 +168,7 @@ class Grants:
         with self.metadata.session() as session:
             return set(session.scalars(select(Grant.export_name).where(Grant.revoked.is_(True))))
 
-    def list(self, backup_id: str | None = None) -> list[dict[str, Any]]:
+    def list(self, backup_id: str | None = None) -> list[GrantInfo]:
         with self.metadata.session() as session:
             query = select(Grant).order_by(Grant.expires)
             if backup_id is not None:

@@ -29,6 +29,7 @@ from typing import Any
 from agentless.lifetime import Closing
 from agentless.statedir import building, read_identity, write_pki, write_private
 
+from .errors import HostError
 from .metadata import Metadata, StorageRepository, new_uuid
 
 __all__ = ["HOST_MAGIC", "Host", "HostError", "check_max_chain_depth"]
@@ -38,10 +39,6 @@ HOST_VERSION = 1
 DEFAULT_API_PORT = 8443
 DEFAULT_NBD_PORT = 10809
 DEFAULT_MAX_CHAIN_DEPTH = 3
-
-
-class HostError(Exception):
-    """The host directory is missing, not a host, or of another version."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,22 +13,26 @@ import argparse
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import NoReturn, TypeVar
+
+from pydantic import BaseModel
 
 from agentless.commands import emit
 from agentless.nbd.errors import NbdError
 from agentless.units import format_size, size_argument
 from agentless.vhd import VhdError
+from agentless.wire import SrList, VmDeleted, VmInfo, VmList
 
 from .client import HostApiError, HostClient, HostUnreachable
-from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host, HostError
+from .errors import HostError, WinServerError
+from .host import DEFAULT_API_PORT, DEFAULT_MAX_CHAIN_DEPTH, DEFAULT_NBD_PORT, Host
 from .metadata import MetadataError
 from .presence import daemon_or_directory
 from .remoteaccess import prepare_backup, stop_remote_access, update_backup_id
 from .sminfo import sm_info
 from .snapshots import delete_snapshot, snapshot_vm
 from .storage import create_sr, list_srs
-from .vms import VmError, create_vm, delete_vm, describe_vm, list_vms
+from .vms import create_vm, delete_vm, describe_vm, list_vms
 
 __all__ = ["ERRORS", "add_commands", "host_directory"]
 
@@ -36,12 +40,18 @@ __all__ = ["ERRORS", "add_commands", "host_directory"]
 ERRORS: tuple[type[Exception], ...] = (
     VhdError,
     NbdError,
-    HostError,
+    WinServerError,
     MetadataError,
-    VmError,
     HostApiError,
     HostUnreachable,
 )
+
+T = TypeVar("T")
+
+
+def _json(answer: BaseModel) -> dict[str, object]:
+    """An answer as ``--json`` prints it: the host API's document, wire names."""
+    return answer.model_dump(mode="json", by_alias=True)
 
 
 def host_directory(args: argparse.Namespace) -> str:
@@ -62,7 +72,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         max_chain_depth=args.max_chain_depth,
     )
     with host:
-        document: dict[str, Any] = {
+        document: dict[str, object] = {
             "dir": host.directory,
             "uuid": host.identity.uuid,
             "name": host.identity.name,
@@ -78,11 +88,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vm_line(vm: dict[str, Any]) -> str:
-    disks = ", ".join(format_size(d["size"]) for d in vm["disks"])
-    memory = format_size(vm["memory"])
-    state = vm["power_state"]
-    return f"{vm['name']:<20} {vm['uuid']}  {state:<8} {vm['vcpus']} vCPU  {memory}  disks: {disks}"
+def _vm_line(vm: VmInfo) -> str:
+    disks = ", ".join(format_size(d.size) for d in vm.disks)
+    memory = format_size(vm.memory)
+    return f"{vm.name:<20} {vm.uuid}  {vm.power_state:<8} {vm.vcpus} vCPU  {memory}  disks: {disks}"
 
 
 def _cmd_sr_create(args: argparse.Namespace) -> int:
@@ -90,14 +99,14 @@ def _cmd_sr_create(args: argparse.Namespace) -> int:
     sr = _either(
         args, lambda api: api.create_sr(args.name, path), lambda host: create_sr(host, args.name, path)
     )
-    emit(args, sr, f"SR {sr['name']} ({sr['uuid']}) at {sr['path']}")
+    emit(args, _json(sr), f"SR {sr.name} ({sr.uuid}) at {sr.path}")
     return 0
 
 
 def _cmd_sr_list(args: argparse.Namespace) -> int:
     srs = _either(args, lambda api: api.list_srs(), list_srs)
-    lines = [f"{sr['name']:<16} {sr['uuid']}  {sr['vdis']:>4} VDIs  {sr['path']}" for sr in srs]
-    emit(args, {"srs": srs}, "\n".join(lines))
+    lines = [f"{sr.name:<16} {sr.uuid}  {sr.vdis:>4} VDIs  {sr.path}" for sr in srs]
+    emit(args, _json(SrList(srs=srs)), "\n".join(lines))
     return 0
 
 
@@ -111,28 +120,28 @@ def _cmd_vm_create(args: argparse.Namespace) -> int:
             host, args.name, args.disk, args.nic or [], args.vcpus, args.memory, not args.no_cbt, args.sr
         ),
     )
-    emit(args, vm, f"created VM {vm['name']} ({vm['uuid']})")
+    emit(args, _json(vm), f"created VM {vm.name} ({vm.uuid})")
     return 0
 
 
 def _cmd_vm_list(args: argparse.Namespace) -> int:
     vms = _either(args, lambda api: api.list_vms(), list_vms)
-    emit(args, {"vms": vms}, "\n".join(_vm_line(vm) for vm in vms) or "no VMs")
+    emit(args, _json(VmList(vms=vms)), "\n".join(_vm_line(vm) for vm in vms) or "no VMs")
     return 0
 
 
 def _cmd_vm_show(args: argparse.Namespace) -> int:
     vm = _either(args, lambda api: api.vm(args.name), lambda host: describe_vm(host, args.name))
     lines = [_vm_line(vm)]
-    lines += [f"  disk {d['position']}: {d['vdi']} {format_size(d['size'])} {d['path']}" for d in vm["disks"]]
-    lines += [f"  nic {n['position']}: {n['mac']} on {n['network']}" for n in vm["nics"]]
-    emit(args, vm, "\n".join(lines))
+    lines += [f"  disk {d.position}: {d.vdi} {format_size(d.size)} {d.path}" for d in vm.disks]
+    lines += [f"  nic {n.position}: {n.mac} on {n.network}" for n in vm.nics]
+    emit(args, _json(vm), "\n".join(lines))
     return 0
 
 
 def _cmd_vm_delete(args: argparse.Namespace) -> int:
     vm = _either(args, lambda api: api.delete_vm(args.name), lambda host: delete_vm(host, args.name))
-    emit(args, {"deleted": vm}, f"deleted VM {vm['name']} and its {len(vm['disks'])} disk(s)")
+    emit(args, _json(VmDeleted(deleted=vm)), f"deleted VM {vm.name} and its {len(vm.disks)} disk(s)")
     return 0
 
 
@@ -153,20 +162,14 @@ def _access(args: argparse.Namespace) -> Iterator[tuple[Host, HostClient | None]
             yield host, api
 
 
-def _either(
-    args: argparse.Namespace, remote: Callable[[HostClient], Any], local: Callable[[Host], Any]
-) -> Any:
-    """*remote* through the running daemon's API, or *local* on the directory if none runs."""
+def _either(args: argparse.Namespace, remote: Callable[[HostClient], T], local: Callable[[Host], T]) -> T:
+    """*remote* through the running daemon's API, or *local* on the directory if none runs
+    (both answer the same wire models)."""
     with _access(args) as (host, api):
-        if api is None:
-            return local(host)
-        answer = remote(api)
-        if isinstance(answer, list):
-            return [a.model_dump(mode="json", by_alias=True) for a in answer]
-        return answer.model_dump(mode="json", by_alias=True)
+        return local(host) if api is None else remote(api)
 
 
-def _needs_daemon(host: Host) -> Any:
+def _needs_daemon(host: Host) -> NoReturn:
     raise HostError(
         f"no daemon serves {host.directory}: start it with `winserver serve --dir {host.directory}`"
     )
@@ -178,20 +181,20 @@ def _cmd_vm_snapshot(args: argparse.Namespace) -> int:
         lambda api: api.snapshot_vm(args.name, args.snapshot_name),
         lambda host: snapshot_vm(host, args.name, args.snapshot_name),
     )
-    emit(args, snapshot, f"snapshot {snapshot['uuid']} of {len(snapshot['disks'])} disk(s)")
+    emit(args, _json(snapshot), f"snapshot {snapshot.uuid} of {len(snapshot.disks)} disk(s)")
     return 0
 
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
     vm = _either(args, lambda api: api.start_vm(args.name, args.driver), _needs_daemon)
-    sockets = ", ".join(str(d["guest_socket"]) for d in vm["disks"])
-    emit(args, vm, f"VM {vm['name']} running (driver {vm['driver']}); guest disks at {sockets}")
+    sockets = ", ".join(str(d.guest_socket) for d in vm.disks)
+    emit(args, _json(vm), f"VM {vm.name} running (driver {vm.driver}); guest disks at {sockets}")
     return 0
 
 
 def _cmd_vm_stop(args: argparse.Namespace) -> int:
     vm = _either(args, lambda api: api.stop_vm(args.name), _needs_daemon)
-    emit(args, vm, f"VM {vm['name']} halted")
+    emit(args, _json(vm), f"VM {vm.name} halted")
     return 0
 
 
@@ -202,7 +205,7 @@ def _cmd_vm_snapshot_delete(args: argparse.Namespace) -> int:
         lambda host: delete_snapshot(host, args.snapshot, keep_cbt=args.keep_cbt),
     )
     what = "reduced to CBT metadata" if args.keep_cbt else "deleted"
-    emit(args, result, f"snapshot {args.snapshot} {what}")
+    emit(args, _json(result), f"snapshot {args.snapshot} {what}")
     return 0
 
 
@@ -212,16 +215,17 @@ def _cmd_prepare_backup(args: argparse.Namespace) -> int:
         lambda api: api.prepare_backup(args.vm, args.backup_id, args.type, args.base_backup_id),
         lambda host: prepare_backup(host, args.vm, args.backup_id, args.type, args.base_backup_id),
     )
-    lines = [f"backup {result['backup_id']}: snapshot {result['snapshot']}"]
-    for disk in result["disks"]:
-        amount = format_size(sum(e["length"] for e in disk["extents"]))
-        why = f" ({disk['reason']})" if disk["reason"] else ""
-        access = disk["access"]
-        lines.append(
-            f"  disk {disk['position']}: {disk['type']}{why}, {amount} to read at "
-            f"nbds://{access['address']}:{access['port']}/{access['export_name']}"
+    lines = [f"backup {result.backup_id}: snapshot {result.snapshot}"]
+    for disk in result.disks:
+        amount = format_size(sum(e.length for e in disk.extents))
+        why = f" ({disk.reason})" if disk.reason else ""
+        where = (
+            f"nbds://{disk.access.address}:{disk.access.port}/{disk.access.export_name}"
+            if disk.access
+            else "-"
         )
-    emit(args, result, "\n".join(lines))
+        lines.append(f"  disk {disk.position}: {disk.type}{why}, {amount} to read at {where}")
+    emit(args, _json(result), "\n".join(lines))
     return 0
 
 
@@ -231,11 +235,11 @@ def _cmd_update_backup_id(args: argparse.Namespace) -> int:
         lambda api: api.update_backup_id(args.vdi, args.backup_id),
         lambda host: update_backup_id(host, args.vdi, args.backup_id),
     )
-    access = result["access"]
+    access = result.access
     emit(
         args,
-        result,
-        f"write access to {args.vdi}: nbds://{access['address']}:{access['port']}/{access['export_name']}",
+        _json(result),
+        f"write access to {args.vdi}: nbds://{access.address}:{access.port}/{access.export_name}",
     )
     return 0
 
@@ -246,18 +250,18 @@ def _cmd_stop_remote_access(args: argparse.Namespace) -> int:
         lambda api: api.stop_remote_access(args.backup_id, args.delete_snapshot),
         lambda host: stop_remote_access(host, args.backup_id, args.delete_snapshot),
     )
-    emit(args, result, f"{result['revoked']} grant(s) of {args.backup_id} revoked")
+    emit(args, _json(result), f"{result.revoked} grant(s) of {args.backup_id} revoked")
     return 0
 
 
 def _cmd_get_vdi_sm_info(args: argparse.Namespace) -> int:
     info = _either(args, lambda api: api.get_vdi_sm_info(args.vdi), lambda host: sm_info(host, args.vdi))
-    lines = [f"VDI {args.vdi}: {format_size(info['size'])}, chain depth {info['depth']}"]
-    for entry in info["chain"]:
-        blocks = entry.get("allocated_blocks", "-")
-        lines.append(f"  {entry['type']:<12} {entry['path']}  {blocks} blocks allocated")
-    lines.append(f"  {format_size(info['allocated'])} allocated in {len(info['extents'])} extents")
-    emit(args, info, "\n".join(lines))
+    lines = [f"VDI {args.vdi}: {format_size(info.size)}, chain depth {info.depth}"]
+    for entry in info.chain:
+        blocks = "-" if entry.allocated_blocks is None else entry.allocated_blocks
+        lines.append(f"  {entry.type:<12} {entry.path}  {blocks} blocks allocated")
+    lines.append(f"  {format_size(info.allocated)} allocated in {len(info.extents)} extents")
+    emit(args, _json(info), "\n".join(lines))
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -172,10 +173,18 @@ class MetadataError(Exception):
 
 
 class Metadata(Closing):
-    """The open database of one host. Use :meth:`session` for each change."""
+    """The open database of one host. Use :meth:`session` for each change.
+
+    One transaction at a time in this process (:attr:`_one`, re-entrant for a session
+    opened inside another in the same thread): SQLite's WAL lets readers run beside a
+    writer, but a transaction that read and then writes after another committed fails at
+    once with "database is locked" instead of waiting. Transactions here are short
+    (records only; files are merged and copied outside them), so a reader waits for
+    milliseconds at most."""
 
     def __init__(self, path: str | os.PathLike[str], create: bool = False):
         self.path = os.fspath(path)
+        self._one = threading.RLock()
         if not create and not os.path.exists(self.path):
             raise MetadataError(f"{self.path}: no metadata database (run `winserver init`)")
         if create:
@@ -200,7 +209,7 @@ class Metadata(Closing):
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back on an exception."""
-        with self._sessions() as session, session.begin():
+        with self._one, self._sessions() as session, session.begin():
             yield session
 
     def close(self) -> None:

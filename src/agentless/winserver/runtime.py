@@ -9,6 +9,13 @@ a short wait::
 
     guest ─▶ LiveDisk ─┬─ pause ─ flush ─ new leaf ─ switch ─ CBT snapshot ─ resume ─▶
                        └─ requests arriving meanwhile wait, none fails
+
+Locking: every method that changes a VM (:meth:`Runtime.start`, :meth:`~Runtime.stop`,
+:meth:`~Runtime.snapshot`, :meth:`~Runtime.delete_snapshot`, :meth:`~Runtime.collect_vm`)
+expects its caller to hold that VM's lock (``runtime.locks.vm(uuid)``, :mod:`.locks`), so
+that two VMs' work runs side by side and one VM's is serialised; :meth:`Runtime.collect`
+takes each VM's lock in turn itself. The coroutines run on the daemon's loop and never
+take a lock there: the API's worker threads hold them around the call.
 """
 
 from __future__ import annotations
@@ -21,17 +28,19 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from agentless.nbd.exports import VhdExport
 from agentless.nbd.server import NbdServer
+from agentless.wire import SnapshotDeleted, SnapshotTaken, VmInfo
 
 from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError
+from .errors import ConflictError, PowerState, VmError
 from .host import Host
+from .locks import Locks
 from .metadata import Vm, VmSnapshot
 from .snapshots import collect_garbage, delete_snapshot, refuse_if_restoring, snapshot_vm
-from .vms import ConflictError, VmError, describe_vm, find_vm
+from .vms import describe_vm, find_vm, owner_of
 
 __all__ = ["LiveDisk", "Runtime"]
 
@@ -140,7 +149,7 @@ class _Running:
     qemu: asyncio.subprocess.Process | None = None
 
 
-def qemu_command(vm: dict[str, Any], sockets: list[str]) -> list[str]:
+def qemu_command(vm: VmInfo, sockets: list[str]) -> list[str]:
     """``qemu-system-x86_64`` on the VM's disk sockets: KVM when present, TCG otherwise,
     no display; virtio disks and user-mode NICs with the VM's MAC addresses."""
     binary = shutil.which("qemu-system-x86_64")
@@ -149,13 +158,13 @@ def qemu_command(vm: dict[str, Any], sockets: list[str]) -> list[str]:
     args = [
         binary,
         "-name",
-        vm["name"],
+        vm.name,
         "-machine",
         "accel=kvm:tcg",
         "-m",
-        str(vm["memory"] >> 20),
+        str(vm.memory >> 20),
         "-smp",
-        str(vm["vcpus"]),
+        str(vm.vcpus),
         "-nodefaults",
         "-display",
         "none",
@@ -171,20 +180,21 @@ def qemu_command(vm: dict[str, Any], sockets: list[str]) -> list[str]:
             "-device",
             f"virtio-blk-pci,drive=disk{position}",
         ]
-    for nic in vm["nics"]:
-        args += ["-netdev", f"user,id=net{nic['position']}"]
-        args += ["-device", f"virtio-net-pci,netdev=net{nic['position']},mac={nic['mac']}"]
+    for nic in vm.nics:
+        args += ["-netdev", f"user,id=net{nic.position}"]
+        args += ["-device", f"virtio-net-pci,netdev=net{nic.position},mac={nic.mac}"]
     return args
 
 
 class Runtime:
-    """The running VMs of a host; lives in the daemon, on its event loop."""
+    """The running VMs of a host; lives in the daemon, on its event loop. *locks* are the
+    daemon's per-VM locks (:mod:`.locks`)."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: Host, locks: Locks | None = None):
         self.host = host
+        self.locks = locks or Locks()
         self._vms: dict[str, _Running] = {}
-        self.lock = asyncio.Lock()
-        self._garbage = False  # snapshot data dropped, not yet merged out of the chains
+        self._garbage: set[str] = set()  # VMs whose dropped snapshot data wait to be merged
 
     def _socket(self, vm_uuid: str, position: int) -> str:
         path = self.host.guest_socket(vm_uuid, position)
@@ -198,8 +208,8 @@ class Runtime:
             return {}
         vm = describe_vm(self.host, vm_uuid)
         return {
-            d["vdi"]: disk.tracker
-            for d, disk in zip(vm["disks"], running.disks, strict=True)
+            d.vdi: disk.tracker
+            for d, disk in zip(vm.disks, running.disks, strict=True)
             if disk.tracker is not None
         }
 
@@ -210,12 +220,13 @@ class Runtime:
         writes (footer, bitmap, BAT entry), and a reader opening the file between them
         sees a BAT entry past the footer it read. For any thread; nothing to do for a VDI
         no running VM serves."""
+        with self.host.metadata.session() as session:
+            vm_uuid = owner_of(session, vdi_uuid)
+        running = self._vms.get(vm_uuid) if vm_uuid is not None else None
         found = None
-        for vm_uuid, running in list(self._vms.items()):
-            disks = describe_vm(self.host, vm_uuid)["disks"]
-            found = next((d for s, d in zip(disks, running.disks, strict=True) if s["vdi"] == vdi_uuid), None)
-            if found is not None:
-                break
+        if vm_uuid is not None and running is not None:
+            disks = describe_vm(self.host, vm_uuid).disks
+            found = next((d for s, d in zip(disks, running.disks, strict=True) if s.vdi == vdi_uuid), None)
         if found is None:
             yield
             return
@@ -225,60 +236,58 @@ class Runtime:
         finally:
             found.resume()
 
-    async def start(self, ref: str, driver: str | None = None) -> dict[str, Any]:
+    async def start(self, ref: str, driver: str | None = None) -> VmInfo:
         """Serve the VM's disks (and with driver ``qemu`` boot qemu on them); *driver*
-        defaults to how the VM last ran."""
-        async with self.lock:
-            vm = describe_vm(self.host, ref)
-            if vm["uuid"] in self._vms:
-                raise ConflictError(f"VM {vm['name']!r} is running")
-            driver = driver or vm["driver"]
-            if driver not in ("none", "qemu"):
-                raise VmError(f"unknown driver {driver!r} (none or qemu)")
-            refuse_if_restoring(self.host, vm["name"], [d["vdi"] for d in vm["disks"]])
-            running = _Running([], [], [])
-            try:
-                for disk in vm["disks"]:
-                    tracker = None
-                    if disk["cbt_enabled"]:
-                        path = cbt_path(os.path.dirname(disk["path"]), disk["vdi"])
-                        tracker = ChangedBlockTracker.open(path, disk["vdi"], disk["size"])
-                    live = LiveDisk(disk["path"], tracker)
-                    running.disks.append(live)
-                    server = NbdServer({"": live})
-                    socket_path = self._socket(vm["uuid"], disk["position"])
-                    await server.serve_unix(socket_path)
-                    running.servers.append(server)
-                    running.sockets.append(socket_path)
-                if driver == "qemu":
-                    running.qemu = await asyncio.create_subprocess_exec(
-                        *qemu_command(vm, running.sockets),
-                        stdin=asyncio.subprocess.DEVNULL,
-                        stdout=asyncio.subprocess.DEVNULL,
-                        stderr=asyncio.subprocess.DEVNULL,
-                    )
-            except BaseException:
-                await self._teardown(running)
-                raise
-            self._vms[vm["uuid"]] = running
-            self._set_state(vm["uuid"], "running", driver)
-            return self.describe(vm["uuid"])
+        defaults to how the VM last ran. The caller holds the VM's lock."""
+        vm = describe_vm(self.host, ref)
+        if vm.uuid in self._vms:
+            raise ConflictError(f"VM {vm.name!r} is running")
+        driver = driver or vm.driver
+        if driver not in ("none", "qemu"):
+            raise VmError(f"unknown driver {driver!r} (none or qemu)")
+        refuse_if_restoring(self.host, vm.name, [d.vdi for d in vm.disks])
+        running = _Running([], [], [])
+        try:
+            for disk in vm.disks:
+                tracker = None
+                if disk.cbt_enabled:
+                    path = cbt_path(os.path.dirname(disk.path), disk.vdi)
+                    tracker = ChangedBlockTracker.open(path, disk.vdi, disk.size)
+                live = LiveDisk(disk.path, tracker)
+                running.disks.append(live)
+                server = NbdServer({"": live})
+                socket_path = self._socket(vm.uuid, disk.position)
+                await server.serve_unix(socket_path)
+                running.servers.append(server)
+                running.sockets.append(socket_path)
+            if driver == "qemu":
+                running.qemu = await asyncio.create_subprocess_exec(
+                    *qemu_command(vm, running.sockets),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+        except BaseException:
+            await self._teardown(running)
+            raise
+        self._vms[vm.uuid] = running
+        self._set_state(vm.uuid, PowerState.RUNNING, driver)
+        return self.describe(vm.uuid)
 
-    async def stop(self, ref: str) -> dict[str, Any]:
-        async with self.lock:
-            vm = describe_vm(self.host, ref)
-            running = self._vms.pop(vm["uuid"], None)
-            if running is not None:
-                await self._teardown(running)
-            self._set_state(vm["uuid"], "halted")
-            return self.describe(vm["uuid"])
+    async def stop(self, ref: str) -> VmInfo:
+        """Stop the VM's datapath (and qemu); the caller holds the VM's lock."""
+        vm = describe_vm(self.host, ref)
+        running = self._vms.pop(vm.uuid, None)
+        if running is not None:
+            await self._teardown(running)
+        self._set_state(vm.uuid, PowerState.HALTED)
+        return self.describe(vm.uuid)
 
     async def shutdown(self) -> None:
         """Close every datapath cleanly (CBT stays valid) but leave the VMs marked running,
-        so that the daemon's next start brings them back."""
-        async with self.lock:
-            for vm_uuid in list(self._vms):
-                await self._teardown(self._vms.pop(vm_uuid))
+        so that the daemon's next start brings them back. Run once the API has stopped."""
+        for vm_uuid in list(self._vms):
+            await self._teardown(self._vms.pop(vm_uuid))
 
     async def _teardown(self, running: _Running) -> None:
         if running.qemu is not None and running.qemu.returncode is None:
@@ -297,7 +306,7 @@ class Runtime:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)
 
-    def _set_state(self, vm_uuid: str, state: str, driver: str | None = None) -> None:
+    def _set_state(self, vm_uuid: str, state: PowerState, driver: str | None = None) -> None:
         with self.host.metadata.session() as session:
             vm = session.get(Vm, vm_uuid)
             if vm is not None:
@@ -305,98 +314,107 @@ class Runtime:
                 if driver is not None:
                     vm.driver = driver
 
-    def describe(self, ref: str) -> dict[str, Any]:
+    def describe(self, ref: str) -> VmInfo:
         """The VM as the host knows it, plus for a running one the guest's live state: its
         qemu process and the NBD connections on each disk."""
         vm = describe_vm(self.host, ref)
-        running = self._vms.get(vm["uuid"])
+        running = self._vms.get(vm.uuid)
         if running is not None:
             alive = running.qemu is not None and running.qemu.returncode is None
-            vm["qemu_pid"] = running.qemu.pid if running.qemu is not None and alive else None
-            for disk, server in zip(vm["disks"], running.servers, strict=True):
-                disk["guest_connections"] = server.connection_count
+            vm.qemu_pid = running.qemu.pid if running.qemu is not None and alive else None
+            for disk, server in zip(vm.disks, running.servers, strict=True):
+                disk.guest_connections = server.connection_count
         return vm
 
     @property
     def garbage_pending(self) -> bool:
         """Whether dropped snapshot data still wait to be merged out of the chains."""
-        return self._garbage
+        return bool(self._garbage)
 
-    async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> dict[str, Any]:
+    async def delete_snapshot(self, snapshot_uuid: str, keep_cbt: bool = False) -> SnapshotDeleted:
         """Delete (or reduce to CBT metadata) a snapshot: the records change at once, the
         chains later, in :meth:`collect` (the API runs it in the background), so that the
-        caller does not wait for the merge of the snapshot's data."""
-        async with self.lock:
-            with self.host.metadata.session() as session:
-                snapshot = session.get(VmSnapshot, snapshot_uuid)
-                vm_uuid = snapshot.vm_uuid if snapshot is not None else None
-            running = vm_uuid is not None and vm_uuid in self._vms
-            result = await asyncio.to_thread(
-                delete_snapshot, self.host, snapshot_uuid, keep_cbt, running, False
-            )
-            self._garbage = True
-            return result
+        caller does not wait for the merge of the snapshot's data. The caller holds the
+        lock of the snapshot's VM (:meth:`snapshot_owner`)."""
+        vm_uuid = self.snapshot_owner(snapshot_uuid)
+        running = vm_uuid is not None and vm_uuid in self._vms
+        result = await asyncio.to_thread(delete_snapshot, self.host, snapshot_uuid, keep_cbt, running, False)
+        if vm_uuid is not None:
+            self._garbage.add(vm_uuid)
+        return result
 
-    async def collect(self) -> int:
-        """Merge out of the chains what deleted snapshots left (:func:`.snapshots.
-        collect_garbage`); files removed. For a running VM the files under the guest's leaves
-        are merged while it keeps working (its leaves are never merged); then a short pause
-        reopens its shortened chains."""
-        async with self.lock:
-            return await self._collect()
+    def snapshot_owner(self, snapshot_uuid: str) -> str | None:
+        """The uuid of the VM of snapshot *snapshot_uuid*; None for an unknown snapshot."""
+        with self.host.metadata.session() as session:
+            snapshot = session.get(VmSnapshot, snapshot_uuid)
+            return snapshot.vm_uuid if snapshot is not None else None
 
-    async def _collect(self) -> int:
-        """:meth:`collect`, holding the lock."""
-        if not self._garbage:
+    def collect(self) -> int:
+        """Merge out of the chains what deleted snapshots left, one VM at a time, each
+        under its VM's lock (:meth:`collect_vm`); files removed. For a thread of its own
+        (the API's collector): it waits for each VM's lock, and a merge takes long."""
+        removed = 0
+        for vm_uuid in sorted(self._garbage.copy()):  # the loop may add to it meanwhile
+            with self.locks.vm(vm_uuid):
+                removed += self.collect_vm(vm_uuid)
+        return removed
+
+    def collect_vm(self, vm_uuid: str) -> int:
+        """Merge out of VM *vm_uuid*'s chains what its deleted snapshots left
+        (:func:`.snapshots.collect_garbage`); files removed. The caller holds the VM's lock.
+        For a running VM the files under the guest's leaves are merged while it keeps
+        working (its leaves are never merged); then a short pause reopens its shortened
+        chains. Runs in the calling thread."""
+        if vm_uuid not in self._garbage:
             return 0
-        self._garbage = False
+        self._garbage.discard(vm_uuid)
         changed: set[str] = set()
         try:
-            removed = await asyncio.to_thread(collect_garbage, self.host, True, changed)
+            removed = collect_garbage(self.host, True, changed, vm_uuid)
         except BaseException:
-            self._garbage = True  # tried again next time (every step of it is crash-safe)
+            self._garbage.add(vm_uuid)  # tried again next time (every step of it is crash-safe)
             raise
-        for vm_uuid, running in self._vms.items() if changed else ():
-            current = describe_vm(self.host, vm_uuid)["disks"]
-            if changed.isdisjoint(d["vdi"] for d in current):
-                continue
+        running = self._vms.get(vm_uuid)
+        if running is None or not changed:
+            return removed
+        current = describe_vm(self.host, vm_uuid).disks
+        for disk in running.disks:
+            disk.pause()
+        try:
+            for disk, state in zip(running.disks, current, strict=True):
+                disk.switch(state.path)
+        finally:
             for disk in running.disks:
-                await asyncio.to_thread(disk.pause)
-            try:
-                for disk, state in zip(running.disks, current, strict=True):
-                    disk.switch(state["path"])
-            finally:
-                for disk in running.disks:
-                    disk.resume()
+                disk.resume()
         return removed
 
     async def snapshot(
         self, ref: str, name: str | None = None, backup_id: str | None = None
-    ) -> dict[str, Any]:
-        """Snapshot a VM, online if it runs: every disk at one instant."""
-        async with self.lock:
-            try:
-                await self._collect()  # the chains as short as they can be before one grows
-            except Exception as error:  # the chain limit below says whether one more fits
-                log.warning("garbage collection before a snapshot failed: %s", error)
-            with self.host.metadata.session() as session:
-                vm_uuid = find_vm(session, ref).uuid
-            running = self._vms.get(vm_uuid)
-            if running is None:
-                return await asyncio.to_thread(snapshot_vm, self.host, vm_uuid, name, backup_id)
+    ) -> SnapshotTaken:
+        """Snapshot a VM, online if it runs: every disk at one instant. The caller holds
+        the VM's lock; the VM's own pending merge is done first."""
+        with self.host.metadata.session() as session:
+            vm_uuid = find_vm(session, ref).uuid
+        try:
+            await asyncio.to_thread(self.collect_vm, vm_uuid)  # its chains as short as they can be
+        except Exception as error:  # the chain limit below says whether one more fits
+            log.warning("garbage collection before a snapshot failed: %s", error)
+        running = self._vms.get(vm_uuid)
+        if running is None:
+            return await asyncio.to_thread(snapshot_vm, self.host, vm_uuid, name, backup_id)
+        for disk in running.disks:
+            await asyncio.to_thread(disk.pause)
+        try:
             for disk in running.disks:
-                await asyncio.to_thread(disk.pause)
-            try:
-                for disk in running.disks:
-                    disk._export.flush()
-                snapshot = await asyncio.to_thread(snapshot_vm, self.host, vm_uuid, name, backup_id, True)
-                current = describe_vm(self.host, vm_uuid)
-                for disk, state in zip(running.disks, current["disks"], strict=True):
-                    disk.switch(state["path"])
-                    if disk.tracker is not None:
-                        disk.tracker.snapshot(snapshot["uuid"])
-            finally:
-                for disk in running.disks:
-                    disk.resume()
-            snapshot["online"] = True
-            return snapshot
+                disk._export.flush()
+            snapshot = await asyncio.to_thread(snapshot_vm, self.host, vm_uuid, name, backup_id, True)
+            current = describe_vm(self.host, vm_uuid)
+            for disk, state in zip(running.disks, current.disks, strict=True):
+                disk.switch(state.path)
+                if disk.tracker is not None:
+                    disk.tracker.snapshot(snapshot.uuid)
+        finally:
+            for disk in running.disks:
+                disk.resume()
+        snapshot.online = True
+        return snapshot

@@ -8,17 +8,16 @@ answer stays small for large disks), plus the merged byte extents of the whole c
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from sqlalchemy.orm import Session
 
 from agentless import vhd
 from agentless.vhd.extents import runs
+from agentless.wire import ChainFile, Extent, SmInfo
 
+from .errors import NotFoundError
 from .host import Host
 from .metadata import Vdi
-from .vms import NotFoundError
 
 __all__ = ["find_vdi", "sm_info", "vdi_sm_info"]
 
@@ -40,37 +39,38 @@ def _block_runs(image: vhd.VhdImage) -> list[list[int]]:
     return [[int(s), int(e - s)] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
-def vdi_sm_info(path: str) -> dict[str, Any]:
-    """The chain of the VHD at *path*, read from the files."""
+def _chain_file(image: vhd.VhdImage) -> ChainFile:
+    """One file of a chain; the dynamic header's fields for dynamic and differencing ones."""
+    entry = ChainFile(
+        path=image.path, type=image.footer.type_name, unique_id=str(image.unique_id), size=image.size
+    )
+    header = image.header
+    if header is not None:
+        entry.block_size = image.block_size
+        entry.bat_entries = int(image.bat.size)
+        entry.allocated_blocks = int(image.allocated_blocks().size)
+        entry.block_runs = _block_runs(image)
+        if header.parent_unique_id is not None:
+            entry.parent_unique_id = str(header.parent_unique_id)
+    return entry
+
+
+def vdi_sm_info(path: str, vdi_uuid: str = "") -> SmInfo:
+    """The chain of the VHD at *path* (of VDI *vdi_uuid*), read from the files."""
     with vhd.Chain.open(path) as chain:
-        files = []
-        for image in chain.layers:
-            entry: dict[str, Any] = {
-                "path": image.path,
-                "type": image.footer.type_name,
-                "unique_id": str(image.unique_id),
-                "size": image.size,
-            }
-            if image.header is not None:
-                entry["block_size"] = image.block_size
-                entry["bat_entries"] = int(image.bat.size)
-                entry["allocated_blocks"] = int(image.allocated_blocks().size)
-                entry["block_runs"] = _block_runs(image)
-                if image.header.parent_unique_id is not None:
-                    entry["parent_unique_id"] = str(image.header.parent_unique_id)
-            files.append(entry)
         extents = chain.extents()
-        return {
-            "size": chain.size,
-            "depth": len(chain.layers),
-            "chain": files,
-            "allocated": sum(e.length for e in extents),
-            "extents": [{"offset": e.offset, "length": e.length} for e in extents],
-        }
+        return SmInfo(
+            vdi=vdi_uuid,
+            size=chain.size,
+            depth=len(chain.layers),
+            chain=[_chain_file(image) for image in chain.layers],
+            allocated=sum(e.length for e in extents),
+            extents=[Extent(offset=e.offset, length=e.length) for e in extents],
+        )
 
 
-def sm_info(host: Host, vdi_uuid: str) -> dict[str, Any]:
+def sm_info(host: Host, vdi_uuid: str) -> SmInfo:
     """``get_vdi_sm_info`` of a VDI of *host*: its chain, read from the files."""
     with host.metadata.session() as session:
         path = find_vdi(session, vdi_uuid).path
-    return {"vdi": vdi_uuid, **vdi_sm_info(path)}
+    return vdi_sm_info(path, vdi_uuid)

@@ -27,18 +27,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
 
 from sqlalchemy import select
 
 from agentless import vhd
+from agentless.wire import SnapshotDeleted, SnapshotDisk, SnapshotTaken
 
 from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CbtError
+from .errors import ConflictError, NotFoundError, PowerState, SnapshotState
 from .grants import Grants
 from .host import Host
 from .metadata import Grant, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
-from .vms import ConflictError, NotFoundError, find_vm, remove_files
+from .vms import find_vm, remove_files
 
 __all__ = [
     "collect_garbage",
@@ -47,6 +48,7 @@ __all__ = [
     "refuse_if_restoring",
     "snapshot_vm",
     "sweep_orphans",
+    "vms_with_disks",
 ]
 
 _TORN_READS = 5  # reads of a chain that looks corrupt before it is believed (_chain_paths)
@@ -58,7 +60,7 @@ def snapshot_vm(
     name: str | None = None,
     backup_id: str | None = None,
     allow_running: bool = False,
-) -> dict[str, Any]:
+) -> SnapshotTaken:
     """Snapshot every disk of the halted VM *ref* (for *backup_id*, if given); returns the
     snapshot's description. *allow_running* is for the daemon's runtime, which pauses the
     running VM's disks around this call and switches them to the new leaves."""
@@ -66,7 +68,7 @@ def snapshot_vm(
     try:
         with host.metadata.session() as session:
             vm = find_vm(session, ref)
-            if vm.power_state != "halted" and not allow_running:
+            if vm.power_state != PowerState.HALTED and not allow_running:
                 raise ConflictError(
                     f"VM {vm.name!r} is {vm.power_state}: online snapshots need the running host daemon"
                 )
@@ -102,23 +104,19 @@ def snapshot_vm(
                 session.add(snap)
                 vdi.path = leaf
                 disks.append(
-                    {
-                        "position": disk.position,
-                        "vdi": vdi.uuid,
-                        "snapshot_vdi": snap.uuid,
-                        "path": frozen,
-                        "size": vdi.virtual_size,
-                        "cbt_enabled": vdi.cbt_enabled,
-                    }
+                    SnapshotDisk(
+                        position=disk.position,
+                        vdi=vdi.uuid,
+                        snapshot_vdi=snap.uuid,
+                        path=frozen,
+                        size=vdi.virtual_size,
+                        cbt_enabled=vdi.cbt_enabled,
+                    )
                 )
             session.flush()
-            description = {
-                "uuid": snapshot.uuid,
-                "vm": vm.uuid,
-                "name": snapshot.name,
-                "created": snapshot.created,
-                "disks": disks,
-            }
+            description = SnapshotTaken(
+                uuid=snapshot.uuid, vm=vm.uuid, name=snapshot.name, created=snapshot.created, disks=disks
+            )
     except BaseException:
         remove_files(made)
         raise
@@ -133,25 +131,25 @@ def refuse_if_restoring(host: Host, vm_name: str, vdi_uuids: list[str]) -> None:
     writers = Grants(host.metadata).writers(vdi_uuids)
     if writers:
         raise ConflictError(
-            f"VM {vm_name!r} has disks open for writing (backup id {writers[0]['backup_id']!r}): "
+            f"VM {vm_name!r} has disks open for writing (backup id {writers[0].backup_id!r}): "
             "stop-remote-access first"
         )
 
 
-def _record_cbt(description: dict[str, Any]) -> None:
+def _record_cbt(description: SnapshotTaken) -> None:
     """Start a CBT generation at a halted VM's snapshot in each tracked disk's log (a
     running VM's runtime does this in its live trackers). A failure here leaves the
     snapshot unknown to CBT: an incremental backup from it is answered as a full one,
     with the reason."""
-    for disk in description["disks"]:
-        if not disk["cbt_enabled"]:
+    for disk in description.disks:
+        if not disk.cbt_enabled:
             continue
-        path = cbt_path(os.path.dirname(disk["path"]), disk["vdi"])
+        path = cbt_path(os.path.dirname(disk.path), disk.vdi)
         with (
             contextlib.suppress(CbtError),
-            ChangedBlockTracker.open(path, disk["vdi"], disk["size"]) as tracker,
+            ChangedBlockTracker.open(path, disk.vdi, disk.size) as tracker,
         ):
-            tracker.snapshot(description["uuid"])
+            tracker.snapshot(description.uuid)
 
 
 def delete_snapshot(
@@ -160,7 +158,7 @@ def delete_snapshot(
     keep_cbt: bool = False,
     allow_running: bool = False,
     collect: bool = True,
-) -> dict[str, Any]:
+) -> SnapshotDeleted:
     """Delete a VM snapshot; with *keep_cbt* keep its records as CBT metadata only
     (XenServer's ``VDI.data_destroy``), so that it can still be the base of an incremental
     backup. One transaction says the snapshot's data are no longer needed; then
@@ -174,19 +172,16 @@ def delete_snapshot(
             raise NotFoundError(f"no snapshot {snapshot_uuid!r}")
         vm = session.get(Vm, snapshot.vm_uuid)
         assert vm is not None
-        if vm.power_state != "halted" and not allow_running:
+        if vm.power_state != PowerState.HALTED and not allow_running:
             raise ConflictError(
                 f"VM {vm.name!r} is {vm.power_state}: snapshots of running VMs are deleted by the daemon"
             )
-        if snapshot.state == "cbt-only" and keep_cbt:
+        if snapshot.state == SnapshotState.CBT_ONLY and keep_cbt:
             raise ConflictError(f"snapshot {snapshot_uuid} already holds CBT metadata only")
         vdis = list(session.scalars(select(Vdi).where(Vdi.snapshot_group == snapshot.uuid)))
-        result = {
-            "uuid": snapshot_uuid,
-            "name": snapshot.name,
-            "kept_cbt": keep_cbt,
-            "vdis": [v.uuid for v in vdis],
-        }
+        result = SnapshotDeleted(
+            uuid=snapshot_uuid, name=snapshot.name, kept_cbt=keep_cbt, vdis=[v.uuid for v in vdis]
+        )
         for vdi in vdis:
             if keep_cbt:
                 vdi.data_destroyed = True
@@ -198,21 +193,31 @@ def delete_snapshot(
                 session.delete(vdi)
         session.flush()
         if keep_cbt:
-            snapshot.state = "cbt-only"
+            snapshot.state = SnapshotState.CBT_ONLY
         else:
             session.delete(snapshot)
-        running = vm.power_state != "halted"
+        running = vm.power_state != PowerState.HALTED
+        vm_uuid = vm.uuid
     if collect:
-        collect_garbage(host, keep_leaves=running)
+        collect_garbage(host, keep_leaves=running, vm_uuid=vm_uuid)
     return result
 
 
-def _chains(host: Host) -> list[tuple[str, list[str], bool]]:
-    """(disk VDI uuid, its chain leaf first, whether its VM runs) for every VM disk."""
+def vms_with_disks(host: Host) -> list[str]:
+    """The uuids of the VMs that have disks (whose chains :func:`collect_garbage` may
+    shorten), by uuid."""
+    with host.metadata.session() as session:
+        return list(session.scalars(select(VmDisk.vm_uuid).distinct().order_by(VmDisk.vm_uuid)))
+
+
+def _chains(host: Host, vm_uuid: str | None = None) -> list[tuple[str, list[str], bool]]:
+    """(disk VDI uuid, its chain leaf first, whether its VM runs) for every VM disk (of VM
+    *vm_uuid* only, if given)."""
+    query = select(VmDisk) if vm_uuid is None else select(VmDisk).where(VmDisk.vm_uuid == vm_uuid)
     with host.metadata.session() as session:
         disks = [
-            (disk.vdi.uuid, disk.vdi.path, disk.vm.power_state != "halted")
-            for disk in session.scalars(select(VmDisk))
+            (disk.vdi.uuid, disk.vdi.path, disk.vm.power_state != PowerState.HALTED)
+            for disk in session.scalars(query)
         ]
     chains = []
     for vdi_uuid, path, running in disks:
@@ -247,9 +252,13 @@ def _needed(host: Host) -> set[str]:
         return {os.path.abspath(p) for p in session.scalars(select(Vdi.path)) if p}
 
 
-def collect_garbage(host: Host, keep_leaves: bool = True, changed: set[str] | None = None) -> int:
-    """Remove from every disk's chain the files no VDI needs; returns how many went, and
-    adds to *changed* the VDI uuids of the disks whose chains are now different.
+def collect_garbage(
+    host: Host, keep_leaves: bool = True, changed: set[str] | None = None, vm_uuid: str | None = None
+) -> int:
+    """Remove from every disk's chain (of VM *vm_uuid*'s disks only, if given) the files no
+    VDI needs; returns how many went, and adds to *changed* the VDI uuids of the disks whose
+    chains are now different. A VM's chains hold no file of another VM's, so the daemon
+    collects one VM at a time, under that VM's lock (:mod:`.locks`).
 
     ::
 
@@ -268,7 +277,7 @@ def collect_garbage(host: Host, keep_leaves: bool = True, changed: set[str] | No
     while progress:
         progress = False
         needed = _needed(host)
-        for vdi_uuid, paths, running in _chains(host):
+        for vdi_uuid, paths, running in _chains(host, vm_uuid):
             for index in range(1, len(paths)):
                 x = paths[index]
                 if x in needed:

@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from agentless.wire import SrInfo
+
+from .errors import ConflictError, VmError
 from .host import Host
 from .metadata import StorageRepository, Vdi
-from .vms import ConflictError, VmError
 
 __all__ = ["create_sr", "list_srs", "make_private"]
 
 
-def _describe(host: Host, sr: StorageRepository, vdis: int) -> dict[str, Any]:
-    return {
-        "uuid": sr.uuid,
-        "name": sr.name,
-        "path": host.sr_path(sr),
-        "default": sr.is_default,
-        "vdis": vdis,
-    }
+def _describe(host: Host, sr: StorageRepository, vdis: int) -> SrInfo:
+    return SrInfo(uuid=sr.uuid, name=sr.name, path=host.sr_path(sr), default=sr.is_default, vdis=vdis)
 
 
-def create_sr(host: Host, name: str, path: str) -> dict[str, Any]:
+def create_sr(host: Host, name: str, path: str) -> SrInfo:
     """Register the directory *path* (made if missing, must be empty if it exists)."""
     if not name or len(name) > 255:
         raise VmError("an SR name is 1 to 255 characters")
@@ -49,13 +44,11 @@ def create_sr(host: Host, name: str, path: str) -> dict[str, Any]:
         return _describe(host, sr, 0)
 
 
-def list_srs(host: Host) -> list[dict[str, Any]]:
+def list_srs(host: Host) -> list[SrInfo]:
     with host.metadata.session() as session:
         srs = list(session.scalars(select(StorageRepository).order_by(StorageRepository.name)))
-        return [
-            _describe(host, sr, len(list(session.scalars(select(Vdi.uuid).where(Vdi.sr_uuid == sr.uuid)))))
-            for sr in srs
-        ]
+        counts = dict(session.execute(select(Vdi.sr_uuid, func.count()).group_by(Vdi.sr_uuid)).tuples())
+        return [_describe(host, sr, counts.get(sr.uuid, 0)) for sr in srs]
 
 
 def make_private(host: Host) -> int:

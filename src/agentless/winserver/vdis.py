@@ -18,19 +18,20 @@ of B instead when B still has data – never a silent gap.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from sqlalchemy import select
 
 from agentless import vhd
+from agentless.wire import ChangedBlocks, Extent, SnapshotInfo, VdiInfo
 
 from .cbt import ChangedBlockTracker, cbt_path
 from .cbtlog import CBT_BLOCK, CbtError, changed_extents, to_base64
+from .errors import ConflictError, NotFoundError
 from .grants import Grants
 from .host import Host
 from .metadata import Vdi, VmSnapshot
 from .sminfo import find_vdi
-from .vms import ConflictError, NotFoundError
+from .vms import owner_of
 
 __all__ = [
     "allocated_extents",
@@ -40,25 +41,26 @@ __all__ = [
     "list_changed_blocks",
     "list_snapshots",
     "list_vdis",
+    "vdi_owner",
 ]
 
 
-def _describe(vdi: Vdi) -> dict[str, Any]:
-    return {
-        "uuid": vdi.uuid,
-        "name": vdi.name,
-        "sr": vdi.sr_uuid,
-        "size": vdi.virtual_size,
-        "path": vdi.path or None,
-        "snapshot_of": vdi.snapshot_of,
-        "snapshot": vdi.snapshot_group,
-        "cbt_enabled": vdi.cbt_enabled,
-        "data_destroyed": vdi.data_destroyed,
-        "created": vdi.created,
-    }
+def _describe(vdi: Vdi) -> VdiInfo:
+    return VdiInfo(
+        uuid=vdi.uuid,
+        name=vdi.name,
+        sr=vdi.sr_uuid,
+        size=vdi.virtual_size,
+        path=vdi.path or None,
+        snapshot_of=vdi.snapshot_of,
+        snapshot=vdi.snapshot_group,
+        cbt_enabled=vdi.cbt_enabled,
+        data_destroyed=vdi.data_destroyed,
+        created=vdi.created,
+    )
 
 
-def list_vdis(host: Host, sr_uuid: str | None = None) -> list[dict[str, Any]]:
+def list_vdis(host: Host, sr_uuid: str | None = None) -> list[VdiInfo]:
     """Every VDI (disks and snapshots), oldest first; only those of one SR if given."""
     with host.metadata.session() as session:
         query = select(Vdi).order_by(Vdi.created, Vdi.uuid)
@@ -67,12 +69,19 @@ def list_vdis(host: Host, sr_uuid: str | None = None) -> list[dict[str, Any]]:
         return [_describe(vdi) for vdi in session.scalars(query)]
 
 
-def describe_vdi(host: Host, ref: str) -> dict[str, Any]:
+def vdi_owner(host: Host, vdi_uuid: str) -> str | None:
+    """The uuid of the VM whose disk is VDI *vdi_uuid*, or a snapshot of which it is (its
+    VmDisk row; one query, not a scan of every VM); None if no VM holds it."""
+    with host.metadata.session() as session:
+        return owner_of(session, vdi_uuid)
+
+
+def describe_vdi(host: Host, ref: str) -> VdiInfo:
     with host.metadata.session() as session:
         return _describe(find_vdi(session, ref))
 
 
-def list_snapshots(host: Host, vm_uuid: str | None = None) -> list[dict[str, Any]]:
+def list_snapshots(host: Host, vm_uuid: str | None = None) -> list[SnapshotInfo]:
     """Every VM snapshot (of one VM if given) with its state and snapshot VDIs."""
     with host.metadata.session() as session:
         query = select(VmSnapshot).order_by(VmSnapshot.created, VmSnapshot.uuid)
@@ -82,22 +91,22 @@ def list_snapshots(host: Host, vm_uuid: str | None = None) -> list[dict[str, Any
         for snapshot in session.scalars(query):
             vdis = session.scalars(select(Vdi.uuid).where(Vdi.snapshot_group == snapshot.uuid))
             snapshots.append(
-                {
-                    "uuid": snapshot.uuid,
-                    "vm": snapshot.vm_uuid,
-                    "name": snapshot.name,
-                    "created": snapshot.created,
-                    "state": snapshot.state,
-                    "backup_id": snapshot.backup_id,
-                    "vdis": list(vdis),
-                }
+                SnapshotInfo(
+                    uuid=snapshot.uuid,
+                    vm=snapshot.vm_uuid,
+                    name=snapshot.name,
+                    created=snapshot.created,
+                    state=snapshot.state,
+                    backup_id=snapshot.backup_id,
+                    vdis=list(vdis),
+                )
             )
         return snapshots
 
 
 def list_changed_blocks(
     host: Host, vdi_from: str, vdi_to: str, live: dict[str, ChangedBlockTracker] | None = None
-) -> dict[str, Any]:
+) -> ChangedBlocks:
     """The blocks changed between snapshot VDIs *vdi_from* and *vdi_to* of one disk.
     *live* holds the open trackers of running VMs' disks by disk VDI uuid (the daemon's);
     a halted disk's tracker is opened here, read-only in effect."""
@@ -114,13 +123,10 @@ def list_changed_blocks(
         disk_uuid, size, disk_path = disk.uuid, disk.virtual_size, disk.path
         groups = older.snapshot_group, newer.snapshot_group
         enabled, newer_path = disk.cbt_enabled, newer.path
-    answer: dict[str, Any] = {
-        "vdi": disk_uuid,
-        "from": vdi_from,
-        "to": vdi_to,
-        "block_size": CBT_BLOCK,
-        "size": size,
-    }
+    answer = ChangedBlocks.model_validate(
+        {"vdi": disk_uuid, "from": vdi_from, "to": vdi_to, "block_size": CBT_BLOCK, "size": size}
+        | {"cbt_valid": False, "reason": "", "bitmap": None, "extents": None}
+    )
     bitmap, reason = None, "changed block tracking is not enabled on this disk"
     if enabled and live is None and Grants(host.metadata).writers([disk_uuid]):
         raise ConflictError(f"disk {disk_uuid} is open for writing: stop-remote-access first")
@@ -128,10 +134,10 @@ def list_changed_blocks(
         live_tracker = (live or {}).get(disk_uuid)
         bitmap, reason = changed_bitmap(disk_uuid, os.path.dirname(disk_path), size, *groups, live_tracker)
     if bitmap is not None:
-        extents = as_extents(bitmap, size)
-        return answer | {"cbt_valid": True, "reason": "", "bitmap": to_base64(bitmap), "extents": extents}
+        update = {"cbt_valid": True, "bitmap": to_base64(bitmap), "extents": as_extents(bitmap, size)}
+        return answer.model_copy(update=update)
     allocated = allocated_extents(newer_path) if newer_path else None
-    return answer | {"cbt_valid": False, "reason": reason, "bitmap": None, "extents": allocated}
+    return answer.model_copy(update={"reason": reason, "extents": allocated})
 
 
 def changed_bitmap(
@@ -162,12 +168,12 @@ def changed_bitmap(
             tracker.close()
 
 
-def as_extents(bitmap: bytes, size: int) -> list[dict[str, int]]:
+def as_extents(bitmap: bytes, size: int) -> list[Extent]:
     """A CBT bitmap as merged byte extents (the wire form)."""
-    return [{"offset": e.offset, "length": e.length} for e in changed_extents(bitmap, size)]
+    return [Extent(offset=e.offset, length=e.length) for e in changed_extents(bitmap, size)]
 
 
-def allocated_extents(path: str) -> list[dict[str, int]]:
+def allocated_extents(path: str) -> list[Extent]:
     """The allocated byte extents of the chain whose leaf is *path* (the wire form)."""
     with vhd.Chain.open(path) as chain:
-        return [{"offset": e.offset, "length": e.length} for e in chain.extents()]
+        return [Extent(offset=e.offset, length=e.length) for e in chain.extents()]
