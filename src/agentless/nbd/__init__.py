@@ -2,7 +2,8 @@
 
 - :mod:`.protocol` – constants named as in the specification, one ``struct`` per message;
 - :mod:`.server` – :class:`NbdServer`, serving :mod:`.exports` (memory, raw file, VHD
-  chain, or anything implementing :class:`Export`) on unix sockets and TCP with TLS;
+  chain, or anything implementing :class:`Export`) on unix sockets and TCP with TLS,
+  each connection negotiated by :mod:`.negotiation` (the options, up to the chosen export);
 - :mod:`.client` – :class:`Client`, pipelined, TLS with a pinned certificate, over
   :mod:`.handshake` (negotiation), :mod:`.pipeline` (requests and replies in flight) and
   :mod:`.connection` (the socket);
