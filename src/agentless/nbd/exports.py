@@ -371,7 +371,9 @@ class RawFileExport(_ExportBase):
         while pos < end:
             try:
                 data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError:
+            except OSError as error:
+                if error.errno != errno.ENXIO:  # ENXIO: no data after pos; else the disk failed,
+                    raise  # and its data must not be reported as a hole
                 break
             if data >= end:
                 break
