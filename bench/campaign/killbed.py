@@ -42,7 +42,7 @@ from agentless.backup.pointdisk import export_disk
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import free_port
+from tests.helpers import free_port
 from tests.sites import MiB, Site, closest_prefix, configure, guest, running_site
 
 __all__ = ["PASSWORD", "VM", "Bed", "Command", "Guest", "in_flight_part"]

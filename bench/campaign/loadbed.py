@@ -454,7 +454,7 @@ class Bed:
         vms = self.all_vms()
         began = datetime.datetime.now(datetime.UTC)
         self._ok(self.vmbackup("policy", "create", name, "--all", "--schedule", "* * * * *", "--json"))
-        from tests.backup.conftest import free_port
+        from tests.helpers import free_port
 
         with (
             open(self.root / f"{name}-serve.log", "wb") as log,

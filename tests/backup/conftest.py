@@ -3,7 +3,7 @@ server.
 
 The S3 server is moto's standalone server (``moto[server]``, a test extra), started once
 per test session (per xdist worker) as a separate process – ``moto_server -H 127.0.0.1
--p PORT`` on a free loopback port – and spoken to over HTTP by boto3 like any S3. Each
+-p 0`` on a loopback port it picks and logs – and spoken to over HTTP by boto3 like any S3. Each
 test gets a bucket of its own. When moto is not installed or does not answer, the s3
 cases skip and say why.
 """
@@ -13,13 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from agentless.backup.storage import (
     RetryBackend,
     S3Backend,
 )
+from tests.helpers import wait_until
 
 BACKENDS = ["local", "memory", "s3", "retry", "faults"]
 S3_CREDENTIALS = {"access_key_id": "agentless-test", "secret_access_key": "agentless-test-secret"}
@@ -84,12 +83,6 @@ def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     monkeypatch.undo()
     time.tzset()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -140,32 +133,30 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     program = _moto_server()
     if program is None:
         pytest.skip("S3 server not available: moto_server not installed (pip install -e '.[test]')")
-    port = free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     # the log goes to a file: a pipe nobody reads fills up and stalls the server
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [program, "-H", "127.0.0.1", "-p", str(port)],
+        process = subprocess.Popen(  # port 0: it picks one and logs " * Running on http://…"
+            [program, "-H", "127.0.0.1", "-p", "0"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def endpoint() -> str | None:
+            text = log_path.read_text(errors="replace")
             if process.poll() is not None:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-                output = " | ".join(tail) or "no output"
+                output = " | ".join(text.strip().splitlines()[-3:]) or "no output"
                 pytest.skip(f"S3 server (moto_server) exited {process.returncode}: {output}")
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    pytest.skip(f"S3 server (moto_server) did not answer on {endpoint} within 30 s")
-                time.sleep(0.05)
-        yield S3Server(endpoint)
+            running = re.search(r"Running on (http://127\.0\.0\.1:\d+)", text)
+            return running[1] if running else None
+
+        try:
+            url = wait_until(endpoint, 30, "moto_server to say where it listens")
+        except AssertionError as late:
+            pytest.skip(f"S3 server (moto_server): {late}")
+        yield S3Server(url)
     finally:
         process.terminate()
         try:

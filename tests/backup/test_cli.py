@@ -20,8 +20,9 @@ from agentless.backup.packs import TARGET_SIZE as PACK
 from agentless.backup.repository import CHUNK_SIZE, Repository
 from agentless.backup.settings import Settings
 from agentless.units import format_size
-from tests.backup.conftest import free_port, vmbackup
+from tests.backup.conftest import vmbackup
 from tests.fleet import running_fleet
+from tests.helpers import refused_port
 from tests.sites import MiB, configure, guest, write_random
 
 TOKEN = "wct_" + "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenX"  # the shape of a WinCenter token
@@ -109,8 +110,9 @@ def test_the_scheduler_logs_no_webhook_secret(tmp_path: Path) -> None:
     Repository.init(repo).close()
     made = vmbackup(env, "policy", "create", "p", "--vm", "a", "--schedule", "@daily", "--repo", repo)
     assert made.returncode == 0, made.stderr
-    webhook = f"http://127.0.0.1:{free_port()}/hook?sig={HOOK_SECRET}"  # nobody listens
-    run = vmbackup(env, "run-now", "p", "--retries", "0", "--webhook", webhook)
+    with refused_port() as port:  # nobody listens
+        webhook = f"http://127.0.0.1:{port}/hook?sig={HOOK_SECRET}"
+        run = vmbackup(env, "run-now", "p", "--retries", "0", "--webhook", webhook)
     assert run.returncode == 1  # no WinCenter configured: the run fails, the webhook hears of it
     assert "not delivered" in run.stderr, run.stderr
     assert HOOK_SECRET not in run.stderr + run.stdout

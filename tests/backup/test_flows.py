@@ -8,6 +8,7 @@ with what the guest wrote."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,11 +26,16 @@ import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup, vmbackup_process
+from tests.helpers import wait_until
 from tests.sites import MiB, Site, vm_with_data
 from tests.sites import configure as _configure
 from tests.sites import consistent_prefix as _consistent_prefix
 from tests.sites import guest as _guest
 from tests.sites import write_random as _write_random
+
+
+def _at_least(items: list[Any], count: int) -> bool:
+    return len(items) >= count
 
 
 def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
@@ -156,7 +163,7 @@ def test_online_backups_are_crash_consistent(site: Site, tmp_path: Path) -> None
             writer = threading.Thread(target=guest_writer, args=(stop, writes))
             writer.start()
             try:
-                time.sleep(0.2)
+                wait_until(functools.partial(_at_least, writes, 20), 30, "the guest to be writing")
                 summary = VmBackup(center, repository, "busy").run()
             finally:
                 stop.set()
@@ -429,14 +436,17 @@ def test_an_offline_backup_killed_while_the_vm_is_down(site: Site, tmp_path: Pat
         host.create_vm("other", [4 * MiB])
     process = vmbackup_process(env, "backup", "--vm", "victim", "--offline")
     try:
-        deadline = time.monotonic() + 60
-        while _power_state(site, "victim") != "halted":
-            assert time.monotonic() < deadline and process.poll() is None, process.stderr
-            time.sleep(0.01)
+
+        def stopped() -> bool:
+            assert process.poll() is None, process.communicate()
+            return _power_state(site, "victim") == "halted"
+
+        wait_until(stopped, 60, "the backup to stop the VM", interval=0.01)
     finally:
         process.kill()
         process.wait()
-    time.sleep(1)
+    with site.client() as center:  # WinCenter answered a sync since: it starts a VM only when asked
+        center.sync_host(center.hosts()[0].id)
     assert _power_state(site, "victim") == "halted"  # the dead process cannot start it again
     _ok(vmbackup(env, "backup", "--vm", "other", "--json"))  # any next backup of the repository
     assert _power_state(site, "victim") == "running"
@@ -482,7 +492,7 @@ def test_online_backup_never_changes_the_power_state(site: Site, tmp_path: Path)
         for thread in threads:
             thread.start()
         try:
-            time.sleep(0.2)
+            wait_until(lambda: len(writes) >= 20 and states, 30, "the guest writing and its VM sampled")
             began = time.monotonic()
             summary = VmBackup(center, repository, "live").run()
             ended = time.monotonic()

@@ -5,12 +5,12 @@ by the next command on the repository, so that restoring again under the same na
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from agentless.backup.locks import active_locks, dead_locks
 from agentless.backup.repository import Repository
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
+from tests.helpers import wait_until
 from tests.sites import MiB, Site, random_disk
 from tests.sites import configure as _configure
 from tests.sites import guest as _guest
@@ -34,10 +34,12 @@ def test_a_restore_killed_mid_write_is_cleaned_up_by_the_next_restore(site: Site
 
     victim = vmbackup_process(env, "restore", done["point"], "--as-new-vm", "copy")
     try:
-        deadline = time.monotonic() + 120
-        while not _live_grants(site):  # WinCenter made the VM and its write grant: writing now
-            assert time.monotonic() < deadline and victim.poll() is None, victim.stderr
-            time.sleep(0.01)
+
+        def writing() -> bool:
+            assert victim.poll() is None, victim.communicate()
+            return bool(_live_grants(site))  # WinCenter made the VM and its write grant
+
+        wait_until(writing, 120, "the restore to be writing", interval=0.01)
     finally:
         victim.kill()
         victim.wait()

@@ -26,6 +26,7 @@ import pytest
 from agentless.winserver.client import HostClient
 from tests.backup.conftest import _ok, vmbackup
 from tests.faultproxy import FaultProxy
+from tests.helpers import wait_until
 from tests.sites import Site, configure, consistent_prefix, write_random
 from tests.sites import guest as open_guest
 from tests.wincenter.conftest import init_center, start_server
@@ -137,15 +138,6 @@ def _live_grants(host: HostClient) -> list[dict[str, Any]]:
     return [g for g in host.list_grants() if not g["revoked"]]
 
 
-def _settled(check: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
-    """Wait until *check* holds (WinCenter aborts in the background); fail saying *what*."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not settled within {seconds:.0f} s: {what}")
-        time.sleep(0.2)
-
-
 def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], tmp_path: Path) -> None:
     """Three full backups of a running VM whose guest keeps writing: through a delay of
     each chunk, through a cut of every connection mid-way, through a stall of every
@@ -207,12 +199,19 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
     verified = vmbackup(env, "verify", "--read-data")
     assert verified.returncode == 0 and "no problem found" in verified.stdout, verified.stdout
     with site.client() as center, site.host_client() as host:
-        _settled(lambda: not _live_grants(host), "the failed backup's grants revoked")
+        wait_until(lambda: not _live_grants(host), 60, "the failed backup's grants revoked", interval=0.2)
         vm_id = center.vm("db").id
-        _settled(lambda: center.backups(vm=vm_id).items[0].state == "aborted", "WinCenter's backup aborted")
-        _settled(
+        wait_until(
+            lambda: center.backups(vm=vm_id).items[0].state == "aborted",
+            60,
+            "WinCenter's backup aborted",
+            interval=0.2,
+        )
+        wait_until(
             lambda: {s["uuid"] for s in host.list_snapshots("db")} <= snapshots,
+            60,
             "the failed backup's snapshot gone",
+            interval=0.2,
         )
 
     again = _backup(env, "db")
@@ -248,8 +247,13 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and "gave up after" in lines[0] and "Traceback" not in failed.stderr, lines
     with site.client() as center, site.host_client() as host:
-        _settled(lambda: "app-2" not in {v["name"] for v in host.list_vms()}, "the half VM removed")
-        _settled(lambda: not _live_grants(host), "the restore's grant revoked")
+        wait_until(
+            lambda: "app-2" not in {v["name"] for v in host.list_vms()},
+            60,
+            "the half VM removed",
+            interval=0.2,
+        )
+        wait_until(lambda: not _live_grants(host), 60, "the restore's grant revoked", interval=0.2)
         assert center.vms(name="app-2").items == []
 
     _ok(vmbackup(env, "restore", point, "--as-new-vm", "app-2", "--json"))

@@ -10,6 +10,7 @@ import datetime
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -29,7 +30,8 @@ from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import _ok, free_port, vmbackup, vmbackup_process
+from tests.backup.conftest import _ok, vmbackup, vmbackup_process
+from tests.helpers import wait_until
 from tests.sites import Site
 from tests.sites import configure as _configure
 from tests.sites import guest as _guest
@@ -372,24 +374,20 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
         state.create_policy(
             "halfhourly", vms=["nightly-vm"], schedule="*/30 * * * *", repo=str(tmp_path / "repo"), now=old
         )
-    port = free_port()
-    daemon = _serve(env, port)
+    daemon, port, said = _serve(env)
     try:
-        deadline = time.monotonic() + 120
         families: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+
+        def runs() -> dict[tuple[str, ...], float]:
             assert daemon.poll() is None, daemon.communicate()
-            try:
-                status, body = _get(f"http://127.0.0.1:{port}/metrics")
-            except OSError:
-                time.sleep(0.2)
-                continue
-            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-            runs = {tuple(s.labels.values()): s.value for s in families["vmbackup_runs"].samples}
-            if runs:
-                break
-            time.sleep(0.2)
-        assert runs == {("halfhourly", "succeeded"): 1.0}, runs
+            families.update(
+                (f.name, f) for f in text_string_to_metric_families(_get(f"{url}/metrics")[1].decode())
+            )
+            return {tuple(s.labels.values()): s.value for s in families["vmbackup_runs"].samples}
+
+        url = f"http://127.0.0.1:{port}"
+        counted = wait_until(runs, 120, "the missed slot's run in /metrics", interval=0.2)
+        assert counted == {("halfhourly", "succeeded"): 1.0}, counted
         status, body = _get(f"http://127.0.0.1:{port}/health")
         health = json.loads(body)
         assert status == 200 and health["status"] == "ok" and health["policies"] == 1, health
@@ -404,18 +402,37 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
         assert values[("vmbackup_next_run_timestamp_seconds", "halfhourly", None)] > time.time()
         assert values[("vmbackup_policies", None, None)] == 1.0
         assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
-        time.sleep(1.5)  # more ticks: the missed slots made one run, not three
+        later = datetime.datetime.now(UTC) + datetime.timedelta(seconds=0.5)
+        wait_until(lambda: _ticked_since(url, later), 30, "two more ticks of the scheduler")
+        # ticks after the run looked at the policy again: the missed slots made one run, not three
         jobs = _ok(vmbackup(env, "jobs", "--json"))["runs"]
         assert len(jobs) == 1 and jobs[0]["missed"] == 2, jobs
     finally:
         daemon.send_signal(signal.SIGTERM)
         _out, err = daemon.communicate(timeout=60)
+    err = said + err
     assert daemon.returncode == 0, err
     assert "serving 1 policies" in err and "Traceback" not in err
 
 
-def _serve(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    return vmbackup_process(env, "serve", f"--listen=127.0.0.1:{port}", "--tick=0.5", "--connections=1")
+def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], int, str]:
+    """``vmbackup serve`` on a port it picks (``--listen 127.0.0.1:0``), returned once it
+    logged where it listens: the process, that port, and what it wrote to stderr so far."""
+    daemon = vmbackup_process(env, "serve", "--listen=127.0.0.1:0", "--tick=0.5", "--connections=1")
+    assert daemon.stderr is not None
+    said = ""
+    for line in daemon.stderr:
+        said += line
+        listening = re.search(r"/metrics and /health on http://\S+:(\d+)", line)
+        if listening:
+            return daemon, int(listening[1]), said
+    raise AssertionError(f"vmbackup serve exited {daemon.wait()} before it listened: {said}")
+
+
+def _ticked_since(url: str, when: datetime.datetime) -> bool:
+    """Whether the scheduler's latest tick (``/health``) began after *when*."""
+    tick = json.loads(_get(f"{url}/health")[1])["last_tick"]
+    return tick is not None and datetime.datetime.fromisoformat(tick) > when
 
 
 @pytest.mark.slow
@@ -445,32 +462,35 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
             repo=str(tmp_path / "repo"),
             now=datetime.datetime.now(UTC) - datetime.timedelta(minutes=40),
         )
-    daemon = _serve(env, free_port())
+    daemon, _, _ = _serve(env)
     try:
         with site.client() as center:
             vm_id = center.vm("big").id
-            deadline = time.monotonic() + 120
-            while not any(b.state == "ready" for b in center.backups(vm_id).items):
-                assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr
-                time.sleep(0.01)
+
+            def reading() -> bool:
+                assert daemon.poll() is None, daemon.communicate()
+                return any(b.state == "ready" for b in center.backups(vm_id).items)
+
+            wait_until(reading, 120, "the scheduled backup to be reading the disk", interval=0.01)
     finally:
         daemon.kill()
         daemon.wait()
     with Repository.open(str(tmp_path / "repo")) as repository:
         assert repository.points() == []  # killed before its restore point
 
-    daemon = _serve(env, free_port())
+    daemon, _, said = _serve(env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            runs = _ok(vmbackup(env, "jobs", "--json"))["runs"]
-            if runs[0]["state"] != "running" and len(runs) == 2:
-                break
-            assert time.monotonic() < deadline and daemon.poll() is None, runs
-            time.sleep(0.3)
+
+        def rerun() -> list[dict[str, Any]] | None:
+            assert daemon.poll() is None, daemon.communicate()
+            runs: list[dict[str, Any]] = _ok(vmbackup(env, "jobs", "--json"))["runs"]  # type: ignore[assignment]
+            return runs if runs[0]["state"] != "running" and len(runs) == 2 else None
+
+        runs = wait_until(rerun, 180, "the slot to run again after the restart", interval=0.3)
     finally:
         daemon.send_signal(signal.SIGTERM)
         _out, err = daemon.communicate(timeout=60)
+    err = said + err
     assert daemon.returncode == 0, err
     assert [r["state"] for r in runs] == ["succeeded", "interrupted"]
     assert runs[0]["slot"] == runs[1]["slot"]

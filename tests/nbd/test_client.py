@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -82,6 +81,7 @@ from agentless.nbd.protocol import (
 from agentless.nbd.uri import parse_uri
 from agentless.pki import CertificateAuthority
 from tests.conftest import require_tool, run
+from tests.helpers import free_port, refused_port, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -112,17 +112,18 @@ class Servers:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
-        deadline = time.monotonic() + 15
-        while True:
+
+        def listening() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"{args[0]} exited {proc.returncode}: {log_path.read_text()}")
             if unix is not None and unix.exists() and not probe:
-                return proc
+                return True
             with contextlib.suppress(OSError), _probe(unix, port):
-                return proc
-            if time.monotonic() > deadline:
-                pytest.fail(f"{args[0]} does not listen: {log_path.read_text()}")
-            time.sleep(0.02)
+                return True
+            return False
+
+        wait_until(listening, 15, lambda: f"{args[0]} to listen: {log_path.read_text()}")
+        return proc
 
     def qemu_nbd(self, image: Path, *extra: str, fmt: str = "raw", name: str = "disk") -> str:
         sock = self.path("qemu")
@@ -535,15 +536,14 @@ def test_nbd_server_simple_replies(servers: Servers, tmp_path: Path) -> None:
     config.write_text(f"[generic]\n    unixsock = {sock}\n[disk]\n    exportname = {image}\n")
     servers.start([program, "-C", str(config), "-d"], unix=sock, probe=False)
     uri = f"nbd+unix:///disk?socket={sock}"
-    for _ in range(100):  # the socket file exists a moment before the server listens
+
+    def connected() -> Client | None:
         try:
-            client = Client.connect(uri)
-            break
-        except ConnectionLost:
-            time.sleep(0.02)
-    else:
-        pytest.fail("nbd-server does not accept connections")
-    with client:
+            return Client.connect(uri)
+        except ConnectionLost:  # the socket file exists a moment before the server listens
+            return None
+
+    with wait_until(connected, 2, "nbd-server to accept a connection") as client:
         assert not client.structured and client.size == 8 * MiB
         model = _exercise(client, random.Random(8), ops=30)
         with pytest.raises(RequestError):
@@ -555,13 +555,6 @@ def test_nbd_server_simple_replies(servers: Servers, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_tls(servers: Servers, tmp_path: Path) -> None:
     creds = tmp_path / "pki"
     creds.mkdir()
@@ -570,7 +563,7 @@ def test_tls(servers: Servers, tmp_path: Path) -> None:
     server = ca.issue_server("localhost", ["localhost", "127.0.0.1"])
     server.write(creds / "server-cert.pem", creds / "server-key.pem")
     image = _sparse_raw(tmp_path / "disk.raw", 8 * MiB)
-    port = _free_port()
+    port = free_port()  # qemu-nbd cannot pick one and say which
     args = [require_tool("qemu-nbd"), "-f", "raw", "-x", "disk", "-t", "--shared=8"]
     args += ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=server,verify-peer=off"]
     args += ["--tls-creds", "tls0", "-b", "127.0.0.1", "-p", str(port), str(image)]
@@ -935,8 +928,8 @@ def test_errors_never_name_a_credential_export(scripted: Callable[..., ScriptedS
     with pytest.raises(NegotiationError, match="refused export") as refused:
         Client.connect(secret_uri)
     assert token not in str(refused.value) and "***" in str(refused.value)
-    with pytest.raises(ConnectionLost) as unreachable:
-        Client.connect(f"nbd://127.0.0.1:{_free_port()}/{token}")
+    with refused_port() as port, pytest.raises(ConnectionLost) as unreachable:
+        Client.connect(f"nbd://127.0.0.1:{port}/{token}")
     assert token not in str(unreachable.value) and "/***" in str(unreachable.value)
     assert parse_uri(f"nbd://h:1/{token}").shown() == "nbd://h:1/***"
     assert parse_uri("nbd://h:1/disk.raw").shown() == "nbd://h:1/disk.raw"

@@ -35,6 +35,7 @@ from agentless import vhd
 from agentless.nbd import protocol as p
 from agentless.nbd.exports import MemoryExport, VhdExport
 from agentless.nbd.server import MAX_REQUESTS_IN_FLIGHT, NbdServer
+from tests.helpers import wait_until
 from tests.nbd import serving
 from tests.nbd.serving import Served, serve
 
@@ -112,16 +113,14 @@ class RawClient:
 
     def assert_dropped(self) -> None:
         """The server closes the connection (after any replies already in the pipe)."""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
+
+        def closed() -> bool:
             try:
-                if not self.sock.recv(1 << 16):
-                    return
-            except (ConnectionResetError, BrokenPipeError):
-                return
-            except ssl.SSLError:
-                return
-        pytest.fail("the server kept the connection open")
+                return not self.sock.recv(1 << 16)  # blocks up to the socket's timeout
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                return True
+
+        wait_until(closed, TIMEOUT, "the server to close the connection", interval=0)
 
     # -- negotiation
 
@@ -671,10 +670,7 @@ def test_many_connections_at_once(served: Served, disk: MemoryExport) -> None:
         thread.join(TIMEOUT * 2)
     assert not errors, errors[0]
     assert disk.data == bytes(expected)
-    deadline = time.monotonic() + TIMEOUT
-    while served.server.connection_count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert served.server.connection_count == 0
+    wait_until(lambda: served.server.connection_count == 0, TIMEOUT, "every connection to end")
     assert_serving(served)
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,15 +31,10 @@ import psycopg
 import pytest
 
 from agentless.wincenter.database import Database, sqlite_url
+from tests.helpers import free_port
 
 ENGINES = ["sqlite", "postgresql"]
 LOOPBACK = ["--bind", "127.0.0.1", "--port", "0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------- PostgreSQL
@@ -143,7 +137,7 @@ def running_postgresql() -> Iterator[PgCluster]:
         init = run(f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
         if init.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {(init.stderr or init.stdout).strip()[-300:]}")
-        port = free_port()
+        port = free_port()  # PostgreSQL cannot pick a port and say which
         options = (
             f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off"

@@ -6,12 +6,14 @@ import pytest
 
 from agentless.pki import CertificateAuthority
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
-from tests.wincenter.conftest import Server, free_port
+from tests.helpers import refused_port
+from tests.wincenter.conftest import Server
 
 
 def test_unreachable_and_wrong_ca(server: Server) -> None:
     with (
-        CenterClient(f"https://127.0.0.1:{free_port()}", server.token, server.ca_pem) as down,
+        refused_port() as port,
+        CenterClient(f"https://127.0.0.1:{port}", server.token, server.ca_pem) as down,
         pytest.raises(CenterUnreachable),
     ):
         down.whoami()

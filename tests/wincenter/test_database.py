@@ -12,7 +12,7 @@ from sqlalchemy.exc import StatementError
 from agentless.wincenter.database import Database, normalise_url, sqlite_url
 from agentless.wincenter.errors import DatabaseError
 from agentless.wincenter.models import Host, Pool, Task, Vm, VmDisk, VmNic
-from tests.wincenter.conftest import free_port
+from tests.helpers import refused_port
 
 
 def test_open_migrates_to_head_and_reopens(db_url: str) -> None:
@@ -71,8 +71,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
         Database.open("mysql://localhost/x")
     with pytest.raises(DatabaseError, match="in-memory"):
         Database.open("sqlite://", create=True)
-    with pytest.raises(DatabaseError) as unreachable:
-        Database.open(f"postgresql://nobody:secret@127.0.0.1:{free_port()}/x")
+    with refused_port() as port, pytest.raises(DatabaseError) as unreachable:
+        Database.open(f"postgresql://nobody:secret@127.0.0.1:{port}/x")
     message = str(unreachable.value)
     assert "\n" not in message and "secret" not in message and "127.0.0.1" in message
 
