@@ -25,7 +25,9 @@ name                                            type    labels
 ``/health`` answers 200 and a JSON document while the scheduler ticks and the state
 database answers, 503 (same document, ``status: "failing"`` and why) otherwise – what a
 load balancer or a service manager's watchdog probes. Both are plain HTTP, on loopback
-by default (as node exporters are); put a TLS proxy in front to publish them.
+by default (as node exporters are); put a TLS proxy in front to publish them. Port 0
+(``--listen 127.0.0.1:0``) picks a free port; :attr:`Daemon.address` is the one bound,
+which ``vmbackup serve`` logs once it serves.
 
 Neither takes a body: a request that announces more than :data:`MAX_BODY` bytes, or a
 chunked one, is answered 413 (problem+json) unread and its connection closed, and a
