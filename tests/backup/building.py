@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 from agentless.backup.diskindex import DiskIndex
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import ZERO, BlobWriter, Repository
 from agentless.backup.storage import Backend, BitFlipBackend
 
@@ -83,7 +84,7 @@ def backup(
         "type": kind,
         "disks": disks,
     }
-    point = repo.save_point(document)
+    point = repo.save_point(RestorePoint.model_validate(document))
     return Backup(
         point,
         [bytes(i) for i in images],
@@ -97,9 +98,9 @@ def restore(repo: Repository, point_id: str) -> list[bytes]:
     compared."""
     point = repo.load_point(point_id)
     images = []
-    for described in point["disks"]:
+    for described in point.disks:
         index = DiskIndex.of_point(repo, described)
-        assert index.digest == described["digest"]
+        assert index.digest == described.digest
         image = bytearray(index.size)
         for first, _, ids in index.runs():
             for n, blob in enumerate(ids):
@@ -113,7 +114,7 @@ def restore(repo: Repository, point_id: str) -> list[bytes]:
 def chunk_ids(repo: Repository, point_id: str) -> set[bytes]:
     """The chunk ids (no holes) of a restore point."""
     found: set[bytes] = set()
-    for described in repo.load_point(point_id)["disks"]:
+    for described in repo.load_point(point_id).disks:
         for _, _, ids in DiskIndex.of_point(repo, described).runs():
             found.update(i for i in ids if i != ZERO)
     return found
@@ -122,8 +123,8 @@ def chunk_ids(repo: Repository, point_id: str) -> set[bytes]:
 def page_ids(repo: Repository, point_id: str) -> set[bytes]:
     return {
         bytes.fromhex(p)
-        for described in repo.load_point(point_id)["disks"]
-        for p in described["pages"]
+        for described in repo.load_point(point_id).disks
+        for p in described.pages
         if bytes.fromhex(p) != ZERO
     }
 
@@ -143,27 +144,29 @@ def reopen(backend: Backend, password: str | None = None) -> Repository:
     return Repository.open(backend, password)
 
 
-def point_record(vm: str, day: int, hour: int = 5, kind: str = "full") -> dict[str, Any]:
+def point_record(vm: str, day: int, hour: int = 5, kind: str = "full") -> RestorePoint:
     """A restore point of VM *vm* made on day *day* of November 2026 at *hour*, one disk,
     random page and digest ids: what the catalog tests save (also from other processes)."""
-    return {
-        "time": f"2026-11-{day:02d}T{hour:02d}:00:00.000000Z",
-        "vm": {"id": f"id-{vm}", "name": vm, "uuid": f"uuid-{vm}", "host": "host-1"},
-        "backup_id": secrets.token_hex(8),
-        "type": kind,
-        "base": None,
-        "consistency": "offline",
-        "disks": [
-            {
-                "position": 0,
-                "size": 4 << 20,
-                "chunk_size": 65536,
-                "pages": [secrets.token_hex(32) for _ in range(3)],
-                "digest": secrets.token_hex(32),
-                "type": kind,
-                "reason": None,
-                "read": 65536,
-            }
-        ],
-        "stats": {"read": 65536, "stored": 1000, "new": 1, "deduplicated": 0},
-    }
+    return RestorePoint.model_validate(
+        {
+            "time": f"2026-11-{day:02d}T{hour:02d}:00:00.000000Z",
+            "vm": {"id": f"id-{vm}", "name": vm, "uuid": f"uuid-{vm}", "host": "host-1"},
+            "backup_id": secrets.token_hex(8),
+            "type": kind,
+            "base": None,
+            "consistency": "offline",
+            "disks": [
+                {
+                    "position": 0,
+                    "size": 4 << 20,
+                    "chunk_size": 65536,
+                    "pages": [secrets.token_hex(32) for _ in range(3)],
+                    "digest": secrets.token_hex(32),
+                    "type": kind,
+                    "reason": None,
+                    "read": 65536,
+                }
+            ],
+            "stats": {"read": 65536, "stored": 1000, "new": 1, "deduplicated": 0},
+        }
+    )

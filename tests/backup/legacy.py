@@ -80,7 +80,7 @@ def to_format_1(backend: Backend, password: str | None = None) -> None:
     with Repository.open(backend, password) as repo:
         keys = repo.keys
         for name in sorted(backend.list("points/")):
-            backend.put(name, seal_format_1(keys, POINT_KIND, repo.read_point(name.split("/")[1])))
+            backend.put(name, seal_format_1(keys, POINT_KIND, repo.read_point(name.split("/")[1]).document()))
         for name in sorted(backend.list("condemned/")):
             document = keys.open_meta(CONDEMNED_KIND, backend.get(name), name)
             backend.put(name, seal_format_1(keys, CONDEMNED_KIND, document))

@@ -20,6 +20,7 @@ import pytest
 
 from agentless.backup.indexcache import cache_root
 from agentless.backup.keys import WrongPassword
+from agentless.backup.points import RestorePoint
 from agentless.backup.prune import prune
 from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.storage import Backend, LocalBackend, S3Backend
@@ -55,11 +56,11 @@ class CountingBackend:
 
 
 @pytest.fixture
-def made(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
+def made(tmp_path: Path) -> tuple[Path, dict[str, RestorePoint]]:
     """A repository of twelve restore points of three VMs (the catalog not yet filled):
     its directory and the points by id."""
     where = tmp_path / "repo"
-    points: dict[str, dict[str, Any]] = {}
+    points: dict[str, RestorePoint] = {}
     with Repository.init(str(where), PASSWORD) as repository:
         for day in range(1, 5):
             for vm in ("web", "db", "mail"):
@@ -69,7 +70,7 @@ def made(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
 
 
 @pytest.fixture
-def counted(made: tuple[Path, dict[str, dict[str, Any]]]) -> Iterator[tuple[Repository, CountingBackend]]:
+def counted(made: tuple[Path, dict[str, RestorePoint]]) -> Iterator[tuple[Repository, CountingBackend]]:
     backend = CountingBackend(LocalBackend(made[0]))
     with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
         yield repository, backend
@@ -88,33 +89,33 @@ def _catalog_file(repository: Repository) -> Path:
 
 
 def test_listing_resolving_and_prune_read_no_restore_point_once_warm(
-    made: tuple[Path, dict[str, dict[str, Any]]],
+    made: tuple[Path, dict[str, RestorePoint]],
 ) -> None:
     where, points = made
     repository, backend = _reopen(where)
     with repository:
         first = repository.points()  # cold: every point read once, and checked
         assert len(backend.points_read) == len(points)
-    assert [p["id"] for p in first] == sorted(points, key=lambda i: (points[i]["time"], i))
+    assert [p.id for p in first] == sorted(points, key=lambda i: (points[i].time, i))
     summary = first[0]
-    assert "pages" not in summary["disks"][0]  # a summary, not the page lists
-    assert summary["vm"] == points[summary["id"]]["vm"]
-    assert summary["disks"][0]["digest"] == points[summary["id"]]["disks"][0]["digest"]
-    assert summary["stats"] == points[summary["id"]]["stats"]
+    assert "pages" not in summary.disks[0].document()  # a summary, not the page lists
+    assert summary.vm == points[summary.id].vm
+    assert summary.disks[0].digest == points[summary.id].disks[0].digest
+    assert summary.stats == points[summary.id].stats
 
     repository, backend = _reopen(where)  # another process on this machine: warm
     with repository:
         assert repository.points() == first
-        assert repository.resolve_point(summary["id"][:6]) == summary["id"]
+        assert repository.resolve_point(summary.id[:6]) == summary.id
         report = prune(repository, keep_last=2, dry_run=True)
         assert len(report.remove) == len(points) - 2 * 3  # keep-last 2 of each of three VMs
         assert backend.points_read == []
-        assert repository.load_point(summary["id"][:8])["disks"][0]["pages"]  # a whole point: one read
-        assert backend.points_read == [f"points/{summary['id']}"]
+        assert repository.load_point(summary.id[:8]).disks[0].pages  # a whole point: one read
+        assert backend.points_read == [f"points/{summary.id}"]
 
 
 def test_briefs_show_what_a_listing_shows_and_a_prefetched_listing_answers_once(
-    made: tuple[Path, dict[str, dict[str, Any]]],
+    made: tuple[Path, dict[str, RestorePoint]],
 ) -> None:
     where, points = made
     with Repository.open(str(where), PASSWORD, prefetch_points=True) as repository:
@@ -124,15 +125,15 @@ def test_briefs_show_what_a_listing_shows_and_a_prefetched_listing_answers_once(
         with later:
             added = later.save_point(point_record("web", 9))
         assert added in {b.id for b in repository.briefs()}  # listed anew: the new point is seen
-    assert [b.id for b in briefs] == sorted(points, key=lambda i: (points[i]["time"], i))
+    assert [b.id for b in briefs] == sorted(points, key=lambda i: (points[i].time, i))
     for row in briefs:
         point = points[row.id]
         assert (row.time, row.vm_id, row.vm_name, row.type, row.backup_id) == (
-            point["time"],
-            point["vm"]["id"],
-            point["vm"]["name"],
-            point["type"],
-            point["backup_id"],
+            point.time,
+            point.vm.id,
+            point.vm.name,
+            point.type,
+            point.backup_id,
         )
         assert (row.disks, row.size) == (1, 4 << 20)
 
@@ -146,7 +147,7 @@ def test_briefs_show_what_a_listing_shows_and_a_prefetched_listing_answers_once(
 
 
 def test_the_newest_point_of_a_vm_is_the_only_point_read(
-    made: tuple[Path, dict[str, dict[str, Any]]],
+    made: tuple[Path, dict[str, RestorePoint]],
 ) -> None:
     """What an incremental backup asks for its base (backupjob.latest_point): with the
     catalog warm, exactly one restore point is read, whole, however many there are."""
@@ -160,12 +161,15 @@ def test_the_newest_point_of_a_vm_is_the_only_point_read(
     with repository:
         base = latest_point(repository, "id-db")
         assert base is not None
-        newest = max((i for i in points if points[i]["vm"]["name"] == "db"), key=lambda i: points[i]["time"])
-        assert base == points[newest] | {"id": newest}  # pages and all
+        newest = max((i for i in points if points[i].vm.name == "db"), key=lambda i: points[i].time)
+        assert base.document() == points[newest].document() | {"id": newest}  # pages and all
         assert backend.points_read == [f"points/{newest}"]
         # the point this process saves next is known without reading it back
-        following = repository.save_point(point_record("db", 9, kind="incremental") | {"base": newest})
-        assert latest_point(repository, "id-db")["id"] == following  # type: ignore[index]
+        following = repository.save_point(
+            point_record("db", 9, kind="incremental").model_copy(update={"base": newest})
+        )
+        latest = latest_point(repository, "id-db")
+        assert latest is not None and latest.id == following
         assert backend.points_read == [f"points/{newest}", f"points/{following}"]
 
 
@@ -194,14 +198,14 @@ def test_an_incremental_backup_reads_only_its_base(tmp_path: Path) -> None:
             assert backend.points_read == [f"points/{full['point']}"]
             again = VmBackup(center, repository, "small").run()  # its base: the one just made
             assert backend.points_read == [f"points/{full['point']}", f"points/{incremental['point']}"]
-            assert repository.load_point(again["point"])["base"] == incremental["point"]
+            assert repository.load_point(again["point"]).base == incremental["point"]
 
 
 # ---------------------------------------------------------------------- sync
 
 
 def test_points_added_and_deleted_by_another_process_are_followed(
-    made: tuple[Path, dict[str, dict[str, Any]]],
+    made: tuple[Path, dict[str, RestorePoint]],
 ) -> None:
     where, points = made
     repository, backend = _reopen(where)
@@ -227,10 +231,10 @@ def test_points_added_and_deleted_by_another_process_are_followed(
         backend.points_read.clear()
         now = repository.points()
         assert sorted(backend.points_read) == sorted(f"points/{i}" for i in added)  # only the new ones
-        assert {p["id"] for p in now} == (set(points) - set(gone)) | set(added)
-        assert [p["id"] for p in now][-3:] == added  # newest last
+        assert {p.id for p in now} == (set(points) - set(gone)) | set(added)
+        assert [p.id for p in now][-3:] == added  # newest last
     with sqlite3.connect(_catalog_file(repository)) as db:
-        assert {row[0] for row in db.execute("SELECT id FROM points")} == {p["id"] for p in now}
+        assert {row[0] for row in db.execute("SELECT id FROM points")} == {p.id for p in now}
 
 
 # ---------------------------------------------------------------------- damage
@@ -275,15 +279,15 @@ def _deleted(path: Path) -> None:
     "damage", [_garbage, _earlier_format, _other_repository, _altered_row, _altered_column, _deleted]
 )
 def test_a_damaged_or_deleted_catalog_is_rebuilt_never_answers_wrong(
-    made: tuple[Path, dict[str, dict[str, Any]]], damage: Any, caplog: pytest.LogCaptureFixture
+    made: tuple[Path, dict[str, RestorePoint]], damage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     where, points = made
     repository, _ = _reopen(where)
     with repository:
         before = repository.points()
         briefs = repository.briefs()
-    assert [b.id for b in briefs] == [p["id"] for p in before]
-    assert {b.vm_name for b in briefs} == {p["vm"]["name"] for p in before}
+    assert [b.id for b in briefs] == [p.id for p in before]
+    assert {b.vm_name for b in briefs} == {p.vm.name for p in before}
     path = _catalog_file(repository)
     assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
     assert (path.parent.stat().st_mode & 0o777) == 0o700
@@ -305,7 +309,7 @@ def test_a_damaged_or_deleted_catalog_is_rebuilt_never_answers_wrong(
 
 
 def test_a_point_that_does_not_check_fails_the_listing_and_is_not_kept(
-    made: tuple[Path, dict[str, dict[str, Any]]],
+    made: tuple[Path, dict[str, RestorePoint]],
 ) -> None:
     from agentless.backup.keys import CorruptError
 
@@ -335,13 +339,13 @@ def _env(tmp_path: Path, where: Path) -> dict[str, str]:
 
 
 def test_vmbackup_list_answers_as_before_and_no_cache_leaves_nothing(
-    made: tuple[Path, dict[str, dict[str, Any]]], tmp_path: Path
+    made: tuple[Path, dict[str, RestorePoint]], tmp_path: Path
 ) -> None:
     where, points = made
     env = _env(tmp_path, where)
     expected = [
-        {"id": i, "time": p["time"], "type": p["type"], "backup_id": p["backup_id"], "vm": p["vm"]["name"]}
-        for i, p in sorted(points.items(), key=lambda item: (item[1]["time"], item[0]))
+        {"id": i, "time": p.time, "type": p.type, "backup_id": p.backup_id, "vm": p.vm.name}
+        for i, p in sorted(points.items(), key=lambda item: (item[1].time, item[0]))
     ]
     private = tmp_path / "private-cache"
     env["XDG_CACHE_HOME"] = str(private)
@@ -361,7 +365,7 @@ def test_vmbackup_list_answers_as_before_and_no_cache_leaves_nothing(
     )
     assert vmbackup(env, "show", first["id"]).stdout.splitlines()[0] == text[0]  # one line format
     with Repository.open(str(where), PASSWORD, cache=CacheSettings(enabled=False)) as repository:
-        assert [p["id"] for p in repository.points()] == [p["id"] for p in expected]
+        assert [p.id for p in repository.points()] == [p["id"] for p in expected]
         temporary = repository.catalog().directory
         assert temporary.exists()
     assert not temporary.exists()
@@ -378,7 +382,7 @@ seen = []
 with Repository.open(where, password) as r:
     for round in range(15):
         mine = r.save_point(point_record(name, 1 + round % 28, hour=round % 24))
-        ids = [p["id"] for p in r.points()]
+        ids = [p.id for p in r.points()]
         assert mine in ids, (mine, ids)
         assert len(ids) == len(set(ids))
         seen.append(mine)
@@ -386,7 +390,7 @@ print(json.dumps(seen))
 """
 
 
-def test_two_processes_use_one_catalog_at_once(made: tuple[Path, dict[str, dict[str, Any]]]) -> None:
+def test_two_processes_use_one_catalog_at_once(made: tuple[Path, dict[str, RestorePoint]]) -> None:
     """Two processes save and list at the same time over one catalog file (cold at
     first): each sees its own points at every step, no error, and the catalog ends
     holding exactly the repository's points."""
@@ -409,13 +413,13 @@ def test_two_processes_use_one_catalog_at_once(made: tuple[Path, dict[str, dict[
         saved |= set(json.loads(out))
     repository, _ = _reopen(where)
     with repository:
-        assert {p["id"] for p in repository.points()} == set(points) | saved
+        assert {p.id for p in repository.points()} == set(points) | saved
     with sqlite3.connect(_catalog_file(repository)) as db:
         assert {row[0] for row in db.execute("SELECT id FROM points")} == set(points) | saved
 
 
 def test_a_catalog_held_by_another_process_is_not_taken_for_damage(
-    made: tuple[Path, dict[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+    made: tuple[Path, dict[str, RestorePoint]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite's "database is locked" (another process's transaction outlasting the busy
     timeout) is an error of the command, not damage: the file is not rebuilt under it."""
@@ -456,11 +460,11 @@ def test_on_s3_a_warm_listing_reads_no_restore_point(s3_server: S3Server) -> Non
     for expected_reads in (len(saved), 0):
         backend = s3_backend()
         with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
-            assert {p["id"] for p in repository.points()} == saved
+            assert {p.id for p in repository.points()} == saved
             assert len(backend.points_read) == expected_reads
     with Repository.open(S3Backend(bucket, "repo", **s3_server.options()), PASSWORD) as other:
         added = other.save_point(point_record("vm9", 28))
     backend = s3_backend()
     with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
-        assert [p["id"] for p in repository.points()][-1] == added
+        assert [p.id for p in repository.points()][-1] == added
         assert backend.points_read == [f"points/{added}"]

@@ -82,7 +82,7 @@ def delete(scene: Scene, *gone: Backup) -> None:
 def assert_sound(backend: Backend, alive: list[Backup]) -> None:
     """Exactly the *alive* points are there, each restores bit for bit, verify is clean."""
     repo = reopen(backend)
-    assert sorted(p["id"] for p in repo.points()) == sorted(b.point for b in alive)
+    assert sorted(p.id for p in repo.points()) == sorted(b.point for b in alive)
     for made in alive:
         assert restore(repo, made.point) == made.images
     report = verify(reopen(backend), read_data=True)
@@ -92,9 +92,9 @@ def assert_sound(backend: Backend, alive: list[Backup]) -> None:
 def assert_no_garbage(backend: Backend) -> None:
     """Every pack is indexed and holds a used blob; nothing condemned, no lock left."""
     repo = reopen(backend)
-    used = set().union(*(chunk_ids(repo, p["id"]) for p in repo.points()))
-    whole = [repo.load_point(p["id"]) for p in repo.points()]  # points() holds summaries: no pages
-    used |= {bytes.fromhex(p) for point in whole for d in point["disks"] for p in d["pages"]}
+    used = set().union(*(chunk_ids(repo, p.id) for p in repo.points()))
+    whole = [repo.load_point(p.id) for p in repo.points()]  # points() holds summaries: no pages
+    used |= {bytes.fromhex(p) for point in whole for d in point.disks for p in d.pages}
     holding = {where.pack for blob, where in repo.index().items() if blob in used}
     assert set(backend.list("data/")) == holding
     assert list(backend.list("condemned/")) == []

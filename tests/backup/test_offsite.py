@@ -17,6 +17,7 @@ import pytest
 from agentless.backup.keys import CorruptError, RepositoryError, WrongPassword
 from agentless.backup.offsite import CopyError, IncompatibleRepositories, copy_points, init_offsite
 from agentless.backup.pointdisk import export_disk
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import Repository
 from agentless.backup.storage import Backend, MemoryBackend, S3Backend
 from agentless.backup.verify import verify
@@ -93,7 +94,7 @@ def _same_points(source: Repository, dest: Repository, ids: list[str], tmp_path:
     for point in ids:
         assert dest.load_point(point) == source.load_point(point)
         assert restore(dest, point) == restore(source, point)
-        for position, _ in enumerate(source.load_point(point)["disks"]):
+        for position, _ in enumerate(source.load_point(point).disks):
             there = [tmp_path / f"{point}-{position}-{side}.raw" for side in ("source", "dest")]
             for repo, path in zip((source, dest), there, strict=True):
                 export_disk(repo, point, position, str(path))
@@ -278,10 +279,10 @@ def test_an_encrypted_copy_has_its_own_password_and_data_key(tmp_path: Path) -> 
 
 def test_save_point_under_a_given_id() -> None:
     repo = Repository.init(MemoryBackend())
-    assert repo.save_point({"disks": []}, point_id="0123456789abcdef") == "0123456789abcdef"
-    assert repo.load_point("0123456789abcdef")["id"] == "0123456789abcdef"
+    assert repo.save_point(RestorePoint(disks=[]), point_id="0123456789abcdef") == "0123456789abcdef"
+    assert repo.load_point("0123456789abcdef").id == "0123456789abcdef"
     with pytest.raises(RepositoryError, match="not a restore point id"):
-        repo.save_point({"disks": []}, point_id="../config")
+        repo.save_point(RestorePoint(disks=[]), point_id="../config")
 
 
 # ---------------------------------------------------------------------- the command

@@ -10,10 +10,10 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from agentless.backup.catalog import Brief
 from agentless.backup.locks import LockedError
 from agentless.backup.prune import NoRules, prune, select
 from agentless.backup.repository import Repository
@@ -23,17 +23,19 @@ from tests.backup.building import backup, disk
 NOW = datetime.datetime(2026, 11, 26, 20, 0, tzinfo=datetime.UTC)
 
 
-def point(time: str, vm: str = "a") -> dict[str, Any]:
-    return {"id": f"{vm}@{time}", "time": time, "vm": {"id": vm, "name": vm}, "type": "full", "disks": []}
+def point(time: str, vm: str = "a") -> Brief:
+    return Brief(
+        id=f"{vm}@{time}", time=time, vm_id=vm, vm_name=vm, type="full", backup_id=None, disks=0, size=0
+    )
 
 
-def kept(points: list[dict[str, Any]], **rules: int) -> list[str]:
+def kept(points: list[Brief], **rules: int) -> list[str]:
     keep, remove = select(points, now=NOW, **rules)
     assert len(keep) + len(remove) == len(points)
-    return sorted(str(p["time"]) for p, _ in keep)
+    return sorted(p.time for p, _ in keep)
 
 
-def every(hours: int, first: str, last: str, vm: str = "a") -> list[dict[str, Any]]:
+def every(hours: int, first: str, last: str, vm: str = "a") -> list[Brief]:
     start = datetime.datetime.fromisoformat(first.replace("Z", "+00:00"))
     end = datetime.datetime.fromisoformat(last.replace("Z", "+00:00"))
     found = []
@@ -56,14 +58,14 @@ def test_days_without_points_do_not_count() -> None:
 def test_rules_count_independently_as_in_the_docstring() -> None:
     times = [f"2026-11-{d}T05:00:00Z" for d in (21, 22, 23, 24, 25)] + ["2026-11-25T01:00:00Z"]
     keep, remove = select([point(t) for t in times], keep_daily=3, keep_weekly=2, now=NOW)
-    reasons = {p["time"]: r for p, r in keep}
+    reasons = {p.time: r for p, r in keep}
     assert reasons == {
         "2026-11-25T05:00:00Z": ["daily 1/3", "weekly 1/2"],
         "2026-11-24T05:00:00Z": ["daily 2/3"],
         "2026-11-23T05:00:00Z": ["daily 3/3"],
         "2026-11-22T05:00:00Z": ["weekly 2/2"],
     }
-    assert sorted(p["time"] for p, _ in remove) == ["2026-11-21T05:00:00Z", "2026-11-25T01:00:00Z"]
+    assert sorted(p.time for p, _ in remove) == ["2026-11-21T05:00:00Z", "2026-11-25T01:00:00Z"]
 
 
 def test_a_point_kept_by_several_rules_counts_for_each() -> None:
@@ -82,7 +84,7 @@ def test_rules_apply_per_vm() -> None:
     points = every(24, "2026-11-20T05:00:00Z", "2026-11-26T05:00:00Z", "a")
     points += every(24, "2026-11-24T07:00:00Z", "2026-11-26T07:00:00Z", "b")
     keep, _ = select(points, keep_last=2, now=NOW)
-    assert sorted(p["id"] for p, _ in keep) == [
+    assert sorted(p.id for p, _ in keep) == [
         "a@2026-11-25T05:00:00Z",
         "a@2026-11-26T05:00:00Z",
         "b@2026-11-25T07:00:00Z",
@@ -94,7 +96,7 @@ def test_weeks_are_iso_weeks_across_the_new_year() -> None:
     # 2026-12-31 (Thu) and 2027-01-03 (Sun) are both in ISO week 2026-W53
     points = [point(t) for t in ("2026-12-28T05:00:00Z", "2026-12-31T05:00:00Z", "2027-01-03T05:00:00Z")]
     keep, _ = select(points, keep_weekly=5, now=datetime.datetime(2027, 1, 4, tzinfo=datetime.UTC))
-    assert [p["time"] for p, _ in keep] == ["2027-01-03T05:00:00Z"]
+    assert [p.time for p, _ in keep] == ["2027-01-03T05:00:00Z"]
 
 
 def test_unlimited_and_future_points() -> None:
@@ -102,7 +104,7 @@ def test_unlimited_and_future_points() -> None:
     assert len(kept(points, keep_monthly=-1)) == 3
     future = point("2027-01-01T00:00:00Z")
     keep, _ = select([*points, future], keep_last=1, now=NOW)
-    assert {p["time"] for p, _ in keep} == {"2027-01-01T00:00:00Z", "2026-11-26T05:00:00Z"}
+    assert {p.time for p, _ in keep} == {"2027-01-01T00:00:00Z", "2026-11-26T05:00:00Z"}
 
 
 def test_no_rule_is_refused() -> None:
@@ -123,10 +125,10 @@ def test_prune_deletes_the_manifests_of_the_removed_points_only() -> None:
     packs = set(repo.backend.list("data/"))
     report = prune(repo, keep_last=2, now=NOW, dry_run=True)
     assert report.dry_run and report.removed == [] and len(repo.points()) == 5
-    assert sorted(p["id"] for p, _ in report.remove) == sorted(b.point for b in made[:3])
+    assert sorted(p.id for p, _ in report.remove) == sorted(b.point for b in made[:3])
     report = prune(repo, keep_last=2, now=NOW)
     assert sorted(report.removed) == sorted(b.point for b in made[:3])
-    assert [p["id"] for p in repo.points()] == [b.point for b in made[3:]]
+    assert [p.id for p in repo.points()] == [b.point for b in made[3:]]
     assert set(repo.backend.list("data/")) == packs  # data is the garbage collection's
     assert list(repo.backend.list("locks/")) == []
 
@@ -199,4 +201,4 @@ def test_same_choice_as_restic_forget(tmp_path: Path) -> None:
         theirs = sorted(f"{s['hostname']}@{s['time'][:19]}Z" for group in groups for s in group["keep"] or [])
         assert sum(len(g["keep"] or []) + len(g["remove"] or []) for g in groups) == len(points)
         keep, _ = select(points, now=NOW, **rules)
-        assert sorted(p["id"] for p, _ in keep) == theirs, rules
+        assert sorted(p.id for p, _ in keep) == theirs, rules

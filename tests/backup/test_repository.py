@@ -22,6 +22,7 @@ import pytest
 import agentless.backup.repository as repository_module
 from agentless.backup.keys import CorruptError, WrongPassword
 from agentless.backup.packs import PackBuilder
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import (
     CONDEMNED_KIND,
     ZERO,
@@ -34,6 +35,7 @@ from agentless.backup.storage import LocalBackend
 from agentless.backup.verify import verify
 from tests.backup.conftest import vmbackup
 from tests.backup.legacy import to_format_1
+from tests.helpers import wait_until
 
 
 @pytest.mark.parametrize("password", [None, "secret"])
@@ -55,8 +57,10 @@ def test_blobs_round_trip_one_by_one_and_in_batches(tmp_path: Path, password: st
         assert got[-2] == bytes(65536) and got[-1] == chunks[0]
         with pytest.raises(RepositoryError, match="not in the repository's index"):
             repository.read_many([bytes(range(32))])
-        point = repository.save_point({"time": "2026-11-26T00:00:00Z", "disks": []})
-        assert repository.load_point(point[:6])["id"] == point
+        point = repository.save_point(
+            RestorePoint.model_validate({"time": "2026-11-26T00:00:00Z", "disks": []})
+        )
+        assert repository.load_point(point[:6]).id == point
     if password:
         with pytest.raises(WrongPassword):
             Repository.open(str(tmp_path / "repo"), "wrong")
@@ -138,8 +142,12 @@ def test_a_cache_of_unlocked_keys_derives_each_key_once(
 
 def _two_points(backend: LocalBackend, password: str | None) -> tuple[str, str]:
     with Repository.init(backend, password) as repository:
-        older = repository.save_point({"time": "2026-11-24T05:00:00Z", "disks": [], "vm": {"name": "old"}})
-        newer = repository.save_point({"time": "2026-11-25T05:00:00Z", "disks": [], "vm": {"name": "new"}})
+        older = repository.save_point(
+            RestorePoint.model_validate({"time": "2026-11-24T05:00:00Z", "disks": [], "vm": {"name": "old"}})
+        )
+        newer = repository.save_point(
+            RestorePoint.model_validate({"time": "2026-11-25T05:00:00Z", "disks": [], "vm": {"name": "new"}})
+        )
     return older, newer
 
 
@@ -159,7 +167,7 @@ def test_a_restore_point_copied_over_another_or_renamed_is_refused(
     (points / newer).write_bytes((points / older).read_bytes())
     holds = f"points/{older}" if format == 2 else f"restore point '{older}'"
     with Repository.open(backend, password) as repository:
-        assert repository.load_point(older)["vm"]["name"] == "old"
+        assert repository.load_point(older).vm.name == "old"
         with pytest.raises(CorruptError, match=f"points/{newer}: holds {holds}.*swapped or renamed"):
             repository.load_point(newer)
         with pytest.raises(CorruptError, match="swapped or renamed"):
@@ -280,18 +288,22 @@ def test_a_repository_of_format_1_opens_and_takes_new_points_in_format_2(
     with Repository.init(backend, password) as repository, repository.writer() as writer:
         blob = writer.add(b"old data " * 7282)
         writer.flush()
-        old_point = repository.save_point({"time": "2026-11-24T05:00:00Z", "disks": []})
+        old_point = repository.save_point(
+            RestorePoint.model_validate({"time": "2026-11-24T05:00:00Z", "disks": []})
+        )
     to_format_1(backend, password)
     assert json.loads(backend.get("config"))["version"] == 1
     assert backend.get(f"points/{old_point}")[8] == 1
     with Repository.open(backend, password) as repository:
         assert repository.read_blob(blob) == b"old data " * 7282
-        assert [p["id"] for p in repository.points()] == [old_point]
-        new_point = repository.save_point({"time": "2026-11-25T05:00:00Z", "disks": []})
+        assert [p.id for p in repository.points()] == [old_point]
+        new_point = repository.save_point(
+            RestorePoint.model_validate({"time": "2026-11-25T05:00:00Z", "disks": []})
+        )
         assert verify(repository, read_data=True).ok
     assert backend.get(f"points/{new_point}")[8] == 2
     with Repository.open(backend, password) as repository:
-        assert [p["id"] for p in repository.points()] == [old_point, new_point]
+        assert [p.id for p in repository.points()] == [old_point, new_point]
 
 
 # ---------------------------------------------------------------------- key files
@@ -382,7 +394,9 @@ def _sealed_point(backend: LocalBackend, document: dict[str, Any]) -> tuple[Repo
     """A repository with one restore point, then replaced by *document* sealed anew (as
     anyone who may write an unencrypted repository can)."""
     repository = Repository.init(backend)
-    point_id = repository.save_point({"time": "2026-12-01T00:00:00Z", "disks": []})
+    point_id = repository.save_point(
+        RestorePoint.model_validate({"time": "2026-12-01T00:00:00Z", "disks": []})
+    )
     name = f"points/{point_id}"
     backend.put(name, repository.keys.seal_meta(b"AGVBPOIN", document | {"id": point_id}, name))
     return repository, point_id
@@ -455,9 +469,7 @@ def test_a_slow_store_holds_the_writer_back_not_its_memory(
         added: list[bytes] = []
         adding = threading.Thread(target=lambda: added.extend(writer.add(c) for c in chunks))
         adding.start()
-        deadline = time.monotonic() + 30
-        while len(puts) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(puts) >= 2, 30, "two packs being stored")
         adding.join(1.0)
         assert adding.is_alive()  # it waits for the store...
         assert len(puts) == 2 and len(added) <= 4 * (BlobWriter.PACKS_IN_FLIGHT + 1)  # ...with ≤ 4 packs done
@@ -481,8 +493,7 @@ def test_a_slow_store_holds_the_writer_back_not_its_memory(
 
         adding = threading.Thread(target=add_all)
         adding.start()
-        while len(puts) < 2 and time.monotonic() < deadline + 30:
-            time.sleep(0.01)
+        wait_until(lambda: len(puts) >= 2, 30, "two packs being stored")
         closer = threading.Thread(target=writer.close)
         closer.start()
         time.sleep(0.2)

@@ -39,24 +39,29 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime
+import logging
 import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TypedDict
+
+from pydantic import ValidationError
 
 import agentless.wddk as wddk
 from agentless.nbd.errors import NbdError
 from agentless.sparse import is_zero
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
+from agentless.wire import BackupDisk, BackupResult, Extent
 
 from .diskindex import PAGE_CHUNKS, DiskIndex
-from .keys import RepositoryError
+from .errors import BackupError, Cancelled, VmbackupError
+from .points import POINT_VERSION, PointStats, PointVm, RestorePoint, StoredDisk
 from .repository import ZERO, BlobWriter, Repository
 from .storage import StorageError
 
-__all__ = ["FAILURES", "BackupError", "VmBackup", "latest_point"]
+__all__ = ["FAILURES", "BackupError", "BackupSummary", "Cancelled", "VmBackup", "latest_point"]
 
 PIECE = 4 << 20  # bytes read per request: 64 chunks
 # bytes of read buffers one backup holds at most, over all its disks and connections (two
@@ -70,22 +75,38 @@ OFFLINE = "offline"
 CRASH_CONSISTENT = "crash-consistent"
 
 
+log = logging.getLogger(__name__)
+
 # what fails one VM's backup without being a bug: the other VMs of the same command or
-# run go on (WinCenter was told to abort it)
-FAILURES = (RepositoryError, StorageError, CenterApiError, CenterUnreachable, NbdError)
+# run go on (WinCenter was told to abort it); Cancelled (a JobError) is among them
+FAILURES = (VmbackupError, StorageError, CenterApiError, CenterUnreachable, NbdError)
 
 
-class BackupError(RepositoryError):
-    """A backup failed (WinCenter refused or failed the task, a disk could not be read);
-    WinCenter has been told to abort it. Nothing was added to the repository's restore
-    points; the next backup starts over."""
+class BackupSummary(TypedDict):
+    """What :meth:`VmBackup.run` answers (``vmbackup backup --json`` prints it): the VM,
+    its new restore point, how it was made, the bytes read, stored, stored as new chunks
+    and deduplicated, NBD reconnects, the VM's downtime and the backup's seconds."""
+
+    vm: str
+    vm_id: str
+    point: str
+    type: str
+    consistency: str
+    reconnects: int
+    read: int
+    stored: int
+    new: int
+    deduplicated: int
+    downtime: float
+    seconds: float
 
 
-def latest_point(repository: Repository, vm_id: str) -> dict[str, Any] | None:
+def latest_point(repository: Repository, vm_id: str) -> RestorePoint | None:
     """The repository's newest restore point of the VM *vm_id*, whole (an incremental's
-    base): found in the catalog of summaries, then that one point read."""
-    mine = [p for p in repository.points() if p.get("vm", {}).get("id") == vm_id]
-    return repository.load_point(str(mine[-1]["id"])) if mine else None
+    base): found in the catalog's columns (:meth:`.Repository.briefs`, no summary
+    parsed), then that one point read."""
+    mine = [brief for brief in repository.briefs() if brief.vm_id == vm_id]
+    return repository.load_point(mine[-1].id) if mine else None
 
 
 def _now() -> str:
@@ -93,14 +114,12 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _pieces(
-    extents: list[dict[str, int]], chunk: int, size: int, piece: int = PIECE
-) -> list[tuple[int, int]]:
+def _pieces(extents: list[Extent], chunk: int, size: int, piece: int = PIECE) -> list[tuple[int, int]]:
     """The extents widened to whole chunks, merged, cut in pieces of at most *piece*."""
     spans: list[list[int]] = []
-    for extent in sorted(extents, key=lambda e: e["offset"]):
-        start = extent["offset"] // chunk * chunk
-        end = min(size, -(-(extent["offset"] + extent["length"]) // chunk) * chunk)
+    for extent in sorted(extents, key=lambda e: e.offset):
+        start = extent.offset // chunk * chunk
+        end = min(size, -(-(extent.offset + extent.length) // chunk) * chunk)
         if spans and start <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], end)
         elif end > start:
@@ -141,7 +160,8 @@ class VmBackup:
         self.done = 0
         self.reconnects = 0  # NBD connections made again after a loss (wddk)
         self.name = vm_ref
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # stop reading: cancelled, or another disk failed
+        self._cancelled = False  # cancel() was called (the user's or the scheduler's stop)
         self._lock = threading.Lock()
         self._reported = 0.0
         self._backup_id: str | None = None
@@ -149,9 +169,12 @@ class VmBackup:
         self._halted_before = False  # the VM was halted when the backup was requested
 
     def cancel(self) -> None:
+        """Stop the backup: :meth:`run` raises :class:`.errors.Cancelled` (not a
+        failure) once WinCenter was told to abort it."""
+        self._cancelled = True
         self._cancel.set()
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> BackupSummary:
         started = time.monotonic()
         vm = self.center.vm(self.vm_ref)
         self.name = vm.name
@@ -230,8 +253,8 @@ class VmBackup:
             state = self.center.vm(vm_id).power_state
 
     def _attempt(
-        self, vm_id: str, previous: dict[str, Any] | None, snapshot_taken: Callable[[], None]
-    ) -> dict[str, Any] | None:
+        self, vm_id: str, previous: RestorePoint | None, snapshot_taken: Callable[[], None]
+    ) -> BackupSummary | None:
         kind = "incremental" if previous is not None else "full"
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         backup_id = f"vmb-{stamp}-{secrets.token_hex(4)}"
@@ -244,9 +267,14 @@ class VmBackup:
             if task.state != "ready":
                 detail = task.error.detail if task.error else task.state
                 raise BackupError(f"WinCenter could not prepare the backup of {self.name}: {detail}")
-            result = task.result
-            if result["type"] == "incremental" and (
-                previous is None or result["base_backup_id"] != previous.get("backup_id")
+            try:
+                result = BackupResult.model_validate(task.result)
+            except ValidationError as error:
+                raise BackupError(
+                    f"WinCenter's answer for the backup of {self.name} is malformed: {error}"
+                ) from None
+            if result.type == "incremental" and (
+                previous is None or result.base_backup_id != previous.backup_id
             ):
                 self._abort(backup_id)  # an offline VM stays down for the next attempt
                 return None
@@ -259,89 +287,111 @@ class VmBackup:
             if ended.state != "succeeded":
                 raise BackupError(f"WinCenter did not complete backup {backup_id}: {ended.state}")
             return summary
-        except BaseException:
+        except BaseException as error:
             self._abort(backup_id)
+            if self._cancelled and not isinstance(error, Cancelled | KeyboardInterrupt):
+                raise Cancelled(f"{self.name}: cancelled ({error})") from error  # what stopped it
             raise
         finally:
             if self.journal is not None:
                 self.journal(backup_id, False)
 
     def _abort(self, backup_id: str) -> None:
-        with contextlib.suppress(Exception):  # WinCenter's expiry cleans up what this could not
+        """Tell WinCenter to abort; a failure is logged, not raised (the backup's own
+        error stands, and WinCenter's expiry cleans up what this could not)."""
+        try:
             self.center.abort_backup(backup_id)
+        except Exception as error:
+            log.warning(
+                "backup %s: WinCenter was not told to abort it (its expiry will): %s", backup_id, error
+            )
 
-    def _store(
-        self, result: dict[str, Any], previous: dict[str, Any] | None, consistency: str
-    ) -> dict[str, Any]:
+    def _store(self, result: BackupResult, previous: RestorePoint | None, consistency: str) -> BackupSummary:
         """Read every disk into the repository and save the restore point."""
-        base_disks = {d["position"]: d for d in (previous or {}).get("disks", [])}
-        self.size = sum(e["length"] for d in result["disks"] for e in d["extents"])
+        base_disks = {d.position: d for d in previous.disks} if previous is not None else {}
+        self.size = sum(e.length for d in result.disks for e in d.extents)
         chunk = self.repository.chunk_size
-        buffers = 2 * self.connections * max(1, len(result["disks"]))
+        buffers = 2 * self.connections * max(1, len(result.disks))
         piece = max(chunk, min(PIECE, READ_BUFFERS // buffers) // chunk * chunk)
         with self.repository.writer() as writer:
 
-            def one(disk: dict[str, Any]) -> dict[str, Any]:
-                base = base_disks.get(disk["position"]) if disk["type"] == "incremental" else None
-                if disk["type"] == "incremental" and (base is None or base["size"] != disk["size"]):
-                    raise BackupError(f"disk {disk['position']}: no matching disk in the base restore point")
+            def one(disk: BackupDisk) -> StoredDisk:
+                base = base_disks.get(disk.position) if disk.type == "incremental" else None
+                if disk.type == "incremental" and (base is None or base.size != disk.size):
+                    raise BackupError(f"disk {disk.position}: no matching disk in the base restore point")
                 index = (
                     DiskIndex.of_point(self.repository, base)
                     if base is not None
-                    else DiskIndex(self.repository, disk["size"])
+                    else DiskIndex(self.repository, disk.size)
                 )
                 read = self._read_disk(disk, index, writer, piece)
                 pages = index.store(writer)
-                return {
-                    "position": disk["position"],
-                    "size": disk["size"],
-                    "chunk_size": self.repository.chunk_size,
-                    "pages": [p.hex() for p in pages],
-                    "digest": index.digest,
-                    "type": disk["type"],
-                    "reason": disk["reason"],
-                    "read": read,
-                }
+                return StoredDisk(
+                    position=disk.position,
+                    size=disk.size,
+                    chunk_size=self.repository.chunk_size,
+                    pages=[p.hex() for p in pages],
+                    digest=index.digest,
+                    type=disk.type,
+                    reason=disk.reason,
+                    read=read,
+                )
 
-            def guarded(disk: dict[str, Any]) -> dict[str, Any]:
+            def guarded(disk: BackupDisk) -> StoredDisk:
                 try:
                     return one(disk)
                 except BaseException:
                     self._cancel.set()  # the other disks stop too
                     raise
 
-            with concurrent.futures.ThreadPoolExecutor(max(1, len(result["disks"]))) as pool:
-                disks = list(pool.map(guarded, result["disks"]))  # every disk at once
+            with concurrent.futures.ThreadPoolExecutor(max(1, len(result.disks))) as pool:
+                futures = [pool.submit(guarded, disk) for disk in result.disks]  # every disk at once
+                concurrent.futures.wait(futures)
+            _first_error(futures)
+            disks = [future.result() for future in futures]
             writer.flush()
-            stats = {"read": sum(d["read"] for d in disks), "stored": writer.stored, "new": writer.new}
-            stats["deduplicated"] = writer.reused_bytes
-        point = {
-            "time": _now(),
-            "vm": result["vm"],
-            "backup_id": result["backup_id"],
-            "type": result["type"],
-            "base": previous["id"] if previous is not None and result["type"] == "incremental" else None,
-            "consistency": consistency,
-            "disks": disks,
-            "stats": stats,
-        }
+            stats = PointStats(
+                read=sum(d.read or 0 for d in disks),
+                stored=writer.stored,
+                new=writer.new,
+                deduplicated=writer.reused_bytes,
+            )
+        point = RestorePoint(
+            version=POINT_VERSION,
+            time=_now(),
+            vm=PointVm.model_validate(result.vm.model_dump()),
+            backup_id=result.backup_id,
+            type=result.type,
+            base=previous.id if previous is not None and result.type == "incremental" else None,
+            consistency=consistency,
+            disks=disks,
+            stats=stats,
+        )
         point_id = self.repository.save_point(point)
         self._report(force=True)
-        return {
-            "vm": result["vm"]["name"],
-            "vm_id": result["vm"]["id"],
-            "point": point_id,
-            "type": result["type"],
-            "consistency": consistency,
-            "reconnects": self.reconnects,
-        } | stats
+        return BackupSummary(
+            vm=result.vm.name,
+            vm_id=result.vm.id,
+            point=point_id,
+            type=result.type,
+            consistency=consistency,
+            reconnects=self.reconnects,
+            read=stats.read,
+            stored=stats.stored,
+            new=stats.new,
+            deduplicated=stats.deduplicated,
+            downtime=0.0,
+            seconds=0.0,
+        )
 
-    def _read_disk(self, disk: dict[str, Any], index: DiskIndex, writer: BlobWriter, piece: int) -> int:
+    def _read_disk(self, disk: BackupDisk, index: DiskIndex, writer: BlobWriter, piece: int) -> int:
         """Read the disk's extents with parallel connections into *index*, in pieces of
         at most *piece* bytes; bytes read."""
+        if disk.access is None:
+            raise BackupError(f"{self.name} disk {disk.position}: WinCenter handed no access to it")
         chunk = self.repository.chunk_size
         pieces: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-        planned = _pieces(disk["extents"], chunk, disk["size"], piece)
+        planned = _pieces(disk.extents, chunk, disk.size, piece)
         largest = max((length for _, length in planned), default=0)  # an incremental's are small
         for planned_piece in planned:
             pieces.put(planned_piece)
@@ -353,9 +403,9 @@ class VmBackup:
             p for at, length in planned for p in range(at // span, (at + length - 1) // span + 1)
         )
         errors: list[BaseException] = []
-        with wddk.open(disk["access"], connections=self.connections, timeout=self.nbd_timeout) as nbd:
+        with wddk.open(disk.access, connections=self.connections, timeout=self.nbd_timeout) as nbd:
 
-            def work(client: Any) -> None:
+            def work(client: wddk.Connection) -> None:
                 """Read pieces with one read always in flight while the previous piece is
                 chunked, hashed and sealed (two buffers), so the network and the CPU
                 overlap."""
@@ -406,9 +456,11 @@ class VmBackup:
             with self._lock:
                 self.reconnects += nbd.reconnects
         if errors:
-            raise BackupError(f"{self.name} disk {disk['position']}: {errors[0]}") from errors[0]
+            raise BackupError(f"{self.name} disk {disk.position}: {errors[0]}") from errors[0]
+        if self._cancelled:
+            raise Cancelled(f"{self.name}: cancelled")
         if self._cancel.is_set():
-            raise BackupError(f"{self.name}: cancelled")
+            raise _Stopped(f"{self.name} disk {disk.position}: stopped (another disk failed)")
         return sum(length for _, length in planned)
 
     def _report(self, force: bool = False) -> None:
@@ -418,5 +470,22 @@ class VmBackup:
         now = time.monotonic()
         if self._backup_id is not None and (force or now - self._reported > 1.0):
             self._reported = now
-            with contextlib.suppress(Exception):  # informative: never fail a backup for it
+            try:
                 self.center.backup_progress(self._backup_id, self.done)
+            except Exception as error:  # informative: never fail a backup for it
+                log.info("backup %s: progress not reported to WinCenter: %s", self._backup_id, error)
+
+
+class _Stopped(BackupError):
+    """A disk stopped reading because another disk of the backup failed: that one's
+    error is the backup's (:func:`_first_error`)."""
+
+
+def _first_error(futures: list[concurrent.futures.Future[StoredDisk]]) -> None:
+    """Raise the error of the first disk that failed for its own reason – not a disk
+    stopped because another failed (pool.map would raise whichever came first in disk
+    order, often "stopped")."""
+    failed = [error for future in futures if (error := future.exception()) is not None]
+    own = [error for error in failed if not isinstance(error, _Stopped)]
+    if own or failed:
+        raise (own or failed)[0]

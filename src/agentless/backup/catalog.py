@@ -49,11 +49,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from agentless.lifetime import Closing
 
-from .keys import RepositoryError
+from .errors import RepositoryError
+from .points import PointSummary, RestorePoint
 from .storage import NotFound
 
 __all__ = ["FORMAT", "Brief", "Catalog", "CatalogError", "brief", "summarize"]
@@ -106,31 +107,23 @@ _COLUMNS = ", ".join(Brief._fields)  # of the points table, before summary and c
 _Row = TypeVar("_Row")
 
 
-def summarize(point: dict[str, Any]) -> dict[str, Any]:
-    """The summary of a (checked) restore point: its document without the page lists of
+def summarize(point: RestorePoint) -> PointSummary:
+    """The summary of a (checked) restore point: the point without the page lists of
     its disks, which only reading a disk needs."""
-    disks = [{k: v for k, v in disk.items() if k != "pages"} for disk in point.get("disks", [])]
-    return point | {"disks": disks}
+    return point.summary()
 
 
-def brief(summary: dict[str, Any]) -> Brief:
+def brief(summary: PointSummary) -> Brief:
     """The :class:`Brief` of a (checked) restore point or its summary."""
-    vm = summary.get("vm")
-    vm = vm if isinstance(vm, dict) else {}
-    disks = summary.get("disks", [])
-
-    def text(value: Any) -> str | None:
-        return None if value is None else str(value)
-
     return Brief(
-        id=str(summary["id"]),
-        time=str(summary.get("time", "")),
-        vm_id=text(vm.get("id")),
-        vm_name=text(vm.get("name")),
-        type=text(summary.get("type")),
-        backup_id=text(summary.get("backup_id")),
-        disks=len(disks),
-        size=sum(int(disk["size"]) for disk in disks),
+        id=summary.id,
+        time=summary.time,
+        vm_id=summary.vm.id,
+        vm_name=summary.vm.name,
+        type=summary.type,
+        backup_id=summary.backup_id,
+        disks=len(summary.disks),
+        size=sum(disk.size for disk in summary.disks),
     )
 
 
@@ -140,8 +133,8 @@ def _checksum(row: Brief, summary: str) -> str:
     return hashlib.blake2b(f"{fields}\0{summary}".encode(), digest_size=16).hexdigest()
 
 
-def _order(summary: dict[str, Any]) -> tuple[str, str]:
-    return str(summary.get("time", "")), str(summary["id"])
+def _order(summary: PointSummary) -> tuple[str, str]:
+    return summary.time, summary.id
 
 
 class Catalog(Closing):
@@ -156,7 +149,7 @@ class Catalog(Closing):
         directory: Path | None,
         repository_id: str,
         list_names: Callable[[], Iterable[str]],
-        read_point: Callable[[str], dict[str, Any]],
+        read_point: Callable[[str], RestorePoint],
         warn: Callable[[str], None] | None = None,
     ):
         self._temporary = directory is None
@@ -198,26 +191,26 @@ class Catalog(Closing):
 
     # ------------------------------------------------------------------ answers
 
-    def summaries(self, listing: Callable[[], Iterable[str]] | None = None) -> list[dict[str, Any]]:
+    def summaries(self, listing: Callable[[], Iterable[str]] | None = None) -> list[PointSummary]:
         """The summary of every restore point the repository lists now, oldest first
         (by time, then id). Reads only the points the catalog lacks; CorruptError if one
         of those does not check (nothing of it is kept). *listing*: the ``points/…``
         names, called once the catalog's rows are read (a listing the caller has under
         way: the rows are read meanwhile), instead of the catalog's own."""
-        known = self._rows()
+        known = self._summaries()
         return self._answer(listing or self._list_names, known, lambda summary: summary, key=_order)
 
     def briefs(self, listing: Callable[[], Iterable[str]] | None = None) -> list[Brief]:
         """:meth:`summaries`, only what a listing shows of each point (read from the
         catalog's columns: no summary is parsed)."""
-        known = self._rows(briefs=True)
+        known = self._briefs()
         return self._answer(listing or self._list_names, known, brief, key=lambda row: (row.time, row.id))
 
     def _answer(
         self,
         listing: Callable[[], Iterable[str]],
         known: dict[str, _Row],
-        shape: Callable[[dict[str, Any]], _Row],
+        shape: Callable[[PointSummary], _Row],
         key: Callable[[_Row], tuple[str, str]],
     ) -> list[_Row]:
         """The rows of the listed points: *known* (from the file) and those read now –
@@ -234,10 +227,10 @@ class Catalog(Closing):
         found = [answer.get(point_id) for point_id in dict.fromkeys(listed)]
         return sorted((row for row in found if row is not None), key=key)
 
-    def add(self, point: dict[str, Any]) -> None:
+    def add(self, point: RestorePoint) -> None:
         """Keep the summary of *point*, which this process has just saved (so a chain of
         backups reads only each one's base)."""
-        self._store({str(point["id"]): summarize(point)}, [])
+        self._store({point.id: summarize(point)}, [])
 
     def forget(self, point_id: str) -> None:
         """Drop *point_id*'s row (a point this process deleted or replaced)."""
@@ -245,13 +238,13 @@ class Catalog(Closing):
 
     # ------------------------------------------------------------------ reading points
 
-    def _fetch(self, point_ids: list[str]) -> dict[str, dict[str, Any]]:
+    def _fetch(self, point_ids: list[str]) -> dict[str, PointSummary]:
         """The summaries of *point_ids*, read from the repository (several at once: on S3
         each is a round trip); those gone since the listing are left out."""
         if not point_ids:
             return {}
 
-        def one(point_id: str) -> dict[str, Any] | None:
+        def one(point_id: str) -> PointSummary | None:
             try:
                 return summarize(self._read_point(point_id))
             except NotFound:
@@ -270,14 +263,22 @@ class Catalog(Closing):
 
     # ------------------------------------------------------------------ the file
 
-    def _rows(self, briefs: bool = False) -> dict[str, Any]:
-        """Every row, checked: summaries, or with *briefs* :class:`Brief`; a damaged
-        catalog is rebuilt (and answers nothing)."""
+    def _summaries(self) -> dict[str, PointSummary]:
+        """Every row's summary, checked (:meth:`_rows`)."""
+        return self._rows(_summary)
+
+    def _briefs(self) -> dict[str, Brief]:
+        """Every row's columns, checked (:meth:`_rows`): no summary is parsed."""
+        return self._rows(_columns)
+
+    def _rows(self, parse: Callable[[tuple[object, ...]], _Row]) -> dict[str, _Row]:
+        """Every row, checked and *parse*d; a damaged catalog is rebuilt (and answers
+        nothing)."""
         for attempt in (1, 2):
             try:
                 with self._transaction() as db:
                     rows = db.execute(f"SELECT {_COLUMNS}, summary, checksum FROM points").fetchall()
-                return {row[0]: _parse(row, briefs) for row in rows}
+                return {row[0]: parse(row) for row in rows}
             except (sqlite3.DatabaseError, _Damaged) as error:
                 if _busy(error):  # another process holds it longer than the busy timeout: not damage
                     raise CatalogError(f"restore point catalog {self.path}: {error}") from None
@@ -286,10 +287,10 @@ class Catalog(Closing):
                 self._rebuild(str(error))
         raise AssertionError("unreachable")
 
-    def _store(self, fresh: dict[str, dict[str, Any]], gone: list[str]) -> None:
+    def _store(self, fresh: dict[str, PointSummary], gone: list[str]) -> None:
         rows = []
         for summary in fresh.values():
-            text = json.dumps(summary, separators=(",", ":"), sort_keys=True)
+            text = json.dumps(summary.document(), separators=(",", ":"), sort_keys=True)
             columns = brief(summary)
             rows.append((*columns, text, _checksum(columns, text)))
         try:
@@ -376,17 +377,21 @@ def _busy(error: Exception) -> bool:
     )
 
 
-def _parse(row: tuple[Any, ...], briefs: bool) -> Any:
-    """A row of the file, checked: its summary, or with *briefs* its :class:`Brief`."""
-    columns, text, checksum = Brief(*row[:-2]), row[-2], row[-1]
+def _columns(row: tuple[object, ...]) -> Brief:
+    """A row of the file, checked: its :class:`Brief`."""
+    columns, text, checksum = Brief(*row[:-2]), row[-2], row[-1]  # type: ignore[arg-type]
     if not isinstance(text, str) or checksum != _checksum(columns, text):
         raise _Damaged(f"the row of {columns.id!r} does not check")
-    if briefs:
-        return columns
+    return columns
+
+
+def _summary(row: tuple[object, ...]) -> PointSummary:
+    """A row of the file, checked: its summary."""
+    columns, text = _columns(row), row[-2]
     try:
-        summary = json.loads(text)
+        summary = PointSummary.model_validate_json(str(text))
     except ValueError:
         raise _Damaged(f"the row of {columns.id!r} is malformed") from None
-    if not isinstance(summary, dict) or summary.get("id") != columns.id:
+    if summary.id != columns.id:
         raise _Damaged(f"the row of {columns.id!r} is malformed")
     return summary

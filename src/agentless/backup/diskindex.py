@@ -36,6 +36,7 @@ import struct
 from collections.abc import Iterator
 
 from .keys import CorruptError
+from .points import StoredDisk
 from .repository import ZERO, BlobWriter, Repository
 
 __all__ = ["CACHED_PAGES", "PAGE_CHUNKS", "DiskIndex", "disk_digest"]
@@ -72,12 +73,9 @@ class DiskIndex:
         self._dirty: set[int] = set()
 
     @classmethod
-    def of_point(cls, repository: Repository, disk: dict[str, object]) -> DiskIndex:
+    def of_point(cls, repository: Repository, disk: StoredDisk) -> DiskIndex:
         """The index of a disk of a restore point (as :meth:`store` wrote it)."""
-        pages = disk.get("pages")
-        if not isinstance(pages, list):
-            raise CorruptError("restore point disk without pages")
-        return cls(repository, int(str(disk["size"])), [bytes.fromhex(str(p)) for p in pages])
+        return cls(repository, disk.size, [bytes.fromhex(p) for p in disk.pages])
 
     @property
     def cached(self) -> int:

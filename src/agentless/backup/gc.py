@@ -74,10 +74,11 @@ from collections.abc import Collection, Iterable
 
 import numpy as np
 
+from .errors import GcError, PointFormatError
 from .indexcache import Run
 from .indexcompact import compact_index
 from .indexfile import Entries, pack_digest
-from .keys import CorruptError, RepositoryError
+from .keys import CorruptError
 from .locks import Lock, active_locks
 from .marking import IdSpill, mark
 from .packs import BlobLocation, PackBuilder
@@ -105,11 +106,6 @@ REPACK_BLOBS = 1 << 20  # blobs one run copies at most (their entries are held: 
 PAGE_BATCH = 4096  # pages located at once
 _ID = 32
 _NO_KEYS = np.zeros(0, "S64")
-
-
-class GcError(RepositoryError):
-    """The collection cannot see what is used (an unreadable restore point, index page or
-    index file) and deleted nothing: run ``vmbackup verify`` and repair first."""
 
 
 @dataclasses.dataclass
@@ -254,11 +250,11 @@ class _Collection:
         for name in names:
             point_id = name.rsplit("/", 1)[1]
             try:
-                document = self.repo.read_point(point_id)
-                pages = [bytes.fromhex(str(p)) for disk in document["disks"] for p in disk["pages"]]
+                point = self.repo.read_point(point_id)
+                pages = [bytes.fromhex(p) for disk in point.disks for p in disk.pages]
             except NotFound:
                 continue  # pruned meanwhile
-            except (CorruptError, KeyError, TypeError, ValueError) as error:
+            except (CorruptError, PointFormatError, KeyError, TypeError, ValueError) as error:
                 raise GcError(f"gc: restore point {point_id}: {error}: run `vmbackup verify`") from None
             self.points.add(name)
             for page in pages:

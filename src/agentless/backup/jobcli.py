@@ -9,19 +9,22 @@ import concurrent.futures
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from agentless.commands import emit
 from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
-from .backupjob import FAILURES, NBD_TIMEOUT, VmBackup
+from .backupjob import FAILURES, NBD_TIMEOUT, BackupSummary, VmBackup
 from .center import Center, every_vm
 from .clitools import Command, open_repository, seconds, tell
 from .leftovers import Journal
 from .leftovers import reap as _reap
 from .restorejob import VmRestore
 from .settings import Settings, SettingsError, given_token
+
+if TYPE_CHECKING:  # rich is loaded only when bars are shown
+    from rich.progress import Progress, TaskID
 
 __all__ = ["ERRORS", "add_commands", "open_center"]
 
@@ -56,8 +59,8 @@ class _Bars:
     """Rich progress bars on a terminal (one per job); nothing otherwise."""
 
     def __init__(self, enabled: bool):
-        self._progress: Any = None
-        self._tasks: dict[int, Any] = {}
+        self._progress: Progress | None = None
+        self._tasks: dict[int, TaskID] = {}
         self._lock = threading.Lock()
         if enabled:
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -78,7 +81,7 @@ class _Bars:
         if self._progress is not None:
             self._progress.stop()
 
-    def update(self, job: Any) -> None:
+    def update(self, job: VmBackup | VmRestore) -> None:
         if self._progress is None:
             return
         with self._lock:
@@ -118,7 +121,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
             )
             for vm in vms
         ]
-        results: list[dict[str, Any]] = []
+        results: list[BackupSummary] = []
         failures: list[str] = []
         with concurrent.futures.ThreadPoolExecutor(max(1, min(args.parallel, len(jobs)))) as pool:
             futures = {pool.submit(job.run): job for job in jobs}
@@ -187,7 +190,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         result = job.run()
     emit(
         args,
-        result,
+        dict(result),
         f"restored {result['point']} as VM {result['vm']} ({result['vm_id']}): "
         f"{format_size(result['written'])} written",
     )

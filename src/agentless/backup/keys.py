@@ -59,6 +59,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from .errors import CorruptError, RepositoryError, WrongPassword
+
 __all__ = [
     "HASHES",
     "KEY_MAGIC",
@@ -94,25 +96,6 @@ _FLAG_RAW, _FLAG_ZSTD = 0, 1
 _LEVEL = 1  # level 3 costs 40% more time for 1-2% smaller chunks of disk data
 _PROBE = 4096  # compress this much first: random data is stored as it is, unpacked
 HASHES = ("blake3", "sha256")  # a repository's hash: new ones, older ones
-
-
-class RepositoryError(Exception):
-    """Base of the repository's errors: the message is one line for the user."""
-
-
-class WrongPassword(RepositoryError):
-    """No key file of the repository opens with this password: ask again."""
-
-
-class CorruptError(RepositoryError):
-    """Stored bytes do not check: a flipped bit, a torn or foreign object. ``name`` is the
-    object, ``blob`` the blob id (hex) when one is concerned. Restore from another copy;
-    ``vmbackup verify`` names the restore points affected."""
-
-    def __init__(self, message: str, name: str = "", blob: str = ""):
-        super().__init__(message)
-        self.name = name
-        self.blob = blob
 
 
 class _Codecs(threading.local):

@@ -110,7 +110,10 @@ def _all_locks(backend: Backend) -> list[dict[str, Any]]:
     for name in backend.list("locks/"):
         try:
             document = json.loads(backend.get(name))
-        except (NotFound, ValueError):
+        except NotFound:
+            continue  # released while listed
+        except ValueError as error:  # torn or foreign: holds nothing, said once per look
+            log.warning("repository lock %s is unreadable (ignored): %s", name, error)
             continue
         if isinstance(document, dict):
             found.append(document | {"name": name})

@@ -42,11 +42,12 @@ import hmac
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
 
+from .catalog import Brief
 from .diskindex import DiskIndex
 from .keys import CorruptError, Keys, RepositoryError, WrongPassword
 from .pointdisk import PointDisk
+from .points import RestorePoint
 from .repository import ZERO, BlobWriter, Repository
 from .storage import Backend, open_backend
 
@@ -193,13 +194,14 @@ def copy_points(
         return _Copy(source, dest, progress).run(_select(source, point_ids, vm_ids))
 
 
-def _select(source: Repository, point_ids: list[str] | None, vm_ids: set[str] | None) -> list[dict[str, Any]]:
-    points = source.points()
+def _select(source: Repository, point_ids: list[str] | None, vm_ids: set[str] | None) -> list[Brief]:
+    """The points to copy: the catalog's columns suffice to choose them."""
+    points = source.briefs()
     if point_ids is not None:
         wanted = {source.resolve_point(ref) for ref in point_ids}
-        points = [p for p in points if p["id"] in wanted]
+        points = [p for p in points if p.id in wanted]
     if vm_ids is not None:
-        points = [p for p in points if {p.get("vm", {}).get("id"), p.get("vm", {}).get("name")} & vm_ids]
+        points = [p for p in points if {p.vm_id, p.vm_name} & vm_ids]
     return points
 
 
@@ -249,13 +251,13 @@ class _Copy:
         self.flight: dict[bytes, None] = {}  # asked for, not yet given to the writer
         self.seen_pages: set[bytes] = set()
 
-    def run(self, points: list[dict[str, Any]]) -> CopyReport:
+    def run(self, points: list[Brief]) -> CopyReport:
         present = {name.rsplit("/", 1)[1] for name in self.dest.backend.list("points/")}
-        todo = [self.source.load_point(str(p["id"])) for p in points if p["id"] not in present]  # whole
-        self.report.skipped = [p["id"] for p in points if p["id"] in present]
+        todo = [self.source.load_point(p.id) for p in points if p.id not in present]  # whole
+        self.report.skipped = [p.id for p in points if p.id in present]
         if not todo:
             return self.report
-        disks = [self.disk(point, described) for point in todo for described in point["disks"]]
+        disks = [self.disk(point, described.position) for point in todo for described in point.disks]
         self.dest.index(reload=True)
         self.dest.condemned(reload=True)
         with self.new, self.dest.writer() as writer:
@@ -267,19 +269,18 @@ class _Copy:
             self.report.blobs, self.report.bytes = writer.new, writer.stored
             self.check_index(disks)
             self.read_back()
-        for point in todo:
-            document = {k: v for k, v in point.items() if k != "id"}
-            self.report.copied.append(self.dest.save_point(document, point_id=str(point["id"])))
+        for point in todo:  # the document as read (fields it lacks stay absent): the copy is equal
+            self.report.copied.append(self.dest.save_point(point, point_id=point.id))
         return self.report
 
-    def disk(self, point: dict[str, Any], described: dict[str, Any]) -> _Disk:
+    def disk(self, point: RestorePoint, position: int) -> _Disk:
         """A disk of *point*, its page ids checked against its digest (as a restore does)."""
-        name = f"{self.source.backend.location}/points/{point['id']}"
+        name = f"{self.source.backend.location}/points/{point.id}"
         try:
-            checked = PointDisk(self.source, point, int(described["position"]))
+            checked = PointDisk(self.source, point, position)
         except (KeyError, TypeError, ValueError):
             raise CorruptError(f"{name}: malformed disk", name) from None
-        return _Disk(str(point["id"]), checked.index)
+        return _Disk(point.id, checked.index)
 
     def missing(self, disks: list[_Disk], writer: BlobWriter) -> Iterator[tuple[str, list[bytes]]]:
         """(point, chunk ids) batches of the chunks *dest* lacks, page by page; the pages

@@ -14,35 +14,48 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TypedDict
 
 from agentless.fileio import pwrite_all
 
 from .diskindex import PAGE_CHUNKS, DiskIndex
 from .keys import CorruptError, RepositoryError
+from .points import RestorePoint
 from .repository import ZERO, Repository
 
-__all__ = ["RUN", "PointDisk", "export_disk", "runs_of"]
+__all__ = ["RUN", "Exported", "PointDisk", "export_disk", "runs_of"]
 
 RUN = 1 << 20  # chunks written in one request
+
+
+class Exported(TypedDict):
+    """What :func:`export_disk` answers (``vmbackup export --json``)."""
+
+    point: str
+    disk: int
+    path: str
+    format: str
+    size: int
+    written: int
 
 
 class PointDisk:
     """One disk of a restore point, checked: :meth:`chunks` in order, :meth:`read` at
     any offset."""
 
-    def __init__(self, repository: Repository, point: dict[str, Any], position: int):
-        disks = {int(d["position"]): d for d in point["disks"]}
-        if position not in disks:
+    def __init__(self, repository: Repository, point: RestorePoint, position: int):
+        disk = point.disk(position)
+        if disk is None:
             raise RepositoryError(
-                f"restore point {point['id']} has no disk {position} (disks: {sorted(disks)})"
+                f"restore point {point.id} has no disk {position} "
+                f"(disks: {sorted(d.position for d in point.disks)})"
             )
         self.repository = repository
-        self.disk = disks[position]
+        self.disk = disk
         self.index = DiskIndex.of_point(repository, self.disk)
-        if self.index.digest != self.disk["digest"]:
+        if self.index.digest != self.disk.digest:
             raise CorruptError(
-                f"restore point {point['id']} disk {position}: digest mismatch", f"points/{point['id']}"
+                f"restore point {point.id} disk {position}: digest mismatch", f"points/{point.id}"
             )
         self.size = self.index.size
         self.chunk_size = self.index.chunk_size
@@ -111,7 +124,7 @@ def runs_of(chunks: Iterator[tuple[int, bytes]], chunk_size: int) -> Iterator[tu
 
 def export_disk(
     repository: Repository, point_ref: str, position: int, path: str, file_format: str = "raw"
-) -> dict[str, Any]:
+) -> Exported:
     """Write one disk of a restore point to *path* as a sparse raw file or a dynamic VHD."""
     point = repository.load_point(point_ref)
     source = PointDisk(repository, point, position)
@@ -141,11 +154,6 @@ def export_disk(
             chain.flush()
     else:
         raise RepositoryError(f"unknown format {file_format!r} (raw or vhd)")
-    return {
-        "point": point["id"],
-        "disk": position,
-        "path": path,
-        "format": file_format,
-        "size": source.size,
-        "written": written,
-    }
+    return Exported(
+        point=point.id, disk=position, path=path, format=file_format, size=source.size, written=written
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import os
 import re
 import socket
@@ -38,14 +39,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from agentless.redaction import redact
 
-from .keys import RepositoryError
+from .errors import PolicyError
 from .locks import process_gone
 from .prune import KEEP
 
 __all__ = [
+    "Outcome",
     "Policy",
     "PolicyError",
     "Run",
+    "RunState",
     "RunVm",
     "State",
     "due_slot",
@@ -53,13 +56,27 @@ __all__ = [
 ]
 
 TYPES = ("incremental", "full")
+
+
+class RunState(enum.StrEnum):
+    """A run's state (``runs.state``: the strings as stored)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # the scheduler stopped, or the process ended during the run
+
+
+class Outcome(enum.StrEnum):
+    """One VM's outcome in a run (``run_vms.outcome``: the strings as stored)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # after its retries
+    CANCELLED = "cancelled"  # stopped by the scheduler's stop: not a failure
+
+
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-
-
-class PolicyError(RepositoryError):
-    """A policy is invalid, unknown or already exists, or the state database is
-    unusable: the message says which; nothing was changed."""
 
 
 class _Base(DeclarativeBase):
@@ -126,7 +143,7 @@ class Run(_Base):
     missed: Mapped[int] = mapped_column(Integer, default=0)
     started: Mapped[datetime.datetime] = mapped_column(DateTime)
     ended: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default="running")
+    state: Mapped[str] = mapped_column(String(16), default=RunState.RUNNING)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     owner: Mapped[str] = mapped_column(String(300), default="")  # "host:pid" running it
     vms: Mapped[list[RunVm]] = relationship(
@@ -151,7 +168,7 @@ class Run(_Base):
 
 
 class RunVm(_Base):
-    """One VM of a run: ``outcome`` ``succeeded`` or ``failed`` (after its retries)."""
+    """One VM of a run: its :class:`Outcome`."""
 
     __tablename__ = "run_vms"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -188,7 +205,7 @@ class VmOutcome:
     """What a run learnt of one VM (becomes a :class:`RunVm`)."""
 
     vm: str
-    outcome: str
+    outcome: Outcome
     vm_id: str | None = None
     type: str | None = None
     point: str | None = None
@@ -389,7 +406,7 @@ class State:
                 slot=None if slot is None else _naive(slot),
                 missed=missed,
                 started=_naive(now or utcnow()),
-                state="running",
+                state=RunState.RUNNING,
                 owner=_OWNER,
             )
             session.add(run)
@@ -399,7 +416,7 @@ class State:
     def finish_run(
         self,
         run_id: int,
-        state: str,
+        state: RunState,
         outcomes: Sequence[VmOutcome],
         error: str | None = None,
         now: datetime.datetime | None = None,
@@ -421,10 +438,10 @@ class State:
         that are gone (a daemon or ``run-now`` killed mid-run); their ids. Runs of live
         processes, and of other machines sharing the database, are left alone."""
         with self._session() as session:
-            runs = list(session.scalars(select(Run).where(Run.state == "running")))
+            runs = list(session.scalars(select(Run).where(Run.state == RunState.RUNNING)))
             dead = [run for run in runs if _gone(run.owner)]
             for run in dead:
-                run.state = "interrupted"
+                run.state = RunState.INTERRUPTED
                 run.ended = _naive(now or utcnow())
                 run.error = f"the process running it ({run.owner}) ended before it did"
             return [run.id for run in dead]
@@ -487,7 +504,9 @@ class State:
                     run.state,
                 )
             good = session.execute(
-                select(Run.policy, func.max(Run.ended)).where(Run.state == "succeeded").group_by(Run.policy)
+                select(Run.policy, func.max(Run.ended))
+                .where(Run.state == RunState.SUCCEEDED)
+                .group_by(Run.policy)
             )
             for policy, ended_at in good:
                 found.setdefault(policy, {})["success"] = _aware(ended_at)

@@ -1,7 +1,7 @@
 """Retention: which restore points to keep, and removing the others.
 
 Rules are counted **independently, as restic counts them** (``restic forget``): the
-points of one VM (grouped by ``point["vm"]["id"]``) are walked newest first, and each
+points of one VM (grouped by the VM's id, :class:`.catalog.Brief`) are walked newest first, and each
 rule keeps a point when the point falls in a *bucket* (hour, day, ISO week, month, year
 – UTC) that this rule has not kept a point of yet, until the rule has kept its count.
 Within a bucket the newest point is the one kept. A point kept by several rules counts
@@ -34,14 +34,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from .catalog import Brief
+from .errors import PolicyError
 from .keys import RepositoryError
 from .repository import Repository
 
 __all__ = ["KEEP", "RULES", "NoRules", "PruneReport", "prune", "select"]
 
-Point = dict[str, Any]
+Point = Brief  # what prune reads of a restore point: the catalog's columns
 
 _BUCKETS: dict[str, Callable[[datetime.datetime], object]] = {
     "last": lambda t: None,  # replaced by the point's identity: every point its own bucket
@@ -55,7 +56,7 @@ RULES = tuple(_BUCKETS)
 KEEP = tuple(f"keep_{rule}" for rule in RULES)  # the rules as prune()'s keyword arguments
 
 
-class NoRules(RepositoryError, ValueError):
+class NoRules(PolicyError, ValueError):
     """No ``keep_*`` rule was given: pruning would remove every restore point. Give at
     least one rule."""
 
@@ -73,19 +74,18 @@ class PruneReport:
 
 def point_time(point: Point) -> datetime.datetime:
     """The point's time (ISO-8601, ``Z`` or an offset) as an aware UTC datetime."""
-    text = str(point.get("time", ""))
+    text = point.time
     try:
         moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise RepositoryError(f"restore point {point.get('id')}: bad time {text!r}") from None
+        raise RepositoryError(f"restore point {point.id}: bad time {text!r}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return moment.astimezone(datetime.UTC)
 
 
 def _vm(point: Point) -> str:
-    vm = point.get("vm")
-    return str(vm.get("id")) if isinstance(vm, dict) else ""
+    return point.vm_id or ""
 
 
 def select(
@@ -121,7 +121,7 @@ def select(
     keep: list[tuple[Point, list[str]]] = []
     remove: list[tuple[Point, str]] = []
     for vm in sorted(groups):
-        dated = sorted(groups[vm], key=lambda tp: (tp[0], str(tp[1].get("id"))), reverse=True)
+        dated = sorted(groups[vm], key=lambda tp: (tp[0], tp[1].id), reverse=True)
         kept = dict.fromkeys(counts, 0)
         last_bucket: dict[str, object] = {}
         for moment, point in dated:
@@ -172,11 +172,11 @@ def prune(
     }
     select([], **rules, now=now)  # NoRules / ValueError before touching the repository
     with repo.lock("shared", "prune"):
-        points = [p for p in repo.points() if vm_ids is None or _vm(p) in vm_ids]
+        points = [p for p in repo.briefs() if vm_ids is None or _vm(p) in vm_ids]
         keep, remove = select(points, **rules, now=now)
         report = PruneReport(keep, remove, dry_run=dry_run)
         if not dry_run:
             for point, _ in remove:
-                repo.delete_point(str(point["id"]))
-                report.removed.append(str(point["id"]))
+                repo.delete_point(point.id)
+                report.removed.append(point.id)
     return report

@@ -14,9 +14,9 @@ from agentless.units import format_size
 
 from .catalog import Brief, brief
 from .clitools import Command, open_repository, repo_location, repo_password
+from .errors import RepositoryError, VmbackupError
 from .gc import gc
 from .indexcompact import compact_index
-from .keys import RepositoryError
 from .locks import active_locks, dead_locks
 from .offsite import copy_points, init_offsite, open_offsite
 from .pointdisk import PointDisk, export_disk
@@ -28,7 +28,7 @@ from .verify import verify
 
 __all__ = ["ERRORS", "add_commands"]
 
-ERRORS = (RepositoryError, StorageError)  # SettingsError is a RepositoryError
+ERRORS = (VmbackupError, StorageError)  # every error of the tree (.errors): one line, exit 1
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -109,21 +109,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     with open_repository(args) as repository:
         point = repository.load_point(args.point)
-    vm = point.get("vm", {})
+    vm = point.vm
     lines = [
         _brief_line(brief(point)),
-        f"  VM {vm.get('name')} ({vm.get('id')}): {vm.get('vcpus')} vCPU, "
-        f"memory {format_size(int(vm.get('memory', 0)))}",
-        f"  consistency: {point.get('consistency', 'not recorded (an older vmbackup)')}",
+        f"  VM {vm.name} ({vm.id}): {vm.vcpus} vCPU, memory {format_size(vm.memory)}",
+        f"  consistency: {point.consistency or 'not recorded (an older vmbackup)'}",
     ]
-    lines += [f"  nic {n.get('position')}: {n.get('mac')} on {n.get('network')}" for n in vm.get("nics", [])]
+    lines += [f"  nic {n.position}: {n.mac} on {n.network}" for n in vm.nics]
     lines += [
-        f"  disk {d['position']}: {format_size(int(d['size']))}, {d.get('type')}, "
-        f"read {format_size(int(d.get('read', 0)))}, digest {str(d['digest'])[:16]}"
-        + (f" ({d['reason']})" if d.get("reason") else "")
-        for d in point["disks"]
+        f"  disk {d.position}: {format_size(d.size)}, {d.type}, "
+        f"read {format_size(d.read or 0)}, digest {d.digest[:16]}" + (f" ({d.reason})" if d.reason else "")
+        for d in point.disks
     ]
-    emit(args, {k: v for k, v in point.items()}, "\n".join(lines))
+    emit(args, point.document(), "\n".join(lines))
     return 0
 
 
@@ -132,7 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         result = export_disk(repository, args.point, args.disk, args.file, args.format)
     emit(
         args,
-        result,
+        dict(result),
         f"disk {args.disk} of {result['point']} written to {args.file} "
         f"({args.format}, {format_size(result['written'])} of data)",
     )
@@ -145,7 +143,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     with open_repository(args) as repository, repository.lock("shared", "mount"):
         point = repository.load_point(args.point)
         export = PointExport(
-            PointDisk(repository, point, args.disk), f"restore point {point['id']} disk {args.disk}"
+            PointDisk(repository, point, args.disk), f"restore point {point.id} disk {args.disk}"
         )
         serve_point(export, args.socket, args.port, ["", f"disk{args.disk}"])
     return 0
@@ -172,8 +170,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     rules = {name: getattr(args, name) for name in KEEP}
     with open_repository(args) as repository:
         report = prune(repository, **rules, dry_run=args.dry_run)
-    kept = [{"id": p["id"], "reasons": reasons} for p, reasons in report.keep]
-    removed = [{"id": p["id"], "reason": reason} for p, reason in report.remove]
+    kept = [{"id": p.id, "reasons": reasons} for p, reasons in report.keep]
+    removed = [{"id": p.id, "reason": reason} for p, reason in report.remove]
     document = {"keep": kept, "remove": removed, "removed": report.removed, "dry_run": report.dry_run}
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"keep   {k['id']}  ({', '.join(k['reasons'])})" for k in kept]

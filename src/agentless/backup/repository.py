@@ -38,6 +38,7 @@ from .indexfile import BINARY_KIND, JSON_KIND, Entries, decode_binary, decode_js
 from .keys import HASHES, CorruptError, Keys, RepositoryError, WrongPassword, make_key_file, open_key_file
 from .locks import Lock
 from .packs import BlobLocation, PackBuilder
+from .points import PointSummary, RestorePoint, parse_point
 from .repoconfig import check_chunk_size, check_config, encode_config, new_config, parse_config
 from .storage import Backend, NotFound, open_backend
 
@@ -51,7 +52,6 @@ INDEX_KIND = JSON_KIND
 POINT_KIND = b"AGVBPOIN"
 CONDEMNED_KIND = b"AGVBCOND"
 _POINT_ID = re.compile(r"[0-9a-f]{16}")
-_PAGE_ID = re.compile(r"[0-9a-f]{64}")
 BINARY_INDEX = 3  # the config version from which index files are binary
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -404,24 +404,26 @@ class Repository(Closing):
 
     # ------------------------------------------------------------------ restore points
 
-    def save_point(self, document: dict[str, Any], point_id: str | None = None) -> str:
+    def save_point(self, point: RestorePoint, point_id: str | None = None) -> str:
         """Store a restore point (its data and index written before); its id: a new one,
         or *point_id* (16 hex digits: an off-site copy keeps its source's ids), whose
-        restore point, if there is one, the document replaces."""
+        restore point, if there is one, this one replaces. The document stored is
+        :meth:`.RestorePoint.document` with the id."""
         self.check_locks()
         if point_id is None:
             point_id = secrets.token_hex(8)
         elif not _POINT_ID.fullmatch(point_id):
             raise RepositoryError(f"{point_id!r} is not a restore point id (16 hex digits)")
         name = f"points/{point_id}"
-        self.backend.put(name, self.keys.seal_meta(POINT_KIND, document | {"id": point_id}, name))
+        point = point.model_copy(update={"id": point_id})
+        self.backend.put(name, self.keys.seal_meta(POINT_KIND, point.document(), name))
         with self._lock:
             catalog = self._catalog
-        if catalog is not None and _sound_point(document):  # as the index cache learns new index files
-            catalog.add(document | {"id": point_id})
+        if catalog is not None:  # as the index cache learns new index files
+            catalog.add(point)
         return point_id
 
-    def points(self) -> list[dict[str, Any]]:
+    def points(self) -> list[PointSummary]:
         """The summary of every restore point, oldest first: its document without its
         disks' page lists (:func:`.catalog.summarize`), from the local catalog, synced
         with the repository's names – only the points it lacks are read (and checked). A
@@ -470,7 +472,7 @@ class Repository(Closing):
             )
         return matches[0]
 
-    def load_point(self, ref: str) -> dict[str, Any]:
+    def load_point(self, ref: str) -> RestorePoint:
         """The restore point *ref* names (:meth:`resolve_point`), checked
         (:meth:`read_point`); RepositoryError if there is none."""
         point_id = self.resolve_point(ref) if len(ref) != 16 else ref
@@ -479,11 +481,13 @@ class Repository(Closing):
         except NotFound:
             raise RepositoryError(f"no restore point {ref!r}") from None
 
-    def read_point(self, point_id: str) -> dict[str, Any]:
+    def read_point(self, point_id: str) -> RestorePoint:
         """The restore point stored as ``points/<point_id>``, checked: its tag (or
         checksum), the name it was sealed for and the id it holds must be *point_id* –
         a point copied over another or renamed is a CorruptError naming both, never
-        served as the other. NotFound if there is none."""
+        served as the other –, then its format version and fields
+        (:func:`.points.parse_point`: PointFormatError for a newer format, CorruptError
+        for a malformed point). NotFound if there is none."""
         name = f"points/{point_id}"
         document = self.keys.open_meta(POINT_KIND, self.backend.get(name), name)
         if not isinstance(document, dict):
@@ -494,9 +498,7 @@ class Repository(Closing):
                 "(swapped or renamed)",
                 name,
             )
-        if not _sound_point(document):
-            raise CorruptError(f"{name}: malformed restore point", name)
-        return document
+        return parse_point(document, name)
 
     def delete_point(self, point_id: str) -> None:
         self.backend.delete(f"points/{point_id}")
@@ -504,35 +506,6 @@ class Repository(Closing):
             catalog = self._catalog
         if catalog is not None:
             catalog.forget(point_id)
-
-
-def _sound_point(document: dict[str, Any]) -> bool:
-    """Whether a restore point has the shape its readers rely on (``vm`` a mapping, every
-    disk with an integer position, size and chunk size, hex page ids, a digest) – checked
-    once, where it is read: a point that passes its tag or checksum can still be malformed
-    (whoever may write an unencrypted repository can seal one), and restores, verify, gc
-    and the CLI then failed on it with KeyError or TypeError (found by the fault
-    campaign's fuzzing). Other fields a point may lack (older or minimal points) may stay
-    absent; its disks never."""
-    disks = document.get("disks")
-    if not isinstance(document.get("vm", {}), dict) or not isinstance(document.get("time", ""), str):
-        return False
-    return isinstance(disks, list) and all(_sound_disk(disk) for disk in disks)
-
-
-def _sound_disk(disk: object) -> bool:
-    if not isinstance(disk, dict):
-        return False
-    numbers = disk.get("position"), disk.get("size"), disk.get("chunk_size")
-    pages = disk.get("pages")
-    return (
-        all(type(n) is int and n >= 0 for n in numbers)
-        and 0 < disk["chunk_size"] < 1 << 32
-        and disk["size"] < 1 << 63
-        and isinstance(disk.get("digest"), str)
-        and isinstance(pages, list)
-        and all(isinstance(page, str) and _PAGE_ID.fullmatch(page) for page in pages)
-    )
 
 
 def _point_names(backend: Backend) -> list[str]:

@@ -8,24 +8,29 @@ against its id); holes are never written: a new VM's disks are blank. A raw or V
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime
+import logging
 import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TypedDict
+
+from pydantic import ValidationError
 
 import agentless.wddk as wddk
 from agentless.wincenter.client import CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, VmSpec
+from agentless.wire import AccessInfo, RestoreResult
 
-from .keys import RepositoryError
+from .errors import Cancelled, RestoreError
 from .pointdisk import PointDisk
 from .repository import Repository
 
-__all__ = ["VmRestore"]
+__all__ = ["RestoreSummary", "VmRestore"]
+
+log = logging.getLogger(__name__)
 
 TASK_TIMEOUT = 3600.0
 NBD_TIMEOUT = 60.0  # seconds an NBD request may go unanswered before its connection counts as lost
@@ -73,6 +78,25 @@ def _parallel(
         raise errors[0]
 
 
+class RestoreSummary(TypedDict):
+    """What :meth:`VmRestore.run` answers (``vmbackup restore --json``)."""
+
+    point: str
+    vm: str
+    vm_id: str
+    written: int
+    reconnects: int
+    seconds: float
+
+
+def _result(task_result: object, what: str) -> RestoreResult:
+    """WinCenter's restore task result, parsed at the edge (RestoreError if it is none)."""
+    try:
+        return RestoreResult.model_validate(task_result)
+    except ValidationError as error:
+        raise RestoreError(f"WinCenter's answer {what} is malformed: {error}") from None
+
+
 class VmRestore:
     """A restore point restored as a new VM through WinCenter: ``size``, ``done``,
     ``cancel()``; :meth:`run` answers the summary. *journal* hears ``(restore id, open?)``
@@ -109,20 +133,22 @@ class VmRestore:
         self._lock = threading.Lock()
 
     def cancel(self) -> None:
+        """Stop the restore: :meth:`run` raises :class:`.errors.Cancelled` once WinCenter
+        was told to abort it (it removes the half-written VM)."""
         self._cancel.set()
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RestoreSummary:
         started = time.monotonic()
-        vm = self.point["vm"]
-        disks = sorted(self.point["disks"], key=lambda d: int(d["position"]))
-        sources = [PointDisk(self.repository, self.point, int(d["position"])) for d in disks]  # checked first
+        vm = self.point.vm
+        disks = sorted(self.point.disks, key=lambda d: d.position)
+        sources = [PointDisk(self.repository, self.point, d.position) for d in disks]  # checked first
         self.size = sum(source.allocated() for source in sources)
         spec = VmSpec(
             name=self.name,
-            vcpus=int(vm.get("vcpus", 1)),
-            memory=int(vm.get("memory", 1 << 30)),
-            disks=[DiskSpec(size=int(d["size"])) for d in disks],
-            nics=[NicSpec(network=str(n["network"])) for n in vm.get("nics", [])],
+            vcpus=vm.vcpus,
+            memory=vm.memory,
+            disks=[DiskSpec(size=d.size) for d in disks],
+            nics=[NicSpec(network=n.network) for n in vm.nics],
         )
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         restore_id = f"vmr-{stamp}-{secrets.token_hex(4)}"
@@ -133,42 +159,49 @@ class VmRestore:
             task = self.center.wait_task(accepted.task_id, timeout=TASK_TIMEOUT, poll=0.5)
             if task.state != "ready":
                 detail = task.error.detail if task.error else task.state
-                raise RepositoryError(f"WinCenter could not prepare the restore: {detail}")
-            targets = {int(d["position"]): d for d in task.result["disks"]}
+                raise RestoreError(f"WinCenter could not prepare the restore: {detail}")
+            targets = {d.position: d.access for d in _result(task.result, "preparing the restore").disks}
             for source, disk in zip(sources, disks, strict=True):
-                self._write(source, targets[int(disk["position"])]["access"])
+                access = targets.get(disk.position)
+                if access is None:
+                    raise RestoreError(f"WinCenter handed no access to disk {disk.position} of the new VM")
+                self._write(source, access)
             self.center.complete_restore(restore_id)
             ended = self.center.wait_task(task.id, timeout=TASK_TIMEOUT, poll=0.5)
             if ended.state != "succeeded":
-                raise RepositoryError(f"WinCenter did not complete restore {restore_id}: {ended.state}")
+                raise RestoreError(f"WinCenter did not complete restore {restore_id}: {ended.state}")
+            new_vm = _result(ended.result, "completing the restore").vm
         except BaseException:
-            with contextlib.suppress(Exception):
+            try:
                 self.center.abort_restore(restore_id)
+            except Exception as error:  # the restore's own error stands; WinCenter's expiry cleans up
+                log.warning(
+                    "restore %s: WinCenter was not told to abort it (its expiry will): %s", restore_id, error
+                )
             raise
         finally:
             if self.journal is not None:
                 self.journal(restore_id, False)
-        new_vm = ended.result["vm"]
-        return {
-            "point": self.point["id"],
-            "vm": new_vm["name"],
-            "vm_id": new_vm["id"],
-            "written": self.done,
-            "reconnects": self.reconnects,
-            "seconds": round(time.monotonic() - started, 3),
-        }
+        return RestoreSummary(
+            point=self.point.id,
+            vm=new_vm.name,
+            vm_id=new_vm.id,
+            written=self.done,
+            reconnects=self.reconnects,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
-    def _write(self, source: PointDisk, access: dict[str, Any]) -> None:
+    def _write(self, source: PointDisk, access: AccessInfo) -> None:
         # a lost connection is made again and its writes sent again (same bytes, same
         # offsets: idempotent) within wddk.Retry's bound; past it the restore is aborted
         with wddk.open(access, connections=self.connections, timeout=self.nbd_timeout) as target:
 
-            def writer(client: Any) -> Callable[[int, list[bytes]], None]:
+            def writer(client: wddk.Connection) -> Callable[[int, list[bytes]], None]:
                 in_flight: collections.deque[int] = collections.deque()
 
                 def write(offset: int, blobs: list[bytes]) -> None:
                     if self._cancel.is_set():
-                        raise RepositoryError("restore cancelled")
+                        raise Cancelled("restore cancelled")
                     data = source.fetch(offset, blobs)
                     in_flight.append(client.submit_write(offset, data))  # pipelined
                     if len(in_flight) > IN_FLIGHT:

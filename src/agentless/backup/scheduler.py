@@ -23,30 +23,34 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import httpx
 
 from agentless.redaction import redact
 from agentless.wincenter.client import CenterClient
+from agentless.wincenter.schemas import VmOut
 
 from .backupjob import FAILURES, VmBackup
 from .center import every_vm
+from .errors import Cancelled
 from .gc import gc
-from .keys import Keys, RepositoryError
+from .keys import Keys
 from .leftovers import Journal, reap
 from .locks import LockLost
 from .offsite import copy_points, open_offsite
-from .policies import Policy, Run, State, VmOutcome, due_slot, utcnow
+from .policies import Outcome, Policy, Run, RunState, State, VmOutcome, due_slot, utcnow
 from .prune import KEEP, prune
 from .repository import Repository
 
 __all__ = ["Clock", "Limits", "Runner", "Scheduler", "SystemClock", "notify"]
 
+log = logging.getLogger(__name__)
 EXPECTED = (*FAILURES, OSError)  # a daemon's run also outlives a failing disk or socket
 
 
@@ -77,7 +81,9 @@ class Limits:
     connections: int = 4  # NBD connections per disk
 
 
-def notify(url: str, document: dict[str, Any], log: Callable[[str], None], timeout: float = 10.0) -> bool:
+def notify(
+    url: str, document: Mapping[str, object], log: Callable[[str], None], timeout: float = 10.0
+) -> bool:
     """POST *document* as JSON to the webhook *url* (three tries); whether it was taken
     (2xx). A webhook that fails is logged, never fatal."""
     for attempt in range(3):
@@ -162,25 +168,26 @@ class Runner:
                     note = Journal(lock, center)
                     with concurrent.futures.ThreadPoolExecutor(max(1, len(vms))) as pool:
                         outcomes += pool.map(lambda vm: self._one(center, repository, policy, vm, note), vms)
-                if all(o.outcome == "succeeded" for o in outcomes) and not self.stop.is_set():
+                if all(o.outcome == Outcome.SUCCEEDED for o in outcomes) and not self.stop.is_set():
                     error = self._after(policy, repository, {o.vm_id for o in outcomes if o.vm_id})
         except EXPECTED as failure:
             error = str(failure) or type(failure).__name__
         except Exception as bug:  # recorded as a failed run (and logged), never left "running"
+            log.exception("run %s of policy %s: internal error", run_id, policy.name)  # the traceback
             error = f"internal error: {type(bug).__name__}: {bug}"
-        failed = [o for o in outcomes if o.outcome != "succeeded"]
+        failed = [o for o in outcomes if o.outcome == Outcome.FAILED]  # a cancelled VM did not fail
         if failed and error is None:
             error = f"{len(failed)} of {len(outcomes)} VM(s) failed: " + "; ".join(
                 f"{o.vm}: {o.error}" for o in failed
             )
-        verdict = "failed" if error else "succeeded"
+        verdict = RunState.FAILED if error else RunState.SUCCEEDED
         if self.stop.is_set():  # the slot is not marked: the next start runs it again
-            verdict, error = "interrupted", error or "the scheduler stopped"
+            verdict, error = RunState.INTERRUPTED, error or "the scheduler stopped"
         run = self.state.finish_run(run_id, verdict, outcomes, error, now=self.clock.now())
-        if slot is not None and verdict != "interrupted":
+        if slot is not None and verdict != RunState.INTERRUPTED:
             self.state.mark_slot(policy.name, slot)
         self.log(f"run {run_id} of policy {policy.name}: {verdict}" + (f" – {error}" if error else ""))
-        if verdict != "succeeded" and self.webhook:
+        if verdict != RunState.SUCCEEDED and self.webhook:
             document = {
                 "event": f"vmbackup.run.{verdict}",
                 "source": socket.gethostname(),
@@ -189,7 +196,7 @@ class Runner:
             notify(self.webhook, document, self.log)
         return run
 
-    def _targets(self, center: CenterClient, policy: Policy) -> list[Any]:
+    def _targets(self, center: CenterClient, policy: Policy) -> list[str | VmOut]:
         """What the run backs up: every VM WinCenter lists (``--all``), else the names or
         ids the policy gives – looked up by each VM's attempts, so that a VM WinCenter
         cannot see for a while (its host is down) is retried like any failure."""
@@ -202,7 +209,7 @@ class Runner:
         center: CenterClient,
         repository: Repository,
         policy: Policy,
-        target: Any,
+        target: str | VmOut,
         note: Journal,
     ) -> VmOutcome:
         """Back up one VM (a VM WinCenter described, or a name or id to look up) with
@@ -218,7 +225,7 @@ class Runner:
                 name, vm_id = vm.name, vm.id
                 with self._slot(vm.host):
                     if self.stop.is_set():
-                        raise RepositoryError("stopped before it started")
+                        raise Cancelled("stopped before it started")
                     job = VmBackup(
                         center,
                         repository,
@@ -239,13 +246,22 @@ class Runner:
                 return VmOutcome(
                     vm=name,
                     vm_id=vm_id,
-                    outcome="succeeded",
+                    outcome=Outcome.SUCCEEDED,
                     type=summary["type"],
                     point=summary["point"],
                     read=int(summary["read"]),
                     stored=int(summary["stored"]),
                     seconds=time.monotonic() - started,
                     attempts=attempts,
+                )
+            except Cancelled as cancelled:  # the scheduler stops: no retry, and not a failure
+                return VmOutcome(
+                    vm=name,
+                    vm_id=vm_id,
+                    outcome=Outcome.CANCELLED,
+                    seconds=time.monotonic() - started,
+                    attempts=attempts,
+                    error=str(cancelled),
                 )
             except EXPECTED as failure:
                 problem = str(failure) or type(failure).__name__
@@ -254,7 +270,7 @@ class Runner:
                 return VmOutcome(
                     vm=name,
                     vm_id=vm_id,
-                    outcome="failed",
+                    outcome=Outcome.FAILED,
                     seconds=time.monotonic() - started,
                     attempts=attempts,
                     error=problem,
@@ -277,10 +293,10 @@ class Runner:
         if not policy.full_every:
             return False
         since = 0
-        for point in reversed(repository.points()):
-            if point.get("vm", {}).get("id") != vm_id:
+        for point in reversed(repository.briefs()):  # the catalog's columns suffice
+            if point.vm_id != vm_id:
                 continue
-            if point.get("type") == "full":
+            if point.type == "full":
                 break
             since += 1
         return since >= policy.full_every - 1
@@ -414,7 +430,8 @@ class Scheduler:
         now = self.clock.now()
         try:
             soonest = min(self.next_runs().values(), default=None)
-        except Exception:
+        except Exception as error:  # the state database may come back: tick at the interval meanwhile
+            self.runner.log(f"scheduler: next runs unknown ({type(error).__name__}: {error})")
             soonest = None
         if soonest is None:
             return self.interval

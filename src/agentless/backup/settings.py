@@ -17,15 +17,11 @@ import os
 import sys
 from typing import Any
 
-from .keys import RepositoryError
+from .errors import SettingsError
 
 __all__ = ["Settings", "SettingsError", "given_password", "given_token", "settings_path", "state_url"]
 
 MAGIC = "agentless-vmbackup-settings"
-
-
-class SettingsError(RepositoryError):
-    """The settings are missing or unusable: run ``vmbackup config``."""
 
 
 def settings_path() -> str:

@@ -49,16 +49,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import numpy as np
 
 from .diskindex import PAGE_CHUNKS, disk_digest
+from .errors import PointFormatError
 from .indexcache import IndexCache, Run
 from .indexfile import Entries, pack_name
 from .keys import CorruptError, check_key_file
 from .marking import IdSpill, mark
 from .packs import BlobLocation, read_trailer
+from .points import RestorePoint
 from .repository import ZERO, Repository
 from .storage import NotFound, StorageError
 from .sweep import Sweep, listed_packs, pack_flags, pack_name_of, pack_names, pack_number, pack_table
@@ -251,24 +252,24 @@ class _Verifier:
                 self.check_point(point_id, self.repo.read_point(point_id))
             except NotFound:
                 self.report.points -= 1  # deleted while we list: a prune ran beside us
-            except CorruptError as error:
+            except (CorruptError, PointFormatError) as error:
                 self.problem(f"restore point {point_id}: {error}", {point_id})
             except (KeyError, TypeError, ValueError) as error:
                 self.problem(f"restore point {point_id}: malformed disk list ({error!r})", {point_id})
             self.progress("points", done, len(names))
 
-    def check_point(self, point_id: str, document: dict[str, Any]) -> None:
-        for disk in document["disks"]:
-            position = disk.get("position", "?")
-            size, chunk_size = int(disk["size"]), int(disk["chunk_size"])
-            page_ids = [bytes.fromhex(str(p)) for p in disk["pages"]]
+    def check_point(self, point_id: str, point: RestorePoint) -> None:
+        for disk in point.disks:
+            position = disk.position
+            size, chunk_size = disk.size, disk.chunk_size
+            page_ids = [bytes.fromhex(p) for p in disk.pages]
             chunks = -(-size // chunk_size)
             if len(page_ids) != -(-chunks // PAGE_CHUNKS):
                 self.problem(
                     f"restore point {point_id} disk {position}: {len(page_ids)} pages for {size} bytes",
                     {point_id},
                 )
-            if disk_digest(size, chunk_size, page_ids) != disk.get("digest"):
+            if disk_digest(size, chunk_size, page_ids) != disk.digest:
                 self.problem(
                     f"restore point {point_id} disk {position}: digest does not match its pages",
                     {point_id},
@@ -425,9 +426,9 @@ class _Verifier:
             if point_id in self.affected:
                 continue
             try:
-                document = self.repo.read_point(point_id)
-                pages = {bytes.fromhex(str(p)) for disk in document["disks"] for p in disk["pages"]} - {ZERO}
-            except (NotFound, CorruptError, KeyError, TypeError, ValueError):
+                point = self.repo.read_point(point_id)
+                pages = {bytes.fromhex(p) for disk in point.disks for p in disk.pages} - {ZERO}
+            except (NotFound, CorruptError, PointFormatError, KeyError, TypeError, ValueError):
                 continue  # gone, or reported (and affected) already
             unknown = sorted(pages - verdicts.keys())
             places = self.good_locations(unknown) if unknown else []
