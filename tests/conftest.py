@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
-pytest_plugins = ["tests.s3server", "tests.sites"]  # seaweed_s3, site, second_site: for any test directory
+# fixtures for any test directory: seaweed_s3; site, second_site; postgresql_cluster, db_url; tls_dir
+pytest_plugins = ["tests.s3server", "tests.sites", "tests.postgresql", "tests.nbd.serving"]
 
 
 def require_tool(name: str) -> str:

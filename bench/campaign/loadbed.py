@@ -31,7 +31,8 @@ from typing import Any
 import agentless.wddk as wddk
 from agentless.wincenter.client import CenterClient
 from agentless.winserver.client import HostClient
-from tests.wincenter.conftest import init_center, running_postgresql
+from tests.postgresql import running_postgresql
+from tests.wincenter.conftest import init_center
 from tests.winserver.conftest import Daemon, init_host
 
 from . import accesslog

@@ -24,7 +24,7 @@ __all__ = ["ROW"]
 
 
 def _run(scale: Scale) -> Outcome:
-    from tests.wincenter.conftest import PostgresUnavailable, running_postgresql
+    from tests.postgresql import PostgresUnavailable, running_postgresql
     from tests.wincenter.test_postgresql_restart import restart_trial
 
     what = "PostgreSQL stopped and started under WinCenter with a backup open and one being prepared"

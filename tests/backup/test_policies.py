@@ -19,7 +19,6 @@ import sqlalchemy
 from agentless.backup.policies import PolicyError, State, VmOutcome, due_slot, next_slot
 from agentless.backup.repository import Repository
 from tests.backup.conftest import vmbackup
-from tests.wincenter.conftest import db_url, postgresql_cluster
 
 UTC = datetime.UTC
 
@@ -37,7 +36,6 @@ def state(db_url: str) -> Iterator[State]:
 
 
 pytestmark = pytest.mark.usefixtures("utc_local_time")
-__all__ = ["db_url", "postgresql_cluster"]  # the fixtures, from WinCenter's tests
 
 
 def test_a_slot_is_due_once_its_time_has_come(state: State) -> None:

@@ -31,8 +31,6 @@ from tests.nbd import serving
 from tests.nbd.peers import TIMEOUT, assert_closed_without_a_word, assert_dropped, connect, idle, recv_exactly
 from tests.nbd.serving import Served, serve
 
-tls_dir = serving.tls_dir
-
 KiB = 1 << 10
 MiB = 1 << 20
 

@@ -39,8 +39,6 @@ from tests.helpers import wait_until
 from tests.nbd import serving
 from tests.nbd.serving import Served, serve
 
-tls_dir = serving.tls_dir
-
 KiB = 1 << 10
 MiB = 1 << 20
 TIMEOUT = 10.0

@@ -34,8 +34,6 @@ from tests.conftest import require_tool, run
 from tests.nbd import serving
 from tests.nbd.serving import Served, make_pki, serve
 
-tls_dir = serving.tls_dir
-
 KiB = 1 << 10
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from agentless.wincenter.client import CenterApiError, CenterClient
-from tests.wincenter.conftest import PgCluster, init_center, start_server, wincenter
+from tests.postgresql import PgCluster
+from tests.wincenter.conftest import init_center, start_server, wincenter
 
 
 def test_init_prints_the_token_once(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ import pytest
 
 import agentless.wddk as wddk
 from agentless.wincenter.client import CenterClient
+from tests.helpers import wait_until
+from tests.postgresql import PgCluster, PostgresUnavailable, running_postgresql
 from tests.sites import MiB, Site, guest, running_site, write_random
-from tests.wincenter.conftest import PgCluster, PostgresUnavailable, running_postgresql
 
 PROBLEM = "application/problem+json"
 
@@ -94,15 +95,15 @@ def _read(disk: dict[str, object], source: wddk.Disk) -> bytearray:
 
 def _wait_serving(center: CenterClient, timeout: float = 60) -> None:
     """Until WinCenter answers a request that needs the database again."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def serving() -> bool:
         try:
             center.tasks()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+        except Exception:  # refused, or a 503 while its database is away
+            return False
+        return True
+
+    wait_until(serving, timeout, "WinCenter to answer with its database again", interval=0.2)
 
 
 @pytest.mark.parametrize("down", [0.0, 6.0], ids=["quick", "down-6s"])
@@ -172,13 +173,16 @@ def restart_trial(tmp_path: Path, cluster: PgCluster, down: float, seed: int = 1
                 assert center.wait_task(second.task_id, timeout=60, poll=0.05).state == "succeeded"
             finally:
                 writer.close()
-            deadline = time.monotonic() + 30  # the older base is released once b2's task ended
-            while sum(not b.snapshot_released for b in center.backups(vm=vm_id).items) > 1:
-                assert time.monotonic() < deadline, "the older snapshot was never released"
-                time.sleep(0.05)
-            while center.backup("o1").state not in ("aborted", "failed"):
-                assert time.monotonic() < deadline, center.backup("o1")
-                time.sleep(0.05)
+            wait_until(  # the older base is released once b2's task ended
+                lambda: sum(not b.snapshot_released for b in center.backups(vm=vm_id).items) <= 1,
+                30,
+                "the older snapshot to be released",
+            )
+            wait_until(
+                lambda: center.backup("o1").state in ("aborted", "failed"),
+                30,
+                lambda: f"backup o1 to end: {center.backup('o1')}",
+            )
             assert all(g["revoked"] for g in host.list_grants())
             snapshots = host.list_snapshots(vm_id)
             assert all(s["state"] == "cbt-only" for s in snapshots), snapshots

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from agentless.wincenter.openapi import document
-from tests.wincenter.conftest import ENGINES, Server, init_center, start_server
+from tests.postgresql import ENGINES
+from tests.wincenter.conftest import Server, init_center, start_server
 
 schema = schemathesis.openapi.from_dict(document())
 

@@ -26,8 +26,6 @@ from agentless.nbd.protocol import NBD_EPERM
 from agentless.winserver.servedisk import MIN_NAME_LENGTH, NAME_VARIABLE
 from tests.nbd import serving
 
-tls_dir = serving.tls_dir
-
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
