@@ -40,12 +40,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 from repository_scale import under_pyspy
 
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import Repository
 from agentless.backup.storage import open_backend
 
@@ -54,32 +54,34 @@ PASSWORD = "bench-password"
 VMS = 100
 
 
-def synthetic_point(number: int) -> dict[str, Any]:
+def synthetic_point(number: int) -> RestorePoint:
     """The *number*-th restore point: VM number % VMS, its (number // VMS)-th backup."""
     vm, nth = number % VMS, number // VMS
     kind = "full" if nth == 0 else "incremental"
     day, rest = divmod(nth, 24)
-    return {
-        "time": f"2026-{1 + day // 28:02d}-{1 + day % 28:02d}T{rest:02d}:{vm % 60:02d}:00.{number:06d}Z",
-        "vm": {"id": f"vm-{vm:04d}", "name": f"vm{vm:04d}", "uuid": f"uuid-{vm:04d}", "host": "host-1"},
-        "backup_id": secrets.token_hex(8),
-        "type": kind,
-        "base": None,
-        "consistency": "crash-consistent",
-        "disks": [
-            {
-                "position": 0,
-                "size": 2 << 30,
-                "chunk_size": 65536,
-                "pages": [secrets.token_hex(32) for _ in range(4)],
-                "digest": secrets.token_hex(32),
-                "type": kind,
-                "reason": None,
-                "read": 20 << 20,
-            }
-        ],
-        "stats": {"read": 20 << 20, "stored": 9 << 20, "new": 150, "deduplicated": 11 << 20},
-    }
+    return RestorePoint.model_validate(
+        {
+            "time": f"2026-{1 + day // 28:02d}-{1 + day % 28:02d}T{rest:02d}:{vm % 60:02d}:00.{number:06d}Z",
+            "vm": {"id": f"vm-{vm:04d}", "name": f"vm{vm:04d}", "uuid": f"uuid-{vm:04d}", "host": "host-1"},
+            "backup_id": secrets.token_hex(8),
+            "type": kind,
+            "base": None,
+            "consistency": "crash-consistent",
+            "disks": [
+                {
+                    "position": 0,
+                    "size": 2 << 30,
+                    "chunk_size": 65536,
+                    "pages": [secrets.token_hex(32) for _ in range(4)],
+                    "digest": secrets.token_hex(32),
+                    "type": kind,
+                    "reason": None,
+                    "read": 20 << 20,
+                }
+            ],
+            "stats": {"read": 20 << 20, "stored": 9 << 20, "new": 150, "deduplicated": 11 << 20},
+        }
+    )
 
 
 def fill(location: str, env: dict[str, str], count: int) -> float:

@@ -66,6 +66,7 @@ from repository_scale import measured, parse_count, s3_server  # the child's own
 
 from agentless.backup.diskindex import PAGE_CHUNKS, DiskIndex, disk_digest
 from agentless.backup.indexfile import BINARY_KIND, FILE_ENTRIES, VALUE, Entries, encode_binary
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import ZERO, BlobWriter, CacheSettings, Repository
 from agentless.units import format_size
 
@@ -222,7 +223,7 @@ def synthesize(location: str, blobs: int, seed: int) -> dict[str, int]:
             offsite = real_points(repository, writer, rng)
             writer.flush()
         for document in points.documents + offsite:
-            repository.save_point(document)
+            repository.save_point(RestorePoint.model_validate(document))
         made["points"] = len(points.documents) + len(offsite)
         made["pages"] = sum(len(d["disks"][0]["pages"]) for d in points.documents)
     return made

@@ -37,6 +37,7 @@ from agentless.backup.diskindex import DiskIndex
 from agentless.backup.keys import Keys, RepositoryError
 from agentless.backup.packs import read_trailer
 from agentless.backup.pointdisk import PointDisk
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.storage import LocalBackend, StorageError
 from agentless.backup.verify import verify
@@ -138,9 +139,11 @@ def _make(root: Path, password: str | None, rng: random.Random) -> _Repo:
             "disks": [disk],
             "stats": {"read": size, "stored": size, "new": size},
         }
-        first = repository.save_point(point)
-        second = repository.save_point(point | {"type": "incremental", "base": first})
-        points = {pid: repository.load_point(pid) for pid in (first, second)}
+        first = repository.save_point(RestorePoint.model_validate(point))
+        second = repository.save_point(
+            RestorePoint.model_validate(point | {"type": "incremental", "base": first})
+        )
+        points = {pid: repository.load_point(pid).document() for pid in (first, second)}
         index_docs = {}
         for name in repository.backend.list("index/"):
             packs: dict[str, list[list[object]]] = {}
@@ -256,14 +259,12 @@ def _read_points(repository: Repository, rng: random.Random, whole: bool) -> Non
     """Read the restore points as a restore does: every disk of one (or all) of them,
     opened as a PointDisk (which checks it), a few reads, and (*whole*) every run."""
     points = (
-        [repository.load_point(str(p["id"])) for p in repository.points()]  # summaries: each read whole
+        [repository.load_point(p.id) for p in repository.points()]  # summaries: each read whole
         if whole
         else [repository.load_point(rng.choice(_ids(repository)))]
     )
-    for point in points:
-        disks = point.get("disks") if isinstance(point, dict) else None
-        found = [d.get("position") for d in disks if isinstance(d, dict)] if isinstance(disks, list) else []
-        for position in sorted({p for p in found if isinstance(p, int)}) or [0]:
+    for point in points:  # checked when read: a malformed point is a CorruptError there
+        for position in sorted({d.position for d in point.disks}) or [0]:
             view = PointDisk(repository, point, position)
             for _ in range(2):
                 view.read(rng.randrange(max(1, view.size)), rng.choice((1, 4096, 70000)))

@@ -341,7 +341,7 @@ class Bed:
         """The restore points of *repo* (default: the repository), read with the library
         (the commands under test are the CLI's; the bed's own look needs no process)."""
         with Repository.open(repo or self.repo, PASSWORD, self._keys) as repository:
-            return [str(p["id"]) for p in repository.points()]
+            return [p.id for p in repository.points()]
 
     def image(self, point: str) -> bytes:
         """Disk 0 of *point*, exported."""

@@ -75,10 +75,10 @@ def test_a_2040_gib_disk_backs_up_in_bounded_memory_and_restores_sparse(site: Si
     assert restored["written"] == len(model) * CHUNK  # holes are never written
     assert restore_rss < RSS_BOUND
     with site.host_client() as host:
-        [disk] = host.vm("big-restored")["disks"]
+        [disk] = host.vm("big-restored").disks
         # on the host: the data, a sector bitmap per 2 MiB block (a 4 KiB file system block
         # each), the 4 MiB BAT – and no zeros
-        assert os.stat(disk["path"]).st_blocks * 512 <= restored["written"] + len(model) * 4096 + 8 * MiB
+        assert os.stat(disk.path).st_blocks * 512 <= restored["written"] + len(model) * 4096 + 8 * MiB
         host.start_vm("big-restored")
         with guest(host, "big-restored", 0) as disk_view:
             for offset, data in model.items():

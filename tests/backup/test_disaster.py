@@ -104,9 +104,9 @@ def test_site_a_lost_vm_recovered_at_site_b_from_the_offsite_copy(
     )
     with second_site.host_client() as host:
         vm = host.vm(str(restored["vm_id"]))
-        assert [d["size"] for d in vm["disks"]] == SIZES
-        assert [n["network"] for n in vm["nics"]] == ["lan"]
-        host.start_vm(vm["uuid"] if "uuid" in vm else vm["name"])
+        assert [d.size for d in vm.disks] == SIZES
+        assert [n.network for n in vm.nics] == ["lan"]
+        host.start_vm(vm.uuid)
         for position, model in enumerate(models):
-            with _guest(host, vm["name"], position) as guest:
+            with _guest(host, vm.name, position) as guest:
                 assert guest.read(0, len(model)) == model, f"disk {position} differs"

@@ -62,7 +62,7 @@ def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
         [i] = incremental["backups"]  # type: ignore[misc]
         assert f["type"] == "full" and i["type"] == "incremental"
         assert i["read"] < f["read"] and i["read"] <= 8 * 65536 * 2
-        assert host.list_snapshots("db")[0]["state"] == "cbt-only"
+        assert host.list_snapshots("db")[0].state == "cbt-only"
 
     listed = _ok(vmbackup(env, "list", "--json"))["points"]
     assert [p["type"] for p in listed] == ["full", "incremental"]  # type: ignore[index]
@@ -73,10 +73,10 @@ def test_backup_restore_export_mount(site: Site, tmp_path: Path) -> None:
         fast = host.create_sr("fast", str(tmp_path / "fast-sr"))
         center.sync_host(center.hosts()[0].id)
     restored = _ok(
-        vmbackup(env, "restore", i["point"], "--as-new-vm", "db-restored", "--target", fast["uuid"], "--json")
+        vmbackup(env, "restore", i["point"], "--as-new-vm", "db-restored", "--target", fast.uuid, "--json")
     )
     with site.host_client() as host:
-        assert all(d["sr"] == fast["uuid"] for d in host.vm("db-restored")["disks"])  # --target POOL
+        assert all(d.sr == fast.uuid for d in host.vm("db-restored").disks)  # --target POOL
         host.start_vm("db-restored")
         for position, model in enumerate(models):
             with _guest(host, "db-restored", position) as guest:
@@ -307,7 +307,7 @@ def test_offline_backups_over_random_write_patterns(site: Site, tmp_path: Path) 
             assert out.read_bytes() == image, point
         prune(repository, keep_last=2)
         gc(repository)
-        kept = [p["id"] for p in repository.points()]
+        kept = [p.id for p in repository.points()]
         assert kept == list(images)[-2:]
         for point in kept:
             out = tmp_path / f"{point}-after-gc.raw"
@@ -337,7 +337,7 @@ def _power_calls(site: Site, token_name: str) -> list[str]:
 def _power_state(site: Site, vm: str) -> str:
     """The VM's power state on its host (the truth, not WinCenter's record of it)."""
     with site.host_client() as host:
-        return str(host.vm(vm)["power_state"])
+        return host.vm(vm).power_state
 
 
 def test_offline_backup_of_a_running_vm(site: Site, tmp_path: Path) -> None:
@@ -484,7 +484,7 @@ def test_online_backup_never_changes_the_power_state(site: Site, tmp_path: Path)
     def sampler() -> None:
         with site.host_client() as host:
             while not stop.is_set():
-                states.append(str(host.vm("live")["power_state"]))
+                states.append(host.vm("live").power_state)
                 time.sleep(0.005)
 
     threads = [threading.Thread(target=guest_writer), threading.Thread(target=sampler)]
@@ -504,7 +504,7 @@ def test_online_backup_never_changes_the_power_state(site: Site, tmp_path: Path)
     assert errors == []
     assert len(states) >= 5 and set(states) == {"running"}, states
     assert any(began < t < ended for t in writes)  # the guest kept writing during the backup
-    assert summary["consistency"] == point["consistency"] == "crash-consistent"
+    assert summary["consistency"] == point.consistency == "crash-consistent"
     assert summary["downtime"] == 0
     assert _power_calls(site, "admin") == ["backup"]
 
@@ -571,7 +571,7 @@ def test_restore_at_a_second_site(site: Site, second_site: Site, tmp_path: Path)
         assert center2.vm("dr").id == restored["vm_id"]
     with second_site.host_client() as host:
         vm = host.vm("dr")
-        assert [n["network"] for n in vm["nics"]] == ["lan"]
+        assert [n.network for n in vm.nics] == ["lan"]
         host.start_vm("dr")
         with _guest(host, "dr", 0) as guest:
             assert guest.read(0, len(model)) == model

@@ -17,6 +17,7 @@ from agentless.backup.diskindex import DiskIndex
 from agentless.backup.indexcompact import IndexCompactError, compact_index
 from agentless.backup.indexfile import pack_name
 from agentless.backup.packs import BlobLocation
+from agentless.backup.points import RestorePoint
 from agentless.backup.repository import CacheSettings, Repository
 from agentless.backup.storage import LocalBackend
 from agentless.backup.verify import verify
@@ -68,7 +69,9 @@ def _backups(repository: Repository, rng: random.Random, count: int) -> list[tup
         stored += list(zip(ids, chunks, strict=True))
         document = {"position": 0, "size": 4 * 65536, "chunk_size": 65536, "digest": disk.digest}
         repository.save_point(
-            {"time": "2026-12-03T00:00:00Z", "disks": [document | {"pages": [p.hex() for p in pages]}]}
+            RestorePoint.model_validate(
+                {"time": "2026-12-03T00:00:00Z", "disks": [document | {"pages": [p.hex() for p in pages]}]}
+            )
         )
     return stored
 

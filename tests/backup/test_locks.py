@@ -115,7 +115,7 @@ def test_a_backup_that_stalls_past_the_stale_limit_saves_nothing(
         assert report.orphans and report.cutoff is None  # the backup's packs went
 
         with Repository.open(path, "pw") as repository:
-            assert [p["id"] for p in repository.points()] == [first["point"]]
+            assert [p.id for p in repository.points()] == [first["point"]]
             checked = verify(repository, read_data=True)
             assert checked.problems == [], checked.problems
             export_disk(repository, first["point"], 0, str(tmp_path / "first.raw"))

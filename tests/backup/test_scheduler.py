@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentless.backup import locks
 from agentless.backup.backupjob import VmBackup
+from agentless.backup.points import PointSummary
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
@@ -119,8 +120,8 @@ def _vms_on(host: HostClient, *names: str, size: int = 4 * MiB) -> None:
         host.stop_vm(name)
 
 
-def _points(repository: Repository, vm_name: str) -> list[dict[str, Any]]:
-    return [p for p in repository.points() if p["vm"]["name"] == vm_name]
+def _points(repository: Repository, vm_name: str) -> list[PointSummary]:
+    return [p for p in repository.points() if p.vm.name == vm_name]
 
 
 def test_run_now_with_full_every_and_retention(site: Site, tmp_path: Path) -> None:
@@ -165,10 +166,10 @@ def test_run_now_with_full_every_and_retention(site: Site, tmp_path: Path) -> No
     with Repository.open(str(tmp_path / "repo"), "pw") as repository:
         for name in ("web", "db"):
             kept = _points(repository, name)
-            assert [p["type"] for p in kept] == ["incremental", "full"]  # keep-last 2
+            assert [p.type for p in kept] == ["incremental", "full"]  # keep-last 2
         newest = _points(repository, "web")[-1]
     image = tmp_path / "web.raw"
-    _ok(vmbackup(env, "export", newest["id"], str(image), "--json"))
+    _ok(vmbackup(env, "export", newest.id, str(image), "--json"))
     with site.host_client() as host, _guest(host, "web", 0) as guest:
         assert guest.read(0, 4 * MiB) == image.read_bytes()
 
@@ -195,7 +196,7 @@ def test_an_offline_policy_stops_a_running_vm_for_the_snapshot_only(site: Site, 
     shown = _ok(vmbackup(env, "show", vm["point"], "--json"))
     assert shown["consistency"] == "offline"
     with site.host_client() as host:
-        assert host.vm("cold")["power_state"] == "running"
+        assert host.vm("cold").power_state == "running"
     exported = tmp_path / "cold.raw"
     _ok(vmbackup(env, "export", vm["point"], str(exported), "--json"))
     assert exported.read_bytes() == image
@@ -210,8 +211,8 @@ def test_a_failing_vm_is_retried_with_backoff_and_the_rest_carries_on(
     no retention (the run failed) and posts the failure to the webhook."""
     _vms(site, "calm", "stuck")
     with site.host_client() as host:
-        for disk in host.vm("stuck")["disks"]:
-            path = Path(disk["path"])
+        for disk in host.vm("stuck").disks:
+            path = Path(disk.path)
             if not path.is_absolute():
                 path = next(Path(site.host.dir).rglob(path.name))
             with open(path, "r+b") as vhd:
@@ -499,7 +500,7 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
     assert sorted(backups.values()) == ["aborted", "completed"], backups
     with site.host_client() as host:
         grants = host.list_grants()
-        assert grants and all(g["revoked"] for g in grants), grants
+        assert grants and all(g.revoked for g in grants), grants
         assert len(host.list_snapshots("big")) == 1
     checked = _ok(vmbackup(env, "verify", "--json"))
     assert checked["problems"] == [] and checked["points"] == 1, checked

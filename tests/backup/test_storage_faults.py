@@ -269,7 +269,7 @@ def _one_line_no_space(code: int, errors: str) -> list[str]:
 def _points(rig: Rig) -> list[str]:
     """The repository's restore points (read in-process: the checks need no command)."""
     with rig.repository() as repository:
-        return [str(p["id"]) for p in repository.points()]
+        return [p.id for p in repository.points()]
 
 
 def _leftovers(rig: Rig) -> list[str]:
@@ -292,9 +292,9 @@ def _host_clean(rig: Rig, snapshots: set[str]) -> list[str]:
     open (waited for: WinCenter releases in the background)."""
     problems = []
     with rig.site.host_client() as host, rig.site.client() as center:
-        if not _settled(lambda: not [g for g in host.list_grants() if not g["revoked"]]):
+        if not _settled(lambda: not [g for g in host.list_grants() if not g.revoked]):
             problems.append("a grant is still live")
-        if not _settled(lambda: {s["uuid"] for s in host.list_snapshots(rig.vm)} <= snapshots):
+        if not _settled(lambda: {s.uuid for s in host.list_snapshots(rig.vm)} <= snapshots):
             problems.append("the failed backup's snapshot is still on the host")
         vm_id = center.vm(rig.vm).id
         states = ("aborted", "completed", "failed")  # failed: it could not be prepared
@@ -325,7 +325,7 @@ def backup_trial(rig: Rig, before: int | None = None, during: Fill | None = None
     _change(rig)
     points = _points(rig)
     with rig.site.host_client() as host:
-        snapshots = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+        snapshots = {s.uuid for s in host.list_snapshots(rig.vm)}
     if before is not None:
         rig.fill(before)
     try:
@@ -379,9 +379,9 @@ def restore_trial(rig: Rig, name: str, before: int | None = None, during: Fill |
             host.delete_vm(name)
         else:
             problems += _one_line_no_space(code, errors)
-            if not _settled(lambda: name not in [v["name"] for v in host.list_vms()]):
+            if not _settled(lambda: name not in [v.name for v in host.list_vms()]):
                 problems.append(f"the failed restore left VM {name}")
-        if not _settled(lambda: not [g for g in host.list_grants() if not g["revoked"]]):
+        if not _settled(lambda: not [g for g in host.list_grants() if not g.revoked]):
             problems.append("a grant is still live")
     problems += _leftovers(rig)
     problems += _verified(rig)
@@ -462,7 +462,7 @@ def sr_rig(root: Path, seed: int = 3) -> Iterator[Rig]:
         with site.host_client() as host, site.client() as center:
             sr = host.create_sr("small", str(mount / "sr"))
             center.sync_host(center.hosts()[0].id)
-            host.create_vm("vm", [2 * DISK], sr=sr["uuid"])
+            host.create_vm("vm", [2 * DISK], sr=sr.uuid)
             host.start_vm("vm")
             with _guest(host, "vm", 0) as guest:
                 guest.write(0, bytes(model[:DISK]))
@@ -522,10 +522,10 @@ def sr_full_at_snapshot() -> Fill:
 
     def fill(rig: Rig, process: subprocess.Popen[str]) -> None:
         with rig.site.host_client() as host:
-            before = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+            before = {s.uuid for s in host.list_snapshots(rig.vm)}
 
             def taken() -> bool:
-                return bool({s["uuid"] for s in host.list_snapshots(rig.vm)} - before)
+                return bool({s.uuid for s in host.list_snapshots(rig.vm)} - before)
 
             seen = _until(lambda: taken() or process.poll() is not None) and taken()
         if not seen:  # the SR filled after the reading, not during it: the trial tells
@@ -548,7 +548,7 @@ def sr_backup_trial(rig: Rig, before: int | None = None, during: Fill | None = N
     _change(rig)
     points = _points(rig)
     with rig.site.host_client() as host:
-        snapshots = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+        snapshots = {s.uuid for s in host.list_snapshots(rig.vm)}
     problems: list[str] = []
     try:
         if before is not None:
@@ -567,7 +567,7 @@ def sr_backup_trial(rig: Rig, before: int | None = None, during: Fill | None = N
         else:
             problems += _exact(rig, now[-1])
         with rig.site.host_client() as host:
-            if not _settled(lambda: not [g for g in host.list_grants() if not g["revoked"]]):
+            if not _settled(lambda: not [g for g in host.list_grants() if not g.revoked]):
                 problems.append("a grant is still live")
     else:
         problems += _one_line_no_space(code, errors)
@@ -642,7 +642,7 @@ def s3_outage_trial(rig: Rig, server: SeaweedS3, down: float | None) -> Trial:
     _change(rig)
     points = _points(rig)
     with rig.site.host_client() as host:
-        snapshots = {s["uuid"] for s in host.list_snapshots(rig.vm)}
+        snapshots = {s.uuid for s in host.list_snapshots(rig.vm)}
     window = S3_RETRY if down is not None else S3_RETRY_SHORT
     process = vmbackup_process(rig.env | {"VMBACKUP_STORAGE_RETRY": str(window)}, "backup", "--vm", rig.vm)
     outage, stopped = 0.0, time.monotonic()

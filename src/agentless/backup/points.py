@@ -100,8 +100,8 @@ class PointVm(_Stored):
 
 
 class PointStats(_Stored):
-    """Bytes the backup read, stored (sealed, after compression), stored as new chunks,
-    and found already stored (deduplicated)."""
+    """What the backup moved: bytes read, bytes stored (sealed, after compression), blobs
+    stored anew (chunks and index pages), bytes found stored already (deduplicated)."""
 
     read: _Count = 0
     stored: _Count = 0
