@@ -470,8 +470,8 @@ def test_a_slow_store_holds_the_writer_back_not_its_memory(
         adding = threading.Thread(target=lambda: added.extend(writer.add(c) for c in chunks))
         adding.start()
         wait_until(lambda: len(puts) >= 2, 30, "two packs being stored")
-        adding.join(1.0)
-        assert adding.is_alive()  # it waits for the store...
+        adding.join(1.0)  # a bounded look: nothing signals "blocked", and a writer without
+        assert adding.is_alive()  # the bound would be done long before – it waits for the store...
         assert len(puts) == 2 and len(added) <= 4 * (BlobWriter.PACKS_IN_FLIGHT + 1)  # ...with ≤ 4 packs done
         gate.set()
         adding.join(30)
@@ -496,7 +496,7 @@ def test_a_slow_store_holds_the_writer_back_not_its_memory(
         wait_until(lambda: len(puts) >= 2, 30, "two packs being stored")
         closer = threading.Thread(target=writer.close)
         closer.start()
-        time.sleep(0.2)
+        time.sleep(0.2)  # close() into shutdown(cancel_futures): too early fails the test, never passes it
         gate.set()  # the two puts under way finish; the waiting ones are cancelled
         closer.join(30)
         adding.join(30)
