@@ -18,12 +18,11 @@ import os
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
 from agentless.redaction import redact
-from agentless.wincenter.client import CenterClient, CenterUnreachable
+from agentless.wincenter.client import CenterClient, CenterUnreachable, Params
 from agentless.wincenter.schemas import VmOut
 
 from .settings import SettingsError
@@ -87,11 +86,11 @@ class Center(CenterClient):
         self.sleep = sleep
         self._told = False
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, *, params: Params | None = None, json: object = None) -> object:
         waited, pause, attempts = 0.0, _FIRST_PAUSE, 1
         while True:
             try:
-                return super().call(method, path, **kwargs)
+                return super().call(method, path, params=params, json=json)
             except CenterUnreachable as error:
                 if not _not_connected(error):
                     raise

@@ -113,7 +113,7 @@ class Policy(_Base):
         assert anchor is not None
         return next_slot(self.schedule, anchor)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, object]:
         """The policy as a JSON document (what ``policy show --json`` prints)."""
         return {
             "name": self.name,
@@ -150,7 +150,7 @@ class Run(_Base):
         back_populates="run", order_by="RunVm.id", lazy="selectin", cascade="all, delete-orphan"
     )
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, object]:
         seconds = (self.ended - self.started).total_seconds() if self.ended else None
         return {
             "id": self.id,
@@ -185,7 +185,7 @@ class RunVm(_Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     run: Mapped[Run] = relationship(back_populates="vms")
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, object]:
         return {
             "vm": self.vm,
             "vm_id": self.vm_id,
