@@ -12,6 +12,7 @@ import secrets
 import socket
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -81,13 +82,20 @@ from agentless.nbd.protocol import (
 from agentless.nbd.uri import parse_uri
 from agentless.pki import CertificateAuthority
 from tests.conftest import require_tool, run
-from tests.helpers import free_port, refused_port, wait_until
+from tests.helpers import refused_port, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
 
 
 # --------------------------------------------------------------------------- real servers
+
+
+# exec argv[2:] with the socket of fd argv[1] as fd 3 and systemd's variables naming it
+_ACTIVATE = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 class Servers:
@@ -104,13 +112,19 @@ class Servers:
         return path
 
     def start(
-        self, args: list[str], *, unix: Path | None = None, port: int | None = None, probe: bool = True
+        self,
+        args: list[str],
+        *,
+        unix: Path | None = None,
+        port: int | None = None,
+        probe: bool = True,
+        pass_fds: tuple[int, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """Start *args*; return once it listens on *unix* or *port* (connecting to probe
         unless *probe* is False: nbd-server -d serves one connection only)."""
         log_path = self.tmp_path / f"server{len(self.procs)}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds)
         self.procs.append(proc)
 
         def listening() -> bool:
@@ -124,6 +138,19 @@ class Servers:
 
         wait_until(listening, 15, lambda: f"{args[0]} to listen: {log_path.read_text()}")
         return proc
+
+    def start_activated(self, args: list[str]) -> int:
+        """Start *args* on a TCP socket of 127.0.0.1 that this test bound and listens on,
+        handed over as systemd's socket activation does (fd 3, ``LISTEN_FDS=1``,
+        ``LISTEN_PID``; qemu-nbd honours it): no port is chosen and released before the
+        program binds it. The port; connections wait in the backlog until it accepts."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(16)
+            port = int(sock.getsockname()[1])
+            fd = sock.fileno()
+            self.start([sys.executable, "-c", _ACTIVATE, str(fd), *args], port=port, pass_fds=(fd,))
+        return port
 
     def qemu_nbd(self, image: Path, *extra: str, fmt: str = "raw", name: str = "disk") -> str:
         sock = self.path("qemu")
@@ -563,11 +590,10 @@ def test_tls(servers: Servers, tmp_path: Path) -> None:
     server = ca.issue_server("localhost", ["localhost", "127.0.0.1"])
     server.write(creds / "server-cert.pem", creds / "server-key.pem")
     image = _sparse_raw(tmp_path / "disk.raw", 8 * MiB)
-    port = free_port()  # qemu-nbd cannot pick one and say which
     args = [require_tool("qemu-nbd"), "-f", "raw", "-x", "disk", "-t", "--shared=8"]
     args += ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=server,verify-peer=off"]
-    args += ["--tls-creds", "tls0", "-b", "127.0.0.1", "-p", str(port), str(image)]
-    servers.start(args, port=port)
+    args += ["--tls-creds", "tls0", str(image)]
+    port = servers.start_activated(args)  # qemu-nbd cannot pick a port and say which
     uri = f"nbds://127.0.0.1:{port}/disk"
 
     with Client.connect(uri, tls_cert=server.cert_pem, timeout=20) as client:
