@@ -39,7 +39,7 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
-from agentless.wire import BackupDisk
+from agentless.wire import BackupDisk, BackupResult, RestoreResult
 
 MiB = 1 << 20
 
@@ -274,29 +274,29 @@ def center_daemon(directory: str) -> Iterator[RunningCenter]:
         _stop(process)
 
 
-def _read_disk(disk: dict[str, Any], image: bytearray) -> int:
+def _read_disk(disk: BackupDisk, image: bytearray) -> int:
     """Seed backup step 6: read a disk's extents through wddk (NBD over TLS)."""
-    with wddk.open(disk["access"]) as source:
-        for extent in disk["extents"]:
-            offset, length = extent["offset"], extent["length"]
-            image[offset : offset + length] = source.read(offset, length)
-    return sum(e["length"] for e in disk["extents"])
+    if disk.access is None:
+        raise RuntimeError(f"disk {disk.position}: no access info (another token started the backup)")
+    with wddk.open(disk.access) as source:
+        for extent in disk.extents:
+            image[extent.offset : extent.offset + extent.length] = source.read(extent.offset, extent.length)
+    return sum(e.length for e in disk.extents)
 
 
 def _backup_flow(center: CenterClient, vm_id: str, backup_id: str, kind: str, images: list[bytearray]) -> int:
     """The seed's backup flow for one VM, steps 1 to 7; bytes read."""
     accepted = center.start_backup(vm_id, backup_id, kind)  # 1
     task = center.wait_task(accepted.task_id, timeout=120, poll=0.05)  # 2
-    if task.state != "ready":
+    if task.state != "ready" or not isinstance(task.result, BackupResult):
         raise RuntimeError(f"backup {backup_id}: {task.state}: {task.error}")
-    moved = sum(_read_disk(d, image) for d, image in zip(task.result["disks"], images, strict=True))  # 3-6
+    result = task.result
+    moved = sum(_read_disk(d, image) for d, image in zip(result.disks, images, strict=True))  # 3-6
     center.complete_backup(backup_id)  # 7
     if center.wait_task(task.id, timeout=120, poll=0.05).state != "succeeded":
         raise RuntimeError(f"backup {backup_id} did not complete")
-    runs = sum(len(d["extents"]) for d in task.result["disks"])
-    print(
-        f"backup    {backup_id}: {task.result['type']}, {runs} extents, {format_size(moved)} read with wddk"
-    )
+    runs = sum(len(d.extents) for d in result.disks)
+    print(f"backup    {backup_id}: {result.type}, {runs} extents, {format_size(moved)} read with wddk")
     return moved
 
 
@@ -304,11 +304,13 @@ def _restore_flow(center: CenterClient, spec: VmSpec, restore_id: str, images: l
     """The seed's restore flow, steps 1 to 8; the new VM's id."""
     accepted = center.start_restore(restore_id, spec)  # 1
     task = center.wait_task(accepted.task_id, timeout=120, poll=0.05)  # 2-5
-    if task.state != "ready":
+    if task.state != "ready" or not isinstance(task.result, RestoreResult):
         raise RuntimeError(f"restore {restore_id}: {task.state}: {task.error}")
     written = 0
-    for disk, image in zip(task.result["disks"], images, strict=True):  # 6
-        with wddk.open(disk["access"]) as target:
+    for disk, image in zip(task.result.disks, images, strict=True):  # 6
+        if disk.access is None:
+            raise RuntimeError(f"restore {restore_id}: disk {disk.position} has no access info")
+        with wddk.open(disk.access) as target:
             for start in range(0, len(image), MiB):
                 chunk = bytes(image[start : start + MiB])
                 if chunk.count(0) != len(chunk):  # holes stay holes
@@ -317,9 +319,9 @@ def _restore_flow(center: CenterClient, spec: VmSpec, restore_id: str, images: l
             target.flush()
     center.complete_restore(restore_id)  # 7
     done = center.wait_task(task.id, timeout=120, poll=0.05)  # 8
-    if done.state != "succeeded":
+    if done.state != "succeeded" or not isinstance(done.result, RestoreResult):
         raise RuntimeError(f"restore {restore_id}: {done.state}: {done.error}")
-    vm_id = str(done.result["vm"]["id"])
+    vm_id = done.result.vm.id
     print(f"restore   {restore_id}: VM {spec.name} ({vm_id[:8]}), {format_size(written)} written with wddk")
     return vm_id
 

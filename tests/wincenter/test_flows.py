@@ -11,7 +11,6 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,6 +18,7 @@ import agentless.wddk as wddk
 from agentless.wincenter.client import CenterApiError, CenterClient
 from agentless.wincenter.schemas import DiskSpec, NicSpec, TaskOut, VmCreate, VmSpec
 from agentless.winserver.client import HostClient
+from agentless.wire import BackupDisk, Extent
 from tests.helpers import wait_until
 from tests.sites import Site, running_site
 from tests.sites import guest as _guest
@@ -44,12 +44,12 @@ def sqlite_site(tmp_path: Path) -> Iterator[Site]:
     yield from _site(tmp_path, f"sqlite:///{tmp_path / 'center.db'}", "--task-timeout", "3")
 
 
-def _read_into(disk: dict[str, Any], image: bytearray) -> int:
+def _read_into(disk: BackupDisk, image: bytearray) -> int:
     """The backup system's step 6: read the disk's extents through wddk over TLS."""
     moved = 0
-    with wddk.open(disk["access"]) as source:
-        for extent in disk["extents"]:
-            offset, length = extent["offset"], extent["length"]
+    with wddk.open(disk.access) as source:
+        for extent in disk.extents:
+            offset, length = extent.offset, extent.length
             image[offset : offset + length] = source.read(offset, length)
             moved += length
     return moved
@@ -62,11 +62,11 @@ def _backup(client: CenterClient, vm_id: str, backup_id: str, kind: str) -> Task
     return task
 
 
-def _blocks(extents: list[dict[str, int]]) -> set[int]:
+def _blocks(extents: list[Extent]) -> set[int]:
     blocks: set[int] = set()
     for e in extents:
-        assert e["offset"] % BLOCK == 0
-        blocks.update(range(e["offset"] // BLOCK, (e["offset"] + e["length"] + BLOCK - 1) // BLOCK))
+        assert e.offset % BLOCK == 0
+        blocks.update(range(e.offset // BLOCK, (e.offset + e.length + BLOCK - 1) // BLOCK))
     return blocks
 
 
@@ -85,14 +85,14 @@ def test_backup_and_restore_flows(site: Site) -> None:
         try:
             for guest, model in zip(guests, models, strict=True):
                 _write_random(guest, model, rng, 30)
-            vm_id = host.vm("app")["uuid"]
+            vm_id = host.vm("app").uuid
             full = _backup(center, vm_id, "b1", "full")
-            assert full.result["type"] == "full" and full.result["base_backup_id"] is None
-            assert full.result["vm"]["vcpus"] == 2 and full.result["vm"]["memory"] == 512 * MiB
-            assert [n["network"] for n in full.result["vm"]["nics"]] == ["lan", "san"]
+            assert full.result.type == "full" and full.result.base_backup_id is None
+            assert full.result.vm.vcpus == 2 and full.result.vm.memory == 512 * MiB
+            assert [n.network for n in full.result.vm.nics] == ["lan", "san"]
             images = [bytearray(size) for size in sizes]
-            for disk, image, model in zip(full.result["disks"], images, models, strict=True):
-                assert disk["access"]["read_only"] and disk["access"]["size"] == len(model)
+            for disk, image, model in zip(full.result.disks, images, models, strict=True):
+                assert disk.access.read_only and disk.access.size == len(model)
                 _read_into(disk, image)
                 assert image == model
             assert center.backup_progress("b1", 1000).progress.done == 1000
@@ -104,13 +104,11 @@ def test_backup_and_restore_flows(site: Site) -> None:
                 _write_random(guest, model, rng, 5) for guest, model in zip(guests, models, strict=True)
             ]
             incremental = _backup(center, vm_id, "b2", "incremental")
-            assert (
-                incremental.result["type"] == "incremental" and incremental.result["base_backup_id"] == "b1"
-            )
+            assert incremental.result.type == "incremental" and incremental.result.base_backup_id == "b1"
             for disk, image, model, blocks in zip(
-                incremental.result["disks"], images, models, touched, strict=True
+                incremental.result.disks, images, models, touched, strict=True
             ):
-                assert disk["cbt_valid"] and _blocks(disk["extents"]) == blocks
+                assert disk.cbt_valid and _blocks(disk.extents) == blocks
                 moved = _read_into(disk, image)
                 assert moved == len(blocks) * BLOCK and image == model
             center.complete_backup("b2")
@@ -123,8 +121,8 @@ def test_backup_and_restore_flows(site: Site) -> None:
         _settle(center, vm_id)
         assert center.backup("b1").snapshot_released and not center.backup("b2").snapshot_released
         snapshots = host.list_snapshots("app")
-        assert [(s["backup_id"], s["state"]) for s in snapshots] == [("b2", "cbt-only")]
-        assert all(g["revoked"] for g in host.list_grants())
+        assert [(s.backup_id, s.state) for s in snapshots] == [("b2", "cbt-only")]
+        assert all(g.revoked for g in host.list_grants())
         assert center.backup("b1").state == "completed" and center.backup("b2").type == "incremental"
 
         spec = VmSpec(
@@ -138,9 +136,9 @@ def test_backup_and_restore_flows(site: Site) -> None:
         restore = center.wait_task(accepted.task_id, timeout=60, poll=0.05)
         assert restore.state == "ready", restore.error
         assert center.start_restore("r1", spec).task_id == restore.id  # idempotent
-        for disk, image in zip(restore.result["disks"], images, strict=True):
-            assert not disk["access"]["read_only"]
-            with wddk.open(disk["access"]) as target:
+        for disk, image in zip(restore.result.disks, images, strict=True):
+            assert not disk.access.read_only
+            with wddk.open(disk.access) as target:
                 for start in range(0, len(image), MiB):
                     chunk = bytes(image[start : start + MiB])
                     if chunk.count(0) != len(chunk):
@@ -149,10 +147,10 @@ def test_backup_and_restore_flows(site: Site) -> None:
         center.complete_restore("r1")
         done = center.wait_task(restore.id, timeout=60, poll=0.05)
         assert done.state == "succeeded", done.error
-        restored = center.vm(done.result["vm"]["id"])
+        restored = center.vm(done.result.vm.id)
         assert restored.name == "app-restored" and restored.power_state == "halted"
         assert [n.network for n in restored.nics] == ["lan", "san"] and len(restored.disks) == 2
-        assert all(g["revoked"] for g in host.list_grants("r1"))
+        assert all(g.revoked for g in host.list_grants("r1"))
         center.start_vm(restored.id)
         for position, model in enumerate(models):
             with _guest(host, "app-restored", position) as guest:
@@ -165,12 +163,12 @@ def test_backup_and_restore_flows(site: Site) -> None:
 def test_incremental_without_base_is_full_and_says_why(sqlite_site: Site) -> None:
     with sqlite_site.host_client() as host, sqlite_site.client() as center:
         vm = host.create_vm("fresh", [4 * MiB])
-        task = _backup(center, vm["uuid"], "i1", "incremental")
-        assert task.result["type"] == "full"
-        assert task.result["disks"][0]["reason"] == "no completed backup of this VM to be the base"
-        assert task.result["disks"][0]["extents"] == []  # a blank disk: nothing allocated
+        task = _backup(center, vm.uuid, "i1", "incremental")
+        assert task.result.type == "full"
+        assert task.result.disks[0].reason == "no completed backup of this VM to be the base"
+        assert task.result.disks[0].extents == []  # a blank disk: nothing allocated
         with pytest.raises(CenterApiError) as other:
-            center.start_backup(vm["uuid"], "i1", "full")  # the same id for another request
+            center.start_backup(vm.uuid, "i1", "full")  # the same id for another request
         assert other.value.status == 409
         with pytest.raises(CenterApiError) as missing:
             center.start_backup("no-such-vm", "i2", "full")
@@ -184,9 +182,9 @@ def test_abort_and_expiry_leave_nothing(sqlite_site: Site) -> None:
     restore, whose new VM is deleted."""
     with sqlite_site.host_client() as host, sqlite_site.client() as center:
         vm = host.create_vm("v", [4 * MiB])
-        aborted = _backup(center, vm["uuid"], "a1", "full")
+        aborted = _backup(center, vm.uuid, "a1", "full")
         assert center.abort_backup("a1").state == "aborted"
-        abandoned = _backup(center, vm["uuid"], "a2", "full")
+        abandoned = _backup(center, vm.uuid, "a2", "full")
         restore = center.start_restore("r-abort", VmSpec(name="tmp", disks=[DiskSpec(size=MiB)]))
         assert center.wait_task(restore.task_id, timeout=60, poll=0.05).state == "ready"
         center.abort_restore("r-abort")
@@ -199,8 +197,8 @@ def test_abort_and_expiry_leave_nothing(sqlite_site: Site) -> None:
         assert center.task(aborted.id).state == "aborted"
         assert center.task(abandoned.id).state == "expired"
         assert host.list_snapshots("v") == []
-        assert all(g["revoked"] for g in host.list_grants())
-        assert [v["name"] for v in host.list_vms()] == ["v"]
+        assert all(g.revoked for g in host.list_grants())
+        assert [v.name for v in host.list_vms()] == ["v"]
         with pytest.raises(CenterApiError) as late:
             center.complete_backup("a2")
         assert late.value.status == 409
@@ -226,11 +224,11 @@ def _settle(center: CenterClient, vm_id: str) -> None:
 def _run_backup(center: CenterClient, vm_id: str, backup_id: str, model: bytes) -> str:
     """One backup system worker: request, wait, read every extent, check, complete."""
     task = _backup(center, vm_id, backup_id, "incremental")
-    disk = task.result["disks"][0]
+    disk = task.result.disks[0]
     image = bytearray(len(model))
     _read_into(disk, image)
-    for extent in disk["extents"]:
-        start, end = extent["offset"], extent["offset"] + extent["length"]
+    for extent in disk.extents:
+        start, end = extent.offset, extent.offset + extent.length
         assert image[start:end] == model[start:end], backup_id
     center.complete_backup(backup_id)
     return center.wait_task(task.id, timeout=120, poll=0.05).state
@@ -246,11 +244,11 @@ def test_twenty_concurrent_backups_over_ten_vms(site: Site) -> None:
         models = {}
         for index in range(10):
             vm = host.create_vm(f"vm{index}", [2 * MiB])
-            host.start_vm(vm["uuid"])
+            host.start_vm(vm.uuid)
             model = bytearray(2 * MiB)
-            with _guest(host, vm["uuid"], 0) as guest:
+            with _guest(host, vm.uuid, 0) as guest:
                 _write_random(guest, model, rng, 4)
-            models[vm["uuid"]] = bytes(model)  # the guests stop writing: both backups see this
+            models[vm.uuid] = bytes(model)  # the guests stop writing: both backups see this
     jobs = [(vm_id, f"{vm_id[:8]}-{n}") for vm_id in models for n in range(2)]
     rng.shuffle(jobs)
     results: dict[str, str] = {}
@@ -266,13 +264,13 @@ def test_twenty_concurrent_backups_over_ten_vms(site: Site) -> None:
     with site.host_client() as host, site.client() as center:
         for vm_id in models:
             _settle(center, vm_id)
-            assert host.get_vdi_sm_info(host.vm(vm_id)["disks"][0]["vdi"])["depth"] <= 3
-            assert [s["state"] for s in host.list_snapshots(vm_id)] == ["cbt-only"]
+            assert host.get_vdi_sm_info(host.vm(vm_id).disks[0].vdi).depth <= 3
+            assert [s.state for s in host.list_snapshots(vm_id)] == ["cbt-only"]
             backups = center.backups(vm=vm_id).items
             assert sorted(b.type or "" for b in backups) == ["full", "incremental"], [
                 (b.backup_id, b.type, b.requested, b.state, b.base_backup_id) for b in backups
             ]
-        assert all(g["revoked"] for g in host.list_grants())
+        assert all(g.revoked for g in host.list_grants())
 
 
 @pytest.mark.slow
@@ -282,7 +280,7 @@ def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
     backup system aborts or completes them no snapshot, grant or half-restored VM is
     left on the host."""
     with sqlite_site.host_client() as host:
-        vms = [host.create_vm(f"k{i}", [2 * MiB])["uuid"] for i in range(3)]
+        vms = [host.create_vm(f"k{i}", [2 * MiB]).uuid for i in range(3)]
     for round_, pause in enumerate([0.0, 0.01, 0.05, 0.3]):
         with sqlite_site.client() as center:
             ids = [f"k{round_}-{i}" for i in range(3)]
@@ -310,12 +308,12 @@ def test_wincenter_killed_mid_backup_leaves_nothing(sqlite_site: Site) -> None:
             ended = functools.partial(_ended, center, ids, f"kr{round_}")
             wait_until(ended, 30, f"round {round_}'s backups and restore to end")
     with sqlite_site.host_client() as host, sqlite_site.client() as center:
-        assert all(g["revoked"] for g in host.list_grants())
-        assert sorted(v["name"] for v in host.list_vms()) == ["k0", "k1", "k2"]
+        assert all(g.revoked for g in host.list_grants())
+        assert sorted(v.name for v in host.list_vms()) == ["k0", "k1", "k2"]
         for vm in vms:
             _settle(center, vm)
             snapshots = host.list_snapshots(vm)
-            assert all(s["state"] == "cbt-only" for s in snapshots), snapshots
+            assert all(s.state == "cbt-only" for s in snapshots), snapshots
             assert len(snapshots) <= 1
 
 
@@ -331,12 +329,12 @@ def test_inventory_pages_filters_and_syncs(sqlite_site: Site, tmp_path: Path) ->
         assert sorted(p.name for p in pools) == ["default", "fast"]
         for index in range(5):
             spec = VmCreate(
-                name=f"web{index}", disks=[DiskSpec(size=MiB)], nics=[NicSpec(network="lan")], pool=sr["uuid"]
+                name=f"web{index}", disks=[DiskSpec(size=MiB)], nics=[NicSpec(network="lan")], pool=sr.uuid
             )
             center.create_vm(spec)
         page = center.vms(limit=2, offset=1)
         assert page.total == 5 and [v.name for v in page.items] == ["web1", "web2"]
-        assert all(d.pool == sr["uuid"] for v in page.items for d in v.disks)
+        assert all(d.pool == sr.uuid for v in page.items for d in v.disks)
         assert center.start_vm("web3").power_state == "running"
         assert [v.name for v in center.vms(power_state="running").items] == ["web3"]
         with pytest.raises(CenterApiError) as running:
@@ -367,9 +365,9 @@ def test_operators_start_and_stop_vms_but_neither_create_nor_delete_them(sqlite_
     url, ca = sqlite_site.center.url, sqlite_site.center.ca_pem
     with CenterClient(url, operator, ca) as center, sqlite_site.host_client() as host:
         assert center.start_vm("power").power_state == "running"
-        assert host.vm("power")["power_state"] == "running"
+        assert host.vm("power").power_state == "running"
         assert center.stop_vm("power").power_state == "halted"
-        assert host.vm("power")["power_state"] == "halted"
+        assert host.vm("power").power_state == "halted"
         assert center.stop_vm("power").power_state == "halted"  # a halted VM stays halted
         for denied_call in (
             lambda: center.create_vm(VmCreate(name="nope", disks=[DiskSpec(size=MiB)], nics=[])),
@@ -399,9 +397,9 @@ def test_access_info_reaches_only_the_starting_token_and_admins(site: Site) -> N
     rng = random.Random(13)
     with site.host_client() as host:
         vm = host.create_vm("secret", [4 * MiB])
-        host.start_vm(vm["uuid"])
+        host.start_vm(vm.uuid)
         model = bytearray(4 * MiB)
-        with _guest(host, vm["uuid"], 0) as guest:
+        with _guest(host, vm.uuid, 0) as guest:
             _write_random(guest, model, rng, 10)
     with (
         CenterClient(url, operator, ca) as center,
@@ -409,16 +407,16 @@ def test_access_info_reaches_only_the_starting_token_and_admins(site: Site) -> N
         CenterClient(url, viewer, ca) as watcher,
         site.client() as admin,
     ):
-        backup = _backup(center, vm["uuid"], "s1", "full")
-        [disk] = backup.result["disks"]
-        export_name = disk["access"]["export_name"]
+        backup = _backup(center, vm.uuid, "s1", "full")
+        [disk] = backup.result.disks
+        export_name = disk.access.export_name
         image = bytearray(len(model))
         _read_into(disk, image)
         assert image == model
         restore = center.start_restore("sr1", VmSpec(name="secret-copy", disks=[DiskSpec(size=4 * MiB)]))
         restored = center.wait_task(restore.task_id, timeout=60, poll=0.05)
         assert restored.state == "ready", restored.error
-        write_name = restored.result["disks"][0]["access"]["export_name"]
+        write_name = restored.result.disks[0].access.export_name
         secrets = (export_name, write_name)
 
         def shown(client: CenterClient) -> str:
@@ -437,14 +435,14 @@ def test_access_info_reaches_only_the_starting_token_and_admins(site: Site) -> N
             text = shown(reader)
             assert not any(secret in text for secret in secrets)
             task = reader.task(backup.id)
-            assert task.state == "ready" and task.result["disks"][0]["access"] is None
-            assert task.result["disks"][0]["extents"] == disk["extents"]  # the rest is shown
-            assert reader.task(restore.task_id).result["disks"][0]["access"] is None
+            assert task.state == "ready" and task.result.disks[0].access is None
+            assert task.result.disks[0].extents == disk.extents  # the rest is shown
+            assert reader.task(restore.task_id).result.disks[0].access is None
         progress = bystander.backup_progress("s1", 10)  # another operator may report progress
-        assert progress.result["disks"][0]["access"] is None
+        assert progress.result.disks[0].access is None
         assert all(secret in shown(admin) for secret in secrets)
-        assert center.task(backup.id).result["disks"][0]["access"]["export_name"] == export_name
-        with wddk.open(center.task(restore.task_id).result["disks"][0]["access"]) as target:
+        assert center.task(backup.id).result.disks[0].access.export_name == export_name
+        with wddk.open(center.task(restore.task_id).result.disks[0].access) as target:
             target.write(0, b"\x01" * 16)
             target.flush()
         center.complete_restore("sr1")
@@ -452,7 +450,7 @@ def test_access_info_reaches_only_the_starting_token_and_admins(site: Site) -> N
         center.complete_backup("s1")
         done = center.wait_task(backup.id, timeout=60, poll=0.05)
         assert done.state == "succeeded"
-        assert watcher.task(backup.id).result["disks"][0]["access"] is None
+        assert watcher.task(backup.id).result.disks[0].access is None
 
 
 @pytest.fixture
@@ -463,11 +461,11 @@ def retrying_site(tmp_path: Path) -> Iterator[Site]:
 
 def _running_vm(host: HostClient, name: str, rng: random.Random) -> tuple[str, bytearray]:
     vm = host.create_vm(name, [4 * MiB])
-    host.start_vm(vm["uuid"])
+    host.start_vm(vm.uuid)
     model = bytearray(4 * MiB)
-    with _guest(host, vm["uuid"], 0) as guest:
+    with _guest(host, vm.uuid, 0) as guest:
         _write_random(guest, model, rng, 10)
-    return str(vm["uuid"]), model
+    return str(vm.uuid), model
 
 
 def test_host_killed_mid_backup_is_released_while_wincenter_runs(retrying_site: Site) -> None:
@@ -481,7 +479,7 @@ def test_host_killed_mid_backup_is_released_while_wincenter_runs(retrying_site: 
         vm_id, model = _running_vm(host, "hk", random.Random(21))
     with site.client() as center:
         first = _backup(center, vm_id, "hk1", "full")
-        with wddk.open(first.result["disks"][0]["access"]) as source:
+        with wddk.open(first.result.disks[0].access) as source:
             assert source.read(0, BLOCK) == model[:BLOCK]
             site.kill_host()
             with pytest.raises(wddk.NbdError):
@@ -497,13 +495,13 @@ def test_host_killed_mid_backup_is_released_while_wincenter_runs(retrying_site: 
         ready = center.wait_task(second.task_id, timeout=60, poll=0.05)
         assert ready.state == "ready", ready.error
         image = bytearray(len(model))
-        _read_into(ready.result["disks"][0], image)
+        _read_into(ready.result.disks[0], image)
         assert image == model
         center.complete_backup("hk2")
         assert center.wait_task(second.task_id, timeout=60, poll=0.05).state == "succeeded"
     with site.host_client() as host:
-        assert [(s["backup_id"], s["state"]) for s in host.list_snapshots(vm_id)] == [("hk2", "cbt-only")]
-        assert all(g["revoked"] for g in host.list_grants())
+        assert [(s.backup_id, s.state) for s in host.list_snapshots(vm_id)] == [("hk2", "cbt-only")]
+        assert all(g.revoked for g in host.list_grants())
 
 
 @pytest.fixture
@@ -543,10 +541,10 @@ def test_queued_backup_fails_when_the_host_stays_away_and_a_sync_releases_at_onc
         )
         third = _backup(center, vm_id, "aw3", "full")
         image = bytearray(len(model))
-        _read_into(third.result["disks"][0], image)
+        _read_into(third.result.disks[0], image)
         assert image == model
         center.complete_backup("aw3")
         assert center.wait_task(third.id, timeout=60, poll=0.05).state == "succeeded"
     with site.host_client() as host:
-        assert [(s["backup_id"], s["state"]) for s in host.list_snapshots(vm_id)] == [("aw3", "cbt-only")]
-        assert all(g["revoked"] for g in host.list_grants())
+        assert [(s.backup_id, s.state) for s in host.list_snapshots(vm_id)] == [("aw3", "cbt-only")]
+        assert all(g.revoked for g in host.list_grants())

@@ -61,11 +61,11 @@ def _statements(center: Center) -> Iterator[list[str]]:
 def _as_hosts_say(hosts: list[HostClient]) -> dict[str, tuple[Any, ...]]:
     """Every VM as its host describes it: what WinCenter's records must say."""
     return {
-        vm["uuid"]: (
-            vm["name"],
-            vm["power_state"],
-            tuple((d["position"], d["vdi"], d["size"], d["sr"]) for d in vm["disks"]),
-            tuple((n["position"], n["mac"], n["network"]) for n in vm["nics"]),
+        vm.uuid: (
+            vm.name,
+            vm.power_state,
+            tuple((d.position, d.vdi, d.size, d.sr) for d in vm.disks),
+            tuple((n.position, n.mac, n.network) for n in vm.nics),
         )
         for host in hosts
         for vm in host.list_vms()
@@ -76,11 +76,11 @@ def _as_recorded(inventory: Inventory) -> dict[str, tuple[Any, ...]]:
     vms, total = inventory.vms(limit=1000)
     assert total == len(vms)
     return {
-        vm["id"]: (
-            vm["name"],
-            vm["power_state"],
-            tuple((d["position"], d["vdi"], d["size"], d["pool"]) for d in vm["disks"]),
-            tuple((n["position"], n["mac"], n["network"]) for n in vm["nics"]),
+        vm.id: (
+            vm.name,
+            vm.power_state,
+            tuple((d.position, d.vdi, d.size, d.pool) for d in vm.disks),
+            tuple((n.position, n.mac, n.network) for n in vm.nics),
         )
         for vm in vms
     }
@@ -115,7 +115,7 @@ def test_a_thousand_vms_on_four_hosts_sync_and_page_in_a_bounded_number_of_state
 
 def _thousand_vms(center: Center, daemons: list[Daemon], hosts: list[HostClient]) -> None:
     inventory = Inventory(center)
-    uuids = [inventory.register(d.api_url, d.token, d.cert_pem)["id"] for d in daemons]
+    uuids = [inventory.register(d.api_url, d.token, d.cert_pem).id for d in daemons]
 
     def make(i: int) -> None:
         for n in range(i, 1000, 4):
@@ -157,5 +157,5 @@ def _thousand_vms(center: Center, daemons: list[Daemon], hosts: list[HostClient]
     for offset in range(0, 1000, 300):
         part, total = inventory.vms(limit=300, offset=offset)
         assert total == 1000
-        seen += [vm["id"] for vm in part]
-    assert seen == [vm["id"] for vm in vms]
+        seen += [vm.id for vm in part]
+    assert seen == [vm.id for vm in vms]

@@ -23,6 +23,7 @@ import pytest
 
 import agentless.wddk as wddk
 from agentless.wincenter.client import CenterClient
+from agentless.wire import BackupDisk
 from tests.helpers import wait_until
 from tests.postgresql import PgCluster, PostgresUnavailable, running_postgresql
 from tests.sites import MiB, Site, guest, running_site, write_random
@@ -85,10 +86,10 @@ class Poller:
         self.thread.join(60)
 
 
-def _read(disk: dict[str, object], source: wddk.Disk) -> bytearray:
-    image = bytearray(int(disk["access"]["size"]))  # type: ignore[index]
-    for extent in disk["extents"]:  # type: ignore[attr-defined]
-        offset, length = extent["offset"], extent["length"]
+def _read(disk: BackupDisk, source: wddk.Disk) -> bytearray:
+    image = bytearray(disk.size)
+    for extent in disk.extents:
+        offset, length = extent.offset, extent.length
         image[offset : offset + length] = source.read(offset, length)
     return image
 
@@ -125,9 +126,9 @@ def restart_trial(tmp_path: Path, cluster: PgCluster, down: float, seed: int = 1
         drain.start()
         with site.host_client() as host, site.client() as center:
             host.create_vm("app", [size])
-            other = host.create_vm("other", [size])["uuid"]
+            other = host.create_vm("other", [size]).uuid
             host.start_vm("app")
-            vm_id = host.vm("app")["uuid"]
+            vm_id = host.vm("app").uuid
             model = bytearray(size)
             writer = guest(host, "app", 0)
             try:
@@ -135,14 +136,14 @@ def restart_trial(tmp_path: Path, cluster: PgCluster, down: float, seed: int = 1
                 accepted = center.start_backup(vm_id, "b1", "full")
                 task = center.wait_task(accepted.task_id, timeout=60, poll=0.05)
                 assert task.state == "ready", task.error
-                disk = task.result["disks"][0]
+                disk = task.result.disks[0]
                 paths = [
                     f"/api/v1/tasks/{accepted.task_id}",
                     "/api/v1/backups/b1",
                     "/api/v1/backups/b1/progress",
                     "/api/v1/hosts",
                 ]
-                with wddk.open(disk["access"]) as source, Poller(site, paths) as poller:
+                with wddk.open(disk.access) as source, Poller(site, paths) as poller:
                     first = _read(disk, source)
                     # another backup is being prepared (snapshot, grant) as the database goes
                     racing = center.start_backup(other, "o1", "full").task_id
@@ -168,7 +169,7 @@ def restart_trial(tmp_path: Path, cluster: PgCluster, down: float, seed: int = 1
                 second = center.start_backup(vm_id, "b2", "incremental")
                 task = center.wait_task(second.task_id, timeout=60, poll=0.05)
                 assert task.state == "ready", task.error
-                assert task.result["type"] == "incremental"
+                assert task.result.type == "incremental"
                 center.complete_backup("b2")
                 assert center.wait_task(second.task_id, timeout=60, poll=0.05).state == "succeeded"
             finally:
@@ -183,11 +184,11 @@ def restart_trial(tmp_path: Path, cluster: PgCluster, down: float, seed: int = 1
                 30,
                 lambda: f"backup o1 to end: {center.backup('o1')}",
             )
-            assert all(g["revoked"] for g in host.list_grants())
+            assert all(g.revoked for g in host.list_grants())
             snapshots = host.list_snapshots(vm_id)
-            assert all(s["state"] == "cbt-only" for s in snapshots), snapshots
+            assert all(s.state == "cbt-only" for s in snapshots), snapshots
             assert len(snapshots) <= 1
-            assert all(s["state"] == "cbt-only" for s in host.list_snapshots(other))
+            assert all(s.state == "cbt-only" for s in host.list_snapshots(other))
         site.center.proc.terminate()
         assert site.center.proc.wait(30) == 0
         drain.join(30)

@@ -34,26 +34,28 @@ until their task expires.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import logging
-from typing import Any
+from typing import cast
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import ColumnElement, func, select, text, update
 from sqlalchemy.orm import Session
 
 from agentless.winserver.client import HostApiError, HostClient
-from agentless.wire import BackupDisk, BackupResult, BackupVm, PreparedBackup
+from agentless.wire import BackupDisk, BackupResult, BackupType, BackupVm, PreparedBackup
 
 from .center import Center
-from .errors import ConflictError, WinCenterError
-from .flow import Flow, Submit
-from .inventory import HostCallError, Inventory
-from .models import Backup, utcnow
+from .errors import ConflictError, HostCallError, WinCenterError
+from .flow import Flow, FlowState, Record, Submit
+from .inventory import Inventory
+from .models import Backup, Restore, utcnow
 from .retries import Retries
+from .schemas import BackupOut, BackupStateName
 from .tasks import Task, TaskState
 
-__all__ = ["KIND", "QUEUE_WAIT", "Backups", "release_snapshots"]
+__all__ = ["KIND", "QUEUE_WAIT", "BackupRecord", "Backups", "release_snapshots"]
 
 log = logging.getLogger(__name__)
 KIND = "backup"
@@ -82,12 +84,40 @@ def release_snapshots(client: HostClient, vm_uuid: str, owner_id: str) -> list[s
     return deleted
 
 
-class Backups(Flow):
+@dataclasses.dataclass(frozen=True)
+class BackupRecord(Record):
+    """A backup's row as the flow reads it."""
+
+    backup_id: str
+    requested: BackupType
+    type: BackupType | None  # what was done
+    base_backup_id: str | None
+    snapshot: str | None
+    snapshot_released: bool
+
+    def out(self) -> BackupOut:
+        """The wire form (``GET /backups/{id}``)."""
+        return BackupOut(
+            backup_id=self.backup_id,
+            task_id=self.task_id,
+            vm=self.vm,
+            host=self.host,
+            requested=self.requested,
+            type=self.type,
+            base_backup_id=self.base_backup_id,
+            state=cast(BackupStateName, self.state.value),  # the flow's states are the wire's
+            snapshot_released=self.snapshot_released,
+            created=self.created,
+            finished=self.finished,
+        )
+
+
+class Backups(Flow[BackupRecord]):
     """Backups of one center (see :class:`.flow.Flow` for *submit* and *ttl*)."""
 
     noun = "backup"
     model = Backup
-    starting = "preparing"
+    starting = FlowState.PREPARING
 
     def __init__(
         self,
@@ -114,9 +144,9 @@ class Backups(Flow):
         existing = self._find(backup_id)
         vm = self.inventory.lookup_vm(vm_ref)
         if existing is not None:
-            if existing["vm"] != vm["id"] or existing["requested"] != backup_type:
+            if existing.vm != vm.id or existing.requested != backup_type:
                 raise ConflictError(f"backup id {backup_id!r} was used for another request")
-            return self.center.tasks.get(existing["task_id"])
+            return self.center.tasks.get(existing.task_id)
         task, made = self.center.tasks.create(KIND, backup_id, ttl=self.ttl, started_by=started_by)
         if not made:  # a race with the same request
             return task
@@ -125,18 +155,20 @@ class Backups(Flow):
                 Backup(
                     backup_id=backup_id,
                     task_id=task.id,
-                    vm_uuid=vm["id"],
-                    host_uuid=vm["host"],
+                    vm_uuid=vm.id,
+                    host_uuid=vm.host,
                     requested=backup_type,
-                    state="queued",
+                    state=FlowState.QUEUED.value,
                 )
             )
         self.submit(lambda: self._start(backup_id))
         return task
 
-    def page(
-        self, vm: str | None = None, limit: int = 100, offset: int = 0
-    ) -> tuple[list[dict[str, Any]], int]:
+    def get(self, backup_id: str) -> BackupOut:
+        """The backup *backup_id*; NotFoundError if there is none."""
+        return self._record(backup_id).out()
+
+    def page(self, vm: str | None = None, limit: int = 100, offset: int = 0) -> tuple[list[BackupOut], int]:
         """Backups newest first (of one VM if given), *limit* from *offset*, and how many
         match in all – paged by the database, as the task list is."""
         with self.center.database.session() as s:
@@ -147,40 +179,40 @@ class Backups(Flow):
             rows = s.scalars(
                 query.order_by(Backup.created.desc(), Backup.backup_id).limit(limit).offset(offset)
             )
-            return [_describe(r) for r in rows], total
+            return [_describe(r).out() for r in rows], total
 
     # ------------------------------------------------------------------ the work
 
     def _start(self, backup_id: str, retry: bool = False) -> None:
         record = self._record(backup_id)
-        task_id = record["task_id"]
+        task_id = record.task_id
         if self.center.tasks.get(task_id).ended:
             return  # aborted or expired
         if not self._claim(backup_id):  # another backup of the VM runs (its end starts this one)
-            self._give_up_waiting(record["vm"])  # ... unless it cannot be released
+            self._give_up_waiting(record.vm)  # ... unless it cannot be released
             return
         try:
             if retry:
-                with self.inventory.calling(record["host"]) as client:
-                    release_snapshots(client, record["vm"], backup_id)
-            base = self._base(record) if record["requested"] == "incremental" else None
+                with self.inventory.calling(record.host) as client:
+                    release_snapshots(client, record.vm, backup_id)
+            base = self._base(record) if record.requested == "incremental" else None
             if self.center.tasks.get(task_id).state is TaskState.QUEUED:
                 self.center.tasks.start(task_id)
-            with self.inventory.calling(record["host"]) as client:
+            with self.inventory.calling(record.host) as client:
                 prepared = client.prepare_backup(
-                    record["vm"], backup_id, record["requested"], base["backup_id"] if base else None
+                    record.vm, backup_id, record.requested, base.backup_id if base else None
                 )
             result = _result(record, prepared, base)
             self._set(
                 backup_id,
-                state="ready",
+                state=FlowState.READY,
                 snapshot=prepared.snapshot,
                 type=result.type,
-                base_backup_id=base["backup_id"] if base else None,
+                base_backup_id=base.backup_id if base else None,
             )
             size = sum(e.length for d in result.disks for e in d.extents)
             self.center.tasks.progress(task_id, 0, size)
-            self.center.tasks.ready(task_id, result.model_dump(mode="json"), ttl=self.ttl)
+            self.center.tasks.ready(task_id, result, ttl=self.ttl)
         except Exception as error:
             self._failed(backup_id, error)
 
@@ -190,24 +222,24 @@ class Backups(Flow):
         are released – the host may still be merging the reduced snapshot's data, and
         nobody needs to wait for that."""
         record = self._record(backup_id)
-        if record["state"] != "completing":  # a retry of a step that another run finished
+        if record.state is not FlowState.COMPLETING:  # a retry of a step that another run finished
             self._retried(backup_id)
             return
         older = self._older_bases(record)  # before this one completes and another may start
         try:
-            with self.inventory.calling(record["host"]) as client:
+            with self.inventory.calling(record.host) as client:
                 client.stop_remote_access(backup_id, delete_snapshot=True)
-            self._set(backup_id, state="completed", finished=utcnow())
-            task = self.center.tasks.get(record["task_id"])
+            self._set(backup_id, state=FlowState.COMPLETED, finished=utcnow())
+            task = self.center.tasks.get(record.task_id)
             if not task.ended:
                 self.center.tasks.finish(task.id, task.result)
         except Exception as error:
-            self._retry(backup_id, record["host"], lambda: self._complete(backup_id), error)
-            self._give_up_waiting(record["vm"])
+            self._retry(backup_id, record.host, lambda: self._complete(backup_id), error)
+            self._give_up_waiting(record.vm)
             return
         self._retried(backup_id)
-        self._release_bases(record["host"], record["vm"], older)
-        self._next(record["vm"])
+        self._release_bases(record.host, record.vm, older)
+        self._next(record.vm)
 
     def _release_bases(self, host_uuid: str, vm_uuid: str, backup_ids: list[str]) -> None:
         """Release the snapshots of completed backups that are no longer the VM's base; a
@@ -231,7 +263,7 @@ class Backups(Flow):
         with self.center.database.session() as s:
             rows = s.execute(
                 select(Backup.backup_id, Backup.vm_uuid, Backup.host_uuid)
-                .where(Backup.state == "completed", Backup.snapshot_released.is_(False))
+                .where(Backup.state == FlowState.COMPLETED.value, Backup.snapshot_released.is_(False))
                 .order_by(Backup.finished.desc())
             ).all()
         kept: dict[str, tuple[str, list[str]]] = {}  # VM -> (host, its completed backups, newest first)
@@ -241,27 +273,31 @@ class Backups(Flow):
             if len(backup_ids) > 1:  # all but the newest are older bases
                 self.submit(functools.partial(self._release_bases, host_uuid, vm_uuid, backup_ids[1:]))
 
-    def _release(self, backup_id: str, final: str) -> None:
+    def _release(self, backup_id: str, final: FlowState) -> None:
         record = self._record(backup_id)
-        if record["state"] != "aborting":  # a retry of a step that another run finished
+        if record.state is not FlowState.ABORTING:  # a retry of a step that another run finished
             self._retried(backup_id)
             return
         try:
-            with self.inventory.calling(record["host"]) as client:
-                release_snapshots(client, record["vm"], backup_id)
+            with self.inventory.calling(record.host) as client:
+                release_snapshots(client, record.vm, backup_id)
         except Exception as error:
-            self._retry(backup_id, record["host"], lambda: self._release(backup_id, final), error)
-            self._give_up_waiting(record["vm"])
+            self._retry(backup_id, record.host, lambda: self._release(backup_id, final), error)
+            self._give_up_waiting(record.vm)
             return
         self._retried(backup_id)
-        if self._finish(backup_id, "aborting", state=final, snapshot_released=True, finished=utcnow()):
-            self._next(record["vm"])
+        if self._finish(
+            backup_id, FlowState.ABORTING, state=final, snapshot_released=True, finished=utcnow()
+        ):
+            self._next(record.vm)
 
     def give_up_waiting(self) -> None:
         """:meth:`_give_up_waiting` for every VM with a queued backup (the daemon runs
         it every few seconds: a release retried rarely still fails its queue in time)."""
         with self.center.database.session() as s:
-            vms = list(s.scalars(select(Backup.vm_uuid).where(Backup.state == "queued").distinct()))
+            vms = list(
+                s.scalars(select(Backup.vm_uuid).where(Backup.state == FlowState.QUEUED.value).distinct())
+            )
         for vm_uuid in vms:
             self._give_up_waiting(vm_uuid)
 
@@ -273,16 +309,23 @@ class Backups(Flow):
         with self.center.database.session() as s:
             rows = s.execute(
                 select(Backup.backup_id, Backup.state).where(
-                    Backup.vm_uuid == vm_uuid, Backup.state.in_(("queued", "completing", "aborting"))
+                    Backup.vm_uuid == vm_uuid,
+                    Backup.state.in_(
+                        (FlowState.QUEUED.value, FlowState.COMPLETING.value, FlowState.ABORTING.value)
+                    ),
                 )
             ).all()
-        queued = sorted(str(b) for b, state in rows if state == "queued")
+        queued = sorted(str(b) for b, state in rows if state == FlowState.QUEUED)
         if not queued:
             return
         stuck = []
         for blocker, state in rows:
             failing = self.retries.failing_for(self._retry_key(str(blocker)))
-            if state != "queued" and failing is not None and failing[0] >= self.queue_wait.total_seconds():
+            if (
+                state != FlowState.QUEUED
+                and failing is not None
+                and failing[0] >= self.queue_wait.total_seconds()
+            ):
                 stuck.append((failing[0], str(blocker), failing[1]))
         if not stuck:
             return
@@ -295,8 +338,8 @@ class Backups(Flow):
             with self.center.database.session() as s:
                 given_up = s.execute(
                     update(Backup)
-                    .where(Backup.backup_id == backup_id, Backup.state == "queued")
-                    .values(state="aborting")
+                    .where(Backup.backup_id == backup_id, Backup.state == FlowState.QUEUED.value)
+                    .values(state=FlowState.ABORTING.value)
                     .execution_options(synchronize_session=False)
                 )
                 task_id = s.scalar(select(Backup.task_id).where(Backup.backup_id == backup_id))
@@ -305,19 +348,19 @@ class Backups(Flow):
             log.warning("backup %s given up: %s", backup_id, why)
             if task_id is not None and not self.center.tasks.get(task_id).ended:
                 self.center.tasks.fail(task_id, "Backup failed", why)
-            self.submit(functools.partial(self._release, backup_id, "failed"))
+            self.submit(functools.partial(self._release, backup_id, FlowState.FAILED))
 
     def _failed(self, backup_id: str, error: Exception) -> None:
         record = self._record(backup_id)
         detail = str(error) or type(error).__name__
         log.warning("backup %s failed: %s", backup_id, detail)
-        task = self.center.tasks.get(record["task_id"])
+        task = self.center.tasks.get(record.task_id)
         if not task.ended:
             self.center.tasks.fail(task.id, "Backup failed", detail)
-        self._set(backup_id, state="aborting")
-        self._release(backup_id, "failed")
+        self._set(backup_id, state=FlowState.ABORTING)
+        self._release(backup_id, FlowState.FAILED)
 
-    def _claim_conditions(self, s: Session, owner_id: str) -> list[Any] | None:
+    def _claim_conditions(self, s: Session, owner_id: str) -> list[ColumnElement[bool]] | None:
         """A backup is claimed only while no other backup of the same VM is in flight,
         checked in the claim's UPDATE (on PostgreSQL a transaction-scoped advisory lock
         per VM serialises the check)."""
@@ -326,7 +369,9 @@ class Backups(Flow):
             return None
         if s.get_bind().dialect.name == "postgresql":
             s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:vm))"), {"vm": vm_uuid})
-        busy = select(Backup.backup_id).where(Backup.vm_uuid == vm_uuid, Backup.state.in_(self.active[1:]))
+        busy = select(Backup.backup_id).where(
+            Backup.vm_uuid == vm_uuid, Backup.state.in_([state.value for state in self.active[1:]])
+        )
         return [~busy.exists()]
 
     def _next(self, vm_uuid: str) -> None:
@@ -334,81 +379,80 @@ class Backups(Flow):
         with self.center.database.session() as s:
             queued = s.scalars(
                 select(Backup.backup_id)
-                .where(Backup.vm_uuid == vm_uuid, Backup.state == "queued")
+                .where(Backup.vm_uuid == vm_uuid, Backup.state == FlowState.QUEUED.value)
                 .order_by(Backup.created, Backup.backup_id)
             ).first()
         if queued is not None:
             self.submit(lambda: self._start(queued))
 
-    def _base(self, record: dict[str, Any]) -> dict[str, Any] | None:
+    def _base(self, record: BackupRecord) -> BackupRecord | None:
         """The VM's newest completed backup whose snapshot is kept (as CBT metadata)."""
         with self.center.database.session() as s:
             row = s.scalars(
                 select(Backup)
                 .where(
-                    Backup.vm_uuid == record["vm"],
-                    Backup.state == "completed",
+                    Backup.vm_uuid == record.vm,
+                    Backup.state == FlowState.COMPLETED.value,
                     Backup.snapshot_released.is_(False),
                 )
                 .order_by(Backup.finished.desc())
             ).first()
             return _describe(row) if row is not None else None
 
-    def _older_bases(self, record: dict[str, Any]) -> list[str]:
+    def _older_bases(self, record: BackupRecord) -> list[str]:
         """Completed backups of the VM older than *record* whose snapshots are still kept:
         no longer needed once *record* is the base."""
         with self.center.database.session() as s:
             return list(
                 s.scalars(
                     select(Backup.backup_id).where(
-                        Backup.vm_uuid == record["vm"],
-                        Backup.state == "completed",
+                        Backup.vm_uuid == record.vm,
+                        Backup.state == FlowState.COMPLETED.value,
                         Backup.snapshot_released.is_(False),
-                        Backup.backup_id != record["backup_id"],
+                        Backup.backup_id != record.backup_id,
                     )
                 )
             )
 
     # ------------------------------------------------------------------ records
 
-    def _describe(self, row: Any) -> dict[str, Any]:
+    def _describe(self, row: Backup | Restore) -> BackupRecord:
+        assert isinstance(row, Backup)
         return _describe(row)
 
 
-def _describe(row: Backup) -> dict[str, Any]:
-    return {
-        "backup_id": row.backup_id,
-        "task_id": row.task_id,
-        "vm": row.vm_uuid,
-        "host": row.host_uuid,
-        "requested": row.requested,
-        "type": row.type,
-        "base_backup_id": row.base_backup_id,
-        "snapshot": row.snapshot,
-        "snapshot_released": bool(row.snapshot_released),
-        "state": row.state,
-        "created": row.created,
-        "finished": row.finished,
-    }
+def _describe(row: Backup) -> BackupRecord:
+    return BackupRecord(
+        backup_id=row.backup_id,
+        task_id=row.task_id,
+        vm=row.vm_uuid,
+        host=row.host_uuid,
+        requested=cast(BackupType, row.requested),
+        type=cast(BackupType | None, row.type),
+        base_backup_id=row.base_backup_id,
+        snapshot=row.snapshot,
+        snapshot_released=bool(row.snapshot_released),
+        state=FlowState(row.state),
+        created=row.created,
+        finished=row.finished,
+    )
 
 
-def _result(record: dict[str, Any], prepared: PreparedBackup, base: dict[str, Any] | None) -> BackupResult:
+def _result(record: BackupRecord, prepared: PreparedBackup, base: BackupRecord | None) -> BackupResult:
     """The task result the backup system reads: the VM's configuration, and per disk
     what to read (sector information) and how to reach it."""
     disks = []
     for disk in prepared.disks:
         reason = disk.reason
-        if record["requested"] == "incremental" and base is None:
+        if record.requested == "incremental" and base is None:
             reason = "no completed backup of this VM to be the base"
-        disks.append(
-            BackupDisk.model_validate(disk.model_dump(exclude={"vdi", "snapshot_vdi"}) | {"reason": reason})
-        )
+        disks.append(BackupDisk(**disk.model_dump(exclude={"vdi", "snapshot_vdi", "reason"}), reason=reason))
     incremental = bool(disks) and all(d.type == "incremental" for d in disks)
     return BackupResult(
-        backup_id=record["backup_id"],
-        vm=BackupVm.model_validate(prepared.vm.model_dump() | {"id": record["vm"], "host": record["host"]}),
-        requested=record["requested"],
+        backup_id=record.backup_id,
+        vm=BackupVm(**prepared.vm.model_dump(), id=record.vm, host=record.host),
+        requested=record.requested,
         type="incremental" if incremental else "full",
-        base_backup_id=base["backup_id"] if base else None,
+        base_backup_id=base.backup_id if base else None,
         disks=disks,
     )

@@ -3,7 +3,9 @@
 HTTPS with the center's CA pinned: the client trusts exactly the CA certificate it was
 given (``D/pki/ca-cert.pem`` of ``wincenter init``) and checks that the server's
 certificate, issued by it, names the host in *base_url*. The token goes as a bearer
-token. Answers are the models of :mod:`.schemas`.
+token. Answers are the models of :mod:`.schemas`, parsed here (an answer that does not
+fit is a :class:`CenterApiError`): a task is a :class:`~.schemas.BackupTaskOut` or a
+:class:`~.schemas.RestoreTaskOut` by its ``kind``, its ``result`` the kind's model.
 
 Errors::
 
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from agentless.lifetime import Closing
 
@@ -53,6 +56,8 @@ from .schemas import (
 __all__ = ["CenterApiError", "CenterClient", "CenterError", "CenterUnreachable"]
 
 M = TypeVar("M", bound=BaseModel)
+Params = Mapping[str, str | int | Sequence[str]]
+_TASK: TypeAdapter[TaskOut] = TypeAdapter(TaskOut)
 ENDED_STATES = frozenset({"succeeded", "failed", "aborted", "expired"})
 
 
@@ -64,7 +69,7 @@ class CenterApiError(CenterError):
     """The center refused a request: ``status`` (HTTP), ``title``, ``detail``, and the
     whole problem body in ``problem``."""
 
-    def __init__(self, status: int, title: str, detail: str, problem: dict[str, Any] | None = None):
+    def __init__(self, status: int, title: str, detail: str, problem: dict[str, object] | None = None):
         super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
         self.status = status
         self.title = title
@@ -96,11 +101,11 @@ class CenterClient(Closing):
             timeout=timeout,
         )
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One request under ``/api/v1``: the JSON answer, or CenterApiError /
-        CenterUnreachable. For routes this class has no method for yet."""
+    def call(self, method: str, path: str, *, params: Params | None = None, json: object = None) -> object:
+        """One request under ``/api/v1`` (query *params*, a *json* body): the JSON answer,
+        or CenterApiError / CenterUnreachable. For routes this class has no method for yet."""
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, params=params, json=json)
         except httpx.TransportError as error:
             raise CenterUnreachable(f"{self._http.base_url}: {error}") from error
         if response.status_code >= 400:
@@ -114,12 +119,21 @@ class CenterClient(Closing):
             raise CenterApiError(response.status_code, title, detail, body)
         return response.json()
 
-    def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
-        data = self.call(method, path, **kwargs)
+    def _model(
+        self, model: type[M], method: str, path: str, *, params: Params | None = None, json: object = None
+    ) -> M:
+        data = self.call(method, path, params=params, json=json)
         try:
             return model.model_validate(data)
         except ValidationError as error:
             raise CenterApiError(200, "Unexpected answer", f"not a {model.__name__}: {error}") from None
+
+    def _task(self, method: str, path: str, *, json: object = None) -> TaskOut:
+        data = self.call(method, path, json=json)
+        try:
+            return _TASK.validate_python(data)
+        except ValidationError as error:
+            raise CenterApiError(200, "Unexpected answer", f"not a task: {error}") from None
 
     # ------------------------------------------------------------------ identity, tokens, audit
 
@@ -148,7 +162,7 @@ class CenterClient(Closing):
         limit: int = 100,
         offset: int = 0,
     ) -> TaskPage:
-        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        params: dict[str, str | int | Sequence[str]] = {"limit": limit, "offset": offset}
         if state:
             params["state"] = state
         if kind:
@@ -156,7 +170,8 @@ class CenterClient(Closing):
         return self._model(TaskPage, "GET", "/tasks", params=params)
 
     def task(self, task_id: str) -> TaskOut:
-        return self._model(TaskOut, "GET", f"/tasks/{task_id}")
+        """The task: a BackupTaskOut or a RestoreTaskOut (by ``kind``)."""
+        return self._task("GET", f"/tasks/{task_id}")
 
     def wait_task(
         self,
@@ -204,7 +219,10 @@ class CenterClient(Closing):
         offset: int = 0,
     ) -> VmPage:
         filters = {"host": host, "name": name, "power_state": power_state}
-        params: dict[str, Any] = {k: v for k, v in filters.items() if v} | {"limit": limit, "offset": offset}
+        params: dict[str, str | int] = {k: v for k, v in filters.items() if v} | {
+            "limit": limit,
+            "offset": offset,
+        }
         return self._model(VmPage, "GET", "/vms", params=params)
 
     def vm(self, ref: str) -> VmOut:
@@ -235,7 +253,7 @@ class CenterClient(Closing):
         return self._model(BackupOut, "GET", f"/backups/{_q(backup_id)}")
 
     def backups(self, vm: str | None = None, limit: int = 100, offset: int = 0) -> BackupPage:
-        params: dict[str, Any] = {"limit": limit, "offset": offset} | ({"vm": vm} if vm else {})
+        params: dict[str, str | int] = {"limit": limit, "offset": offset} | ({"vm": vm} if vm else {})
         return self._model(BackupPage, "GET", "/backups", params=params)
 
     def complete_backup(self, backup_id: str) -> TaskAccepted:
@@ -245,7 +263,7 @@ class CenterClient(Closing):
         return self._model(TaskAccepted, "POST", f"/backups/{_q(backup_id)}/abort")
 
     def backup_progress(self, backup_id: str, done: int) -> TaskOut:
-        return self._model(TaskOut, "POST", f"/backups/{_q(backup_id)}/progress", json={"done": done})
+        return self._task("POST", f"/backups/{_q(backup_id)}/progress", json={"done": done})
 
     def start_restore(
         self, restore_id: str, vm: VmSpec, host: str | None = None, pool: str | None = None
@@ -265,7 +283,7 @@ class CenterClient(Closing):
         return self._model(TaskAccepted, "POST", f"/restores/{_q(restore_id)}/abort")
 
     def restore_progress(self, restore_id: str, done: int) -> TaskOut:
-        return self._model(TaskOut, "POST", f"/restores/{_q(restore_id)}/progress", json={"done": done})
+        return self._task("POST", f"/restores/{_q(restore_id)}/progress", json={"done": done})
 
     def close(self) -> None:
         self._http.close()

@@ -7,12 +7,16 @@
      ├── SecretError             secret.key is missing, too open or malformed; a sealed value
      │                           does not open (wrong key, tampered)
      ├── NotFoundError           no such token, task, host... (404)
-     └── ConflictError           the request contradicts the current state: a finished task
-                                 moved again, a token revoked twice... (409)
+     ├── ConflictError           the request contradicts the current state: a finished task
+     │                           moved again, a token revoked twice... (409)
+     └── HostCallError           a WinServer host did not answer (502) or refused what
+                                 WinCenter asked (the host's own 404, 409 or 422)
 
 The API turns any :class:`WinCenterError` into a problem+json answer with ``status``; the
-CLI prints it in one line and exits 1. Code added later (inventory, backups, restores)
-raises these too, so that its failures need no mapping of their own.
+CLI prints it in one line and exits 1. The inventory, backups and restores raise these
+too, so that their failures need no mapping of their own. (The host API client's own
+errors – :class:`agentless.winserver.client.HostApiError` and its kin – never leave
+:meth:`.inventory.Inventory.calling`: they become :class:`HostCallError` there.)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ __all__ = [
     "CenterDirError",
     "ConflictError",
     "DatabaseError",
+    "HostCallError",
     "NotFoundError",
     "SecretError",
     "WinCenterError",
@@ -69,3 +74,16 @@ class ConflictError(WinCenterError):
 
     status = 409
     title = "Conflict"
+
+
+class HostCallError(WinCenterError):
+    """A host did not answer (``status`` 502: retry once the host is back) or refused what
+    WinCenter asked (its own ``status``: 404, 409, 422 – the request needs changing)."""
+
+    status = 502
+    title = "Bad Gateway"
+
+    def __init__(self, message: str, status: int = 502, title: str = "Bad Gateway"):
+        super().__init__(message)
+        self.status = status
+        self.title = title

@@ -18,7 +18,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Literal, cast
 
 from cryptography import x509
 from sqlalchemy import Select, func, select
@@ -29,24 +29,14 @@ from agentless.winserver.client import HostApiError, HostClient, HostUnreachable
 from agentless.wire import SrInfo, VmInfo
 
 from .center import Center
-from .errors import ConflictError, NotFoundError, WinCenterError
+from .errors import ConflictError, HostCallError, NotFoundError, WinCenterError
 from .models import Host, Pool, Vm, VmDisk, VmNic, utcnow
+from .schemas import HostOut, PoolOut, VmDiskOut, VmNicOut, VmOut
 
 __all__ = ["HostCallError", "Inventory"]
 
 ClientFactory = Callable[[str, str, str], HostClient]  # (url, token, cert_pem)
-
-
-class HostCallError(WinCenterError):
-    """A host did not answer (502) or refused what WinCenter asked (its own status)."""
-
-    status = 502
-    title = "Bad Gateway"
-
-    def __init__(self, message: str, status: int = 502, title: str = "Bad Gateway"):
-        super().__init__(message)
-        self.status = status
-        self.title = title
+HostState = Literal["online", "unreachable", "unknown"]
 
 
 @contextlib.contextmanager
@@ -62,34 +52,34 @@ def _host_errors(host_name: str) -> Iterator[None]:
         raise HostCallError(f"host {host_name} answered {error.status}: {error.detail}") from None
 
 
-def _describe_host(host: Host) -> dict[str, Any]:
-    return {
-        "id": host.uuid,
-        "name": host.name,
-        "url": host.url,
-        "state": host.state,
-        "last_sync": host.last_sync,
-        "cert": host.cert_pem,
-    }
+def _describe_host(host: Host) -> HostOut:
+    return HostOut(
+        id=host.uuid,
+        name=host.name,
+        url=host.url,
+        state=cast(HostState, host.state),
+        last_sync=host.last_sync,
+        cert=host.cert_pem,
+    )
 
 
-def _describe_pool(pool: Pool) -> dict[str, Any]:
-    return {"id": pool.uuid, "host": pool.host_uuid, "name": pool.name, "default": pool.is_default}
+def _describe_pool(pool: Pool) -> PoolOut:
+    return PoolOut(id=pool.uuid, host=pool.host_uuid, name=pool.name, default=pool.is_default)
 
 
-def _describe_vm(vm: Vm) -> dict[str, Any]:
-    return {
-        "id": vm.uuid,
-        "name": vm.name,
-        "host": vm.host_uuid,
-        "vcpus": vm.vcpus,
-        "memory": vm.memory,
-        "power_state": vm.power_state,
-        "disks": [
-            {"position": d.position, "vdi": d.vdi_uuid, "size": d.size, "pool": d.pool_uuid} for d in vm.disks
+def _describe_vm(vm: Vm) -> VmOut:
+    return VmOut(
+        id=vm.uuid,
+        name=vm.name,
+        host=vm.host_uuid,
+        vcpus=vm.vcpus,
+        memory=vm.memory,
+        power_state=vm.power_state,
+        disks=[
+            VmDiskOut(position=d.position, vdi=d.vdi_uuid, size=d.size, pool=d.pool_uuid) for d in vm.disks
         ],
-        "nics": [{"position": n.position, "mac": n.mac, "network": n.network} for n in vm.nics],
-    }
+        nics=[VmNicOut(position=n.position, mac=n.mac, network=n.network) for n in vm.nics],
+    )
 
 
 def _with_parts(query: Select[Vm]) -> Select[Vm]:
@@ -98,7 +88,7 @@ def _with_parts(query: Select[Vm]) -> Select[Vm]:
     return query.options(selectinload(Vm.disks), selectinload(Vm.nics))
 
 
-def _assign(row: object, **values: Any) -> None:
+def _assign(row: object, **values: object) -> None:
     """Set the attributes of *row* that differ from *values* (an assignment of an equal
     value would still mark the row changed, and cost an UPDATE)."""
     for name, value in values.items():
@@ -123,11 +113,11 @@ class Inventory:
         self.on_seen = on_seen
         self._guard = threading.Lock()
         self._sync_locks: dict[str, threading.Lock] = {}
-        self._synced: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (sync began, answer)
+        self._synced: dict[str, tuple[float, HostOut]] = {}  # host -> (sync began, answer)
 
     # ------------------------------------------------------------------ hosts
 
-    def register(self, url: str, token: str, cert_pem: str) -> dict[str, Any]:
+    def register(self, url: str, token: str, cert_pem: str) -> HostOut:
         """Register the host at *url* (its certificate *cert_pem* pinned, its *token*
         sealed) and sync it. Registering the same host again updates its URL, token and
         certificate. HostCallError if it cannot be reached with these."""
@@ -152,15 +142,15 @@ class Inventory:
             host.state = "online"
         return self.sync(host_uuid)
 
-    def hosts(self) -> list[dict[str, Any]]:
+    def hosts(self) -> list[HostOut]:
         with self.center.database.session() as s:
             return [_describe_host(h) for h in s.scalars(select(Host).order_by(Host.name))]
 
-    def host(self, ref: str) -> dict[str, Any]:
+    def host(self, ref: str) -> HostOut:
         with self.center.database.session() as s:
             return _describe_host(self._host(s, ref))
 
-    def forget(self, ref: str) -> dict[str, Any]:
+    def forget(self, ref: str) -> HostOut:
         """Drop a host and its cached records (the host itself is untouched)."""
         with self.center.database.session() as s:
             host = self._host(s, ref)
@@ -187,7 +177,7 @@ class Inventory:
 
     # ------------------------------------------------------------------ sync
 
-    def sync(self, host_uuid: str) -> dict[str, Any]:
+    def sync(self, host_uuid: str) -> HostOut:
         """Bring the records of one host up to date from its API; returns the host.
         An unreachable host is marked so (and HostCallError raised).
 
@@ -212,7 +202,7 @@ class Inventory:
         with self._guard:
             return self._sync_locks.setdefault(host_uuid, threading.Lock())
 
-    def _sync(self, host_uuid: str) -> dict[str, Any]:
+    def _sync(self, host_uuid: str) -> HostOut:
         try:
             with self.calling(host_uuid) as client:
                 srs, vms = client.list_srs(), client.list_vms()
@@ -230,12 +220,12 @@ class Inventory:
                     raise
         raise AssertionError("unreachable")
 
-    def sync_all(self) -> list[dict[str, Any]]:
-        """Sync every host; unreachable ones are marked and skipped."""
+    def sync_all(self) -> list[HostOut]:
+        """Sync every host; unreachable ones are marked (by :meth:`sync`) and skipped."""
         synced = []
         for host in self.hosts():
             with contextlib.suppress(HostCallError):
-                synced.append(self.sync(host["id"]))
+                synced.append(self.sync(host.id))
         return synced
 
     def _apply(self, s: Session, host_uuid: str, srs: Sequence[SrInfo], vms: Sequence[VmInfo]) -> None:
@@ -294,7 +284,7 @@ class Inventory:
             vm.nics.remove(gone_nic)
         return vm
 
-    def sync_vm(self, host_uuid: str, state: VmInfo) -> dict[str, Any]:
+    def sync_vm(self, host_uuid: str, state: VmInfo) -> VmOut:
         """Record one VM as its host just described it (after a change made through
         WinCenter); returns WinCenter's view of it."""
         with self._lock(host_uuid), self.center.database.session() as s:
@@ -306,14 +296,14 @@ class Inventory:
 
     # ------------------------------------------------------------------ pools and VMs
 
-    def pools(self, host: str | None = None) -> list[dict[str, Any]]:
+    def pools(self, host: str | None = None) -> list[PoolOut]:
         with self.center.database.session() as s:
             query = select(Pool).order_by(Pool.host_uuid, Pool.name)
             if host is not None:
                 query = query.where(Pool.host_uuid == self._host(s, host).uuid)
             return [_describe_pool(p) for p in s.scalars(query)]
 
-    def pool(self, ref: str) -> dict[str, Any]:
+    def pool(self, ref: str) -> PoolOut:
         with self.center.database.session() as s:
             pool = s.get(Pool, ref)
             if pool is None:
@@ -328,7 +318,7 @@ class Inventory:
         power_state: str | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[VmOut], int]:
         """VMs by name (filtered by host, exact name, power state), *limit* from
         *offset*, and how many match in all."""
         with self.center.database.session() as s:
@@ -344,7 +334,7 @@ class Inventory:
             rows = s.scalars(_with_parts(query.order_by(Vm.name, Vm.uuid).limit(limit).offset(offset)))
             return [_describe_vm(vm) for vm in rows], total
 
-    def vm(self, ref: str) -> dict[str, Any]:
+    def vm(self, ref: str) -> VmOut:
         """A VM by id, or by name when that is unique."""
         with self.center.database.session() as s:
             vm = s.get(Vm, ref)
@@ -357,7 +347,7 @@ class Inventory:
                 raise NotFoundError(f"no VM {ref!r}")
             return _describe_vm(vm)
 
-    def lookup_vm(self, ref: str) -> dict[str, Any]:
+    def lookup_vm(self, ref: str) -> VmOut:
         """:meth:`vm`, syncing the hosts first when the VM is not known (made on a host
         since the last sync)."""
         try:
@@ -376,7 +366,7 @@ class Inventory:
         *,
         host: str | None = None,
         pool: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> VmOut:
         """Create a halted VM with blank disks on *host*, or in *pool* (its host), or on
         the only host there is."""
         host_uuid, sr = self.placement(host, pool)
@@ -390,38 +380,36 @@ class Inventory:
         some are recorded unreachable, since one may have come back since."""
         if pool is not None:
             found = self.pool(pool)
-            if host is not None and self.host(host)["id"] != found["host"]:
+            if host is not None and self.host(host).id != found.host:
                 raise ConflictError(f"pool {pool} is not on host {host}")
-            return str(found["host"]), str(found["id"])
+            return found.host, found.id
         if host is not None:
-            return str(self.host(host)["id"]), None
+            return self.host(host).id, None
         hosts = self.hosts()
-        if len([h for h in hosts if h["state"] == "online"]) != 1 and any(
-            h["state"] != "online" for h in hosts
-        ):
+        if len([h for h in hosts if h.state == "online"]) != 1 and any(h.state != "online" for h in hosts):
             # a host recorded unreachable may be back (restarted since): ask them before
             # refusing, instead of waiting for the periodic sync
             self.sync_all()
             hosts = self.hosts()
-        online = [h for h in hosts if h["state"] == "online"]
+        online = [h for h in hosts if h.state == "online"]
         if len(online) != 1:
             raise WinCenterError(f"{len(online)} hosts are online: say which host or pool the VM goes to")
-        return str(online[0]["id"]), None
+        return online[0].id, None
 
-    def power(self, ref: str, action: str) -> dict[str, Any]:
+    def power(self, ref: str, action: Literal["start", "stop"]) -> VmOut:
         """``start`` or ``stop`` a VM on its host."""
         vm = self.vm(ref)
-        with self.calling(vm["host"]) as client:
-            state = client.start_vm(vm["id"]) if action == "start" else client.stop_vm(vm["id"])
-        return self.sync_vm(vm["host"], state)
+        with self.calling(vm.host) as client:
+            state = client.start_vm(vm.id) if action == "start" else client.stop_vm(vm.id)
+        return self.sync_vm(vm.host, state)
 
-    def delete_vm(self, ref: str) -> dict[str, Any]:
+    def delete_vm(self, ref: str) -> VmOut:
         """Delete a halted VM and its disks on its host, then its records."""
         vm = self.vm(ref)
-        with self.calling(vm["host"]) as client:
-            client.delete_vm(vm["id"])
+        with self.calling(vm.host) as client:
+            client.delete_vm(vm.id)
         with self.center.database.session() as s:
-            row = s.get(Vm, vm["id"])
+            row = s.get(Vm, vm.id)
             if row is not None:
                 s.delete(row)
         return vm

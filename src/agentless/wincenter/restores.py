@@ -25,56 +25,73 @@ anywhere knows which VM is its own – it never deletes anybody else's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
-from typing import Any
+from typing import cast
 
 from agentless.winserver.client import HostApiError, HostClient
+from agentless.wire import RestoreDisk, RestoreResult
 
-from .errors import ConflictError, WinCenterError
-from .flow import Flow
-from .models import Restore, Vm, utcnow
+from .errors import ConflictError
+from .flow import Flow, FlowState, Record
+from .models import Backup, Restore, Vm, utcnow
+from .schemas import RestoreOut, RestoreStateName, VmSpec
 from .tasks import Task, TaskState
 
-__all__ = ["KIND", "Restores"]
+__all__ = ["KIND", "RestoreRecord", "Restores"]
 
 log = logging.getLogger(__name__)
 KIND = "restore"
 
 
-def _check_spec(spec: dict[str, Any]) -> None:
-    if not spec.get("name"):
-        raise WinCenterError("the restored VM needs a name")
-    if not spec.get("disks"):
-        raise WinCenterError("the restored VM needs at least one disk")
+@dataclasses.dataclass(frozen=True)
+class RestoreRecord(Record):
+    """A restore's row as the flow reads it: ``vm`` is the new VM's uuid (chosen by
+    WinCenter), ``sr`` its storage repository (None: the host's default)."""
+
+    restore_id: str
+    spec: VmSpec
+    sr: str | None
+
+    def out(self) -> RestoreOut:
+        """The wire form (``GET /restores/{id}``)."""
+        return RestoreOut(
+            restore_id=self.restore_id,
+            task_id=self.task_id,
+            host=self.host,
+            vm=self.vm,
+            state=cast(RestoreStateName, self.state.value),  # the flow's states are the wire's
+            created=self.created,
+            finished=self.finished,
+        )
 
 
-class Restores(Flow):
+class Restores(Flow[RestoreRecord]):
     """Restores of one center (see :class:`.flow.Flow` for *submit* and *ttl*)."""
 
     noun = "restore"
     model = Restore
-    starting = "creating"
+    starting = FlowState.CREATING
 
     # ------------------------------------------------------------------ requests
 
     def request(
         self,
         restore_id: str,
-        spec: dict[str, Any],
+        spec: VmSpec,
         host: str | None = None,
         pool: str | None = None,
         started_by: int | None = None,
     ) -> Task:
-        """Restore *spec* ({name, vcpus, memory, disks: [{size}], nics: [{network}]}) as a
-        new VM on *host* or in *pool*. The same restore id again answers the same task.
+        """Restore *spec* (name, vcpus, memory, disks, nics) as a new VM on *host* or in
+        *pool*. The same restore id again answers the same task.
         *started_by*: the token asking, the one (with admins) shown the access info."""
-        _check_spec(spec)
         existing = self._find(restore_id)
         if existing is not None:
-            if existing["spec"] != spec:
+            if existing.spec != spec:
                 raise ConflictError(f"restore id {restore_id!r} was used for another request")
-            return self.center.tasks.get(existing["task_id"])
+            return self.center.tasks.get(existing.task_id)
         host_uuid, sr = self.inventory.placement(host, pool)
         task, made = self.center.tasks.create(KIND, restore_id, ttl=self.ttl, started_by=started_by)
         if not made:
@@ -86,8 +103,8 @@ class Restores(Flow):
                     task_id=task.id,
                     host_uuid=host_uuid,
                     vm_uuid=str(uuid.uuid4()),
-                    spec=spec | {"sr": sr},
-                    state="queued",
+                    spec=spec.model_dump(mode="json") | {"sr": sr},
+                    state=FlowState.QUEUED.value,
                 )
             )
         self.submit(lambda: self._start(restore_id))
@@ -95,116 +112,121 @@ class Restores(Flow):
 
     # ------------------------------------------------------------------ the work
 
+    def get(self, restore_id: str) -> RestoreOut:
+        """The restore *restore_id*; NotFoundError if there is none."""
+        return self._record(restore_id).out()
+
     def _start(self, restore_id: str, retry: bool = False) -> None:
         record = self._record(restore_id)
-        task_id = record["task_id"]
+        task_id = record.task_id
         if self.center.tasks.get(task_id).ended or not self._claim(restore_id):
             return
-        spec = record["spec"]
+        spec = record.spec
         try:
             if self.center.tasks.get(task_id).state is TaskState.QUEUED:
                 self.center.tasks.start(task_id)
-            with self.inventory.calling(record["host"]) as client:
+            with self.inventory.calling(record.host) as client:
                 if retry:
                     self._undo(client, record)
-                sizes = [int(d["size"]) for d in spec["disks"]]
-                networks = [n["network"] if isinstance(n, dict) else str(n) for n in spec.get("nics", [])]
+                sizes = [d.size for d in spec.disks]
                 state = client.create_vm(
-                    spec["name"],
+                    spec.name,
                     sizes,
-                    networks,
-                    int(spec.get("vcpus", 1)),
-                    int(spec.get("memory", 1 << 30)),
-                    sr=record["sr"],
-                    uuid=record["vm"],
+                    [n.network for n in spec.nics],
+                    spec.vcpus,
+                    spec.memory,
+                    sr=record.sr,
+                    uuid=record.vm,
                 )
-                disks = []
-                for disk in state.disks:
-                    granted = client.update_backup_id(disk.vdi, restore_id)
-                    disks.append(
-                        {
-                            "position": disk.position,
-                            "size": disk.size,
-                            "vdi": disk.vdi,
-                            "access": granted.access.model_dump(),
-                        }
+                disks = [
+                    RestoreDisk(
+                        position=disk.position,
+                        size=disk.size,
+                        vdi=disk.vdi,
+                        access=client.update_backup_id(disk.vdi, restore_id).access,
                     )
-            vm = self.inventory.sync_vm(record["host"], state)
-            self._set(restore_id, state="ready")
+                    for disk in state.disks
+                ]
+            vm = self.inventory.sync_vm(record.host, state)
+            self._set(restore_id, state=FlowState.READY)
             self.center.tasks.progress(task_id, 0, sum(sizes))
             self.center.tasks.ready(
-                task_id, {"restore_id": restore_id, "vm": vm, "disks": disks}, ttl=self.ttl
+                task_id, RestoreResult(restore_id=restore_id, vm=vm, disks=disks), ttl=self.ttl
             )
         except Exception as error:
             detail = str(error) or type(error).__name__
             log.warning("restore %s failed: %s", restore_id, detail)
             if not self.center.tasks.get(task_id).ended:
                 self.center.tasks.fail(task_id, "Restore failed", detail)
-            self._set(restore_id, state="aborting")
-            self._release(restore_id, "failed")
+            self._set(restore_id, state=FlowState.ABORTING)
+            self._release(restore_id, FlowState.FAILED)
 
     def _complete(self, restore_id: str) -> None:
         record = self._record(restore_id)
-        if record["state"] != "completing":  # a retry of a step that another run finished
+        if record.state is not FlowState.COMPLETING:  # a retry of a step that another run finished
             self._retried(restore_id)
             return
         try:
-            with self.inventory.calling(record["host"]) as client:
+            with self.inventory.calling(record.host) as client:
                 client.stop_remote_access(restore_id)
-                state = client.vm(record["vm"])
-            vm = self.inventory.sync_vm(record["host"], state)
-            self._set(restore_id, state="completed", finished=utcnow())
-            task = self.center.tasks.get(record["task_id"])
+                state = client.vm(record.vm)
+            vm = self.inventory.sync_vm(record.host, state)
+            self._set(restore_id, state=FlowState.COMPLETED, finished=utcnow())
+            task = self.center.tasks.get(record.task_id)
             if not task.ended:
-                self.center.tasks.finish(task.id, {"restore_id": restore_id, "vm": vm})
+                self.center.tasks.finish(task.id, RestoreResult(restore_id=restore_id, vm=vm))
         except Exception as error:
-            self._retry(restore_id, record["host"], lambda: self._complete(restore_id), error)
+            self._retry(restore_id, record.host, lambda: self._complete(restore_id), error)
             return
         self._retried(restore_id)
 
-    def _release(self, restore_id: str, final: str) -> None:
+    def _release(self, restore_id: str, final: FlowState) -> None:
         record = self._record(restore_id)
-        if record["state"] != "aborting":  # a retry of a step that another run finished
+        if record.state is not FlowState.ABORTING:  # a retry of a step that another run finished
             self._retried(restore_id)
             return
         try:
-            with self.inventory.calling(record["host"]) as client:
+            with self.inventory.calling(record.host) as client:
                 self._undo(client, record)
             with self.center.database.session() as s:
-                row = s.get(Vm, record["vm"])
+                row = s.get(Vm, record.vm)
                 if row is not None:
                     s.delete(row)
-            self._finish(restore_id, "aborting", state=final, finished=utcnow())
+            self._finish(restore_id, FlowState.ABORTING, state=final, finished=utcnow())
         except Exception as error:
-            self._retry(restore_id, record["host"], lambda: self._release(restore_id, final), error)
+            self._retry(restore_id, record.host, lambda: self._release(restore_id, final), error)
             return
         self._retried(restore_id)
 
-    def _describe(self, row: Any) -> dict[str, Any]:
+    def _describe(self, row: Backup | Restore) -> RestoreRecord:
+        assert isinstance(row, Restore)
         return _describe(row)
 
     @staticmethod
-    def _undo(client: HostClient, record: dict[str, Any]) -> None:
+    def _undo(client: HostClient, record: RestoreRecord) -> None:
         """Revoke the restore's grants and delete its VM, if the host has it."""
-        client.stop_remote_access(record["restore_id"])
+        client.stop_remote_access(record.restore_id)
         try:
-            client.delete_vm(record["vm"])
+            client.delete_vm(record.vm)
         except HostApiError as error:
             if error.status != 404:
                 raise
 
 
-def _describe(row: Restore) -> dict[str, Any]:
-    spec = dict(row.spec)
-    spec.pop("sr", None)
-    return {
-        "restore_id": row.restore_id,
-        "task_id": row.task_id,
-        "host": row.host_uuid,
-        "vm": row.vm_uuid,
-        "sr": row.spec.get("sr"),
-        "spec": spec,
-        "state": row.state,
-        "created": row.created,
-        "finished": row.finished,
-    }
+def _describe(row: Restore) -> RestoreRecord:
+    stored = dict(row.spec)
+    sr = stored.pop("sr", None)
+    nics = stored.get("nics")
+    if isinstance(nics, list):  # bare network names too, as the flow always accepted them
+        stored["nics"] = [{"network": n} if isinstance(n, str) else n for n in nics]
+    return RestoreRecord(
+        restore_id=row.restore_id,
+        task_id=row.task_id,
+        host=row.host_uuid,
+        vm=row.vm_uuid,
+        sr=sr if isinstance(sr, str) else None,
+        spec=VmSpec.model_validate(stored),
+        state=FlowState(row.state),
+        created=row.created,
+        finished=row.finished,
+    )

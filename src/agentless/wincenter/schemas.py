@@ -9,11 +9,11 @@ renaming or removing one needs ``/api/v2``.
 from __future__ import annotations
 
 import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agentless.wire import Problem
+from agentless.wire import BackupResult, Problem, RestoreResult, VmDiskOut, VmNicOut, VmOut
 
 __all__ = [
     "API_PREFIX",
@@ -22,6 +22,8 @@ __all__ = [
     "BackupCreate",
     "BackupOut",
     "BackupPage",
+    "BackupStateName",
+    "BackupTaskOut",
     "DiskSpec",
     "HostList",
     "HostOut",
@@ -34,7 +36,9 @@ __all__ = [
     "ProgressReport",
     "RestoreCreate",
     "RestoreOut",
+    "RestoreStateName",
     "RestoreTarget",
+    "RestoreTaskOut",
     "RoleName",
     "TaskAccepted",
     "TaskError",
@@ -59,6 +63,12 @@ API_PREFIX = "/api/v1"
 RoleName = Literal["admin", "backup-operator", "viewer"]
 PermissionName = Literal["read", "operate", "admin"]
 TaskStateName = Literal["queued", "running", "ready", "succeeded", "failed", "aborted", "expired"]
+BackupStateName = Literal[
+    "queued", "preparing", "ready", "completing", "completed", "aborting", "aborted", "failed"
+]
+RestoreStateName = Literal[
+    "queued", "creating", "ready", "completing", "completed", "aborting", "aborted", "failed"
+]
 
 
 class Wire(BaseModel):
@@ -146,23 +156,44 @@ class TaskError(Wire):
     detail: str
 
 
-class TaskOut(Wire):
-    """A task: ``ready`` means the backup system's part may begin (see ``result``)."""
+_ACCESS_RULE = (
+    "each disk's `access` (the grant: its export name is the credential) is null unless the "
+    "caller's token started the task or is an admin's"
+)
+
+
+class _TaskOutBase(Wire):
+    """What every task shows; ``kind`` says which result it carries (:data:`TaskOut`)."""
 
     id: str
-    kind: str
     state: TaskStateName
     owner_key: str | None = Field(default=None, description="the backup id, restore id... it belongs to")
     progress: Progress
-    result: Any = Field(
-        default=None,
-        description="what the task produced; each disk's `access` (the grant: its export name is "
-        "the credential) is null unless the caller's token started the task or is an admin's",
-    )
     error: TaskError | None = None
     created: datetime.datetime
     updated: datetime.datetime
     expires_at: datetime.datetime | None = None
+
+
+class BackupTaskOut(_TaskOutBase):
+    """A backup task: ``ready`` means the backup system may read the disks (see ``result``)."""
+
+    kind: Literal["backup"]
+    result: BackupResult | None = Field(default=None, description=f"once ready: what to read; {_ACCESS_RULE}")
+
+
+class RestoreTaskOut(_TaskOutBase):
+    """A restore task: ``ready`` means the backup system may write the disks (see ``result``)."""
+
+    kind: Literal["restore"]
+    result: RestoreResult | None = Field(
+        default=None, description=f"once ready: the new VM and what to write; {_ACCESS_RULE}"
+    )
+
+
+TaskOut = Annotated[BackupTaskOut | RestoreTaskOut, Field(discriminator="kind")]
+"""A task as the API shows it, by ``kind``: its ``result`` is the model of that kind
+(:data:`agentless.wire.TASK_RESULTS`). Read one with ``TypeAdapter(TaskOut)``."""
 
 
 class TaskPage(Page):
@@ -217,30 +248,6 @@ class PoolList(Page):
     """Storage pools by host and name."""
 
     items: list[PoolOut]
-
-
-class VmDiskOut(Wire):
-    position: int
-    vdi: str
-    size: int = Field(description="bytes")
-    pool: str | None = None
-
-
-class VmNicOut(Wire):
-    position: int
-    mac: str
-    network: str
-
-
-class VmOut(Wire):
-    id: str
-    name: str
-    host: str
-    vcpus: int
-    memory: int = Field(description="bytes")
-    power_state: str
-    disks: list[VmDiskOut]
-    nics: list[VmNicOut]
 
 
 class VmPage(Page):
@@ -298,7 +305,7 @@ class BackupOut(Wire):
     requested: Literal["full", "incremental"]
     type: Literal["full", "incremental"] | None = Field(default=None, description="what was done")
     base_backup_id: str | None = None
-    state: str
+    state: BackupStateName
     snapshot_released: bool = Field(
         default=False,
         description="the host keeps nothing of this backup's snapshot any more, not even CBT "
@@ -328,6 +335,6 @@ class RestoreOut(Wire):
     task_id: str
     host: str
     vm: str
-    state: str
+    state: RestoreStateName
     created: datetime.datetime
     finished: datetime.datetime | None = None

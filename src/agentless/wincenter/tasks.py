@@ -25,6 +25,11 @@ backup's or restore's result – each disk's ``access``, whose export name is th
 credential: whoever holds it reads the snapshot or writes the new disk – is shown only to
 that token and to admins (:meth:`Task.result_for`); every other reader, viewers and other
 operators alike, sees the same result with ``access`` null.
+
+Results are stored as JSON but handled as models: a producer hands :meth:`TaskStore.ready`
+and :meth:`TaskStore.finish` the model of its kind (:data:`agentless.wire.TASK_RESULTS`),
+and :meth:`Task.of` parses the stored JSON back into it – documents stored by earlier
+versions included, since the wire names never change within ``/api/v1``.
 """
 
 from __future__ import annotations
@@ -32,20 +37,26 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+from agentless.wire import TASK_RESULTS, BackupResult, RestoreResult, TaskResult
 
 from .database import Database
 from .errors import ConflictError, NotFoundError, WinCenterError
 from .models import Task as TaskRow
 from .models import new_uuid, utcnow
+from .schemas import TaskError
 from .tokens import Permission, TokenInfo
 
-__all__ = ["ENDED", "Task", "TaskState", "TaskStore", "without_access"]
+__all__ = ["ENDED", "Task", "TaskState", "TaskStore", "parse_result", "without_access"]
+
+log = logging.getLogger(__name__)
 
 
 class TaskState(enum.StrEnum):
@@ -76,8 +87,8 @@ class Task:
     owner_key: str | None
     size: int
     done: int
-    result: Any
-    error: dict[str, Any] | None
+    result: TaskResult | None
+    error: TaskError | None
     created: datetime.datetime
     updated: datetime.datetime
     expires_at: datetime.datetime | None
@@ -105,15 +116,15 @@ class Task:
             owner_key=row.owner_key,
             size=row.size,
             done=row.done,
-            result=row.result,
-            error=row.error,
+            result=parse_result(row.kind, row.result, row.id),
+            error=TaskError.model_validate(row.error) if row.error else None,
             created=row.created,
             updated=row.updated,
             expires_at=row.expires_at,
             started_by=row.started_by,
         )
 
-    def result_for(self, caller: TokenInfo) -> Any:
+    def result_for(self, caller: TokenInfo) -> TaskResult | None:
         """The result as *caller* may see it: whole for the token that started the task
         and for admins; for anybody else without the disks' access info."""
         if caller.id == self.started_by or caller.allows(Permission.ADMIN):
@@ -121,12 +132,34 @@ class Task:
         return without_access(self.result)
 
 
-def without_access(result: Any) -> Any:
+def parse_result(kind: str, stored: object, task_id: str = "?") -> TaskResult | None:
+    """The result model of a task of *kind* from its stored JSON (None stays None). A
+    document that does not fit its kind's model – or a result of a kind that has none –
+    is logged and read as no result: a task list must not fail on one bad row."""
+    if stored is None:
+        return None
+    model = TASK_RESULTS.get(kind)
+    if model is None:
+        log.warning("task %s: kind %r has no result model; its result is ignored", task_id, kind)
+        return None
+    try:
+        return model.model_validate(stored)
+    except ValidationError as error:
+        log.warning("task %s: stored result is not a %s: %s", task_id, model.__name__, error)
+        return None
+
+
+def without_access(result: TaskResult | None) -> TaskResult | None:
     """*result* with each disk's ``access`` set to None (a copy; the rest unchanged)."""
-    if not isinstance(result, dict) or not isinstance(result.get("disks"), list):
-        return result
-    disks = [d | {"access": None} if isinstance(d, dict) and "access" in d else d for d in result["disks"]]
-    return result | {"disks": disks}
+    if isinstance(result, BackupResult):
+        return result.model_copy(
+            update={"disks": [d.model_copy(update={"access": None}) for d in result.disks]}
+        )
+    if isinstance(result, RestoreResult):
+        return result.model_copy(
+            update={"disks": [d.model_copy(update={"access": None}) for d in result.disks]}
+        )
+    return result
 
 
 class TaskStore:
@@ -221,7 +254,9 @@ class TaskStore:
         """queued or ready → running."""
         return self._move(task_id, TaskState.RUNNING)
 
-    def ready(self, task_id: str, result: Any = None, ttl: datetime.timedelta | None = None) -> Task:
+    def ready(
+        self, task_id: str, result: TaskResult | None = None, ttl: datetime.timedelta | None = None
+    ) -> Task:
         """→ ready: waiting for the backup system. *result* (what it needs: the disks'
         access) is shown to it while it works; *ttl* renews the expiry from now."""
         return self._move(task_id, TaskState.READY, result=result, ttl=ttl)
@@ -240,19 +275,17 @@ class TaskStore:
             s.flush()
             return Task.of(row)
 
-    def finish(self, task_id: str, result: Any = None) -> Task:
-        """→ succeeded with *result* (JSON); done is set to size."""
+    def finish(self, task_id: str, result: TaskResult | None = None) -> Task:
+        """→ succeeded with *result* (stored as JSON); done is set to size."""
         return self._move(task_id, TaskState.SUCCEEDED, result=result, complete=True)
 
     def fail(self, task_id: str, title: str, detail: str, type_: str = "about:blank") -> Task:
         """→ failed, with an RFC 9457-shaped error ``{type, title, detail}``."""
-        error = {"type": type_, "title": title, "detail": detail}
-        return self._move(task_id, TaskState.FAILED, error=error)
+        return self._move(task_id, TaskState.FAILED, error=TaskError(type=type_, title=title, detail=detail))
 
     def abort(self, task_id: str, detail: str = "aborted on request") -> Task:
         """→ aborted (the caller undoes what the task had set up)."""
-        error = {"type": "about:blank", "title": "Aborted", "detail": detail}
-        return self._move(task_id, TaskState.ABORTED, error=error)
+        return self._move(task_id, TaskState.ABORTED, error=TaskError(title="Aborted", detail=detail))
 
     def expire(self, now: datetime.datetime | None = None) -> list[Task]:
         """Every task not ended whose ``expires_at`` has passed → expired; returns them,
@@ -270,11 +303,8 @@ class TaskStore:
             ).all()
             for row in rows:
                 row.state = TaskState.EXPIRED.value
-                row.error = {
-                    "type": "about:blank",
-                    "title": "Expired",
-                    "detail": f"not finished by {row.expires_at.isoformat() if row.expires_at else '?'}",
-                }
+                detail = f"not finished by {row.expires_at.isoformat() if row.expires_at else '?'}"
+                row.error = TaskError(title="Expired", detail=detail).model_dump(mode="json")
                 row.updated = now
             s.flush()
             return [Task.of(row) for row in rows]
@@ -290,8 +320,8 @@ class TaskStore:
         task_id: str,
         state: TaskState,
         *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
+        result: TaskResult | None = None,
+        error: TaskError | None = None,
         ttl: datetime.timedelta | None = None,
         complete: bool = False,
     ) -> Task:
@@ -304,9 +334,9 @@ class TaskStore:
             row.state = state.value
             row.updated = now
             if result is not None:
-                row.result = result
+                row.result = result.model_dump(mode="json")
             if error is not None:
-                row.error = error
+                row.error = error.model_dump(mode="json")
             if ttl is not None:
                 row.expires_at = now + ttl
             if complete:
