@@ -50,6 +50,7 @@ test: lint typecheck pytest
 # the checked-in OpenAPI document of the WinCenter REST API (a test fails while it is stale)
 openapi: $(STAMP)
 	$(PY) -m agentless.wincenter.openapi > docs/api/openapi.json
+	$(PY) -m agentless.winserver.openapi > docs/api/host-openapi.json
 
 bench: $(STAMP)
 	$(PY) bench/vhd_throughput.py

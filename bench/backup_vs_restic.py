@@ -121,9 +121,9 @@ class Disk:
     into a sparse raw file."""
 
     def __init__(self, host: HostClient, vm: str, raw: Path | None, new: bool = True):
-        disk = host.vm(vm)["disks"][0]
-        self.guest = wddk.open(f"nbd+unix:///?socket={disk['guest_socket']}", connections=1)
-        self.size = int(disk["size"])
+        disk = host.vm(vm).disks[0]
+        self.guest = wddk.open(f"nbd+unix:///?socket={disk.guest_socket}", connections=1)
+        self.size = disk.size
         self.fd = -1
         if raw is not None:
             self.fd = os.open(raw, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if new else 0), 0o600)
@@ -173,11 +173,11 @@ def file_digest(path: Path) -> str:
 
 
 def guest_digest(host: HostClient, vm: str) -> str:
-    disk = host.vm(vm)["disks"][0]
+    disk = host.vm(vm).disks[0]
     h = hashlib.sha256()
-    with wddk.open(f"nbd+unix:///?socket={disk['guest_socket']}", connections=1) as guest:
-        for offset in range(0, int(disk["size"]), 8 * MiB):
-            h.update(guest.read(offset, min(8 * MiB, int(disk["size"]) - offset)))
+    with wddk.open(f"nbd+unix:///?socket={disk.guest_socket}", connections=1) as guest:
+        for offset in range(0, disk.size, 8 * MiB):
+            h.update(guest.read(offset, min(8 * MiB, disk.size - offset)))
     return h.hexdigest()
 
 

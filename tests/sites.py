@@ -115,7 +115,7 @@ def second_site(tmp_path: Path) -> Iterator[Site]:
 def guest(host: HostClient, vm: str, disk: int, retry: wddk.Retry | None = None) -> wddk.Disk:
     """The guest's view of a running VM's disk: its datapath's NBD unix socket (a lost
     connection made again as *retry* says: wddk's default unless given)."""
-    socket_path = host.vm(vm)["disks"][disk]["guest_socket"]
+    socket_path = host.vm(vm).disks[disk].guest_socket
     return wddk.open(f"nbd+unix:///?socket={socket_path}", retry=retry)
 
 

@@ -74,31 +74,27 @@ def host_clean(bed: Bed, restored: set[str]) -> list[str]:
     latest = max(completed, key=lambda b: b.finished or b.created).backup_id if completed else None
     now = datetime.datetime.now(datetime.UTC)
     with bed.site.host_client() as host:
-        limit = int(host.host()["max_chain_depth"])
+        limit = host.host().max_chain_depth
         for snapshot in host.list_snapshots():
-            kept = (
-                snapshot["vm"] == vm_id
-                and snapshot["backup_id"] == latest
-                and snapshot["state"] == "cbt-only"
-            )
+            kept = snapshot.vm == vm_id and snapshot.backup_id == latest and snapshot.state == "cbt-only"
             if not kept:
                 problems.append(
-                    f"host: orphan snapshot of backup {snapshot['backup_id']} ({snapshot['state']}); "
+                    f"host: orphan snapshot of backup {snapshot.backup_id} ({snapshot.state}); "
                     f"the VM's latest completed backup is {latest}"
                 )
         for grant in host.list_grants():
-            expires = datetime.datetime.fromisoformat(grant["expires"])
-            if not grant["revoked"] and expires > now:
-                kind = "read-only" if grant["read_only"] else "read-write"
-                problems.append(f"host: live {kind} grant of backup id {grant['backup_id']}")
+            expires = datetime.datetime.fromisoformat(grant.expires)
+            if not grant.revoked and expires > now:
+                kind = "read-only" if grant.read_only else "read-write"
+                problems.append(f"host: live {kind} grant of backup id {grant.backup_id}")
         for vm in host.list_vms():
-            if vm["name"] != VM and vm["name"] not in restored:
-                problems.append(f"host: VM {vm['name']!r} left ({vm['power_state']})")
-            for disk in vm["disks"]:
-                depth = int(host.get_vdi_sm_info(disk["vdi"])["depth"])
+            if vm.name != VM and vm.name not in restored:
+                problems.append(f"host: VM {vm.name!r} left ({vm.power_state})")
+            for disk in vm.disks:
+                depth = host.get_vdi_sm_info(disk.vdi).depth
                 if depth > limit:
                     problems.append(
-                        f"host: VM {vm['name']!r} disk {disk['position']}: chain depth {depth} > {limit}"
+                        f"host: VM {vm.name!r} disk {disk.position}: chain depth {depth} > {limit}"
                     )
     return problems
 
@@ -135,16 +131,16 @@ def restored_vm(bed: Bed, name: str, point: str) -> tuple[str | None, list[str]]
     deadline = time.monotonic() + 60
     while True:
         with bed.site.host_client() as host:
-            found = [vm for vm in host.list_vms() if vm["name"] == name]
+            found = [vm for vm in host.list_vms() if vm.name == name]
         if not found:
             return None, []
-        state = _restore_of(bed, str(found[0]["uuid"]))
+        state = _restore_of(bed, found[0].uuid)
         if state == "completed":
             break
         if state not in ("completing",) or time.monotonic() > deadline:
             return None, []
         time.sleep(0.5)
-    vm_id = str(found[0]["uuid"])
+    vm_id = found[0].uuid
     problems = []
     with bed.site.host_client() as host:
         host.start_vm(vm_id)

@@ -264,7 +264,7 @@ class Bed:
     def _vm(self, host: HostClient, vm: str) -> None:
         host.create_vm(vm, [self.size])
         host.start_vm(vm)
-        socket_path = host.vm(vm)["disks"][0]["guest_socket"]
+        socket_path = host.vm(vm).disks[0].guest_socket
         guest = wddk.open(f"nbd+unix:///?socket={socket_path}")
         self._exit.callback(guest.close)
         self.guests[vm] = guest
@@ -549,8 +549,8 @@ class Bed:
         found = []
         for name, host in self.host_clients.items():
             for grant in host.list_grants():
-                expires = datetime.datetime.fromisoformat(str(grant["expires"]).replace("Z", "+00:00"))
-                if not grant["revoked"] and expires > now:
+                expires = datetime.datetime.fromisoformat(grant.expires.replace("Z", "+00:00"))
+                if not grant.revoked and expires > now:
                     found.append(f"{name}: live grant of backup {grant.get('backup_id')}")
         return found
 
@@ -561,10 +561,10 @@ class Bed:
         for name, host in self.host_clients.items():
             per_vm: collections.Counter[str] = collections.Counter()
             for snapshot in host.list_snapshots():
-                if snapshot.get("state") != "cbt-only":
-                    found.append(f"{name}: snapshot {snapshot['uuid']} left {snapshot.get('state')}")
+                if snapshot.state != "cbt-only":
+                    found.append(f"{name}: snapshot {snapshot.uuid} left {snapshot.state}")
                 else:
-                    per_vm[str(snapshot.get("vm"))] += 1
+                    per_vm[snapshot.vm] += 1
             found += [f"{name}: VM {vm} keeps {n} CBT-only snapshots" for vm, n in per_vm.items() if n > 1]
         return found
 

@@ -157,7 +157,7 @@ def run(scale: Scale) -> Outcome:
                         problems.append(f"{kind}: {name} {'not exact' if not ok else 'succeeded'}")
                     return
                 clean = one_line(done.stderr) and _settled(
-                    lambda: name not in {v["name"] for v in host.list_vms()} and not _live_grants(host)
+                    lambda: name not in {v.name for v in host.list_vms()} and not _live_grants(host)
                 )
                 clean = clean and center.vms(name=name).items == []
                 count(kind, "failed cleanly" if clean else "failed, NOT clean")

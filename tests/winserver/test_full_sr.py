@@ -50,7 +50,7 @@ def _tmpfs(path: Path, size: int) -> Iterator[Path]:
 def _gone(host: HostClient, vm: str, timeout: float = 60) -> None:
     """Wait until *vm* is no longer on the host (fails the test after *timeout* s)."""
     wait_until(
-        lambda: vm not in [v["name"] for v in host.list_vms()], timeout, f"VM {vm!r} to leave the host"
+        lambda: vm not in [v.name for v in host.list_vms()], timeout, f"VM {vm!r} to leave the host"
     )
 
 
@@ -95,7 +95,7 @@ def test_restore_onto_a_full_sr_fails_at_once_and_cleans_up(site: Site, tmp_path
 
         started = time.monotonic()
         failed = vmbackup(
-            env, "restore", done["point"], "--as-new-vm", "copy", "--target", small["uuid"], timeout=120
+            env, "restore", done["point"], "--as-new-vm", "copy", "--target", small.uuid, timeout=120
         )
         took = time.monotonic() - started
         lines = failed.stderr.strip().splitlines()
@@ -107,7 +107,7 @@ def test_restore_onto_a_full_sr_fails_at_once_and_cleans_up(site: Site, tmp_path
         with site.host_client() as host, site.client() as center:
             _gone(host, "copy")  # WinCenter aborts the restore in the background
             assert center.vms(name="copy").items == []
-            assert host.list_grants() == [] or all(g["revoked"] for g in host.list_grants())
+            assert host.list_grants() == [] or all(g.revoked for g in host.list_grants())
         assert sorted(os.listdir(sr_dir)) == []  # no VHD, no CBT log left
 
         filler.unlink()  # space is free again: the same restore onto the same SR works
@@ -119,14 +119,14 @@ def test_restore_onto_a_full_sr_fails_at_once_and_cleans_up(site: Site, tmp_path
                 "--as-new-vm",
                 "copy",
                 "--target",
-                small["uuid"],
+                small.uuid,
                 "--json",
                 timeout=120,
             )
         )
         assert restored["vm"] == "copy"
         with site.host_client() as host:
-            assert all(d["sr"] == small["uuid"] for d in host.vm("copy")["disks"])
+            assert all(d.sr == small.uuid for d in host.vm("copy").disks)
             host.start_vm("copy")
             with guest_disk(host, "copy", 0) as guest:
                 assert guest.read(0, len(data)) == data

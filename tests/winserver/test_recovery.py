@@ -37,7 +37,7 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
             vm = host.start_vm("db")
             for disk, data in enumerate(model):
                 with wddk.open(
-                    f"nbd+unix:///?socket={vm['disks'][disk]['guest_socket']}", connections=1
+                    f"nbd+unix:///?socket={vm.disks[disk].guest_socket}", connections=1
                 ) as guest:
                     for _ in range(30):
                         offset = rng.randrange(len(data) - 70_000)
@@ -77,10 +77,10 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
                     assert vhd.check(path) == [], path
         with HostClient(url, token, cert) as host:
             vm = host.vm("db")
-            assert vm["power_state"] == "running"
+            assert vm.power_state == "running"
             for disk, data in enumerate(model):
                 with wddk.open(
-                    f"nbd+unix:///?socket={vm['disks'][disk]['guest_socket']}", connections=1
+                    f"nbd+unix:///?socket={vm.disks[disk].guest_socket}", connections=1
                 ) as guest:
                     assert guest.read(0, len(data)) == bytes(data), f"disk {disk} lost data"
             host.stop_vm("db")

@@ -33,10 +33,10 @@ KiB = 1024
 def _guest_writes(host: Host, vm: str, writes: list[tuple[int, bytes]]) -> None:
     """Play the guest: writes through the tracked datapath of disk 0 (VM halted, so the
     test holds the CBT file itself, as the datapath would)."""
-    disk = describe_vm(host, vm)["disks"][0]
-    path = disk["path"]
+    disk = describe_vm(host, vm).disks[0]
+    path = disk.path
     tracker = ChangedBlockTracker.open(
-        cbt_path(os.path.dirname(path), disk["vdi"]), disk["vdi"], disk["size"]
+        cbt_path(os.path.dirname(path), disk.vdi), disk.vdi, disk.size
     )
     guest = TrackedExport(VhdExport(path), tracker)
     try:
@@ -141,17 +141,17 @@ def test_incremental_without_usable_base_falls_back_to_full(tmp_path: Path) -> N
     with host:
         _winserver("vm", "create", "a", "--dir", str(tmp_path / "h"), "--disk", "4M")
         result = prepare_backup(host, "a", "x1", "incremental", base_backup_id="never")
-        assert result["disks"][0]["type"] == "full" and not result["disks"][0]["cbt_valid"]
-        assert result["disks"][0]["reason"] == "no base backup"
+        assert result.disks[0].type == "full" and not result.disks[0].cbt_valid
+        assert result.disks[0].reason == "no base backup"
         stop_remote_access(host, "x1", delete_snapshots=True)
-        disk = describe_vm(host, "a")["disks"][0]
+        disk = describe_vm(host, "a").disks[0]
         tracker = ChangedBlockTracker.open(
-            cbt_path(os.path.dirname(disk["path"]), disk["vdi"]), disk["vdi"], disk["size"]
+            cbt_path(os.path.dirname(disk.path), disk.vdi), disk.vdi, disk.size
         )
         del tracker  # never closed: as after kill -9
         result = prepare_backup(host, "a", "x2", "incremental", base_backup_id="x1")
-        assert result["disks"][0]["type"] == "full" and not result["disks"][0]["cbt_valid"]
-        assert "not closed cleanly" in result["disks"][0]["reason"], result["disks"][0]["reason"]
+        assert result.disks[0].type == "full" and not result.disks[0].cbt_valid
+        assert "not closed cleanly" in result.disks[0].reason, result.disks[0].reason
 
 
 def test_update_backup_id_gives_write_access(daemon: Daemon) -> None:
@@ -180,10 +180,10 @@ def test_restore_in_place_is_tracked(daemon: Daemon) -> None:
     While the grant lives the VM cannot start; a running VM's disk is never granted."""
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
         vm = host.create_vm("inplace", [8 * MiB])
-        vdi = vm["disks"][0]["vdi"]
+        vdi = vm.disks[0].vdi
         host.prepare_backup("inplace", "b1", "full")
         host.stop_remote_access("b1", delete_snapshot=True)
-        access = host.update_backup_id(vdi, "restore-1")["access"]
+        access = host.update_backup_id(vdi, "restore-1").access
         with wddk.open(access) as target:
             target.write(7 * 65536 + 10, b"restored")
             target.zero(3 * MiB, 2 * 65536)
@@ -193,9 +193,9 @@ def test_restore_in_place_is_tracked(daemon: Daemon) -> None:
         assert busy.value.status == 409 and "restore-1" in busy.value.detail
         host.stop_remote_access("restore-1")
         backup = host.prepare_backup("inplace", "b2", "incremental", "b1")
-        disk = backup["disks"][0]
-        assert disk["type"] == "incremental", disk["reason"]
-        assert disk["extents"] == [
+        disk = backup.disks[0]
+        assert disk.type == "incremental", disk.reason
+        assert [e.model_dump() for e in disk.extents] == [
             {"offset": 7 * 65536, "length": 65536},
             {"offset": 3 * MiB, "length": 2 * 65536},
         ]

@@ -32,8 +32,8 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
         host.create_vm("app", [8 * MiB, 8 * MiB])
         vm = host.start_vm("app")
-        assert vm["power_state"] == "running"
-        sockets = [d["guest_socket"] for d in vm["disks"]]
+        assert vm.power_state == "running"
+        sockets = [d.guest_socket for d in vm.disks]
         assert all(sockets)
         guests = [wddk.open(f"nbd+unix:///?socket={s}", connections=1) for s in sockets]
         try:
@@ -59,7 +59,7 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
             # one instant: the snapshot holds a prefix of the write sequence, across disks
             states = []
             for disk in (0, 1):
-                with wddk.open(full["disks"][disk]["access"]) as snap:
+                with wddk.open(full.disks[disk].access) as snap:
                     for block in range(BLOCKS):
                         data = snap.read(block * BLOCK, BLOCK)
                         assert data in (bytes(BLOCK), _pattern(disk, block, 1)), (disk, block)
@@ -75,8 +75,8 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
                 guests[0].write(block * BLOCK + 100, b"\xee" * 10)
             guests[0].flush()
             incr = host.prepare_backup("app", "b2", "incremental", base_backup_id="b1")
-            disk0, _disk1 = incr["disks"]
-            assert disk0["type"] == "incremental" and disk0["cbt_valid"]
+            disk0, _disk1 = incr.disks
+            assert disk0.type == "incremental" and disk0.cbt_valid
             # exactly the 64 KiB blocks written after b1's instant: the writer's late blocks
             # and the four just written
             late = {block for (block, disk), present in states if disk == 0 and not present}
@@ -87,12 +87,13 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
                     runs[-1]["length"] += BLOCK
                 else:
                     runs.append({"offset": block * BLOCK, "length": BLOCK})
-            assert disk0["extents"] == runs
-            assert disk0["dirty_bitmap"] == "qemu:dirty-bitmap:cbt"
-            with wddk.open(disk0["access"], contexts=(disk0["dirty_bitmap"],)) as snap:
+            assert [e.model_dump() for e in disk0.extents] == runs
+            assert disk0.dirty_bitmap == "qemu:dirty-bitmap:cbt"
+            with wddk.open(disk0.access, contexts=(disk0.dirty_bitmap,)) as snap:
                 assert snap.read(3 * BLOCK + 100, 10) == b"\xee" * 10
-                dirty = snap.changed_extents(disk0["dirty_bitmap"])  # the export offers CBT too
-                assert [{"offset": e.offset, "length": e.length} for e in dirty] == disk0["extents"]
+                dirty = snap.changed_extents(disk0.dirty_bitmap)  # the export offers CBT too
+                expected = [e.model_dump() for e in disk0.extents]
+                assert [{"offset": e.offset, "length": e.length} for e in dirty] == expected
             host.stop_remote_access("b2", delete_snapshot=True)
         finally:
             for guest in guests:
@@ -101,7 +102,7 @@ def test_online_backup_is_one_instant_and_incrementals_are_exact(daemon: Daemon)
             host.delete_vm("app")
         assert running.value.status == 409
         stopped = host.stop_vm("app")
-        assert stopped["power_state"] == "halted" and all(d["guest_socket"] is None for d in stopped["disks"])
+        assert stopped.power_state == "halted" and all(d.guest_socket is None for d in stopped.disks)
         host.delete_vm("app")
 
 
@@ -134,8 +135,8 @@ def test_cli_goes_through_the_daemon(daemon: Daemon) -> None:
     stopped = winserver("vm", "stop", "cli", "--dir", daemon.dir, "--json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["power_state"] == "halted"
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
-        path = host.vm("cli")["disks"][0]["path"]
-        assert host.list_grants("k1") and all(g["revoked"] for g in host.list_grants("k1"))
+        path = host.vm("cli").disks[0].path
+        assert host.list_grants("k1") and all(g.revoked for g in host.list_grants("k1"))
     with vhd.Chain.open(path) as chain:
         assert chain.read(0, 65536) == b"\x5a" * 65536
     wrong = winserver("vm", "start", "cli", "--dir", daemon.dir, "--token", "bad")
@@ -182,7 +183,7 @@ def test_fifty_online_backup_cycles(daemon: Daemon) -> None:
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
         vm = host.create_vm("cycles", [size])
         vm = host.start_vm("cycles")
-        guest = wddk.open(f"nbd+unix:///?socket={vm['disks'][0]['guest_socket']}", connections=1)
+        guest = wddk.open(f"nbd+unix:///?socket={vm.disks[0].guest_socket}", connections=1)
         previous = None
         try:
             for cycle in range(50):
@@ -197,22 +198,22 @@ def test_fifty_online_backup_cycles(daemon: Daemon) -> None:
                 backup_id = f"c{cycle}"
                 kind = "incremental" if previous else "full"
                 result = host.prepare_backup("cycles", backup_id, kind, base_backup_id=previous)
-                disk = result["disks"][0]
+                disk = result.disks[0]
                 if previous:
-                    assert disk["type"] == "incremental", disk["reason"]
+                    assert disk.type == "incremental", disk.reason
                     listed = {
-                        e["offset"] // BLOCK + i for e in disk["extents"] for i in range(e["length"] // BLOCK)
+                        e.offset // BLOCK + i for e in disk.extents for i in range(e.length // BLOCK)
                     }
                     assert listed == blocks, cycle
-                with wddk.open(disk["access"]) as snap:
-                    for extent in disk["extents"]:
-                        end = extent["offset"] + extent["length"]
-                        assert snap.read(extent["offset"], extent["length"]) == bytes(
-                            model[extent["offset"] : end]
+                with wddk.open(disk.access) as snap:
+                    for extent in disk.extents:
+                        end = extent.offset + extent.length
+                        assert snap.read(extent.offset, extent.length) == bytes(
+                            model[extent.offset : end]
                         )
                 host.stop_remote_access(backup_id, delete_snapshot=True)
                 previous = backup_id
-                depth = host.get_vdi_sm_info(vm["disks"][0]["vdi"])["depth"]
+                depth = host.get_vdi_sm_info(vm.disks[0].vdi).depth
                 assert depth <= 3, f"chain depth {depth} after cycle {cycle}"
             assert guest.read(0, size) == bytes(model)
         finally:
@@ -227,18 +228,18 @@ def test_qemu_driver_runs_the_guest_on_the_disk_sockets(daemon: Daemon) -> None:
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
         host.create_vm("q", [8 * MiB, 4 * MiB], ["lan"], memory=64 * MiB)
         vm = host.start_vm("q", "qemu")
-        assert vm["driver"] == "qemu" and vm["qemu_pid"]
-        pid = vm["qemu_pid"]
+        assert vm.driver == "qemu" and vm.qemu_pid
+        pid = vm.qemu_pid
         wait_until(
-            lambda: all(d["guest_connections"] >= 1 for d in host.vm("q")["disks"]),
+            lambda: all(d.guest_connections >= 1 for d in host.vm("q").disks),
             30,
             lambda: f"qemu to connect to every disk: {host.vm('q')}",
         )
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().split(b"\0")
-        assert b"virtio-net-pci,netdev=net0,mac=" + vm["nics"][0]["mac"].encode() in cmdline
+        assert b"virtio-net-pci,netdev=net0,mac=" + vm.nics[0].mac.encode() in cmdline
         stopped = host.stop_vm("q")
-        assert stopped["power_state"] == "halted" and stopped["driver"] == "qemu"
+        assert stopped.power_state == "halted" and stopped.driver == "qemu"
         wait_until(lambda: not _is_qemu(pid), 10, "qemu to exit after the stop")
 
 
@@ -260,7 +261,7 @@ def test_guest_keeps_writing_while_a_snapshot_is_merged_away(daemon: Daemon) -> 
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem, timeout=300) as host:
         host.create_vm("busy", [size])
         vm = host.start_vm("busy")
-        guest = wddk.open(f"nbd+unix:///?socket={vm['disks'][0]['guest_socket']}", connections=1)
+        guest = wddk.open(f"nbd+unix:///?socket={vm.disks[0].guest_socket}", connections=1)
         try:
             host.prepare_backup("busy", "s1", "full")
             big = rng.randbytes(MiB)
@@ -292,7 +293,7 @@ def test_guest_keeps_writing_while_a_snapshot_is_merged_away(daemon: Daemon) -> 
             assert after > before  # the guest was writing across the merge
             guest.flush()
             assert guest.read(0, size) == bytes(model)
-            assert host.get_vdi_sm_info(vm["disks"][0]["vdi"])["depth"] <= 3
+            assert host.get_vdi_sm_info(vm.disks[0].vdi).depth <= 3
         finally:
             guest.close()
         host.stop_vm("busy")
@@ -309,12 +310,12 @@ def test_sm_info_of_a_running_disk_while_the_guest_allocates_blocks(daemon: Daem
     with HostClient(daemon.api_url, daemon.token, daemon.cert_pem) as host:
         host.create_vm("growing", [size])
         vm = host.start_vm("growing")
-        vdi = vm["disks"][0]["vdi"]
+        vdi = vm.disks[0].vdi
         stop = threading.Event()
         written = [0]
 
         def guest_writes() -> None:
-            with wddk.open(f"nbd+unix:///?socket={vm['disks'][0]['guest_socket']}", connections=1) as guest:
+            with wddk.open(f"nbd+unix:///?socket={vm.disks[0].guest_socket}", connections=1) as guest:
                 for offset in range(0, size, 2 * MiB):  # a new 2 MiB block each write
                     if stop.is_set():
                         break
@@ -331,7 +332,7 @@ def test_sm_info_of_a_running_disk_while_the_guest_allocates_blocks(daemon: Daem
                 except (HostApiError, HostUnreachable) as error:  # an error, or the connection dropped
                     failures.append(str(error))
                     continue
-                assert answer["depth"] == 1 and answer["chain"][0]["allocated_blocks"] <= written[0] + 1
+                assert answer.depth == 1 and answer.chain[0].allocated_blocks <= written[0] + 1
         finally:
             stop.set()
             writer.join()

@@ -44,18 +44,18 @@ def _setup(host: Host, count: int, seed: int = 1) -> tuple[list[dict[str, object
     model = bytearray(SIZE)
     snaps, images = [], []
     for _ in range(count):
-        _write_random(describe_vm(host, "vm")["disks"][0]["path"], rng, model)
+        _write_random(describe_vm(host, "vm").disks[0].path, rng, model)
         snaps.append(snapshot_vm(host, "vm"))
         images.append(bytes(model))
-    _write_random(describe_vm(host, "vm")["disks"][0]["path"], rng, model)
+    _write_random(describe_vm(host, "vm").disks[0].path, rng, model)
     return snaps, images, model
 
 
 def _snapshot_path(host: Host, snap: dict[str, object]) -> str:
-    disks = snap["disks"]
+    disks = snap.disks
     assert isinstance(disks, list)
     with host.metadata.session() as session:
-        vdi = session.get(Vdi, disks[0]["snapshot_vdi"])
+        vdi = session.get(Vdi, disks[0].snapshot_vdi)
         assert vdi is not None
         return vdi.path
 
@@ -66,10 +66,10 @@ def test_delete_any_snapshot_keeps_the_others(tmp_path: Path, which: int) -> Non
     before, the chain is one file shorter, no file is left over."""
     host, _ = Host.init(tmp_path / "h", max_chain_depth=4)
     snaps, images, model = _setup(host, 3)
-    disk = describe_vm(host, "vm")["disks"][0]["path"]
+    disk = describe_vm(host, "vm").disks[0].path
     depth = len(vhd.Chain.open(disk).paths)
-    delete_snapshot(host, str(snaps[which]["uuid"]))
-    disk = describe_vm(host, "vm")["disks"][0]["path"]
+    delete_snapshot(host, snaps[which].uuid)
+    disk = describe_vm(host, "vm").disks[0].path
     assert _read(disk) == bytes(model)
     for index, snap in enumerate(snaps):
         if index != which:
@@ -85,21 +85,21 @@ def test_reduce_to_cbt_metadata(tmp_path: Path) -> None:
     """data_destroy: the records stay (for CBT), the data and file go."""
     host, _ = Host.init(tmp_path / "h")
     snaps, _, model = _setup(host, 2)
-    delete_snapshot(host, str(snaps[0]["uuid"]), keep_cbt=True)
+    delete_snapshot(host, str(snaps[0].uuid), keep_cbt=True)
     with host.metadata.session() as session:
-        snapshot = session.get(VmSnapshot, snaps[0]["uuid"])
+        snapshot = session.get(VmSnapshot, snaps[0].uuid)
         assert snapshot is not None and snapshot.state == "cbt-only"
-        disks = snaps[0]["disks"]
+        disks = snaps[0].disks
         assert isinstance(disks, list)
-        vdi = session.get(Vdi, disks[0]["snapshot_vdi"])
+        vdi = session.get(Vdi, disks[0].snapshot_vdi)
         assert vdi is not None and vdi.data_destroyed and vdi.path == ""
-    assert _read(describe_vm(host, "vm")["disks"][0]["path"]) == bytes(model)
+    assert _read(describe_vm(host, "vm").disks[0].path) == bytes(model)
     with pytest.raises(VmError, match="already holds CBT metadata only"):
-        delete_snapshot(host, str(snaps[0]["uuid"]), keep_cbt=True)
-    delete_snapshot(host, str(snaps[0]["uuid"]))  # now the records go too
+        delete_snapshot(host, str(snaps[0].uuid), keep_cbt=True)
+    delete_snapshot(host, str(snaps[0].uuid))  # now the records go too
     with host.metadata.session() as session:
-        assert session.get(VmSnapshot, snaps[0]["uuid"]) is None
-        assert session.get(Vdi, disks[0]["snapshot_vdi"]) is None
+        assert session.get(VmSnapshot, snaps[0].uuid) is None
+        assert session.get(Vdi, disks[0].snapshot_vdi) is None
 
 
 def test_backup_cycles_keep_chains_short(tmp_path: Path) -> None:
@@ -111,15 +111,15 @@ def test_backup_cycles_keep_chains_short(tmp_path: Path) -> None:
     model = bytearray(SIZE)
     previous = None
     for _ in range(40):
-        _write_random(describe_vm(host, "vm")["disks"][0]["path"], rng, model)
+        _write_random(describe_vm(host, "vm").disks[0].path, rng, model)
         snap = snapshot_vm(host, "vm")
         assert _read(_snapshot_path(host, snap)) == bytes(model)
         if previous is not None:
-            delete_snapshot(host, str(previous["uuid"]), keep_cbt=True)
+            delete_snapshot(host, str(previous.uuid), keep_cbt=True)
         previous = snap
-        disk = describe_vm(host, "vm")["disks"][0]["path"]
+        disk = describe_vm(host, "vm").disks[0].path
         assert len(vhd.Chain.open(disk).paths) <= 3
-    assert _read(describe_vm(host, "vm")["disks"][0]["path"]) == bytes(model)
+    assert _read(describe_vm(host, "vm").disks[0].path) == bytes(model)
     assert len([f for f in os.listdir(tmp_path / "h" / "sr" / "default") if f.endswith(".vhd")]) <= 3
 
 
@@ -162,7 +162,7 @@ def test_deletion_killed_at_every_write_is_finished(tmp_path: Path) -> None:
     as before, and the deleted snapshot's records are gone."""
     snaps, _, _ = _fresh(tmp_path / "dry")
     out = subprocess.run(
-        [sys.executable, "-c", KILLER, str(tmp_path / "dry"), str(snaps[1]["uuid"]), "0"],
+        [sys.executable, "-c", KILLER, str(tmp_path / "dry"), str(snaps[1].uuid), "0"],
         capture_output=True,
         text=True,
     )
@@ -173,16 +173,16 @@ def test_deletion_killed_at_every_write_is_finished(tmp_path: Path) -> None:
         work = tmp_path / f"k{limit}"
         snaps, images, model = _fresh(work)
         proc = subprocess.run(
-            [sys.executable, "-c", KILLER, str(work), str(snaps[1]["uuid"]), str(limit)], capture_output=True
+            [sys.executable, "-c", KILLER, str(work), str(snaps[1].uuid), str(limit)], capture_output=True
         )
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         with Host.open(work) as again:
             assert finish_deletions(again) <= 1
-            assert _read(describe_vm(again, "vm")["disks"][0]["path"]) == bytes(model), (
+            assert _read(describe_vm(again, "vm").disks[0].path) == bytes(model), (
                 f"killed before {limit}"
             )
             for index in (0, 2):
                 assert _read(_snapshot_path(again, snaps[index])) == images[index], f"killed before {limit}"
             with again.metadata.session() as session:
-                assert session.get(VmSnapshot, snaps[1]["uuid"]) is None
+                assert session.get(VmSnapshot, snaps[1].uuid) is None
         subprocess.run(["rm", "-rf", str(work)], check=True)

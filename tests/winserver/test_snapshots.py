@@ -40,21 +40,21 @@ def _read(path: str, size: int) -> bytes:
 def test_snapshot_freezes_every_disk(host: Host) -> None:
     """Writes after the snapshot reach the disk but not the snapshot, for every disk."""
     vm = create_vm(host, "db", [8 * MiB, 4 * MiB])
-    for disk in vm["disks"]:
-        _write(disk["path"], 0, b"before" * 100)
+    for disk in vm.disks:
+        _write(disk.path, 0, b"before" * 100)
     snap = snapshot_vm(host, "db")
-    assert len(snap["disks"]) == 2
+    assert len(snap.disks) == 2
     now = describe_vm(host, "db")
-    for disk, frozen in zip(now["disks"], snap["disks"], strict=True):
-        assert disk["path"] != frozen["path"]
-        _write(disk["path"], 0, b"after!")
-        assert _read(frozen["path"], 6) == b"before"
-        assert _read(disk["path"], 12) == b"after!before"
-        assert vhd.check(disk["path"]) == []
+    for disk, frozen in zip(now.disks, snap.disks, strict=True):
+        assert disk.path != frozen.path
+        _write(disk.path, 0, b"after!")
+        assert _read(frozen.path, 6) == b"before"
+        assert _read(disk.path, 12) == b"after!before"
+        assert vhd.check(disk.path) == []
     second = snapshot_vm(host, "db")
-    info = vdi_sm_info(describe_vm(host, "db")["disks"][0]["path"])
-    assert info["depth"] == 3
-    assert second["disks"][0]["path"] == now["disks"][0]["path"]
+    info = vdi_sm_info(describe_vm(host, "db").disks[0].path)
+    assert info.depth == 3
+    assert second.disks[0].path == now.disks[0].path
 
 
 def test_chain_depth_limit(tmp_path: Path) -> None:
@@ -65,13 +65,13 @@ def test_chain_depth_limit(tmp_path: Path) -> None:
     vm = create_vm(host, "db", [4 * MiB, 4 * MiB])
     first = snapshot_vm(host, "db")
     snapshot_vm(host, "db")
-    disk_dir = os.path.dirname(vm["disks"][0]["path"])
+    disk_dir = os.path.dirname(vm.disks[0].path)
     files = sorted(os.listdir(disk_dir))
     with pytest.raises(VmError, match="4 files deep, over this host's max_chain_depth 3"):
         snapshot_vm(host, "db")
     assert sorted(os.listdir(disk_dir)) == files  # no new leaf left behind
-    assert vdi_sm_info(describe_vm(host, "db")["disks"][1]["path"])["depth"] == 3
-    delete_snapshot(host, str(first["uuid"]), keep_cbt=True)
+    assert vdi_sm_info(describe_vm(host, "db").disks[1].path).depth == 3
+    delete_snapshot(host, str(first.uuid), keep_cbt=True)
     snapshot_vm(host, "db")
     host.close()
     with Host.open(tmp_path / "h") as again:
@@ -81,7 +81,7 @@ def test_chain_depth_limit(tmp_path: Path) -> None:
         create_vm(wide, "db", [MiB])
         for _ in range(4):
             snapshot_vm(wide, "db")
-        assert vdi_sm_info(describe_vm(wide, "db")["disks"][0]["path"])["depth"] == 5
+        assert vdi_sm_info(describe_vm(wide, "db").disks[0].path).depth == 5
     with pytest.raises(HostError, match="max chain depth 1"):
         Host.init(tmp_path / "narrow", max_chain_depth=1)
 
@@ -90,29 +90,32 @@ def test_sm_info_reads_bat_and_parents(host: Host) -> None:
     """get_vdi_sm_info reports each file of the chain with its allocated blocks as runs,
     the parent ids, and the chain's extents."""
     vm = create_vm(host, "app", [16 * MiB])
-    path = vm["disks"][0]["path"]
+    path = vm.disks[0].path
     _write(path, 0, b"x" * (4 * MiB))  # blocks 0-1
     _write(path, 10 * MiB, b"y")  # block 5
     snapshot_vm(host, "app")
-    leaf = describe_vm(host, "app")["disks"][0]["path"]
+    leaf = describe_vm(host, "app").disks[0].path
     _write(leaf, 3 * MiB, b"z" * 512)
     info = vdi_sm_info(leaf)
-    top, base = info["chain"]
-    assert (top["type"], base["type"]) == ("differencing", "dynamic")
-    assert top["block_runs"] == [[1, 1]] and base["block_runs"] == [[0, 2], [5, 1]]
-    assert top["parent_unique_id"] == base["unique_id"]
-    assert info["extents"] == [{"offset": 0, "length": 4 * MiB}, {"offset": 10 * MiB, "length": 2 * MiB}]
+    top, base = info.chain
+    assert (top.type, base.type) == ("differencing", "dynamic")
+    assert top.block_runs == [[1, 1]] and base.block_runs == [[0, 2], [5, 1]]
+    assert top.parent_unique_id == base.unique_id
+    assert [e.model_dump() for e in info.extents] == [
+        {"offset": 0, "length": 4 * MiB},
+        {"offset": 10 * MiB, "length": 2 * MiB},
+    ]
 
 
 def test_snapshot_failure_leaves_nothing(host: Host) -> None:
     """A snapshot that fails midway removes the leaves it made and changes no record."""
     vm = create_vm(host, "web", [MiB, MiB])
-    os.unlink(vm["disks"][1]["path"])  # the second disk's file is gone: its child fails
-    before = sorted(os.listdir(os.path.dirname(vm["disks"][0]["path"])))
+    os.unlink(vm.disks[1].path)  # the second disk's file is gone: its child fails
+    before = sorted(os.listdir(os.path.dirname(vm.disks[0].path)))
     with pytest.raises(FileNotFoundError):
         snapshot_vm(host, "web")
     assert describe_vm(host, "web") == vm
-    assert sorted(os.listdir(os.path.dirname(vm["disks"][0]["path"]))) == before
+    assert sorted(os.listdir(os.path.dirname(vm.disks[0].path))) == before
 
 
 def test_garbage_collection_reads_chains_whose_leaf_the_guest_is_growing(host: Host) -> None:
@@ -122,7 +125,7 @@ def test_garbage_collection_reads_chains_whose_leaf_the_guest_is_growing(host: H
     again, not taken for a corrupt disk. Found by the fault campaign's load row: 'garbage
     collection of the chains failed' on hosts whose guests were writing."""
     vm = create_vm(host, "big", [1 << 40])  # a BAT of 2 MiB: an open is slow enough to see appends
-    path = vm["disks"][0]["path"]
+    path = vm.disks[0].path
     stop = threading.Event()
     allocated = 0
 
@@ -150,7 +153,7 @@ def test_delete_removes_snapshots_and_files(host: Host) -> None:
     snapshot_vm(host, "tmp")
     snapshot_vm(host, "tmp")
     delete_vm(host, "tmp")
-    assert os.listdir(os.path.dirname(vm["disks"][0]["path"])) == []
+    assert os.listdir(os.path.dirname(vm.disks[0].path)) == []
     with pytest.raises(VmError):
         describe_vm(host, "tmp")
 

@@ -25,10 +25,10 @@ def test_second_sr_holds_vm_disks(tmp_path: Path) -> None:
     with host:
         sr = create_sr(host, "fast", str(tmp_path / "fast"))
         vm = create_vm(host, "db", [MiB, MiB], sr_ref="fast")
-        assert all(Path(d["path"]).parent == tmp_path / "fast" for d in vm["disks"])
-        counts = {s["name"]: s["vdis"] for s in list_srs(host)}
+        assert all(Path(d.path).parent == tmp_path / "fast" for d in vm.disks)
+        counts = {s.name: s.vdis for s in list_srs(host)}
         assert counts == {"default": 0, "fast": 2}
-        assert sr["default"] is False
+        assert sr.default is False
         with pytest.raises(ConflictError, match="exists"):
             create_sr(host, "fast", str(tmp_path / "other"))
         (tmp_path / "busy").mkdir()

@@ -29,19 +29,19 @@ def test_create_describe_delete(host: Host) -> None:
     """A VM gets one blank dynamic VHD per disk and a MAC per NIC; deleting removes both
     records and files."""
     vm = create_vm(host, "web", [64 * MiB, 32 * MiB], ["lan", "dmz"], vcpus=2, memory=512 * MiB)
-    assert (vm["vcpus"], vm["memory"], vm["power_state"]) == (2, 512 * MiB, "halted")
-    assert [d["size"] for d in vm["disks"]] == [64 * MiB, 32 * MiB]
-    for disk in vm["disks"]:
-        with vhd.Chain.open(disk["path"]) as chain:
-            assert chain.size == disk["size"] and chain.extents() == []
-    macs = [n["mac"] for n in vm["nics"]]
-    assert [n["network"] for n in vm["nics"]] == ["lan", "dmz"] and len(set(macs)) == 2
+    assert (vm.vcpus, vm.memory, vm.power_state) == (2, 512 * MiB, "halted")
+    assert [d.size for d in vm.disks] == [64 * MiB, 32 * MiB]
+    for disk in vm.disks:
+        with vhd.Chain.open(disk.path) as chain:
+            assert chain.size == disk.size and chain.extents() == []
+    macs = [n.mac for n in vm.nics]
+    assert [n.network for n in vm.nics] == ["lan", "dmz"] and len(set(macs)) == 2
     assert all(int(mac.split(":")[0], 16) & 0x03 == 0x02 for mac in macs)  # local, unicast
-    assert describe_vm(host, vm["uuid"]) == describe_vm(host, "web") == vm
-    assert [v["name"] for v in list_vms(host)] == ["web"]
+    assert describe_vm(host, vm.uuid) == describe_vm(host, "web") == vm
+    assert [v.name for v in list_vms(host)] == ["web"]
     delete_vm(host, "web")
     assert list_vms(host) == []
-    assert not any(os.path.exists(d["path"]) for d in vm["disks"])
+    assert not any(os.path.exists(d.path) for d in vm.disks)
 
 
 @pytest.mark.parametrize(
@@ -126,4 +126,4 @@ def test_listing_many_vms_takes_a_bounded_number_of_statements(host: Host) -> No
         event.remove(host.metadata.engine, "before_cursor_execute", count)
     assert len(listed) == 300
     assert len(statements) <= 8, len(statements)  # the VMs, disks, VDIs, NICs (500 ids per IN)
-    assert listed[::37] == [describe_vm(host, vm["uuid"]) for vm in listed[::37]]
+    assert listed[::37] == [describe_vm(host, vm.uuid) for vm in listed[::37]]

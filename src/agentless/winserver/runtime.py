@@ -367,13 +367,9 @@ class Runtime:
         chains. Runs in the calling thread."""
         if vm_uuid not in self._garbage:
             return 0
-        self._garbage.discard(vm_uuid)
         changed: set[str] = set()
-        try:
-            removed = collect_garbage(self.host, True, changed, vm_uuid)
-        except BaseException:
-            self._garbage.add(vm_uuid)  # tried again next time (every step of it is crash-safe)
-            raise
+        removed = collect_garbage(self.host, True, changed, vm_uuid)  # on failure: tried again
+        self._garbage.discard(vm_uuid)  # pending until merged (every step of it is crash-safe)
         running = self._vms.get(vm_uuid)
         if running is None or not changed:
             return removed

@@ -47,7 +47,8 @@ def create_sr(host: Host, name: str, path: str) -> SrInfo:
 def list_srs(host: Host) -> list[SrInfo]:
     with host.metadata.session() as session:
         srs = list(session.scalars(select(StorageRepository).order_by(StorageRepository.name)))
-        counts = dict(session.execute(select(Vdi.sr_uuid, func.count()).group_by(Vdi.sr_uuid)).tuples())
+        query = select(Vdi.sr_uuid, func.count()).group_by(Vdi.sr_uuid)
+        counts: dict[str, int] = {sr_uuid: count for sr_uuid, count in session.execute(query).all()}
         return [_describe(host, sr, counts.get(sr.uuid, 0)) for sr in srs]
 
 

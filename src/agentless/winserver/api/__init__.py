@@ -79,6 +79,17 @@ ERRORS: dict[type[Exception], problems.ErrorMapper] = {
 }
 """The host's errors as problems (the most specific class wins)."""
 
+RESPONSES: dict[int | str, dict[str, object]] = {
+    400: problems.problem_doc("the request cannot be done as asked (VmError, GrantError)"),
+    401: problems.problem_doc("no token, or not the host's"),
+    404: problems.problem_doc("the VM, VDI, SR or snapshot named does not exist"),
+    409: problems.problem_doc("the request clashes with the current state"),
+    422: problems.problem_doc("the request is malformed (see errors)"),
+    500: problems.problem_doc("an unexpected failure (logged by the host)"),
+    507: problems.problem_doc("no space left on the storage repository (the file is named)"),
+}
+"""The problems every route may answer (documented as application/problem+json)."""
+
 ROUTERS: tuple[APIRouter, ...] = (
     host.router,
     srs.router,
@@ -111,7 +122,7 @@ def create_app(api: HostApi | None, token_valid: Callable[[str], bool], max_body
 
     guard = [Depends(authorised), Depends(storage_full_as_507)]
     for router in ROUTERS:
-        app.include_router(router, prefix=API_PREFIX, dependencies=guard)
+        app.include_router(router, prefix=API_PREFIX, dependencies=guard, responses=RESPONSES)
     return app
 
 
