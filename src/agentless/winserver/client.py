@@ -11,7 +11,8 @@ nothing of the host's internals: WinCenter depends on it alone.
 from __future__ import annotations
 
 import ssl
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -27,6 +28,7 @@ from agentless.wire import (
     HostInfo,
     PrepareBackupRequest,
     PreparedBackup,
+    Problem,
     RemoteAccessStopped,
     SmInfo,
     SnapshotDeleted,
@@ -51,6 +53,7 @@ __all__ = ["API_PREFIX", "HostApiError", "HostClient", "HostProtocolError", "Hos
 
 API_PREFIX = "/api/v1"
 M = TypeVar("M", bound=pydantic.BaseModel)
+Params = Mapping[str, str | bool]
 
 
 def _q(ref: str) -> str:
@@ -92,24 +95,35 @@ class HostClient(Closing):
             timeout=timeout,
         )
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(
+        self, method: str, path: str, params: Params | None = None, json: pydantic.BaseModel | None = None
+    ) -> object:
+        body = json.model_dump(mode="json") if json is not None else None
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, params=params, json=body)
         except httpx.TransportError as error:
             raise HostUnreachable(f"{self._http.base_url}: {error}") from error
         if response.status_code >= 400:
             try:
-                body = response.json()
-                title, detail = str(body.get("title", "")), str(body.get("detail", body))
-            except ValueError:
+                problem = Problem.model_validate(response.json())
+                title, detail = problem.title, problem.detail
+            except (ValueError, pydantic.ValidationError):
                 title, detail = response.reason_phrase, response.text
             raise HostApiError(response.status_code, title, detail)
-        return response.json()
+        answer: object = response.json()
+        return answer
 
-    def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+    def _model(
+        self,
+        model: type[M],
+        method: str,
+        path: str,
+        params: Params | None = None,
+        json: pydantic.BaseModel | None = None,
+    ) -> M:
         """The answer of one call, parsed into *model* (the edge: an answer that does not
         fit is a :class:`HostProtocolError`, never a half-read dict downstream)."""
-        body = self._call(method, path, **kwargs)
+        body = self._call(method, path, params, json)
         try:
             return model.model_validate(body)
         except pydantic.ValidationError as error:
@@ -125,7 +139,7 @@ class HostClient(Closing):
 
     def create_sr(self, name: str, path: str) -> SrInfo:
         body = SrCreateRequest(name=name, path=path)
-        return self._model(SrInfo, "POST", "/srs", json=body.model_dump())
+        return self._model(SrInfo, "POST", "/srs", json=body)
 
     def list_vdis(self, sr: str | None = None) -> list[VdiInfo]:
         return self._model(VdiList, "GET", "/vdis", params={"sr": sr} if sr else {}).vdis
@@ -163,7 +177,7 @@ class HostClient(Closing):
         body = VmCreateRequest(
             name=name, disks=disks, nics=nics or [], vcpus=vcpus, memory=memory, cbt=cbt, sr=sr, uuid=uuid
         )
-        return self._model(VmInfo, "POST", "/vms", json=body.model_dump())
+        return self._model(VmInfo, "POST", "/vms", json=body)
 
     def vm(self, ref: str) -> VmInfo:
         return self._model(VmInfo, "GET", f"/vms/{_q(ref)}")
@@ -195,15 +209,15 @@ class HostClient(Closing):
         body = PrepareBackupRequest(
             vm=vm, backup_id=backup_id, type=backup_type, base_backup_id=base_backup_id
         )
-        return self._model(PreparedBackup, "POST", "/prepare-backup", json=body.model_dump())
+        return self._model(PreparedBackup, "POST", "/prepare-backup", json=body)
 
     def update_backup_id(self, vdi: str, backup_id: str) -> WriteAccess:
         body = UpdateBackupIdRequest(vdi=vdi, backup_id=backup_id)
-        return self._model(WriteAccess, "POST", "/update-backup-id", json=body.model_dump())
+        return self._model(WriteAccess, "POST", "/update-backup-id", json=body)
 
     def stop_remote_access(self, backup_id: str, delete_snapshot: bool = False) -> RemoteAccessStopped:
         body = StopRemoteAccessRequest(backup_id=backup_id, delete_snapshot=delete_snapshot)
-        return self._model(RemoteAccessStopped, "POST", "/stop-remote-access", json=body.model_dump())
+        return self._model(RemoteAccessStopped, "POST", "/stop-remote-access", json=body)
 
     def close(self) -> None:
         self._http.close()

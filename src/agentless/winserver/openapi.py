@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 from .api import create_app
 
 __all__ = ["document", "main", "render"]
 
 
-def document() -> dict[str, Any]:
+def document() -> dict[str, object]:
     """The OpenAPI document, as served."""
     return create_app(None, lambda _token: False).openapi()
 

@@ -137,8 +137,10 @@ class LiveDisk:
     def close(self) -> None:
         self._export.close()
         if self.tracker is not None:
-            with contextlib.suppress(CbtError, OSError):
+            try:
                 self.tracker.close()
+            except (CbtError, OSError) as error:  # the log says so: the next open sees it unclean
+                log.warning("closing the CBT log of a VM disk failed: %s", error)
 
 
 @dataclasses.dataclass
