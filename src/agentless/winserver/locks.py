@@ -47,7 +47,9 @@ class Locks:
         self._vms: dict[str, threading.Lock] = {}
         self.inventory = threading.Lock()
 
-    def _of(self, vm_uuid: str) -> threading.Lock:
+    def of(self, vm_uuid: str) -> threading.Lock:
+        """VM *vm_uuid*'s lock itself (to wait for it off the event loop: ``await
+        asyncio.to_thread(lock.acquire)``)."""
         with self._guard:
             return self._vms.setdefault(vm_uuid, threading.Lock())
 
@@ -57,5 +59,5 @@ class Locks:
         if vm_uuid is None:
             yield
             return
-        with self._of(vm_uuid):
+        with self.of(vm_uuid):
             yield

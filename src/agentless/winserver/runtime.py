@@ -287,9 +287,15 @@ class Runtime:
 
     async def shutdown(self) -> None:
         """Close every datapath cleanly (CBT stays valid) but leave the VMs marked running,
-        so that the daemon's next start brings them back. Run once the API has stopped."""
+        so that the daemon's next start brings them back. Run once the API has stopped; each
+        VM's lock is awaited off the loop (a background merge of its chains may hold it)."""
         for vm_uuid in list(self._vms):
-            await self._teardown(self._vms.pop(vm_uuid))
+            lock = self.locks.of(vm_uuid)
+            await asyncio.to_thread(lock.acquire)
+            try:
+                await self._teardown(self._vms.pop(vm_uuid))
+            finally:
+                lock.release()
 
     async def _teardown(self, running: _Running) -> None:
         if running.qemu is not None and running.qemu.returncode is None:
