@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ from agentless.backup.storage import (
     s3,
 )
 from tests.backup.conftest import S3Server
+from tests.helpers import refused_port
 from tests.s3server import SeaweedS3
 
 MiB = 1 << 20
@@ -487,7 +486,7 @@ def test_s3_refusals_are_not_retried_but_an_outage_is(seaweed_s3: SeaweedS3) -> 
         with pytest.raises(StorageError) as caught:
             backend.put("config", b"c")
         assert not caught.value.retryable and "tried" not in str(caught.value)
-    with closed_port() as port, pytest.MonkeyPatch.context() as patch:
+    with refused_port() as port, pytest.MonkeyPatch.context() as patch:
         patch.setenv("VMBACKUP_STORAGE_RETRY", "2")
         options = seaweed_s3.options(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
         with open_backend(f"s3://{bucket}/repo", **options) as backend:
@@ -499,7 +498,7 @@ def test_s3_refusals_are_not_retried_but_an_outage_is(seaweed_s3: SeaweedS3) -> 
 
 
 def test_s3_unreachable_endpoint_is_one_line() -> None:
-    with closed_port() as port:
+    with refused_port() as port:
         backend = S3Backend(
             "bucket",
             endpoint_url=f"http://127.0.0.1:{port}",
@@ -532,14 +531,6 @@ def test_s3_configured_from_environment(s3_server: S3Server, monkeypatch: pytest
         assert backend.inner.endpoint_url == s3_server.endpoint_url
         backend.put("config", b"env")
     assert s3_server.client.get_object(Bucket=bucket, Key="some/prefix/config")["Body"].read() == b"env"
-
-
-@contextlib.contextmanager
-def closed_port() -> Iterator[int]:
-    """A loopback port that nothing listens on, for the time of a with block."""
-    with socket.socket() as bound:
-        bound.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
-        yield int(bound.getsockname()[1])
 
 
 # ====================================================================== open_backend
