@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.backup.conftest import _ok
 from tests.peakrss import run_measured
-from tests.sites import Site, configure, guest, running_site
+from tests.sites import Site, configure, guest
 
 MiB, GiB = 1 << 20, 1 << 30
 DISK = 2040 * GiB  # the VHD format's limit for one disk
@@ -22,12 +19,6 @@ CHUNK = 65536
 PAGE_SPAN = 4096 * CHUNK  # the disk one index page covers (256 MiB)
 RSS_BOUND = 512 * MiB
 PAGES = 256  # index pages the incremental changes
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with running_site(tmp_path) as running:
-        yield running
 
 
 def _vmbackup(env: dict[str, str], *args: str) -> tuple[dict[str, Any], int]:

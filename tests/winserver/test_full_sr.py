@@ -22,7 +22,7 @@ import pytest
 from agentless.winserver.client import HostApiError, HostClient
 from tests.backup.conftest import _ok, vmbackup
 from tests.helpers import wait_until
-from tests.sites import Site, configure, running_site
+from tests.sites import Site, configure
 from tests.sites import guest as guest_disk
 
 MiB = 1 << 20
@@ -49,15 +49,7 @@ def _tmpfs(path: Path, size: int) -> Iterator[Path]:
 
 def _gone(host: HostClient, vm: str, timeout: float = 60) -> None:
     """Wait until *vm* is no longer on the host (fails the test after *timeout* s)."""
-    wait_until(
-        lambda: vm not in [v.name for v in host.list_vms()], timeout, f"VM {vm!r} to leave the host"
-    )
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with running_site(tmp_path) as running:
-        yield running
+    wait_until(lambda: vm not in [v.name for v in host.list_vms()], timeout, f"VM {vm!r} to leave the host")
 
 
 def test_restore_onto_a_full_sr_fails_at_once_and_cleans_up(site: Site, tmp_path: Path) -> None:
