@@ -5,6 +5,9 @@ a small wrapper that then runs the command's module). wait4's ``ru_maxrss`` is n
 counts the pages the child had as a fork of its parent before exec, so a test or bench
 process holding 500 MiB would report every command it runs at 500 MiB or more. Used by the
 memory tests (tests/backup/test_backupjob.py) and the benchmarks (bench/big_disks.py).
+
+:func:`rss_file` is this process's file-backed resident memory now (mapped files whose
+pages it holds: the memory tests of the index cache and the marking spill).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-__all__ = ["run_measured"]
+__all__ = ["rss_file", "run_measured"]
 
 _MARK = "peak-rss-kib"
 _WRAPPER = (
@@ -42,3 +45,9 @@ def run_measured(
     peaks = [int(line.split()[1]) for line in lines if line.startswith(f"{_MARK} ")]
     done.stderr = "".join(line for line in lines if not line.startswith(f"{_MARK} "))
     return done, (peaks[-1] * 1024 if peaks else 0)
+
+
+def rss_file() -> int:
+    """Bytes of mapped files resident in this process (``RssFile`` of /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("RssFile:"))

@@ -37,6 +37,7 @@ from agentless.backup.storage import LocalBackend, NotFound
 from agentless.backup.verify import verify
 from tests.backup.indexes import FakeRepository, entries_of, pack_of
 from tests.backup.legacy import to_format_2
+from tests.peakrss import rss_file
 
 
 def _agree(cache: IndexCache, repo: FakeRepository, rng: random.Random, absent: int = 50) -> None:
@@ -254,11 +255,6 @@ def test_files_deleted_during_adding_many_are_dead_before_the_merge(
         _agree(cache, repo, rng)
 
 
-def _rss_file() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssFile:"))
-
-
 def test_a_merge_of_many_runs_holds_one_runs_pages_at_a_time(tmp_path: Path) -> None:
     """A fault maps a whole page-cache folio: a k-way merge that kept every run's pages
     until the end of its step held k folios (~400 MiB in the cold build of 96 runs at
@@ -279,11 +275,11 @@ def test_a_merge_of_many_runs_holds_one_runs_pages_at_a_time(tmp_path: Path) -> 
                 name = f"index/{os.urandom(32).hex()}"
                 repo.files[name] = Entries(ids, values, digests).sorted()  # listed: live at the end
                 cache.add(name, repo.files[name])
-            before, peak, done = _rss_file(), [0], threading.Event()
+            before, peak, done = rss_file(), [0], threading.Event()
 
             def sample() -> None:
                 while not done.is_set():
-                    peak[0] = max(peak[0], _rss_file())
+                    peak[0] = max(peak[0], rss_file())
                     time.sleep(0.002)
 
             sampler = threading.Thread(target=sample)

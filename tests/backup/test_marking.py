@@ -14,6 +14,7 @@ import pytest
 
 from agentless.backup.marking import IdSpill, mark, merge_sorted
 from tests.backup.indexes import FakeRepository, entries_of, pack_of
+from tests.peakrss import rss_file
 
 
 def _ids(rng: random.Random, count: int) -> list[bytes]:
@@ -37,11 +38,6 @@ def test_a_spill_reads_back_sorted_and_unique(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # ...removed at close
 
 
-def _rss_file() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
-
-
 def test_a_spill_is_read_back_without_keeping_it_in_memory(tmp_path: Path) -> None:
     # 64 MiB of ids in 8 spilled batches: read back through a mapping, every page read
     # stayed in the process's RSS (2.7 GiB at 100 million ids)
@@ -50,11 +46,11 @@ def test_a_spill_is_read_back_without_keeping_it_in_memory(tmp_path: Path) -> No
     with IdSpill(tmp_path, spill=batch) as spill:
         for _ in range(8):
             spill.add(rng.integers(0, 256, (batch, 32), dtype=np.uint8).view("S32").ravel())
-        before = high = _rss_file()
+        before = high = rss_file()
         count = 0
         for chunk in spill.sorted(step=1 << 16):
             count += len(chunk)
-            high = max(high, _rss_file())
+            high = max(high, rss_file())
         assert count == 8 * batch  # random 32-byte ids: no two alike
         assert high - before < 16 << 20, f"RssFile grew by {(high - before) >> 20} MiB"
 
