@@ -551,7 +551,7 @@ class Bed:
             for grant in host.list_grants():
                 expires = datetime.datetime.fromisoformat(grant.expires.replace("Z", "+00:00"))
                 if not grant.revoked and expires > now:
-                    found.append(f"{name}: live grant of backup {grant.get('backup_id')}")
+                    found.append(f"{name}: live grant of backup {grant.backup_id}")
         return found
 
     def orphan_snapshots(self) -> list[str]:

@@ -179,7 +179,7 @@ def run(scale: Scale) -> Outcome:
         with site.host_client() as host:
             if not _settled(lambda: not _live_grants(host)):
                 problems.append(f"live grants left: {len(_live_grants(host))}")
-            ready = [s for s in host.list_snapshots("vm") if s.get("state") == "ready"]
+            ready = [s for s in host.list_snapshots("vm") if s.state == "ready"]
             if ready:
                 problems.append(f"{len(ready)} snapshot(s) left ready")
         backup("after", lambda: None, True)

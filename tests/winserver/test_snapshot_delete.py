@@ -18,6 +18,7 @@ from agentless.winserver.host import Host
 from agentless.winserver.metadata import Vdi, VmSnapshot
 from agentless.winserver.snapshots import delete_snapshot, finish_deletions, snapshot_vm
 from agentless.winserver.vms import VmError, create_vm, describe_vm
+from agentless.wire import SnapshotTaken
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -37,7 +38,7 @@ def _read(path: str) -> bytes:
         return chain.read(0, chain.size)
 
 
-def _setup(host: Host, count: int, seed: int = 1) -> tuple[list[dict[str, object]], list[bytes], bytearray]:
+def _setup(host: Host, count: int, seed: int = 1) -> tuple[list[SnapshotTaken], list[bytes], bytearray]:
     """A VM whose disk went through *count* snapshots with writes before each."""
     rng = random.Random(seed)
     create_vm(host, "vm", [SIZE])
@@ -51,7 +52,7 @@ def _setup(host: Host, count: int, seed: int = 1) -> tuple[list[dict[str, object
     return snaps, images, model
 
 
-def _snapshot_path(host: Host, snap: dict[str, object]) -> str:
+def _snapshot_path(host: Host, snap: SnapshotTaken) -> str:
     disks = snap.disks
     assert isinstance(disks, list)
     with host.metadata.session() as session:
@@ -148,7 +149,7 @@ print(calls)
 """
 
 
-def _fresh(directory: Path) -> tuple[list[dict[str, object]], list[bytes], bytearray]:
+def _fresh(directory: Path) -> tuple[list[SnapshotTaken], list[bytes], bytearray]:
     """The same VM history in a new host directory (the data are seeded; paths differ)."""
     host, _ = Host.init(directory, max_chain_depth=4)
     with host:
@@ -178,9 +179,7 @@ def test_deletion_killed_at_every_write_is_finished(tmp_path: Path) -> None:
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         with Host.open(work) as again:
             assert finish_deletions(again) <= 1
-            assert _read(describe_vm(again, "vm").disks[0].path) == bytes(model), (
-                f"killed before {limit}"
-            )
+            assert _read(describe_vm(again, "vm").disks[0].path) == bytes(model), f"killed before {limit}"
             for index in (0, 2):
                 assert _read(_snapshot_path(again, snaps[index])) == images[index], f"killed before {limit}"
             with again.metadata.session() as session:
