@@ -252,7 +252,7 @@ def test_backup_killed_then_next_backup_works(site: Site, tmp_path: Path) -> Non
     _ok(vmbackup(env, "export", done["point"], str(again), "--json"))
     assert again.read_bytes() == model
     with site.host_client() as host:
-        assert all(g["revoked"] for g in host.list_grants())
+        assert all(g.revoked for g in host.list_grants())
 
 
 def _pattern(rng: random.Random, guest: wddk.Disk, model: bytearray) -> None:
@@ -419,7 +419,7 @@ def test_failing_offline_backups_start_the_vm_again(site: Site, tmp_path: Path) 
         assert ended.state == "aborted"
     assert _power_calls(site, "admin") == ["stop", "start", "stop", "backup", "start"]
     with site.host_client() as host:
-        assert all(g["revoked"] for g in host.list_grants())
+        assert all(g.revoked for g in host.list_grants())
     with Repository.open(store) as repository:
         assert repository.points() == []
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agentless.backup.locks import active_locks, dead_locks
 from agentless.backup.repository import Repository
+from agentless.wire import GrantInfo
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
 from tests.helpers import wait_until
 from tests.sites import MiB, Site, random_disk
@@ -16,14 +17,14 @@ from tests.sites import configure as _configure
 from tests.sites import guest as _guest
 
 
-def _live_grants(site: Site) -> list[dict[str, object]]:
+def _live_grants(site: Site) -> list[GrantInfo]:
     with site.host_client() as host:
-        return [g for g in host.list_grants() if not g["revoked"]]
+        return [g for g in host.list_grants() if not g.revoked]
 
 
 def _vms_named(site: Site, name: str) -> list[str]:
     with site.host_client() as host:
-        return [str(vm["uuid"]) for vm in host.list_vms() if vm["name"] == name]
+        return [vm.uuid for vm in host.list_vms() if vm.name == name]
 
 
 def test_a_restore_killed_mid_write_is_cleaned_up_by_the_next_restore(site: Site, tmp_path: Path) -> None:
@@ -43,7 +44,7 @@ def test_a_restore_killed_mid_write_is_cleaned_up_by_the_next_restore(site: Site
     finally:
         victim.kill()
         victim.wait()
-    assert [g["read_only"] for g in _live_grants(site)] == [False]  # what the dead process left
+    assert [g.read_only for g in _live_grants(site)] == [False]  # what the dead process left
     assert len(_vms_named(site, "copy")) == 1
     with Repository.open(str(tmp_path / "repo"), "pw") as repository:
         [left] = dead_locks(repository.backend)

@@ -128,4 +128,4 @@ def test_a_backup_that_stalls_past_the_stale_limit_saves_nothing(
         ended = {b.state for b in center.backups(vm=center.vm("busy").id).items}
         assert "ready" not in ended  # the stalled one was aborted in WinCenter
     with site.host_client() as host:
-        assert all(g["revoked"] for g in host.list_grants())
+        assert all(g.revoked for g in host.list_grants())

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from agentless.winserver.client import HostClient
+from agentless.wire import GrantInfo
 from tests.backup.conftest import _ok, vmbackup
 from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
@@ -134,8 +135,8 @@ def _backup(env: dict[str, str], vm: str, *extra: str) -> dict[str, Any]:
     return backup
 
 
-def _live_grants(host: HostClient) -> list[dict[str, Any]]:
-    return [g for g in host.list_grants() if not g["revoked"]]
+def _live_grants(host: HostClient) -> list[GrantInfo]:
+    return [g for g in host.list_grants() if not g.revoked]
 
 
 def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], tmp_path: Path) -> None:
@@ -183,7 +184,7 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
     _backup(env, "db")
     before = _ok(vmbackup(env, "list", "--json"))["points"]
     with site.host_client() as host:
-        snapshots = {s["uuid"] for s in host.list_snapshots("db")}
+        snapshots = {s.uuid for s in host.list_snapshots("db")}
 
     proxy.cut_each_after(64 * 1024)  # past the handshake, before a 4 MiB read is answered
     with site.host_client() as host, open_guest(host, "db", 0) as guest:
@@ -208,7 +209,7 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
             interval=0.2,
         )
         wait_until(
-            lambda: {s["uuid"] for s in host.list_snapshots("db")} <= snapshots,
+            lambda: {s.uuid for s in host.list_snapshots("db")} <= snapshots,
             60,
             "the failed backup's snapshot gone",
             interval=0.2,
@@ -248,7 +249,7 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
     assert len(lines) == 1 and "gave up after" in lines[0] and "Traceback" not in failed.stderr, lines
     with site.client() as center, site.host_client() as host:
         wait_until(
-            lambda: "app-2" not in {v["name"] for v in host.list_vms()},
+            lambda: "app-2" not in {v.name for v in host.list_vms()},
             60,
             "the half VM removed",
             interval=0.2,

@@ -50,7 +50,6 @@ from typing import TypedDict
 from pydantic import ValidationError
 
 import agentless.wddk as wddk
-from agentless.nbd.errors import NbdError
 from agentless.sparse import is_zero
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable
 from agentless.wire import BackupDisk, BackupResult, Extent
@@ -78,8 +77,15 @@ CRASH_CONSISTENT = "crash-consistent"
 log = logging.getLogger(__name__)
 
 # what fails one VM's backup without being a bug: the other VMs of the same command or
-# run go on (WinCenter was told to abort it); Cancelled (a JobError) is among them
-FAILURES = (VmbackupError, StorageError, CenterApiError, CenterUnreachable, NbdError)
+# run go on (WinCenter was told to abort it); Cancelled (a JobError) is among them, and
+# wddk's failures (NbdError, unusable access info…: wddk.FAILURES)
+FAILURES: tuple[type[Exception], ...] = (
+    VmbackupError,
+    StorageError,
+    CenterApiError,
+    CenterUnreachable,
+    *wddk.FAILURES,
+)
 
 
 class BackupSummary(TypedDict):
@@ -289,7 +295,9 @@ class VmBackup:
             return summary
         except BaseException as error:
             self._abort(backup_id)
-            if self._cancelled and not isinstance(error, Cancelled | KeyboardInterrupt):
+            if isinstance(error, wddk.Cancelled) or (
+                self._cancelled and not isinstance(error, Cancelled | KeyboardInterrupt)
+            ):
                 raise Cancelled(f"{self.name}: cancelled ({error})") from error  # what stopped it
             raise
         finally:
@@ -301,10 +309,8 @@ class VmBackup:
         error stands, and WinCenter's expiry cleans up what this could not)."""
         try:
             self.center.abort_backup(backup_id)
-        except Exception as error:
-            log.warning(
-                "backup %s: WinCenter was not told to abort it (its expiry will): %s", backup_id, error
-            )
+        except Exception as error:  # info, not a warning: the command's one line is its own error
+            log.info("backup %s: WinCenter was not told to abort it (its expiry will): %s", backup_id, error)
 
     def _store(self, result: BackupResult, previous: RestorePoint | None, consistency: str) -> BackupSummary:
         """Read every disk into the repository and save the restore point."""

@@ -20,8 +20,8 @@ from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES
 from .clitools import Command, repo_location, repo_password
+from .errors import RepositoryError, SettingsError, VmbackupError
 from .jobcli import open_center
-from .keys import RepositoryError
 from .prune import KEEP, RULES
 from .settings import Settings, given_password, state_url
 from .storage import open_backend
@@ -178,9 +178,9 @@ def _limits(args: argparse.Namespace) -> Limits:
 
     for name in ("max_jobs", "per_host", "connections"):
         if getattr(args, name, 1) < 1:
-            raise RepositoryError(f"--{name.replace('_', '-')} must be 1 or more")
+            raise SettingsError(f"--{name.replace('_', '-')} must be 1 or more")
     if args.retries < 0 or args.retry_delay < 0:
-        raise RepositoryError("--retries and --retry-delay must be 0 or more")
+        raise SettingsError("--retries and --retry-delay must be 0 or more")
     return Limits(
         max_jobs=getattr(args, "max_jobs", 4),
         per_host=getattr(args, "per_host", 2),
@@ -239,21 +239,21 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
-        raise RepositoryError(f"--listen {args.listen!r}: give HOST:PORT, e.g. 127.0.0.1:9478")
+        raise SettingsError(f"--listen {args.listen!r}: give HOST:PORT, e.g. 127.0.0.1:9478")
     if args.tick <= 0:
-        raise RepositoryError("--tick must be more than 0")
+        raise SettingsError("--tick must be more than 0")
     webhook = args.webhook or Settings.load().webhook
     with _state() as state:
         scheduler = Scheduler(state, _runner(hooks, args, state, webhook), tick=args.tick)
         try:
             daemon = Daemon(scheduler, host.strip("[]"), int(port))
         except OSError as error:
-            raise RepositoryError(f"cannot listen on {args.listen}: {error.strerror or error}") from None
+            raise SettingsError(f"cannot listen on {args.listen}: {error.strerror or error}") from None
         with daemon:
             where = "{}:{}".format(*daemon.address)
             _log(f"serving {len(state.policies())} policies; /metrics and /health on http://{where}")
             if not daemon.wait():
-                raise RepositoryError("the scheduler loop ended unexpectedly (see the lines above)")
+                raise VmbackupError("the scheduler loop ended unexpectedly (see the lines above)")
             _log("stopping: running backups are aborted")
     return 0
 

@@ -51,7 +51,8 @@ from .repository import Repository
 __all__ = ["Clock", "Limits", "Runner", "Scheduler", "SystemClock", "notify"]
 
 log = logging.getLogger(__name__)
-EXPECTED = (*FAILURES, OSError)  # a daemon's run also outlives a failing disk or socket
+# a daemon's run also outlives a failing disk or socket
+EXPECTED: tuple[type[Exception], ...] = (*FAILURES, OSError)
 
 
 class Clock(Protocol):
