@@ -3,12 +3,14 @@ where it listens: loopback unless ``--bind``/``--listen`` says otherwise)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from agentless.winserver.client import HostClient
 from tests.helpers import listening
 from tests.nbd.peers import assert_closed_without_a_word, assert_dropped, connect, idle
 from tests.winserver.conftest import Daemon, init_host, start_daemon, winserver
@@ -90,3 +92,25 @@ def test_serve_listens_where_bind_or_listen_says(tmp_path: Path) -> None:
         line, errors = _serve(directory, option, "127.0.0.2")
         assert "API https://127.0.0.2:" in line, line
         assert "grants name" not in errors, errors
+
+
+def test_ports_0_are_picked_at_each_start_and_named_where_clients_read_them(tmp_path: Path) -> None:
+    """``init`` with ports 0: each start binds free ports and names them – in its first
+    line, in ``run/api.json`` (how the commands reach it), in ``GET /host``; a start given
+    the same ports again listens there (what a restarted host must do)."""
+    host = init_host(str(tmp_path / "host"))
+    picked: list[tuple[int, int]] = []
+    for start in range(2):
+        proc = start_daemon(host)  # the second start: on the ports the first one picked
+        try:
+            picked.append((host.api_port, host.nbd_port))
+            assert host.api_port and host.nbd_port and picked[0] == picked[-1]
+            published = json.loads(Path(host.dir, "run", "api.json").read_text())["url"]
+            assert published == host.api_url, (start, published)
+            with HostClient(host.api_url, host.token, host.cert_pem) as client:
+                answered = client.host()
+            assert (answered.api_port, answered.nbd_port) == (host.api_port, host.nbd_port)
+            assert listening(host.nbd_port) == {"127.0.0.1"}
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
