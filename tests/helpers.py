@@ -1,5 +1,22 @@
 """Helpers every test package uses: waiting for a condition, and ports.
 
+Where the other helpers live (no test module imports another; ``test_*.py`` hold tests)::
+
+    tests/conftest.py        require_tool, run; loads the fixture plugins below
+    tests/sites.py           a running site (host + WinCenter), guests, vmbackup configured;
+                             the site and second_site fixtures (plugin)
+    tests/fleet.py           several hosts behind one WinCenter
+    tests/postgresql.py      a private PostgreSQL cluster; postgresql_cluster, db_url (plugin)
+    tests/s3server.py        SeaweedFS's S3 server across restarts; seaweed_s3 (plugin)
+    tests/faultproxy.py      a TCP proxy that delays, cuts and stalls
+    tests/smallfs.py         a small file system that fills up
+    tests/peakrss.py         a child's peak RSS, this process's file-backed RSS
+    tests/<package>/conftest.py   the package's daemon or server and its fixtures
+    tests/nbd/serving.py     our NBD server in a thread, TLS material; tls_dir (plugin)
+    tests/nbd/peers.py       raw TCP peers of an NBD server
+    tests/vhd/damage.py      sound VHD files and the ways the tests break them
+    tests/backup/building.py repositories built with the library, restore point records
+
 Waiting: :func:`wait_until` is the one polling loop of the tests – it returns what the
 condition returned once it is true, and fails the test naming what it awaited when the
 time is up. A test that checks that something did *not* happen waits for a positive sign

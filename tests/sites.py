@@ -4,8 +4,9 @@ datapath, ``vmbackup`` configured against the site, and the check that an online
 snapshot is crash-consistent.
 
 The flow tests (``tests/wincenter/test_flows.py``, ``tests/backup/test_*.py``) and
-``bench/campaign`` share these helpers, and the ``site`` and ``second_site`` fixtures
-(a test module imports them by name); a test module is not a library, this is."""
+``bench/campaign`` share these helpers; the ``site`` and ``second_site`` fixtures serve
+every test directory (a plugin: ``tests/conftest.py``). A test module is not a library,
+this is."""
 
 from __future__ import annotations
 
