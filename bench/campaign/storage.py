@@ -2,10 +2,10 @@
 system full in the middle of backups and restores, and the S3 server killed and started
 again in the middle of backups.
 
-Each repetition is one trial of ``tests/backup/test_storage_faults.py`` (the tests run a
-few of them and assert; here they run many, at fill instants and outage lengths drawn
-from the campaign's seed), on one site (a WinServer host and a WinCenter on loopback)
-per row:
+Each repetition is one trial of ``tests/backup/storagefaults.py`` (the tests in
+``test_storage_faults.py`` run a few of them and assert; here they run many, at fill
+instants and outage lengths drawn from the campaign's seed), on one site (a WinServer
+host and a WinCenter on loopback) per row:
 
 * ``repository-fs-full``: the repository on a tmpfs (root only: the row says so and
   counts nothing otherwise). Backups: the guest writes 4 MiB of new data, then the file
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from .harness import Outcome, Row, Scale
 
 if TYPE_CHECKING:
-    from tests.backup.test_storage_faults import Trial
+    from tests.backup.storagefaults import Trial
 
 __all__ = ["REPOSITORY_FULL", "S3_RESTART", "SR_FULL"]
 
@@ -78,7 +78,7 @@ def _skipped(what: str, why: str) -> Outcome:
 
 
 def _repository_full(scale: Scale) -> Outcome:
-    from tests.backup import test_storage_faults as faults
+    from tests.backup import storagefaults as faults
     from tests.smallfs import SmallFsUnavailable
 
     what = "repository on a tmpfs made full before or during backups and restores, then space freed"
@@ -114,7 +114,7 @@ def _repository_full(scale: Scale) -> Outcome:
 
 
 def _sr_full(scale: Scale) -> Outcome:
-    from tests.backup import test_storage_faults as faults
+    from tests.backup import storagefaults as faults
     from tests.smallfs import SmallFsUnavailable
 
     what = "the VM's SR on a tmpfs made full before the backup's snapshot or while it reads, then space freed"
@@ -139,7 +139,7 @@ def _sr_full(scale: Scale) -> Outcome:
 
 
 def _s3_restart(scale: Scale) -> Outcome:
-    from tests.backup import test_storage_faults as faults
+    from tests.backup import storagefaults as faults
     from tests.s3server import SeaweedS3, SeaweedUnavailable
 
     what = "SeaweedFS S3 server killed mid-backup, started again within the retry window or after"
