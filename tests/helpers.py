@@ -16,6 +16,7 @@ Where the other helpers live (no test module imports another; ``test_*.py`` hold
     tests/nbd/peers.py       raw TCP peers of an NBD server
     tests/vhd/damage.py      sound VHD files and the ways the tests break them
     tests/backup/building.py repositories built with the library, restore point records
+    tests/backup/storagefaults.py  the storage fault scenarios (tests and the campaign)
 
 Waiting: :func:`wait_until` is the one polling loop of the tests – it returns what the
 condition returned once it is true, and fails the test naming what it awaited when the
