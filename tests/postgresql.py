@@ -120,7 +120,7 @@ def running_postgresql() -> Iterator[PgCluster]:
     """A private PostgreSQL cluster, stopped and removed on the way out; PostgresUnavailable
     (saying why) when none can run. The session fixture and the fault campaign's load row
     (bench/campaign/load.py) start theirs with it; :meth:`PgCluster.restart` restarts it in
-    place (tests/wincenter/test_postgresql_restart.py)."""
+    place (tests/wincenter/pgrestart.py)."""
     bindir = _pg_bindir()
     if bindir is None:
         raise PostgresUnavailable(

@@ -1,7 +1,8 @@
 """Row: PostgreSQL restarted under a running WinCenter, mid-flow.
 
-Each repetition is one trial of ``tests/wincenter/test_postgresql_restart.py`` on a
-private PostgreSQL cluster (``tests/wincenter/conftest.py``): a site (a WinServer host,
+Each repetition is one trial of ``tests/wincenter/pgrestart.py`` (which
+``tests/wincenter/test_postgresql_restart.py`` runs twice) on a private PostgreSQL
+cluster (``tests/postgresql.py``): a site (a WinServer host,
 ``wincenter serve --db postgresql://...``), a full backup open and read through wddk and
 another being prepared, then PostgreSQL stopped and started again – at once, or after a
 random 5-10 s down (trials alternate) – while a client polls the backup's task, the
@@ -25,7 +26,7 @@ __all__ = ["ROW"]
 
 def _run(scale: Scale) -> Outcome:
     from tests.postgresql import PostgresUnavailable, running_postgresql
-    from tests.wincenter.test_postgresql_restart import restart_trial
+    from tests.wincenter.pgrestart import restart_trial
 
     what = "PostgreSQL stopped and started under WinCenter with a backup open and one being prepared"
     count = scale.trials or (1 if scale.smoke else 6)
