@@ -51,7 +51,7 @@ def _settled(check: Callable[[], bool], seconds: float = _SETTLE) -> bool:
 
 def run(scale: Scale) -> Outcome:
     from tests.backup.conftest import vmbackup
-    from tests.backup.test_network_faults import SIZE, _guest_writing, _live_grants, _proxied_site, _vm
+    from tests.backup.netfaults import SIZE, guest_writing, live_grants, proxied_site, random_vm
     from tests.sites import configure, consistent_prefix
     from tests.sites import guest as open_guest
 
@@ -67,9 +67,9 @@ def run(scale: Scale) -> Outcome:
         counts.setdefault(kind, {}).setdefault(outcome, 0)
         counts[kind][outcome] += 1
 
-    with _proxied_site(root) as (site, proxy):
+    with proxied_site(root) as (site, proxy):
         env = configure(site, root, str(root / "repo"), "campaign")
-        base = _vm(site, "vm", seed=scale.seed)
+        base = random_vm(site, "vm", seed=scale.seed)
         exported = 0
 
         def image_of(point: str) -> bytes:
@@ -95,7 +95,7 @@ def run(scale: Scale) -> Outcome:
             nonlocal reconnects
             before, disk = points(), bytes(base)
             arm()
-            with _guest_writing(site, "vm", seed=rng.randrange(1 << 30)) as writes:
+            with guest_writing(site, "vm", seed=rng.randrange(1 << 30)) as writes:
                 done = vmbackup(env, "backup", "--vm", "vm", "--full", "--nbd-timeout", NBD_TIMEOUT, "--json")
             proxy.passing()
             for offset, data in writes:  # the disk now
@@ -114,7 +114,7 @@ def run(scale: Scale) -> Outcome:
                 return
             clean = one_line(done.stderr) and points() == before
             with site.host_client() as host:
-                clean = clean and _settled(lambda: not _live_grants(host))
+                clean = clean and _settled(lambda: not live_grants(host))
             count(kind, "failed cleanly" if clean else "failed, NOT clean")
             if not clean or expect_ok:
                 problems.append(f"{kind}: failed ({done.stderr.strip()[-200:]})")
@@ -157,7 +157,7 @@ def run(scale: Scale) -> Outcome:
                         problems.append(f"{kind}: {name} {'not exact' if not ok else 'succeeded'}")
                     return
                 clean = one_line(done.stderr) and _settled(
-                    lambda: name not in {v.name for v in host.list_vms()} and not _live_grants(host)
+                    lambda: name not in {v.name for v in host.list_vms()} and not live_grants(host)
                 )
                 clean = clean and center.vms(name=name).items == []
                 count(kind, "failed cleanly" if clean else "failed, NOT clean")
@@ -177,8 +177,8 @@ def run(scale: Scale) -> Outcome:
         if verified.returncode != 0:
             problems.append(f"verify --read-data: {verified.stdout.strip()[-200:]}")
         with site.host_client() as host:
-            if not _settled(lambda: not _live_grants(host)):
-                problems.append(f"live grants left: {len(_live_grants(host))}")
+            if not _settled(lambda: not live_grants(host)):
+                problems.append(f"live grants left: {len(live_grants(host))}")
             ready = [s for s in host.list_snapshots("vm") if s.state == "ready"]
             if ready:
                 problems.append(f"{len(ready)} snapshot(s) left ready")

@@ -12,115 +12,28 @@ back, the next backup and the same restore succeed."""
 
 from __future__ import annotations
 
-import contextlib
 import random
-import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentless.winserver.client import HostClient
-from agentless.wire import GrantInfo
 from tests.backup.conftest import _ok, vmbackup
+from tests.backup.netfaults import SIZE, guest_writing, live_grants, proxied_site, random_vm
 from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
 from tests.sites import Site, configure, consistent_prefix, write_random
 from tests.sites import guest as open_guest
-from tests.wincenter.conftest import init_center, start_server
-from tests.winserver.conftest import init_host, start_daemon
 
 MiB = 1 << 20
-SIZE = 16 * MiB
 NBD_TIMEOUT = "1"  # seconds a request may go unanswered: a stall is seen within the test
-
-
-@contextlib.contextmanager
-def _proxied_site(root: Path) -> Iterator[tuple[Site, FaultProxy]]:
-    """A host whose NBD port is reached through a fault proxy (the port access info
-    names), and a WinCenter managing it."""
-    host = init_host(str(root / "host"))
-    with FaultProxy(("127.0.0.1", 0)) as proxy:  # its target: the port the daemon picks
-        host_proc = start_daemon(host, "--nbd-advertised-port", str(proxy.port))
-        proxy.target = ("127.0.0.1", host.nbd_port)
-        drain = _drained(host_proc, root / "host.log")
-        token = init_center(str(root / "center"))
-        site = Site(host, host_proc, start_server(str(root / "center"), token), token, "")
-        try:
-            with site.client() as client:
-                client.register_host(host.api_url, host.token, host.cert_pem)
-            yield site, proxy
-        finally:
-            site.center.proc.kill()
-            site.center.proc.wait()
-            host_proc.terminate()
-            host_proc.wait(30)
-            drain.join(10)
-
-
-def _drained(proc: subprocess.Popen[str], path: Path) -> threading.Thread:
-    """Copy the daemon's stderr into *path* as it comes: a pipe nobody reads fills up
-    (64 KiB of log lines about cut connections) and blocks the daemon."""
-    assert proc.stderr is not None
-    stream = proc.stderr
-
-    def copy() -> None:
-        with open(path, "a") as log:
-            for line in stream:
-                log.write(line)
-                log.flush()
-
-    thread = threading.Thread(target=copy, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture
 def faulty(tmp_path: Path) -> Iterator[tuple[Site, FaultProxy]]:
-    with _proxied_site(tmp_path) as running:
+    with proxied_site(tmp_path) as running:
         yield running
-
-
-def _vm(site: Site, name: str, seed: int) -> bytearray:
-    """A running VM of one SIZE disk full of random data (every byte is read by a full
-    backup); what the disk holds."""
-    model = bytearray(random.Random(seed).randbytes(SIZE))
-    with site.host_client() as host:
-        host.create_vm(name, [SIZE])
-        host.start_vm(name)
-        with open_guest(host, name, 0) as guest:
-            for offset in range(0, SIZE, 4 * MiB):
-                guest.write(offset, model[offset : offset + 4 * MiB])
-            guest.flush()
-    return model
-
-
-@contextlib.contextmanager
-def _guest_writing(site: Site, name: str, seed: int) -> Iterator[list[tuple[int, bytes]]]:
-    """The guest writes small random runs while the block runs; the writes, in order."""
-    writes: list[tuple[int, bytes]] = []
-    stop = threading.Event()
-    rng = random.Random(seed)
-
-    def write() -> None:
-        with site.host_client() as host, open_guest(host, name, 0) as guest:
-            while not stop.is_set():
-                offset = rng.randrange(0, SIZE - 8192, 512)
-                data = rng.randbytes(rng.choice([512, 4096, 8192]))
-                guest.write(offset, data)
-                writes.append((offset, data))
-                time.sleep(0.002)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        yield writes
-    finally:
-        stop.set()
-        writer.join()
 
 
 def _exported(env: dict[str, str], point: str, path: Path) -> bytes:
@@ -135,10 +48,6 @@ def _backup(env: dict[str, str], vm: str, *extra: str) -> dict[str, Any]:
     return backup
 
 
-def _live_grants(host: HostClient) -> list[GrantInfo]:
-    return [g for g in host.list_grants() if not g.revoked]
-
-
 def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], tmp_path: Path) -> None:
     """Three full backups of a running VM whose guest keeps writing: through a delay of
     each chunk, through a cut of every connection mid-way, through a stall of every
@@ -146,7 +55,7 @@ def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], t
     (exactly the data written before it plus a prefix of the writes during it)."""
     site, proxy = faulty
     env = configure(site, tmp_path, str(tmp_path / "repo"), "pw")
-    base = _vm(site, "web", seed=1)
+    base = random_vm(site, "web", seed=1)
     faults: list[tuple[str, Callable[[], None]]] = [
         ("delay", lambda: setattr(proxy, "delay", 0.002)),
         ("cut", lambda: proxy.cut_at(proxy.forwarded + SIZE // 2)),
@@ -155,7 +64,7 @@ def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], t
     for round_, (fault, arm) in enumerate(faults):
         cuts, stalls = proxy.cuts, proxy.stalls
         arm()
-        with _guest_writing(site, "web", seed=10 + round_) as writes:
+        with guest_writing(site, "web", seed=10 + round_) as writes:
             backup = _backup(env, "web", "--full")
         proxy.passing()
         assert backup["type"] == "full", fault
@@ -168,7 +77,7 @@ def test_backup_rides_out_delay_cut_and_stall(faulty: tuple[Site, FaultProxy], t
         if fault == "stall":
             assert proxy.stalls > stalls and backup["reconnects"] >= 1, fault
     with site.host_client() as host:
-        assert not _live_grants(host)
+        assert not live_grants(host)
     verified = vmbackup(env, "verify", "--read-data")
     assert verified.returncode == 0 and "no problem found" in verified.stdout, verified.stdout
 
@@ -180,7 +89,7 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
     network back, the next backup is exact."""
     site, proxy = faulty
     env = configure(site, tmp_path, str(tmp_path / "repo"), "pw")
-    model = _vm(site, "db", seed=2)
+    model = random_vm(site, "db", seed=2)
     _backup(env, "db")
     before = _ok(vmbackup(env, "list", "--json"))["points"]
     with site.host_client() as host:
@@ -200,7 +109,7 @@ def test_backup_fails_cleanly_when_cuts_persist(faulty: tuple[Site, FaultProxy],
     verified = vmbackup(env, "verify", "--read-data")
     assert verified.returncode == 0 and "no problem found" in verified.stdout, verified.stdout
     with site.client() as center, site.host_client() as host:
-        wait_until(lambda: not _live_grants(host), 60, "the failed backup's grants revoked", interval=0.2)
+        wait_until(lambda: not live_grants(host), 60, "the failed backup's grants revoked", interval=0.2)
         vm_id = center.vm("db").id
         wait_until(
             lambda: center.backups(vm=vm_id).items[0].state == "aborted",
@@ -227,7 +136,7 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
     VM is removed, so the same restore under the same name succeeds afterwards."""
     site, proxy = faulty
     env = configure(site, tmp_path, str(tmp_path / "repo"), "pw")
-    model = _vm(site, "app", seed=4)
+    model = random_vm(site, "app", seed=4)
     point = _backup(env, "app")["point"]
 
     proxy.cut_at(proxy.forwarded + SIZE // 2)
@@ -254,7 +163,7 @@ def test_restore_through_a_cut_and_a_restore_that_fails_cleanly(
             "the half VM removed",
             interval=0.2,
         )
-        wait_until(lambda: not _live_grants(host), 60, "the restore's grant revoked", interval=0.2)
+        wait_until(lambda: not live_grants(host), 60, "the restore's grant revoked", interval=0.2)
         assert center.vms(name="app-2").items == []
 
     _ok(vmbackup(env, "restore", point, "--as-new-vm", "app-2", "--json"))
