@@ -17,6 +17,8 @@ Where the other helpers live (no test module imports another; ``test_*.py`` hold
     tests/vhd/damage.py      sound VHD files and the ways the tests break them
     tests/backup/building.py repositories built with the library, restore point records
     tests/backup/storagefaults.py  the storage fault scenarios (tests and the campaign)
+    tests/backup/netfaults.py      a host behind the fault proxy, a VM, a writing guest
+    tests/wincenter/pgrestart.py   the PostgreSQL restart scenario
 
 Waiting: :func:`wait_until` is the one polling loop of the tests – it returns what the
 condition returned once it is true, and fails the test naming what it awaited when the
