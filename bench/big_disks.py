@@ -69,7 +69,7 @@ def write_spread(site: Site, vm: str, disks: int, total: int, run: int, rng: ran
 def vhd_bytes(site: Site, vm: str) -> int:
     """Bytes the VM's VHD files take on the host's file system (allocated, not apparent)."""
     with site.host_client() as host:
-        return sum(os.stat(d["path"]).st_blocks * 512 for d in host.vm(vm)["disks"])
+        return sum(os.stat(d.path).st_blocks * 512 for d in host.vm(vm).disks)
 
 
 def peak_rss(pid: int) -> int:
