@@ -8,9 +8,10 @@ center, so no directory or database is needed.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
+
+from agentless import openapidoc
 
 from .api import make_app
 
@@ -23,8 +24,8 @@ def document() -> dict[str, Any]:
 
 
 def render() -> str:
-    """The document as the checked-in file holds it: indented, keys in order, newline."""
-    return json.dumps(document(), indent=2, ensure_ascii=False) + "\n"
+    """The document as the checked-in file holds it."""
+    return openapidoc.render(document())
 
 
 def main() -> int:

@@ -8,8 +8,9 @@ without a host, so no directory is needed.
 
 from __future__ import annotations
 
-import json
 import sys
+
+from agentless import openapidoc
 
 from .api import create_app
 
@@ -22,8 +23,8 @@ def document() -> dict[str, object]:
 
 
 def render() -> str:
-    """The document as the checked-in file holds it: indented, keys in order, newline."""
-    return json.dumps(document(), indent=2, ensure_ascii=False) + "\n"
+    """The document as the checked-in file holds it."""
+    return openapidoc.render(document())
 
 
 def main() -> int:
