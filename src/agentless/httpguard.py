@@ -28,7 +28,6 @@ limits that go with it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Collection
 from typing import Any
@@ -36,6 +35,9 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .problems import MEDIA_TYPE
+from .wire import Problem
 
 __all__ = ["MAX_BODY", "UVICORN_LIMITS", "BodyTooLarge", "RequestGuard", "documentation_paths"]
 
@@ -75,10 +77,9 @@ def _declared_length(headers: Headers) -> int | None:
 
 
 async def _problem(send: Send, scope: Scope, status: int, title: str, detail: str) -> None:
-    body = json.dumps(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": scope["path"]}
-    ).encode()
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    problem = Problem(title=title, status=status, detail=detail, instance=scope["path"])
+    body = problem.model_dump_json(exclude_none=True).encode()
+    headers = [(b"content-type", MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
