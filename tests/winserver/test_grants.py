@@ -94,9 +94,7 @@ def test_nbd_access_through_grants(host: Host, tmp_path: Path) -> None:
                 disk.read(0, 1)  # the open connection was dropped
         with pytest.raises(wddk.NegotiationError):
             wddk.open(served.uri(read.export_name))
-        late = grants.grant(
-            vm.disks[0].vdi, "b2", read_only=True, lifetime=datetime.timedelta(seconds=5)
-        )
+        late = grants.grant(vm.disks[0].vdi, "b2", read_only=True, lifetime=datetime.timedelta(seconds=5))
         clock.now += 6
         with pytest.raises(wddk.NegotiationError):
             wddk.open(served.uri(late.export_name))

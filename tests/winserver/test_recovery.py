@@ -36,9 +36,7 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
             host.create_vm("db", [8 * MiB, 4 * MiB])
             vm = host.start_vm("db")
             for disk, data in enumerate(model):
-                with wddk.open(
-                    f"nbd+unix:///?socket={vm.disks[disk].guest_socket}", connections=1
-                ) as guest:
+                with wddk.open(f"nbd+unix:///?socket={vm.disks[disk].guest_socket}", connections=1) as guest:
                     for _ in range(30):
                         offset = rng.randrange(len(data) - 70_000)
                         chunk = rng.randbytes(rng.randrange(1, 70_000))
@@ -79,9 +77,7 @@ def test_kill_the_daemon_during_backups_then_recover(tmp_path: Path) -> None:
             vm = host.vm("db")
             assert vm.power_state == "running"
             for disk, data in enumerate(model):
-                with wddk.open(
-                    f"nbd+unix:///?socket={vm.disks[disk].guest_socket}", connections=1
-                ) as guest:
+                with wddk.open(f"nbd+unix:///?socket={vm.disks[disk].guest_socket}", connections=1) as guest:
                     assert guest.read(0, len(data)) == bytes(data), f"disk {disk} lost data"
             host.stop_vm("db")
     finally:

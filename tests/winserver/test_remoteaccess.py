@@ -35,9 +35,7 @@ def _guest_writes(host: Host, vm: str, writes: list[tuple[int, bytes]]) -> None:
     test holds the CBT file itself, as the datapath would)."""
     disk = describe_vm(host, vm).disks[0]
     path = disk.path
-    tracker = ChangedBlockTracker.open(
-        cbt_path(os.path.dirname(path), disk.vdi), disk.vdi, disk.size
-    )
+    tracker = ChangedBlockTracker.open(cbt_path(os.path.dirname(path), disk.vdi), disk.vdi, disk.size)
     guest = TrackedExport(VhdExport(path), tracker)
     try:
         with serve({"d": guest}) as served, wddk.open(served.uri("d"), connections=1) as nbd:

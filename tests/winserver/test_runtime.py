@@ -201,16 +201,12 @@ def test_fifty_online_backup_cycles(daemon: Daemon) -> None:
                 disk = result.disks[0]
                 if previous:
                     assert disk.type == "incremental", disk.reason
-                    listed = {
-                        e.offset // BLOCK + i for e in disk.extents for i in range(e.length // BLOCK)
-                    }
+                    listed = {e.offset // BLOCK + i for e in disk.extents for i in range(e.length // BLOCK)}
                     assert listed == blocks, cycle
                 with wddk.open(disk.access) as snap:
                     for extent in disk.extents:
                         end = extent.offset + extent.length
-                        assert snap.read(extent.offset, extent.length) == bytes(
-                            model[extent.offset : end]
-                        )
+                        assert snap.read(extent.offset, extent.length) == bytes(model[extent.offset : end])
                 host.stop_remote_access(backup_id, delete_snapshot=True)
                 previous = backup_id
                 depth = host.get_vdi_sm_info(vm.disks[0].vdi).depth
