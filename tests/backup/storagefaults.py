@@ -101,6 +101,19 @@ class Trial:
     outage: float = 0.0  # seconds the S3 server was away (killed until serving again)
 
 
+def _random_vm(site: Site, rng: random.Random) -> bytearray:
+    """VM "vm", running, its one disk DISK random bytes of *rng* written by its guest;
+    what the disk holds."""
+    model = bytearray(rng.randbytes(DISK))
+    with site.host_client() as host:
+        host.create_vm("vm", [DISK])
+        host.start_vm("vm")
+        with _guest(host, "vm", 0) as guest:
+            guest.write(0, bytes(model))
+            guest.flush()
+    return model
+
+
 @contextlib.contextmanager
 def repository_rig(root: Path, seed: int = 1) -> Iterator[Rig]:
     """A running site, a VM of DISK random bytes, and an encrypted repository on a tmpfs
@@ -109,13 +122,7 @@ def repository_rig(root: Path, seed: int = 1) -> Iterator[Rig]:
         repo = mount / "repo"
         env = _configure(site, root, str(repo), PASSWORD)
         rng = random.Random(seed)
-        model = bytearray(rng.randbytes(DISK))
-        with site.host_client() as host:
-            host.create_vm("vm", [DISK])
-            host.start_vm("vm")
-            with _guest(host, "vm", 0) as guest:
-                guest.write(0, bytes(model))
-                guest.flush()
+        model = _random_vm(site, rng)
         rig = Rig(site, env, str(repo), "vm", model, rng, root, mount)
         first = _backup(rig)
         assert first is not None, "the first backup failed"
@@ -540,13 +547,7 @@ def s3_rig(root: Path, server: SeaweedS3, seed: int = 2) -> Iterator[Rig]:
         environment = server.environment() | {"VMBACKUP_STORAGE_RETRY": str(S3_RETRY)}
         env = _configure(site, root, f"s3://{bucket}/repo", PASSWORD, **environment)
         rng = random.Random(seed)
-        model = bytearray(rng.randbytes(DISK))
-        with site.host_client() as host:
-            host.create_vm("vm", [DISK])
-            host.start_vm("vm")
-            with _guest(host, "vm", 0) as guest:
-                guest.write(0, bytes(model))
-                guest.flush()
+        model = _random_vm(site, rng)
         rig = Rig(site, env, f"s3://{bucket}/repo", "vm", model, rng, root, options=server.options())
         first = _backup(rig)
         assert first is not None, "the first backup failed"
