@@ -46,6 +46,9 @@ __all__ = [
     "GrantInfo",
     "GrantList",
     "HostInfo",
+    "MigrationInfo",
+    "MigrationState",
+    "NbdSource",
     "NicInfo",
     "PrepareBackupRequest",
     "PreparedBackup",
@@ -71,6 +74,7 @@ __all__ = [
     "VdiList",
     "VmCreateRequest",
     "VmDeleted",
+    "VmDiskCreate",
     "VmDiskInfo",
     "VmDiskOut",
     "VmInfo",
@@ -83,6 +87,7 @@ __all__ = [
 
 BackupType = Literal["full", "incremental"]
 PowerState = Literal["halted", "running", "paused"]
+MigrationState = Literal["migrating", "stalled"]
 
 
 class Wire(BaseModel):
@@ -133,16 +138,61 @@ class AccessInfo(Wire):
     expires: str = Field(description="when the grant lapses, ISO 8601 UTC (informational)")
 
 
+# ---------------------------------------------------------------------- remote bases (instant recovery)
+
+
+class NbdSource(Wire):
+    """A remote base: the read-only NBD export (over TLS) that a new VDI reads its blocks
+    from until the host has copied them (instant recovery; ``vmbackup serve`` serves a
+    restore point's disk so). ``export_name`` is the credential, as a grant's is: it is
+    kept by the parties that need it and never shown back (answers give ``uri`` only)."""
+
+    uri: str = Field(
+        pattern=r"^nbds://[^/?#]+$",
+        max_length=2048,
+        description="nbds://HOST:PORT of the NBD server (no export name: that is the next field)",
+    )
+    export_name: str = Field(min_length=1, max_length=4096, description="the export's opaque name (secret)")
+    cert: str = Field(min_length=1, max_length=65536, description="the server certificate to pin (PEM)")
+
+
+class MigrationInfo(Wire):
+    """A VDI still linked to its remote base: the background copy of its blocks. Null
+    once every block is local (the VDI is then an ordinary VHD chain)."""
+
+    state: MigrationState = Field(description="migrating; stalled while the source cannot be read (retried)")
+    source: str = Field(description="the source's nbds:// URI (never its export name)")
+    copied: int = Field(ge=0, description="bytes of the disk local so far (copied, overwritten or holes)")
+    total: int = Field(ge=0, description="the disk's size in bytes")
+    rate: float = Field(ge=0, description="bytes per second copied, over the last seconds")
+    rate_limit: int | None = Field(default=None, description="bytes per second at most; null: no limit")
+    last_error: str | None = Field(default=None, description="why the latest read of the source failed")
+    started: str = Field(description="when the link was made, ISO 8601 UTC")
+
+
 # ---------------------------------------------------------------------- host API: requests
 
 _BackupId = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 
 
+class VmDiskCreate(Wire):
+    """A disk of a new VM: its size and, for instant recovery, its remote base."""
+
+    size: int = Field(gt=0, description="bytes")
+    source: NbdSource | None = Field(
+        default=None, description="read blocks from this export until they are copied (a remote base)"
+    )
+
+
 class VmCreateRequest(Wire):
-    """``POST /vms``: a halted VM with blank dynamic disks of the given sizes."""
+    """``POST /vms``: a halted VM with blank dynamic disks of the given sizes (a size, or
+    a :class:`VmDiskCreate`: a disk with a remote base)."""
 
     name: str = Field(min_length=1, max_length=255)
-    disks: list[int] = Field(min_length=1, description="disk sizes in bytes")
+    disks: list[int | VmDiskCreate] = Field(min_length=1, description="disk sizes in bytes, or disks")
+    migration_rate_limit: int | None = Field(
+        default=None, gt=0, description="bytes per second each remote-base disk is copied at, at most"
+    )
     nics: list[str] = Field(default_factory=list, description="one NIC per network name")
     vcpus: int = 1
     memory: int = 1 << 30
@@ -227,6 +277,7 @@ class VdiInfo(Wire):
     cbt_enabled: bool
     data_destroyed: bool
     created: str
+    migration: MigrationInfo | None = Field(default=None, description="while linked to a remote base")
 
 
 class VdiList(Wire):
@@ -242,6 +293,7 @@ class VmDiskInfo(Wire):
     cbt_enabled: bool
     guest_socket: str | None = Field(default=None, description="a running VM's disk, for a guest")
     guest_connections: int | None = Field(default=None, description="a running VM's NBD clients")
+    migration: MigrationInfo | None = Field(default=None, description="while linked to a remote base")
 
 
 class NicInfo(Wire):

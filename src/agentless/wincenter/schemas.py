@@ -13,7 +13,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agentless.wire import BackupResult, Problem, RestoreResult, VmDiskOut, VmNicOut, VmOut
+from agentless.wire import (
+    BackupResult,
+    MigrationState,
+    NbdSource,
+    Problem,
+    RestoreResult,
+    VmDiskOut,
+    VmNicOut,
+    VmOut,
+)
 
 __all__ = [
     "API_PREFIX",
@@ -24,6 +33,7 @@ __all__ = [
     "BackupPage",
     "BackupStateName",
     "BackupTaskOut",
+    "DiskMigration",
     "DiskSpec",
     "HostList",
     "HostOut",
@@ -35,6 +45,7 @@ __all__ = [
     "Progress",
     "ProgressReport",
     "RestoreCreate",
+    "RestoreMigration",
     "RestoreOut",
     "RestoreStateName",
     "RestoreTarget",
@@ -67,7 +78,7 @@ BackupStateName = Literal[
     "queued", "preparing", "ready", "completing", "completed", "aborting", "aborted", "failed"
 ]
 RestoreStateName = Literal[
-    "queued", "creating", "ready", "completing", "completed", "aborting", "aborted", "failed"
+    "queued", "creating", "ready", "migrating", "completing", "completed", "aborting", "aborted", "failed"
 ]
 
 
@@ -256,6 +267,12 @@ class VmPage(Page):
 
 class DiskSpec(Wire):
     size: int = Field(ge=1 << 20, le=2040 << 30, description="bytes (1 MiB .. 2040 GiB)")
+    source: NbdSource | None = Field(
+        default=None,
+        description="instant restore: the disk reads its blocks from this NBD export (read-only, "
+        "TLS, certificate pinned) until the host has copied them; give one for every disk or for "
+        "none. Its export_name is a secret: never shown back",
+    )
 
 
 class NicSpec(Wire):
@@ -325,9 +342,39 @@ class RestoreTarget(Wire):
 
 
 class RestoreCreate(Wire):
+    """A restore as a new VM. Without disk sources the task becomes ``ready`` with write
+    access to blank disks (the seed's flow); with a source for every disk it is an
+    *instant restore*: the VM is made on disks whose remote base is each source, started
+    at once if ``start``, and the task runs until the host has copied every block."""
+
     restore_id: OwnerId
     vm: VmSpec
     target: RestoreTarget = Field(default_factory=RestoreTarget)
+    start: bool = Field(default=False, description="instant restore: start the VM as soon as it exists")
+    migration_rate_limit: int | None = Field(
+        default=None, gt=0, description="instant restore: bytes per second per disk copied at most"
+    )
+
+
+class DiskMigration(Wire):
+    """One disk of an instant restore: how much of it is local."""
+
+    position: int
+    state: MigrationState | Literal["complete"]
+    copied: int = Field(ge=0)
+    total: int = Field(ge=0)
+    rate: float = Field(ge=0, description="bytes per second")
+    last_error: str | None = None
+
+
+class RestoreMigration(Wire):
+    """An instant restore's background copy, as last read from its host."""
+
+    copied: int = Field(ge=0, description="bytes local, all disks")
+    total: int = Field(ge=0, description="bytes, all disks")
+    rate: float = Field(ge=0, description="bytes per second, all disks")
+    disks: list[DiskMigration]
+    updated: datetime.datetime | None = Field(default=None, description="when it was read from the host")
 
 
 class RestoreOut(Wire):
@@ -338,3 +385,7 @@ class RestoreOut(Wire):
     state: RestoreStateName
     created: datetime.datetime
     finished: datetime.datetime | None = None
+    instant: bool = Field(default=False, description="an instant restore (disks with sources)")
+    migration: RestoreMigration | None = Field(
+        default=None, description="an instant restore's copy, while it runs (state migrating)"
+    )
