@@ -28,6 +28,7 @@ Three groups:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -189,7 +190,7 @@ class VmCreateRequest(Wire):
     a :class:`VmDiskCreate`: a disk with a remote base)."""
 
     name: str = Field(min_length=1, max_length=255)
-    disks: list[int | VmDiskCreate] = Field(min_length=1, description="disk sizes in bytes, or disks")
+    disks: Sequence[int | VmDiskCreate] = Field(min_length=1, description="disk sizes in bytes, or disks")
     migration_rate_limit: int | None = Field(
         default=None, gt=0, description="bytes per second each remote-base disk is copied at, at most"
     )

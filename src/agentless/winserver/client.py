@@ -11,7 +11,7 @@ nothing of the host's internals: WinCenter depends on it alone.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -44,6 +44,7 @@ from agentless.wire import (
     VdiList,
     VmCreateRequest,
     VmDeleted,
+    VmDiskCreate,
     VmInfo,
     VmList,
     WriteAccess,
@@ -166,16 +167,27 @@ class HostClient(Closing):
     def create_vm(
         self,
         name: str,
-        disks: list[int],
+        disks: Sequence[int | VmDiskCreate],
         nics: list[str] | None = None,
         vcpus: int = 1,
         memory: int = 1 << 30,
         cbt: bool = True,
         sr: str | None = None,
         uuid: str | None = None,
+        migration_rate_limit: int | None = None,
     ) -> VmInfo:
+        """A new halted VM; a disk is a size, or a :class:`VmDiskCreate` with a remote
+        base (``source``) copied at *migration_rate_limit* bytes per second at most."""
         body = VmCreateRequest(
-            name=name, disks=disks, nics=nics or [], vcpus=vcpus, memory=memory, cbt=cbt, sr=sr, uuid=uuid
+            name=name,
+            disks=disks,
+            nics=nics or [],
+            vcpus=vcpus,
+            memory=memory,
+            cbt=cbt,
+            sr=sr,
+            uuid=uuid,
+            migration_rate_limit=migration_rate_limit,
         )
         return self._model(VmInfo, "POST", "/vms", json=body)
 

@@ -40,6 +40,7 @@ from .api import API_PREFIX, make_app
 from .errors import PowerState
 from .grants import GrantExports, Grants
 from .host import Host, HostError, check_max_chain_depth
+from .migration import Migrations
 from .presence import DaemonPresence
 from .runtime import Runtime
 from .snapshots import finish_deletions, sweep_orphans
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 CONCURRENCY = 128  # connections (or requests) at once on the API; past it, 503
 LOOPBACK = "127.0.0.1"
+REMOTE_READ_TIMEOUT = 20.0  # seconds a guest read of a block not yet copied waits for its source
 
 
 async def _watch(exports: GrantExports, server: NbdServer, stop: asyncio.Event) -> None:
@@ -90,7 +92,13 @@ def _local_url(bind: str, port: int) -> str:
     return f"https://[{address}]:{port}" if ":" in address else f"https://{address}:{port}"
 
 
-async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limits | None = None) -> None:
+async def _run(
+    host: Host,
+    bind: str,
+    presence: DaemonPresence,
+    nbd_limits: Limits | None = None,
+    remote_read_timeout: float = REMOTE_READ_TIMEOUT,
+) -> None:
     grants = Grants(host.metadata)
     finish_deletions(host)
     orphans = sweep_orphans(host)
@@ -105,7 +113,8 @@ async def _run(host: Host, bind: str, presence: DaemonPresence, nbd_limits: Limi
     server = NbdServer(exports, tls=tls, limits=nbd_limits)
     exports.disconnect = server.disconnect
     host.nbd_port = await server.serve_tcp(bind, host.nbd_port)  # port 0: the one it picked
-    runtime = Runtime(host)
+    runtime = Runtime(host, migrations=Migrations(host, remote_read_timeout))
+    runtime.migrations.resume_all()  # before the VMs: their linked disks are the migrations'
     for vm in list_vms(host):  # recovery: the datapaths of running VMs come back
         if vm.power_state == PowerState.RUNNING:
             await runtime.start(vm.uuid)
@@ -161,6 +170,7 @@ def serve(
     max_chain_depth: int | None = None,
     advertised_port: int | None = None,
     nbd_limits: Limits | None = None,
+    remote_read_timeout: float = REMOTE_READ_TIMEOUT,
 ) -> None:
     """Run until SIGINT or SIGTERM; the ports and the chain limit default to the host's.
     *advertised_port*: the NBD port that access info names, when clients reach the NBD
@@ -178,4 +188,4 @@ def serve(
         host.max_chain_depth = check_max_chain_depth(max_chain_depth)
     with contextlib.closing(DaemonPresence(host)) as presence:
         presence.claim()
-        asyncio.run(_run(host, bind, presence, nbd_limits))
+        asyncio.run(_run(host, bind, presence, nbd_limits, remote_read_timeout))

@@ -9,6 +9,9 @@
     │                               frees space or adds an SR; retry after (API: 507)
     ├── GrantError                  a grant that cannot be made (unknown VDI, bad lifetime,
     │                               bad backup id): fix the request (API: 400)
+    ├── SourceError                 a disk's remote base cannot be read (unreachable, refused
+    │                               the name or certificate, another size): retry when the
+    │                               source is back, or fix the source given (API: 502)
     └── VmError                     a VM, VDI, SR or snapshot operation that cannot be done as
         │                           asked (bad sizes, no default SR): fix the request (API: 400)
         ├── NotFoundError           what the request names does not exist: refresh the
@@ -41,6 +44,7 @@ __all__ = [
     "NotFoundError",
     "PowerState",
     "SnapshotState",
+    "SourceError",
     "StorageFullError",
     "VmError",
     "WinServerError",
@@ -62,6 +66,11 @@ class StorageFullError(WinServerError):
 
 class GrantError(WinServerError):
     """A grant that cannot be made (unknown VDI, bad lifetime); nothing was changed."""
+
+
+class SourceError(WinServerError):
+    """A remote base (an NBD source of a disk) cannot be read now: unreachable, it
+    refused the export name or the certificate did not match, or it has another size."""
 
 
 class VmError(WinServerError):

@@ -31,6 +31,7 @@ __all__ = [
     "Grant",
     "Metadata",
     "Nic",
+    "RemoteBase",
     "StorageRepository",
     "Vdi",
     "Vm",
@@ -157,6 +158,20 @@ class Grant(Base):
     dirty_bitmap: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
+class RemoteBase(Base):
+    """A VDI linked to a remote base (instant recovery, see :mod:`.remotebase`): the NBD
+    source its blocks are read from until copied. The row goes when every block is local.
+    ``export_name`` is the source's credential: this file is the host's only (0600)."""
+
+    __tablename__ = "remote_bases"
+    vdi_uuid: Mapped[str] = mapped_column(ForeignKey("vdis.uuid"), primary_key=True)
+    uri: Mapped[str] = mapped_column(String(2048))
+    export_name: Mapped[str] = mapped_column(String(4096))
+    cert: Mapped[str] = mapped_column(String(65536))
+    rate_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)  # bytes per second
+    started: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
 @event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     """Foreign keys on, and a write-ahead log so a crash never leaves a half transaction."""
@@ -205,6 +220,8 @@ class Metadata(Closing):
         if versions != [SCHEMA_VERSION]:
             self.engine.dispose()
             raise MetadataError(f"{self.path}: schema version {versions}, expected [{SCHEMA_VERSION}]")
+        # tables added within schema 1 (remote_bases) are made in older files at their first open
+        Base.metadata.create_all(self.engine)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

@@ -42,6 +42,7 @@ from .errors import ConflictError, PowerState, SnapshotState, VmError
 from .grants import DIRTY_BITMAP_NAME, Grants
 from .host import Host
 from .metadata import VmDisk, VmSnapshot
+from .migration import refuse_if_migrating
 from .sminfo import find_vdi
 from .snapshots import delete_snapshot, snapshot_vm
 from .vdis import allocated_extents, as_extents, changed_bitmap
@@ -183,6 +184,7 @@ def update_backup_id(
             raise ConflictError(
                 f"VDI {vdi_uuid} is a disk of the running VM {attached.vm.name!r}: stop the VM first"
             )
+        refuse_if_migrating(session, f"VDI {vdi_uuid}", [vdi_uuid])
         size = vdi.virtual_size
     grant = grants.grant(
         vdi_uuid, backup_id, read_only=False, lifetime=datetime.timedelta(hours=lifetime_hours)

@@ -29,7 +29,7 @@ import shutil
 import threading
 from collections.abc import Iterator, Sequence
 
-from agentless.nbd.exports import VhdExport
+from agentless.nbd.exports import Export, VhdExport
 from agentless.nbd.server import NbdServer
 from agentless.wire import SnapshotDeleted, SnapshotTaken, VmInfo
 
@@ -39,6 +39,7 @@ from .errors import ConflictError, PowerState, VmError
 from .host import Host
 from .locks import Locks
 from .metadata import Vm, VmSnapshot
+from .migration import Migrations
 from .snapshots import collect_garbage, delete_snapshot, refuse_if_restoring, snapshot_vm
 from .vms import describe_vm, find_vm, owner_of
 
@@ -50,15 +51,15 @@ log = logging.getLogger(__name__)
 class LiveDisk:
     """A running VM's disk: the leaf of its VDI, switchable, with CBT marking."""
 
-    def __init__(self, path: str, tracker: ChangedBlockTracker | None):
-        self._export = VhdExport(path)
+    def __init__(self, path: str, tracker: ChangedBlockTracker | None, export: Export | None = None):
+        self._export: Export = export if export is not None else VhdExport(path)
         self.tracker = tracker
         self._cond = threading.Condition()
         self._pauses = 0  # pauses held (a snapshot and a reader of the files may overlap)
         self._in_flight = 0
 
     @contextlib.contextmanager
-    def _request(self) -> Iterator[VhdExport]:
+    def _request(self) -> Iterator[Export]:
         with self._cond:
             self._cond.wait_for(lambda: not self._pauses)
             self._in_flight += 1
@@ -192,9 +193,10 @@ class Runtime:
     """The running VMs of a host; lives in the daemon, on its event loop. *locks* are the
     daemon's per-VM locks (:mod:`.locks`)."""
 
-    def __init__(self, host: Host, locks: Locks | None = None):
+    def __init__(self, host: Host, locks: Locks | None = None, migrations: Migrations | None = None):
         self.host = host
         self.locks = locks or Locks()
+        self.migrations = migrations if migrations is not None else Migrations(host)
         self._vms: dict[str, _Running] = {}
         self._garbage: set[str] = set()  # VMs whose dropped snapshot data wait to be merged
 
@@ -255,7 +257,7 @@ class Runtime:
                 if disk.cbt_enabled:
                     path = cbt_path(os.path.dirname(disk.path), disk.vdi)
                     tracker = ChangedBlockTracker.open(path, disk.vdi, disk.size)
-                live = LiveDisk(disk.path, tracker)
+                live = LiveDisk(disk.path, tracker, self.migrations.disk(disk.vdi))
                 running.disks.append(live)
                 server = NbdServer({"": live})
                 socket_path = self._socket(vm.uuid, disk.position)
@@ -296,6 +298,9 @@ class Runtime:
                 await self._teardown(self._vms.pop(vm_uuid))
             finally:
                 lock.release()
+        await asyncio.to_thread(
+            self.migrations.shutdown
+        )  # their maps checkpointed: resumed at the next start
 
     async def _teardown(self, running: _Running) -> None:
         if running.qemu is not None and running.qemu.returncode is None:
@@ -326,6 +331,8 @@ class Runtime:
         """The VM as the host knows it, plus for a running one the guest's live state: its
         qemu process and the NBD connections on each disk."""
         vm = describe_vm(self.host, ref)
+        for disk in vm.disks:
+            disk.migration = self.migrations.info(disk.vdi)
         running = self._vms.get(vm.uuid)
         if running is not None:
             alive = running.qemu is not None and running.qemu.returncode is None

@@ -10,7 +10,7 @@ from agentless.nbd.errors import NbdError
 from agentless.nbd.limits import Limits
 from agentless.vhd import VhdError
 
-from .daemon import LOOPBACK, serve
+from .daemon import LOOPBACK, REMOTE_READ_TIMEOUT, serve
 from .host import Host, HostError
 from .hostcli import host_directory
 from .metadata import MetadataError
@@ -30,6 +30,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_chain_depth=args.max_chain_depth,
             advertised_port=args.nbd_advertised_port,
             nbd_limits=_nbd_limits(args),
+            remote_read_timeout=args.remote_read_timeout,
         )
     return 0
 
@@ -80,5 +81,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         type=float,
         metavar="SECONDS",
         help=f"time an NBD client has to negotiate (default {limits.handshake_timeout:g})",
+    )
+    p.add_argument(
+        "--remote-read-timeout",
+        type=float,
+        default=REMOTE_READ_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a guest's read of a block not yet copied from its remote base waits for "
+        f"an unreachable source before it fails with EIO (default {REMOTE_READ_TIMEOUT:g})",
     )
     p.set_defaults(handler=_cmd_serve)

@@ -18,6 +18,7 @@ from agentless.wire import ChainFile, Extent, SmInfo
 from .errors import NotFoundError
 from .host import Host
 from .metadata import Vdi
+from .migration import refuse_if_migrating
 
 __all__ = ["find_vdi", "sm_info", "vdi_sm_info"]
 
@@ -73,4 +74,5 @@ def sm_info(host: Host, vdi_uuid: str) -> SmInfo:
     """``get_vdi_sm_info`` of a VDI of *host*: its chain, read from the files."""
     with host.metadata.session() as session:
         path = find_vdi(session, vdi_uuid).path
+        refuse_if_migrating(session, f"VDI {vdi_uuid}", [vdi_uuid])
     return vdi_sm_info(path, vdi_uuid)

@@ -38,7 +38,9 @@ from .cbtlog import CbtError
 from .errors import ConflictError, NotFoundError, PowerState, SnapshotState
 from .grants import Grants
 from .host import Host
-from .metadata import Grant, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
+from .localmap import LOCAL_SUFFIX
+from .metadata import Grant, RemoteBase, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
+from .migration import refuse_if_migrating
 from .vms import find_vm, remove_files
 
 __all__ = [
@@ -73,6 +75,7 @@ def snapshot_vm(
                     f"VM {vm.name!r} is {vm.power_state}: online snapshots need the running host daemon"
                 )
             refuse_if_restoring(host, vm.name, [d.vdi_uuid for d in vm.disks])
+            refuse_if_migrating(session, f"VM {vm.name!r}", [d.vdi_uuid for d in vm.disks])
             snapshot = VmSnapshot(
                 uuid=new_uuid(), vm_uuid=vm.uuid, name=name or f"{vm.name} snapshot", backup_id=backup_id
             )
@@ -312,10 +315,12 @@ def collect_garbage(
 def sweep_orphans(host: Host) -> list[str]:
     """Remove the VHD files of the storage repositories that are in no chain: leaves made
     by a snapshot whose transaction never committed, files merged away by a garbage
-    collection interrupted before their removal. Run with no VM running."""
+    collection interrupted before their removal; and the local-block maps of links that
+    ended (the record is dropped before the map). Run with no VM running."""
     with host.metadata.session() as session:
         paths = [p for p in session.scalars(select(Vdi.path)) if p]
         directories = [host.sr_path(sr) for sr in session.scalars(select(StorageRepository))]
+        linked = {f"{vdi}{LOCAL_SUFFIX}" for vdi in session.scalars(select(RemoteBase.vdi_uuid))}
     referenced: set[str] = set()
     for path in paths:
         with vhd.Chain.open(path) as chain:
@@ -324,7 +329,9 @@ def sweep_orphans(host: Host) -> list[str]:
     for directory in directories:
         for name in sorted(os.listdir(directory)):
             path = os.path.abspath(os.path.join(directory, name))
-            if name.endswith(".vhd") and path not in referenced:
+            if (name.endswith(".vhd") and path not in referenced) or (
+                name.endswith(LOCAL_SUFFIX) and name not in linked
+            ):
                 os.unlink(path)
                 removed.append(path)
     return removed

@@ -20,13 +20,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from agentless import vhd
-from agentless.wire import NicInfo, VmDiskInfo, VmInfo
+from agentless.wire import NicInfo, VmDiskCreate, VmDiskInfo, VmInfo
 
 from .cbt import cbt_path
 from .cbt import enable as enable_cbt
 from .errors import ConflictError, NotFoundError, PowerState, VmError
 from .host import Host
-from .metadata import Grant, Nic, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
+from .localmap import local_map_path
+from .metadata import Grant, Nic, RemoteBase, StorageRepository, Vdi, Vm, VmDisk, VmSnapshot, new_uuid
+from .migration import Migrations
 
 __all__ = [
     "ConflictError",
@@ -102,19 +104,24 @@ def owner_of(session: Session, vdi_uuid: str) -> str | None:
 def create_vm(
     host: Host,
     name: str,
-    disk_sizes: Sequence[int],
+    disk_sizes: Sequence[int | VmDiskCreate],
     networks: Sequence[str] = (),
     vcpus: int = 1,
     memory: int = 1 << 30,
     cbt: bool = True,
     sr_ref: str | None = None,
     vm_uuid: str | None = None,
+    rate_limit: int | None = None,
 ) -> VmInfo:
     """Create a halted VM with blank dynamic disks of *disk_sizes* and one NIC per
     network; returns its description. With *cbt* (the default) changed block tracking is
     enabled on every disk from the start, so the first incremental backup has a history.
     *vm_uuid* lets the caller choose the VM's uuid, so that it can record it before asking
-    and find out later whether its request was done (WinCenter's restores do)."""
+    and find out later whether its request was done (WinCenter's restores do).
+
+    A disk given as a :class:`~agentless.wire.VmDiskCreate` with a ``source`` is linked
+    to that remote base (:mod:`.migration`; the caller has checked the source, and starts
+    the migration once this returns), copied at *rate_limit* bytes per second at most."""
     if not name or len(name) > 255:
         raise VmError("a VM name is 1 to 255 characters")
     if not disk_sizes:
@@ -138,7 +145,8 @@ def create_vm(
             sr = _default_sr(session) if sr_ref is None else _named_sr(session, sr_ref)
             vm = Vm(uuid=vm_uuid or new_uuid(), name=name, vcpus=vcpus, memory=memory)
             session.add(vm)
-            for position, size in enumerate(disk_sizes):
+            for position, spec in enumerate(disk_sizes):
+                size, source = (spec, None) if isinstance(spec, int) else (spec.size, spec.source)
                 vdi_uuid = new_uuid()
                 path = os.path.join(host.sr_path(sr), f"{vdi_uuid}.vhd")
                 try:
@@ -160,6 +168,11 @@ def create_vm(
                 )
                 session.add(vdi)
                 vm.disks.append(VmDisk(position=position, vdi=vdi))
+                if source is not None:
+                    session.flush()  # the VDI's row first: the link refers to it
+                    made.append(
+                        Migrations.link(session, host.sr_path(sr), vdi_uuid, size, source, rate_limit)
+                    )
             for position, network in enumerate(networks):
                 vm.nics.append(Nic(position=position, mac=_mac(), network=network))
             session.flush()
@@ -241,6 +254,9 @@ def delete_vm(host: Host, ref: str) -> VmInfo:
             session.delete(grant)  # revoked or expired: only history
         paths = [vdi.path for vdi in vdis] + [vdi.path for vdi in snapshot_vdis]
         paths += [cbt_path(os.path.dirname(vdi.path), vdi.uuid) for vdi in vdis]
+        paths += [local_map_path(os.path.dirname(vdi.path), vdi.uuid) for vdi in vdis]
+        for link in session.scalars(select(RemoteBase).where(RemoteBase.vdi_uuid.in_(uuids))):
+            session.delete(link)  # the caller stopped its migration
         for vdi in snapshot_vdis:  # they refer to the disks and to the snapshots
             session.delete(vdi)
         session.flush()

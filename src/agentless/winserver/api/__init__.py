@@ -59,7 +59,7 @@ from agentless import __version__, problems
 from agentless.httpguard import MAX_BODY, RequestGuard, documentation_paths
 
 from ..client import API_PREFIX
-from ..errors import ConflictError, GrantError, NotFoundError, StorageFullError, VmError
+from ..errors import ConflictError, GrantError, NotFoundError, SourceError, StorageFullError, VmError
 from ..grants import GrantExports, Grants
 from ..host import Host
 from ..runtime import Runtime
@@ -76,6 +76,7 @@ ERRORS: dict[type[Exception], problems.ErrorMapper] = {
     VmError: lambda _error: (400, "Request failed"),
     GrantError: lambda _error: (400, "Request failed"),
     StorageFullError: lambda _error: (507, "Insufficient Storage"),
+    SourceError: lambda _error: (502, "Remote base unreadable"),
 }
 """The host's errors as problems (the most specific class wins)."""
 
@@ -86,6 +87,7 @@ RESPONSES: dict[int | str, dict[str, object]] = {
     409: problems.problem_doc("the request clashes with the current state"),
     422: problems.problem_doc("the request is malformed (see errors)"),
     500: problems.problem_doc("an unexpected failure (logged by the host)"),
+    502: problems.problem_doc("a disk's remote base (NBD source) cannot be read (SourceError)"),
     507: problems.problem_doc("no space left on the storage repository (the file is named)"),
 }
 """The problems every route may answer (documented as application/problem+json)."""

@@ -19,12 +19,17 @@ router = APIRouter(tags=["vdis"])
 
 @router.get("/vdis", response_model=VdiList)
 def get_vdis(api: Api, sr: str | None = None) -> VdiList:
-    return VdiList(vdis=list_vdis(api.host, sr))
+    vdis = list_vdis(api.host, sr)
+    for vdi in vdis:
+        vdi.migration = api.runtime.migrations.info(vdi.uuid)
+    return VdiList(vdis=vdis)
 
 
 @router.get("/vdis/{uuid}", response_model=VdiInfo)
 def get_vdi(api: Api, uuid: str) -> VdiInfo:
-    return describe_vdi(api.host, uuid)
+    vdi = describe_vdi(api.host, uuid)
+    vdi.migration = api.runtime.migrations.info(vdi.uuid)
+    return vdi
 
 
 @router.get("/vdis/{uuid}/changed-blocks", response_model=ChangedBlocks)
