@@ -182,6 +182,7 @@ class Migration:
             runs = self.disk.local.runs(start // BLOCK, -(-(start + length) // BLOCK))
             if len(runs) == 1 and runs[0][2]:
                 continue  # made local meanwhile (guest writes, reads)
+            self._throttle(length)
             buf = bytearray(length)
             pending.append((client.submit_read(start, memoryview(buf)), start, buf))
             if len(pending) >= IN_FLIGHT:
@@ -198,9 +199,9 @@ class Migration:
         if now - self._checkpointed >= CHECKPOINT_SECONDS:
             self.disk.checkpoint()
             self._checkpointed = now
-        self._throttle(len(buf))
 
     def _throttle(self, nbytes: int) -> None:
+        """Wait before reading *nbytes* more while the rate limit is exceeded."""
         if not self.rate_limit:
             return
         self._throttle_bytes += nbytes

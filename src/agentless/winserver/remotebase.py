@@ -41,7 +41,7 @@ __all__ = ["COPY_ON_READ_LIMIT", "RemoteBaseDisk", "RemoteSource"]
 
 log = logging.getLogger(__name__)
 
-COPY_ON_READ_LIMIT = 4 << 20  # a guest read of remote blocks up to this is read whole and kept
+COPY_ON_READ_LIMIT = 4 << 20  # a guest read of remote blocks reads them whole, this much at a time
 RETRY_FIRST = 0.2  # seconds between a guest read's attempts, doubling ...
 RETRY_MOST = 2.0  # ... up to this
 
@@ -296,17 +296,17 @@ class RemoteBaseDisk:
             for start, stop, local in runs:
                 lo = max(offset, start * BLOCK)
                 hi = min(offset + len(buf), stop * BLOCK)
-                part = buf[lo - offset : hi - offset]
                 if local:
-                    self._vhd.pread(part, lo)
+                    self._vhd.pread(buf[lo - offset : hi - offset], lo)
                     continue
-                whole_start, whole_end = start * BLOCK, min(self._size, stop * BLOCK)
-                if whole_end - whole_start <= COPY_ON_READ_LIMIT:
-                    data = self._fetch(whole_start, whole_end - whole_start)
-                    part[:] = data[lo - whole_start : hi - whole_start]
-                    self.install(whole_start, memoryview(data))  # copy-on-read
-                else:
-                    part[:] = self._fetch(lo, hi - lo)
+                # whole blocks, so that they are kept (copy-on-read), a piece at a time
+                for piece in range(start * BLOCK, min(self._size, stop * BLOCK), COPY_ON_READ_LIMIT):
+                    piece_end = min(self._size, stop * BLOCK, piece + COPY_ON_READ_LIMIT)
+                    data = self._fetch(piece, piece_end - piece)
+                    a, b = max(lo, piece), min(hi, piece_end)
+                    if a < b:
+                        buf[a - offset : b - offset] = data[a - piece : b - piece]
+                    self.install(piece, memoryview(data))
 
     def file_source(self, offset: int, length: int) -> tuple[int, int] | None:
         return None
