@@ -5,7 +5,7 @@ of the source that is not local yet into the VHD, then detaches the source.
 
     for each run of blocks not local (the map, a window at a time):
         base:allocation of the run ──▶ blocks wholly in zero extents: local, nothing read
-        the other blocks ──▶ READs, 8 in flight ──▶ install: only blocks still not local
+        the other blocks ──▶ READs by 4 readers ──▶ install: only blocks still not local
                                                      are written (the guest's writes win)
         every few seconds: checkpoint (VHD synced, then the map)
     every block local ──▶ detach: link record deleted, map removed
@@ -21,11 +21,12 @@ the VM datapath borrows it (:meth:`Migrations.disk`) so that there is one writer
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -45,8 +46,8 @@ __all__ = ["Migration", "Migrations", "linked_vdis", "refuse_if_migrating"]
 
 log = logging.getLogger(__name__)
 
-PIECE = 1 << 20  # bytes per READ of the source
-IN_FLIGHT = 8  # READs in flight on the migration's connection
+PIECE = 2 << 20  # bytes per READ of the source
+CONNECTIONS = 4  # readers of the source, each on a connection of its own
 CHECKPOINT_SECONDS = 2.0
 RETRY_FIRST = 0.5
 RETRY_MOST = 30.0
@@ -84,6 +85,7 @@ class Migration:
         self._done = done
         self._stop = threading.Event()
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._count = threading.Lock()  # transferred and the samples, counted by the readers
         self._thread = threading.Thread(target=self._run, name=f"migration-{disk.vdi[:8]}", daemon=True)
         self._throttle_start = time.monotonic()
         self._throttle_bytes = 0
@@ -101,12 +103,13 @@ class Migration:
     def rate(self) -> float:
         """Bytes per second read from the source over the last :data:`RATE_WINDOW` s."""
         now = time.monotonic()
-        samples = self._samples
-        while len(samples) > 1 and now - samples[0][0] > RATE_WINDOW:
-            samples.popleft()
-        if not samples or now - samples[0][0] <= 0:
-            return 0.0
-        return max(0.0, (self.transferred - samples[0][1]) / (now - samples[0][0]))
+        with self._count:
+            samples = self._samples
+            while len(samples) > 1 and now - samples[0][0] > RATE_WINDOW:
+                samples.popleft()
+            if not samples or now - samples[0][0] <= 0:
+                return 0.0
+            return max(0.0, (self.transferred - samples[0][1]) / (now - samples[0][0]))
 
     # ------------------------------------------------------------------ the thread
 
@@ -135,30 +138,57 @@ class Migration:
         self.state, self.last_error = "stalled", why
 
     def _copy(self) -> None:
-        """One pass over the blocks not local; SourceError when the source fails."""
-        client = self.disk.source.connect()
+        """One pass over the blocks not local; SourceError when the source fails. This
+        thread asks the source's allocation and marks holes; :data:`CONNECTIONS` readers,
+        each on a connection of its own, read the data and install it (the VHD writes of
+        one reader overlap the others' reads)."""
+        readers = _Readers(self.disk.source)
+        control = self.disk.source.connect()
+        pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
         try:
             self.state = "migrating"
-            for first, end in self.disk.local.missing():
-                if self._stop.is_set():
-                    break
-                self._copy_run(client, first * BLOCK, min(end * BLOCK, self.disk.size))
+            with concurrent.futures.ThreadPoolExecutor(CONNECTIONS, f"migration-{self.disk.vdi[:8]}") as pool:
+                try:
+                    for start, length in self._pieces(control):
+                        pending.append(pool.submit(self._piece, readers, start, length))
+                        while len(pending) >= 2 * CONNECTIONS or (pending and pending[0].done()):
+                            pending.popleft().result()
+                            self._checkpoint_due()
+                    while pending:
+                        pending.popleft().result()
+                finally:
+                    for future in pending:
+                        future.cancel()
         except (NbdError, OSError) as error:
             if isinstance(error, OSError) and not isinstance(error, ConnectionError):
                 raise  # the VHD, not the source
             raise SourceError(f"source {self.disk.source.uri}: {error}") from None
         finally:
-            client.close()
+            control.close()
+            readers.close()
         self.disk.checkpoint()
         self._checkpointed = time.monotonic()
 
-    def _copy_run(self, client: Client, offset: int, end: int) -> None:
-        """Blocks ``[offset, end)`` (block-aligned, the end possibly the disk's): holes
-        marked, data copied."""
+    def _pieces(self, control: Client) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the data to copy, in disk order; holes (blocks wholly in
+        zero extents of the source) are marked local on the way, without a read."""
+        for first, end in self.disk.local.missing():
+            offset, stop = first * BLOCK, min(end * BLOCK, self.disk.size)
+            data_from = first
+            for hole_first, hole_end in self._holes(control, offset, stop):
+                yield from self._data(data_from * BLOCK, hole_first * BLOCK)
+                self.disk.local.mark(hole_first, hole_end)
+                data_from = hole_end
+            yield from self._data(data_from * BLOCK, stop)
+            if self._stop.is_set():
+                return
+
+    def _holes(self, control: Client, offset: int, end: int) -> list[tuple[int, int]]:
+        """Runs of blocks of ``[offset, end)`` that lie wholly in zero extents."""
         holes: list[tuple[int, int]] = []
         pos = offset
         while pos < end:
-            for length, flags in client.extents(pos, end - pos):
+            for length, flags in control.extents(pos, end - pos):
                 if flags & NBD_STATE_ZERO:
                     first, last = -(-pos // BLOCK), (pos + length) // BLOCK
                     if pos + length >= self.disk.size:
@@ -166,36 +196,30 @@ class Migration:
                     if last > first:
                         holes.append((first, last))
                 pos += length
-        data_from = offset // BLOCK
-        for first, last in holes:
-            self._copy_data(client, data_from * BLOCK, first * BLOCK)
-            self.disk.local.mark(first, last)
-            data_from = last
-        self._copy_data(client, data_from * BLOCK, end)
+        return holes
 
-    def _copy_data(self, client: Client, offset: int, end: int) -> None:
-        pending: collections.deque[tuple[int, int, bytearray]] = collections.deque()
+    def _data(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
         for start in range(offset, end, PIECE):
             if self._stop.is_set():
-                break
+                return
             length = min(PIECE, end - start)
             runs = self.disk.local.runs(start // BLOCK, -(-(start + length) // BLOCK))
             if len(runs) == 1 and runs[0][2]:
                 continue  # made local meanwhile (guest writes, reads)
             self._throttle(length)
-            buf = bytearray(length)
-            pending.append((client.submit_read(start, memoryview(buf)), start, buf))
-            if len(pending) >= IN_FLIGHT:
-                self._install(client, *pending.popleft())
-        while pending:
-            self._install(client, *pending.popleft())
+            yield start, length
 
-    def _install(self, client: Client, cookie: int, start: int, buf: bytearray) -> None:
-        client.wait(cookie)
+    def _piece(self, readers: _Readers, start: int, length: int) -> None:
+        """In a reader thread: read a piece of the source and install it."""
+        buf = bytearray(length)
+        readers.client().readinto(start, buf)
         self.disk.install(start, memoryview(buf))
-        self.transferred += len(buf)
+        with self._count:
+            self.transferred += length
+            self._samples.append((time.monotonic(), self.transferred))
+
+    def _checkpoint_due(self) -> None:
         now = time.monotonic()
-        self._samples.append((now, self.transferred))
         if now - self._checkpointed >= CHECKPOINT_SECONDS:
             self.disk.checkpoint()
             self._checkpointed = now
@@ -208,6 +232,30 @@ class Migration:
         ahead = self._throttle_bytes / self.rate_limit - (time.monotonic() - self._throttle_start)
         if ahead > 0:
             self._stop.wait(ahead)
+
+
+class _Readers:
+    """A connection to the source per reader thread, made at its first piece."""
+
+    def __init__(self, source: RemoteSource):
+        self._source = source
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: list[Client] = []
+
+    def client(self) -> Client:
+        client: Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._source.connect()
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
 
 class Migrations:
