@@ -285,9 +285,13 @@ def test_a_killed_host_daemon_resumes_the_migration(tmp_path: Path, tls_dir: Pki
                         model[offset : offset + len(payload)] = payload
                     disk.flush()
                 assert not local(client, "k")
+                vhd_path = Path(client.vm("k").disks[0].path)
             proc.kill()
             proc.wait()
+            stray = vhd_path.parent / "00000000-0000-4000-8000-000000000000.local"  # a link that ended
+            stray.write_bytes(b"")
             proc = start_daemon(host)
+            assert not stray.exists(), "the map of a link that ended is removed at start"
             with HostClient(host.api_url, host.token, host.cert_pem) as client:
                 assert client.vm("k").power_state == "running"
                 wait_until(lambda: local(client, "k"), 60, "the resumed migration to end")

@@ -52,6 +52,7 @@ CHECKPOINT_SECONDS = 2.0
 RETRY_FIRST = 0.5
 RETRY_MOST = 30.0
 RATE_WINDOW = 5.0  # seconds the reported rate is measured over
+CHECK_TIMEOUT = 10.0  # seconds the first connection to a new source may take
 
 
 def linked_vdis(session: Session, vdi_uuids: Iterable[str]) -> list[str]:
@@ -278,7 +279,7 @@ class Migrations:
         """Connect once to each (source, disk size): SourceError if one cannot be read or
         has another size – before anything is made."""
         for source, size in sources:
-            RemoteSource(source, size, connections=1).connect().close()
+            RemoteSource(source, size, connections=1, timeout=CHECK_TIMEOUT).connect().close()
 
     @staticmethod
     def link(
@@ -303,22 +304,23 @@ class Migrations:
     # ------------------------------------------------------------------ running them
 
     def resume_all(self) -> list[str]:
-        """Start the migration of every linked VDI (the daemon's start, and after a link
-        is made); the VDIs started."""
+        """Start the migration of every linked VDI that has none (the daemon's start, and
+        after a link is made); the VDIs started."""
         with self.host.metadata.session() as session:
             rows = [(row, session.get(Vdi, row.vdi_uuid)) for row in session.scalars(select(RemoteBase))]
         started = []
         for row, vdi in rows:
-            if vdi is None or row.vdi_uuid in self._workers:
+            if vdi is None:
                 continue
-            source = NbdSource(uri=row.uri, export_name=row.export_name, cert=row.cert)
-            local = LocalMap.open(
-                local_map_path(os.path.dirname(vdi.path), vdi.uuid), vdi.uuid, vdi.virtual_size
-            )
-            remote = RemoteSource(source, vdi.virtual_size)
-            disk = RemoteBaseDisk(vdi.uuid, vdi.path, local, remote, self.read_timeout)
-            worker = Migration(disk, row.rate_limit, self._finish)
-            with self._lock:
+            with self._lock:  # one migration per VDI, whoever calls at the same time
+                if vdi.uuid in self._workers:
+                    continue
+                source = NbdSource(uri=row.uri, export_name=row.export_name, cert=row.cert)
+                where = local_map_path(os.path.dirname(vdi.path), vdi.uuid)
+                local = LocalMap.open(where, vdi.uuid, vdi.virtual_size)
+                remote = RemoteSource(source, vdi.virtual_size)
+                disk = RemoteBaseDisk(vdi.uuid, vdi.path, local, remote, self.read_timeout)
+                worker = Migration(disk, row.rate_limit, self._finish)
                 self._disks[vdi.uuid] = disk
                 self._workers[vdi.uuid] = worker
                 self._started[vdi.uuid] = row.started
@@ -386,7 +388,8 @@ class Migrations:
         disk.local.remove()
         with self._lock:
             self._workers.pop(disk.vdi, None)
-            self._disks.pop(disk.vdi, None)
+            mine = self._disks.pop(disk.vdi, None) is disk  # else stop() took it and closes it
             self._started.pop(disk.vdi, None)
-        disk.close()
+        if mine:
+            disk.close()
         log.info("VDI %s: every block is local, remote base %s detached", disk.vdi, disk.source.uri)
