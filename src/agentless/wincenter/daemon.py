@@ -11,6 +11,9 @@ every few seconds until SIGINT or SIGTERM:
   backups that have waited too long behind a backup that cannot be released fail
   (:meth:`~.backups.Backups.give_up_waiting`); steps that lost the database (PostgreSQL
   restarted) are recovered once it answers again (:meth:`~.orchestrator.Orchestrator.resume`);
+- the instant restores' poller (every second, ``--migration-poll``): each ``migrating``
+  restore's progress read from its host, completed when its disks are local
+  (:meth:`~.restores.Restores.poll_migrations`);
 - inventory sync (every 60 s): every registered host's pools and VMs, so that changes
   made on a host directly show up; an unreachable host is marked so, a host that answers
   has the steps that failed on it tried again at once (:mod:`.retries`).
@@ -42,6 +45,7 @@ from .api import make_app
 from .backups import QUEUE_WAIT
 from .center import Center
 from .orchestrator import DEFAULT_TASK_TTL, Orchestrator
+from .restores import MIGRATION_POLL_SECONDS
 from .retries import FIRST_SECONDS
 from .schemas import API_PREFIX
 
@@ -130,6 +134,9 @@ async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator)
         jobs = [
             asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center, orchestrator), stop)),
             asyncio.create_task(_every(SYNC_SECONDS, orchestrator.inventory.sync_all, stop)),
+            asyncio.create_task(
+                _every(orchestrator.migration_poll, orchestrator.restores.poll_migrations, stop)
+            ),
         ]
         await stop.wait()
         await asyncio.gather(*jobs)
@@ -146,10 +153,14 @@ def serve(
     task_ttl: datetime.timedelta = DEFAULT_TASK_TTL,
     retry_first: float = FIRST_SECONDS,
     queue_wait: datetime.timedelta = QUEUE_WAIT,
+    migration_poll: float = MIGRATION_POLL_SECONDS,
 ) -> None:
     """Serve *center* on *bind*:*port* until SIGINT or SIGTERM; backups and restores left
     unfinished for *task_ttl* expire; a step that failed on a host is tried again after
     *retry_first* seconds (then twice as long each time); a queued backup waits at most
-    *queue_wait* behind a backup of its VM that cannot be released."""
-    with Orchestrator(center, task_ttl, retry_first=retry_first, queue_wait=queue_wait) as orchestrator:
+    *queue_wait* behind a backup of its VM that cannot be released; the progress of
+    instant restores is read from their hosts every *migration_poll* seconds."""
+    with Orchestrator(
+        center, task_ttl, retry_first=retry_first, queue_wait=queue_wait, migration_poll=migration_poll
+    ) as orchestrator:
         asyncio.run(_run(center, bind, port, orchestrator))

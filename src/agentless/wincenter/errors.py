@@ -9,6 +9,8 @@
      ├── NotFoundError           no such token, task, host... (404)
      ├── ConflictError           the request contradicts the current state: a finished task
      │                           moved again, a token revoked twice... (409)
+     ├── InvalidRequestError     well-formed but inconsistent: sources on some disks of a
+     │                           restore only... (422)
      └── HostCallError           a WinServer host did not answer (502) or refused what
                                  WinCenter asked (the host's own 404, 409 or 422)
 
@@ -26,6 +28,7 @@ __all__ = [
     "ConflictError",
     "DatabaseError",
     "HostCallError",
+    "InvalidRequestError",
     "NotFoundError",
     "SecretError",
     "WinCenterError",
@@ -74,6 +77,14 @@ class ConflictError(WinCenterError):
 
     status = 409
     title = "Conflict"
+
+
+class InvalidRequestError(WinCenterError):
+    """The request is well-formed but its parts do not fit together (a source on some
+    disks of a restore only); change the request."""
+
+    status = 422
+    title = "Unprocessable Content"
 
 
 class HostCallError(WinCenterError):

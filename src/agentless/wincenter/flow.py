@@ -40,12 +40,15 @@ Submit = Callable[[Callable[[], None]], None]
 class FlowState(enum.StrEnum):
     """The state of a backup's or a restore's record (the strings are stored and shown).
     The starting state is the flow's own: ``preparing`` for a backup (the snapshot and
-    grants), ``creating`` for a restore (the new VM)."""
+    grants), ``creating`` for a restore (the new VM). ``migrating`` is an instant
+    restore's instead of ``ready`` (:mod:`.restores`): nothing waits for the backup
+    system, the host copies the disks and the restore completes on its own."""
 
     QUEUED = "queued"
     PREPARING = "preparing"
     CREATING = "creating"
     READY = "ready"
+    MIGRATING = "migrating"  # an instant restore: the VM runs, its host copies the disks
     COMPLETING = "completing"
     COMPLETED = "completed"
     ABORTING = "aborting"

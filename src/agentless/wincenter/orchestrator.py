@@ -29,7 +29,7 @@ from .backups import QUEUE_WAIT, Backups
 from .center import Center
 from .inventory import ClientFactory, Inventory
 from .restores import KIND as RESTORE
-from .restores import Restores
+from .restores import MIGRATION_POLL_SECONDS, Restores
 from .retries import FIRST_SECONDS, Retries
 from .tasks import Task
 
@@ -44,7 +44,8 @@ class Orchestrator(Closing):
     calls. *ttl*: how long the backup system may leave a backup or restore unfinished;
     *retry_first*: seconds before a step that failed on a host is tried again (the wait
     doubles, up to 5 minutes); *queue_wait*: how long a queued backup waits behind a
-    backup of its VM that cannot be released."""
+    backup of its VM that cannot be released; *migration_poll*: seconds between two
+    readings of an instant restore's progress from its host (the daemon's poller)."""
 
     def __init__(
         self,
@@ -54,8 +55,10 @@ class Orchestrator(Closing):
         client_factory: ClientFactory = HostClient,
         retry_first: float = FIRST_SECONDS,
         queue_wait: datetime.timedelta = QUEUE_WAIT,
+        migration_poll: float = MIGRATION_POLL_SECONDS,
     ):
         self.center = center
+        self.migration_poll = migration_poll
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="wincenter-task")
         self.retries = Retries(self.submit, retry_first)
         self.inventory = Inventory(center, client_factory, on_seen=self.retries.host_seen)

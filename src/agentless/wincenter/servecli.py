@@ -14,6 +14,7 @@ from .clitools import command_parser, open_center, seconds
 from .daemon import LOOPBACK, serve
 from .errors import WinCenterError
 from .orchestrator import DEFAULT_TASK_TTL
+from .restores import MIGRATION_POLL_SECONDS
 from .retries import FIRST_SECONDS
 
 __all__ = ["ERRORS", "add_commands"]
@@ -40,6 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             task_ttl=datetime.timedelta(seconds=args.task_timeout),
             retry_first=args.retry_seconds,
             queue_wait=datetime.timedelta(seconds=args.queue_wait),
+            migration_poll=args.migration_poll,
         )
     return 0
 
@@ -68,5 +70,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=QUEUE_WAIT.total_seconds(),
         help="seconds a queued backup waits behind a backup of its VM that cannot be released"
         " before it fails (default %(default).0f)",
+    )
+    p.add_argument(
+        "--migration-poll",
+        type=_retry_seconds,
+        default=MIGRATION_POLL_SECONDS,
+        help="seconds between two readings of an instant restore's progress from its host"
+        " (default %(default).0f)",
     )
     p.set_defaults(handler=_cmd_serve)
