@@ -40,6 +40,7 @@ ROUTES = [  # (method, path, permission)
     ("POST", "/api/v1/backups/{backup_id}/abort", Permission.OPERATE),
     ("POST", "/api/v1/backups/{backup_id}/progress", Permission.OPERATE),
     ("POST", "/api/v1/restores", Permission.OPERATE),
+    ("GET", "/api/v1/restores", Permission.READ),
     ("GET", "/api/v1/restores/{restore_id}", Permission.READ),
     ("POST", "/api/v1/restores/{restore_id}/complete", Permission.OPERATE),
     ("POST", "/api/v1/restores/{restore_id}/abort", Permission.OPERATE),

@@ -39,7 +39,10 @@ from .schemas import (
     HostOut,
     PoolList,
     PoolOut,
+    RestoreCreate,
     RestoreOut,
+    RestorePage,
+    RestoreTarget,
     TaskAccepted,
     TaskOut,
     TaskPage,
@@ -53,12 +56,13 @@ from .schemas import (
     WhoAmI,
 )
 
-__all__ = ["CenterApiError", "CenterClient", "CenterError", "CenterUnreachable"]
+__all__ = ["RESTORE_ENDED_STATES", "CenterApiError", "CenterClient", "CenterError", "CenterUnreachable"]
 
 M = TypeVar("M", bound=BaseModel)
 Params = Mapping[str, str | int | Sequence[str]]
 _TASK: TypeAdapter[TaskOut] = TypeAdapter(TaskOut)
 ENDED_STATES = frozenset({"succeeded", "failed", "aborted", "expired"})
+RESTORE_ENDED_STATES = frozenset({"completed", "aborted", "failed"})
 
 
 class CenterError(Exception):
@@ -266,15 +270,69 @@ class CenterClient(Closing):
         return self._task("POST", f"/backups/{_q(backup_id)}/progress", json={"done": done})
 
     def start_restore(
-        self, restore_id: str, vm: VmSpec, host: str | None = None, pool: str | None = None
+        self,
+        restore_id: str,
+        vm: VmSpec,
+        host: str | None = None,
+        pool: str | None = None,
+        *,
+        start: bool = False,
+        migration_rate_limit: int | None = None,
     ) -> TaskAccepted:
         """Seed restore step 1; then :meth:`wait_task` for ``ready`` (the result holds the
-        new VM and each disk's write access) and :meth:`complete_restore`."""
-        body = {"restore_id": restore_id, "vm": vm.model_dump(), "target": {"host": host, "pool": pool}}
-        return self._model(TaskAccepted, "POST", "/restores", json=body)
+        new VM and each disk's write access) and :meth:`complete_restore`. With a source
+        on every disk of *vm* an instant restore (:meth:`create_restore`)."""
+        body = RestoreCreate(
+            restore_id=restore_id,
+            vm=vm,
+            target=RestoreTarget(host=host, pool=pool),
+            start=start,
+            migration_rate_limit=migration_rate_limit,
+        )
+        return self.create_restore(body)
+
+    def create_restore(self, body: RestoreCreate) -> TaskAccepted:
+        """``POST /restores`` with *body*. With a source on every disk it is an instant
+        restore: follow it with :meth:`restore` (or :meth:`wait_restore`) – ``migrating``
+        once the VM exists (and runs, if ``start``), with its ``migration`` progress, then
+        ``completed`` on its own; :meth:`abort_restore` deletes the VM. Fields left at
+        their defaults are not sent (a center that predates them accepts the body)."""
+        data = body.model_dump(mode="json", exclude_defaults=True)
+        data["vm"] = body.vm.model_dump(mode="json", exclude_none=True)
+        return self._model(TaskAccepted, "POST", "/restores", json=data)
 
     def restore(self, restore_id: str) -> RestoreOut:
         return self._model(RestoreOut, "GET", f"/restores/{_q(restore_id)}")
+
+    def restores(
+        self, state: str | list[str] | None = None, limit: int = 100, offset: int = 0
+    ) -> RestorePage:
+        """Restores newest first (``state="migrating"``: the instant restores being copied)."""
+        params: dict[str, str | int | Sequence[str]] = {"limit": limit, "offset": offset}
+        if state:
+            params["state"] = state
+        return self._model(RestorePage, "GET", "/restores", params=params)
+
+    def wait_restore(
+        self,
+        restore_id: str,
+        until: frozenset[str] | set[str] = RESTORE_ENDED_STATES,
+        timeout: float = 3600.0,
+        poll: float = 0.5,
+    ) -> RestoreOut:
+        """Poll the restore until its state is one of *until* (default: ended –
+        completed, aborted or failed; ``{"migrating"} | RESTORE_ENDED_STATES`` waits for
+        an instant restore's VM); TimeoutError after *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        interval = min(0.01, poll)
+        while True:
+            restore = self.restore(restore_id)
+            if restore.state in until:
+                return restore
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"restore {restore_id} still {restore.state} after {timeout:.0f} s")
+            time.sleep(interval)
+            interval = min(poll, interval * 1.5)
 
     def complete_restore(self, restore_id: str) -> TaskAccepted:
         return self._model(TaskAccepted, "POST", f"/restores/{_q(restore_id)}/complete")

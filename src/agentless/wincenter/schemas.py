@@ -47,6 +47,7 @@ __all__ = [
     "RestoreCreate",
     "RestoreMigration",
     "RestoreOut",
+    "RestorePage",
     "RestoreStateName",
     "RestoreTarget",
     "RestoreTaskOut",
@@ -389,3 +390,9 @@ class RestoreOut(Wire):
     migration: RestoreMigration | None = Field(
         default=None, description="an instant restore's copy, while it runs (state migrating)"
     )
+
+
+class RestorePage(Page):
+    """Restores newest first (``GET /restores``)."""
+
+    items: list[RestoreOut]

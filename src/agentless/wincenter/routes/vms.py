@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from ..audit import set_result
 from ..auth import Admin, Operator, Reader
+from ..errors import InvalidRequestError
 from ..schemas import API_PREFIX, VmCreate, VmOut, VmPage
 from .common import BAD_GATEWAY, CONFLICT, NOT_FOUND, Flows, Limit, Offset, Ref
 
@@ -39,7 +40,10 @@ def get_vm(ref: Ref, _caller: Reader, f: Flows) -> VmOut:
 
 @router.post("/vms", status_code=201, responses=NOT_FOUND | CONFLICT | BAD_GATEWAY)
 def create_vm(body: VmCreate, request: Request, _caller: Admin, f: Flows) -> VmOut:
-    """A halted VM with blank disks, on a host or in a pool (or the only host)."""
+    """A halted VM with blank disks, on a host or in a pool (or the only host). Disk
+    sources are for instant restores (``POST /restores``): refused here (422)."""
+    if any(d.source is not None for d in body.disks):
+        raise InvalidRequestError("disk sources are for instant restores: POST /restores")
     vm = f.inventory.create_vm(
         body.name,
         [d.size for d in body.disks],
