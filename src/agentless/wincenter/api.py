@@ -22,7 +22,8 @@
 ``POST   /api/v1/backups/{id}/abort``       operate   give up: release, delete the snapshot
 ``POST   /api/v1/backups/{id}/progress``    operate   {done}: bytes read so far
 ``POST   /api/v1/restores``                 operate   {restore_id, vm, target} -> {task_id}
-``GET    /api/v1/restores/{restore_id}``    read      one restore
+                                                      (a source per disk: an instant restore)
+``GET    /api/v1/restores[/{restore_id}]``  read      restores, newest first (``?state=``)
 ``POST   /api/v1/restores/{id}/complete``   operate   the disks are written: release, sync
 ``POST   /api/v1/restores/{id}/abort``      operate   give up: release, delete the new VM
 ``POST   /api/v1/restores/{id}/progress``   operate   {done}: bytes written so far
