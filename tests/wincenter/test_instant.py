@@ -313,3 +313,22 @@ def test_host_away_mid_migration_keeps_the_restore_migrating(site: Site, disks: 
         if host.vm(done.vm).power_state == "halted":  # the host's restart stopped it
             host.start_vm(done.vm)
     assert_disks_equal(site, done.vm, disks)
+
+
+def test_unreadable_source_fails_the_restore_and_leaves_nothing(site: Site, disks: list[Source]) -> None:
+    """A source nobody serves: the host refuses the VM, the task fails with the host's
+    reason (without the export name), the restore ends ``failed`` and the host keeps no
+    VM of it."""
+    (source, data, _path), (other, more, _) = disks
+    gone = source.model_copy(update={"uri": "nbds://127.0.0.1:9"})  # discard: nothing listens
+    spec = VmSpec(
+        name="orphan", disks=[DiskSpec(size=len(data), source=gone), DiskSpec(size=len(more), source=other)]
+    )
+    with site.client() as center, site.host_client() as host:
+        accepted = center.start_restore("bad", spec, start=True)
+        task = center.wait_task(accepted.task_id, timeout=60, poll=0.05)
+        assert task.state == "failed" and task.error is not None and task.error.detail
+        assert wait_restore(center, "bad", set(RESTORE_ENDED_STATES)).state == "failed"
+        assert all(v.name != "orphan" for v in host.list_vms())
+        text = shown(center, "bad", accepted.task_id)
+        assert source.export_name not in text and other.export_name not in text
