@@ -300,9 +300,9 @@ class Restores(Flow[RestoreRecord]):
             self.inventory.sync_vm(record.host, state)
             migration = migration_of(state, names)
             moved = plan.model_copy(update={"migration": migration})
+            self._report(record.task_id, migration.copied, migration.total)  # seen with migrating
             if not self._store_plan(restore_id, FlowState.CREATING, moved, state=FlowState.MIGRATING):
                 raise ConflictError("the restore was aborted while its VM was made")
-            self.center.tasks.progress(record.task_id, migration.copied, migration.total)
         except Exception as error:
             detail = redact(str(error) or type(error).__name__, names)
             log.warning("restore %s failed: %s", restore_id, detail)
@@ -430,8 +430,8 @@ class Restores(Flow[RestoreRecord]):
         migration = migration_of(state, names)
         moved = plan.model_copy(update={"migration": migration})
         if not is_local(migration):
-            if self._store_plan(restore_id, FlowState.MIGRATING, moved):
-                self._report(record.task_id, migration.copied, migration.total)
+            self._report(record.task_id, migration.copied, migration.total)
+            self._store_plan(restore_id, FlowState.MIGRATING, moved)
             return
         vm = self.inventory.sync_vm(record.host, state)
         done = {"state": FlowState.COMPLETED, "finished": utcnow()}
