@@ -23,8 +23,18 @@ from pathlib import Path
 import pytest
 
 from agentless.wincenter.client import ENDED_STATES, RESTORE_ENDED_STATES, CenterApiError, CenterClient
+from agentless.wincenter.errors import SecretError
+from agentless.wincenter.instant import (
+    InstantPlan,
+    is_local,
+    migration_of,
+    plan_of,
+    sources_of,
+    without_sources,
+)
 from agentless.wincenter.schemas import DiskSpec, NicSpec, RestoreOut, TaskOut, VmSpec
-from agentless.wire import NbdSource
+from agentless.wincenter.secretbox import SecretBox
+from agentless.wire import MigrationInfo, NbdSource, VmDiskInfo, VmInfo
 from tests.conftest import require_tool, run
 from tests.nbd.serving import Pki
 from tests.sites import Site, guest, running_site
@@ -134,6 +144,72 @@ def assert_disks_equal(site: Site, vm: str, served_disks: list[Source]) -> None:
             vdi = host.vdi(host.vm(vm).disks[position].vdi)
             assert vdi.migration is None and vdi.path is not None
             run([qemu_img, "compare", "-f", "vpc", "-F", "raw", vdi.path, str(path)])
+
+
+# ---------------------------------------------------------------------- the stored plan (no daemons)
+
+
+def _source(name: str) -> NbdSource:
+    return NbdSource(uri="nbds://127.0.0.1:10809", export_name=name, cert="PEM")
+
+
+def test_plan_seals_the_export_names_to_their_restore_and_disk(tmp_path: Path) -> None:
+    """The plan keeps each export name sealed (not in its JSON), bound to the restore id
+    and the disk's position: it opens for them only. The spec kept has no sources."""
+    box = SecretBox.create(tmp_path / "secret.key")
+    names = ["first-export-name-0123456789", "second-export-name-0123456789"]
+    spec = VmSpec(name="v", disks=[DiskSpec(size=MiB, source=_source(n)) for n in names])
+    plan = plan_of(box, "r1", spec, start=True, migration_rate_limit=None)
+    assert plan is not None and plan.start
+    stored = json.dumps(plan.model_dump(mode="json"))
+    assert not any(n in stored for n in names)
+    assert InstantPlan.load(json.loads(stored), "r1") == plan
+    assert [s.export_name for s in sources_of(box, "r1", plan)] == names
+    with pytest.raises(SecretError):
+        sources_of(box, "r2", plan)  # another restore's row
+    swapped = plan.model_copy(update={"sources": plan.sources[::-1]})
+    with pytest.raises(SecretError):
+        sources_of(box, "r1", swapped)  # another disk's
+    assert all(d.source is None for d in without_sources(spec).disks)
+    assert plan_of(box, "r1", without_sources(spec), start=False, migration_rate_limit=None) is None
+
+
+def test_migration_of_a_vm_and_redaction() -> None:
+    """A disk without ``migration`` is local; the sums are over the disks; the host's
+    error texts lose the export names."""
+    info = MigrationInfo(
+        state="stalled",
+        source="nbds://h:1",
+        copied=MiB,
+        total=4 * MiB,
+        rate=10.0,
+        last_error="cannot open export secret-name-0123456789 at nbds://h:1",
+        started="2026-12-04T00:00:00Z",
+    )
+    state = VmInfo(
+        uuid="u",
+        name="v",
+        vcpus=1,
+        memory=MiB << 4,
+        power_state="running",
+        created="now",
+        nics=[],
+        disks=[
+            VmDiskInfo(position=0, vdi="d0", sr="s", size=2 * MiB, path="/p0", cbt_enabled=True),
+            VmDiskInfo(
+                position=1, vdi="d1", sr="s", size=4 * MiB, path="/p1", cbt_enabled=True, migration=info
+            ),
+        ],
+    )
+    migration = migration_of(state, ["secret-name-0123456789"])
+    assert (migration.copied, migration.total, migration.rate) == (3 * MiB, 6 * MiB, 10.0)
+    assert [d.state for d in migration.disks] == ["complete", "stalled"]
+    assert migration.disks[1].last_error == "cannot open export <export name> at nbds://h:1"
+    assert not is_local(migration)
+    local = state.model_copy(
+        update={"disks": [d.model_copy(update={"migration": None}) for d in state.disks]}
+    )
+    assert is_local(migration_of(local))
 
 
 # ---------------------------------------------------------------------- without the host feature
