@@ -38,6 +38,7 @@ GROUPS = {
     "run-now": "policycli",
     "jobs": "policycli",
     "serve": "policycli",
+    "restores": "instantcli",
 }
 REPOSITORY_COMMANDS = "repocli"
 

@@ -19,6 +19,8 @@ the run's error and goes on. A traceback means a bug, never one of these::
     ├── PolicyError               a policy invalid/unknown/existing, a bad schedule or
     │   └── NoRules               retention rule, the state database unusable: nothing changed
     ├── GcError                   gc cannot see what is used and deleted nothing: verify first
+    ├── InstantError              an instant restore could not start (no `vmbackup serve`
+    │                             picked it up, WinCenter refused it): what was made is undone
     └── JobError                  one VM's backup or restore failed; WinCenter was told to
         ├── BackupError           abort it, nothing was added to the restore points: the next
         ├── RestoreError          run starts over (other VMs of the command go on)
@@ -38,6 +40,7 @@ __all__ = [
     "Cancelled",
     "CorruptError",
     "GcError",
+    "InstantError",
     "JobError",
     "PointFormatError",
     "PolicyError",
@@ -98,6 +101,13 @@ class PolicyError(VmbackupError):
 class GcError(VmbackupError):
     """The collection cannot see what is used (an unreadable restore point, index page or
     index file) and deleted nothing: run ``vmbackup verify`` and repair first."""
+
+
+class InstantError(VmbackupError):
+    """An instant restore could not be started or followed: no ``vmbackup serve`` daemon
+    picked it up (start one), it could not serve the restore point, or WinCenter refused
+    or failed the restore. The message says which; the command undid what it made (its
+    record is removed or ended, the restore point's hold dropped)."""
 
 
 class JobError(VmbackupError):

@@ -42,6 +42,12 @@ The protocol, one run (holding the ``gc`` lock, which excludes another gc only):
      packs are unindexed until it ends, so only when none runs) deleted too
  13  the small index files merged into large ones (:mod:`.indexcompact`)
 
+**Holds** (:mod:`.holds`): the points an instant restore still serves are kept by prune;
+gc keeps every listed point's data anyway, and names the held ones (``held``). A held
+point whose manifest is gone (removed by a vmbackup that knew no holds, or by hand) may
+still be read by a host through ``vmbackup serve``: while there is one, at step 1 or
+again at step 10, gc deletes nothing (``held_missing``) – as with ``blind`` pages.
+
 Why it is safe: a pack is deleted only if it was condemned at T before every running
 process started (``T + margin < cutoff``); a process that started after T read the
 condemned record (it is durable before step 9 reads the locks) and so reuses none of
@@ -75,6 +81,7 @@ from collections.abc import Collection, Iterable
 import numpy as np
 
 from .errors import GcError, PointFormatError
+from .holds import held_points, read_holds
 from .indexcache import Run
 from .indexcompact import compact_index
 from .indexfile import Entries, pack_digest
@@ -115,7 +122,9 @@ class GcReport:
     ``blind``: pages of restore points that no index file names – while there are any,
     nothing is deleted (run ``vmbackup verify``); ``repack_left``: packs worth repacking
     left for the next run (:data:`REPACK_BLOBS`); ``unreadable``: packs worth repacking
-    with a blob that does not open, left whole (run ``vmbackup verify --read-data``)."""
+    with a blob that does not open, left whole (run ``vmbackup verify --read-data``);
+    ``held``: held restore points (:mod:`.holds`) kept, and why; ``held_missing``: held
+    points whose manifest is gone – while there are any, nothing is deleted."""
 
     condemned: list[str] = dataclasses.field(default_factory=list)
     deleted: list[str] = dataclasses.field(default_factory=list)
@@ -125,6 +134,8 @@ class GcReport:
     waiting: list[str] = dataclasses.field(default_factory=list)
     blind: list[str] = dataclasses.field(default_factory=list)
     unreadable: list[str] = dataclasses.field(default_factory=list)
+    held: dict[str, str] = dataclasses.field(default_factory=dict)
+    held_missing: list[str] = dataclasses.field(default_factory=list)
     index_files_removed: int = 0
     index_files_merged: int = 0
     repack_left: int = 0
@@ -262,6 +273,19 @@ class _Collection:
                     self.pages.add(page)
                     self.pending.add(page)
         self.resolve_pages()
+
+    def held_missing(self) -> bool:
+        """Read the holds: the held points listed go to ``held``, those not listed to
+        ``held_missing``; whether there are such."""
+        holds = held_points(read_holds(self.backend))
+        listed = {name.rsplit("/", 1)[1] for name in self.points}
+        self.report.held = {
+            point: "; ".join(hold.line() for hold in found)
+            for point, found in holds.items()
+            if point in listed
+        }
+        self.report.held_missing = sorted(point for point in holds if point not in listed)
+        return bool(self.report.held_missing)
 
     def resolve_pages(self) -> None:
         """Read the pending pages and mark them and their chunks; a page no index file
@@ -477,6 +501,8 @@ class _Collection:
         self.present = np.ones(len(self.table), bool)
         self.read_records()
         self.mark(sorted(self.backend.list("points/")))
+        if self.held_missing():
+            return self.report  # a host may read data no listed point names: touch nothing
         marks = mark(runs, self.spill)
 
         # 5: plan – per listed pack, in arrays (a name is made only for a pack acted on)
@@ -553,6 +579,8 @@ class _Collection:
             if self.pending:
                 self.report.blind = sorted(p.hex() for p in self.pending)
                 return self.report  # a used page is in no index: delete nothing until it is
+            if self.held_missing():
+                return self.report
             spared = marked_packs(runs, mark(runs, late).entries) if len(late) else set()
         condemned = self.condemned()
         deletable = set()

@@ -17,11 +17,12 @@ from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES, NBD_TIMEOUT, BackupSummary, VmBackup
 from .center import Center, every_vm
-from .clitools import Command, open_repository, seconds, tell
+from .clitools import Command, open_repository, repo_location, repo_password, seconds, tell
 from .leftovers import Journal
 from .leftovers import reap as _reap
+from .repository import Repository
 from .restorejob import VmRestore
-from .settings import Settings, SettingsError, given_token
+from .settings import Settings, SettingsError, given_token, state_url
 
 if TYPE_CHECKING:  # rich is loaded only when bars are shown
     from rich.progress import Progress, TaskID
@@ -167,6 +168,10 @@ def _target(center: CenterClient, target: str | None) -> tuple[str | None, str |
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
+    if args.instant:
+        return _cmd_instant(args)
+    if args.start or args.rate_limit:
+        args.parser.error("--start and --rate-limit go with --instant")
     with (
         open_center(args) as center,  # first: a second site's missing token fails before any prompt
         open_repository(args) as repository,
@@ -193,6 +198,46 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         dict(result),
         f"restored {result['point']} as VM {result['vm']} ({result['vm_id']}): "
         f"{format_size(result['written'])} written",
+    )
+    return 0
+
+
+def _cmd_instant(args: argparse.Namespace) -> int:
+    """``restore --instant``: the VM runs on the restore point served by ``vmbackup
+    serve`` (:mod:`.instantjob`); no repository lock is held – the hold keeps the point."""
+    from .instantjob import InstantStart  # the state database (SQLAlchemy): only for --instant
+    from .instants import Instant
+    from .policies import State
+
+    if args.rate_limit is not None and args.rate_limit <= 0:
+        args.parser.error("--rate-limit: bytes per second, more than 0")
+    location = args.repo or repo_location(args)
+    with (
+        open_center(args) as center,
+        Repository.open(location, repo_password(args)) as repository,
+        State(state_url()) as state,
+    ):
+        host, pool = _target(center, args.target)
+        job = InstantStart(
+            center,
+            repository,
+            location,
+            Instant(state),
+            args.point,
+            args.as_new_vm,
+            host,
+            pool,
+            start=args.start,
+            rate_limit=args.rate_limit,
+        )
+        result = job.run()
+    emit(
+        args,
+        dict(result),
+        f"instant restore {result['restore_id']}: restore point {result['point']} is VM {result['vm']} "
+        f"({result['vm_id']}) on {result['host']}, {'running' if result['started'] else 'not started'} "
+        f"after {result['seconds']:.1f}s; its data move in the background – "
+        "`vmbackup restores` follows them (keep `vmbackup serve` running until they are done)",
     )
     return 0
 
@@ -250,4 +295,17 @@ def add_commands(command: Command) -> None:
     )
     given.add_argument("--token", help="--center's token itself (discouraged: it shows in the process list)")
     p.add_argument("--ca", metavar="FILE", help="file with --center's CA certificate")
+    p.add_argument(
+        "--instant",
+        action="store_true",
+        help="instant restore: the VM is made at once on disks that read the restore point served by "
+        "`vmbackup serve`, and the host copies the data in the background (`vmbackup restores`)",
+    )
+    p.add_argument("--start", action="store_true", help="with --instant: start the VM at once")
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        metavar="BYTES",
+        help="with --instant: bytes per second per disk the host copies at most (default: no limit)",
+    )
     p.set_defaults(handler=_cmd_restore)

@@ -51,6 +51,7 @@ __all__ = [
     "RunState",
     "RunVm",
     "State",
+    "StateBase",
     "due_slot",
     "next_slot",
 ]
@@ -81,6 +82,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 class _Base(DeclarativeBase):
     pass
+
+
+StateBase = _Base
+"""The state database's declarative base: another module's tables (:mod:`.instants`)
+are declared on it, and :class:`State` creates those missing when it opens."""
 
 
 class _Meta(_Base):

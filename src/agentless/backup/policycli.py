@@ -23,7 +23,7 @@ from .clitools import Command, repo_location, repo_password
 from .errors import RepositoryError, SettingsError, VmbackupError
 from .jobcli import open_center
 from .prune import KEEP, RULES
-from .settings import Settings, given_password, state_url
+from .settings import DEFAULT_NBD_PORT, Settings, given_password, state_url
 from .storage import open_backend
 
 if TYPE_CHECKING:
@@ -235,6 +235,8 @@ def _cmd_jobs(hooks: Hooks, args: argparse.Namespace) -> int:
 
 def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
     from .daemon import Daemon
+    from .instants import Instant
+    from .instantserve import InstantService
     from .scheduler import Scheduler
 
     host, _, port = args.listen.rpartition(":")
@@ -242,6 +244,10 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
         raise SettingsError(f"--listen {args.listen!r}: give HOST:PORT, e.g. 127.0.0.1:9478")
     if args.tick <= 0:
         raise SettingsError("--tick must be more than 0")
+    nbd_host, _, nbd_port = args.nbd_listen.rpartition(":")
+    if not nbd_host or not nbd_port.isdigit():
+        example = f"127.0.0.1:{DEFAULT_NBD_PORT}"
+        raise SettingsError(f"--nbd-listen {args.nbd_listen!r}: give HOST:PORT, e.g. {example}")
     webhook = args.webhook or Settings.load().webhook
     with _state() as state:
         scheduler = Scheduler(state, _runner(hooks, args, state, webhook), tick=args.tick)
@@ -249,12 +255,25 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
             daemon = Daemon(scheduler, host.strip("[]"), int(port))
         except OSError as error:
             raise SettingsError(f"cannot listen on {args.listen}: {error.strerror or error}") from None
-        with daemon:
+        try:
+            instant = InstantService(
+                Instant(state),
+                hooks.password(args),
+                functools.partial(hooks.center, args),
+                listen=(nbd_host.strip("[]"), int(nbd_port)),
+                address=args.nbd_address,
+                log=_log,
+            )
+        except OSError as error:
+            daemon.http.server_close()
+            raise SettingsError(f"cannot listen on {args.nbd_listen}: {error.strerror or error}") from None
+        with daemon, instant:
             where = "{}:{}".format(*daemon.address)
             _log(f"serving {len(state.policies())} policies; /metrics and /health on http://{where}")
+            _log(f"instant restores served over NBD with TLS at {instant.uri}")
             if not daemon.wait():
                 raise VmbackupError("the scheduler loop ended unexpectedly (see the lines above)")
-            _log("stopping: running backups are aborted")
+            _log("stopping: running backups are aborted; instant restores are served again at the next start")
     return 0
 
 
@@ -337,5 +356,17 @@ def add_commands(command: Command) -> None:
     p.add_argument("--max-jobs", type=int, default=4, help="VM backups at once overall (default 4)")
     p.add_argument("--per-host", type=int, default=2, help="VM backups at once per host (default 2)")
     p.add_argument("--tick", type=float, default=30.0, help="seconds between looks at the schedules")
+    p.add_argument(
+        "--nbd-listen",
+        default=f"127.0.0.1:{DEFAULT_NBD_PORT}",
+        metavar="HOST:PORT",
+        help="where instant restores' disks are served (NBD with TLS); keep the port across restarts: "
+        f"hosts reconnect to it (default 127.0.0.1:{DEFAULT_NBD_PORT})",
+    )
+    p.add_argument(
+        "--nbd-address",
+        metavar="HOST",
+        help="the name or address hosts are told to reach the NBD server at (default: --nbd-listen's host)",
+    )
     run_options(p)
     p.set_defaults(handler=handler(_cmd_serve))

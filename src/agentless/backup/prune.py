@@ -26,7 +26,9 @@ A count of ``-1`` means unlimited (every bucket). Points dated after *now* (a cl
 ahead of ours) are kept and not counted, so that they cannot push real points out.
 
 :func:`prune` deletes only the removed points' manifests, under a shared lock: the data
-they alone used is reclaimed by the garbage collection (:mod:`.gc`).
+they alone used is reclaimed by the garbage collection (:mod:`.gc`). A point under a hold
+(:mod:`.holds`: an instant restore's host still reads it) is kept whatever the rules say,
+and the report says which hold keeps it (``held``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 from .catalog import Brief
 from .errors import PolicyError
+from .holds import held_points, read_holds
 from .keys import RepositoryError
 from .repository import Repository
 
@@ -64,12 +67,14 @@ class NoRules(PolicyError, ValueError):
 @dataclasses.dataclass
 class PruneReport:
     """``keep``: (point, reasons) and ``remove``: (point, reason), newest first per VM;
-    ``removed`` are the ids actually deleted (none on a dry run)."""
+    ``removed`` are the ids actually deleted (none on a dry run); ``held``: point id ->
+    why a hold keeps it (points the rules alone would have removed)."""
 
     keep: list[tuple[Point, list[str]]]
     remove: list[tuple[Point, str]]
     removed: list[str] = dataclasses.field(default_factory=list)
     dry_run: bool = False
+    held: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def point_time(point: Point) -> datetime.datetime:
@@ -174,7 +179,15 @@ def prune(
     with repo.lock("shared", "prune"):
         points = [p for p in repo.briefs() if vm_ids is None or _vm(p) in vm_ids]
         keep, remove = select(points, **rules, now=now)
-        report = PruneReport(keep, remove, dry_run=dry_run)
+        holds = held_points(read_holds(repo.backend))  # read right before deleting
+        report = PruneReport(keep, [], dry_run=dry_run)
+        for point, reason in remove:
+            if point.id in holds:
+                why = "; ".join(hold.line() for hold in holds[point.id])
+                report.keep.append((point, [why]))
+                report.held[point.id] = why
+            else:
+                report.remove.append((point, reason))
         if not dry_run:
             for point, _ in remove:
                 repo.delete_point(point.id)

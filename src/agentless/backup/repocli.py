@@ -172,11 +172,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         report = prune(repository, **rules, dry_run=args.dry_run)
     kept = [{"id": p.id, "reasons": reasons} for p, reasons in report.keep]
     removed = [{"id": p.id, "reason": reason} for p, reason in report.remove]
-    document = {"keep": kept, "remove": removed, "removed": report.removed, "dry_run": report.dry_run}
+    document = {
+        "keep": kept,
+        "remove": removed,
+        "removed": report.removed,
+        "dry_run": report.dry_run,
+        "held": report.held,
+    }
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"keep   {k['id']}  ({', '.join(k['reasons'])})" for k in kept]
     lines += [f"{'remove' if args.dry_run else 'gone':<6} {r['id']}  ({r['reason']})" for r in removed]
     lines.append(f"{verb} {len(removed)} restore point(s); `vmbackup gc` reclaims their data")
+    if report.held:
+        lines.append(f"kept {len(report.held)} restore point(s) the rules would remove: held (see above)")
     emit(args, document, "\n".join(lines))
     return 0
 
@@ -194,6 +202,13 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         + f"), {len(report.repacked)} repacked, {len(report.condemned)} condemned"
         + (f", {len(report.waiting)} waiting for running backups to end" if report.waiting else "")
     )
+    for point, why in sorted(report.held.items()):
+        text += f"\nkept restore point {point}: {why}"
+    if report.held_missing:
+        text += (
+            f"\nnothing deleted: held restore point(s) {' '.join(report.held_missing)} no longer "
+            "listed (removed while an instant restore reads them); gc frees their data once the holds end"
+        )
     if report.unreadable:
         text += (
             f"\n{len(report.unreadable)} pack(s) not repacked: a blob in them does not open"

@@ -19,9 +19,18 @@ from typing import Any
 
 from .errors import SettingsError
 
-__all__ = ["Settings", "SettingsError", "given_password", "given_token", "settings_path", "state_url"]
+__all__ = [
+    "DEFAULT_NBD_PORT",
+    "Settings",
+    "SettingsError",
+    "given_password",
+    "given_token",
+    "settings_path",
+    "state_url",
+]
 
 MAGIC = "agentless-vmbackup-settings"
+DEFAULT_NBD_PORT = 10810  # `vmbackup serve`'s NBD server of instant restores (NBD's own 10809 is the hosts')
 
 
 def settings_path() -> str:

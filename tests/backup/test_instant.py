@@ -1,0 +1,158 @@
+"""vmbackup's side of instant recovery, against the real ``vmbackup serve`` daemon: its
+NBD server (TLS, the certificate it keeps) serves an instant restore's disks read-only
+and exactly as the restore point holds them, to our client and to ``nbdinfo``/
+``nbdcopy``; after a kill -9 the same names are served on the same port with the same
+certificate; holds keep prune and gc away until the restore ends; ``restore
+--instant`` without a daemon fails in one line and leaves nothing behind; ``restores
+--json`` has its shape. The whole flow through WinCenter and a host is in
+``test_instant_flow.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentless.backup.holds import put_hold, read_holds
+from agentless.backup.instants import Instant, Phase
+from agentless.backup.policies import State
+from agentless.backup.repository import Repository
+from agentless.nbd.client import Client
+from agentless.nbd.errors import NbdError
+from tests.backup.building import CHUNK, backup, disk
+from tests.backup.conftest import vmbackup, vmbackup_process
+from tests.helpers import free_port, wait_until
+
+PASSWORD = "instant-test-password"
+
+
+class Rig:
+    """A repository with restore points, vmbackup's settings and state beside it, and
+    the ``vmbackup serve`` daemon (started by :meth:`serve`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.repo = str(root / "repo")
+        self.config = root / "cfg" / "config.json"
+        self.env = os.environ | {
+            "VMBACKUP_CONFIG": str(self.config),
+            "VMBACKUP_PASSWORD": PASSWORD,
+            "VMBACKUP_REPO": self.repo,
+            "XDG_CACHE_HOME": str(root / "cache"),
+        }
+        for name in ("VMBACKUP_TOKEN", "VMBACKUP_DATABASE"):
+            self.env.pop(name, None)
+        self.port = free_port()
+        self.daemon: subprocess.Popen[str] | None = None
+        self.state_url = "sqlite:///" + str(root / "cfg" / "vmbackup.db")
+
+    def repository(self) -> Repository:
+        return Repository.open(self.repo, PASSWORD)
+
+    def serve(self) -> subprocess.Popen[str]:
+        self.daemon = vmbackup_process(
+            self.env,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            f"127.0.0.1:{self.port}",
+        )
+        return self.daemon
+
+    def stop(self) -> str:
+        """SIGTERM the daemon; its log."""
+        assert self.daemon is not None
+        self.daemon.send_signal(signal.SIGTERM)
+        _out, err = self.daemon.communicate(timeout=60)
+        self.daemon = None
+        return err
+
+    def kill(self) -> None:
+        assert self.daemon is not None
+        self.daemon.kill()
+        self.daemon.wait()
+        self.daemon = None
+
+    def register(self, point: str, restore_id: str, disks: list[int]) -> None:
+        """What ``restore --instant`` does before it asks WinCenter: hold, record."""
+        with self.repository() as repository:
+            put_hold(repository.backend, restore_id, point, "test")
+            sizes = [(d.position, d.size) for d in repository.load_point(point).disks]
+        assert len(sizes) == len(disks)
+        with State(self.state_url) as state:
+            Instant(state).register(restore_id, self.repo, point, "vm-new", sizes)
+
+    def served(self, restore_id: str, timeout: float = 20.0) -> tuple[str, str, list[str]]:
+        """(uri, cert, export names) once the daemon serves *restore_id*."""
+        with State(self.state_url) as state:
+            instant = Instant(state)
+
+            def serving() -> object:
+                record = instant.get(restore_id)
+                assert record.state != Phase.ENDED, record.error
+                return record if record.state == Phase.SERVING else None
+
+            wait_until(serving, timeout, "the daemon to serve the instant restore")
+            record = instant.get(restore_id)
+        assert record.uri is not None and record.cert is not None
+        return record.uri, record.cert, [e.name for e in record.exports]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path)
+    Repository.init(made.repo, PASSWORD).close()
+    try:
+        yield made
+    finally:
+        if made.daemon is not None:
+            made.kill()
+
+
+def _read(uri: str, name: str, cert: str) -> bytes:
+    with Client.connect(f"{uri}/{name}", tls_cert=cert) as client:
+        return bytes(client.read(0, client.size))
+
+
+def test_the_daemon_serves_an_instant_restore_read_only_and_exactly(rig: Rig) -> None:
+    images = [disk(1, chunks=40, holes=(3, 4, 20)), disk(2, chunks=9)]
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", images).point
+    rig.register(point, "vmi-test-1", [0, 1])
+    rig.serve()
+    uri, cert, names = rig.served("vmi-test-1")
+    assert uri == f"nbds://127.0.0.1:{rig.port}"
+    for name, image in zip(names, images, strict=True):
+        assert _read(uri, name, cert) == image
+    with Client.connect(f"{uri}/{names[0]}", tls_cert=cert) as client:
+        assert client.read_only
+        with pytest.raises(NbdError):
+            client.write(0, b"x" * 512)
+        # base:allocation: the holes the backup found
+        holes = [(offset, length) for offset, length, flags in client.map() if flags & 1]
+        assert holes == [(3 * CHUNK, 2 * CHUNK), (20 * CHUNK, CHUNK)]
+    with pytest.raises(NbdError):  # a name it does not serve
+        Client.connect(f"{uri}/not-{names[0]}", tls_cert=cert)
+    log = rig.stop()
+    assert not any(name in log for name in names), "an export name reached the log"
+
+
+def test_the_tls_identity_is_made_once_and_kept_private(rig: Rig) -> None:
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", [disk(3)]).point
+    rig.register(point, "vmi-test-2", [0])
+    rig.serve()
+    _uri, cert, _ = rig.served("vmi-test-2")
+    tls = rig.config.parent / "nbd-tls"
+    assert stat.S_IMODE(os.stat(tls).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tls / "server-key.pem").st_mode) == 0o600
+    assert (tls / "server-cert.pem").read_text() == cert
