@@ -156,3 +156,115 @@ def test_the_tls_identity_is_made_once_and_kept_private(rig: Rig) -> None:
     assert stat.S_IMODE(os.stat(tls).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tls / "server-key.pem").st_mode) == 0o600
     assert (tls / "server-cert.pem").read_text() == cert
+
+
+def test_after_kill_9_the_same_exports_are_served_on_the_same_port_and_certificate(rig: Rig) -> None:
+    image = disk(4, chunks=12, holes=(5,))
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", [image]).point
+    rig.register(point, "vmi-test-3", [0])
+    rig.serve()
+    uri, cert, [name] = rig.served("vmi-test-3")
+    client = Client.connect(f"{uri}/{name}", tls_cert=cert)
+    assert client.read(0, CHUNK) == image[:CHUNK]
+    rig.kill()
+    client.close()
+    rig.serve()
+    started = time.monotonic()
+
+    def again() -> bytes | None:
+        try:
+            return _read(uri, name, cert)
+        except (NbdError, OSError):
+            return None
+
+    assert wait_until(again, 30, "the restarted daemon to serve the export again") == image
+    print(f"served again {time.monotonic() - started:.2f}s after the restart")
+    assert rig.served("vmi-test-3") == (uri, cert, [name])
+
+
+@pytest.mark.skipif(shutil.which("nbdinfo") is None or shutil.which("nbdcopy") is None, reason="libnbd tools")
+def test_nbdinfo_and_nbdcopy_read_the_export_over_tls(rig: Rig, tmp_path: Path) -> None:
+    image = disk(5, chunks=20, holes=(0, 1, 2, 10))
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", [image]).point
+    rig.register(point, "vmi-test-4", [0])
+    rig.serve()
+    uri, _cert, [name] = rig.served("vmi-test-4")
+    # libnbd wants a directory with the CA (GnuTLS checks the name: 127.0.0.1 is in it)
+    tls = rig.config.parent / "nbd-tls"
+    target = f"{uri}/{name}?tls-certificates={tls}"
+    info = json.loads(
+        subprocess.run(["nbdinfo", "--json", target], capture_output=True, text=True, check=True).stdout
+    )
+    assert info["exports"][0]["export-size"] == len(image)
+    assert info["exports"][0]["is_read_only"] is True
+    out = tmp_path / "copy.raw"
+    subprocess.run(["nbdcopy", target, str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == image
+
+
+def test_restore_instant_without_a_daemon_fails_in_one_line_and_leaves_nothing(rig: Rig) -> None:
+    from agentless.backup.settings import Settings
+
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", [disk(6)]).point
+    # a WinCenter that is never reached: the command fails before it would ask it
+    Settings(center="https://127.0.0.1:9", token="wct_unused", ca_pem=_a_certificate()).save(str(rig.config))
+    started = time.monotonic()
+    done = vmbackup(rig.env, "restore", point, "--as-new-vm", "vm-new", "--instant", "--start")
+    assert done.returncode == 1
+    assert 19 < time.monotonic() - started < 40
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "vmbackup serve" in lines[0], done.stderr
+    with rig.repository() as repository:
+        assert read_holds(repository.backend) == []
+    with State(rig.state_url) as state:
+        assert Instant(state).listing() == []
+
+
+def _a_certificate() -> str:
+    from agentless.pki import CertificateAuthority
+
+    return CertificateAuthority.create("unused").pair.cert_pem.decode()
+
+
+def test_restores_json_lists_instant_restores_without_secrets(rig: Rig) -> None:
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", [disk(7), disk(8)]).point
+    rig.register(point, "vmi-test-5", [0, 1])
+    rig.serve()
+    _uri, _cert, names = rig.served("vmi-test-5")
+    done = vmbackup(rig.env, "restores", "--json")
+    assert done.returncode == 0, done.stderr
+    assert not any(name in done.stdout for name in names)
+    [listed] = json.loads(done.stdout)["restores"]
+    assert set(listed) == {
+        "id", "point", "vm_name", "vm", "state", "center_state", "outcome", "copied", "total", "rate",
+        "uri", "disks", "error", "created", "updated", "ended",
+    }  # fmt: skip
+    assert listed["id"] == "vmi-test-5" and listed["point"] == point and listed["state"] == "serving"
+    assert [d["position"] for d in listed["disks"]] == [0, 1]
+    text = vmbackup(rig.env, "restores")
+    assert "vmi-test-5" in text.stdout and "serving" in text.stdout
+
+
+def test_prune_and_gc_keep_a_held_point_and_say_why(rig: Rig) -> None:
+    with rig.repository() as repository:
+        old = backup(repository, "vm-1", [disk(9)], time="2026-11-20T05:00:00Z").point
+        backup(repository, "vm-1", [disk(10)], time="2026-11-21T05:00:00Z")
+        put_hold(repository.backend, "vmi-test-6", old, "instant restore of it as VM x")
+    pruned = vmbackup(rig.env, "prune", "--keep-last", "1", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    document = json.loads(pruned.stdout)
+    assert document["removed"] == [] and "vmi-test-6" in document["held"][old]
+    text = vmbackup(rig.env, "prune", "--keep-last", "1", "--dry-run")
+    assert f"keep   {old}  (held by instant restore vmi-test-6" in text.stdout
+    collected = vmbackup(rig.env, "gc")
+    assert collected.returncode == 0, collected.stderr
+    assert f"kept restore point {old}: held by instant restore vmi-test-6" in collected.stdout
+    # the restore is over: `restores --release` (no record here) drops the hold, prune removes it
+    released = vmbackup(rig.env, "restores", "--release", "vmi-test-6")
+    assert released.returncode == 0 and "removed" in released.stdout, released.stderr
+    pruned = json.loads(vmbackup(rig.env, "prune", "--keep-last", "1", "--json").stdout)
+    assert pruned["removed"] == [old] and pruned["held"] == {}

@@ -189,7 +189,7 @@ def prune(
             else:
                 report.remove.append((point, reason))
         if not dry_run:
-            for point, _ in remove:
+            for point, _ in report.remove:
                 repo.delete_point(point.id)
                 report.removed.append(point.id)
     return report
