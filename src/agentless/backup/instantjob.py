@@ -19,7 +19,8 @@ over: closing the terminal does not break the running VM::
     return: VM id, `vmbackup restores`
 
 Whatever fails before WinCenter accepted the restore is undone (record removed or
-ended, hold dropped); once it accepted, WinCenter is told to abort it.
+ended, hold dropped); once it accepted, WinCenter is told to abort it, and the daemon
+ends the export and drops the hold when WinCenter says it is ``aborted``.
 """
 
 from __future__ import annotations
@@ -142,14 +143,18 @@ class InstantStart:
             self._step("WinCenter accepted the restore")
             out = self._running()
         except BaseException as error:
-            self.instant.end(self.restore_id, "failed", str(error) or type(error).__name__)
-            if accepted:
-                try:
-                    self.center.abort_restore(self.restore_id)
-                except CenterError as problem:
-                    log.info("instant restore %s: abort not sent: %s", self.restore_id, problem)
-            else:
-                drop_hold(backend, self.restore_id)  # WinCenter never had it: nothing reads the point
+            why = str(error) or type(error).__name__
+            if not accepted:  # WinCenter never had it: nothing reads the point
+                self.instant.end(self.restore_id, "failed", why)
+                drop_hold(backend, self.restore_id)
+                raise
+            # WinCenter has it: aborted there, and the daemon, which follows it, ends
+            # the export and drops the hold once WinCenter says it is over
+            self.instant.note(self.restore_id, why)
+            try:
+                self.center.abort_restore(self.restore_id)
+            except CenterError as problem:
+                log.info("instant restore %s: abort not sent: %s", self.restore_id, problem)
             raise
         self._step(f"VM {out.vm} made{' and started' if self.start else ''}")
         assert record.uri is not None

@@ -256,6 +256,14 @@ class Instant:
                 record.copied, record.total, record.rate = copied, total, rate
                 record.updated = utcnow()
 
+    def note(self, restore_id: str, error: str) -> None:
+        """Record why the restore went wrong (it stays followed until WinCenter ends it)."""
+        with self.state._session() as session:
+            record = session.get(InstantRestore, restore_id)
+            if record is not None:
+                record.error = error
+                record.updated = utcnow()
+
     def end(self, restore_id: str, outcome: str, error: str | None = None) -> None:
         """Mark the record ``ended`` (*outcome*: why); a record ended already keeps its
         first outcome."""
@@ -264,7 +272,7 @@ class Instant:
             if record is not None and record.state != Phase.ENDED:
                 record.state = Phase.ENDED
                 record.outcome = outcome
-                record.error = error
+                record.error = error or record.error
                 record.ended = record.updated = utcnow()
 
     def owned(self, owner: str = OWNER) -> list[InstantRestore]:
