@@ -23,6 +23,7 @@ from agentless.backup.repository import Repository
 from agentless.nbd.client import Client
 from agentless.nbd.errors import NbdError
 from agentless.wincenter.schemas import DiskSpec, VmSpec
+from agentless.wire import NbdSource, VmDiskCreate
 from tests.backup.building import backup, disk
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
 from tests.helpers import free_port, wait_until
@@ -149,3 +150,48 @@ def test_restore_instant_start_runs_the_vm_on_the_restore_point(site: Site, serv
         assert disk0.read(0, size) == model
     log = served.stop()
     assert f"instant restore {result['restore_id']}: completed" in log
+
+
+def test_a_host_runs_a_vm_on_the_daemons_export_and_survives_its_kill_9(site: Site, served: Served) -> None:
+    """vmbackup serve's export as a WinServer host's remote base (the host API directly,
+    as WinCenter will call it): the guest reads the restore point at once; the daemon
+    killed -9 mid-migration and started again serves the same name on the same port and
+    certificate, and the migration completes with the disk exactly the point."""
+    size = 16 * MiB
+    rng = random.Random(21)
+    image = bytearray(rng.randbytes(size))
+    image[4 * MiB : 9 * MiB] = bytes(5 * MiB)  # a hole the migration skips
+    with Repository.open(served.repo) as repository:
+        point = backup(repository, "vm-1", [image]).point
+        put_hold(repository.backend, "vmi-host-1", point, "test")
+    with State(served.state_url) as state:
+        Instant(state).register("vmi-host-1", served.repo, point, "vm-remote", [(0, size)])
+
+    def serving() -> InstantRestore | None:
+        record = served.record("vmi-host-1")
+        return record if record.state == Phase.SERVING else None
+
+    record = wait_until(serving, 20, "the daemon to serve the restore")
+    assert record is not None and record.uri is not None and record.cert is not None
+    source = NbdSource(uri=record.uri, export_name=record.exports[0].name, cert=record.cert)
+    with site.host_client() as host:
+        disks = [VmDiskCreate(size=size, source=source)]
+        vm = host.create_vm("vm-remote", disks, migration_rate_limit=2 * MiB)
+        host.start_vm(vm.uuid)
+        with guest(host, vm.uuid, 0) as disk0:  # the end of the disk: read from the source
+            assert disk0.read(size - MiB, MiB) == image[-MiB:]
+        migration = host.vm(vm.uuid).disks[0].migration
+        assert migration is not None and migration.copied < size // 2, migration
+        served.process.kill()  # type: ignore[union-attr]
+        served.process.wait()  # type: ignore[union-attr]
+        time.sleep(2)  # the host's reads fail meanwhile: stalled, retried
+        served.start()
+
+        def local() -> bool:
+            return host.vm(vm.uuid).disks[0].migration is None
+
+        wait_until(local, 120, "the host to copy every block")
+        with guest(host, vm.uuid, 0) as disk0:
+            assert disk0.read(0, size) == image
+    again = served.record("vmi-host-1")
+    assert (again.uri, again.cert, again.exports[0].name) == (record.uri, record.cert, source.export_name)
