@@ -129,11 +129,9 @@ def refresh_hold(backend: Backend, hold: Hold) -> Hold:
 def drop_hold(backend: Backend, restore: str) -> bool:
     """Remove *restore*'s hold; whether there was one."""
     name = _name(restore)
-    try:
-        backend.delete(name)
-    except NotFound:
-        return False
-    return True
+    existed = backend.exists(name)
+    backend.delete(name)  # idempotent (the storage contract)
+    return existed
 
 
 def _parse(name: str, data: bytes) -> Hold:
