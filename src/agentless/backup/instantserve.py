@@ -176,6 +176,7 @@ class InstantService:
         log: Callable[[str], None] = lambda line: None,
         poll: float = POLL,
         center_poll: float = CENTER_POLL,
+        warm: Sequence[str] = (),
     ):
         self.instant = instant
         self.password = password
@@ -207,6 +208,7 @@ class InstantService:
         self._threads = [
             threading.Thread(target=self._claiming, name="instant-claim", daemon=True),
             threading.Thread(target=self._following, name="instant-follow", daemon=True),
+            threading.Thread(target=self._warm, args=(list(warm),), name="instant-warm", daemon=True),
         ]
 
     def __enter__(self) -> InstantService:
@@ -249,6 +251,19 @@ class InstantService:
         self.log(line)
 
     # ------------------------------------------------------------------ claiming
+
+    def _warm(self, locations: list[str]) -> None:
+        """Open *locations* (the repositories instant restores are likely to name) ahead
+        of the first request: a repository's first opening – its key, its index cache –
+        is most of the first request's wait otherwise. A failure is no one's business
+        yet: the request that names the repository says it."""
+        for location in locations:
+            if self.stopping.is_set():
+                return
+            try:
+                self._repository(location)
+            except Exception:
+                continue
 
     def _claiming(self) -> None:
         reclaim = 0.0

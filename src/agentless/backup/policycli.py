@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -233,6 +234,16 @@ def _cmd_jobs(hooks: Hooks, args: argparse.Namespace) -> int:
     return 0
 
 
+def _repositories(state: State) -> list[str]:
+    """The repositories the daemon opens ahead of instant restores: the default one
+    and the policies'."""
+    from .instantjob import repo_for_daemon
+
+    default = os.environ.get("VMBACKUP_REPO") or Settings.load().repo
+    found = [repo_for_daemon(default)] if default else []
+    return list(dict.fromkeys([*found, *(policy.repo for policy in state.policies())]))
+
+
 def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .instants import Instant
@@ -263,6 +274,7 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
                 listen=(nbd_host.strip("[]"), int(nbd_port)),
                 address=args.nbd_address,
                 log=_log,
+                warm=_repositories(state),
             )
         except OSError as error:
             daemon.http.server_close()
