@@ -324,6 +324,8 @@ class Runner:
             return
         rules: dict[str, Any] = {rule: int(policy.keep.get(rule, 0)) for rule in KEEP}
         report = prune(repository, **rules, vm_ids=vm_ids, now=self.clock.now())
+        for point, why in report.held.items():
+            self.log(f"policy {policy.name}: restore point {point} kept: {why}")
         if report.removed:
             self.log(f"policy {policy.name}: {len(report.removed)} restore point(s) pruned")
             gc(repository)
