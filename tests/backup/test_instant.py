@@ -29,6 +29,7 @@ from agentless.backup.instants import Instant, Phase
 from agentless.backup.points import RestorePoint
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
+from agentless.backup.settings import Settings
 from agentless.nbd.client import Client
 from agentless.nbd.errors import NbdError
 from tests.backup.building import CHUNK, backup, disk
@@ -227,8 +228,6 @@ def test_nbdinfo_and_nbdcopy_read_the_export_over_tls(rig: Rig, tmp_path: Path) 
 
 
 def test_restore_instant_without_a_daemon_fails_in_one_line_and_leaves_nothing(rig: Rig) -> None:
-    from agentless.backup.settings import Settings
-
     with rig.repository() as repository:
         point = backup(repository, "vm-1", [disk(6)]).point
     # a WinCenter that is never reached: the command fails before it would ask it
@@ -239,6 +238,24 @@ def test_restore_instant_without_a_daemon_fails_in_one_line_and_leaves_nothing(r
     assert 19 < time.monotonic() - started < 40
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "vmbackup serve" in lines[0], done.stderr
+    with rig.repository() as repository:
+        assert read_holds(repository.backend) == []
+    with State(rig.state_url) as state:
+        assert Instant(state).listing() == []
+
+
+def test_restore_instant_says_why_the_daemon_cannot_serve_and_undoes_it(rig: Rig) -> None:
+    with rig.repository() as repository:
+        point = backup(repository, "vm-1", [disk(13)]).point
+    Settings(center="https://127.0.0.1:9", token="wct_unused", ca_pem=_a_certificate()).save(str(rig.config))
+    rig.env["VMBACKUP_PASSWORD"] = "not-the-password"
+    rig.serve()  # the daemon's password is wrong: it cannot open the repository
+    rig.env["VMBACKUP_PASSWORD"] = PASSWORD
+    rig.listening()
+    done = vmbackup(rig.env, "restore", point, "--as-new-vm", "vm-new", "--instant")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot serve restore point" in lines[0] and "wrong password" in lines[0]
     with rig.repository() as repository:
         assert read_holds(repository.backend) == []
     with State(rig.state_url) as state:

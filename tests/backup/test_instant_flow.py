@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agentless.backup import instantserve
 from agentless.backup.holds import put_hold, read_holds
 from agentless.backup.instants import Instant, InstantRestore, Phase
 from agentless.backup.policies import State
@@ -196,3 +197,37 @@ def test_a_host_runs_a_vm_on_the_daemons_export_and_survives_its_kill_9(site: Si
             assert disk0.read(0, size) == image
     again = served.record("vmi-host-1")
     assert (again.uri, again.cert, again.exports[0].name) == (record.uri, record.cert, source.export_name)
+
+
+def test_a_restore_wincenter_never_heard_of_ends_as_lost(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service itself (in this process) against the site's WinCenter: a record whose
+    command died before its POST is ended ``lost`` once WinCenter still answers 404
+    after LOST_SECONDS (0 here), and its hold is dropped."""
+    monkeypatch.setattr(instantserve, "LOST_SECONDS", 0.0)
+    repo = str(tmp_path / "repo")
+    with Repository.init(repo) as repository:
+        point = backup(repository, "vm-1", [disk(14)]).point
+        put_hold(repository.backend, "vmi-lost-1", point, "test")
+    with State("sqlite:///" + str(tmp_path / "state.db")) as state:
+        instant = Instant(state)
+        instant.register("vmi-lost-1", repo, point, "vm-new", [(0, len(disk(14)))])
+        service = instantserve.InstantService(
+            instant,
+            None,
+            site.client,
+            listen=("127.0.0.1", 0),
+            tls_dir=str(tmp_path / "tls"),
+            center_poll=0.2,
+        )
+        with service:
+
+            def ended() -> InstantRestore | None:
+                record = instant.get("vmi-lost-1")
+                return record if record.state == Phase.ENDED else None
+
+            record = wait_until(ended, 30, "the service to give the restore up")
+        assert record is not None and record.outcome == "lost"
+    with Repository.open(repo) as repository:
+        assert read_holds(repository.backend) == []
