@@ -130,6 +130,13 @@ def test_restore_instant_start_runs_the_vm_on_the_restore_point(site: Site, serv
     result = _ok(done)
     print(f"... of which {result['seconds']}s from the hold to WinCenter's migrating")
     assert result["started"] and result["state"] in ("migrating", "completed")
+
+    def followed() -> dict[str, object] | None:  # the daemon reads WinCenter's progress
+        [listed] = json.loads(vmbackup(served.env, "restores", "--json").stdout)["restores"]
+        return listed if listed["center_state"] in ("migrating", "completed") else None
+
+    listed = wait_until(followed, 20, "vmbackup restores to show the migration")
+    assert listed is not None and listed["total"] == size and listed["vm"] == result["vm_id"]
     with site.host_client() as host, guest(host, result["vm_id"], 0) as disk0:
         assert disk0.read(0, size) == model
         rng = random.Random(5)
