@@ -164,6 +164,7 @@ def two_gib_round(site: Site, tools: Tools, work: Path, size: int, seed: int) ->
     r["full restore"], _ = tools.vmbackup(
         "full", "restore", point, "--as-new-vm", "full", "--repo", str(repo)
     )
+    site.host.start_vm("full", driver="none")
     r["full ok"] = guest_digest(site.host, "full") == expected
     site.drop_vm("full")
 
