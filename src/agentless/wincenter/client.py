@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -188,16 +188,7 @@ class CenterClient(Closing):
         TimeoutError after *timeout* seconds. Polls soon at first (10 ms), then less and
         less often, up to every *poll* seconds: short tasks answer fast, long ones cost
         few requests."""
-        deadline = time.monotonic() + timeout
-        interval = min(0.01, poll)
-        while True:
-            task = self.task(task_id)
-            if task.state in until:
-                return task
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"task {task_id} still {task.state} after {timeout:.0f} s")
-            time.sleep(interval)
-            interval = min(poll, interval * 1.5)
+        return _poll(lambda: self.task(task_id), until, timeout, poll, f"task {task_id}")
 
     # ------------------------------------------------------------------ inventory
 
@@ -323,16 +314,7 @@ class CenterClient(Closing):
         """Poll the restore until its state is one of *until* (default: ended –
         completed, aborted or failed; ``{"migrating"} | RESTORE_ENDED_STATES`` waits for
         an instant restore's VM); TimeoutError after *timeout* seconds."""
-        deadline = time.monotonic() + timeout
-        interval = min(0.01, poll)
-        while True:
-            restore = self.restore(restore_id)
-            if restore.state in until:
-                return restore
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"restore {restore_id} still {restore.state} after {timeout:.0f} s")
-            time.sleep(interval)
-            interval = min(poll, interval * 1.5)
+        return _poll(lambda: self.restore(restore_id), until, timeout, poll, f"restore {restore_id}")
 
     def complete_restore(self, restore_id: str) -> TaskAccepted:
         return self._model(TaskAccepted, "POST", f"/restores/{_q(restore_id)}/complete")
@@ -350,3 +332,29 @@ class CenterClient(Closing):
 def _q(ref: str) -> str:
     """*ref* as one path segment."""
     return quote(ref, safe="")
+
+
+class _Stated(Protocol):
+    @property
+    def state(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Stated)
+
+
+def _poll(
+    fetch: Callable[[], S], until: frozenset[str] | set[str], timeout: float, poll: float, what: str
+) -> S:
+    """*fetch* until its answer's state is one of *until*; TimeoutError after *timeout*
+    seconds. Soon at first (10 ms), then less and less often, up to every *poll* seconds:
+    short waits answer fast, long ones cost few requests."""
+    deadline = time.monotonic() + timeout
+    interval = min(0.01, poll)
+    while True:
+        answer = fetch()
+        if answer.state in until:
+            return answer
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} still {answer.state} after {timeout:.0f} s")
+        time.sleep(interval)
+        interval = min(poll, interval * 1.5)
