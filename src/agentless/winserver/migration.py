@@ -77,9 +77,12 @@ class Migration:
     where it is (the map keeps the progress). *done* is called in the thread once every
     block is local."""
 
-    def __init__(self, disk: RemoteBaseDisk, rate_limit: int | None, done: Callable[[Migration], None]):
+    def __init__(
+        self, disk: RemoteBaseDisk, rate_limit: int | None, started: str, done: Callable[[Migration], None]
+    ):
         self.disk = disk
         self.rate_limit = rate_limit
+        self.started = started  # when the link was made (its record's)
         self.state = "migrating"
         self.last_error: str | None = None
         self.transferred = 0  # bytes read from the source by this migration
@@ -268,9 +271,7 @@ class Migrations:
         self.host = host
         self.read_timeout = read_timeout
         self._lock = threading.Lock()
-        self._disks: dict[str, RemoteBaseDisk] = {}
-        self._workers: dict[str, Migration] = {}
-        self._started: dict[str, str] = {}
+        self._workers: dict[str, Migration] = {}  # by VDI; each holds its disk
 
     # ------------------------------------------------------------------ making links
 
@@ -320,10 +321,8 @@ class Migrations:
                 local = LocalMap.open(where, vdi.uuid, vdi.virtual_size)
                 remote = RemoteSource(source, vdi.virtual_size)
                 disk = RemoteBaseDisk(vdi.uuid, vdi.path, local, remote, self.read_timeout)
-                worker = Migration(disk, row.rate_limit, self._finish)
-                self._disks[vdi.uuid] = disk
+                worker = Migration(disk, row.rate_limit, row.started, self._finish)
                 self._workers[vdi.uuid] = worker
-                self._started[vdi.uuid] = row.started
             worker.start()
             started.append(vdi.uuid)
         return started
@@ -332,13 +331,12 @@ class Migrations:
         """The linked disk of *vdi_uuid* for a datapath (released with its ``close``), or
         None when the VDI is not linked."""
         with self._lock:
-            disk = self._disks.get(vdi_uuid)
-            return disk.acquire() if disk is not None else None
+            worker = self._workers.get(vdi_uuid)
+            return worker.disk.acquire() if worker is not None else None
 
     def info(self, vdi_uuid: str) -> MigrationInfo | None:
         with self._lock:
             worker = self._workers.get(vdi_uuid)
-            started = self._started.get(vdi_uuid, "")
         if worker is None:
             return None
         disk = worker.disk
@@ -350,7 +348,7 @@ class Migrations:
             rate=worker.rate,
             rate_limit=worker.rate_limit,
             last_error=worker.last_error,
-            started=started,
+            started=worker.started,
         )
 
     def stop(self, vdi_uuids: Iterable[str]) -> None:
@@ -359,16 +357,14 @@ class Migrations:
         for vdi_uuid in vdi_uuids:
             with self._lock:
                 worker = self._workers.pop(vdi_uuid, None)
-                disk = self._disks.pop(vdi_uuid, None)
-                self._started.pop(vdi_uuid, None)
-            if worker is not None:
-                worker.stop()
-            if disk is not None:
-                try:
-                    if disk.linked:
-                        disk.checkpoint()
-                finally:
-                    disk.close()
+            if worker is None:
+                continue
+            worker.stop()
+            try:
+                if worker.disk.linked:
+                    worker.disk.checkpoint()
+            finally:
+                worker.disk.close()
 
     def shutdown(self) -> None:
         with self._lock:
@@ -387,9 +383,7 @@ class Migrations:
                 session.delete(row)
         disk.local.remove()
         with self._lock:
-            self._workers.pop(disk.vdi, None)
-            mine = self._disks.pop(disk.vdi, None) is disk  # else stop() took it and closes it
-            self._started.pop(disk.vdi, None)
+            mine = self._workers.pop(disk.vdi, None) is worker  # else stop() took it and closes it
         if mine:
             disk.close()
         log.info("VDI %s: every block is local, remote base %s detached", disk.vdi, disk.source.uri)
