@@ -31,8 +31,6 @@ import time
 from collections.abc import Callable
 from typing import TypedDict
 
-from pydantic import ValidationError
-
 from agentless.wincenter.client import CenterClient, CenterError
 from agentless.wincenter.schemas import (
     DiskSpec,
@@ -40,7 +38,6 @@ from agentless.wincenter.schemas import (
     RestoreCreate,
     RestoreOut,
     RestoreTarget,
-    TaskAccepted,
     VmSpec,
 )
 from agentless.wire import NbdSource
@@ -219,12 +216,9 @@ class InstantStart:
             migration_rate_limit=self.rate_limit,
         )
         try:
-            answer = self.center.call("POST", "/restores", json=body.model_dump(mode="json"))
-            TaskAccepted.model_validate(answer)
-        except CenterError as error:
-            raise InstantError(f"WinCenter refused the instant restore: {error}") from None
-        except ValidationError as error:
-            raise InstantError(f"WinCenter's answer to the instant restore is malformed: {error}") from None
+            self.center.create_restore(body)
+        except CenterError as error:  # refused, or an answer that is not a TaskAccepted
+            raise InstantError(f"WinCenter did not take the instant restore: {error}") from None
 
     def _running(self) -> RestoreOut:
         """WinCenter's restore once it is ``migrating`` (or already ``completed``)."""
