@@ -41,9 +41,6 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TypeVar
 
-import numpy as np
-
-from agentless.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
 from agentless.nbd.server import NbdServer
 from agentless.nbd.tls import server_context
 from agentless.pki import CertificateAuthority
@@ -52,13 +49,12 @@ from agentless.statedir import building
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterError
 
 from . import holds as _holds
-from .diskindex import PAGE_CHUNKS
 from .errors import CorruptError, SettingsError, VmbackupError
 from .holds import Hold, drop_hold, put_hold, read_holds, refresh_hold
 from .instants import OWNER, Instant, InstantRestore
 from .mount import PointExport
 from .pointdisk import PointDisk
-from .repository import ZERO, Repository
+from .repository import Repository
 from .settings import DEFAULT_NBD_PORT, settings_path
 from .storage import StorageError
 
@@ -110,66 +106,14 @@ def tls_identity(directory: str, names: Sequence[str] = ()) -> tuple[str, str, s
 class PointSource(PointDisk):
     """A restore point's disk as an instant restore reads it: :class:`.pointdisk.PointDisk`
     whose read, when a pack is missing, reloads the index once and tries again (a gc may
-    have repacked the blobs since this daemon read the index), and whose allocation map
-    is made a page of ids at a time."""
+    have repacked the blobs since this daemon read the index)."""
 
-    def read(self, offset: int, length: int) -> bytes:
+    def readinto(self, offset: int, buf: memoryview) -> None:
         try:
-            return self._read(offset, length)
+            super().readinto(offset, buf)
         except CorruptError:
             self.repository.index(reload=True)
-            return self._read(offset, length)
-
-    def _read(self, offset: int, length: int) -> bytes:
-        """The chunks of the range fetched at once (:meth:`.Repository.read_many`: blobs
-        side by side in a pack come in one request), each checked, then cut to the
-        range – a host's migration asks for runs of many chunks."""
-        end = min(self.size, offset + length)
-        if end <= offset:
-            return b""
-        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
-        with self._lock:
-            blobs = [self.index.get(chunk) for chunk in range(first, last + 1)]
-        data = b"".join(self.repository.read_many(blobs))
-        start = offset - first * self.chunk_size
-        return data[start : start + end - offset].ljust(end - offset, b"\0")
-
-    def holes(self, page: int) -> np.ndarray:
-        """Per chunk of index page *page*: whether it is a hole."""
-        count = self.index.chunks_in(page)
-        if self.index.page_ids[page] == ZERO:
-            return np.ones(count, bool)
-        with self._lock:
-            ids = bytes(self.index.page(page))
-        return np.asarray(~np.frombuffer(ids, np.uint8).reshape(count, len(ZERO)).any(axis=1))
-
-
-class _Export(PointExport):
-    source: PointSource
-
-    def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
-        """``base:allocation`` from whole pages of chunk ids (numpy, no loop per chunk)."""
-        chunk = self.source.chunk_size
-        end = min(self.source.size, offset + length)
-        result: list[tuple[int, int]] = []
-        while offset < end:
-            first = offset // chunk
-            page = first // PAGE_CHUNKS
-            holes = self.source.holes(page)[first - page * PAGE_CHUNKS :]
-            changes = np.flatnonzero(holes[1:] != holes[:-1]) + 1
-            starts = [0, *changes.tolist()]
-            for i, start in enumerate(starts):
-                stop = starts[i + 1] if i + 1 < len(starts) else len(holes)
-                take = min(end, (first + stop) * chunk) - max(offset, (first + start) * chunk)
-                if take <= 0:
-                    break
-                flags = NBD_STATE_HOLE | NBD_STATE_ZERO if holes[start] else 0
-                if result and result[-1][1] == flags:
-                    result[-1] = (result[-1][0] + take, flags)
-                else:
-                    result.append((take, flags))
-                offset += take
-        return result
+            super().readinto(offset, buf)
 
 
 class InstantService:
@@ -304,7 +248,7 @@ class InstantService:
                 if source.size != disk.size:
                     raise VmbackupError(f"disk {disk.position} is {source.size} bytes, not {disk.size}")
                 description = f"instant restore {record.id} disk {disk.position}"
-                exports[disk.name] = _Export(source, description)
+                exports[disk.name] = PointExport(source, description)
         except (VmbackupError, StorageError, OSError) as error:
             why = f"vmbackup serve cannot serve restore point {record.point}: {redact(str(error))}"
             self.instant.end(record.id, "failed", why)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -138,6 +139,12 @@ class Keys:
     def encrypted(self) -> bool:
         return self.data_key is not None
 
+    @functools.cached_property
+    def _aead(self) -> AESGCM | None:
+        """The data key's cipher, made once (its key schedule is not free; it keeps no
+        state between calls, so threads share it)."""
+        return None if self.data_key is None else AESGCM(self.data_key)
+
     @classmethod
     def generate(cls, hash: str = "blake3") -> Keys:
         return cls(secrets.token_bytes(32), secrets.token_bytes(32), hash)
@@ -181,25 +188,25 @@ class Keys:
             body = bytes([_FLAG_ZSTD]) + packed
         else:
             body = bytes([_FLAG_RAW]) + plaintext  # one copy, not two
-        if self.data_key is None:
+        if self._aead is None:
             return body
         nonce = os.urandom(_NONCE)
-        return nonce + AESGCM(self.data_key).encrypt(nonce, body, blob_id)
+        return nonce + self._aead.encrypt(nonce, body, blob_id)
 
     def open(self, sealed: bytes | memoryview, blob_id: bytes, where: str = "") -> bytes:
         """The plaintext of a sealed blob, checked against *blob_id*; CorruptError if any
         byte is wrong."""
         what = f"blob {blob_id.hex()[:16]}" + (f" in {where}" if where else "")
-        body: bytes | memoryview = sealed
-        if self.data_key is not None:
+        body = memoryview(sealed)  # slices of views: no copy of the blob before it is used
+        if self._aead is not None:
             try:
-                body = AESGCM(self.data_key).decrypt(bytes(sealed[:_NONCE]), bytes(sealed[_NONCE:]), blob_id)
+                body = memoryview(self._aead.decrypt(body[:_NONCE], body[_NONCE:], blob_id))
             except (InvalidTag, ValueError):
                 raise CorruptError(f"{what}: authentication failed", where, blob_id.hex()) from None
         if len(body) < 1 or body[0] not in (_FLAG_RAW, _FLAG_ZSTD):
             raise CorruptError(f"{what}: unknown encoding", where, blob_id.hex())
         try:
-            plaintext = _inflate(body[1:], _MAX_BLOB) if body[0] == _FLAG_ZSTD else bytes(body[1:])
+            plaintext = _inflate(body[1:], _MAX_BLOB) if body[0] == _FLAG_ZSTD else body[1:].tobytes()
         except zstandard.ZstdError:
             raise CorruptError(f"{what}: does not decompress", where, blob_id.hex()) from None
         if not hmac.compare_digest(self.blob_id(plaintext), blob_id):
@@ -223,10 +230,10 @@ class Keys:
             raise ValueError(f"metadata kind {kind!r} or name {name!r} does not fit the format")
         body = _codecs.compressor.compress(payload)
         head = kind + bytes([_META_V2, len(encoded)]) + encoded
-        if self.data_key is None:
+        if self._aead is None:
             return head + body + self.digest(head + body)
         nonce = os.urandom(_NONCE)
-        return head + nonce + AESGCM(self.data_key).encrypt(nonce, body, head)
+        return head + nonce + self._aead.encrypt(nonce, body, head)
 
     def open_meta(self, kind: bytes, data: bytes, name: str, where: str = "") -> Any:
         """The document of :meth:`seal_meta`, stored under *name* (``""``: content
@@ -257,13 +264,13 @@ class Keys:
             raise CorruptError(f"{where}: unknown format version", where)
         rest = memoryview(data)[end:]  # views, not copies: index files are tens of MiB
         body: bytes | memoryview
-        if self.data_key is None:
+        if self._aead is None:
             body, digest = rest[:-32], bytes(rest[-32:])
             if len(digest) != 32 or self.digest(memoryview(data)[:-32]) != digest:
                 raise CorruptError(f"{where}: checksum mismatch", where)
         else:
             try:
-                body = AESGCM(self.data_key).decrypt(bytes(rest[:_NONCE]), rest[_NONCE:], head)
+                body = self._aead.decrypt(rest[:_NONCE], rest[_NONCE:], head)
             except (InvalidTag, ValueError):
                 raise CorruptError(f"{where}: authentication failed", where) from None
         if stored is not None and stored != name.encode():

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import numpy as np
+
 from agentless.nbd.exports import ExportError
 from agentless.nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
 from agentless.nbd.server import NbdServer
 
+from .diskindex import PAGE_CHUNKS
 from .pointdisk import PointDisk
 
 __all__ = ["PointExport", "serve_point"]
@@ -32,7 +35,7 @@ class PointExport:
     def pread(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
         if nowait:
             raise BlockingIOError  # reads fetch from the repository: do them in a worker
-        buf[:] = self.source.read(offset, len(buf))
+        self.source.readinto(offset, buf)
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         raise ExportError(1, "a restore point is read-only")
@@ -53,18 +56,28 @@ class PointExport:
         return []
 
     def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
-        """``base:allocation``: holes where the backup found zero chunks."""
+        """``base:allocation``: holes where the backup found zero chunks, from whole
+        pages of chunk ids (:meth:`.PointDisk.holes`, no loop per chunk)."""
         chunk = self.source.chunk_size
-        result: list[tuple[int, int]] = []
         end = min(self.source.size, offset + length)
+        result: list[tuple[int, int]] = []
         while offset < end:
-            take = min(end - offset, chunk - offset % chunk)
-            flags = NBD_STATE_HOLE | NBD_STATE_ZERO if self.source.is_hole(offset // chunk) else 0
-            if result and result[-1][1] == flags:
-                result[-1] = (result[-1][0] + take, flags)
-            else:
-                result.append((take, flags))
-            offset += take
+            first = offset // chunk
+            page = first // PAGE_CHUNKS
+            holes = self.source.holes(page)[first - page * PAGE_CHUNKS :]
+            changes = np.flatnonzero(holes[1:] != holes[:-1]) + 1
+            starts = [0, *changes.tolist()]
+            for i, start in enumerate(starts):
+                stop = starts[i + 1] if i + 1 < len(starts) else len(holes)
+                take = min(end, (first + stop) * chunk) - max(offset, (first + start) * chunk)
+                if take <= 0:
+                    break
+                flags = NBD_STATE_HOLE | NBD_STATE_ZERO if holes[start] else 0
+                if result and result[-1][1] == flags:
+                    result[-1] = (result[-1][0] + take, flags)
+                else:
+                    result.append((take, flags))
+                offset += take
         return result
 
     def close(self) -> None:

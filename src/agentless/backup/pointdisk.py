@@ -16,9 +16,11 @@ import threading
 from collections.abc import Iterator
 from typing import TypedDict
 
+import numpy as np
+
 from agentless.fileio import pwrite_all
 
-from .diskindex import PAGE_CHUNKS, DiskIndex
+from .diskindex import DiskIndex
 from .keys import CorruptError, RepositoryError
 from .points import RestorePoint
 from .repository import ZERO, Repository
@@ -88,24 +90,44 @@ class PointDisk:
         return b"".join(self.repository.read_many(blobs))[: self.size - offset]
 
     def read(self, offset: int, length: int) -> bytes:
-        parts = []
-        end = min(self.size, offset + length)
-        while offset < end:
-            chunk, within = divmod(offset, self.chunk_size)
-            with self._lock:
-                blob = self.index.get(chunk)
-            data = bytes(self.chunk_size) if blob == ZERO else self.repository.read_blob(blob)
-            take = min(end - offset, self.chunk_size - within)
-            parts.append(data[within : within + take].ljust(take, b"\0"))
-            offset += take
-        return b"".join(parts)
+        """*length* bytes from *offset* (zeros past the disk's end)."""
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
 
-    def is_hole(self, chunk: int) -> bool:
-        page = chunk // PAGE_CHUNKS
-        if self.index.page_ids[page] == ZERO:
-            return True
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill *buf* with the disk's bytes from *offset* (zeros past its end). The range's
+        chunks are fetched at once (:meth:`.Repository.read_many`: blobs side by side in
+        a pack come in one request – an NBD client asks for runs of many chunks), each
+        checked, and copied straight into *buf*: one copy of each byte."""
+        end = min(self.size, offset + len(buf))
+        if end <= offset:
+            buf[:] = bytes(len(buf))
+            return
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
         with self._lock:
-            return self.index.get(chunk) == ZERO
+            blobs = [self.index.get(chunk) for chunk in range(first, last + 1)]
+        at = 0
+        for chunk, data in zip(range(first, last + 1), self.repository.read_many(blobs), strict=True):
+            start = chunk * self.chunk_size
+            lo, hi = max(offset, start) - start, min(end, start + self.chunk_size) - start
+            got = memoryview(data)[lo:hi]
+            buf[at : at + len(got)] = got
+            if len(got) < hi - lo:  # a stored chunk shorter than its place: the rest is zeros
+                buf[at + len(got) : at + hi - lo] = bytes(hi - lo - len(got))
+            at += hi - lo
+        if at < len(buf):
+            buf[at:] = bytes(len(buf) - at)
+
+    def holes(self, page: int) -> np.ndarray:
+        """Per chunk of index page *page*: whether it is a hole (from the page's ids at
+        once, no loop per chunk)."""
+        count = self.index.chunks_in(page)
+        if self.index.page_ids[page] == ZERO:
+            return np.ones(count, bool)
+        with self._lock:
+            ids = bytes(self.index.page(page))
+        return np.asarray(~np.frombuffer(ids, np.uint8).reshape(count, len(ZERO)).any(axis=1))
 
 
 def runs_of(chunks: Iterator[tuple[int, bytes]], chunk_size: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -143,7 +165,7 @@ def export_disk(
         finally:
             os.close(fd)
     elif file_format == "vhd":
-        from agentless import vhd  # numpy and the VHD library: loaded only for VHD exports
+        from agentless import vhd  # the VHD library: loaded only for VHD exports
 
         vhd.create_dynamic(path, source.size)
         with vhd.Chain.open(path, writable=True) as chain:

@@ -355,15 +355,13 @@ class Repository(Closing):
         """The plaintexts of *blob_ids*, in order, checked – blobs that lie near each other
         in one pack are fetched with one read (a restore asks for runs of chunks that the
         backup wrote side by side)."""
-        index = self.index()
+        unique = list(dict.fromkeys(blob for blob in blob_ids if blob != ZERO))
         wanted: dict[bytes, BlobLocation] = {}
-        for blob in blob_ids:
-            if blob != ZERO and blob not in wanted:
-                where = index.get(blob)
-                if where is None:
-                    raise RepositoryError(f"blob {blob.hex()[:16]} is not in the repository's index")
-                wanted[blob] = where
-        sealed: dict[bytes, bytes] = {}
+        for blob, where in zip(unique, self.index().locate(unique), strict=True):  # one batch
+            if where is None:
+                raise RepositoryError(f"blob {blob.hex()[:16]} is not in the repository's index")
+            wanted[blob] = where
+        sealed: dict[bytes, memoryview] = {}
         by_pack: dict[str, list[tuple[bytes, BlobLocation]]] = {}
         for blob, where in wanted.items():
             by_pack.setdefault(where.pack, []).append((blob, where))
@@ -383,8 +381,9 @@ class Repository(Closing):
                         data = self.backend.get_range(pack, start, end - start)
                     except NotFound:
                         raise CorruptError(f"{pack}: missing", pack) from None
+                    view = memoryview(data)  # the blobs as slices of the read, not copies
                     for blob, where in span:
-                        sealed[blob] = data[where.offset - start : where.offset - start + where.length]
+                        sealed[blob] = view[where.offset - start : where.offset - start + where.length]
                 span = [item] if item is not None else []
         return [
             bytes(self.chunk_size) if blob == ZERO else self.keys.open(sealed[blob], blob, wanted[blob].pack)
