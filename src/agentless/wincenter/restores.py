@@ -51,7 +51,7 @@ from typing import cast
 from sqlalchemy import func, select
 
 from agentless.winserver.client import HostApiError, HostClient
-from agentless.wire import RestoreDisk, RestoreResult, VmDiskCreate
+from agentless.wire import RestoreDisk, RestoreResult, VmDiskCreate, VmInfo
 
 from .center import Center
 from .errors import ConflictError, HostCallError, NotFoundError
@@ -231,19 +231,9 @@ class Restores(Flow[RestoreRecord]):
         try:
             if self.center.tasks.get(task_id).state is TaskState.QUEUED:
                 self.center.tasks.start(task_id)
+            sizes = [d.size for d in spec.disks]
             with self.inventory.calling(record.host) as client:
-                if retry:
-                    self._undo(client, record)
-                sizes = [d.size for d in spec.disks]
-                state = client.create_vm(
-                    spec.name,
-                    sizes,
-                    [n.network for n in spec.nics],
-                    spec.vcpus,
-                    spec.memory,
-                    sr=record.sr,
-                    uuid=record.vm,
-                )
+                state = self._make_vm(client, record, sizes, retry)
                 disks = [
                     RestoreDisk(
                         position=disk.position,
@@ -283,18 +273,7 @@ class Restores(Flow[RestoreRecord]):
                 for disk, source in zip(spec.disks, sources, strict=True)
             ]
             with self.inventory.calling(record.host) as client:
-                if retry:
-                    self._undo(client, record)
-                state = client.create_vm(
-                    spec.name,
-                    disks,
-                    [n.network for n in spec.nics],
-                    spec.vcpus,
-                    spec.memory,
-                    sr=record.sr,
-                    uuid=record.vm,
-                    migration_rate_limit=plan.migration_rate_limit,
-                )
+                state = self._make_vm(client, record, disks, retry, plan.migration_rate_limit)
                 if plan.start:
                     state = client.start_vm(record.vm)
             self.inventory.sync_vm(record.host, state)
@@ -314,6 +293,30 @@ class Restores(Flow[RestoreRecord]):
             self._release(restore_id, final)
             return
         self.poll(restore_id)  # at once: a small disk may be local already
+
+    def _make_vm(
+        self,
+        client: HostClient,
+        record: RestoreRecord,
+        disks: Sequence[int | VmDiskCreate],
+        retry: bool,
+        migration_rate_limit: int | None = None,
+    ) -> VmInfo:
+        """The restore's VM on its host, with the UUID the record reserved (a retry first
+        undoes what an earlier try made)."""
+        if retry:
+            self._undo(client, record)
+        spec = record.spec
+        return client.create_vm(
+            spec.name,
+            disks,
+            [n.network for n in spec.nics],
+            spec.vcpus,
+            spec.memory,
+            sr=record.sr,
+            uuid=record.vm,
+            migration_rate_limit=migration_rate_limit,
+        )
 
     def _complete(self, restore_id: str) -> None:
         record = self._record(restore_id)
