@@ -13,9 +13,11 @@ import json
 import random
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -371,6 +373,81 @@ def test_wincenter_killed_mid_migration_completes_after_restart(site: Site, disk
         assert done.state == "completed"
         assert ended(center, accepted.task_id).state == "succeeded"
     assert_disks_equal(site, done.vm, disks)
+
+
+class Held:
+    """A TCP forwarder in front of a source that holds every connection until
+    :meth:`release`: the host's check of the source at VM creation waits on it, and so
+    does WinCenter's ``creating``. Bytes pass through untouched (TLS end to end)."""
+
+    def __init__(self, source: NbdSource):
+        target = source.uri.removeprefix("nbds://").rsplit(":", 1)
+        self._target = (target[0], int(target[1]))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        port = self._listener.getsockname()[1]
+        self.source = source.model_copy(update={"uri": f"nbds://127.0.0.1:{port}"})
+        self.connected = threading.Event()
+        self._released = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                threading.Thread(target=self._forward, args=(client,), daemon=True).start()
+
+    def _forward(self, client: socket.socket) -> None:
+        self.connected.set()
+        self._released.wait()
+        upstream = socket.create_connection(self._target)
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        for end in (src, dst):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+
+def test_wincenter_killed_while_the_vm_is_made_makes_it_again(site: Site, disks: list[Source]) -> None:
+    """kill -9 of WinCenter while the host makes the VM (its check of a source held):
+    the host finishes making it for a caller that is gone; the restarted WinCenter undoes
+    that VM and makes it again, and the restore completes with one VM, exact."""
+    (source, data, path), other = disks
+    held = Held(source)
+    spec = instant_spec("phoenix", [(held.source, data, path), other])
+    try:
+        with site.client() as center, site.host_client() as host:
+            accepted = center.start_restore("mid", spec, start=True)
+            assert held.connected.wait(30), "the host never asked the source"
+            assert center.restore("mid").state == "creating"
+            site.center.proc.kill()
+            site.center.proc.wait()
+            held.release()  # the host makes the VM for the dead WinCenter
+            deadline = time.monotonic() + 30
+            while not any(v.name == "phoenix" for v in host.list_vms()):
+                assert time.monotonic() < deadline, "the host did not make the VM"
+                time.sleep(0.05)
+            site.restart_center(*FAST)
+        with site.client() as center, site.host_client() as host:
+            done = wait_restore(center, "mid", set(RESTORE_ENDED_STATES))
+            assert done.state == "completed"
+            assert ended(center, accepted.task_id).state == "succeeded"
+            assert [v.uuid for v in host.list_vms() if v.name == "phoenix"] == [done.vm]
+            assert center.vms(name="phoenix").total == 1
+        assert_disks_equal(site, done.vm, [(source, data, path), other])
+    finally:
+        held.close()
 
 
 def test_host_away_mid_migration_keeps_the_restore_migrating(site: Site, disks: list[Source]) -> None:
