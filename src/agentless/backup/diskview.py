@@ -185,70 +185,71 @@ class DiskView(io.RawIOBase):
             raise ValueError("I/O operation on closed file.")
 
     def _read(self, out: memoryview) -> int:
-        """Fill *out* from the position on, up to the end; move the position past it."""
+        """Fill *out* from the position on, up to the end; move the position past it.
+        Hits and holes are copied first, then the missing chunks are fetched a span at a
+        time (:meth:`_spans`), each span copied out and its chunks cached: a read holds
+        one span at most besides *out*, however long it is."""
         start = self._position
         end = min(self.size, start + len(out))
         if end <= start:
             return 0
         size = self.chunk_size
-        first, last = start // size, (end - 1) // size
-        pieces: dict[int, bytes] = {}
+
+        def place(chunk: int, content: memoryview) -> None:
+            """Copy the part of *chunk* (*content*: from the chunk's start) that is read."""
+            lo, hi = max(start, chunk * size), min(end, (chunk + 1) * size)
+            out[lo - start : hi - start] = content[lo - chunk * size : hi - chunk * size]
+
+        hits: set[int] = set()
         wanted: list[int] = []
-        for chunk in range(first, last + 1):
+        for chunk in range(start // size, (end - 1) // size + 1):
             cached = self._chunks.get(chunk)
             if cached is not None:
                 self._chunks.move_to_end(chunk)
                 self.hits += 1
-                pieces[chunk] = cached
-            elif not self._hole(chunk):
-                wanted.append(chunk)
-        fetched = self._fetch(wanted, pieces)
-        for chunk in range(first, last + 1):
-            lo, hi = max(start, chunk * size), min(end, (chunk + 1) * size)
-            piece = pieces.get(chunk)
-            at = lo - start
-            if piece is None:
-                out[at : at + hi - lo] = self._zeros[: hi - lo]
+                hits.add(chunk)
+                place(chunk, memoryview(cached))
+            elif self._hole(chunk):
+                place(chunk, self._zeros)
             else:
-                out[at : at + hi - lo] = piece[lo - chunk * size : hi - chunk * size]
-        for chunk in fetched:  # after the copy: a read larger than the cache may drop its own chunks
-            self._remember(chunk, pieces[chunk])
+                wanted.append(chunk)
+        for run in self._spans(wanted, hits):
+            span = bytearray((run[-1] + 1 - run[0]) * size)
+            self.disk.readinto(run[0] * size, memoryview(span))
+            with memoryview(span) as fetched:
+                for chunk in run:
+                    at = (chunk - run[0]) * size
+                    content = fetched[at : at + min(size, self.size - chunk * size)]
+                    place(chunk, content)
+                    self.misses += 1
+                    self.fetched += len(content)
+                    self._remember(chunk, content)
         self._position = end
         return end - start
 
-    def _fetch(self, wanted: list[int], pieces: dict[int, bytes]) -> list[int]:
-        """Fetch the *wanted* chunks into *pieces*, a span at a time: consecutive wanted
-        chunks with only holes between them (which cost nothing to ask for), up to
-        FETCH_BYTES. Answer the chunks fetched."""
-        size = self.chunk_size
+    def _spans(self, wanted: list[int], hits: set[int]) -> list[list[int]]:
+        """The *wanted* chunks (ascending) in runs fetched at once: chunks with only holes
+        between them (which cost nothing to ask for; a cached chunk between splits the
+        run rather than being fetched again), spanning up to FETCH_BYTES."""
         runs: list[list[int]] = []
         for chunk in wanted:
             if (
                 runs
-                and (chunk + 1 - runs[-1][0]) * size <= FETCH_BYTES
-                and not any(between in pieces for between in range(runs[-1][-1] + 1, chunk))
+                and (chunk + 1 - runs[-1][0]) * self.chunk_size <= FETCH_BYTES
+                and not any(between in hits for between in range(runs[-1][-1] + 1, chunk))
             ):
                 runs[-1].append(chunk)
             else:
                 runs.append([chunk])
-        for run in runs:
-            span = bytearray((run[-1] + 1 - run[0]) * size)
-            self.disk.readinto(run[0] * size, memoryview(span))
-            for chunk in run:
-                at = (chunk - run[0]) * size
-                piece = bytes(span[at : at + min(size, self.size - chunk * size)])
-                pieces[chunk] = piece
-                self.misses += 1
-                self.fetched += len(piece)
-        return wanted
+        return runs
 
-    def _remember(self, chunk: int, piece: bytes) -> None:
-        """Keep *piece* as the newest chunk of the cache, dropping the oldest beyond
-        cache_bytes."""
-        if len(piece) > self.cache_bytes:
+    def _remember(self, chunk: int, content: memoryview) -> None:
+        """Keep a copy of *content* as the newest chunk of the cache (a copy: a slice
+        would keep its whole span alive), dropping the oldest beyond cache_bytes."""
+        if len(content) > self.cache_bytes:
             return
-        self._chunks[chunk] = piece
-        self._cached += len(piece)
+        self._chunks[chunk] = bytes(content)
+        self._cached += len(content)
         while self._cached > self.cache_bytes:
             _, dropped = self._chunks.popitem(last=False)
             self._cached -= len(dropped)
