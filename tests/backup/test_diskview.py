@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,27 @@ def test_buffered_and_text_wrappers_read_it(scene: Scene) -> None:
         assert buffered.read(CHUNK) == scene.image[CHUNK - 3 : 2 * CHUNK - 3]
         buffered.seek(0)
         assert buffered.readline() == scene.image[: scene.image.index(b"\n") + 1]
+
+
+def test_threads_with_views_of_their_own_over_one_disk(scene: Scene) -> None:
+    """The docstring's advice for threads: one PointDisk, a view each, reads at random."""
+    source = scene.disk()
+    failures: list[str] = []
+    finished: list[int] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        with DiskView(source, cache_bytes=2 * CHUNK) as view:
+            for _ in range(100):
+                offset, length = rng.randrange(len(scene.image)), rng.randrange(1, 2 * CHUNK)
+                view.seek(offset)
+                if view.read(length) != scene.image[offset : offset + length]:
+                    failures.append(f"thread {seed}: {length} bytes at {offset}")
+        finished.append(seed)  # not reached if a read raised
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and sorted(finished) == [0, 1, 2, 3]

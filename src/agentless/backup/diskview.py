@@ -43,7 +43,7 @@ class DiskView(io.RawIOBase):
     position (nothing moves then); reads at or past the end answer ``b""`` (0 bytes for
     :meth:`readinto`). Stronger than :class:`io.RawIOBase` asks: a read is never short
     before the end of the disk, so code written for buffered files (``f.read(n)`` means
-    *n* bytes) works unchanged. Once :meth:`close` d, every call but ``close`` raises
+    *n* bytes) works unchanged. After :meth:`close`, every call but ``close`` raises
     :class:`ValueError`. A chunk whose content does not match its id raises the
     repository's :class:`~.keys.CorruptError`; nothing unchecked is ever returned.
 
@@ -58,11 +58,11 @@ class DiskView(io.RawIOBase):
     :data:`~.repository.ZERO` id) are answered with zeros and take no room in the cache.
     A read of 100 KiB at offset 100 KiB, with 64 KiB chunks::
 
-        disk  |  chunk 0  |  chunk 1  |  chunk 2  |  chunk 3  |  chunk 4  |
-        read              [===========================]
-        cache                  hit       (miss)       (miss)
-        index                               hole        data
-        served                  copy      zeros      fetched, then cached
+        disk    |  chunk 0  |  chunk 1  |  chunk 2  |  chunk 3  |  chunk 4  |
+        read                       [==================]
+        chunk 1: in the cache  -> copied from it                       (a hit)
+        chunk 2: a hole        -> zeros: no request, nothing cached
+        chunk 3: neither       -> fetched, checked, copied, cached     (a miss)
 
     Counters (for tests and benchmarks): :attr:`fetched` bytes of chunks fetched from
     the repository, :attr:`hits` and :attr:`misses` in chunks (holes are neither),
