@@ -9,6 +9,7 @@ import dataclasses
 import io
 import random
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,22 @@ def test_threads_with_views_of_their_own_over_one_disk(scene: Scene) -> None:
     for thread in threads:
         thread.join()
     assert failures == [] and sorted(finished) == [0, 1, 2, 3]
+
+
+def test_a_parser_of_file_objects_reads_through_it(tmp_path: Path) -> None:
+    """zipfile – a parser that seeks from the end, reads directories and then members,
+    as file-system parsers do – opens a disk whose image is a zip archive, holes and all."""
+    members = {"random.bin": random.Random(5).randbytes(2 * CHUNK + 333), "zeros.bin": bytes(4 * CHUNK)}
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as writing:
+        for name, content in members.items():
+            writing.writestr(name, content)
+    image = archive.getvalue()
+    assert len(image) % CHUNK != 0
+    repo = Repository.init(LocalBackend(tmp_path / "repo"))
+    point = repo.load_point(backup(repo, "vm", [image]).point)
+    with DiskView(PointDisk(repo, point, 0)) as view, zipfile.ZipFile(view) as reading:
+        assert reading.namelist() == list(members)
+        assert {name: reading.read(name) for name in members} == members
+        assert reading.testzip() is None
+        assert view.fetched < len(image)  # the zeros member's whole chunks are holes
