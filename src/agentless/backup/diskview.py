@@ -1,13 +1,13 @@
 """A restore point's disk as a read-only Python file: what file-system parsers read
 for file-level restore (no kernel mount, no root, no full restore).
 
-Parsers of partition tables and file systems (``dissect.*`` and the like) take a binary
-file object and call ``seek``/``tell``/``read`` on it, many times, in small pieces: the
-superblock, then inode tables, directory blocks and the same metadata again as they walk
-a tree. :class:`DiskView` answers those calls from the repository lazily – nothing is
-read until asked, every chunk checked against its id by :class:`.PointDisk` – and keeps
-the chunks it fetched in a bounded cache so that the second look at a block costs no
-request and no decryption.
+Parsers of partition tables and file systems (the libyal bindings, pytsk3, ``dissect.*``
+and the like) take a binary file object and call ``seek``/``tell``/``read`` on it, many
+times, in small pieces: the superblock, then inode tables, directory blocks and the same
+metadata again as they walk a tree. :class:`DiskView` answers those calls from the
+repository lazily – nothing is read until asked, every chunk checked against its id by
+:class:`.PointDisk` – and keeps the chunks it fetched in a bounded cache so that the
+second look at a block costs no request and no decryption.
 """
 
 from __future__ import annotations
