@@ -7,6 +7,7 @@ other vendor's product could take its place. Layers, top down::
     backupjob     one VM's backup: WinCenter task, wddk reads, chunks into the repository
     restorejob    restore as a new VM, export to raw/VHD, serve over NBD (mount)
     diskview      a restore point's disk as a read-only file, for file-level restore
+    partitions    a guest disk's MBR or GPT partition table, read as untrusted input
     verify, prune, gc   housekeeping
     repository    restore points, index, blob writer (packs), locks   (docs/repository.md)
     points, catalog   restore points as versioned models; their local catalog
