@@ -39,6 +39,7 @@ GROUPS = {
     "jobs": "policycli",
     "serve": "policycli",
     "restores": "instantcli",
+    "files": "filescli",
 }
 REPOSITORY_COMMANDS = "repocli"
 

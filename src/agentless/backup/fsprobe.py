@@ -1,0 +1,176 @@
+"""What a guest's disk holds – its partition table and, on each partition (or on the
+whole disk when there is no table), which file system with which label, UUID and size.
+
+Runs inside the worker process (:mod:`.fsworker`): the disk's bytes are untrusted.
+File systems are known by their superblocks, read here with bounded reads (a few KiB
+at known offsets); their labels and UUIDs come from the same superblocks, except NTFS's,
+FAT's and exFAT's labels, which live in the volume's own metadata and are read with the
+libyal parsers (LGPL-3.0-or-later, see docs/file-restore.md)::
+
+    ext2/3/4  superblock at 1024: magic EF53 at +56, UUID +104, label +120,
+              features (compat +92, incompat +96) tell ext2, ext3 (journal) and ext4
+    XFS       superblock at 0: "XFSB", UUID +32, label +108
+    NTFS      boot sector "NTFS    " at 3, serial number at 0x48
+    FAT       boot sector: "FAT12"/"FAT16" at 54 (serial at 39) or "FAT32" at 82 (at 67)
+    exFAT     boot sector "EXFAT   " at 3, serial number at 100
+    LVM2 PV   "LABELONE" in one of the first four sectors, "LVM2 001" at +24, UUID +32
+    swap      "SWAPSPACE2" at 4086, UUID at 1036, label at 1052
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import Any, BinaryIO
+
+import pyfsfat
+import pyfsntfs
+
+from .partitions import Partition, read_table
+
+__all__ = ["Window", "kind_of", "probe", "run"]
+
+_EXT_MAGIC = 0xEF53
+_EXT_COMPAT_HAS_JOURNAL = 0x4
+_EXT_INCOMPAT_EXT4 = 0x40 | 0x80 | 0x200  # extents, 64bit, flex_bg
+
+
+class Window:
+    """The bytes ``[start, start + size)`` of *disk* as a binary file of their own (a
+    partition), which parsers may read and seek without reaching outside it."""
+
+    def __init__(self, disk: BinaryIO, start: int, size: int):
+        self.disk, self.start, self.size = disk, start, size
+        self._position = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._position, self.size)[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def get_size(self) -> int:
+        return self.size
+
+    def read(self, size: int = -1) -> bytes:
+        end = self.size if size is None or size < 0 else min(self.size, self._position + size)
+        if end <= self._position:
+            return b""
+        self.disk.seek(self.start + self._position)
+        data = self.disk.read(end - self._position)
+        self._position += len(data)
+        return data
+
+    def at(self, offset: int, length: int) -> bytes:
+        """*length* bytes from *offset* (fewer past the end)."""
+        self.seek(offset)
+        return self.read(length)
+
+
+def run(disk: BinaryIO, size: int, op: str, args: dict[str, Any]) -> Any:
+    """The worker's operations on *disk* of *size* bytes: ``probe`` (no arguments)."""
+    if op == "probe":
+        return probe(disk, size)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def probe(disk: BinaryIO, size: int) -> dict[str, Any]:
+    """The partition table of *disk* and a description of each volume (JSON-able)."""
+    table = read_table(disk, size)
+    if table.scheme == "none":
+        parts = [Partition(0, 0, size, "")]
+    else:
+        parts = [p for p in table.partitions if not p.extended]
+    volumes = []
+    for part in parts:
+        window = Window(disk, part.start, part.size)
+        volume: dict[str, Any] = {"partition": part.number, "start": part.start, "size": part.size}
+        volume["type"] = part.type or None
+        volume["partition_uuid"] = part.uuid
+        volume["partition_name"] = part.name
+        try:
+            volume.update(kind_of(window))
+        except (OSError, ValueError, struct.error) as error:
+            volume.update(filesystem="unknown", label=None, uuid=None, problem=f"unreadable: {error}")
+        volumes.append(volume)
+    return {"scheme": table.scheme, "id": table.id, "problems": list(table.problems), "volumes": volumes}
+
+
+def _text(raw: bytes) -> str | None:
+    text = raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    return text or None
+
+
+def _uuid(raw: bytes) -> str | None:
+    return None if raw == bytes(16) else str(uuid.UUID(bytes=raw))
+
+
+def kind_of(window: Window) -> dict[str, Any]:
+    """``filesystem``, ``label`` and ``uuid`` of the volume in *window* (``unknown``
+    with a ``problem`` saying what was found when it is none of the known ones)."""
+    head = window.at(0, 4096)
+    ext = window.at(1024, 1024)
+    if len(ext) >= 136 and int.from_bytes(ext[56:58], "little") == _EXT_MAGIC:
+        compat, incompat = struct.unpack_from("<II", ext, 92)
+        name = (
+            "ext4"
+            if incompat & _EXT_INCOMPAT_EXT4
+            else "ext3"
+            if compat & _EXT_COMPAT_HAS_JOURNAL
+            else "ext2"
+        )
+        return {"filesystem": name, "label": _text(ext[120:136]), "uuid": _uuid(ext[104:120])}
+    if head[:4] == b"XFSB" and len(head) >= 120:
+        return {"filesystem": "xfs", "label": _text(head[108:120]), "uuid": _uuid(head[32:48])}
+    if head[3:11] == b"NTFS    ":
+        volume = pyfsntfs.volume()
+        volume.open_file_object(window)
+        try:
+            label = volume.name or None
+        finally:
+            volume.close()
+        return {"filesystem": "ntfs", "label": label, "uuid": f"{int.from_bytes(head[72:80], 'little'):016X}"}
+    if head[3:11] == b"EXFAT   ":
+        return {"filesystem": "exfat", "label": _fat_label(window, b""), "uuid": _serial(head[100:104])}
+    if head[82:87] == b"FAT32":
+        return {"filesystem": "fat32", "label": _fat_label(window, head[71:82]), "uuid": _serial(head[67:71])}
+    if head[54:59] in (b"FAT12", b"FAT16"):
+        name = head[54:59].decode().lower()
+        return {"filesystem": name, "label": _fat_label(window, head[43:54]), "uuid": _serial(head[39:43])}
+    for sector in range(4):
+        label = head[sector * 512 : sector * 512 + 64]
+        if label[:8] == b"LABELONE" and label[24:32] == b"LVM2 001":
+            return {"filesystem": "lvm2", "label": None, "uuid": label[32:64].decode("ascii", "replace")}
+    if head[4086:4096] == b"SWAPSPACE2":
+        return {"filesystem": "swap", "label": _text(head[1052:1068]), "uuid": _uuid(head[1036:1052])}
+    found = "zeros" if not head.strip(b"\0") else f"first bytes {head[:8].hex()}"
+    return {
+        "filesystem": "unknown",
+        "label": None,
+        "uuid": None,
+        "problem": f"no known file system ({found})",
+    }
+
+
+def _serial(raw: bytes) -> str:
+    """A FAT or exFAT volume serial number as Linux shows it (``ABCD-1234``)."""
+    value = int.from_bytes(raw, "little")
+    return f"{value >> 16:04X}-{value & 0xFFFF:04X}"
+
+
+def _fat_label(window: Window, boot: bytes) -> str | None:
+    """The label in the root directory (libfsfat), else the boot sector's copy *boot*
+    (``NO NAME`` is none) – the order blkid reads them in."""
+    volume = pyfsfat.volume()
+    volume.open_file_object(window)
+    try:
+        label = volume.label
+    finally:
+        volume.close()
+    if not label and boot.strip() not in (b"", b"NO NAME"):
+        label = boot.decode("cp437").strip()
+    return label or None

@@ -1,0 +1,273 @@
+"""The process that parses a guest's disk for file-level restore, and its leash.
+
+A guest's partition tables and file systems are untrusted input, parsed by C libraries
+(libyal). They are parsed in a child process of their own (``python -m
+agentless.backup.fsworker``) that holds no secret and no file of the repository: its
+environment is emptied, it sets its own resource limits (address space, CPU, open
+files, no file writes, no core) before it reads a byte, and the only data it sees are
+the disk's bytes, which it asks the parent for. A hostile image can crash it or make it
+spin; the parent then kills it and reports one line, and its other work goes on with a
+new worker. (Proxmox runs a throwaway VM for the same purpose.)
+
+Messages on the child's stdin/stdout, each a kind, a length and a payload::
+
+    parent ── CALL {"op": ..., "args": {...}} ──▶ child
+    parent ◀── READ offset, length ──────────── child       (as often as it needs bytes)
+    parent ── DATA bytes │ FAIL {"message"} ──▶ child
+    parent ◀── DONE {result} │ ERR {"message"} ─ child
+
+The parent answers reads from a file object of the disk (a :class:`.diskview.DiskView`)
+and refuses any read outside the disk or longer than :data:`MAX_READ`. A call that makes
+no progress (no message from the child) for *timeout* seconds kills the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import select
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import IO, Any, BinaryIO, Protocol, cast
+
+from .errors import VmbackupError
+
+__all__ = ["MAX_READ", "MEMORY", "DiskFile", "FsWorker", "FsWorkerError", "WorkerDisk"]
+
+MAX_READ = 8 << 20  # bytes of the disk one READ may ask for
+MEMORY = 1 << 30  # the worker's address space
+CPU_SECONDS = 3600  # the worker's CPU time, all calls together
+TIMEOUT = 60.0  # seconds a call may go without a message from the worker
+
+_HEAD = struct.Struct("<4sI")  # kind, payload length
+_READ = struct.Struct("<QI")  # offset, length
+_MAX_MESSAGE = MAX_READ + 4096
+
+
+class FsWorkerError(VmbackupError):
+    """The worker failed a call: the image could not be parsed (its message says what
+    was found), or the worker died or hung on it (killed; the next call starts a new
+    one). The caller reports it for that disk or partition and goes on."""
+
+
+def _send(pipe: IO[bytes], kind: bytes, payload: bytes = b"") -> None:
+    pipe.write(_HEAD.pack(kind, len(payload)) + payload)
+    pipe.flush()
+
+
+def _receive(pipe: IO[bytes]) -> tuple[bytes, bytes]:
+    head = pipe.read(_HEAD.size)
+    if len(head) < _HEAD.size:
+        raise EOFError("the other side closed the pipe")
+    kind, length = _HEAD.unpack(head)
+    if length > _MAX_MESSAGE:
+        raise EOFError(f"a message of {length} bytes")
+    payload = pipe.read(length)
+    if len(payload) < length:
+        raise EOFError("the other side closed the pipe")
+    return kind, payload
+
+
+# ---------------------------------------------------------------------- the parent side
+
+
+class DiskFile(Protocol):
+    """What the parent reads the disk from: a binary file (a :class:`.diskview.DiskView`,
+    an open image)."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+class FsWorker:
+    """A worker process and the disk it reads; a context manager. :meth:`call` runs one
+    operation (see :mod:`.fsprobe` for the operations) and answers its result."""
+
+    def __init__(
+        self,
+        disk: DiskFile,
+        size: int,
+        *,
+        memory: int = MEMORY,
+        timeout: float = TIMEOUT,
+    ):
+        self.disk = disk
+        self.size = size
+        self.memory = memory
+        self.timeout = timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> FsWorker:
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id (None before the first call and after a kill)."""
+        return None if self._process is None else self._process.pid
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            if process.stdin is not None:
+                process.stdin.close()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self._process is None:
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+            if "PYTHONPATH" in os.environ:  # a source checkout run without installing
+                env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+            argv = [sys.executable, "-m", __name__, str(self.size), str(self.memory)]
+            self._process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+            )
+        return self._process
+
+    def call(self, op: str, **args: Any) -> Any:
+        """The result of *op* (JSON-able *args*); :class:`FsWorkerError` if the worker
+        refused it, died or made no progress for *timeout* seconds."""
+        process = self._start()
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            _send(process.stdin, b"CALL", json.dumps({"op": op, "args": args}).encode())
+            while True:
+                ready, _, _ = select.select([process.stdout], [], [], self.timeout)
+                if not ready:
+                    raise TimeoutError
+                kind, payload = _receive(process.stdout)
+                if kind == b"READ":
+                    _send(process.stdin, *self._answer(payload))
+                elif kind == b"DONE":
+                    return json.loads(payload)
+                elif kind == b"ERR ":
+                    raise FsWorkerError(str(json.loads(payload)["message"]))
+                else:
+                    raise EOFError(f"an unknown message {kind!r}")
+        except TimeoutError:
+            self._kill()
+            raise FsWorkerError(f"the parser made no progress for {self.timeout:g} s (stopped)") from None
+        except (EOFError, BrokenPipeError, OSError, ValueError) as error:
+            code = self._kill()
+            why = f"killed by signal {-code}" if code is not None and code < 0 else f"ended ({error})"
+            raise FsWorkerError(f"the parser {why}") from None
+
+    def _answer(self, payload: bytes) -> tuple[bytes, bytes]:
+        offset, length = _READ.unpack(payload)
+        if length > MAX_READ or offset > self.size:
+            return b"FAIL", json.dumps({"message": f"a read of {length} bytes at {offset}"}).encode()
+        self.disk.seek(offset)
+        return b"DATA", self.disk.read(min(length, self.size - offset))
+
+    def _kill(self) -> int | None:
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        process.kill()
+        code = process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return code
+
+
+# ---------------------------------------------------------------------- the child side
+
+
+class WorkerDisk:
+    """The disk as the worker sees it: a read-only binary file whose reads are asked of
+    the parent (what libyal and :mod:`.partitions` read)."""
+
+    def __init__(self, size: int, ask: Callable[[int, int], bytes]):
+        self.size = size
+        self._ask = ask
+        self._position = 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def get_size(self) -> int:
+        return self.size
+
+    def read(self, size: int = -1) -> bytes:
+        end = self.size if size is None or size < 0 else min(self.size, self._position + size)
+        parts = []
+        while self._position < end:
+            part = self._ask(self._position, min(MAX_READ, end - self._position))
+            if not part:
+                break
+            parts.append(part)
+            self._position += len(part)
+        return b"".join(parts)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _limit(memory: int) -> None:
+    """The worker's own limits, set before it reads anything of the disk."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+    sys.dont_write_bytecode = True  # a write fails (EFBIG; Python ignores SIGXFSZ)
+
+
+def main(argv: list[str]) -> int:
+    """The worker: ``size memory``, then calls on stdin until it closes."""
+    size, memory = int(argv[0]), int(argv[1])
+    _limit(memory)
+    # the parsers are loaded here, after the limits hold – and never in the parent
+    from agentless.backup import fsprobe
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def ask(offset: int, length: int) -> bytes:
+        _send(stdout, b"READ", _READ.pack(offset, length))
+        kind, payload = _receive(stdin)
+        if kind != b"DATA":
+            raise OSError(f"the parent refused a read: {payload.decode(errors='replace')}")
+        return payload
+
+    disk = cast(BinaryIO, WorkerDisk(size, ask))
+    while True:
+        try:
+            _kind, payload = _receive(stdin)
+        except EOFError:
+            return 0
+        try:
+            request = json.loads(payload)
+            result = fsprobe.run(disk, size, request["op"], request.get("args", {}))
+        except Exception as error:  # the message goes back; the worker serves on
+            _send(stdout, b"ERR ", json.dumps({"message": str(error) or type(error).__name__}).encode())
+        else:
+            _send(stdout, b"DONE", json.dumps(result).encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+"""``vmbackup files RP``: the partitions and file systems of a restore point's disks,
+from the repository alone (no WinCenter, no host), as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agentless.backup.repository import Repository
+from tests.backup.building import backup
+from tests.backup.conftest import vmbackup
+from tests.backup.guestimages import MiB, blkid, make_disk, make_fs
+
+PASSWORD = "files test"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[dict[str, str], str, list[Path]]:
+    """A repository holding one restore point of two disks: an MBR disk with ext4 and
+    FAT32, and a disk of zeros; the command's environment and the point's id."""
+    images = [make_fs(tmp_path, "ext4", 12 * MiB, "root"), make_fs(tmp_path, "fat32", 40 * MiB, "EFIFAT")]
+    disk = make_disk(tmp_path, "mbr", "label: dos\n,13M,83\n,,c\n", images, 64 * MiB)
+    with Repository.init(str(tmp_path / "repo"), PASSWORD) as repository:
+        point = backup(repository, "files", [disk.read_bytes(), bytes(2 * MiB)]).point
+    env = {**os.environ, "VMBACKUP_REPO": str(tmp_path / "repo"), "VMBACKUP_PASSWORD": PASSWORD}
+    return env, point, images
+
+
+def test_files_lists_partitions_and_file_systems(
+    site: tuple[dict[str, str], str, list[Path]],
+) -> None:
+    env, point, images = site
+    done = vmbackup(env, "files", point[:8], "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["point"] == point
+    first, second = document["disks"]
+    assert (first["disk"], first["scheme"], second["disk"], second["scheme"]) == (0, "mbr", 1, "none")
+    found = [(v["partition"], v["filesystem"], v["label"], v["uuid"]) for v in first["volumes"]]
+    expected = [(n, *blkid(image)) for n, image in zip([1, 2], images, strict=True)]
+    assert found == expected
+    assert first["fetched"] < 4 * MiB  # superblocks and tables, not the disk
+    assert second["volumes"][0]["problem"] == "no known file system (zeros)"
+
+    text = vmbackup(env, "files", point, "--disk", "0")
+    assert text.returncode == 0, text.stderr
+    assert f"restore point {point}" in text.stdout
+    assert "partition 1: ext4, 13.0 MiB at 1.0 MiB, label 'root'" in text.stdout
+    assert "partition 2: fat32" in text.stdout and "label 'EFIFAT'" in text.stdout
+    assert "disk 1" not in text.stdout
+
+
+def test_a_disk_that_is_not_there_is_one_line(site: tuple[dict[str, str], str, list[Path]]) -> None:
+    env, point, _images = site
+    done = vmbackup(env, "files", point, "--disk", "7")
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "has no disk 7" in done.stderr
+    assert "Traceback" not in done.stderr
