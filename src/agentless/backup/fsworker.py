@@ -243,7 +243,16 @@ def main(argv: list[str]) -> int:
     size, memory = int(argv[0]), int(argv[1])
     _limit(memory)
     # the parsers are loaded here, after the limits hold – and never in the parent
-    from agentless.backup import fsprobe
+    operate: Callable[[BinaryIO, int, str, dict[str, Any]], Any]
+    try:
+        from agentless.backup import fsprobe
+
+        operate = fsprobe.run
+    except ImportError as error:  # the optional extra is not installed: say so to every call
+        missing = f"file-level restore needs the libyal parsers: pip install 'agentless[files]' ({error})"
+
+        def operate(_disk: BinaryIO, _size: int, _op: str, _args: dict[str, Any]) -> Any:
+            raise RuntimeError(missing)
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 
@@ -262,7 +271,7 @@ def main(argv: list[str]) -> int:
             return 0
         try:
             request = json.loads(payload)
-            result = fsprobe.run(disk, size, request["op"], request.get("args", {}))
+            result = operate(disk, size, request["op"], request.get("args", {}))
         except Exception as error:  # the message goes back; the worker serves on
             _send(stdout, b"ERR ", json.dumps({"message": str(error) or type(error).__name__}).encode())
         else:
