@@ -17,7 +17,10 @@ def require_tool(name: str) -> str:
     to get it, when it is not installed (``make test`` installs them when run as root)."""
     path = shutil.which(name)
     if path is None:
-        packages = "qemu-utils, libnbd-bin, nbdkit, nbd-server, qemu-system-x86, fdisk, dosfstools, ntfs-3g, xfsprogs"
+        packages = (
+            "qemu-utils, libnbd-bin, nbdkit, nbd-server, qemu-system-x86, "
+            "fdisk, dosfstools, ntfs-3g, xfsprogs"
+        )
         pytest.skip(f"{name} not installed (Debian: {packages}; `make test` as root)")
     return path
 

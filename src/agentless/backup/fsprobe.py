@@ -27,48 +27,24 @@ import pyfsfat
 import pyfsntfs
 
 from .partitions import Partition, read_table
+from .rangefile import RangeFile
 
-__all__ = ["Window", "kind_of", "probe", "run"]
+__all__ = ["kind_of", "probe", "run", "window"]
 
 _EXT_MAGIC = 0xEF53
 _EXT_COMPAT_HAS_JOURNAL = 0x4
 _EXT_INCOMPAT_EXT4 = 0x40 | 0x80 | 0x200  # extents, 64bit, flex_bg
 
 
-class Window:
-    """The bytes ``[start, start + size)`` of *disk* as a binary file of their own (a
-    partition), which parsers may read and seek without reaching outside it."""
+def window(disk: BinaryIO, start: int, size: int) -> RangeFile:
+    """The bytes ``[start, start + size)`` of *disk* as a file of their own (a partition),
+    which parsers may read and seek without reaching outside it."""
 
-    def __init__(self, disk: BinaryIO, start: int, size: int):
-        self.disk, self.start, self.size = disk, start, size
-        self._position = 0
+    def read_at(offset: int, length: int) -> bytes:
+        disk.seek(start + offset)
+        return disk.read(length)
 
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = (0, self._position, self.size)[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._position = base + offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def get_size(self) -> int:
-        return self.size
-
-    def read(self, size: int = -1) -> bytes:
-        end = self.size if size is None or size < 0 else min(self.size, self._position + size)
-        if end <= self._position:
-            return b""
-        self.disk.seek(self.start + self._position)
-        data = self.disk.read(end - self._position)
-        self._position += len(data)
-        return data
-
-    def at(self, offset: int, length: int) -> bytes:
-        """*length* bytes from *offset* (fewer past the end)."""
-        self.seek(offset)
-        return self.read(length)
+    return RangeFile(size, read_at)
 
 
 def run(disk: BinaryIO, size: int, op: str, args: dict[str, Any]) -> Any:
@@ -87,13 +63,13 @@ def probe(disk: BinaryIO, size: int) -> dict[str, Any]:
         parts = [p for p in table.partitions if not p.extended]
     volumes = []
     for part in parts:
-        window = Window(disk, part.start, part.size)
+        part_file = window(disk, part.start, part.size)
         volume: dict[str, Any] = {"partition": part.number, "start": part.start, "size": part.size}
         volume["type"] = part.type or None
         volume["partition_uuid"] = part.uuid
         volume["partition_name"] = part.name
         try:
-            volume.update(kind_of(window))
+            volume.update(kind_of(part_file))
         except (OSError, ValueError, struct.error) as error:
             volume.update(filesystem="unknown", label=None, uuid=None, problem=f"unreadable: {error}")
         volumes.append(volume)
@@ -109,7 +85,7 @@ def _uuid(raw: bytes) -> str | None:
     return None if raw == bytes(16) else str(uuid.UUID(bytes=raw))
 
 
-def kind_of(window: Window) -> dict[str, Any]:
+def kind_of(window: RangeFile) -> dict[str, Any]:
     """``filesystem``, ``label`` and ``uuid`` of the volume in *window* (``unknown``
     with a ``problem`` saying what was found when it is none of the known ones)."""
     head = window.at(0, 4096)
@@ -162,7 +138,7 @@ def _serial(raw: bytes) -> str:
     return f"{value >> 16:04X}-{value & 0xFFFF:04X}"
 
 
-def _fat_label(window: Window, boot: bytes) -> str | None:
+def _fat_label(window: RangeFile, boot: bytes) -> str | None:
     """The label in the root directory (libfsfat), else the boot sector's copy *boot*
     (``NO NAME`` is none) – the order blkid reads them in."""
     volume = pyfsfat.volume()

@@ -35,8 +35,9 @@ from collections.abc import Callable
 from typing import IO, Any, BinaryIO, Protocol, cast
 
 from .errors import VmbackupError
+from .rangefile import RangeFile
 
-__all__ = ["MAX_READ", "MEMORY", "DiskFile", "FsWorker", "FsWorkerError", "WorkerDisk"]
+__all__ = ["MAX_READ", "MEMORY", "DiskFile", "FsWorker", "FsWorkerError", "worker_disk"]
 
 MAX_READ = 8 << 20  # bytes of the disk one READ may ask for
 MEMORY = 1 << 30  # the worker's address space
@@ -188,44 +189,22 @@ class FsWorker:
 # ---------------------------------------------------------------------- the child side
 
 
-class WorkerDisk:
-    """The disk as the worker sees it: a read-only binary file whose reads are asked of
-    the parent (what libyal and :mod:`.partitions` read)."""
+def worker_disk(size: int, ask: Callable[[int, int], bytes]) -> RangeFile:
+    """The disk as the worker sees it: a read-only file whose reads are asked of the
+    parent, :data:`MAX_READ` at most at a time (what libyal and :mod:`.partitions` read)."""
 
-    def __init__(self, size: int, ask: Callable[[int, int], bytes]):
-        self.size = size
-        self._ask = ask
-        self._position = 0
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._position = base + offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def get_size(self) -> int:
-        return self.size
-
-    def read(self, size: int = -1) -> bytes:
-        end = self.size if size is None or size < 0 else min(self.size, self._position + size)
+    def read_at(offset: int, length: int) -> bytes:
         parts = []
-        while self._position < end:
-            part = self._ask(self._position, min(MAX_READ, end - self._position))
+        end = offset + length
+        while offset < end:
+            part = ask(offset, min(MAX_READ, end - offset))
             if not part:
                 break
             parts.append(part)
-            self._position += len(part)
+            offset += len(part)
         return b"".join(parts)
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
+    return RangeFile(size, read_at)
 
 
 def _limit(memory: int) -> None:
@@ -263,7 +242,7 @@ def main(argv: list[str]) -> int:
             raise OSError(f"the parent refused a read: {payload.decode(errors='replace')}")
         return payload
 
-    disk = cast(BinaryIO, WorkerDisk(size, ask))
+    disk = cast(BinaryIO, worker_disk(size, ask))
     while True:
         try:
             _kind, payload = _receive(stdin)
