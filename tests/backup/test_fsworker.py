@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from agentless.backup.diskview import DiskView
+from agentless.backup.errors import CorruptError
 from agentless.backup.fsworker import MEMORY, FsWorker, FsWorkerError
+from agentless.backup.pointdisk import PointDisk
+from agentless.backup.repository import Repository
+from tests.backup.building import backup
 from tests.conftest import require_tool, run
 
 MiB = 1 << 20
@@ -93,3 +98,22 @@ def test_an_unknown_operation_is_refused_and_the_worker_serves_on(disk: Path) ->
         pid = _pid(worker)
         assert worker.call("probe")["scheme"] == "none"
         assert _pid(worker) == pid  # the same worker
+
+
+def test_a_corrupt_chunk_under_the_worker_is_the_repositorys_error(tmp_path: Path, disk: Path) -> None:
+    """The parent reads the disk from the repository: a chunk that does not check is the
+    repository's CorruptError – never bytes handed to the parser – and the worker, which
+    waited for that read, is stopped."""
+    with Repository.init(str(tmp_path / "repo"), "pw") as repository:
+        made = backup(repository, "a", [disk.read_bytes()])
+        source = PointDisk(repository, repository.load_point(made.point), 0)
+        where = repository.index().locate([source.index.get(0)])[0]  # the chunk of the superblock
+        assert where is not None
+        path = tmp_path / "repo" / where.pack
+        data = bytearray(path.read_bytes())
+        data[where.offset + where.length // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        with DiskView(source) as view, FsWorker(view, view.size) as worker:
+            with pytest.raises(CorruptError):
+                worker.call("probe")
+            assert worker.pid is None

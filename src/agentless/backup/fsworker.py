@@ -56,21 +56,29 @@ class FsWorkerError(VmbackupError):
 
 
 def _send(pipe: IO[bytes], kind: bytes, payload: bytes = b"") -> None:
-    pipe.write(_HEAD.pack(kind, len(payload)) + payload)
+    view = memoryview(_HEAD.pack(kind, len(payload)) + payload)
+    while view:  # an unbuffered pipe may take less than asked per write
+        view = view[pipe.write(view) :]
     pipe.flush()
 
 
+def _exactly(pipe: IO[bytes], length: int) -> bytes:
+    """*length* bytes from *pipe* (an unbuffered pipe may answer fewer per read)."""
+    parts, got = [], 0
+    while got < length:
+        part = pipe.read(length - got)
+        if not part:
+            raise EOFError("the other side closed the pipe")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def _receive(pipe: IO[bytes]) -> tuple[bytes, bytes]:
-    head = pipe.read(_HEAD.size)
-    if len(head) < _HEAD.size:
-        raise EOFError("the other side closed the pipe")
-    kind, length = _HEAD.unpack(head)
+    kind, length = _HEAD.unpack(_exactly(pipe, _HEAD.size))
     if length > _MAX_MESSAGE:
         raise EOFError(f"a message of {length} bytes")
-    payload = pipe.read(length)
-    if len(payload) < length:
-        raise EOFError("the other side closed the pipe")
-    return kind, payload
+    return kind, _exactly(pipe, length)
 
 
 # ---------------------------------------------------------------------- the parent side
@@ -133,38 +141,68 @@ class FsWorker:
             if "PYTHONPATH" in os.environ:  # a source checkout run without installing
                 env["PYTHONPATH"] = os.environ["PYTHONPATH"]
             argv = [sys.executable, "-m", __name__, str(self.size), str(self.memory)]
+            # unbuffered: select() on the pipe must see every byte not yet read
             self._process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+                argv,
+                bufsize=0,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
             )
         return self._process
 
     def call(self, op: str, **args: Any) -> Any:
         """The result of *op* (JSON-able *args*); :class:`FsWorkerError` if the worker
-        refused it, died or made no progress for *timeout* seconds."""
+        refused it, died or made no progress for *timeout* seconds. An error of the
+        parent's own disk read (a corrupt chunk) passes, and the worker is stopped."""
         process = self._start()
-        assert process.stdin is not None and process.stdout is not None
+        self._message(process, b"CALL", json.dumps({"op": op, "args": args}).encode())
+        while True:
+            kind, payload = self._next(process)
+            if kind == b"READ":
+                try:
+                    answer = self._answer(payload)
+                except BaseException:
+                    self._kill()  # it waits for this answer: it cannot go on
+                    raise
+                self._message(process, *answer)
+            elif kind in (b"DONE", b"ERR "):
+                try:
+                    result = json.loads(payload)
+                    if kind == b"ERR ":
+                        result = str(result["message"])
+                except (ValueError, KeyError, TypeError):
+                    raise self._dead("sent garbage") from None
+                if kind == b"ERR ":
+                    raise FsWorkerError(result)  # it refused the call and serves on
+                return result
+            else:
+                raise self._dead(f"sent an unknown message {kind!r}")
+
+    def _message(self, process: subprocess.Popen[bytes], kind: bytes, payload: bytes) -> None:
+        assert process.stdin is not None
         try:
-            _send(process.stdin, b"CALL", json.dumps({"op": op, "args": args}).encode())
-            while True:
-                ready, _, _ = select.select([process.stdout], [], [], self.timeout)
-                if not ready:
-                    raise TimeoutError
-                kind, payload = _receive(process.stdout)
-                if kind == b"READ":
-                    _send(process.stdin, *self._answer(payload))
-                elif kind == b"DONE":
-                    return json.loads(payload)
-                elif kind == b"ERR ":
-                    raise FsWorkerError(str(json.loads(payload)["message"]))
-                else:
-                    raise EOFError(f"an unknown message {kind!r}")
-        except TimeoutError:
+            _send(process.stdin, kind, payload)
+        except OSError as error:
+            raise self._dead(f"ended ({error})") from None
+
+    def _next(self, process: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+        """The worker's next message, within *timeout*."""
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], self.timeout)
+        if not ready:
             self._kill()
-            raise FsWorkerError(f"the parser made no progress for {self.timeout:g} s (stopped)") from None
-        except (EOFError, BrokenPipeError, OSError, ValueError) as error:
-            code = self._kill()
-            why = f"killed by signal {-code}" if code is not None and code < 0 else f"ended ({error})"
-            raise FsWorkerError(f"the parser {why}") from None
+            raise FsWorkerError(f"the parser made no progress for {self.timeout:g} s (stopped)")
+        try:
+            return _receive(process.stdout)
+        except (EOFError, OSError) as error:
+            raise self._dead(f"ended ({error})") from None
+
+    def _dead(self, what: str) -> FsWorkerError:
+        """Kill the worker; the error that says how it went (a signal wins over *what*)."""
+        code = self._kill()
+        return FsWorkerError(f"the parser {f'killed by signal {-code}' if code and code < 0 else what}")
 
     def _answer(self, payload: bytes) -> tuple[bytes, bytes]:
         offset, length = _READ.unpack(payload)
