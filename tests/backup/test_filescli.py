@@ -59,3 +59,25 @@ def test_a_disk_that_is_not_there_is_one_line(site: tuple[dict[str, str], str, l
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "has no disk 7" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_files_ls_lists_and_says_what_it_cannot(site: tuple[dict[str, str], str, list[Path]]) -> None:
+    env, point, _images = site
+    done = vmbackup(env, "files", point, "ls", "--partition", "1", "/", "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert (document["disk"], document["partition"], document["path"]) == (0, 1, "/")
+    hello = next(e for e in document["entries"] if e["path"] == "/hello.txt")
+    assert (hello["type"], hello["size"]) == ("file", 6)
+    long = vmbackup(env, "files", point, "ls", "--disk", "0", "--partition", "1", "/hello.txt", "-l")
+    assert long.returncode == 0, long.stderr
+    fields = long.stdout.split()
+    assert fields[0] == "-rw-r--r--" and fields[3] == "6" and fields[-1] == "/hello.txt", long.stdout
+    for args, message in (
+        (["--partition", "2", "/"], "listing fat32 is not supported yet"),
+        (["--partition", "1", "/nope"], "/nope: no such file or directory"),
+        (["--partition", "4", "/"], "no partition 4 (partitions: 1, 2)"),
+    ):
+        failed = vmbackup(env, "files", point, "ls", *args)
+        assert failed.returncode == 1 and message in failed.stderr, failed.stderr
+        assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr

@@ -11,6 +11,8 @@ on it) is one line, and the other disks are still described.
 from __future__ import annotations
 
 import argparse
+import datetime
+import stat
 from typing import Any
 
 from agentless.commands import emit
@@ -59,7 +61,36 @@ def _lines(disk: dict[str, Any]) -> list[str]:
     return lines
 
 
+_KIND = {"file": "-", "dir": "d", "symlink": "l", "fifo": "p", "socket": "s", "char": "c", "block": "b"}
+
+
+def _long(entry: dict[str, Any]) -> str:
+    """One entry as ``ls -l`` shows it (times in UTC; NTFS has no mode or owner: ``?``)."""
+    kind = _KIND.get(entry["type"], "?")
+    mode = "?????????" if entry["mode"] is None else stat.filemode(entry["mode"])[1:]
+    owner = "?" if entry["uid"] is None else f"{entry['uid']} {entry['gid']}"
+    when = datetime.datetime.fromtimestamp(entry["mtime"] / 1e9, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    target = f" -> {entry['target']}" if entry["target"] else ""
+    return f"{kind}{mode} {owner:>11} {entry['size']:>12} {when} {entry['path']}{target}"
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    entries: list[dict[str, Any]] = []
+    disk = 0 if args.disk is None else args.disk
+    asked = {"partition": args.partition, "path": args.path, "recursive": args.recursive}
+    with open_repository(args) as repository, repository.lock("shared", "files"):
+        point = repository.load_point(args.point)
+        with DiskView(PointDisk(repository, point, disk)) as view, FsWorker(view, view.size) as worker:
+            worker.call("list", on_items=entries.extend, **asked)
+    text = "\n".join(_long(e) if args.long else e["path"] for e in entries)
+    document = {"point": point.id, "disk": disk, "partition": args.partition, "path": args.path}
+    emit(args, {**document, "entries": entries}, text)
+    return 0
+
+
 def _cmd_files(args: argparse.Namespace) -> int:
+    if args.action == "ls":
+        return _cmd_ls(args)
     with open_repository(args) as repository, repository.lock("shared", "files"):
         point = repository.load_point(args.point)
         positions = [args.disk] if args.disk is not None else [d.position for d in point.disks]
@@ -77,4 +108,14 @@ def add_commands(command: Command) -> None:
     p = command("files", "partitions and file systems of a restore point's disks (no restore, no mount)")
     p.add_argument("point", metavar="RP", help="restore point id (or a unique prefix)")
     p.add_argument("--disk", type=int, metavar="N", help="only disk N (default: every disk)")
-    p.set_defaults(handler=_cmd_files)
+    p.set_defaults(handler=_cmd_files, action=None)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    ls = actions.add_parser("ls", help="list a directory of a file system in the restore point")
+    ls.add_argument("--disk", type=int, default=argparse.SUPPRESS, help="disk position (default 0)")
+    ls.add_argument(
+        "--partition", type=int, default=0, help="partition number as `files RP` shows it (0: the whole disk)"
+    )
+    ls.add_argument("path", metavar="PATH", help="a path from the file system's root, / separated")
+    ls.add_argument("--long", "-l", action="store_true", help="type, mode, owner, size, mtime, link target")
+    ls.add_argument("--recursive", "-R", action="store_true", help="every entry below PATH")
+    ls.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON document")

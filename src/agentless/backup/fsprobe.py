@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import pyfsfat
 import pyfsntfs
 
+from .guestfs import list_entries
 from .partitions import Partition, read_table
 from .rangefile import RangeFile
 
-__all__ = ["kind_of", "probe", "run", "window"]
+__all__ = ["kind_of", "probe", "run", "volume", "window"]
 
 _EXT_MAGIC = 0xEF53
 _EXT_COMPAT_HAS_JOURNAL = 0x4
@@ -47,11 +49,37 @@ def window(disk: BinaryIO, start: int, size: int) -> RangeFile:
     return RangeFile(size, read_at)
 
 
-def run(disk: BinaryIO, size: int, op: str, args: dict[str, Any]) -> Any:
-    """The worker's operations on *disk* of *size* bytes: ``probe`` (no arguments)."""
+def run(disk: BinaryIO, size: int, op: str, args: dict[str, Any], emit: Callable[[list[Any]], None]) -> Any:
+    """The worker's operations on *disk* of *size* bytes: ``probe`` (no arguments) and
+    ``list`` (``partition``, ``path``, ``recursive``: entries sent to *emit* in batches,
+    their count answered)."""
     if op == "probe":
         return probe(disk, size)
+    if op == "list":
+        volume_file, filesystem = volume(disk, size, int(args.get("partition", 0)))
+        return list_entries(volume_file, filesystem, str(args["path"]), bool(args.get("recursive")), emit)
     raise ValueError(f"unknown operation {op!r}")
+
+
+def volume(disk: BinaryIO, size: int, number: int) -> tuple[RangeFile, str]:
+    """Partition *number* (0: the whole disk, when it has no table) as a file, and the
+    file system found on it."""
+    table = read_table(disk, size)
+    if table.scheme == "none":
+        if number != 0:
+            raise ValueError(f"the disk has no partition table: partition {number} does not exist (use 0)")
+        part = Partition(0, 0, size, "")
+    else:
+        found = [p for p in table.partitions if p.number == number and not p.extended]
+        if not found:
+            known = ", ".join(str(p.number) for p in table.partitions if not p.extended) or "none"
+            raise ValueError(f"no partition {number} (partitions: {known})")
+        part = found[0]
+    volume_file = window(disk, part.start, part.size)
+    kind = kind_of(volume_file)
+    if kind["filesystem"] == "unknown":
+        raise ValueError(f"partition {number}: {kind['problem']}")
+    return volume_file, str(kind["filesystem"])
 
 
 def probe(disk: BinaryIO, size: int) -> dict[str, Any]:

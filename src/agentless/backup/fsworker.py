@@ -152,10 +152,11 @@ class FsWorker:
             )
         return self._process
 
-    def call(self, op: str, **args: Any) -> Any:
-        """The result of *op* (JSON-able *args*); :class:`FsWorkerError` if the worker
-        refused it, died or made no progress for *timeout* seconds. An error of the
-        parent's own disk read (a corrupt chunk) passes, and the worker is stopped."""
+    def call(self, op: str, on_items: Callable[[list[Any]], None] | None = None, **args: Any) -> Any:
+        """The result of *op* (JSON-able *args*); items it sends on the way (entries of a
+        listing) go to *on_items*. :class:`FsWorkerError` if the worker refused it, died
+        or made no progress for *timeout* seconds. An error of the parent's own disk
+        read (a corrupt chunk) passes, and the worker is stopped."""
         process = self._start()
         self._message(process, b"CALL", json.dumps({"op": op, "args": args}).encode())
         while True:
@@ -167,6 +168,14 @@ class FsWorker:
                     self._kill()  # it waits for this answer: it cannot go on
                     raise
                 self._message(process, *answer)
+            elif kind == b"ITEM":
+                try:
+                    items = json.loads(payload)
+                except ValueError:
+                    raise self._dead("sent garbage") from None
+                if on_items is None or not isinstance(items, list):
+                    raise self._dead("sent items nobody asked for")
+                on_items(items)
             elif kind in (b"DONE", b"ERR "):
                 try:
                     result = json.loads(payload)
@@ -260,7 +269,7 @@ def main(argv: list[str]) -> int:
     size, memory = int(argv[0]), int(argv[1])
     _limit(memory)
     # the parsers are loaded here, after the limits hold – and never in the parent
-    operate: Callable[[BinaryIO, int, str, dict[str, Any]], Any]
+    operate: Callable[[BinaryIO, int, str, dict[str, Any], Callable[[list[Any]], None]], Any]
     try:
         from agentless.backup import fsprobe
 
@@ -268,7 +277,9 @@ def main(argv: list[str]) -> int:
     except ImportError as error:  # the optional extra is not installed: say so to every call
         missing = f"file-level restore needs the libyal parsers: pip install 'agentless[files]' ({error})"
 
-        def operate(_disk: BinaryIO, _size: int, _op: str, _args: dict[str, Any]) -> Any:
+        def operate(
+            _disk: BinaryIO, _size: int, _op: str, _args: dict[str, Any], _emit: Callable[[list[Any]], None]
+        ) -> Any:
             raise RuntimeError(missing)
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -280,6 +291,9 @@ def main(argv: list[str]) -> int:
             raise OSError(f"the parent refused a read: {payload.decode(errors='replace')}")
         return payload
 
+    def emit(items: list[Any]) -> None:
+        _send(stdout, b"ITEM", json.dumps(items).encode())
+
     disk = cast(BinaryIO, worker_disk(size, ask))
     while True:
         try:
@@ -288,7 +302,7 @@ def main(argv: list[str]) -> int:
             return 0
         try:
             request = json.loads(payload)
-            result = operate(disk, size, request["op"], request.get("args", {}))
+            result = operate(disk, size, request["op"], request.get("args", {}), emit)
         except Exception as error:  # the message goes back; the worker serves on
             _send(stdout, b"ERR ", json.dumps({"message": str(error) or type(error).__name__}).encode())
         else:
