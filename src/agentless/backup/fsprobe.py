@@ -28,7 +28,7 @@ import pyfsfat
 import pyfsntfs
 
 from .guestfs import list_entries
-from .partitions import Partition, read_table
+from .partitions import Partition, Table, read_table
 from .rangefile import RangeFile
 
 __all__ = ["kind_of", "probe", "run", "volume", "window"]
@@ -65,17 +65,14 @@ def volume(disk: BinaryIO, size: int, number: int) -> tuple[RangeFile, str]:
     """Partition *number* (0: the whole disk, when it has no table) as a file, and the
     file system found on it."""
     table = read_table(disk, size)
-    if table.scheme == "none":
-        if number != 0:
+    parts = _volumes(table, size)
+    found = [p for p in parts if p.number == number]
+    if not found:
+        if table.scheme == "none":
             raise ValueError(f"the disk has no partition table: partition {number} does not exist (use 0)")
-        part = Partition(0, 0, size, "")
-    else:
-        found = [p for p in table.partitions if p.number == number and not p.extended]
-        if not found:
-            known = ", ".join(str(p.number) for p in table.partitions if not p.extended) or "none"
-            raise ValueError(f"no partition {number} (partitions: {known})")
-        part = found[0]
-    volume_file = window(disk, part.start, part.size)
+        known = ", ".join(str(p.number) for p in parts) or "none"
+        raise ValueError(f"no partition {number} (partitions: {known})")
+    volume_file = window(disk, found[0].start, found[0].size)
     kind = kind_of(volume_file)
     if kind["filesystem"] == "unknown":
         raise ValueError(f"partition {number}: {kind['problem']}")
@@ -85,12 +82,8 @@ def volume(disk: BinaryIO, size: int, number: int) -> tuple[RangeFile, str]:
 def probe(disk: BinaryIO, size: int) -> dict[str, Any]:
     """The partition table of *disk* and a description of each volume (JSON-able)."""
     table = read_table(disk, size)
-    if table.scheme == "none":
-        parts = [Partition(0, 0, size, "")]
-    else:
-        parts = [p for p in table.partitions if not p.extended]
     volumes = []
-    for part in parts:
+    for part in _volumes(table, size):
         part_file = window(disk, part.start, part.size)
         volume: dict[str, Any] = {"partition": part.number, "start": part.start, "size": part.size}
         volume["type"] = part.type or None
@@ -102,6 +95,14 @@ def probe(disk: BinaryIO, size: int) -> dict[str, Any]:
             volume.update(filesystem="unknown", label=None, uuid=None, problem=f"unreadable: {error}")
         volumes.append(volume)
     return {"scheme": table.scheme, "id": table.id, "problems": list(table.problems), "volumes": volumes}
+
+
+def _volumes(table: Table, size: int) -> list[Partition]:
+    """The partitions that may hold a file system (not an extended one's container), or
+    the whole disk as partition 0 when it has no table."""
+    if table.scheme == "none":
+        return [Partition(0, 0, size, "")]
+    return [p for p in table.partitions if not p.extended]
 
 
 def _text(raw: bytes) -> str | None:
