@@ -81,3 +81,28 @@ def test_files_ls_lists_and_says_what_it_cannot(site: tuple[dict[str, str], str,
         failed = vmbackup(env, "files", point, "ls", *args)
         assert failed.returncode == 1 and message in failed.stderr, failed.stderr
         assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+def test_files_get_writes_files_and_streams_one(
+    site: tuple[dict[str, str], str, list[Path]], tmp_path: Path
+) -> None:
+    env, point, _images = site
+    out = tmp_path / "out"
+    out.mkdir()
+    done = vmbackup(
+        env, "files", point, "get", "--partition", "1", "/hello.txt", "/lost+found", "-o", str(out), "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert (document["files"], document["directories"], document["skipped"]) == (1, 1, [])
+    assert (out / "hello.txt").read_text() == "hello\n" and (out / "lost+found").is_dir()
+    streamed = vmbackup(env, "files", point, "get", "--partition", "1", "/hello.txt", "-o", "-")
+    assert streamed.returncode == 0 and streamed.stdout == "hello\n", streamed.stderr
+    for args, message in (
+        (["/hello.txt", "-o", str(tmp_path / "missing")], "not a directory (make it first)"),
+        (["/hello.txt", "/lost+found", "-o", "-"], "-o - streams one file"),
+        (["/lost+found", "-o", "-"], "/lost+found: a dir, not a file"),
+    ):
+        failed = vmbackup(env, "files", point, "get", "--partition", "1", *args)
+        assert failed.returncode == 1 and message in failed.stderr, failed.stderr
+        assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr

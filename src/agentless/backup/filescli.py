@@ -11,8 +11,12 @@ on it) is one line, and the other disks are still described.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import os
 import stat
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from agentless.commands import emit
@@ -21,6 +25,7 @@ from agentless.units import format_size
 from .clitools import Command, open_repository
 from .diskview import DiskView
 from .errors import VmbackupError
+from .extract import Extraction
 from .fsworker import FsWorker, FsWorkerError
 from .pointdisk import PointDisk
 from .storage import StorageError
@@ -28,6 +33,10 @@ from .storage import StorageError
 __all__ = ["ERRORS", "add_commands"]
 
 ERRORS = (VmbackupError, StorageError)
+
+
+class FilesError(VmbackupError):
+    """A ``files`` command asked for something it cannot do (the message says what)."""
 
 
 def _describe(repository_disk: PointDisk) -> dict[str, Any]:
@@ -88,9 +97,60 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_get(args: argparse.Namespace) -> int:
+    disk = 0 if args.disk is None else args.disk
+    with open_repository(args) as repository, repository.lock("shared", "files"):
+        point = repository.load_point(args.point)
+        with DiskView(PointDisk(repository, point, disk)) as view, FsWorker(view, view.size) as worker:
+            if args.output == "-":
+                if len(args.paths) != 1:
+                    raise FilesError("-o - streams one file: give one PATH")
+                out = sys.stdout.buffer
+
+                def write(data: bytes) -> None:
+                    out.write(data)
+
+                worker.call("read", on_bytes=write, partition=args.partition, path=args.paths[0])
+                out.flush()
+                return 0
+            if not os.path.isdir(args.output):
+                raise FilesError(f"{args.output}: not a directory (make it first)")
+            with Extraction(worker, args.partition, args.output, _progress()) as extraction:
+                for path in args.paths:
+                    extraction.get(path)
+    done = {
+        "point": point.id,
+        "files": extraction.files,
+        "directories": extraction.directories,
+        "links": extraction.links,
+        "bytes": extraction.written,
+        "skipped": [dataclasses.asdict(s) for s in extraction.skipped],
+    }
+    lines = [
+        f"wrote {extraction.files} files, {extraction.directories} directories and {extraction.links} "
+        f"links ({format_size(extraction.written)}) under {args.output}"
+    ]
+    lines += [f"skipped {s.path}: {s.reason}" for s in extraction.skipped]
+    emit(args, done, "\n".join(lines))
+    return 1 if extraction.skipped else 0
+
+
+def _progress() -> Callable[[int], None] | None:
+    """Bytes written so far on one line of the terminal (None without one)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(written: int) -> None:
+        print(f"\r{format_size(written)} written", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
 def _cmd_files(args: argparse.Namespace) -> int:
     if args.action == "ls":
         return _cmd_ls(args)
+    if args.action == "get":
+        return _cmd_get(args)
     with open_repository(args) as repository, repository.lock("shared", "files"):
         point = repository.load_point(args.point)
         positions = [args.disk] if args.disk is not None else [d.position for d in point.disks]
@@ -119,3 +179,17 @@ def add_commands(command: Command) -> None:
     ls.add_argument("--long", "-l", action="store_true", help="type, mode, owner, size, mtime, link target")
     ls.add_argument("--recursive", "-R", action="store_true", help="every entry below PATH")
     ls.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON document")
+    get = actions.add_parser("get", help="write files and directories of the restore point under a directory")
+    get.add_argument("--disk", type=int, default=argparse.SUPPRESS, help="disk position (default 0)")
+    get.add_argument("--partition", type=int, default=0, help="partition number as `files RP` shows it")
+    get.add_argument(
+        "paths", nargs="+", metavar="PATH", help="files or directories, / separated from the root"
+    )
+    get.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="an existing directory, or - for one file to stdout",
+    )
+    get.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON document")

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import pyfsfat
 import pyfsntfs
 
-from .guestfs import list_entries
+from .guestfs import list_entries, read_file, stat_entry
 from .partitions import Partition, Table, read_table
 from .rangefile import RangeFile
 
@@ -49,14 +49,21 @@ def window(disk: BinaryIO, start: int, size: int) -> RangeFile:
     return RangeFile(size, read_at)
 
 
-def run(disk: BinaryIO, size: int, op: str, args: dict[str, Any], emit: Callable[[list[Any]], None]) -> Any:
-    """The worker's operations on *disk* of *size* bytes: ``probe`` (no arguments) and
+def run(
+    disk: BinaryIO, size: int, op: str, args: dict[str, Any], emit: Callable[[list[Any] | bytes], None]
+) -> Any:
+    """The worker's operations on *disk* of *size* bytes: ``probe`` (no arguments);
     ``list`` (``partition``, ``path``, ``recursive``: entries sent to *emit* in batches,
-    their count answered)."""
+    their count answered); ``stat`` (``partition``, ``path``: the entry described);
+    ``read`` (``partition``, ``path``: the file's bytes sent to *emit*, its size answered)."""
     if op == "probe":
         return probe(disk, size)
-    if op == "list":
+    if op in ("list", "read", "stat"):
         volume_file, filesystem = volume(disk, size, int(args.get("partition", 0)))
+        if op == "stat":
+            return stat_entry(volume_file, filesystem, str(args["path"]))
+        if op == "read":
+            return read_file(volume_file, filesystem, str(args["path"]), emit)
         return list_entries(volume_file, filesystem, str(args["path"]), bool(args.get("recursive")), emit)
     raise ValueError(f"unknown operation {op!r}")
 

@@ -14,6 +14,7 @@ Messages on the child's stdin/stdout, each a kind, a length and a payload::
     parent ── CALL {"op": ..., "args": {...}} ──▶ child
     parent ◀── READ offset, length ──────────── child       (as often as it needs bytes)
     parent ── DATA bytes │ FAIL {"message"} ──▶ child
+    parent ◀── ITEM [entries] │ BYTE bytes ────── child       (what a listing or a read sends)
     parent ◀── DONE {result} │ ERR {"message"} ─ child
 
 The parent answers reads from a file object of the disk (a :class:`.diskview.DiskView`)
@@ -44,6 +45,7 @@ MEMORY = 1 << 30  # the worker's address space
 CPU_SECONDS = 3600  # the worker's CPU time, all calls together
 TIMEOUT = 60.0  # seconds a call may go without a message from the worker
 
+Emit = Callable[[list[Any] | bytes], None]  # what a worker operation sends on the way
 _HEAD = struct.Struct("<4sI")  # kind, payload length
 _READ = struct.Struct("<QI")  # offset, length
 _MAX_MESSAGE = MAX_READ + 4096
@@ -152,10 +154,17 @@ class FsWorker:
             )
         return self._process
 
-    def call(self, op: str, on_items: Callable[[list[Any]], None] | None = None, **args: Any) -> Any:
+    def call(
+        self,
+        op: str,
+        on_items: Callable[[list[Any]], None] | None = None,
+        on_bytes: Callable[[bytes], None] | None = None,
+        **args: Any,
+    ) -> Any:
         """The result of *op* (JSON-able *args*); items it sends on the way (entries of a
-        listing) go to *on_items*. :class:`FsWorkerError` if the worker refused it, died
-        or made no progress for *timeout* seconds. An error of the parent's own disk
+        listing) go to *on_items*, bytes (a file's content) to *on_bytes*.
+        :class:`FsWorkerError` if the worker refused it, died or made no progress for
+        *timeout* seconds. An error of the parent's own disk
         read (a corrupt chunk) passes, and the worker is stopped."""
         process = self._start()
         self._message(process, b"CALL", json.dumps({"op": op, "args": args}).encode())
@@ -168,6 +177,10 @@ class FsWorker:
                     self._kill()  # it waits for this answer: it cannot go on
                     raise
                 self._message(process, *answer)
+            elif kind == b"BYTE":
+                if on_bytes is None:
+                    raise self._dead("sent bytes nobody asked for")
+                on_bytes(payload)
             elif kind == b"ITEM":
                 try:
                     items = json.loads(payload)
@@ -269,7 +282,7 @@ def main(argv: list[str]) -> int:
     size, memory = int(argv[0]), int(argv[1])
     _limit(memory)
     # the parsers are loaded here, after the limits hold – and never in the parent
-    operate: Callable[[BinaryIO, int, str, dict[str, Any], Callable[[list[Any]], None]], Any]
+    operate: Callable[[BinaryIO, int, str, dict[str, Any], Emit], Any]
     try:
         from agentless.backup import fsprobe
 
@@ -277,9 +290,7 @@ def main(argv: list[str]) -> int:
     except ImportError as error:  # the optional extra is not installed: say so to every call
         missing = f"file-level restore needs the libyal parsers: pip install 'agentless[files]' ({error})"
 
-        def operate(
-            _disk: BinaryIO, _size: int, _op: str, _args: dict[str, Any], _emit: Callable[[list[Any]], None]
-        ) -> Any:
+        def operate(_disk: BinaryIO, _size: int, _op: str, _args: dict[str, Any], _emit: Emit) -> Any:
             raise RuntimeError(missing)
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -291,8 +302,11 @@ def main(argv: list[str]) -> int:
             raise OSError(f"the parent refused a read: {payload.decode(errors='replace')}")
         return payload
 
-    def emit(items: list[Any]) -> None:
-        _send(stdout, b"ITEM", json.dumps(items).encode())
+    def emit(data: list[Any] | bytes) -> None:
+        if isinstance(data, bytes):
+            _send(stdout, b"BYTE", data)
+        else:
+            _send(stdout, b"ITEM", json.dumps(data).encode())
 
     disk = cast(BinaryIO, worker_disk(size, ask))
     while True:

@@ -23,10 +23,23 @@ import pyfsxfs
 
 from .rangefile import RangeFile
 
-__all__ = ["BATCH", "LISTED", "GuestFsError", "describe", "find", "list_entries", "open_volume", "walk"]
+__all__ = [
+    "BATCH",
+    "LISTED",
+    "PIECE",
+    "GuestFsError",
+    "describe",
+    "find",
+    "list_entries",
+    "open_volume",
+    "read_file",
+    "stat_entry",
+    "walk",
+]
 
 LISTED = ("ext2", "ext3", "ext4", "xfs", "ntfs")
 BATCH = 1000  # entries sent to the parent in one message
+PIECE = 1 << 20  # bytes of a file sent to the parent in one message
 _NTFS_EPOCH = 116444736000000000  # 100 ns ticks from 1601-01-01 to 1970-01-01
 _TYPES = {
     stat.S_IFREG: "file",
@@ -146,6 +159,32 @@ def walk(volume: Any, filesystem: str, path: str, recursive: bool) -> Iterator[d
             if recursive and described["type"] == "dir":
                 children.append((entry, described["path"]))
         stack.extend(reversed(children))
+
+
+def stat_entry(volume_file: RangeFile, filesystem: str, path: str) -> dict[str, Any]:
+    """The entry at *path*, described."""
+    volume = open_volume(filesystem, volume_file)
+    try:
+        return describe(find(volume, path), "/" + "/".join(_parts(path)), filesystem == "ntfs")
+    finally:
+        volume.close()
+
+
+def read_file(volume_file: RangeFile, filesystem: str, path: str, emit: Callable[[bytes], None]) -> int:
+    """Send the content of the regular file at *path* to *emit*, :data:`PIECE` bytes at
+    a time; its size."""
+    volume = open_volume(filesystem, volume_file)
+    try:
+        entry = find(volume, path)
+        described = describe(entry, "/" + "/".join(_parts(path)), filesystem == "ntfs")
+        if described["type"] != "file":
+            raise GuestFsError(f"{path}: a {described['type']}, not a file")
+        size = int(described["size"])
+        for offset in range(0, size, PIECE):
+            emit(bytes(entry.read_buffer_at_offset(min(PIECE, size - offset), offset)))
+        return size
+    finally:
+        volume.close()
 
 
 def list_entries(
