@@ -115,3 +115,25 @@ def test_the_rules_for_names_and_link_targets() -> None:
     assert _sound("Ünïcødé-文件.txt") and _sound("..hidden") and _sound("x" * 255)
     assert _climbs_out(0, "../x") and _climbs_out(2, "../../../x") and _climbs_out(1, "a/../../..")
     assert not _climbs_out(1, "../x") and not _climbs_out(0, "a/b/../c") and not _climbs_out(0, "./x")
+
+
+def test_a_name_holding_a_slash_in_a_hostile_image_is_refused(tmp_path: Path) -> None:
+    """An ext4 whose directory entry was changed to hold ``/`` (no metadata checksums,
+    so the parser takes it): the entry is refused and said, nothing lands in a
+    directory that the name would point into."""
+    tree = tmp_path / "tree"
+    (tree / "q1").mkdir(parents=True)
+    (tree / "q1_q2").write_text("sneaky\n")
+    disk = blank(tmp_path / "hostile.img", 16 * MiB)
+    run([require_tool("mkfs.ext4"), "-q", "-O", "^metadata_csum", "-d", str(tree), str(disk)])
+    data = bytearray(disk.read_bytes())
+    assert data.count(b"q1_q2") == 1  # the directory entry only
+    data[data.index(b"q1_q2") : data.index(b"q1_q2") + 5] = b"q1/q2"
+    disk.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    job = _extract(disk, out, "/")
+    assert [(s.path, s.reason) for s in job.skipped] == [
+        ("/q1/q2", "the name 'q1/q2' cannot be written safely")
+    ]
+    assert list((out / "q1").iterdir()) == []

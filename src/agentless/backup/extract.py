@@ -24,7 +24,7 @@ import posixpath
 from collections.abc import Callable
 from typing import Any
 
-from .fsworker import FsWorker
+from .fsworker import FsWorker, FsWorkerError
 
 __all__ = ["Extraction", "Skipped"]
 
@@ -86,7 +86,10 @@ class Extraction:
         parts = path[len(base) :].strip("/").split("/") if path != base else []
         if not parts or parts == [""]:
             return  # the root of the file system itself: DIR stands for it
+        name = entry.get("name")
         bad = next((p for p in parts if not _sound(p)), None)
+        if name is not None and name != parts[-1]:
+            bad = name  # its own name held a "/": the path split it
         if bad is not None:
             self._skip(path, f"the name {bad!r} cannot be written safely")
             return
@@ -99,6 +102,8 @@ class Extraction:
             self._write(entry, parts, parent)
         except OSError as error:
             self._skip(path, error.strerror or str(error))
+        except FsWorkerError as error:  # this entry could not be read; the others still can
+            self._skip(path, str(error))
         finally:
             os.close(parent)
 

@@ -105,6 +105,7 @@ def describe(entry: Any, path: str, ntfs: bool) -> dict[str, Any]:
         ticks = entry.get_modification_time_as_integer()
         return {
             "path": path,
+            "name": entry.name,
             "type": kind,
             "size": 0 if kind == "dir" else int(entry.size),
             "mode": None,
@@ -119,6 +120,7 @@ def describe(entry: Any, path: str, ntfs: bool) -> dict[str, Any]:
     kind = _TYPES.get(stat.S_IFMT(mode), "other")
     return {
         "path": path,
+        "name": entry.name,
         "type": kind,
         "size": int(entry.size) if kind in ("file", "symlink") else 0,
         "mode": stat.S_IMODE(mode),
