@@ -11,7 +11,8 @@ get``) – safely, since every name and link target is the guest's:
   written sparse (all-zero 64 KiB blocks are not written; the size is set at the end),
   with their permission bits (set-user/group-ID and sticky dropped) and mtime;
 - symbolic links are made as links, never followed; one whose target is absolute or
-  climbs out of DIR is skipped, and said;
+  could climb out of DIR (more leading ``..`` than its depth, or a ``..`` after a name,
+  see :func:`_climbs_out`) is skipped, and said;
 - a file's second and later hard links are links to the first name written;
 - FIFOs, sockets and devices are skipped, and said.
 """
@@ -118,7 +119,7 @@ class Extraction:
             self.directories += 1
         elif kind == "symlink":
             target = str(entry["target"] or "")
-            if posixpath.isabs(target) or _climbs_out(len(parts) - 1, target):
+            if not target or "\0" in target or posixpath.isabs(target) or _climbs_out(len(parts) - 1, target):
                 self._skip(str(entry["path"]), f"a symbolic link to {target!r}, outside the directory")
                 return
             os.symlink(target, name, dir_fd=parent)
@@ -214,12 +215,18 @@ def _mode(entry: dict[str, Any], default: int) -> int:
 
 def _climbs_out(depth: int, target: str) -> bool:
     """Whether a relative link *target*, from a directory *depth* levels below the root,
-    reaches above the root at any step (resolved by name, as ``..`` are)."""
+    could reach above the root. It may only start with ``..`` components, *depth* of them
+    at most: a ``..`` after a name is refused, because the name may itself be a link and
+    ``..`` then climbs from wherever that points (``b -> .`` and ``a -> b/..``: ``a`` is
+    the root's parent, though by name it is the root)."""
+    up, named = 0, False
     for part in target.split("/"):
+        if part in ("", "."):
+            continue
         if part == "..":
-            depth -= 1
-            if depth < 0:
+            if named:
                 return True
-        elif part not in ("", "."):
-            depth += 1
-    return False
+            up += 1
+        else:
+            named = True
+    return up > depth
