@@ -11,12 +11,13 @@ on it) is one line, and the other disks are still described.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agentless.commands import emit
@@ -83,43 +84,48 @@ def _long(entry: dict[str, Any]) -> str:
     return f"{kind}{mode} {owner:>11} {entry['size']:>12} {when} {entry['path']}{target}"
 
 
-def _cmd_ls(args: argparse.Namespace) -> int:
-    entries: list[dict[str, Any]] = []
+@contextlib.contextmanager
+def _worker(args: argparse.Namespace) -> Iterator[tuple[str, int, FsWorker]]:
+    """(restore point id, disk, a worker over that disk) for ``ls`` and ``get``: disk
+    ``--disk`` (default 0) of RP, read under a shared lock of the repository."""
     disk = 0 if args.disk is None else args.disk
-    asked = {"partition": args.partition, "path": args.path, "recursive": args.recursive}
     with open_repository(args) as repository, repository.lock("shared", "files"):
         point = repository.load_point(args.point)
         with DiskView(PointDisk(repository, point, disk)) as view, FsWorker(view, view.size) as worker:
-            worker.call("list", on_items=entries.extend, **asked)
+            yield point.id, disk, worker
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    entries: list[dict[str, Any]] = []
+    asked = {"partition": args.partition, "path": args.path, "recursive": args.recursive}
+    with _worker(args) as (point, disk, worker):
+        worker.call("list", on_items=entries.extend, **asked)
     text = "\n".join(_long(e) if args.long else e["path"] for e in entries)
-    document = {"point": point.id, "disk": disk, "partition": args.partition, "path": args.path}
+    document = {"point": point, "disk": disk, "partition": args.partition, "path": args.path}
     emit(args, {**document, "entries": entries}, text)
     return 0
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    disk = 0 if args.disk is None else args.disk
-    with open_repository(args) as repository, repository.lock("shared", "files"):
-        point = repository.load_point(args.point)
-        with DiskView(PointDisk(repository, point, disk)) as view, FsWorker(view, view.size) as worker:
-            if args.output == "-":
-                if len(args.paths) != 1:
-                    raise FilesError("-o - streams one file: give one PATH")
-                out = sys.stdout.buffer
+    with _worker(args) as (point, _disk, worker):
+        if args.output == "-":
+            if len(args.paths) != 1:
+                raise FilesError("-o - streams one file: give one PATH")
+            out = sys.stdout.buffer
 
-                def write(data: bytes) -> None:
-                    out.write(data)
+            def write(data: bytes) -> None:
+                out.write(data)
 
-                worker.call("read", on_bytes=write, partition=args.partition, path=args.paths[0])
-                out.flush()
-                return 0
-            if not os.path.isdir(args.output):
-                raise FilesError(f"{args.output}: not a directory (make it first)")
-            with Extraction(worker, args.partition, args.output, _progress()) as extraction:
-                for path in args.paths:
-                    extraction.get(path)
+            worker.call("read", on_bytes=write, partition=args.partition, path=args.paths[0])
+            out.flush()
+            return 0
+        if not os.path.isdir(args.output):
+            raise FilesError(f"{args.output}: not a directory (make it first)")
+        with Extraction(worker, args.partition, args.output, _progress()) as extraction:
+            for path in args.paths:
+                extraction.get(path)
     done = {
-        "point": point.id,
+        "point": point,
         "files": extraction.files,
         "directories": extraction.directories,
         "links": extraction.links,
