@@ -13,6 +13,7 @@ Listed so far: ext2/3/4, XFS, NTFS. FAT's timestamps come wrong out of the FAT p
 
 from __future__ import annotations
 
+import contextlib
 import stat
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -59,16 +60,23 @@ class GuestFsError(Exception):
     """A path or volume that cannot be read as asked (the message says what was found)."""
 
 
-def open_volume(filesystem: str, volume_file: RangeFile) -> Any:
-    """The libyal volume of *filesystem* over *volume_file* (the caller closes it)."""
-    module = {"ext2": pyfsext, "ext3": pyfsext, "ext4": pyfsext, "xfs": pyfsxfs, "ntfs": pyfsntfs}.get(
-        filesystem
-    )
+@contextlib.contextmanager
+def open_volume(filesystem: str, volume_file: RangeFile) -> Iterator[Any]:
+    """The libyal volume of *filesystem* over *volume_file*, closed at the end."""
+    module = _PARSERS.get(filesystem)
     if module is None:
         raise GuestFsError(f"listing {filesystem} is not supported yet (supported: {', '.join(LISTED)})")
     volume = module.volume()
     volume.open_file_object(volume_file)
-    return volume
+    try:
+        yield volume
+    finally:
+        volume.close()
+
+
+def _absolute(path: str) -> str:
+    """*path* as entries are named: ``/``-joined from the root, checked by :func:`_parts`."""
+    return "/" + "/".join(_parts(path))
 
 
 def _parts(path: str) -> list[str]:
@@ -139,7 +147,7 @@ def walk(volume: Any, filesystem: str, path: str, recursive: bool) -> Iterator[d
     (a damaged or hostile tree) is walked once."""
     ntfs = filesystem == "ntfs"
     top = find(volume, path)
-    base = "/" + "/".join(_parts(path))
+    base = _absolute(path)
     if not _is_dir(top, ntfs):
         yield describe(top, base, ntfs)
         return
@@ -165,36 +173,29 @@ def walk(volume: Any, filesystem: str, path: str, recursive: bool) -> Iterator[d
 
 def stat_entry(volume_file: RangeFile, filesystem: str, path: str) -> dict[str, Any]:
     """The entry at *path*, described."""
-    volume = open_volume(filesystem, volume_file)
-    try:
-        return describe(find(volume, path), "/" + "/".join(_parts(path)), filesystem == "ntfs")
-    finally:
-        volume.close()
+    with open_volume(filesystem, volume_file) as volume:
+        return describe(find(volume, path), _absolute(path), filesystem == "ntfs")
 
 
 def read_file(volume_file: RangeFile, filesystem: str, path: str, emit: Callable[[bytes], None]) -> int:
     """Send the content of the regular file at *path* to *emit*, :data:`PIECE` bytes at
     a time; its size."""
-    volume = open_volume(filesystem, volume_file)
-    try:
+    with open_volume(filesystem, volume_file) as volume:
         entry = find(volume, path)
-        described = describe(entry, "/" + "/".join(_parts(path)), filesystem == "ntfs")
+        described = describe(entry, _absolute(path), filesystem == "ntfs")
         if described["type"] != "file":
             raise GuestFsError(f"{path}: a {described['type']}, not a file")
         size = int(described["size"])
         for offset in range(0, size, PIECE):
             emit(bytes(entry.read_buffer_at_offset(min(PIECE, size - offset), offset)))
         return size
-    finally:
-        volume.close()
 
 
 def list_entries(
     volume_file: RangeFile, filesystem: str, path: str, recursive: bool, emit: Callable[[list[Any]], None]
 ) -> int:
     """Send the entries under *path* to *emit* in batches of :data:`BATCH`; how many."""
-    volume = open_volume(filesystem, volume_file)
-    try:
+    with open_volume(filesystem, volume_file) as volume:
         count, batch = 0, []
         for entry in walk(volume, filesystem, path, recursive):
             batch.append(entry)
@@ -205,5 +206,3 @@ def list_entries(
         if batch:
             emit(batch)
         return count
-    finally:
-        volume.close()
