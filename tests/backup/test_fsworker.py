@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from agentless.backup.diskview import DiskView
 from agentless.backup.errors import CorruptError
-from agentless.backup.fsworker import MEMORY, FsWorker, FsWorkerError
+from agentless.backup.fsworker import MEMORY, FsWorker, FsWorkerError, ReadCache
 from agentless.backup.pointdisk import PointDisk
 from agentless.backup.repository import Repository
 from tests.backup.building import backup
@@ -117,3 +118,30 @@ def test_a_corrupt_chunk_under_the_worker_is_the_repositorys_error(tmp_path: Pat
             with pytest.raises(CorruptError):
                 worker.call("probe")
             assert worker.pid is None
+
+
+def test_the_read_cache_answers_small_reads_from_few_requests() -> None:
+    """A seeded campaign of reads (tiny, across blocks, long, past the end) against the
+    bytes themselves; the parsers' many small reads of one place cost one request, a
+    long read goes as it is, and the cache keeps to its budget."""
+    data = random.Random(7).randbytes(3 * MiB + 1234)
+    asked: list[tuple[int, int]] = []
+
+    def ask(offset: int, length: int) -> bytes:
+        asked.append((offset, length))
+        return data[offset : offset + length]
+
+    cache = ReadCache(len(data), ask, budget=8 * ReadCache.BLOCK)
+    rng = random.Random(8)
+    for _ in range(2000):
+        offset = rng.randrange(len(data) + 100)
+        length = rng.choice([1, 64, 4096, ReadCache.BLOCK + 3, 3 * ReadCache.BLOCK, ReadCache.DIRECT])
+        assert cache.read_at(offset, length) == data[offset : offset + length], (offset, length)
+        assert len(cache._blocks) <= 8  # the budget
+    asked.clear()
+    for n in range(1000):  # what libfsext does to a descriptor table
+        assert cache.read_at(2 * MiB + 64 * n, 64) == data[2 * MiB + 64 * n : 2 * MiB + 64 * (n + 1)]
+    assert len(asked) == 1 + 64_000 // ReadCache.BLOCK  # 64 000 bytes over two blocks... fetched once each
+    asked.clear()
+    assert cache.read_at(5, ReadCache.DIRECT) == data[5 : 5 + ReadCache.DIRECT]
+    assert asked == [(5, ReadCache.DIRECT)]  # a file's data: as asked, not cached
