@@ -67,6 +67,7 @@ def test_files_ls_lists_and_says_what_it_cannot(site: tuple[dict[str, str], str,
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     assert (document["disk"], document["partition"], document["path"]) == (0, 1, "/")
+    assert 0 < document["fetched"] < 4 * MiB  # the table and the file system's metadata only
     hello = next(e for e in document["entries"] if e["path"] == "/hello.txt")
     assert (hello["type"], hello["size"]) == ("file", 6)
     long = vmbackup(env, "files", point, "ls", "--disk", "0", "--partition", "1", "/hello.txt", "-l")
@@ -95,6 +96,7 @@ def test_files_get_writes_files_and_streams_one(
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     assert (document["files"], document["directories"], document["skipped"]) == (1, 1, [])
+    assert 0 < document["fetched"] < 4 * MiB
     assert (out / "hello.txt").read_text() == "hello\n" and (out / "lost+found").is_dir()
     streamed = vmbackup(env, "files", point, "get", "--partition", "1", "/hello.txt", "-o", "-")
     assert streamed.returncode == 0 and streamed.stdout == "hello\n", streamed.stderr

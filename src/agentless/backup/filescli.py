@@ -85,29 +85,29 @@ def _long(entry: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _worker(args: argparse.Namespace) -> Iterator[tuple[str, int, FsWorker]]:
-    """(restore point id, disk, a worker over that disk) for ``ls`` and ``get``: disk
-    ``--disk`` (default 0) of RP, read under a shared lock of the repository."""
-    disk = 0 if args.disk is None else args.disk
+def _worker(args: argparse.Namespace) -> Iterator[tuple[str, DiskView, FsWorker]]:
+    """(restore point id, the disk's view, a worker over it) for ``ls`` and ``get``:
+    disk ``--disk`` (default 0) of RP, read under a shared lock of the repository."""
     with open_repository(args) as repository, repository.lock("shared", "files"):
         point = repository.load_point(args.point)
-        with DiskView(PointDisk(repository, point, disk)) as view, FsWorker(view, view.size) as worker:
-            yield point.id, disk, worker
+        source = PointDisk(repository, point, args.disk or 0)
+        with DiskView(source) as view, FsWorker(view, view.size) as worker:
+            yield point.id, view, worker
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     entries: list[dict[str, Any]] = []
     asked = {"partition": args.partition, "path": args.path, "recursive": args.recursive}
-    with _worker(args) as (point, disk, worker):
+    with _worker(args) as (point, view, worker):
         worker.call("list", on_items=entries.extend, **asked)
     text = "\n".join(_long(e) if args.long else e["path"] for e in entries)
-    document = {"point": point, "disk": disk, "partition": args.partition, "path": args.path}
-    emit(args, {**document, "entries": entries}, text)
+    document = {"point": point, "disk": args.disk or 0, "partition": args.partition, "path": args.path}
+    emit(args, {**document, "fetched": view.fetched, "entries": entries}, text)
     return 0
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    with _worker(args) as (point, _disk, worker):
+    with _worker(args) as (point, view, worker):
         if args.output == "-":
             if len(args.paths) != 1:
                 raise FilesError("-o - streams one file: give one PATH")
@@ -130,6 +130,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
         "directories": extraction.directories,
         "links": extraction.links,
         "bytes": extraction.written,
+        "fetched": view.fetched,
         "skipped": [dataclasses.asdict(s) for s in extraction.skipped],
     }
     lines = [
