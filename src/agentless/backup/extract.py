@@ -9,7 +9,8 @@ get``) – safely, since every name and link target is the guest's:
   never followed, so nothing is written outside DIR;
 - files are created ``O_EXCL | O_NOFOLLOW`` (nothing that exists is overwritten),
   written sparse (all-zero 64 KiB blocks are not written; the size is set at the end),
-  with their permission bits (set-user/group-ID and sticky dropped) and mtime;
+  with their permission bits (set-user/group-ID and sticky dropped) and mtime (when the
+  file system has none for it, the time of writing stays);
 - symbolic links are made as links, never followed; one whose target is absolute or
   could climb out of DIR (more leading ``..`` than its depth, or a ``..`` after a name,
   see :func:`_climbs_out`) is skipped, and said;
@@ -123,7 +124,7 @@ class Extraction:
                 self._skip(str(entry["path"]), f"a symbolic link to {target!r}, outside the directory")
                 return
             os.symlink(target, name, dir_fd=parent)
-            os.utime(name, ns=(entry["mtime"], entry["mtime"]), dir_fd=parent, follow_symlinks=False)
+            _set_mtime(entry, name, dir_fd=parent, follow_symlinks=False)
             self.links += 1
         elif kind == "file":
             inode = int(entry["inode"])
@@ -159,7 +160,7 @@ class Extraction:
             size = self.worker.call("read", on_bytes=write, partition=self.partition, path=entry["path"])
             os.ftruncate(fd, int(size))
             os.fchmod(fd, _mode(entry, 0o644))
-            os.utime(fd, ns=(entry["mtime"], entry["mtime"]))
+            _set_mtime(entry, fd)
         finally:
             os.close(fd)
         self.files += 1
@@ -190,7 +191,7 @@ class Extraction:
                 continue
             try:
                 os.fchmod(fd, _mode(entry, 0o755))
-                os.utime(fd, ns=(entry["mtime"], entry["mtime"]))
+                _set_mtime(entry, fd)
             finally:
                 os.close(fd)
         self._made.clear()
@@ -211,6 +212,14 @@ def _sound(name: str) -> bool:
 def _mode(entry: dict[str, Any], default: int) -> int:
     mode = entry["mode"]
     return default if mode is None else int(mode) & 0o777
+
+
+def _set_mtime(entry: dict[str, Any], target: int | str, **where: Any) -> None:
+    """The entry's mtime on *target* (a descriptor, or a name with *where*'s ``dir_fd``);
+    an entry without one (``None``: FAT's root, a FAT time whose fields are out of range)
+    keeps the time it was written at."""
+    if entry["mtime"] is not None:
+        os.utime(target, ns=(entry["mtime"], entry["mtime"]), **where)
 
 
 def _climbs_out(depth: int, target: str) -> bool:

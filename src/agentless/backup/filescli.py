@@ -75,11 +75,16 @@ _KIND = {"file": "-", "dir": "d", "symlink": "l", "fifo": "p", "socket": "s", "c
 
 
 def _long(entry: dict[str, Any]) -> str:
-    """One entry as ``ls -l`` shows it (times in UTC; NTFS has no mode or owner: ``?``)."""
+    """One entry as ``ls -l`` shows it (times in UTC; NTFS and FAT have no mode or owner,
+    and a FAT time out of range is none: ``?``)."""
     kind = _KIND.get(entry["type"], "?")
     mode = "?????????" if entry["mode"] is None else stat.filemode(entry["mode"])[1:]
     owner = "?" if entry["uid"] is None else f"{entry['uid']} {entry['gid']}"
-    when = datetime.datetime.fromtimestamp(entry["mtime"] / 1e9, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    when = "????-??-?? ??:??:??"
+    if entry["mtime"] is not None:
+        when = datetime.datetime.fromtimestamp(entry["mtime"] / 1e9, datetime.UTC).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
     target = f" -> {entry['target']}" if entry["target"] else ""
     return f"{kind}{mode} {owner:>11} {entry['size']:>12} {when} {entry['path']}{target}"
 
