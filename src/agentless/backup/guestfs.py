@@ -7,8 +7,10 @@ untrusted. Paths given here are ``/``-separated and absolute in the volume; a co
 ``.`` or ``..`` is refused (the parsers do not resolve them, and a name is never a way
 out of the tree). Times are nanoseconds since 1970 (NTFS keeps 100 ns ticks since 1601).
 
-Listed so far: ext2/3/4, XFS, NTFS. FAT's timestamps come wrong out of the FAT parser
-(docs/file-restore.md), so FAT is refused until its directory entries are decoded here.
+Listed so far: ext2/3/4, XFS, NTFS, FAT12/16/32, exFAT. FAT's and exFAT's mtimes are
+decoded here from their directory entries (:mod:`.fatentry`), the FAT parser's being a
+month off; FAT's are read as UTC (it keeps no zone). A time whose fields are out of
+range, and FAT's root (which has no entry), have mtime ``None``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pyfsext
+import pyfsfat
 import pyfsntfs
 import pyfsxfs
 
+from .fatentry import ENTRY, exfat_mtime, exfat_name, fat_kind, fat_mtime, fat_short_name
 from .rangefile import RangeFile
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
 BATCH = 1000  # entries sent to the parent in one message
 PIECE = 1 << 20  # bytes of a file sent to the parent in one message
 _NTFS_EPOCH = 116444736000000000  # 100 ns ticks from 1601-01-01 to 1970-01-01
+_FAT_DIRECTORY = 0x10  # the directory attribute of a FAT or exFAT entry
+_FAT_FORMATS = {1: "exfat", 2: "fat12", 3: "fat16", 4: "fat32"}  # pyfsfat's file_system_format
 _TYPES = {
     stat.S_IFREG: "file",
     stat.S_IFDIR: "dir",
@@ -95,6 +101,10 @@ class _Family:
     def hidden(self, where: str, name: str) -> bool:
         """Whether the entry *name* of the directory *where* is left out of listings."""
         return False
+
+    def check(self, parsed: Any) -> None:
+        """Raise :class:`GuestFsError` when the parser, *parsed* opened, would read the
+        volume wrong."""
 
     def describe(self, entry: Any, path: str) -> dict[str, Any]:
         """What ``ls`` shows of *entry*, found at *path*."""
@@ -163,7 +173,91 @@ class _Ntfs(_Family):
         )
 
 
-_PARSERS: dict[str, type[_Family]] = {"ext2": _Ext, "ext3": _Ext, "ext4": _Ext, "xfs": _Xfs, "ntfs": _Ntfs}
+class _Fat(_Family):
+    """FAT12/16/32: no POSIX mode, owner or links (``None``; the read-only attribute is
+    not turned into a mode, as NTFS's is not); the entry's ``identifier`` is the offset
+    of its short directory entry in the volume, which is its inode here and where its
+    mtime is decoded from (:mod:`.fatentry`: libfsfat's is a month off). The root has
+    no directory entry: no attributes, identifier 0, mtime ``None``."""
+
+    module = pyfsfat
+
+    def name(self, entry: Any) -> str | None:
+        try:
+            return entry.name  # type: ignore[no-any-return]
+        except (OSError, UnicodeError):  # a long name that is not UTF-16 (unpaired surrogates)
+            return self._unreadable_name(int(entry.identifier))
+
+    def _unreadable_name(self, identifier: int) -> str:
+        return fat_short_name(self._raw(identifier, ENTRY))
+
+    def is_dir(self, entry: Any) -> bool:
+        flags = entry.file_attribute_flags
+        return flags is None or bool(flags & _FAT_DIRECTORY)  # None: the root
+
+    def key(self, entry: Any) -> int:
+        return int(entry.identifier)
+
+    def check(self, parsed: Any) -> None:
+        theirs = _FAT_FORMATS.get(parsed.file_system_format, "an unknown format")
+        ours = self._kind()
+        if theirs != ours:
+            raise GuestFsError(
+                f"the FAT parser takes this {ours or 'damaged FAT'} volume for {theirs}"
+                " and would read its files wrong (libfsfat tells the widths apart by its own count"
+                " of clusters, which leaves out FAT12/16's root directory and ignores FAT32's layout)"
+            )
+
+    def _kind(self) -> str | None:
+        return fat_kind(self._raw(0, 512))
+
+    def describe(self, entry: Any, path: str) -> dict[str, Any]:
+        identifier = int(entry.identifier)
+        kind = "dir" if self.is_dir(entry) else "file"
+        size = 0 if kind == "dir" else int(entry.size)
+        mtime = None if entry.file_attribute_flags is None else self._mtime(self._raw(identifier, ENTRY))
+        return _described(path, self.name(entry), kind, size, mtime, identifier)
+
+    def _mtime(self, raw: bytes) -> int | None:
+        return fat_mtime(raw)
+
+    def _raw(self, offset: int, length: int) -> bytes:
+        """*length* bytes of the volume at *offset*, the parser's position in the file
+        left where it was."""
+        position = self.volume_file.tell()
+        try:
+            return self.volume_file.at(offset, length)
+        finally:
+            self.volume_file.seek(position)
+
+
+class _ExFat(_Fat):
+    """exFAT: as FAT, the identifier being the offset of the File entry (``0x85``) that
+    starts the entry's set; mtimes to 10 ms, in UTC when the entry names its offset."""
+
+    def _kind(self) -> str | None:
+        return "exfat"
+
+    def _unreadable_name(self, identifier: int) -> str:
+        count = self._raw(identifier + 1, 1)  # the set's secondary entries: 18 at most when sound
+        secondaries = min(count[0], 18) if count else 0
+        return exfat_name(self._raw(identifier, ENTRY * (1 + secondaries)))
+
+    def _mtime(self, raw: bytes) -> int | None:
+        return exfat_mtime(raw)
+
+
+_PARSERS: dict[str, type[_Family]] = {
+    "ext2": _Ext,
+    "ext3": _Ext,
+    "ext4": _Ext,
+    "xfs": _Xfs,
+    "ntfs": _Ntfs,
+    "fat12": _Fat,
+    "fat16": _Fat,
+    "fat32": _Fat,
+    "exfat": _ExFat,
+}
 LISTED = tuple(_PARSERS)
 
 
@@ -183,7 +277,9 @@ def open_volume(filesystem: str, volume_file: RangeFile) -> Iterator[_Volume]:
     parsed = family.module.volume()
     parsed.open_file_object(volume_file)
     try:
-        yield _Volume(parsed, family(volume_file))
+        reader = family(volume_file)
+        reader.check(parsed)
+        yield _Volume(parsed, reader)
     finally:
         parsed.close()
 
