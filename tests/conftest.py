@@ -19,7 +19,7 @@ def require_tool(name: str) -> str:
     if path is None:
         packages = (
             "qemu-utils, libnbd-bin, nbdkit, nbd-server, qemu-system-x86, "
-            "fdisk, dosfstools, ntfs-3g, xfsprogs"
+            "fdisk, dosfstools, ntfs-3g, xfsprogs, mtools, exfatprogs, exfat-fuse"
         )
         pytest.skip(f"{name} not installed (Debian: {packages}; `make test` as root)")
     return path

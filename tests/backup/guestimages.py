@@ -1,6 +1,6 @@
 """Guest disk images made by the real tools for the file-level restore tests: file
-systems by ``mkfs.*`` (each holding a small file), partition tables by ``sfdisk``, and
-``blkid`` as the oracle of a file system's type, label and UUID."""
+systems by ``mkfs.*`` (each holding a small file), FAT filled by ``mcopy``, partition
+tables by ``sfdisk``, and ``blkid`` as the oracle of a file system's type, label and UUID."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def make_fs(tmp_path: Path, kind: str, size: int, label: str) -> Path:
     path = blank(tmp_path / f"{kind}-{label}.img", size)
     if kind in ("ext2", "ext3", "ext4"):
         run([require_tool(f"mkfs.{kind}"), "-q", "-L", label, "-d", str(source), str(path)])
-    elif kind in ("fat16", "fat32"):
+    elif kind in ("fat12", "fat16", "fat32"):
         run([require_tool("mkfs.vfat"), "-F", kind[3:], "-n", label, str(path)])
     elif kind == "ntfs":
         run([require_tool("mkntfs"), "-q", "-F", "-Q", "-L", label, str(path)])
@@ -48,6 +48,21 @@ def make_fs(tmp_path: Path, kind: str, size: int, label: str) -> Path:
     else:
         path.write_bytes(random.Random(label).randbytes(size))
     return path
+
+
+def fill_fat(image: Path, source: Path) -> None:
+    """The tree *source* copied into the FAT image *image* by mcopy (no mount), mtimes
+    kept; written in UTC (mtools writes local time, as FAT keeps no zone)."""
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
+    names = [str(path) for path in sorted(source.iterdir())]
+    done = subprocess.run(
+        [require_tool("mcopy"), "-s", "-m", "-i", str(image), *names, "::/"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and not done.stderr, done.stderr
 
 
 def blkid(path: Path) -> tuple[str, str | None, str | None]:

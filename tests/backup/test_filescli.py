@@ -12,16 +12,23 @@ import pytest
 from agentless.backup.repository import Repository
 from tests.backup.building import backup
 from tests.backup.conftest import vmbackup
-from tests.backup.guestimages import MiB, blkid, make_disk, make_fs
+from tests.backup.guestimages import MiB, blkid, fill_fat, make_disk, make_fs
 
 PASSWORD = "files test"
+DECEMBER = 1640995198  # 2021-12-31 23:59:58 UTC: libfsfat would say 2022-01-31
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> tuple[dict[str, str], str, list[Path]]:
     """A repository holding one restore point of two disks: an MBR disk with ext4 and
-    FAT32, and a disk of zeros; the command's environment and the point's id."""
+    FAT32 (holding a file of 31 December), and a disk of zeros; the command's environment
+    and the point's id."""
     images = [make_fs(tmp_path, "ext4", 12 * MiB, "root"), make_fs(tmp_path, "fat32", 40 * MiB, "EFIFAT")]
+    fat_tree = tmp_path / "fat-tree"
+    (fat_tree / "EFI" / "BOOT").mkdir(parents=True)
+    (fat_tree / "EFI" / "BOOT" / "grubx64.efi").write_bytes(b"\x7fELF grub\n")
+    os.utime(fat_tree / "EFI" / "BOOT" / "grubx64.efi", (DECEMBER, DECEMBER))
+    fill_fat(images[1], fat_tree)
     disk = make_disk(tmp_path, "mbr", "label: dos\n,13M,83\n,,c\n", images, 64 * MiB)
     with Repository.init(str(tmp_path / "repo"), PASSWORD) as repository:
         point = backup(repository, "files", [disk.read_bytes(), bytes(2 * MiB)]).point
@@ -74,8 +81,17 @@ def test_files_ls_lists_and_says_what_it_cannot(site: tuple[dict[str, str], str,
     assert long.returncode == 0, long.stderr
     fields = long.stdout.split()
     assert fields[0] == "-rw-r--r--" and fields[3] == "6" and fields[-1] == "/hello.txt", long.stdout
+    fat = vmbackup(env, "files", point, "ls", "--partition", "2", "/", "-R", "-l")
+    assert fat.returncode == 0, fat.stderr
+    assert fat.stdout.splitlines()[-1].split() == [
+        "-?????????",
+        "?",
+        "10",
+        "2021-12-31",
+        "23:59:58",
+        "/EFI/BOOT/grubx64.efi",
+    ], fat.stdout
     for args, message in (
-        (["--partition", "2", "/"], "listing fat32 is not supported yet"),
         (["--partition", "1", "/nope"], "/nope: no such file or directory"),
         (["--partition", "4", "/"], "no partition 4 (partitions: 1, 2)"),
     ):
@@ -100,6 +116,12 @@ def test_files_get_writes_files_and_streams_one(
     assert (out / "hello.txt").read_text() == "hello\n" and (out / "lost+found").is_dir()
     streamed = vmbackup(env, "files", point, "get", "--partition", "1", "/hello.txt", "-o", "-")
     assert streamed.returncode == 0 and streamed.stdout == "hello\n", streamed.stderr
+    fat_out = tmp_path / "fat"
+    fat_out.mkdir()
+    fat = vmbackup(env, "files", point, "get", "--partition", "2", "/EFI", "-o", str(fat_out))
+    assert fat.returncode == 0, fat.stderr
+    grub = fat_out / "EFI" / "BOOT" / "grubx64.efi"
+    assert grub.read_bytes() == b"\x7fELF grub\n" and grub.stat().st_mtime == DECEMBER
     for args, message in (
         (["/hello.txt", "-o", str(tmp_path / "missing")], "not a directory (make it first)"),
         (["/hello.txt", "/lost+found", "-o", "-"], "-o - streams one file"),
