@@ -215,9 +215,27 @@ def test_a_long_name_that_is_not_utf16_stands_as_its_short_name(tmp_path: Path) 
     image.write_bytes(bytes(data))
     listed = _listing(image)
     (short,) = set(listed) - set(_expected(source, 1))
-    assert short.startswith("/ALONGF~") and short.endswith(".TEX")
+    assert short == "/ALONGF~1.TEX"  # what mcopy made of it
     _result, pieces = _call(image, "read", path=short)
     assert b"".join(pieces) == b"long\n"  # type: ignore[arg-type]
+
+
+def test_a_directory_that_is_its_own_child_is_walked_once(tmp_path: Path) -> None:
+    """/a/b's short entry patched to start at /a's cluster: /a/b holds /a's entries,
+    b among them, at the same offsets; the walk stops at the first repeat (the entry's
+    identifier is its key), instead of going down forever."""
+    source = tmp_path / "source"
+    (source / "a" / "b").mkdir(parents=True)
+    (source / "a" / "b" / "f.txt").write_text("f\n")
+    image = make_fs(tmp_path, "fat16", 32 * MiB, "LOOP")
+    fill_fat(image, source)
+    listed = _listing(image)
+    assert set(listed) == {"/a", "/a/b", "/a/b/f.txt"}
+    a, b = int(listed["/a"]["inode"]), int(listed["/a/b"]["inode"])  # type: ignore[call-overload]
+    data = bytearray(image.read_bytes())
+    data[b + 26 : b + 28] = data[a + 26 : a + 28]  # the first cluster (low 16 bits)
+    image.write_bytes(bytes(data))
+    assert set(_listing(image)) == {"/a", "/a/b", "/a/b/b"}
 
 
 def test_a_fat12_that_libfsfat_takes_for_fat16_is_refused(tmp_path: Path) -> None:
@@ -321,3 +339,23 @@ def test_an_exfat_utc_offset_and_10ms_increment_are_applied(exfat: tuple[Path, P
     image.write_bytes(bytes(data))
     patched, _ = _call(image, "stat", path="/december.txt")
     assert patched["mtime"] == DECEMBER - 2 * 3600 * SECOND + 1_570_000_000  # type: ignore[index]
+
+
+def test_an_exfat_name_that_is_not_utf16_is_listed_with_a_replacement(
+    exfat: tuple[Path, Path], tmp_path: Path
+) -> None:
+    source_image, _source = exfat
+    image = tmp_path / "patched.img"
+    shutil.copyfile(source_image, image)
+    entry, _ = _call(image, "stat", path=f"/{LONG_NAME}")
+    at = int(entry["inode"])  # type: ignore[index]
+    data = bytearray(image.read_bytes())
+    end = at + 32 * (1 + data[at + 1])
+    name = data.index(LONG_NAME[:5].encode("utf-16-le"), at, end)
+    data[name : name + 2] = b"\x00\xd8"  # an unpaired surrogate for the first 'a'
+    data[at + 2 : at + 4] = _exfat_checksum(bytes(data[at:end])).to_bytes(2, "little")
+    image.write_bytes(bytes(data))
+    replaced = "\ufffd" + LONG_NAME[1:]
+    assert f"/{replaced}" in _listing(image)
+    _result, pieces = _call(image, "read", path=f"/{replaced}")
+    assert b"".join(pieces) == b"long\n"  # type: ignore[arg-type]
