@@ -42,13 +42,14 @@ class Skipped:
 
 
 class Extraction:
-    """Entries of partition *partition* read through *worker*, written under *root* (an
-    existing directory); a context manager. *progress* hears the bytes written so far."""
+    """Entries of partition *partition* (a number, or a logical volume ``VG/LV``) read
+    through *worker*, written under *root* (an existing directory); a context manager.
+    *progress* hears the bytes written so far."""
 
     def __init__(
         self,
         worker: FsWorker,
-        partition: int,
+        partition: int | str,
         root: str,
         progress: Callable[[int], None] | None = None,
     ):

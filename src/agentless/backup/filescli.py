@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -58,9 +59,12 @@ def _lines(disk: dict[str, Any]) -> list[str]:
     scheme = {"mbr": "MBR", "gpt": "GPT", "none": "no partition table"}[disk["scheme"]]
     lines = [f"{head}: {scheme}" + (f" {disk['id']}" if disk["id"] else "")]
     for volume in disk["volumes"]:
-        where = "whole disk" if volume["partition"] == 0 else f"partition {volume['partition']}"
+        if "logical_volume" in volume:
+            where = f"  logical volume {volume['partition']}"
+        else:
+            where = "whole disk" if volume["partition"] == 0 else f"partition {volume['partition']}"
         text = f"  {where}: {volume['filesystem']}, {format_size(volume['size'])}"
-        text += f" at {format_size(volume['start'])}" if volume["partition"] else ""
+        text += f" at {format_size(volume['start'])}" if volume["start"] else ""
         text += f", label {volume['label']!r}" if volume["label"] else ""
         text += f", UUID {volume['uuid']}" if volume["uuid"] else ""
         text += f" (type {volume['type']})" if volume["type"] else ""
@@ -69,6 +73,16 @@ def _lines(disk: dict[str, Any]) -> list[str]:
         lines.append(text)
     lines += [f"  problem: {problem}" for problem in disk["problems"]]
     return lines
+
+
+def _partition(text: str) -> int | str:
+    """``--partition``: a partition's number as ``files RP`` shows it, or a logical
+    volume ``VG/LV`` (LVM's names: letters, digits and ``+_.-``, not starting with ``-``)."""
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    if re.fullmatch(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a partition number nor VG/LV")
 
 
 _KIND = {"file": "-", "dir": "d", "symlink": "l", "fifo": "p", "socket": "s", "char": "c", "block": "b"}
@@ -185,7 +199,10 @@ def add_commands(command: Command) -> None:
     ls = actions.add_parser("ls", help="list a directory of a file system in the restore point")
     ls.add_argument("--disk", type=int, default=argparse.SUPPRESS, help="disk position (default 0)")
     ls.add_argument(
-        "--partition", type=int, default=0, help="partition number as `files RP` shows it (0: the whole disk)"
+        "--partition",
+        type=_partition,
+        default=0,
+        help="partition number as `files RP` shows it (0: the whole disk), or a logical volume VG/LV",
     )
     ls.add_argument("path", metavar="PATH", help="a path from the file system's root, / separated")
     ls.add_argument("--long", "-l", action="store_true", help="type, mode, owner, size, mtime, link target")
@@ -193,7 +210,9 @@ def add_commands(command: Command) -> None:
     ls.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON document")
     get = actions.add_parser("get", help="write files and directories of the restore point under a directory")
     get.add_argument("--disk", type=int, default=argparse.SUPPRESS, help="disk position (default 0)")
-    get.add_argument("--partition", type=int, default=0, help="partition number as `files RP` shows it")
+    get.add_argument(
+        "--partition", type=_partition, default=0, help="partition number as `files RP` shows it, or VG/LV"
+    )
     get.add_argument(
         "paths", nargs="+", metavar="PATH", help="files or directories, / separated from the root"
     )

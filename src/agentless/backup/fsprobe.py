@@ -15,6 +15,12 @@ libyal parsers (LGPL-3.0-or-later, see docs/file-restore.md)::
     exFAT     boot sector "EXFAT   " at 3, serial number at 100
     LVM2 PV   "LABELONE" in one of the first four sectors, "LVM2 001" at +24, UUID +32
     swap      "SWAPSPACE2" at 4086, UUID at 1036, label at 1052
+
+An LVM2 physical volume's logical volumes (:mod:`.lvm`) are volumes of their own, listed
+after it and named ``VG/LV`` where a partition is named by its number: each is probed,
+listed and read as a partition is, over the bytes of its linear segments on that
+physical volume (nothing outside its window); one that is not linear is ``unknown`` with
+its problem, and a physical volume whose metadata cannot be read is one problem.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import pyfsfat
 import pyfsntfs
 
 from .guestfs import list_entries, read_file, stat_entry
+from .lvm import LvmError, pv_uuid, read_physical_volume
 from .partitions import Partition, Table, read_table
 from .rangefile import RangeFile
 
@@ -59,7 +66,9 @@ def run(
     if op == "probe":
         return probe(disk, size)
     if op in ("list", "read", "stat"):
-        volume_file, filesystem = volume(disk, size, int(args.get("partition", 0)))
+        partition = args.get("partition", 0)
+        number = partition if isinstance(partition, str) and "/" in partition else int(partition)
+        volume_file, filesystem = volume(disk, size, number)
         if op == "stat":
             return stat_entry(volume_file, filesystem, str(args["path"]))
         if op == "read":
@@ -68,11 +77,17 @@ def run(
     raise ValueError(f"unknown operation {op!r}")
 
 
-def volume(disk: BinaryIO, size: int, number: int) -> tuple[RangeFile, str]:
-    """Partition *number* (0: the whole disk, when it has no table) as a file, and the
-    file system found on it."""
+def volume(disk: BinaryIO, size: int, number: int | str) -> tuple[RangeFile, str]:
+    """Partition *number* (0: the whole disk, when it has no table) or logical volume
+    ``VG/LV`` as a file, and the file system found on it."""
     table = read_table(disk, size)
     parts = _volumes(table, size)
+    if isinstance(number, str):
+        volume_file = _logical_volume(disk, parts, number)
+        kind = kind_of(volume_file)
+        if kind["filesystem"] == "unknown":
+            raise ValueError(f"logical volume {number}: {kind['problem']}")
+        return volume_file, str(kind["filesystem"])
     found = [p for p in parts if p.number == number]
     if not found:
         if table.scheme == "none":
@@ -101,7 +116,60 @@ def probe(disk: BinaryIO, size: int) -> dict[str, Any]:
         except (OSError, ValueError, struct.error) as error:
             volume.update(filesystem="unknown", label=None, uuid=None, problem=f"unreadable: {error}")
         volumes.append(volume)
+        if volume["filesystem"] == "lvm2":
+            volumes += _logical_volumes(part.number, part_file, volume)
     return {"scheme": table.scheme, "id": table.id, "problems": list(table.problems), "volumes": volumes}
+
+
+def _logical_volumes(number: int, pv_file: RangeFile, pv: dict[str, Any]) -> list[dict[str, Any]]:
+    """The descriptions of the logical volumes on the physical volume *pv* (partition
+    *number*, in *pv_file*); its ``volume_group`` is set, or its ``problem`` when its
+    metadata cannot be read."""
+    pv["volume_group"] = None
+    try:
+        found = read_physical_volume(pv_file)
+    except (LvmError, OSError, ValueError, struct.error) as error:
+        pv["problem"] = f"LVM metadata unreadable: {error}"
+        return []
+    pv["volume_group"] = found.volume_group
+    volumes = []
+    for lv in found.logical_volumes:
+        volume: dict[str, Any] = {"partition": f"{lv.volume_group}/{lv.name}", "physical_volume": number}
+        volume.update(volume_group=lv.volume_group, logical_volume=lv.name, lv_uuid=lv.uuid)
+        volume.update(start=None, size=lv.size, type=None, partition_uuid=None, partition_name=None)
+        try:
+            volume.update(kind_of(lv.file()))
+        except (LvmError, OSError, ValueError, struct.error) as error:
+            problem = lv.problem or f"{volume['partition']}: unreadable: {error}"
+            volume.update(filesystem="unknown", label=None, uuid=None, problem=problem)
+        volumes.append(volume)
+    return volumes
+
+
+def _logical_volume(disk: BinaryIO, parts: list[Partition], name: str) -> RangeFile:
+    """Logical volume *name* (``VG/LV``) of the physical volumes among *parts*, as a file:
+    the first that can be read when a volume group of several is listed under each."""
+    found: list[str] = []
+    problems: list[str] = []
+    for part in parts:
+        part_file = window(disk, part.start, part.size)
+        if kind_of(part_file)["filesystem"] != "lvm2":
+            continue
+        try:
+            pv = read_physical_volume(part_file)
+        except (LvmError, OSError, ValueError, struct.error) as error:
+            problems.append(f"partition {part.number}: LVM metadata unreadable: {error}")
+            continue
+        for lv in pv.logical_volumes:
+            found.append(f"{lv.volume_group}/{lv.name}")
+            if found[-1] == name and lv.problem is None:
+                return lv.file()
+            if found[-1] == name:
+                problems.insert(0, lv.problem or "")
+    if problems and name in found:
+        raise ValueError(problems[0])
+    known = ", ".join(dict.fromkeys(found)) or "none"
+    raise ValueError("; ".join([f"no logical volume {name} (logical volumes: {known})", *problems]))
 
 
 def _volumes(table: Table, size: int) -> list[Partition]:
@@ -156,7 +224,7 @@ def kind_of(window: RangeFile) -> dict[str, Any]:
     for sector in range(4):
         label = head[sector * 512 : sector * 512 + 64]
         if label[:8] == b"LABELONE" and label[24:32] == b"LVM2 001":
-            return {"filesystem": "lvm2", "label": None, "uuid": label[32:64].decode("ascii", "replace")}
+            return {"filesystem": "lvm2", "label": None, "uuid": pv_uuid(label[32:64])}
     if head[4086:4096] == b"SWAPSPACE2":
         return {"filesystem": "swap", "label": _text(head[1052:1068]), "uuid": _uuid(head[1036:1052])}
     found = "zeros" if not head.strip(b"\0") else f"first bytes {head[:8].hex()}"
