@@ -4,11 +4,15 @@ tables by ``sfdisk``, and ``blkid`` as the oracle of a file system's type, label
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import require_tool, run
 
@@ -91,3 +95,104 @@ def make_disk(tmp_path: Path, label: str, script: str, images: list[Path], size:
             f.seek(part["start"] * 512)
             f.write(image.read_bytes())
     return disk
+
+
+@dataclasses.dataclass
+class Lv:
+    """A logical volume for :func:`make_lvm`: linear *segments* ``(first PE, extents)`` in
+    the order of its logical extents, holding *image* (cut across them in that order);
+    or *segment*, the text of one segment of another kind (``type = "thin" ...``)."""
+
+    name: str
+    segments: list[tuple[int, int]]
+    image: Path | None = None
+    segment: str | None = None
+    hidden: bool = False
+
+
+@dataclasses.dataclass
+class Pv:
+    """What :func:`make_lvm` made: the PV's UUID, where its extents start and their size
+    (bytes, read from the metadata LVM wrote), and its metadata as ``vgcfgbackup`` says it."""
+
+    uuid: str
+    pe_start: int
+    extent: int
+    metadata: str
+
+
+def lvm_tools() -> dict[str, str]:
+    """The environment for LVM's tools in a test (their backups and archives under
+    ``$LVM_SYSTEM_DIR``, not ``/etc/lvm``); skips, saying what is missing, unless the test
+    runs as root with LVM's tools and a free loop device."""
+    if os.geteuid() != 0:
+        pytest.skip("LVM metadata is made by pvcreate/vgcfgrestore on a loop device: needs root")
+    for tool in ("losetup", "pvcreate", "vgcreate", "vgcfgbackup", "vgcfgrestore"):
+        require_tool(tool)
+    free = subprocess.run(["losetup", "-f"], capture_output=True, text=True, timeout=60)
+    if free.returncode != 0:
+        pytest.skip(f"no free loop device for LVM's tools: {free.stderr.strip()}")
+    return {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+
+def make_lvm(tmp_path: Path, path: Path, group: str, lvs: list[Lv]) -> Pv:
+    """Make the file *path* an LVM2 physical volume of volume group *group* holding *lvs*,
+    with the real tools and without device-mapper: ``pvcreate`` and ``vgcreate`` on a loop
+    device, the logical volumes added to the text ``vgcfgbackup`` wrote and written back
+    by ``vgcfgrestore``, their images written at their extents here."""
+    env = lvm_tools()
+    system = tmp_path / f"lvm-{group}"
+    system.mkdir()
+    env["LVM_SYSTEM_DIR"] = str(system)
+    text_file = tmp_path / f"{group}.txt"
+
+    def lvm(*args: str) -> None:
+        done = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{' '.join(args)}: {done.stderr}"
+
+    loop = run(["losetup", "-f", "--show", str(path)]).stdout.strip()
+    try:
+        lvm("pvcreate", "-q", "-ff", "-y", loop)
+        lvm("vgcreate", "-q", group, loop)
+        lvm("vgcfgbackup", "-q", "-f", str(text_file), group)
+        text = text_file.read_text()
+        extent = int(re.search(r"\textent_size = (\d+)", text)[1]) * 512  # type: ignore[index]
+        pe_start = int(re.search(r"\tpe_start = (\d+)", text)[1]) * 512  # type: ignore[index]
+        uuid = re.search(r'pv0 \{\s*id = "([^"]+)"', text)[1]  # type: ignore[index]
+        end = text.rindex("}")  # the volume group's section closes last
+        text_file.write_text(text[:end] + _lv_text(lvs) + text[end:])
+        lvm("vgcfgrestore", "--force", "-q", "-f", str(text_file), group)
+        lvm("vgcfgbackup", "-q", "-f", str(text_file), group)
+    finally:
+        run(["losetup", "-d", loop])
+    assert not Path("/etc/lvm/backup", group).exists() and not list(
+        Path("/etc/lvm").glob(f"archive/{group}_*")
+    )
+    with open(path, "r+b") as f:
+        for lv in lvs:
+            data = lv.image.read_bytes() if lv.image else b""
+            for first, count in lv.segments:
+                f.seek(pe_start + first * extent)
+                f.write(data[: count * extent])
+                data = data[count * extent :]
+    return Pv(uuid, pe_start, extent, text_file.read_text())
+
+
+def _lv_text(lvs: list[Lv]) -> str:
+    out = ["\tlogical_volumes {\n"]
+    for number, lv in enumerate(lvs):
+        status = '["READ", "WRITE"]' if lv.hidden else '["READ", "WRITE", "VISIBLE"]'
+        segments = [lv.segment] if lv.segment else []
+        at = 0
+        for first, count in lv.segments if not lv.segment else []:
+            segments.append(
+                f"start_extent = {at} extent_count = {count} "
+                f'type = "striped" stripe_count = 1 stripes = ["pv0", {first}]'
+            )
+            at += count
+        lv_id = f"{number:06d}-aaaa-bbbb-cccc-dddd-eeee-ffffff"
+        out.append(f'\t\t{lv.name} {{ id = "{lv_id}" status = {status} flags = []\n')
+        out.append(f"\t\t\tsegment_count = {len(segments)}\n")
+        out += [f"\t\t\tsegment{i} {{ {s} }}\n" for i, s in enumerate(segments, 1)]
+        out.append("\t\t}\n")
+    return "".join(out) + "\t}\n"
