@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -127,8 +128,10 @@ def lvm_tools() -> dict[str, str]:
     runs as root with LVM's tools and a free loop device."""
     if os.geteuid() != 0:
         pytest.skip("LVM metadata is made by pvcreate/vgcfgrestore on a loop device: needs root")
-    for tool in ("losetup", "pvcreate", "vgcreate", "vgcfgbackup", "vgcfgrestore"):
-        require_tool(tool)
+    lvm2 = ("pvcreate", "vgcreate", "vgcfgbackup", "vgcfgrestore")
+    for tool, package in (("losetup", "mount"), *((t, "lvm2") for t in lvm2)):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (Debian: {package}): LVM metadata is made with it")
     free = subprocess.run(["losetup", "-f"], capture_output=True, text=True, timeout=60)
     if free.returncode != 0:
         pytest.skip(f"no free loop device for LVM's tools: {free.stderr.strip()}")
