@@ -358,18 +358,6 @@ def main(argv: list[str]) -> int:
     """The worker: ``size memory``, then calls on stdin until it closes."""
     size, memory = int(argv[0]), int(argv[1])
     _limit(memory)
-    # the parsers are loaded here, after the limits hold – and never in the parent
-    operate: Callable[[BinaryIO, int, str, dict[str, Any], Emit], Any]
-    try:
-        from agentless.backup import fsprobe
-
-        operate = fsprobe.run
-    except ImportError as error:  # the optional extra is not installed: say so to every call
-        missing = f"file-level restore needs the libyal parsers: pip install 'agentless[files]' ({error})"
-
-        def operate(_disk: BinaryIO, _size: int, _op: str, _args: dict[str, Any], _emit: Emit) -> Any:
-            raise RuntimeError(missing)
-
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 
     def ask(offset: int, length: int) -> bytes:
@@ -386,6 +374,18 @@ def main(argv: list[str]) -> int:
             _send(stdout, b"ITEM", json.dumps(data).encode())
 
     disk = cast(BinaryIO, worker_disk(size, ask))
+    # the parsers are loaded here, after the limits hold – and never in the parent
+    operate: Callable[[str, dict[str, Any], Emit], Any]
+    try:
+        from agentless.backup import fsprobe
+
+        operate = fsprobe.Session(disk, size).run
+    except ImportError as error:  # the optional extra is not installed: say so to every call
+        missing = f"file-level restore needs the libyal parsers: pip install 'agentless[files]' ({error})"
+
+        def operate(_op: str, _args: dict[str, Any], _emit: Emit) -> Any:
+            raise RuntimeError(missing)
+
     while True:
         try:
             _kind, payload = _receive(stdin)
@@ -393,7 +393,7 @@ def main(argv: list[str]) -> int:
             return 0
         try:
             request = json.loads(payload)
-            result = operate(disk, size, request["op"], request.get("args", {}), emit)
+            result = operate(request["op"], request.get("args", {}), emit)
         except Exception as error:  # the message goes back; the worker serves on
             _send(stdout, b"ERR ", json.dumps({"message": str(error) or type(error).__name__}).encode())
         else:
