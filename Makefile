@@ -6,14 +6,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server postgresql fdisk dosfstools ntfs-3g xfsprogs mtools exfatprogs exfat-fuse
+DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server postgresql fdisk dosfstools ntfs-3g xfsprogs mtools exfatprogs exfat-fuse lvm2
 # qemu for the VM driver: without its recommends (a GUI stack the tests do not need)
 DEBIAN_TOOLS_LEAN := qemu-system-x86
 # programs whose presence tells that the Debian tools are installed
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster \
-	sfdisk mkfs.vfat mkntfs mkfs.xfs mcopy mkfs.exfat mount.exfat-fuse
+	sfdisk mkfs.vfat mkntfs mkfs.xfs mcopy mkfs.exfat mount.exfat-fuse vgcfgrestore
 
-.PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance campaign clean openapi
+.PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance bench-files fuzz-files campaign clean openapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,14 @@ bench: $(STAMP)
 # verify, prune, gc and copy of synthetic repositories of 1 M and 10 M blobs (docs/performance.md)
 bench-maintenance: $(STAMP)
 	$(PY) bench/maintenance_scale.py $(MAINTENANCE_FLAGS)
+
+# file-level restore against `vmbackup export` (docs/performance.md "File-level restore")
+bench-files: $(STAMP) debian-tools
+	$(PY) bench/file_restore.py $(FILES_BENCH_FLAGS)
+
+# 300 damaged guest file systems listed and extracted (make test runs 12)
+fuzz-files: $(STAMP) debian-tools
+	FILES_CAMPAIGN=300 $(VENV)/bin/pytest -q -s tests/backup/test_hostile_images.py -k campaign
 
 # The fault campaign of docs/reliability.md: every row at full counts (a million inputs per
 # fuzz target; 20-60 minutes on 2 cores). Not part of `make test`, which runs it small

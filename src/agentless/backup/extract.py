@@ -93,6 +93,9 @@ class Extraction:
         bad = next((p for p in parts if not _sound(p)), None)
         if name is not None and name != parts[-1]:
             bad = name  # its own name held a "/": the path split it
+        if entry.get("problem"):  # the parser could not read it (guestfs.unreadable)
+            self._skip(path, str(entry["problem"]))
+            return
         if bad is not None:
             self._skip(path, f"the name {bad!r} cannot be written safely")
             return
@@ -158,7 +161,11 @@ class Extraction:
                 if self.progress is not None:
                     self.progress(self.written)
 
-            size = self.worker.call("read", on_bytes=write, partition=self.partition, path=entry["path"])
+            try:
+                size = self.worker.call("read", on_bytes=write, partition=self.partition, path=entry["path"])
+            except BaseException:  # a file that could not be read whole is not left half written
+                os.unlink(name, dir_fd=parent)
+                raise
             os.ftruncate(fd, int(size))
             os.fchmod(fd, _mode(entry, 0o644))
             _set_mtime(entry, fd)

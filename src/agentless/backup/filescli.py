@@ -100,7 +100,12 @@ def _long(entry: dict[str, Any]) -> str:
             "%Y-%m-%d %H:%M:%S"
         )
     target = f" -> {entry['target']}" if entry["target"] else ""
-    return f"{kind}{mode} {owner:>11} {entry['size']:>12} {when} {entry['path']}{target}"
+    return f"{kind}{mode} {owner:>11} {entry['size']:>12} {when} {entry['path']}{target}{_problem(entry)}"
+
+
+def _problem(entry: dict[str, Any]) -> str:
+    """What is said after an entry the parser could not read (nothing after the others)."""
+    return f"  (unreadable: {entry['problem']})" if entry.get("problem") else ""
 
 
 @contextlib.contextmanager
@@ -119,7 +124,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     asked = {"partition": args.partition, "path": args.path, "recursive": args.recursive}
     with _worker(args) as (point, view, worker):
         worker.call("list", on_items=entries.extend, **asked)
-    text = "\n".join(_long(e) if args.long else e["path"] for e in entries)
+    text = "\n".join(_long(e) if args.long else e["path"] + _problem(e) for e in entries)
     document = {"point": point, "disk": args.disk or 0, "partition": args.partition, "path": args.path}
     emit(args, {**document, "fetched": view.fetched, "entries": entries}, text)
     return 0

@@ -16,6 +16,7 @@ range, and FAT's root (which has no entry), have mtime ``None``.
 from __future__ import annotations
 
 import contextlib
+import re
 import stat
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -39,6 +40,7 @@ __all__ = [
     "open_volume",
     "read_file",
     "stat_entry",
+    "unreadable",
     "walk",
 ]
 
@@ -276,7 +278,10 @@ def open_volume(filesystem: str, volume_file: RangeFile) -> Iterator[Volume]:
     if family is None:
         raise GuestFsError(f"listing {filesystem} is not supported yet (supported: {', '.join(LISTED)})")
     parsed = family.module.volume()
-    parsed.open_file_object(volume_file)
+    try:
+        parsed.open_file_object(volume_file)
+    except OSError as error:  # a damaged or truncated file system (a hostile one too)
+        raise GuestFsError(f"the {filesystem} file system cannot be opened: {_reason(error)}") from None
     try:
         reader = family(volume_file)
         reader.check(parsed)
@@ -321,13 +326,59 @@ def _child(volume: Volume, directory: Any, name: str) -> Any:
             child = lookup(name)
             if child is not None and volume.family.name(child) == name:
                 return child
-    return next((sub for sub in directory.sub_file_entries if volume.family.name(sub) == name), None)
+    found = (e for e in _entries(volume.family, directory, "") if not isinstance(e, dict) and e[1] == name)
+    return next((entry for entry, _name in found), None)
+
+
+def unreadable(path: str, problem: str) -> dict[str, Any]:
+    """An entry the parser could not read – its name, its metadata or, for a directory,
+    its entries – listed as ``unreadable`` with the *problem*, so that one damaged
+    entry of a guest's file system costs that entry, not the listing."""
+    return {**_described(path, None, "unreadable", 0, None, 0), "problem": problem}
+
+
+def _entries(family: _Family, directory: Any, where: str) -> Iterator[tuple[Any, str] | dict[str, Any]]:
+    """(entry, name) of each entry of *directory* (at *where*), or an :func:`unreadable`
+    for one the parser fails on – asked one by one, so the others still come."""
+    try:
+        count = int(directory.number_of_sub_file_entries)
+    except OSError as error:
+        yield unreadable(where or "/", f"its entries cannot be read: {_reason(error)}")
+        return
+    for index in range(count):
+        try:
+            entry = directory.get_sub_file_entry(index)
+        except OSError as error:
+            yield unreadable(
+                f"{where}/?{index}", f"entry {index} of {where or '/'} cannot be read: {_reason(error)}"
+            )
+            continue
+        try:
+            name = family.name(entry)
+        except (OSError, UnicodeError) as error:  # a name that is not UTF-8, or damaged
+            yield unreadable(
+                f"{where}/?{index}", f"the name of entry {index} cannot be decoded: {_reason(error)}"
+            )
+            continue
+        yield entry, str(name)
+
+
+def _reason(error: Exception) -> str:
+    """What a libyal error says went wrong: its message chains one sentence per layer,
+    ``function: what``, the binding's first and then the innermost's (``pyfsext_…:
+    unable to open volume. libfsext_superblock_…: unable to read superblock at offset:
+    8389632 …``) – the innermost's *what* is kept."""
+    sentences = [part.strip() for part in str(error).split(". ") if part.strip()]
+    if not sentences:
+        return type(error).__name__
+    return re.sub(r"^\w+: ", "", sentences[1] if len(sentences) > 1 else sentences[0])
 
 
 def walk(volume: Volume, path: str, recursive: bool) -> Iterator[dict[str, Any]]:
     """The entries under *path* (or *path* itself when it is not a directory), each
     described, depth first when *recursive*. A directory that is its own descendant
-    (a damaged or hostile tree) is walked once."""
+    (a damaged or hostile tree) is walked once; an entry that cannot be read is
+    :func:`unreadable` and the walk goes on."""
     family = volume.family
     top = find(volume, path)
     base = _absolute(path)
@@ -343,11 +394,17 @@ def walk(volume: Volume, path: str, recursive: bool) -> Iterator[dict[str, Any]]
             continue
         seen.add(key)
         children = []
-        for entry in directory.sub_file_entries:
-            name = str(family.name(entry))
+        for found in _entries(family, directory, where):
+            if isinstance(found, dict):
+                yield found
+                continue
+            entry, name = found
             if family.hidden(where, name):
                 continue
-            described = family.describe(entry, f"{where}/{name}")
+            try:
+                described = family.describe(entry, f"{where}/{name}")
+            except (OSError, UnicodeError, ValueError) as error:
+                described = unreadable(f"{where}/{name}", f"cannot be read: {_reason(error)}")
             yield described
             if recursive and described["type"] == "dir":
                 children.append((entry, described["path"]))
@@ -368,7 +425,11 @@ def read_file(volume: Volume, path: str, emit: Callable[[bytes], None]) -> int:
         raise GuestFsError(f"{path}: a {described['type']}, not a file")
     size = int(described["size"])
     for offset in range(0, size, PIECE):
-        emit(bytes(entry.read_buffer_at_offset(min(PIECE, size - offset), offset)))
+        try:
+            piece = entry.read_buffer_at_offset(min(PIECE, size - offset), offset)
+        except OSError as error:
+            raise GuestFsError(f"{path}: cannot be read at byte {offset}: {_reason(error)}") from None
+        emit(bytes(piece))
     return size
 
 
