@@ -3,8 +3,12 @@ from the repository alone (no WinCenter, no host), as a user runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +134,28 @@ def test_files_get_writes_files_and_streams_one(
         failed = vmbackup(env, "files", point, "get", "--partition", "1", *args)
         assert failed.returncode == 1 and message in failed.stderr, failed.stderr
         assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+def test_files_get_shows_its_progress_on_a_terminal(
+    site: tuple[dict[str, str], str, list[Path]], tmp_path: Path
+) -> None:
+    """Standard error a terminal (a pty): a bar of the bytes written, with their total;
+    no bar when it is not one (the tests above) and never on standard output."""
+    env, point, _images = site
+    out = tmp_path / "out"
+    out.mkdir()
+    primary, secondary = pty.openpty()
+    argv = [sys.executable, "-m", "agentless.backup.cli", "files", point, "get", "--partition", "1", "/"]
+    with subprocess.Popen(
+        [*argv, "-o", str(out)], env={**env, "COLUMNS": "120"}, stdout=subprocess.PIPE, stderr=secondary
+    ) as process:
+        os.close(secondary)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the command has ended
+            while chunk := os.read(primary, 65536):
+                shown += chunk
+        stdout = process.communicate(timeout=120)[0]
+    os.close(primary)
+    assert process.returncode == 0, shown
+    assert b"extracting" in shown and b"6 bytes" in shown, shown  # hello.txt: 6 bytes of 6
+    assert b"extracting" not in stdout and b"wrote 1 files" in stdout

@@ -44,19 +44,20 @@ class Skipped:
 class Extraction:
     """Entries of partition *partition* (a number, or a logical volume ``VG/LV``) read
     through *worker*, written under *root* (an existing directory); a context manager.
-    *progress* hears the bytes written so far."""
+    *progress* hears ``(written, size)`` as bytes are written: *size* is the bytes of
+    the files asked for so far, known as each :meth:`get` has listed its tree."""
 
     def __init__(
         self,
         worker: FsWorker,
         partition: int | str,
         root: str,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
         self.worker = worker
         self.partition = partition
         self.progress = progress
-        self.files = self.directories = self.links = self.written = 0
+        self.files = self.directories = self.links = self.written = self.size = 0
         self.skipped: list[Skipped] = []
         self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self._first: dict[int, str] = {}  # inode -> where its first name was written
@@ -72,14 +73,16 @@ class Extraction:
         """Write *path* (a file, a link or a whole directory tree) under the root."""
         top: dict[str, Any] = self.worker.call("stat", partition=self.partition, path=path)
         base = posixpath.dirname(str(top["path"]).rstrip("/")) or "/"
-        self._entry(top, base)
+        entries: list[dict[str, Any]] = []
         if top["type"] == "dir":
-            entries: list[dict[str, Any]] = []
             self.worker.call(
                 "list", on_items=entries.extend, partition=self.partition, path=path, recursive=True
             )
-            for entry in entries:
-                self._entry(entry, base)
+        self.size += sum(int(e["size"]) for e in [top, *entries] if e["type"] == "file")
+        if self.progress is not None:
+            self.progress(self.written, self.size)
+        for entry in [top, *entries]:
+            self._entry(entry, base)
         self._finish_directories()
 
     # ------------------------------------------------------------------ one entry
@@ -159,7 +162,7 @@ class Extraction:
                 at += len(view)
                 self.written += len(view)
                 if self.progress is not None:
-                    self.progress(self.written)
+                    self.progress(self.written, self.size)
 
             try:
                 size = self.worker.call("read", on_bytes=write, partition=self.partition, path=entry["path"])

@@ -130,22 +130,19 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+OnWritten = Callable[[int, int], None]  # bytes written, bytes to write
+
+
 def _cmd_get(args: argparse.Namespace) -> int:
-    with _worker(args) as (point, view, worker):
+    with _worker(args) as (point, view, worker), _bar(args) as progress:
         if args.output == "-":
             if len(args.paths) != 1:
                 raise FilesError("-o - streams one file: give one PATH")
-            out = sys.stdout.buffer
-
-            def write(data: bytes) -> None:
-                out.write(data)
-
-            worker.call("read", on_bytes=write, partition=args.partition, path=args.paths[0])
-            out.flush()
+            _stream(worker, args.partition, args.paths[0], progress)
             return 0
         if not os.path.isdir(args.output):
             raise FilesError(f"{args.output}: not a directory (make it first)")
-        with Extraction(worker, args.partition, args.output, _progress()) as extraction:
+        with Extraction(worker, args.partition, args.output, progress) as extraction:
             for path in args.paths:
                 extraction.get(path)
     done = {
@@ -166,15 +163,41 @@ def _cmd_get(args: argparse.Namespace) -> int:
     return 1 if extraction.skipped else 0
 
 
-def _progress() -> Callable[[int], None] | None:
-    """Bytes written so far on one line of the terminal (None without one)."""
-    if not sys.stderr.isatty():
-        return None
+def _stream(worker: FsWorker, partition: int | str, path: str, progress: OnWritten | None) -> None:
+    """The regular file *path* to standard output."""
+    size = int(worker.call("stat", partition=partition, path=path)["size"])
+    out = sys.stdout.buffer
+    written = 0
 
-    def show(written: int) -> None:
-        print(f"\r{format_size(written)} written", end="", file=sys.stderr, flush=True)
+    def write(data: bytes) -> None:
+        nonlocal written
+        out.write(data)
+        written += len(data)
+        if progress is not None:
+            progress(written, size)
 
-    return show
+    worker.call("read", on_bytes=write, partition=partition, path=path)
+    out.flush()
+
+
+@contextlib.contextmanager
+def _bar(args: argparse.Namespace) -> Iterator[OnWritten | None]:
+    """A progress bar of the bytes written (rate, time left) on a terminal's standard
+    error; None without one, or with --json."""
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress("extracting", *columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("extracting", total=None)
+
+        def show(written: int, size: int) -> None:
+            bar.update(task, completed=written, total=size or None)
+
+        yield show
 
 
 def _cmd_files(args: argparse.Namespace) -> int:
