@@ -138,10 +138,10 @@ def test_a_logical_volume_reads_its_segments_in_order(site: Site) -> None:
     assert whole["scheme"] == "none" and names[:3] == [0, f"{site.group}/root", f"{site.group}/data"]
 
 
-def test_libvslvm_reads_a_one_segment_volume_and_segments_are_stitched_here(tmp_path: Path) -> None:
-    """Without a two-stripe volume libvslvm opens the group: it reads the one-segment
-    volume; the two-segment one (which it cannot open) is stitched here. Both read as
-    the file systems written."""
+def test_a_group_of_plain_linear_volumes_reads_as_written(tmp_path: Path) -> None:
+    """A group of a one-segment volume and a two-segment one whose second segment lies
+    before its first on the PV (no other kind beside them): both read as the file
+    systems written."""
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "big.bin").write_bytes(random.Random(8).randbytes(3 * MiB))
@@ -151,10 +151,7 @@ def test_libvslvm_reads_a_one_segment_volume_and_segments_are_stitched_here(tmp_
     make_lvm(tmp_path, pv_image, group, [Lv("one", [(6, 2)], first), Lv("two", [(3, 2), (0, 1)], second)])
     with open(pv_image, "rb") as f:
         pv = lvm.read_physical_volume(fsprobe.window(f, 0, 40 * MiB))
-        assert [(lv.name, lv.read_by) for lv in pv.logical_volumes] == [
-            ("one", "libvslvm"),
-            ("two", "segments"),
-        ]
+        assert [(lv.name, lv.pieces[0][0]) for lv in pv.logical_volumes] == [("one", 0), ("two", 0)]
         for lv, image in zip(pv.logical_volumes, (first, second), strict=True):
             volume = lv.file()
             assert volume.at(0, volume.size) == image.read_bytes(), lv.name

@@ -10,10 +10,10 @@ for the physical volume. A logical volume is read only when each of its segments
 described with a problem naming it and what was found. Hidden logical volumes (the parts
 of thin pools, RAID and mirrors) are not listed.
 
-A logical volume's bytes are read through libvslvm (``pyvslvm``), over the physical
-volume's window only, when it can open the volume; otherwise they are stitched here from
-the metadata's segments, in the order of their logical extents. libvslvm 20260901 (read
-in its source, and tried) cannot be the judge of what it reads:
+A logical volume's bytes are its linear pieces stitched in the order of their logical
+extents, each read from the physical volume's window only. libvslvm (``pyvslvm``
+20260901, read in its source and tried) was the first choice and is not used: it cannot
+be the judge of what it reads –
 
 - it ignores a segment's ``type`` and exposes no segment or stripe field to Python, so a
   thin, RAID, mirror or snapshot segment is not told apart from a linear one;
@@ -23,7 +23,10 @@ in its source, and tried) cannot be the judge of what it reads:
 - it cannot open a logical volume of more than one segment (``physical volume value
   already set``: its variable is not reset between stripes), and cannot open a group at
   all when one of its logical volumes has two stripes (it reads ``"pv0", 0,`` as a
-  number and fails on the comma).
+  number and fails on the comma) –
+
+so the metadata has to be read and checked here, and the stitching it leaves is a few
+lines: one path for every linear volume.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ import re
 import struct
 import zlib
 from typing import Any
-
-import pyvslvm
 
 from .rangefile import RangeFile
 
@@ -66,27 +67,13 @@ class LogicalVolume:
     size: int
     pieces: list[tuple[int, int, int]]
     problem: str | None = None
-    _opened: Any = None  # libvslvm's logical volume, when it is read through it
-    _pv: RangeFile | None = None  # the physical volume, when the pieces are stitched here
-
-    @property
-    def read_by(self) -> str:
-        """``libvslvm`` or ``segments`` (stitched here): which path :meth:`file` takes."""
-        return "libvslvm" if self._opened is not None else "segments"
+    _pv: RangeFile | None = None  # the physical volume the pieces lie on
 
     def file(self) -> RangeFile:
-        """The logical volume's bytes: libvslvm's logical volume when it opened it (one
-        segment), the pieces stitched here otherwise (see the module's docstring)."""
+        """The logical volume's bytes, its pieces stitched (an LvmError when it has a
+        problem)."""
         if self.problem is not None:
             raise LvmError(self.problem)
-        lv = self._opened
-        if lv is not None:
-
-            def read_lv(offset: int, length: int) -> bytes:
-                data: bytes = lv.read_buffer_at_offset(length, offset)
-                return data
-
-            return RangeFile(self.size, read_lv)
         return _stitched(self.size, self.pieces, self._pv)
 
 
@@ -262,7 +249,6 @@ def read_physical_volume(pv: RangeFile) -> PhysicalVolume:
     pvs = _sections(group, "physical_volumes")
     if not any(value.get("id") == uuid for value in pvs.values()):
         raise LvmError(f"the metadata of volume group {name} does not name this physical volume {uuid}")
-    opened = _libvslvm(pv, name, len(pvs))
     sections = _sections(group, "logical_volumes")
     cows = {
         str(segment.get("cow_store")): str(segment.get("origin"))
@@ -280,38 +266,9 @@ def read_physical_volume(pv: RangeFile) -> PhysicalVolume:
             volume = LogicalVolume(name, lv_name, str(lv.get("id", "")), 0, [], f"{name}/{lv_name}: {error}")
         if lv_name in cows and volume.problem is None:
             volume.problem = f"{name}/{lv_name}: the copy-on-write store of a snapshot of {cows[lv_name]}"
-        if volume.problem is None and len(volume.pieces) == 1 and opened is not None:
-            volume._opened = opened.get(lv_name)
-            if volume._opened is None or volume._opened.size != volume.size:
-                volume.problem = f"{name}/{lv_name}: libvslvm does not open it as the metadata says"
         volume._pv = pv
         volumes.append(volume)
     return PhysicalVolume(uuid, name, volumes)
-
-
-def _libvslvm(pv: RangeFile, name: str, count: int) -> dict[str, Any] | None:
-    """libvslvm's logical volumes of the group *name* in *pv* that it can open, by name
-    (None when it cannot open the group: see the module's docstring). It wants one file
-    per physical volume of the group (*count*) and reads from the first only: it is given
-    this one *count* times, and what lies on the others is refused before it is read
-    (:func:`_linear`)."""
-    handle = pyvslvm.handle()
-    try:
-        handle.open_file_object(pv)
-        handle.open_physical_volume_files_as_file_objects([pv] * count)
-        group = handle.get_volume_group()
-    except OSError:
-        return None
-    if group.name != name:
-        raise LvmError(f"libvslvm reads volume group {group.name!r}, the metadata {name!r}")
-    found: dict[str, Any] = {}  # each logical volume holds a reference to its handle
-    for index in range(group.number_of_logical_volumes):
-        try:
-            lv = group.get_logical_volume(index)
-        except OSError:
-            continue  # more than one segment (see the module's docstring), or not linear
-        found[lv.name] = lv
-    return found
 
 
 def _logical_volume(
