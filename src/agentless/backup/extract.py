@@ -21,10 +21,12 @@ get``) – safely, since every name and link target is the guest's:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import posixpath
+import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from .fsworker import FsWorker, FsWorkerError
 
@@ -70,20 +72,31 @@ class Extraction:
         os.close(self._root)
 
     def get(self, path: str) -> None:
-        """Write *path* (a file, a link or a whole directory tree) under the root."""
+        """Write *path* (a file, a link or a whole directory tree) under the root. A
+        tree's entries are listed first (the worker serves one call at a time) into a
+        temporary file, not memory: a file system may hold millions."""
         top: dict[str, Any] = self.worker.call("stat", partition=self.partition, path=path)
         base = posixpath.dirname(str(top["path"]).rstrip("/")) or "/"
-        entries: list[dict[str, Any]] = []
-        if top["type"] == "dir":
-            self.worker.call(
-                "list", on_items=entries.extend, partition=self.partition, path=path, recursive=True
-            )
-        self.size += sum(int(e["size"]) for e in [top, *entries] if e["type"] == "file")
-        if self.progress is not None:
-            self.progress(self.written, self.size)
-        for entry in [top, *entries]:
-            self._entry(entry, base)
+        with tempfile.TemporaryFile() as spill:
+            self._listed(top, spill)
+            if top["type"] == "dir":
+
+                def keep(batch: list[dict[str, Any]]) -> None:
+                    for entry in batch:
+                        self._listed(entry, spill)
+
+                self.worker.call("list", on_items=keep, partition=self.partition, path=path, recursive=True)
+            if self.progress is not None:
+                self.progress(self.written, self.size)
+            spill.seek(0)
+            for line in spill:
+                self._entry(json.loads(line), base)
         self._finish_directories()
+
+    def _listed(self, entry: dict[str, Any], spill: IO[bytes]) -> None:
+        if entry["type"] == "file":
+            self.size += int(entry["size"])
+        spill.write(json.dumps(entry).encode() + b"\n")
 
     # ------------------------------------------------------------------ one entry
 

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import re
 import stat
@@ -111,22 +112,41 @@ def _problem(entry: dict[str, Any]) -> str:
 @contextlib.contextmanager
 def _worker(args: argparse.Namespace) -> Iterator[tuple[str, DiskView, FsWorker]]:
     """(restore point id, the disk's view, a worker over it) for ``ls`` and ``get``:
-    disk ``--disk`` (default 0) of RP, read under a shared lock of the repository."""
+    disk ``--disk`` (default 0) of RP, read under a shared lock of the repository. The
+    worker's errors that end the command name the disk."""
     with open_repository(args) as repository, repository.lock("shared", "files"):
         point = repository.load_point(args.point)
         source = PointDisk(repository, point, args.disk or 0)
         with DiskView(source) as view, FsWorker(view, view.size) as worker:
-            yield point.id, view, worker
+            try:
+                yield point.id, view, worker
+            except FsWorkerError as error:
+                raise FilesError(f"disk {args.disk or 0}: {error}") from None
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    entries: list[dict[str, Any]] = []
+    """The entries, printed as they come from the worker (batches of 1 000): a listing
+    of millions is never held here. With --json, one document streamed: the request's
+    fields, ``entries`` (one per line), then ``fetched``."""
     asked = {"partition": args.partition, "path": args.path, "recursive": args.recursive}
+    out = sys.stdout
     with _worker(args) as (point, view, worker):
-        worker.call("list", on_items=entries.extend, **asked)
-    text = "\n".join(_long(e) if args.long else e["path"] + _problem(e) for e in entries)
-    document = {"point": point, "disk": args.disk or 0, "partition": args.partition, "path": args.path}
-    emit(args, {**document, "fetched": view.fetched, "entries": entries}, text)
+        if not args.json:
+            show = _long if args.long else lambda e: e["path"] + _problem(e)
+            worker.call("list", on_items=lambda batch: print("\n".join(map(show, batch))), **asked)
+            return 0
+        head = {"point": point, "disk": args.disk or 0, "partition": args.partition, "path": args.path}
+        out.write(json.dumps(head)[:-1] + ', "entries": [')
+        separator = "\n"
+
+        def write(batch: list[dict[str, Any]]) -> None:
+            nonlocal separator
+            for entry in batch:
+                out.write(separator + json.dumps(entry))
+                separator = ",\n"
+
+        worker.call("list", on_items=write, **asked)
+        out.write(f'\n], "fetched": {view.fetched}}}\n')
     return 0
 
 
