@@ -165,7 +165,7 @@ class Extraction:
         try:
             at = 0
 
-            def write(data: bytes) -> None:
+            def write(data: bytes | bytearray) -> None:
                 nonlocal at
                 view = memoryview(data)
                 for start in range(0, len(view), _BLOCK):

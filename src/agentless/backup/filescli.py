@@ -189,7 +189,7 @@ def _stream(worker: FsWorker, partition: int | str, path: str, progress: OnWritt
     out = sys.stdout.buffer
     written = 0
 
-    def write(data: bytes) -> None:
+    def write(data: bytes | bytearray) -> None:
         nonlocal written
         out.write(data)
         written += len(data)
