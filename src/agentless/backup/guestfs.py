@@ -305,10 +305,10 @@ def _parts(path: str) -> list[str]:
 def find(volume: Volume, path: str) -> Any:
     """The entry at *path* (``/``-separated, from the volume's root)."""
     parts = _parts(path)
-    if parts and isinstance(volume.family, _Ext):
-        # libfsext (20260821) fails every get_sub_file_entry_by_name ("invalid inode"), so
-        # _child would scan each directory in Python: extracting 10 000 files of one
-        # directory took minutes. Its lookup by path works; a miss walks for the message.
+    if parts and isinstance(volume.family, (_Ext, _Xfs)):
+        # libfsext (20260821) and libfsxfs (20260901) fail every get_sub_file_entry_by_name,
+        # so _child would scan each directory in Python: extracting 10 000 files of one
+        # directory took minutes. Their lookup by path works; a miss walks for the message.
         with contextlib.suppress(OSError):
             found = volume.parsed.get_file_entry_by_path(_absolute(path))
             if found is not None and volume.family.name(found) == parts[-1]:
