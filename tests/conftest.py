@@ -12,14 +12,15 @@ import pytest
 pytest_plugins = ["tests.s3server", "tests.sites", "tests.postgresql", "tests.nbd.serving"]
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str | None = None) -> str:
     """Path of the program *name*; skips the test, saying which program is missing and how
-    to get it, when it is not installed (``make test`` installs them when run as root)."""
+    to get it – its Debian *package* when given, else the list of them – when it is not
+    installed (``make test`` installs them when run as root)."""
     path = shutil.which(name)
     if path is None:
-        packages = (
+        packages = package or (
             "qemu-utils, libnbd-bin, nbdkit, nbd-server, qemu-system-x86, "
-            "fdisk, dosfstools, ntfs-3g, xfsprogs, mtools, exfatprogs, exfat-fuse"
+            "fdisk, gdisk, dosfstools, ntfs-3g, xfsprogs, mtools, exfatprogs, exfat-fuse"
         )
         pytest.skip(f"{name} not installed (Debian: {packages}; `make test` as root)")
     return path
