@@ -5,17 +5,23 @@ tables by ``sfdisk``, and ``blkid`` as the oracle of a file system's type, label
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agentless.winserver.client import HostClient
 from tests.conftest import require_tool, run
+from tests.sites import guest
 
 MiB = 1 << 20
 # mkfs.xfs refuses file systems under 300 MB unless told it is a test (xfstests' switches)
@@ -80,14 +86,23 @@ def blkid(path: Path) -> tuple[str, str | None, str | None]:
     return kind, found.get("LABEL"), found.get("UUID")
 
 
+def sfdisk(disk: Path, script: str) -> Path:
+    """The partition table of the sfdisk *script* written on the image *disk*."""
+    done = subprocess.run(
+        [require_tool("sfdisk", "fdisk"), "-q", str(disk)],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return disk
+
+
 def make_disk(tmp_path: Path, label: str, script: str, images: list[Path], size: int) -> Path:
     """A disk of *size* with the partition table of the sfdisk *script* and *images*
     written into its partitions, in order."""
-    disk = blank(tmp_path / "disk.img", size)
-    done = subprocess.run(
-        [require_tool("sfdisk"), "-q", str(disk)], input=script, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    disk = sfdisk(blank(tmp_path / "disk.img", size), script)
     table = json.loads(run([require_tool("sfdisk"), "-J", str(disk)]).stdout)["partitiontable"]
     parts = [p for p in table["partitions"] if p["type"] not in ("5", "f")]
     assert len(parts) == len(images), label
@@ -199,3 +214,118 @@ def _lv_text(lvs: list[Lv]) -> str:
         out += [f"\t\t\tsegment{i} {{ {s} }}\n" for i, s in enumerate(segments, 1)]
         out.append("\t\t}\n")
     return "".join(out) + "\t}\n"
+
+
+def data_extents(path: Path) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each run of *path* that holds data, as the file system says
+    (``SEEK_DATA``/``SEEK_HOLE``): a sparse image's holes are never read."""
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < end:
+            try:
+                offset = os.lseek(f.fileno(), offset, os.SEEK_DATA)
+            except OSError as error:  # ENXIO: no data after offset
+                if error.errno == errno.ENXIO:
+                    return
+                raise
+            hole = os.lseek(f.fileno(), offset, os.SEEK_HOLE)
+            yield offset, hole - offset
+            offset = hole
+
+
+def write_through_guest(host: HostClient, vm: str, disk: int, image: Path, at: int = 0) -> int:
+    """The data of *image* written at byte *at* of disk *disk* of the running VM *vm*
+    through its guest's NBD socket, as the guest itself would write it (in 4 MiB pieces,
+    only the image's data extents: its holes stay the disk's zeros), then flushed; the
+    bytes written."""
+    written = 0
+    with guest(host, vm, disk) as target, open(image, "rb") as f:
+        for offset, length in data_extents(image):
+            for piece in range(offset, offset + length, 4 * MiB):
+                data = os.pread(f.fileno(), min(4 * MiB, offset + length - piece), piece)
+                target.write(at + piece, data)
+                written += len(data)
+        target.flush()
+    return written
+
+
+def partitions(disk: Path) -> dict[int, dict[str, Any]]:
+    """The partitions of the disk image *disk* as ``sfdisk -J`` reads them (MBR or GPT;
+    ``start`` and ``size`` in sectors) by their numbers, an MBR's extended partition left
+    out."""
+    table = json.loads(run([require_tool("sfdisk", "fdisk"), "-J", str(disk)]).stdout)["partitiontable"]
+    assert table["sectorsize"] == 512, table
+    found = {int(p["node"][len(str(disk)) :]): p for p in table["partitions"]}
+    return {n: p for n, p in found.items() if table["label"] == "gpt" or p["type"] not in ("5", "f", "85")}
+
+
+def xfs_from_proto(path: Path, size: int, label: str, tree: Path, left_out: tuple[str, ...] = ()) -> Path:
+    """An XFS image of *size* made by ``mkfs.xfs -p`` from a protofile describing *tree*
+    but the paths *left_out* (relative to it), written here from ``os.lstat``: types,
+    modes, owners, file contents, link targets. mkfs.xfs reads each file whole into memory.
+    What a protofile cannot say is lost: mtimes (every inode gets the time of mkfs), a
+    hard link (each name a file of its own), holes (a sparse file is written whole);
+    its tokens are split at white space and ``:`` starts a comment, so *tree*'s names
+    and link targets hold neither (checked)."""
+    lines = ["agentless-test-proto", "0 0", f"{_proto_mode(os.lstat(tree))} {_owner(tree)}"]
+
+    def walk(directory: Path) -> None:
+        for entry in sorted(directory.iterdir()):
+            if str(entry.relative_to(tree)) in left_out:
+                continue
+            st = os.lstat(entry)
+            if stat.S_ISDIR(st.st_mode):
+                lines.append(_proto_line(entry.name, _proto_mode(st), _owner(entry)))
+                walk(entry)
+                lines.append("$")
+            elif stat.S_ISLNK(st.st_mode):
+                lines.append(_proto_line(entry.name, _proto_mode(st), _owner(entry), os.readlink(entry)))
+            elif stat.S_ISREG(st.st_mode):
+                lines.append(_proto_line(entry.name, _proto_mode(st), _owner(entry), str(entry)))
+            else:
+                raise ValueError(f"{entry}: only directories, files and symlinks go into the protofile")
+
+    walk(tree)
+    lines += ["$", "$"]
+    proto = path.with_suffix(".proto")
+    proto.write_text("\n".join(lines) + "\n")
+    blank(path, size)
+    done = subprocess.run(
+        [require_tool("mkfs.xfs", "xfsprogs"), "-q", "-L", label, "-p", str(proto), str(path)],
+        env=XFS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def _proto_line(name: str, mode: str, owner: str, content: str = "") -> str:
+    for token in (name, content):
+        assert not re.search(r"[\s:$]", token), f"a protofile cannot hold {token!r}"
+    return f"{name} {mode} {owner} {content}".rstrip()
+
+
+def _proto_mode(st: os.stat_result) -> str:
+    kind = {stat.S_IFDIR: "d", stat.S_IFREG: "-", stat.S_IFLNK: "l"}[stat.S_IFMT(st.st_mode)]
+    setuid = "u" if st.st_mode & stat.S_ISUID else "-"
+    setgid = "g" if st.st_mode & stat.S_ISGID else "-"
+    return f"{kind}{setuid}{setgid}{stat.S_IMODE(st.st_mode) & 0o777:03o}"
+
+
+def _owner(path: Path) -> str:
+    st = os.lstat(path)
+    return f"{st.st_uid} {st.st_gid}"
+
+
+def ntfs_with_files(path: Path, size: int, label: str, files: list[Path]) -> Path:
+    """An NTFS image of *size* made by ``mkntfs``, *files* copied into its root directory
+    by ``ntfscp -t`` (their mtimes kept). The ntfs-3g tools have no program that makes a
+    directory without mounting the volume (FUSE), so everything is in the root."""
+    blank(path, size)
+    run([require_tool("mkntfs", "ntfs-3g"), "-q", "-F", "-Q", "-L", label, str(path)])
+    for source in files:
+        run([require_tool("ntfscp", "ntfs-3g"), "-q", "-t", str(path), str(source), f"/{source.name}"])
+    return path
