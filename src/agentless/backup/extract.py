@@ -178,7 +178,9 @@ class Extraction:
                     self.progress(self.written, self.size)
 
             try:
-                size = self.worker.call("read", on_bytes=write, partition=self.partition, path=entry["path"])
+                size = self.worker.call(
+                    "read", on_bytes=write, partition=self.partition, path=entry["path"], inode=entry["inode"]
+                )
             except BaseException:  # a file that could not be read whole is not left half written
                 os.unlink(name, dir_fd=parent)
                 raise

@@ -77,8 +77,9 @@ class Session:
     def run(self, op: str, args: dict[str, Any], emit: Callable[[list[Any] | bytes], None]) -> Any:
         """``probe`` (no arguments); ``list`` (``partition``, ``path``, ``recursive``:
         entries sent to *emit* in batches, their count answered); ``stat`` (``partition``,
-        ``path``: the entry described); ``read`` (``partition``, ``path``: the file's
-        bytes sent to *emit*, its size answered)."""
+        ``path``: the entry described); ``read`` (``partition``, ``path``, optionally the
+        ``inode`` a listing gave for it: the file's bytes sent to *emit*, its size
+        answered)."""
         if op == "probe":
             return probe(self.disk, self.size)
         if op not in ("list", "read", "stat"):
@@ -87,7 +88,8 @@ class Session:
         if op == "stat":
             return stat_entry(opened, str(args["path"]))
         if op == "read":
-            return read_file(opened, str(args["path"]), emit)
+            inode = args.get("inode")
+            return read_file(opened, str(args["path"]), emit, None if inode is None else int(inode))
         return list_entries(opened, str(args["path"]), bool(args.get("recursive")), emit)
 
     def _volume(self, partition: Any) -> Volume:

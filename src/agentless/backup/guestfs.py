@@ -86,6 +86,7 @@ class _Family:
     made for one opened volume over *volume_file*."""
 
     module: Any
+    separator = "/"  # between the components of a path given to the parser's lookup
 
     def __init__(self, volume_file: RangeFile):
         self.volume_file = volume_file
@@ -95,6 +96,12 @@ class _Family:
         return entry.name  # type: ignore[no-any-return]
 
     def is_dir(self, entry: Any) -> bool:
+        raise NotImplementedError
+
+    def by_inode(self, parsed: Any, inode: int) -> Any:
+        """The entry whose ``inode`` (as :meth:`describe` gives it) is *inode*: a direct
+        lookup, where a path is a scan of each directory on the way (1.6 ms for a name in
+        a directory of 10 000 on ext4, 0.01 ms by inode)."""
         raise NotImplementedError
 
     def key(self, entry: Any) -> int:
@@ -116,6 +123,9 @@ class _Family:
 
 class _Unix(_Family):
     """ext2/3/4 and XFS: POSIX modes, owners, links, inodes."""
+
+    def by_inode(self, parsed: Any, inode: int) -> Any:
+        return parsed.get_file_entry_by_inode(inode)
 
     def is_dir(self, entry: Any) -> bool:
         return stat.S_ISDIR(entry.file_mode)
@@ -154,6 +164,10 @@ class _Ntfs(_Family):
     (``$MFT``, …) in the root, which are not the guest's files."""
 
     module = pyfsntfs
+    separator = "\\"
+
+    def by_inode(self, parsed: Any, inode: int) -> Any:
+        return parsed.get_file_entry(inode)  # the MFT entry's index
 
     def is_dir(self, entry: Any) -> bool:
         # the root's attribute flags may lack the directory bit: its index tells
@@ -184,6 +198,10 @@ class _Fat(_Family):
     no directory entry: no attributes, identifier 0, mtime ``None``."""
 
     module = pyfsfat
+    separator = "\\"
+
+    def by_inode(self, parsed: Any, inode: int) -> Any:
+        return parsed.get_file_entry_by_identifier(inode)
 
     def name(self, entry: Any) -> str | None:
         try:
@@ -303,14 +321,16 @@ def _parts(path: str) -> list[str]:
 
 
 def find(volume: Volume, path: str) -> Any:
-    """The entry at *path* (``/``-separated, from the volume's root)."""
+    """The entry at *path* (``/``-separated, from the volume's root): looked up by the
+    parser's own path lookup (an index or a pass in C: extracting a directory of 10 000
+    files looks up 10 000 paths), the entry's name then checked to be the last component
+    (FAT's and NTFS's lookups ignore case); else walked here, component by component,
+    which also names the first one missing."""
     parts = _parts(path)
-    if parts and isinstance(volume.family, (_Ext, _Xfs)):
-        # libfsext (20260821) and libfsxfs (20260901) fail every get_sub_file_entry_by_name,
-        # so _child would scan each directory in Python: extracting 10 000 files of one
-        # directory took minutes. Their lookup by path works; a miss walks for the message.
+    separator = volume.family.separator
+    if parts:
         with contextlib.suppress(OSError):
-            found = volume.parsed.get_file_entry_by_path(_absolute(path))
+            found = volume.parsed.get_file_entry_by_path(separator + separator.join(parts))
             if found is not None and volume.family.name(found) == parts[-1]:
                 return found
     entry = volume.parsed.get_root_directory()
@@ -325,16 +345,9 @@ def find(volume: Volume, path: str) -> Any:
 
 
 def _child(volume: Volume, directory: Any, name: str) -> Any:
-    """The entry *name* of *directory*, or None: looked up by the parser where it can
-    (ext, XFS, FAT: an index or one pass in C – a scan here would make extracting the
-    10 000 files of a directory 10^8 name comparisons), the match then checked to be
-    exact (FAT's lookup ignores case); else, or when that finds nothing, a scan."""
-    lookup = getattr(directory, "get_sub_file_entry_by_name", None)
-    if lookup is not None:
-        with contextlib.suppress(OSError):
-            child = lookup(name)
-            if child is not None and volume.family.name(child) == name:
-                return child
+    """The entry *name* of *directory*, or None, by a scan of its entries. (The
+    bindings' ``get_sub_file_entry_by_name`` is not used: libfsext 20260821 and libfsxfs
+    20260901 fail it for every name, "invalid inode".)"""
     found = (e for e in _entries(volume.family, directory, "") if not isinstance(e, dict) and e[1] == name)
     return next((entry for entry, _name in found), None)
 
@@ -425,10 +438,16 @@ def stat_entry(volume: Volume, path: str) -> dict[str, Any]:
     return volume.family.describe(find(volume, path), _absolute(path))
 
 
-def read_file(volume: Volume, path: str, emit: Callable[[bytes], None]) -> int:
-    """Send the content of the regular file at *path* to *emit*, :data:`PIECE` bytes at
-    a time; its size."""
-    entry = find(volume, path)
+def read_file(volume: Volume, path: str, emit: Callable[[bytes], None], inode: int | None = None) -> int:
+    """Send the content of the regular file at *path* – or, when given, of the entry
+    *inode* that a listing gave for it (found directly, not by path) – to *emit*,
+    :data:`PIECE` bytes at a time; its size."""
+    entry = None
+    if inode is not None:
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            entry = volume.family.by_inode(volume.parsed, inode)
+    if entry is None:
+        entry = find(volume, path)
     described = volume.family.describe(entry, _absolute(path))
     if described["type"] != "file":
         raise GuestFsError(f"{path}: a {described['type']}, not a file")
