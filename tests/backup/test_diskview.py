@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import random
 import threading
 import zipfile
@@ -338,3 +339,51 @@ def test_a_parser_of_file_objects_reads_through_it(tmp_path: Path) -> None:
         assert {name: reading.read(name) for name in members} == members
         assert reading.testzip() is None
         assert view.fetched < len(image)  # the zeros member's whole chunks are holes
+
+
+def test_sequential_reads_are_read_ahead_and_come_back_equal(tmp_path: Path) -> None:
+    """A file's data read through in 1 MiB pieces: from the second piece on, the next
+    FETCH_BYTES are fetched ahead in a thread; every piece equals the image, and no
+    chunk is asked of the repository twice. Reads here and there start none."""
+    chunks = 3 * FETCH_BYTES // CHUNK + 5
+    image = bytes(disk(11, chunks))
+    repo = Repository.init(LocalBackend(tmp_path / "repo"))
+    point = repo.load_point(backup(repo, "vm", [image]).point)
+    source = CountingDisk(repo, point, 0)
+    piece = 1 << 20
+    with DiskView(source) as view:
+        for offset in range(0, len(image), piece):
+            assert view.read(piece) == image[offset : offset + piece], offset
+        assert view.ahead >= 2 and view.fetched == len(image)
+        asked = sorted(source.calls)
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(asked))  # no overlap
+        assert sum(n for _, n in asked) == len(image)
+    with DiskView(CountingDisk(repo, point, 0)) as view:
+        for offset in random.Random(5).sample(range(0, len(image) - piece, CHUNK), 8):
+            view.seek(offset)
+            assert view.read(piece) == image[offset : offset + piece]
+        assert view.ahead == 0
+
+
+def test_a_corrupted_chunk_read_ahead_fails_only_its_own_read(tmp_path: Path) -> None:
+    """A bad chunk inside the range read ahead: the reads before it, which took the
+    read-ahead, still succeed; the read of that chunk raises CorruptError."""
+    chunks = 3 * FETCH_BYTES // CHUNK
+    image = bytes(disk(12, chunks))
+    repo = Repository.init(LocalBackend(tmp_path / "repo"))
+    point = repo.load_point(backup(repo, "vm", [image]).point)
+    # read-aheads start at chunk 32 (after the second MiB), then 160 – taken by the read
+    # at 10 MiB, six reads before the one of the bad chunk
+    bad = 160 + 100
+    (where,) = repo.index().locate([PointDisk(repo, point, 0).index.get(bad)])
+    assert where is not None
+    pack = tmp_path / "repo" / where.pack
+    data = bytearray(pack.read_bytes())
+    data[where.offset + where.length // 2] ^= 0x01
+    pack.write_bytes(bytes(data))
+    piece = 1 << 20
+    with DiskView(PointDisk(Repository.open(LocalBackend(tmp_path / "repo")), point, 0)) as view:
+        for offset in range(0, bad * CHUNK // piece * piece, piece):
+            assert view.read(piece) == image[offset : offset + piece], offset
+        with pytest.raises(CorruptError):
+            view.read(piece)

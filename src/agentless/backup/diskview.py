@@ -13,10 +13,11 @@ second look at a block costs no request and no decryption.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import io
 import operator
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -31,6 +32,15 @@ __all__ = ["CACHE_BYTES", "FETCH_BYTES", "DiskView"]
 CACHE_BYTES = 32 << 20  # whole chunks held by one view, by default
 FETCH_BYTES = 8 << 20  # at most this much of the disk asked for in one PointDisk.readinto
 _HOLE_PAGES = 64  # hole maps of index pages held (4 KiB each: 256 MiB of disk per map)
+SEQUENTIAL = 256 << 10  # a read this long, where the last one ended, starts a read-ahead
+
+
+class _Ahead(NamedTuple):
+    """A read-ahead under way: *chunks* chunks from *first*, fetched by *future*."""
+
+    first: int
+    chunks: int
+    future: concurrent.futures.Future[bytearray]
 
 
 class DiskView(io.RawIOBase):
@@ -64,9 +74,19 @@ class DiskView(io.RawIOBase):
         chunk 2: a hole        -> zeros: no request, nothing cached
         chunk 3: neither       -> fetched, checked, copied, cached     (a miss)
 
+    Read-ahead: a read of :data:`SEQUENTIAL` bytes or more that starts where the last
+    one ended (a file's data being read through) starts the fetch of the next
+    :data:`FETCH_BYTES` in a thread of the view's own, so that fetching, checking and
+    decrypting them overlaps with whatever the caller does with this read; the next
+    read that needs them waits for that fetch and takes its chunks into the cache. One
+    read-ahead at most is under way; one the reads do not come to is dropped. Its
+    chunks are checked as any others; one that fails its check fails only a read of
+    that chunk, never a read that merely took the read-ahead.
+
     Counters (for tests and benchmarks): :attr:`fetched` bytes of chunks fetched from
-    the repository, :attr:`hits` and :attr:`misses` in chunks (holes are neither),
-    :attr:`cached` bytes held now.
+    the repository (read-ahead included, once taken), :attr:`hits` and :attr:`misses`
+    in chunks (holes are neither; a chunk read ahead is a hit), :attr:`cached` bytes
+    held now, :attr:`ahead` read-aheads taken.
 
     Threads: every call runs under the view's lock, so one view may be shared without
     corrupting its cache or counters – but the position is shared too, so a ``seek``
@@ -90,6 +110,10 @@ class DiskView(io.RawIOBase):
         self._holes: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._zeros = memoryview(bytes(disk.chunk_size))
         self._lock = threading.Lock()
+        self.ahead = 0
+        self._last_end = -1
+        self._ahead: _Ahead | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def size(self) -> int:
@@ -178,6 +202,10 @@ class DiskView(io.RawIOBase):
             self._chunks.clear()
             self._holes.clear()
             self._cached = 0
+            self._ahead = None
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)  # nothing reads the disk after the view
+                self._pool = None
         super().close()
 
     def _check_open(self) -> None:
@@ -194,6 +222,7 @@ class DiskView(io.RawIOBase):
         if end <= start:
             return 0
         size = self.chunk_size
+        self._take_ahead(start // size, (end - 1) // size + 1)
 
         def place(chunk: int, content: memoryview) -> None:
             """Copy the part of *chunk* (*content*: from the chunk's start) that is read."""
@@ -224,8 +253,64 @@ class DiskView(io.RawIOBase):
                     self.misses += 1
                     self.fetched += len(content)
                     self._remember(chunk, content)
+        if start == self._last_end and end - start >= SEQUENTIAL:
+            self._read_ahead((end + size - 1) // size)
+        self._last_end = end
         self._position = end
         return end - start
+
+    def _read_ahead(self, first: int) -> None:
+        """Start fetching up to FETCH_BYTES of chunks from the first one not cached from
+        *first* on (unless one is under way, the disk ends, or the cache could not hold
+        them)."""
+        if self._ahead is not None or self.cache_bytes < FETCH_BYTES:
+            return
+        last = -(-self.size // self.chunk_size)
+        while first < last and first in self._chunks:  # what an earlier read-ahead brought
+            first += 1
+        count = min(FETCH_BYTES // self.chunk_size, last - first)
+        if count <= 0:
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="diskview-ahead")
+        offset, length = (
+            first * self.chunk_size,
+            min(count * self.chunk_size, self.size - first * self.chunk_size),
+        )
+
+        def fetch() -> bytearray:
+            span = bytearray(length)
+            self.disk.readinto(offset, memoryview(span))
+            return span
+
+        self._ahead = _Ahead(first, count, self._pool.submit(fetch))
+
+    def _take_ahead(self, first: int, end: int) -> None:
+        """The read-ahead's chunks into the cache when it covers any of chunks
+        ``[first, end)`` (waiting for it; if it failed, this read fetches its own chunks
+        and fails only when one of them is bad); kept when it lies just ahead of them;
+        dropped otherwise – the reader went elsewhere."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        if end <= ahead.first:  # not there yet: kept while the reader comes towards it
+            if (ahead.first - end) * self.chunk_size < FETCH_BYTES:
+                self._ahead = ahead
+            return
+        if ahead.first + ahead.chunks <= first:
+            return
+        try:
+            span = ahead.future.result()
+        except Exception:  # a chunk that failed its check: this read fetches its own chunks
+            return
+        self.ahead += 1
+        with memoryview(span) as fetched:
+            for n in range(ahead.chunks):
+                chunk = ahead.first + n
+                content = fetched[n * self.chunk_size : (n + 1) * self.chunk_size]
+                if content and chunk not in self._chunks and not self._hole(chunk):
+                    self.fetched += len(content)
+                    self._remember(chunk, content)
 
     def _spans(self, wanted: list[int], hits: set[int]) -> list[list[int]]:
         """The *wanted* chunks (ascending) in runs fetched at once: chunks with only holes
