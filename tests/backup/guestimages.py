@@ -329,3 +329,25 @@ def ntfs_with_files(path: Path, size: int, label: str, files: list[Path]) -> Pat
     for source in files:
         run([require_tool("ntfscp", "ntfs-3g"), "-q", "-t", str(path), str(source), f"/{source.name}"])
     return path
+
+
+def ntfs_from_tree(path: Path, size: int, tree: Path) -> Path:
+    """An NTFS image of *size* made by ``mkntfs`` and filled with *tree* – directories,
+    file bytes and mtimes – through ``ntfs-3g`` (FUSE) mounted on the image file; skips,
+    saying what is missing, without root, ``/dev/fuse`` or the tools."""
+    mkntfs, ntfs3g = require_tool("mkntfs", "ntfs-3g"), require_tool("ntfs-3g", "ntfs-3g")
+    if os.geteuid() != 0:
+        pytest.skip("filling an NTFS image through ntfs-3g (FUSE) needs root; run as root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing: ntfs-3g cannot mount the NTFS image")
+    blank(path, size)
+    run([mkntfs, "-q", "-F", "-Q", str(path)])
+    mountpoint = path.parent / f"{path.name}.mnt"
+    mountpoint.mkdir()
+    run([ntfs3g, str(path), str(mountpoint)])
+    try:
+        run(["cp", "-r", "--preserve=timestamps", f"{tree}/.", str(mountpoint)])
+    finally:
+        run(["umount", str(mountpoint)])
+        mountpoint.rmdir()
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agentless.backup.fsworker import FsWorker, FsWorkerError
-from tests.backup.guestimages import MiB, blank
+from tests.backup.guestimages import MiB, blank, ntfs_from_tree
 from tests.conftest import require_tool, run
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}
@@ -102,3 +102,37 @@ def test_a_directory_a_file_and_the_errors(ext4: tuple[Path, Path]) -> None:
         pytest.raises(FsWorkerError, match="no partition table: partition 2 does not exist"),
     ):
         worker.call("list", on_items=lambda _items: None, partition=2, path="/", recursive=False)
+
+
+def test_an_ntfs_tree_lists_and_reads_as_its_source(tmp_path: Path) -> None:
+    """An NTFS filled through ntfs-3g from a tree of nested directories: every entry's
+    type, size and mtime (NTFS keeps 100 ns) as ``os.lstat`` sees the source; a nested
+    file read by its path and by a path in another case (NTFS folds it, as Windows)."""
+    source = tmp_path / "tree"
+    deep = source.joinpath("Docs", "Année 2021", *[f"d{i}" for i in range(8)])
+    deep.mkdir(parents=True)
+    (deep / "report.txt").write_bytes(os.urandom(123_457))
+    (source / "Docs" / "Ünïcødé-文件.txt").write_text("unicode\n")
+    (source / "top.bin").write_bytes(os.urandom(2 * MiB + 1))
+    for i, path in enumerate(sorted(source.rglob("*"), reverse=True)):
+        os.utime(path, ns=(1_600_000_000_123_456_700 + i * 1_000_000_000,) * 2)
+    image = ntfs_from_tree(tmp_path / "ntfs.img", 64 * MiB, source)
+    count, entries, _batches = _list(image, "/", recursive=True)
+    listed = {e["path"]: e for e in entries}
+    expected = {"/" + str(p.relative_to(source)): os.lstat(p) for p in source.rglob("*")}
+    assert set(listed) == set(expected) and count == len(expected)
+    for path, st in expected.items():
+        entry = listed[path]
+        assert entry["type"] == KINDS[stat.S_IFMT(st.st_mode)], path
+        assert entry["mtime"] == st.st_mtime_ns, path
+        if entry["type"] == "file":
+            assert entry["size"] == st.st_size, path
+        assert entry["mode"] is None and entry["uid"] is None, path
+    nested = "/" + str((deep / "report.txt").relative_to(source))
+    with open(image, "rb") as f, FsWorker(f, image.stat().st_size) as worker:
+        for asked in (nested, nested.upper()):
+            pieces: list[bytes] = []
+            size = worker.call("read", on_bytes=pieces.append, partition=0, path=asked)
+            assert size == 123_457 and b"".join(pieces) == (deep / "report.txt").read_bytes(), asked
+        with pytest.raises(FsWorkerError, match="/Docs/nope: no such file or directory"):
+            worker.call("stat", partition=0, path="/Docs/nope/x")

@@ -87,6 +87,7 @@ class _Family:
 
     module: Any
     separator = "/"  # between the components of a path given to the parser's lookup
+    folds_case = False  # whether names match regardless of case (NTFS, FAT: as Windows)
 
     def __init__(self, volume_file: RangeFile):
         self.volume_file = volume_file
@@ -165,6 +166,7 @@ class _Ntfs(_Family):
 
     module = pyfsntfs
     separator = "\\"
+    folds_case = True
 
     def by_inode(self, parsed: Any, inode: int) -> Any:
         return parsed.get_file_entry(inode)  # the MFT entry's index
@@ -199,6 +201,7 @@ class _Fat(_Family):
 
     module = pyfsfat
     separator = "\\"
+    folds_case = True
 
     def by_inode(self, parsed: Any, inode: int) -> Any:
         return parsed.get_file_entry_by_identifier(inode)
@@ -322,16 +325,16 @@ def _parts(path: str) -> list[str]:
 
 def find(volume: Volume, path: str) -> Any:
     """The entry at *path* (``/``-separated, from the volume's root): looked up by the
-    parser's own path lookup (an index or a pass in C: extracting a directory of 10 000
-    files looks up 10 000 paths), the entry's name then checked to be the last component
-    (FAT's and NTFS's lookups ignore case); else walked here, component by component,
-    which also names the first one missing."""
+    parser's own path lookup (one pass in C), the entry's name then checked to be the
+    last component – regardless of case on NTFS and FAT, whose lookups ignore it, as
+    Windows does; else walked here, component by component, which also names the first
+    one missing."""
     parts = _parts(path)
     separator = volume.family.separator
     if parts:
         with contextlib.suppress(OSError):
             found = volume.parsed.get_file_entry_by_path(separator + separator.join(parts))
-            if found is not None and volume.family.name(found) == parts[-1]:
+            if found is not None and _same(volume.family, volume.family.name(found), parts[-1]):
                 return found
     entry = volume.parsed.get_root_directory()
     walked = ""
@@ -348,8 +351,18 @@ def _child(volume: Volume, directory: Any, name: str) -> Any:
     """The entry *name* of *directory*, or None, by a scan of its entries. (The
     bindings' ``get_sub_file_entry_by_name`` is not used: libfsext 20260821 and libfsxfs
     20260901 fail it for every name, "invalid inode".)"""
-    found = (e for e in _entries(volume.family, directory, "") if not isinstance(e, dict) and e[1] == name)
+    entries = _entries(volume.family, directory, "")
+    found = (e for e in entries if not isinstance(e, dict) and _same(volume.family, e[1], name))
     return next((entry for entry, _name in found), None)
+
+
+def _same(family: _Family, name: str | None, wanted: str) -> bool:
+    """Whether the entry *name* is the path component *wanted*: equal, or equal but for
+    case on a file system that folds it (the parser's own lookup does, on NTFS and FAT,
+    for every component but the last: this makes the last one agree)."""
+    if name is None:
+        return False
+    return name.casefold() == wanted.casefold() if family.folds_case else name == wanted
 
 
 def unreadable(path: str, problem: str) -> dict[str, Any]:
