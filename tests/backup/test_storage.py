@@ -32,7 +32,7 @@ from agentless.backup.storage import (
 )
 from tests.backup.conftest import S3Server
 from tests.helpers import refused_port
-from tests.s3server import SeaweedS3
+from tests.s3server import S3_CREDENTIALS
 
 MiB = 1 << 20
 
@@ -467,28 +467,36 @@ def test_s3_an_answer_of_200_with_an_error_or_cut_short_is_retried(
 
 
 def test_s3_missing_bucket_is_not_not_found(s3_server: S3Server) -> None:
+    """Reading or listing a missing bucket is ``NoSuchBucket``: one line that says so,
+    never NotFound, never retried. A put there is refused too: AWS answers NoSuchBucket,
+    SeaweedFS ``AccessDenied`` to keys without its Admin action (with it, it would make
+    the bucket) – either way not retried and not NotFound."""
     with S3Backend("no-such-bucket-here", "repo", **s3_server.options()) as backend:
-        calls = (lambda: backend.get("config"), lambda: list(backend.list()), lambda: backend.put("c", b""))
-        for call in calls:
-            with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist") as caught:
+        reads = (lambda: backend.get("config"), lambda: list(backend.list()))
+        for call in (*reads, lambda: backend.put("c", b"")):
+            with pytest.raises(StorageError) as caught:
                 call()
             assert not isinstance(caught.value, NotFound)
             assert not caught.value.retryable  # waiting does not make a bucket
+            assert "\n" not in str(caught.value)
+            if call in reads:
+                assert "bucket 'no-such-bucket-here' does not exist" in str(caught.value)
+    assert "no-such-bucket-here" not in [b["Name"] for b in s3_server.client.list_buckets()["Buckets"]]
 
 
-def test_s3_refusals_are_not_retried_but_an_outage_is(seaweed_s3: SeaweedS3) -> None:
+def test_s3_refusals_are_not_retried_but_an_outage_is(s3_server: S3Server) -> None:
     """A 4xx answer (bad credentials here) stays what it is: open_backend's retries give
     it up at once. An unreachable server is retried for the window, then one line says
     for how long (VMBACKUP_STORAGE_RETRY)."""
-    bucket = seaweed_s3.create_bucket()
-    wrong = seaweed_s3.options() | {"secret_access_key": "wrong"}
+    bucket = s3_server.create_bucket()
+    wrong = s3_server.options() | {"secret_access_key": "wrong"}
     with open_backend(f"s3://{bucket}/repo", **wrong) as backend:
         with pytest.raises(StorageError) as caught:
             backend.put("config", b"c")
         assert not caught.value.retryable and "tried" not in str(caught.value)
     with refused_port() as port, pytest.MonkeyPatch.context() as patch:
         patch.setenv("VMBACKUP_STORAGE_RETRY", "2")
-        options = seaweed_s3.options(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
+        options = s3_server.options(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
         with open_backend(f"s3://{bucket}/repo", **options) as backend:
             assert isinstance(backend, RetryBackend) and backend.window == 2
             with pytest.raises(StorageError) as caught:
@@ -519,8 +527,8 @@ def test_s3_unreachable_endpoint_is_one_line() -> None:
 def test_s3_configured_from_environment(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = s3_server.create_bucket()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["access_key_id"])  # checked: a real server
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["secret_access_key"])
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     with open_backend(f"s3://{bucket}/some/prefix/") as backend:
