@@ -23,9 +23,17 @@ from agentless.backup.keys import Keys
 from agentless.backup.locks import LockedError
 from agentless.backup.packs import BlobLocation, PackBuilder
 from agentless.backup.repository import CONDEMNED_KIND, Repository
-from agentless.backup.storage import Backend, FailingBackend, LocalBackend, MemoryBackend, SimulatedCrash
+from agentless.backup.storage import (
+    Backend,
+    FailingBackend,
+    LocalBackend,
+    MemoryBackend,
+    S3Backend,
+    SimulatedCrash,
+)
 from agentless.backup.verify import verify
 from tests.backup.building import Backup, backup, changed, chunk_ids, disk, reopen, restore
+from tests.backup.conftest import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,9 +132,18 @@ def test_gc_and_verify_take_the_packs_sizes_from_one_listing(scene: Scene) -> No
     assert checked.ok and checked.blobs > 0, checked.problems
 
 
-@pytest.mark.parametrize("kind", ["memory", "local"])
-def test_with_no_other_lock_one_run_frees_everything_unused(kind: str, tmp_path: Path) -> None:
-    backend: Backend = MemoryBackend() if kind == "memory" else LocalBackend(tmp_path / "repo")
+@pytest.mark.parametrize("kind", ["memory", "local", "s3"])
+def test_with_no_other_lock_one_run_frees_everything_unused(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Also on S3 (SeaweedFS: ``s3_server``), whose deletes and listings gc relies on."""
+    backend: Backend
+    if kind == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        backend = S3Backend(server.create_bucket(), "repo", **server.options())
+        request.addfinalizer(backend.close)
+    else:
+        backend = MemoryBackend() if kind == "memory" else LocalBackend(tmp_path / "repo")
     scene = build(backend)
     (b_pack,) = scene.b1.packs
     size = backend.size(b_pack)
