@@ -8,7 +8,7 @@ One ``weed server`` process runs a master, a volume server, a filer and the S3 g
 free loopback ports, with its data in a directory; :meth:`SeaweedS3.stop` (SIGKILL: a
 crash, or SIGTERM) and :meth:`SeaweedS3.start` (same ports, same data) make an outage.
 The ``seaweed_s3`` fixture is one such server per test session (per xdist worker: it
-starts in ~2-5 s); a test that stops it starts it again before it ends.
+starts in ~3.5 s on 2 cores); a test that stops it starts it again before it ends.
 
 It knows two identities: :data:`S3_CREDENTIALS`, what the backend and ``vmbackup`` are
 given (read, write, list: a backup's keys), and :data:`ADMIN_CREDENTIALS`, the fixture's
