@@ -184,8 +184,10 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _stream(worker: FsWorker, partition: int | str, path: str, progress: OnWritten | None) -> None:
-    """The regular file *path* to standard output."""
-    size = int(worker.call("stat", partition=partition, path=path)["size"])
+    """The regular file *path* to standard output (read by the inode its ``stat`` gave:
+    the path is looked up once)."""
+    found = worker.call("stat", partition=partition, path=path)
+    size = int(found["size"])
     out = sys.stdout.buffer
     written = 0
 
@@ -196,7 +198,7 @@ def _stream(worker: FsWorker, partition: int | str, path: str, progress: OnWritt
         if progress is not None:
             progress(written, size)
 
-    worker.call("read", on_bytes=write, partition=partition, path=path)
+    worker.call("read", on_bytes=write, partition=partition, path=path, inode=found["inode"])
     out.flush()
 
 
