@@ -35,6 +35,7 @@ Ports: a daemon the tests start picks its own port (``--port 0``, ``--listen
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import time
@@ -89,12 +90,21 @@ def refused_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
-def listening(port: int) -> set[str]:
-    """The IPv4 addresses on which a TCP socket of this machine listens on *port*."""
+def listening(port: int, pid: int) -> set[str]:
+    """The IPv4 addresses on which process *pid* listens on TCP *port*. Only its own
+    sockets count (their inodes among its descriptors): another process of a parallel
+    test may listen on the same port number at another address (the kernel gives port 0
+    a number free for the address asked, not for every address)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
     found = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         address, hex_port = fields[1].split(":")
-        if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+        if fields[3] == "0A" and int(hex_port, 16) == port and fields[9] in inodes:  # 0A: LISTEN
             found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
     return found

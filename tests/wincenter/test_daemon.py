@@ -25,7 +25,7 @@ def _serve(directory: str, *extra: str) -> str:
         line = proc.stdout.readline()
         assert "API https://" in line, line + (proc.stderr.read() if proc.stderr else "")
         named, port = line.split("https://")[1].split("/")[0].rsplit(":", 1)
-        addresses = listening(int(port))
+        addresses = listening(int(port), proc.pid)
     finally:
         proc.terminate()
         _out, errors = proc.communicate(timeout=30)

@@ -58,7 +58,7 @@ def _serve(directory: str, *extra: str) -> tuple[str, str]:
         assert "NBD with TLS" in line, line + (proc.stderr.read() if proc.stderr else "")
         bound = Daemon(directory, "", "")
         bound.heard(line)  # the ports it picked (init gave 0)
-        sockets = {port: listening(port) for port in (bound.api_port, bound.nbd_port)}
+        sockets = {port: listening(port, proc.pid) for port in (bound.api_port, bound.nbd_port)}
     finally:
         proc.terminate()
         _out, errors = proc.communicate(timeout=30)
@@ -110,7 +110,7 @@ def test_ports_0_are_picked_at_each_start_and_named_where_clients_read_them(tmp_
             with HostClient(host.api_url, host.token, host.cert_pem) as client:
                 answered = client.host()
             assert (answered.api_port, answered.nbd_port) == (host.api_port, host.nbd_port)
-            assert listening(host.nbd_port) == {"127.0.0.1"}
+            assert listening(host.nbd_port, proc.pid) == {"127.0.0.1"}
         finally:
             proc.terminate()
             assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
