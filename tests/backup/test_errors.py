@@ -5,7 +5,6 @@ every error of the tree reported by the CLI in one line, a cancel not counted as
 from __future__ import annotations
 
 import concurrent.futures
-import types
 from typing import Any
 
 import pytest
@@ -37,7 +36,6 @@ from agentless.backup.errors import (
     WrongPassword,
 )
 from agentless.backup.policies import Outcome, RunState
-from agentless.backup.scheduler import Runner
 
 
 def test_one_base_and_the_right_parents() -> None:
@@ -73,7 +71,7 @@ def test_the_cli_reports_every_error_of_the_tree_in_one_line(module: Any) -> Non
 
 def test_states_are_the_strings_stored() -> None:
     assert [str(s) for s in RunState] == ["running", "succeeded", "failed", "interrupted"]
-    assert [str(o) for o in Outcome] == ["succeeded", "failed", "cancelled"]
+    assert [str(o) for o in Outcome] == ["queued", "running", "succeeded", "failed", "cancelled"]
     assert RunState.SUCCEEDED == "succeeded" and f"{Outcome.FAILED}" == "failed"
 
 
@@ -86,28 +84,3 @@ def test_a_disk_stopped_by_another_disk_does_not_hide_that_disks_error() -> None
     failed.set_exception(BackupError("disk 1: connection lost"))
     with pytest.raises(BackupError, match="connection lost"):
         backupjob._first_error([stopped, failed])
-
-
-def test_a_cancelled_backup_is_not_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scheduler stopping cancels the VM backups that run: each VM's outcome is
-    ``cancelled`` (no retry), not ``failed``."""
-    runs: list[str] = []
-
-    class Job:
-        def __init__(self, *args: object, **kwargs: object):
-            pass
-
-        def run(self) -> None:
-            runs.append("run")
-            raise Cancelled("web: cancelled")
-
-        def cancel(self) -> None:
-            pass
-
-    monkeypatch.setattr("agentless.backup.scheduler.VmBackup", Job)
-    runner = Runner(state=None, center=lambda: None)  # type: ignore[arg-type]
-    policy = types.SimpleNamespace(name="p", type="full", full_every=0, offline=False)
-    vm = types.SimpleNamespace(name="web", id="vm-1", host="h")
-    note = types.SimpleNamespace(halted=lambda vm_id, down: None)
-    outcome = runner._one(None, None, policy, vm, note)  # type: ignore[arg-type]
-    assert (outcome.outcome, outcome.error, runs) == (Outcome.CANCELLED, "web: cancelled", ["run"])

@@ -4,8 +4,11 @@ deleted what they would name. Time is a fake clock moved by hand."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -129,3 +132,28 @@ def test_a_backup_that_stalls_past_the_stale_limit_saves_nothing(
         assert "ready" not in ended  # the stalled one was aborted in WinCenter
     with site.host_client() as host:
         assert all(g.revoked for g in host.list_grants())
+
+
+def test_a_lock_is_checked_by_its_pid_only_on_its_own_machine() -> None:
+    """Three locks of processes whose pid is gone, all under this host's name: the one of
+    this machine is dead at once; one of another machine with the same host name (a
+    container, a clone) and one written before machines were recorded stay alive until
+    stale."""
+    backend = MemoryBackend()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    now = time.time()
+    base = {"kind": "shared", "purpose": "backup", "host": socket.gethostname(), "pid": ended.pid}
+    for name, machine in [("here", locks.machine()), ("twin", "another-boot/4026531836"), ("old", None)]:
+        document = base | {"started": now, "time": now} | ({"machine": machine} if machine else {})
+        backend.put(f"locks/{name}", json.dumps(document).encode())
+    assert [d["name"] for d in locks.dead_locks(backend, now)] == ["locks/here"]
+    assert sorted(d["name"] for d in active_locks(backend, now)) == ["locks/old", "locks/twin"]
+    assert sorted(d["name"] for d in locks.dead_locks(backend, now + STALE_SECONDS)) == [
+        "locks/here",
+        "locks/old",
+        "locks/twin",
+    ]
+    assert locks.owner_gone(f"{socket.gethostname()}:{ended.pid}@{locks.machine()}")
+    assert not locks.owner_gone(f"{socket.gethostname()}:{ended.pid}@another-boot/1")
+    assert locks.owner_gone(f"{socket.gethostname()}:{ended.pid}")  # as written before machines

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentless.backup import locks
 from agentless.backup.backupjob import VmBackup
+from agentless.backup.errors import Cancelled
 from agentless.backup.points import PointSummary
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
@@ -241,7 +242,7 @@ def test_a_failing_vm_is_retried_with_backoff_and_the_rest_carries_on(
     assert outcomes["stuck"]["error"] and outcomes["stuck"]["read"] == 0
     assert (outcomes["ghost"]["outcome"], outcomes["ghost"]["attempts"]) == ("failed", 3)
     assert "no VM 'ghost'" in outcomes["ghost"]["error"] and outcomes["ghost"]["vm_id"] is None
-    assert sorted(clock.sleeps) == [30.0, 30.0, 60.0, 60.0]
+    assert clock.sleeps == [30.0, 60.0]  # the worker waits once for both VMs' retries, due together
     with Repository.open(str(tmp_path / "repo")) as repository:
         assert len(_points(repository, "calm")) == 2  # no retention after a failed run
     assert len(webhook.received) == 1
@@ -437,13 +438,14 @@ def _ticked_since(url: str, when: datetime.datetime) -> bool:
 
 
 @pytest.mark.slow
-def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_nothing(
+def test_serve_killed_mid_backup_then_restarted_finishes_the_run_and_leaves_nothing(
     site: Site, tmp_path: Path
 ) -> None:
-    """``kill -9`` of ``vmbackup serve`` while it reads a VM's disk: on restart the run
-    is recorded interrupted, the slot runs again and succeeds, WinCenter's backup of
-    the dead process is aborted, the host keeps no live grant and only the new base
-    snapshot, and the repository verifies with one restore point."""
+    """``kill -9`` of ``vmbackup serve`` while it reads a VM's disk: on restart the new
+    worker takes the dead one's VM over at once (its process is gone) and the same run
+    succeeds, the VM's second attempt; WinCenter's backup of the dead process is aborted,
+    the host keeps no live grant and only the new base snapshot, and the repository
+    verifies with one restore point."""
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
     env["TZ"] = "UTC"
     env.pop("VMBACKUP_DATABASE", None)
@@ -463,7 +465,7 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
             repo=str(tmp_path / "repo"),
             now=datetime.datetime.now(UTC) - datetime.timedelta(minutes=40),
         )
-    daemon, _, _ = _serve(env)
+    daemon, _, said_first = _serve(env)
     try:
         with site.client() as center:
             vm_id = center.vm("big").id
@@ -482,19 +484,24 @@ def test_serve_killed_mid_backup_then_restarted_runs_the_slot_again_and_leaves_n
     daemon, _, said = _serve(env)
     try:
 
-        def rerun() -> list[dict[str, Any]] | None:
+        def ended() -> list[dict[str, Any]] | None:
             assert daemon.poll() is None, daemon.communicate()
             runs: list[dict[str, Any]] = _ok(vmbackup(env, "jobs", "--json"))["runs"]  # type: ignore[assignment]
-            return runs if runs[0]["state"] != "running" and len(runs) == 2 else None
+            return runs if runs[0]["state"] != "running" else None
 
-        runs = wait_until(rerun, 180, "the slot to run again after the restart", interval=0.3)
+        runs = wait_until(ended, 180, "the run to end after the restart", interval=0.3)
     finally:
         daemon.send_signal(signal.SIGTERM)
         _out, err = daemon.communicate(timeout=60)
     err = said + err
     assert daemon.returncode == 0, err
-    assert [r["state"] for r in runs] == ["succeeded", "interrupted"]
-    assert runs[0]["slot"] == runs[1]["slot"]
+    [run] = runs
+    assert run["state"] == "succeeded", run
+    [vm] = run["vms"]
+    assert (vm["outcome"], vm["attempts"]) == ("succeeded", 2), vm
+    first, second = (re.search(r"worker (\S+): serving", text) for text in (said_first, said))
+    assert first and second and first[1] != second[1]
+    assert vm["worker"] == second[1]  # the restarted daemon is another worker, which finished it
     with site.client() as center:
         backups = {b.backup_id: b.state for b in center.backups(vm_id).items}
     assert sorted(backups.values()) == ["aborted", "completed"], backups
@@ -534,3 +541,50 @@ def test_a_vm_whose_run_lost_its_lock_is_not_retried(
     monkeypatch.undo()
     with Repository.open(str(repo)) as repository:
         assert repository.points() == []
+
+
+@pytest.mark.parametrize("trigger", ["manual", "schedule"])
+def test_a_stop_mid_backup_is_not_a_failure(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trigger: str
+) -> None:
+    """The worker stops while a VM's backup runs (the backup then raises Cancelled, as
+    VmBackup does once WinCenter was told to abort): a one-off run ends ``interrupted``
+    with the VM ``cancelled`` – not failed, not retried; a scheduled run goes on for the
+    other workers, its VM queued again with the attempt not counted."""
+    _vms(site, "web")
+    Repository.init(str(tmp_path / "repo")).close()
+    runner: Runner | None = None
+    made: list[str] = []
+
+    class Job:
+        def __init__(self, *args: object, **kwargs: object):
+            pass
+
+        def run(self) -> None:
+            made.append("run")
+            assert runner is not None
+            runner.cancel()  # the stop arrives mid-backup
+            raise Cancelled("web: cancelled")
+
+        def cancel(self) -> None:
+            pass
+
+    monkeypatch.setattr("agentless.backup.scheduler.VmBackup", Job)
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        policy = state.create_policy("p", vms=["web"], schedule="@daily", repo=str(tmp_path / "repo"))
+        runner = Runner(state, site.client, limits=Limits(retries=2, retry_delay=0.0))
+        slot = datetime.datetime(2026, 12, 5, tzinfo=UTC) if trigger == "schedule" else None
+        run = runner.run(policy, trigger, slot)
+        runner.join(30)
+        assert run is not None
+        [vm] = state.run(run.id).vms
+        if trigger == "manual":
+            assert (run.state, vm.outcome, vm.attempts, vm.error) == (
+                "interrupted",
+                "cancelled",
+                1,
+                "web: cancelled",
+            )
+        else:
+            assert (run.state, vm.outcome, vm.attempts, vm.worker) == ("running", "queued", 0, None)
+        assert made == ["run"]

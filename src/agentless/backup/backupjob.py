@@ -149,6 +149,7 @@ class VmBackup:
         offline: bool = False,
         on_halted: Callable[[str, bool], None] | None = None,
         nbd_timeout: float = NBD_TIMEOUT,
+        before_save: Callable[[], None] | None = None,
     ):
         self.center = center
         self.repository = repository
@@ -162,6 +163,8 @@ class VmBackup:
         self.nbd_timeout = nbd_timeout
         self.on_progress = on_progress
         self.journal = journal  # (backup id, open?): what a cleanup after a crash must abort
+        # right before the restore point is saved; raises to save nothing (a worker's claim lost)
+        self.before_save = before_save
         self.size = 0
         self.done = 0
         self.reconnects = 0  # NBD connections made again after a loss (wddk)
@@ -373,6 +376,8 @@ class VmBackup:
             disks=disks,
             stats=stats,
         )
+        if self.before_save is not None:
+            self.before_save()
         point_id = self.repository.save_point(point)
         self._report(force=True)
         return BackupSummary(

@@ -2,7 +2,8 @@
 format) and ``/health`` over HTTP.
 
 The metrics are read from the state database at each scrape (plus what runs now), so
-they survive restarts and agree with ``vmbackup jobs``:
+they survive restarts and agree with ``vmbackup jobs``; with several workers sharing the
+database, the counters are the fleet's and the running backups this worker's:
 
 =============================================== ======= ==================================
 name                                            type    labels
@@ -20,6 +21,8 @@ name                                            type    labels
 ``vmbackup_running_runs``                       gauge
 ``vmbackup_running_backups``                    gauge
 ``vmbackup_scheduler_last_tick_timestamp_seconds`` gauge
+``vmbackup_worker_info``                        gauge   worker (this worker's name; 1)
+``vmbackup_workers_alive``                      gauge   (workers of the fleet alive)
 =============================================== ======= ==================================
 
 ``/health`` answers 200 and a JSON document while the scheduler ticks and the state
@@ -48,6 +51,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .claims import list_workers
 from .scheduler import Scheduler
 
 __all__ = ["MAX_BODY", "REQUEST_SECONDS", "Daemon"]
@@ -123,12 +127,21 @@ class _Metrics(Collector):
         yield GaugeMetricFamily(
             "vmbackup_running_backups", "VM backups in progress", value=self.scheduler.runner.running_backups
         )
+        worker = GaugeMetricFamily("vmbackup_worker_info", "This worker of the fleet", labels=["worker"])
+        worker.add_metric([self.scheduler.runner.name], 1.0)
+        yield worker
+        yield GaugeMetricFamily(
+            "vmbackup_workers_alive", "Workers of the fleet alive (this one included)", value=self._alive()
+        )
         tick = self.scheduler.last_tick
         yield GaugeMetricFamily(
             "vmbackup_scheduler_last_tick_timestamp_seconds",
             "When the scheduler last looked for due runs",
             value=tick.timestamp() if tick else 0.0,
         )
+
+    def _alive(self) -> int:
+        return sum(1 for worker in list_workers(self.scheduler.state) if worker.state == "alive")
 
 
 class Daemon:
@@ -205,6 +218,7 @@ class Daemon:
             problems.append("stopping")
         document = {
             "status": "failing" if problems else "ok",
+            "worker": self.scheduler.runner.name,
             "problems": problems,
             "policies": policies,
             "running": self.scheduler.running_runs,

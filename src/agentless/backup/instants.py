@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import datetime
 import enum
-import os
 import secrets
-import socket
 from collections.abc import Sequence
 
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .errors import InstantError
-from .locks import process_gone
+from .locks import owner_gone, process_owner
 from .policies import State, StateBase
 
 __all__ = [
@@ -47,7 +45,7 @@ __all__ = [
     "new_restore_id",
 ]
 
-OWNER = f"{socket.gethostname()}:{os.getpid()}"
+OWNER = process_owner()
 
 
 class Phase(enum.StrEnum):
@@ -85,7 +83,7 @@ def export_name() -> str:
 
 class InstantRestore(StateBase):
     """One instant restore. ``id`` is WinCenter's restore id too; ``repo``, ``point``:
-    what is served; ``owner``: the daemon (``host:pid``) serving it; ``uri``/``cert``:
+    what is served; ``owner``: the daemon (``host:pid@machine``) serving it; ``uri``/``cert``:
     where, and the certificate hosts pin; ``center_state``, ``vm``, ``copied``,
     ``total``, ``rate``: WinCenter's restore as the daemon last read it; ``outcome``:
     why it ended (``completed``, ``aborted``, ``failed`` – WinCenter's word –, or
@@ -203,7 +201,7 @@ class Instant:
                 )
             ).all()
             for restore_id, state, was in rows:
-                if state != Phase.REQUESTED and (was == owner or not _gone(was)):
+                if state != Phase.REQUESTED and (was == owner or not owner_gone(was)):
                     continue
                 done = session.execute(
                     update(InstantRestore)
@@ -293,8 +291,3 @@ class Instant:
                     (InstantRestore.state != Phase.ENDED) | (InstantRestore.ended >= utcnow() - ended_within)
                 )
             return list(session.scalars(query))
-
-
-def _gone(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    return process_gone(host, pid)

@@ -7,9 +7,10 @@ Kinds and what they exclude::
                 it only deletes what no backup that was running could still use)
     exclusive   excludes every other lock (repository maintenance)
 
-A lock records its host, process, purpose and the time it was taken (``started``) and
-last refreshed (``time``); one not refreshed for :data:`STALE_SECONDS`, or taken on this
-host by a process that no longer exists, belongs to a dead process and is ignored
+A lock records its host, machine, process, purpose and the time it was taken
+(``started``) and last refreshed (``time``); one not refreshed for :data:`STALE_SECONDS`,
+or taken on this machine by a process that no longer exists, belongs to a dead process
+and is ignored
 (:func:`dead_locks` finds them, so that what they were doing – the WinCenter backups a
 killed ``vmbackup backup`` left open, listed in its lock – can be cleaned up).
 Backends give no atomic create-if-absent, so a lock is written, then the others are read
@@ -32,6 +33,7 @@ Time is read through :data:`clock` (epoch seconds), the one thing tests replace.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,7 +58,10 @@ __all__ = [
     "active_locks",
     "clock",
     "dead_locks",
+    "machine",
+    "owner_gone",
     "process_gone",
+    "process_owner",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,11 +89,43 @@ def _conflicts(mine: str, theirs: str) -> bool:
     return "exclusive" in (mine, theirs) or (mine == theirs == "gc")
 
 
-def process_gone(host: object, pid: object) -> bool:
-    """Whether the process *pid* of *host* is known to have ended: only a process of this
-    host can be checked (one of another host, or a pid that makes no sense, is taken for
-    alive)."""
-    if host != socket.gethostname():
+@functools.cache
+def machine() -> str:
+    """Where this process's PIDs mean something: the kernel's boot id and the PID
+    namespace. Two processes can check each other's PIDs exactly when these are equal –
+    a host name is not enough: containers, cloned machines and network namespaces share
+    names, and a PID of another machine taken for one of ours could make a live lock (and
+    the data it protects) look abandoned."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: no process of another can be checked
+        return f"unknown-{secrets.token_hex(8)}"
+    return f"{boot}/{namespace}"
+
+
+def process_owner() -> str:
+    """This process as an owner of stored work: ``host:pid@machine`` (see :func:`owner_gone`)."""
+    return f"{socket.gethostname()}:{os.getpid()}@{machine()}"
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the process an owner string (:func:`process_owner`) names is known to have
+    ended. One written before machines were recorded (``host:pid``) is checked by its
+    host name, as it was then."""
+    named, _, where = owner.partition("@")
+    host, _, pid = named.rpartition(":")
+    if not where:
+        return host == socket.gethostname() and process_gone(machine(), pid)
+    return process_gone(where, pid)
+
+
+def process_gone(where: object, pid: object) -> bool:
+    """Whether the process *pid* of the machine *where* (:func:`machine`) is known to
+    have ended: only a process of this machine can be checked (one of another, or a pid
+    that makes no sense, is taken for alive)."""
+    if where != machine():
         return False
     try:
         os.kill(int(str(pid)), 0)
@@ -102,7 +139,7 @@ def process_gone(host: object, pid: object) -> bool:
 def _alive(document: dict[str, Any], now: float) -> bool:
     if now - float(document.get("time", 0)) >= STALE_SECONDS:
         return False
-    return not process_gone(document.get("host"), document.get("pid", 0))
+    return not process_gone(document.get("machine"), document.get("pid", 0))
 
 
 def _all_locks(backend: Backend) -> list[dict[str, Any]]:
@@ -127,7 +164,7 @@ def active_locks(backend: Backend, now: float | None = None) -> list[dict[str, A
 
 
 def dead_locks(backend: Backend, now: float | None = None) -> list[dict[str, Any]]:
-    """The locks left by dead processes: stale, or of this host and no such process."""
+    """The locks left by dead processes: stale, or of this machine and no such process."""
     now = clock() if now is None else now
     return [d for d in _all_locks(backend) if not _alive(d, now)]
 
@@ -151,6 +188,7 @@ class Lock(Closing):
             "kind": kind,
             "purpose": purpose,
             "host": socket.gethostname(),
+            "machine": machine(),
             "pid": os.getpid(),
             "started": self.started,
         }

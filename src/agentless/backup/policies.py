@@ -26,13 +26,24 @@ import datetime
 import enum
 import os
 import re
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from croniter import croniter
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, func, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -40,7 +51,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from agentless.redaction import redact
 
 from .errors import PolicyError
-from .locks import process_gone
+from .locks import owner_gone, process_owner
 from .prune import KEEP
 
 __all__ = [
@@ -62,21 +73,35 @@ TYPES = ("incremental", "full")
 class RunState(enum.StrEnum):
     """A run's state (``runs.state``: the strings as stored)."""
 
-    RUNNING = "running"
+    RUNNING = "running"  # VMs queued or being backed up, or the run's finishing
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    INTERRUPTED = "interrupted"  # the scheduler stopped, or the process ended during the run
+    INTERRUPTED = "interrupted"  # a one-off run whose process stopped or ended during it
 
 
 class Outcome(enum.StrEnum):
-    """One VM's outcome in a run (``run_vms.outcome``: the strings as stored)."""
+    """One VM's outcome in a run (``run_vms.outcome``: the strings as stored); the first
+    two while the run goes on (:mod:`.claims`)."""
 
+    QUEUED = "queued"  # waiting for a worker (again, after a failed attempt: not before not_before)
+    RUNNING = "running"  # a worker backs it up
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # after its retries
     CANCELLED = "cancelled"  # stopped by the scheduler's stop: not a failure
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# what a state of schema 1 (before several workers) lacks: added when it is opened
+_ADDED = {
+    "runs": {"finisher": "VARCHAR(200)"},
+    "run_vms": {
+        "worker": "VARCHAR(200)",
+        "host": "VARCHAR(64)",
+        "backup_id": "VARCHAR(64)",
+        "claimed": "FLOAT",
+        "not_before": "FLOAT",
+    },
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
@@ -89,7 +114,7 @@ StateBase = _Base
 are declared on it, and :class:`State` creates those missing when it opens."""
 
 
-class _Meta(_Base):
+class Meta(_Base):
     __tablename__ = "vmbackup_meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(256))
@@ -151,7 +176,8 @@ class Run(_Base):
     ended: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default=RunState.RUNNING)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    owner: Mapped[str] = mapped_column(String(300), default="")  # "host:pid" running it
+    owner: Mapped[str] = mapped_column(String(300), default="")  # the worker that made it
+    finisher: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the worker ending it
     vms: Mapped[list[RunVm]] = relationship(
         back_populates="run", order_by="RunVm.id", lazy="selectin", cascade="all, delete-orphan"
     )
@@ -174,7 +200,10 @@ class Run(_Base):
 
 
 class RunVm(_Base):
-    """One VM of a run: its :class:`Outcome`."""
+    """One VM of a run: its :class:`Outcome`; while the run goes on, the worker that
+    backs it up (or did last), its WinServer host (WinCenter's id, None while unknown),
+    the WinCenter backup of its current attempt, when it was claimed and when a retry may
+    start (epoch seconds)."""
 
     __tablename__ = "run_vms"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -189,6 +218,11 @@ class RunVm(_Base):
     seconds: Mapped[float] = mapped_column(default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    backup_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed: Mapped[float | None] = mapped_column(nullable=True)
+    not_before: Mapped[float | None] = mapped_column(nullable=True)
     run: Mapped[Run] = relationship(back_populates="vms")
 
     def describe(self) -> dict[str, object]:
@@ -203,7 +237,26 @@ class RunVm(_Base):
             "seconds": round(self.seconds, 3),
             "attempts": self.attempts,
             "error": self.error,
+            "worker": self.worker,
         }
+
+
+class WorkerRow(_Base):
+    """One worker (a ``vmbackup serve`` or ``run-now`` process) that has claimed work:
+    :mod:`.claims` says how they share it. Times are epoch seconds of the worker's clock."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    machine: Mapped[str] = mapped_column(String(100))  # kernel boot and PID namespace: see locks.machine
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    hosts: Mapped[list[str]] = mapped_column(JSON, default=list)  # pinned to these hosts' VMs ([]: any)
+    interval: Mapped[float] = mapped_column()  # seconds between heartbeats
+    started: Mapped[float] = mapped_column()
+    heartbeat: Mapped[float] = mapped_column()
+    stopped: Mapped[float | None] = mapped_column(nullable=True)
+    address: Mapped[str] = mapped_column(String(300), default="")  # its /metrics, if it serves one
+    max_jobs: Mapped[int] = mapped_column(Integer, default=0)
 
 
 @dataclasses.dataclass
@@ -229,7 +282,7 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _naive(moment: datetime.datetime) -> datetime.datetime:
+def naive(moment: datetime.datetime) -> datetime.datetime:
     return moment.astimezone(datetime.UTC).replace(tzinfo=None)
 
 
@@ -290,12 +343,17 @@ class State:
             self.engine: Engine = create_engine(url, **options)
             _Base.metadata.create_all(self.engine)
             with Session(self.engine) as session, session.begin():
-                version = session.get(_Meta, "schema")
+                version = session.get(Meta, "schema")
                 if version is None:
-                    session.add(_Meta(key="schema", value=str(SCHEMA_VERSION)))
+                    session.add(Meta(key="schema", value=str(SCHEMA_VERSION)))
+                elif version.value == "1":
+                    _upgrade(session)
+                    version.value = str(SCHEMA_VERSION)
                 elif version.value != str(SCHEMA_VERSION):
                     unknown = f"{url}: state schema {version.value} is unknown to this version"
                     raise PolicyError(redact(unknown))
+                if session.get(Meta, "claims") is None:  # the row every claim locks first (.claims)
+                    session.add(Meta(key="claims", value="0"))
         except SQLAlchemyError as error:
             raise PolicyError(redact(f"state database {url}: {_first_line(error)}")) from None  # no password
 
@@ -362,7 +420,7 @@ class State:
             offline=offline,
             repo=repo,
             copy_to=copy_to,
-            created=_naive(now or utcnow()),
+            created=naive(now or utcnow()),
         )
         try:
             with self._session() as session:
@@ -392,8 +450,8 @@ class State:
         """Record that the run of *slot* ended (the schedule moves past it)."""
         with self._session() as session:
             policy = session.get(Policy, name)
-            if policy is not None and (policy.last_slot is None or policy.last_slot < _naive(slot)):
-                policy.last_slot = _naive(slot)
+            if policy is not None and (policy.last_slot is None or policy.last_slot < naive(slot)):
+                policy.last_slot = naive(slot)
 
     # ------------------------------------------------------------------ runs
 
@@ -409,11 +467,11 @@ class State:
             run = Run(
                 policy=policy,
                 trigger=trigger,
-                slot=None if slot is None else _naive(slot),
+                slot=None if slot is None else naive(slot),
                 missed=missed,
-                started=_naive(now or utcnow()),
+                started=naive(now or utcnow()),
                 state=RunState.RUNNING,
-                owner=_OWNER,
+                owner=process_owner(),
             )
             session.add(run)
             session.flush()
@@ -433,7 +491,7 @@ class State:
                 raise PolicyError(f"no run {run_id}")
             run.state = state
             run.error = error
-            run.ended = _naive(now or utcnow())
+            run.ended = naive(now or utcnow())
             run.vms = [RunVm(**dataclasses.asdict(outcome)) for outcome in outcomes]
             session.flush()
             run.vms  # noqa: B018 – loaded before the session ends
@@ -441,16 +499,31 @@ class State:
 
     def interrupt_dead(self, now: datetime.datetime | None = None) -> list[int]:
         """Mark ``interrupted`` the runs left ``running`` by processes of this machine
-        that are gone (a daemon or ``run-now`` killed mid-run); their ids. Runs of live
-        processes, and of other machines sharing the database, are left alone."""
+        that are gone, of those made outside a worker (:mod:`.claims` settles the
+        workers'); their ids. Runs of live processes, and of other machines sharing the
+        database, are left alone."""
         with self._session() as session:
+            workers = set(session.scalars(select(WorkerRow.name)))
             runs = list(session.scalars(select(Run).where(Run.state == RunState.RUNNING)))
-            dead = [run for run in runs if _gone(run.owner)]
+            dead = [run for run in runs if run.owner not in workers and owner_gone(run.owner)]
             for run in dead:
                 run.state = RunState.INTERRUPTED
-                run.ended = _naive(now or utcnow())
+                run.ended = naive(now or utcnow())
                 run.error = f"the process running it ({run.owner}) ended before it did"
             return [run.id for run in dead]
+
+    def run_state(self, run_id: int) -> str:
+        """A run's state alone (what a wait for its end polls)."""
+        with self._session() as session:
+            found = session.scalar(select(Run.state).where(Run.id == run_id))
+        if found is None:
+            raise PolicyError(f"no run {run_id}")
+        return str(found)
+
+    def running_policies(self) -> list[str]:
+        """The policies with a run going on."""
+        with self._session() as session:
+            return sorted(set(session.scalars(select(Run.policy).where(Run.state == RunState.RUNNING))))
 
     def runs(self, policy: str | None = None, limit: int = 20) -> list[Run]:
         """The newest *limit* runs (of *policy*), newest first."""
@@ -519,20 +592,19 @@ class State:
         return found
 
 
+def _upgrade(session: Session) -> None:
+    """Schema 1 to 2: the columns several workers need (``ALTER TABLE … ADD COLUMN``,
+    which SQLite and PostgreSQL both take; the new tables are made by ``create_all``)."""
+    for table, columns in _ADDED.items():
+        for column, kind in columns.items():
+            session.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+
+
 def _existing(session: Session, name: str) -> Policy:
     policy = session.get(Policy, name)
     if policy is None:
         raise PolicyError(f"no policy {name!r} (`vmbackup policy list` shows them)")
     return policy
-
-
-_OWNER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _gone(owner: str) -> bool:
-    """Whether the process *owner* ("host:pid") is known to be gone: on this host only."""
-    host, _, pid = owner.rpartition(":")
-    return process_gone(host, pid)
 
 
 def _first_line(error: BaseException) -> str:

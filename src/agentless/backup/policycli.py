@@ -21,7 +21,7 @@ from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES
 from .clitools import Command, repo_location, repo_password
-from .errors import RepositoryError, SettingsError, VmbackupError
+from .errors import PolicyError, RepositoryError, SettingsError, VmbackupError
 from .jobcli import open_center
 from .prune import KEEP, RULES
 from .settings import DEFAULT_NBD_PORT, Settings, given_password, state_url
@@ -48,10 +48,25 @@ class Hooks:
     center: Callable[[argparse.Namespace], CenterClient]
 
 
-def _state() -> State:
+def _state(args: argparse.Namespace | None = None) -> State:
+    """The state database: ``--database`` when the command has it, else as configured."""
     from .policies import State
 
-    return State(state_url())
+    given = getattr(args, "database", None)
+    if given:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            password = make_url(given).password
+        except ArgumentError:
+            raise SettingsError(f"--database {given!r} is not a database URL") from None
+        if password:  # argv is every local user's to read (ps, /proc)
+            raise SettingsError(
+                "--database: the URL holds a password, which every user of this machine could read "
+                "in the process list; give it in $VMBACKUP_DATABASE or a PGPASSFILE instead"
+            )
+    return State(given or state_url())
 
 
 def _check_repository(location: str, what: str) -> None:
@@ -167,6 +182,13 @@ def _run_lines(run: Run) -> list[str]:
                 f"stored {format_size(vm.stored)} in {vm.seconds:.1f}s"
                 + (f" ({vm.attempts} attempts)" if vm.attempts > 1 else "")
             )
+        elif vm.outcome == "queued":
+            again = f" (attempt {vm.attempts + 1} next)" if vm.attempts else ""
+            lines.append(f"    {vm.vm}: queued{again}")
+        elif vm.outcome == "running":
+            lines.append(f"    {vm.vm}: running on {vm.worker} (attempt {vm.attempts})")
+        elif vm.outcome == "cancelled":
+            lines.append(f"    {vm.vm}: cancelled: {vm.error}")
         else:
             lines.append(f"    {vm.vm}: FAILED after {vm.attempts} attempt(s): {vm.error}")
     if run.error and run.state != "succeeded":
@@ -177,8 +199,8 @@ def _run_lines(run: Run) -> list[str]:
 def _limits(args: argparse.Namespace) -> Limits:
     from .scheduler import Limits
 
-    for name in ("max_jobs", "per_host", "connections"):
-        if getattr(args, name, 1) < 1:
+    for name in ("max_jobs", "per_host", "connections", "fleet_jobs"):
+        if (getattr(args, name, 1) or 1) < 1:
             raise SettingsError(f"--{name.replace('_', '-')} must be 1 or more")
     if args.retries < 0 or args.retry_delay < 0:
         raise SettingsError("--retries and --retry-delay must be 0 or more")
@@ -188,6 +210,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         retries=args.retries,
         retry_delay=args.retry_delay,
         connections=args.connections,
+        fleet_jobs=getattr(args, "fleet_jobs", None),
     )
 
 
@@ -197,9 +220,15 @@ def _log(line: str) -> None:
     print(f"{stamp} vmbackup: {redact(line)}", file=sys.stderr, flush=True)
 
 
-def _runner(hooks: Hooks, args: argparse.Namespace, state: State, webhook: str | None) -> Runner:
+def _runner(
+    hooks: Hooks, args: argparse.Namespace, state: State, webhook: str | None, address: str = ""
+) -> Runner:
     from .scheduler import Runner
 
+    heartbeat = getattr(args, "heartbeat", 10.0)
+    if heartbeat <= 0:
+        raise SettingsError("--heartbeat must be more than 0")
+    hosts = [h.strip() for h in (getattr(args, "hosts", None) or "").split(",") if h.strip()]
     return Runner(
         state,
         functools.partial(hooks.center, args),
@@ -208,19 +237,24 @@ def _runner(hooks: Hooks, args: argparse.Namespace, state: State, webhook: str |
         limits=_limits(args),
         webhook=webhook,
         log=_log if not args.json else lambda line: None,
+        name=getattr(args, "name", None),
+        hosts=hosts,
+        heartbeat=heartbeat,
+        address=address,
     )
 
 
 def _cmd_run_now(hooks: Hooks, args: argparse.Namespace) -> int:
-    with _state() as state:
+    with _state(args) as state:
         policy = state.policy(args.policy)
         run = _runner(hooks, args, state, args.webhook).run(policy, "manual")
+    assert run is not None  # only a scheduled run can be another worker's
     emit(args, run.describe(), "\n".join(_run_lines(run)))
     return 0 if run.state == "succeeded" else 1
 
 
 def _cmd_jobs(hooks: Hooks, args: argparse.Namespace) -> int:
-    with _state() as state:
+    with _state(args) as state:
         state.interrupt_dead()  # a run whose process was killed is not "running"
         if args.run is not None:
             run = state.run(args.run)
@@ -231,6 +265,26 @@ def _cmd_jobs(hooks: Hooks, args: argparse.Namespace) -> int:
         runs = state.runs(args.policy, limit=args.limit)
     text = "\n".join(line for run in runs for line in _run_lines(run)) or "no runs yet"
     emit(args, {"runs": [r.describe() for r in runs]}, text)
+    return 0
+
+
+def _cmd_workers(hooks: Hooks, args: argparse.Namespace) -> int:
+    from .claims import clock, list_workers
+
+    with _state(args) as state:
+        found = list_workers(state)
+    now = clock()
+    lines = []
+    for worker in found:
+        pinned = f", hosts {', '.join(worker.hosts)}" if worker.hosts else ""
+        lines.append(
+            f"{worker.name:<24} {worker.state:<8} heartbeat {max(0.0, now - worker.heartbeat):.0f}s ago"
+            f" on {worker.hostname} (pid {worker.pid}){pinned}"
+        )
+        for job in worker.jobs:
+            what = "finishing" if job.get("finishing") else f"{job['vm']} (attempt {job['attempt']})"
+            lines.append(f"    run {job['run']} of policy {job['policy']}: {what}")
+    emit(args, {"workers": [w.describe(now) for w in found]}, "\n".join(lines) or "no workers yet")
     return 0
 
 
@@ -248,7 +302,7 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .instants import Instant
     from .instantserve import InstantService
-    from .scheduler import Scheduler
+    from .scheduler import Scheduler, UnknownPin
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -260,12 +314,22 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
         example = f"127.0.0.1:{DEFAULT_NBD_PORT}"
         raise SettingsError(f"--nbd-listen {args.nbd_listen!r}: give HOST:PORT, e.g. {example}")
     webhook = args.webhook or Settings.load().webhook
-    with _state() as state:
-        scheduler = Scheduler(state, _runner(hooks, args, state, webhook), tick=args.tick)
+    with _state(args) as state:
+        runner = _runner(hooks, args, state, webhook)
+        try:
+            runner.resolve_pins()
+        except UnknownPin as error:
+            raise SettingsError(str(error)) from None
+        except PolicyError as error:  # WinCenter is away: the worker resolves them once it answers
+            _log(str(error))
+        scheduler = Scheduler(state, runner, tick=args.tick)
         try:
             daemon = Daemon(scheduler, host.strip("[]"), int(port))
         except OSError as error:
             raise SettingsError(f"cannot listen on {args.listen}: {error.strerror or error}") from None
+        runner.claims.spec = dataclasses.replace(
+            runner.claims.spec, address="http://{}:{}".format(*daemon.address)
+        )
         try:
             instant = InstantService(
                 Instant(state),
@@ -281,7 +345,10 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
             raise SettingsError(f"cannot listen on {args.nbd_listen}: {error.strerror or error}") from None
         with daemon, instant:
             where = "{}:{}".format(*daemon.address)
-            _log(f"serving {len(state.policies())} policies; /metrics and /health on http://{where}")
+            _log(
+                f"worker {runner.name}: serving {len(state.policies())} policies; "
+                f"/metrics and /health on http://{where}"
+            )
             _log(f"instant restores served over NBD with TLS at {instant.uri}")
             if not daemon.wait():
                 raise VmbackupError("the scheduler loop ended unexpectedly (see the lines above)")
@@ -352,22 +419,58 @@ def add_commands(command: Command) -> None:
             "--to-password-file", help="password of the off-site repositories (default $VMBACKUP_TO_PASSWORD)"
         )
 
+    def database_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--database",
+            metavar="URL",
+            help="the state database that workers share, e.g. postgresql://vmbackup@db/vmbackup "
+            "(default $VMBACKUP_DATABASE or `config --database`; a password goes in those or a PGPASSFILE)",
+        )
+
     p = command("run-now", "run a policy once, now (exit 1 when a VM failed)", repo=False)
     p.add_argument("policy", metavar="POLICY")
     run_options(p)
+    database_option(p)
     p.set_defaults(handler=handler(_cmd_run_now))
 
     p = command("jobs", "the record of policy runs, with each VM's outcome", repo=False)
     p.add_argument("run", nargs="?", type=int, metavar="RUN", help="one run in detail")
     p.add_argument("--policy", help="only this policy's runs")
     p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    database_option(p)
     p.set_defaults(handler=handler(_cmd_jobs))
+
+    p = command("workers", "the workers sharing the state database: heartbeat, running jobs", repo=False)
+    database_option(p)
+    p.set_defaults(handler=handler(_cmd_workers))
 
     p = command("serve", "run due policies until stopped; /metrics and /health over HTTP", repo=False)
     p.add_argument("--listen", default="127.0.0.1:9478", metavar="HOST:PORT", help="default 127.0.0.1:9478")
-    p.add_argument("--max-jobs", type=int, default=4, help="VM backups at once overall (default 4)")
-    p.add_argument("--per-host", type=int, default=2, help="VM backups at once per host (default 2)")
+    p.add_argument("--max-jobs", type=int, default=4, help="VM backups at once in this worker (default 4)")
+    p.add_argument(
+        "--per-host", type=int, default=2, help="VM backups at once per host, across workers (default 2)"
+    )
+    p.add_argument(
+        "--fleet-jobs",
+        type=int,
+        metavar="N",
+        help="VM backups at once across every worker (default: no bound)",
+    )
     p.add_argument("--tick", type=float, default=30.0, help="seconds between looks at the schedules")
+    database_option(p)
+    p.add_argument("--name", help="this worker's name, unique in the fleet (default HOST:PID)")
+    p.add_argument(
+        "--hosts",
+        metavar="H1,H2",
+        help="back up only these WinServer hosts' VMs (names or ids): a worker near them",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between heartbeats; silent for 5 of them, a worker is dead: its VMs go to others",
+    )
     p.add_argument(
         "--nbd-listen",
         default=f"127.0.0.1:{DEFAULT_NBD_PORT}",
