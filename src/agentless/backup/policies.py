@@ -174,7 +174,7 @@ class Run(_Base):
     missed: Mapped[int] = mapped_column(Integer, default=0)
     started: Mapped[datetime.datetime] = mapped_column(DateTime)
     ended: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default=RunState.RUNNING)
+    state: Mapped[str] = mapped_column(String(16), default=RunState.RUNNING, index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     owner: Mapped[str] = mapped_column(String(300), default="")  # the worker that made it
     finisher: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the worker ending it
@@ -210,7 +210,7 @@ class RunVm(_Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     vm: Mapped[str] = mapped_column(String(256))
     vm_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    outcome: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16), index=True)  # claims look for queued/running
     type: Mapped[str | None] = mapped_column(String(16), nullable=True)
     point: Mapped[str | None] = mapped_column(String(32), nullable=True)
     read: Mapped[int] = mapped_column(Integer, default=0)
@@ -598,6 +598,8 @@ def _upgrade(session: Session) -> None:
     for table, columns in _ADDED.items():
         for column, kind in columns.items():
             session.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+    for table, column in (("runs", "state"), ("run_vms", "outcome")):  # what claims look for
+        session.execute(text(f"CREATE INDEX IF NOT EXISTS ix_{table}_{column} ON {table} ({column})"))
 
 
 def _existing(session: Session, name: str) -> Policy:

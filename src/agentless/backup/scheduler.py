@@ -589,6 +589,7 @@ class Runner:
             document = {
                 "event": f"vmbackup.run.{run.state}",
                 "source": socket.gethostname(),
+                "worker": self.name,
                 "run": run.describe(),
             }
             notify(self.webhook, document, self.log)
