@@ -305,7 +305,7 @@ def test_a_state_made_before_workers_is_upgraded(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM vmbackup_meta WHERE key = 'schema'").fetchone() == ("2",)
         indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"ix_runs_state", "ix_run_vms_outcome"} <= indexes
+        assert {"ix_runs_state", "ix_run_vms_claims"} <= indexes
 
 
 def test_claims_racing_from_many_connections_take_each_vm_once_within_the_limits(
