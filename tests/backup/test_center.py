@@ -1,5 +1,6 @@
 """WinCenter as vmbackup reaches it: a WinCenter that refuses connections for a moment
-(restarting) does not fail a backup; one that stays away fails it with one line."""
+(restarting), or answers 503 while its database is away, does not fail a backup; one that
+stays away fails it with one line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from agentless.backup.center import every_vm
 from tests.backup.conftest import _ok, vmbackup, vmbackup_process
 from tests.fleet import running_fleet
-from tests.sites import MiB, Site, vm_with_data
+from tests.postgresql import PgCluster
+from tests.sites import MiB, Site, running_site, vm_with_data
 from tests.sites import configure as _configure
 
 
@@ -60,3 +62,34 @@ def test_every_vm_reads_every_page(tmp_path: Path) -> None:
             for page in (1, 3, 7, 1000):
                 vms = every_vm(center, page=page)
                 assert [vm.id for vm in vms] == list(listed), page
+
+
+def test_a_backup_waits_while_wincenter_answers_503(tmp_path: Path, postgresql_cluster: PgCluster) -> None:
+    """WinCenter on PostgreSQL, PostgreSQL stopped: WinCenter answers ``503 Service
+    Unavailable`` (the database is unreachable) – the request was not done – and
+    ``vmbackup backup`` waits, says so once, and succeeds when PostgreSQL is back. With
+    no retry allowed it fails with WinCenter's one line."""
+    (tmp_path / "site").mkdir()
+    with running_site(tmp_path / "site", db_url=postgresql_cluster.create_database()) as site:
+        env = _configure(site, tmp_path, str(tmp_path / "repo"))
+        vm_with_data(site, "web", 4 * MiB, seed=5, writes=8)
+        postgresql_cluster.stop()
+        try:
+            at_once = vmbackup(env | {"VMBACKUP_CONNECT_RETRY": "0"}, "backup", "--vm", "web")
+            assert at_once.returncode == 1 and "Traceback" not in at_once.stderr
+            assert "503 Service Unavailable" in at_once.stderr, at_once.stderr
+            waiting = vmbackup_process(
+                env | {"VMBACKUP_CONNECT_RETRY": "60"}, "backup", "--vm", "web", "--json"
+            )
+            assert waiting.stderr is not None
+            announced = waiting.stderr.readline()
+            assert "unavailable" in announced and "trying again" in announced, announced
+        finally:
+            postgresql_cluster.start()
+        try:
+            assert waiting.wait(120) == 0, waiting.stderr.read()
+        finally:
+            waiting.kill()
+            waiting.wait()
+    [point] = _ok(vmbackup(env, "list", "--json"))["points"]  # type: ignore[misc]
+    assert point["vm"] == "web" and point["type"] == "full"

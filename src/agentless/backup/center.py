@@ -7,9 +7,16 @@ hand. So a request whose connection could not be made (refused, unreachable, tim
 while connecting) is tried again with growing pauses – 0.5, 1, 2, 4, 4… seconds – until
 :data:`RETRY_SECONDS` (``VMBACKUP_CONNECT_RETRY``; 0: no retry) have passed, then fails
 with one line. Such a request never reached WinCenter, so trying it again is safe for
-every method, POST included. Nothing else is retried: an answer (any HTTP status) is
-WinCenter's word, a TLS failure (wrong CA, wrong name) does not heal by waiting, and a
-connection that broke after the request was sent may have done it.
+every method, POST included. So is a request WinCenter answered ``503 Service
+Unavailable``: it says so when its database is unreachable (PostgreSQL restarting) or it
+serves too many connections, and the request was not done (its transaction rolled back).
+Nothing else is retried: any other answer is WinCenter's word, a TLS failure (wrong CA,
+wrong name) does not heal by waiting, and a connection that broke after the request was
+sent may have done it.
+
+Without the 503 retry, a PostgreSQL restart under WinCenter failed every backup that
+asked it something meanwhile – and the abort of that backup too, so WinCenter kept it
+open and queued the retry behind it until its expiry (``tests/test_fleet_netns.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Callable
 import httpx
 
 from agentless.redaction import redact
-from agentless.wincenter.client import CenterClient, CenterUnreachable, Params
+from agentless.wincenter.client import CenterApiError, CenterClient, CenterUnreachable, Params
 from agentless.wincenter.schemas import VmOut
 
 from .settings import SettingsError
@@ -91,6 +98,19 @@ class Center(CenterClient):
         while True:
             try:
                 return super().call(method, path, params=params, json=json)
+            except CenterApiError as error:
+                if error.status != 503:
+                    raise
+                if waited >= self.retry_for:
+                    if attempts > 1:
+                        raise CenterApiError(
+                            error.status,
+                            error.title,
+                            f"{error.detail} (tried {attempts} times over {waited:.0f} s)",
+                            error.problem,
+                        ) from error
+                    raise
+                self._tell(f"WinCenter {redact(self.url)} is unavailable ({error.detail})")
             except CenterUnreachable as error:
                 if not _not_connected(error):
                     raise
@@ -100,17 +120,18 @@ class Center(CenterClient):
                     raise CenterUnreachable(
                         f"WinCenter {redact(self.url)} unreachable: {reason}{tried}"
                     ) from error
-                if self.on_retry is not None and not self._told:
-                    self._told = True
-                    self.on_retry(
-                        f"WinCenter {redact(self.url)} unreachable ({redact(error.__cause__ or error)}); "
-                        f"trying again for up to {self.retry_for:g} s"
-                    )
-                pause = min(pause, self.retry_for - waited)
-                self.sleep(pause)
-                waited += pause
-                pause = min(pause * 2, _LONGEST_PAUSE)
-                attempts += 1
+                self._tell(f"WinCenter {redact(self.url)} unreachable ({redact(error.__cause__ or error)})")
+            pause = min(pause, self.retry_for - waited)
+            self.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, _LONGEST_PAUSE)
+            attempts += 1
+
+    def _tell(self, what: str) -> None:
+        """Say once why requests wait (an operator then knows why the command pauses)."""
+        if self.on_retry is not None and not self._told:
+            self._told = True
+            self.on_retry(f"{what}; trying again for up to {self.retry_for:g} s")
 
 
 def every_vm(center: CenterClient, page: int = PAGE) -> list[VmOut]:
