@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # a daemon's run also outlives a failing disk or socket
 EXPECTED: tuple[type[Exception], ...] = (*FAILURES, OSError)
 POLL_SECONDS = 1.0  # how often an idle worker looks for work (a job's end wakes it at once)
+_BACKOFF = (0.5, 1, 2, 4, 8, 15, *[30] * 10_000)  # seconds between tries to record an end
 
 
 class Clock(Protocol):
@@ -345,7 +346,14 @@ class Runner:
             self._waiting += 1
         try:
             while True:
-                state = self.state.run_state(run_id)
+                try:
+                    state = self.state.run_state(run_id)
+                except PolicyError as error:  # the state database is away: the run goes on meanwhile
+                    if self.stop.is_set():
+                        raise
+                    self.log(f"run {run_id}: {error}")
+                    self.stop.wait(2.0)
+                    continue
                 with self._guard:
                     finishing = run_id in self._finishing  # its webhook, its slot: not yet
                 if state != RunState.RUNNING and not finishing:
@@ -511,7 +519,7 @@ class Runner:
         if outcome != Outcome.QUEUED:
             fields["seconds"] = claim.seconds + seconds
             fields.setdefault("error", None)
-        for wait in (0.5, 1, 2, 4, 8, 15, 30, 60):
+        for wait in _BACKOFF:
             try:
                 if not self.claims.end(claim, outcome, **fields):
                     self.log(f"policy {claim.policy}: {claim.vm} was taken over by another worker meanwhile")
@@ -542,17 +550,30 @@ class Runner:
 
     def _finish(self, claim: FinishClaim) -> None:
         """Finish a run whose VMs have all ended: the off-site copy and retention when
-        every VM succeeded, the verdict, the slot, the webhook."""
+        every VM succeeded, the verdict, the slot, the webhook. While the state database
+        is away it is tried again (the copy and retention are idempotent); a worker that
+        stops first gives a scheduled run's finishing back."""
         try:
-            run = self.state.run(claim.run)
-            if self.stop.is_set() and run.trigger == "schedule":
-                self.claims.unfinish(claim.run)  # another worker finishes it, or this one's next start
-                return
-            self._conclude(run)
-        except Exception as error:  # the database is away: the finishing is given back when it returns
-            self.log(f"run {claim.run} of policy {claim.policy}: its end is not recorded yet ({error})")
-            with contextlib.suppress(PolicyError):
-                self.claims.unfinish(claim.run)
+            for wait in _BACKOFF:
+                try:
+                    run = self.state.run(claim.run)
+                    if self.stop.is_set() and run.trigger == "schedule":
+                        self.claims.unfinish(
+                            claim.run
+                        )  # another worker finishes it, or this one's next start
+                        return
+                    self._conclude(run)
+                    return
+                except PolicyError as error:
+                    self.log(
+                        f"run {claim.run} of policy {claim.policy}: its end is not recorded yet ({error})"
+                    )
+                    if self.stop.wait(wait):
+                        with contextlib.suppress(
+                            PolicyError
+                        ):  # else it is freed once this worker counts as dead
+                            self.claims.unfinish(claim.run)
+                        return
         finally:
             with self._guard:
                 self._finishing.discard(claim.run)
