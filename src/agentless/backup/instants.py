@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import datetime
 import enum
+import os
 import secrets
+import socket
 from collections.abc import Sequence
 
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .errors import InstantError
-from .locks import owner_gone, process_owner
+from .locks import owner_gone
 from .policies import State, StateBase
 
 __all__ = [
@@ -45,7 +47,9 @@ __all__ = [
     "new_restore_id",
 ]
 
-OWNER = process_owner()
+# "host:pid": a daemon started again on the same host (after a crash or a reboot) takes
+# its rows over – the hosts reconnect to the address they were given, which is the host's
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Phase(enum.StrEnum):
@@ -83,7 +87,7 @@ def export_name() -> str:
 
 class InstantRestore(StateBase):
     """One instant restore. ``id`` is WinCenter's restore id too; ``repo``, ``point``:
-    what is served; ``owner``: the daemon (``host:pid@machine``) serving it; ``uri``/``cert``:
+    what is served; ``owner``: the daemon (``host:pid``) serving it; ``uri``/``cert``:
     where, and the certificate hosts pin; ``center_state``, ``vm``, ``copied``,
     ``total``, ``rate``: WinCenter's restore as the daemon last read it; ``outcome``:
     why it ended (``completed``, ``aborted``, ``failed`` – WinCenter's word –, or
