@@ -448,8 +448,7 @@ def test_hardening(name: str) -> None:
     assert service(settings, "User") == name and service(settings, "Group") == name
     assert service(settings, "StateDirectory") == name
     assert service(settings, "StateDirectoryMode") == "0700"
-    filters = settings.get("Service.SystemCallFilter", [])
-    assert filters and filters[0] == "@system-service"
+    assert settings.get("Service.SystemCallFilter") == ["@system-service", "~@privileged @resources"]
     assert service(settings, "SystemCallErrorNumber") == "EPERM"
 
 
