@@ -569,7 +569,7 @@ def test_a_stop_mid_backup_is_not_a_failure(
         def cancel(self) -> None:
             pass
 
-    monkeypatch.setattr("agentless.backup.scheduler.VmBackup", Job)
+    monkeypatch.setattr("agentless.backup.worker.VmBackup", Job)
     with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
         policy = state.create_policy("p", vms=["web"], schedule="@daily", repo=str(tmp_path / "repo"))
         runner = Runner(state, site.client, limits=Limits(retries=2, retry_delay=0.0))
