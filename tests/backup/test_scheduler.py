@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentless.backup import locks
 from agentless.backup.backupjob import VmBackup
+from agentless.backup.claims import Claims, WorkerSpec, list_workers
 from agentless.backup.errors import Cancelled
 from agentless.backup.points import PointSummary
 from agentless.backup.policies import State
@@ -588,3 +589,37 @@ def test_a_stop_mid_backup_is_not_a_failure(
         else:
             assert (run.state, vm.outcome, vm.attempts, vm.worker) == ("running", "queued", 0, None)
         assert made == ["run"]
+
+
+def test_a_worker_waiting_for_a_retry_keeps_beating(site: Site, tmp_path: Path) -> None:
+    """A one-off run whose only VM fails waits 3 s for its retry: meanwhile its worker's
+    heartbeat (every 0.5 s) stays fresh, so another worker's claims – which interrupt the
+    one-off runs of dead workers – leave the run alone; it ends failed after its retry,
+    not interrupted."""
+    Repository.init(str(tmp_path / "repo")).close()
+    with State(f"sqlite:///{tmp_path / 'state.db'}") as state:
+        policy = state.create_policy("p", vms=["ghost"], schedule="@daily", repo=str(tmp_path / "repo"))
+        runner = Runner(state, site.client, limits=Limits(retries=1, retry_delay=3.0), heartbeat=0.5)
+        other = Claims(state, WorkerSpec(name="other", interval=0.5))
+        other.register()
+        ages: list[float] = []
+
+        def watch() -> None:
+            while not done.is_set():
+                other.claim(due=time.time())  # would interrupt a dead worker's one-off run
+                for worker in list_workers(state):
+                    if worker.name == runner.name and worker.state == "alive":
+                        ages.append(time.time() - worker.heartbeat)
+                done.wait(0.2)
+
+        done = threading.Event()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            run = runner.run(policy, "manual")
+        finally:
+            done.set()
+            watcher.join()
+    assert run is not None and run.state == "failed", run and run.describe()
+    assert [(vm.outcome, vm.attempts) for vm in run.vms] == [("failed", 2)]
+    assert len(ages) > 10 and max(ages) < 2.5, ages  # 5 intervals: dead

@@ -231,6 +231,20 @@ class Runner:
         """The worker's loop: claim what may start, beat, wait; until stopped (a
         daemon's) or no run() waits any more, and its own backups have ended. Then the
         worker says it stopped."""
+        beating = threading.Event()
+        threading.Thread(
+            target=self._beating, args=(beating,), name="vmbackup-heartbeat", daemon=True
+        ).start()
+        try:
+            self._claim_until_done()
+        finally:
+            beating.set()
+        try:
+            self.claims.stop(requeue=True)
+        except PolicyError as error:
+            self.log(f"worker {self.name}: could not say it stopped ({error}); it counts as dead soon")
+
+    def _claim_until_done(self) -> None:
         while True:
             took, retry_in = self._pass()
             if took:
@@ -241,14 +255,23 @@ class Runner:
                     self._exiting = True
                     break
             if retry_in is not None and self.running_backups == 0 and not self._finishing:
-                self.clock.sleep(retry_in, self.stop)  # only retries wait: the clock (tests move it)
+                self.clock.sleep(retry_in, self._wake)  # only retries wait: the clock (tests move it)
             else:
                 self._wake.wait(min(POLL_SECONDS, self.claims.spec.interval))
             self._wake.clear()
-        try:
-            self.claims.stop(requeue=True)
-        except PolicyError as error:
-            self.log(f"worker {self.name}: could not say it stopped ({error}); it counts as dead soon")
+
+    def _beating(self, done: threading.Event) -> None:
+        """The heartbeat, every interval while the loop runs (a loop waiting for a retry,
+        or blocked on a slow database, must not look dead)."""
+        said = False
+        while not done.wait(self.claims.spec.interval):
+            try:
+                self.claims.beat()
+                said = False
+            except PolicyError as error:
+                if not said:
+                    self.log(f"worker {self.name}: heartbeat not written: {error}")
+                    said = True
 
     def _pass(self) -> tuple[bool, float | None]:
         """One look for work: whether something was claimed, and – when nothing was –
