@@ -8,6 +8,7 @@ import concurrent.futures
 import functools
 import json
 import random
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -548,3 +549,28 @@ def test_queued_backup_fails_when_the_host_stays_away_and_a_sync_releases_at_onc
     with site.host_client() as host:
         assert [(s.backup_id, s.state) for s in host.list_snapshots(vm_id)] == [("aw3", "cbt-only")]
         assert all(g.revoked for g in host.list_grants())
+
+
+def test_a_ready_backup_whose_task_never_said_so_is_started_again(sqlite_site: Site) -> None:
+    """The record says ready but its task does not (the database was lost between the
+    two writes, as a PostgreSQL restart did in tests/test_fleet_netns.py): after a
+    restart WinCenter prepares the backup again, its task reaches ready, and it
+    completes – instead of the backup system waiting on a running task until it expires."""
+    with sqlite_site.host_client() as host:
+        vm = host.create_vm("lost-ready", [2 * MiB]).uuid
+    with sqlite_site.client() as center:
+        task_id = center.start_backup(vm, "lost-ready-1", "full").task_id
+        assert center.wait_task(task_id, timeout=60, poll=0.05).state == "ready"
+    sqlite_site.center.proc.kill()
+    sqlite_site.center.proc.wait()
+    with sqlite3.connect(sqlite_site.db.removeprefix("sqlite:///")) as db:  # the lost write
+        changed = db.execute("UPDATE tasks SET state = 'running' WHERE id = ?", (task_id,)).rowcount
+    assert changed == 1
+    sqlite_site.restart_center()
+    with sqlite_site.client() as center:
+        assert center.wait_task(task_id, timeout=60, poll=0.05).state == "ready"
+        center.complete_backup("lost-ready-1")
+        assert center.wait_task(task_id, timeout=60, poll=0.05).state == "succeeded"
+    with sqlite_site.host_client() as host:
+        assert all(g.revoked for g in host.list_grants())
+        assert [s.state for s in host.list_snapshots(vm)] == ["cbt-only"]

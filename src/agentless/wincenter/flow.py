@@ -30,7 +30,7 @@ from .errors import ConflictError, NotFoundError
 from .inventory import Inventory
 from .models import Backup, Restore
 from .retries import Retries
-from .tasks import Task
+from .tasks import Task, TaskState
 
 __all__ = ["Flow", "FlowState", "Record", "Submit"]
 
@@ -172,9 +172,13 @@ class Flow(Generic[R]):
             self.submit(lambda: self._release(owner_id, FlowState.ABORTED))
 
     def recover(self) -> None:
-        """At the daemon's start: finish or undo what a previous run left halfway. A
-        record caught before ready is undone on the host and started again; ready ones
-        wait for the backup system (expiry covers its absence)."""
+        """At the daemon's start (and once the database is back after a step lost it):
+        finish or undo what was left halfway. A record caught before ready is undone on
+        the host and started again; ready ones wait for the backup system (expiry covers
+        its absence) – unless their task never said ready: the record and the task are
+        two writes, and a database lost between them (PostgreSQL restarting) left a task
+        that the backup system would wait on until it expired, so such a record is
+        started again too."""
         with self.center.database.session() as s:
             query = select(self._key, self.model.state).where(self.model.state.in_(self.active))
             pending = [(str(owner_id), FlowState(state)) for owner_id, state in s.execute(query)]
@@ -185,7 +189,9 @@ class Flow(Generic[R]):
             elif state is FlowState.ABORTING or task.ended:
                 self._set(owner_id, state=FlowState.ABORTING)
                 self.submit(functools.partial(self._release, owner_id, FlowState.ABORTED))
-            elif state in (FlowState.QUEUED, self.starting):
+            elif state in (FlowState.QUEUED, self.starting) or (
+                state is FlowState.READY and task.state is not TaskState.READY
+            ):
                 self._set(owner_id, state=FlowState.QUEUED)
                 self.submit(functools.partial(self._start, owner_id, retry=True))
 
