@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -63,6 +63,7 @@ class PgCluster:
     pg_ctl: list[str] = dataclasses.field(default_factory=list)  # [runuser...] pg_ctl -D DATA -l LOG
     options: str = ""  # the server options it was started with (the same port again)
     cwd: str = ""
+    host: str = "127.0.0.1"  # the address it listens on (a network namespace's: tests/netns.py)
 
     def _control(self, *args: str) -> None:
         done = subprocess.run(
@@ -85,13 +86,13 @@ class PgCluster:
         self.start()
 
     def url(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
 
     def create_database(self) -> str:
         """A new empty database; its URL."""
         name = f"t_{uuid.uuid4().hex[:16]}"
         with psycopg.connect(
-            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+            f"host={self.host} port={self.port} user=postgres dbname=postgres", autocommit=True
         ) as c:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
@@ -116,17 +117,24 @@ def _run_as() -> tuple[list[str], int | None, int | None]:
 
 
 @contextlib.contextmanager
-def running_postgresql() -> Iterator[PgCluster]:
+def running_postgresql(
+    host: str = "127.0.0.1", port: int = 0, inside: Sequence[str] = ()
+) -> Iterator[PgCluster]:
     """A private PostgreSQL cluster, stopped and removed on the way out; PostgresUnavailable
     (saying why) when none can run. The session fixture and the fault campaign's load row
     (bench/campaign/load.py) start theirs with it; :meth:`PgCluster.restart` restarts it in
-    place (tests/wincenter/pgrestart.py)."""
+    place (tests/wincenter/pgrestart.py).
+
+    It listens on *host* (127.0.0.1 unless told), on *port* (0: a free one of 127.0.0.1);
+    *inside* prefixes its ``initdb`` and ``pg_ctl`` (``ip netns exec NAME``: the cluster
+    runs in that network namespace, tests/netns.py)."""
     bindir = _pg_bindir()
     if bindir is None:
         raise PostgresUnavailable(
             "PostgreSQL not installed (Debian: apt-get install postgresql; `make test` as root)"
         )
     prefix, uid, gid = _run_as()
+    prefix = [*inside, *prefix]
     top = tempfile.mkdtemp(prefix="agentless-pg-")
     data = os.path.join(top, "data")
     log = os.path.join(top, "postgres.log")
@@ -140,9 +148,12 @@ def running_postgresql() -> Iterator[PgCluster]:
         init = run(f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
         if init.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {(init.stderr or init.stdout).strip()[-300:]}")
-        port = free_port()  # PostgreSQL cannot pick a port and say which
+        if host != "127.0.0.1":  # trust the clients of its own subnet (initdb trusts loopback's)
+            with open(os.path.join(data, "pg_hba.conf"), "a") as hba:
+                hba.write("host all all samenet trust\n")
+        port = port or free_port()  # PostgreSQL cannot pick a port and say which
         options = (
-            f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"-p {port} -k {top} -c listen_addresses={host} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off"
         )
         start = run(f"{bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "30", "-o", options, "start")
@@ -150,7 +161,7 @@ def running_postgresql() -> Iterator[PgCluster]:
             tail = Path(log).read_text()[-300:] if os.path.exists(log) else start.stderr
             raise PostgresUnavailable(f"PostgreSQL did not start: {tail.strip()}")
         try:
-            yield PgCluster(port, [*prefix, f"{bindir}/pg_ctl", "-D", data, "-l", log], options, top)
+            yield PgCluster(port, [*prefix, f"{bindir}/pg_ctl", "-D", data, "-l", log], options, top, host)
         finally:
             run(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
     finally:

@@ -5,7 +5,8 @@ test (``s3_server`` in ``tests/backup/conftest.py`` is this server) – and so d
 and the fault campaign that stop and start it, since it keeps its objects across restarts.
 
 One ``weed server`` process runs a master, a volume server, a filer and the S3 gateway on
-free loopback ports, with its data in a directory; :meth:`SeaweedS3.stop` (SIGKILL: a
+free loopback ports (or on an address of a network namespace, ``address`` and
+``inside``: tests/netns.py), with its data in a directory; :meth:`SeaweedS3.stop` (SIGKILL: a
 crash, or SIGTERM) and :meth:`SeaweedS3.start` (same ports, same data) make an outage.
 The ``seaweed_s3`` fixture is one such server per test session (per xdist worker: it
 starts in ~3.5 s on 2 cores); a test that stops it starts it again before it ends.
@@ -105,6 +106,8 @@ class SeaweedS3:
     ports: dict[str, int] = dataclasses.field(default_factory=dict)
     restarts: int = 0
     started: bool = False  # served once: its ports are known to clients from then on
+    address: str = "127.0.0.1"  # where it listens (a network namespace's: tests/netns.py)
+    inside: list[str] = dataclasses.field(default_factory=list)  # e.g. ip netns exec NAME
 
     def __post_init__(self) -> None:
         program = seaweed_program()
@@ -135,15 +138,16 @@ class SeaweedS3:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.address}:{self.ports['s3']}"
 
     def _args(self) -> list[str]:
         p = self.ports
         return [
+            *self.inside,
             self.program,
             "server",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.address}",
+            f"-ip.bind={self.address}",
             f"-dir={self.directory / 'data'}",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master.grpc']}",
