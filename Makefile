@@ -44,8 +44,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
+# --dist loadgroup: the tests of one xdist_group run in one process (tests/test_fleet_netns.py
+# starts its fleet of namespaces once), the others are spread as by default
 pytest: $(STAMP) debian-tools
-	$(VENV)/bin/pytest -n 3 -q --durations=25
+	$(VENV)/bin/pytest -n 3 --dist loadgroup -q --durations=25
 
 test: lint typecheck pytest
 

@@ -7,6 +7,7 @@ Where the other helpers live (no test module imports another; ``test_*.py`` hold
                              the site and second_site fixtures (plugin)
     tests/fleet.py           several hosts behind one WinCenter
     tests/netns.py           network namespaces on a private bridge, 198.18.0.0/15, links cut
+    tests/netfleet.py        hosts, WinCenter, PostgreSQL, S3, vmbackup workers, each in a namespace
     tests/postgresql.py      a private PostgreSQL cluster; postgresql_cluster, db_url (plugin)
     tests/s3server.py        SeaweedFS's S3 server across restarts; seaweed_s3 (plugin)
     tests/faultproxy.py      a TCP proxy that delays, cuts and stalls
