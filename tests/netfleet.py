@@ -223,19 +223,22 @@ class NetFleet:
         with self.state() as state:
             state.create_policy(name, vms=list(vms), schedule=YEARLY, repo=self.repo, now=made, **options)
 
+    def finished_run(self, policy: str) -> dict[str, Any] | None:
+        """The newest run of *policy* that ended (``vmbackup jobs --json``: its VMs'
+        outcomes), or None; fails when a worker exited by itself."""
+        for worker in self.workers:
+            assert worker.proc is None or worker.proc.poll() is None or worker.proc.returncode < 0, (
+                f"{worker.ns.name} exited {worker.proc.returncode}: {worker.log.read_text()[-2000:]}"
+            )
+        runs = _json(self.vmbackup("jobs", "--policy", policy, "--json"))["runs"]
+        finished = [run for run in runs if run["state"] != "running"]
+        return finished[0] if finished else None
+
     def wait_run(self, policy: str, timeout: float = 120) -> dict[str, Any]:
-        """The run of *policy* once it ended (``vmbackup jobs --json``, its VMs' outcomes)."""
-
-        def ended() -> dict[str, Any] | None:
-            for worker in self.workers:
-                assert worker.proc is None or worker.proc.poll() is None or worker.proc.returncode < 0, (
-                    f"{worker.ns.name} exited {worker.proc.returncode}: {worker.log.read_text()[-2000:]}"
-                )
-            runs = _json(self.vmbackup("jobs", "--policy", policy, "--json"))["runs"]
-            finished = [run for run in runs if run["state"] != "running"]
-            return finished[0] if finished else None
-
-        return wait_until(ended, timeout, f"a run of policy {policy} to end", interval=0.5)
+        """The run of *policy* once it ended."""
+        return wait_until(
+            lambda: self.finished_run(policy), timeout, f"a run of policy {policy} to end", interval=0.5
+        )
 
     def points(self) -> dict[str, list[dict[str, Any]]]:
         """The repository's restore points by VM name."""
