@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Sequence
 
 import pytest
+from xdist.scheduler import LoadGroupScheduling
 
 # fixtures for any test directory: seaweed_s3; site, second_site; postgresql_cluster, db_url; tls_dir
 pytest_plugins = ["tests.s3server", "tests.sites", "tests.postgresql", "tests.nbd.serving"]
@@ -39,3 +40,26 @@ def _own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     """Each test its own ``$XDG_CACHE_HOME``: vmbackup's local caches (the index cache)
     of one test never answer another's (the processes a test starts inherit it)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+# Modules whose tests share one expensive module fixture: `--dist loadgroup` (make test)
+# runs each of them whole in one xdist process.
+ONE_PROCESS = {"tests/test_fleet_netns.py"}  # its fleet of network namespaces
+
+
+class _LoadGroup(LoadGroupScheduling):
+    """xdist's loadgroup, with the modules of :data:`ONE_PROCESS` as groups. Their
+    ``xdist_group`` mark alone does not group them: xdist 3.8 names a group by appending
+    it to ``item._nodeid``, which pytest 9.2 no longer reads (a node's id is ``_id``), so
+    every test goes its own way – and each process that gets one starts the fleet."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return module if module in ONE_PROCESS else super()._split_scope(nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> LoadGroupScheduling | None:
+    """The scheduler of ``--dist loadgroup``: :class:`_LoadGroup`."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    return _LoadGroup(config, log)  # type: ignore[arg-type]
