@@ -14,6 +14,10 @@ Members of one :class:`NetFleet` (``prefix`` tells two sites apart: ``s1-host0``
     {prefix}worker<i> vmbackup serve :9478 /metrics, /health; NBD :10810 (instant restores)
     {prefix}ctl       the operator's machine: ``vmbackup`` commands (list, verify, jobs, restore)
 
+WinCenter runs with ``--queue-wait 5`` (a backup queued behind one that cannot be
+released – its host cut off – fails after 5 s instead of 15 minutes) and
+``--retry-seconds 1``; the workers with ``--tick 0.5 --retries 1 --retry-delay 1``.
+
 Every other port is fixed: each namespace has its own ports, nobody else listens there. Each
 daemon's output goes to ``<root>/logs/<member>.log`` (the first place to look when a
 scenario fails), the state directories are ``<root>/<member>``.
