@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 
+from agentless.wincenter.client import CenterApiError
 from tests.helpers import wait_until
 from tests.netfleet import NetFleet, running_netfleet
 from tests.netns import Topology, topology
@@ -223,10 +224,15 @@ def test_a_host_cut_off_fails_its_vms_clearly_and_they_succeed_once_it_is_back(f
     finally:
         fleet.topology.mend(lost.ns)
 
-    with fleet.center.client() as center:  # WinCenter sees the host again
-        wait_until(
-            lambda: center.sync_host(lost.name).state == "online", 30, f"{lost.name} to be online again"
-        )
+    def online() -> bool:  # WinCenter reaches the host again (a 502 until ARP has it back)
+        try:
+            return center.sync_host(lost.name).state == "online"
+        except CenterApiError as error:
+            assert error.status == 502, error
+            return False
+
+    with fleet.center.client() as center:
+        wait_until(online, 30, f"{lost.name} to be online again", interval=0.2)
     fleet.due_policy("cut-2", names)
     try:
         again = fleet.wait_run("cut-2")
