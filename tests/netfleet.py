@@ -177,6 +177,7 @@ class Worker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             assert self.proc.wait(60) == 0, self.log.read_text()[-2000:]
+            self.proc = None  # stopped on purpose: not a worker that exited by itself
 
 
 @dataclasses.dataclass
