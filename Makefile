@@ -14,7 +14,7 @@ DEBIAN_TOOLS_LEAN := qemu-system-x86 systemd
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster \
 	sfdisk sgdisk mkfs.vfat mkntfs ntfscp mkfs.xfs mcopy mkfs.exfat mount.exfat-fuse vgcfgrestore systemd-analyze
 
-.PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance bench-files fuzz-files campaign clean openapi
+.PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance bench-files bench-fleet fuzz-files campaign clean openapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-maintenance: $(STAMP)
 # file-level restore against `vmbackup export` (docs/performance.md "File-level restore")
 bench-files: $(STAMP) debian-tools
 	$(PY) bench/file_restore.py $(FILES_BENCH_FLAGS)
+
+# issue 18: 1 and 2 workers in the network-namespace fleet (root), and claims at scale
+bench-fleet: $(STAMP) debian-tools
+	$(PY) bench/fleet.py
+	$(PY) bench/claims_scale.py
 
 # 300 damaged guest file systems listed and extracted (make test runs 12)
 fuzz-files: $(STAMP) debian-tools
