@@ -31,6 +31,7 @@ not their VMs or policies, so each one's counts are its own.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import random
@@ -122,10 +123,21 @@ def _starters(fleet: NetFleet, since: datetime.datetime) -> list[str]:
             offset += len(page)
 
 
-def _dropped(fleet: NetFleet, *policies: str) -> None:
-    with fleet.state() as state:
-        for policy in policies:
-            state.delete_policy(policy)
+@contextlib.contextmanager
+def _policy(fleet: NetFleet, name: str, names: Sequence[str]) -> Iterator[None]:
+    """A policy over *names*, due now, removed on the way out (each test's own)."""
+    fleet.due_policy(name, names)
+    try:
+        yield
+    finally:
+        with fleet.state() as state:
+            state.delete_policy(name)
+
+
+def _run(fleet: NetFleet, name: str, names: Sequence[str], timeout: float = 120) -> dict[str, Any]:
+    """A policy over *names* run by the workers: its run once it ended."""
+    with _policy(fleet, name, names):
+        return fleet.wait_run(name, timeout)
 
 
 def _reading(fleet: NetFleet, names: Sequence[str]) -> bool:
@@ -173,11 +185,7 @@ def test_a_policy_over_30_vms_on_3_hosts_backs_each_up_once(fleet: NetFleet) -> 
     made = fleet.make_vms(names, 2 * MiB, seed=1)
     assert {index for index, _model in made.values()} == {0, 1, 2}
     since = datetime.datetime.now(datetime.UTC)
-    fleet.due_policy("thirty", names)
-    try:
-        run = fleet.wait_run("thirty")
-    finally:
-        _dropped(fleet, "thirty")
+    run = _run(fleet, "thirty", names)
     outcomes = _by_vm(run)
     assert sorted(outcomes) == names
     assert run["state"] == "succeeded", [(o["vm"], o["error"]) for o in run["vms"] if o["error"]]
@@ -203,11 +211,7 @@ def test_a_host_cut_off_fails_its_vms_clearly_and_they_succeed_once_it_is_back(f
     assert not any(_completed(fleet, names).values())  # no backups yet; the VMs' ids known
     fleet.topology.cut(lost.ns)
     try:
-        fleet.due_policy("cut-1", names)
-        try:
-            run = fleet.wait_run("cut-1")
-        finally:
-            _dropped(fleet, "cut-1")
+        run = _run(fleet, "cut-1", names)
         outcomes = _by_vm(run)
         assert run["state"] == "failed"
         assert sorted(name for name, o in outcomes.items() if o["outcome"] == "succeeded") == elsewhere
@@ -229,11 +233,7 @@ def test_a_host_cut_off_fails_its_vms_clearly_and_they_succeed_once_it_is_back(f
 
     with fleet.center.client() as center:
         wait_until(online, 30, f"{lost.name} to be online again", interval=0.2)
-    fleet.due_policy("cut-2", names)
-    try:
-        again = fleet.wait_run("cut-2")
-    finally:
-        _dropped(fleet, "cut-2")
+    again = _run(fleet, "cut-2", names)
     outcomes = _by_vm(again)
     assert again["state"] == "succeeded", again
     types = {name: o["type"] for name, o in outcomes.items() if name in on_lost}
@@ -254,15 +254,12 @@ def test_the_s3_server_killed_and_restarted_mid_backup(fleet: NetFleet) -> None:
     assert fleet.s3 is not None
     [name] = names = ["s3-crash"]
     _random_vms(fleet, names, 16 * MiB, seed=3)
-    fleet.due_policy("s3-crash", names)
-    try:
+    with _policy(fleet, "s3-crash", names):
         wait_until(lambda: _reading(fleet, names), 60, "the backup to be reading the disk", interval=0.05)
         killed = datetime.datetime.now(datetime.UTC)
         fleet.s3.stop()  # kill -9
         fleet.s3.start()  # the same ports and data
         run = fleet.wait_run("s3-crash")
-    finally:
-        _dropped(fleet, "s3-crash")
     [outcome] = run["vms"]
     assert run["state"] == "succeeded" and outcome["outcome"] == "succeeded", run
     _check_ledger(fleet, {name: 1})
@@ -283,9 +280,10 @@ def test_postgresql_restarted_mid_run(fleet: NetFleet) -> None:
     assert fleet.pg is not None
     names = [f"pg-{i}" for i in range(3)]
     _random_vms(fleet, names, 16 * MiB, seed=4)
-    fleet.due_policy("pg-restart", names)
+    stack = contextlib.ExitStack()
     ended = False
     try:
+        stack.enter_context(_policy(fleet, "pg-restart", names))
         wait_until(lambda: _reading(fleet, names), 60, "a backup to be reading a disk", interval=0.05)
         fleet.pg.restart(down=4.0)  # longer than the rest of the read: its completion meets the outage
         stuck: list[float] = []
@@ -304,7 +302,7 @@ def test_postgresql_restarted_mid_run(fleet: NetFleet) -> None:
         run = wait_until(ended_or_stuck, 60, "the run to end", interval=0.5)
         ended = True
     finally:
-        _dropped(fleet, "pg-restart")
+        stack.close()
         if not ended:  # its VMs' jobs wait on WinCenter for an hour: a worker without them
             fleet.workers[0].kill()
             fleet.workers[0].start()
@@ -318,11 +316,7 @@ def test_a_restore_to_another_host_of_the_pool(fleet: NetFleet) -> None:
     made = fleet.make_vms(["move-0", "move-1", "move-2"], 4 * MiB, seed=5)
     index, model = made["move-0"]
     source, target = fleet.hosts[index], fleet.hosts[(index + 1) % 3]
-    fleet.due_policy("move", ["move-0"])
-    try:
-        run = fleet.wait_run("move")
-    finally:
-        _dropped(fleet, "move")
+    run = _run(fleet, "move", ["move-0"])
     assert run["state"] == "succeeded", run
     point = run["vms"][0]["point"]
     done = fleet.vmbackup("restore", point, "--as-new-vm", "moved", "--target", target.name, "--json")
@@ -352,11 +346,7 @@ def test_two_workers_share_a_policy_over_30_vms_each_vm_once(fleet: NetFleet) ->
         names = [f"shared-{i:02d}" for i in range(30)]
         fleet.make_vms(names, 2 * MiB, seed=6)
         since = datetime.datetime.now(datetime.UTC)
-        fleet.due_policy("shared", names)
-        try:
-            run = fleet.wait_run("shared")
-        finally:
-            _dropped(fleet, "shared")
+        run = _run(fleet, "shared", names)
         assert run["state"] == "succeeded", run
         assert sorted(_by_vm(run)) == names
         _check_ledger(fleet, dict.fromkeys(names, 1))
@@ -381,13 +371,10 @@ def test_a_worker_killed_mid_run_its_vms_finish_on_the_other(fleet: NetFleet) ->
     try:
         names = [f"orphan-{i:02d}" for i in range(12)]
         _random_vms(fleet, names, 8 * MiB, seed=7)
-        fleet.due_policy("orphans", names)
-        try:
+        with _policy(fleet, "orphans", names):
             wait_until(lambda: _reading(fleet, names), 60, "backups to be reading", interval=0.05)
             first.kill()
             run = fleet.wait_run("orphans", timeout=180)
-        finally:
-            _dropped(fleet, "orphans")
         assert run["state"] == "succeeded", run
         outcomes = _by_vm(run)
         assert sorted(outcomes) == names

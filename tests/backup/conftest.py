@@ -17,6 +17,7 @@ listens on) come from the real server.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -65,6 +66,19 @@ def vmbackup_process(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def serving(daemon: subprocess.Popen[str]) -> tuple[int, str]:
+    """Read a ``vmbackup serve``'s stderr until it logs where /metrics and /health
+    listen: that port, and what it wrote so far (AssertionError if it exits first)."""
+    assert daemon.stderr is not None
+    said = ""
+    for line in daemon.stderr:
+        said += line
+        listening = re.search(r"/metrics and /health on http://\S+:(\d+)", line)
+        if listening:
+            return int(listening[1]), said
+    raise AssertionError(f"vmbackup serve exited {daemon.wait()} before it listened: {said}")
 
 
 def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from agentless.backup.policies import State
 from agentless.backup.repository import Repository
 from agentless.backup.scheduler import Limits, Runner, Scheduler
 from agentless.winserver.client import HostClient
-from tests.backup.conftest import _ok, vmbackup, vmbackup_process
+from tests.backup.conftest import _ok, serving, vmbackup, vmbackup_process
 from tests.helpers import wait_until
 from tests.sites import Site
 from tests.sites import configure as _configure
@@ -422,14 +422,8 @@ def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], int, str]:
     """``vmbackup serve`` on a port it picks (``--listen 127.0.0.1:0``), returned once it
     logged where it listens: the process, that port, and what it wrote to stderr so far."""
     daemon = vmbackup_process(env, "serve", "--listen=127.0.0.1:0", "--tick=0.5", "--connections=1")
-    assert daemon.stderr is not None
-    said = ""
-    for line in daemon.stderr:
-        said += line
-        listening = re.search(r"/metrics and /health on http://\S+:(\d+)", line)
-        if listening:
-            return daemon, int(listening[1]), said
-    raise AssertionError(f"vmbackup serve exited {daemon.wait()} before it listened: {said}")
+    port, said = serving(daemon)
+    return daemon, port, said
 
 
 def _ticked_since(url: str, when: datetime.datetime) -> bool:

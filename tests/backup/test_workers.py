@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import signal
 import subprocess
 import urllib.request
@@ -22,7 +21,7 @@ import pytest
 from agentless.backup.center import every_vm
 from agentless.backup.policies import State
 from agentless.backup.repository import Repository
-from tests.backup.conftest import _ok, vmbackup, vmbackup_process
+from tests.backup.conftest import _ok, serving, vmbackup, vmbackup_process
 from tests.fleet import Fleet, running_fleet
 from tests.helpers import wait_until
 from tests.postgresql import PgCluster
@@ -49,21 +48,9 @@ def _spawn(env: dict[str, str], database: str, name: str, *options: str) -> subp
     )
 
 
-def _listening(daemon: subprocess.Popen[str]) -> int:
-    """The port of the worker's /metrics, once it logged it."""
-    assert daemon.stderr is not None
-    said = ""
-    for line in daemon.stderr:
-        said += line
-        listening = re.search(r"/metrics and /health on http://\S+:(\d+)", line)
-        if listening:
-            return int(listening[1])
-    raise AssertionError(f"vmbackup serve exited {daemon.wait()} before it listened: {said}")
-
-
 def _serve(env: dict[str, str], database: str, name: str, *options: str) -> tuple[subprocess.Popen[str], int]:
     daemon = _spawn(env, database, name, *options)
-    return daemon, _listening(daemon)
+    return daemon, serving(daemon)[0]
 
 
 def _stop(daemon: subprocess.Popen[str]) -> str:
@@ -134,7 +121,7 @@ def test_two_workers_share_a_run_and_back_each_vm_up_once(
         _spawn(env, database, "w1", "--per-host=1", "--max-jobs=1"),
         _spawn(env, database, "w2", "--per-host=1", "--max-jobs=1", "--hosts=host-1"),  # near host-1
     ]
-    workers = [(daemon, _listening(daemon)) for daemon in started]
+    workers = [(daemon, serving(daemon)[0]) for daemon in started]
     try:
         run = _ended(env, database, [w for w, _port in workers])
         listed = _ok(vmbackup(env, "workers", "--json", "--database", database))["workers"]
