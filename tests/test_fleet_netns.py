@@ -397,28 +397,26 @@ def test_a_worker_killed_mid_run_its_vms_finish_on_the_other(fleet: NetFleet) ->
 def test_disaster_site_1_lost_its_vm_restored_at_site_2_from_site_2s_s3(
     fleet: NetFleet, net: Topology, tmp_path: Path
 ) -> None:
-    """Site 1 (a host, a WinCenter on SQLite, a worker: namespaces ``s1-*`` on the same
-    bridge) backs a VM up under a policy whose off-site copy goes to site 2's S3 server
-    (site 2 is the module's fleet). Site 1 is then destroyed – every process killed, its
-    namespaces and directories removed – and the VM is restored at site 2, by site 2's
-    WinCenter onto site 2's host, from site 2's S3 alone, byte for byte.
-
-    Site 1 keeps its own repository in a directory of its worker's, not on an S3 server
-    of its own: an ``s3://`` location names no endpoint (``AWS_ENDPOINT_URL`` is one per
-    process), so one policy cannot keep its repository on one S3 server and copy to
-    another (see the report of issue 18 item 3)."""
+    """Site 1 (a host, a WinCenter on SQLite, an S3 server, a worker: namespaces ``s1-*``
+    on the same bridge) backs a VM up into its own S3 server under a policy whose
+    off-site copy goes to site 2's S3 server (site 2 is the module's fleet) – the copy's
+    location names its server (``?endpoint=``), site 1's own is its ``AWS_ENDPOINT_URL``.
+    Site 1 is then destroyed – every process killed, its namespaces and directories
+    removed – and the VM is restored at site 2, by site 2's WinCenter onto site 2's host,
+    from site 2's S3 alone, byte for byte."""
     assert fleet.s3 is not None
-    offsite = f"{fleet.repo.rsplit('/', 1)[0]}/from-site-1"
+    offsite = f"{fleet.repo.rsplit('/', 1)[0]}/from-site-1?endpoint={fleet.s3.endpoint_url}"
     root = tmp_path / "site1"
-    with running_netfleet(net, root, hosts=1, postgresql=False, s3=False, prefix="s1-", workers=0) as site1:
-        site1.env |= fleet.s3.environment()  # the off-site copy's S3: site 2's
+    with running_netfleet(net, root, hosts=1, postgresql=False, s3=True, prefix="s1-", workers=0) as site1:
+        assert site1.s3 is not None and site1.s3.endpoint_url != fleet.s3.endpoint_url
         _json(site1.vmbackup("init", offsite, "--json"))
         site1.add_worker()
         made = site1.make_vms(["app"], 4 * MiB, seed=8)
         site1.due_policy("dr", ["app"], copy_to=offsite)
         run = site1.wait_run("dr")
         assert run["state"] == "succeeded", run
-        [point] = site1.points()["app"]
+        [point] = site1.points()["app"]  # in site 1's own S3
+        assert site1.repo.startswith("s3://")
         for ns in [ns for name, ns in net.members.items() if name.startswith("s1-")]:
             net.remove(ns)  # site 1 is lost: every machine of it
     shutil.rmtree(root)

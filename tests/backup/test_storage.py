@@ -773,3 +773,36 @@ def test_retry_list_resumes_without_duplicates() -> None:
     inner.failures = 2
     assert list(backend.list_sizes("data/")) == [(f"data/{i}", 0) for i in range(5)]
     assert len(sleeps) == 4
+
+
+def test_an_s3_location_names_its_own_server_and_profile(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``s3://bucket/prefix?endpoint=URL&profile=NAME``: the location's server wins over
+    ``AWS_ENDPOINT_URL`` (here a port nobody listens on) and the profile's keys over none
+    in the environment – one process reaches two S3 clusters, a repository and its
+    off-site copy. Another option, or an endpoint that is not http(s), is one clear error."""
+    bucket = s3_server.create_bucket()
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[site-b]\n"
+        f"aws_access_key_id = {S3_CREDENTIALS['access_key_id']}\n"
+        f"aws_secret_access_key = {S3_CREDENTIALS['secret_access_key']}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{refused_port()}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    monkeypatch.setenv("VMBACKUP_STORAGE_RETRY", "0")
+    location = f"s3://{bucket}/repo?endpoint={s3_server.endpoint_url}&profile=site-b"
+    with open_backend(location) as backend:
+        backend.put("config", b"here")
+        assert backend.get("config") == b"here"
+    assert s3_server.client.get_object(Bucket=bucket, Key="repo/config")["Body"].read() == b"here"
+    with open_backend(f"s3://{bucket}/repo") as elsewhere, pytest.raises(StorageError, match="endpoint"):
+        elsewhere.get("config")  # AWS_ENDPOINT_URL's server: nobody there
+    for wrong in ("?region=x", "?endpoint=ftp://h:1", "?endpoint=", "?profile=a&profile=b"):
+        with pytest.raises(StorageError, match="S3 URL option"):
+            open_backend(f"s3://{bucket}/repo{wrong}")

@@ -105,7 +105,8 @@ def open_backend(location: str, **options: Any) -> Backend:
     """The backend for *location*:
 
     * ``/path``, ``relative/path`` or ``file:///path`` – :class:`LocalBackend` (no options);
-    * ``s3://bucket/prefix`` – :class:`S3Backend`, *options* being its keyword arguments
+    * ``s3://bucket/prefix[?endpoint=URL&profile=NAME]`` – :class:`S3Backend`, *options*
+      (over those of the URL's query) being its keyword arguments
       (``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``, ...), each
       one not given taken from the ``AWS_*`` environment variables as botocore does
       (``AWS_ENDPOINT_URL`` for MinIO or Ceph RGW); in a :class:`RetryBackend` that
@@ -121,7 +122,7 @@ def open_backend(location: str, **options: Any) -> Backend:
         bucket, prefix = s3.parse_s3_url(location)
         window = retry_window()
         try:
-            backend: Backend = s3.S3Backend(bucket, prefix, **options)
+            backend: Backend = s3.S3Backend(bucket, prefix, **(s3.s3_url_options(location) | options))
         except TypeError as error:
             raise StorageError(f"{location}: bad S3 options: {error}") from None
         return RetryBackend(backend, attempts=1 << 16, max_delay=8.0, window=window) if window else backend

@@ -27,7 +27,10 @@ whose window rides out a restart of the server.
 Configuration comes from the arguments, else from what botocore reads itself:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_DEFAULT_REGION`` (and ``AWS_REGION`` here), ``AWS_ENDPOINT_URL_S3`` or
-``AWS_ENDPOINT_URL``, ``~/.aws/config``. With an endpoint of its own (MinIO, Ceph RGW)
+``AWS_ENDPOINT_URL``, ``~/.aws/config``. A location may name its own server and profile
+(``s3://bucket/prefix?endpoint=https://host:port&profile=NAME``, :func:`s3_url_options`),
+so that one process reaches two S3 clusters – a repository and its off-site copy. With
+an endpoint of its own (MinIO, Ceph RGW)
 requests use path-style addressing (``http://host:port/bucket/key``) unless told
 otherwise, since such servers seldom have a DNS name per bucket.
 """
@@ -127,16 +130,38 @@ def _skip_200_check(events: Any, operation: str) -> None:
     events.register_first("before-parse.s3.*", every_other)
 
 
+_URL_OPTIONS = {"endpoint": "endpoint_url", "profile": "profile"}
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``; InvalidName if the
-    URL has no bucket or the prefix breaks the naming rule."""
+    URL has no bucket or the prefix breaks the naming rule. A query (the server and
+    profile: :func:`s3_url_options`) is not part of the bucket or prefix."""
     if not url.startswith("s3://"):
         raise InvalidName(f"not an S3 URL: {url!r} (s3://bucket/prefix)")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("?")[0].partition("/")
     prefix = prefix.strip("/")
     if not bucket or (prefix and not name_is_valid(prefix)):
         raise InvalidName(f"invalid S3 URL {url!r}: s3://bucket/prefix, prefix parts of [A-Za-z0-9._-]")
     return bucket, prefix
+
+
+def s3_url_options(url: str) -> dict[str, str]:
+    """The options an S3 URL names in its query – ``?endpoint=https://s3.site-b:9000``
+    (the server: another S3 cluster than ``AWS_ENDPOINT_URL``'s, e.g. an off-site copy's)
+    and ``&profile=NAME`` (the credentials of that profile in the AWS shared files) – as
+    :class:`S3Backend` arguments; InvalidName for any other, or an endpoint that is not
+    an http(s) URL. The credentials themselves never go in a URL."""
+    query = url.partition("?")[2]
+    found: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if name not in _URL_OPTIONS or not value or _URL_OPTIONS[name] in found:
+            raise InvalidName(f"S3 URL option {name!r}: give endpoint=URL and/or profile=NAME, once each")
+        found[_URL_OPTIONS[name]] = value
+    endpoint = urllib.parse.urlsplit(found.get("endpoint_url", "http://x"))
+    if endpoint.scheme not in ("http", "https") or not endpoint.netloc:
+        raise InvalidName(f"S3 URL option endpoint={found['endpoint_url']!r}: an http(s)://host:port URL")
+    return found
 
 
 def _transient(error: ClientError) -> bool:
@@ -162,6 +187,7 @@ class S3Backend(Closing):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         session_token: str | None = None,
+        profile: str | None = None,
         addressing_style: AddressingStyle | None = None,
         max_attempts: int = 5,
         connect_timeout: float = 10.0,
@@ -188,7 +214,7 @@ class S3Backend(Closing):
             s3={"addressing_style": addressing_style},
         )
         try:
-            session = botocore.session.Session()
+            session = botocore.session.Session(profile=profile)
             # botocore parses every listed key's LastModified with dateutil, ~0.1 ms a key
             # (a CPU-second to list 10 000 restore points); nothing here reads one: strings
             parsers = session.get_component("response_parser_factory")
