@@ -234,7 +234,7 @@ def test_a_stopping_worker_hands_scheduled_vms_back_and_ends_its_one_off_run(
         if c.trigger == "manual":
             assert a.end(c, Outcome.CANCELLED, error="stopped")
     assert a.claim(stopping=True, due=clock.now) == FinishClaim(one_off, "adhoc")
-    a.stop(requeue=True)
+    a.stop()
     assert _vms(state, scheduled) == {"vm-000": ("queued", None, 1)}
     b = _worker(state, "b")
     assert isinstance(b.claim(due=clock.now), VmClaim)

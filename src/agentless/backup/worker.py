@@ -240,7 +240,7 @@ class Runner:
         finally:
             beating.set()
         try:
-            self.claims.stop(requeue=True)
+            self.claims.stop()
         except PolicyError as error:
             self.log(f"worker {self.name}: could not say it stopped ({error}); it counts as dead soon")
 
