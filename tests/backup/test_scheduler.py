@@ -419,9 +419,13 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
 
 
 def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], int, str]:
-    """``vmbackup serve`` on a port it picks (``--listen 127.0.0.1:0``), returned once it
-    logged where it listens: the process, that port, and what it wrote to stderr so far."""
-    daemon = vmbackup_process(env, "serve", "--listen=127.0.0.1:0", "--tick=0.5", "--connections=1")
+    """``vmbackup serve`` on ports it picks (``--listen 127.0.0.1:0``, and for instant
+    restores ``--nbd-listen 127.0.0.1:0``: two tests' daemons at once once collided on the
+    default 10810), returned once it logged where it listens: the process, that port, and
+    what it wrote to stderr so far."""
+    daemon = vmbackup_process(
+        env, "serve", "--listen=127.0.0.1:0", "--nbd-listen=127.0.0.1:0", "--tick=0.5", "--connections=1"
+    )
     port, said = serving(daemon)
     return daemon, port, said
 
