@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -52,7 +53,7 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .errors import PolicyError
-from .locks import machine, process_gone, process_owner
+from .locks import machine, process_gone
 from .policies import Meta, Outcome, Policy, Run, RunState, RunVm, State, WorkerRow, naive, utcnow
 
 __all__ = [
@@ -205,7 +206,7 @@ class Claims:
                 WorkerRow(
                     name=self.spec.name,
                     machine=machine(),
-                    hostname=process_owner().partition(":")[0],
+                    hostname=socket.gethostname(),
                     pid=os.getpid(),
                     hosts=list(self.spec.hosts),
                     interval=self.spec.interval,

@@ -386,10 +386,7 @@ class Runner:
                         return self.state.run(run_id)  # a scheduled run goes on with the other workers
                 elif not self._working():
                     self._start()
-                if self.stop.is_set():
-                    time.sleep(0.3)  # its loop ends the one-off run: wait for that
-                else:
-                    self.stop.wait(0.3)
+                time.sleep(0.3)
         finally:
             with self._guard:
                 self._waiting -= 1
