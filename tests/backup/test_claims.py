@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
+import agentless.backup.instants  # noqa: F401 – its tables on the state, as `serve` has them
 from agentless.backup import claims as claims_module
 from agentless.backup.claims import (
     Claims,
@@ -362,3 +363,21 @@ def test_claims_racing_from_many_connections_take_each_vm_once_within_the_limits
 
 def _pending(state: State, run_id: int) -> bool:
     return any(vm.outcome in ("queued", "running") for vm in state.run(run_id).vms)
+
+
+def test_workers_opening_a_new_database_together_make_its_tables_once(postgresql_cluster: PgCluster) -> None:
+    """Eight openers of one new PostgreSQL database at once (workers started together):
+    none fails – two CREATE TABLEs of one table raced in PostgreSQL's catalog – and the
+    state is whole."""
+    url = postgresql_cluster.create_database()
+    barrier = threading.Barrier(8)
+
+    def open_state(_: int) -> int:
+        barrier.wait()
+        with State(url) as state:
+            return len(state.policies())
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(open_state, range(8))) == [0] * 8
+    with State(url) as state:
+        assert state.create_policy("after", all_vms=True, schedule="@daily", repo="/r").name == "after"

@@ -103,6 +103,7 @@ _ADDED = {
         "not_before": "FLOAT",
     },
 }
+_SCHEMA_LOCK = 0x766D6275  # PostgreSQL advisory lock key of the schema's creation ("vmbu")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
@@ -346,8 +347,12 @@ class State:
             options["connect_args"] = {"timeout": 30, "check_same_thread": False}
         try:
             self.engine: Engine = create_engine(url, **options)
-            _Base.metadata.create_all(self.engine)
-            with Session(self.engine) as session, session.begin():
+            # one transaction, one opener at a time: workers starting together on a new
+            # PostgreSQL database raced in CREATE TABLE (a duplicate key in pg_type)
+            with self.engine.begin() as connection, Session(bind=connection) as session:
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+                _Base.metadata.create_all(connection)
                 version = session.get(Meta, "schema")
                 if version is None:
                     session.add(Meta(key="schema", value=str(SCHEMA_VERSION)))
@@ -359,6 +364,7 @@ class State:
                     raise PolicyError(redact(unknown))
                 if session.get(Meta, "claims") is None:  # the row every claim locks first (.claims)
                     session.add(Meta(key="claims", value="0"))
+                session.flush()
         except SQLAlchemyError as error:
             raise PolicyError(redact(f"state database {url}: {_first_line(error)}")) from None  # no password
 
