@@ -8,11 +8,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEBIAN_TOOLS := qemu-utils libnbd-bin nbdkit nbd-server postgresql fdisk gdisk dosfstools ntfs-3g xfsprogs mtools exfatprogs exfat-fuse lvm2
 # qemu for the VM driver: without its recommends (a GUI stack the tests do not need);
-# systemd for systemd-analyze, -sysusers and -tmpfiles (tests/test_deploy.py)
-DEBIAN_TOOLS_LEAN := qemu-system-x86 systemd
+# systemd for systemd-analyze, -sysusers and -tmpfiles (tests/test_deploy.py); chromium, the
+# consoles' browser tests' (driven by Playwright, tests/browser.py)
+DEBIAN_TOOLS_LEAN := qemu-system-x86 systemd chromium
 # programs whose presence tells that the Debian tools are installed
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster \
-	sfdisk sgdisk mkfs.vfat mkntfs ntfscp mkfs.xfs mcopy mkfs.exfat mount.exfat-fuse vgcfgrestore systemd-analyze
+	sfdisk sgdisk mkfs.vfat mkntfs ntfscp mkfs.xfs mcopy mkfs.exfat mount.exfat-fuse vgcfgrestore systemd-analyze chromium
 
 .PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance bench-files bench-fleet fuzz-files campaign clean openapi
 
