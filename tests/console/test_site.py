@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
 
 import pytest
 from fastapi import Depends, FastAPI, Request
@@ -67,12 +66,14 @@ def client(console: Console) -> Iterator[TestClient]:
     app = FastAPI()
     acted: list[str] = []
 
+    reader, operator = console.page("read"), console.action("operate")
+
     @console.router.get("/", response_class=HTMLResponse)
-    def home(request: Request, session: Annotated[Session, Depends(console.page("read"))]) -> Response:
+    def home(request: Request, session: Session = Depends(reader)) -> Response:
         return console.render(request, session, "home.html")
 
     @console.router.post("/act")
-    def act(session: Annotated[Session, Depends(console.action("operate"))]) -> Response:
+    def act(session: Session = Depends(operator)) -> Response:
         acted.append(session.identity.name)
         return Response("done")
 

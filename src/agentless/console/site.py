@@ -36,7 +36,7 @@ import importlib.resources
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
@@ -314,10 +314,10 @@ class Console:
             )
             return answer
 
+        signed_in = self.action(None)
+
         @self.router.post("/logout")
-        async def logout(
-            request: Request, session: Annotated[Session, Depends(self.action(None))]
-        ) -> Response:
+        async def logout(request: Request, session: Session = Depends(signed_in)) -> Response:
             console.sessions.sign_out(_cookie(request.headers.get("cookie", ""), console.cookie))
             answer = RedirectResponse(f"{console.prefix}/login", status_code=303)
             answer.delete_cookie(console.cookie, path="/", secure=True, httponly=True, samesite="strict")
