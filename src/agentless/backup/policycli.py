@@ -6,12 +6,14 @@ as the other commands do (:class:`Hooks`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentless.commands import emit
@@ -24,10 +26,12 @@ from .clitools import Command, repo_location, repo_password
 from .errors import PolicyError, RepositoryError, SettingsError, VmbackupError
 from .jobcli import open_center
 from .prune import KEEP, RULES
-from .settings import DEFAULT_NBD_PORT, Settings, given_password, state_url
+from .settings import DEFAULT_NBD_PORT, Settings, given_password, settings_path, state_url
 from .storage import open_backend
 
 if TYPE_CHECKING:
+    from .consoleserver import ConsoleServer
+    from .daemon import Daemon
     from .policies import Policy, Run, State
     from .scheduler import Limits, Runner
 
@@ -343,17 +347,63 @@ def _cmd_serve(hooks: Hooks, args: argparse.Namespace) -> int:
         except OSError as error:
             daemon.http.server_close()
             raise SettingsError(f"cannot listen on {args.nbd_listen}: {error.strerror or error}") from None
-        with daemon, instant:
+        with daemon, instant, _console(hooks, args, daemon) as console:
             where = "{}:{}".format(*daemon.address)
             _log(
                 f"worker {runner.name}: serving {len(state.policies())} policies; "
                 f"/metrics and /health on http://{where}"
             )
             _log(f"instant restores served over NBD with TLS at {instant.uri}")
+            if console is not None:
+                _log(f"console on {console.url} (certificate SHA-256 {console.certificate.fingerprint})")
             if not daemon.wait():
                 raise VmbackupError("the scheduler loop ended unexpectedly (see the lines above)")
             _log("stopping: running backups are aborted; instant restores are served again at the next start")
     return 0
+
+
+@contextlib.contextmanager
+def _console(hooks: Hooks, args: argparse.Namespace, daemon: Daemon) -> Iterator[ConsoleServer | None]:
+    """The console's server (``--console-listen``), serving while the context is open;
+    None when no console is asked for."""
+    if not args.console_listen:
+        yield None
+        return
+    from agentless.console import SessionStore
+    from agentless.console.certificate import console_certificate
+
+    from .console import make_console_app
+    from .consoleserver import ConsoleServer
+    from .consolesite import ConsoleSite, identify
+
+    host, _, port = args.console_listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SettingsError(f"--console-listen {args.console_listen!r}: give HOST:PORT, e.g. 127.0.0.1:9480")
+    if args.console_idle <= 0:
+        raise SettingsError("--console-idle must be more than 0")
+    try:
+        certificate = console_certificate(
+            Path(settings_path()).parent / "console", args.console_cert, args.console_key, [host.strip("[]")]
+        )
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"the console's certificate: {error}") from None
+
+    def center_access() -> tuple[str, str]:
+        url, _token, ca_pem = Settings.load().center_access()
+        return url, ca_pem
+
+    sessions = SessionStore(identify(center_access), idle=args.console_idle * 60)
+    default = os.environ.get("VMBACKUP_REPO") or Settings.load().repo
+    site = ConsoleSite(daemon, functools.partial(hooks.center, args), hooks.password(args), default, _log)
+    try:
+        server = ConsoleServer(make_console_app(site, sessions), host.strip("[]"), int(port), certificate)
+    except OSError as error:
+        raise SettingsError(f"cannot listen on {args.console_listen}: {error.strerror or error}") from None
+    with server:
+        try:
+            yield server
+        finally:
+            site.board.cancel_all()
 
 
 # ---------------------------------------------------------------------- the parser
@@ -477,6 +527,24 @@ def add_commands(command: Command) -> None:
         metavar="HOST:PORT",
         help="where instant restores' disks are served (NBD with TLS); keep the port across restarts: "
         f"hosts reconnect to it (default 127.0.0.1:{DEFAULT_NBD_PORT})",
+    )
+    p.add_argument(
+        "--console-listen",
+        metavar="HOST:PORT",
+        help="serve the web console over HTTPS here, e.g. 127.0.0.1:9480 (default: no console)",
+    )
+    p.add_argument(
+        "--console-cert",
+        metavar="FILE",
+        help="the console's certificate (PEM; default: one made at first start, kept beside the config)",
+    )
+    p.add_argument("--console-key", metavar="FILE", help="the private key of --console-cert (PEM)")
+    p.add_argument(
+        "--console-idle",
+        type=float,
+        default=30.0,
+        metavar="MINUTES",
+        help="a console session unused this long ends (default 30; any session ends 12 h after sign-in)",
     )
     p.add_argument(
         "--nbd-address",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .certificate import console_certificate
 from .live import event_stream
 from .sessions import FAILURE_LIMIT, FAILURE_WINDOW, Identity, Session, SessionStore, Throttled
-from .site import CSP, MAX_FORM, MAX_LOGIN, Console, ConsoleGuard, Denied, NavItem, SignInNeeded
+from .site import CSP, MAX_FORM, MAX_LOGIN, Console, ConsoleGuard, Denied, NavItem, SignInNeeded, Unavailable
 
 __all__ = [
     "CSP",
@@ -24,6 +24,7 @@ __all__ = [
     "SessionStore",
     "SignInNeeded",
     "Throttled",
+    "Unavailable",
     "console_certificate",
     "event_stream",
 ]

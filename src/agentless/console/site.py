@@ -48,7 +48,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .sessions import Identity, Session, SessionStore, Throttled
 
-__all__ = ["CSP", "MAX_FORM", "MAX_LOGIN", "Console", "ConsoleGuard", "Denied", "NavItem", "SignInNeeded"]
+__all__ = [
+    "CSP",
+    "MAX_FORM",
+    "MAX_LOGIN",
+    "Console",
+    "ConsoleGuard",
+    "Denied",
+    "NavItem",
+    "SignInNeeded",
+    "Unavailable",
+]
 
 MAX_LOGIN = 4096
 MAX_FORM = 64 * 1024
@@ -83,6 +93,14 @@ class NavItem:
 
 class SignInNeeded(Exception):
     """No live session: a page is sent to the sign-in form, anything else gets 401."""
+
+
+class Unavailable(Exception):
+    """A session's token cannot be checked now (the daemon that knows tokens is away): 503."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
 
 
 class Denied(Exception):
@@ -202,6 +220,7 @@ class Console:
         app.include_router(self.router)
         app.add_exception_handler(SignInNeeded, self._on_sign_in_needed)
         app.add_exception_handler(Denied, self._on_denied)
+        app.add_exception_handler(Unavailable, self._on_denied)
         app.add_middleware(ConsoleGuard, console=self)
 
     def owns(self, path: str) -> bool:
@@ -222,7 +241,10 @@ class Console:
         session)."""
 
         def dependency(request: Request) -> Session:
-            session = self.session_of(request.headers)
+            try:
+                session = self.session_of(request.headers)
+            except Exception as error:  # the token's check failed: not signed out, not let in
+                raise Unavailable(f"your sign-in cannot be checked now: {error}") from None
             if session is None:
                 raise SignInNeeded()
             if permission is not None and not session.identity.can(permission):
@@ -297,6 +319,9 @@ class Console:
                 made = console.sessions.sign_in(token.strip(), client)
             except Throttled as error:
                 return console.render(request, None, "console/login.html", 429, next=next, error=str(error))
+            except Exception as error:  # whoever checks tokens is away
+                detail = f"the token cannot be checked now: {error}"
+                return console.render(request, None, "console/login.html", 503, next=next, error=detail)
             if made is None:
                 return console.render(
                     request, None, "console/login.html", 401, next=next, error="unknown or revoked token"
@@ -334,9 +359,10 @@ class Console:
         return answer
 
     async def _on_denied(self, request: Request, error: Exception) -> Response:
-        detail = error.detail if isinstance(error, Denied) else "forbidden"
+        status = 503 if isinstance(error, Unavailable) else 403
+        detail = error.detail if isinstance(error, Denied | Unavailable) else "forbidden"
         session = self.session_of(request.headers, peek=True)
-        return self.render(request, session, "console/denied.html", 403, detail=detail)
+        return self.render(request, session, "console/denied.html", status, detail=detail)
 
 
 def _cookie(header: str, name: str) -> str:
