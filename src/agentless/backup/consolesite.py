@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from agentless.console import Identity
+from fastapi import Request
+from fastapi.responses import Response
+
+from agentless.console import Console, Identity, Session
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterError
 
 from .consolework import WorkBoard
@@ -22,7 +25,7 @@ from .policies import State
 from .repository import Repository
 from .scheduler import Scheduler
 
-__all__ = ["EXPECTED", "USAGE_SECONDS", "ConsoleSite", "identify"]
+__all__ = ["EXPECTED", "USAGE_SECONDS", "ConsoleSite", "identify", "problem"]
 
 USAGE_SECONDS = 60.0  # a repository's usage figures are computed at most once a minute
 EXPECTED: tuple[type[BaseException], ...] = (*ERRORS, KeyError, ValueError, OSError, CenterError)
@@ -107,3 +110,10 @@ class ConsoleSite:
         with self._usage_lock:
             self._usage[location] = (now, figures)
         return figures
+
+
+def problem(console: Console, request: Request, session: Session, status: int, detail: str) -> Response:
+    """A page that says in one line why a request cannot be done."""
+    return console.render(
+        request, session, "backup/problem.html", status, heading="Cannot do that", detail=detail
+    )

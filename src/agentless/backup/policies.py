@@ -406,33 +406,8 @@ class State:
         when the name is taken."""
         if not _NAME.match(name):
             raise PolicyError(f"policy name {name!r}: letters, digits, '.', '_', '-' (up to 64)")
-        if bool(vms) == all_vms:
-            raise PolicyError("give the VMs (--vm VM ...) or --all, not both and not neither")
-        if not croniter.is_valid(schedule):
-            raise PolicyError(f"schedule {schedule!r} is not a cron expression (e.g. '0 2 * * *')")
-        if type not in TYPES:
-            raise PolicyError(f"type {type!r}: incremental or full")
-        if full_every is not None and full_every < 1:
-            raise PolicyError(f"--full-every {full_every}: 1 or more")
-        keep = {rule: count for rule, count in (keep or {}).items() if count}
-        for rule, count in keep.items():
-            if rule not in KEEP or count < -1:
-                raise PolicyError(f"{rule} {count}: a known rule and a count of -1 (all) or more")
-        if copy_to is not None and copy_to == repo:
-            raise PolicyError("--copy-to names the policy's own repository")
-        policy = Policy(
-            name=name,
-            vms=list(dict.fromkeys(vms)),
-            all_vms=all_vms,
-            schedule=schedule,
-            type=type,
-            full_every=full_every,
-            keep=keep,
-            offline=offline,
-            repo=repo,
-            copy_to=copy_to,
-            created=naive(now or utcnow()),
-        )
+        fields = _checked(vms, all_vms, schedule, type, full_every, keep, offline, repo, copy_to)
+        policy = Policy(name=name, created=naive(now or utcnow()), **fields)
         try:
             with self._session() as session:
                 if session.get(Policy, name) is not None:
@@ -440,6 +415,30 @@ class State:
                 session.add(policy)
         except IntegrityError:
             raise PolicyError(f"policy {name!r} exists already") from None
+        return policy
+
+    def update_policy(
+        self,
+        name: str,
+        *,
+        vms: Sequence[str] = (),
+        all_vms: bool = False,
+        schedule: str,
+        type: str = "incremental",
+        full_every: int | None = None,
+        keep: dict[str, int] | None = None,
+        offline: bool = False,
+        repo: str,
+        copy_to: str | None = None,
+    ) -> Policy:
+        """Check and store a policy's new settings (all of them, as :meth:`create_policy`
+        takes them); its name, creation and the slot it ran last stay. PolicyError
+        (nothing changed) when invalid or when there is no such policy."""
+        fields = _checked(vms, all_vms, schedule, type, full_every, keep, offline, repo, copy_to)
+        with self._session() as session:
+            policy = _existing(session, name)
+            for field, value in fields.items():
+                setattr(policy, field, value)
         return policy
 
     def policies(self) -> list[Policy]:
@@ -611,6 +610,45 @@ def _upgrade(session: Session) -> None:
             session.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
     session.execute(text("CREATE INDEX IF NOT EXISTS ix_runs_state ON runs (state)"))
     session.execute(text("CREATE INDEX IF NOT EXISTS ix_run_vms_claims ON run_vms (outcome, run_id, id)"))
+
+
+def _checked(
+    vms: Sequence[str],
+    all_vms: bool,
+    schedule: str,
+    type: str,
+    full_every: int | None,
+    keep: dict[str, int] | None,
+    offline: bool,
+    repo: str,
+    copy_to: str | None,
+) -> dict[str, Any]:
+    """A policy's settings as its columns, checked; PolicyError when one is wrong."""
+    if bool(vms) == all_vms:
+        raise PolicyError("give the VMs (--vm VM ...) or --all, not both and not neither")
+    if not croniter.is_valid(schedule):
+        raise PolicyError(f"schedule {schedule!r} is not a cron expression (e.g. '0 2 * * *')")
+    if type not in TYPES:
+        raise PolicyError(f"type {type!r}: incremental or full")
+    if full_every is not None and full_every < 1:
+        raise PolicyError(f"--full-every {full_every}: 1 or more")
+    keep = {rule: count for rule, count in (keep or {}).items() if count}
+    for rule, count in keep.items():
+        if rule not in KEEP or count < -1:
+            raise PolicyError(f"{rule} {count}: a known rule and a count of -1 (all) or more")
+    if copy_to is not None and copy_to == repo:
+        raise PolicyError("--copy-to names the policy's own repository")
+    return {
+        "vms": list(dict.fromkeys(vms)),
+        "all_vms": all_vms,
+        "schedule": schedule,
+        "type": type,
+        "full_every": full_every,
+        "keep": keep,
+        "offline": offline,
+        "repo": repo,
+        "copy_to": copy_to,
+    }
 
 
 def _existing(session: Session, name: str) -> Policy:

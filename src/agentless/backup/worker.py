@@ -179,6 +179,12 @@ class Runner:
         with self._guard:
             return len(self._jobs)
 
+    def live(self) -> dict[int, tuple[int, int]]:
+        """The VM backups this worker runs now: their ``run_vms`` row -> (bytes read so
+        far, bytes to read; 0 until the backup knows)."""
+        with self._guard:
+            return {row: (job.done, job.size) for row, job in self._jobs.items() if job is not None}
+
     def cancel(self) -> None:
         """Stop: running VM backups are cancelled (WinCenter is told to abort them);
         those of scheduled runs go back to the queue for the other workers, one-off runs
@@ -346,10 +352,16 @@ class Runner:
     # ------------------------------------------------------------------ a run
 
     def run(
-        self, policy: Policy, trigger: str, slot: datetime.datetime | None = None, missed: int = 0
+        self,
+        policy: Policy,
+        trigger: str,
+        slot: datetime.datetime | None = None,
+        missed: int = 0,
+        opened: Callable[[int], None] | None = None,
     ) -> Run | None:
         """Make a run of *policy* and wait until it has ended (or this worker stops); the
-        run as recorded. None for a scheduled run another worker made meanwhile."""
+        run as recorded. None for a scheduled run another worker made meanwhile.
+        *opened* is told the run's id as soon as it is recorded (the console follows it)."""
         targets: list[Target] = []
         error: str | None = None
         try:
@@ -360,6 +372,8 @@ class Runner:
         run_id = self.claims.open_run(policy, trigger, targets, slot, missed, error, now=self.clock.now())
         if run_id is None:
             return None
+        if opened is not None:
+            opened(run_id)
         if error is not None:
             run = self.state.run(run_id)
             self._ended(policy.name, run, slot)

@@ -3,7 +3,8 @@
 A page element ``<div data-live="URL">`` opens an ``EventSource`` on URL
 (``console.js``). :func:`event_stream` answers it: every *interval* it asks *poll* for a
 snapshot – a mapping of page element ids to what they show (``text``, and for a
-``<progress>`` ``value`` and ``max``; ``state`` becomes the element's ``data-state``) and
+``<progress>`` ``value`` and ``max``; ``state`` becomes the element's ``data-state``,
+``href`` its link, ``hidden`` whether it shows, ``time`` a ``<time>``'s moment) and
 whether the work has ended – and sends it when it changed. When the work ends it sends
 the last snapshot and an ``end`` event, and ``console.js`` closes the stream (and reloads
 the page when the element says ``data-live-end="reload"``, to show what the work made).

@@ -8,7 +8,7 @@ FastAPI app:
   static files (``{prefix}/static``: htmx, ``console.js``, ``console.css``);
 - :class:`ConsoleGuard`, pure ASGI middleware in front of every console path. It sets the
   security headers of every answer – a Content-Security-Policy with no inline script
-  and no framing (``frame-ancestors 'none'``), ``nosniff``, no referrer, HSTS,
+  and no framing (``frame-ancestors 'none'``), ``nosniff``, no referrer to other sites, HSTS,
   ``Cache-Control: no-store`` on pages – and decides, before any body is read, whether a
   request with a body is worth reading: the sign-in form is capped at 4 KiB; any other
   body needs a live session and is capped at :data:`MAX_FORM`;
@@ -46,6 +46,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agentless.units import format_size
+
 from .sessions import Identity, Session, SessionStore, Throttled
 
 __all__ = [
@@ -71,7 +73,7 @@ _HEADERS = {
     "content-security-policy": CSP,
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # not no-referrer: with it, a form post says Origin: null
     "cross-origin-opener-policy": "same-origin",
     "cross-origin-resource-policy": "same-origin",
     "permissions-policy": "camera=(), microphone=(), geolocation=(), payment=()",
@@ -208,6 +210,7 @@ class Console:
         environment = jinja2.Environment(
             loader=jinja2.ChoiceLoader(loaders), autoescape=True, undefined=jinja2.StrictUndefined
         )
+        environment.filters["size"] = format_size
         self.templates = Jinja2Templates(env=environment)
         self.router = APIRouter(prefix=self.prefix, include_in_schema=False)
         self._add_sign_in()

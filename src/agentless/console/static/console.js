@@ -33,6 +33,8 @@
         if (what.value !== undefined) el.value = what.value;
       }
       if (what.text !== undefined) el.textContent = what.text;
+      if (what.href !== undefined) el.setAttribute("href", what.href);
+      if (what.hidden !== undefined) el.hidden = what.hidden;
       if (what.state !== undefined) el.dataset.state = what.state;
       if (what.time !== undefined) {
         el.setAttribute("datetime", what.time);
