@@ -120,7 +120,7 @@ def _post(page: Any, path: str, fields: dict[str, str]) -> int:
 
 def test_the_console_is_https_with_its_own_ca_and_strict_headers(console: Console) -> None:
     context = ssl.create_default_context(cafile=str(console.ca_file))
-    with urllib.request.urlopen(f"{console.url}/login", context=context) as answer:  # noqa: S310
+    with urllib.request.urlopen(f"{console.url}/login", context=context) as answer:
         headers = answer.headers
         body = answer.read().decode()
     assert headers["Content-Security-Policy"] == CSP
@@ -148,7 +148,7 @@ def test_sign_in_dashboard_and_vms_in_the_browsers_time_zone(browser: Any, conso
     assert page.errors == []
 
 
-def test_back_up_a_running_vm_and_watch_the_progress_reach_100_percent(browser: Any, console: Console) -> None:
+def test_back_up_a_running_vm_and_see_the_progress_reach_100_percent(browser: Any, console: Console) -> None:
     page = _signed_in(browser, console, "operator")
     page.goto(f"{console.url}/vms")
     page.get_by_role("link", name="web", exact=True).click()

@@ -271,7 +271,11 @@ def job_fields(job: ConsoleJob) -> dict[str, dict[str, Any]]:
         "job-state": {"text": job.state, "state": job.state},
         "job-error": {"text": job.error, "hidden": not job.error},
         "job-ended": {"time": job.ended.isoformat()} if job.ended else {"text": "–"},
-        "job-link": {"href": job.link or "#", "text": f"See what it made: {job.link}", "hidden": not job.link},
+        "job-link": {
+            "href": job.link or "#",
+            "text": f"See what it made: {job.link}",
+            "hidden": not job.link,
+        },
     }
     if job.state == "succeeded" and not job.size:
         fields["job-progress"] = {"value": 1, "max": 1}
