@@ -15,7 +15,7 @@ DEBIAN_TOOLS_LEAN := qemu-system-x86 systemd chromium
 TOOL_PROGRAMS := qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit nbd-server qemu-system-x86_64 pg_ctlcluster \
 	sfdisk sgdisk mkfs.vfat mkntfs ntfscp mkfs.xfs mcopy mkfs.exfat mount.exfat-fuse vgcfgrestore systemd-analyze chromium
 
-.PHONY: demo test lint typecheck pytest debian-tools bench bench-maintenance bench-files bench-fleet fuzz-files campaign clean openapi
+.PHONY: console-shots demo test lint typecheck pytest debian-tools bench bench-maintenance bench-files bench-fleet fuzz-files campaign clean openapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ pytest: $(STAMP) debian-tools
 	$(VENV)/bin/pytest -n 3 --dist loadgroup -q --durations=25
 
 test: lint typecheck pytest
+
+# the consoles' pictures in docs/img (docs/console.md), taken by their browser tests
+console-shots: $(STAMP) debian-tools
+	CONSOLE_SHOTS=1 $(VENV)/bin/pytest -q -p no:randomly tests/backup/test_console.py tests/backup/test_console_points.py tests/wincenter/test_console.py
 
 # the checked-in OpenAPI document of the WinCenter REST API (a test fails while it is stale)
 openapi: $(STAMP)

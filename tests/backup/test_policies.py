@@ -141,6 +141,24 @@ def test_names_are_unique_and_unknown_ones_are_errors(state: State) -> None:
             call("q")
 
 
+def test_a_policy_is_changed_whole_and_keeps_its_name_creation_and_last_slot(state: State) -> None:
+    made = state.create_policy("p", vms=["a"], schedule="0 * * * *", repo="/r", now=at(1))
+    state.mark_slot("p", at(2))
+    state.update_policy(
+        "p", all_vms=True, schedule="30 1 * * 6", type="full", keep={"keep_daily": 7}, offline=True, repo="/s"
+    )
+    changed = state.policy("p").describe()
+    assert changed["vms"] == "all" and changed["schedule"] == "30 1 * * 6" and changed["type"] == "full"
+    assert changed["keep"] == {"keep_daily": 7} and changed["offline"] is True and changed["repo"] == "/s"
+    assert changed["created"] == made.describe()["created"]
+    assert changed["last_slot"] == "2026-11-26T02:00:00Z"
+    with pytest.raises(PolicyError, match="not a cron expression"):
+        state.update_policy("p", vms=["b"], schedule="never", repo="/s")
+    assert state.policy("p").describe() == changed  # nothing of a refused change is stored
+    with pytest.raises(PolicyError, match="no policy 'q'"):
+        state.update_policy("q", vms=["b"], schedule="0 * * * *", repo="/s")
+
+
 def test_runs_are_recorded_and_a_dead_process_runs_become_interrupted(state: State) -> None:
     done = state.start_run("p", "manual", now=at(9))
     state.finish_run(
