@@ -44,7 +44,13 @@ def _own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 # Modules whose tests share one expensive module fixture: `--dist loadgroup` (make test)
 # runs each of them whole in one xdist process.
-ONE_PROCESS = {"tests/test_fleet_netns.py"}  # its fleet of network namespaces
+ONE_PROCESS = {
+    "tests/test_fleet_netns.py",  # its fleet of network namespaces
+    # the consoles' browser tests: a site, a daemon and a browser per module
+    "tests/backup/test_console.py",
+    "tests/backup/test_console_points.py",
+    "tests/wincenter/test_console.py",
+}
 
 
 class _LoadGroup(LoadGroupScheduling):
