@@ -272,3 +272,23 @@ def test_phone_width_folds_the_menu(browser: Any, console: Console) -> None:
         assert time_shown.inner_text() != time_shown.get_attribute("datetime")
     screenshot(page, "backup-vms-phone", console.shots)
     assert page.errors == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--console-listen=nowhere"], "--console-listen 'nowhere': give HOST:PORT"),
+        (["--console-listen=127.0.0.1:0", "--console-cert=/nonexistent.pem"], "give both --console-cert"),
+        (
+            ["--console-listen=127.0.0.1:0", "--console-cert=/nonexistent.pem", "--console-key=/x.pem"],
+            "the console's certificate: [Errno 2] No such file or directory",
+        ),
+        (["--console-listen=127.0.0.1:0", "--console-idle=0"], "--console-idle must be more than 0"),
+    ],
+)
+def test_bad_console_flags_stop_serve_with_one_line(console: Console, flags: list[str], said: str) -> None:
+    done = vmbackup(
+        console.env, "serve", "--listen=127.0.0.1:0", "--nbd-listen=127.0.0.1:0", *flags, timeout=60
+    )
+    assert done.returncode == 1
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
