@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
-from agentless.backup.policies import PolicyError, State, VmOutcome, due_slot, next_slot
+from agentless.backup.policies import PolicyError, RunState, State, VmOutcome, due_slot, next_slot
 from agentless.backup.repository import Repository
 from tests.backup.conftest import vmbackup
 
@@ -157,6 +157,17 @@ def test_a_policy_is_changed_whole_and_keeps_its_name_creation_and_last_slot(sta
     assert state.policy("p").describe() == changed  # nothing of a refused change is stored
     with pytest.raises(PolicyError, match="no policy 'q'"):
         state.update_policy("q", vms=["b"], schedule="0 * * * *", repo="/s")
+
+
+def test_the_last_run_of_each_policy(state: State) -> None:
+    assert state.last_runs() == {}
+    first = state.start_run("p", "manual", now=at(1))
+    other = state.start_run("q", "manual", now=at(2))
+    newest = state.start_run("p", "schedule", now=at(3))
+    state.finish_run(first, RunState.SUCCEEDED, [], now=at(4))
+    found = state.last_runs()
+    assert {name: run.id for name, run in found.items()} == {"p": newest, "q": other}
+    assert found["p"].trigger == "schedule" and found["p"].state == "running"
 
 
 def test_runs_are_recorded_and_a_dead_process_runs_become_interrupted(state: State) -> None:

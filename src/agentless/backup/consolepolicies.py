@@ -47,7 +47,7 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
     @console.router.get("/policies", response_class=HTMLResponse)
     def policies(request: Request, session: Session = Depends(reader)) -> Response:
         found = site.state.policies()
-        latest = {run.policy: run for run in site.state.runs(limit=200)}
+        latest = site.state.last_runs()
         rows = [(p, _utc(p.next_run()), latest.get(p.name)) for p in found]
         return console.render(request, session, "backup/policies.html", heading="Policies", rows=rows)
 

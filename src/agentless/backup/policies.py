@@ -577,6 +577,13 @@ class State:
             ]
             return out
 
+    def last_runs(self) -> dict[str, Run]:
+        """Per policy: its newest run (any state), in two queries however many runs the
+        record holds beyond them (the policies' page)."""
+        with self._session() as session:
+            newest = select(func.max(Run.id)).group_by(Run.policy).scalar_subquery()
+            return {run.policy: run for run in session.scalars(select(Run).where(Run.id.in_(newest)))}
+
     def latest(self) -> dict[str, dict[str, Any]]:
         """Per policy: the newest ended run and the newest succeeded run (times, seconds)."""
         found: dict[str, dict[str, Any]] = {}
