@@ -160,6 +160,8 @@ def test_a_policy_is_changed_whole_and_keeps_its_name_creation_and_last_slot(sta
 
 
 def test_the_last_run_of_each_policy(state: State) -> None:
+    for name in ("p", "q", "r"):
+        state.create_policy(name, vms=["a"], schedule="0 * * * *", repo="/r")
     assert state.last_runs() == {}
     first = state.start_run("p", "manual", now=at(1))
     other = state.start_run("q", "manual", now=at(2))
@@ -168,6 +170,8 @@ def test_the_last_run_of_each_policy(state: State) -> None:
     found = state.last_runs()
     assert {name: run.id for name, run in found.items()} == {"p": newest, "q": other}
     assert found["p"].trigger == "schedule" and found["p"].state == "running"
+    state.delete_policy("q")  # its runs stay recorded, a page of policies no longer shows them
+    assert set(state.last_runs()) == {"p"}
 
 
 def test_runs_are_recorded_and_a_dead_process_runs_become_interrupted(state: State) -> None:
