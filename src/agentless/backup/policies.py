@@ -47,7 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, lazyload, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, lazyload, mapped_column, relationship
 
 from agentless.redaction import redact
 
