@@ -2,7 +2,8 @@
 real TLS: a body without a valid token is refused before it is read (the answer comes
 while the client has sent almost nothing of what it announced, and the daemon's peak
 memory does not follow a streamed body), an authenticated body over the cap gets 413
-problem+json, and ordinary requests still work."""
+problem+json, and ordinary requests still work. Paths delegated to another guard (the
+consoles') pass it untouched."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from agentless.httpguard import MAX_BODY
+from agentless.httpguard import MAX_BODY, RequestGuard
 from agentless.nbd.tls import client_context
 from tests.wincenter.conftest import init_center, start_server
 from tests.winserver.conftest import init_host, start_daemon
@@ -183,3 +189,35 @@ def test_ordinary_requests_still_work(api: Api) -> None:
         padded = b"[" + b" " * (MAX_BODY - 2) + b"]"
         tls.sendall(_head(api, api.token, {"Content-Length": str(len(padded))}) + padded)
         assert _answer(tls)[0] == 422
+
+
+def test_delegated_prefixes_are_left_to_another_guard() -> None:
+    """A guard with ``delegated=["/console"]`` lets that path and those under it through
+    unchecked (their own guard gates them: a console's forms carry a cookie, no bearer
+    token), and keeps refusing every other body without a token – ``/consolex`` included."""
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(f"read {len(await request.body())}")
+
+    paths = ["/console", "/console/tokens", "/consolex", "/api/v1/tokens"]
+    app = Starlette(routes=[Route(path, echo, methods=["POST"]) for path in paths])
+    app.add_middleware(
+        RequestGuard, authenticate=lambda token: token == "good", max_body=16, delegated=["/console/"]
+    )
+    with TestClient(app) as client:
+        assert client.post("/console/tokens", content=b"name=x").text == "read 6"
+        assert client.post("/console", content=b"x" * 64).text == "read 64"  # the cap is the other guard's
+        for path in ("/consolex", "/api/v1/tokens"):
+            refused = client.post(path, content=b"name=x")
+            assert refused.status_code == 401, path
+            assert refused.json()["detail"] == "a token is required (Authorization: Bearer ...)"
+        assert (
+            client.post("/api/v1/tokens", content=b"{}", headers={"authorization": "Bearer good"}).text
+            == "read 2"
+        )
+        assert (
+            client.post(
+                "/api/v1/tokens", content=b"x" * 17, headers={"authorization": "Bearer good"}
+            ).status_code
+            == 413
+        )

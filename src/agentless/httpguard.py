@@ -14,6 +14,10 @@ body (``Content-Length`` above 0, or any ``Transfer-Encoding``):
    the read fails and the answer is **413**, whatever the application made of the
    failure.
 
+Paths under a *delegated* prefix pass untouched: another guard in front of them gates
+their bodies (a web console's forms carry a session cookie, not a bearer token:
+:class:`agentless.console.ConsoleGuard` admits them and caps them).
+
 Answers are RFC 9457 ``application/problem+json`` (``type``, ``title``, ``status``,
 ``detail``, ``instance``), as the APIs' own errors are. A refused body is left unread:
 the server (uvicorn) discards what the client still sends after the answer, a buffer
@@ -92,7 +96,10 @@ class RequestGuard:
     *authenticate* takes a bearer token and says whether it is valid; it is called in a
     worker thread (it may read a file or the database), only for requests with a body,
     so the route checks the token once more – the guard only decides whether the body
-    is worth reading. *public* paths need no token (their bodies are still capped)."""
+    is worth reading. *public* paths need no token (their bodies are still capped).
+    *delegated* path prefixes (``"/console"``: that path and every path under it) are
+    left to another guard: their requests pass untouched, neither token nor cap checked
+    here – give only prefixes that such a guard gates."""
 
     def __init__(
         self,
@@ -100,14 +107,20 @@ class RequestGuard:
         authenticate: Callable[[str], bool],
         max_body: int = MAX_BODY,
         public: Collection[str] = (),
+        delegated: Collection[str] = (),
     ):
         self.app = app
         self.authenticate = authenticate
         self.max_body = max_body
         self.public = frozenset(public)
+        self.delegated = tuple(prefix.rstrip("/") for prefix in delegated)
+
+    def delegates(self, path: str) -> bool:
+        """Whether *path* is left to another guard (a delegated prefix, or under one)."""
+        return any(path == prefix or path.startswith(f"{prefix}/") for prefix in self.delegated)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.delegates(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

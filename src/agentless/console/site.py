@@ -24,6 +24,10 @@ comes from (``Origin``, ``Sec-Fetch-Site``), come from the console's own origin;
 otherwise it is refused 403 before the route runs. The session cookie is also
 ``SameSite=Strict``; the token is what is relied on.
 
+**Witness.** A daemon that keeps an audit log passes *witness*: it is told of every
+sign-in and sign-out (the request, the session and ``"signed in"`` or ``"signed out"``)
+in the request that made it, so that it can record who did so.
+
 **Roles.** A route asks for one permission; the templates get ``can(permission)`` and offer
 only the controls the session may use; the server refuses the rest (403) whatever the
 page showed.
@@ -43,6 +47,7 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -197,8 +202,10 @@ class Console:
         nav: Sequence[NavItem],
         prefix: str = "/console",
         home: str = "/",
+        witness: Callable[[Request, Session, str], None] | None = None,
     ):
         self.name = name
+        self.witness = witness
         self.title = title
         self.sessions = sessions
         self.prefix = prefix.rstrip("/")
@@ -329,7 +336,9 @@ class Console:
                 return console.render(
                     request, None, "console/login.html", 401, next=next, error="unknown or revoked token"
                 )
-            session_id, _session = made
+            session_id, session = made
+            if console.witness is not None:
+                console.witness(request, session, "signed in")
             answer = RedirectResponse(_local(next, console) or console.home, status_code=303)
             answer.set_cookie(
                 console.cookie,
@@ -346,6 +355,8 @@ class Console:
 
         @self.router.post("/logout")
         async def logout(request: Request, session: Session = Depends(signed_in)) -> Response:
+            if console.witness is not None:
+                await run_in_threadpool(console.witness, request, session, "signed out")
             console.sessions.sign_out(_cookie(request.headers.get("cookie", ""), console.cookie))
             answer = RedirectResponse(f"{console.prefix}/login", status_code=303)
             answer.delete_cookie(console.cookie, path="/", secure=True, httponly=True, samesite="strict")

@@ -30,6 +30,10 @@
 ``GET    /openapi.json``                    –         this API, OpenAPI 3.1
 ==========================================  ========  ===================================
 
+The web console (:mod:`.console`) is served by the same app under ``/console/``: pages
+signed in by session cookie, outside the OpenAPI document, with the same permissions
+and the same audit log as the API.
+
 Each resource is one router of :mod:`.routes` (``routes/tokens.py`` … ``routes/restores.py``):
 plain functions run by FastAPI in worker threads over the center's stores; the permission
 each needs is its ``Reader``/``Operator``/``Admin`` argument (:mod:`.auth`). Services
@@ -53,6 +57,7 @@ from agentless.httpguard import MAX_BODY, RequestGuard, documentation_paths
 from . import problems
 from .audit import AuditLog, AuditMiddleware
 from .center import Center
+from .console import PREFIX, RECHECK_SECONDS, build_console
 from .orchestrator import Orchestrator
 from .problems import PROBLEM_RESPONSES, problem_response
 from .routes import ROUTERS, task_out, token_out
@@ -61,12 +66,17 @@ __all__ = ["make_app", "task_out", "token_out"]
 
 
 def make_app(
-    center: Center | None, orchestrator: Orchestrator | None = None, max_body: int = MAX_BODY
+    center: Center | None,
+    orchestrator: Orchestrator | None = None,
+    max_body: int = MAX_BODY,
+    console_recheck: float = RECHECK_SECONDS,
 ) -> FastAPI:
     """The API of *center* (None: an app that only describes itself, for the OpenAPI
     document – its routes answer 503). Without an *orchestrator* the inventory, backup and
-    restore routes answer 503 too. A request body is read only with a valid token and up to
-    *max_body* bytes (:class:`~agentless.httpguard.RequestGuard`)."""
+    restore routes answer 503 too, and there is no console. A request body is read only
+    with a valid token and up to *max_body* bytes (:class:`~agentless.httpguard.RequestGuard`)
+    – the console's bodies only with a session (its own guard); a console session's token
+    is asked again every *console_recheck* seconds."""
     app = FastAPI(
         title="WinCenter REST API",
         version=__version__,
@@ -85,11 +95,19 @@ def make_app(
 
     for router in ROUTERS:
         app.include_router(router)
+    console = build_console(center, orchestrator, console_recheck) if center and orchestrator else None
     # inside the audit: a body is read only from a caller with a valid token, up to max_body
     app.add_middleware(
-        RequestGuard, authenticate=token_valid, max_body=max_body, public=documentation_paths(app)
+        RequestGuard,
+        authenticate=token_valid,
+        max_body=max_body,
+        public=documentation_paths(app),
+        delegated=[console.prefix] if console else [],
     )
-    app.add_middleware(AuditMiddleware, audit_log=audit_log)
+    if console is not None:  # its guard inside the audit too: refused forms are counted
+        console.install(app)
+    app.state.console = console
+    app.add_middleware(AuditMiddleware, audit_log=audit_log, prefixes=("/api/", f"{PREFIX}/"))
     app.add_exception_handler(DataError, _on_data)
     app.add_exception_handler(OperationalError, _on_database)
     app.add_exception_handler(InterfaceError, _on_database)

@@ -1,11 +1,13 @@
 """The audit log: every mutating API call – who, what, when, and how it ended.
 
 Written in one place, :class:`AuditMiddleware`, around the whole application, so that no
-route can forget it: every ``POST``, ``PUT``, ``PATCH`` and ``DELETE`` under ``/api/`` is
-recorded once its answer is known – refused ones (401, 403, 422) and crashed ones (500)
-included. *Who* is the token the auth dependency accepted (:mod:`.auth` leaves it in the
-request state), empty when there was none; *result* is the summary a route left
-(:func:`set_result`), or the problem's title and detail, or the status phrase.
+route can forget it: every ``POST``, ``PUT``, ``PATCH`` and ``DELETE`` under ``/api/`` – and
+under ``/console/``, the web console's forms, whose caller is the token their session
+was signed in with (:mod:`.console`) – is recorded once its answer is known – refused
+ones (401, 403, 422) and crashed ones (500) included. *Who* is the token the auth
+dependency accepted (:mod:`.auth` leaves it in the request state), empty when there was
+none; *result* is the summary a route left (:func:`set_result`), or the problem's title
+and detail, or the status phrase.
 
 Calls made without a valid token are refused, and anybody who reaches the port can make
 them: a row per call would let a flood grow the database without bound. They are
@@ -22,7 +24,8 @@ to one row for them all (source ``*``), and only the newest :data:`KEEP` rows of
 are kept. Calls with a valid token – an admin's, an operator's refused with 403 – are
 recorded one row each and never dropped.
 
-Reading the log is ``GET /api/v1/audit`` (admins), newest first.
+Reading the log is ``GET /api/v1/audit`` (admins), newest first; the console pages through
+it by id (:meth:`AuditLog.before`), which costs as little on the last page as on the first.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import datetime
 import hashlib
 import http
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -238,6 +241,17 @@ class AuditLog:
             rows = s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit).offset(offset))
             return [AuditRecord.of(row) for row in rows], total
 
+    def before(self, before: int | None = None, limit: int = 50) -> tuple[list[AuditRecord], bool]:
+        """At most *limit* entries newest first, all older than the entry *before* (None:
+        from the newest), and whether older ones remain. Keyset paging on the primary key:
+        neither a count nor an offset, so a page deep in a large log costs what the first does."""
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit + 1)
+        if before is not None:
+            query = query.where(AuditEntry.id < before)
+        with self.database.session() as s:
+            rows = [AuditRecord.of(row) for row in s.scalars(query)]
+        return rows[:limit], len(rows) > limit
+
 
 def _bucket(start: datetime.datetime, method: str, status: int, source: str) -> str:
     """The key of a refusal row: its window, method, status and source, hashed to a
@@ -274,18 +288,25 @@ def set_problem(request: Request, title: str, detail: str) -> None:
 
 class AuditMiddleware:
     """Pure ASGI middleware (it must see the final status of every response, streaming or
-    not): records mutating calls in the AuditLog that *audit_log* returns (None: no log,
-    e.g. an app built only to print its OpenAPI document)."""
+    not): records mutating calls under the path *prefixes* in the AuditLog that
+    *audit_log* returns (None: no log, e.g. an app built only to print its OpenAPI
+    document)."""
 
-    def __init__(self, app: ASGIApp, audit_log: Callable[[], AuditLog | None]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        audit_log: Callable[[], AuditLog | None],
+        prefixes: Collection[str] = ("/api/",),
+    ):
         self.app = app
         self.audit_log = audit_log
+        self.prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
             or scope["method"] not in MUTATING
-            or not scope["path"].startswith("/api/")
+            or not scope["path"].startswith(self.prefixes)
         ):
             await self.app(scope, receive, send)
             return

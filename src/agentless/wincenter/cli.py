@@ -4,7 +4,7 @@
 
     wincenter init  --dir D [--name N] [--address A ...] [--db URL]
     wincenter serve --dir D [--port 9443] [--bind ADDR] [--db URL] [--task-timeout S]
-                    [--retry-seconds S] [--queue-wait S]
+                    [--retry-seconds S] [--queue-wait S] [--console-recheck S]
     wincenter token create --role admin|backup-operator|viewer [--name N] --dir D
     wincenter token list --dir D
     wincenter token revoke ID --dir D

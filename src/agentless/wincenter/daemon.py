@@ -21,6 +21,10 @@ every few seconds until SIGINT or SIGTERM:
 Before it listens the daemon recovers (:meth:`~.orchestrator.Orchestrator.recover`): the
 backups and restores a killed run left halfway are finished or undone.
 
+The same port serves the web console under ``/console/`` (:mod:`.console`): sign in
+with a WinCenter token; ``--console-recheck`` sets how often a session's token is asked
+again (a revoked token's sessions end within that time).
+
 It listens on loopback unless ``--bind`` names another address (one that backup systems
 reach). The API reads a request body only from a caller with a valid token and up to
 1 MiB (:mod:`agentless.httpguard`), and serves at most :data:`CONCURRENCY` connections
@@ -44,6 +48,7 @@ from agentless.httpguard import UVICORN_LIMITS
 from .api import make_app
 from .backups import QUEUE_WAIT
 from .center import Center
+from .console import RECHECK_SECONDS
 from .orchestrator import DEFAULT_TASK_TTL, Orchestrator
 from .restores import MIGRATION_POLL_SECONDS
 from .retries import FIRST_SECONDS
@@ -97,11 +102,13 @@ def _expire(center: Center, orchestrator: Orchestrator) -> None:
     orchestrator.backups.give_up_waiting()
 
 
-async def _run(center: Center, bind: str, port: int, orchestrator: Orchestrator) -> None:
+async def _run(
+    center: Center, bind: str, port: int, orchestrator: Orchestrator, console_recheck: float
+) -> None:
     sock = _listen(bind, port)
     orchestrator.recover()
     config = uvicorn.Config(
-        make_app(center, orchestrator),
+        make_app(center, orchestrator, console_recheck=console_recheck),
         ssl_certfile=center.pki_path("server-cert.pem"),
         ssl_keyfile=center.pki_path("server-key.pem"),
         log_level="warning",
@@ -154,13 +161,15 @@ def serve(
     retry_first: float = FIRST_SECONDS,
     queue_wait: datetime.timedelta = QUEUE_WAIT,
     migration_poll: float = MIGRATION_POLL_SECONDS,
+    console_recheck: float = RECHECK_SECONDS,
 ) -> None:
     """Serve *center* on *bind*:*port* until SIGINT or SIGTERM; backups and restores left
     unfinished for *task_ttl* expire; a step that failed on a host is tried again after
     *retry_first* seconds (then twice as long each time); a queued backup waits at most
     *queue_wait* behind a backup of its VM that cannot be released; the progress of
-    instant restores is read from their hosts every *migration_poll* seconds."""
+    instant restores is read from their hosts every *migration_poll* seconds; a console
+    session's token is asked again every *console_recheck* seconds."""
     with Orchestrator(
         center, task_ttl, retry_first=retry_first, queue_wait=queue_wait, migration_poll=migration_poll
     ) as orchestrator:
-        asyncio.run(_run(center, bind, port, orchestrator))
+        asyncio.run(_run(center, bind, port, orchestrator, console_recheck))

@@ -11,6 +11,7 @@ from agentless.commands import add_bind_option
 from .backups import QUEUE_WAIT
 from .center import DEFAULT_PORT
 from .clitools import command_parser, open_center, seconds
+from .console import RECHECK_SECONDS
 from .daemon import LOOPBACK, serve
 from .errors import WinCenterError
 from .orchestrator import DEFAULT_TASK_TTL
@@ -42,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             retry_first=args.retry_seconds,
             queue_wait=datetime.timedelta(seconds=args.queue_wait),
             migration_poll=args.migration_poll,
+            console_recheck=args.console_recheck,
         )
     return 0
 
@@ -77,5 +79,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=MIGRATION_POLL_SECONDS,
         help="seconds between two readings of an instant restore's progress from its host"
         " (default %(default).0f)",
+    )
+    p.add_argument(
+        "--console-recheck",
+        type=_retry_seconds,
+        default=RECHECK_SECONDS,
+        help="seconds between two checks of a console session's token: a revoked token's sessions"
+        " end within that time (default %(default).0f)",
     )
     p.set_defaults(handler=_cmd_serve)
