@@ -122,6 +122,7 @@ def test_security_headers_on_pages_and_not_on_the_api(client: TestClient) -> Non
     assert "frame-ancestors 'none'" in CSP and "'unsafe-inline'" not in CSP and "'unsafe-eval'" not in CSP
     assert page.headers["x-frame-options"] == "DENY"
     assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "same-origin"  # no-referrer: a browser posts Origin: null
     assert page.headers["cache-control"] == "no-store"
     assert "<script>" not in page.text and " on" + "click=" not in page.text
     static = client.get("/console/static/htmx.min.js")
