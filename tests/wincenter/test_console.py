@@ -174,7 +174,9 @@ def test_task_progress_is_pushed_live(browser: Any, world: World, tmp_path: Path
 
     with world.site.client() as client:
         client.backup_progress("console-backup-1", size // 2)
-    expect(progress).to_have_js_property("value", size // 2)  # pushed: the page is not reloaded
+    expect(progress).to_have_js_property(
+        "value", size // 2, timeout=15_000
+    )  # pushed: the page is not reloaded
     assert "50 %" in page.locator("#task-done").inner_text()
     screenshot(page, "wincenter-task", tmp_path)
 

@@ -193,3 +193,29 @@ def test_the_console_is_not_in_the_openapi_document(app: tuple[TestClient, WinCe
     assert served == document()
     assert not [path for path in served["paths"] if "console" in path]
     assert app[0].get("/console/hosts", follow_redirects=False).status_code == 303  # yet it is served
+
+
+def test_the_audit_log_is_paged_by_id_newest_first(
+    center: tuple[Center, str], app: tuple[TestClient, WinCenterConsole]
+) -> None:
+    c, token = center
+    caller, _secret = c.tokens.create("admin", "pager")
+    for i in range(120):
+        c.audit.record(caller, "POST", f"/api/v1/paging/{i}", 200, f"paging entry {i}")
+    client = app[0]
+    _sign_in(client, token)
+    seen: list[int] = []
+    path = "/console/audit"
+    for _page in range(4):
+        page = client.get(path)
+        assert page.status_code == 200
+        numbers = [int(n) for n in re.findall(r"paging entry (\d+)", page.text)]
+        seen += numbers
+        older = re.search(r'href="(/console/audit\?before=\d+)">Older entries', page.text)
+        if older is None or not numbers:
+            break
+        path = older.group(1)
+    assert seen[:120] == list(range(119, -1, -1))  # newest first, none twice, none missed
+    first, more = c.audit.before(None, 50)
+    rest, _ = c.audit.before(first[-1].id, 50)
+    assert more and len(first) == 50 and rest[0].id < first[-1].id

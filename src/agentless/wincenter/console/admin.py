@@ -28,6 +28,7 @@ import dataclasses
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 from fastapi import Depends, Form, Request
 from fastapi.responses import Response
@@ -60,7 +61,7 @@ class _Reveal:
 class Reveals:
     """New tokens waiting to be shown once (thread-safe, bounded, expiring)."""
 
-    def __init__(self, clock: collections.abc.Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._pending: collections.OrderedDict[str, _Reveal] = collections.OrderedDict()
         self._lock = threading.Lock()
