@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from agentless.console import Console, Identity, NavItem, Session, SessionStore, SignInNeeded
+from agentless.units import format_size
 
 from ..audit import set_caller, set_result
 from ..center import Center
@@ -77,15 +78,8 @@ def iso(moment: datetime.datetime | None) -> str:
 
 
 def size(count: int | None) -> str:
-    """A byte count for people: ``8.0 MiB``."""
-    if count is None:
-        return "–"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """A byte count for people (``8.0 MiB``: the frame's ``size`` filter), '–' for None."""
+    return "–" if count is None else format_size(count)
 
 
 def identity_of(info: TokenInfo) -> Identity:
@@ -111,9 +105,7 @@ class WinCenterConsole:
             home="/hosts",
             witness=self._witness,
         )
-        filters = self.console.templates.env.filters
-        filters["iso"] = iso
-        filters["size"] = size
+        self.console.templates.env.filters["iso"] = iso
         self._flashes: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._lock = threading.Lock()
 
