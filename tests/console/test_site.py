@@ -182,6 +182,14 @@ def test_sessions_end_idle_after_their_lifetime_and_when_the_token_is_revoked(
     assert client.get("/console/", follow_redirects=False).status_code == 303
 
 
+def test_a_revoked_token_acts_no_more_at_once(client: TestClient, revoked: set[str]) -> None:
+    csrf = _sign_in(client, "tok-admin")
+    revoked.add("tok-admin")
+    assert client.post("/console/act", data={"csrf": csrf}, follow_redirects=False).status_code == 401
+    assert client.app.state.acted == []  # type: ignore[attr-defined]
+    assert client.get("/console/", follow_redirects=False).status_code == 303  # and the session is gone
+
+
 def test_sign_out_ends_the_session_on_the_server(client: TestClient, console: Console) -> None:
     csrf = _sign_in(client, "tok-admin")
     cookie = client.cookies.get("__Host-toy")

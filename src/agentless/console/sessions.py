@@ -13,8 +13,9 @@ A session ends
 - after :attr:`SessionStore.idle` seconds without a request, or :attr:`~SessionStore.lifetime`
   seconds after sign-in, whichever comes first;
 - when its token stops authenticating: the token is asked again every
-  :attr:`~SessionStore.recheck` seconds (a revoked token ends its sessions within that
-  time, and a changed role is seen then);
+  :attr:`~SessionStore.recheck` seconds, and before every state-changing request (a
+  revoked token acts no more at once, and its sessions end within that time; a changed
+  role is seen then);
 - when the daemon restarts (sessions live in memory: the console is one daemon's).
 
 The store holds at most :attr:`~SessionStore.limit` sessions; past it, the one least
@@ -130,9 +131,10 @@ class SessionStore:
                 self._sessions.popitem(last=False)
             return session_id, session
 
-    def get(self, session_id: str) -> Session | None:
+    def get(self, session_id: str, fresh: bool = False) -> Session | None:
         """The live session of *session_id*, its idle time reset; None when there is
-        none or it ended (and then it is forgotten)."""
+        none or it ended (and then it is forgotten). *fresh*: ask its token again now,
+        whenever it was asked last (before a state-changing request)."""
         if not session_id:
             return None
         key = _key(session_id)
@@ -144,7 +146,7 @@ class SessionStore:
             if now - session.seen > self.idle or now - session.created > self.lifetime:
                 del self._sessions[key]
                 return None
-            due = now - session.checked >= self.recheck
+            due = fresh or now - session.checked >= self.recheck
         if due:
             identity = self.authenticate(session.token)
             with self._lock:

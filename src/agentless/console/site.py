@@ -238,21 +238,21 @@ class Console:
 
     # ---------------------------------------------------------------- sessions
 
-    def session_of(self, headers: Headers, peek: bool = False) -> Session | None:
+    def session_of(self, headers: Headers, peek: bool = False, fresh: bool = False) -> Session | None:
         """The request's live session (None: none). *peek*: only whether it exists, without
         calling *authenticate* (the body gate must not block on another daemon)."""
         session_id = _cookie(headers.get("cookie", ""), self.cookie)
         if peek:
             return self.sessions.peek(session_id)
-        return self.sessions.get(session_id)
+        return self.sessions.get(session_id, fresh)
 
-    def page(self, permission: str | None) -> Callable[[Request], Session]:
+    def page(self, permission: str | None, fresh: bool = False) -> Callable[[Request], Session]:
         """A dependency: the session, when its role has *permission* (None: any signed-in
-        session)."""
+        session); *fresh*: its token asked again now."""
 
         def dependency(request: Request) -> Session:
             try:
-                session = self.session_of(request.headers)
+                session = self.session_of(request.headers, fresh=fresh)
             except Exception as error:  # the token's check failed: not signed out, not let in
                 raise Unavailable(f"your sign-in cannot be checked now: {error}") from None
             if session is None:
@@ -266,10 +266,10 @@ class Console:
     def action(self, permission: str | None) -> Callable[[Request], Any]:
         """A dependency for state-changing requests: :meth:`page`'s checks, the request's
         origin and its CSRF token (header or form field)."""
-        check = self.page(permission)
+        check = self.page(permission, fresh=True)
 
         async def dependency(request: Request) -> Session:
-            session = check(request)
+            session = await run_in_threadpool(check, request)  # the token's check may block
             if not _same_origin(request.headers, request.url.scheme):
                 raise Denied("the request does not come from this console")
             given = request.headers.get("x-csrf-token")
