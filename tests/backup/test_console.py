@@ -92,8 +92,9 @@ def _signed_in(browser: Any, console: Console, role: str, **options: Any) -> Any
     page = new_page(browser, **options)
     page.goto(f"{console.url}/")
     assert page.url.startswith(f"{console.url}/login?next=")
-    page.get_by_label("Token").fill(console.tokens[role])
-    page.get_by_role("button", name="Sign in").click()
+    assert page.evaluate("document.activeElement.id") == "token"  # the form is ready for the keyboard
+    page.keyboard.type(console.tokens[role])
+    page.keyboard.press("Enter")
     page.wait_for_load_state()
     assert page.url == f"{console.url}/", page.locator("main").inner_text()
     return page
