@@ -227,6 +227,25 @@ class Catalog(Closing):
         found = [answer.get(point_id) for point_id in dict.fromkeys(listed)]
         return sorted((row for row in found if row is not None), key=key)
 
+    def summaries_of(self, point_ids: Iterable[str]) -> dict[str, PointSummary]:
+        """The summaries of those of *point_ids* the catalog holds, read from their rows
+        alone (a page of a listing parses its 50 summaries, not every point's). Call it
+        after :meth:`briefs` or :meth:`summaries`, which sync the catalog; a row that does
+        not check is a CatalogError (the next sync rebuilds the catalog)."""
+        wanted = list(dict.fromkeys(point_ids))
+        found: dict[str, PointSummary] = {}
+        for at in range(0, len(wanted), 500):  # SQLite's bound on parameters
+            part = wanted[at : at + 500]
+            marks = ", ".join("?" * len(part))
+            try:
+                with self._transaction() as db:
+                    query = f"SELECT {_COLUMNS}, summary, checksum FROM points WHERE id IN ({marks})"
+                    rows = db.execute(query, part).fetchall()
+                found.update((str(row[0]), _summary(row)) for row in rows)
+            except (sqlite3.DatabaseError, _Damaged) as error:
+                raise CatalogError(f"restore point catalog {self.path}: {error}") from None
+        return found
+
     def add(self, point: RestorePoint) -> None:
         """Keep the summary of *point*, which this process has just saved (so a chain of
         backups reads only each one's base)."""
