@@ -114,6 +114,24 @@ def test_listing_resolving_and_prune_read_no_restore_point_once_warm(
         assert backend.points_read == [f"points/{summary.id}"]
 
 
+def test_a_page_of_summaries_is_read_from_the_catalog_by_id(
+    made: tuple[Path, dict[str, RestorePoint]],
+) -> None:
+    where, points = made
+    with Repository.open(str(where), PASSWORD) as repository:
+        repository.briefs()  # the sync that fills the catalog
+    repository, backend = _reopen(where)
+    with repository:
+        some = sorted(points)[:3]
+        found = repository.catalog().summaries_of([*some, "0123456789abcdef", some[0]])
+        assert backend.points_read == []  # from the rows, no restore point read
+    assert sorted(found) == some
+    for point_id in some:
+        assert found[point_id].id == point_id and found[point_id].vm == points[point_id].vm
+        assert found[point_id].consistency == points[point_id].consistency
+        assert found[point_id].disks[0].digest == points[point_id].disks[0].digest
+
+
 def test_briefs_show_what_a_listing_shows_and_a_prefetched_listing_answers_once(
     made: tuple[Path, dict[str, RestorePoint]],
 ) -> None:

@@ -99,8 +99,8 @@ def clean_partition(text: str) -> int | str:
     """A partition's number (0: the whole disk) or a logical volume ``VG/LV``."""
     if re.fullmatch(r"[0-9]{1,4}", text):
         return int(text)
-    if _VOLUME.fullmatch(text) and len(text) <= 256:
-        return text
+    if _VOLUME.fullmatch(text) and len(text) <= 256 and not {".", ".."} & set(text.split("/")):
+        return text  # LVM's names: neither "." nor ".." (lvm(8), VALID NAMES)
     raise BadRequest(f"partition {text[:40]!r}: neither a partition number nor VG/LV")
 
 
