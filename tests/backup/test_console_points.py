@@ -322,6 +322,7 @@ def test_prune_previews_then_removes_exactly_what_it_showed_and_gc_runs(
     kept = preview.locator("tr.keep").evaluate_all("rows => rows.map(r => r.dataset.point)")
     assert sorted(removed) == sorted(console.points[:2]) and kept == [console.points[2]]
     assert console.listed() == console.points  # a preview removes nothing
+    preview.scroll_into_view_if_needed()
     screenshot(page, "backup-prune-preview", tmp_path)
     page.click("#prune-confirm")
     job = _job(page)

@@ -134,7 +134,7 @@ def repository_usage(site: ConsoleSite, location: str) -> dict[str, Any]:
 def _verify_work(site: ConsoleSite, location: str | None, read_data: bool) -> Any:
     def work(job: ConsoleJob) -> Mapping[str, Any]:
         def progress(phase: str, done: int, total: int) -> None:
-            job.phase, job.done, job.size = phase, done, total
+            job.phase = f"{phase} {done}/{total}"  # counts of points or packs: size/done are bytes
 
         with site.repository(location) as repository, repository.lock("shared", "console verify"):
             report = verify(repository, read_data=read_data, progress=progress)
@@ -307,7 +307,9 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
     ) -> Response:
         try:
             with site.repository(where(repo)) as repository:
-                found = repository.load_point(point_id).summary()
+                resolved = repository.resolve_point(point_id)  # its id, or a unique prefix's
+                summary = repository.catalog().summaries_of([resolved]).get(resolved)
+                found = summary or repository.load_point(resolved).summary()  # not yet in the catalog
         except _EXPECTED as error:
             return problem(console, request, session, *_status(error))
         job = last_verify(site, where(repo), found.time)
