@@ -5,14 +5,19 @@ in chromium: tests/backup/test_console_points.py)."""
 
 from __future__ import annotations
 
+import datetime
 import random
 from pathlib import Path
 
 import pytest
 
-from agentless.backup.consolefiles import BadRequest
-from agentless.backup.consolepoints import _rules, index_totals, selection
+from agentless.backup.catalog import Brief
+from agentless.backup.consolefiles import BadRequest, status_of
+from agentless.backup.consolepoints import PER_PAGE, _rules, index_totals, page_of, selection
+from agentless.backup.errors import CorruptError, RepositoryError
+from agentless.backup.locks import LockedError
 from agentless.backup.repository import Repository
+from agentless.backup.storage import StorageError
 
 
 def test_index_totals_are_the_index_entries_summed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,3 +63,42 @@ def test_a_selection_names_the_set_of_points_whatever_the_order() -> None:
     assert selection(["b", "a"]) == selection(["a", "b"])
     assert selection(["a", "b"]) != selection(["a"]) != selection([])
     assert selection(["ab"]) != selection(["a", "b"])
+
+
+def _brief(number: int, vm: str) -> Brief:
+    moment = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(hours=number)
+    time = moment.isoformat().replace("+00:00", "Z") if number % 2 else moment.isoformat()  # both forms
+    return Brief(f"{number:016x}", time, f"id-{vm}", vm, "full", None, 1, 1 << 30)
+
+
+def test_points_are_paged_newest_first_and_filtered_by_vm() -> None:
+    briefs = [_brief(n, "web" if n % 3 else "db") for n in range(130)]
+    random.Random(1).shuffle(briefs)
+    shown, total, pages, page = page_of(briefs, "", 1)
+    assert (total, pages, page, len(shown)) == (130, 3, 1, PER_PAGE)
+    assert [b.id for b in shown] == [f"{n:016x}" for n in range(129, 129 - PER_PAGE, -1)]
+    shown, total, pages, page = page_of(briefs, "", 3)
+    assert len(shown) == 30 and shown[-1].id == f"{0:016x}"
+    assert page_of(briefs, "", 99)[3] == 3 and page_of(briefs, "", -5)[3] == 1  # out of range: the nearest
+    by_name, by_id = page_of(briefs, "db", 1), page_of(briefs, "id-db", 1)
+    assert by_name == by_id and by_name[1] == 44 and {b.vm_name for b in by_name[0]} == {"db"}
+    assert page_of(briefs, "nobody", 1) == ([], 0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "says"),
+    [
+        (BadRequest("path 'x': give it from the root"), 400, "from the root"),
+        (KeyError("s3://elsewhere/repo"), 404, "unknown repository 's3://elsewhere/repo'"),
+        (KeyError("no default repository: configure one"), 404, "no default repository: configure one"),
+        (RepositoryError("no restore point 'abcd'"), 404, "no restore point"),
+        (LockedError("gc by host 1 holds the repository"), 409, "gc by host"),
+        (CorruptError("points/x: malformed restore point", "points/x"), 503, "malformed"),
+        (StorageError("the bucket answers 500"), 503, "answers 500"),
+    ],
+)
+def test_failures_are_answered_in_one_line_with_their_status(
+    error: Exception, status: int, says: str
+) -> None:
+    assert status_of(error)[0] == status
+    assert says in status_of(error)[1]

@@ -48,10 +48,12 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from agentless.console import Console, Session
 
+from .catalog import CatalogError
 from .consolesite import ConsoleSite, problem
 from .diskview import DiskView
-from .errors import RepositoryError, VmbackupError
+from .errors import CorruptError, RepositoryError, VmbackupError
 from .fsworker import FsWorker, FsWorkerError
+from .locks import LockedError
 from .pointdisk import PointDisk
 from .storage import StorageError
 
@@ -64,6 +66,7 @@ __all__ = [
     "attachment",
     "clean_partition",
     "clean_path",
+    "status_of",
     "tar_members",
     "tar_stream",
 ]
@@ -290,17 +293,27 @@ def _worker(site: ConsoleSite, location: str | None, point_id: str, disk: int) -
 # ---------------------------------------------------------------------- the pages
 
 
-_EXPECTED = (VmbackupError, StorageError, KeyError, OSError)
+_EXPECTED = (VmbackupError, StorageError, KeyError, ValueError, OSError)
 
 
-def _status(error: BaseException) -> tuple[int, str]:
-    """How a failure is answered: (status, one line)."""
+def status_of(error: BaseException) -> tuple[int, str]:
+    """How a request that failed is answered: (HTTP status, one line). 400: the request
+    named something malformed; 404: something that is not there (a repository the
+    console does not know, a restore point, a disk, a path of the guest's); 409: a lock
+    another process holds; 503: the repository or the worker failed."""
     if isinstance(error, BadRequest):
         return 400, str(error)
     if isinstance(error, KeyError):
-        return 404, f"unknown repository {error.args[0]!r}" if error.args else "not found"
-    if isinstance(error, FsWorkerError | RepositoryError):
+        text = str(error.args[0]) if error.args else ""
+        return 404, text if " " in text else f"unknown repository {text!r}"
+    if isinstance(error, LockedError):
+        return 409, str(error)
+    if isinstance(error, FsWorkerError) or (
+        isinstance(error, RepositoryError) and not isinstance(error, CorruptError | CatalogError)
+    ):
         return 404, str(error)
+    if isinstance(error, ValueError):
+        return 400, str(error)
     return 503, str(error) or type(error).__name__
 
 
@@ -324,7 +337,7 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
             where = clean_where(disk, partition, path) if disk else None
             context = _listing(site, repo or None, point_id, where, max(0, start))
         except (BadRequest, *_EXPECTED) as error:
-            return problem(console, request, session, *_status(error))
+            return problem(console, request, session, *status_of(error))
         return console.render(
             request, session, "backup/files.html", heading=f"Files of {point_id}", repo=repo, **context
         )
@@ -344,7 +357,7 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
             stream = _Stream(_file_producer(site, repo or None, point_id, number, volume, where))
             headers = stream.start()
         except (BadRequest, *_EXPECTED) as error:
-            return problem(console, request, session, *_status(error))
+            return problem(console, request, session, *status_of(error))
         site.log(f"console: {session.identity.name} downloads {where} of restore point {point_id}")
         return StreamingResponse(stream.chunks(), media_type="application/octet-stream", headers=headers)
 
@@ -363,7 +376,7 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
             stream = _Stream(_archive_producer(site, repo or None, point_id, number, volume, where))
             headers = stream.start()
         except (BadRequest, *_EXPECTED) as error:
-            return problem(console, request, session, *_status(error))
+            return problem(console, request, session, *status_of(error))
         site.log(f"console: {session.identity.name} downloads folder {where} of restore point {point_id}")
         return StreamingResponse(stream.chunks(), media_type="application/x-tar", headers=headers)
 

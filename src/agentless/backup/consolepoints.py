@@ -52,7 +52,7 @@ from .prune import KEEP, RULES, prune, select
 from .storage import StorageError
 from .verify import verify
 
-__all__ = ["PER_PAGE", "SHOWN", "add_pages", "index_totals", "repository_usage", "selection"]
+__all__ = ["PER_PAGE", "SHOWN", "add_pages", "index_totals", "page_of", "repository_usage", "selection"]
 
 PER_PAGE = 50  # restore points a page of /points shows
 SHOWN = 200  # restore points a prune preview lists of those it keeps
@@ -245,15 +245,22 @@ def _newest_first(point: Brief) -> tuple[datetime.datetime, str]:
 
 
 def _status(error: BaseException) -> tuple[int, str]:
-    if isinstance(error, consolefiles.BadRequest):
-        return 400, str(error)
-    if isinstance(error, KeyError):
-        return 404, f"unknown repository {error.args[0]!r}" if error.args else "not found"
     if isinstance(error, Busy):
         return 409, str(error)
-    if isinstance(error, VmbackupError | ValueError):
-        return 404 if "no restore point" in str(error) else 400, str(error)
-    return 503, str(error) or type(error).__name__
+    return consolefiles.status_of(error)
+
+
+def page_of(
+    briefs: list[Brief], vm: str, page: int, per_page: int = PER_PAGE
+) -> tuple[list[Brief], int, int, int]:
+    """(the points shown, how many match, pages, the page shown) of *briefs* for a VM
+    (its id or name; empty: every VM), newest first, *per_page* a page; a page out of
+    range shows the nearest."""
+    chosen = [b for b in briefs if not vm or vm in (b.vm_id, b.vm_name)]
+    chosen.sort(key=_newest_first, reverse=True)
+    pages = max(1, math.ceil(len(chosen) / per_page))
+    page = min(max(1, page), pages)
+    return chosen[(page - 1) * per_page : page * per_page], len(chosen), pages, page
 
 
 def add_pages(console: Console, site: ConsoleSite) -> None:
@@ -276,11 +283,7 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
                 vms = sorted(
                     {(b.vm_id or "", b.vm_name or b.vm_id or "?") for b in briefs}, key=lambda v: v[1]
                 )
-                chosen = [b for b in briefs if not vm or vm in (b.vm_id, b.vm_name)]
-                chosen.sort(key=_newest_first, reverse=True)
-                pages = max(1, math.ceil(len(chosen) / PER_PAGE))
-                page = min(max(1, page), pages)
-                shown: list[Brief] = chosen[(page - 1) * PER_PAGE : page * PER_PAGE]
+                shown, total, pages, page = page_of(briefs, vm, page)
                 summaries = repository.catalog().summaries_of(b.id for b in shown)
         except _EXPECTED as error:
             return problem(console, request, session, *_status(error))
@@ -292,13 +295,14 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
             heading="Restore points",
             points=shown,
             consistency=consistency,
-            total=len(chosen),
+            total=total,
             page=page,
             pages=pages,
             vm=vm,
             vms=vms,
             repo=repo,
             repos=site.repositories(),
+            default=site.default_repo,
         )
 
     @console.router.get("/points/{point_id}", response_class=HTMLResponse)
