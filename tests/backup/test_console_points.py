@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import io
 import random
 import re
 import tarfile
@@ -235,6 +236,17 @@ def test_bad_file_requests_are_one_line_and_a_viewer_may_not_download(browser: A
             answer.text()[-400:],
         )
     assert page.request.get(console.url + "points/0123456789abcdef").status == 404
+    answer = page.request.get(base + "/download?disk=0&partition=0&path=/docs/data.bin")
+    assert answer.headers["content-length"] == "300001" == str(len(answer.body()))
+    assert answer.headers["content-type"] == "application/octet-stream"
+    assert (
+        answer.headers["content-disposition"]
+        == "attachment; filename=\"data.bin\"; filename*=UTF-8''data.bin"
+    )
+    answer = page.request.get(base + "/archive?disk=0&partition=0&path=/")
+    assert answer.headers["content-length"] == str(len(answer.body()))
+    with tarfile.open(fileobj=io.BytesIO(answer.body())) as archive:
+        assert {"root/hello.txt", "root/docs/sub/deep.txt"} <= set(archive.getnames())
     viewer = _signed_in(browser, console, "viewer")
     answer = viewer.request.get(base + "/download?disk=0&partition=0&path=/hello.txt")
     assert answer.status == 403 and b"hello from the guest" not in answer.body()
@@ -322,6 +334,15 @@ def test_prune_previews_then_removes_exactly_what_it_showed_and_gc_runs(
     kept = preview.locator("tr.keep").evaluate_all("rows => rows.map(r => r.dataset.point)")
     assert sorted(removed) == sorted(console.points[:2]) and kept == [console.points[2]]
     assert console.listed() == console.points  # a preview removes nothing
+    csrf = page.locator("meta[name=csrf-token]").get_attribute("content")
+    whole = page.request.post(
+        console.url + "repositories/prune/preview", form={"csrf": csrf, "keep_last": "1"}
+    )
+    assert whole.status == 200 and "<nav" in whole.text() and "2 to remove, 1 to keep" in whole.text()
+    none = page.request.post(
+        console.url + "repositories/prune/preview", form={"csrf": csrf, "keep_last": "0"}
+    )
+    assert none.status == 400 and "at least one retention rule" in none.text()
     preview.scroll_into_view_if_needed()
     screenshot(page, "backup-prune-preview", tmp_path)
     page.click("#prune-confirm")
