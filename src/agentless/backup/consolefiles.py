@@ -20,7 +20,7 @@ thread and kills the worker. A file is sent with its exact ``Content-Length`` an
 ``Content-Disposition: attachment`` whose name is made safe (:func:`attachment`). A
 folder is sent as a **tar archive** (POSIX pax: long and Unicode names kept; regular
 files, directories and symbolic links; other kinds and names a tar cannot carry safely
-left out), built on the fly (:func:`tar_stream`): the folder is listed first into a
+left out), built on the fly (:mod:`.tarstream`): the folder is listed first into a
 temporary file (a folder may hold millions of entries), which also gives the archive's
 exact length, then each file is read and sent behind its header. Tar, not zip: every
 size is known before a member's header is written, so nothing is buffered or seeked,
@@ -36,12 +36,12 @@ import os
 import queue
 import re
 import signal
-import tarfile
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
@@ -56,9 +56,11 @@ from .fsworker import FsWorker, FsWorkerError
 from .locks import LockedError
 from .pointdisk import PointDisk
 from .storage import StorageError
+from .tarstream import tar_length, tar_members, tar_stream
 
 __all__ = [
     "DEPTH",
+    "IDLE",
     "MAX_PATH",
     "PAGE",
     "BadRequest",
@@ -67,15 +69,12 @@ __all__ = [
     "clean_partition",
     "clean_path",
     "status_of",
-    "tar_members",
-    "tar_stream",
 ]
 
 MAX_PATH = 4096  # bytes of a path a request may name (Linux's PATH_MAX)
 PAGE = 500  # entries of a directory shown per page
 DEPTH = 16  # pieces (64 KiB each) between the reading thread and the response
-_BLOCK = tarfile.BLOCKSIZE
-_END = b"\0" * (2 * _BLOCK)  # a tar archive ends with two zero blocks
+IDLE = 120.0  # seconds a download may wait for its client to take a piece
 _VOLUME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*")
 
 
@@ -114,93 +113,6 @@ def attachment(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
-# ---------------------------------------------------------------------- tar archives
-
-
-def _header(entry: dict[str, Any], name: str) -> bytes | None:
-    """The pax header of one listed entry named *name* in the archive (None: a kind a tar
-    does not carry here – devices, FIFOs, sockets, unreadable entries)."""
-    info = tarfile.TarInfo(name)
-    kind = entry.get("type")
-    if kind == "file":
-        info.type, info.size, info.mode = tarfile.REGTYPE, int(entry["size"]), 0o644
-    elif kind == "dir":
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-    elif kind == "symlink" and entry.get("target"):
-        info.type, info.linkname, info.mode = tarfile.SYMTYPE, str(entry["target"]), 0o777
-    else:
-        return None
-    if entry.get("mode") is not None:
-        info.mode = int(entry["mode"]) & 0o777  # no set-user/group-ID, no sticky bit
-    if entry.get("uid") is not None:
-        info.uid, info.gid = int(entry["uid"]), int(entry["gid"] or 0)
-    if entry.get("mtime") is not None:
-        info.mtime = max(0, int(entry["mtime"]) // 1_000_000_000)
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def _padding(size: int) -> int:
-    return -size % _BLOCK
-
-
-def tar_members(top: str, entries: IO[str]) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """(entry, header) of each entry of *entries* (one JSON entry a line, as the worker
-    lists a tree below *top*) that goes into the archive, named from *top*'s own name
-    (``etc/hosts`` for ``/etc``; ``root/…`` for ``/``). Entries a tar cannot carry, or
-    whose name has an empty, ``.`` or ``..`` component, are left out."""
-    base = top.rstrip("/").rsplit("/", 1)[-1] or "root"
-    prefix = top.rstrip("/") + "/"
-    for line in entries:
-        entry = json.loads(line)
-        path = str(entry.get("path", ""))
-        if path != top and not path.startswith(prefix):
-            continue
-        rest = path[len(prefix) :] if path != top else ""
-        if rest and any(part in ("", ".", "..") or "\0" in part for part in rest.split("/")):
-            continue
-        header = _header(entry, f"{base}/{rest}" if rest else base)
-        if header is not None:
-            yield entry, header
-
-
-def tar_length(members: Iterator[tuple[dict[str, Any], bytes]]) -> int:
-    """The exact length of the archive :func:`tar_stream` makes of *members*."""
-    total = len(_END)
-    for entry, header in members:
-        size = int(entry["size"]) if entry["type"] == "file" else 0
-        total += len(header) + size + _padding(size)
-    return total
-
-
-def tar_stream(
-    members: Iterator[tuple[dict[str, Any], bytes]],
-    read: Callable[[dict[str, Any], Callable[[bytes | bytearray], None]], None],
-    send: Callable[[bytes | bytearray], None],
-) -> None:
-    """The archive of *members* to *send*: each header, then for a file its bytes from
-    ``read(entry, send)`` and the padding to a whole block; two zero blocks at the end.
-    A file that yields more or fewer bytes than listed is an error (the archive would be
-    corrupt: the download is cut instead)."""
-    for entry, header in members:
-        send(header)
-        if entry["type"] != "file":
-            continue
-        size, sent = int(entry["size"]), 0
-
-        def counted(data: bytes | bytearray, size: int = size, path: str = entry["path"]) -> None:
-            nonlocal sent
-            sent += len(data)
-            if sent > size:
-                raise VmbackupError(f"{path}: longer than its listed {size} bytes")
-            send(data)
-
-        read(entry, counted)
-        if sent != size:
-            raise VmbackupError(f"{entry['path']}: {sent} bytes read, {size} listed")
-        send(b"\0" * _padding(size))
-    send(_END)
-
-
 # ---------------------------------------------------------------------- streaming
 
 
@@ -215,13 +127,22 @@ class _Stream:
     """Bytes made by *produce* in a thread of its own, handed to the response through a
     bounded queue. *produce(ready, send)* calls ``ready(headers)`` once it knows the
     answer can be given (before any ``send``); an expected error before that is the
-    request's problem (:meth:`start` raises it), after it the download is cut."""
+    request's problem (:meth:`start` raises it), after it the download is cut.
 
-    def __init__(self, produce: Callable[[Callable[[dict[str, str]], None], Callable[[Any], None]], None]):
+    The thread stops when the response's iterator is closed (the client went away), and
+    in any case when nobody took a piece for *idle* seconds (a response dropped without
+    closing its iterator must not hold a worker and a repository lock for ever)."""
+
+    def __init__(
+        self,
+        produce: Callable[[Callable[[dict[str, str]], None], Callable[[Any], None]], None],
+        idle: float = IDLE,
+    ):
         self._queue: queue.Queue[Any] = queue.Queue(DEPTH)
         self._stop = threading.Event()
         self._ready: queue.Queue[dict[str, str] | BaseException] = queue.Queue(1)
         self._produce = produce
+        self._idle = idle
 
     def start(self) -> dict[str, str]:
         """Start the thread; the headers it is ready with, or its error."""
@@ -232,9 +153,10 @@ class _Stream:
         return first
 
     def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
+        deadline = time.monotonic() + self._idle
+        while not self._stop.is_set() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Full):
-                self._queue.put(item, timeout=0.5)
+                self._queue.put(item, timeout=min(0.5, self._idle))
                 return
         raise _Gone()
 
@@ -248,6 +170,8 @@ class _Stream:
 
         try:
             self._produce(ready, lambda data: self._put(bytes(data)) if data else None)
+            if not told:
+                raise VmbackupError("nothing to send")
             self._put(_DONE)
         except _Gone:
             pass
