@@ -355,3 +355,25 @@ def test_prune_previews_then_removes_exactly_what_it_showed_and_gc_runs(
     console.logged(rf"console job {job} \(gc\) succeeded")
     assert _ok(vmbackup(console.env, "verify", "--json"))["points"] == 1
     assert page.errors == []
+
+
+def test_a_verify_that_reads_a_damaged_pack_marks_the_point_damaged(browser: Any, console: Console) -> None:
+    [point] = console.listed()  # what prune left
+    packs = sorted(
+        (p for p in (console.repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    with open(packs[-1], "r+b") as pack:  # the largest pack: the disk's chunks
+        pack.seek(pack.seek(0, 2) // 2)
+        byte = pack.read(1)
+        pack.seek(-1, 1)
+        pack.write(bytes([byte[0] ^ 0xFF]))
+    page = _signed_in(browser, console, "backup-operator")
+    page.goto(console.url + "repositories")
+    page.check("input[name=read_data]")
+    page.click("button.verify")
+    job = _job(page)
+    console.logged(rf"console job {job} \(verify\) succeeded")  # the verify ran; what it found is its result
+    page.goto(console.url + f"points/{point}")
+    verified = page.locator("#point-verified").inner_text()
+    assert verified.startswith("damaged") and "verify data and structure of" in verified, verified
+    assert page.errors == []
