@@ -236,6 +236,11 @@ def test_bad_file_requests_are_one_line_and_a_viewer_may_not_download(browser: A
             answer.text()[-400:],
         )
     assert page.request.get(console.url + "points/0123456789abcdef").status == 404
+    assert page.request.get(console.url + "points?repo=/etc").status == 404
+    csrf = page.locator("meta[name=csrf-token]").get_attribute("content")
+    refused = page.request.post(console.url + "repositories/verify", form={"csrf": csrf, "repo": "/etc"})
+    assert refused.status == 404 and "unknown repository" in html.unescape(refused.text())
+    assert not any("started verify job" in line for line in console.log)  # none before the verify test
     answer = page.request.get(base + "/download?disk=0&partition=0&path=/docs/data.bin")
     assert answer.headers["content-length"] == "300001" == str(len(answer.body()))
     assert answer.headers["content-type"] == "application/octet-stream"
