@@ -95,8 +95,7 @@ def _signed_in(browser: Any, console: Console, role: str, **options: Any) -> Any
     assert page.evaluate("document.activeElement.id") == "token"  # the form is ready for the keyboard
     page.keyboard.type(console.tokens[role])
     page.keyboard.press("Enter")
-    page.wait_for_load_state()
-    assert page.url == f"{console.url}/", page.locator("main").inner_text()
+    expect(page).to_have_url(f"{console.url}/")
     return page
 
 
@@ -173,6 +172,55 @@ def test_back_up_a_running_vm_and_see_the_progress_reach_100_percent(browser: An
     assert point in {p["id"] for p in listed}
     page.goto(vm_page)
     assert page.locator("#vm-points", has_text=point).is_visible()
+    assert page.errors == []
+
+
+def _a_point(console: Console) -> str:
+    """The newest restore point of VM web (one is made when there is none yet)."""
+    listed = json.loads(vmbackup(console.env, "list", "--json").stdout)["points"]
+    if not listed:
+        done = vmbackup(console.env, "backup", "--vm", "web", "--json")
+        assert done.returncode == 0, done.stderr
+        listed = json.loads(vmbackup(console.env, "list", "--json").stdout)["points"]
+    return str(max(listed, key=lambda point: point["time"])["id"])
+
+
+def _finished(page: Any) -> None:
+    expect(page.locator("#job-state")).to_have_text(re.compile("succeeded|failed"), timeout=120_000)
+    assert page.locator("#job-state").inner_text() == "succeeded", page.locator("#job-error").inner_text()
+
+
+def test_restore_a_point_as_a_new_vm_then_instantly_and_the_tasks_finish(
+    browser: Any, console: Console
+) -> None:
+    point = _a_point(console)
+    page = _signed_in(browser, console, "operator")
+    page.goto(f"{console.url}/points/{point}")
+    page.get_by_label("New VM's name").fill("web-copy")
+    page.get_by_role("button", name="Restore").click()
+    page.wait_for_url(re.compile(r".*/jobs/console/\d+$"))
+    _finished(page)
+    assert page.locator("#job-progress").get_attribute("value") == page.locator(
+        "#job-progress"
+    ).get_attribute("max")
+    screenshot(page, "backup-restore-job", console.shots)
+    with console.site.client() as center:
+        copy = center.vm("web-copy")
+        source = center.vm("web")
+        restores = center.restores().items
+    assert [disk.size for disk in copy.disks] == [disk.size for disk in source.disks]
+    assert any(r.vm == copy.id and r.state == "completed" and not r.instant for r in restores), restores
+
+    page.goto(f"{console.url}/points/{point}")
+    page.get_by_label("New VM's name").fill("web-instant")
+    page.get_by_role("checkbox", name=re.compile("^Instant restore")).check()
+    page.get_by_role("button", name="Restore").click()
+    page.wait_for_url(re.compile(r".*/jobs/console/\d+$"))
+    _finished(page)
+    with console.site.client() as center:
+        instant = center.vm("web-instant")
+        restores = center.restores().items
+    assert any(r.vm == instant.id and r.instant for r in restores), restores
     assert page.errors == []
 
 
