@@ -136,6 +136,8 @@ def test_sign_in_dashboard_and_vms_in_the_browsers_time_zone(browser: Any, conso
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
     assert page.get_by_role("heading", name="Dashboard").is_visible()
     assert page.locator("#health .figure").inner_text() == "OK"
+    points = len(json.loads(vmbackup(console.env, "list", "--json").stdout)["points"])
+    assert f"{points} of " in page.locator(".repo-usage").inner_text()
     screenshot(page, "backup-dashboard", console.shots)
     page.get_by_role("link", name="VMs", exact=True).click()
     page.wait_for_url(f"{console.url}/vms")
