@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import queue
@@ -266,6 +267,17 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
             request, session, "backup/files.html", heading=f"Files of {point_id}", repo=repo, **context
         )
 
+    def streamed(
+        request: Request, session: Session, produce: Any, what: str, point_id: str, media_type: str
+    ) -> Response:
+        try:
+            stream = _Stream(produce())
+            headers = stream.start()
+        except (BadRequest, *_EXPECTED) as error:
+            return problem(console, request, session, *status_of(error))
+        site.log(f"console: {session.identity.name} downloads {what} of restore point {point_id}")
+        return StreamingResponse(stream.chunks(), media_type=media_type, headers=headers)
+
     @console.router.get("/points/{point_id}/files/download")
     def download(
         request: Request,
@@ -278,12 +290,10 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
     ) -> Response:
         try:
             number, volume, where = clean_where(disk, partition, path)
-            stream = _Stream(_file_producer(site, repo or None, point_id, number, volume, where))
-            headers = stream.start()
-        except (BadRequest, *_EXPECTED) as error:
+        except BadRequest as error:
             return problem(console, request, session, *status_of(error))
-        site.log(f"console: {session.identity.name} downloads {where} of restore point {point_id}")
-        return StreamingResponse(stream.chunks(), media_type="application/octet-stream", headers=headers)
+        produce = functools.partial(_file_producer, site, repo or None, point_id, number, volume, where)
+        return streamed(request, session, produce, where, point_id, "application/octet-stream")
 
     @console.router.get("/points/{point_id}/files/archive")
     def archive(
@@ -297,12 +307,10 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
     ) -> Response:
         try:
             number, volume, where = clean_where(disk, partition, path)
-            stream = _Stream(_archive_producer(site, repo or None, point_id, number, volume, where))
-            headers = stream.start()
-        except (BadRequest, *_EXPECTED) as error:
+        except BadRequest as error:
             return problem(console, request, session, *status_of(error))
-        site.log(f"console: {session.identity.name} downloads folder {where} of restore point {point_id}")
-        return StreamingResponse(stream.chunks(), media_type="application/x-tar", headers=headers)
+        produce = functools.partial(_archive_producer, site, repo or None, point_id, number, volume, where)
+        return streamed(request, session, produce, f"folder {where}", point_id, "application/x-tar")
 
 
 def clean_where(disk: str, partition: str, path: str) -> tuple[int, int | str, str]:
