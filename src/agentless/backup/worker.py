@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # a daemon's run also outlives a failing disk or socket
 EXPECTED: tuple[type[Exception], ...] = (*FAILURES, OSError)
 POLL_SECONDS = 1.0  # how often an idle worker looks for work (a job's end wakes it at once)
+CONCLUDE_SECONDS = 120.0  # how long a worker waits for WinCenter to complete a dead worker's backup
 _BACKOFF = (0.5, 1, 2, 4, 8, 15, *[30] * 10_000)  # seconds between tries to record an end
 
 
@@ -481,13 +482,14 @@ class Runner:
     def _attempt(self, claim: VmClaim, policy: Policy, work: _RunWork) -> tuple[Outcome, dict[str, Any]]:
         center, repository = work.center, work.repository
         if claim.backup_id is not None:  # an attempt before this one left it (a dead worker's?)
-            with contextlib.suppress(*EXPECTED):
-                center.abort_backup(claim.backup_id)  # WinCenter queues a new one behind it otherwise
             saved = [b for b in repository.briefs() if b.backup_id == claim.backup_id]
             if saved:  # saved, but its worker died before it said so
+                _conclude(center, claim.backup_id)
                 brief = saved[-1]
                 self.log(f"policy {policy.name}: {claim.vm}: restore point {brief.id} of a dead worker found")
                 return Outcome.SUCCEEDED, {"type": brief.type, "point": brief.id, "vm_id": brief.vm_id}
+            with contextlib.suppress(*EXPECTED):
+                center.abort_backup(claim.backup_id)  # WinCenter queues a new one behind it otherwise
         vm = center.vm(claim.vm_id or claim.vm)
         if (vm.id, vm.host, vm.name) != (claim.vm_id, claim.host, claim.vm):
             self.claims.note(claim, vm_id=vm.id, host=vm.host, vm=vm.name)
@@ -707,6 +709,19 @@ class _RunWork:
             stack.callback(self.center.close)
             stack.callback(self.repository.close)
             self.lock.close()
+
+
+def _conclude(center: CenterClient, backup_id: str) -> None:
+    """End WinCenter's backup *backup_id*, whose restore point a dead worker saved: completed
+    (WinCenter keeps its snapshot as the base of the VM's next incremental, as the
+    point's own backup would have), or aborted when it can no longer be completed (it
+    expired, or the dead worker's completion is under way – then that one stands)."""
+    try:
+        accepted = center.complete_backup(backup_id)
+        center.wait_task(accepted.task_id, timeout=CONCLUDE_SECONDS, poll=0.5)
+    except EXPECTED:
+        with contextlib.suppress(*EXPECTED):
+            center.abort_backup(backup_id)
 
 
 def _default_name() -> str:
