@@ -13,7 +13,18 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.testclient import TestClient
 
-from agentless.console import CSP, FAILURE_LIMIT, MAX_FORM, Console, Identity, NavItem, Session, SessionStore
+from agentless.console import (
+    CSP,
+    FAILURE_LIMIT,
+    MAX_FORM,
+    Console,
+    Identity,
+    LiveStreams,
+    NavItem,
+    Session,
+    SessionStore,
+    event_stream,
+)
 
 TOKENS = {
     "tok-admin": Identity("ada", "admin", frozenset({"read", "operate"})),
@@ -76,6 +87,16 @@ def client(console: Console) -> Iterator[TestClient]:
     def act(session: Session = Depends(operator)) -> Response:
         acted.append(session.identity.name)
         return Response("done")
+
+    @console.router.get("/live")
+    def live(request: Request, session: Session = Depends(reader)) -> Response:
+        ticks = iter(range(3))
+
+        def poll() -> tuple[dict[str, dict[str, int]], bool]:
+            tick = next(ticks)
+            return {"bar": {"value": tick}}, tick == 2
+
+        return event_stream(request, poll, interval=0.01)
 
     @app.get("/api/plain")
     def plain() -> dict[str, str]:
@@ -215,3 +236,21 @@ def test_sign_in_never_redirects_to_another_site(client: TestClient) -> None:
             "/console/login", data={"token": "tok-admin", "next": target}, follow_redirects=False
         )
         assert answer.headers["location"] == "/console/", target
+
+
+def test_live_progress_is_pushed_until_the_end_and_streams_are_bounded(client: TestClient) -> None:
+    _sign_in(client, "tok-admin")
+    streams = client.app.state.live_streams  # type: ignore[attr-defined]
+    assert isinstance(streams, LiveStreams)
+    answer = client.get("/console/live")
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    assert answer.text.split("\n\n")[:4] == [
+        'data: {"bar":{"value":0}}',
+        'data: {"bar":{"value":1}}',
+        'data: {"bar":{"value":2}}',
+        "event: end\ndata: {}",
+    ]
+    assert streams.open == 0  # given back at the end
+    streams.open = streams.limit  # as many open as a console allows: the next one ends at once
+    assert client.get("/console/live").text == "event: end\ndata: {}\n\n"
+    assert streams.open == streams.limit

@@ -5,7 +5,7 @@ serve`` each build their console from it (:class:`Console`) and add their own pa
 from __future__ import annotations
 
 from .certificate import console_certificate
-from .live import event_stream
+from .live import MAX_STREAMS, LiveStreams, event_stream
 from .sessions import FAILURE_LIMIT, FAILURE_WINDOW, Identity, Session, SessionStore, Throttled
 from .site import CSP, MAX_FORM, MAX_LOGIN, Console, ConsoleGuard, Denied, NavItem, SignInNeeded, Unavailable
 
@@ -15,10 +15,12 @@ __all__ = [
     "FAILURE_WINDOW",
     "MAX_FORM",
     "MAX_LOGIN",
+    "MAX_STREAMS",
     "Console",
     "ConsoleGuard",
     "Denied",
     "Identity",
+    "LiveStreams",
     "NavItem",
     "Session",
     "SessionStore",

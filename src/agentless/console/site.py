@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentless.units import format_size
 
+from .live import LiveStreams
 from .sessions import Identity, Session, SessionStore, Throttled
 
 __all__ = [
@@ -228,6 +229,7 @@ class Console:
         """Mount the static files and the routes, and put :class:`ConsoleGuard` in front."""
         app.mount(f"{self.prefix}/static", StaticFiles(directory=str(_STATIC)), name=f"{self.name}-static")
         app.include_router(self.router)
+        app.state.live_streams = LiveStreams()
         app.add_exception_handler(SignInNeeded, self._on_sign_in_needed)
         app.add_exception_handler(Denied, self._on_denied)
         app.add_exception_handler(Unavailable, self._on_denied)
