@@ -26,13 +26,14 @@ untouched – the routes' own token check answers them as before.
 
 The parties share this module (as they share :mod:`agentless.pki`) and never import each
 other; each app says how to check its tokens. :data:`UVICORN_LIMITS` are the server
-limits that go with it.
+limits that go with it, :func:`listening_socket` the socket the daemons' uvicorn serves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -43,7 +44,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .problems import MEDIA_TYPE
 from .wire import Problem
 
-__all__ = ["MAX_BODY", "UVICORN_LIMITS", "BodyTooLarge", "RequestGuard", "documentation_paths"]
+__all__ = [
+    "MAX_BODY",
+    "UVICORN_LIMITS",
+    "BodyTooLarge",
+    "RequestGuard",
+    "documentation_paths",
+    "listening_socket",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,26 @@ UVICORN_LIMITS: dict[str, Any] = {
     "timeout_keep_alive": 5,  # seconds an idle keep-alive connection stays open
 }
 """uvicorn settings of both daemons (each adds its own ``limit_concurrency``)."""
+
+
+def listening_socket(host: str, port: int, backlog: int = 128, inheritable: bool = False) -> socket.socket:
+    """A TCP socket bound to *host*:*port* and listening, for uvicorn to serve on
+    (``server.serve(sockets=[...])``): bound before uvicorn starts, so that a port in use
+    is the caller's OSError and port 0 picks a free one (``getsockname``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # inherited by accepted connections: without it, a response written in two parts
+        # waits for the client's delayed ACK (40 ms per request)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.set_inheritable(inheritable)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class BodyTooLarge(HTTPException):

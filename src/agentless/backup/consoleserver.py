@@ -11,14 +11,13 @@ guard (:class:`agentless.console.ConsoleGuard`).
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 
 import uvicorn
 from fastapi import FastAPI
 
 from agentless.console.certificate import ConsoleCertificate
-from agentless.httpguard import UVICORN_LIMITS
+from agentless.httpguard import UVICORN_LIMITS, listening_socket
 
 __all__ = ["CONCURRENCY", "ConsoleServer"]
 
@@ -26,25 +25,11 @@ CONCURRENCY = 64
 SHUTDOWN_SECONDS = 3
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class ConsoleServer:
     """*app* over HTTPS on *host*:*port* while the context is open."""
 
     def __init__(self, app: FastAPI, host: str, port: int, certificate: ConsoleCertificate):
-        self.sock = _listen(host, port)
+        self.sock = listening_socket(host, port, backlog=CONCURRENCY)
         self.certificate = certificate
         config = uvicorn.Config(
             app,

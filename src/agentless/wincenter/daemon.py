@@ -38,12 +38,11 @@ import contextlib
 import datetime
 import logging
 import signal
-import socket
 from collections.abc import Callable
 
 import uvicorn
 
-from agentless.httpguard import UVICORN_LIMITS
+from agentless.httpguard import UVICORN_LIMITS, listening_socket
 
 from .api import make_app
 from .backups import QUEUE_WAIT
@@ -62,23 +61,6 @@ SYNC_SECONDS = 60.0
 SHUTDOWN_SECONDS = 3
 CONCURRENCY = 256  # connections (or requests) at once; past it, 503
 LOOPBACK = "127.0.0.1"
-
-
-def _listen(bind: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # inherited by accepted connections: without it, a response written in two parts
-        # waits for the client's delayed ACK (40 ms per request)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((bind, port))
-        sock.listen(128)
-        sock.set_inheritable(True)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def _every(seconds: float, job: Callable[[], object], stop: asyncio.Event) -> None:
@@ -105,7 +87,7 @@ def _expire(center: Center, orchestrator: Orchestrator) -> None:
 async def _run(
     center: Center, bind: str, port: int, orchestrator: Orchestrator, console_recheck: float
 ) -> None:
-    sock = _listen(bind, port)
+    sock = listening_socket(bind, port, inheritable=True)
     orchestrator.recover()
     config = uvicorn.Config(
         make_app(center, orchestrator, console_recheck=console_recheck),
