@@ -134,10 +134,11 @@ class WinCenterConsole:
         set_result(request, f"console: {what}")
 
     def acting(self, permission: str) -> Callable[[Request], Awaitable[Actor]]:
-        """The dependency of a state-changing route: a session whose role has
-        *permission*, the request's origin and CSRF token (the frame's checks), and the
-        session's token asked again now. The token is the audit's caller whatever the
-        answer – a viewer's refused POST is recorded as the viewer's."""
+        """The dependency of a state-changing route: the frame's checks (a session whose
+        role has *permission*, its token asked again now – a revoked one ends the session
+        there –, the request's origin and CSRF token) and the token's record. That record
+        is looked up first, because it is the audit's caller whatever the answer – a
+        viewer's refused POST is recorded as the viewer's; so the token is asked twice."""
         check = self.console.action(permission)
 
         async def dependency(request: Request) -> Actor:
@@ -148,7 +149,7 @@ class WinCenterConsole:
                 if info is not None:
                     set_caller(request, info)
             checked = await check(request)
-            if info is None:  # revoked since the last recheck: the session ends now
+            if info is None:  # revoked between the two lookups: the session ends now
                 self.sessions.sign_out(request.cookies.get(self.console.cookie, ""))
                 raise SignInNeeded()
             return Actor(checked, info)
