@@ -238,3 +238,29 @@ def test_every_group_declares_the_commands_it_is_named_for() -> None:
         assert [m.__name__.rsplit(".", 1)[1] for m in modules] == [module]
         [action] = [a for a in parser._actions if a.dest == "command"]
         assert command in action.choices  # type: ignore[operator]
+
+
+_SAYING = """
+import sys, threading
+from agentless.backup.clitools import say
+
+def lines(thread):
+    for n in range(2000):
+        say(f"thread {thread} line {n}")
+
+threads = [threading.Thread(target=lines, args=(t,)) for t in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def test_log_lines_from_threads_stay_whole() -> None:
+    """Four threads logging at once through a real pipe: every line on stderr is one whole
+    line (``print`` wrote text and newline apart, and a test once read a port back from
+    the log as ``42457`` joined to the next line's year)."""
+    done = subprocess.run([sys.executable, "-c", _SAYING], capture_output=True, text=True, check=True)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 8000
+    assert all(line.startswith("thread ") and line.count("line") == 1 for line in lines)

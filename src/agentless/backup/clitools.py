@@ -7,6 +7,7 @@ import argparse
 import getpass
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -14,7 +15,16 @@ from .keys import RepositoryError
 from .repository import Repository
 from .settings import Settings, given_password
 
-__all__ = ["Command", "command_maker", "open_repository", "repo_location", "repo_password", "seconds", "tell"]
+__all__ = [
+    "Command",
+    "command_maker",
+    "open_repository",
+    "repo_location",
+    "repo_password",
+    "say",
+    "seconds",
+    "tell",
+]
 
 Command = Callable[..., argparse.ArgumentParser]
 """Adds a command to the parser: ``command(name, help_text, repo=True)``, with the options
@@ -81,8 +91,20 @@ def open_repository(args: argparse.Namespace, prefetch_points: bool = False) -> 
         yield opened
 
 
+_STDERR = threading.Lock()
+
+
+def say(line: str) -> None:
+    """*line* on stderr, whole: ``print`` writes the text and its newline apart, so two
+    threads logging at once could join two lines into one (a port read back from the log
+    once came out as ``42457`` followed by the next line's year)."""
+    with _STDERR:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 def tell(line: str) -> None:
-    print(f"vmbackup: {line}", file=sys.stderr, flush=True)
+    say(f"vmbackup: {line}")
 
 
 def seconds(text: str) -> float:

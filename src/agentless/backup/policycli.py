@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import functools
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from agentless.units import format_size
 from agentless.wincenter.client import CenterClient
 
 from .backupjob import FAILURES
-from .clitools import Command, repo_location, repo_password
+from .clitools import Command, repo_location, repo_password, say
 from .errors import PolicyError, RepositoryError, SettingsError, VmbackupError
 from .jobcli import open_center
 from .prune import KEEP, RULES
@@ -221,7 +220,7 @@ def _limits(args: argparse.Namespace) -> Limits:
 def _log(line: str) -> None:
     """The scheduler's log: a line on stderr, stamped, without credentials."""
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{stamp} vmbackup: {redact(line)}", file=sys.stderr, flush=True)
+    say(f"{stamp} vmbackup: {redact(line)}")
 
 
 def _runner(
