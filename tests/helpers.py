@@ -28,6 +28,10 @@ time is up. A test that checks that something did *not* happen waits for a posit
 that the system went past the point where it would have (a later log line, a state, a
 counter) rather than sleeping a fixed time.
 
+Output: a daemon's stdout and stderr are pipes the tests read now and then – at its
+start, at its end. :class:`DrainedProcess` has a thread read them as the daemon writes, so that
+a daemon that logs more than a pipe holds (64 KiB) never blocks on its next line.
+
 Ports: a daemon the tests start picks its own port (``--port 0``, ``--listen
 127.0.0.1:0``, ``--api-port 0``) and says which one it bound; the fixtures read it back.
 :func:`free_port` is only for programs that cannot do that, and :func:`refused_port` for
@@ -40,12 +44,14 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
-__all__ = ["free_port", "listening", "refused_port", "wait_until"]
+__all__ = ["Drained", "DrainedProcess", "free_port", "listening", "refused_port", "wait_until"]
 
 T = TypeVar("T")
 
@@ -110,3 +116,70 @@ def listening(port: int, pid: int) -> set[str]:
         if fields[3] == "0A" and int(hex_port, 16) == port and fields[9] in inodes:  # 0A: LISTEN
             found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
     return found
+
+
+class Drained:
+    """A pipe read to its end by a thread as the process writes it, read like the pipe it
+    replaces (``readline``, iteration, ``read`` – which waits for the end, as on the pipe).
+    A pipe nobody reads fills at 64 KiB, and the process writing to it then stops at its
+    next line: a daemon logging while PostgreSQL was away hung a test that way."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self._lines: list[str] = []
+        self._at = 0
+        self._ended = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe: IO[str]) -> None:
+        try:
+            for line in pipe:
+                with self._changed:
+                    self._lines.append(line)
+                    self._changed.notify_all()
+        finally:
+            pipe.close()
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def readline(self) -> str:
+        """The next line, or ``""`` at the end."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._at < len(self._lines) or self._ended)
+            if self._at == len(self._lines):
+                return ""
+            self._at += 1
+            return self._lines[self._at - 1]
+
+    def __iter__(self) -> Iterator[str]:
+        while line := self.readline():
+            yield line
+
+    def read(self) -> str:
+        """All that is left, once the pipe has ended (the process and its children gone)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended)
+            rest = "".join(self._lines[self._at :])
+            self._at = len(self._lines)
+            return rest
+
+    def close(self) -> None:
+        """Nothing to do: the thread closes the pipe at its end (``Popen.__exit__`` calls this)."""
+
+
+class DrainedProcess(subprocess.Popen[str]):
+    """``subprocess.Popen`` (text mode) whose piped stdout and stderr are :class:`Drained`."""
+
+    def __init__(self, args: Sequence[str], **options: Any) -> None:
+        super().__init__(args, text=True, **options)
+        for name in ("stdout", "stderr"):
+            pipe = getattr(self, name)
+            if pipe is not None:
+                setattr(self, name, Drained(pipe))
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        """Its exit awaited (``TimeoutExpired`` after *timeout*), then all it wrote."""
+        assert input is None, "a drained process has no stdin to write"
+        self.wait(timeout)
+        return (self.stdout.read() if self.stdout else "", self.stderr.read() if self.stderr else "")

@@ -46,6 +46,7 @@ from .wire import Problem
 
 __all__ = [
     "MAX_BODY",
+    "SHUTDOWN_SECONDS",
     "UVICORN_LIMITS",
     "BodyTooLarge",
     "RequestGuard",
@@ -59,12 +60,19 @@ MAX_BODY = 1 << 20
 """Default cap of a request body: 1 MiB, 16 times the largest body the APIs take (a
 host registration with a 64 KiB certificate)."""
 
+SHUTDOWN_SECONDS = 3
+"""How long a stopping server waits for its connections to close. An idle keep-alive
+client never answers TLS close_notify, and asyncio waits 30 s for that answer: a host
+daemon whose API client kept one connection open took 30 s to stop."""
+
 UVICORN_LIMITS: dict[str, Any] = {
     "http": "h11",  # the implementation that enforces the header limit below
     "h11_max_incomplete_event_size": 16 * 1024,  # request line and headers: 16 KiB
     "timeout_keep_alive": 5,  # seconds an idle keep-alive connection stays open
+    "timeout_graceful_shutdown": SHUTDOWN_SECONDS,
 }
-"""uvicorn settings of both daemons (each adds its own ``limit_concurrency``)."""
+"""uvicorn settings of the daemons' APIs and the console (each adds its own
+``limit_concurrency``)."""
 
 
 def listening_socket(host: str, port: int, backlog: int = 128, inheritable: bool = False) -> socket.socket:

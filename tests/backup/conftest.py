@@ -37,6 +37,7 @@ from agentless.backup.storage import (
     RetryBackend,
     S3Backend,
 )
+from tests.helpers import DrainedProcess
 from tests.s3server import SeaweedS3
 
 BACKENDS = ["local", "memory", "s3", "retry", "faults"]
@@ -58,13 +59,12 @@ def vmbackup(env: dict[str, str], *args: str, timeout: float = 300) -> subproces
 def vmbackup_process(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     """``vmbackup`` started in the background (a daemon, or a command to kill midway);
     its stderr is a pipe the test reads at the end, its stdout is dropped."""
-    return subprocess.Popen(
+    return DrainedProcess(
         [sys.executable, "-m", "agentless.backup.cli", *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
 
 

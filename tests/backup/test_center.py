@@ -4,6 +4,8 @@ stays away fails it with one line."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -79,7 +81,11 @@ def test_a_backup_waits_while_wincenter_answers_503(tmp_path: Path, postgresql_c
             assert at_once.returncode == 1 and "Traceback" not in at_once.stderr
             assert "503 Service Unavailable" in at_once.stderr, at_once.stderr
             waiting = vmbackup_process(
-                env | {"VMBACKUP_CONNECT_RETRY": "60"}, "backup", "--vm", "web", "--json"
+                env | {"VMBACKUP_CONNECT_RETRY": "60", "PYTHONFAULTHANDLER": "1"},
+                "backup",
+                "--vm",
+                "web",
+                "--json",
             )
             assert waiting.stderr is not None
             announced = waiting.stderr.readline()
@@ -87,9 +93,10 @@ def test_a_backup_waits_while_wincenter_answers_503(tmp_path: Path, postgresql_c
         finally:
             postgresql_cluster.start()
         try:
-            assert waiting.wait(120) == 0, waiting.stderr.read()
-        finally:
-            waiting.kill()
-            waiting.wait()
+            waited = waiting.wait(120)
+        except subprocess.TimeoutExpired:  # faulthandler prints every thread's stack on SIGABRT
+            waiting.send_signal(signal.SIGABRT)
+            waited = waiting.wait()
+        assert waited == 0, f"exit {waited}: {announced}{waiting.stderr.read()}"
     [point] = _ok(vmbackup(env, "list", "--json"))["points"]  # type: ignore[misc]
     assert point["vm"] == "web" and point["type"] == "full"

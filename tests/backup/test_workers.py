@@ -94,6 +94,12 @@ def _ended(env: dict[str, str], database: str, workers: list[subprocess.Popen[st
     return wait_until(run, 240, "the policy's run to end", interval=0.3)
 
 
+def _taken(env: dict[str, str], database: str, worker: str) -> bool:
+    """Whether *worker* has taken a VM of the latest run."""
+    runs = _ok(vmbackup(env, "jobs", "--json", "--database", database))["runs"]
+    return bool(runs) and any(vm["worker"] == worker for vm in runs[0]["vms"])  # type: ignore[index]
+
+
 def test_two_workers_share_a_run_and_back_each_vm_up_once(
     fleet: Fleet, tmp_path: Path, postgresql_cluster: PgCluster
 ) -> None:
@@ -117,12 +123,13 @@ def test_two_workers_share_a_run_and_back_each_vm_up_once(
     env = configure(fleet, tmp_path, repo)  # type: ignore[arg-type]
     database = postgresql_cluster.create_database()
     _due_policy(database, repo, all_vms=True)
-    started = [
-        _spawn(env, database, "w1", "--per-host=1", "--max-jobs=1"),
-        _spawn(env, database, "w2", "--per-host=1", "--max-jobs=1", "--hosts=host-1"),  # near host-1
-    ]
-    workers = [(daemon, serving(daemon)[0]) for daemon in started]
+    # the pinned worker first, until it has taken a VM: w1, started first, could back all
+    # ten up before w2 has started on a loaded machine; w1 then has host-0's to do
+    pinned = _serve(env, database, "w2", "--per-host=1", "--max-jobs=1", "--hosts=host-1")  # near host-1
+    workers = [pinned]
     try:
+        wait_until(lambda: _taken(env, database, "w2"), 120, "w2 to take a VM", interval=0.2)
+        workers.insert(0, _serve(env, database, "w1", "--per-host=1", "--max-jobs=1"))
         run = _ended(env, database, [w for w, _port in workers])
         listed = _ok(vmbackup(env, "workers", "--json", "--database", database))["workers"]
         metrics = [_get(f"http://127.0.0.1:{port}/metrics") for _w, port in workers]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentless.wincenter.database import Database
+from tests.helpers import DrainedProcess
 
 LOOPBACK = ["--bind", "127.0.0.1", "--port", "0"]
 
@@ -72,11 +73,10 @@ def init_center(directory: str, *extra: str) -> str:
 
 def start_server(directory: str, token: str, *extra: str) -> Server:
     """``wincenter serve`` on a free loopback port, returned once it listens."""
-    proc = subprocess.Popen(
+    proc = DrainedProcess(
         [sys.executable, "-m", "agentless.wincenter.cli", "serve", "--dir", directory, *LOOPBACK, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

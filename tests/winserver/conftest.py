@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DrainedProcess
+
 
 def winserver(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the ``winserver`` command (without any WINSERVER_DIR of the environment)."""
@@ -77,7 +79,7 @@ def start_daemon(host: Daemon, *extra: str) -> subprocess.Popen[str]:
     """``winserver serve`` on loopback (with *extra* options), returned once it listens
     (recovery done): on ports it picks at its first start, on the same ones later."""
     ports = ["--api-port", str(host.api_port), "--nbd-port", str(host.nbd_port)]
-    proc = subprocess.Popen(
+    proc = DrainedProcess(
         [
             sys.executable,
             "-m",
@@ -92,7 +94,6 @@ def start_daemon(host: Daemon, *extra: str) -> subprocess.Popen[str]:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

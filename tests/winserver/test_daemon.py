@@ -4,6 +4,8 @@ where it listens: loopback unless ``--bind``/``--listen`` says otherwise)."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,22 @@ def test_ports_0_are_picked_at_each_start_and_named_where_clients_read_them(tmp_
         finally:
             proc.terminate()
             assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_serve_stops_while_an_idle_client_keeps_its_connection_open(tmp_path: Path) -> None:
+    """A client that made a request and keeps its connection open without reading (an
+    HTTP client's pool between two calls) does not hold up the daemon's stop: it never
+    answers TLS close_notify, and asyncio would wait 30 s for that answer."""
+    host = init_host(str(tmp_path / "host"))
+    daemon = start_daemon(host)
+    tls = ssl.create_default_context(cafile=str(Path(host.dir, "pki", "ca-cert.pem")))
+    raw = socket.create_connection(("127.0.0.1", host.api_port))
+    with tls.wrap_socket(raw, server_hostname="127.0.0.1") as client:
+        client.sendall(b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert client.recv(64).startswith(b"HTTP/1.1 ")
+        daemon.terminate()
+        try:
+            code = daemon.wait(20)  # asyncio's SSL shutdown timeout is 30 s
+        finally:
+            daemon.kill()
+    assert code == 0, daemon.stderr.read() if daemon.stderr else ""

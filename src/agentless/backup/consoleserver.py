@@ -17,12 +17,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentless.console.certificate import ConsoleCertificate
-from agentless.httpguard import UVICORN_LIMITS, listening_socket
+from agentless.httpguard import SHUTDOWN_SECONDS, UVICORN_LIMITS, listening_socket
 
 __all__ = ["CONCURRENCY", "ConsoleServer"]
 
 CONCURRENCY = 64
-SHUTDOWN_SECONDS = 3
 
 
 class ConsoleServer:
@@ -37,7 +36,6 @@ class ConsoleServer:
             ssl_keyfile=str(certificate.key_file),
             log_level="warning",
             lifespan="off",
-            timeout_graceful_shutdown=SHUTDOWN_SECONDS,
             limit_concurrency=CONCURRENCY,
             **UVICORN_LIMITS,
         )

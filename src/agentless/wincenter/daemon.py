@@ -58,7 +58,6 @@ __all__ = ["CONCURRENCY", "EXPIRE_SECONDS", "LOOPBACK", "serve"]
 log = logging.getLogger(__name__)
 EXPIRE_SECONDS = 5.0
 SYNC_SECONDS = 60.0
-SHUTDOWN_SECONDS = 3
 CONCURRENCY = 256  # connections (or requests) at once; past it, 503
 LOOPBACK = "127.0.0.1"
 
@@ -95,9 +94,6 @@ async def _run(
         ssl_keyfile=center.pki_path("server-key.pem"),
         log_level="warning",
         lifespan="off",
-        # an idle keep-alive client never answers TLS close_notify: do not wait the 30 s
-        # of asyncio's SSL shutdown timeout for it when stopping
-        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
         limit_concurrency=CONCURRENCY,
         **UVICORN_LIMITS,
     )
