@@ -70,7 +70,8 @@ def test_a_backup_waits_while_wincenter_answers_503(tmp_path: Path, postgresql_c
     """WinCenter on PostgreSQL, PostgreSQL stopped: WinCenter answers ``503 Service
     Unavailable`` (the database is unreachable) – the request was not done – and
     ``vmbackup backup`` waits, says so once, and succeeds when PostgreSQL is back. With
-    no retry allowed it fails with WinCenter's one line."""
+    no retry allowed it fails with WinCenter's one line. WinCenter's log says in one line
+    that the database is away, and in one that it is back."""
     (tmp_path / "site").mkdir()
     with running_site(tmp_path / "site", db_url=postgresql_cluster.create_database()) as site:
         env = _configure(site, tmp_path, str(tmp_path / "repo"))
@@ -100,3 +101,10 @@ def test_a_backup_waits_while_wincenter_answers_503(tmp_path: Path, postgresql_c
         assert waited == 0, f"exit {waited}: {announced}{waiting.stderr.read()}"
     [point] = _ok(vmbackup(env, "list", "--json"))["points"]  # type: ignore[misc]
     assert point["vm"] == "web" and point["type"] == "full"
+    # WinCenter's periodic jobs said once that the database was away, and once that it
+    # was back: no traceback at every run (one was 8 KB; it polls every second)
+    assert site.center.proc.stderr is not None
+    logged = site.center.proc.stderr.read()
+    assert "Traceback" not in logged, logged
+    assert logged.count("periodic job poll_migrations: the database is unreachable") == 1, logged
+    assert logged.count("periodic job poll_migrations: the database answers again") == 1, logged

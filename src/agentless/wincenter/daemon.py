@@ -43,12 +43,13 @@ from collections.abc import Callable
 import uvicorn
 
 from agentless.httpguard import UVICORN_LIMITS, listening_socket
+from agentless.redaction import redact
 
 from .api import make_app
 from .backups import QUEUE_WAIT
 from .center import Center
 from .console import RECHECK_SECONDS
-from .orchestrator import DEFAULT_TASK_TTL, Orchestrator
+from .orchestrator import DEFAULT_TASK_TTL, Orchestrator, database_gone
 from .restores import MIGRATION_POLL_SECONDS
 from .retries import FIRST_SECONDS
 from .schemas import API_PREFIX
@@ -64,12 +65,26 @@ LOOPBACK = "127.0.0.1"
 
 async def _every(seconds: float, job: Callable[[], object], stop: asyncio.Event) -> None:
     """Run *job* in a worker thread every *seconds* until *stop*; a failing run is logged
-    and the next one comes as planned."""
+    and the next one comes as planned. While the database is unreachable the job says so
+    in one line, once, and once more when it is back: a traceback at every run would
+    fill the log for as long as the database is away."""
+    name = getattr(job, "__name__", job)
+    away = False
     while not stop.is_set():
         try:
             await asyncio.to_thread(job)
-        except Exception:
-            log.exception("periodic job %s failed", getattr(job, "__name__", job))
+        except Exception as error:
+            if not database_gone(error):
+                log.exception("periodic job %s failed", name)
+            elif not away:
+                reason = redact(str(error.__cause__ or error).splitlines()[0])
+                said = "periodic job %s: the database is unreachable (%s); trying every %g s"
+                log.warning(said, name, reason, seconds)
+                away = True
+        else:
+            if away:
+                log.warning("periodic job %s: the database answers again", name)
+            away = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
 

@@ -33,7 +33,7 @@ from .restores import MIGRATION_POLL_SECONDS, Restores
 from .retries import FIRST_SECONDS, Retries
 from .tasks import Task
 
-__all__ = ["DEFAULT_TASK_TTL", "Orchestrator"]
+__all__ = ["DEFAULT_TASK_TTL", "Orchestrator", "database_gone"]
 
 log = logging.getLogger(__name__)
 DEFAULT_TASK_TTL = datetime.timedelta(hours=6)
@@ -76,7 +76,7 @@ class Orchestrator(Closing):
         error = None if future.cancelled() else future.exception()
         if error is None:
             return
-        if _database_gone(error):
+        if database_gone(error):
             log.warning("a background step lost the database (%s); resumed once it is back", error)
             self._database_lost.set()
             return
@@ -113,7 +113,7 @@ class Orchestrator(Closing):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _database_gone(error: BaseException) -> bool:
+def database_gone(error: BaseException) -> bool:
     """Whether *error* says the database connection is gone (not a bad statement)."""
     if isinstance(error, (OperationalError, InterfaceError)):
         return True
