@@ -50,6 +50,10 @@ ONE_PROCESS = {
     "tests/backup/test_console.py",
     "tests/backup/test_console_points.py",
     "tests/wincenter/test_console.py",
+    # a VM of six file systems backed up once (35 s), and the storage fault rigs: each
+    # process that got one of their tests built its own
+    "tests/backup/test_files_e2e.py",
+    "tests/backup/test_storage_faults.py",
 }
 
 
