@@ -363,19 +363,21 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_path: Path) -> None:
-    """A policy made an hour and a half ago, every 30 minutes, and no daemon since:
-    ``vmbackup serve`` runs it once on start; ``/health`` says ok; ``/metrics`` (parsed
-    by the Prometheus client's own parser) counts the run, its VM and its bytes; SIGTERM
-    stops it cleanly."""
+    """A yearly policy made in June three years ago, and no daemon since: ``vmbackup
+    serve`` runs it once on start, for this year's slot, standing for the two missed;
+    ``/health`` says ok; ``/metrics`` (parsed by the Prometheus client's own parser) counts
+    the run, its VM and its bytes; SIGTERM stops it cleanly."""
     env = _configure(site, tmp_path, str(tmp_path / "repo"))
     _vms(site, "nightly-vm")
     env["TZ"] = "UTC"
     env.pop("VMBACKUP_DATABASE", None)
     url = f"sqlite:///{Path(env['VMBACKUP_CONFIG']).parent / 'vmbackup.db'}"  # beside the settings
-    old = datetime.datetime.now(UTC) - datetime.timedelta(minutes=90)
+    # slots on 1 January only: the next is a year away, whatever the time of day the
+    # test runs at (a half-hourly one ran a second time when the test crossed :00 or :30)
+    old = datetime.datetime(datetime.datetime.now(UTC).year - 3, 6, 1, tzinfo=UTC)
     with State(url) as state:
         state.create_policy(
-            "halfhourly", vms=["nightly-vm"], schedule="*/30 * * * *", repo=str(tmp_path / "repo"), now=old
+            "yearly", vms=["nightly-vm"], schedule="0 0 1 1 *", repo=str(tmp_path / "repo"), now=old
         )
     daemon, port, said = _serve(env)
     try:
@@ -390,7 +392,7 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
 
         url = f"http://127.0.0.1:{port}"
         counted = wait_until(runs, 120, "the missed slot's run in /metrics", interval=0.2)
-        assert counted == {("halfhourly", "succeeded"): 1.0}, counted
+        assert counted == {("yearly", "succeeded"): 1.0}, counted
         status, body = _get(f"http://127.0.0.1:{port}/health")
         health = json.loads(body)
         assert status == 200 and health["status"] == "ok" and health["policies"] == 1, health
@@ -399,10 +401,10 @@ def test_serve_runs_a_missed_slot_and_serves_metrics_and_health(site: Site, tmp_
             for family in families.values()
             for s in family.samples
         }
-        assert values[("vmbackup_vm_backups_total", "halfhourly", "succeeded")] == 1.0
-        assert values[("vmbackup_read_bytes_total", "halfhourly", None)] > 0
-        assert values[("vmbackup_last_run_success", "halfhourly", None)] == 1.0
-        assert values[("vmbackup_next_run_timestamp_seconds", "halfhourly", None)] > time.time()
+        assert values[("vmbackup_vm_backups_total", "yearly", "succeeded")] == 1.0
+        assert values[("vmbackup_read_bytes_total", "yearly", None)] > 0
+        assert values[("vmbackup_last_run_success", "yearly", None)] == 1.0
+        assert values[("vmbackup_next_run_timestamp_seconds", "yearly", None)] > time.time()
         assert values[("vmbackup_policies", None, None)] == 1.0
         assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
         later = datetime.datetime.now(UTC) + datetime.timedelta(seconds=0.5)
@@ -460,9 +462,9 @@ def test_serve_killed_mid_backup_then_restarted_finishes_the_run_and_leaves_noth
         state.create_policy(
             "p",
             vms=["big"],
-            schedule="*/30 * * * *",
+            schedule="0 0 1 1 *",  # this year's slot is due, the next a year away
             repo=str(tmp_path / "repo"),
-            now=datetime.datetime.now(UTC) - datetime.timedelta(minutes=40),
+            now=datetime.datetime.now(UTC) - datetime.timedelta(days=400),
         )
     daemon, _, said_first = _serve(env)
     try:

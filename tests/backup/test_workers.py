@@ -73,13 +73,14 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def _due_policy(database: str, repo: str, **options: Any) -> None:
-    """A policy every 30 minutes made 40 minutes ago: one slot is due."""
+    """A yearly policy made 400 days ago: this year's slot is due, and the next is a year
+    away (one every 30 minutes ran a second time when a test crossed :00 or :30)."""
     with State(database) as state:
         state.create_policy(
             "nightly",
-            schedule="*/30 * * * *",
+            schedule="0 0 1 1 *",
             repo=repo,
-            now=datetime.datetime.now(UTC) - datetime.timedelta(minutes=40),
+            now=datetime.datetime.now(UTC) - datetime.timedelta(days=400),
             **options,
         )
 
