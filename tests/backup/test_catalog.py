@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agentless.backup.catalog import Brief
 from agentless.backup.indexcache import cache_root
 from agentless.backup.keys import WrongPassword
 from agentless.backup.points import RestorePoint
@@ -268,6 +269,7 @@ def _earlier_format(path: Path) -> None:
     """A file of format 1 (before the brief columns): made anew without a warning."""
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
+        db.execute("DROP INDEX points_by_vm_name")  # format 1 had no indexes either
         db.execute("ALTER TABLE points DROP COLUMN vm_name")
 
 
@@ -486,3 +488,130 @@ def test_on_s3_a_warm_listing_reads_no_restore_point(s3_server: S3Server) -> Non
     with Repository.open(backend, PASSWORD) as repository:  # type: ignore[arg-type]
         assert [p.id for p in repository.points()][-1] == added
         assert backend.points_read == [f"points/{added}"]
+
+
+# ---------------------------------------------------------------------- pages
+
+
+def _expected_page(briefs: list[Brief], vm: str, offset: int, limit: int) -> tuple[list[Brief], int]:
+    """What :meth:`.Catalog.page` must answer, computed from a whole listing."""
+    chosen = [b for b in briefs if not vm or vm in (b.vm_id, b.vm_name)]
+    chosen.sort(key=lambda b: (b.time, b.id), reverse=True)
+    return chosen[offset : offset + limit], len(chosen)
+
+
+def test_page_queries_answer_what_the_whole_listing_does(made: tuple[Path, dict[str, RestorePoint]]) -> None:
+    where, points = made
+    with Repository.open(str(where), PASSWORD) as repository:
+        tied = point_record("web", 4)  # the same time as web's newest: the id breaks the tie
+        repository.save_point(tied)
+        for day in (2, 6):  # a VM known by its name alone
+            nameless = point_record("legacy", day)
+            nameless.vm.id = None
+            repository.save_point(nameless)
+    repository, backend = _reopen(where)
+    with repository:
+        catalog = repository.catalog()
+        catalog.sync()
+        assert len(backend.points_read) == len(points) + 3  # the sync filled the file
+        backend.points_read.clear()
+        briefs = repository.briefs()
+        assert backend.points_read == []
+
+        newest = catalog.newest(["id-web", "id-db", "id-nobody", "id-web"])
+        assert sorted(newest) == ["id-db", "id-web"]
+        for vm_id, found in newest.items():
+            assert found == max((b for b in briefs if b.vm_id == vm_id), key=lambda b: (b.time, b.id))
+        web_times = [b.time for b in briefs if b.vm_id == "id-web"]
+        assert web_times.count(newest["id-web"].time) == 2  # the tie was there to break
+
+        for vm in ("", "web", "id-web", "legacy", "id-db", "nobody"):
+            for offset, limit in ((0, 50), (0, 3), (3, 3), (13, 5), (99, 5)):
+                assert catalog.page(vm, offset, limit) == _expected_page(briefs, vm, offset, limit), (
+                    vm,
+                    offset,
+                )
+        assert catalog.page("legacy")[1] == 2 and catalog.page("id-web")[1] == 5
+
+        assert catalog.vms() == sorted(
+            {(b.vm_id or "", b.vm_name or b.vm_id or "?") for b in briefs}, key=lambda v: (v[1], v[0])
+        )
+        assert ("", "legacy") in catalog.vms()
+        assert catalog.totals() == (
+            len(briefs),
+            len({b.vm_id or b.vm_name for b in briefs}),
+            sum(b.size for b in briefs),
+        )
+        assert catalog.totals()[:2] == (len(points) + 3, 4)
+        assert backend.points_read == []  # every query from the file
+
+
+def test_sync_follows_another_writer_and_reads_only_the_ids(
+    made: tuple[Path, dict[str, RestorePoint]], tmp_path: Path
+) -> None:
+    where, points = made
+    repository, backend = _reopen(where)
+    with repository:
+        catalog = repository.catalog()
+        catalog.sync()
+        gone = sorted(points)[0]
+        settings = CacheSettings(root=str(tmp_path / "other-cache"))
+        with Repository.open(str(where), PASSWORD, cache=settings) as other:  # another worker
+            other.delete_point(gone)
+            added = other.save_point(point_record("web", 28))
+        assert catalog.page("web", 0, 1)[0][0].id != added  # not yet: the file as last synced
+        assert catalog.totals()[0] == len(points)
+        backend.points_read.clear()
+        catalog.sync()
+        assert backend.points_read == [f"points/{added}"]  # only the new one is read
+        assert catalog.page("web", 0, 1)[0][0].id == added
+        assert catalog.newest(["id-web"])["id-web"].id == added
+        ids = {b.id for b in catalog.page("", 0, 100)[0]}
+        assert ids == (set(points) - {gone}) | {added}
+        assert catalog.totals()[0] == len(points)
+
+
+def test_a_damaged_row_met_by_a_page_query_rebuilds_the_catalog(
+    made: tuple[Path, dict[str, RestorePoint]], caplog: pytest.LogCaptureFixture
+) -> None:
+    where, points = made
+    repository, _ = _reopen(where)
+    with repository:
+        repository.catalog().sync()
+        expected = repository.catalog().page("", 0, 50)
+    assert expected[1] == len(points)
+    _altered_column(_catalog_file(repository))
+    repository, backend = _reopen(where)
+    with caplog.at_level(logging.WARNING), repository:
+        assert repository.catalog().page("", 0, 50) == expected  # never someone-else's name
+        assert len(backend.points_read) == len(points)  # filled again from the repository
+    assert "rebuilt from the repository" in caplog.text
+    assert "someone-else" not in {b.vm_name for b in expected[0]}
+
+
+def test_an_old_catalog_file_gains_the_indexes_at_its_open(
+    made: tuple[Path, dict[str, RestorePoint]],
+) -> None:
+    where, points = made
+    repository, _ = _reopen(where)
+    with repository:
+        repository.catalog().sync()
+    path = _catalog_file(repository)
+    with sqlite3.connect(path) as db:  # as a file made before the indexes
+        for name in ("points_by_vm_id", "points_by_vm_name", "points_by_time"):
+            db.execute(f"DROP INDEX {name}")
+    repository, backend = _reopen(where)
+    with repository:
+        assert repository.catalog().totals()[0] == len(points)
+        assert repository.catalog().newest(["id-db"])["id-db"].time.startswith("2026-11-04")
+        assert backend.points_read == []  # its rows kept: no rebuild
+    with sqlite3.connect(path) as db:
+        indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        plan = " ".join(
+            str(row[-1])
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM points WHERE vm_id = 'id-db' ORDER BY time DESC, id DESC"
+            )
+        )
+    assert {"points_by_vm_id", "points_by_vm_name", "points_by_time"} <= indexes
+    assert "points_by_vm_id" in plan

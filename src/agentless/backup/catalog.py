@@ -8,7 +8,8 @@ It lives beside the index cache, ``<cache root>/<repository id>/points/``::
 
     catalog.sqlite   SQLite (WAL): meta(key, value) – format, repository id;
                      points(id, time, vm_id, vm_name, type, backup_id, disks, size,
-                     summary, checksum) – one row per point
+                     summary, checksum) – one row per point, indexed by
+                     (vm_id, time, id), (vm_name, time, id) and (time, id)
     lock             flock, exclusive while the file is opened, checked or rebuilt
 
 A summary is the restore point's document without its disks' page lists (what listing,
@@ -25,6 +26,14 @@ dropped. The answer is exactly the listed points – a row the listing does not 
 never answered – so a stale catalog costs reads, never a wrong answer. A point's content
 never changes under its name (ids are random; a copy skips the ids its destination has).
 
+**Pages** (the console's) read only what they show: :meth:`Catalog.sync` reconciles the
+file with a listing without building an answer (it reads the file's ids alone), and
+:meth:`~Catalog.newest`, :meth:`~Catalog.page`, :meth:`~Catalog.vms` and
+:meth:`~Catalog.totals` are indexed SQLite queries over the file as it is – exact as of
+the last sync plus this process's own :meth:`~Catalog.add` and :meth:`~Catalog.forget`.
+The rows a page shows are checked as every answer's are; the VM choices and totals are
+figures SQLite computes over the columns.
+
 **Damage.** A file SQLite cannot read, another format or repository id, or a row whose
 checksum fails: the catalog is emptied (or the file made anew) with a warning and filled
 again from the repository. Deleting it changes no result, only time.
@@ -40,6 +49,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -47,7 +57,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -104,6 +114,12 @@ class Brief(NamedTuple):
 
 
 _COLUMNS = ", ".join(Brief._fields)  # of the points table, before summary and checksum
+_ROW = f"{_COLUMNS}, summary, checksum"  # what a row's check reads
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS points_by_vm_id ON points (vm_id, time, id);
+CREATE INDEX IF NOT EXISTS points_by_vm_name ON points (vm_name, time, id);
+CREATE INDEX IF NOT EXISTS points_by_time ON points (time, id);
+"""  # the pages' queries (Catalog.newest, page): a file made before them gains them at its open
 _Row = TypeVar("_Row")
 
 
@@ -175,6 +191,12 @@ class Catalog(Closing):
     def path(self) -> Path:
         return self.directory / "catalog.sqlite"
 
+    @property
+    def temporary(self) -> bool:
+        """Whether the file goes at :meth:`close` (``--no-cache``): it holds nothing
+        until a sync fills it."""
+        return self._temporary
+
     def close(self) -> None:
         with self._guard:
             db, self._db = self._db, None
@@ -215,17 +237,85 @@ class Catalog(Closing):
     ) -> list[_Row]:
         """The rows of the listed points: *known* (from the file) and those read now –
         *shape*d – which are stored; rows of points gone are dropped."""
-        listed = [name.rsplit("/", 1)[1] for name in listing()]
-        missing = [point_id for point_id in listed if point_id not in known]
-        fresh = self._fetch(missing)
-        present = set(listed)
-        gone = [point_id for point_id in known if point_id not in present]
-        if fresh or gone:
-            self._store(fresh, gone)
+        listed, fresh = self._reconcile(listing, known)
         answer = dict(known)
         answer.update((point_id, shape(summary)) for point_id, summary in fresh.items())
         found = [answer.get(point_id) for point_id in dict.fromkeys(listed)]
         return sorted((row for row in found if row is not None), key=key)
+
+    def _reconcile(
+        self, listing: Callable[[], Iterable[str]], known: Iterable[str]
+    ) -> tuple[list[str], dict[str, PointSummary]]:
+        """The listed point ids and the summaries of those not *known* (ids of the file's
+        rows), read now and stored; the rows of points no longer listed are dropped."""
+        listed = [name.rsplit("/", 1)[1] for name in listing()]
+        had = set(known)
+        fresh = self._fetch([point_id for point_id in listed if point_id not in had])
+        present = set(listed)
+        gone = [point_id for point_id in had if point_id not in present]
+        if fresh or gone:
+            self._store(fresh, gone)
+        return listed, fresh
+
+    # ------------------------------------------------------------------ pages
+
+    def sync(self, listing: Callable[[], Iterable[str]] | None = None) -> None:
+        """Bring the file in line with the repository's listing (or *listing*'s names):
+        read the points it lacks, drop the rows of points gone. Reads only the file's ids,
+        builds no answer: the page queries below then read what a page shows. Between
+        syncs they answer what the file holds – this process's own saves and deletes
+        included (:meth:`add`, :meth:`forget`), other processes' not yet."""
+        self._reconcile(listing or self._list_names, self._ids())
+
+    def newest(self, vm_ids: Iterable[str]) -> dict[str, Brief]:
+        """The newest point (by time, then id) of each of *vm_ids* that has one, by VM id:
+        one index lookup per VM, not a pass over every row."""
+        wanted = list(dict.fromkeys(vm_ids))
+        found: dict[str, Brief] = {}
+        for at in range(0, len(wanted), 500):  # SQLite's bound on parameters
+            part = wanted[at : at + 500]
+            marks = ", ".join("(?)" for _ in part)
+            query = (
+                f"WITH wanted(vm) AS (VALUES {marks}) "
+                f"SELECT {_ROW} FROM wanted JOIN points ON points.id = ("
+                "SELECT id FROM points WHERE vm_id = wanted.vm ORDER BY time DESC, id DESC LIMIT 1)"
+            )
+            rows = self._query(functools.partial(_checked, query=query, parameters=part))
+            found.update((row.vm_id, row) for row in rows if row.vm_id is not None)
+        return found
+
+    def page(self, vm: str = "", offset: int = 0, limit: int = 50) -> tuple[list[Brief], int]:
+        """(*limit* points from *offset*, newest first – by time, then id –, how many
+        there are) of the points whose VM id or name is *vm* (empty: every point)."""
+        where, parameters = ("WHERE vm_id = ? OR vm_name = ?", [vm, vm]) if vm else ("", [])
+
+        def read(db: sqlite3.Connection) -> tuple[list[Brief], int]:
+            query = f"SELECT {_ROW} FROM points {where} ORDER BY time DESC, id DESC LIMIT ? OFFSET ?"
+            rows = _checked(db, query, [*parameters, max(0, limit), max(0, offset)])
+            (count,) = db.execute(f"SELECT COUNT(*) FROM points {where}", parameters).fetchone()
+            return rows, int(count)
+
+        return self._query(read)
+
+    def vms(self) -> list[tuple[str, str]]:
+        """The distinct (VM id or "", VM name or id or "?") of the points, by name: a
+        filter's choices. Read from the columns (a figure, as :meth:`totals`: the rows
+        it leads to are checked when a page reads them)."""
+        query = (
+            "SELECT DISTINCT COALESCE(vm_id, ''), COALESCE(NULLIF(vm_name, ''), NULLIF(vm_id, ''), '?') "
+            "FROM points ORDER BY 2, 1"
+        )
+        return [(str(row[0]), str(row[1])) for row in self._query(lambda db: db.execute(query).fetchall())]
+
+    def totals(self) -> tuple[int, int, int]:
+        """(points, distinct VMs – by id, else name –, their disks' size summed), counted
+        by SQLite over the columns."""
+        query = (
+            "SELECT COUNT(*), COUNT(DISTINCT COALESCE(NULLIF(vm_id, ''), vm_name, '')), "
+            "COALESCE(SUM(size), 0) FROM points"
+        )
+        (points, vms, size) = self._query(lambda db: db.execute(query).fetchone())
+        return int(points), int(vms), int(size)
 
     def summaries_of(self, point_ids: Iterable[str]) -> dict[str, PointSummary]:
         """The summaries of those of *point_ids* the catalog holds, read from their rows
@@ -239,7 +329,7 @@ class Catalog(Closing):
             marks = ", ".join("?" * len(part))
             try:
                 with self._transaction() as db:
-                    query = f"SELECT {_COLUMNS}, summary, checksum FROM points WHERE id IN ({marks})"
+                    query = f"SELECT {_ROW} FROM points WHERE id IN ({marks})"
                     rows = db.execute(query, part).fetchall()
                 found.update((str(row[0]), _summary(row)) for row in rows)
             except (sqlite3.DatabaseError, _Damaged) as error:
@@ -282,6 +372,25 @@ class Catalog(Closing):
 
     # ------------------------------------------------------------------ the file
 
+    def _ids(self) -> list[str]:
+        """The ids of the file's rows (a damaged file is rebuilt: none)."""
+        return self._query(lambda db: [str(row[0]) for row in db.execute("SELECT id FROM points")])
+
+    def _query(self, read: Callable[[sqlite3.Connection], _Row]) -> _Row:
+        """*read*'s answer from the file (rows it checks: :func:`_checked`), under the
+        rule of :meth:`_rows`: a damaged file is rebuilt – synced from the repository
+        again – and read once more; CatalogError if it still fails or is busy."""
+        for attempt in (1, 2):
+            try:
+                with self._transaction() as db:
+                    return read(db)
+            except (sqlite3.DatabaseError, _Damaged) as error:
+                if _busy(error) or attempt == 2:
+                    raise CatalogError(f"restore point catalog {self.path}: {error}") from None
+                self._rebuild(str(error))
+                self.sync()
+        raise AssertionError("unreachable")
+
     def _summaries(self) -> dict[str, PointSummary]:
         """Every row's summary, checked (:meth:`_rows`)."""
         return self._rows(_summary)
@@ -296,7 +405,7 @@ class Catalog(Closing):
         for attempt in (1, 2):
             try:
                 with self._transaction() as db:
-                    rows = db.execute(f"SELECT {_COLUMNS}, summary, checksum FROM points").fetchall()
+                    rows = db.execute(f"SELECT {_ROW} FROM points").fetchall()
                 return {row[0]: parse(row) for row in rows}
             except (sqlite3.DatabaseError, _Damaged) as error:
                 if _busy(error):  # another process holds it longer than the busy timeout: not damage
@@ -360,6 +469,7 @@ class Catalog(Closing):
                     db.executescript("DROP TABLE IF EXISTS points; DELETE FROM meta;")
                     meta = {}
                 db.executescript(_POINTS)
+                db.executescript(_INDEXES)
                 if not meta:
                     db.executemany("INSERT INTO meta VALUES (?, ?)", list(wanted.items()))
                 elif meta != wanted:
@@ -394,6 +504,11 @@ def _busy(error: Exception) -> bool:
     return isinstance(error, sqlite3.OperationalError) and any(
         word in str(error) for word in ("locked", "busy")
     )
+
+
+def _checked(db: sqlite3.Connection, query: str, parameters: Sequence[object]) -> list[Brief]:
+    """The rows *query* selects (:data:`_ROW`), each checked (:func:`_columns`)."""
+    return [_columns(row) for row in db.execute(query, parameters).fetchall()]
 
 
 def _columns(row: tuple[object, ...]) -> Brief:
