@@ -5,19 +5,18 @@ in chromium: tests/backup/test_console_points.py)."""
 
 from __future__ import annotations
 
-import datetime
 import random
 from pathlib import Path
 
 import pytest
 
-from agentless.backup.catalog import Brief
 from agentless.backup.consolefiles import BadRequest, status_of
-from agentless.backup.consolepoints import PER_PAGE, _rules, index_totals, page_of, selection
+from agentless.backup.consolepoints import PER_PAGE, _rules, index_totals, points_page, selection
 from agentless.backup.errors import CorruptError, RepositoryError
 from agentless.backup.locks import LockedError
 from agentless.backup.repository import Repository
 from agentless.backup.storage import StorageError
+from tests.backup.building import point_record
 
 
 def test_index_totals_are_the_index_entries_summed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,24 +64,23 @@ def test_a_selection_names_the_set_of_points_whatever_the_order() -> None:
     assert selection(["ab"]) != selection(["a", "b"])
 
 
-def _brief(number: int, vm: str) -> Brief:
-    moment = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(hours=number)
-    time = moment.isoformat().replace("+00:00", "Z") if number % 2 else moment.isoformat()  # both forms
-    return Brief(f"{number:016x}", time, f"id-{vm}", vm, "full", None, 1, 1 << 30)
-
-
-def test_points_are_paged_newest_first_and_filtered_by_vm() -> None:
-    briefs = [_brief(n, "web" if n % 3 else "db") for n in range(130)]
-    random.Random(1).shuffle(briefs)
-    shown, total, pages, page = page_of(briefs, "", 1)
-    assert (total, pages, page, len(shown)) == (130, 3, 1, PER_PAGE)
-    assert [b.id for b in shown] == [f"{n:016x}" for n in range(129, 129 - PER_PAGE, -1)]
-    shown, total, pages, page = page_of(briefs, "", 3)
-    assert len(shown) == 30 and shown[-1].id == f"{0:016x}"
-    assert page_of(briefs, "", 99)[3] == 3 and page_of(briefs, "", -5)[3] == 1  # out of range: the nearest
-    by_name, by_id = page_of(briefs, "db", 1), page_of(briefs, "id-db", 1)
-    assert by_name == by_id and by_name[1] == 44 and {b.vm_name for b in by_name[0]} == {"db"}
-    assert page_of(briefs, "nobody", 1) == ([], 0, 1, 1)
+def test_points_are_paged_newest_first_and_filtered_by_vm(tmp_path: Path) -> None:
+    with Repository.init(str(tmp_path / "repo"), None) as repository:
+        made = {}  # by hour: 130 points, every third of VM db
+        for n in range(130):
+            made[n] = repository.save_point(point_record("web" if n % 3 else "db", 1 + n // 24, n % 24))
+        catalog = repository.catalog()
+        catalog.sync()
+        shown, total, pages, page = points_page(catalog, "", 1)
+        assert (total, pages, page, len(shown)) == (130, 3, 1, PER_PAGE)
+        assert [b.id for b in shown] == [made[n] for n in range(129, 129 - PER_PAGE, -1)]
+        shown, total, pages, page = points_page(catalog, "", 3)
+        assert len(shown) == 30 and shown[-1].id == made[0]
+        last, first = points_page(catalog, "", 99), points_page(catalog, "", -5)
+        assert last[3] == 3 and last[0] == shown and first[3] == 1  # out of range: the nearest
+        by_name, by_id = points_page(catalog, "db", 1), points_page(catalog, "id-db", 1)
+        assert by_name == by_id and by_name[1] == 44 and {b.vm_name for b in by_name[0]} == {"db"}
+        assert points_page(catalog, "nobody", 1) == ([], 0, 1, 1)
 
 
 @pytest.mark.parametrize(

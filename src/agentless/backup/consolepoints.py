@@ -9,9 +9,14 @@ gc (``admin``) – run as console jobs (:mod:`.consolework`) whose page is
 among those the daemon knows (:meth:`.ConsoleSite.known_repository`): a request never
 makes the console open another place.
 
+**Pages from the catalog.** ``/points`` and the usage figures are queries of the
+repository's local catalog (:mod:`.catalog`: a page of 50 rows, the VMs' choices, the
+totals – never every point, never a restore point fetched), synced with the repository's
+``points/`` names at most once a minute (:meth:`.ConsoleSite.catalog`). The prune preview
+alone lists the repository every time: what it shows is what a prune would remove.
+
 **Usage figures, cheaply** (:func:`repository_usage`). Restore points and their logical
-size come from the local catalog (:mod:`.catalog`: one listing of ``points/`` names, one
-SQLite read – never a restore point fetched); blobs and stored bytes from the local index
+size are the catalog's totals; blobs and stored bytes from the local index
 cache (:mod:`.indexcache`: one listing of ``index/`` names to sync it). The cache's runs
 are immutable files, so each run's bytes per pack row are summed once per process (one
 pass over its values with numpy) and remembered by the run's name; a view then costs a
@@ -42,7 +47,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from agentless.console import Console, Session
 
 from . import consolefiles
-from .catalog import Brief
+from .catalog import Brief, Catalog
 from .consolesite import ConsoleSite, problem
 from .consolework import Busy, ConsoleJob
 from .errors import VmbackupError
@@ -52,7 +57,7 @@ from .prune import KEEP, RULES, prune, select
 from .storage import StorageError
 from .verify import verify
 
-__all__ = ["PER_PAGE", "SHOWN", "add_pages", "index_totals", "page_of", "repository_usage", "selection"]
+__all__ = ["PER_PAGE", "SHOWN", "add_pages", "index_totals", "points_page", "repository_usage", "selection"]
 
 PER_PAGE = 50  # restore points a page of /points shows
 SHOWN = 200  # restore points a prune preview lists of those it keeps
@@ -111,12 +116,11 @@ def repository_usage(site: ConsoleSite, location: str) -> dict[str, Any]:
     ratios ``dedup`` (logical / raw), ``compression`` (raw / stored) and ``total``
     (logical / stored). KeyError for a repository the console does not know."""
     with site.repository(location) as repository:
-        briefs = repository.briefs()
+        points, vms, logical = site.catalog(repository).totals()
         blobs, stored, raw = index_totals(repository.index())
-    logical = sum(point.size for point in briefs)
     return {
-        "points": len(briefs),
-        "vms": len({point.vm_id or point.vm_name for point in briefs}),
+        "points": points,
+        "vms": vms,
         "logical": logical,
         "blobs": blobs,
         "raw": raw,
@@ -237,10 +241,6 @@ def _moment(text: str) -> datetime.datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
 
 
-def _newest_first(point: Brief) -> tuple[datetime.datetime, str]:
-    return _moment(point.time) or datetime.datetime.min.replace(tzinfo=datetime.UTC), point.id
-
-
 # ---------------------------------------------------------------------- the pages
 
 
@@ -250,17 +250,20 @@ def _status(error: BaseException) -> tuple[int, str]:
     return consolefiles.status_of(error)
 
 
-def page_of(
-    briefs: list[Brief], vm: str, page: int, per_page: int = PER_PAGE
+def points_page(
+    catalog: Catalog, vm: str, page: int, per_page: int = PER_PAGE
 ) -> tuple[list[Brief], int, int, int]:
-    """(the points shown, how many match, pages, the page shown) of *briefs* for a VM
-    (its id or name; empty: every VM), newest first, *per_page* a page; a page out of
-    range shows the nearest."""
-    chosen = [b for b in briefs if not vm or vm in (b.vm_id, b.vm_name)]
-    chosen.sort(key=_newest_first, reverse=True)
-    pages = max(1, math.ceil(len(chosen) / per_page))
-    page = min(max(1, page), pages)
-    return chosen[(page - 1) * per_page : page * per_page], len(chosen), pages, page
+    """(the points shown, how many match, pages, the page shown) of *catalog* for a VM
+    (its id or name; empty: every VM), newest first (:meth:`.Catalog.page`: by time, as
+    every point writes it – UTC, microseconds –, then id), *per_page* a page; a page out
+    of range shows the nearest (read again: the count comes with a page)."""
+    page = max(1, page)
+    shown, total = catalog.page(vm, (page - 1) * per_page, per_page)
+    pages = max(1, math.ceil(total / per_page))
+    if page > pages:
+        page = pages
+        shown, total = catalog.page(vm, (page - 1) * per_page, per_page)
+    return shown, total, pages, page
 
 
 def add_pages(console: Console, site: ConsoleSite) -> None:
@@ -279,12 +282,10 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
     ) -> Response:
         try:
             with site.repository(where(repo)) as repository:
-                briefs = repository.briefs()
-                vms = sorted(
-                    {(b.vm_id or "", b.vm_name or b.vm_id or "?") for b in briefs}, key=lambda v: v[1]
-                )
-                shown, total, pages, page = page_of(briefs, vm, page)
-                summaries = repository.catalog().summaries_of(b.id for b in shown)
+                catalog = site.catalog(repository)
+                vms = catalog.vms()
+                shown, total, pages, page = points_page(catalog, vm, page)
+                summaries = catalog.summaries_of(b.id for b in shown)
         except _EXPECTED as error:
             return problem(console, request, session, *_status(error))
         consistency = {i: summary.consistency for i, summary in summaries.items()}

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from agentless.console import Console, Identity, Session
 from agentless.wincenter.client import CenterApiError, CenterClient, CenterError
 
+from .catalog import Catalog
 from .consolework import WorkBoard
 from .daemon import Daemon
 from .instantjob import repo_for_daemon
@@ -27,7 +28,7 @@ from .scheduler import Scheduler
 
 __all__ = ["EXPECTED", "USAGE_SECONDS", "ConsoleSite", "identify", "problem"]
 
-USAGE_SECONDS = 60.0  # a repository's usage figures are computed at most once a minute
+USAGE_SECONDS = 60.0  # a repository's usage figures are computed, its catalog synced, at most once a minute
 EXPECTED: tuple[type[BaseException], ...] = (*ERRORS, KeyError, ValueError, OSError, CenterError)
 """The failures console work reports in one line (a backup's, a restore's, WinCenter's,
 a repository the console does not know)."""
@@ -62,6 +63,7 @@ class ConsoleSite:
         password: str | None,
         default_repo: str | None,
         log: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.daemon = daemon
         self.scheduler: Scheduler = daemon.scheduler
@@ -71,8 +73,11 @@ class ConsoleSite:
         self.default_repo = repo_for_daemon(default_repo) if default_repo else None
         self.log = log
         self.board = WorkBoard(EXPECTED, log)
+        self._clock = clock
         self._usage: dict[str, tuple[float, dict[str, Any]]] = {}
         self._usage_lock = threading.Lock()
+        self._synced: dict[str, float] = {}  # by location: when a page last synced its catalog
+        self._synced_lock = threading.Lock()
 
     def repositories(self) -> list[str]:
         """The default repository and the policies' (and their off-site copies'), once each."""
@@ -101,7 +106,7 @@ class ConsoleSite:
 
     def cached_usage(self, location: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """*compute*'s figures for *location*, computed again at most every minute."""
-        now = time.monotonic()
+        now = self._clock()
         with self._usage_lock:
             seen = self._usage.get(location)
             if seen is not None and now - seen[0] < USAGE_SECONDS:
@@ -110,6 +115,23 @@ class ConsoleSite:
         with self._usage_lock:
             self._usage[location] = (now, figures)
         return figures
+
+    def catalog(self, repository: Repository) -> Catalog:
+        """*repository*'s restore-point catalog for a page's queries, synced with the
+        repository's listing if this console last synced it :data:`USAGE_SECONDS` ago or
+        more (a listing of ``points/`` is O(restore points): one per 1 000 on S3), else as
+        it is – this worker's own backups and prunes are in it already, other workers'
+        show within a minute. A temporary catalog (``--no-cache``) is synced every time."""
+        catalog = repository.catalog()
+        where = repository.backend.location
+        now = self._clock()
+        with self._synced_lock:
+            last = self._synced.get(where)
+        if catalog.temporary or last is None or now - last >= USAGE_SECONDS:
+            catalog.sync()
+            with self._synced_lock:
+                self._synced[where] = now
+        return catalog
 
 
 def problem(console: Console, request: Request, session: Session, status: int, detail: str) -> Response:

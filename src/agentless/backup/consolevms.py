@@ -23,6 +23,7 @@ from agentless.console import Console, Session
 from agentless.wincenter.client import CenterError
 
 from .backupjob import VmBackup
+from .catalog import Brief
 from .consolesite import ConsoleSite, problem
 from .consolework import Busy, ConsoleJob
 from .instantjob import InstantStart
@@ -30,9 +31,10 @@ from .instants import Instant
 from .leftovers import Journal, reap
 from .restorejob import VmRestore
 
-__all__ = ["PAGE", "add_pages"]
+__all__ = ["PAGE", "VM_POINTS", "add_pages"]
 
 PAGE = 50  # VMs per page of the list
+VM_POINTS = 100  # restore points a VM's page lists (the rest: /points?vm=<id>)
 CONNECTIONS = 4  # NBD connections per disk, as the CLI's default
 
 
@@ -69,8 +71,10 @@ def add_pages(console: Console, site: ConsoleSite) -> None:
                 found = center.vm(ref)
         except CenterError as error:
             return problem(console, request, session, 404, f"VM {ref!r}: {error}")
-        points = _points_of(site, found.id)
-        return console.render(request, session, "backup/vm.html", heading=found.name, vm=found, points=points)
+        points, total = _points_of(site, found.id)
+        return console.render(
+            request, session, "backup/vm.html", heading=found.name, vm=found, points=points, total=total
+        )
 
     @console.router.post("/vms/{ref}/backup")
     def backup(
@@ -131,32 +135,25 @@ def _started(
     return RedirectResponse(f"/jobs/console/{job.id}", status_code=303)
 
 
-def _latest_points(site: ConsoleSite, vm_ids: set[str]) -> dict[str, Any]:
-    """The newest restore point of each of *vm_ids* in the default repository (from its
-    local catalog: no object is read)."""
+def _latest_points(site: ConsoleSite, vm_ids: set[str]) -> dict[str, Brief]:
+    """The newest restore point of each of *vm_ids* in the default repository (a query
+    of its local catalog, :meth:`.ConsoleSite.catalog`: no object is read)."""
     if site.default_repo is None or not vm_ids:
         return {}
-    newest: dict[str, Any] = {}
     try:
         with site.repository() as repository:
-            for brief in repository.briefs():
-                if brief.vm_id is None or brief.vm_id not in vm_ids:
-                    continue
-                seen = newest.get(brief.vm_id)
-                if seen is None or brief.time > seen.time:
-                    newest[brief.vm_id] = brief
+            return site.catalog(repository).newest(sorted(vm_ids))
     except Exception:  # the list of VMs is still worth showing without them
         return {}
-    return newest
 
 
-def _points_of(site: ConsoleSite, vm_id: str) -> list[Any]:
-    """The VM's restore points in the default repository, newest first."""
+def _points_of(site: ConsoleSite, vm_id: str) -> tuple[list[Brief], int]:
+    """The VM's newest :data:`VM_POINTS` restore points in the default repository,
+    newest first, and how many it has."""
     if site.default_repo is None:
-        return []
+        return [], 0
     with site.repository() as repository:
-        found = [brief for brief in repository.briefs() if brief.vm_id == vm_id]
-    return sorted(found, key=lambda brief: brief.time or "", reverse=True)
+        return site.catalog(repository).page(vm_id, 0, VM_POINTS)
 
 
 def _follow(job: ConsoleJob) -> Any:
