@@ -269,7 +269,8 @@ def _earlier_format(path: Path) -> None:
     """A file of format 1 (before the brief columns): made anew without a warning."""
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
-        db.execute("DROP INDEX points_by_vm_name")  # format 1 had no indexes either
+        for index in ("points_by_vm_name", "points_by_vm"):  # format 1 had no indexes either
+            db.execute(f"DROP INDEX {index}")
         db.execute("ALTER TABLE points DROP COLUMN vm_name")
 
 
@@ -598,7 +599,7 @@ def test_an_old_catalog_file_gains_the_indexes_at_its_open(
         repository.catalog().sync()
     path = _catalog_file(repository)
     with sqlite3.connect(path) as db:  # as a file made before the indexes
-        for name in ("points_by_vm_id", "points_by_vm_name", "points_by_time"):
+        for name in ("points_by_vm_id", "points_by_vm_name", "points_by_time", "points_by_vm"):
             db.execute(f"DROP INDEX {name}")
     repository, backend = _reopen(where)
     with repository:
@@ -613,5 +614,5 @@ def test_an_old_catalog_file_gains_the_indexes_at_its_open(
                 "EXPLAIN QUERY PLAN SELECT id FROM points WHERE vm_id = 'id-db' ORDER BY time DESC, id DESC"
             )
         )
-    assert {"points_by_vm_id", "points_by_vm_name", "points_by_time"} <= indexes
+    assert {"points_by_vm_id", "points_by_vm_name", "points_by_time", "points_by_vm"} <= indexes
     assert "points_by_vm_id" in plan

@@ -9,7 +9,8 @@ It lives beside the index cache, ``<cache root>/<repository id>/points/``::
     catalog.sqlite   SQLite (WAL): meta(key, value) – format, repository id;
                      points(id, time, vm_id, vm_name, type, backup_id, disks, size,
                      summary, checksum) – one row per point, indexed by
-                     (vm_id, time, id), (vm_name, time, id) and (time, id)
+                     (vm_id, time, id), (vm_name, time, id), (time, id) and
+                     (vm_id, vm_name)
     lock             flock, exclusive while the file is opened, checked or rebuilt
 
 A summary is the restore point's document without its disks' page lists (what listing,
@@ -119,7 +120,8 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS points_by_vm_id ON points (vm_id, time, id);
 CREATE INDEX IF NOT EXISTS points_by_vm_name ON points (vm_name, time, id);
 CREATE INDEX IF NOT EXISTS points_by_time ON points (time, id);
-"""  # the pages' queries (Catalog.newest, page): a file made before them gains them at its open
+CREATE INDEX IF NOT EXISTS points_by_vm ON points (vm_id, vm_name);
+"""  # the pages' queries (Catalog.newest, page, vms): a file made before them gains them at its open
 _Row = TypeVar("_Row")
 
 
@@ -298,14 +300,13 @@ class Catalog(Closing):
         return self._query(read)
 
     def vms(self) -> list[tuple[str, str]]:
-        """The distinct (VM id or "", VM name or id or "?") of the points, by name: a
-        filter's choices. Read from the columns (a figure, as :meth:`totals`: the rows
-        it leads to are checked when a page reads them)."""
-        query = (
-            "SELECT DISTINCT COALESCE(vm_id, ''), COALESCE(NULLIF(vm_name, ''), NULLIF(vm_id, ''), '?') "
-            "FROM points ORDER BY 2, 1"
-        )
-        return [(str(row[0]), str(row[1])) for row in self._query(lambda db: db.execute(query).fetchall())]
+        """The distinct (VM id or "", VM name or id or "?") of the points, by name, then
+        id: a filter's choices. Read from an index of the two columns (a figure, as
+        :meth:`totals`: the rows it leads to are checked when a page reads them)."""
+        query = "SELECT DISTINCT vm_id, vm_name FROM points"  # SCAN USING COVERING INDEX points_by_vm
+        pairs = self._query(lambda db: db.execute(query).fetchall())
+        choices = {(vm_id or "", vm_name or vm_id or "?") for vm_id, vm_name in pairs}
+        return sorted(choices, key=lambda choice: (choice[1], choice[0]))
 
     def totals(self) -> tuple[int, int, int]:
         """(points, distinct VMs – by id, else name –, their disks' size summed), counted
