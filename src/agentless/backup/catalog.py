@@ -321,8 +321,9 @@ class Catalog(Closing):
     def summaries_of(self, point_ids: Iterable[str]) -> dict[str, PointSummary]:
         """The summaries of those of *point_ids* the catalog holds, read from their rows
         alone (a page of a listing parses its 50 summaries, not every point's). Call it
-        after :meth:`briefs` or :meth:`summaries`, which sync the catalog; a row that does
-        not check is a CatalogError (the next sync rebuilds the catalog)."""
+        after :meth:`sync`, :meth:`briefs` or :meth:`summaries`, which sync the catalog; a
+        row that does not check is a CatalogError (the next :meth:`briefs`,
+        :meth:`summaries` or page query that reads the row rebuilds the catalog)."""
         wanted = list(dict.fromkeys(point_ids))
         found: dict[str, PointSummary] = {}
         for at in range(0, len(wanted), 500):  # SQLite's bound on parameters
@@ -374,7 +375,7 @@ class Catalog(Closing):
     # ------------------------------------------------------------------ the file
 
     def _ids(self) -> list[str]:
-        """The ids of the file's rows (a damaged file is rebuilt: none)."""
+        """The ids of the file's rows (a damaged file is rebuilt and filled first)."""
         return self._query(lambda db: [str(row[0]) for row in db.execute("SELECT id FROM points")])
 
     def _query(self, read: Callable[[sqlite3.Connection], _Row]) -> _Row:
