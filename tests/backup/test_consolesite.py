@@ -6,16 +6,20 @@ tests/backup/test_console.py, tests/backup/test_console_points.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import types
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from agentless.backup import consolevms
 from agentless.backup.catalog import Catalog
+from agentless.backup.console import make_console_app
 from agentless.backup.consolepoints import repository_usage
 from agentless.backup.consolesite import USAGE_SECONDS, ConsoleSite
 from agentless.backup.repository import CacheSettings, Repository
+from agentless.console import Identity, SessionStore
 from tests.backup.building import point_record
 
 
@@ -30,10 +34,29 @@ class Clock:
 
 
 def _site(where: Path, clock: Clock) -> ConsoleSite:
-    """A console site over the repository at *where* (its default one) and no policy."""
+    """A console site over the repository at *where* (its default one), no policy, and a
+    WinCenter that knows VM db."""
     state = types.SimpleNamespace(policies=list)
     daemon = types.SimpleNamespace(scheduler=types.SimpleNamespace(state=state))
-    return ConsoleSite(daemon, lambda: None, None, str(where), lambda _line: None, clock=clock)  # type: ignore[arg-type]
+    vm = types.SimpleNamespace(
+        id="id-db",
+        name="db",
+        host="host-1",
+        power_state="running",
+        vcpus=2,
+        memory=1 << 30,
+        disks=[],
+        nics=[],
+    )
+    center = types.SimpleNamespace(vm=lambda ref: vm)
+    return ConsoleSite(
+        daemon,  # type: ignore[arg-type]
+        lambda: contextlib.nullcontext(center),  # type: ignore[arg-type,return-value]
+        None,
+        str(where),
+        lambda _line: None,
+        clock=clock,
+    )
 
 
 @pytest.fixture
@@ -94,6 +117,15 @@ def test_a_vm_page_lists_its_newest_points_and_counts_them_all(
     made: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(consolevms, "VM_POINTS", 3)
-    points, total = consolevms._points_of(_site(made, Clock()), "id-db")
+    site = _site(made, Clock())
+    points, total = consolevms._points_of(site, "id-db")
     assert total == 4
     assert [point.time[:10] for point in points] == ["2026-11-04", "2026-11-03", "2026-11-02"]
+    reader = Identity("reader", "read", frozenset({"read"}))
+    app = make_console_app(site, SessionStore(lambda token: reader if token == "t" else None))
+    with TestClient(app, base_url="https://console.test") as client:
+        assert client.post("/login", data={"token": "t"}, follow_redirects=False).status_code == 303
+        page = client.get("/vms/id-db")
+    assert page.status_code == 200
+    assert "The newest 3 of 4 restore points" in page.text and 'href="/points?vm=id-db"' in page.text
+    assert page.text.count('href="/points/') == 3
