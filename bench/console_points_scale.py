@@ -82,9 +82,8 @@ def _fill(
     fresh = {}
     for number in range(start, start + count):
         point_id = f"{number:016x}"
-        minutes = number
-        stamp = f"2026-{1 + minutes // 43200 % 12:02d}-{1 + minutes // 1440 % 30:02d}T"
-        stamp += f"{minutes // 60 % 24:02d}:{minutes % 60:02d}:00.000000Z"
+        stamp = f"2026-{1 + number // 43200 % 12:02d}-{1 + number // 1440 % 30:02d}T"  # minute *number*
+        stamp += f"{number // 60 % 24:02d}:{number % 60:02d}:00.000000Z"
         fresh[point_id] = template.model_copy(update={"id": point_id, "time": stamp, "vm": who[number % vms]})
         (names / point_id).touch()
     catalog._store(fresh, [])
