@@ -390,7 +390,7 @@ class Catalog(Closing):
                 if _busy(error) or attempt == 2:
                     raise CatalogError(f"restore point catalog {self.path}: {error}") from None
                 self._rebuild(str(error))
-                self.sync()
+                self._reconcile(self._list_names, [])  # the new file holds nothing yet
         raise AssertionError("unreachable")
 
     def _summaries(self) -> dict[str, PointSummary]:
