@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from agentless.backup.consolesite import ConsoleSite
 from agentless.backup.points import PointSummary, PointVm
 from agentless.backup.repository import Repository
 from agentless.console import Identity, SessionStore
+from bench.console_scale import page_medians
 from tests.backup.building import point_record
 
 PAGES = ["/vms", "/vms/id-vm-7", "/points", "/points?vm=vm-7", "/points?page=9"]
@@ -89,19 +89,6 @@ def _fill(
     catalog._store(fresh, [])
 
 
-def _measure(client: TestClient, repeat: int) -> dict[str, float]:
-    medians = {}
-    for page in PAGES:
-        seconds = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            answer = client.get(page)
-            seconds.append(time.perf_counter() - started)
-            assert answer.status_code == 200, (page, answer.status_code, answer.text[:300])
-        medians[page] = statistics.median(seconds)
-    return medians
-
-
 @contextlib.contextmanager
 def _center(center: _Center) -> Iterator[_Center]:
     yield center
@@ -145,7 +132,7 @@ def main() -> None:
                 started = time.perf_counter()
                 assert client.get("/points").status_code == 200
                 syncs.append(time.perf_counter() - started)
-                figures.append(_measure(client, args.repeat))
+                figures.append(page_medians(client, {page: page for page in PAGES}, args.repeat))
     print(f"{args.vms} VMs; restore points: {args.small} vs {args.large}; median of {args.repeat}")
     print(f"{'page':<16} {'small ms':>9} {'large ms':>9} {'ratio':>6}")
     for page in PAGES:

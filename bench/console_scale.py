@@ -62,17 +62,18 @@ def _fill(url: str, policies: int, runs: int) -> int:
         return int(newest[0])
 
 
-def _measure(client: TestClient, newest: int, repeat: int) -> dict[str, float]:
+def page_medians(client: TestClient, paths: dict[str, str], repeat: int) -> dict[str, float]:
+    """The median seconds of *repeat* views of each page: *paths* by the label they are
+    reported under (each view must answer 200)."""
     medians = {}
-    for page in PAGES:
-        path = page.format(newest=newest)
+    for label, path in paths.items():
         seconds = []
         for _ in range(repeat):
             started = time.perf_counter()
             answer = client.get(path)
             seconds.append(time.perf_counter() - started)
             assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
-        medians[page] = statistics.median(seconds)
+        medians[label] = statistics.median(seconds)
     return medians
 
 
@@ -100,7 +101,8 @@ def main() -> None:
                 for size in (args.small, args.large):
                     newest = _fill(url, args.policies, size - filled)
                     filled = size
-                    figures.append(_measure(client, newest, args.repeat))
+                    paths = {page: page.format(newest=newest) for page in PAGES}
+                    figures.append(page_medians(client, paths, args.repeat))
             daemon.http.server_close()
     print(f"{args.policies} policies; runs of 20 VMs: {args.small} vs {args.large}; median of {args.repeat}")
     print(f"{'page':<16} {'small ms':>9} {'large ms':>9} {'ratio':>6}")
