@@ -170,8 +170,8 @@ def _target(center: CenterClient, target: str | None) -> tuple[str | None, str |
 def _cmd_restore(args: argparse.Namespace) -> int:
     if args.instant:
         return _cmd_instant(args)
-    if args.start or args.rate_limit:
-        args.parser.error("--start and --rate-limit go with --instant")
+    if args.start or args.rate_limit or args.daemon_wait is not None:
+        args.parser.error("--start, --rate-limit and --daemon-wait go with --instant")
     with (
         open_center(args) as center,  # first: a second site's missing token fails before any prompt
         open_repository(args) as repository,
@@ -205,7 +205,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 def _cmd_instant(args: argparse.Namespace) -> int:
     """``restore --instant``: the VM runs on the restore point served by ``vmbackup
     serve`` (:mod:`.instantjob`); no repository lock is held – the hold keeps the point."""
-    from .instantjob import InstantStart  # the state database (SQLAlchemy): only for --instant
+    # the state database (SQLAlchemy): only for --instant
+    from .instantjob import DAEMON_SECONDS, InstantStart
     from .instants import Instant
     from .policies import State
 
@@ -229,6 +230,7 @@ def _cmd_instant(args: argparse.Namespace) -> int:
             pool,
             start=args.start,
             rate_limit=args.rate_limit,
+            daemon_seconds=DAEMON_SECONDS if args.daemon_wait is None else args.daemon_wait,
         )
         result = job.run()
     emit(
@@ -307,5 +309,11 @@ def add_commands(command: Command) -> None:
         type=int,
         metavar="BYTES",
         help="with --instant: bytes per second per disk the host copies at most (default: no limit)",
+    )
+    p.add_argument(
+        "--daemon-wait",
+        type=seconds,
+        metavar="SECONDS",
+        help="with --instant: how long to wait for `vmbackup serve` to take the restore (default: 20)",
     )
     p.set_defaults(handler=_cmd_restore)
