@@ -131,8 +131,12 @@ async def _run(
             f"({center.database.dialect})",
             flush=True,
         )
+
+        def expire() -> None:  # named: the log names the job
+            _expire(center, orchestrator)
+
         jobs = [
-            asyncio.create_task(_every(EXPIRE_SECONDS, lambda: _expire(center, orchestrator), stop)),
+            asyncio.create_task(_every(EXPIRE_SECONDS, expire, stop)),
             asyncio.create_task(_every(SYNC_SECONDS, orchestrator.inventory.sync_all, stop)),
             asyncio.create_task(
                 _every(orchestrator.migration_poll, orchestrator.restores.poll_migrations, stop)
