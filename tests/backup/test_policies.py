@@ -297,3 +297,73 @@ def test_policy_commands(tmp_path: Path) -> None:
     gone = vmbackup(env, "policy", "delete", "nightly")
     assert gone.returncode == 0 and "deleted" in gone.stdout
     assert vmbackup(env, "policy", "list").stdout.strip() == "no policies"
+
+
+def test_policy_edit_changes_what_it_is_given_and_keeps_the_rest(tmp_path: Path) -> None:
+    """``policy edit``: the options given replace those settings (``--vm`` the list,
+    ``--all`` instead of a list, ``--online``, ``--full-every 0`` and ``--keep-X 0`` to
+    drop, ``--no-copy-to``), the others stay, and so do its creation and the slot it ran
+    last; a bad value or an unknown policy is one line and changes nothing."""
+    repo, offsite = str(tmp_path / "repo"), str(tmp_path / "offsite")
+    Repository.init(repo).close()
+    Repository.init(offsite).close()
+    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "cfg" / "config.json"), "VMBACKUP_REPO": repo}
+    env.pop("VMBACKUP_DATABASE", None)
+    made = vmbackup(
+        env,
+        *("policy", "create", "nightly", "--vm", "web", "db", "--schedule", "0 2 * * *", "--offline"),
+        *("--full-every", "7", "--keep-daily", "7", "--keep-weekly", "4", "--copy-to", offsite, "--json"),
+    )
+    before = json.loads(made.stdout)
+    slot = datetime.datetime(2026, 1, 1, 2, tzinfo=datetime.UTC)
+    with State(f"sqlite:///{tmp_path / 'cfg' / 'vmbackup.db'}") as state:
+        state.mark_slot("nightly", slot)
+
+    changed = vmbackup(
+        env,
+        *(
+            "policy",
+            "edit",
+            "nightly",
+            "--schedule",
+            "30 3 * * *",
+            "--keep-daily",
+            "0",
+            "--keep-monthly",
+            "6",
+        ),
+        *("--online", "--json"),
+    )
+    assert changed.returncode == 0, changed.stderr
+    after = json.loads(changed.stdout)
+    assert after["schedule"] == "30 3 * * *" and after["offline"] is False
+    assert after["keep"] == {"keep_weekly": 4, "keep_monthly": 6}
+    kept = ("vms", "type", "full_every", "repo", "copy_to", "created")
+    assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+    assert after["last_slot"] is not None and after["last_slot"].startswith("2026-01-01T02:00")
+
+    everything = vmbackup(
+        env, "policy", "edit", "nightly", "--all", "--full-every", "0", "--no-copy-to", "--json"
+    )
+    assert everything.returncode == 0, everything.stderr
+    shown = json.loads(everything.stdout)
+    assert (shown["vms"], shown["full_every"], shown["copy_to"]) == ("all", None, None)
+    listed = json.loads(vmbackup(env, "policy", "edit", "nightly", "--vm", "app", "--json").stdout)
+    assert listed["vms"] == ["app"]
+
+    for args, message in [
+        (("--schedule", "at noon"), "not a cron expression"),
+        (("--copy-to", repo), "own repository"),
+        (("--repo", str(tmp_path / "none")), "no repository"),
+        (("--keep-daily", "-2"), "a count of -1 (all) or more"),
+    ]:
+        failed = vmbackup(env, "policy", "edit", "nightly", *args)
+        assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1, (args, failed.stderr)
+        assert message in failed.stderr and "Traceback" not in failed.stderr, (args, failed.stderr)
+    unknown = vmbackup(env, "policy", "edit", "nope", "--schedule", "@daily")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("vmbackup: no policy 'nope'"), unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    both = vmbackup(env, "policy", "edit", "nightly", "--offline", "--online")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    now = json.loads(vmbackup(env, "policy", "show", "nightly", "--json").stdout)
+    assert now.pop("runs") == [] and now == listed  # the refused edits changed nothing

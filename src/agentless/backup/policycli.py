@@ -133,6 +133,35 @@ def _cmd_create(hooks: Hooks, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_edit(hooks: Hooks, args: argparse.Namespace) -> int:
+    """``policy edit NAME``: the options given replace those settings, the others stay."""
+    if args.copy_to and args.no_copy_to:
+        args.parser.error("--copy-to and --no-copy-to: give one")
+    with _state() as state:
+        policy = state.policy(args.name)
+        if args.repo:
+            _check_repository(args.repo, "--repo")
+        if args.copy_to:
+            _check_repository(args.copy_to, "--copy-to")
+        given = {rule: getattr(args, rule) for rule in KEEP if getattr(args, rule) is not None}
+        full_every = policy.full_every if args.full_every is None else args.full_every or None
+        changed = state.update_policy(
+            policy.name,
+            vms=args.vm or (() if args.all else policy.vms),
+            all_vms=args.all or (policy.all_vms and not args.vm),
+            schedule=args.schedule or policy.schedule,
+            type=args.type or policy.type,
+            full_every=full_every,
+            keep=dict(policy.keep) | given,  # a 0 drops a rule
+            offline=policy.offline if args.offline is None else args.offline,
+            repo=args.repo or policy.repo,
+            copy_to=None if args.no_copy_to else args.copy_to or policy.copy_to,
+        )
+        document = changed.describe() | {"next_run": changed.next_run().isoformat()}
+    emit(args, document, f"policy {changed.name} changed: {_policy_line(changed)}")
+    return 0
+
+
 def _cmd_list(hooks: Hooks, args: argparse.Namespace) -> int:
     with _state() as state:
         policies = state.policies()
@@ -425,24 +454,50 @@ def add_commands(command: Command) -> None:
         p.set_defaults(parser=p)
         return p
 
+    def settings(p: argparse.ArgumentParser, edit: bool) -> None:
+        """A policy's settings as options: all of them for ``create`` (some required,
+        the others defaulted), any of them for ``edit`` (what is not given stays)."""
+        p.add_argument("name", metavar="NAME")
+        which = p.add_mutually_exclusive_group(required=not edit)
+        which.add_argument(
+            "--vm", action="extend", nargs="+", metavar="VM", help="VM names or ids (--vm a b, or repeat)"
+        )
+        which.add_argument("--all", action="store_true", help="every VM WinCenter lists at each run")
+        p.add_argument(
+            "--schedule", required=not edit, metavar="CRON", help="cron expression, local time: '0 2 * * *'"
+        )
+        p.add_argument("--type", choices=["incremental", "full"], default=None if edit else "incremental")
+        never = "; 0: never" if edit else ""
+        p.add_argument(
+            "--full-every", type=int, metavar="N", help=f"every Nth backup of a VM is a full one{never}"
+        )
+        for period in RULES:
+            p.add_argument(
+                f"--keep-{period}",
+                type=int,
+                default=None if edit else 0,
+                metavar="N",
+                help=f"retention: {period}" + ("; 0: none" if edit else ""),
+            )
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--offline", action="store_true", help="shut running VMs down for the snapshot")
+        if edit:
+            mode.add_argument(
+                "--online", dest="offline", action="store_false", help="back VMs up as they run"
+            )
+            p.set_defaults(offline=None)
+        p.add_argument("--copy-to", metavar="REPO2", help="copy restore points to this off-site repository")
+        if edit:
+            p.add_argument("--no-copy-to", action="store_true", help="copy restore points nowhere else")
+        p.add_argument("--repo", help="the repository (default $VMBACKUP_REPO or the configured one)")
+
     p = action("create", "create a policy")
-    p.add_argument("name", metavar="NAME")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--vm", action="extend", nargs="+", metavar="VM", help="VM names or ids (--vm a b, or repeat)"
-    )
-    which.add_argument("--all", action="store_true", help="every VM WinCenter lists at each run")
-    p.add_argument(
-        "--schedule", required=True, metavar="CRON", help="cron expression, local time: '0 2 * * *'"
-    )
-    p.add_argument("--type", choices=["incremental", "full"], default="incremental")
-    p.add_argument("--full-every", type=int, metavar="N", help="every Nth backup of a VM is a full one")
-    for period in RULES:
-        p.add_argument(f"--keep-{period}", type=int, default=0, metavar="N", help=f"retention: {period}")
-    p.add_argument("--offline", action="store_true", help="shut running VMs down for the snapshot")
-    p.add_argument("--copy-to", metavar="REPO2", help="copy restore points to this off-site repository")
-    p.add_argument("--repo", help="the repository (default $VMBACKUP_REPO or the configured one)")
+    settings(p, edit=False)
     p.set_defaults(handler=handler(_cmd_create))
+
+    p = action("edit", "change some of a policy's settings (its runs and schedule's progress stay)")
+    settings(p, edit=True)
+    p.set_defaults(handler=handler(_cmd_edit))
 
     p = action("list", "list the policies")
     p.set_defaults(handler=handler(_cmd_list))
