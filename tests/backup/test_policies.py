@@ -227,13 +227,19 @@ def test_a_state_of_an_unknown_schema_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- the commands
 
 
-def test_policy_commands(tmp_path: Path) -> None:
-    repo = str(tmp_path / "repo")
-    offsite = str(tmp_path / "offsite")
+def _two_repositories(tmp_path: Path) -> tuple[str, str, dict[str, str]]:
+    """A repository and an off-site one under *tmp_path*; the environment of commands
+    whose settings (and SQLite state) are in ``cfg/`` there, the first repository theirs."""
+    repo, offsite = str(tmp_path / "repo"), str(tmp_path / "offsite")
     Repository.init(repo).close()
     Repository.init(offsite).close()
     env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "cfg" / "config.json"), "VMBACKUP_REPO": repo}
     env.pop("VMBACKUP_DATABASE", None)
+    return repo, offsite, env
+
+
+def test_policy_commands(tmp_path: Path) -> None:
+    repo, offsite, env = _two_repositories(tmp_path)
 
     made = vmbackup(
         env,
@@ -304,11 +310,7 @@ def test_policy_edit_changes_what_it_is_given_and_keeps_the_rest(tmp_path: Path)
     ``--all`` instead of a list, ``--online``, ``--full-every 0`` and ``--keep-X 0`` to
     drop, ``--no-copy-to``), the others stay, and so do its creation and the slot it ran
     last; a bad value or an unknown policy is one line and changes nothing."""
-    repo, offsite = str(tmp_path / "repo"), str(tmp_path / "offsite")
-    Repository.init(repo).close()
-    Repository.init(offsite).close()
-    env = os.environ | {"VMBACKUP_CONFIG": str(tmp_path / "cfg" / "config.json"), "VMBACKUP_REPO": repo}
-    env.pop("VMBACKUP_DATABASE", None)
+    repo, offsite, env = _two_repositories(tmp_path)
     made = vmbackup(
         env,
         *("policy", "create", "nightly", "--vm", "web", "db", "--schedule", "0 2 * * *", "--offline"),
