@@ -129,3 +129,22 @@ def test_a_vm_page_lists_its_newest_points_and_counts_them_all(
     assert page.status_code == 200
     assert "The newest 3 of 4 restore points" in page.text and 'href="/points?vm=id-db"' in page.text
     assert page.text.count('href="/points/') == 3
+
+
+def test_the_points_pages_link_to_each_other(made: Path) -> None:
+    """db with 56 points, 50 a page: the first page links to the older one only, the second
+    to the newer one only – the console's shared page links (``ui.pages``)."""
+    with Repository.open(str(made), None) as repository:
+        for day in range(5, 31):
+            for hour in (1, 2):
+                repository.save_point(point_record("db", day, hour))
+    site = _site(made, Clock())
+    reader = Identity("reader", "read", frozenset({"read"}))
+    app = make_console_app(site, SessionStore(lambda token: reader if token == "t" else None))
+    with TestClient(app, base_url="https://console.test") as client:
+        assert client.post("/login", data={"token": "t"}, follow_redirects=False).status_code == 303
+        pages = [client.get("/points", params={"vm": "id-db", "page": n}).text for n in (1, 2)]
+    newer = '<a class="button secondary" rel="prev" href="?repo=&amp;vm=id-db&amp;page=1">Newer</a>'
+    older = '<a class="button secondary" rel="next" href="?repo=&amp;vm=id-db&amp;page=2">Older</a>'
+    assert older in pages[0] and "Newer</a>" not in pages[0], pages[0]
+    assert newer in pages[1] and "Older</a>" not in pages[1], pages[1]
