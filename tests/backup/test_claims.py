@@ -31,7 +31,7 @@ from agentless.backup.claims import (
     WorkerTaken,
     list_workers,
 )
-from agentless.backup.policies import Outcome, Policy, RunState, State, WorkerRow
+from agentless.backup.policies import Outcome, Policy, RunState, State, WorkerRow, naive
 from tests.postgresql import PgCluster
 
 UTC = datetime.UTC
@@ -242,15 +242,27 @@ def test_a_stopping_worker_hands_scheduled_vms_back_and_ends_its_one_off_run(
 
 
 def test_one_run_per_slot_across_the_fleet(state: State, clock: Clock) -> None:
+    """One run per slot: while it goes on, and once it ended – its slot marked run in the
+    transaction that ends it (apart, another worker saw the run ended and the slot still
+    due, and ran it again); an interrupted run's slot stays due; a run that could not
+    list its VMs ends at once, its slot with it."""
     policy = _policy(state)
     a, b = _worker(state, "a"), _worker(state, "b")
     run_id = a.open_run(policy, "schedule", _targets(1, 1), SLOT)
     assert run_id is not None
     assert b.open_run(policy, "schedule", _targets(1, 1), SLOT) is None  # one goes on
     a.finish(run_id, RunState.SUCCEEDED, None, now=SLOT)
-    state.mark_slot("nightly", SLOT)
+    assert state.policy("nightly").last_slot == naive(SLOT)
     assert b.open_run(policy, "schedule", _targets(1, 1), SLOT) is None  # that slot has run
-    assert b.open_run(policy, "schedule", _targets(1, 1), SLOT + datetime.timedelta(days=1)) is not None
+
+    day = SLOT + datetime.timedelta(days=1)
+    stopped = b.open_run(policy, "schedule", _targets(1, 1), day)
+    assert stopped is not None
+    b.finish(stopped, RunState.INTERRUPTED, "the scheduler stopped", now=day)
+    assert state.policy("nightly").last_slot == naive(SLOT)  # that slot runs again
+    failed = a.open_run(policy, "schedule", [], day, error="WinCenter unreachable")
+    assert failed is not None and state.run(failed).state == RunState.FAILED
+    assert state.policy("nightly").last_slot == naive(day)
 
 
 def test_a_retry_waits_for_its_time(state: State, clock: Clock) -> None:

@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session
 
 from .errors import PolicyError
 from .locks import machine, process_gone
-from .policies import Meta, Outcome, Policy, Run, RunState, RunVm, State, WorkerRow, naive, utcnow
+from .policies import Meta, Outcome, Policy, Run, RunState, RunVm, State, WorkerRow, naive, slot_ran, utcnow
 
 __all__ = [
     "DEAD_BEATS",
@@ -290,6 +290,8 @@ class Claims:
                 for t in targets
             ]
             session.add(run)
+            if error is not None and slot is not None:  # ended at once: its slot with it
+                slot_ran(session, policy.name, slot)
             session.flush()
             return run.id
 
@@ -441,7 +443,8 @@ class Claims:
 
     def finish(self, run_id: int, verdict: RunState, error: str | None, now: datetime.datetime) -> Run:
         """End the run this worker finishes; the run as recorded. Its VMs still queued (a
-        one-off run stopped) are recorded cancelled."""
+        one-off run stopped) are recorded cancelled. A scheduled run's slot is marked run
+        in the same transaction, unless the run was interrupted (it runs again)."""
         with self.state._session() as session:
             session.execute(
                 update(RunVm)
@@ -454,6 +457,8 @@ class Claims:
             run.state = verdict
             run.error = error
             run.ended = naive(now)
+            if run.slot is not None and verdict != RunState.INTERRUPTED:  # its slot ran: same transaction
+                slot_ran(session, run.policy, run.slot.replace(tzinfo=datetime.UTC))
             session.flush()
             session.refresh(run)
             run.vms  # noqa: B018 – loaded before the session ends

@@ -291,6 +291,15 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def slot_ran(session: Session, name: str, slot: datetime.datetime) -> None:
+    """Move policy *name*'s schedule past *slot*, in *session*'s transaction: the one
+    that ends the slot's run (:mod:`.claims`), so that nobody sees the run ended and its
+    slot still due – another worker's tick would run it again."""
+    policy = session.get(Policy, name)
+    if policy is not None and (policy.last_slot is None or policy.last_slot < naive(slot)):
+        policy.last_slot = naive(slot)
+
+
 def naive(moment: datetime.datetime) -> datetime.datetime:
     return moment.astimezone(datetime.UTC).replace(tzinfo=None)
 
@@ -464,9 +473,7 @@ class State:
     def mark_slot(self, name: str, slot: datetime.datetime) -> None:
         """Record that the run of *slot* ended (the schedule moves past it)."""
         with self._session() as session:
-            policy = session.get(Policy, name)
-            if policy is not None and (policy.last_slot is None or policy.last_slot < naive(slot)):
-                policy.last_slot = naive(slot)
+            slot_ran(session, name, slot)
 
     # ------------------------------------------------------------------ runs
 

@@ -377,7 +377,7 @@ class Runner:
             opened(run_id)
         if error is not None:
             run = self.state.run(run_id)
-            self._ended(policy.name, run, slot)
+            self._ended(policy.name, run)
             return run
         self.log(f"run {run_id} of policy {policy.name} ({trigger}) started: {len(targets)} VM(s)")
         with self._guard:
@@ -634,12 +634,10 @@ class Runner:
         verdict = RunState.FAILED if error else RunState.SUCCEEDED
         if stopped or (self.stop.is_set() and run.trigger != "schedule"):  # a one-off run's process stopped
             verdict, error = RunState.INTERRUPTED, error or "the scheduler stopped"
-        ended = self.claims.finish(run.id, verdict, error, now=self.clock.now())
-        self._ended(run.policy, ended, ended.slot and ended.slot.replace(tzinfo=datetime.UTC))
+        ended = self.claims.finish(run.id, verdict, error, now=self.clock.now())  # and its slot
+        self._ended(run.policy, ended)
 
-    def _ended(self, policy: str, run: Run, slot: datetime.datetime | None) -> None:
-        if slot is not None and run.state != RunState.INTERRUPTED:
-            self.state.mark_slot(policy, slot)
+    def _ended(self, policy: str, run: Run) -> None:
         error = f" – {run.error}" if run.error else ""
         self.log(f"run {run.id} of policy {policy}: {run.state}{error}")
         if run.state != RunState.SUCCEEDED and self.webhook:
